@@ -1,0 +1,459 @@
+//! The packed ternary format: a scale, a shape and `{-1, 0, +1}` codes, in a dense 2-bit layout or
+//! a sparse layout of Golomb-Rice coded gaps and sign bits.
+//!
+//! # Layout (all integers little-endian)
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 4 | magic `b"KTRN"` |
+//! | 4 | 1 | version, 1 |
+//! | 5 | 1 | layout: 0 dense 2-bit, 1 sparse Rice |
+//! | 6 | 1 | Rice parameter `k` (0..=31; 0 for dense) |
+//! | 7 | 1 | `ndim`, 0..=8 |
+//! | 8 | 4 | scale, `f32`, finite |
+//! | 12 | 8 | `nnz`, non-zero codes |
+//! | 20 | 8 x ndim | dims, `u64` (the element count is their product; 1 for `ndim = 0`) |
+//! | .. | 8 | payload length in bytes |
+//! | .. | .. | payload |
+//!
+//! *Dense:* code `i` in bits `2 (i % 4)` of byte `i / 4`: `00` = 0, `01` = +1, `10` = -1 (`11` is
+//! invalid); unused high bits of the last byte are zero.
+//!
+//! *Sparse:* a bit stream, least significant bit first. For each non-zero in ascending index
+//! order, the gap `g` (index minus previous index minus 1; the first gap counts from -1) is coded
+//! as `g >> k` one-bits, a zero-bit, then the `k` low bits of `g`; then one sign bit (1 = -1).
+//! Padding bits of the last byte are zero. The encoder picks the `k` that minimises the size.
+//!
+//! The decoder checks every field, every bound and the padding; no input makes it panic or read
+//! out of bounds, and every input it accepts re-encodes to the same bytes.
+
+use crate::error::check_len;
+use crate::{Error, Result};
+
+/// Magic bytes.
+pub const MAGIC: [u8; 4] = *b"KTRN";
+/// Format version written and accepted.
+pub const VERSION: u8 = 1;
+/// Most dimensions a shape may have.
+pub const MAX_DIMS: usize = 8;
+const FIXED_HEADER: usize = 20;
+
+/// The two payload layouts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TernaryLayout {
+    /// Two bits per entry.
+    Dense2Bit,
+    /// Golomb-Rice coded gaps between non-zeros, with sign bits.
+    SparseRice,
+}
+
+/// A parsed header.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TernaryHeader {
+    /// The payload layout.
+    pub layout: TernaryLayout,
+    /// Rice parameter (sparse layout).
+    pub rice_k: u8,
+    /// The scale every code multiplies.
+    pub scale: f32,
+    /// Non-zero codes.
+    pub nnz: u64,
+    /// Number of dimensions.
+    pub ndim: usize,
+    /// The dimensions (the first `ndim` are meaningful).
+    pub dims: [u64; MAX_DIMS],
+    /// Element count.
+    pub numel: u64,
+    /// Offset of the payload.
+    pub payload_offset: usize,
+    /// Payload length in bytes.
+    pub payload_len: usize,
+}
+
+impl TernaryHeader {
+    /// The shape.
+    #[must_use]
+    pub fn shape(&self) -> &[u64] {
+        &self.dims[..self.ndim]
+    }
+
+    /// Size of the whole encoding in bits per parameter.
+    #[must_use]
+    pub fn bits_per_param(&self) -> f64 {
+        ((self.payload_offset + self.payload_len) * 8) as f64 / self.numel.max(1) as f64
+    }
+
+    /// Parses and validates a header (not the payload).
+    pub fn parse(bytes: &[u8]) -> Result<Self> {
+        let bad = |offset, reason| Err(Error::BadFormat { offset, reason });
+        if bytes.len() < FIXED_HEADER {
+            return bad(bytes.len(), "truncated header");
+        }
+        if bytes[0..4] != MAGIC {
+            return bad(0, "not a packed ternary tensor (magic is not KTRN)");
+        }
+        if bytes[4] != VERSION {
+            return bad(4, "unsupported version");
+        }
+        let layout = match bytes[5] {
+            0 => TernaryLayout::Dense2Bit,
+            1 => TernaryLayout::SparseRice,
+            _ => return bad(5, "unknown layout"),
+        };
+        let rice_k = bytes[6];
+        if rice_k > 31 || (layout == TernaryLayout::Dense2Bit && rice_k != 0) {
+            return bad(6, "invalid Rice parameter");
+        }
+        let ndim = bytes[7] as usize;
+        if ndim > MAX_DIMS {
+            return bad(7, "more than 8 dimensions");
+        }
+        let scale = f32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
+        if !scale.is_finite() {
+            return bad(8, "scale is not finite");
+        }
+        let read_u64 = |at: usize| -> Result<u64> {
+            match bytes.get(at..at + 8) {
+                Some(b) => Ok(u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])),
+                None => Err(Error::BadFormat { offset: bytes.len(), reason: "truncated header" }),
+            }
+        };
+        let nnz = read_u64(12)?;
+        let mut dims = [0u64; MAX_DIMS];
+        let mut numel = 1u64;
+        for (d, dim) in dims.iter_mut().enumerate().take(ndim) {
+            *dim = read_u64(FIXED_HEADER + 8 * d)?;
+            numel = match numel.checked_mul(*dim) {
+                Some(n) => n,
+                None => return bad(FIXED_HEADER + 8 * d, "element count overflows u64"),
+            };
+        }
+        let len_at = FIXED_HEADER + 8 * ndim;
+        let payload_len = read_u64(len_at)?;
+        let payload_offset = len_at + 8;
+        if nnz > numel {
+            return bad(12, "more non-zeros than elements");
+        }
+        let expected_dense = numel.div_ceil(4);
+        if layout == TernaryLayout::Dense2Bit && payload_len != expected_dense {
+            return bad(len_at, "dense payload length is not ceil(numel / 4)");
+        }
+        let remaining = (bytes.len() - payload_offset) as u64;
+        if payload_len != remaining {
+            return bad(len_at, "payload length does not match the bytes given");
+        }
+        Ok(Self {
+            layout,
+            rice_k,
+            scale,
+            nnz,
+            ndim,
+            dims,
+            numel,
+            payload_offset,
+            payload_len: payload_len as usize,
+        })
+    }
+}
+
+/// Least-significant-bit-first reader over a payload.
+struct BitReader<'a> {
+    bytes: &'a [u8],
+    base: usize,
+    pos: u64,
+}
+
+impl BitReader<'_> {
+    fn bit(&mut self) -> Result<bool> {
+        let byte = (self.pos / 8) as usize;
+        let Some(&b) = self.bytes.get(byte) else {
+            return Err(Error::BadFormat { offset: self.base + byte, reason: "sparse payload ends early" });
+        };
+        let bit = (b >> (self.pos % 8)) & 1 == 1;
+        self.pos += 1;
+        Ok(bit)
+    }
+
+    fn bits(&mut self, count: u8) -> Result<u64> {
+        let mut v = 0u64;
+        for i in 0..count {
+            v |= u64::from(self.bit()?) << i;
+        }
+        Ok(v)
+    }
+}
+
+/// Decodes into `codes` (length = the header's element count) and returns the header.
+/// Needs no allocator.
+pub fn decode_into(bytes: &[u8], codes: &mut [i8]) -> Result<TernaryHeader> {
+    let header = TernaryHeader::parse(bytes)?;
+    check_len("codes", usize::try_from(header.numel).unwrap_or(usize::MAX), codes.len())?;
+    let payload = &bytes[header.payload_offset..];
+    let base = header.payload_offset;
+    match header.layout {
+        TernaryLayout::Dense2Bit => {
+            let mut nnz = 0u64;
+            for (i, c) in codes.iter_mut().enumerate() {
+                *c = match (payload[i / 4] >> (2 * (i % 4))) & 3 {
+                    0 => 0,
+                    1 => 1,
+                    2 => -1,
+                    _ => return Err(Error::BadFormat { offset: base + i / 4, reason: "dense code 0b11 is invalid" }),
+                };
+                nnz += u64::from(*c != 0);
+            }
+            if codes.len() % 4 != 0 && payload[codes.len() / 4] >> (2 * (codes.len() % 4)) != 0 {
+                return Err(Error::BadFormat { offset: base + codes.len() / 4, reason: "padding bits are not zero" });
+            }
+            if nnz != header.nnz {
+                return Err(Error::BadFormat { offset: 12, reason: "non-zero count does not match the payload" });
+            }
+        }
+        TernaryLayout::SparseRice => {
+            codes.fill(0);
+            let mut reader = BitReader { bytes: payload, base, pos: 0 };
+            let mut next = 0u64; // index of the first position the next gap counts from
+            let limit = header.numel;
+            for _ in 0..header.nnz {
+                let mut quotient = 0u64;
+                while reader.bit()? {
+                    quotient += 1;
+                    if quotient << header.rice_k >= limit {
+                        return Err(Error::BadFormat { offset: base + (reader.pos / 8) as usize, reason: "gap runs past the end" });
+                    }
+                }
+                let gap = (quotient << header.rice_k) | reader.bits(header.rice_k)?;
+                let index = next.checked_add(gap).filter(|&i| i < limit).ok_or(Error::BadFormat {
+                    offset: base + (reader.pos / 8) as usize,
+                    reason: "gap runs past the end",
+                })?;
+                codes[index as usize] = if reader.bit()? { -1 } else { 1 };
+                next = index + 1;
+            }
+            let used_bytes = reader.pos.div_ceil(8) as usize;
+            if used_bytes != payload.len() {
+                return Err(Error::BadFormat { offset: base + used_bytes, reason: "bytes after the last code" });
+            }
+            if reader.pos % 8 != 0 && payload[used_bytes - 1] >> (reader.pos % 8) != 0 {
+                return Err(Error::BadFormat { offset: base + used_bytes - 1, reason: "padding bits are not zero" });
+            }
+        }
+    }
+    Ok(header)
+}
+
+/// Decodes into a new vector.
+#[cfg(feature = "alloc")]
+pub fn decode(bytes: &[u8]) -> Result<(TernaryHeader, alloc::vec::Vec<i8>)> {
+    let header = TernaryHeader::parse(bytes)?;
+    let n = usize::try_from(header.numel)
+        .map_err(|_| Error::BadFormat { offset: FIXED_HEADER, reason: "element count exceeds memory" })?;
+    // Sparse payloads need at least one bit per... nothing: guard only against absurd sizes.
+    if header.layout == TernaryLayout::SparseRice && header.nnz > header.payload_len as u64 * 8 {
+        return Err(Error::BadFormat { offset: 12, reason: "more non-zeros than payload bits" });
+    }
+    let mut codes = alloc::vec::Vec::new();
+    codes.try_reserve_exact(n).map_err(|_| Error::BadFormat { offset: FIXED_HEADER, reason: "element count exceeds memory" })?;
+    codes.resize(n, 0);
+    let header = decode_into(bytes, &mut codes)?;
+    Ok((header, codes))
+}
+
+/// Bits per parameter of the entropy bound at density `d`: `H(d) + d` (where the non-zeros are,
+/// plus one sign bit each), the size a sparse layout approaches.
+#[must_use]
+pub fn entropy_bits_per_param(d: f64) -> f64 {
+    if d <= 0.0 || d >= 1.0 {
+        return d.clamp(0.0, 1.0);
+    }
+    -(d * libm::log2(d) + (1.0 - d) * libm::log2(1.0 - d)) + d
+}
+
+#[cfg(feature = "alloc")]
+struct BitWriter {
+    bytes: alloc::vec::Vec<u8>,
+    pos: u64,
+}
+
+#[cfg(feature = "alloc")]
+impl BitWriter {
+    fn bit(&mut self, b: bool) {
+        if self.pos % 8 == 0 {
+            self.bytes.push(0);
+        }
+        if b {
+            *self.bytes.last_mut().expect("pushed above") |= 1 << (self.pos % 8);
+        }
+        self.pos += 1;
+    }
+}
+
+/// Encodes codes with the given shape and layout.
+#[cfg(feature = "alloc")]
+pub fn encode(codes: &[i8], shape: &[u64], scale: f32, layout: TernaryLayout) -> Result<alloc::vec::Vec<u8>> {
+    crate::error::check_param("shape.len()", shape.len() as f64, "at most 8", shape.len() <= MAX_DIMS)?;
+    crate::error::check_param("scale", f64::from(scale), "finite", scale.is_finite())?;
+    let numel = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
+    check_len("codes", usize::try_from(numel.unwrap_or(u64::MAX)).unwrap_or(usize::MAX), codes.len())?;
+    crate::ops::ternary::check_codes(codes)?;
+    let nnz = codes.iter().filter(|&&c| c != 0).count() as u64;
+    let (rice_k, payload) = match layout {
+        TernaryLayout::Dense2Bit => {
+            let mut payload = alloc::vec![0u8; codes.len().div_ceil(4)];
+            for (i, &c) in codes.iter().enumerate() {
+                let bits = match c {
+                    1 => 1u8,
+                    -1 => 2,
+                    _ => 0,
+                };
+                payload[i / 4] |= bits << (2 * (i % 4));
+            }
+            (0, payload)
+        }
+        TernaryLayout::SparseRice => encode_sparse(codes),
+    };
+    let mut out = alloc::vec::Vec::with_capacity(FIXED_HEADER + 8 * shape.len() + 8 + payload.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&[VERSION, u8::from(layout == TernaryLayout::SparseRice), rice_k, shape.len() as u8]);
+    out.extend_from_slice(&scale.to_le_bytes());
+    out.extend_from_slice(&nnz.to_le_bytes());
+    for d in shape {
+        out.extend_from_slice(&d.to_le_bytes());
+    }
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&payload);
+    Ok(out)
+}
+
+#[cfg(feature = "alloc")]
+fn encode_sparse(codes: &[i8]) -> (u8, alloc::vec::Vec<u8>) {
+    let gaps = || {
+        let mut next = 0usize;
+        codes.iter().enumerate().filter(|(_, c)| **c != 0).map(move |(i, _)| {
+            let gap = (i - next) as u64;
+            next = i + 1;
+            gap
+        })
+    };
+    // Exact size for each k: (g >> k) + 1 + k bits per gap; pick the smallest.
+    let best_k = (0u8..=31)
+        .min_by_key(|&k| gaps().map(|g| (g >> k) + 1 + u64::from(k)).sum::<u64>())
+        .unwrap_or(0);
+    let mut w = BitWriter { bytes: alloc::vec::Vec::new(), pos: 0 };
+    let signs = codes.iter().filter(|c| **c != 0);
+    for (gap, &c) in gaps().zip(signs) {
+        for _ in 0..(gap >> best_k) {
+            w.bit(true);
+        }
+        w.bit(false);
+        for i in 0..best_k {
+            w.bit((gap >> i) & 1 == 1);
+        }
+        w.bit(c < 0);
+    }
+    (best_k, w.bytes)
+}
+
+#[cfg(all(test, feature = "alloc"))]
+mod tests {
+    use super::*;
+    use alloc::vec::Vec;
+    use proptest::prelude::*;
+
+    fn codes_at_density(n: usize, d: f64, seed: u64) -> Vec<i8> {
+        let rng = crate::CounterRng::new(seed);
+        (0..n as u64)
+            .map(|i| {
+                let u = f64::from(rng.uniform_at(i));
+                if u < d / 2.0 { -1 } else if u < d { 1 } else { 0 }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn round_trips_both_layouts() {
+        for layout in [TernaryLayout::Dense2Bit, TernaryLayout::SparseRice] {
+            for n in [0usize, 1, 3, 4, 5, 97] {
+                let codes = codes_at_density(n, 0.3, n as u64);
+                let bytes = encode(&codes, &[n as u64], 0.25, layout).unwrap();
+                let (h, back) = decode(&bytes).unwrap();
+                assert_eq!(back, codes, "{layout:?} n={n}");
+                assert_eq!((h.scale, h.shape(), h.layout), (0.25, &[n as u64][..], layout));
+            }
+        }
+        let codes = codes_at_density(12, 0.5, 1);
+        let bytes = encode(&codes, &[3, 4], -1.5, TernaryLayout::SparseRice).unwrap();
+        assert_eq!(decode(&bytes).unwrap().0.shape(), [3, 4]);
+    }
+
+    #[test]
+    fn sparse_layout_is_near_the_entropy_bound_at_density_0_1() {
+        let n = 1_000_000;
+        let codes = codes_at_density(n, 0.1, 9);
+        let bytes = encode(&codes, &[n as u64], 1.0, TernaryLayout::SparseRice).unwrap();
+        let header = TernaryHeader::parse(&bytes).unwrap();
+        let achieved = header.bits_per_param();
+        let bound = entropy_bits_per_param(header.nnz as f64 / n as f64);
+        assert!(achieved < 1.10 * bound, "{achieved} bits/param vs bound {bound}");
+        assert!(achieved > bound * 0.99, "below the entropy bound is impossible: {achieved} vs {bound}");
+        let dense = encode(&codes, &[n as u64], 1.0, TernaryLayout::Dense2Bit).unwrap();
+        assert!((TernaryHeader::parse(&dense).unwrap().bits_per_param() - 2.0).abs() < 0.01);
+    }
+
+    #[test]
+    fn decoder_rejects_garbage() {
+        let codes = codes_at_density(50, 0.2, 4);
+        for layout in [TernaryLayout::Dense2Bit, TernaryLayout::SparseRice] {
+            let good = encode(&codes, &[5, 10], 2.0, layout).unwrap();
+            for cut in 0..good.len() {
+                assert!(decode(&good[..cut]).is_err(), "truncated at {cut} accepted");
+            }
+            let mut extra = good.clone();
+            extra.push(0);
+            assert!(decode(&extra).is_err());
+            let mut bad_magic = good.clone();
+            bad_magic[0] = b'X';
+            assert!(matches!(decode(&bad_magic), Err(Error::BadFormat { offset: 0, .. })));
+            let mut bad_scale = good.clone();
+            bad_scale[8..12].copy_from_slice(&f32::NAN.to_le_bytes());
+            assert!(decode(&bad_scale).is_err());
+            let mut bad_nnz = good.clone();
+            bad_nnz[12] ^= 1;
+            assert!(decode(&bad_nnz).is_err());
+        }
+        // A dense 0b11 code.
+        let mut dense = encode(&[0, 0, 0, 0], &[4], 1.0, TernaryLayout::Dense2Bit).unwrap();
+        *dense.last_mut().unwrap() = 0b11;
+        assert!(decode(&dense).is_err());
+        // Dims whose product overflows.
+        let mut huge = encode(&[], &[0, 0], 1.0, TernaryLayout::Dense2Bit).unwrap();
+        huge[20..28].copy_from_slice(&u64::MAX.to_le_bytes());
+        huge[28..36].copy_from_slice(&3u64.to_le_bytes());
+        assert!(decode(&huge).is_err());
+        assert!(encode(&[2], &[1], 1.0, TernaryLayout::Dense2Bit).is_err());
+        assert!(encode(&[1], &[2], 1.0, TernaryLayout::Dense2Bit).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_decode_or_fail_cleanly(bytes in prop::collection::vec(any::<u8>(), 0..80)) {
+            if let Ok((header, codes)) = decode(&bytes) {
+                // Whatever decodes re-encodes to the same bytes (encodings are canonical) when the
+                // encoder would have picked the same Rice parameter.
+                let again = encode(&codes, header.shape(), header.scale, header.layout).unwrap();
+                if again[6] == bytes[6] {
+                    prop_assert_eq!(again, bytes);
+                }
+            }
+        }
+
+        #[test]
+        fn mutated_encodings_never_panic(seed in any::<u64>(), at in 0usize..200, flip in 1u8..=255) {
+            let codes = codes_at_density(40, 0.25, seed);
+            let mut bytes = encode(&codes, &[40], 1.0, TernaryLayout::SparseRice).unwrap();
+            let at = at % bytes.len();
+            bytes[at] ^= flip;
+            let _ = decode(&bytes);
+        }
+    }
+}

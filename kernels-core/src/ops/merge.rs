@@ -1,0 +1,540 @@
+//! Merge reductions and task-vector masks: weighted mean (model soups), task arithmetic, TIES,
+//! Fisher merging and Fisher accumulation, DARE and Breadcrumbs.
+//!
+//! # Contracts
+//!
+//! * Every reduction is element-wise over `N >= 1` equally long slices, so a frontend streams a
+//!   model tensor by tensor, or chunk by chunk, and gets the same bits as over the whole. (TIES
+//!   trimming, Breadcrumbs and the L1-preserving DARE rescale select over the slice they are given:
+//!   give them a whole tensor, as mergekit does.)
+//! * Inputs `T: Element`, outputs `f32`, accumulation `f64` in the references.
+//! * Weights must be finite; where an op divides by a sum of weights they must also be
+//!   non-negative with a positive sum. NaN or infinite *data* propagate as IEEE 754 says.
+//! * DARE masks depend only on `(seed, flat index)` (see [`crate::CounterRng`]): pass the flat
+//!   index of a chunk's first element as `first_index` and any chunking gives the same mask.
+
+use crate::error::{check_len, check_param};
+use crate::{CounterRng, Element, Result};
+
+fn check_models<T>(what: &'static str, models: &[&[T]], weights: &[f32], len: usize) -> Result<()> {
+    check_param("models", models.len() as f64, "at least one model", !models.is_empty())?;
+    check_len("weights", models.len(), weights.len())?;
+    for m in models {
+        check_len(what, len, m.len())?;
+    }
+    for &w in weights {
+        check_param("weights", f64::from(w), "finite", w.is_finite())?;
+    }
+    Ok(())
+}
+
+/// Weights that divide: finite, non-negative, positive sum. Returns the sum.
+fn check_averaging_weights(weights: &[f32]) -> Result<f64> {
+    for &w in weights {
+        check_param("weights", f64::from(w), "finite and >= 0", w.is_finite() && w >= 0.0)?;
+    }
+    let sum: f64 = weights.iter().map(|&w| f64::from(w)).sum();
+    check_param("sum of weights", sum, "> 0", sum > 0.0)?;
+    Ok(sum)
+}
+
+/// Weighted mean (model soups, linear merge): `out = sum w_i theta_i / sum w_i`.
+pub fn weighted_mean_ref<T: Element>(models: &[&[T]], weights: &[f32], out: &mut [f32]) -> Result<()> {
+    check_models("models[i]", models, weights, out.len())?;
+    let sum = check_averaging_weights(weights)?;
+    for (j, o) in out.iter_mut().enumerate() {
+        let acc: f64 = models.iter().zip(weights).map(|(m, &w)| f64::from(w) * m[j].to_f64()).sum();
+        *o = (acc / sum) as f32;
+    }
+    Ok(())
+}
+
+/// Task arithmetic: `out = base + lambda * sum w_i tau_i`. Weights may be negative (negation).
+pub fn task_arithmetic_ref<T: Element>(
+    base: &[T],
+    taus: &[&[T]],
+    weights: &[f32],
+    lambda: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    check_len("base", out.len(), base.len())?;
+    check_models("taus[i]", taus, weights, out.len())?;
+    check_param("lambda", f64::from(lambda), "finite", lambda.is_finite())?;
+    for (j, o) in out.iter_mut().enumerate() {
+        let acc: f64 = taus.iter().zip(weights).map(|(t, &w)| f64::from(w) * t[j].to_f64()).sum();
+        *o = (base[j].to_f64() + f64::from(lambda) * acc) as f32;
+    }
+    Ok(())
+}
+
+/// Parameters of TIES merging.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct TiesParams {
+    /// Fraction of each task vector kept by magnitude, in `(0, 1]`. Default 0.2 (the paper's k).
+    pub density: f64,
+    /// Scale of the merged task vector, finite. Default 1.
+    pub lambda: f32,
+}
+
+impl Default for TiesParams {
+    fn default() -> Self {
+        Self { density: 0.2, lambda: 1.0 }
+    }
+}
+
+impl TiesParams {
+    /// Parameters with the given density and scale.
+    #[must_use]
+    pub const fn new(density: f64, lambda: f32) -> Self {
+        Self { density, lambda }
+    }
+}
+
+fn sign(v: f64) -> f64 {
+    if v > 0.0 {
+        1.0
+    } else if v < 0.0 {
+        -1.0
+    } else {
+        0.0
+    }
+}
+
+/// TIES elect and disjoint mean over already-trimmed task vectors (streamable):
+/// `s = sign(sum w_i tau_i)`; `mean = sum_{i: sign(tau_i) = s} w_i tau_i / sum_{same i} w_i`
+/// (0 where no model agrees); `out = base + lambda * mean`.
+pub fn ties_elect_ref<T: Element>(
+    base: &[T],
+    trimmed: &[&[T]],
+    weights: &[f32],
+    lambda: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    check_len("base", out.len(), base.len())?;
+    check_models("trimmed[i]", trimmed, weights, out.len())?;
+    check_averaging_weights(weights)?;
+    check_param("lambda", f64::from(lambda), "finite", lambda.is_finite())?;
+    for (j, o) in out.iter_mut().enumerate() {
+        let elected = sign(trimmed.iter().zip(weights).map(|(t, &w)| f64::from(w) * t[j].to_f64()).sum());
+        let (mut num, mut den) = (0.0f64, 0.0f64);
+        for (t, &w) in trimmed.iter().zip(weights) {
+            let v = t[j].to_f64();
+            if elected != 0.0 && sign(v) == elected {
+                num += f64::from(w) * v;
+                den += f64::from(w);
+            }
+        }
+        let mean = if den > 0.0 { num / den } else { 0.0 };
+        *o = (base[j].to_f64() + f64::from(lambda) * mean) as f32;
+    }
+    Ok(())
+}
+
+/// TIES trim: zero all but the top `floor(density n)` magnitudes of `tau` (ties by lower index).
+#[cfg(feature = "alloc")]
+pub fn ties_trim_ref<T: Element>(tau: &[T], density: f64, out: &mut [T]) -> Result<()> {
+    check_len("out", tau.len(), out.len())?;
+    let k = crate::ops::select::keep_count(density, tau.len() as u64)?;
+    let mask = crate::ops::select::topk_mask_ref(tau, k as usize)?;
+    for ((o, &t), keep) in out.iter_mut().zip(tau).zip(mask) {
+        *o = if keep { t } else { T::from_f32(0.0) };
+    }
+    Ok(())
+}
+
+/// TIES merging of whole tensors: trim each task vector ([`ties_trim_ref`]), then elect and take
+/// the disjoint mean ([`ties_elect_ref`]).
+#[cfg(feature = "alloc")]
+pub fn ties_ref<T: Element>(
+    base: &[T],
+    taus: &[&[T]],
+    weights: &[f32],
+    params: TiesParams,
+    out: &mut [f32],
+) -> Result<()> {
+    check_models("taus[i]", taus, weights, out.len())?;
+    let mut trimmed = alloc::vec::Vec::with_capacity(taus.len());
+    for tau in taus {
+        let mut t = alloc::vec![T::from_f32(0.0); tau.len()];
+        ties_trim_ref(tau, params.density, &mut t)?;
+        trimmed.push(t);
+    }
+    let views: alloc::vec::Vec<&[T]> = trimmed.iter().map(alloc::vec::Vec::as_slice).collect();
+    ties_elect_ref(base, &views, weights, params.lambda, out)
+}
+
+/// Fisher merging: `out = sum lambda_i F'_i theta_i / sum lambda_i F'_i` with `F'_i = max(F_i, floor)`.
+///
+/// `floor >= 0`. Where every `lambda_i F'_i` is zero the result is the plain weighted mean
+/// `sum lambda_i theta_i / sum lambda_i` (never 0/0). Negative Fisher entries are invalid data
+/// but are not scanned for; apply a floor to be safe. For the per-model normalisation
+/// `lambda_i / ||F_i||_2`, compute the weights with [`fisher_normalized_weights`].
+pub fn fisher_merge_ref<T: Element>(
+    thetas: &[&[T]],
+    fishers: &[&[f32]],
+    weights: &[f32],
+    floor: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    check_models("thetas[i]", thetas, weights, out.len())?;
+    check_models("fishers[i]", fishers, weights, out.len())?;
+    let weight_sum = check_averaging_weights(weights)?;
+    check_param("floor", f64::from(floor), "finite and >= 0", floor.is_finite() && floor >= 0.0)?;
+    for (j, o) in out.iter_mut().enumerate() {
+        let (mut num, mut den, mut plain) = (0.0f64, 0.0f64, 0.0f64);
+        for ((theta, fisher), &w) in thetas.iter().zip(fishers).zip(weights) {
+            let f = f64::from(fisher[j].max(floor));
+            let v = theta[j].to_f64();
+            num += f64::from(w) * f * v;
+            den += f64::from(w) * f;
+            plain += f64::from(w) * v;
+        }
+        *o = if den > 0.0 { num / den } else { plain / weight_sum } as f32;
+    }
+    Ok(())
+}
+
+/// `sum x^2` of a chunk in `f64`: stream it over every tensor of a model's Fisher to get
+/// `||F_i||_2^2` for [`fisher_normalized_weights`].
+pub fn sum_squares_ref<T: Element>(x: &[T]) -> f64 {
+    x.iter().map(|v| v.to_f64() * v.to_f64()).sum()
+}
+
+/// `out_i = lambda_i / ||F_i||_2` from squared norms; a zero norm is an error (that model's Fisher
+/// carries no information and would get infinite weight).
+pub fn fisher_normalized_weights(lambdas: &[f32], squared_norms: &[f64], out: &mut [f32]) -> Result<()> {
+    check_len("squared_norms", lambdas.len(), squared_norms.len())?;
+    check_len("out", lambdas.len(), out.len())?;
+    for ((o, &l), &sq) in out.iter_mut().zip(lambdas).zip(squared_norms) {
+        check_param("squared_norms", sq, "finite and > 0", sq.is_finite() && sq > 0.0)?;
+        *o = (f64::from(l) / libm::sqrt(sq)) as f32;
+    }
+    Ok(())
+}
+
+/// Diagonal Fisher accumulation `fisher += scale * g^2`, `scale` finite and `>= 0`.
+pub fn fisher_accumulate_ref<T: Element>(fisher: &mut [f32], grad: &[T], scale: f32) -> Result<()> {
+    check_len("grad", fisher.len(), grad.len())?;
+    check_param("scale", f64::from(scale), "finite and >= 0", scale.is_finite() && scale >= 0.0)?;
+    for (f, g) in fisher.iter_mut().zip(grad) {
+        let g = g.to_f64();
+        *f = (f64::from(*f) + f64::from(scale) * g * g) as f32;
+    }
+    Ok(())
+}
+
+/// How DARE rescales the surviving entries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum DareRescale {
+    /// Multiply by `1 / (1 - p)`, preserving the expectation (the paper's rule). Default.
+    #[default]
+    InverseKeep,
+    /// Multiply by `||tau||_1 / ||kept||_1` over the slice given, preserving its L1 norm
+    /// (zero when nothing survives).
+    PreserveL1,
+    /// Keep survivors as they are.
+    None,
+}
+
+/// Parameters of DARE (drop and rescale).
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct DareParams {
+    /// Drop probability `p` in `[0, 1)`. Default 0.9 (the paper's common setting).
+    pub drop: f64,
+    /// Seed of the counter-based generator. Default 0.
+    pub seed: u64,
+    /// Rescaling rule. Default [`DareRescale::InverseKeep`].
+    pub rescale: DareRescale,
+}
+
+impl Default for DareParams {
+    fn default() -> Self {
+        Self { drop: 0.9, seed: 0, rescale: DareRescale::InverseKeep }
+    }
+}
+
+impl DareParams {
+    /// Parameters with drop probability `drop`, seed `seed` and the default rescale.
+    #[must_use]
+    pub const fn new(drop: f64, seed: u64) -> Self {
+        Self { drop, seed, rescale: DareRescale::InverseKeep }
+    }
+
+    /// The same parameters with another rescale rule.
+    #[must_use]
+    pub const fn with_rescale(mut self, rescale: DareRescale) -> Self {
+        self.rescale = rescale;
+        self
+    }
+
+    /// Validates the parameters.
+    pub fn validate(&self) -> Result<()> {
+        check_param("drop", self.drop, "in [0, 1)", (0.0..1.0).contains(&self.drop))
+    }
+
+    /// The integer drop threshold: element `i` is dropped iff `rng.u24_at(i) < threshold`,
+    /// with `threshold = ceil(p * 2^24)`. Integer, so every backend drops the same entries.
+    #[must_use]
+    pub fn drop_threshold(&self) -> u32 {
+        libm::ceil(self.drop * 16_777_216.0) as u32
+    }
+
+    /// Whether element `index` survives.
+    #[inline]
+    #[must_use]
+    pub fn keeps(&self, rng: &CounterRng, index: u64) -> bool {
+        rng.u24_at(index) >= self.drop_threshold()
+    }
+}
+
+/// DARE: `out_i = tau_i * scale` where element `first_index + i` survives, else 0.
+pub fn dare_ref<T: Element>(tau: &[T], params: DareParams, first_index: u64, out: &mut [f32]) -> Result<()> {
+    check_len("out", tau.len(), out.len())?;
+    params.validate()?;
+    let rng = CounterRng::new(params.seed);
+    let (mut l1_all, mut l1_kept) = (0.0f64, 0.0f64);
+    for (i, (o, t)) in out.iter_mut().zip(tau).enumerate() {
+        let v = t.to_f64();
+        l1_all += v.abs();
+        if params.keeps(&rng, first_index + i as u64) {
+            l1_kept += v.abs();
+            *o = v as f32;
+        } else {
+            *o = 0.0;
+        }
+    }
+    let scale = match params.rescale {
+        DareRescale::InverseKeep => 1.0 / (1.0 - params.drop),
+        DareRescale::PreserveL1 if l1_kept > 0.0 => l1_all / l1_kept,
+        DareRescale::PreserveL1 => 0.0,
+        DareRescale::None => 1.0,
+    };
+    for o in out.iter_mut() {
+        *o = (f64::from(*o) * scale) as f32;
+    }
+    Ok(())
+}
+
+/// Parameters of Model Breadcrumbs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct BreadcrumbsParams {
+    /// Fraction kept, in `(0, 1]`. Default 0.9.
+    pub density: f64,
+    /// Fraction of largest magnitudes dropped (outliers), in `[0, 1)`, with `density + gamma <= 1`.
+    /// Default 0.01.
+    pub gamma: f64,
+}
+
+impl Default for BreadcrumbsParams {
+    fn default() -> Self {
+        Self { density: 0.9, gamma: 0.01 }
+    }
+}
+
+impl BreadcrumbsParams {
+    /// Parameters with the given density and outlier fraction.
+    #[must_use]
+    pub const fn new(density: f64, gamma: f64) -> Self {
+        Self { density, gamma }
+    }
+
+    /// `(top, keep)` for `n` entries: the `floor(gamma n)` largest magnitudes are dropped and the
+    /// next `floor(density n)` kept (so `gamma n < 1` drops no outlier).
+    pub fn counts(&self, n: u64) -> Result<(u64, u64)> {
+        check_param("gamma", self.gamma, "in [0, 1)", (0.0..1.0).contains(&self.gamma))?;
+        let keep = crate::ops::select::keep_count(self.density, n)?;
+        check_param(
+            "density + gamma",
+            self.density + self.gamma,
+            "<= 1",
+            self.density + self.gamma <= 1.0,
+        )?;
+        let top = libm::floor(self.gamma * n as f64) as u64;
+        Ok((top, keep.min(n - top)))
+    }
+}
+
+/// Model Breadcrumbs: keep entries whose magnitude rank (descending, ties by lower index) lies in
+/// `[top, top + keep)` of [`BreadcrumbsParams::counts`]; zero the rest.
+#[cfg(feature = "alloc")]
+pub fn breadcrumbs_ref<T: Element>(tau: &[T], params: BreadcrumbsParams, out: &mut [f32]) -> Result<()> {
+    check_len("out", tau.len(), out.len())?;
+    let (top, keep) = params.counts(tau.len() as u64)?;
+    let outer = crate::ops::select::topk_mask_ref(tau, (top + keep) as usize)?;
+    let outliers = crate::ops::select::topk_mask_ref(tau, top as usize)?;
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = if outer[j] && !outliers[j] { tau[j].to_f32() } else { 0.0 };
+    }
+    Ok(())
+}
+
+#[cfg(all(test, feature = "alloc"))]
+mod tests {
+    use super::*;
+    use crate::Error;
+    use alloc::vec;
+    use alloc::vec::Vec;
+    use half::f16;
+    use proptest::prelude::*;
+
+    #[test]
+    fn weighted_mean_and_task_arithmetic_by_hand() {
+        let a = [1.0f32, 2.0, 3.0];
+        let b = [3.0f32, 2.0, -1.0];
+        let mut out = [0.0; 3];
+        weighted_mean_ref(&[&a, &b], &[1.0, 3.0], &mut out).unwrap();
+        assert_eq!(out, [2.5, 2.0, 0.0]);
+        task_arithmetic_ref(&a, &[&b, &a], &[0.5, -1.0], 2.0, &mut out).unwrap();
+        assert_eq!(out, [1.0 + 2.0 * (1.5 - 1.0), 2.0 + 2.0 * (1.0 - 2.0), 3.0 + 2.0 * (-0.5 - 3.0)]);
+    }
+
+    #[test]
+    fn bad_merge_inputs_are_errors() {
+        let a = [1.0f32; 3];
+        let short = [1.0f32; 2];
+        let mut out = [0.0; 3];
+        assert!(matches!(
+            weighted_mean_ref(&[&a, &short], &[1.0, 1.0], &mut out),
+            Err(Error::LengthMismatch { what: "models[i]", expected: 3, found: 2 })
+        ));
+        assert!(weighted_mean_ref::<f32>(&[], &[], &mut out).is_err());
+        assert!(weighted_mean_ref(&[&a], &[1.0, 2.0], &mut out).is_err());
+        assert!(weighted_mean_ref(&[&a, &a], &[1.0, -0.5], &mut out).is_err());
+        assert!(weighted_mean_ref(&[&a, &a], &[0.0, 0.0], &mut out).is_err());
+        assert!(weighted_mean_ref(&[&a], &[f32::NAN], &mut out).is_err());
+        assert!(task_arithmetic_ref(&a, &[&a], &[1.0], f32::INFINITY, &mut out).is_err());
+        assert!(fisher_merge_ref(&[&a], &[&a], &[1.0], -1.0, &mut out).is_err());
+        assert!(fisher_accumulate_ref(&mut out, &a, -2.0).is_err());
+        assert!(fisher_normalized_weights(&[1.0], &[0.0], &mut [0.0]).is_err());
+        assert!(ties_ref(&a, &[&a], &[1.0], TiesParams::new(0.0, 1.0), &mut out).is_err());
+        assert!(dare_ref(&a, DareParams::new(1.0, 0), 0, &mut out).is_err());
+        assert!(dare_ref(&a, DareParams::new(-0.1, 0), 0, &mut out).is_err());
+        assert!(breadcrumbs_ref(&a, BreadcrumbsParams::new(0.9, 0.2), &mut out).is_err());
+        assert!(breadcrumbs_ref(&a, BreadcrumbsParams::new(0.5, 1.0), &mut out).is_err());
+    }
+
+    #[test]
+    fn ties_elects_signs_and_averages_disjointly() {
+        let base = [10.0f32; 4];
+        let t1 = [1.0f32, -2.0, 3.0, 0.0];
+        let t2 = [3.0f32, 1.0, -1.0, 0.0];
+        let mut out = [0.0; 4];
+        ties_elect_ref(&base, &[&t1, &t2], &[1.0, 1.0], 1.0, &mut out).unwrap();
+        // Entry 0: both agree (+): mean 2. Entry 1: sum -1 -> '-': only t1: -2.
+        // Entry 2: sum 2 -> '+': only t1: 3. Entry 3: no sign: 0.
+        assert_eq!(out, [12.0, 8.0, 13.0, 10.0]);
+    }
+
+    #[test]
+    fn ties_on_one_model_is_trimmed_task_arithmetic() {
+        let rng = CounterRng::new(3);
+        let tau: Vec<f16> = (0..101).map(|i| f16::from_f64(rng.normal_at(i))).collect();
+        let base: Vec<f16> = (0..101).map(|i| f16::from_f64(rng.normal_at(1000 + i))).collect();
+        let mut trimmed = vec![f16::ZERO; 101];
+        ties_trim_ref(&tau, 0.3, &mut trimmed).unwrap();
+        assert_eq!(trimmed.iter().filter(|v| v.to_f32() != 0.0).count(), 30);
+        let (mut ties, mut ta) = (vec![0.0; 101], vec![0.0; 101]);
+        ties_ref(&base, &[&tau], &[1.0], TiesParams::new(0.3, 0.7), &mut ties).unwrap();
+        task_arithmetic_ref(&base, &[&trimmed], &[1.0], 0.7, &mut ta).unwrap();
+        assert_eq!(ties, ta);
+    }
+
+    #[test]
+    fn fisher_with_equal_fishers_is_the_weighted_mean() {
+        let a = [1.0f32, -2.0, 4.0];
+        let b = [3.0f32, 6.0, -4.0];
+        let f = [0.5f32, 2.0, 7.0];
+        let (mut fisher, mut mean) = ([0.0; 3], [0.0; 3]);
+        fisher_merge_ref(&[&a, &b], &[&f, &f], &[1.0, 3.0], 0.0, &mut fisher).unwrap();
+        weighted_mean_ref(&[&a, &b], &[1.0, 3.0], &mut mean).unwrap();
+        assert_eq!(fisher, mean);
+        // All-zero Fishers fall back to the plain mean instead of 0/0.
+        let z = [0.0f32; 3];
+        fisher_merge_ref(&[&a, &b], &[&z, &z], &[1.0, 3.0], 0.0, &mut fisher).unwrap();
+        assert_eq!(fisher, mean);
+        // Unequal Fishers pull towards the confident model.
+        let fa = [1.0f32, 1.0, 1.0];
+        let fb = [3.0f32, 0.0, 1.0];
+        fisher_merge_ref(&[&a, &b], &[&fa, &fb], &[1.0, 1.0], 0.0, &mut fisher).unwrap();
+        assert_eq!(fisher, [2.5, -2.0, 0.0]);
+        // A floor lifts the zero Fisher.
+        fisher_merge_ref(&[&a, &b], &[&fa, &fb], &[1.0, 1.0], 1.0, &mut fisher).unwrap();
+        assert_eq!(fisher[1], 2.0);
+        let mut w = [0.0; 2];
+        fisher_normalized_weights(&[1.0, 2.0], &[4.0, 16.0], &mut w).unwrap();
+        assert_eq!(w, [0.5, 0.5]);
+        let mut acc = [1.0f32, 0.0];
+        fisher_accumulate_ref(&mut acc, &[2.0f32, -3.0], 0.5).unwrap();
+        assert_eq!(acc, [3.0, 4.5]);
+    }
+
+    #[test]
+    fn dare_drops_about_p_and_rescales() {
+        let n = 20_000;
+        let tau: Vec<f32> = (0..n).map(|i| 1.0 + (i % 7) as f32).collect();
+        let mut out = vec![0.0; n];
+        let params = DareParams::new(0.9, 11);
+        dare_ref(&tau, params, 0, &mut out).unwrap();
+        let kept = out.iter().filter(|v| **v != 0.0).count() as f64 / n as f64;
+        // Binomial(n, 0.1): sd = sqrt(0.09 / n) ~ 0.0021; allow 5 sd.
+        assert!((kept - 0.1).abs() < 0.011, "kept {kept}");
+        for (o, t) in out.iter().zip(&tau) {
+            assert!(*o == 0.0 || (*o - t * 10.0).abs() <= 1e-5 * o.abs());
+        }
+        let mut l1 = vec![0.0; n];
+        dare_ref(&tau, params.with_rescale(DareRescale::PreserveL1), 0, &mut l1).unwrap();
+        let (a, b): (f64, f64) = (tau.iter().map(|v| f64::from(*v)).sum(), l1.iter().map(|v| f64::from(*v)).sum());
+        assert!((a - b).abs() <= 1e-6 * a);
+        // p = 0 keeps everything unchanged.
+        dare_ref(&tau, DareParams::new(0.0, 5), 0, &mut out).unwrap();
+        assert_eq!(out, tau);
+    }
+
+    #[test]
+    fn breadcrumbs_drops_both_tails() {
+        let tau = [0.1f32, -5.0, 0.3, 0.2, -0.4, 0.05, 3.0, 0.01, -0.2, 0.6];
+        let mut out = [0.0; 10];
+        // top = floor(0.1 * 10) = 1 (the -5), keep = floor(0.5 * 10) = 5: 3, 0.6, -0.4, 0.3, 0.2.
+        breadcrumbs_ref(&tau, BreadcrumbsParams::new(0.5, 0.1), &mut out).unwrap();
+        assert_eq!(out, [0.0, 0.0, 0.3, 0.2, -0.4, 0.0, 3.0, 0.0, 0.0, 0.6]);
+        // gamma * n < 1 drops no outlier, so the tensor is not zeroed.
+        breadcrumbs_ref(&tau, BreadcrumbsParams::new(0.2, 0.05), &mut out).unwrap();
+        assert_eq!(out, [0.0, -5.0, 0.0, 0.0, 0.0, 0.0, 3.0, 0.0, 0.0, 0.0]);
+    }
+
+    proptest! {
+        #[test]
+        fn dare_mask_is_independent_of_chunking(seed in any::<u64>(), split in 0usize..64, p in 0.0f64..0.99) {
+            let tau: Vec<f32> = (0..64).map(|i| i as f32 - 31.5).collect();
+            let params = DareParams::new(p, seed);
+            let mut whole = vec![0.0; 64];
+            dare_ref(&tau, params, 0, &mut whole).unwrap();
+            let mut parts = vec![0.0; 64];
+            let (a, b) = parts.split_at_mut(split);
+            dare_ref(&tau[..split], params, 0, a).unwrap();
+            dare_ref(&tau[split..], params, split as u64, b).unwrap();
+            prop_assert_eq!(whole, parts);
+        }
+
+        #[test]
+        fn reductions_are_elementwise_so_chunking_does_not_matter(
+            values in prop::collection::vec(-100.0f32..100.0, 3 * 17),
+            split in 0usize..17,
+        ) {
+            let (m0, rest) = values.split_at(17);
+            let (m1, m2) = rest.split_at(17);
+            let weights = [0.5, 1.5, 2.0];
+            let mut whole = vec![0.0; 17];
+            weighted_mean_ref(&[m0, m1, m2], &weights, &mut whole).unwrap();
+            let mut parts = vec![0.0; 17];
+            let (a, b) = parts.split_at_mut(split);
+            weighted_mean_ref(&[&m0[..split], &m1[..split], &m2[..split]], &weights, a).unwrap();
+            weighted_mean_ref(&[&m0[split..], &m1[split..], &m2[split..]], &weights, b).unwrap();
+            prop_assert_eq!(whole, parts);
+        }
+    }
+}

@@ -1,0 +1,509 @@
+//! Activation sparsity (CATS, TEAL): dense, sparse-input and gathered-output GEMV, the CATS and
+//! TEAL MLPs, and threshold calibration.
+//!
+//! # Contracts
+//!
+//! * Weights are `T: Element`, vectors `f32`, results `f32`. References accumulate in `f64`.
+//! * An activation `v` is **active** under threshold `t` iff `!(|v| <= t)`: `|v| > t` for
+//!   numbers, and NaN is always active so that it propagates into the result instead of being
+//!   silently dropped. `t <= 0` keeps every non-zero entry, so it computes the dense product;
+//!   `t = +inf` keeps only NaNs. A NaN threshold is an [`Error::InvalidParam`].
+//! * Skipped rows are never read (the CPU suite proves it with an instrumented view).
+//! * Infinite or NaN weights and activations propagate as IEEE 754 says; nothing is rejected.
+//!
+//! # Layouts
+//!
+//! `w` is the `nn.Linear` layout `[out, in]` (read by output row); `w_t` is its transpose
+//! `[in, out]` (read by input row, so a skipped activation skips one contiguous row).
+
+use crate::error::{check_len, check_param};
+use crate::{Element, Error, MatMut, MatRef, Result};
+
+/// `silu(g) = g / (1 + e^-g)`, in `f64` (the reference form).
+#[must_use]
+pub fn silu_f64(g: f64) -> f64 {
+    g / (1.0 + libm::exp(-g))
+}
+
+/// Whether activation `v` survives threshold `t` (see the module contract).
+#[inline(always)]
+#[must_use]
+pub fn is_active(v: f32, t: f32) -> bool {
+    !(v.abs() <= t)
+}
+
+/// Validates a threshold: any number, including infinities, but not NaN.
+pub fn check_threshold(name: &'static str, t: f32) -> Result<()> {
+    check_param(name, f64::from(t), "a number (not NaN)", !t.is_nan())
+}
+
+fn dot_ref<T: Element>(row: &[T], x: &[f32]) -> f64 {
+    row.iter().zip(x).map(|(w, v)| w.to_f64() * f64::from(*v)).sum()
+}
+
+/// Dense GEMV `y = W x` with `W` of shape `[out, in]`.
+pub fn gemv_ref<T: Element>(w: MatRef<'_, T>, x: &[f32], y: &mut [f32]) -> Result<()> {
+    check_len("x", w.cols(), x.len())?;
+    check_len("y", w.rows(), y.len())?;
+    for (yi, row) in y.iter_mut().zip(w.row_iter()) {
+        *yi = dot_ref(row, x) as f32;
+    }
+    Ok(())
+}
+
+/// Dense GEMV through the transposed layout: `y = W_t^T x` with `W_t` of shape `[in, out]`.
+#[cfg(feature = "alloc")]
+pub fn gemv_t_ref<T: Element>(w_t: MatRef<'_, T>, x: &[f32], y: &mut [f32]) -> Result<()> {
+    sparse_input_gemv_ref(w_t, x, f32::NEG_INFINITY, y).map(|_| ())
+}
+
+/// Sparse-input GEMV (TEAL form): `y = sum over active i of x_i * w_t[i, :]`, `w_t` `[in, out]`.
+///
+/// Returns the number of active inputs (rows read).
+#[cfg(feature = "alloc")]
+pub fn sparse_input_gemv_ref<T: Element>(
+    w_t: MatRef<'_, T>,
+    x: &[f32],
+    threshold: f32,
+    y: &mut [f32],
+) -> Result<usize> {
+    check_threshold("threshold", threshold)?;
+    check_len("x", w_t.rows(), x.len())?;
+    check_len("y", w_t.cols(), y.len())?;
+    let mut acc = alloc::vec![0.0f64; y.len()];
+    let mut active = 0;
+    for (i, &xi) in x.iter().enumerate() {
+        if !is_active(xi, threshold) {
+            continue;
+        }
+        active += 1;
+        for (a, w) in acc.iter_mut().zip(w_t.row(i)) {
+            *a += f64::from(xi) * w.to_f64();
+        }
+    }
+    for (yi, a) in y.iter_mut().zip(acc) {
+        *yi = a as f32;
+    }
+    Ok(active)
+}
+
+/// Gathered-output GEMV: `out[j] = w[rows[j], :] . x` for the listed rows of `w` `[out, in]`.
+///
+/// Row indices may repeat and come in any order; one past the end is an error.
+pub fn gathered_gemv_ref<T: Element>(
+    w: MatRef<'_, T>,
+    x: &[f32],
+    rows: &[u32],
+    out: &mut [f32],
+) -> Result<()> {
+    check_len("x", w.cols(), x.len())?;
+    check_len("out", rows.len(), out.len())?;
+    check_row_indices("rows", rows, w.rows())?;
+    for (o, &r) in out.iter_mut().zip(rows) {
+        *o = dot_ref(w.row(r as usize), x) as f32;
+    }
+    Ok(())
+}
+
+/// Checks every index in `rows` is below `bound`.
+pub fn check_row_indices(what: &'static str, rows: &[u32], bound: usize) -> Result<()> {
+    match rows.iter().position(|&r| r as usize >= bound) {
+        None => Ok(()),
+        Some(at) => Err(Error::InvalidParam {
+            name: what,
+            value: f64::from(rows[at]),
+            expected: "a row index below the matrix's row count",
+        }),
+    }
+}
+
+/// Largest decode batch the MLP contracts accept.
+pub const MAX_MLP_BATCH: usize = 4;
+
+/// Weights of a CATS MLP, each `[intermediate, hidden]`.
+#[derive(Clone, Copy, Debug)]
+pub struct CatsMlpWeights<'a, T> {
+    /// `W_gate` in the `nn.Linear` layout (read densely).
+    pub gate: MatRef<'a, T>,
+    /// `W_up` in the `nn.Linear` layout (rows gathered by the active set).
+    pub up: MatRef<'a, T>,
+    /// `W_down` transposed (rows read by the active set).
+    pub down_t: MatRef<'a, T>,
+}
+
+/// Weights of a TEAL MLP: every projection read by its input index.
+#[derive(Clone, Copy, Debug)]
+pub struct TealMlpWeights<'a, T> {
+    /// `W_gate` transposed, `[hidden, intermediate]`.
+    pub gate_t: MatRef<'a, T>,
+    /// `W_up` transposed, `[hidden, intermediate]`.
+    pub up_t: MatRef<'a, T>,
+    /// `W_down` transposed, `[intermediate, hidden]`.
+    pub down_t: MatRef<'a, T>,
+}
+
+/// Calibrated thresholds of the TEAL policy.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct TealThresholds {
+    /// Threshold on the hidden state `x`, the input of gate and up. Default 0 (dense).
+    pub gate_up: f32,
+    /// Threshold on `h = silu(g) * u`, the input of down. Default 0 (dense).
+    pub down: f32,
+}
+
+impl TealThresholds {
+    /// Thresholds for gate/up and down.
+    #[must_use]
+    pub const fn new(gate_up: f32, down: f32) -> Self {
+        Self { gate_up, down }
+    }
+}
+
+impl Default for TealThresholds {
+    fn default() -> Self {
+        Self::new(0.0, 0.0)
+    }
+}
+
+/// What an MLP call read: the rows of the intermediate dimension it touched.
+#[cfg(feature = "alloc")]
+#[derive(Clone, Debug, PartialEq)]
+pub struct MlpReport {
+    /// Intermediate rows of `W_down_t` read (for CATS also of `W_up`), ascending: the union over
+    /// the batch of each sample's active set.
+    pub active: alloc::vec::Vec<u32>,
+    /// The intermediate size.
+    pub intermediate: usize,
+}
+
+#[cfg(feature = "alloc")]
+impl MlpReport {
+    /// Fraction of intermediate rows skipped, in `[0, 1]`.
+    #[must_use]
+    pub fn sparsity(&self) -> f64 {
+        if self.intermediate == 0 {
+            0.0
+        } else {
+            1.0 - self.active.len() as f64 / self.intermediate as f64
+        }
+    }
+}
+
+fn check_mlp_io(x: MatRef<'_, f32>, y: &MatMut<'_, f32>, hidden: usize) -> Result<()> {
+    let batch = x.rows();
+    check_param(
+        "batch",
+        batch as f64,
+        "in 1..=4 (decode batches)",
+        (1..=MAX_MLP_BATCH).contains(&batch),
+    )?;
+    x.expect_shape("x", [batch, hidden])?;
+    y.expect_shape("y", [batch, hidden])
+}
+
+/// The CATS MLP for a decode batch of 1 to 4 rows of `x` `[batch, hidden]`, into `y`.
+///
+/// `g = W_gate x`, `a = silu(g)`, active set `A_b = {i : a_bi active under t}` per sample, and
+/// `y_b = sum over i in A_b of a_bi (W_up[i, :] . x_b) W_down_t[i, :]`. A sample's result does not
+/// depend on its batch mates; a row is read once if any sample keeps it.
+#[cfg(feature = "alloc")]
+pub fn cats_mlp_ref<T: Element>(
+    x: MatRef<'_, f32>,
+    weights: CatsMlpWeights<'_, T>,
+    threshold: f32,
+    mut y: MatMut<'_, f32>,
+) -> Result<MlpReport> {
+    check_threshold("threshold", threshold)?;
+    let [inter, hidden] = weights.gate.shape();
+    weights.up.expect_shape("w_up", [inter, hidden])?;
+    weights.down_t.expect_shape("w_down_t", [inter, hidden])?;
+    check_mlp_io(x, &y, hidden)?;
+    let mut read = alloc::vec![false; inter];
+    for b in 0..x.rows() {
+        let xb = x.row(b);
+        let mut acc = alloc::vec![0.0f64; hidden];
+        for i in 0..inter {
+            let a = silu_f64(dot_ref(weights.gate.row(i), xb));
+            if !is_active(a as f32, threshold) {
+                continue;
+            }
+            read[i] = true;
+            let h = a * dot_ref(weights.up.row(i), xb);
+            for (acc_j, w) in acc.iter_mut().zip(weights.down_t.row(i)) {
+                *acc_j += h * w.to_f64();
+            }
+        }
+        for (yj, a) in y.row_mut(b).iter_mut().zip(acc) {
+            *yj = a as f32;
+        }
+    }
+    Ok(report_from(&read))
+}
+
+#[cfg(feature = "alloc")]
+fn report_from(read: &[bool]) -> MlpReport {
+    MlpReport {
+        active: (0..read.len() as u32).filter(|&i| read[i as usize]).collect(),
+        intermediate: read.len(),
+    }
+}
+
+/// The TEAL MLP: each projection's input is thresholded with its own calibrated threshold.
+///
+/// `g = sparse(W_gate_t, x, t_gate_up)`, `u = sparse(W_up_t, x, t_gate_up)`, `h = silu(g) * u`,
+/// `y = sparse(W_down_t, h, t_down)`, where `sparse` is [`sparse_input_gemv_ref`]. The report
+/// lists the rows of `W_down_t` read (the active entries of `h`, over the batch).
+#[cfg(feature = "alloc")]
+pub fn teal_mlp_ref<T: Element>(
+    x: MatRef<'_, f32>,
+    weights: TealMlpWeights<'_, T>,
+    thresholds: TealThresholds,
+    mut y: MatMut<'_, f32>,
+) -> Result<MlpReport> {
+    check_threshold("thresholds.gate_up", thresholds.gate_up)?;
+    check_threshold("thresholds.down", thresholds.down)?;
+    let [hidden, inter] = weights.gate_t.shape();
+    weights.up_t.expect_shape("w_up_t", [hidden, inter])?;
+    weights.down_t.expect_shape("w_down_t", [inter, hidden])?;
+    check_mlp_io(x, &y, hidden)?;
+    let mut read = alloc::vec![false; inter];
+    let mut g = alloc::vec![0.0f32; inter];
+    let mut u = alloc::vec![0.0f32; inter];
+    for b in 0..x.rows() {
+        let xb = x.row(b);
+        sparse_input_gemv_ref(weights.gate_t, xb, thresholds.gate_up, &mut g)?;
+        sparse_input_gemv_ref(weights.up_t, xb, thresholds.gate_up, &mut u)?;
+        let h: alloc::vec::Vec<f32> =
+            g.iter().zip(&u).map(|(&g, &u)| (silu_f64(f64::from(g)) * f64::from(u)) as f32).collect();
+        for (r, &v) in read.iter_mut().zip(&h) {
+            *r |= is_active(v, thresholds.down);
+        }
+        sparse_input_gemv_ref(weights.down_t, &h, thresholds.down, y.row_mut(b))?;
+    }
+    Ok(report_from(&read))
+}
+
+/// The threshold `t` at which a fraction `k` of the samples is inactive: the smallest `t >= 0`
+/// with `#{|a| <= t} / n >= k`, i.e. the `ceil(k n)`-th smallest `|a|` (0 when `k = 0`).
+///
+/// `k` in `[0, 1]`; samples must be finite and non-empty. For data that does not fit in memory,
+/// stream it through [`crate::ops::select::MagnitudeSelect`] instead (same answer, two passes).
+#[cfg(feature = "alloc")]
+pub fn calibrate_threshold_ref(samples: &[f32], k: f64) -> Result<f32> {
+    let rank = quantile_rank(samples.len() as u64, k)?;
+    crate::error::check_finite("samples", samples)?;
+    if rank == 0 {
+        return Ok(0.0);
+    }
+    let mut mags: alloc::vec::Vec<f32> = samples.iter().map(|v| v.abs()).collect();
+    mags.sort_by(f32::total_cmp);
+    Ok(mags[(rank - 1) as usize])
+}
+
+/// The 1-based rank (in ascending magnitude) of the `k`-quantile of `n` samples; 0 means `t = 0`.
+pub fn quantile_rank(n: u64, k: f64) -> Result<u64> {
+    check_param("k", k, "in [0, 1]", (0.0..=1.0).contains(&k))?;
+    check_param("samples.len()", n as f64, "at least 1", n > 0)?;
+    Ok(libm::ceil(k * n as f64) as u64)
+}
+
+#[cfg(all(test, feature = "alloc"))]
+mod tests {
+    use super::*;
+    use alloc::vec;
+    use alloc::vec::Vec;
+    use half::bf16;
+
+    #[test]
+    fn sparse_gemv_matches_hand_computation() {
+        // w_t rows: input 0 -> [1, 2], input 1 -> [3, 4], input 2 -> [5, 6].
+        let w = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let w_t = MatRef::from_slice(&w, 3, 2).unwrap();
+        let mut y = [0.0; 2];
+        assert_eq!(sparse_input_gemv_ref(w_t, &[0.5, -0.1, 2.0], 0.2, &mut y).unwrap(), 2);
+        assert_eq!(y, [0.5 + 10.0, 1.0 + 12.0]);
+        // Dense.
+        assert_eq!(sparse_input_gemv_ref(w_t, &[0.5, -0.1, 2.0], 0.0, &mut y).unwrap(), 3);
+        assert_eq!(y, [0.5 - 0.3 + 10.0, 1.0 - 0.4 + 12.0]);
+        // Infinite threshold: nothing survives.
+        assert_eq!(sparse_input_gemv_ref(w_t, &[0.5, -0.1, 2.0], f32::INFINITY, &mut y).unwrap(), 0);
+        assert_eq!(y, [0.0, 0.0]);
+        // NaN activations propagate.
+        sparse_input_gemv_ref(w_t, &[f32::NAN, 0.0, 0.0], f32::INFINITY, &mut y).unwrap();
+        assert!(y.iter().all(|v| v.is_nan()));
+    }
+
+    #[test]
+    fn transposed_and_gathered_gemv_agree_with_dense() {
+        let w: Vec<bf16> = (0..12).map(|i| bf16::from_f32(i as f32 - 5.5)).collect();
+        let w_t: Vec<bf16> = (0..12).map(|k| w[(k % 3) * 4 + k / 3]).collect();
+        let x = [1.0, -2.0, 0.5, 3.0];
+        let mut dense = [0.0; 3];
+        gemv_ref(MatRef::from_slice(&w, 3, 4).unwrap(), &x, &mut dense).unwrap();
+        let mut via_t = [0.0; 3];
+        gemv_t_ref(MatRef::from_slice(&w_t, 4, 3).unwrap(), &x, &mut via_t).unwrap();
+        assert_eq!(dense, via_t);
+        assert_eq!(dense[0], -5.5 * 1.0 + -4.5 * -2.0 + -3.5 * 0.5 + -2.5 * 3.0);
+        let mut gathered = [0.0; 3];
+        gathered_gemv_ref(MatRef::from_slice(&w, 3, 4).unwrap(), &x, &[2, 0, 2], &mut gathered)
+            .unwrap();
+        assert_eq!(gathered, [dense[2], dense[0], dense[2]]);
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        let w = [0.0f32; 6];
+        let m = MatRef::from_slice(&w, 3, 2).unwrap();
+        let mut y2 = [0.0; 2];
+        let mut y3 = [0.0; 3];
+        assert!(matches!(
+            sparse_input_gemv_ref(m, &[1.0; 2], 0.0, &mut y2),
+            Err(Error::LengthMismatch { what: "x", expected: 3, found: 2 })
+        ));
+        assert!(matches!(
+            sparse_input_gemv_ref(m, &[1.0; 3], f32::NAN, &mut y2),
+            Err(Error::InvalidParam { name: "threshold", .. })
+        ));
+        assert!(gemv_ref(m, &[1.0; 2], &mut y2).is_err());
+        assert!(gathered_gemv_ref(m, &[1.0; 2], &[3], &mut y3[..1]).is_err());
+        assert!(gathered_gemv_ref(m, &[1.0; 2], &[0, 1], &mut y3).is_err());
+        assert!(calibrate_threshold_ref(&[], 0.5).is_err());
+        assert!(calibrate_threshold_ref(&[1.0], 1.5).is_err());
+        assert!(calibrate_threshold_ref(&[1.0, f32::NAN], 0.5).is_err());
+    }
+
+    fn mlp_problem(inter: usize, hidden: usize, batch: usize) -> (Vec<f32>, [Vec<f32>; 3]) {
+        let rng = crate::CounterRng::new(7);
+        let draw = |offset: u64, n: usize| -> Vec<f32> {
+            (0..n).map(|i| rng.normal_at(offset + i as u64) as f32 * 0.5).collect()
+        };
+        let x = draw(0, batch * hidden);
+        let weights = [
+            draw(1 << 20, inter * hidden),
+            draw(2 << 20, inter * hidden),
+            draw(3 << 20, inter * hidden),
+        ];
+        (x, weights)
+    }
+
+    #[test]
+    fn cats_mlp_is_dense_at_zero_threshold_and_matches_the_composition() {
+        let (inter, hidden, batch) = (24, 7, 3);
+        let (x, [gate, up, down_t]) = mlp_problem(inter, hidden, batch);
+        let weights = CatsMlpWeights {
+            gate: MatRef::from_slice(&gate, inter, hidden).unwrap(),
+            up: MatRef::from_slice(&up, inter, hidden).unwrap(),
+            down_t: MatRef::from_slice(&down_t, inter, hidden).unwrap(),
+        };
+        let xm = MatRef::from_slice(&x, batch, hidden).unwrap();
+        let t = 0.5;
+        let mut y = vec![0.0; batch * hidden];
+        let report =
+            cats_mlp_ref(xm, weights, t, MatMut::from_slice(&mut y, batch, hidden).unwrap())
+                .unwrap();
+        // Recompute sample by sample from the single-op references.
+        let mut union = vec![false; inter];
+        for b in 0..batch {
+            let mut g = vec![0.0; inter];
+            gemv_ref(weights.gate, xm.row(b), &mut g).unwrap();
+            let mut expect = vec![0.0f64; hidden];
+            for i in 0..inter {
+                let a = silu_f64(f64::from(g[i]));
+                if (a as f32).abs() > t {
+                    union[i] = true;
+                    let mut u = [0.0];
+                    gathered_gemv_ref(weights.up, xm.row(b), &[i as u32], &mut u).unwrap();
+                    for j in 0..hidden {
+                        expect[j] += a * f64::from(u[0]) * f64::from(down_t[i * hidden + j]);
+                    }
+                }
+            }
+            for j in 0..hidden {
+                let got = f64::from(y[b * hidden + j]);
+                assert!((got - expect[j]).abs() <= 1e-5 * (1.0 + expect[j].abs()), "{got} {}", expect[j]);
+            }
+        }
+        assert_eq!(report.active.len(), union.iter().filter(|&&u| u).count());
+        assert!(report.sparsity() > 0.0 && report.sparsity() < 1.0);
+        // t <= 0 reads every row.
+        let report =
+            cats_mlp_ref(xm, weights, -1.0, MatMut::from_slice(&mut y, batch, hidden).unwrap())
+                .unwrap();
+        assert_eq!(report.sparsity(), 0.0);
+        // Batch 5 is rejected.
+        let x5 = vec![0.0; 5 * hidden];
+        let mut y5 = vec![0.0; 5 * hidden];
+        assert!(cats_mlp_ref(
+            MatRef::from_slice(&x5, 5, hidden).unwrap(),
+            weights,
+            0.0,
+            MatMut::from_slice(&mut y5, 5, hidden).unwrap()
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn teal_mlp_at_zero_thresholds_equals_dense_cats() {
+        let (inter, hidden, batch) = (16, 9, 2);
+        let (x, [gate, up, down_t]) = mlp_problem(inter, hidden, batch);
+        let transpose = |m: &[f32]| -> Vec<f32> {
+            (0..inter * hidden).map(|k| m[(k % inter) * hidden + k / inter]).collect()
+        };
+        let (gate_t, up_t) = (transpose(&gate), transpose(&up));
+        let xm = MatRef::from_slice(&x, batch, hidden).unwrap();
+        let mut y_cats = vec![0.0; batch * hidden];
+        let mut y_teal = vec![0.0; batch * hidden];
+        cats_mlp_ref(
+            xm,
+            CatsMlpWeights {
+                gate: MatRef::from_slice(&gate, inter, hidden).unwrap(),
+                up: MatRef::from_slice(&up, inter, hidden).unwrap(),
+                down_t: MatRef::from_slice(&down_t, inter, hidden).unwrap(),
+            },
+            -1.0,
+            MatMut::from_slice(&mut y_cats, batch, hidden).unwrap(),
+        )
+        .unwrap();
+        let weights = TealMlpWeights {
+            gate_t: MatRef::from_slice(&gate_t, hidden, inter).unwrap(),
+            up_t: MatRef::from_slice(&up_t, hidden, inter).unwrap(),
+            down_t: MatRef::from_slice(&down_t, inter, hidden).unwrap(),
+        };
+        let report = teal_mlp_ref(
+            xm,
+            weights,
+            TealThresholds::new(-1.0, -1.0),
+            MatMut::from_slice(&mut y_teal, batch, hidden).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(report.active.len(), inter);
+        for (a, b) in y_cats.iter().zip(&y_teal) {
+            // TEAL rounds g, u and h to f32 between projections: a few f32 roundings apart.
+            assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{a} vs {b}");
+        }
+        // A high down threshold reads fewer down rows.
+        let sparse = teal_mlp_ref(
+            xm,
+            weights,
+            TealThresholds::new(0.3, 0.2),
+            MatMut::from_slice(&mut y_teal, batch, hidden).unwrap(),
+        )
+        .unwrap();
+        assert!(sparse.active.len() < inter);
+    }
+
+    #[test]
+    fn calibration_is_the_quantile() {
+        let samples = [0.5f32, -0.1, 0.3, -0.9, 0.2];
+        assert_eq!(calibrate_threshold_ref(&samples, 0.0).unwrap(), 0.0);
+        assert_eq!(calibrate_threshold_ref(&samples, 0.2).unwrap(), 0.1);
+        assert_eq!(calibrate_threshold_ref(&samples, 0.5).unwrap(), 0.3);
+        assert_eq!(calibrate_threshold_ref(&samples, 0.6).unwrap(), 0.3);
+        assert_eq!(calibrate_threshold_ref(&samples, 1.0).unwrap(), 0.9);
+        // The defining property: at least k n samples are <= t, and fewer are < t.
+        let t = calibrate_threshold_ref(&samples, 0.7).unwrap();
+        assert!(samples.iter().filter(|v| v.abs() <= t).count() >= 4);
+        assert!(samples.iter().filter(|v| v.abs() < t).count() < 4);
+    }
+}

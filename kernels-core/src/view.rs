@@ -1,0 +1,362 @@
+//! Borrowed matrix views (and, with `alloc`, an owned matrix).
+//!
+//! Matrices are row-major with contiguous rows and an explicit row stride (in elements), so a view
+//! can cover a block of a larger buffer. Vectors are plain slices: every op checks their lengths.
+
+use crate::{Error, Result};
+
+/// Checks that a `rows x cols` matrix with `row_stride` fits in `len` elements.
+fn check_view(
+    what: &'static str,
+    len: usize,
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+) -> Result<()> {
+    let invalid = Error::InvalidView { what, rows, cols, row_stride, len };
+    if rows == 0 || cols == 0 {
+        return Ok(());
+    }
+    if row_stride < cols {
+        return Err(invalid);
+    }
+    // The last row needs `cols` elements, not a whole stride.
+    let needed = (rows - 1).checked_mul(row_stride).and_then(|n| n.checked_add(cols));
+    match needed {
+        Some(needed) if needed <= len => Ok(()),
+        _ => Err(invalid),
+    }
+}
+
+/// A read-only `rows x cols` matrix view over a slice.
+#[derive(Clone, Copy, Debug)]
+pub struct MatRef<'a, T> {
+    data: &'a [T],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+}
+
+impl<'a, T> MatRef<'a, T> {
+    /// A view of `rows x cols` elements whose rows start `row_stride` elements apart.
+    ///
+    /// ```
+    /// # use kernels_core::MatRef;
+    /// let buffer = [1.0f32, 2.0, 0.0, 3.0, 4.0];
+    /// let m = MatRef::new(&buffer, 2, 2, 3)?;
+    /// assert_eq!(m.row(1), &[3.0, 4.0]);
+    /// assert!(MatRef::new(&buffer, 2, 3, 3).is_err()); // the last row runs off the end
+    /// # Ok::<(), kernels_core::Error>(())
+    /// ```
+    pub fn new(data: &'a [T], rows: usize, cols: usize, row_stride: usize) -> Result<Self> {
+        check_view("matrix", data.len(), rows, cols, row_stride)?;
+        Ok(Self { data, rows, cols, row_stride })
+    }
+
+    /// A view of a contiguous buffer holding exactly `rows * cols` elements.
+    pub fn from_slice(data: &'a [T], rows: usize, cols: usize) -> Result<Self> {
+        let expected = rows.checked_mul(cols).ok_or(Error::InvalidView {
+            what: "matrix",
+            rows,
+            cols,
+            row_stride: cols,
+            len: data.len(),
+        })?;
+        if data.len() != expected {
+            return Err(Error::InvalidView {
+                what: "matrix",
+                rows,
+                cols,
+                row_stride: cols,
+                len: data.len(),
+            });
+        }
+        Ok(Self { data, rows, cols, row_stride: cols })
+    }
+
+    /// Number of rows.
+    #[must_use]
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Number of columns.
+    #[must_use]
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// `[rows, cols]`.
+    #[must_use]
+    pub fn shape(&self) -> [usize; 2] {
+        [self.rows, self.cols]
+    }
+
+    /// Distance in elements between the starts of consecutive rows.
+    #[must_use]
+    pub fn row_stride(&self) -> usize {
+        self.row_stride
+    }
+
+    /// The underlying buffer, from the first element of row 0.
+    #[must_use]
+    pub fn as_slice(&self) -> &'a [T] {
+        self.data
+    }
+
+    /// Row `i`. Panics if `i >= rows` (an internal invariant: callers index validated shapes).
+    #[inline]
+    #[must_use]
+    pub fn row(&self, i: usize) -> &'a [T] {
+        assert!(i < self.rows, "row {i} out of {} rows", self.rows);
+        &self.data[i * self.row_stride..][..self.cols]
+    }
+
+    /// Iterator over the rows.
+    pub fn row_iter(&self) -> impl ExactSizeIterator<Item = &'a [T]> + '_ {
+        (0..self.rows).map(|i| self.row(i))
+    }
+
+    /// Checks this view has shape `expected`, naming it `what` in the error.
+    pub fn expect_shape(&self, what: &'static str, expected: [usize; 2]) -> Result<()> {
+        if self.shape() == expected {
+            Ok(())
+        } else {
+            Err(Error::ShapeMismatch { what, expected, found: self.shape() })
+        }
+    }
+}
+
+impl<T: Copy> MatRef<'_, T> {
+    /// Element `(i, j)`.
+    #[inline]
+    #[must_use]
+    pub fn at(&self, i: usize, j: usize) -> T {
+        self.row(i)[j]
+    }
+}
+
+/// A mutable `rows x cols` matrix view over a slice.
+#[derive(Debug)]
+pub struct MatMut<'a, T> {
+    data: &'a mut [T],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+}
+
+impl<'a, T> MatMut<'a, T> {
+    /// A mutable view of `rows x cols` elements whose rows start `row_stride` elements apart.
+    pub fn new(data: &'a mut [T], rows: usize, cols: usize, row_stride: usize) -> Result<Self> {
+        check_view("output matrix", data.len(), rows, cols, row_stride)?;
+        Ok(Self { data, rows, cols, row_stride })
+    }
+
+    /// A mutable view of a contiguous buffer holding exactly `rows * cols` elements.
+    pub fn from_slice(data: &'a mut [T], rows: usize, cols: usize) -> Result<Self> {
+        if rows.checked_mul(cols) != Some(data.len()) {
+            return Err(Error::InvalidView {
+                what: "output matrix",
+                rows,
+                cols,
+                row_stride: cols,
+                len: data.len(),
+            });
+        }
+        Ok(Self { data, rows, cols, row_stride: cols })
+    }
+
+    /// Number of rows.
+    #[must_use]
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Number of columns.
+    #[must_use]
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// `[rows, cols]`.
+    #[must_use]
+    pub fn shape(&self) -> [usize; 2] {
+        [self.rows, self.cols]
+    }
+
+    /// Row `i`, mutably. Panics if `i >= rows`.
+    #[inline]
+    pub fn row_mut(&mut self, i: usize) -> &mut [T] {
+        assert!(i < self.rows, "row {i} out of {} rows", self.rows);
+        &mut self.data[i * self.row_stride..][..self.cols]
+    }
+
+    /// A read-only view of the same matrix.
+    #[must_use]
+    pub fn as_ref(&self) -> MatRef<'_, T> {
+        MatRef { data: self.data, rows: self.rows, cols: self.cols, row_stride: self.row_stride }
+    }
+
+    /// Checks this view has shape `expected`, naming it `what` in the error.
+    pub fn expect_shape(&self, what: &'static str, expected: [usize; 2]) -> Result<()> {
+        self.as_ref().expect_shape(what, expected)
+    }
+}
+
+/// An owned, contiguous, row-major matrix: what factorisations return.
+#[cfg(feature = "alloc")]
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mat<T> {
+    data: alloc::vec::Vec<T>,
+    rows: usize,
+    cols: usize,
+}
+
+#[cfg(feature = "alloc")]
+impl<T: Copy + Default> Mat<T> {
+    /// A `rows x cols` matrix of `T::default()` (zeros).
+    #[must_use]
+    pub fn zeros(rows: usize, cols: usize) -> Self {
+        Self { data: alloc::vec![T::default(); rows * cols], rows, cols }
+    }
+
+    /// A matrix from a row-major buffer of exactly `rows * cols` elements.
+    pub fn from_vec(data: alloc::vec::Vec<T>, rows: usize, cols: usize) -> Result<Self> {
+        MatRef::from_slice(&data, rows, cols)?;
+        Ok(Self { data, rows, cols })
+    }
+
+    /// A matrix whose element `(i, j)` is `f(i, j)`.
+    pub fn from_fn(rows: usize, cols: usize, mut f: impl FnMut(usize, usize) -> T) -> Self {
+        let mut data = alloc::vec::Vec::with_capacity(rows * cols);
+        for i in 0..rows {
+            for j in 0..cols {
+                data.push(f(i, j));
+            }
+        }
+        Self { data, rows, cols }
+    }
+
+    /// Number of rows.
+    #[must_use]
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Number of columns.
+    #[must_use]
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// `[rows, cols]`.
+    #[must_use]
+    pub fn shape(&self) -> [usize; 2] {
+        [self.rows, self.cols]
+    }
+
+    /// Element `(i, j)`.
+    #[inline]
+    #[must_use]
+    pub fn at(&self, i: usize, j: usize) -> T {
+        self.data[i * self.cols + j]
+    }
+
+    /// Element `(i, j)`, mutably.
+    #[inline]
+    pub fn at_mut(&mut self, i: usize, j: usize) -> &mut T {
+        &mut self.data[i * self.cols + j]
+    }
+
+    /// Row `i`.
+    #[must_use]
+    pub fn row(&self, i: usize) -> &[T] {
+        &self.data[i * self.cols..][..self.cols]
+    }
+
+    /// Row `i`, mutably.
+    pub fn row_mut(&mut self, i: usize) -> &mut [T] {
+        &mut self.data[i * self.cols..][..self.cols]
+    }
+
+    /// The row-major buffer.
+    #[must_use]
+    pub fn as_slice(&self) -> &[T] {
+        &self.data
+    }
+
+    /// The row-major buffer, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [T] {
+        &mut self.data
+    }
+
+    /// The buffer, consuming the matrix.
+    #[must_use]
+    pub fn into_vec(self) -> alloc::vec::Vec<T> {
+        self.data
+    }
+
+    /// A borrowed view.
+    #[must_use]
+    pub fn as_ref(&self) -> MatRef<'_, T> {
+        MatRef { data: &self.data, rows: self.rows, cols: self.cols, row_stride: self.cols }
+    }
+
+    /// A mutable borrowed view.
+    pub fn as_mut(&mut self) -> MatMut<'_, T> {
+        MatMut { data: &mut self.data, rows: self.rows, cols: self.cols, row_stride: self.cols }
+    }
+
+    /// The transpose, as a new matrix.
+    #[must_use]
+    pub fn transpose(&self) -> Self {
+        Self::from_fn(self.cols, self.rows, |i, j| self.at(j, i))
+    }
+
+    /// The first `cols` columns, as a new matrix.
+    #[must_use]
+    pub fn leading_cols(&self, cols: usize) -> Self {
+        Self::from_fn(self.rows, cols.min(self.cols), |i, j| self.at(i, j))
+    }
+
+    /// The first `rows` rows, as a new matrix.
+    #[must_use]
+    pub fn leading_rows(&self, rows: usize) -> Self {
+        Self::from_fn(rows.min(self.rows), self.cols, |i, j| self.at(i, j))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn views_reject_buffers_they_do_not_fit() {
+        let buf = [0.0f32; 10];
+        assert!(MatRef::new(&buf, 2, 5, 5).is_ok());
+        assert!(MatRef::new(&buf, 3, 4, 3).is_err(), "stride below cols");
+        assert!(MatRef::new(&buf, 3, 4, 4).is_err(), "last row past the end");
+        assert!(MatRef::new(&buf, 2, 4, 6).is_ok(), "last row needs only cols");
+        assert!(MatRef::new(&buf, usize::MAX, 2, usize::MAX).is_err(), "overflow");
+        assert!(MatRef::new(&buf, 0, 100, 0).is_ok(), "empty views fit anywhere");
+        assert!(MatRef::from_slice(&buf, 3, 3).is_err());
+        assert!(MatRef::from_slice(&buf, usize::MAX, 2).is_err());
+        let mut out = [0.0f32; 6];
+        assert!(MatMut::from_slice(&mut out, 2, 4).is_err());
+        assert!(matches!(
+            MatMut::new(&mut out, 2, 4, 4),
+            Err(Error::InvalidView { rows: 2, cols: 4, row_stride: 4, len: 6, .. })
+        ));
+    }
+
+    #[test]
+    fn strided_rows_skip_the_padding() {
+        let buf = [1, 2, 9, 3, 4, 9, 5, 6];
+        let m = MatRef::new(&buf, 3, 2, 3).unwrap();
+        let mut rows = m.row_iter();
+        assert_eq!(rows.len(), 3);
+        assert!(rows.next() == Some(&[1, 2][..]) && rows.next() == Some(&[3, 4][..]));
+        assert_eq!(rows.next(), Some(&[5, 6][..]));
+        assert_eq!(m.at(2, 1), 6);
+    }
+}

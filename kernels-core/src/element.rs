@@ -17,10 +17,26 @@ pub trait Element:
     fn to_f32(self) -> f32;
     /// Narrowing with round-to-nearest-even (overflow goes to infinity, as IEEE 754 says).
     fn from_f32(value: f32) -> Self;
-    /// Widening straight to `f64`, for the references.
-    #[inline]
+}
+
+/// A real number the references can widen to `f64`: every [`Element`], and `f64` itself (so the
+/// linear-algebra references also take exact `f64` test matrices).
+pub trait Real: Copy + Default + core::fmt::Debug + Send + Sync + 'static {
+    /// Widening to `f64` (exact for every implementor).
+    fn to_f64(self) -> f64;
+}
+
+impl<T: Element> Real for T {
+    #[inline(always)]
     fn to_f64(self) -> f64 {
         f64::from(self.to_f32())
+    }
+}
+
+impl Real for f64 {
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
     }
 }
 
@@ -50,7 +66,7 @@ impl DType {
     pub const fn unit_roundoff(self) -> f32 {
         match self {
             Self::F32 => f32::EPSILON / 2.0,
-            Self::F16 => 4.8828125e-4,
+            Self::F16 => 4.882_812_5e-4,
             Self::BF16 => 3.90625e-3,
         }
     }
@@ -128,7 +144,10 @@ mod tests {
     fn narrowing_rounds_to_nearest_even() {
         // 1 + 2^-11 is halfway between two f16 neighbours of 1; ties go to the even one (1.0).
         assert_eq!(f16::from_f32(1.0 + 2f32.powi(-11)).to_f32(), 1.0);
-        assert_eq!(f16::from_f32(1.0 + 3.0 * 2f32.powi(-11)).to_f32(), 1.0 + 2f32.powi(-9));
+        assert_eq!(
+            f16::from_f32(1.0 + 3.0 * 2f32.powi(-11)).to_f32(),
+            1.0 + 2f32.powi(-9)
+        );
         assert_eq!(bf16::from_f32(1.0 + 2f32.powi(-8)).to_f32(), 1.0);
         assert_eq!(<f16 as Element>::from_f32(1e6).to_f32(), f32::INFINITY);
     }

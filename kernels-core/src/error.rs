@@ -83,22 +83,46 @@ pub enum Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::ShapeMismatch { what, expected, found } => write!(
+            Self::ShapeMismatch {
+                what,
+                expected,
+                found,
+            } => write!(
                 f,
                 "`{what}` has shape {}x{} but this op needs {}x{}",
                 found[0], found[1], expected[0], expected[1]
             ),
-            Self::LengthMismatch { what, expected, found } => {
-                write!(f, "`{what}` has length {found} but this op needs length {expected}")
+            Self::LengthMismatch {
+                what,
+                expected,
+                found,
+            } => {
+                write!(
+                    f,
+                    "`{what}` has length {found} but this op needs length {expected}"
+                )
             }
-            Self::InvalidView { what, rows, cols, row_stride, len } => write!(
+            Self::InvalidView {
+                what,
+                rows,
+                cols,
+                row_stride,
+                len,
+            } => write!(
                 f,
                 "`{what}`: a {rows}x{cols} view with row stride {row_stride} does not fit in a \
                  buffer of {len} elements (the stride must be >= cols and the buffer must reach \
                  the end of the last row)"
             ),
-            Self::InvalidParam { name, value, expected } => {
-                write!(f, "parameter `{name}` = {value} is invalid: it must be {expected}")
+            Self::InvalidParam {
+                name,
+                value,
+                expected,
+            } => {
+                write!(
+                    f,
+                    "parameter `{name}` = {value} is invalid: it must be {expected}"
+                )
             }
             Self::BadFormat { offset, reason } => {
                 write!(f, "invalid encoded data at byte {offset}: {reason}")
@@ -131,7 +155,11 @@ pub(crate) fn check_len(what: &'static str, expected: usize, found: usize) -> Re
     if expected == found {
         Ok(())
     } else {
-        Err(Error::LengthMismatch { what, expected, found })
+        Err(Error::LengthMismatch {
+            what,
+            expected,
+            found,
+        })
     }
 }
 
@@ -145,7 +173,11 @@ pub(crate) fn check_param(
     if ok && !value.is_nan() {
         Ok(())
     } else {
-        Err(Error::InvalidParam { name, value, expected })
+        Err(Error::InvalidParam {
+            name,
+            value,
+            expected,
+        })
     }
 }
 

@@ -114,8 +114,13 @@ impl TernaryHeader {
         }
         let read_u64 = |at: usize| -> Result<u64> {
             match bytes.get(at..at + 8) {
-                Some(b) => Ok(u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])),
-                None => Err(Error::BadFormat { offset: bytes.len(), reason: "truncated header" }),
+                Some(b) => Ok(u64::from_le_bytes([
+                    b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
+                ])),
+                None => Err(Error::BadFormat {
+                    offset: bytes.len(),
+                    reason: "truncated header",
+                }),
             }
         };
         let nnz = read_u64(12)?;
@@ -167,7 +172,10 @@ impl BitReader<'_> {
     fn bit(&mut self) -> Result<bool> {
         let byte = (self.pos / 8) as usize;
         let Some(&b) = self.bytes.get(byte) else {
-            return Err(Error::BadFormat { offset: self.base + byte, reason: "sparse payload ends early" });
+            return Err(Error::BadFormat {
+                offset: self.base + byte,
+                reason: "sparse payload ends early",
+            });
         };
         let bit = (b >> (self.pos % 8)) & 1 == 1;
         self.pos += 1;
@@ -187,7 +195,11 @@ impl BitReader<'_> {
 /// Needs no allocator.
 pub fn decode_into(bytes: &[u8], codes: &mut [i8]) -> Result<TernaryHeader> {
     let header = TernaryHeader::parse(bytes)?;
-    check_len("codes", usize::try_from(header.numel).unwrap_or(usize::MAX), codes.len())?;
+    check_len(
+        "codes",
+        usize::try_from(header.numel).unwrap_or(usize::MAX),
+        codes.len(),
+    )?;
     let payload = &bytes[header.payload_offset..];
     let base = header.payload_offset;
     match header.layout {
@@ -198,20 +210,35 @@ pub fn decode_into(bytes: &[u8], codes: &mut [i8]) -> Result<TernaryHeader> {
                     0 => 0,
                     1 => 1,
                     2 => -1,
-                    _ => return Err(Error::BadFormat { offset: base + i / 4, reason: "dense code 0b11 is invalid" }),
+                    _ => {
+                        return Err(Error::BadFormat {
+                            offset: base + i / 4,
+                            reason: "dense code 0b11 is invalid",
+                        });
+                    }
                 };
                 nnz += u64::from(*c != 0);
             }
             if codes.len() % 4 != 0 && payload[codes.len() / 4] >> (2 * (codes.len() % 4)) != 0 {
-                return Err(Error::BadFormat { offset: base + codes.len() / 4, reason: "padding bits are not zero" });
+                return Err(Error::BadFormat {
+                    offset: base + codes.len() / 4,
+                    reason: "padding bits are not zero",
+                });
             }
             if nnz != header.nnz {
-                return Err(Error::BadFormat { offset: 12, reason: "non-zero count does not match the payload" });
+                return Err(Error::BadFormat {
+                    offset: 12,
+                    reason: "non-zero count does not match the payload",
+                });
             }
         }
         TernaryLayout::SparseRice => {
             codes.fill(0);
-            let mut reader = BitReader { bytes: payload, base, pos: 0 };
+            let mut reader = BitReader {
+                bytes: payload,
+                base,
+                pos: 0,
+            };
             let mut next = 0u64; // index of the first position the next gap counts from
             let limit = header.numel;
             for _ in 0..header.nnz {
@@ -219,42 +246,57 @@ pub fn decode_into(bytes: &[u8], codes: &mut [i8]) -> Result<TernaryHeader> {
                 while reader.bit()? {
                     quotient += 1;
                     if quotient << header.rice_k >= limit {
-                        return Err(Error::BadFormat { offset: base + (reader.pos / 8) as usize, reason: "gap runs past the end" });
+                        return Err(Error::BadFormat {
+                            offset: base + (reader.pos / 8) as usize,
+                            reason: "gap runs past the end",
+                        });
                     }
                 }
                 let gap = (quotient << header.rice_k) | reader.bits(header.rice_k)?;
-                let index = next.checked_add(gap).filter(|&i| i < limit).ok_or(Error::BadFormat {
-                    offset: base + (reader.pos / 8) as usize,
-                    reason: "gap runs past the end",
-                })?;
+                let index =
+                    next.checked_add(gap)
+                        .filter(|&i| i < limit)
+                        .ok_or(Error::BadFormat {
+                            offset: base + (reader.pos / 8) as usize,
+                            reason: "gap runs past the end",
+                        })?;
                 codes[index as usize] = if reader.bit()? { -1 } else { 1 };
                 next = index + 1;
             }
             let used_bytes = reader.pos.div_ceil(8) as usize;
             if used_bytes != payload.len() {
-                return Err(Error::BadFormat { offset: base + used_bytes, reason: "bytes after the last code" });
+                return Err(Error::BadFormat {
+                    offset: base + used_bytes,
+                    reason: "bytes after the last code",
+                });
             }
             if reader.pos % 8 != 0 && payload[used_bytes - 1] >> (reader.pos % 8) != 0 {
-                return Err(Error::BadFormat { offset: base + used_bytes - 1, reason: "padding bits are not zero" });
+                return Err(Error::BadFormat {
+                    offset: base + used_bytes - 1,
+                    reason: "padding bits are not zero",
+                });
             }
         }
     }
     Ok(header)
 }
 
-/// Decodes into a new vector.
+/// Decodes into a new vector of at most `max_elements` codes.
+///
+/// A sparse encoding of a huge all-zero tensor is a few bytes, so the element count in a header
+/// is not bounded by the input size: `max_elements` keeps a hostile header from allocating
+/// gigabytes. Above it the result is [`Error::BadFormat`].
 #[cfg(feature = "alloc")]
-pub fn decode(bytes: &[u8]) -> Result<(TernaryHeader, alloc::vec::Vec<i8>)> {
+pub fn decode(bytes: &[u8], max_elements: usize) -> Result<(TernaryHeader, alloc::vec::Vec<i8>)> {
     let header = TernaryHeader::parse(bytes)?;
     let n = usize::try_from(header.numel)
-        .map_err(|_| Error::BadFormat { offset: FIXED_HEADER, reason: "element count exceeds memory" })?;
-    // Sparse payloads need at least one bit per... nothing: guard only against absurd sizes.
-    if header.layout == TernaryLayout::SparseRice && header.nnz > header.payload_len as u64 * 8 {
-        return Err(Error::BadFormat { offset: 12, reason: "more non-zeros than payload bits" });
-    }
-    let mut codes = alloc::vec::Vec::new();
-    codes.try_reserve_exact(n).map_err(|_| Error::BadFormat { offset: FIXED_HEADER, reason: "element count exceeds memory" })?;
-    codes.resize(n, 0);
+        .ok()
+        .filter(|&n| n <= max_elements)
+        .ok_or(Error::BadFormat {
+            offset: FIXED_HEADER,
+            reason: "element count exceeds the caller's limit",
+        })?;
+    let mut codes = alloc::vec![0i8; n];
     let header = decode_into(bytes, &mut codes)?;
     Ok((header, codes))
 }
@@ -290,11 +332,25 @@ impl BitWriter {
 
 /// Encodes codes with the given shape and layout.
 #[cfg(feature = "alloc")]
-pub fn encode(codes: &[i8], shape: &[u64], scale: f32, layout: TernaryLayout) -> Result<alloc::vec::Vec<u8>> {
-    crate::error::check_param("shape.len()", shape.len() as f64, "at most 8", shape.len() <= MAX_DIMS)?;
+pub fn encode(
+    codes: &[i8],
+    shape: &[u64],
+    scale: f32,
+    layout: TernaryLayout,
+) -> Result<alloc::vec::Vec<u8>> {
+    crate::error::check_param(
+        "shape.len()",
+        shape.len() as f64,
+        "at most 8",
+        shape.len() <= MAX_DIMS,
+    )?;
     crate::error::check_param("scale", f64::from(scale), "finite", scale.is_finite())?;
     let numel = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
-    check_len("codes", usize::try_from(numel.unwrap_or(u64::MAX)).unwrap_or(usize::MAX), codes.len())?;
+    check_len(
+        "codes",
+        usize::try_from(numel.unwrap_or(u64::MAX)).unwrap_or(usize::MAX),
+        codes.len(),
+    )?;
     crate::ops::ternary::check_codes(codes)?;
     let nnz = codes.iter().filter(|&&c| c != 0).count() as u64;
     let (rice_k, payload) = match layout {
@@ -312,9 +368,15 @@ pub fn encode(codes: &[i8], shape: &[u64], scale: f32, layout: TernaryLayout) ->
         }
         TernaryLayout::SparseRice => encode_sparse(codes),
     };
-    let mut out = alloc::vec::Vec::with_capacity(FIXED_HEADER + 8 * shape.len() + 8 + payload.len());
+    let mut out =
+        alloc::vec::Vec::with_capacity(FIXED_HEADER + 8 * shape.len() + 8 + payload.len());
     out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&[VERSION, u8::from(layout == TernaryLayout::SparseRice), rice_k, shape.len() as u8]);
+    out.extend_from_slice(&[
+        VERSION,
+        u8::from(layout == TernaryLayout::SparseRice),
+        rice_k,
+        shape.len() as u8,
+    ]);
     out.extend_from_slice(&scale.to_le_bytes());
     out.extend_from_slice(&nnz.to_le_bytes());
     for d in shape {
@@ -329,17 +391,24 @@ pub fn encode(codes: &[i8], shape: &[u64], scale: f32, layout: TernaryLayout) ->
 fn encode_sparse(codes: &[i8]) -> (u8, alloc::vec::Vec<u8>) {
     let gaps = || {
         let mut next = 0usize;
-        codes.iter().enumerate().filter(|(_, c)| **c != 0).map(move |(i, _)| {
-            let gap = (i - next) as u64;
-            next = i + 1;
-            gap
-        })
+        codes
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c != 0)
+            .map(move |(i, _)| {
+                let gap = (i - next) as u64;
+                next = i + 1;
+                gap
+            })
     };
     // Exact size for each k: (g >> k) + 1 + k bits per gap; pick the smallest.
     let best_k = (0u8..=31)
         .min_by_key(|&k| gaps().map(|g| (g >> k) + 1 + u64::from(k)).sum::<u64>())
         .unwrap_or(0);
-    let mut w = BitWriter { bytes: alloc::vec::Vec::new(), pos: 0 };
+    let mut w = BitWriter {
+        bytes: alloc::vec::Vec::new(),
+        pos: 0,
+    };
     let signs = codes.iter().filter(|c| **c != 0);
     for (gap, &c) in gaps().zip(signs) {
         for _ in 0..(gap >> best_k) {
@@ -360,12 +429,16 @@ mod tests {
     use alloc::vec::Vec;
     use proptest::prelude::*;
 
+    fn decode_all(bytes: &[u8]) -> Result<(TernaryHeader, Vec<i8>)> {
+        decode(bytes, 1 << 20)
+    }
+
     fn codes_at_density(n: usize, d: f64, seed: u64) -> Vec<i8> {
         let rng = crate::CounterRng::new(seed);
         (0..n as u64)
             .map(|i| {
                 let u = f64::from(rng.uniform_at(i));
-                if u < d / 2.0 { -1 } else if u < d { 1 } else { 0 }
+                if u < d / 2.0 { -1 } else { i8::from(u < d) }
             })
             .collect()
     }
@@ -376,14 +449,17 @@ mod tests {
             for n in [0usize, 1, 3, 4, 5, 97] {
                 let codes = codes_at_density(n, 0.3, n as u64);
                 let bytes = encode(&codes, &[n as u64], 0.25, layout).unwrap();
-                let (h, back) = decode(&bytes).unwrap();
+                let (h, back) = decode_all(&bytes).unwrap();
                 assert_eq!(back, codes, "{layout:?} n={n}");
-                assert_eq!((h.scale, h.shape(), h.layout), (0.25, &[n as u64][..], layout));
+                assert_eq!(
+                    (h.scale, h.shape(), h.layout),
+                    (0.25, &[n as u64][..], layout)
+                );
             }
         }
         let codes = codes_at_density(12, 0.5, 1);
         let bytes = encode(&codes, &[3, 4], -1.5, TernaryLayout::SparseRice).unwrap();
-        assert_eq!(decode(&bytes).unwrap().0.shape(), [3, 4]);
+        assert_eq!(decode_all(&bytes).unwrap().0.shape(), [3, 4]);
     }
 
     #[test]
@@ -394,8 +470,14 @@ mod tests {
         let header = TernaryHeader::parse(&bytes).unwrap();
         let achieved = header.bits_per_param();
         let bound = entropy_bits_per_param(header.nnz as f64 / n as f64);
-        assert!(achieved < 1.10 * bound, "{achieved} bits/param vs bound {bound}");
-        assert!(achieved > bound * 0.99, "below the entropy bound is impossible: {achieved} vs {bound}");
+        assert!(
+            achieved < 1.10 * bound,
+            "{achieved} bits/param vs bound {bound}"
+        );
+        assert!(
+            achieved > bound * 0.99,
+            "below the entropy bound is impossible: {achieved} vs {bound}"
+        );
         let dense = encode(&codes, &[n as u64], 1.0, TernaryLayout::Dense2Bit).unwrap();
         assert!((TernaryHeader::parse(&dense).unwrap().bits_per_param() - 2.0).abs() < 0.01);
     }
@@ -406,30 +488,46 @@ mod tests {
         for layout in [TernaryLayout::Dense2Bit, TernaryLayout::SparseRice] {
             let good = encode(&codes, &[5, 10], 2.0, layout).unwrap();
             for cut in 0..good.len() {
-                assert!(decode(&good[..cut]).is_err(), "truncated at {cut} accepted");
+                assert!(
+                    decode_all(&good[..cut]).is_err(),
+                    "truncated at {cut} accepted"
+                );
             }
             let mut extra = good.clone();
             extra.push(0);
-            assert!(decode(&extra).is_err());
+            assert!(decode_all(&extra).is_err());
             let mut bad_magic = good.clone();
             bad_magic[0] = b'X';
-            assert!(matches!(decode(&bad_magic), Err(Error::BadFormat { offset: 0, .. })));
+            assert!(matches!(
+                decode_all(&bad_magic),
+                Err(Error::BadFormat { offset: 0, .. })
+            ));
             let mut bad_scale = good.clone();
             bad_scale[8..12].copy_from_slice(&f32::NAN.to_le_bytes());
-            assert!(decode(&bad_scale).is_err());
+            assert!(decode_all(&bad_scale).is_err());
             let mut bad_nnz = good.clone();
             bad_nnz[12] ^= 1;
-            assert!(decode(&bad_nnz).is_err());
+            assert!(decode_all(&bad_nnz).is_err());
         }
         // A dense 0b11 code.
         let mut dense = encode(&[0, 0, 0, 0], &[4], 1.0, TernaryLayout::Dense2Bit).unwrap();
         *dense.last_mut().unwrap() = 0b11;
-        assert!(decode(&dense).is_err());
+        assert!(decode_all(&dense).is_err());
         // Dims whose product overflows.
+        let mut zeros = encode(&[0; 8], &[8], 1.0, TernaryLayout::SparseRice).unwrap();
+        zeros[20..28].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        assert!(
+            TernaryHeader::parse(&zeros).is_ok(),
+            "2^40 zeros is a valid 36-byte encoding"
+        );
+        assert!(
+            decode_all(&zeros).is_err(),
+            "but it exceeds the caller's limit"
+        );
         let mut huge = encode(&[], &[0, 0], 1.0, TernaryLayout::Dense2Bit).unwrap();
         huge[20..28].copy_from_slice(&u64::MAX.to_le_bytes());
         huge[28..36].copy_from_slice(&3u64.to_le_bytes());
-        assert!(decode(&huge).is_err());
+        assert!(decode_all(&huge).is_err());
         assert!(encode(&[2], &[1], 1.0, TernaryLayout::Dense2Bit).is_err());
         assert!(encode(&[1], &[2], 1.0, TernaryLayout::Dense2Bit).is_err());
     }
@@ -437,7 +535,7 @@ mod tests {
     proptest! {
         #[test]
         fn any_bytes_decode_or_fail_cleanly(bytes in prop::collection::vec(any::<u8>(), 0..80)) {
-            if let Ok((header, codes)) = decode(&bytes) {
+            if let Ok((header, codes)) = decode_all(&bytes) {
                 // Whatever decodes re-encodes to the same bytes (encodings are canonical) when the
                 // encoder would have picked the same Rice parameter.
                 let again = encode(&codes, header.shape(), header.scale, header.layout).unwrap();
@@ -453,7 +551,7 @@ mod tests {
             let mut bytes = encode(&codes, &[40], 1.0, TernaryLayout::SparseRice).unwrap();
             let at = at % bytes.len();
             bytes[at] ^= flip;
-            let _ = decode(&bytes);
+            let _ = decode_all(&bytes);
         }
     }
 }

@@ -53,7 +53,7 @@ pub mod ops;
 mod rng;
 mod view;
 
-pub use element::{DType, Element};
+pub use element::{DType, Element, Real};
 pub use error::{Error, Result};
 pub use rng::{CounterRng, WORDS_PER_BLOCK, philox4x32_10};
 #[cfg(feature = "alloc")]

@@ -37,7 +37,12 @@ pub fn philox4x32_10(mut counter: [u32; 4], mut key: [u32; 2]) -> [u32; 4] {
         }
         let (hi0, lo0) = mul_hi_lo(MUL_0, counter[0]);
         let (hi1, lo1) = mul_hi_lo(MUL_1, counter[2]);
-        counter = [hi1 ^ counter[1] ^ key[0], lo1, hi0 ^ counter[3] ^ key[1], lo0];
+        counter = [
+            hi1 ^ counter[1] ^ key[0],
+            lo1,
+            hi0 ^ counter[3] ^ key[1],
+            lo0,
+        ];
     }
     counter
 }
@@ -46,7 +51,9 @@ impl CounterRng {
     /// The generator for `seed`.
     #[must_use]
     pub const fn new(seed: u64) -> Self {
-        Self { key: [seed as u32, (seed >> 32) as u32] }
+        Self {
+            key: [seed as u32, (seed >> 32) as u32],
+        }
     }
 
     /// The four words of block `block`.
@@ -103,7 +110,10 @@ mod tests {
     // Known-answer vectors of Random123 (kat_vectors, philox4x32_10).
     #[test]
     fn philox_matches_random123_known_answers() {
-        assert_eq!(philox4x32_10([0; 4], [0; 2]), [0x6627_e8d5, 0xe169_c58d, 0xbc57_ac4c, 0x9b00_dbd8]);
+        assert_eq!(
+            philox4x32_10([0; 4], [0; 2]),
+            [0x6627_e8d5, 0xe169_c58d, 0xbc57_ac4c, 0x9b00_dbd8]
+        );
         assert_eq!(
             philox4x32_10([u32::MAX; 4], [u32::MAX; 2]),
             [0x408f_276d, 0x41c8_3b0e, 0xa20b_c7c6, 0x6d54_51fd]

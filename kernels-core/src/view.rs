@@ -13,7 +13,13 @@ fn check_view(
     cols: usize,
     row_stride: usize,
 ) -> Result<()> {
-    let invalid = Error::InvalidView { what, rows, cols, row_stride, len };
+    let invalid = Error::InvalidView {
+        what,
+        rows,
+        cols,
+        row_stride,
+        len,
+    };
     if rows == 0 || cols == 0 {
         return Ok(());
     }
@@ -21,7 +27,9 @@ fn check_view(
         return Err(invalid);
     }
     // The last row needs `cols` elements, not a whole stride.
-    let needed = (rows - 1).checked_mul(row_stride).and_then(|n| n.checked_add(cols));
+    let needed = (rows - 1)
+        .checked_mul(row_stride)
+        .and_then(|n| n.checked_add(cols));
     match needed {
         Some(needed) if needed <= len => Ok(()),
         _ => Err(invalid),
@@ -50,7 +58,12 @@ impl<'a, T> MatRef<'a, T> {
     /// ```
     pub fn new(data: &'a [T], rows: usize, cols: usize, row_stride: usize) -> Result<Self> {
         check_view("matrix", data.len(), rows, cols, row_stride)?;
-        Ok(Self { data, rows, cols, row_stride })
+        Ok(Self {
+            data,
+            rows,
+            cols,
+            row_stride,
+        })
     }
 
     /// A view of a contiguous buffer holding exactly `rows * cols` elements.
@@ -71,7 +84,12 @@ impl<'a, T> MatRef<'a, T> {
                 len: data.len(),
             });
         }
-        Ok(Self { data, rows, cols, row_stride: cols })
+        Ok(Self {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+        })
     }
 
     /// Number of rows.
@@ -113,6 +131,7 @@ impl<'a, T> MatRef<'a, T> {
     }
 
     /// Iterator over the rows.
+    #[must_use]
     pub fn row_iter(&self) -> impl ExactSizeIterator<Item = &'a [T]> + '_ {
         (0..self.rows).map(|i| self.row(i))
     }
@@ -122,7 +141,11 @@ impl<'a, T> MatRef<'a, T> {
         if self.shape() == expected {
             Ok(())
         } else {
-            Err(Error::ShapeMismatch { what, expected, found: self.shape() })
+            Err(Error::ShapeMismatch {
+                what,
+                expected,
+                found: self.shape(),
+            })
         }
     }
 }
@@ -149,7 +172,12 @@ impl<'a, T> MatMut<'a, T> {
     /// A mutable view of `rows x cols` elements whose rows start `row_stride` elements apart.
     pub fn new(data: &'a mut [T], rows: usize, cols: usize, row_stride: usize) -> Result<Self> {
         check_view("output matrix", data.len(), rows, cols, row_stride)?;
-        Ok(Self { data, rows, cols, row_stride })
+        Ok(Self {
+            data,
+            rows,
+            cols,
+            row_stride,
+        })
     }
 
     /// A mutable view of a contiguous buffer holding exactly `rows * cols` elements.
@@ -163,7 +191,12 @@ impl<'a, T> MatMut<'a, T> {
                 len: data.len(),
             });
         }
-        Ok(Self { data, rows, cols, row_stride: cols })
+        Ok(Self {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+        })
     }
 
     /// Number of rows.
@@ -194,7 +227,12 @@ impl<'a, T> MatMut<'a, T> {
     /// A read-only view of the same matrix.
     #[must_use]
     pub fn as_ref(&self) -> MatRef<'_, T> {
-        MatRef { data: self.data, rows: self.rows, cols: self.cols, row_stride: self.row_stride }
+        MatRef {
+            data: self.data,
+            rows: self.rows,
+            cols: self.cols,
+            row_stride: self.row_stride,
+        }
     }
 
     /// Checks this view has shape `expected`, naming it `what` in the error.
@@ -217,7 +255,11 @@ impl<T: Copy + Default> Mat<T> {
     /// A `rows x cols` matrix of `T::default()` (zeros).
     #[must_use]
     pub fn zeros(rows: usize, cols: usize) -> Self {
-        Self { data: alloc::vec![T::default(); rows * cols], rows, cols }
+        Self {
+            data: alloc::vec![T::default(); rows * cols],
+            rows,
+            cols,
+        }
     }
 
     /// A matrix from a row-major buffer of exactly `rows * cols` elements.
@@ -299,12 +341,22 @@ impl<T: Copy + Default> Mat<T> {
     /// A borrowed view.
     #[must_use]
     pub fn as_ref(&self) -> MatRef<'_, T> {
-        MatRef { data: &self.data, rows: self.rows, cols: self.cols, row_stride: self.cols }
+        MatRef {
+            data: &self.data,
+            rows: self.rows,
+            cols: self.cols,
+            row_stride: self.cols,
+        }
     }
 
     /// A mutable borrowed view.
     pub fn as_mut(&mut self) -> MatMut<'_, T> {
-        MatMut { data: &mut self.data, rows: self.rows, cols: self.cols, row_stride: self.cols }
+        MatMut {
+            data: &mut self.data,
+            rows: self.rows,
+            cols: self.cols,
+            row_stride: self.cols,
+        }
     }
 
     /// The transpose, as a new matrix.
@@ -326,6 +378,81 @@ impl<T: Copy + Default> Mat<T> {
     }
 }
 
+#[cfg(feature = "alloc")]
+impl Mat<f64> {
+    /// The `f64` image of a view of any element type.
+    #[must_use]
+    pub fn widen<T: crate::Real>(m: MatRef<'_, T>) -> Self {
+        Self::from_fn(m.rows(), m.cols(), |i, j| m.at(i, j).to_f64())
+    }
+
+    /// The identity of size `n`.
+    #[must_use]
+    pub fn identity(n: usize) -> Self {
+        Self::from_fn(n, n, |i, j| if i == j { 1.0 } else { 0.0 })
+    }
+
+    /// `self * other`, accumulated in `f64`. Panics on an inner-dimension mismatch (internal use
+    /// on validated shapes).
+    #[must_use]
+    pub fn matmul(&self, other: &Self) -> Self {
+        assert_eq!(self.cols, other.rows, "inner dimensions");
+        let mut out = Self::zeros(self.rows, other.cols);
+        for i in 0..self.rows {
+            let out_row = &mut out.data[i * other.cols..][..other.cols];
+            for (k, &a) in self.row(i).iter().enumerate() {
+                if a != 0.0 {
+                    for (o, &b) in out_row.iter_mut().zip(other.row(k)) {
+                        *o += a * b;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// `self^T * other`.
+    #[must_use]
+    pub fn t_matmul(&self, other: &Self) -> Self {
+        self.transpose().matmul(other)
+    }
+
+    /// Frobenius norm.
+    #[must_use]
+    pub fn frobenius_norm(&self) -> f64 {
+        libm::sqrt(self.data.iter().map(|v| v * v).sum())
+    }
+
+    /// Frobenius norm of `self - other` (same shapes).
+    #[must_use]
+    pub fn distance(&self, other: &Self) -> f64 {
+        assert_eq!(self.shape(), other.shape(), "shapes");
+        libm::sqrt(
+            self.data
+                .iter()
+                .zip(&other.data)
+                .map(|(a, b)| (a - b) * (a - b))
+                .sum(),
+        )
+    }
+
+    /// `||self^T self - I||_F`: how far the columns are from orthonormal.
+    #[must_use]
+    pub fn orthogonality_error(&self) -> f64 {
+        self.t_matmul(self).distance(&Self::identity(self.cols))
+    }
+
+    /// The matrix rounded to `f32`.
+    #[must_use]
+    pub fn to_f32(&self) -> Mat<f32> {
+        Mat {
+            data: self.data.iter().map(|&v| v as f32).collect(),
+            rows: self.rows,
+            cols: self.cols,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,16 +463,31 @@ mod tests {
         assert!(MatRef::new(&buf, 2, 5, 5).is_ok());
         assert!(MatRef::new(&buf, 3, 4, 3).is_err(), "stride below cols");
         assert!(MatRef::new(&buf, 3, 4, 4).is_err(), "last row past the end");
-        assert!(MatRef::new(&buf, 2, 4, 6).is_ok(), "last row needs only cols");
-        assert!(MatRef::new(&buf, usize::MAX, 2, usize::MAX).is_err(), "overflow");
-        assert!(MatRef::new(&buf, 0, 100, 0).is_ok(), "empty views fit anywhere");
+        assert!(
+            MatRef::new(&buf, 2, 4, 6).is_ok(),
+            "last row needs only cols"
+        );
+        assert!(
+            MatRef::new(&buf, usize::MAX, 2, usize::MAX).is_err(),
+            "overflow"
+        );
+        assert!(
+            MatRef::new(&buf, 0, 100, 0).is_ok(),
+            "empty views fit anywhere"
+        );
         assert!(MatRef::from_slice(&buf, 3, 3).is_err());
         assert!(MatRef::from_slice(&buf, usize::MAX, 2).is_err());
         let mut out = [0.0f32; 6];
         assert!(MatMut::from_slice(&mut out, 2, 4).is_err());
         assert!(matches!(
             MatMut::new(&mut out, 2, 4, 4),
-            Err(Error::InvalidView { rows: 2, cols: 4, row_stride: 4, len: 6, .. })
+            Err(Error::InvalidView {
+                rows: 2,
+                cols: 4,
+                row_stride: 4,
+                len: 6,
+                ..
+            })
         ));
     }
 

@@ -14,10 +14,15 @@
 //!   index of a chunk's first element as `first_index` and any chunking gives the same mask.
 
 use crate::error::{check_len, check_param};
-use crate::{CounterRng, Element, Result};
+use crate::{CounterRng, Element, Real, Result};
 
 fn check_models<T>(what: &'static str, models: &[&[T]], weights: &[f32], len: usize) -> Result<()> {
-    check_param("models", models.len() as f64, "at least one model", !models.is_empty())?;
+    check_param(
+        "models",
+        models.len() as f64,
+        "at least one model",
+        !models.is_empty(),
+    )?;
     check_len("weights", models.len(), weights.len())?;
     for m in models {
         check_len(what, len, m.len())?;
@@ -31,7 +36,12 @@ fn check_models<T>(what: &'static str, models: &[&[T]], weights: &[f32], len: us
 /// Weights that divide: finite, non-negative, positive sum. Returns the sum.
 fn check_averaging_weights(weights: &[f32]) -> Result<f64> {
     for &w in weights {
-        check_param("weights", f64::from(w), "finite and >= 0", w.is_finite() && w >= 0.0)?;
+        check_param(
+            "weights",
+            f64::from(w),
+            "finite and >= 0",
+            w.is_finite() && w >= 0.0,
+        )?;
     }
     let sum: f64 = weights.iter().map(|&w| f64::from(w)).sum();
     check_param("sum of weights", sum, "> 0", sum > 0.0)?;
@@ -39,11 +49,19 @@ fn check_averaging_weights(weights: &[f32]) -> Result<f64> {
 }
 
 /// Weighted mean (model soups, linear merge): `out = sum w_i theta_i / sum w_i`.
-pub fn weighted_mean_ref<T: Element>(models: &[&[T]], weights: &[f32], out: &mut [f32]) -> Result<()> {
+pub fn weighted_mean_ref<T: Element>(
+    models: &[&[T]],
+    weights: &[f32],
+    out: &mut [f32],
+) -> Result<()> {
     check_models("models[i]", models, weights, out.len())?;
     let sum = check_averaging_weights(weights)?;
     for (j, o) in out.iter_mut().enumerate() {
-        let acc: f64 = models.iter().zip(weights).map(|(m, &w)| f64::from(w) * m[j].to_f64()).sum();
+        let acc: f64 = models
+            .iter()
+            .zip(weights)
+            .map(|(m, &w)| f64::from(w) * m[j].to_f64())
+            .sum();
         *o = (acc / sum) as f32;
     }
     Ok(())
@@ -61,7 +79,11 @@ pub fn task_arithmetic_ref<T: Element>(
     check_models("taus[i]", taus, weights, out.len())?;
     check_param("lambda", f64::from(lambda), "finite", lambda.is_finite())?;
     for (j, o) in out.iter_mut().enumerate() {
-        let acc: f64 = taus.iter().zip(weights).map(|(t, &w)| f64::from(w) * t[j].to_f64()).sum();
+        let acc: f64 = taus
+            .iter()
+            .zip(weights)
+            .map(|(t, &w)| f64::from(w) * t[j].to_f64())
+            .sum();
         *o = (base[j].to_f64() + f64::from(lambda) * acc) as f32;
     }
     Ok(())
@@ -79,7 +101,10 @@ pub struct TiesParams {
 
 impl Default for TiesParams {
     fn default() -> Self {
-        Self { density: 0.2, lambda: 1.0 }
+        Self {
+            density: 0.2,
+            lambda: 1.0,
+        }
     }
 }
 
@@ -116,7 +141,13 @@ pub fn ties_elect_ref<T: Element>(
     check_averaging_weights(weights)?;
     check_param("lambda", f64::from(lambda), "finite", lambda.is_finite())?;
     for (j, o) in out.iter_mut().enumerate() {
-        let elected = sign(trimmed.iter().zip(weights).map(|(t, &w)| f64::from(w) * t[j].to_f64()).sum());
+        let elected = sign(
+            trimmed
+                .iter()
+                .zip(weights)
+                .map(|(t, &w)| f64::from(w) * t[j].to_f64())
+                .sum(),
+        );
         let (mut num, mut den) = (0.0f64, 0.0f64);
         for (t, &w) in trimmed.iter().zip(weights) {
             let v = t[j].to_f64();
@@ -180,7 +211,12 @@ pub fn fisher_merge_ref<T: Element>(
     check_models("thetas[i]", thetas, weights, out.len())?;
     check_models("fishers[i]", fishers, weights, out.len())?;
     let weight_sum = check_averaging_weights(weights)?;
-    check_param("floor", f64::from(floor), "finite and >= 0", floor.is_finite() && floor >= 0.0)?;
+    check_param(
+        "floor",
+        f64::from(floor),
+        "finite and >= 0",
+        floor.is_finite() && floor >= 0.0,
+    )?;
     for (j, o) in out.iter_mut().enumerate() {
         let (mut num, mut den, mut plain) = (0.0f64, 0.0f64, 0.0f64);
         for ((theta, fisher), &w) in thetas.iter().zip(fishers).zip(weights) {
@@ -190,7 +226,11 @@ pub fn fisher_merge_ref<T: Element>(
             den += f64::from(w) * f;
             plain += f64::from(w) * v;
         }
-        *o = if den > 0.0 { num / den } else { plain / weight_sum } as f32;
+        *o = if den > 0.0 {
+            num / den
+        } else {
+            plain / weight_sum
+        } as f32;
     }
     Ok(())
 }
@@ -203,11 +243,20 @@ pub fn sum_squares_ref<T: Element>(x: &[T]) -> f64 {
 
 /// `out_i = lambda_i / ||F_i||_2` from squared norms; a zero norm is an error (that model's Fisher
 /// carries no information and would get infinite weight).
-pub fn fisher_normalized_weights(lambdas: &[f32], squared_norms: &[f64], out: &mut [f32]) -> Result<()> {
+pub fn fisher_normalized_weights(
+    lambdas: &[f32],
+    squared_norms: &[f64],
+    out: &mut [f32],
+) -> Result<()> {
     check_len("squared_norms", lambdas.len(), squared_norms.len())?;
     check_len("out", lambdas.len(), out.len())?;
     for ((o, &l), &sq) in out.iter_mut().zip(lambdas).zip(squared_norms) {
-        check_param("squared_norms", sq, "finite and > 0", sq.is_finite() && sq > 0.0)?;
+        check_param(
+            "squared_norms",
+            sq,
+            "finite and > 0",
+            sq.is_finite() && sq > 0.0,
+        )?;
         *o = (f64::from(l) / libm::sqrt(sq)) as f32;
     }
     Ok(())
@@ -216,7 +265,12 @@ pub fn fisher_normalized_weights(lambdas: &[f32], squared_norms: &[f64], out: &m
 /// Diagonal Fisher accumulation `fisher += scale * g^2`, `scale` finite and `>= 0`.
 pub fn fisher_accumulate_ref<T: Element>(fisher: &mut [f32], grad: &[T], scale: f32) -> Result<()> {
     check_len("grad", fisher.len(), grad.len())?;
-    check_param("scale", f64::from(scale), "finite and >= 0", scale.is_finite() && scale >= 0.0)?;
+    check_param(
+        "scale",
+        f64::from(scale),
+        "finite and >= 0",
+        scale.is_finite() && scale >= 0.0,
+    )?;
     for (f, g) in fisher.iter_mut().zip(grad) {
         let g = g.to_f64();
         *f = (f64::from(*f) + f64::from(scale) * g * g) as f32;
@@ -252,7 +306,11 @@ pub struct DareParams {
 
 impl Default for DareParams {
     fn default() -> Self {
-        Self { drop: 0.9, seed: 0, rescale: DareRescale::InverseKeep }
+        Self {
+            drop: 0.9,
+            seed: 0,
+            rescale: DareRescale::InverseKeep,
+        }
     }
 }
 
@@ -260,7 +318,11 @@ impl DareParams {
     /// Parameters with drop probability `drop`, seed `seed` and the default rescale.
     #[must_use]
     pub const fn new(drop: f64, seed: u64) -> Self {
-        Self { drop, seed, rescale: DareRescale::InverseKeep }
+        Self {
+            drop,
+            seed,
+            rescale: DareRescale::InverseKeep,
+        }
     }
 
     /// The same parameters with another rescale rule.
@@ -272,7 +334,12 @@ impl DareParams {
 
     /// Validates the parameters.
     pub fn validate(&self) -> Result<()> {
-        check_param("drop", self.drop, "in [0, 1)", (0.0..1.0).contains(&self.drop))
+        check_param(
+            "drop",
+            self.drop,
+            "in [0, 1)",
+            (0.0..1.0).contains(&self.drop),
+        )
     }
 
     /// The integer drop threshold: element `i` is dropped iff `rng.u24_at(i) < threshold`,
@@ -291,7 +358,12 @@ impl DareParams {
 }
 
 /// DARE: `out_i = tau_i * scale` where element `first_index + i` survives, else 0.
-pub fn dare_ref<T: Element>(tau: &[T], params: DareParams, first_index: u64, out: &mut [f32]) -> Result<()> {
+pub fn dare_ref<T: Element>(
+    tau: &[T],
+    params: DareParams,
+    first_index: u64,
+    out: &mut [f32],
+) -> Result<()> {
     check_len("out", tau.len(), out.len())?;
     params.validate()?;
     let rng = CounterRng::new(params.seed);
@@ -331,7 +403,10 @@ pub struct BreadcrumbsParams {
 
 impl Default for BreadcrumbsParams {
     fn default() -> Self {
-        Self { density: 0.9, gamma: 0.01 }
+        Self {
+            density: 0.9,
+            gamma: 0.01,
+        }
     }
 }
 
@@ -345,7 +420,12 @@ impl BreadcrumbsParams {
     /// `(top, keep)` for `n` entries: the `floor(gamma n)` largest magnitudes are dropped and the
     /// next `floor(density n)` kept (so `gamma n < 1` drops no outlier).
     pub fn counts(&self, n: u64) -> Result<(u64, u64)> {
-        check_param("gamma", self.gamma, "in [0, 1)", (0.0..1.0).contains(&self.gamma))?;
+        check_param(
+            "gamma",
+            self.gamma,
+            "in [0, 1)",
+            (0.0..1.0).contains(&self.gamma),
+        )?;
         let keep = crate::ops::select::keep_count(self.density, n)?;
         check_param(
             "density + gamma",
@@ -361,13 +441,21 @@ impl BreadcrumbsParams {
 /// Model Breadcrumbs: keep entries whose magnitude rank (descending, ties by lower index) lies in
 /// `[top, top + keep)` of [`BreadcrumbsParams::counts`]; zero the rest.
 #[cfg(feature = "alloc")]
-pub fn breadcrumbs_ref<T: Element>(tau: &[T], params: BreadcrumbsParams, out: &mut [f32]) -> Result<()> {
+pub fn breadcrumbs_ref<T: Element>(
+    tau: &[T],
+    params: BreadcrumbsParams,
+    out: &mut [f32],
+) -> Result<()> {
     check_len("out", tau.len(), out.len())?;
     let (top, keep) = params.counts(tau.len() as u64)?;
     let outer = crate::ops::select::topk_mask_ref(tau, (top + keep) as usize)?;
     let outliers = crate::ops::select::topk_mask_ref(tau, top as usize)?;
     for (j, o) in out.iter_mut().enumerate() {
-        *o = if outer[j] && !outliers[j] { tau[j].to_f32() } else { 0.0 };
+        *o = if outer[j] && !outliers[j] {
+            tau[j].to_f32()
+        } else {
+            0.0
+        };
     }
     Ok(())
 }
@@ -389,7 +477,14 @@ mod tests {
         weighted_mean_ref(&[&a, &b], &[1.0, 3.0], &mut out).unwrap();
         assert_eq!(out, [2.5, 2.0, 0.0]);
         task_arithmetic_ref(&a, &[&b, &a], &[0.5, -1.0], 2.0, &mut out).unwrap();
-        assert_eq!(out, [1.0 + 2.0 * (1.5 - 1.0), 2.0 + 2.0 * (1.0 - 2.0), 3.0 + 2.0 * (-0.5 - 3.0)]);
+        assert_eq!(
+            out,
+            [
+                1.0 + 2.0 * (1.5 - 1.0),
+                2.0 + 2.0 * (1.0 - 2.0),
+                3.0 + 2.0 * (-0.5 - 3.0)
+            ]
+        );
     }
 
     #[test]
@@ -399,7 +494,11 @@ mod tests {
         let mut out = [0.0; 3];
         assert!(matches!(
             weighted_mean_ref(&[&a, &short], &[1.0, 1.0], &mut out),
-            Err(Error::LengthMismatch { what: "models[i]", expected: 3, found: 2 })
+            Err(Error::LengthMismatch {
+                what: "models[i]",
+                expected: 3,
+                found: 2
+            })
         ));
         assert!(weighted_mean_ref::<f32>(&[], &[], &mut out).is_err());
         assert!(weighted_mean_ref(&[&a], &[1.0, 2.0], &mut out).is_err());
@@ -433,7 +532,9 @@ mod tests {
     fn ties_on_one_model_is_trimmed_task_arithmetic() {
         let rng = CounterRng::new(3);
         let tau: Vec<f16> = (0..101).map(|i| f16::from_f64(rng.normal_at(i))).collect();
-        let base: Vec<f16> = (0..101).map(|i| f16::from_f64(rng.normal_at(1000 + i))).collect();
+        let base: Vec<f16> = (0..101)
+            .map(|i| f16::from_f64(rng.normal_at(1000 + i)))
+            .collect();
         let mut trimmed = vec![f16::ZERO; 101];
         ties_trim_ref(&tau, 0.3, &mut trimmed).unwrap();
         assert_eq!(trimmed.iter().filter(|v| v.to_f32() != 0.0).count(), 30);
@@ -486,8 +587,17 @@ mod tests {
             assert!(*o == 0.0 || (*o - t * 10.0).abs() <= 1e-5 * o.abs());
         }
         let mut l1 = vec![0.0; n];
-        dare_ref(&tau, params.with_rescale(DareRescale::PreserveL1), 0, &mut l1).unwrap();
-        let (a, b): (f64, f64) = (tau.iter().map(|v| f64::from(*v)).sum(), l1.iter().map(|v| f64::from(*v)).sum());
+        dare_ref(
+            &tau,
+            params.with_rescale(DareRescale::PreserveL1),
+            0,
+            &mut l1,
+        )
+        .unwrap();
+        let (a, b): (f64, f64) = (
+            tau.iter().map(|v| f64::from(*v)).sum(),
+            l1.iter().map(|v| f64::from(*v)).sum(),
+        );
         assert!((a - b).abs() <= 1e-6 * a);
         // p = 0 keeps everything unchanged.
         dare_ref(&tau, DareParams::new(0.0, 5), 0, &mut out).unwrap();

@@ -1,6 +1,10 @@
 //! One module per op family: parameters, validation and the scalar reference.
 
+#[cfg(feature = "alloc")]
+pub mod lowrank;
 pub mod merge;
+#[cfg(feature = "alloc")]
+pub mod project;
 pub mod select;
 pub mod sparse;
 pub mod ternary;

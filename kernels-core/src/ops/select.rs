@@ -12,8 +12,10 @@
 //! * Comparisons use the order-preserving integer image of `|x|` ([`magnitude_key`]), so every
 //!   backend selects bit-identically.
 
-use crate::error::{check_finite, check_param};
-use crate::{Element, Error, Result};
+use crate::Result;
+use crate::error::check_param;
+#[cfg(feature = "alloc")]
+use crate::{Element, Error, error::check_finite};
 
 /// The order-preserving `u32` image of `|x|`: for non-NaN `a`, `b`,
 /// `|a| < |b|` iff `magnitude_key(a) < magnitude_key(b)`.
@@ -25,7 +27,12 @@ pub fn magnitude_key(x: f32) -> u32 {
 
 /// The number of entries a density keeps: `floor(density * n)`, with `density` in `(0, 1]`.
 pub fn keep_count(density: f64, n: u64) -> Result<u64> {
-    check_param("density", density, "in (0, 1]", density > 0.0 && density <= 1.0)?;
+    check_param(
+        "density",
+        density,
+        "in (0, 1]",
+        density > 0.0 && density <= 1.0,
+    )?;
     Ok(libm::floor(density * n as f64) as u64)
 }
 
@@ -40,12 +47,18 @@ pub struct TopKCut {
 
 impl TopKCut {
     /// The cut that keeps nothing.
-    pub const NONE: Self = Self { magnitude: f32::INFINITY, ties: 0 };
+    pub const NONE: Self = Self {
+        magnitude: f32::INFINITY,
+        ties: 0,
+    };
 
     /// A selector that walks the entries in flat order, across any chunking.
     #[must_use]
     pub fn selector(&self) -> TopKSelector {
-        TopKSelector { key: magnitude_key(self.magnitude), ties_left: self.ties }
+        TopKSelector {
+            key: magnitude_key(self.magnitude),
+            ties_left: self.ties,
+        }
     }
 }
 
@@ -77,7 +90,10 @@ fn check_all_finite<T: Element>(slices: &[&[T]]) -> Result<u64> {
     let mut n = 0u64;
     for s in slices {
         check_finite("x", s).map_err(|e| match e {
-            Error::NonFinite { what, index } => Error::NonFinite { what, index: index + n as usize },
+            Error::NonFinite { what, index } => Error::NonFinite {
+                what,
+                index: index + n as usize,
+            },
             other => other,
         })?;
         n += s.len() as u64;
@@ -106,7 +122,10 @@ pub fn topk_global_ref<T: Element>(slices: &[&[T]], k: u64) -> Result<alloc::vec
 /// Indices of the top-k of one slice, ascending.
 #[cfg(feature = "alloc")]
 pub fn topk_ref<T: Element>(x: &[T], k: usize) -> Result<alloc::vec::Vec<usize>> {
-    Ok(topk_global_ref(&[x], k as u64)?.into_iter().map(|i| i as usize).collect())
+    Ok(topk_global_ref(&[x], k as u64)?
+        .into_iter()
+        .map(|i| i as usize)
+        .collect())
 }
 
 /// The top-k of one slice as a mask (`true` = kept).
@@ -123,12 +142,21 @@ pub fn topk_mask_ref<T: Element>(x: &[T], k: usize) -> Result<alloc::vec::Vec<bo
 #[cfg(feature = "alloc")]
 pub fn topk_cut_ref<T: Element>(slices: &[&[T]], k: u64) -> Result<TopKCut> {
     let kept = topk_global_ref(slices, k)?;
-    let flat: alloc::vec::Vec<f32> = slices.iter().flat_map(|s| s.iter().map(|x| x.to_f32())).collect();
+    let flat: alloc::vec::Vec<f32> = slices
+        .iter()
+        .flat_map(|s| s.iter().map(|x| x.to_f32()))
+        .collect();
     let Some(smallest) = kept.iter().map(|&i| magnitude_key(flat[i as usize])).min() else {
         return Ok(TopKCut::NONE);
     };
-    let ties = kept.iter().filter(|&&i| magnitude_key(flat[i as usize]) == smallest).count();
-    Ok(TopKCut { magnitude: f32::from_bits(smallest), ties: ties as u64 })
+    let ties = kept
+        .iter()
+        .filter(|&&i| magnitude_key(flat[i as usize]) == smallest)
+        .count();
+    Ok(TopKCut {
+        magnitude: f32::from_bits(smallest),
+        ties: ties as u64,
+    })
 }
 
 /// The k-th largest magnitude, `1 <= k <= n` (reference: a sort).
@@ -138,7 +166,9 @@ pub fn kth_largest_magnitude_ref<T: Element>(slices: &[&[T]], k: u64) -> Result<
     Ok(topk_cut_ref(slices, k)?.magnitude)
 }
 
+#[cfg(feature = "alloc")]
 const HIGH_BINS: usize = 1 << 15;
+#[cfg(feature = "alloc")]
 const LOW_BINS: usize = 1 << 16;
 
 /// Streaming exact selection, pass 1: a histogram of the top 15 bits of [`magnitude_key`]
@@ -174,7 +204,10 @@ impl MagnitudeHistogram {
     /// An empty histogram.
     #[must_use]
     pub fn new() -> Self {
-        Self { counts: alloc::vec![0; HIGH_BINS], total: 0 }
+        Self {
+            counts: alloc::vec![0; HIGH_BINS],
+            total: 0,
+        }
     }
 
     /// Adds a chunk. NaN is an error (its index is relative to the chunk).
@@ -195,7 +228,12 @@ impl MagnitudeHistogram {
 
     /// Pass 2 of finding the `rank`-th smallest magnitude (1-based, `1 <= rank <= total`).
     pub fn kth_smallest(&self, rank: u64) -> Result<MagnitudeBracket> {
-        check_param("rank", rank as f64, "in 1..=total", rank >= 1 && rank <= self.total)?;
+        check_param(
+            "rank",
+            rank as f64,
+            "in 1..=total",
+            rank >= 1 && rank <= self.total,
+        )?;
         let mut below = 0u64;
         for (bin, &count) in self.counts.iter().enumerate() {
             if below + count >= rank {
@@ -214,7 +252,12 @@ impl MagnitudeHistogram {
 
     /// Pass 2 of a top-k selection (`0 <= k <= total`).
     pub fn top_k(&self, k: u64) -> Result<MagnitudeBracket> {
-        check_param("k", k as f64, "at most the number of entries", k <= self.total)?;
+        check_param(
+            "k",
+            k as f64,
+            "at most the number of entries",
+            k <= self.total,
+        )?;
         if k == 0 {
             return Ok(MagnitudeBracket::nothing());
         }
@@ -237,7 +280,13 @@ pub struct MagnitudeBracket {
 #[cfg(feature = "alloc")]
 impl MagnitudeBracket {
     fn nothing() -> Self {
-        Self { high: u32::MAX, rank_in_bin: 0, bin_count: 0, low_counts: alloc::vec::Vec::new(), seen: 0 }
+        Self {
+            high: u32::MAX,
+            rank_in_bin: 0,
+            bin_count: 0,
+            low_counts: alloc::vec::Vec::new(),
+            seen: 0,
+        }
     }
 
     /// Adds a chunk (the same data as pass 1, any chunking).
@@ -290,7 +339,10 @@ impl MagnitudeBracket {
         // keeps those from the wanted rank up.
         let equal = self.low_counts[(key & 0xFFFF) as usize];
         let ties = below_key + equal + 1 - self.rank_in_bin;
-        Ok(TopKCut { magnitude: f32::from_bits(key), ties })
+        Ok(TopKCut {
+            magnitude: f32::from_bits(key),
+            ties,
+        })
     }
 }
 
@@ -334,7 +386,13 @@ mod tests {
         assert_eq!(topk_ref(&x, 3).unwrap(), [1, 2, 3]);
         assert_eq!(topk_ref(&x, 4).unwrap(), [1, 2, 3, 4]);
         assert_eq!(topk_ref(&x, 6).unwrap(), [0, 1, 2, 3, 4, 5]);
-        assert_eq!(topk_cut_ref(&[&x[..]], 4).unwrap(), TopKCut { magnitude: 2.0, ties: 2 });
+        assert_eq!(
+            topk_cut_ref(&[&x[..]], 4).unwrap(),
+            TopKCut {
+                magnitude: 2.0,
+                ties: 2
+            }
+        );
         assert_eq!(kth_largest_magnitude_ref(&[&x[..]], 6).unwrap(), 1.0);
         // -0.0 and 0.0 tie.
         assert_eq!(topk_ref(&[0.0f32, -0.0, 0.0], 2).unwrap(), [0, 1]);
@@ -343,7 +401,10 @@ mod tests {
     #[test]
     fn bad_selections_are_errors() {
         let x = [1.0f32, 2.0];
-        assert!(matches!(topk_ref(&x, 3), Err(Error::InvalidParam { name: "k", .. })));
+        assert!(matches!(
+            topk_ref(&x, 3),
+            Err(Error::InvalidParam { name: "k", .. })
+        ));
         assert!(matches!(
             topk_global_ref(&[&x[..], &[0.0, f32::NAN]], 1),
             Err(Error::NonFinite { index: 3, .. })

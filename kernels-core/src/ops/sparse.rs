@@ -17,7 +17,7 @@
 //! `[in, out]` (read by input row, so a skipped activation skips one contiguous row).
 
 use crate::error::{check_len, check_param};
-use crate::{Element, Error, MatMut, MatRef, Result};
+use crate::{Element, Error, MatMut, MatRef, Real, Result};
 
 /// `silu(g) = g / (1 + e^-g)`, in `f64` (the reference form).
 #[must_use]
@@ -38,7 +38,10 @@ pub fn check_threshold(name: &'static str, t: f32) -> Result<()> {
 }
 
 fn dot_ref<T: Element>(row: &[T], x: &[f32]) -> f64 {
-    row.iter().zip(x).map(|(w, v)| w.to_f64() * f64::from(*v)).sum()
+    row.iter()
+        .zip(x)
+        .map(|(w, v)| w.to_f64() * f64::from(*v))
+        .sum()
 }
 
 /// Dense GEMV `y = W x` with `W` of shape `[out, in]`.
@@ -190,6 +193,7 @@ impl MlpReport {
     }
 }
 
+#[cfg(feature = "alloc")]
 fn check_mlp_io(x: MatRef<'_, f32>, y: &MatMut<'_, f32>, hidden: usize) -> Result<()> {
     let batch = x.rows();
     check_param(
@@ -244,7 +248,9 @@ pub fn cats_mlp_ref<T: Element>(
 #[cfg(feature = "alloc")]
 fn report_from(read: &[bool]) -> MlpReport {
     MlpReport {
-        active: (0..read.len() as u32).filter(|&i| read[i as usize]).collect(),
+        active: (0..read.len() as u32)
+            .filter(|&i| read[i as usize])
+            .collect(),
         intermediate: read.len(),
     }
 }
@@ -274,8 +280,11 @@ pub fn teal_mlp_ref<T: Element>(
         let xb = x.row(b);
         sparse_input_gemv_ref(weights.gate_t, xb, thresholds.gate_up, &mut g)?;
         sparse_input_gemv_ref(weights.up_t, xb, thresholds.gate_up, &mut u)?;
-        let h: alloc::vec::Vec<f32> =
-            g.iter().zip(&u).map(|(&g, &u)| (silu_f64(f64::from(g)) * f64::from(u)) as f32).collect();
+        let h: alloc::vec::Vec<f32> = g
+            .iter()
+            .zip(&u)
+            .map(|(&g, &u)| (silu_f64(f64::from(g)) * f64::from(u)) as f32)
+            .collect();
         for (r, &v) in read.iter_mut().zip(&h) {
             *r |= is_active(v, thresholds.down);
         }
@@ -321,13 +330,22 @@ mod tests {
         let w = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
         let w_t = MatRef::from_slice(&w, 3, 2).unwrap();
         let mut y = [0.0; 2];
-        assert_eq!(sparse_input_gemv_ref(w_t, &[0.5, -0.1, 2.0], 0.2, &mut y).unwrap(), 2);
+        assert_eq!(
+            sparse_input_gemv_ref(w_t, &[0.5, -0.1, 2.0], 0.2, &mut y).unwrap(),
+            2
+        );
         assert_eq!(y, [0.5 + 10.0, 1.0 + 12.0]);
         // Dense.
-        assert_eq!(sparse_input_gemv_ref(w_t, &[0.5, -0.1, 2.0], 0.0, &mut y).unwrap(), 3);
+        assert_eq!(
+            sparse_input_gemv_ref(w_t, &[0.5, -0.1, 2.0], 0.0, &mut y).unwrap(),
+            3
+        );
         assert_eq!(y, [0.5 - 0.3 + 10.0, 1.0 - 0.4 + 12.0]);
         // Infinite threshold: nothing survives.
-        assert_eq!(sparse_input_gemv_ref(w_t, &[0.5, -0.1, 2.0], f32::INFINITY, &mut y).unwrap(), 0);
+        assert_eq!(
+            sparse_input_gemv_ref(w_t, &[0.5, -0.1, 2.0], f32::INFINITY, &mut y).unwrap(),
+            0
+        );
         assert_eq!(y, [0.0, 0.0]);
         // NaN activations propagate.
         sparse_input_gemv_ref(w_t, &[f32::NAN, 0.0, 0.0], f32::INFINITY, &mut y).unwrap();
@@ -346,8 +364,13 @@ mod tests {
         assert_eq!(dense, via_t);
         assert_eq!(dense[0], -5.5 * 1.0 + -4.5 * -2.0 + -3.5 * 0.5 + -2.5 * 3.0);
         let mut gathered = [0.0; 3];
-        gathered_gemv_ref(MatRef::from_slice(&w, 3, 4).unwrap(), &x, &[2, 0, 2], &mut gathered)
-            .unwrap();
+        gathered_gemv_ref(
+            MatRef::from_slice(&w, 3, 4).unwrap(),
+            &x,
+            &[2, 0, 2],
+            &mut gathered,
+        )
+        .unwrap();
         assert_eq!(gathered, [dense[2], dense[0], dense[2]]);
     }
 
@@ -359,11 +382,18 @@ mod tests {
         let mut y3 = [0.0; 3];
         assert!(matches!(
             sparse_input_gemv_ref(m, &[1.0; 2], 0.0, &mut y2),
-            Err(Error::LengthMismatch { what: "x", expected: 3, found: 2 })
+            Err(Error::LengthMismatch {
+                what: "x",
+                expected: 3,
+                found: 2
+            })
         ));
         assert!(matches!(
             sparse_input_gemv_ref(m, &[1.0; 3], f32::NAN, &mut y2),
-            Err(Error::InvalidParam { name: "threshold", .. })
+            Err(Error::InvalidParam {
+                name: "threshold",
+                ..
+            })
         ));
         assert!(gemv_ref(m, &[1.0; 2], &mut y2).is_err());
         assert!(gathered_gemv_ref(m, &[1.0; 2], &[3], &mut y3[..1]).is_err());
@@ -376,7 +406,9 @@ mod tests {
     fn mlp_problem(inter: usize, hidden: usize, batch: usize) -> (Vec<f32>, [Vec<f32>; 3]) {
         let rng = crate::CounterRng::new(7);
         let draw = |offset: u64, n: usize| -> Vec<f32> {
-            (0..n).map(|i| rng.normal_at(offset + i as u64) as f32 * 0.5).collect()
+            (0..n)
+                .map(|i| rng.normal_at(offset + i as u64) as f32 * 0.5)
+                .collect()
         };
         let x = draw(0, batch * hidden);
         let weights = [
@@ -399,9 +431,13 @@ mod tests {
         let xm = MatRef::from_slice(&x, batch, hidden).unwrap();
         let t = 0.5;
         let mut y = vec![0.0; batch * hidden];
-        let report =
-            cats_mlp_ref(xm, weights, t, MatMut::from_slice(&mut y, batch, hidden).unwrap())
-                .unwrap();
+        let report = cats_mlp_ref(
+            xm,
+            weights,
+            t,
+            MatMut::from_slice(&mut y, batch, hidden).unwrap(),
+        )
+        .unwrap();
         // Recompute sample by sample from the single-op references.
         let mut union = vec![false; inter];
         for b in 0..batch {
@@ -421,26 +457,36 @@ mod tests {
             }
             for j in 0..hidden {
                 let got = f64::from(y[b * hidden + j]);
-                assert!((got - expect[j]).abs() <= 1e-5 * (1.0 + expect[j].abs()), "{got} {}", expect[j]);
+                assert!(
+                    (got - expect[j]).abs() <= 1e-5 * (1.0 + expect[j].abs()),
+                    "{got} {}",
+                    expect[j]
+                );
             }
         }
         assert_eq!(report.active.len(), union.iter().filter(|&&u| u).count());
         assert!(report.sparsity() > 0.0 && report.sparsity() < 1.0);
         // t <= 0 reads every row.
-        let report =
-            cats_mlp_ref(xm, weights, -1.0, MatMut::from_slice(&mut y, batch, hidden).unwrap())
-                .unwrap();
+        let report = cats_mlp_ref(
+            xm,
+            weights,
+            -1.0,
+            MatMut::from_slice(&mut y, batch, hidden).unwrap(),
+        )
+        .unwrap();
         assert_eq!(report.sparsity(), 0.0);
         // Batch 5 is rejected.
         let x5 = vec![0.0; 5 * hidden];
         let mut y5 = vec![0.0; 5 * hidden];
-        assert!(cats_mlp_ref(
-            MatRef::from_slice(&x5, 5, hidden).unwrap(),
-            weights,
-            0.0,
-            MatMut::from_slice(&mut y5, 5, hidden).unwrap()
-        )
-        .is_err());
+        assert!(
+            cats_mlp_ref(
+                MatRef::from_slice(&x5, 5, hidden).unwrap(),
+                weights,
+                0.0,
+                MatMut::from_slice(&mut y5, 5, hidden).unwrap()
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -448,7 +494,9 @@ mod tests {
         let (inter, hidden, batch) = (16, 9, 2);
         let (x, [gate, up, down_t]) = mlp_problem(inter, hidden, batch);
         let transpose = |m: &[f32]| -> Vec<f32> {
-            (0..inter * hidden).map(|k| m[(k % inter) * hidden + k / inter]).collect()
+            (0..inter * hidden)
+                .map(|k| m[(k % inter) * hidden + k / inter])
+                .collect()
         };
         let (gate_t, up_t) = (transpose(&gate), transpose(&up));
         let xm = MatRef::from_slice(&x, batch, hidden).unwrap();

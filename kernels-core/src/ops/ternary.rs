@@ -15,7 +15,7 @@
 
 use crate::error::{check_len, check_param};
 use crate::ops::select::TopKCut;
-use crate::{Element, Error, MatRef, Result};
+use crate::{Element, Error, MatRef, Real, Result};
 
 /// Parameters of ComPEFT.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -29,7 +29,10 @@ pub struct CompeftParams {
 
 impl Default for CompeftParams {
     fn default() -> Self {
-        Self { density: 0.1, alpha: 1.0 }
+        Self {
+            density: 0.1,
+            alpha: 1.0,
+        }
     }
 }
 
@@ -42,8 +45,18 @@ impl CompeftParams {
 
     /// Validates the parameters.
     pub fn validate(&self) -> Result<()> {
-        check_param("density", self.density, "in (0, 1]", self.density > 0.0 && self.density <= 1.0)?;
-        check_param("alpha", f64::from(self.alpha), "finite", self.alpha.is_finite())
+        check_param(
+            "density",
+            self.density,
+            "in (0, 1]",
+            self.density > 0.0 && self.density <= 1.0,
+        )?;
+        check_param(
+            "alpha",
+            f64::from(self.alpha),
+            "finite",
+            self.alpha.is_finite(),
+        )
     }
 }
 
@@ -64,7 +77,10 @@ impl Moments {
         }
         let n = chunk.len() as f64;
         let mean = chunk.iter().map(|v| v.to_f64()).sum::<f64>() / n;
-        let m2 = chunk.iter().map(|v| (v.to_f64() - mean) * (v.to_f64() - mean)).sum::<f64>();
+        let m2 = chunk
+            .iter()
+            .map(|v| (v.to_f64() - mean) * (v.to_f64() - mean))
+            .sum::<f64>();
         let total = self.count as f64 + n;
         let delta = mean - self.mean;
         self.m2 += m2 + delta * delta * self.count as f64 * n / total;
@@ -87,7 +103,11 @@ impl Moments {
     /// Standard deviation with Bessel's correction (0 when fewer than two entries).
     #[must_use]
     pub fn std(&self) -> f64 {
-        if self.count < 2 { 0.0 } else { libm::sqrt(self.m2 / (self.count - 1) as f64) }
+        if self.count < 2 {
+            0.0
+        } else {
+            libm::sqrt(self.m2 / (self.count - 1) as f64)
+        }
     }
 }
 
@@ -160,7 +180,12 @@ impl CompeftPlan {
             }
         };
         let scale = (f64::from(self.params.alpha) * self.moments.std()) as f32;
-        Ok(CompeftCut { scale, cut, kept, total })
+        Ok(CompeftCut {
+            scale,
+            cut,
+            kept,
+            total,
+        })
     }
 }
 
@@ -174,7 +199,9 @@ impl CompeftCoder {
     /// A coder starting at flat index 0.
     #[must_use]
     pub fn new(cut: &CompeftCut) -> Self {
-        Self { selector: cut.cut.selector() }
+        Self {
+            selector: cut.cut.selector(),
+        }
     }
 
     /// Codes the next tensor: `codes[i] = sign(tau_i)` if kept, else 0.
@@ -183,7 +210,11 @@ impl CompeftCoder {
         crate::error::check_finite("tau", tau)?;
         for (c, t) in codes.iter_mut().zip(tau) {
             let v = t.to_f32();
-            *c = if self.selector.keep(v) { sign_code(v) } else { 0 };
+            *c = if self.selector.keep(v) {
+                sign_code(v)
+            } else {
+                0
+            };
         }
         Ok(())
     }
@@ -198,7 +229,10 @@ pub fn compeft_ref<T: Element>(
 ) -> Result<(f32, alloc::vec::Vec<alloc::vec::Vec<i8>>)> {
     params.validate()?;
     let n: usize = taus.iter().map(|t| t.len()).sum();
-    let flat: alloc::vec::Vec<f64> = taus.iter().flat_map(|t| t.iter().map(|v| v.to_f64())).collect();
+    let flat: alloc::vec::Vec<f64> = taus
+        .iter()
+        .flat_map(|t| t.iter().map(|v| v.to_f64()))
+        .collect();
     let k = crate::ops::select::keep_count(params.density, n as u64)?;
     let kept = crate::ops::select::topk_global_ref(taus, k)?;
     let sigma = if n < 2 {
@@ -253,14 +287,23 @@ pub fn ternary_gemv_ref(codes: MatRef<'_, i8>, scale: f32, x: &[f32], y: &mut [f
     check_param("scale", f64::from(scale), "finite", scale.is_finite())?;
     for (yr, row) in y.iter_mut().zip(codes.row_iter()) {
         check_codes(row)?;
-        let s: f64 = row.iter().zip(x).map(|(&c, &v)| f64::from(c) * f64::from(v)).sum();
+        let s: f64 = row
+            .iter()
+            .zip(x)
+            .map(|(&c, &v)| f64::from(c) * f64::from(v))
+            .sum();
         *yr = (f64::from(scale) * s) as f32;
     }
     Ok(())
 }
 
 /// Decompress and add: `theta_i += lambda * scale * code_i`, rounded once to `T`.
-pub fn ternary_add_ref<T: Element>(theta: &mut [T], codes: &[i8], scale: f32, lambda: f32) -> Result<()> {
+pub fn ternary_add_ref<T: Element>(
+    theta: &mut [T],
+    codes: &[i8],
+    scale: f32,
+    lambda: f32,
+) -> Result<()> {
     check_len("codes", theta.len(), codes.len())?;
     check_codes(codes)?;
     check_param("scale", f64::from(scale), "finite", scale.is_finite())?;
@@ -289,7 +332,11 @@ mod tests {
         let (scale, codes) = compeft_ref(&[&a[..], &b[..]], CompeftParams::new(0.4, 2.0)).unwrap();
         // n = 5, k = 2: 3.0 and -2.0. Sample std of the five values:
         let mean = (0.5 - 2.0 + 0.1 + 3.0 - 0.2) / 5.0;
-        let var = [0.5, -2.0, 0.1, 3.0, -0.2].iter().map(|v: &f64| (v - mean) * (v - mean)).sum::<f64>() / 4.0;
+        let var = [0.5, -2.0, 0.1, 3.0, -0.2]
+            .iter()
+            .map(|v: &f64| (v - mean) * (v - mean))
+            .sum::<f64>()
+            / 4.0;
         assert!((f64::from(scale) - 2.0 * var.sqrt()).abs() < 1e-6);
         assert_eq!(codes, [vec![0, -1, 0], vec![1, 0]]);
     }
@@ -305,7 +352,15 @@ mod tests {
         ternary_add_ref(&mut theta, &codes, 0.5, 2.0).unwrap();
         let got: Vec<f32> = theta.iter().map(|t| t.to_f32()).collect();
         assert_eq!(got, [2.0, 0.0, 1.0, 1.0, 2.0, 2.0]);
-        assert!(ternary_gemv_ref(MatRef::from_slice(&[2i8], 1, 1).unwrap(), 1.0, &[1.0], &mut y[..1]).is_err());
+        assert!(
+            ternary_gemv_ref(
+                MatRef::from_slice(&[2i8], 1, 1).unwrap(),
+                1.0,
+                &[1.0],
+                &mut y[..1]
+            )
+            .is_err()
+        );
         assert!(ternary_add_ref(&mut theta, &codes, f32::NAN, 1.0).is_err());
         assert!(compeft_ref(&[&[f32::INFINITY][..]], CompeftParams::default()).is_err());
         assert!(CompeftPlan::new(CompeftParams::new(0.0, 1.0)).is_err());

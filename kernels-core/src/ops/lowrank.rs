@@ -1,0 +1,812 @@
+//! Low-rank decomposition: thin SVD, randomized truncated SVD, LU with partial pivoting and its
+//! LDU form, LoRA extraction and the OPCM projection step.
+//!
+//! # Contracts
+//!
+//! * Inputs are `m x n` views of any element type, widened to `f64`; non-finite input is
+//!   [`Error::NonFinite`]. Results are `f64` (they are the oracle for `f32` kernels).
+//! * **Thin SVD**: `A = U diag(s) V^T` with `k = min(m, n)`, `U` `m x k` and `V` `n x k` with
+//!   orthonormal columns (also for rank-deficient `A`), `s` descending and `>= 0`. Signs are
+//!   normalised: the entry of largest magnitude of each column of `U` is positive (the first such
+//!   entry on ties), so the factors are unique where the singular values are distinct.
+//!   One-sided Jacobi with at most [`MAX_JACOBI_SWEEPS`] sweeps; not converging is
+//!   [`Error::NotConverged`], never a silent wrong answer.
+//! * **Randomized SVD**: range finder with `rank + oversample` Gaussian probes drawn from the
+//!   counter-based generator, `power_iterations` with re-orthonormalisation (QR) after every
+//!   product, then the thin SVD of the small projected matrix.
+//! * **LU**: `P A = L U`, `L` `m x k` unit lower triangular, `U` `k x n` upper triangular, `P` a row
+//!   permutation (`perm[i]` is the row of `A` that lands in row `i`). A zero pivot column is skipped
+//!   (as LAPACK's getrf does). **LDU**: `U = D U1` with `U1` unit upper; a pivot with
+//!   `|d| <= pivot_guard * max|A|` is [`Error::Singular`].
+//! * **OPCM**: see [`opcm_project_ref`].
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+use crate::error::{check_len, check_param};
+use crate::ops::project::{Qr, check_finite_mat, householder_qr_f64, householder_qr_pivoted};
+use crate::{CounterRng, Error, Mat, MatRef, Real, Result};
+
+/// Sweep bound of the one-sided Jacobi SVD. Random matrices converge in 6 to 12 sweeps.
+pub const MAX_JACOBI_SWEEPS: usize = 60;
+
+/// A thin SVD.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Svd {
+    /// `m x k`, orthonormal columns.
+    pub u: Mat<f64>,
+    /// `k` singular values, descending.
+    pub s: Vec<f64>,
+    /// `n x k`, orthonormal columns.
+    pub v: Mat<f64>,
+}
+
+impl Svd {
+    /// `U diag(s) V^T`.
+    #[must_use]
+    pub fn reconstruct(&self) -> Mat<f64> {
+        let us = Mat::from_fn(self.u.rows(), self.s.len(), |i, j| {
+            self.u.at(i, j) * self.s[j]
+        });
+        us.matmul(&self.v.transpose())
+    }
+
+    /// The leading `r` triplets.
+    #[must_use]
+    pub fn truncate(&self, r: usize) -> Self {
+        Self {
+            u: self.u.leading_cols(r),
+            s: self.s[..r.min(self.s.len())].to_vec(),
+            v: self.v.leading_cols(r),
+        }
+    }
+}
+
+/// Thin SVD of `a` by one-sided Jacobi (reference).
+pub fn thin_svd_ref<T: Real>(a: MatRef<'_, T>) -> Result<Svd> {
+    check_finite_mat("a", a)?;
+    svd_f64(&Mat::widen(a))
+}
+
+/// `a . b` with eight independent partial sums.
+// PERF: a single running sum is bound by the latency of one add per element; eight partial sums
+// let the compiler vectorise and pipeline the Jacobi sweeps, which are nearly all dot products.
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let mut partial = [0.0f64; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f64 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a8.zip(b8) {
+        let (x, y): (&[f64; 8], &[f64; 8]) = (
+            x.try_into().expect("chunk of 8"),
+            y.try_into().expect("chunk of 8"),
+        );
+        for i in 0..8 {
+            partial[i] += x[i] * y[i];
+        }
+    }
+    partial.iter().sum::<f64>() + tail
+}
+
+pub(crate) fn svd_f64(a: &Mat<f64>) -> Result<Svd> {
+    let (m, n) = (a.rows(), a.cols());
+    if m < n {
+        let t = svd_f64(&a.transpose())?;
+        let mut svd = Svd {
+            u: t.v,
+            s: t.s,
+            v: t.u,
+        };
+        normalise_signs(&mut svd);
+        return Ok(svd);
+    }
+    // m >= n. Drmac and Veselic's preconditioning: A P = Q R with column pivoting, then Jacobi on
+    // X = R^T (n x n), whose graded columns converge in far fewer sweeps than A's. Jacobi gives
+    // X V_x = W with orthogonal columns, so R^T = U_x S V_x^T (U_x = W / S) and
+    // A = (Q V_x) S (P U_x)^T.
+    let (Qr { q, r }, perm) = householder_qr_pivoted(a, true);
+    let k = n;
+    let mut cols: Vec<Vec<f64>> = (0..k).map(|j| r.row(j).to_vec()).collect();
+    let mut rotations: Vec<Vec<f64>> = (0..k)
+        .map(|j| (0..k).map(|i| if i == j { 1.0 } else { 0.0 }).collect())
+        .collect();
+    jacobi_sweeps(&mut cols, &mut rotations)?;
+    let mut order: Vec<(f64, usize)> = cols
+        .iter()
+        .enumerate()
+        .map(|(j, c)| (libm::sqrt(dot(c, c)), j))
+        .collect();
+    order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let s: Vec<f64> = order.iter().map(|o| o.0).collect();
+    // U_x: normalised Jacobi columns, the zero ones completed to an orthonormal basis.
+    let mut u_x: Vec<Vec<f64>> = order
+        .iter()
+        .map(|&(sigma, j)| {
+            if sigma > 0.0 {
+                cols[j].iter().map(|v| v / sigma).collect()
+            } else {
+                vec![0.0; k]
+            }
+        })
+        .collect();
+    complete_orthonormal(&mut u_x, &s);
+    let v_x = Mat::from_fn(k, k, |i, j| rotations[order[j].1][i]);
+    let u = q.matmul(&v_x);
+    let mut v = Mat::zeros(n, k);
+    for (i, &row) in perm.iter().enumerate() {
+        for j in 0..k {
+            *v.at_mut(row, j) = u_x[j][i];
+        }
+    }
+    let mut svd = Svd { u, s, v };
+    normalise_signs(&mut svd);
+    Ok(svd)
+}
+
+/// Cyclic one-sided Jacobi: rotates pairs of `cols` (and of `rotations`) until every pair is
+/// orthogonal to within `eps sqrt(k)` of the product of their norms.
+fn jacobi_sweeps(cols: &mut [Vec<f64>], rotations: &mut [Vec<f64>]) -> Result<()> {
+    let k = cols.len();
+    let tol = f64::EPSILON * libm::sqrt(k.max(1) as f64);
+    for _sweep in 0..MAX_JACOBI_SWEEPS {
+        let mut rotated = false;
+        let mut norms: Vec<f64> = cols.iter().map(|c| dot(c, c)).collect();
+        for p in 0..k.saturating_sub(1) {
+            // de Rijk's ordering: the largest remaining column first cuts the sweep count.
+            let largest = (p..k)
+                .max_by(|&x, &y| norms[x].total_cmp(&norms[y]).then(y.cmp(&x)))
+                .unwrap_or(p);
+            if largest != p {
+                cols.swap(p, largest);
+                rotations.swap(p, largest);
+                norms.swap(p, largest);
+            }
+            for q in p + 1..k {
+                let (alpha, beta) = (norms[p], norms[q]);
+                let gamma = dot(&cols[p], &cols[q]);
+                if gamma == 0.0 || gamma.abs() <= tol * libm::sqrt(alpha * beta) {
+                    continue;
+                }
+                rotated = true;
+                let zeta = (beta - alpha) / (2.0 * gamma);
+                let t = zeta.signum() / (zeta.abs() + libm::sqrt(1.0 + zeta * zeta));
+                let c = 1.0 / libm::sqrt(1.0 + t * t);
+                let s = c * t;
+                rotate(cols, p, q, c, s);
+                rotate(rotations, p, q, c, s);
+                norms[p] = alpha - t * gamma;
+                norms[q] = beta + t * gamma;
+            }
+        }
+        if !rotated {
+            return Ok(());
+        }
+    }
+    Err(Error::NotConverged {
+        what: "one-sided Jacobi SVD",
+        iterations: MAX_JACOBI_SWEEPS,
+    })
+}
+
+fn rotate(cols: &mut [Vec<f64>], p: usize, q: usize, c: f64, s: f64) {
+    let (left, right) = cols.split_at_mut(q);
+    for (x, y) in left[p].iter_mut().zip(right[0].iter_mut()) {
+        let (a, b) = (*x, *y);
+        *x = c * a - s * b;
+        *y = s * a + c * b;
+    }
+}
+
+/// Replaces the columns whose singular value is zero by unit vectors orthogonal to all others.
+fn complete_orthonormal(cols: &mut [Vec<f64>], s: &[f64]) {
+    let dim = cols.first().map_or(0, Vec::len);
+    let mut candidate = 0;
+    for j in 0..cols.len() {
+        if s[j] > 0.0 {
+            continue;
+        }
+        loop {
+            let mut v: Vec<f64> = (0..dim)
+                .map(|i| if i == candidate { 1.0 } else { 0.0 })
+                .collect();
+            candidate += 1;
+            for _pass in 0..2 {
+                for (i, other) in cols.iter().enumerate() {
+                    if i != j && (s[i] > 0.0 || i < j) {
+                        let d = dot(other, &v);
+                        for (x, o) in v.iter_mut().zip(other) {
+                            *x -= d * o;
+                        }
+                    }
+                }
+            }
+            let norm = libm::sqrt(dot(&v, &v));
+            // A unit vector always has a component of norm >= 1/sqrt(dim) outside a subspace of
+            // dimension < dim along one of the axes; 0.5 / sqrt(dim) is a safe acceptance bound.
+            if norm > 0.5 / libm::sqrt(dim as f64) {
+                cols[j] = v.into_iter().map(|x| x / norm).collect();
+                break;
+            }
+        }
+    }
+}
+
+fn normalise_signs(svd: &mut Svd) {
+    for j in 0..svd.s.len() {
+        let mut best = 0;
+        for i in 0..svd.u.rows() {
+            if svd.u.at(i, j).abs() > svd.u.at(best, j).abs() {
+                best = i;
+            }
+        }
+        if svd.u.rows() > 0 && svd.u.at(best, j) < 0.0 {
+            for i in 0..svd.u.rows() {
+                *svd.u.at_mut(i, j) = -svd.u.at(i, j);
+            }
+            for i in 0..svd.v.rows() {
+                *svd.v.at_mut(i, j) = -svd.v.at(i, j);
+            }
+        }
+    }
+}
+
+/// Parameters of the randomized SVD.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RsvdParams {
+    /// Target rank `r`, `1 <= r <= min(m, n)`. Default 16.
+    pub rank: usize,
+    /// Extra probes beyond the rank. Default 16 (the design asks `rank + oversample >= 2 rank`).
+    pub oversample: usize,
+    /// Power iterations, each re-orthonormalised. Default 2.
+    pub power_iterations: usize,
+    /// Seed of the Gaussian probes. Default 0.
+    pub seed: u64,
+}
+
+impl Default for RsvdParams {
+    fn default() -> Self {
+        Self {
+            rank: 16,
+            oversample: 16,
+            power_iterations: 2,
+            seed: 0,
+        }
+    }
+}
+
+impl RsvdParams {
+    /// Rank `r` with oversampling `r` (so `q = 2r`), 2 power iterations, seed 0.
+    #[must_use]
+    pub const fn new(rank: usize) -> Self {
+        Self {
+            rank,
+            oversample: rank,
+            power_iterations: 2,
+            seed: 0,
+        }
+    }
+}
+
+fn orthonormal_basis(y: &Mat<f64>) -> Mat<f64> {
+    householder_qr_f64(y).q
+}
+
+/// Randomized truncated SVD (reference).
+pub fn randomized_svd_ref<T: Real>(a: MatRef<'_, T>, params: RsvdParams) -> Result<Svd> {
+    check_finite_mat("a", a)?;
+    let (m, n) = (a.rows(), a.cols());
+    let k = m.min(n);
+    check_param(
+        "rank",
+        params.rank as f64,
+        "in 1..=min(rows, cols)",
+        params.rank >= 1 && params.rank <= k,
+    )?;
+    let probes = (params.rank + params.oversample).min(k);
+    let a = Mat::widen(a);
+    let rng = CounterRng::new(params.seed);
+    let omega = Mat::from_fn(n, probes, |i, j| rng.normal_at((i * probes + j) as u64));
+    let mut q = orthonormal_basis(&a.matmul(&omega));
+    for _ in 0..params.power_iterations {
+        let z = orthonormal_basis(&a.t_matmul(&q));
+        q = orthonormal_basis(&a.matmul(&z));
+    }
+    let b = q.t_matmul(&a);
+    let small = svd_f64(&b)?;
+    let mut svd = Svd {
+        u: q.matmul(&small.u),
+        s: small.s,
+        v: small.v,
+    }
+    .truncate(params.rank);
+    normalise_signs(&mut svd);
+    Ok(svd)
+}
+
+/// Parameters of LU / LDU.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct LuParams {
+    /// LDU's small-pivot guard, relative to `max|A|`, `>= 0`. Default `1e-12`.
+    pub pivot_guard: f64,
+}
+
+impl Default for LuParams {
+    fn default() -> Self {
+        Self { pivot_guard: 1e-12 }
+    }
+}
+
+/// `P A = L U`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Lu {
+    /// `perm[i]`: the row of `A` in row `i` of `P A`.
+    pub perm: Vec<usize>,
+    /// `m x k`, unit lower triangular.
+    pub l: Mat<f64>,
+    /// `k x n`, upper triangular.
+    pub u: Mat<f64>,
+}
+
+impl Lu {
+    /// `P A`, the permuted input.
+    #[must_use]
+    pub fn permute<T: Copy + Default>(&self, a: &Mat<T>) -> Mat<T> {
+        Mat::from_fn(a.rows(), a.cols(), |i, j| a.at(self.perm[i], j))
+    }
+}
+
+/// LU with partial pivoting (reference).
+pub fn lu_ref<T: Real>(a: MatRef<'_, T>) -> Result<Lu> {
+    check_finite_mat("a", a)?;
+    let (m, n) = (a.rows(), a.cols());
+    let k = m.min(n);
+    let mut w = Mat::widen(a);
+    let mut perm: Vec<usize> = (0..m).collect();
+    for j in 0..k {
+        let pivot = (j..m)
+            .max_by(|&x, &y| {
+                w.at(x, j)
+                    .abs()
+                    .total_cmp(&w.at(y, j).abs())
+                    .then(y.cmp(&x))
+            })
+            .unwrap_or(j);
+        if pivot != j {
+            for c in 0..n {
+                let t = w.at(j, c);
+                *w.at_mut(j, c) = w.at(pivot, c);
+                *w.at_mut(pivot, c) = t;
+            }
+            perm.swap(j, pivot);
+        }
+        let d = w.at(j, j);
+        if d == 0.0 {
+            continue;
+        }
+        for i in j + 1..m {
+            let f = w.at(i, j) / d;
+            *w.at_mut(i, j) = f;
+            for c in j + 1..n {
+                *w.at_mut(i, c) -= f * w.at(j, c);
+            }
+        }
+    }
+    let l = Mat::from_fn(m, k, |i, j| match i.cmp(&j) {
+        core::cmp::Ordering::Greater => w.at(i, j),
+        core::cmp::Ordering::Equal => 1.0,
+        core::cmp::Ordering::Less => 0.0,
+    });
+    let u = Mat::from_fn(k, n, |i, j| if i <= j { w.at(i, j) } else { 0.0 });
+    Ok(Lu { perm, l, u })
+}
+
+/// `P A = L D U1`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ldu {
+    /// `perm[i]`: the row of `A` in row `i` of `P A`.
+    pub perm: Vec<usize>,
+    /// `m x k`, unit lower triangular.
+    pub l: Mat<f64>,
+    /// The `k` pivots.
+    pub d: Vec<f64>,
+    /// `k x n`, unit upper triangular.
+    pub u: Mat<f64>,
+}
+
+/// LDU with partial pivoting and the small-pivot guard (reference).
+pub fn ldu_ref<T: Real>(a: MatRef<'_, T>, params: LuParams) -> Result<Ldu> {
+    check_param(
+        "pivot_guard",
+        params.pivot_guard,
+        "finite and >= 0",
+        params.pivot_guard.is_finite() && params.pivot_guard >= 0.0,
+    )?;
+    let Lu { perm, l, mut u } = lu_ref(a)?;
+    let scale = a
+        .row_iter()
+        .flatten()
+        .map(|v| v.to_f64().abs())
+        .fold(0.0, f64::max);
+    let mut d = Vec::with_capacity(u.rows());
+    for i in 0..u.rows() {
+        let pivot = u.at(i, i);
+        if pivot.abs() <= params.pivot_guard * scale || pivot == 0.0 {
+            return Err(Error::Singular {
+                what: "LDU",
+                index: i,
+            });
+        }
+        for v in u.row_mut(i) {
+            *v /= pivot;
+        }
+        d.push(pivot);
+    }
+    Ok(Ldu { perm, l, d, u })
+}
+
+/// How LoRA extraction picks its rank.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum LoraRank {
+    /// Exactly `r` (at most `min(m, n)`).
+    Fixed(usize),
+    /// The smallest `r` keeping at least this fraction of `||delta||_F^2`, in `(0, 1]`.
+    Energy(f64),
+    /// The smallest `r` with `||delta - B A||_F <= epsilon ||delta||_F`, `epsilon` in `[0, 1)`.
+    Epsilon(f64),
+}
+
+/// A LoRA pair `delta ~ B A`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Lora {
+    /// `m x r`: `U_r sqrt(S_r)`.
+    pub b: Mat<f64>,
+    /// `r x n`: `sqrt(S_r) V_r^T`.
+    pub a: Mat<f64>,
+    /// All singular values of `delta`, descending (to report the energy kept).
+    pub singular_values: Vec<f64>,
+}
+
+/// The rank a [`LoraRank`] rule picks for singular values `s` (descending).
+pub fn lora_rank(rule: LoraRank, s: &[f64]) -> Result<usize> {
+    let total: f64 = s.iter().map(|v| v * v).sum();
+    let smallest_with = |enough: &dyn Fn(f64) -> bool| -> usize {
+        let mut kept = 0.0;
+        for (r, v) in s.iter().enumerate() {
+            if enough(kept) {
+                return r;
+            }
+            kept += v * v;
+        }
+        s.len()
+    };
+    match rule {
+        LoraRank::Fixed(r) => {
+            check_param("rank", r as f64, "at most min(rows, cols)", r <= s.len())?;
+            Ok(r)
+        }
+        LoraRank::Energy(f) => {
+            check_param("energy", f, "in (0, 1]", f > 0.0 && f <= 1.0)?;
+            Ok(smallest_with(&|kept| kept >= f * total))
+        }
+        LoraRank::Epsilon(e) => {
+            check_param("epsilon", e, "in [0, 1)", (0.0..1.0).contains(&e))?;
+            Ok(smallest_with(&|kept| {
+                (total - kept).max(0.0) <= e * e * total
+            }))
+        }
+    }
+}
+
+/// LoRA extraction: `delta ~ B A` with `B = U_r sqrt(S_r)`, `A = sqrt(S_r) V_r^T` (reference).
+pub fn lora_extract_ref<T: Real>(delta: MatRef<'_, T>, rank: LoraRank) -> Result<Lora> {
+    let svd = thin_svd_ref(delta)?;
+    let r = lora_rank(rank, &svd.s)?;
+    let root: Vec<f64> = svd.s[..r].iter().map(|&v| libm::sqrt(v)).collect();
+    let b = Mat::from_fn(svd.u.rows(), r, |i, j| svd.u.at(i, j) * root[j]);
+    let a = Mat::from_fn(r, svd.v.rows(), |i, j| root[i] * svd.v.at(j, i));
+    Ok(Lora {
+        b,
+        a,
+        singular_values: svd.s,
+    })
+}
+
+/// The OPCM block size: the smallest `r` whose leading singular values hold more than `alpha` of
+/// their sum (`0` when all are zero, `len` if none exceeds it). `alpha` in `[0, 1]`.
+pub fn opcm_rank(s: &[f32], alpha: f64) -> Result<usize> {
+    check_param("alpha", alpha, "in [0, 1]", (0.0..=1.0).contains(&alpha))?;
+    crate::error::check_finite("s", s)?;
+    let total: f64 = s.iter().map(|&v| f64::from(v)).sum();
+    if total <= 0.0 {
+        return Ok(0);
+    }
+    let mut cumulative = 0.0;
+    for (i, &v) in s.iter().enumerate() {
+        cumulative += f64::from(v);
+        if cumulative / total > alpha {
+            return Ok(i + 1);
+        }
+    }
+    Ok(s.len())
+}
+
+/// The OPCM projection of a new task vector `tau` (`m x n`) against the merged task vector
+/// `T = U diag(s) V^T` (`U` `m x p`, `V` `n x q`, `s` of length `min(p, q)`, descending):
+/// `P = U^T tau V`; zero `P`'s diagonal and its top-left `r x r` block with
+/// `r = `[`opcm_rank`]`(s, alpha)`; return `U P V^T`. With square orthogonal `U`, `V` this removes
+/// exactly those components of `tau`; with thin ones it also drops what lies outside their span.
+pub fn opcm_project_ref<T: Real>(
+    u: MatRef<'_, T>,
+    s: &[f32],
+    v: MatRef<'_, T>,
+    tau: MatRef<'_, T>,
+    alpha: f64,
+) -> Result<Mat<f64>> {
+    let (m, n) = (tau.rows(), tau.cols());
+    if u.rows() != m {
+        return Err(Error::ShapeMismatch {
+            what: "u",
+            expected: [m, u.cols()],
+            found: u.shape(),
+        });
+    }
+    if v.rows() != n {
+        return Err(Error::ShapeMismatch {
+            what: "v",
+            expected: [n, v.cols()],
+            found: v.shape(),
+        });
+    }
+    check_len("s", u.cols().min(v.cols()), s.len())?;
+    check_finite_mat("tau", tau)?;
+    let r = opcm_rank(s, alpha)?;
+    let (u, v) = (Mat::widen(u), Mat::widen(v));
+    let mut p = u.t_matmul(&Mat::widen(tau)).matmul(&v);
+    for i in 0..p.rows() {
+        for j in 0..p.cols() {
+            if i == j || (i < r && j < r) {
+                *p.at_mut(i, j) = 0.0;
+            }
+        }
+    }
+    Ok(u.matmul(&p).matmul(&v.transpose()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Backward error of the f64 references per unit of `eps * max(m, n)`.
+    const F64_TOLERANCE_FACTOR: f64 = 16.0;
+
+    fn random(m: usize, n: usize, seed: u64) -> Mat<f64> {
+        let rng = CounterRng::new(seed);
+        Mat::from_fn(m, n, |i, j| rng.normal_at((i * n + j) as u64))
+    }
+
+    fn bound(m: usize, n: usize) -> f64 {
+        F64_TOLERANCE_FACTOR * f64::EPSILON * m.max(n).max(1) as f64
+    }
+
+    fn check_svd(a: &Mat<f64>, svd: &Svd) {
+        let (m, n) = (a.rows(), a.cols());
+        let b = bound(m, n);
+        assert!(
+            svd.reconstruct().distance(a) <= b * a.frobenius_norm().max(1e-300),
+            "reconstruction"
+        );
+        assert!(
+            svd.u.orthogonality_error() <= b * 4.0,
+            "U orthogonality {}",
+            svd.u.orthogonality_error()
+        );
+        assert!(svd.v.orthogonality_error() <= b * 4.0, "V orthogonality");
+        assert!(svd.s.windows(2).all(|w| w[0] >= w[1]) && svd.s.iter().all(|&v| v >= 0.0));
+    }
+
+    /// `U diag(s) V^T` with chosen singular values.
+    fn with_spectrum(m: usize, n: usize, s: &[f64], seed: u64) -> Mat<f64> {
+        let u = householder_qr_f64(&random(m, s.len(), seed)).q;
+        let v = householder_qr_f64(&random(n, s.len(), seed + 1)).q;
+        Svd {
+            u,
+            s: s.to_vec(),
+            v,
+        }
+        .reconstruct()
+    }
+
+    #[test]
+    fn svd_of_shapes_and_hard_matrices() {
+        for (m, n) in [(1, 1), (9, 4), (4, 9), (12, 12), (0, 3), (3, 0)] {
+            let a = random(m, n, (m * 13 + n) as u64);
+            check_svd(&a, &thin_svd_ref(a.as_ref()).unwrap());
+        }
+        let zero = Mat::<f64>::zeros(5, 3);
+        let svd = thin_svd_ref(zero.as_ref()).unwrap();
+        check_svd(&zero, &svd);
+        assert_eq!(svd.s, [0.0; 3]);
+        // Rank 2 of 6, condition 1e6, known singular values.
+        let s = [5.0, 1.0, 0.0, 0.0];
+        let low = with_spectrum(10, 6, &s, 3);
+        let svd = thin_svd_ref(low.as_ref()).unwrap();
+        check_svd(&low, &svd);
+        assert!(
+            (svd.s[0] - 5.0).abs() < 1e-13 && (svd.s[1] - 1.0).abs() < 1e-13 && svd.s[2] < 1e-13
+        );
+        let ill = with_spectrum(8, 8, &[1.0, 1e-2, 1e-4, 1e-6], 5);
+        let svd = thin_svd_ref(ill.as_ref()).unwrap();
+        check_svd(&ill, &svd);
+        assert!((svd.s[3] - 1e-6).abs() < 1e-14);
+        let mut nan = random(3, 3, 1);
+        *nan.at_mut(2, 2) = f64::INFINITY;
+        assert!(matches!(
+            thin_svd_ref(nan.as_ref()),
+            Err(Error::NonFinite { index: 8, .. })
+        ));
+    }
+
+    #[test]
+    fn svd_signs_are_normalised() {
+        let a = random(7, 5, 8);
+        let svd = thin_svd_ref(a.as_ref()).unwrap();
+        let neg = Mat::from_fn(7, 5, |i, j| -a.at(i, j));
+        let svd_neg = thin_svd_ref(neg.as_ref()).unwrap();
+        // Same U (normalised), V flips.
+        assert!(svd.u.distance(&svd_neg.u) < 1e-12);
+        let flipped = Mat::from_fn(5, 5, |i, j| -svd_neg.v.at(i, j));
+        assert!(svd.v.distance(&flipped) < 1e-12);
+    }
+
+    #[test]
+    fn randomized_svd_is_near_optimal() {
+        // A decaying spectrum plus a flat tail.
+        let s: Vec<f64> = (0..40)
+            .map(|i| {
+                if i < 10 {
+                    10.0 / (1.0 + i as f64)
+                } else {
+                    0.05
+                }
+            })
+            .collect();
+        let a = with_spectrum(80, 60, &s, 11);
+        let r = 8;
+        let approx = randomized_svd_ref(a.as_ref(), RsvdParams::new(r)).unwrap();
+        assert_eq!(
+            (approx.u.shape(), approx.s.len(), approx.v.shape()),
+            ([80, r], r, [60, r])
+        );
+        let optimal = libm::sqrt(s[r..].iter().map(|v| v * v).sum::<f64>());
+        let error = approx.reconstruct().distance(&a);
+        assert!(error <= 1.1 * optimal, "{error} vs optimal {optimal}");
+        assert!(approx.u.orthogonality_error() < 1e-12);
+        assert!(randomized_svd_ref(a.as_ref(), RsvdParams::new(0)).is_err());
+        assert!(randomized_svd_ref(a.as_ref(), RsvdParams::new(61)).is_err());
+    }
+
+    #[test]
+    fn lu_and_ldu_reconstruct() {
+        for (m, n) in [(1, 1), (6, 6), (7, 4), (4, 7)] {
+            let a = random(m, n, (m + 10 * n) as u64);
+            let lu = lu_ref(a.as_ref()).unwrap();
+            assert!(
+                lu.l.matmul(&lu.u).distance(&lu.permute(&a)) <= bound(m, n) * a.frobenius_norm()
+            );
+            assert!(
+                lu.l.as_slice().iter().all(|v| v.abs() <= 1.0),
+                "partial pivoting bounds L"
+            );
+            let ldu = ldu_ref(a.as_ref(), LuParams::default()).unwrap();
+            let d = Mat::from_fn(ldu.d.len(), ldu.d.len(), |i, j| {
+                if i == j { ldu.d[i] } else { 0.0 }
+            });
+            let back = ldu.l.matmul(&d).matmul(&ldu.u);
+            assert!(back.distance(&lu.permute(&a)) <= bound(m, n) * a.frobenius_norm());
+        }
+        // Known pivoting: [[0, 1], [2, 3]] swaps rows.
+        let a = Mat::from_vec(vec![0.0, 1.0, 2.0, 3.0], 2, 2).unwrap();
+        let lu = lu_ref(a.as_ref()).unwrap();
+        assert_eq!(lu.perm, [1, 0]);
+        assert_eq!(lu.u.as_slice(), [2.0, 3.0, 0.0, 1.0]);
+        // Singular: LU completes, LDU refuses.
+        let sing = Mat::from_vec(vec![1.0, 2.0, 2.0, 4.0], 2, 2).unwrap();
+        let lu = lu_ref(sing.as_ref()).unwrap();
+        assert!(lu.l.matmul(&lu.u).distance(&lu.permute(&sing)) < 1e-15);
+        assert!(matches!(
+            ldu_ref(sing.as_ref(), LuParams::default()),
+            Err(Error::Singular { index: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn lora_extraction_picks_ranks_and_reconstructs() {
+        let s = [4.0, 2.0, 1.0, 0.5];
+        let delta = with_spectrum(12, 9, &s, 21);
+        let lora = lora_extract_ref(delta.as_ref(), LoraRank::Fixed(4)).unwrap();
+        assert!(lora.b.matmul(&lora.a).distance(&delta) < 1e-12);
+        let two = lora_extract_ref(delta.as_ref(), LoraRank::Fixed(2)).unwrap();
+        let tail = libm::sqrt(1.0 + 0.25);
+        assert!((two.b.matmul(&two.a).distance(&delta) - tail).abs() < 1e-12);
+        let total = 16.0 + 4.0 + 1.0 + 0.25;
+        assert_eq!(
+            lora_rank(LoraRank::Energy(20.0 / total), &lora.singular_values).unwrap(),
+            2
+        );
+        assert_eq!(
+            lora_rank(LoraRank::Energy(20.1 / total), &lora.singular_values).unwrap(),
+            3
+        );
+        assert_eq!(
+            lora_rank(
+                LoraRank::Epsilon(tail / libm::sqrt(total) + 1e-9),
+                &lora.singular_values
+            )
+            .unwrap(),
+            2
+        );
+        assert_eq!(
+            lora_rank(LoraRank::Epsilon(0.0), &lora.singular_values).unwrap(),
+            4
+        );
+        assert!(lora_rank(LoraRank::Fixed(10), &s).is_err());
+        assert!(lora_rank(LoraRank::Energy(0.0), &s).is_err());
+        assert!(lora_rank(LoraRank::Epsilon(1.0), &s).is_err());
+    }
+
+    #[test]
+    fn opcm_removes_diagonal_and_leading_block() {
+        assert_eq!(opcm_rank(&[3.0, 1.0, 1.0], 0.5).unwrap(), 1);
+        assert_eq!(opcm_rank(&[1.0, 1.0, 1.0, 1.0], 0.5).unwrap(), 3);
+        assert_eq!(opcm_rank(&[0.0, 0.0], 0.5).unwrap(), 0);
+        assert!(opcm_rank(&[1.0], 1.5).is_err());
+        // Square orthogonal U, V: tau~ = tau minus the removed coordinates, checked in P-space.
+        let (m, n) = (6, 5);
+        let u = householder_qr_f64(&random(m, m, 1)).q;
+        let v = householder_qr_f64(&random(n, n, 2)).q;
+        let s = [4.0f32, 3.0, 1.0, 1.0, 1.0];
+        let tau = random(m, n, 3);
+        let out = opcm_project_ref(u.as_ref(), &s, v.as_ref(), tau.as_ref(), 0.5).unwrap();
+        let p_in = u.t_matmul(&tau).matmul(&v);
+        let p_out = u.t_matmul(&out).matmul(&v);
+        let r = opcm_rank(&s, 0.5).unwrap();
+        assert_eq!(r, 2);
+        for i in 0..m {
+            for j in 0..n {
+                let expect = if i == j || (i < r && j < r) {
+                    0.0
+                } else {
+                    p_in.at(i, j)
+                };
+                assert!((p_out.at(i, j) - expect).abs() < 1e-12);
+            }
+        }
+        assert!(opcm_project_ref(u.as_ref(), &s[..4], v.as_ref(), tau.as_ref(), 0.5).is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn svd_of_any_shape(m in 0usize..20, n in 0usize..20, seed in any::<u64>()) {
+            let a = random(m, n, seed);
+            check_svd(&a, &thin_svd_ref(a.as_ref()).unwrap());
+        }
+    }
+
+    #[test]
+    fn svd_512_is_quick_enough_to_serve_as_oracle() {
+        // Not a timing assertion: this runs the size the design promises, and its duration shows
+        // in the test report.
+        let a = random(512, 512, 77);
+        let svd = thin_svd_ref(a.as_ref()).unwrap();
+        check_svd(&a, &svd);
+    }
+}

@@ -8,8 +8,18 @@ use half::{bf16, f16};
 /// load with [`Element::to_f32`] and narrowed with round-to-nearest-even on store with
 /// [`Element::from_f32`]. Every element is [`bytemuck::Pod`], so a slice of them casts to bytes
 /// for a GPU upload or a file without copying.
+///
+/// The trait is sealed: backends rely on `DTYPE` naming the actual layout of the type.
 pub trait Element:
-    Copy + Default + PartialEq + core::fmt::Debug + bytemuck::Pod + Send + Sync + 'static
+    sealed::Sealed
+    + Copy
+    + Default
+    + PartialEq
+    + core::fmt::Debug
+    + bytemuck::Pod
+    + Send
+    + Sync
+    + 'static
 {
     /// The tag of this type, for headers, pipeline keys and messages.
     const DTYPE: DType;
@@ -17,6 +27,13 @@ pub trait Element:
     fn to_f32(self) -> f32;
     /// Narrowing with round-to-nearest-even (overflow goes to infinity, as IEEE 754 says).
     fn from_f32(value: f32) -> Self;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
 }
 
 /// A real number the references can widen to `f64`: every [`Element`], and `f64` itself (so the

@@ -71,6 +71,14 @@ pub enum Error {
         /// Iterations (sweeps) performed.
         iterations: usize,
     },
+    /// The backend cannot do what was asked: an instruction set this CPU lacks, a feature the
+    /// GPU adapter does not offer.
+    Unsupported {
+        /// What was asked for, e.g. `"AVX-512 (avx512f)"`.
+        feature: &'static str,
+        /// How to get it or what to use instead.
+        hint: &'static str,
+    },
     /// A factorisation met a pivot at or below its small-pivot guard.
     Singular {
         /// The factorisation.
@@ -136,6 +144,9 @@ impl fmt::Display for Error {
                 "{what} did not converge within {iterations} iterations; the input is likely \
                  badly scaled or not finite"
             ),
+            Self::Unsupported { feature, hint } => {
+                write!(f, "{feature} is not available here: {hint}")
+            }
             Self::Singular { what, index } => write!(
                 f,
                 "{what}: pivot {index} is below the small-pivot guard (the matrix is singular or \

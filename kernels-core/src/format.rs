@@ -219,7 +219,7 @@ pub fn decode_into(bytes: &[u8], codes: &mut [i8]) -> Result<TernaryHeader> {
                 };
                 nnz += u64::from(*c != 0);
             }
-            if codes.len() % 4 != 0 && payload[codes.len() / 4] >> (2 * (codes.len() % 4)) != 0 {
+            if !codes.len().is_multiple_of(4) && payload[codes.len() / 4] >> (2 * (codes.len() % 4)) != 0 {
                 return Err(Error::BadFormat {
                     offset: base + codes.len() / 4,
                     reason: "padding bits are not zero",
@@ -270,7 +270,7 @@ pub fn decode_into(bytes: &[u8], codes: &mut [i8]) -> Result<TernaryHeader> {
                     reason: "bytes after the last code",
                 });
             }
-            if reader.pos % 8 != 0 && payload[used_bytes - 1] >> (reader.pos % 8) != 0 {
+            if !reader.pos.is_multiple_of(8) && payload[used_bytes - 1] >> (reader.pos % 8) != 0 {
                 return Err(Error::BadFormat {
                     offset: base + used_bytes - 1,
                     reason: "padding bits are not zero",
@@ -320,7 +320,7 @@ struct BitWriter {
 #[cfg(feature = "alloc")]
 impl BitWriter {
     fn bit(&mut self, b: bool) {
-        if self.pos % 8 == 0 {
+        if self.pos.is_multiple_of(8) {
             self.bytes.push(0);
         }
         if b {

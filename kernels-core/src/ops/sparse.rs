@@ -16,8 +16,10 @@
 //! `w` is the `nn.Linear` layout `[out, in]` (read by output row); `w_t` is its transpose
 //! `[in, out]` (read by input row, so a skipped activation skips one contiguous row).
 
+#[cfg(feature = "alloc")]
+use crate::MatMut;
 use crate::error::{check_len, check_param};
-use crate::{Element, Error, MatMut, MatRef, Real, Result};
+use crate::{Element, Error, MatRef, Real, Result};
 
 /// `silu(g) = g / (1 + e^-g)`, in `f64` (the reference form).
 #[must_use]

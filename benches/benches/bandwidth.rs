@@ -1,0 +1,45 @@
+//! Memory-bound reference points: STREAM-style read bandwidth (all cores) and `sum_squares`.
+//!
+//! Working sets are 1 GiB, far beyond this machine's ~300 MiB L3, so every pass streams from DRAM.
+//! Run: `cargo bench -p kernels-benches --bench bandwidth`
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use half::bf16;
+use kernels_benches::stream_read;
+use kernels_cpu::{Cpu, reduce::sum_squares};
+
+const WORKING_SET_BYTES: usize = 1 << 30;
+
+fn bandwidth(c: &mut Criterion) {
+    let cpu = Cpu::detect();
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let mut group = c.benchmark_group("bandwidth");
+    group.sample_size(10);
+    group.throughput(Throughput::Bytes(WORKING_SET_BYTES as u64));
+
+    let f32_data = vec![0.5f32; WORKING_SET_BYTES / 4];
+    group.bench_function(
+        BenchmarkId::new("stream_read", format!("{threads}t")),
+        |b| {
+            b.iter(|| stream_read(&cpu, &f32_data, threads));
+        },
+    );
+    group.bench_function(
+        BenchmarkId::new("sum_squares_f32", format!("1t/{}", cpu.isa())),
+        |b| {
+            b.iter(|| sum_squares(&cpu, &f32_data));
+        },
+    );
+    drop(f32_data);
+    let bf16_data = vec![bf16::from_f32(0.5); WORKING_SET_BYTES / 2];
+    group.bench_function(
+        BenchmarkId::new("sum_squares_bf16", format!("1t/{}", cpu.isa())),
+        |b| {
+            b.iter(|| sum_squares(&cpu, &bf16_data));
+        },
+    );
+    group.finish();
+}
+
+criterion_group!(benches, bandwidth);
+criterion_main!(benches);

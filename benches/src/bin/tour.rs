@@ -1,0 +1,524 @@
+//! A tour of every op family on one small Llama-shaped problem (a SmolLM2-135M MLP layer and
+//! task vectors of its size), printing what each op computed and how it agrees with the
+//! reference, plus the speed of the fast kernels that exist so far.
+//!
+//! Run: `cargo run --release -p kernels-benches --bin tour`
+
+use std::process::ExitCode;
+
+use half::bf16;
+use kernels_benches::{
+    SMOLLM2_135M, gb_per_s, heavy_tailed, measure_stream_read, median_time, normal,
+};
+use kernels_core::format::{self, TernaryLayout};
+use kernels_core::ops::{lowrank, merge, project, select, sparse, ternary};
+use kernels_core::{Mat, MatMut, MatRef, Result};
+use kernels_cpu::{Cpu, Isa, reduce::sum_squares};
+
+/// Collects agreement checks; the tour fails (exit 1) if any of them does.
+struct Checks {
+    failed: usize,
+}
+
+impl Checks {
+    fn check(&mut self, what: &str, ok: bool) {
+        if !ok {
+            self.failed += 1;
+        }
+        println!("    {} {what}", if ok { "ok  " } else { "FAIL" });
+    }
+}
+
+fn relative_distance(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
+    (num / den.max(f64::MIN_POSITIVE)).sqrt()
+}
+
+fn main() -> ExitCode {
+    let mut checks = Checks { failed: 0 };
+    match run(&mut checks) {
+        Ok(()) if checks.failed == 0 => {
+            println!("\nall checks agree with the reference");
+            ExitCode::SUCCESS
+        }
+        Ok(()) => {
+            println!("\n{} checks FAILED", checks.failed);
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            println!("\nerror: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(checks: &mut Checks) -> Result<()> {
+    let shape = SMOLLM2_135M;
+    let (hidden, inter) = (shape.hidden, shape.intermediate);
+    let cpu = Cpu::detect();
+    let isas: Vec<&str> = Isa::available().map(Isa::name).collect();
+    println!(
+        "kernel tour: one {}-shaped MLP layer (hidden {hidden}, intermediate {inter}), synthetic data",
+        shape.name
+    );
+    println!(
+        "CPU backend: {} (available: {})",
+        cpu.isa(),
+        isas.join(", ")
+    );
+
+    activation_sparsity(checks, hidden, inter)?;
+    selection_and_compression(checks, hidden, inter)?;
+    merging(checks, hidden * inter)?;
+    linear_algebra(checks, hidden)?;
+    fast_kernels(checks, cpu);
+    Ok(())
+}
+
+fn activation_sparsity(checks: &mut Checks, hidden: usize, inter: usize) -> Result<()> {
+    println!("\n[activation sparsity: CATS / TEAL]");
+    let scale = 1.0 / (hidden as f32).sqrt();
+    let gate = normal::<bf16>(inter * hidden, scale, 1);
+    let up = normal::<bf16>(inter * hidden, scale, 2);
+    let down_t = normal::<bf16>(inter * hidden, scale, 3);
+    let x = normal::<f32>(hidden, 1.0, 4);
+    let weights = sparse::CatsMlpWeights {
+        gate: MatRef::from_slice(&gate, inter, hidden)?,
+        up: MatRef::from_slice(&up, inter, hidden)?,
+        down_t: MatRef::from_slice(&down_t, inter, hidden)?,
+    };
+    // Calibrate the CATS threshold on the gate activations of a few calibration inputs.
+    let mut samples = Vec::new();
+    for seed in 10..14 {
+        let xc = normal::<f32>(hidden, 1.0, seed);
+        let mut g = vec![0.0; inter];
+        sparse::gemv_ref(weights.gate, &xc, &mut g)?;
+        samples.extend(g.iter().map(|&g| sparse::silu_f64(f64::from(g)) as f32));
+    }
+    let t = sparse::calibrate_threshold_ref(&samples, 0.5)?;
+    let t_stream = select::calibrate_threshold_streaming(|| samples.chunks(1000), 0.5)?;
+    println!(
+        "  threshold for 50% sparsity from {} gate activations: t = {t:.5}",
+        samples.len()
+    );
+    checks.check(
+        "streaming (histogram) calibration equals the exact quantile",
+        t == t_stream,
+    );
+
+    let xm = MatRef::from_slice(&x, 1, hidden)?;
+    let mut dense = vec![0.0; hidden];
+    let mut cats = vec![0.0; hidden];
+    sparse::cats_mlp_ref(
+        xm,
+        weights,
+        -1.0,
+        MatMut::from_slice(&mut dense, 1, hidden)?,
+    )?;
+    let report = sparse::cats_mlp_ref(xm, weights, t, MatMut::from_slice(&mut cats, 1, hidden)?)?;
+    println!(
+        "  CATS MLP: read {} of {inter} rows of W_up and W_down (sparsity {:.1}%), relative L2 change vs dense {:.3}",
+        report.active.len(),
+        100.0 * report.sparsity(),
+        relative_distance(&cats, &dense)
+    );
+    let ideal = 1.0 / (1.0 / 3.0 + (2.0 / 3.0) * (1.0 - report.sparsity()));
+    println!("  ideal MLP speed-up at that sparsity with a dense gate: {ideal:.2}x");
+
+    // TEAL: the same layer through transposed gate/up, each input thresholded.
+    let transpose = |m: &[bf16]| -> Vec<bf16> {
+        (0..m.len())
+            .map(|k| m[(k % inter) * hidden + k / inter])
+            .collect()
+    };
+    let (gate_t, up_t) = (transpose(&gate), transpose(&up));
+    let teal_weights = sparse::TealMlpWeights {
+        gate_t: MatRef::from_slice(&gate_t, hidden, inter)?,
+        up_t: MatRef::from_slice(&up_t, hidden, inter)?,
+        down_t: weights.down_t,
+    };
+    let t_x = sparse::calibrate_threshold_ref(&x, 0.5)?;
+    let mut teal = vec![0.0; hidden];
+    let teal_report = sparse::teal_mlp_ref(
+        xm,
+        teal_weights,
+        sparse::TealThresholds::new(t_x, 0.0),
+        MatMut::from_slice(&mut teal, 1, hidden)?,
+    )?;
+    println!(
+        "  TEAL MLP (x thresholded at its median): relative L2 change vs dense {:.3}, {} of {inter} W_down rows read",
+        relative_distance(&teal, &dense),
+        teal_report.active.len()
+    );
+
+    // Sparse-input GEMV over W_down_t with h thresholded.
+    let h: Vec<f32> = heavy_tailed(inter, 1.0, 5);
+    let w_t = MatRef::from_slice(&down_t, inter, hidden)?;
+    let t_h = sparse::calibrate_threshold_ref(&h, 0.7)?;
+    let (mut y_dense, mut y_sparse, mut y_masked) =
+        (vec![0.0; hidden], vec![0.0; hidden], vec![0.0; hidden]);
+    sparse::gemv_t_ref(w_t, &h, &mut y_dense)?;
+    let rows = sparse::sparse_input_gemv_ref(w_t, &h, t_h, &mut y_sparse)?;
+    let masked: Vec<f32> = h
+        .iter()
+        .map(|&v| if sparse::is_active(v, t_h) { v } else { 0.0 })
+        .collect();
+    sparse::gemv_t_ref(w_t, &masked, &mut y_masked)?;
+    println!(
+        "  sparse-input GEMV (TEAL, t at the 70% quantile): {rows} of {inter} rows read, relative L2 change vs dense {:.3}",
+        relative_distance(&y_sparse, &y_dense)
+    );
+    checks.check(
+        "sparse-input GEMV equals the dense GEMV of the thresholded input",
+        relative_distance(&y_sparse, &y_masked) < 1e-6,
+    );
+    Ok(())
+}
+
+fn selection_and_compression(checks: &mut Checks, hidden: usize, inter: usize) -> Result<()> {
+    println!("\n[selection and ternary compression: ComPEFT]");
+    // A task vector of three tensors (gate, up, down of one layer).
+    let tensors: Vec<Vec<f32>> = (0..3)
+        .map(|i| heavy_tailed(hidden * inter, 1e-3, 20 + i))
+        .collect();
+    let views: Vec<&[f32]> = tensors.iter().map(Vec::as_slice).collect();
+    let n: usize = views.iter().map(|t| t.len()).sum();
+    let density = 0.1;
+    let k = select::keep_count(density, n as u64)?;
+    let sorted_cut = select::topk_cut_ref(&views, k)?;
+    let mut pass1 = select::MagnitudeHistogram::new();
+    for t in &views {
+        pass1.observe(t)?;
+    }
+    let mut pass2 = pass1.top_k(k)?;
+    for t in &views {
+        pass2.observe(t)?;
+    }
+    let streamed_cut = pass2.cut()?;
+    println!(
+        "  global top-{k} of {n} entries: k-th magnitude {:.3e} ({} ties kept)",
+        sorted_cut.magnitude, sorted_cut.ties
+    );
+    checks.check(
+        "two-pass histogram selection equals the sorted selection",
+        sorted_cut == streamed_cut,
+    );
+
+    let params = ternary::CompeftParams::new(density, 1.0);
+    let (scale, codes) = ternary::compeft_ref(&views, params)?;
+    let mut plan = ternary::CompeftPlan::new(params)?;
+    for t in &views {
+        plan.observe(t)?;
+    }
+    for t in &views {
+        plan.refine(t)?;
+    }
+    let decided = plan.finish()?;
+    let mut coder = ternary::CompeftCoder::new(&decided);
+    let mut same = true;
+    for (t, expect) in views.iter().zip(&codes) {
+        let mut got = vec![0i8; t.len()];
+        coder.code(t, &mut got)?;
+        same &= &got == expect;
+    }
+    println!(
+        "  ComPEFT (density {density}): scale alpha*sigma = {scale:.4e}, {} non-zero codes",
+        decided.kept
+    );
+    checks.check(
+        "streaming ComPEFT (tensor by tensor) equals the in-memory reference",
+        same && (decided.scale - scale).abs() <= 1e-6 * scale,
+    );
+
+    let gate_codes = &codes[0];
+    for layout in [TernaryLayout::Dense2Bit, TernaryLayout::SparseRice] {
+        let bytes = format::encode(gate_codes, &[inter as u64, hidden as u64], scale, layout)?;
+        let header = format::TernaryHeader::parse(&bytes)?;
+        let (_, back) = format::decode(&bytes, gate_codes.len())?;
+        let d = header.nnz as f64 / header.numel as f64;
+        println!(
+            "  packed {layout:?}: {} bytes, {:.3} bits/param (entropy bound {:.3} at density {d:.3})",
+            bytes.len(),
+            header.bits_per_param(),
+            format::entropy_bits_per_param(d)
+        );
+        checks.check("decode(encode(codes)) == codes", &back == gate_codes);
+    }
+
+    let x = normal::<f32>(hidden, 1.0, 30);
+    let codes_m = MatRef::from_slice(gate_codes, inter, hidden)?;
+    let mut y_ternary = vec![0.0; inter];
+    ternary::ternary_gemv_ref(codes_m, scale, &x, &mut y_ternary)?;
+    let mut dequantized = vec![0.0f32; gate_codes.len()];
+    ternary::ternary_add_ref(&mut dequantized, gate_codes, scale, 1.0)?;
+    let mut y_dense = vec![0.0; inter];
+    sparse::gemv_ref(
+        MatRef::from_slice(&dequantized, inter, hidden)?,
+        &x,
+        &mut y_dense,
+    )?;
+    checks.check(
+        "ternary GEMV equals the GEMV of the decompressed matrix",
+        relative_distance(&y_ternary, &y_dense) < 1e-6,
+    );
+    Ok(())
+}
+
+fn merging(checks: &mut Checks, n: usize) -> Result<()> {
+    println!("\n[merging: soups, task arithmetic, TIES, DARE, Breadcrumbs, Fisher]");
+    let base = normal::<bf16>(n, 0.02, 40);
+    let taus: Vec<Vec<bf16>> = (0..3)
+        .map(|i| {
+            heavy_tailed(n, 1e-3, 41 + i)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect()
+        })
+        .collect();
+    let tau_views: Vec<&[bf16]> = taus.iter().map(Vec::as_slice).collect();
+    let weights = [1.0, 1.0, 1.0];
+    let mut out = vec![0.0f32; n];
+
+    merge::task_arithmetic_ref(&base, &tau_views, &weights, 0.5, &mut out)?;
+    let delta: Vec<f32> = out.iter().zip(&base).map(|(o, b)| o - b.to_f32()).collect();
+    println!(
+        "  task arithmetic (lambda 0.5): ||merged - base|| = {:.4}",
+        l2(&delta)
+    );
+
+    merge::ties_ref(
+        &base,
+        &tau_views,
+        &weights,
+        merge::TiesParams::new(0.2, 1.0),
+        &mut out,
+    )?;
+    let changed = out
+        .iter()
+        .zip(&base)
+        .filter(|(o, b)| **o != b.to_f32())
+        .count();
+    println!(
+        "  TIES (density 0.2): {:.1}% of entries changed by the elected disjoint mean",
+        100.0 * changed as f64 / n as f64
+    );
+    let mut trimmed = vec![bf16::ZERO; n];
+    merge::ties_trim_ref(tau_views[0], 0.2, &mut trimmed)?;
+    let (mut one, mut ta) = (vec![0.0; n], vec![0.0; n]);
+    merge::ties_ref(
+        &base,
+        &tau_views[..1],
+        &[1.0],
+        merge::TiesParams::new(0.2, 1.0),
+        &mut one,
+    )?;
+    merge::task_arithmetic_ref(&base, &[trimmed.as_slice()], &[1.0], 1.0, &mut ta)?;
+    checks.check(
+        "TIES of one model equals trimmed task arithmetic",
+        one == ta,
+    );
+
+    let dare = merge::DareParams::new(0.9, 7);
+    let mut dropped = vec![0.0; n];
+    merge::dare_ref(tau_views[0], dare, 0, &mut dropped)?;
+    let kept = dropped.iter().filter(|v| **v != 0.0).count() as f64 / n as f64;
+    let mut chunked = vec![0.0; n];
+    let half = n / 2 + 7;
+    merge::dare_ref(&tau_views[0][..half], dare, 0, &mut chunked[..half])?;
+    merge::dare_ref(
+        &tau_views[0][half..],
+        dare,
+        half as u64,
+        &mut chunked[half..],
+    )?;
+    println!(
+        "  DARE (p 0.9, seed 7): kept {:.2}% of entries, rescaled by 10x",
+        100.0 * kept
+    );
+    checks.check(
+        "DARE mask is the same when the tensor is processed in two chunks",
+        dropped == chunked,
+    );
+
+    merge::breadcrumbs_ref(
+        tau_views[0],
+        merge::BreadcrumbsParams::new(0.9, 0.01),
+        &mut out,
+    )?;
+    let kept = out.iter().filter(|v| **v != 0.0).count();
+    println!("  Breadcrumbs (density 0.9, gamma 0.01): kept {kept} of {n} entries");
+
+    let thetas: Vec<Vec<f32>> = taus
+        .iter()
+        .map(|t| {
+            t.iter()
+                .zip(&base)
+                .map(|(t, b)| t.to_f32() + b.to_f32())
+                .collect()
+        })
+        .collect();
+    let theta_views: Vec<&[f32]> = thetas.iter().map(Vec::as_slice).collect();
+    let fishers: Vec<Vec<f32>> = (0..3)
+        .map(|i| heavy_tailed(n, 1.0, 50 + i).iter().map(|g| g * g).collect())
+        .collect();
+    let fisher_views: Vec<&[f32]> = fishers.iter().map(Vec::as_slice).collect();
+    let norms: Vec<f64> = fisher_views
+        .iter()
+        .map(|f| merge::sum_squares_ref(f))
+        .collect();
+    let mut normalized = [0.0f32; 3];
+    merge::fisher_normalized_weights(&weights, &norms, &mut normalized)?;
+    merge::fisher_merge_ref(&theta_views, &fisher_views, &normalized, 1e-8, &mut out)?;
+    let mut mean = vec![0.0; n];
+    merge::weighted_mean_ref(&theta_views, &weights, &mut mean)?;
+    println!(
+        "  Fisher merge (normalised, floor 1e-8): relative L2 distance to the plain soup {:.4}",
+        relative_distance(&out, &mean)
+    );
+    let equal = vec![fisher_views[0]; 3];
+    merge::fisher_merge_ref(&theta_views, &equal, &weights, 0.0, &mut out)?;
+    checks.check(
+        "Fisher merge with equal Fishers equals the plain mean",
+        relative_distance(&out, &mean) < 1e-6,
+    );
+    Ok(())
+}
+
+fn l2(x: &[f32]) -> f64 {
+    x.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt()
+}
+
+fn linear_algebra(checks: &mut Checks, hidden: usize) -> Result<()> {
+    println!("\n[projection, QR and low rank: OPCM, LoRA extraction, LoLDU]");
+    let cols = 128;
+    // A task-vector block with a decaying spectrum: rank-16 signal plus small noise.
+    let signal_u = Mat::from_vec(
+        normal::<f32>(hidden * 16, 1.0, 60)
+            .iter()
+            .map(|&v| f64::from(v))
+            .collect(),
+        hidden,
+        16,
+    )?;
+    let signal_v = Mat::from_vec(
+        normal::<f32>(16 * cols, 1.0, 61)
+            .iter()
+            .map(|&v| f64::from(v))
+            .collect(),
+        16,
+        cols,
+    )?;
+    let noise = normal::<f32>(hidden * cols, 0.01, 62);
+    let signal = signal_u.matmul(&signal_v);
+    let delta = Mat::from_fn(hidden, cols, |i, j| {
+        signal.at(i, j) * 0.1 + f64::from(noise[i * cols + j])
+    });
+
+    let qr = project::householder_qr_ref(delta.as_ref())?;
+    let eps_bound = 16.0 * f64::EPSILON * hidden as f64;
+    println!(
+        "  Householder QR of {hidden}x{cols}: ||Q^T Q - I|| = {:.2e}",
+        qr.q.orthogonality_error()
+    );
+    checks.check(
+        "QR reconstructs and Q is orthonormal",
+        qr.q.matmul(&qr.r).distance(&delta) <= eps_bound * delta.frobenius_norm()
+            && qr.q.orthogonality_error() <= eps_bound,
+    );
+    let q16 = qr.q.leading_cols(16);
+    let mut out = vec![0.0f32; hidden * cols];
+    project::project_out_ref(
+        q16.as_ref(),
+        delta.as_ref(),
+        MatMut::from_slice(&mut out, hidden, cols)?,
+    )?;
+    let residual = Mat::from_vec(out.iter().map(|&v| f64::from(v)).collect(), hidden, cols)?;
+    checks.check(
+        "X - Q(Q^T X) is orthogonal to Q",
+        q16.t_matmul(&residual).frobenius_norm() < 1e-4 * delta.frobenius_norm(),
+    );
+
+    let svd = lowrank::thin_svd_ref(delta.as_ref())?;
+    println!(
+        "  thin SVD: s[0] = {:.3}, s[15] = {:.3}, s[16] = {:.4} (noise floor)",
+        svd.s[0], svd.s[15], svd.s[16]
+    );
+    checks.check(
+        "U S V^T reconstructs the matrix",
+        svd.reconstruct().distance(&delta) <= eps_bound * delta.frobenius_norm(),
+    );
+    let rsvd = lowrank::randomized_svd_ref(delta.as_ref(), lowrank::RsvdParams::new(16))?;
+    let optimal = svd.s[16..].iter().map(|s| s * s).sum::<f64>().sqrt();
+    let achieved = rsvd.reconstruct().distance(&delta);
+    println!(
+        "  randomized rank-16 SVD (q = 32, 2 power iterations): error {achieved:.4} vs optimal {optimal:.4}"
+    );
+    checks.check(
+        "randomized SVD within 1.1x of the optimal rank-16 error",
+        achieved <= 1.1 * optimal,
+    );
+
+    let lora = lowrank::lora_extract_ref(delta.as_ref(), lowrank::LoraRank::Energy(0.99))?;
+    println!(
+        "  LoRA extraction at 99% energy: rank {} (B {}x{}, A {}x{})",
+        lora.b.cols(),
+        lora.b.rows(),
+        lora.b.cols(),
+        lora.a.rows(),
+        lora.a.cols()
+    );
+
+    let square = delta.leading_rows(cols);
+    let ldu = lowrank::ldu_ref(square.as_ref(), lowrank::LuParams::default())?;
+    let d = Mat::from_fn(cols, cols, |i, j| if i == j { ldu.d[i] } else { 0.0 });
+    let lu = lowrank::lu_ref(square.as_ref())?;
+    let back = ldu.l.matmul(&d).matmul(&ldu.u);
+    checks.check(
+        "L D U reconstructs P A",
+        back.distance(&lu.permute(&square)) <= eps_bound * square.frobenius_norm(),
+    );
+
+    let s32: Vec<f32> = svd.s.iter().map(|&v| v as f32).collect();
+    let tau_new = Mat::from_vec(
+        normal::<f32>(hidden * cols, 0.01, 63)
+            .iter()
+            .map(|&v| f64::from(v))
+            .collect(),
+        hidden,
+        cols,
+    )?;
+    let projected =
+        lowrank::opcm_project_ref(svd.u.as_ref(), &s32, svd.v.as_ref(), tau_new.as_ref(), 0.5)?;
+    let r = lowrank::opcm_rank(&s32, 0.5)?;
+    println!(
+        "  OPCM step (alpha 0.5): leading block r = {r}, ||tau~|| / ||tau|| = {:.3}",
+        projected.frobenius_norm() / tau_new.frobenius_norm()
+    );
+    Ok(())
+}
+
+fn fast_kernels(checks: &mut Checks, cpu: Cpu) {
+    println!("\n[fast CPU kernels so far]");
+    let stream = measure_stream_read(&cpu, 512 << 20, 5);
+    println!("  STREAM-style read bandwidth (all cores, 512 MiB): {stream:.1} GB/s");
+    let x = normal::<f32>(64 << 20, 1.0, 70);
+    let expect = merge::sum_squares_ref(&x);
+    for isa_cpu in Cpu::all_available() {
+        let got = sum_squares(&isa_cpu, &x);
+        let time = median_time(5, || {
+            std::hint::black_box(sum_squares(&isa_cpu, &x));
+        });
+        let rate = gb_per_s(x.len() * 4, time);
+        println!(
+            "  sum_squares f32, 256 MiB, 1 thread, {:>7}: {rate:6.1} GB/s ({:4.1}% of STREAM)",
+            isa_cpu.isa().name(),
+            100.0 * rate / stream
+        );
+        checks.check(
+            "sum_squares agrees with the reference",
+            (got - expect).abs() <= kernels_cpu::reduce::SUM_SQUARES_RELATIVE_TOLERANCE * expect,
+        );
+    }
+    println!("  (dense/sparse GEMV, CATS MLP, selection and merge kernels arrive with issues 3-5)");
+}

@@ -1,0 +1,149 @@
+//! Shared pieces of the benchmarks and the tour: synthetic Llama-shaped data, the STREAM-style
+//! read-bandwidth reference, and timing helpers that report medians.
+
+use std::time::{Duration, Instant};
+
+use kernels_core::{CounterRng, Element};
+use kernels_cpu::{Cpu, Simd, WithSimd};
+
+/// Shapes of a decoder MLP layer.
+#[derive(Clone, Copy, Debug)]
+pub struct MlpShape {
+    /// Model name, for reports.
+    pub name: &'static str,
+    /// Hidden size.
+    pub hidden: usize,
+    /// Intermediate (MLP) size.
+    pub intermediate: usize,
+    /// Decoder layers.
+    pub layers: usize,
+}
+
+/// SmolLM2-135M: hidden 576, intermediate 1536, 30 layers.
+pub const SMOLLM2_135M: MlpShape = MlpShape {
+    name: "SmolLM2-135M",
+    hidden: 576,
+    intermediate: 1536,
+    layers: 30,
+};
+/// Llama-2-7B: hidden 4096, intermediate 11008, 32 layers.
+pub const LLAMA2_7B: MlpShape = MlpShape {
+    name: "Llama-2-7B",
+    hidden: 4096,
+    intermediate: 11008,
+    layers: 32,
+};
+
+/// `n` draws of `N(0, scale^2)` from the counter-based generator, as `T`.
+#[must_use]
+pub fn normal<T: Element>(n: usize, scale: f32, seed: u64) -> Vec<T> {
+    let rng = CounterRng::new(seed);
+    (0..n as u64)
+        .map(|i| T::from_f32(rng.normal_at(i) as f32 * scale))
+        .collect()
+}
+
+/// Heavy-tailed draws shaped like post-SiLU activations or task vectors: a normal times an
+/// independent normal, so most entries are small and a few are large.
+#[must_use]
+pub fn heavy_tailed(n: usize, scale: f32, seed: u64) -> Vec<f32> {
+    let (a, b) = (
+        CounterRng::new(seed),
+        CounterRng::new(seed ^ 0x9E37_79B9_7F4A_7C15),
+    );
+    (0..n as u64)
+        .map(|i| (a.normal_at(i) * b.normal_at(i)) as f32 * scale)
+        .collect()
+}
+
+/// Median of `runs` timings of `f` (after one warm-up call).
+pub fn median_time(runs: usize, mut f: impl FnMut()) -> Duration {
+    f();
+    let mut times: Vec<Duration> = (0..runs.max(1))
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed()
+        })
+        .collect();
+    times.sort();
+    times[times.len() / 2]
+}
+
+/// Decimal gigabytes per second.
+#[must_use]
+pub fn gb_per_s(bytes: usize, time: Duration) -> f64 {
+    bytes as f64 / time.as_secs_f64() / 1e9
+}
+
+/// Independent accumulators of the read kernel: enough to keep two loads per cycle in flight.
+const STREAM_ACCUMULATORS: usize = 8;
+
+struct ReadSum<'a>(&'a [f32]);
+
+impl WithSimd for ReadSum<'_> {
+    type Output = f32;
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, s: S) -> f32 {
+        let mut acc = [s.zero(); STREAM_ACCUMULATORS];
+        let mut groups = self.0.chunks_exact(STREAM_ACCUMULATORS * S::LANES);
+        for group in &mut groups {
+            for (a, lane) in acc.iter_mut().zip(group.chunks_exact(S::LANES)) {
+                *a = s.add(*a, s.load(lane));
+            }
+        }
+        let total = acc.iter().fold(s.zero(), |t, a| s.add(t, *a));
+        s.reduce_sum(total) + groups.remainder().iter().sum::<f32>()
+    }
+}
+
+/// The STREAM-style read bandwidth reference: every thread sums its contiguous share of `buffer`
+/// with several independent vector accumulators. Returns the sum, so nothing is optimised away.
+#[must_use]
+pub fn stream_read(cpu: &Cpu, buffer: &[f32], threads: usize) -> f32 {
+    let threads = threads.max(1);
+    let share = buffer.len().div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = buffer
+            .chunks(share)
+            .map(|part| scope.spawn(move || cpu.dispatch(ReadSum(part))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("stream thread panicked"))
+            .sum()
+    })
+}
+
+/// Median STREAM read bandwidth in GB/s over a buffer of `bytes`, using every core.
+#[must_use]
+pub fn measure_stream_read(cpu: &Cpu, bytes: usize, runs: usize) -> f64 {
+    let buffer = vec![1.0f32; bytes / 4];
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let time = median_time(runs, || {
+        std::hint::black_box(stream_read(cpu, &buffer, threads));
+    });
+    gb_per_s(buffer.len() * 4, time)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_read_sums_everything_on_every_isa() {
+        let buffer: Vec<f32> = (0..10_007).map(|i| (i % 3) as f32).collect();
+        let expect: f32 = buffer.iter().sum();
+        for cpu in Cpu::all_available() {
+            for threads in [1, 2, 3] {
+                assert_eq!(
+                    stream_read(&cpu, &buffer, threads),
+                    expect,
+                    "{} threads={threads}",
+                    cpu.isa()
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! SIMD CPU kernels of the family, each a fast implementation of a contract of `kernels-core`
+//! and tested against its scalar reference.
+//!
+//! Every kernel enters through one dispatch point, [`Cpu::dispatch`]: the instruction set is
+//! detected once ([`Isa::best`]) and each kernel is compiled for AVX-512, AVX2+FMA, NEON, wasm
+//! simd128 and scalar code from one generic body ([`WithSimd`]). A [`Cpu`] can also be pinned to
+//! any available instruction set, which is how the tests cover every path this machine has.
+//!
+//! ```
+//! use kernels_cpu::{Cpu, Isa};
+//! let cpu = Cpu::detect();
+//! let x = [3.0f32, 4.0];
+//! assert_eq!(kernels_cpu::reduce::sum_squares(&cpu, &x), 25.0);
+//! assert!(Cpu::with_isa(Isa::Scalar).is_ok());
+//! ```
+//!
+//! # Cargo features
+//!
+//! | feature | default | adds |
+//! |---|---|---|
+//! | `std` | yes | threads in the kernels that split work; implies `alloc` |
+//! | `alloc` | via `std` | kernels that return owned results |
+//!
+//! Without features the crate is `#![no_std]`: CPU detection uses CPUID directly and needs no
+//! operating-system support beyond saving vector registers.
+
+#![no_std]
+
+#[cfg(any(feature = "alloc", test))]
+extern crate alloc;
+
+mod isa;
+pub mod reduce;
+mod simd;
+
+pub use isa::Isa;
+#[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+pub use simd::Neon;
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+pub use simd::Simd128;
+pub use simd::{Scalar, Simd, WithSimd};
+#[cfg(target_arch = "x86_64")]
+pub use simd::{V3, V4};
+
+use kernels_core::{Error, Result};
+
+/// The CPU backend: which instruction set the kernels run on.
+///
+/// Cheap to copy; make one with [`Cpu::detect`] and pass it to every kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cpu {
+    isa: Isa,
+}
+
+impl Cpu {
+    /// The best instruction set of this CPU (detected once per process).
+    #[must_use]
+    pub fn detect() -> Self {
+        Self { isa: Isa::best() }
+    }
+
+    /// Pinned to `isa`, if this CPU has it.
+    pub fn with_isa(isa: Isa) -> Result<Self> {
+        if isa.is_available() {
+            Ok(Self { isa })
+        } else {
+            Err(Error::Unsupported {
+                feature: isa.name(),
+                hint: "this CPU (or, for simd128, this build) lacks it; use Cpu::detect()",
+            })
+        }
+    }
+
+    /// One backend per available instruction set, best first: what tests iterate over.
+    pub fn all_available() -> impl Iterator<Item = Self> {
+        Isa::available().map(|isa| Self { isa })
+    }
+
+    /// The instruction set in use.
+    #[must_use]
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// Runs a kernel body on this backend's instruction set.
+    pub fn dispatch<Op: WithSimd>(&self, op: Op) -> Op::Output {
+        simd::run(self.isa, op)
+    }
+}
+
+impl Default for Cpu {
+    fn default() -> Self {
+        Self::detect()
+    }
+}

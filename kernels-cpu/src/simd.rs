@@ -1,0 +1,536 @@
+//! The SIMD abstraction every kernel is written against, and its one dispatch point.
+//!
+//! A kernel is a type implementing [`WithSimd`]: its body is generic over `S: Simd` and is
+//! compiled once per instruction set, inside a function that enables that set's target features
+//! ([`crate::Cpu::dispatch`]). The token types ([`Scalar`], `V3`, `V4`, `Neon`, `Simd128`) can
+//! only be made where their instruction set is known to be available, which is what makes the
+//! intrinsics inside them sound.
+
+use crate::Isa;
+use kernels_core::Element;
+
+/// A kernel body, compiled once per instruction set.
+pub trait WithSimd {
+    /// What the kernel returns.
+    type Output;
+    /// Runs the kernel with the vector operations of `simd`.
+    fn with_simd<S: Simd>(self, simd: S) -> Self::Output;
+}
+
+/// Vector operations on `f32` lanes.
+///
+/// Every method is `#[inline(always)]` in every implementation. PERF: a method that is not
+/// inlined into the `#[target_feature]` function that dispatched the kernel runs without its
+/// target features: one call per vector instead of one instruction.
+pub trait Simd: Copy + Send + Sync + 'static {
+    /// The instruction set.
+    const ISA: Isa;
+    /// `f32` lanes of [`Self::F32`].
+    const LANES: usize;
+    /// A vector of `LANES` `f32`.
+    type F32: Copy;
+
+    /// All lanes zero.
+    fn zero(self) -> Self::F32;
+    /// All lanes `value`.
+    fn splat(self, value: f32) -> Self::F32;
+    /// Loads `LANES` elements, widened to `f32`. Panics unless `chunk.len() == LANES`.
+    fn load<T: Element>(self, chunk: &[T]) -> Self::F32;
+    /// Stores the lanes. Panics unless `out.len() == LANES`.
+    fn store(self, v: Self::F32, out: &mut [f32]);
+    /// `a * b + c` (fused where the instruction set has it).
+    fn mul_add(self, a: Self::F32, b: Self::F32, c: Self::F32) -> Self::F32;
+    /// `a + b`.
+    fn add(self, a: Self::F32, b: Self::F32) -> Self::F32;
+    /// The sum of the lanes.
+    fn reduce_sum(self, v: Self::F32) -> f32;
+}
+
+/// Widens one element with plain scalar code.
+#[inline(always)]
+fn widen<T: Element>(x: T) -> f32 {
+    x.to_f32()
+}
+
+/// Portable scalar code, one lane.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Scalar;
+
+impl Simd for Scalar {
+    const ISA: Isa = Isa::Scalar;
+    const LANES: usize = 1;
+    type F32 = f32;
+
+    #[inline(always)]
+    fn zero(self) -> f32 {
+        0.0
+    }
+    #[inline(always)]
+    fn splat(self, value: f32) -> f32 {
+        value
+    }
+    #[inline(always)]
+    fn load<T: Element>(self, chunk: &[T]) -> f32 {
+        assert_eq!(chunk.len(), 1);
+        widen(chunk[0])
+    }
+    #[inline(always)]
+    fn store(self, v: f32, out: &mut [f32]) {
+        assert_eq!(out.len(), 1);
+        out[0] = v;
+    }
+    #[inline(always)]
+    fn mul_add(self, a: f32, b: f32, c: f32) -> f32 {
+        // Unfused: without an FMA unit, `mul_add` would call into libm's software emulation.
+        a * b + c
+    }
+    #[inline(always)]
+    fn add(self, a: f32, b: f32) -> f32 {
+        a + b
+    }
+    #[inline(always)]
+    fn reduce_sum(self, v: f32) -> f32 {
+        v
+    }
+}
+
+/// Reinterprets a chunk of 16-bit elements as their storage words.
+#[cfg_attr(
+    not(any(
+        target_arch = "x86_64",
+        target_arch = "aarch64",
+        target_arch = "wasm32"
+    )),
+    allow(dead_code)
+)]
+#[inline(always)]
+fn bits16<T: Element>(chunk: &[T]) -> &[u16] {
+    bytemuck::cast_slice(chunk)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    #[allow(clippy::wildcard_imports)]
+    use core::arch::x86_64::*;
+
+    use super::{Element, Isa, Simd, bits16};
+    use kernels_core::DType;
+
+    /// AVX2 + FMA + F16C ("x86-64-v3"), 8 lanes.
+    #[derive(Clone, Copy, Debug)]
+    pub struct V3(());
+
+    impl V3 {
+        /// # Safety
+        /// The CPU must support AVX2, FMA and F16C.
+        #[inline(always)]
+        pub(crate) unsafe fn new_unchecked() -> Self {
+            Self(())
+        }
+    }
+
+    impl Simd for V3 {
+        const ISA: Isa = Isa::Avx2;
+        const LANES: usize = 8;
+        type F32 = __m256;
+
+        #[inline(always)]
+        fn zero(self) -> __m256 {
+            // SAFETY (all methods): a V3 token exists only where AVX2, FMA and F16C do.
+            unsafe { _mm256_setzero_ps() }
+        }
+        #[inline(always)]
+        fn splat(self, value: f32) -> __m256 {
+            unsafe { _mm256_set1_ps(value) }
+        }
+        #[inline(always)]
+        fn load<T: Element>(self, chunk: &[T]) -> __m256 {
+            assert_eq!(chunk.len(), 8);
+            // SAFETY: the chunk holds 8 elements of T's width; loads are unaligned.
+            unsafe {
+                match T::DTYPE {
+                    DType::F32 => _mm256_loadu_ps(chunk.as_ptr().cast()),
+                    DType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(bits16(chunk).as_ptr().cast())),
+                    DType::BF16 => {
+                        let wide =
+                            _mm256_cvtepu16_epi32(_mm_loadu_si128(bits16(chunk).as_ptr().cast()));
+                        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
+                    }
+                }
+            }
+        }
+        #[inline(always)]
+        fn store(self, v: __m256, out: &mut [f32]) {
+            assert_eq!(out.len(), 8);
+            // SAFETY: 8 writable f32.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), v) }
+        }
+        #[inline(always)]
+        fn mul_add(self, a: __m256, b: __m256, c: __m256) -> __m256 {
+            unsafe { _mm256_fmadd_ps(a, b, c) }
+        }
+        #[inline(always)]
+        fn add(self, a: __m256, b: __m256) -> __m256 {
+            unsafe { _mm256_add_ps(a, b) }
+        }
+        #[inline(always)]
+        fn reduce_sum(self, v: __m256) -> f32 {
+            unsafe {
+                let quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+                let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+                _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps::<0b01>(pair, pair)))
+            }
+        }
+    }
+
+    /// AVX-512F (with V3), 16 lanes.
+    #[derive(Clone, Copy, Debug)]
+    pub struct V4(());
+
+    impl V4 {
+        /// # Safety
+        /// The CPU must support AVX-512F, AVX2, FMA and F16C.
+        #[inline(always)]
+        pub(crate) unsafe fn new_unchecked() -> Self {
+            Self(())
+        }
+    }
+
+    impl Simd for V4 {
+        const ISA: Isa = Isa::Avx512;
+        const LANES: usize = 16;
+        type F32 = __m512;
+
+        #[inline(always)]
+        fn zero(self) -> __m512 {
+            // SAFETY (all methods): a V4 token exists only where AVX-512F does.
+            unsafe { _mm512_setzero_ps() }
+        }
+        #[inline(always)]
+        fn splat(self, value: f32) -> __m512 {
+            unsafe { _mm512_set1_ps(value) }
+        }
+        #[inline(always)]
+        fn load<T: Element>(self, chunk: &[T]) -> __m512 {
+            assert_eq!(chunk.len(), 16);
+            // SAFETY: the chunk holds 16 elements of T's width; loads are unaligned.
+            unsafe {
+                match T::DTYPE {
+                    DType::F32 => _mm512_loadu_ps(chunk.as_ptr().cast()),
+                    DType::F16 => {
+                        _mm512_cvtph_ps(_mm256_loadu_si256(bits16(chunk).as_ptr().cast()))
+                    }
+                    DType::BF16 => {
+                        let wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                            bits16(chunk).as_ptr().cast(),
+                        ));
+                        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide))
+                    }
+                }
+            }
+        }
+        #[inline(always)]
+        fn store(self, v: __m512, out: &mut [f32]) {
+            assert_eq!(out.len(), 16);
+            // SAFETY: 16 writable f32.
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), v) }
+        }
+        #[inline(always)]
+        fn mul_add(self, a: __m512, b: __m512, c: __m512) -> __m512 {
+            unsafe { _mm512_fmadd_ps(a, b, c) }
+        }
+        #[inline(always)]
+        fn add(self, a: __m512, b: __m512) -> __m512 {
+            unsafe { _mm512_add_ps(a, b) }
+        }
+        #[inline(always)]
+        fn reduce_sum(self, v: __m512) -> f32 {
+            unsafe { _mm512_reduce_add_ps(v) }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub use x86::{V3, V4};
+
+#[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+mod arm {
+    #[allow(clippy::wildcard_imports)]
+    use core::arch::aarch64::*;
+
+    use super::{Element, Isa, Simd, bits16, widen};
+    use kernels_core::DType;
+
+    /// AArch64 Advanced SIMD, 4 lanes.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Neon(());
+
+    impl Neon {
+        /// NEON is part of every AArch64 target this module is compiled for.
+        #[inline(always)]
+        pub(crate) fn new() -> Self {
+            Self(())
+        }
+    }
+
+    impl Simd for Neon {
+        const ISA: Isa = Isa::Neon;
+        const LANES: usize = 4;
+        type F32 = float32x4_t;
+
+        #[inline(always)]
+        fn zero(self) -> float32x4_t {
+            // SAFETY (all methods): NEON is enabled at compile time for this module.
+            unsafe { vdupq_n_f32(0.0) }
+        }
+        #[inline(always)]
+        fn splat(self, value: f32) -> float32x4_t {
+            unsafe { vdupq_n_f32(value) }
+        }
+        #[inline(always)]
+        fn load<T: Element>(self, chunk: &[T]) -> float32x4_t {
+            assert_eq!(chunk.len(), 4);
+            // SAFETY: the chunk holds 4 elements of T's width.
+            unsafe {
+                match T::DTYPE {
+                    DType::F32 => vld1q_f32(chunk.as_ptr().cast()),
+                    DType::BF16 => {
+                        vreinterpretq_f32_u32(vshll_n_u16::<16>(vld1_u16(bits16(chunk).as_ptr())))
+                    }
+                    DType::F16 => {
+                        let lanes = [
+                            widen(chunk[0]),
+                            widen(chunk[1]),
+                            widen(chunk[2]),
+                            widen(chunk[3]),
+                        ];
+                        vld1q_f32(lanes.as_ptr())
+                    }
+                }
+            }
+        }
+        #[inline(always)]
+        fn store(self, v: float32x4_t, out: &mut [f32]) {
+            assert_eq!(out.len(), 4);
+            // SAFETY: 4 writable f32.
+            unsafe { vst1q_f32(out.as_mut_ptr(), v) }
+        }
+        #[inline(always)]
+        fn mul_add(self, a: float32x4_t, b: float32x4_t, c: float32x4_t) -> float32x4_t {
+            unsafe { vfmaq_f32(c, a, b) }
+        }
+        #[inline(always)]
+        fn add(self, a: float32x4_t, b: float32x4_t) -> float32x4_t {
+            unsafe { vaddq_f32(a, b) }
+        }
+        #[inline(always)]
+        fn reduce_sum(self, v: float32x4_t) -> f32 {
+            unsafe { vaddvq_f32(v) }
+        }
+    }
+}
+
+#[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+pub use arm::Neon;
+
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+mod wasm {
+    #[allow(clippy::wildcard_imports)]
+    use core::arch::wasm32::*;
+
+    use super::{Element, Isa, Simd, bits16, widen};
+    use kernels_core::DType;
+
+    /// WebAssembly SIMD, 4 lanes.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Simd128(());
+
+    impl Simd128 {
+        /// simd128 is enabled at compile time for this module.
+        #[inline(always)]
+        pub(crate) fn new() -> Self {
+            Self(())
+        }
+    }
+
+    impl Simd for Simd128 {
+        const ISA: Isa = Isa::Simd128;
+        const LANES: usize = 4;
+        type F32 = v128;
+
+        #[inline(always)]
+        fn zero(self) -> v128 {
+            f32x4_splat(0.0)
+        }
+        #[inline(always)]
+        fn splat(self, value: f32) -> v128 {
+            f32x4_splat(value)
+        }
+        #[inline(always)]
+        fn load<T: Element>(self, chunk: &[T]) -> v128 {
+            assert_eq!(chunk.len(), 4);
+            match T::DTYPE {
+                // SAFETY: the chunk holds 4 f32; v128_load is unaligned.
+                DType::F32 => unsafe { v128_load(chunk.as_ptr().cast()) },
+                DType::BF16 => {
+                    let b = bits16(chunk);
+                    let wide = u32x4(
+                        u32::from(b[0]),
+                        u32::from(b[1]),
+                        u32::from(b[2]),
+                        u32::from(b[3]),
+                    );
+                    i32x4_shl(wide, 16)
+                }
+                DType::F16 => f32x4(
+                    widen(chunk[0]),
+                    widen(chunk[1]),
+                    widen(chunk[2]),
+                    widen(chunk[3]),
+                ),
+            }
+        }
+        #[inline(always)]
+        fn store(self, v: v128, out: &mut [f32]) {
+            assert_eq!(out.len(), 4);
+            // SAFETY: 4 writable f32; v128_store is unaligned.
+            unsafe { v128_store(out.as_mut_ptr().cast(), v) }
+        }
+        #[inline(always)]
+        fn mul_add(self, a: v128, b: v128, c: v128) -> v128 {
+            f32x4_add(f32x4_mul(a, b), c)
+        }
+        #[inline(always)]
+        fn add(self, a: v128, b: v128) -> v128 {
+            f32x4_add(a, b)
+        }
+        #[inline(always)]
+        fn reduce_sum(self, v: v128) -> f32 {
+            (f32x4_extract_lane::<0>(v) + f32x4_extract_lane::<1>(v))
+                + (f32x4_extract_lane::<2>(v) + f32x4_extract_lane::<3>(v))
+        }
+    }
+}
+
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+pub use wasm::Simd128;
+
+/// Runs `op` on `isa`. The caller guarantees `isa.is_available()`.
+#[inline]
+pub(crate) fn run<Op: WithSimd>(isa: Isa, op: Op) -> Op::Output {
+    debug_assert!(isa.is_available());
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` is available (the caller's guarantee, checked by `Cpu`'s constructors).
+        Isa::Avx512 => unsafe { run_v4(op) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { run_v3(op) },
+        #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+        Isa::Neon => op.with_simd(Neon::new()),
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+        Isa::Simd128 => op.with_simd(Simd128::new()),
+        _ => op.with_simd(Scalar),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn run_v3<Op: WithSimd>(op: Op) -> Op::Output {
+    // SAFETY: this function only runs where its target features exist.
+    op.with_simd(unsafe { V3::new_unchecked() })
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn run_v4<Op: WithSimd>(op: Op) -> Op::Output {
+    // SAFETY: this function only runs where its target features exist.
+    op.with_simd(unsafe { V4::new_unchecked() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Cpu;
+    use alloc::vec::Vec;
+    use half::{bf16, f16};
+    use kernels_core::DType;
+
+    struct RoundTrip<'a, T>(&'a [T]);
+
+    impl<T: Element> WithSimd for RoundTrip<'_, T> {
+        type Output = Vec<f32>;
+        fn with_simd<S: Simd>(self, s: S) -> Vec<f32> {
+            // x * 1 + (-0), then + (-0): exact for every x including -0, so every lane must come
+            // back bit for bit.
+            let mut out = alloc::vec![0.0; self.0.len() / S::LANES * S::LANES];
+            for (c, o) in self
+                .0
+                .chunks_exact(S::LANES)
+                .zip(out.chunks_exact_mut(S::LANES))
+            {
+                let minus_zero = s.splat(-0.0);
+                s.store(
+                    s.add(s.mul_add(s.load(c), s.splat(1.0), minus_zero), minus_zero),
+                    o,
+                );
+            }
+            out
+        }
+    }
+
+    struct LaneSums<'a>(&'a [f32]);
+
+    impl WithSimd for LaneSums<'_> {
+        type Output = Vec<f32>;
+        fn with_simd<S: Simd>(self, s: S) -> Vec<f32> {
+            self.0
+                .chunks_exact(S::LANES)
+                .map(|c| s.reduce_sum(s.load(c)))
+                .collect()
+        }
+    }
+
+    fn check_loads<T: Element>() {
+        // Every 16-bit pattern, which covers every f16 and bf16 (NaNs included: compared by bits).
+        let values: Vec<T> = (0..=u16::MAX)
+            .map(|b| match T::DTYPE {
+                DType::F16 => T::from_f32(f16::from_bits(b).to_f32()),
+                DType::BF16 => T::from_f32(bf16::from_bits(b).to_f32()),
+                DType::F32 => T::from_f32(f32::from(b) - 30_000.0),
+            })
+            .collect();
+        for cpu in Cpu::all_available() {
+            let got = cpu.dispatch(RoundTrip(&values));
+            for (g, v) in got.iter().zip(&values) {
+                let expect = v.to_f32();
+                assert!(
+                    g.to_bits() == expect.to_bits() || (g.is_nan() && expect.is_nan()),
+                    "{} {:?}: {g} vs {expect}",
+                    cpu.isa(),
+                    T::DTYPE
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn widening_loads_are_exact_on_every_isa() {
+        check_loads::<f32>();
+        check_loads::<f16>();
+        check_loads::<bf16>();
+    }
+
+    #[test]
+    fn lane_sums_add_every_lane() {
+        let values: Vec<f32> = (0..64).map(|i| (1u64 << (i % 20)) as f32).collect();
+        for cpu in Cpu::all_available() {
+            let lanes = cpu.isa().f32_lanes();
+            let sums = cpu.dispatch(LaneSums(&values));
+            for (chunk, sum) in values.chunks_exact(lanes).zip(sums) {
+                // Powers of two below 2^20, at most 16 of them: exact in f32.
+                assert_eq!(sum, chunk.iter().sum::<f32>(), "{}", cpu.isa());
+            }
+        }
+    }
+}

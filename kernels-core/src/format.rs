@@ -219,7 +219,9 @@ pub fn decode_into(bytes: &[u8], codes: &mut [i8]) -> Result<TernaryHeader> {
                 };
                 nnz += u64::from(*c != 0);
             }
-            if !codes.len().is_multiple_of(4) && payload[codes.len() / 4] >> (2 * (codes.len() % 4)) != 0 {
+            if !codes.len().is_multiple_of(4)
+                && payload[codes.len() / 4] >> (2 * (codes.len() % 4)) != 0
+            {
                 return Err(Error::BadFormat {
                     offset: base + codes.len() / 4,
                     reason: "padding bits are not zero",

@@ -2,7 +2,7 @@
 
 use half::{bf16, f16};
 
-/// A storage element: `f32`, [`f16`] or [`bf16`].
+/// A storage element: `f32`, [`half::f16`] or [`half::bf16`].
 ///
 /// Arithmetic always happens in `f32` (references: `f64`): an element is widened losslessly on
 /// load with [`Element::to_f32`] and narrowed with round-to-nearest-even on store with

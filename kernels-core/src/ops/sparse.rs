@@ -299,7 +299,8 @@ pub fn teal_mlp_ref<T: Element>(
 /// with `#{|a| <= t} / n >= k`, i.e. the `ceil(k n)`-th smallest `|a|` (0 when `k = 0`).
 ///
 /// `k` in `[0, 1]`; samples must be finite and non-empty. For data that does not fit in memory,
-/// stream it through [`crate::ops::select::MagnitudeSelect`] instead (same answer, two passes).
+/// stream it through [`crate::ops::select::calibrate_threshold_streaming`] instead (same answer,
+/// two passes).
 #[cfg(feature = "alloc")]
 pub fn calibrate_threshold_ref(samples: &[f32], k: f64) -> Result<f32> {
     let rank = quantile_rank(samples.len() as u64, k)?;

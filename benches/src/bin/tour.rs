@@ -123,7 +123,7 @@ fn activation_sparsity(checks: &mut Checks, hidden: usize, inter: usize) -> Resu
         100.0 * report.sparsity(),
         relative_distance(&cats, &dense)
     );
-    let ideal = 1.0 / (1.0 / 3.0 + (2.0 / 3.0) * (1.0 - report.sparsity()));
+    let ideal = sparse::ideal_mlp_speedup(report.sparsity())?;
     println!("  ideal MLP speed-up at that sparsity with a dense gate: {ideal:.2}x");
 
     // TEAL: the same layer through transposed gate/up, each input thresholded.

@@ -689,6 +689,18 @@ mod tests {
         let error = approx.reconstruct().distance(&a);
         assert!(error <= 1.1 * optimal, "{error} vs optimal {optimal}");
         assert!(approx.u.orthogonality_error() < 1e-12);
+        // A slowly decaying spectrum, where the range finder alone is not enough: the power
+        // iterations are what bring the error within 1.1x.
+        let slow: Vec<f64> = (0..60).map(|i| 1.0 / libm::sqrt(1.0 + i as f64)).collect();
+        let b = with_spectrum(120, 60, &slow, 12);
+        let optimal = libm::sqrt(slow[r..].iter().map(|v| v * v).sum::<f64>());
+        let mut params = RsvdParams::new(r);
+        params.oversample = 4;
+        let with_power = randomized_svd_ref(b.as_ref(), params).unwrap().reconstruct().distance(&b);
+        params.power_iterations = 0;
+        let without = randomized_svd_ref(b.as_ref(), params).unwrap().reconstruct().distance(&b);
+        assert!(with_power <= 1.1 * optimal, "{with_power} vs optimal {optimal}");
+        assert!(without > with_power, "power iterations must help: {without} vs {with_power}");
         assert!(randomized_svd_ref(a.as_ref(), RsvdParams::new(0)).is_err());
         assert!(randomized_svd_ref(a.as_ref(), RsvdParams::new(61)).is_err());
     }

@@ -518,14 +518,15 @@ mod tests {
 
     #[test]
     fn ties_elects_signs_and_averages_disjointly() {
-        let base = [10.0f32; 4];
-        let t1 = [1.0f32, -2.0, 3.0, 0.0];
-        let t2 = [3.0f32, 1.0, -1.0, 0.0];
-        let mut out = [0.0; 4];
+        let base = [10.0f32; 5];
+        let t1 = [1.0f32, -2.0, 3.0, 0.0, 2.0];
+        let t2 = [3.0f32, 1.0, -1.0, 0.0, 0.0];
+        let mut out = [0.0; 5];
         ties_elect_ref(&base, &[&t1, &t2], &[1.0, 1.0], 1.0, &mut out).unwrap();
         // Entry 0: both agree (+): mean 2. Entry 1: sum -1 -> '-': only t1: -2.
         // Entry 2: sum 2 -> '+': only t1: 3. Entry 3: no sign: 0.
-        assert_eq!(out, [12.0, 8.0, 13.0, 10.0]);
+        // Entry 4: a trimmed (zero) entry does not vote in the mean: 2, not 1.
+        assert_eq!(out, [12.0, 8.0, 13.0, 10.0, 12.0]);
     }
 
     #[test]
@@ -599,6 +600,13 @@ mod tests {
             l1.iter().map(|v| f64::from(*v)).sum(),
         );
         assert!((a - b).abs() <= 1e-6 * a);
+        // The boundary: an element whose draw equals the integer threshold survives.
+        let rng = CounterRng::new(11);
+        let draw = rng.u24_at(5);
+        let at_boundary = DareParams::new(f64::from(draw) / 16_777_216.0, 11);
+        assert_eq!(at_boundary.drop_threshold(), draw);
+        assert!(at_boundary.keeps(&rng, 5));
+        assert!(!DareParams::new(f64::from(draw + 1) / 16_777_216.0, 11).keeps(&rng, 5));
         // p = 0 keeps everything unchanged.
         dare_ref(&tau, DareParams::new(0.0, 5), 0, &mut out).unwrap();
         assert_eq!(out, tau);

@@ -295,6 +295,13 @@ pub fn teal_mlp_ref<T: Element>(
     Ok(report_from(&read))
 }
 
+/// The ideal speed-up of a memory-bound MLP with a dense gate when a fraction `sparsity` of the
+/// up and down rows is skipped: `1 / (1/3 + (2/3)(1 - s))` (1.5x at 50 %, 3x as `s -> 1`).
+pub fn ideal_mlp_speedup(sparsity: f64) -> Result<f64> {
+    check_param("sparsity", sparsity, "in [0, 1]", (0.0..=1.0).contains(&sparsity))?;
+    Ok(1.0 / (1.0 / 3.0 + (2.0 / 3.0) * (1.0 - sparsity)))
+}
+
 /// The threshold `t` at which a fraction `k` of the samples is inactive: the smallest `t >= 0`
 /// with `#{|a| <= t} / n >= k`, i.e. the `ceil(k n)`-th smallest `|a|` (0 when `k = 0`).
 ///
@@ -542,6 +549,48 @@ mod tests {
         )
         .unwrap();
         assert!(sparse.active.len() < inter);
+    }
+
+    #[test]
+    fn silu_by_hand() {
+        assert_eq!(silu_f64(0.0), 0.0);
+        assert!((silu_f64(1.0) - 0.731_058_578_630_004_9).abs() < 1e-15);
+        assert!((silu_f64(-1.0) + 0.268_941_421_369_995_1).abs() < 1e-15);
+        assert!((silu_f64(30.0) - 30.0).abs() < 1e-10 && silu_f64(-30.0).abs() < 1e-10);
+    }
+
+    #[test]
+    fn ideal_speedup_matches_the_design() {
+        assert_eq!(ideal_mlp_speedup(0.0).unwrap(), 1.0);
+        assert!((ideal_mlp_speedup(0.5).unwrap() - 1.5).abs() < 1e-12);
+        assert!((ideal_mlp_speedup(1.0).unwrap() - 3.0).abs() < 1e-12);
+        assert!(ideal_mlp_speedup(1.1).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn sparse_gemv_equals_dense_gemv_of_the_masked_input(
+            rows in 0usize..24,
+            cols in 0usize..24,
+            t in -0.5f32..1.5,
+            seed in proptest::prelude::any::<u64>(),
+        ) {
+            let rng = crate::CounterRng::new(seed);
+            let w_t: Vec<f32> = (0..rows * cols).map(|i| rng.normal_at(i as u64) as f32).collect();
+            let x: Vec<f32> = (0..rows).map(|i| rng.normal_at((1 << 20) + i as u64) as f32).collect();
+            let w_t_view = MatRef::from_slice(&w_t, rows, cols).unwrap();
+            let mut sparse = vec![0.0; cols];
+            let active = sparse_input_gemv_ref(w_t_view, &x, t, &mut sparse).unwrap();
+            let masked: Vec<f32> = x.iter().map(|&v| if v.abs() > t { v } else { 0.0 }).collect();
+            proptest::prop_assert_eq!(active, masked.iter().filter(|v| **v != 0.0).count());
+            // The same product through the nn.Linear layout (W = w_t^T).
+            let w: Vec<f32> = (0..rows * cols).map(|k| w_t[(k % rows) * cols + k / rows]).collect();
+            let mut dense = vec![0.0; cols];
+            gemv_ref(MatRef::from_slice(&w, cols, rows).unwrap(), &masked, &mut dense).unwrap();
+            for (a, b) in sparse.iter().zip(&dense) {
+                proptest::prop_assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{} vs {}", a, b);
+            }
+        }
     }
 
     #[test]

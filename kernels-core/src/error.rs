@@ -207,13 +207,33 @@ mod tests {
 
     #[test]
     fn messages_name_the_operand_and_both_values() {
-        let shape = Error::ShapeMismatch { what: "w_up", expected: [1536, 576], found: [576, 1536] };
-        assert_eq!(shape.to_string(), "`w_up` has shape 576x1536 but this op needs 1536x576");
-        let param = Error::InvalidParam { name: "density", value: 1.5, expected: "in (0, 1]" };
-        assert_eq!(param.to_string(), "parameter `density` = 1.5 is invalid: it must be in (0, 1]");
-        let format = Error::BadFormat { offset: 12, reason: "more non-zeros than elements" };
+        let shape = Error::ShapeMismatch {
+            what: "w_up",
+            expected: [1536, 576],
+            found: [576, 1536],
+        };
+        assert_eq!(
+            shape.to_string(),
+            "`w_up` has shape 576x1536 but this op needs 1536x576"
+        );
+        let param = Error::InvalidParam {
+            name: "density",
+            value: 1.5,
+            expected: "in (0, 1]",
+        };
+        assert_eq!(
+            param.to_string(),
+            "parameter `density` = 1.5 is invalid: it must be in (0, 1]"
+        );
+        let format = Error::BadFormat {
+            offset: 12,
+            reason: "more non-zeros than elements",
+        };
         assert!(format.to_string().contains("byte 12"));
-        let nan = Error::NonFinite { what: "tau", index: 7 };
+        let nan = Error::NonFinite {
+            what: "tau",
+            index: 7,
+        };
         assert!(nan.to_string().contains("`tau`") && nan.to_string().contains("index 7"));
         let boxed: alloc::boxed::Box<dyn core::error::Error> = alloc::boxed::Box::new(shape);
         assert!(boxed.to_string().contains("w_up"));

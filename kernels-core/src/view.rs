@@ -36,6 +36,21 @@ fn check_view(
     }
 }
 
+/// Checks that a contiguous `rows x cols` matrix has exactly `len` elements.
+fn check_contiguous(what: &'static str, len: usize, rows: usize, cols: usize) -> Result<()> {
+    if rows.checked_mul(cols) == Some(len) {
+        Ok(())
+    } else {
+        Err(Error::InvalidView {
+            what,
+            rows,
+            cols,
+            row_stride: cols,
+            len,
+        })
+    }
+}
+
 /// A read-only `rows x cols` matrix view over a slice.
 #[derive(Clone, Copy, Debug)]
 pub struct MatRef<'a, T> {
@@ -68,22 +83,7 @@ impl<'a, T> MatRef<'a, T> {
 
     /// A view of a contiguous buffer holding exactly `rows * cols` elements.
     pub fn from_slice(data: &'a [T], rows: usize, cols: usize) -> Result<Self> {
-        let expected = rows.checked_mul(cols).ok_or(Error::InvalidView {
-            what: "matrix",
-            rows,
-            cols,
-            row_stride: cols,
-            len: data.len(),
-        })?;
-        if data.len() != expected {
-            return Err(Error::InvalidView {
-                what: "matrix",
-                rows,
-                cols,
-                row_stride: cols,
-                len: data.len(),
-            });
-        }
+        check_contiguous("matrix", data.len(), rows, cols)?;
         Ok(Self {
             data,
             rows,
@@ -182,15 +182,7 @@ impl<'a, T> MatMut<'a, T> {
 
     /// A mutable view of a contiguous buffer holding exactly `rows * cols` elements.
     pub fn from_slice(data: &'a mut [T], rows: usize, cols: usize) -> Result<Self> {
-        if rows.checked_mul(cols) != Some(data.len()) {
-            return Err(Error::InvalidView {
-                what: "output matrix",
-                rows,
-                cols,
-                row_stride: cols,
-                len: data.len(),
-            });
-        }
+        check_contiguous("output matrix", data.len(), rows, cols)?;
         Ok(Self {
             data,
             rows,

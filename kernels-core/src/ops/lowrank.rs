@@ -582,15 +582,11 @@ pub fn opcm_project_ref<T: Real>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::project::tests::random;
     use proptest::prelude::*;
 
     /// Backward error of the f64 references per unit of `eps * max(m, n)`.
     const F64_TOLERANCE_FACTOR: f64 = 16.0;
-
-    fn random(m: usize, n: usize, seed: u64) -> Mat<f64> {
-        let rng = CounterRng::new(seed);
-        Mat::from_fn(m, n, |i, j| rng.normal_at((i * n + j) as u64))
-    }
 
     fn bound(m: usize, n: usize) -> f64 {
         F64_TOLERANCE_FACTOR * f64::EPSILON * m.max(n).max(1) as f64
@@ -696,11 +692,23 @@ mod tests {
         let optimal = libm::sqrt(slow[r..].iter().map(|v| v * v).sum::<f64>());
         let mut params = RsvdParams::new(r);
         params.oversample = 4;
-        let with_power = randomized_svd_ref(b.as_ref(), params).unwrap().reconstruct().distance(&b);
+        let with_power = randomized_svd_ref(b.as_ref(), params)
+            .unwrap()
+            .reconstruct()
+            .distance(&b);
         params.power_iterations = 0;
-        let without = randomized_svd_ref(b.as_ref(), params).unwrap().reconstruct().distance(&b);
-        assert!(with_power <= 1.1 * optimal, "{with_power} vs optimal {optimal}");
-        assert!(without > with_power, "power iterations must help: {without} vs {with_power}");
+        let without = randomized_svd_ref(b.as_ref(), params)
+            .unwrap()
+            .reconstruct()
+            .distance(&b);
+        assert!(
+            with_power <= 1.1 * optimal,
+            "{with_power} vs optimal {optimal}"
+        );
+        assert!(
+            without > with_power,
+            "power iterations must help: {without} vs {with_power}"
+        );
         assert!(randomized_svd_ref(a.as_ref(), RsvdParams::new(0)).is_err());
         assert!(randomized_svd_ref(a.as_ref(), RsvdParams::new(61)).is_err());
     }

@@ -228,7 +228,7 @@ pub fn project_onto_ref<Q: Real, X: Real>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use alloc::vec;
     use proptest::prelude::*;

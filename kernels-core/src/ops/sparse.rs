@@ -298,7 +298,12 @@ pub fn teal_mlp_ref<T: Element>(
 /// The ideal speed-up of a memory-bound MLP with a dense gate when a fraction `sparsity` of the
 /// up and down rows is skipped: `1 / (1/3 + (2/3)(1 - s))` (1.5x at 50 %, 3x as `s -> 1`).
 pub fn ideal_mlp_speedup(sparsity: f64) -> Result<f64> {
-    check_param("sparsity", sparsity, "in [0, 1]", (0.0..=1.0).contains(&sparsity))?;
+    check_param(
+        "sparsity",
+        sparsity,
+        "in [0, 1]",
+        (0.0..=1.0).contains(&sparsity),
+    )?;
     Ok(1.0 / (1.0 / 3.0 + (2.0 / 3.0) * (1.0 - sparsity)))
 }
 

@@ -56,6 +56,16 @@ pub fn heavy_tailed(n: usize, scale: f32, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// The threshold at which a fraction `sparsity` of `values` is inactive (`|v| <= t`): the
+/// `sparsity`-quantile of `|values|`, or a negative threshold (dense) at 0.
+#[must_use]
+pub fn threshold_for_sparsity(values: &[f32], sparsity: f64) -> f32 {
+    if sparsity <= 0.0 {
+        return -1.0;
+    }
+    kernels_core::ops::sparse::calibrate_threshold_ref(values, sparsity).expect("finite samples")
+}
+
 /// Median of `runs` timings of `f` (after one warm-up call).
 pub fn median_time(runs: usize, mut f: impl FnMut()) -> Duration {
     f();

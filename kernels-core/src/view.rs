@@ -216,6 +216,12 @@ impl<'a, T> MatMut<'a, T> {
         &mut self.data[i * self.row_stride..][..self.cols]
     }
 
+    /// Every row, as disjoint mutable slices (for handing rows to different threads).
+    pub fn rows_mut(&mut self) -> impl Iterator<Item = &mut [T]> {
+        let cols = self.cols;
+        self.data.chunks_mut(self.row_stride.max(1)).take(self.rows).map(move |row| &mut row[..cols])
+    }
+
     /// A read-only view of the same matrix.
     #[must_use]
     pub fn as_ref(&self) -> MatRef<'_, T> {

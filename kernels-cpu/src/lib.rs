@@ -29,7 +29,11 @@
 #[cfg(any(feature = "alloc", test))]
 extern crate alloc;
 
+pub mod gemv;
 mod isa;
+#[cfg(feature = "alloc")]
+pub mod mlp;
+mod parallel;
 pub mod reduce;
 mod simd;
 
@@ -44,25 +48,31 @@ pub use simd::{V3, V4};
 
 use kernels_core::{Error, Result};
 
-/// The CPU backend: which instruction set the kernels run on.
+/// The CPU backend: which instruction set the kernels run on, and over how many threads they
+/// split their work.
 ///
-/// Cheap to copy; make one with [`Cpu::detect`] and pass it to every kernel.
+/// Cheap to copy; make one with [`Cpu::detect`] and pass it to every kernel. Results do not depend
+/// on the thread count: every kernel splits its *outputs* (rows of a GEMV, column ranges of an
+/// AXPY) so each output element is computed by one thread with the same operations in the same
+/// order, whatever the split.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cpu {
     isa: Isa,
+    threads: usize,
 }
 
 impl Cpu {
-    /// The best instruction set of this CPU (detected once per process).
+    /// The best instruction set of this CPU (detected once per process) and, with `std`, one
+    /// thread per core of rayon's global pool.
     #[must_use]
     pub fn detect() -> Self {
-        Self { isa: Isa::best() }
+        Self { isa: Isa::best(), threads: default_threads() }
     }
 
-    /// Pinned to `isa`, if this CPU has it.
+    /// Pinned to `isa`, if this CPU has it (threads as [`Cpu::detect`]).
     pub fn with_isa(isa: Isa) -> Result<Self> {
         if isa.is_available() {
-            Ok(Self { isa })
+            Ok(Self { isa, threads: default_threads() })
         } else {
             Err(Error::Unsupported {
                 feature: isa.name(),
@@ -71,9 +81,24 @@ impl Cpu {
         }
     }
 
-    /// One backend per available instruction set, best first: what tests iterate over.
+    /// The same backend splitting work into `threads` parts (`>= 1`; above 1 needs `std`).
+    pub fn with_threads(self, threads: usize) -> Result<Self> {
+        if threads == 0 {
+            return Err(Error::InvalidParam { name: "threads", value: 0.0, expected: ">= 1" });
+        }
+        if threads > 1 && !cfg!(feature = "std") {
+            return Err(Error::Unsupported {
+                feature: "threads",
+                hint: "enable kernels-cpu's `std` feature",
+            });
+        }
+        Ok(Self { threads, ..self })
+    }
+
+    /// One single-threaded backend per available instruction set, best first: what tests iterate
+    /// over.
     pub fn all_available() -> impl Iterator<Item = Self> {
-        Isa::available().map(|isa| Self { isa })
+        Isa::available().map(|isa| Self { isa, threads: 1 })
     }
 
     /// The instruction set in use.
@@ -82,9 +107,26 @@ impl Cpu {
         self.isa
     }
 
-    /// Runs a kernel body on this backend's instruction set.
+    /// How many parts the kernels split their work into.
+    #[must_use]
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Runs a kernel body on this backend's instruction set, on the calling thread.
     pub fn dispatch<Op: WithSimd>(&self, op: Op) -> Op::Output {
         simd::run(self.isa, op)
+    }
+}
+
+fn default_threads() -> usize {
+    #[cfg(feature = "std")]
+    {
+        rayon::current_num_threads().max(1)
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        1
     }
 }
 

@@ -125,6 +125,13 @@ pub fn check_row_indices(what: &'static str, rows: &[u32], bound: usize) -> Resu
 /// Largest decode batch the MLP contracts accept.
 pub const MAX_MLP_BATCH: usize = 4;
 
+/// `silu(g) = g / (1 + e^-g)` in `f32`, as the fast kernels compute it.
+#[inline]
+#[must_use]
+pub fn silu_f32(g: f32) -> f32 {
+    g / (1.0 + libm::expf(-g))
+}
+
 /// Weights of a CATS MLP, each `[intermediate, hidden]`.
 #[derive(Clone, Copy, Debug)]
 pub struct CatsMlpWeights<'a, T> {
@@ -195,8 +202,7 @@ impl MlpReport {
     }
 }
 
-#[cfg(feature = "alloc")]
-fn check_mlp_io(x: MatRef<'_, f32>, y: &MatMut<'_, f32>, hidden: usize) -> Result<()> {
+fn check_mlp_io(x: MatRef<'_, f32>, y_shape: [usize; 2], hidden: usize) -> Result<()> {
     let batch = x.rows();
     check_param(
         "batch",
@@ -205,7 +211,42 @@ fn check_mlp_io(x: MatRef<'_, f32>, y: &MatMut<'_, f32>, hidden: usize) -> Resul
         (1..=MAX_MLP_BATCH).contains(&batch),
     )?;
     x.expect_shape("x", [batch, hidden])?;
-    y.expect_shape("y", [batch, hidden])
+    if y_shape == [batch, hidden] {
+        Ok(())
+    } else {
+        Err(Error::ShapeMismatch { what: "y", expected: [batch, hidden], found: y_shape })
+    }
+}
+
+/// Validates a CATS MLP call (every backend runs this); returns `[intermediate, hidden]`.
+pub fn validate_cats_mlp<T>(
+    x: MatRef<'_, f32>,
+    weights: &CatsMlpWeights<'_, T>,
+    threshold: f32,
+    y_shape: [usize; 2],
+) -> Result<[usize; 2]> {
+    check_threshold("threshold", threshold)?;
+    let [inter, hidden] = weights.gate.shape();
+    weights.up.expect_shape("w_up", [inter, hidden])?;
+    weights.down_t.expect_shape("w_down_t", [inter, hidden])?;
+    check_mlp_io(x, y_shape, hidden)?;
+    Ok([inter, hidden])
+}
+
+/// Validates a TEAL MLP call (every backend runs this); returns `[intermediate, hidden]`.
+pub fn validate_teal_mlp<T>(
+    x: MatRef<'_, f32>,
+    weights: &TealMlpWeights<'_, T>,
+    thresholds: TealThresholds,
+    y_shape: [usize; 2],
+) -> Result<[usize; 2]> {
+    check_threshold("thresholds.gate_up", thresholds.gate_up)?;
+    check_threshold("thresholds.down", thresholds.down)?;
+    let [hidden, inter] = weights.gate_t.shape();
+    weights.up_t.expect_shape("w_up_t", [hidden, inter])?;
+    weights.down_t.expect_shape("w_down_t", [inter, hidden])?;
+    check_mlp_io(x, y_shape, hidden)?;
+    Ok([inter, hidden])
 }
 
 /// The CATS MLP for a decode batch of 1 to 4 rows of `x` `[batch, hidden]`, into `y`.
@@ -220,11 +261,7 @@ pub fn cats_mlp_ref<T: Element>(
     threshold: f32,
     mut y: MatMut<'_, f32>,
 ) -> Result<MlpReport> {
-    check_threshold("threshold", threshold)?;
-    let [inter, hidden] = weights.gate.shape();
-    weights.up.expect_shape("w_up", [inter, hidden])?;
-    weights.down_t.expect_shape("w_down_t", [inter, hidden])?;
-    check_mlp_io(x, &y, hidden)?;
+    let [inter, hidden] = validate_cats_mlp(x, &weights, threshold, y.shape())?;
     let mut read = alloc::vec![false; inter];
     for b in 0..x.rows() {
         let xb = x.row(b);
@@ -269,12 +306,7 @@ pub fn teal_mlp_ref<T: Element>(
     thresholds: TealThresholds,
     mut y: MatMut<'_, f32>,
 ) -> Result<MlpReport> {
-    check_threshold("thresholds.gate_up", thresholds.gate_up)?;
-    check_threshold("thresholds.down", thresholds.down)?;
-    let [hidden, inter] = weights.gate_t.shape();
-    weights.up_t.expect_shape("w_up_t", [hidden, inter])?;
-    weights.down_t.expect_shape("w_down_t", [inter, hidden])?;
-    check_mlp_io(x, &y, hidden)?;
+    let [inter, _] = validate_teal_mlp(x, &weights, thresholds, y.shape())?;
     let mut read = alloc::vec![false; inter];
     let mut g = alloc::vec![0.0f32; inter];
     let mut u = alloc::vec![0.0f32; inter];

@@ -1,0 +1,265 @@
+//! Dense, sparse-input and gathered-output GEMV: the fast twins of `kernels_core::ops::sparse`.
+//!
+//! # Contracts
+//!
+//! The contracts of [`kernels_core::ops::sparse`] (layouts, the activity rule `!(|x| <= t)`, NaN
+//! propagation, skipped rows never read), computed in `f32` with vector accumulators. Each output
+//! is within [`gemv_tolerance`] of the reference, and bit-identical for any thread count.
+//!
+//! # How
+//!
+//! * `gemv` (`W` `[out, in]`): four rows at a time against one load of `x`, two accumulators per
+//!   row; threads split the rows.
+//! * `gemv_t` and `sparse_input_gemv` (`W_t` `[in, out]`): AXPY of up to four active rows at a time
+//!   into `y` (one load and store of `y` per four rows); threads split the *columns*, so each
+//!   thread reads a contiguous segment of every active row and no reduction is needed.
+//! * `gathered_gemv`: `gemv` over the listed rows.
+
+use kernels_core::ops::sparse::{check_row_indices, check_threshold, is_active};
+use kernels_core::{Element, Error, MatRef, Result};
+
+use crate::parallel::{parts_for, ranges};
+use crate::{Cpu, Simd, WithSimd};
+
+/// Rows a dot or AXPY block handles at once.
+pub(crate) const ROW_BLOCK: usize = 4;
+
+/// Column boundaries of a threaded split are multiples of this (the widest vector, 16 `f32`,
+/// times four), so every column is computed by the same vector or tail code whatever the split.
+pub(crate) const COLUMN_ALIGN: usize = 64;
+
+/// Below this many weight elements per part, another thread costs more than it saves.
+pub(crate) const MIN_ELEMENTS_PER_THREAD: usize = 1 << 16;
+
+/// Bound on `|y_i - y_ref_i|` for a GEMV output that sums `n` products with absolute sum
+/// `abs_sum = sum |w_ij x_j|`: `4 u sqrt(n) abs_sum + tiny`, `u = 2^-24`.
+///
+/// `f32` accumulation error grows like `u sqrt(n)` for independent rounding errors (the worst case
+/// `n u` is never approached with the blocked sums used here), times the scale `abs_sum`; the
+/// factor 4 covers the lane and accumulator reductions. `tiny` absorbs subnormal flushes.
+#[must_use]
+pub fn gemv_tolerance(n: usize, abs_sum: f64) -> f64 {
+    4.0 * f64::from(f32::EPSILON / 2.0) * (n.max(1) as f64).sqrt() * abs_sum + 1e-30
+}
+
+/// `[r0 . x, r1 . x, ...]` for `R` rows of length `x.len()`.
+#[inline(always)]
+pub(crate) fn dot_block<S: Simd, T: Element, const R: usize>(s: S, rows: [&[T]; R], x: &[f32]) -> [f32; R] {
+    let lanes = S::LANES;
+    let n = x.len();
+    let rows = rows.map(|r| &r[..n]);
+    let main = n - n % (2 * lanes);
+    let mut acc0 = [s.zero(); R];
+    let mut acc1 = [s.zero(); R];
+    let mut c = 0;
+    while c < main {
+        let x0 = s.load(&x[c..c + lanes]);
+        let x1 = s.load(&x[c + lanes..c + 2 * lanes]);
+        for r in 0..R {
+            acc0[r] = s.mul_add(s.load(&rows[r][c..c + lanes]), x0, acc0[r]);
+            acc1[r] = s.mul_add(s.load(&rows[r][c + lanes..c + 2 * lanes]), x1, acc1[r]);
+        }
+        c += 2 * lanes;
+    }
+    let mut out = [0.0f32; R];
+    for r in 0..R {
+        let mut tail = 0.0f32;
+        for j in main..n {
+            tail += rows[r][j].to_f32() * x[j];
+        }
+        out[r] = s.reduce_sum(s.add(acc0[r], acc1[r])) + tail;
+    }
+    out
+}
+
+/// `y += sum_r coeffs[r] * rows[r]` over `y.len()` columns.
+#[inline(always)]
+pub(crate) fn axpy_block<S: Simd, T: Element, const R: usize>(s: S, y: &mut [f32], coeffs: [f32; R], rows: [&[T]; R]) {
+    let lanes = S::LANES;
+    let n = y.len();
+    let rows = rows.map(|r| &r[..n]);
+    let splat = coeffs.map(|c| s.splat(c));
+    let main = n - n % lanes;
+    let mut c = 0;
+    while c < main {
+        let chunk = &mut y[c..c + lanes];
+        let mut acc = s.load(&*chunk);
+        for r in 0..R {
+            acc = s.mul_add(splat[r], s.load(&rows[r][c..c + lanes]), acc);
+        }
+        s.store(acc, chunk);
+        c += lanes;
+    }
+    for j in main..n {
+        let mut acc = y[j];
+        for r in 0..R {
+            acc += coeffs[r] * rows[r][j].to_f32();
+        }
+        y[j] = acc;
+    }
+}
+
+/// AXPY of `k <= ROW_BLOCK` rows (a block's active subset) into `y`.
+#[inline(always)]
+pub(crate) fn axpy_some<S: Simd, T: Element>(s: S, y: &mut [f32], coeffs: &[f32], rows: &[&[T]]) {
+    match rows.len() {
+        1 => axpy_block(s, y, [coeffs[0]], [rows[0]]),
+        2 => axpy_block(s, y, [coeffs[0], coeffs[1]], [rows[0], rows[1]]),
+        3 => axpy_block(s, y, [coeffs[0], coeffs[1], coeffs[2]], [rows[0], rows[1], rows[2]]),
+        4 => axpy_block(s, y, [coeffs[0], coeffs[1], coeffs[2], coeffs[3]], [rows[0], rows[1], rows[2], rows[3]]),
+        _ => {}
+    }
+}
+
+/// `y[k * B + b] = row(k) . xs[b]` for `B = xs.len()` samples, four rows at a time (each block of
+/// rows is read from memory once and stays in cache for the other samples).
+struct DotRows<'w, 'b, T, F> {
+    row: F,
+    xs: &'b [&'b [f32]],
+    y: &'b mut [f32],
+    _weights: core::marker::PhantomData<&'w T>,
+}
+
+impl<'w, T: Element, F: Fn(usize) -> &'w [T]> WithSimd for DotRows<'w, '_, T, F> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, s: S) {
+        let Self { row, xs, y, .. } = self;
+        let batch = xs.len();
+        let mut blocks = y.chunks_exact_mut(ROW_BLOCK * batch);
+        let mut k = 0;
+        for out in &mut blocks {
+            let rows = [row(k), row(k + 1), row(k + 2), row(k + 3)];
+            for (b, x) in xs.iter().enumerate() {
+                for (r, v) in dot_block(s, rows, x).into_iter().enumerate() {
+                    out[r * batch + b] = v;
+                }
+            }
+            k += ROW_BLOCK;
+        }
+        for out in blocks.into_remainder().chunks_exact_mut(batch) {
+            let r = row(k);
+            for (o, x) in out.iter_mut().zip(xs) {
+                *o = dot_block(s, [r], x)[0];
+            }
+            k += 1;
+        }
+    }
+}
+
+/// Runs `DotRows` over `y` (`rows x xs.len()`), split into row ranges over threads.
+pub(crate) fn dot_rows<'w, T: Element>(cpu: &Cpu, row: impl Fn(usize) -> &'w [T] + Sync, xs: &[&[f32]], y: &mut [f32]) {
+    let batch = xs.len().max(1);
+    let rows = y.len() / batch;
+    let width = xs.first().map_or(0, |x| x.len());
+    let parts = parts_for(cpu.threads(), rows * width, MIN_ELEMENTS_PER_THREAD);
+    if parts <= 1 {
+        cpu.dispatch(DotRows { row, xs, y, _weights: core::marker::PhantomData });
+        return;
+    }
+    #[cfg(feature = "alloc")]
+    {
+        let mut work = alloc::vec::Vec::with_capacity(parts);
+        let mut rest = &mut *y;
+        for range in ranges(rows, parts, ROW_BLOCK) {
+            let (part, tail) = rest.split_at_mut(range.len() * batch);
+            work.push((range.start, part));
+            rest = tail;
+        }
+        let row = &row;
+        crate::parallel::for_each(work, |(first, part)| {
+            cpu.dispatch(DotRows { row: |k| row(first + k), xs, y: part, _weights: core::marker::PhantomData });
+        });
+    }
+}
+
+/// Dense GEMV `y = W x`, `W` `[out, in]` (the twin of `gemv_ref`).
+pub fn gemv<T: Element>(cpu: &Cpu, w: MatRef<'_, T>, x: &[f32], y: &mut [f32]) -> Result<()> {
+    check_len("x", w.cols(), x.len())?;
+    check_len("y", w.rows(), y.len())?;
+    dot_rows(cpu, |r| w.row(r), &[x], y);
+    Ok(())
+}
+
+/// Gathered-output GEMV `out[k] = w[rows[k]] . x` (the twin of `gathered_gemv_ref`).
+pub fn gathered_gemv<T: Element>(cpu: &Cpu, w: MatRef<'_, T>, x: &[f32], rows: &[u32], out: &mut [f32]) -> Result<()> {
+    check_len("x", w.cols(), x.len())?;
+    check_len("out", rows.len(), out.len())?;
+    check_row_indices("rows", rows, w.rows())?;
+    dot_rows(cpu, |k| w.row(rows[k] as usize), &[x], out);
+    Ok(())
+}
+
+fn check_len(what: &'static str, expected: usize, found: usize) -> Result<()> {
+    if expected == found { Ok(()) } else { Err(Error::LengthMismatch { what, expected, found }) }
+}
+
+/// AXPY of the active rows of `w_t` into `y`, restricted to the columns `cols` of each row.
+struct SparseAxpy<'a, T> {
+    w_t: MatRef<'a, T>,
+    x: &'a [f32],
+    threshold: f32,
+    cols: core::ops::Range<usize>,
+    y: &'a mut [f32],
+}
+
+impl<T: Element> WithSimd for SparseAxpy<'_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, s: S) {
+        let Self { w_t, x, threshold, cols, y } = self;
+        y.fill(0.0);
+        let mut coeffs = [0.0f32; ROW_BLOCK];
+        let mut rows: [&[T]; ROW_BLOCK] = [&[]; ROW_BLOCK];
+        let mut pending = 0;
+        for (i, &xi) in x.iter().enumerate() {
+            if !is_active(xi, threshold) {
+                continue;
+            }
+            coeffs[pending] = xi;
+            rows[pending] = &w_t.row(i)[cols.clone()];
+            pending += 1;
+            if pending == ROW_BLOCK {
+                axpy_block(s, y, coeffs, rows);
+                pending = 0;
+            }
+        }
+        axpy_some(s, y, &coeffs[..pending], &rows[..pending]);
+    }
+}
+
+/// Sparse-input GEMV (TEAL form): `y = sum over active i of x_i w_t[i, :]`, `w_t` `[in, out]`.
+/// Returns the number of active inputs (rows read). The twin of `sparse_input_gemv_ref`.
+pub fn sparse_input_gemv<T: Element>(cpu: &Cpu, w_t: MatRef<'_, T>, x: &[f32], threshold: f32, y: &mut [f32]) -> Result<usize> {
+    check_threshold("threshold", threshold)?;
+    check_len("x", w_t.rows(), x.len())?;
+    check_len("y", w_t.cols(), y.len())?;
+    let active = x.iter().filter(|&&v| is_active(v, threshold)).count();
+    let parts = parts_for(cpu.threads(), active * y.len(), MIN_ELEMENTS_PER_THREAD);
+    if parts <= 1 {
+        let cols = 0..y.len();
+        cpu.dispatch(SparseAxpy { w_t, x, threshold, cols, y });
+        return Ok(active);
+    }
+    #[cfg(feature = "alloc")]
+    {
+        let mut work = alloc::vec::Vec::with_capacity(parts);
+        let mut rest = &mut *y;
+        for cols in ranges(rest.len(), parts, COLUMN_ALIGN) {
+            let (part, tail) = rest.split_at_mut(cols.len());
+            work.push((cols, part));
+            rest = tail;
+        }
+        crate::parallel::for_each(work, |(cols, part)| {
+            cpu.dispatch(SparseAxpy { w_t, x, threshold, cols, y: part });
+        });
+    }
+    Ok(active)
+}
+
+/// Dense GEMV through the transposed layout: `y = W_t^T x` (every row of `w_t` is read).
+pub fn gemv_t<T: Element>(cpu: &Cpu, w_t: MatRef<'_, T>, x: &[f32], y: &mut [f32]) -> Result<()> {
+    sparse_input_gemv(cpu, w_t, x, f32::NEG_INFINITY, y).map(|_| ())
+}

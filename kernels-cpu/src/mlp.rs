@@ -90,10 +90,16 @@ impl<T: Element> WithSimd for BatchAxpy<'_, '_, T> {
         for y in ys.iter_mut() {
             y.fill(0.0);
         }
-        for (index, (block, masks)) in union.rows.chunks(ROW_BLOCK).zip(union.masks.chunks(ROW_BLOCK)).enumerate() {
+        let block_rows = |index: usize| -> [&[T]; ROW_BLOCK] {
+            core::array::from_fn(|r| {
+                union.rows.get(index * ROW_BLOCK + r).map_or(&[][..], |&i| &w_t.row(i as usize)[cols.clone()])
+            })
+        };
+        let mut next = block_rows(0);
+        for (index, masks) in union.masks.chunks(ROW_BLOCK).enumerate() {
             let first = index * ROW_BLOCK;
-            let rows: [&[T]; ROW_BLOCK] =
-                core::array::from_fn(|r| block.get(r).map_or(&[][..], |&i| &w_t.row(i as usize)[cols.clone()]));
+            let rows = next;
+            next = block_rows(index + 1);
             for (b, y) in ys.iter_mut().enumerate() {
                 let mut picked_rows: [&[T]; ROW_BLOCK] = [&[]; ROW_BLOCK];
                 let mut picked_coeffs = [0.0f32; ROW_BLOCK];
@@ -105,7 +111,9 @@ impl<T: Element> WithSimd for BatchAxpy<'_, '_, T> {
                         count += 1;
                     }
                 }
-                axpy_some(s, y, &picked_coeffs[..count], &picked_rows[..count]);
+                // Prefetch the next block while the first sample sums this one.
+                let ahead: &[&[T]] = if b == 0 { &next } else { &[] };
+                axpy_some(s, y, &picked_coeffs[..count], &picked_rows[..count], ahead);
             }
         }
     }

@@ -44,6 +44,12 @@ pub trait Simd: Copy + Send + Sync + 'static {
     fn add(self, a: Self::F32, b: Self::F32) -> Self::F32;
     /// The sum of the lanes.
     fn reduce_sum(self, v: Self::F32) -> f32;
+    /// Hints that the cache line holding `at` will be read soon (a no-op where the instruction set
+    /// has no prefetch instruction). Never faults.
+    #[inline(always)]
+    fn prefetch<T>(self, at: &T) {
+        let _ = at;
+    }
 }
 
 /// Widens one element with plain scalar code.
@@ -174,6 +180,11 @@ mod x86 {
             unsafe { _mm256_add_ps(a, b) }
         }
         #[inline(always)]
+        fn prefetch<T>(self, at: &T) {
+            // SAFETY: prefetch is a hint; it never faults.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(core::ptr::from_ref(at).cast()) }
+        }
+        #[inline(always)]
         fn reduce_sum(self, v: __m256) -> f32 {
             unsafe {
                 let quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
@@ -242,6 +253,11 @@ mod x86 {
         #[inline(always)]
         fn add(self, a: __m512, b: __m512) -> __m512 {
             unsafe { _mm512_add_ps(a, b) }
+        }
+        #[inline(always)]
+        fn prefetch<T>(self, at: &T) {
+            // SAFETY: prefetch is a hint; it never faults.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(core::ptr::from_ref(at).cast()) }
         }
         #[inline(always)]
         fn reduce_sum(self, v: __m512) -> f32 {

@@ -7,9 +7,14 @@
 
 use std::time::Duration;
 
-use criterion::{BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main, measurement::WallTime};
+use criterion::{
+    BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main,
+    measurement::WallTime,
+};
 use half::bf16;
-use kernels_benches::{LLAMA2_7B, MlpShape, SMOLLM2_135M, normal, stream_read, threshold_for_sparsity};
+use kernels_benches::{
+    LLAMA2_7B, MlpShape, SMOLLM2_135M, normal, stream_read, threshold_for_sparsity,
+};
 use kernels_core::ops::sparse::{CatsMlpWeights, TealMlpWeights, TealThresholds};
 use kernels_core::{Element, MatMut, MatRef};
 use kernels_cpu::Cpu;
@@ -21,7 +26,10 @@ const COLD_BYTES: usize = 1536 << 20;
 const SPARSITIES: [f64; 4] = [0.0, 0.5, 0.7, 0.9];
 
 fn configure(group: &mut BenchmarkGroup<'_, WallTime>) {
-    group.sample_size(20).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+    group
+        .sample_size(20)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
 }
 
 fn threads() -> [usize; 2] {
@@ -35,15 +43,23 @@ fn stream(c: &mut Criterion) {
     let buffer = vec![1.0f32; (1 << 30) / 4];
     group.throughput(Throughput::Bytes(1 << 30));
     for t in threads() {
-        group.bench_function(BenchmarkId::new("read_1GiB", format!("{t}t")), |b| b.iter(|| stream_read(&cpu, &buffer, t)));
+        group.bench_function(BenchmarkId::new("read_1GiB", format!("{t}t")), |b| {
+            b.iter(|| stream_read(&cpu, &buffer, t));
+        });
     }
 }
 
 /// `copies` matrices of `rows x cols` weights, enough to span `COLD_BYTES` (or one, for hot).
 fn matrices<T: Element>(rows: usize, cols: usize, cold: bool) -> Vec<Vec<T>> {
     let bytes = rows * cols * T::DTYPE.size_bytes();
-    let copies = if cold { COLD_BYTES.div_ceil(bytes).max(2) } else { 1 };
-    (0..copies).map(|k| normal::<T>(rows * cols, 0.02, k as u64)).collect()
+    let copies = if cold {
+        COLD_BYTES.div_ceil(bytes).max(2)
+    } else {
+        1
+    };
+    (0..copies)
+        .map(|k| normal::<T>(rows * cols, 0.02, k as u64))
+        .collect()
 }
 
 fn gemv_family<T: Element>(c: &mut Criterion, shape: MlpShape, cold: bool) {
@@ -66,7 +82,8 @@ fn gemv_family<T: Element>(c: &mut Criterion, shape: MlpShape, cold: bool) {
         group.bench_function(BenchmarkId::new("dense", format!("{t}t")), |b| {
             b.iter(|| {
                 k += 1;
-                let w = MatRef::from_slice(&weights[k % weights.len()], inter, hidden).expect("shape");
+                let w =
+                    MatRef::from_slice(&weights[k % weights.len()], inter, hidden).expect("shape");
                 gemv(&cpu, w, &x, &mut y_inter).expect("gemv");
             });
         });
@@ -75,13 +92,17 @@ fn gemv_family<T: Element>(c: &mut Criterion, shape: MlpShape, cold: bool) {
             // Bytes actually read: the active rows.
             group.throughput(Throughput::Bytes(((1.0 - s) * bytes as f64) as u64));
             let mut k = 0;
-            group.bench_function(BenchmarkId::new(format!("sparse_input_s{s}"), format!("{t}t")), |b| {
-                b.iter(|| {
-                    k += 1;
-                    let w_t = MatRef::from_slice(&weights[k % weights.len()], inter, hidden).expect("shape");
-                    sparse_input_gemv(&cpu, w_t, &h, threshold, &mut y_hidden).expect("sparse");
-                });
-            });
+            group.bench_function(
+                BenchmarkId::new(format!("sparse_input_s{s}"), format!("{t}t")),
+                |b| {
+                    b.iter(|| {
+                        k += 1;
+                        let w_t = MatRef::from_slice(&weights[k % weights.len()], inter, hidden)
+                            .expect("shape");
+                        sparse_input_gemv(&cpu, w_t, &h, threshold, &mut y_hidden).expect("sparse");
+                    });
+                },
+            );
         }
     }
 }
@@ -92,35 +113,68 @@ fn mlp_family<T: Element>(c: &mut Criterion, shape: MlpShape) {
     configure(&mut group);
     let (inter, hidden) = (shape.intermediate, shape.hidden);
     let layer_bytes = 3 * inter * hidden * T::DTYPE.size_bytes();
-    let layers = COLD_BYTES.div_ceil(layer_bytes).clamp(2, shape.layers.max(2));
+    let layers = COLD_BYTES
+        .div_ceil(layer_bytes)
+        .clamp(2, shape.layers.max(2));
     let layers: Vec<[Vec<T>; 3]> = (0..layers)
-        .map(|l| [0, 1, 2].map(|p| normal::<T>(inter * hidden, 1.0 / (hidden as f32).sqrt(), (l * 3 + p) as u64)))
+        .map(|l| {
+            [0, 1, 2].map(|p| {
+                normal::<T>(
+                    inter * hidden,
+                    1.0 / (hidden as f32).sqrt(),
+                    (l * 3 + p) as u64,
+                )
+            })
+        })
         .collect();
     let x = normal::<f32>(hidden, 1.0, 97);
     let mut y = vec![0.0f32; hidden];
     // CATS thresholds from the first layer's gate activations.
     let mut g = vec![0.0f32; inter];
-    gemv(&cpu, MatRef::from_slice(&layers[0][0], inter, hidden).expect("shape"), &x, &mut g).expect("gemv");
-    let a: Vec<f32> = g.iter().map(|&g| kernels_core::ops::sparse::silu_f32(g)).collect();
+    gemv(
+        &cpu,
+        MatRef::from_slice(&layers[0][0], inter, hidden).expect("shape"),
+        &x,
+        &mut g,
+    )
+    .expect("gemv");
+    let a: Vec<f32> = g
+        .iter()
+        .map(|&g| kernels_core::ops::sparse::silu_f32(g))
+        .collect();
     group.throughput(Throughput::Bytes(layer_bytes as u64));
     for t in threads() {
         let cpu = cpu.with_threads(t).expect("threads");
         for s in SPARSITIES {
-            let threshold = if s == 0.0 { -1.0 } else { threshold_for_sparsity(&a, s) };
+            let threshold = if s == 0.0 {
+                -1.0
+            } else {
+                threshold_for_sparsity(&a, s)
+            };
             let mut k = 0;
-            group.bench_function(BenchmarkId::new(format!("cats_s{s}"), format!("{t}t")), |b| {
-                b.iter(|| {
-                    k += 1;
-                    let [gate, up, down_t] = &layers[k % layers.len()];
-                    let weights = CatsMlpWeights {
-                        gate: MatRef::from_slice(gate, inter, hidden).expect("shape"),
-                        up: MatRef::from_slice(up, inter, hidden).expect("shape"),
-                        down_t: MatRef::from_slice(down_t, inter, hidden).expect("shape"),
-                    };
-                    let xm = MatRef::from_slice(&x, 1, hidden).expect("shape");
-                    cats_mlp(&cpu, xm, weights, threshold, MatMut::from_slice(&mut y, 1, hidden).expect("shape")).expect("mlp")
-                });
-            });
+            group.bench_function(
+                BenchmarkId::new(format!("cats_s{s}"), format!("{t}t")),
+                |b| {
+                    b.iter(|| {
+                        k += 1;
+                        let [gate, up, down_t] = &layers[k % layers.len()];
+                        let weights = CatsMlpWeights {
+                            gate: MatRef::from_slice(gate, inter, hidden).expect("shape"),
+                            up: MatRef::from_slice(up, inter, hidden).expect("shape"),
+                            down_t: MatRef::from_slice(down_t, inter, hidden).expect("shape"),
+                        };
+                        let xm = MatRef::from_slice(&x, 1, hidden).expect("shape");
+                        cats_mlp(
+                            &cpu,
+                            xm,
+                            weights,
+                            threshold,
+                            MatMut::from_slice(&mut y, 1, hidden).expect("shape"),
+                        )
+                        .expect("mlp")
+                    });
+                },
+            );
         }
         // TEAL at 50 % input sparsity on every projection (gate/up read transposed).
         let t_x = threshold_for_sparsity(&x, 0.5);
@@ -135,8 +189,14 @@ fn mlp_family<T: Element>(c: &mut Criterion, shape: MlpShape) {
                     down_t: MatRef::from_slice(down_t, inter, hidden).expect("shape"),
                 };
                 let xm = MatRef::from_slice(&x, 1, hidden).expect("shape");
-                teal_mlp(&cpu, xm, weights, TealThresholds::new(t_x, 0.05), MatMut::from_slice(&mut y, 1, hidden).expect("shape"))
-                    .expect("mlp")
+                teal_mlp(
+                    &cpu,
+                    xm,
+                    weights,
+                    TealThresholds::new(t_x, 0.05),
+                    MatMut::from_slice(&mut y, 1, hidden).expect("shape"),
+                )
+                .expect("mlp")
             });
         });
     }

@@ -101,7 +101,8 @@ impl WithSimd for ReadSum<'_> {
         let lanes = S::LANES;
         let step = 2 * lanes;
         let len = self.0.len() / STREAMS_PER_THREAD / step * step;
-        let streams: [&[f32]; STREAMS_PER_THREAD] = core::array::from_fn(|k| &self.0[k * len..(k + 1) * len]);
+        let streams: [&[f32]; STREAMS_PER_THREAD] =
+            core::array::from_fn(|k| &self.0[k * len..(k + 1) * len]);
         let mut acc = [[s.zero(); 2]; STREAMS_PER_THREAD];
         let mut c = 0;
         while c < len {

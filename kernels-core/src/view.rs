@@ -219,7 +219,10 @@ impl<'a, T> MatMut<'a, T> {
     /// Every row, as disjoint mutable slices (for handing rows to different threads).
     pub fn rows_mut(&mut self) -> impl Iterator<Item = &mut [T]> {
         let cols = self.cols;
-        self.data.chunks_mut(self.row_stride.max(1)).take(self.rows).map(move |row| &mut row[..cols])
+        self.data
+            .chunks_mut(self.row_stride.max(1))
+            .take(self.rows)
+            .map(move |row| &mut row[..cols])
     }
 
     /// A read-only view of the same matrix.

@@ -50,7 +50,11 @@ const PREFETCH_BYTES: usize = 1024;
 
 /// `[r0 . x, r1 . x, ...]` for `R` rows of length `x.len()`.
 #[inline(always)]
-pub(crate) fn dot_block<S: Simd, T: Element, const R: usize>(s: S, rows: [&[T]; R], x: &[f32]) -> [f32; R] {
+pub(crate) fn dot_block<S: Simd, T: Element, const R: usize>(
+    s: S,
+    rows: [&[T]; R],
+    x: &[f32],
+) -> [f32; R] {
     let lanes = S::LANES;
     let n = x.len();
     let rows_full = rows;
@@ -130,12 +134,30 @@ pub(crate) fn axpy_block<S: Simd, T: Element, const R: usize>(
 
 /// AXPY of `k <= ROW_BLOCK` rows (a block's active subset) into `y`, prefetching `next`.
 #[inline(always)]
-pub(crate) fn axpy_some<S: Simd, T: Element>(s: S, y: &mut [f32], coeffs: &[f32], rows: &[&[T]], next: &[&[T]]) {
+pub(crate) fn axpy_some<S: Simd, T: Element>(
+    s: S,
+    y: &mut [f32],
+    coeffs: &[f32],
+    rows: &[&[T]],
+    next: &[&[T]],
+) {
     match rows.len() {
         1 => axpy_block(s, y, [coeffs[0]], [rows[0]], next),
         2 => axpy_block(s, y, [coeffs[0], coeffs[1]], [rows[0], rows[1]], next),
-        3 => axpy_block(s, y, [coeffs[0], coeffs[1], coeffs[2]], [rows[0], rows[1], rows[2]], next),
-        4 => axpy_block(s, y, [coeffs[0], coeffs[1], coeffs[2], coeffs[3]], [rows[0], rows[1], rows[2], rows[3]], next),
+        3 => axpy_block(
+            s,
+            y,
+            [coeffs[0], coeffs[1], coeffs[2]],
+            [rows[0], rows[1], rows[2]],
+            next,
+        ),
+        4 => axpy_block(
+            s,
+            y,
+            [coeffs[0], coeffs[1], coeffs[2], coeffs[3]],
+            [rows[0], rows[1], rows[2], rows[3]],
+            next,
+        ),
         _ => {}
     }
 }
@@ -166,7 +188,12 @@ impl<'w, T: Element, F: Fn(usize) -> &'w [T]> WithSimd for DotRows<'w, '_, T, F>
 }
 
 #[inline(always)]
-fn dot_row_blocks<'w, S: Simd, T: Element + 'w, const R: usize>(s: S, row: &impl Fn(usize) -> &'w [T], xs: &[&[f32]], y: &mut [f32]) {
+fn dot_row_blocks<'w, S: Simd, T: Element + 'w, const R: usize>(
+    s: S,
+    row: &impl Fn(usize) -> &'w [T],
+    xs: &[&[f32]],
+    y: &mut [f32],
+) {
     let batch = xs.len();
     let mut blocks = y.chunks_exact_mut(R * batch);
     let mut k = 0;
@@ -189,13 +216,23 @@ fn dot_row_blocks<'w, S: Simd, T: Element + 'w, const R: usize>(s: S, row: &impl
 }
 
 /// Runs `DotRows` over `y` (`rows x xs.len()`), split into row ranges over threads.
-pub(crate) fn dot_rows<'w, T: Element>(cpu: &Cpu, row: impl Fn(usize) -> &'w [T] + Sync, xs: &[&[f32]], y: &mut [f32]) {
+pub(crate) fn dot_rows<'w, T: Element>(
+    cpu: &Cpu,
+    row: impl Fn(usize) -> &'w [T] + Sync,
+    xs: &[&[f32]],
+    y: &mut [f32],
+) {
     let batch = xs.len().max(1);
     let rows = y.len() / batch;
     let width = xs.first().map_or(0, |x| x.len());
     let parts = parts_for(cpu.threads(), rows * width, MIN_ELEMENTS_PER_THREAD);
     if parts <= 1 {
-        cpu.dispatch(DotRows { row, xs, y, _weights: core::marker::PhantomData });
+        cpu.dispatch(DotRows {
+            row,
+            xs,
+            y,
+            _weights: core::marker::PhantomData,
+        });
         return;
     }
     #[cfg(feature = "alloc")]
@@ -209,7 +246,12 @@ pub(crate) fn dot_rows<'w, T: Element>(cpu: &Cpu, row: impl Fn(usize) -> &'w [T]
         }
         let row = &row;
         crate::parallel::for_each(work, |(first, part)| {
-            cpu.dispatch(DotRows { row: |k| row(first + k), xs, y: part, _weights: core::marker::PhantomData });
+            cpu.dispatch(DotRows {
+                row: |k| row(first + k),
+                xs,
+                y: part,
+                _weights: core::marker::PhantomData,
+            });
         });
     }
 }
@@ -223,7 +265,13 @@ pub fn gemv<T: Element>(cpu: &Cpu, w: MatRef<'_, T>, x: &[f32], y: &mut [f32]) -
 }
 
 /// Gathered-output GEMV `out[k] = w[rows[k]] . x` (the twin of `gathered_gemv_ref`).
-pub fn gathered_gemv<T: Element>(cpu: &Cpu, w: MatRef<'_, T>, x: &[f32], rows: &[u32], out: &mut [f32]) -> Result<()> {
+pub fn gathered_gemv<T: Element>(
+    cpu: &Cpu,
+    w: MatRef<'_, T>,
+    x: &[f32],
+    rows: &[u32],
+    out: &mut [f32],
+) -> Result<()> {
     check_len("x", w.cols(), x.len())?;
     check_len("out", rows.len(), out.len())?;
     check_row_indices("rows", rows, w.rows())?;
@@ -232,7 +280,15 @@ pub fn gathered_gemv<T: Element>(cpu: &Cpu, w: MatRef<'_, T>, x: &[f32], rows: &
 }
 
 fn check_len(what: &'static str, expected: usize, found: usize) -> Result<()> {
-    if expected == found { Ok(()) } else { Err(Error::LengthMismatch { what, expected, found }) }
+    if expected == found {
+        Ok(())
+    } else {
+        Err(Error::LengthMismatch {
+            what,
+            expected,
+            found,
+        })
+    }
 }
 
 /// AXPY of the active rows of `w_t` into `y`, restricted to the columns `cols` of each row.
@@ -249,10 +305,19 @@ impl<T: Element> WithSimd for SparseAxpy<'_, T> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, s: S) {
-        let Self { w_t, x, threshold, cols, y } = self;
+        let Self {
+            w_t,
+            x,
+            threshold,
+            cols,
+            y,
+        } = self;
         y.fill(0.0);
         // Blocks of up to four active rows, gathered one block ahead for prefetching.
-        let mut active = x.iter().enumerate().filter(|(_, v)| is_active(**v, threshold));
+        let mut active = x
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| is_active(**v, threshold));
         let mut next_block = || {
             let mut coeffs = [0.0f32; ROW_BLOCK];
             let mut rows: [&[T]; ROW_BLOCK] = [&[]; ROW_BLOCK];
@@ -281,7 +346,13 @@ impl<T: Element> WithSimd for SparseAxpy<'_, T> {
 
 /// Sparse-input GEMV (TEAL form): `y = sum over active i of x_i w_t[i, :]`, `w_t` `[in, out]`.
 /// Returns the number of active inputs (rows read). The twin of `sparse_input_gemv_ref`.
-pub fn sparse_input_gemv<T: Element>(cpu: &Cpu, w_t: MatRef<'_, T>, x: &[f32], threshold: f32, y: &mut [f32]) -> Result<usize> {
+pub fn sparse_input_gemv<T: Element>(
+    cpu: &Cpu,
+    w_t: MatRef<'_, T>,
+    x: &[f32],
+    threshold: f32,
+    y: &mut [f32],
+) -> Result<usize> {
     check_threshold("threshold", threshold)?;
     check_len("x", w_t.rows(), x.len())?;
     check_len("y", w_t.cols(), y.len())?;
@@ -289,7 +360,13 @@ pub fn sparse_input_gemv<T: Element>(cpu: &Cpu, w_t: MatRef<'_, T>, x: &[f32], t
     let parts = parts_for(cpu.threads(), active * y.len(), MIN_ELEMENTS_PER_THREAD);
     if parts <= 1 {
         let cols = 0..y.len();
-        cpu.dispatch(SparseAxpy { w_t, x, threshold, cols, y });
+        cpu.dispatch(SparseAxpy {
+            w_t,
+            x,
+            threshold,
+            cols,
+            y,
+        });
         return Ok(active);
     }
     #[cfg(feature = "alloc")]
@@ -302,7 +379,13 @@ pub fn sparse_input_gemv<T: Element>(cpu: &Cpu, w_t: MatRef<'_, T>, x: &[f32], t
             rest = tail;
         }
         crate::parallel::for_each(work, |(cols, part)| {
-            cpu.dispatch(SparseAxpy { w_t, x, threshold, cols, y: part });
+            cpu.dispatch(SparseAxpy {
+                w_t,
+                x,
+                threshold,
+                cols,
+                y: part,
+            });
         });
     }
     Ok(active)

@@ -29,6 +29,8 @@
 #[cfg(any(feature = "alloc", test))]
 extern crate alloc;
 
+#[cfg(feature = "alloc")]
+pub mod calibrate;
 pub mod gemv;
 mod isa;
 #[cfg(feature = "alloc")]
@@ -66,13 +68,19 @@ impl Cpu {
     /// thread per core of rayon's global pool.
     #[must_use]
     pub fn detect() -> Self {
-        Self { isa: Isa::best(), threads: default_threads() }
+        Self {
+            isa: Isa::best(),
+            threads: default_threads(),
+        }
     }
 
     /// Pinned to `isa`, if this CPU has it (threads as [`Cpu::detect`]).
     pub fn with_isa(isa: Isa) -> Result<Self> {
         if isa.is_available() {
-            Ok(Self { isa, threads: default_threads() })
+            Ok(Self {
+                isa,
+                threads: default_threads(),
+            })
         } else {
             Err(Error::Unsupported {
                 feature: isa.name(),
@@ -84,7 +92,11 @@ impl Cpu {
     /// The same backend splitting work into `threads` parts (`>= 1`; above 1 needs `std`).
     pub fn with_threads(self, threads: usize) -> Result<Self> {
         if threads == 0 {
-            return Err(Error::InvalidParam { name: "threads", value: 0.0, expected: ">= 1" });
+            return Err(Error::InvalidParam {
+                name: "threads",
+                value: 0.0,
+                expected: ">= 1",
+            });
         }
         if threads > 1 && !cfg!(feature = "std") {
             return Err(Error::Unsupported {

@@ -22,12 +22,14 @@ use alloc::vec::Vec;
 use core::ops::Range;
 
 use kernels_core::ops::sparse::{
-    CatsMlpWeights, MAX_MLP_BATCH, MlpReport, TealMlpWeights, TealThresholds, is_active, silu_f32, validate_cats_mlp,
-    validate_teal_mlp,
+    CatsMlpWeights, MAX_MLP_BATCH, MlpReport, TealMlpWeights, TealThresholds, is_active, silu_f32,
+    validate_cats_mlp, validate_teal_mlp,
 };
 use kernels_core::{Element, MatMut, MatRef, Result};
 
-use crate::gemv::{COLUMN_ALIGN, MIN_ELEMENTS_PER_THREAD, ROW_BLOCK, axpy_some, dot_rows, gemv_tolerance};
+use crate::gemv::{
+    COLUMN_ALIGN, MIN_ELEMENTS_PER_THREAD, ROW_BLOCK, axpy_some, dot_rows, gemv_tolerance,
+};
 use crate::parallel::{for_each, parts_for, ranges};
 use crate::{Cpu, Simd, WithSimd};
 
@@ -61,7 +63,10 @@ impl UnionRows {
         let mut rows = Vec::new();
         let mut masks = Vec::new();
         for (i, flags) in active.chunks_exact(batch).enumerate() {
-            let mask = flags.iter().enumerate().fold(0u8, |m, (b, &on)| m | (u8::from(on) << b));
+            let mask = flags
+                .iter()
+                .enumerate()
+                .fold(0u8, |m, (b, &on)| m | (u8::from(on) << b));
             if mask != 0 {
                 rows.push(i as u32);
                 masks.push(mask);
@@ -85,14 +90,23 @@ impl<T: Element> WithSimd for BatchAxpy<'_, '_, T> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, s: S) {
-        let Self { w_t, union, coeffs, cols, ys } = self;
+        let Self {
+            w_t,
+            union,
+            coeffs,
+            cols,
+            ys,
+        } = self;
         let batch = ys.len();
         for y in ys.iter_mut() {
             y.fill(0.0);
         }
         let block_rows = |index: usize| -> [&[T]; ROW_BLOCK] {
             core::array::from_fn(|r| {
-                union.rows.get(index * ROW_BLOCK + r).map_or(&[][..], |&i| &w_t.row(i as usize)[cols.clone()])
+                union
+                    .rows
+                    .get(index * ROW_BLOCK + r)
+                    .map_or(&[][..], |&i| &w_t.row(i as usize)[cols.clone()])
             })
         };
         let mut next = block_rows(0);
@@ -120,12 +134,24 @@ impl<T: Element> WithSimd for BatchAxpy<'_, '_, T> {
 }
 
 /// Runs [`BatchAxpy`] over the columns of `w_t`, split over threads.
-fn batch_axpy<T: Element>(cpu: &Cpu, w_t: MatRef<'_, T>, union: &UnionRows, coeffs: &[f32], ys: Vec<&mut [f32]>) {
+fn batch_axpy<T: Element>(
+    cpu: &Cpu,
+    w_t: MatRef<'_, T>,
+    union: &UnionRows,
+    coeffs: &[f32],
+    ys: Vec<&mut [f32]>,
+) {
     let cols = w_t.cols();
-    let parts = parts_for(cpu.threads(), union.rows.len() * cols * ys.len(), MIN_ELEMENTS_PER_THREAD);
+    let parts = parts_for(
+        cpu.threads(),
+        union.rows.len() * cols * ys.len(),
+        MIN_ELEMENTS_PER_THREAD,
+    );
     let splits: Vec<Range<usize>> = ranges(cols, parts, COLUMN_ALIGN).collect();
-    let mut work: Vec<(Range<usize>, Vec<&mut [f32]>)> =
-        splits.iter().map(|r| (r.clone(), Vec::with_capacity(ys.len()))).collect();
+    let mut work: Vec<(Range<usize>, Vec<&mut [f32]>)> = splits
+        .iter()
+        .map(|r| (r.clone(), Vec::with_capacity(ys.len())))
+        .collect();
     for y in ys {
         let mut rest = y;
         for (range, part) in &mut work {
@@ -138,12 +164,21 @@ fn batch_axpy<T: Element>(cpu: &Cpu, w_t: MatRef<'_, T>, union: &UnionRows, coef
         return;
     }
     for_each(work, |(cols, mut ys)| {
-        cpu.dispatch(BatchAxpy { w_t, union, coeffs, cols, ys: &mut ys });
+        cpu.dispatch(BatchAxpy {
+            w_t,
+            union,
+            coeffs,
+            cols,
+            ys: &mut ys,
+        });
     });
 }
 
 fn report(union: &UnionRows, intermediate: usize) -> MlpReport {
-    MlpReport { active: union.rows.clone(), intermediate }
+    MlpReport {
+        active: union.rows.clone(),
+        intermediate,
+    }
 }
 
 /// The CATS MLP (see the module docs); `x` `[batch, hidden]`, `y` `[batch, hidden]`.
@@ -198,12 +233,27 @@ pub fn teal_mlp<T: Element>(
         }
     }
     let x_union = UnionRows::new(&x_active, batch);
-    let x_coeffs: Vec<f32> =
-        x_union.rows.iter().flat_map(|&i| (0..batch).map(move |b| x.at(b, i as usize))).collect();
+    let x_coeffs: Vec<f32> = x_union
+        .rows
+        .iter()
+        .flat_map(|&i| (0..batch).map(move |b| x.at(b, i as usize)))
+        .collect();
     let mut g = vec![0.0f32; batch * inter];
     let mut u = vec![0.0f32; batch * inter];
-    batch_axpy(cpu, weights.gate_t, &x_union, &x_coeffs, g.chunks_mut(inter.max(1)).collect());
-    batch_axpy(cpu, weights.up_t, &x_union, &x_coeffs, u.chunks_mut(inter.max(1)).collect());
+    batch_axpy(
+        cpu,
+        weights.gate_t,
+        &x_union,
+        &x_coeffs,
+        g.chunks_mut(inter.max(1)).collect(),
+    );
+    batch_axpy(
+        cpu,
+        weights.up_t,
+        &x_union,
+        &x_coeffs,
+        u.chunks_mut(inter.max(1)).collect(),
+    );
     // Input of down: h = silu(g) * u, thresholded per sample; laid out [row][sample].
     let mut h = vec![0.0f32; inter * batch];
     let mut h_active = vec![false; inter * batch];
@@ -215,12 +265,20 @@ pub fn teal_mlp<T: Element>(
         }
     }
     let h_union = UnionRows::new(&h_active, batch);
-    let h_coeffs: Vec<f32> =
-        h_union.rows.iter().flat_map(|&i| &h[i as usize * batch..][..batch]).copied().collect();
-    batch_axpy(cpu, weights.down_t, &h_union, &h_coeffs, y.rows_mut().collect());
+    let h_coeffs: Vec<f32> = h_union
+        .rows
+        .iter()
+        .flat_map(|&i| &h[i as usize * batch..][..batch])
+        .copied()
+        .collect();
+    batch_axpy(
+        cpu,
+        weights.down_t,
+        &h_union,
+        &h_coeffs,
+        y.rows_mut().collect(),
+    );
     Ok(report(&h_union, inter))
 }
 
 const _: () = assert!(MAX_MLP_BATCH <= 8, "sample masks are u8");
-
-

@@ -8,7 +8,9 @@ pub(crate) fn ranges(len: usize, parts: usize, align: usize) -> impl Iterator<It
     let align = align.max(1);
     let per_part = len.div_ceil(parts.max(1)).div_ceil(align) * align;
     let step = per_part.max(align);
-    (0..len).step_by(step).map(move |start| start..(start + step).min(len))
+    (0..len)
+        .step_by(step)
+        .map(move |start| start..(start + step).min(len))
 }
 
 /// How many parts to split `work` units into: at most `threads`, and no part smaller than

@@ -4,7 +4,9 @@ mod common;
 
 use common::{EDGE_DIMS, abs_sums, assert_close, normal};
 use half::{bf16, f16};
-use kernels_core::ops::sparse::{gathered_gemv_ref, gemv_ref, gemv_t_ref, is_active, sparse_input_gemv_ref};
+use kernels_core::ops::sparse::{
+    gathered_gemv_ref, gemv_ref, gemv_t_ref, is_active, sparse_input_gemv_ref,
+};
 use kernels_core::{Element, Error, MatRef};
 use kernels_cpu::Cpu;
 use kernels_cpu::gemv::{gathered_gemv, gemv, gemv_t, gemv_tolerance, sparse_input_gemv};
@@ -19,14 +21,24 @@ fn check_gemv<T: Element>(cpu: &Cpu, rows: usize, cols: usize, seed: u64) {
     let mut got = vec![f32::NAN; rows];
     gemv(cpu, w, &x, &mut got).unwrap();
     let scale = abs_sums(w, &x);
-    assert_close(&format!("gemv {:?} {rows}x{cols} {cpu:?}", T::DTYPE), &got, &expect, |i| gemv_tolerance(cols, scale[i]));
+    assert_close(
+        &format!("gemv {:?} {rows}x{cols} {cpu:?}", T::DTYPE),
+        &got,
+        &expect,
+        |i| gemv_tolerance(cols, scale[i]),
+    );
     // Gathered rows: every row in reverse, and some twice.
-    let picks: Vec<u32> = (0..rows as u32).rev().chain((0..rows as u32).step_by(3)).collect();
+    let picks: Vec<u32> = (0..rows as u32)
+        .rev()
+        .chain((0..rows as u32).step_by(3))
+        .collect();
     let mut gathered = vec![0.0; picks.len()];
     gathered_gemv(cpu, w, &x, &picks, &mut gathered).unwrap();
     let mut gathered_ref = vec![0.0; picks.len()];
     gathered_gemv_ref(w, &x, &picks, &mut gathered_ref).unwrap();
-    assert_close("gathered", &gathered, &gathered_ref, |k| gemv_tolerance(cols, scale[picks[k] as usize]));
+    assert_close("gathered", &gathered, &gathered_ref, |k| {
+        gemv_tolerance(cols, scale[picks[k] as usize])
+    });
     // The thread split never changes a bit.
     let mut single = vec![0.0; rows];
     gemv(&cpu.with_threads(1).unwrap(), w, &x, &mut single).unwrap();
@@ -55,9 +67,21 @@ fn check_sparse<T: Element>(cpu: &Cpu, rows: usize, cols: usize, threshold: f32,
                 .sum()
         })
         .collect();
-    assert_close(&format!("sparse {:?} {rows}x{cols} t={threshold} {cpu:?}", T::DTYPE), &got, &expect, |j| gemv_tolerance(read, scale[j]));
+    assert_close(
+        &format!("sparse {:?} {rows}x{cols} t={threshold} {cpu:?}", T::DTYPE),
+        &got,
+        &expect,
+        |j| gemv_tolerance(read, scale[j]),
+    );
     let mut single = vec![0.0; cols];
-    sparse_input_gemv(&cpu.with_threads(1).unwrap(), w_t, &x, threshold, &mut single).unwrap();
+    sparse_input_gemv(
+        &cpu.with_threads(1).unwrap(),
+        w_t,
+        &x,
+        threshold,
+        &mut single,
+    )
+    .unwrap();
     assert_eq!(bits(&got), bits(&single), "thread count changed the result");
 }
 
@@ -124,15 +148,37 @@ fn bad_inputs(cpu: &Cpu) {
     let m = MatRef::from_slice(&w, 3, 4).unwrap();
     let mut y3 = [0.0; 3];
     let mut y4 = [0.0; 4];
-    assert!(matches!(gemv(cpu, m, &[0.0; 3], &mut y3), Err(Error::LengthMismatch { what: "x", expected: 4, found: 3 })));
-    assert!(matches!(gemv(cpu, m, &[0.0; 4], &mut y4), Err(Error::LengthMismatch { what: "y", .. })));
-    assert!(matches!(sparse_input_gemv(cpu, m, &[0.0; 3], f32::NAN, &mut y4), Err(Error::InvalidParam { name: "threshold", .. })));
+    assert!(matches!(
+        gemv(cpu, m, &[0.0; 3], &mut y3),
+        Err(Error::LengthMismatch {
+            what: "x",
+            expected: 4,
+            found: 3
+        })
+    ));
+    assert!(matches!(
+        gemv(cpu, m, &[0.0; 4], &mut y4),
+        Err(Error::LengthMismatch { what: "y", .. })
+    ));
+    assert!(matches!(
+        sparse_input_gemv(cpu, m, &[0.0; 3], f32::NAN, &mut y4),
+        Err(Error::InvalidParam {
+            name: "threshold",
+            ..
+        })
+    ));
     assert!(sparse_input_gemv(cpu, m, &[0.0; 4], 0.0, &mut y4).is_err());
     assert!(gathered_gemv(cpu, m, &[0.0; 4], &[3], &mut y3[..1]).is_err());
     assert!(gathered_gemv(cpu, m, &[0.0; 4], &[0, 1], &mut y3).is_err());
 }
 
-isa_tests!(edge_shapes, real_model_sizes, transposed_dense_equals_sparse_at_minus_infinity, special_values, bad_inputs);
+isa_tests!(
+    edge_shapes,
+    real_model_sizes,
+    transposed_dense_equals_sparse_at_minus_infinity,
+    special_values,
+    bad_inputs
+);
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]

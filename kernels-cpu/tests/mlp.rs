@@ -21,7 +21,7 @@ fn safe_threshold(values: &[f64], q: f64) -> f32 {
     for offset in 0..mags.len() {
         for j in [start + offset, start.saturating_sub(offset)] {
             if j + 1 < mags.len() && mags[j + 1] - mags[j] > 1e-3 * (1.0 + mags[j + 1]) {
-                return ((mags[j] + mags[j + 1]) / 2.0) as f32;
+                return f64::midpoint(mags[j], mags[j + 1]) as f32;
             }
         }
     }
@@ -38,7 +38,11 @@ struct Layer<T> {
 
 impl<T: Element> Layer<T> {
     fn new(inter: usize, hidden: usize, seed: u64) -> Self {
-        let scale = |v: Vec<T>| v.into_iter().map(|w| T::from_f32(w.to_f32() / (hidden as f32).sqrt())).collect();
+        let scale = |v: Vec<T>| {
+            v.into_iter()
+                .map(|w| T::from_f32(w.to_f32() / (hidden as f32).sqrt()))
+                .collect()
+        };
         Self {
             inter,
             hidden,
@@ -57,7 +61,9 @@ impl<T: Element> Layer<T> {
     }
 
     fn transposed(&self, m: &[T]) -> Vec<T> {
-        (0..m.len()).map(|k| m[(k % self.inter) * self.hidden + k / self.inter]).collect()
+        (0..m.len())
+            .map(|k| m[(k % self.inter) * self.hidden + k / self.inter])
+            .collect()
     }
 }
 
@@ -77,20 +83,35 @@ impl Row {
 }
 
 /// Per output column, the `propagated` and `direct` scales of [`mlp_tolerance`].
-fn check_outputs<T: Element>(what: &str, down_t: MatRef<'_, T>, hidden: usize, rows: &[(usize, Row)], got: &[f32], expect: &[f32]) {
+fn check_outputs<T: Element>(
+    what: &str,
+    down_t: MatRef<'_, T>,
+    hidden: usize,
+    rows: &[(usize, Row)],
+    got: &[f32],
+    expect: &[f32],
+) {
     let (propagated, direct): (Vec<f64>, Vec<f64>) = (0..down_t.cols())
         .map(|j| {
             rows.iter().fold((0.0, 0.0), |(p, d), (i, r)| {
                 let w = f64::from(down_t.at(*i, j).to_f32()).abs();
-                (p + (r.a.abs() * r.up_scale + 1.1 * r.u.abs() * r.gate_scale) * w, d + (r.h() * w).abs())
+                (
+                    p + (r.a.abs() * r.up_scale + 1.1 * r.u.abs() * r.gate_scale) * w,
+                    d + (r.h() * w).abs(),
+                )
             })
         })
         .unzip();
-    assert_close(what, got, expect, |j| mlp_tolerance(hidden, rows.len(), propagated[j], direct[j]));
+    assert_close(what, got, expect, |j| {
+        mlp_tolerance(hidden, rows.len(), propagated[j], direct[j])
+    });
 }
 
 /// `(value, sum |w_k x_k|)` of a dot in `f64`.
-fn dot_with_scale<T: Element>(w: impl Iterator<Item = T>, x: impl Iterator<Item = f32>) -> (f64, f64) {
+fn dot_with_scale<T: Element>(
+    w: impl Iterator<Item = T>,
+    x: impl Iterator<Item = f32>,
+) -> (f64, f64) {
     w.zip(x).fold((0.0, 0.0), |(v, s), (w, x)| {
         let p = f64::from(w.to_f32()) * f64::from(x);
         (v + p, s + p.abs())
@@ -108,24 +129,59 @@ fn check_cats<T: Element>(cpu: &Cpu, inter: usize, hidden: usize, batch: usize, 
             (0..inter)
                 .map(|i| {
                     let xb = xm.row(b).iter().copied();
-                    let (g, gate_scale) = dot_with_scale(weights.gate.row(i).iter().copied(), xb.clone());
+                    let (g, gate_scale) =
+                        dot_with_scale(weights.gate.row(i).iter().copied(), xb.clone());
                     let (u, up_scale) = dot_with_scale(weights.up.row(i).iter().copied(), xb);
-                    Row { a: silu_f64(g), u, gate_scale, up_scale }
+                    Row {
+                        a: silu_f64(g),
+                        u,
+                        gate_scale,
+                        up_scale,
+                    }
                 })
                 .collect()
         })
         .collect();
     let all_a: Vec<f64> = samples.iter().flatten().map(|r| r.a).collect();
-    let t = if q.is_infinite() { f32::INFINITY } else if q <= 0.0 { -1.0 } else { safe_threshold(&all_a, q) };
+    let t = if q.is_infinite() {
+        f32::INFINITY
+    } else if q <= 0.0 {
+        -1.0
+    } else {
+        safe_threshold(&all_a, q)
+    };
     let mut expect = vec![0.0; batch * hidden];
-    let report_ref = cats_mlp_ref(xm, weights, t, MatMut::from_slice(&mut expect, batch, hidden).unwrap()).unwrap();
+    let report_ref = cats_mlp_ref(
+        xm,
+        weights,
+        t,
+        MatMut::from_slice(&mut expect, batch, hidden).unwrap(),
+    )
+    .unwrap();
     let mut got = vec![f32::NAN; batch * hidden];
-    let report = cats_mlp(cpu, xm, weights, t, MatMut::from_slice(&mut got, batch, hidden).unwrap()).unwrap();
-    assert_eq!(report, report_ref, "rows read {inter}x{hidden} batch {batch} t {t}");
+    let report = cats_mlp(
+        cpu,
+        xm,
+        weights,
+        t,
+        MatMut::from_slice(&mut got, batch, hidden).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        report, report_ref,
+        "rows read {inter}x{hidden} batch {batch} t {t}"
+    );
     for (b, rows) in samples.into_iter().enumerate() {
-        let active: Vec<(usize, Row)> = rows.into_iter().enumerate().filter(|(_, r)| (r.a as f32).abs() > t).collect();
+        let active: Vec<(usize, Row)> = rows
+            .into_iter()
+            .enumerate()
+            .filter(|(_, r)| (r.a as f32).abs() > t)
+            .collect();
         check_outputs(
-            &format!("cats {:?} {inter}x{hidden} batch {batch} sample {b} t {t} {cpu:?}", T::DTYPE),
+            &format!(
+                "cats {:?} {inter}x{hidden} batch {batch} sample {b} t {t} {cpu:?}",
+                T::DTYPE
+            ),
             weights.down_t,
             hidden,
             &active,
@@ -149,33 +205,70 @@ fn check_teal<T: Element>(cpu: &Cpu, inter: usize, hidden: usize, batch: usize, 
     let x = normal::<f32>(batch * hidden, seed + 3);
     let xm = MatRef::from_slice(&x, batch, hidden).unwrap();
     let x_f64: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
-    let t_x = if q <= 0.0 { -1.0 } else { safe_threshold(&x_f64, q) };
+    let t_x = if q <= 0.0 {
+        -1.0
+    } else {
+        safe_threshold(&x_f64, q)
+    };
     let samples: Vec<Vec<Row>> = (0..batch)
         .map(|b| {
             let active_x: Vec<usize> = (0..hidden).filter(|&k| xm.at(b, k).abs() > t_x).collect();
             (0..inter)
                 .map(|i| {
                     let xs = active_x.iter().map(|&k| xm.at(b, k));
-                    let (g, gate_scale) = dot_with_scale(active_x.iter().map(|&k| weights.gate_t.at(k, i)), xs.clone());
-                    let (u, up_scale) = dot_with_scale(active_x.iter().map(|&k| weights.up_t.at(k, i)), xs);
+                    let (g, gate_scale) = dot_with_scale(
+                        active_x.iter().map(|&k| weights.gate_t.at(k, i)),
+                        xs.clone(),
+                    );
+                    let (u, up_scale) =
+                        dot_with_scale(active_x.iter().map(|&k| weights.up_t.at(k, i)), xs);
                     // The reference rounds g and u to f32 before SiLU.
-                    Row { a: silu_f64(f64::from(g as f32)), u: f64::from(u as f32), gate_scale, up_scale }
+                    Row {
+                        a: silu_f64(f64::from(g as f32)),
+                        u: f64::from(u as f32),
+                        gate_scale,
+                        up_scale,
+                    }
                 })
                 .collect()
         })
         .collect();
     let all_h: Vec<f64> = samples.iter().flatten().map(Row::h).collect();
-    let t_h = if q <= 0.0 { -1.0 } else { safe_threshold(&all_h, q) };
+    let t_h = if q <= 0.0 {
+        -1.0
+    } else {
+        safe_threshold(&all_h, q)
+    };
     let thresholds = TealThresholds::new(t_x, t_h);
     let mut expect = vec![0.0; batch * hidden];
-    let report_ref = teal_mlp_ref(xm, weights, thresholds, MatMut::from_slice(&mut expect, batch, hidden).unwrap()).unwrap();
+    let report_ref = teal_mlp_ref(
+        xm,
+        weights,
+        thresholds,
+        MatMut::from_slice(&mut expect, batch, hidden).unwrap(),
+    )
+    .unwrap();
     let mut got = vec![f32::NAN; batch * hidden];
-    let report = teal_mlp(cpu, xm, weights, thresholds, MatMut::from_slice(&mut got, batch, hidden).unwrap()).unwrap();
+    let report = teal_mlp(
+        cpu,
+        xm,
+        weights,
+        thresholds,
+        MatMut::from_slice(&mut got, batch, hidden).unwrap(),
+    )
+    .unwrap();
     assert_eq!(report, report_ref, "rows read");
     for (b, rows) in samples.into_iter().enumerate() {
-        let active: Vec<(usize, Row)> = rows.into_iter().enumerate().filter(|(_, r)| (r.h() as f32).abs() > t_h).collect();
+        let active: Vec<(usize, Row)> = rows
+            .into_iter()
+            .enumerate()
+            .filter(|(_, r)| (r.h() as f32).abs() > t_h)
+            .collect();
         check_outputs(
-            &format!("teal {:?} {inter}x{hidden} batch {batch} sample {b} {cpu:?}", T::DTYPE),
+            &format!(
+                "teal {:?} {inter}x{hidden} batch {batch} sample {b} {cpu:?}",
+                T::DTYPE
+            ),
             weights.down_t,
             hidden,
             &active,
@@ -223,16 +316,60 @@ fn bad_inputs(cpu: &Cpu) {
     let layer = Layer::<f32>::new(8, 4, 1);
     let x = vec![0.0; 5 * 4];
     let mut y = vec![0.0; 5 * 4];
-    let five = cats_mlp(cpu, MatRef::from_slice(&x, 5, 4).unwrap(), layer.cats(), 0.0, MatMut::from_slice(&mut y, 5, 4).unwrap());
-    assert!(matches!(five, Err(Error::InvalidParam { name: "batch", .. })));
-    let nan = cats_mlp(cpu, MatRef::from_slice(&x[..4], 1, 4).unwrap(), layer.cats(), f32::NAN, MatMut::from_slice(&mut y[..4], 1, 4).unwrap());
-    assert!(matches!(nan, Err(Error::InvalidParam { name: "threshold", .. })));
+    let five = cats_mlp(
+        cpu,
+        MatRef::from_slice(&x, 5, 4).unwrap(),
+        layer.cats(),
+        0.0,
+        MatMut::from_slice(&mut y, 5, 4).unwrap(),
+    );
+    assert!(matches!(
+        five,
+        Err(Error::InvalidParam { name: "batch", .. })
+    ));
+    let nan = cats_mlp(
+        cpu,
+        MatRef::from_slice(&x[..4], 1, 4).unwrap(),
+        layer.cats(),
+        f32::NAN,
+        MatMut::from_slice(&mut y[..4], 1, 4).unwrap(),
+    );
+    assert!(matches!(
+        nan,
+        Err(Error::InvalidParam {
+            name: "threshold",
+            ..
+        })
+    ));
     let mut wrong = layer.cats();
     wrong.up = MatRef::from_slice(&layer.up[..28], 7, 4).unwrap();
-    let shape = cats_mlp(cpu, MatRef::from_slice(&x[..4], 1, 4).unwrap(), wrong, 0.0, MatMut::from_slice(&mut y[..4], 1, 4).unwrap());
-    assert!(matches!(shape, Err(Error::ShapeMismatch { what: "w_up", .. })));
-    let y_shape = cats_mlp(cpu, MatRef::from_slice(&x[..4], 1, 4).unwrap(), layer.cats(), 0.0, MatMut::from_slice(&mut y[..8], 2, 4).unwrap());
-    assert!(matches!(y_shape, Err(Error::ShapeMismatch { what: "y", .. })));
+    let shape = cats_mlp(
+        cpu,
+        MatRef::from_slice(&x[..4], 1, 4).unwrap(),
+        wrong,
+        0.0,
+        MatMut::from_slice(&mut y[..4], 1, 4).unwrap(),
+    );
+    assert!(matches!(
+        shape,
+        Err(Error::ShapeMismatch { what: "w_up", .. })
+    ));
+    let y_shape = cats_mlp(
+        cpu,
+        MatRef::from_slice(&x[..4], 1, 4).unwrap(),
+        layer.cats(),
+        0.0,
+        MatMut::from_slice(&mut y[..8], 2, 4).unwrap(),
+    );
+    assert!(matches!(
+        y_shape,
+        Err(Error::ShapeMismatch { what: "y", .. })
+    ));
 }
 
-isa_tests!(cats_shapes_batches_and_thresholds, teal_shapes_batches_and_thresholds, real_model_sizes, bad_inputs);
+isa_tests!(
+    cats_shapes_batches_and_thresholds,
+    teal_shapes_batches_and_thresholds,
+    real_model_sizes,
+    bad_inputs
+);

@@ -4,7 +4,9 @@
 
 mod common;
 
-use kernels_core::ops::sparse::{CatsMlpWeights, TealMlpWeights, TealThresholds, is_active, sparse_input_gemv_ref};
+use kernels_core::ops::sparse::{
+    CatsMlpWeights, TealMlpWeights, TealThresholds, is_active, sparse_input_gemv_ref,
+};
 use kernels_core::{MatMut, MatRef};
 use kernels_cpu::Cpu;
 use kernels_cpu::gemv::sparse_input_gemv;
@@ -28,10 +30,21 @@ impl GuardedMatrix {
         let cols = page / 4;
         // SAFETY: an anonymous private mapping of rows * page bytes, checked below.
         let ptr = unsafe {
-            libc::mmap(core::ptr::null_mut(), rows * page, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+            libc::mmap(
+                core::ptr::null_mut(),
+                rows * page,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
         };
         assert_ne!(ptr, libc::MAP_FAILED);
-        let m = Self { ptr: ptr.cast(), rows, cols };
+        let m = Self {
+            ptr: ptr.cast(),
+            rows,
+            cols,
+        };
         // SAFETY: the mapping holds rows * cols f32 and is writable.
         let data = unsafe { std::slice::from_raw_parts_mut(m.ptr, rows * cols) };
         for (k, v) in data.iter_mut().enumerate() {
@@ -43,13 +56,25 @@ impl GuardedMatrix {
     fn forbid(&self, row: usize) {
         let page = Self::page();
         // SAFETY: the page lies inside our mapping.
-        let rc = unsafe { libc::mprotect(self.ptr.cast::<u8>().add(row * page).cast(), page, libc::PROT_NONE) };
+        let rc = unsafe {
+            libc::mprotect(
+                self.ptr.cast::<u8>().add(row * page).cast(),
+                page,
+                libc::PROT_NONE,
+            )
+        };
         assert_eq!(rc, 0);
     }
 
     fn allow_all(&self) {
         // SAFETY: the whole mapping is ours.
-        let rc = unsafe { libc::mprotect(self.ptr.cast(), self.rows * Self::page(), libc::PROT_READ | libc::PROT_WRITE) };
+        let rc = unsafe {
+            libc::mprotect(
+                self.ptr.cast(),
+                self.rows * Self::page(),
+                libc::PROT_READ | libc::PROT_WRITE,
+            )
+        };
         assert_eq!(rc, 0);
     }
 
@@ -75,7 +100,9 @@ fn value(i: usize, j: usize) -> f32 {
 fn sparse_gemv_reads_only_active_rows(cpu: &Cpu) {
     let rows = 40;
     let w_t = GuardedMatrix::new(rows, value);
-    let x: Vec<f32> = (0..rows).map(|i| if i % 3 == 0 { 1.0 + i as f32 } else { 0.01 }).collect();
+    let x: Vec<f32> = (0..rows)
+        .map(|i| if i % 3 == 0 { 1.0 + i as f32 } else { 0.01 })
+        .collect();
     let mut expect = vec![0.0; w_t.cols];
     sparse_input_gemv_ref(w_t.view(), &x, 0.5, &mut expect).unwrap();
     for i in (0..rows).filter(|&i| !is_active(x[i], 0.5)) {
@@ -99,17 +126,38 @@ fn cats_mlp_reads_only_active_up_and_down_rows(cpu: &Cpu) {
     // x picks out one column: gate row i gives g_i = value(i, 0) * 4, some active, some not.
     let mut x = vec![0.0f32; hidden];
     x[0] = 4.0;
-    let weights = CatsMlpWeights { gate: gate.view(), up: up.view(), down_t: down_t.view() };
+    let weights = CatsMlpWeights {
+        gate: gate.view(),
+        up: up.view(),
+        down_t: down_t.view(),
+    };
     let mut y = vec![0.0; hidden];
     // A first run with everything readable tells which rows are active.
     let xm = MatRef::from_slice(&x, 1, hidden).unwrap();
-    let open = cats_mlp(cpu, xm, weights, 0.5, MatMut::from_slice(&mut y, 1, hidden).unwrap()).unwrap();
-    assert!(!open.active.is_empty() && open.active.len() < inter, "a mix of active and skipped rows");
+    let open = cats_mlp(
+        cpu,
+        xm,
+        weights,
+        0.5,
+        MatMut::from_slice(&mut y, 1, hidden).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        !open.active.is_empty() && open.active.len() < inter,
+        "a mix of active and skipped rows"
+    );
     for i in (0..inter as u32).filter(|i| !open.active.contains(i)) {
         up.forbid(i as usize);
         down_t.forbid(i as usize);
     }
-    let guarded = cats_mlp(cpu, xm, weights, 0.5, MatMut::from_slice(&mut y, 1, hidden).unwrap()).unwrap();
+    let guarded = cats_mlp(
+        cpu,
+        xm,
+        weights,
+        0.5,
+        MatMut::from_slice(&mut y, 1, hidden).unwrap(),
+    )
+    .unwrap();
     up.allow_all();
     down_t.allow_all();
     assert_eq!(guarded, open);
@@ -127,8 +175,14 @@ fn teal_mlp_reads_only_active_rows(cpu: &Cpu) {
     // SAFETY: a strided view over the guarded mapping; rows start one page apart.
     let down_data = unsafe { std::slice::from_raw_parts(down_pages.ptr, inter * down_pages.cols) };
     let down_t = MatRef::new(down_data, inter, hidden, down_pages.cols).unwrap();
-    let x: Vec<f32> = (0..hidden).map(|i| if i % 4 == 1 { 2.0 } else { 0.05 }).collect();
-    let weights = TealMlpWeights { gate_t: gate_t.view(), up_t: up_t.view(), down_t };
+    let x: Vec<f32> = (0..hidden)
+        .map(|i| if i % 4 == 1 { 2.0 } else { 0.05 })
+        .collect();
+    let weights = TealMlpWeights {
+        gate_t: gate_t.view(),
+        up_t: up_t.view(),
+        down_t,
+    };
     let xm = MatRef::from_slice(&x, 1, hidden).unwrap();
     let mut y = vec![0.0; hidden];
     // The first down threshold that keeps some rows of h and skips others.
@@ -136,7 +190,17 @@ fn teal_mlp_reads_only_active_rows(cpu: &Cpu) {
         .into_iter()
         .map(|t| {
             let thresholds = TealThresholds::new(0.5, t);
-            (thresholds, teal_mlp(cpu, xm, weights, thresholds, MatMut::from_slice(&mut y, 1, hidden).unwrap()).unwrap())
+            (
+                thresholds,
+                teal_mlp(
+                    cpu,
+                    xm,
+                    weights,
+                    thresholds,
+                    MatMut::from_slice(&mut y, 1, hidden).unwrap(),
+                )
+                .unwrap(),
+            )
         })
         .find(|(_, report)| !report.active.is_empty() && report.active.len() < inter)
         .expect("a mix of active and skipped rows");
@@ -147,11 +211,22 @@ fn teal_mlp_reads_only_active_rows(cpu: &Cpu) {
     for i in (0..inter as u32).filter(|i| !open.active.contains(i)) {
         down_pages.forbid(i as usize);
     }
-    let guarded = teal_mlp(cpu, xm, weights, thresholds, MatMut::from_slice(&mut y, 1, hidden).unwrap()).unwrap();
+    let guarded = teal_mlp(
+        cpu,
+        xm,
+        weights,
+        thresholds,
+        MatMut::from_slice(&mut y, 1, hidden).unwrap(),
+    )
+    .unwrap();
     gate_t.allow_all();
     up_t.allow_all();
     down_pages.allow_all();
     assert_eq!(guarded, open);
 }
 
-isa_tests!(sparse_gemv_reads_only_active_rows, cats_mlp_reads_only_active_up_and_down_rows, teal_mlp_reads_only_active_rows);
+isa_tests!(
+    sparse_gemv_reads_only_active_rows,
+    cats_mlp_reads_only_active_up_and_down_rows,
+    teal_mlp_reads_only_active_rows
+);

@@ -214,7 +214,11 @@ fn check_mlp_io(x: MatRef<'_, f32>, y_shape: [usize; 2], hidden: usize) -> Resul
     if y_shape == [batch, hidden] {
         Ok(())
     } else {
-        Err(Error::ShapeMismatch { what: "y", expected: [batch, hidden], found: y_shape })
+        Err(Error::ShapeMismatch {
+            what: "y",
+            expected: [batch, hidden],
+            found: y_shape,
+        })
     }
 }
 

@@ -33,7 +33,9 @@ macro_rules! isa_tests {
 /// Normal draws as `T`.
 pub fn normal<T: Element>(n: usize, seed: u64) -> Vec<T> {
     let rng = CounterRng::new(seed);
-    (0..n as u64).map(|i| T::from_f32(rng.normal_at(i) as f32)).collect()
+    (0..n as u64)
+        .map(|i| T::from_f32(rng.normal_at(i) as f32))
+        .collect()
 }
 
 /// Shapes every GEMV is tried on: empty, one, around every vector width, primes, and real layers.
@@ -42,7 +44,12 @@ pub const EDGE_DIMS: [usize; 14] = [0, 1, 3, 4, 5, 15, 16, 17, 31, 33, 63, 65, 9
 /// `sum_j |w[i, j] x_j|` per row: the scale of GEMV rounding errors.
 pub fn abs_sums<T: Element>(w: MatRef<'_, T>, x: &[f32]) -> Vec<f64> {
     w.row_iter()
-        .map(|row| row.iter().zip(x).map(|(w, x)| (f64::from(w.to_f32()) * f64::from(*x)).abs()).sum())
+        .map(|row| {
+            row.iter()
+                .zip(x)
+                .map(|(w, x)| (f64::from(w.to_f32()) * f64::from(*x)).abs())
+                .sum()
+        })
         .collect()
 }
 
@@ -55,6 +62,10 @@ pub fn assert_close(what: &str, got: &[f32], expect: &[f32], tolerance: impl Fn(
             continue;
         }
         let err = (f64::from(*g) - f64::from(*e)).abs();
-        assert!(err <= tolerance(i), "{what}[{i}]: {g} vs reference {e} (error {err:e} > {:e})", tolerance(i));
+        assert!(
+            err <= tolerance(i),
+            "{what}[{i}]: {g} vs reference {e} (error {err:e} > {:e})",
+            tolerance(i)
+        );
     }
 }

@@ -1,0 +1,175 @@
+//! Threshold calibration: the exact `k`-quantile of `|a|` in memory (threaded), and the streaming
+//! two-pass form for every layer and sparsity site of a model at once.
+//!
+//! The threshold is the one of [`kernels_core::ops::sparse::calibrate_threshold_ref`]: the smallest
+//! `t >= 0` with `#{|a| <= t} / n >= k`. Both forms return it bit for bit (selection is exact).
+
+use alloc::collections::BTreeMap;
+use alloc::vec::Vec;
+
+use kernels_core::ops::select::{MagnitudeBracket, MagnitudeHistogram, magnitude_key};
+use kernels_core::ops::sparse::quantile_rank;
+use kernels_core::{Error, Result};
+
+use crate::Cpu;
+use crate::parallel::{for_each, parts_for, ranges};
+
+/// Magnitude keys per histogram bin: the top 15 bits of the 31-bit key select the bin.
+const BIN_SHIFT: u32 = 16;
+const BINS: usize = 1 << 15;
+
+/// The exact `k`-quantile threshold of `samples` (`k` in `[0, 1]`; finite, non-empty samples):
+/// two passes, the first threaded (per-thread histograms summed in a fixed order).
+pub fn calibrate_threshold(cpu: &Cpu, samples: &[f32], k: f64) -> Result<f32> {
+    let rank = quantile_rank(samples.len() as u64, k)?;
+    if let Some(index) = samples.iter().position(|v| !v.is_finite()) {
+        return Err(Error::NonFinite {
+            what: "samples",
+            index,
+        });
+    }
+    if rank == 0 {
+        return Ok(0.0);
+    }
+    // Pass 1: where does the rank fall among the high bits?
+    let parts = parts_for(cpu.threads(), samples.len(), 1 << 18);
+    let chunks: Vec<&[f32]> = ranges(samples.len(), parts, 1)
+        .map(|r| &samples[r])
+        .collect();
+    let mut histograms: Vec<Vec<u64>> =
+        (0..chunks.len()).map(|_| alloc::vec![0u64; BINS]).collect();
+    for_each(
+        histograms.iter_mut().zip(&chunks).collect(),
+        |(histogram, chunk)| {
+            for &v in *chunk {
+                histogram[(magnitude_key(v) >> BIN_SHIFT) as usize] += 1;
+            }
+        },
+    );
+    let mut below = 0u64;
+    let mut bin = 0;
+    for b in 0..BINS {
+        let count: u64 = histograms.iter().map(|h| h[b]).sum();
+        if below + count >= rank {
+            bin = b as u32;
+            break;
+        }
+        below += count;
+    }
+    // Pass 2: the keys of that bin, selected exactly.
+    let mut keys: Vec<u32> = samples
+        .iter()
+        .map(|&v| magnitude_key(v))
+        .filter(|key| key >> BIN_SHIFT == bin)
+        .collect();
+    let index = (rank - below - 1) as usize;
+    let (_, key, _) = keys.select_nth_unstable(index);
+    Ok(f32::from_bits(*key))
+}
+
+/// Where a threshold applies in an MLP layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Site {
+    /// CATS: `a = silu(W_gate x)`, the gate's output.
+    GateActivation,
+    /// TEAL: `x`, the input of gate and up.
+    MlpInput,
+    /// TEAL: `h = silu(g) * u`, the input of down.
+    DownInput,
+}
+
+enum Stage {
+    Histogram(MagnitudeHistogram),
+    Refining(MagnitudeBracket),
+    Zero,
+}
+
+/// Streaming calibration of many `(layer, site)` thresholds at once, over activations too large
+/// to keep: feed every chunk once to [`Self::observe`], call [`Self::start_refining`], feed the same
+/// chunks again (any chunking, same order per key) to [`Self::refine`], then read
+/// [`Self::thresholds`]. Memory: 256 KiB per key in pass 1, 512 KiB in pass 2.
+pub struct Calibration {
+    k: f64,
+    stages: BTreeMap<(usize, Site), Stage>,
+    refining: bool,
+}
+
+impl Calibration {
+    /// A calibration for sparsity `k` in `[0, 1]` at every key.
+    pub fn new(k: f64) -> Result<Self> {
+        quantile_rank(1, k)?;
+        Ok(Self {
+            k,
+            stages: BTreeMap::new(),
+            refining: false,
+        })
+    }
+
+    fn wrong_pass(expected: &'static str) -> Error {
+        Error::InvalidParam {
+            name: "calibration pass",
+            value: 0.0,
+            expected,
+        }
+    }
+
+    /// Pass 1: a chunk of samples of `(layer, site)`.
+    pub fn observe(&mut self, layer: usize, site: Site, samples: &[f32]) -> Result<()> {
+        if self.refining {
+            return Err(Self::wrong_pass("observe() before start_refining()"));
+        }
+        match self
+            .stages
+            .entry((layer, site))
+            .or_insert_with(|| Stage::Histogram(MagnitudeHistogram::new()))
+        {
+            Stage::Histogram(h) => h.observe(samples),
+            _ => unreachable!("only histograms before refining"),
+        }
+    }
+
+    /// Ends pass 1.
+    pub fn start_refining(&mut self) -> Result<()> {
+        for stage in self.stages.values_mut() {
+            let Stage::Histogram(h) = stage else {
+                return Err(Self::wrong_pass("start_refining() once"));
+            };
+            let rank = quantile_rank(h.total(), self.k)?;
+            *stage = if rank == 0 {
+                Stage::Zero
+            } else {
+                Stage::Refining(h.kth_smallest(rank)?)
+            };
+        }
+        self.refining = true;
+        Ok(())
+    }
+
+    /// Pass 2: the same chunks again.
+    pub fn refine(&mut self, layer: usize, site: Site, samples: &[f32]) -> Result<()> {
+        if !self.refining {
+            return Err(Self::wrong_pass("refine() after start_refining()"));
+        }
+        match self.stages.get_mut(&(layer, site)) {
+            Some(Stage::Refining(bracket)) => bracket.observe(samples),
+            Some(Stage::Zero) => Ok(()),
+            _ => Err(Error::InvalidParam {
+                name: "layer",
+                value: layer as f64,
+                expected: "a (layer, site) seen in pass 1",
+            }),
+        }
+    }
+
+    /// Every `(layer, site, threshold)`, in key order.
+    pub fn thresholds(&self) -> Result<Vec<(usize, Site, f32)>> {
+        self.stages
+            .iter()
+            .map(|(&(layer, site), stage)| match stage {
+                Stage::Refining(bracket) => Ok((layer, site, bracket.value()?)),
+                Stage::Zero => Ok((layer, site, 0.0)),
+                Stage::Histogram(_) => Err(Self::wrong_pass("thresholds() after both passes")),
+            })
+            .collect()
+    }
+}

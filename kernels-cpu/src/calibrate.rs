@@ -32,7 +32,11 @@ pub fn calibrate_threshold(cpu: &Cpu, samples: &[f32], k: f64) -> Result<f32> {
         return Ok(0.0);
     }
     // Pass 1: where does the rank fall among the high bits?
-    let parts = parts_for(cpu.threads(), samples.len(), 1 << 18);
+    let parts = parts_for(
+        cpu.threads(),
+        core::mem::size_of_val(samples),
+        cpu.min_bytes_per_thread(),
+    );
     let chunks: Vec<&[f32]> = ranges(samples.len(), parts, 1)
         .map(|r| &samples[r])
         .collect();

@@ -28,8 +28,12 @@ pub(crate) const ROW_BLOCK: usize = 4;
 /// times four), so every column is computed by the same vector or tail code whatever the split.
 pub(crate) const COLUMN_ALIGN: usize = 64;
 
-/// Below this many weight elements per part, another thread costs more than it saves.
-pub(crate) const MIN_ELEMENTS_PER_THREAD: usize = 1 << 16;
+/// Below this many weight bytes per part, another thread costs more than it saves.
+///
+/// PERF: waking a parked rayon worker costs 5 to 90 us on this machine (measured: `rayon::scope`
+/// with one spawn, back to back vs after a 100 us pause); a 1.8 MB bf16 SmolLM2 matrix ran slower
+/// on two threads than on one, a 3.5 MB f32 one faster.
+pub(crate) const MIN_BYTES_PER_THREAD: usize = 1 << 20;
 
 /// Bound on `|y_i - y_ref_i|` for a GEMV output that sums `n` products with absolute sum
 /// `abs_sum = sum |w_ij x_j|`: `4 u sqrt(n) abs_sum + tiny`, `u = 2^-24`.
@@ -48,16 +52,18 @@ pub fn gemv_tolerance(n: usize, abs_sum: f64) -> f64 {
 /// boundaries; 1 KiB ahead measured best (512 B and 2 KiB within noise, 4 KiB worse).
 const PREFETCH_BYTES: usize = 1024;
 
-/// `[r0 . x, r1 . x, ...]` for `R` rows of length `x.len()`.
+/// `[r0 . x, r1 . x, ...]` for `R` rows of length `x.len()`, prefetching [`PREFETCH_BYTES`] ahead
+/// in each row and, past a row's end, into the same slot of `next` (the following block's rows, or
+/// empty slices): short rows (SmolLM2's 576) would otherwise start every block cold.
 #[inline(always)]
 pub(crate) fn dot_block<S: Simd, T: Element, const R: usize>(
     s: S,
     rows: [&[T]; R],
+    next: [&[T]; R],
     x: &[f32],
 ) -> [f32; R] {
     let lanes = S::LANES;
     let n = x.len();
-    let rows_full = rows;
     let rows = rows.map(|r| &r[..n]);
     let main = n - n % (2 * lanes);
     let mut acc0 = [s.zero(); R];
@@ -67,9 +73,10 @@ pub(crate) fn dot_block<S: Simd, T: Element, const R: usize>(
     while c < main {
         let x0 = s.load(&x[c..c + lanes]);
         let x1 = s.load(&x[c + lanes..c + 2 * lanes]);
+        let at = c + ahead;
         for r in 0..R {
-            if let Some(at) = rows_full[r].get(c + ahead) {
-                s.prefetch(at);
+            if let Some(v) = rows[r].get(at).or_else(|| next[r].get(at - n)) {
+                s.prefetch(v);
             }
         }
         for r in 0..R {
@@ -195,21 +202,29 @@ fn dot_row_blocks<'w, S: Simd, T: Element + 'w, const R: usize>(
     y: &mut [f32],
 ) {
     let batch = xs.len();
+    let rows_total = y.len() / batch.max(1);
+    let block = |k: usize| -> [&'w [T]; R] {
+        core::array::from_fn(|r| if k + r < rows_total { row(k + r) } else { &[] })
+    };
     let mut blocks = y.chunks_exact_mut(R * batch);
     let mut k = 0;
+    let mut rows = block(0);
     for out in &mut blocks {
-        let rows: [&[T]; R] = core::array::from_fn(|r| row(k + r));
+        let next = block(k + R);
         for (b, x) in xs.iter().enumerate() {
-            for (r, v) in dot_block(s, rows, x).into_iter().enumerate() {
+            // Prefetch the next block while the first sample reads this one.
+            let ahead = if b == 0 { next } else { [&[][..]; R] };
+            for (r, v) in dot_block(s, rows, ahead, x).into_iter().enumerate() {
                 out[r * batch + b] = v;
             }
         }
+        rows = next;
         k += R;
     }
     for out in blocks.into_remainder().chunks_exact_mut(batch) {
         let r = row(k);
         for (o, x) in out.iter_mut().zip(xs) {
-            *o = dot_block(s, [r], x)[0];
+            *o = dot_block(s, [r], [&[]], x)[0];
         }
         k += 1;
     }
@@ -225,7 +240,11 @@ pub(crate) fn dot_rows<'w, T: Element>(
     let batch = xs.len().max(1);
     let rows = y.len() / batch;
     let width = xs.first().map_or(0, |x| x.len());
-    let parts = parts_for(cpu.threads(), rows * width, MIN_ELEMENTS_PER_THREAD);
+    let parts = parts_for(
+        cpu.threads(),
+        rows * width * core::mem::size_of::<T>(),
+        cpu.min_bytes_per_thread(),
+    );
     if parts <= 1 {
         cpu.dispatch(DotRows {
             row,
@@ -357,7 +376,11 @@ pub fn sparse_input_gemv<T: Element>(
     check_len("x", w_t.rows(), x.len())?;
     check_len("y", w_t.cols(), y.len())?;
     let active = x.iter().filter(|&&v| is_active(v, threshold)).count();
-    let parts = parts_for(cpu.threads(), active * y.len(), MIN_ELEMENTS_PER_THREAD);
+    let parts = parts_for(
+        cpu.threads(),
+        active * y.len() * core::mem::size_of::<T>(),
+        cpu.min_bytes_per_thread(),
+    );
     if parts <= 1 {
         let cols = 0..y.len();
         cpu.dispatch(SparseAxpy {

@@ -61,26 +61,29 @@ use kernels_core::{Error, Result};
 pub struct Cpu {
     isa: Isa,
     threads: usize,
+    min_bytes_per_thread: usize,
 }
 
 impl Cpu {
+    fn new(isa: Isa, threads: usize) -> Self {
+        Self {
+            isa,
+            threads,
+            min_bytes_per_thread: gemv::MIN_BYTES_PER_THREAD,
+        }
+    }
+
     /// The best instruction set of this CPU (detected once per process) and, with `std`, one
     /// thread per core of rayon's global pool.
     #[must_use]
     pub fn detect() -> Self {
-        Self {
-            isa: Isa::best(),
-            threads: default_threads(),
-        }
+        Self::new(Isa::best(), default_threads())
     }
 
     /// Pinned to `isa`, if this CPU has it (threads as [`Cpu::detect`]).
     pub fn with_isa(isa: Isa) -> Result<Self> {
         if isa.is_available() {
-            Ok(Self {
-                isa,
-                threads: default_threads(),
-            })
+            Ok(Self::new(isa, default_threads()))
         } else {
             Err(Error::Unsupported {
                 feature: isa.name(),
@@ -110,7 +113,7 @@ impl Cpu {
     /// One single-threaded backend per available instruction set, best first: what tests iterate
     /// over.
     pub fn all_available() -> impl Iterator<Item = Self> {
-        Isa::available().map(|isa| Self { isa, threads: 1 })
+        Isa::available().map(|isa| Self::new(isa, 1))
     }
 
     /// The instruction set in use.
@@ -123,6 +126,23 @@ impl Cpu {
     #[must_use]
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    /// The same backend giving each thread at least `bytes` of weights to read (default 1 MiB:
+    /// below that, waking a thread costs more than it saves). Tests set 1 to split even tiny
+    /// problems; results never depend on it.
+    #[must_use]
+    pub fn with_min_bytes_per_thread(self, bytes: usize) -> Self {
+        Self {
+            min_bytes_per_thread: bytes.max(1),
+            ..self
+        }
+    }
+
+    /// Weight bytes each thread reads at least.
+    #[must_use]
+    pub fn min_bytes_per_thread(&self) -> usize {
+        self.min_bytes_per_thread
     }
 
     /// Runs a kernel body on this backend's instruction set, on the calling thread.

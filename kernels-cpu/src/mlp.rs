@@ -27,9 +27,7 @@ use kernels_core::ops::sparse::{
 };
 use kernels_core::{Element, MatMut, MatRef, Result};
 
-use crate::gemv::{
-    COLUMN_ALIGN, MIN_ELEMENTS_PER_THREAD, ROW_BLOCK, axpy_some, dot_rows, gemv_tolerance,
-};
+use crate::gemv::{COLUMN_ALIGN, ROW_BLOCK, axpy_some, dot_rows, gemv_tolerance};
 use crate::parallel::{for_each, parts_for, ranges};
 use crate::{Cpu, Simd, WithSimd};
 
@@ -142,11 +140,8 @@ fn batch_axpy<T: Element>(
     ys: Vec<&mut [f32]>,
 ) {
     let cols = w_t.cols();
-    let parts = parts_for(
-        cpu.threads(),
-        union.rows.len() * cols * ys.len(),
-        MIN_ELEMENTS_PER_THREAD,
-    );
+    let weight_bytes = union.rows.len() * cols * core::mem::size_of::<T>();
+    let parts = parts_for(cpu.threads(), weight_bytes, cpu.min_bytes_per_thread());
     let splits: Vec<Range<usize>> = ranges(cols, parts, COLUMN_ALIGN).collect();
     let mut work: Vec<(Range<usize>, Vec<&mut [f32]>)> = splits
         .iter()

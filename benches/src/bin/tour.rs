@@ -15,7 +15,6 @@ use kernels_core::ops::{lowrank, merge, project, select, sparse, ternary};
 use kernels_core::{Mat, MatMut, MatRef, Result};
 use kernels_cpu::{Cpu, Isa, reduce::sum_squares};
 
-
 /// Collects agreement checks; the tour fails (exit 1) if any of them does.
 struct Checks {
     failed: usize,
@@ -498,13 +497,25 @@ fn linear_algebra(checks: &mut Checks, hidden: usize) -> Result<()> {
     Ok(())
 }
 
+fn view(m: &[bf16], rows: usize, cols: usize) -> MatRef<'_, bf16> {
+    MatRef::from_slice(m, rows, cols).expect("shape")
+}
+
 fn fast_kernels(checks: &mut Checks, cpu: Cpu) -> Result<()> {
-    println!("\n[fast CPU kernels: {} with {} threads]", cpu.isa(), cpu.threads());
+    println!(
+        "\n[fast CPU kernels: {} with {} threads]",
+        cpu.isa(),
+        cpu.threads()
+    );
     let stream = measure_stream_read(&cpu, 512 << 20, 5);
     println!("  STREAM-style read bandwidth (all cores, 512 MiB): {stream:.1} GB/s");
     let report = |what: &str, bytes: usize, time: std::time::Duration| {
         let rate = gb_per_s(bytes, time);
-        println!("  {what:<46} {:>8.1} us {rate:6.1} GB/s ({:5.1}% of STREAM)", time.as_secs_f64() * 1e6, 100.0 * rate / stream);
+        println!(
+            "  {what:<46} {:>8.1} us {rate:6.1} GB/s ({:5.1}% of STREAM)",
+            time.as_secs_f64() * 1e6,
+            100.0 * rate / stream
+        );
     };
 
     // A whole SmolLM2-135M MLP stack (30 layers, bf16): each call reads the next layer, as decoding
@@ -512,9 +523,9 @@ fn fast_kernels(checks: &mut Checks, cpu: Cpu) -> Result<()> {
     let shape = SMOLLM2_135M;
     let (hidden, inter) = (shape.hidden, shape.intermediate);
     let scale = 1.0 / (hidden as f32).sqrt();
-    let layers: Vec<[Vec<bf16>; 3]> =
-        (0..shape.layers).map(|l| [0, 1, 2].map(|p| normal::<bf16>(inter * hidden, scale, 100 + 3 * l as u64 + p))).collect();
-    let view = |m: &[bf16], rows, cols| MatRef::from_slice(m, rows, cols).expect("shape");
+    let layers: Vec<[Vec<bf16>; 3]> = (0..shape.layers)
+        .map(|l| [0, 1, 2].map(|p| normal::<bf16>(inter * hidden, scale, 100 + 3 * l as u64 + p)))
+        .collect();
     let x = normal::<f32>(hidden, 1.0, 90);
     let layer_bytes = inter * hidden * 2;
 
@@ -522,13 +533,22 @@ fn fast_kernels(checks: &mut Checks, cpu: Cpu) -> Result<()> {
     let mut k = 0;
     let dense = median_time(61, || {
         k += 1;
-        kernels_cpu::gemv::gemv(&cpu, view(&layers[k % layers.len()][0], inter, hidden), &x, &mut g).expect("gemv");
+        kernels_cpu::gemv::gemv(
+            &cpu,
+            view(&layers[k % layers.len()][0], inter, hidden),
+            &x,
+            &mut g,
+        )
+        .expect("gemv");
     });
     report("dense GEMV W_gate 1536x576 bf16", layer_bytes, dense);
     let mut expect = vec![0.0f32; inter];
     sparse::gemv_ref(view(&layers[0][0], inter, hidden), &x, &mut expect)?;
     kernels_cpu::gemv::gemv(&cpu, view(&layers[0][0], inter, hidden), &x, &mut g)?;
-    checks.check("dense GEMV agrees with the reference (f32 tolerance)", relative_distance(&g, &expect) < 1e-5);
+    checks.check(
+        "dense GEMV agrees with the reference (f32 tolerance)",
+        relative_distance(&g, &expect) < 1e-5,
+    );
 
     let h = heavy_tailed(inter, 1.0, 91);
     let mut y = vec![0.0f32; hidden];
@@ -536,14 +556,31 @@ fn fast_kernels(checks: &mut Checks, cpu: Cpu) -> Result<()> {
         let t = sparse::calibrate_threshold_ref(&h, s)?;
         let time = median_time(61, || {
             k += 1;
-            kernels_cpu::gemv::sparse_input_gemv(&cpu, view(&layers[k % layers.len()][2], inter, hidden), &h, t, &mut y)
-                .expect("sparse");
+            kernels_cpu::gemv::sparse_input_gemv(
+                &cpu,
+                view(&layers[k % layers.len()][2], inter, hidden),
+                &h,
+                t,
+                &mut y,
+            )
+            .expect("sparse");
         });
-        report(&format!("sparse-input GEMV W_down_t s={s}: {:.2}x dense", dense.as_secs_f64() / time.as_secs_f64()), (layer_bytes as f64 * (1.0 - s)) as usize, time);
+        report(
+            &format!(
+                "sparse-input GEMV W_down_t s={s}: {:.2}x dense",
+                dense.as_secs_f64() / time.as_secs_f64()
+            ),
+            (layer_bytes as f64 * (1.0 - s)) as usize,
+            time,
+        );
     }
 
     let xm = MatRef::from_slice(&x, 1, hidden)?;
-    let weights = |l: &[Vec<bf16>; 3]| sparse::CatsMlpWeights { gate: view(&l[0], inter, hidden), up: view(&l[1], inter, hidden), down_t: view(&l[2], inter, hidden) };
+    let weights = |layer: usize| sparse::CatsMlpWeights {
+        gate: view(&layers[layer][0], inter, hidden),
+        up: view(&layers[layer][1], inter, hidden),
+        down_t: view(&layers[layer][2], inter, hidden),
+    };
     let mut a = vec![0.0f32; inter];
     kernels_cpu::gemv::gemv(&cpu, view(&layers[0][0], inter, hidden), &x, &mut a)?;
     let a: Vec<f32> = a.iter().map(|&g| sparse::silu_f32(g)).collect();
@@ -551,12 +588,22 @@ fn fast_kernels(checks: &mut Checks, cpu: Cpu) -> Result<()> {
         let mut y = vec![0.0f32; hidden];
         median_time(61, || {
             k += 1;
-            kernels_cpu::mlp::cats_mlp(&cpu, xm, weights(&layers[k % layers.len()]), t, MatMut::from_slice(&mut y, 1, hidden).expect("shape"))
-                .expect("mlp");
+            kernels_cpu::mlp::cats_mlp(
+                &cpu,
+                xm,
+                weights(k % layers.len()),
+                t,
+                MatMut::from_slice(&mut y, 1, hidden).expect("shape"),
+            )
+            .expect("mlp");
         })
     };
     let dense_mlp = mlp_time(-1.0);
-    report("dense MLP (CATS at t < 0), 3 matrices", 3 * layer_bytes, dense_mlp);
+    report(
+        "dense MLP (CATS at t < 0), 3 matrices",
+        3 * layer_bytes,
+        dense_mlp,
+    );
     for s in [0.5, 0.7] {
         let t = sparse::calibrate_threshold_ref(&a, s)?;
         let time = mlp_time(t);
@@ -569,14 +616,29 @@ fn fast_kernels(checks: &mut Checks, cpu: Cpu) -> Result<()> {
     }
     let mut y_ref = vec![0.0f32; hidden];
     let mut y_cpu = vec![0.0f32; hidden];
-    sparse::cats_mlp_ref(xm, weights(&layers[0]), -1.0, MatMut::from_slice(&mut y_ref, 1, hidden)?)?;
-    kernels_cpu::mlp::cats_mlp(&cpu, xm, weights(&layers[0]), -1.0, MatMut::from_slice(&mut y_cpu, 1, hidden)?)?;
-    checks.check("CATS MLP agrees with the reference (f32 tolerance)", relative_distance(&y_cpu, &y_ref) < 1e-5);
+    sparse::cats_mlp_ref(
+        xm,
+        weights(0),
+        -1.0,
+        MatMut::from_slice(&mut y_ref, 1, hidden)?,
+    )?;
+    kernels_cpu::mlp::cats_mlp(
+        &cpu,
+        xm,
+        weights(0),
+        -1.0,
+        MatMut::from_slice(&mut y_cpu, 1, hidden)?,
+    )?;
+    checks.check(
+        "CATS MLP agrees with the reference (f32 tolerance)",
+        relative_distance(&y_cpu, &y_ref) < 1e-5,
+    );
 
     let samples = normal::<f32>(1 << 20, 1.0, 92);
     checks.check(
         "threaded calibration equals the reference quantile bit for bit",
-        kernels_cpu::calibrate::calibrate_threshold(&cpu, &samples, 0.6)? == sparse::calibrate_threshold_ref(&samples, 0.6)?,
+        kernels_cpu::calibrate::calibrate_threshold(&cpu, &samples, 0.6)?
+            == sparse::calibrate_threshold_ref(&samples, 0.6)?,
     );
 
     let x = normal::<f32>(64 << 20, 1.0, 70);
@@ -590,6 +652,8 @@ fn fast_kernels(checks: &mut Checks, cpu: Cpu) -> Result<()> {
         "sum_squares agrees with the reference",
         (got - expect).abs() <= kernels_cpu::reduce::SUM_SQUARES_RELATIVE_TOLERANCE * expect,
     );
-    println!("  (selection, compression, merge and linear-algebra kernels arrive with issues 4 and 5)");
+    println!(
+        "  (selection, compression, merge and linear-algebra kernels arrive with issues 4 and 5)"
+    );
     Ok(())
 }

@@ -12,7 +12,12 @@ pub fn run_on(isa: Isa, body: fn(&Cpu)) {
     match Cpu::with_isa(isa) {
         Ok(cpu) => {
             for threads in THREAD_COUNTS {
-                body(&cpu.with_threads(threads).expect("threads"));
+                // Split even tiny problems, so the threaded paths run on test sizes.
+                body(
+                    &cpu.with_threads(threads)
+                        .expect("threads")
+                        .with_min_bytes_per_thread(1),
+                );
             }
         }
         Err(_) => eprintln!("skipped: {isa} is not available on this machine"),

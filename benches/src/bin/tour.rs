@@ -528,7 +528,9 @@ fn fast_kernels(checks: &mut Checks, cpu: Cpu) -> Result<()> {
         .collect();
     let x = normal::<f32>(hidden, 1.0, 90);
     let layer_bytes = inter * hidden * 2;
-    println!("  (rotating over a 30-layer SmolLM2-135M MLP stack, 159 MiB of bf16: partly L3-resident;");
+    println!(
+        "  (rotating over a 30-layer SmolLM2-135M MLP stack, 159 MiB of bf16: partly L3-resident;"
+    );
     println!("   BENCHMARKS.md has the cold Llama-2-7B figures the targets are set on)");
 
     let mut g = vec![0.0f32; inter];

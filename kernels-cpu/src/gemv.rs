@@ -18,7 +18,9 @@
 use kernels_core::ops::sparse::{check_row_indices, check_threshold, is_active};
 use kernels_core::{Element, Error, MatRef, Result};
 
-use crate::parallel::{parts_for, ranges};
+use crate::parallel::parts_for;
+#[cfg(feature = "alloc")]
+use crate::parallel::ranges;
 use crate::{Cpu, Isa, Simd, WithSimd};
 
 /// Rows a dot or AXPY block handles at once.
@@ -26,6 +28,7 @@ pub(crate) const ROW_BLOCK: usize = 4;
 
 /// Column boundaries of a threaded split are multiples of this (the widest vector, 16 `f32`,
 /// times four), so every column is computed by the same vector or tail code whatever the split.
+#[cfg(feature = "alloc")]
 pub(crate) const COLUMN_ALIGN: usize = 64;
 
 /// Below this many weight bytes per part, another thread costs more than it saves.
@@ -43,7 +46,7 @@ pub(crate) const MIN_BYTES_PER_THREAD: usize = 1 << 20;
 /// factor 4 covers the lane and accumulator reductions. `tiny` absorbs subnormal flushes.
 #[must_use]
 pub fn gemv_tolerance(n: usize, abs_sum: f64) -> f64 {
-    4.0 * f64::from(f32::EPSILON / 2.0) * (n.max(1) as f64).sqrt() * abs_sum + 1e-30
+    4.0 * f64::from(f32::EPSILON / 2.0) * libm::sqrt(n.max(1) as f64) * abs_sum + 1e-30
 }
 
 /// How far ahead in each row `dot_block` prefetches.

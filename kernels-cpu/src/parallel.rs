@@ -1,9 +1,11 @@
 //! Splitting work over threads. Every split is of *outputs*, so results never depend on it.
 
+#[cfg(feature = "alloc")]
 use core::ops::Range;
 
 /// Splits `0..len` into at most `parts` contiguous ranges whose boundaries are multiples of
 /// `align` (the last range takes the remainder), dropping empty ones.
+#[cfg(feature = "alloc")]
 pub(crate) fn ranges(len: usize, parts: usize, align: usize) -> impl Iterator<Item = Range<usize>> {
     let align = align.max(1);
     let per_part = len.div_ceil(parts.max(1)).div_ceil(align) * align;
@@ -15,8 +17,13 @@ pub(crate) fn ranges(len: usize, parts: usize, align: usize) -> impl Iterator<It
 
 /// How many parts to split `work` units into: at most `threads`, and no part smaller than
 /// `min_per_part` (waking a thread costs microseconds; tiny parts would lose to one thread).
+/// Without `alloc` there is no pool and no way to hold the parts: always one.
 pub(crate) fn parts_for(threads: usize, work: usize, min_per_part: usize) -> usize {
-    (work / min_per_part.max(1)).clamp(1, threads.max(1))
+    if cfg!(feature = "alloc") {
+        (work / min_per_part.max(1)).clamp(1, threads.max(1))
+    } else {
+        1
+    }
 }
 
 /// Runs `f` on every item, on rayon's pool when there is more than one.

@@ -15,8 +15,10 @@
 //!   thread reads a contiguous segment of every active row and no reduction is needed.
 //! * `gathered_gemv`: `gemv` over the listed rows.
 
-use kernels_core::ops::sparse::{check_row_indices, check_threshold, is_active};
-use kernels_core::{Element, Error, MatRef, Result};
+use kernels_core::ops::sparse::{
+    is_active, validate_gathered_gemv, validate_gemv, validate_sparse_input_gemv,
+};
+use kernels_core::{Element, MatRef, Result};
 
 use crate::parallel::parts_for;
 #[cfg(feature = "alloc")]
@@ -280,8 +282,7 @@ pub(crate) fn dot_rows<'w, T: Element>(
 
 /// Dense GEMV `y = W x`, `W` `[out, in]` (the twin of `gemv_ref`).
 pub fn gemv<T: Element>(cpu: &Cpu, w: MatRef<'_, T>, x: &[f32], y: &mut [f32]) -> Result<()> {
-    check_len("x", w.cols(), x.len())?;
-    check_len("y", w.rows(), y.len())?;
+    validate_gemv(w, x.len(), y.len())?;
     dot_rows(cpu, |r| w.row(r), &[x], y);
     Ok(())
 }
@@ -294,23 +295,9 @@ pub fn gathered_gemv<T: Element>(
     rows: &[u32],
     out: &mut [f32],
 ) -> Result<()> {
-    check_len("x", w.cols(), x.len())?;
-    check_len("out", rows.len(), out.len())?;
-    check_row_indices("rows", rows, w.rows())?;
+    validate_gathered_gemv(w, x.len(), rows, out.len())?;
     dot_rows(cpu, |k| w.row(rows[k] as usize), &[x], out);
     Ok(())
-}
-
-fn check_len(what: &'static str, expected: usize, found: usize) -> Result<()> {
-    if expected == found {
-        Ok(())
-    } else {
-        Err(Error::LengthMismatch {
-            what,
-            expected,
-            found,
-        })
-    }
 }
 
 /// AXPY of the active rows of `w_t` into `y`, restricted to the columns `cols` of each row.
@@ -375,9 +362,7 @@ pub fn sparse_input_gemv<T: Element>(
     threshold: f32,
     y: &mut [f32],
 ) -> Result<usize> {
-    check_threshold("threshold", threshold)?;
-    check_len("x", w_t.rows(), x.len())?;
-    check_len("y", w_t.cols(), y.len())?;
+    validate_sparse_input_gemv(w_t, x.len(), threshold, y.len())?;
     let active = x.iter().filter(|&&v| is_active(v, threshold)).count();
     let parts = parts_for(
         cpu.threads(),

@@ -46,10 +46,39 @@ fn dot_ref<T: Element>(row: &[T], x: &[f32]) -> f64 {
         .sum()
 }
 
+/// Validates `y = W x` (`W` `[out, in]`): every backend's GEMV runs this.
+pub fn validate_gemv<T: Copy>(w: MatRef<'_, T>, x_len: usize, y_len: usize) -> Result<()> {
+    check_len("x", w.cols(), x_len)?;
+    check_len("y", w.rows(), y_len)
+}
+
+/// Validates `y = sum over active i of x_i w_t[i, :]` (`w_t` `[in, out]`).
+pub fn validate_sparse_input_gemv<T: Copy>(
+    w_t: MatRef<'_, T>,
+    x_len: usize,
+    threshold: f32,
+    y_len: usize,
+) -> Result<()> {
+    check_threshold("threshold", threshold)?;
+    check_len("x", w_t.rows(), x_len)?;
+    check_len("y", w_t.cols(), y_len)
+}
+
+/// Validates `out[k] = w[rows[k], :] . x`.
+pub fn validate_gathered_gemv<T: Copy>(
+    w: MatRef<'_, T>,
+    x_len: usize,
+    rows: &[u32],
+    out_len: usize,
+) -> Result<()> {
+    check_len("x", w.cols(), x_len)?;
+    check_len("out", rows.len(), out_len)?;
+    check_row_indices("rows", rows, w.rows())
+}
+
 /// Dense GEMV `y = W x` with `W` of shape `[out, in]`.
 pub fn gemv_ref<T: Element>(w: MatRef<'_, T>, x: &[f32], y: &mut [f32]) -> Result<()> {
-    check_len("x", w.cols(), x.len())?;
-    check_len("y", w.rows(), y.len())?;
+    validate_gemv(w, x.len(), y.len())?;
     for (yi, row) in y.iter_mut().zip(w.row_iter()) {
         *yi = dot_ref(row, x) as f32;
     }
@@ -72,9 +101,7 @@ pub fn sparse_input_gemv_ref<T: Element>(
     threshold: f32,
     y: &mut [f32],
 ) -> Result<usize> {
-    check_threshold("threshold", threshold)?;
-    check_len("x", w_t.rows(), x.len())?;
-    check_len("y", w_t.cols(), y.len())?;
+    validate_sparse_input_gemv(w_t, x.len(), threshold, y.len())?;
     let mut acc = alloc::vec![0.0f64; y.len()];
     let mut active = 0;
     for (i, &xi) in x.iter().enumerate() {
@@ -101,9 +128,7 @@ pub fn gathered_gemv_ref<T: Element>(
     rows: &[u32],
     out: &mut [f32],
 ) -> Result<()> {
-    check_len("x", w.cols(), x.len())?;
-    check_len("out", rows.len(), out.len())?;
-    check_row_indices("rows", rows, w.rows())?;
+    validate_gathered_gemv(w, x.len(), rows, out.len())?;
     for (o, &r) in out.iter_mut().zip(rows) {
         *o = dot_ref(w.row(r as usize), x) as f32;
     }

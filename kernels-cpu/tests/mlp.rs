@@ -300,6 +300,7 @@ fn teal_shapes_batches_and_thresholds(cpu: &Cpu) {
                 seed += 10;
                 check_teal::<f32>(cpu, inter, hidden, batch, q, seed);
                 check_teal::<bf16>(cpu, inter, hidden, batch, q, seed);
+                check_teal::<f16>(cpu, inter, hidden, batch, q, seed);
             }
         }
     }

@@ -33,6 +33,7 @@ extern crate alloc;
 pub mod calibrate;
 pub mod gemv;
 mod isa;
+pub mod merge;
 #[cfg(feature = "alloc")]
 pub mod mlp;
 mod parallel;

@@ -42,6 +42,14 @@ pub trait Simd: Copy + Send + Sync + 'static {
     fn mul_add(self, a: Self::F32, b: Self::F32, c: Self::F32) -> Self::F32;
     /// `a + b`.
     fn add(self, a: Self::F32, b: Self::F32) -> Self::F32;
+    /// `a * b`.
+    fn mul(self, a: Self::F32, b: Self::F32) -> Self::F32;
+    /// [`Simd::mul_add`] on one lane, rounded exactly as the vector form (fused where that is), so
+    /// tails of slices compute the same bits as vector lanes and chunking never changes a result.
+    #[inline(always)]
+    fn mul_add_lane(self, a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
     /// The sum of the lanes.
     fn reduce_sum(self, v: Self::F32) -> f32;
     /// Hints that the cache line holding `at` will be read soon (a no-op where the instruction set
@@ -93,6 +101,10 @@ impl Simd for Scalar {
     #[inline(always)]
     fn add(self, a: f32, b: f32) -> f32 {
         a + b
+    }
+    #[inline(always)]
+    fn mul(self, a: f32, b: f32) -> f32 {
+        a * b
     }
     #[inline(always)]
     fn reduce_sum(self, v: f32) -> f32 {
@@ -180,6 +192,15 @@ mod x86 {
             unsafe { _mm256_add_ps(a, b) }
         }
         #[inline(always)]
+        fn mul_add_lane(self, a: f32, b: f32, c: f32) -> f32 {
+            // Correctly rounded, as the hardware FMA is.
+            libm::fmaf(a, b, c)
+        }
+        #[inline(always)]
+        fn mul(self, a: __m256, b: __m256) -> __m256 {
+            unsafe { _mm256_mul_ps(a, b) }
+        }
+        #[inline(always)]
         fn prefetch<T>(self, at: &T) {
             // SAFETY: prefetch is a hint; it never faults.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(core::ptr::from_ref(at).cast()) }
@@ -253,6 +274,15 @@ mod x86 {
         #[inline(always)]
         fn add(self, a: __m512, b: __m512) -> __m512 {
             unsafe { _mm512_add_ps(a, b) }
+        }
+        #[inline(always)]
+        fn mul_add_lane(self, a: f32, b: f32, c: f32) -> f32 {
+            // Correctly rounded, as the hardware FMA is.
+            libm::fmaf(a, b, c)
+        }
+        #[inline(always)]
+        fn mul(self, a: __m512, b: __m512) -> __m512 {
+            unsafe { _mm512_mul_ps(a, b) }
         }
         #[inline(always)]
         fn prefetch<T>(self, at: &T) {
@@ -340,6 +370,15 @@ mod arm {
             unsafe { vaddq_f32(a, b) }
         }
         #[inline(always)]
+        fn mul_add_lane(self, a: f32, b: f32, c: f32) -> f32 {
+            // Correctly rounded, as the hardware FMA is.
+            libm::fmaf(a, b, c)
+        }
+        #[inline(always)]
+        fn mul(self, a: float32x4_t, b: float32x4_t) -> float32x4_t {
+            unsafe { vmulq_f32(a, b) }
+        }
+        #[inline(always)]
         fn reduce_sum(self, v: float32x4_t) -> f32 {
             unsafe { vaddvq_f32(v) }
         }
@@ -419,6 +458,10 @@ mod wasm {
         #[inline(always)]
         fn add(self, a: v128, b: v128) -> v128 {
             f32x4_add(a, b)
+        }
+        #[inline(always)]
+        fn mul(self, a: v128, b: v128) -> v128 {
+            f32x4_mul(a, b)
         }
         #[inline(always)]
         fn reduce_sum(self, v: v128) -> f32 {

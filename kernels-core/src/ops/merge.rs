@@ -48,14 +48,43 @@ fn check_averaging_weights(weights: &[f32]) -> Result<f64> {
     Ok(sum)
 }
 
+/// Validates a weighted mean (every backend runs this); returns `sum w_i`.
+pub fn validate_weighted_mean<T>(models: &[&[T]], weights: &[f32], out_len: usize) -> Result<f64> {
+    check_models("models[i]", models, weights, out_len)?;
+    check_averaging_weights(weights)
+}
+
+/// Validates task arithmetic (every backend runs this).
+pub fn validate_task_arithmetic<T>(
+    base: &[T],
+    taus: &[&[T]],
+    weights: &[f32],
+    lambda: f32,
+    out_len: usize,
+) -> Result<()> {
+    check_len("base", out_len, base.len())?;
+    check_models("taus[i]", taus, weights, out_len)?;
+    check_param("lambda", f64::from(lambda), "finite", lambda.is_finite())
+}
+
+/// Validates a diagonal Fisher accumulation (every backend runs this).
+pub fn validate_fisher_accumulate<T>(fisher_len: usize, grad: &[T], scale: f32) -> Result<()> {
+    check_len("grad", fisher_len, grad.len())?;
+    check_param(
+        "scale",
+        f64::from(scale),
+        "finite and >= 0",
+        scale.is_finite() && scale >= 0.0,
+    )
+}
+
 /// Weighted mean (model soups, linear merge): `out = sum w_i theta_i / sum w_i`.
 pub fn weighted_mean_ref<T: Element>(
     models: &[&[T]],
     weights: &[f32],
     out: &mut [f32],
 ) -> Result<()> {
-    check_models("models[i]", models, weights, out.len())?;
-    let sum = check_averaging_weights(weights)?;
+    let sum = validate_weighted_mean(models, weights, out.len())?;
     for (j, o) in out.iter_mut().enumerate() {
         let acc: f64 = models
             .iter()
@@ -75,9 +104,7 @@ pub fn task_arithmetic_ref<T: Element>(
     lambda: f32,
     out: &mut [f32],
 ) -> Result<()> {
-    check_len("base", out.len(), base.len())?;
-    check_models("taus[i]", taus, weights, out.len())?;
-    check_param("lambda", f64::from(lambda), "finite", lambda.is_finite())?;
+    validate_task_arithmetic(base, taus, weights, lambda, out.len())?;
     for (j, o) in out.iter_mut().enumerate() {
         let acc: f64 = taus
             .iter()
@@ -264,13 +291,7 @@ pub fn fisher_normalized_weights(
 
 /// Diagonal Fisher accumulation `fisher += scale * g^2`, `scale` finite and `>= 0`.
 pub fn fisher_accumulate_ref<T: Element>(fisher: &mut [f32], grad: &[T], scale: f32) -> Result<()> {
-    check_len("grad", fisher.len(), grad.len())?;
-    check_param(
-        "scale",
-        f64::from(scale),
-        "finite and >= 0",
-        scale.is_finite() && scale >= 0.0,
-    )?;
+    validate_fisher_accumulate(fisher.len(), grad, scale)?;
     for (f, g) in fisher.iter_mut().zip(grad) {
         let g = g.to_f64();
         *f = (f64::from(*f) + f64::from(scale) * g * g) as f32;

@@ -1,0 +1,222 @@
+//! Streaming merge reductions: weighted mean (model soups), task arithmetic and diagonal Fisher
+//! accumulation, the fast twins of `kernels_core::ops::merge`.
+//!
+//! # Contracts
+//!
+//! Those of [`kernels_core::ops::merge`]: element-wise over equally long slices (stream a model
+//! tensor by tensor, or chunk by chunk, and get the same bits), inputs `f32`/`f16`/`bf16`, output
+//! `f32`, NaN and infinity propagate. Computed in `f32` with fused multiply-adds: each output is
+//! within [`reduction_tolerance`] of the `f64` reference. Slice tails round exactly as vector
+//! lanes ([`crate::Simd::mul_add_lane`]), so results are bit-identical for every chunking of the
+//! data and every thread count.
+
+use core::ops::Range;
+
+use kernels_core::ops::merge::{
+    validate_fisher_accumulate, validate_task_arithmetic, validate_weighted_mean,
+};
+use kernels_core::{Element, Result};
+
+use crate::parallel::parts_for;
+use crate::{Cpu, Simd, WithSimd};
+
+/// Bound on `|out_j - out_ref_j|` for an output that sums `terms` products whose absolute values
+/// add up to `abs_sum` (for a mean, divided by `sum w`): `(terms + 3) u abs_sum`, `u = 2^-24`.
+///
+/// A chain of `terms` fused multiply-adds rounds `terms` times, the scale and the base add two
+/// more, and the `f32` weight `1 / sum w` one more; each rounding is relative to at most `abs_sum`.
+#[must_use]
+pub fn reduction_tolerance(terms: usize, abs_sum: f64) -> f64 {
+    (terms + 3) as f64 * f64::from(f32::EPSILON / 2.0) * abs_sum + 1e-37
+}
+
+/// Split element ranges on multiples of this (four of the widest vectors), so every element is
+/// computed by the same vector or tail code whatever the split.
+#[cfg(feature = "alloc")]
+const ELEMENT_ALIGN: usize = 64;
+
+/// `out = base + scale * sum_i w_i models_i` over `range` (no base for a mean).
+struct WeightedSum<'a, T> {
+    models: &'a [&'a [T]],
+    weights: &'a [f32],
+    base: Option<&'a [T]>,
+    scale: f32,
+    range: Range<usize>,
+    out: &'a mut [f32],
+}
+
+impl<T: Element> WithSimd for WeightedSum<'_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, s: S) {
+        let Self {
+            models,
+            weights,
+            base,
+            scale,
+            range,
+            out,
+        } = self;
+        let lanes = S::LANES;
+        let n = out.len();
+        let main = n - n % lanes;
+        let (start, scale_v) = (range.start, s.splat(scale));
+        let mut c = 0;
+        while c < main {
+            let mut acc = s.zero();
+            for (m, &w) in models.iter().zip(weights) {
+                acc = s.mul_add(s.splat(w), s.load(&m[start + c..start + c + lanes]), acc);
+            }
+            let b = base.map_or(s.zero(), |b| s.load(&b[start + c..start + c + lanes]));
+            s.store(s.mul_add(acc, scale_v, b), &mut out[c..c + lanes]);
+            c += lanes;
+        }
+        for j in main..n {
+            let mut acc = 0.0f32;
+            for (m, &w) in models.iter().zip(weights) {
+                acc = s.mul_add_lane(w, m[start + j].to_f32(), acc);
+            }
+            out[j] = s.mul_add_lane(acc, scale, base.map_or(0.0, |b| b[start + j].to_f32()));
+        }
+    }
+}
+
+/// Runs `make(range, out_part)` over `out` split into element ranges across threads.
+fn split_elements(
+    cpu: &Cpu,
+    out: &mut [f32],
+    bytes_per_element: usize,
+    run: impl Fn(Range<usize>, &mut [f32]) + Sync,
+) {
+    let parts = parts_for(
+        cpu.threads(),
+        out.len() * bytes_per_element,
+        cpu.min_bytes_per_thread(),
+    );
+    if parts <= 1 {
+        let all = 0..out.len();
+        run(all, out);
+        return;
+    }
+    #[cfg(feature = "alloc")]
+    {
+        let mut work = alloc::vec::Vec::with_capacity(parts);
+        let mut rest = out;
+        for range in crate::parallel::ranges(rest.len(), parts, ELEMENT_ALIGN) {
+            let (part, tail) = rest.split_at_mut(range.len());
+            work.push((range, part));
+            rest = tail;
+        }
+        crate::parallel::for_each(work, |(range, part)| run(range, part));
+    }
+}
+
+/// Weighted mean `out = sum w_i theta_i / sum w_i` (the twin of `weighted_mean_ref`).
+pub fn weighted_mean<T: Element>(
+    cpu: &Cpu,
+    models: &[&[T]],
+    weights: &[f32],
+    out: &mut [f32],
+) -> Result<()> {
+    let sum = validate_weighted_mean(models, weights, out.len())?;
+    let scale = (1.0 / sum) as f32;
+    split_elements(
+        cpu,
+        out,
+        models.len() * core::mem::size_of::<T>(),
+        |range, out| {
+            cpu.dispatch(WeightedSum {
+                models,
+                weights,
+                base: None,
+                scale,
+                range,
+                out,
+            });
+        },
+    );
+    Ok(())
+}
+
+/// Task arithmetic `out = base + lambda * sum w_i tau_i` (the twin of `task_arithmetic_ref`).
+pub fn task_arithmetic<T: Element>(
+    cpu: &Cpu,
+    base: &[T],
+    taus: &[&[T]],
+    weights: &[f32],
+    lambda: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    validate_task_arithmetic(base, taus, weights, lambda, out.len())?;
+    split_elements(
+        cpu,
+        out,
+        (taus.len() + 1) * core::mem::size_of::<T>(),
+        |range, out| {
+            cpu.dispatch(WeightedSum {
+                models: taus,
+                weights,
+                base: Some(base),
+                scale: lambda,
+                range,
+                out,
+            });
+        },
+    );
+    Ok(())
+}
+
+/// `fisher += scale * grad^2` over `range` of `grad`.
+struct FisherAccumulate<'a, T> {
+    fisher: &'a mut [f32],
+    grad: &'a [T],
+    scale: f32,
+}
+
+impl<T: Element> WithSimd for FisherAccumulate<'_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, s: S) {
+        let Self {
+            fisher,
+            grad,
+            scale,
+        } = self;
+        let lanes = S::LANES;
+        let scale_v = s.splat(scale);
+        let mut f_chunks = fisher.chunks_exact_mut(lanes);
+        let mut g_chunks = grad.chunks_exact(lanes);
+        for (f, g) in (&mut f_chunks).zip(&mut g_chunks) {
+            let g = s.load(g);
+            s.store(s.mul_add(s.mul(scale_v, g), g, s.load(&*f)), f);
+        }
+        for (f, g) in f_chunks
+            .into_remainder()
+            .iter_mut()
+            .zip(g_chunks.remainder())
+        {
+            let g = g.to_f32();
+            *f = s.mul_add_lane(scale * g, g, *f);
+        }
+    }
+}
+
+/// Diagonal Fisher accumulation `fisher += scale * grad^2` (the twin of `fisher_accumulate_ref`).
+pub fn fisher_accumulate<T: Element>(
+    cpu: &Cpu,
+    fisher: &mut [f32],
+    grad: &[T],
+    scale: f32,
+) -> Result<()> {
+    validate_fisher_accumulate(fisher.len(), grad, scale)?;
+    split_elements(cpu, fisher, 4 + core::mem::size_of::<T>(), |range, part| {
+        cpu.dispatch(FisherAccumulate {
+            fisher: part,
+            grad: &grad[range],
+            scale,
+        });
+    });
+    Ok(())
+}

@@ -1,0 +1,69 @@
+//! Streaming merge reductions at 1e6, 1e7 and 1e8 elements with N = 2, 4, 8 models, and STREAM
+//! read bandwidth in the same run. GB/s count every byte touched: the N inputs (and the base) read
+//! and the f32 output written.
+//!
+//! Run: `cargo bench -p kernels-benches --bench merge && python3 benches/medians.py merge`
+
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use half::bf16;
+use kernels_benches::stream_read;
+use kernels_core::Element;
+use kernels_cpu::Cpu;
+use kernels_cpu::merge::{fisher_accumulate, task_arithmetic, weighted_mean};
+
+const SIZES: [usize; 3] = [1_000_000, 10_000_000, 100_000_000];
+const MODELS: [usize; 3] = [2, 4, 8];
+
+/// Cheap deterministic data (the values do not change the speed).
+fn data<T: Element>(n: usize, seed: usize) -> Vec<T> {
+    (0..n).map(|i| T::from_f32(((i * 7 + seed * 13) % 101) as f32 * 0.01 - 0.5)).collect()
+}
+
+fn family<T: Element>(c: &mut Criterion, cpu: &Cpu) {
+    let threads = cpu.threads();
+    let mut group = c.benchmark_group(format!("merge/{}", T::DTYPE.name()));
+    group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    let size = core::mem::size_of::<T>();
+    for n in SIZES {
+        let models: Vec<Vec<T>> = (0..*MODELS.iter().max().expect("models")).map(|k| data(n, k)).collect();
+        let base: Vec<T> = data(n, 99);
+        let mut out = vec![0.0f32; n];
+        for count in MODELS {
+            let views: Vec<&[T]> = models[..count].iter().map(Vec::as_slice).collect();
+            let weights = vec![1.0f32; count];
+            group.throughput(Throughput::Bytes((n * (count * size + 4)) as u64));
+            group.bench_function(BenchmarkId::new(format!("weighted_mean_n{n}_models{count}"), format!("{threads}t")), |b| {
+                b.iter(|| weighted_mean(cpu, &views, &weights, &mut out).expect("mean"));
+            });
+            group.throughput(Throughput::Bytes((n * ((count + 1) * size + 4)) as u64));
+            group.bench_function(BenchmarkId::new(format!("task_arithmetic_n{n}_models{count}"), format!("{threads}t")), |b| {
+                b.iter(|| task_arithmetic(cpu, &base, &views, &weights, 0.5, &mut out).expect("ta"));
+            });
+        }
+        // Fisher accumulation reads and writes the f32 Fisher and reads the gradient.
+        group.throughput(Throughput::Bytes((n * (8 + size)) as u64));
+        group.bench_function(BenchmarkId::new(format!("fisher_accumulate_n{n}"), format!("{threads}t")), |b| {
+            b.iter(|| fisher_accumulate(cpu, &mut out, &models[0], 0.5).expect("fisher"));
+        });
+    }
+}
+
+fn merge(c: &mut Criterion) {
+    let cpu = Cpu::detect();
+    let mut group = c.benchmark_group("merge/stream");
+    group.sample_size(10);
+    let buffer = vec![1.0f32; (1 << 30) / 4];
+    group.throughput(Throughput::Bytes(1 << 30));
+    group.bench_function(BenchmarkId::new("read_1GiB", format!("{}t", cpu.threads())), |b| {
+        b.iter(|| stream_read(&cpu, &buffer, cpu.threads()));
+    });
+    group.finish();
+    drop(buffer);
+    family::<f32>(c, &cpu);
+    family::<bf16>(c, &cpu);
+}
+
+criterion_group!(benches, merge);
+criterion_main!(benches);

@@ -18,35 +18,59 @@ const MODELS: [usize; 3] = [2, 4, 8];
 
 /// Cheap deterministic data (the values do not change the speed).
 fn data<T: Element>(n: usize, seed: usize) -> Vec<T> {
-    (0..n).map(|i| T::from_f32(((i * 7 + seed * 13) % 101) as f32 * 0.01 - 0.5)).collect()
+    (0..n)
+        .map(|i| T::from_f32(((i * 7 + seed * 13) % 101) as f32 * 0.01 - 0.5))
+        .collect()
 }
 
 fn family<T: Element>(c: &mut Criterion, cpu: &Cpu) {
     let threads = cpu.threads();
     let mut group = c.benchmark_group(format!("merge/{}", T::DTYPE.name()));
-    group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
     let size = core::mem::size_of::<T>();
     for n in SIZES {
-        let models: Vec<Vec<T>> = (0..*MODELS.iter().max().expect("models")).map(|k| data(n, k)).collect();
+        let models: Vec<Vec<T>> = (0..*MODELS.iter().max().expect("models"))
+            .map(|k| data(n, k))
+            .collect();
         let base: Vec<T> = data(n, 99);
         let mut out = vec![0.0f32; n];
         for count in MODELS {
             let views: Vec<&[T]> = models[..count].iter().map(Vec::as_slice).collect();
             let weights = vec![1.0f32; count];
             group.throughput(Throughput::Bytes((n * (count * size + 4)) as u64));
-            group.bench_function(BenchmarkId::new(format!("weighted_mean_n{n}_models{count}"), format!("{threads}t")), |b| {
-                b.iter(|| weighted_mean(cpu, &views, &weights, &mut out).expect("mean"));
-            });
+            group.bench_function(
+                BenchmarkId::new(
+                    format!("weighted_mean_n{n}_models{count}"),
+                    format!("{threads}t"),
+                ),
+                |b| {
+                    b.iter(|| weighted_mean(cpu, &views, &weights, &mut out).expect("mean"));
+                },
+            );
             group.throughput(Throughput::Bytes((n * ((count + 1) * size + 4)) as u64));
-            group.bench_function(BenchmarkId::new(format!("task_arithmetic_n{n}_models{count}"), format!("{threads}t")), |b| {
-                b.iter(|| task_arithmetic(cpu, &base, &views, &weights, 0.5, &mut out).expect("ta"));
-            });
+            group.bench_function(
+                BenchmarkId::new(
+                    format!("task_arithmetic_n{n}_models{count}"),
+                    format!("{threads}t"),
+                ),
+                |b| {
+                    b.iter(|| {
+                        task_arithmetic(cpu, &base, &views, &weights, 0.5, &mut out).expect("ta")
+                    });
+                },
+            );
         }
         // Fisher accumulation reads and writes the f32 Fisher and reads the gradient.
         group.throughput(Throughput::Bytes((n * (8 + size)) as u64));
-        group.bench_function(BenchmarkId::new(format!("fisher_accumulate_n{n}"), format!("{threads}t")), |b| {
-            b.iter(|| fisher_accumulate(cpu, &mut out, &models[0], 0.5).expect("fisher"));
-        });
+        group.bench_function(
+            BenchmarkId::new(format!("fisher_accumulate_n{n}"), format!("{threads}t")),
+            |b| {
+                b.iter(|| fisher_accumulate(cpu, &mut out, &models[0], 0.5).expect("fisher"));
+            },
+        );
     }
 }
 
@@ -56,9 +80,12 @@ fn merge(c: &mut Criterion) {
     group.sample_size(10);
     let buffer = vec![1.0f32; (1 << 30) / 4];
     group.throughput(Throughput::Bytes(1 << 30));
-    group.bench_function(BenchmarkId::new("read_1GiB", format!("{}t", cpu.threads())), |b| {
-        b.iter(|| stream_read(&cpu, &buffer, cpu.threads()));
-    });
+    group.bench_function(
+        BenchmarkId::new("read_1GiB", format!("{}t", cpu.threads())),
+        |b| {
+            b.iter(|| stream_read(&cpu, &buffer, cpu.threads()));
+        },
+    );
     group.finish();
     drop(buffer);
     family::<f32>(c, &cpu);

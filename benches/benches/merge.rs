@@ -58,7 +58,7 @@ fn family<T: Element>(c: &mut Criterion, cpu: &Cpu) {
                 ),
                 |b| {
                     b.iter(|| {
-                        task_arithmetic(cpu, &base, &views, &weights, 0.5, &mut out).expect("ta")
+                        task_arithmetic(cpu, &base, &views, &weights, 0.5, &mut out).expect("ta");
                     });
                 },
             );

@@ -332,6 +332,115 @@ impl BitWriter {
     }
 }
 
+/// Checks a shape for [`encode`] and returns its element count.
+pub fn check_shape(shape: &[u64], codes_len: usize) -> Result<()> {
+    crate::error::check_param(
+        "shape.len()",
+        shape.len() as f64,
+        "at most 8",
+        shape.len() <= MAX_DIMS,
+    )?;
+    let numel = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
+    check_len(
+        "codes",
+        usize::try_from(numel.unwrap_or(u64::MAX)).unwrap_or(usize::MAX),
+        codes_len,
+    )
+}
+
+/// Writes the header of an encoding (every field but the payload) to `out`: what [`encode`] and
+/// fast encoders share. `shape` must have passed [`check_shape`].
+#[cfg(feature = "alloc")]
+pub fn write_header(
+    out: &mut alloc::vec::Vec<u8>,
+    layout: TernaryLayout,
+    rice_k: u8,
+    scale: f32,
+    nnz: u64,
+    shape: &[u64],
+    payload_len: usize,
+) {
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&[
+        VERSION,
+        u8::from(layout == TernaryLayout::SparseRice),
+        rice_k,
+        shape.len() as u8,
+    ]);
+    out.extend_from_slice(&scale.to_le_bytes());
+    out.extend_from_slice(&nnz.to_le_bytes());
+    for d in shape {
+        out.extend_from_slice(&d.to_le_bytes());
+    }
+    out.extend_from_slice(&(payload_len as u64).to_le_bytes());
+}
+
+/// Bytes of the header for a shape of `ndim` dimensions.
+#[must_use]
+pub const fn header_len(ndim: usize) -> usize {
+    FIXED_HEADER + 8 * ndim + 8
+}
+
+/// Statistics of the gaps of a sparse encoding from which [`GapStats::best_rice_k`] picks the
+/// Rice parameter exactly: how many gaps have each bit set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GapStats {
+    /// Gaps seen.
+    pub gaps: u64,
+    /// `bit_counts[b]`: gaps with bit `b` set.
+    pub bit_counts: [u64; 64],
+}
+
+impl Default for GapStats {
+    fn default() -> Self {
+        Self {
+            gaps: 0,
+            bit_counts: [0; 64],
+        }
+    }
+}
+
+impl GapStats {
+    /// Adds a gap.
+    #[inline]
+    pub fn add(&mut self, gap: u64) {
+        self.gaps += 1;
+        let mut rest = gap;
+        while rest != 0 {
+            self.bit_counts[rest.trailing_zeros() as usize] += 1;
+            rest &= rest - 1;
+        }
+    }
+
+    /// Adds another set of statistics.
+    pub fn merge(&mut self, other: &Self) {
+        self.gaps += other.gaps;
+        for (a, b) in self.bit_counts.iter_mut().zip(&other.bit_counts) {
+            *a += b;
+        }
+    }
+
+    /// The payload bits of all gaps and signs coded with parameter `k`:
+    /// `sum_g ((g >> k) + 1 + k) + gaps`, where `sum_g (g >> k) = sum_{b >= k} count_b 2^(b - k)`.
+    #[must_use]
+    pub fn payload_bits(&self, k: u8) -> u128 {
+        let quotients: u128 = self.bit_counts[usize::from(k)..]
+            .iter()
+            .enumerate()
+            .map(|(shift, &c)| u128::from(c) << shift)
+            .sum();
+        quotients + u128::from(self.gaps) * (u128::from(k) + 2)
+    }
+
+    /// The Rice parameter in `0..=31` that minimises the payload (the smallest such).
+    #[must_use]
+    pub fn best_rice_k(&self) -> u8 {
+        (0u8..=31)
+            .min_by_key(|&k| self.payload_bits(k))
+            .unwrap_or(0)
+    }
+}
+
 /// Encodes codes with the given shape and layout.
 #[cfg(feature = "alloc")]
 pub fn encode(
@@ -340,19 +449,8 @@ pub fn encode(
     scale: f32,
     layout: TernaryLayout,
 ) -> Result<alloc::vec::Vec<u8>> {
-    crate::error::check_param(
-        "shape.len()",
-        shape.len() as f64,
-        "at most 8",
-        shape.len() <= MAX_DIMS,
-    )?;
+    check_shape(shape, codes.len())?;
     crate::error::check_param("scale", f64::from(scale), "finite", scale.is_finite())?;
-    let numel = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
-    check_len(
-        "codes",
-        usize::try_from(numel.unwrap_or(u64::MAX)).unwrap_or(usize::MAX),
-        codes.len(),
-    )?;
     crate::ops::ternary::check_codes(codes)?;
     let nnz = codes.iter().filter(|&&c| c != 0).count() as u64;
     let (rice_k, payload) = match layout {
@@ -370,21 +468,8 @@ pub fn encode(
         }
         TernaryLayout::SparseRice => encode_sparse(codes),
     };
-    let mut out =
-        alloc::vec::Vec::with_capacity(FIXED_HEADER + 8 * shape.len() + 8 + payload.len());
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&[
-        VERSION,
-        u8::from(layout == TernaryLayout::SparseRice),
-        rice_k,
-        shape.len() as u8,
-    ]);
-    out.extend_from_slice(&scale.to_le_bytes());
-    out.extend_from_slice(&nnz.to_le_bytes());
-    for d in shape {
-        out.extend_from_slice(&d.to_le_bytes());
-    }
-    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    let mut out = alloc::vec::Vec::with_capacity(header_len(shape.len()) + payload.len());
+    write_header(&mut out, layout, rice_k, scale, nnz, shape, payload.len());
     out.extend_from_slice(&payload);
     Ok(out)
 }
@@ -403,10 +488,9 @@ fn encode_sparse(codes: &[i8]) -> (u8, alloc::vec::Vec<u8>) {
                 gap
             })
     };
-    // Exact size for each k: (g >> k) + 1 + k bits per gap; pick the smallest.
-    let best_k = (0u8..=31)
-        .min_by_key(|&k| gaps().map(|g| (g >> k) + 1 + u64::from(k)).sum::<u64>())
-        .unwrap_or(0);
+    let mut stats = GapStats::default();
+    gaps().for_each(|g| stats.add(g));
+    let best_k = stats.best_rice_k();
     let mut w = BitWriter {
         bytes: alloc::vec::Vec::new(),
         pos: 0,
@@ -532,6 +616,20 @@ mod tests {
         assert!(decode_all(&huge).is_err());
         assert!(encode(&[2], &[1], 1.0, TernaryLayout::Dense2Bit).is_err());
         assert!(encode(&[1], &[2], 1.0, TernaryLayout::Dense2Bit).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn gap_stats_count_payload_bits_exactly(gaps in prop::collection::vec(0u64..1 << 40, 0..50)) {
+            let mut stats = GapStats::default();
+            for &g in &gaps {
+                stats.add(g);
+            }
+            for k in 0u8..=31 {
+                let brute: u128 = gaps.iter().map(|&g| u128::from((g >> k) + 2 + u64::from(k))).sum();
+                prop_assert_eq!(stats.payload_bits(k), brute);
+            }
+        }
     }
 
     proptest! {

@@ -7,68 +7,24 @@
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
-use kernels_core::ops::select::{MagnitudeBracket, MagnitudeHistogram, magnitude_key};
+use kernels_core::ops::select::{MagnitudeBracket, MagnitudeHistogram};
 use kernels_core::ops::sparse::quantile_rank;
 use kernels_core::{Error, Result};
 
 use crate::Cpu;
-use crate::parallel::{for_each, parts_for, ranges};
-
-/// Magnitude keys per histogram bin: the top 15 bits of the 31-bit key select the bin.
-const BIN_SHIFT: u32 = 16;
-const BINS: usize = 1 << 15;
+use crate::select::{Parts, rank_key, validate};
 
 /// The exact `k`-quantile threshold of `samples` (`k` in `[0, 1]`; finite, non-empty samples):
-/// two passes, the first threaded (per-thread histograms summed in a fixed order).
+/// the radix select of [`crate::select`], threaded.
 pub fn calibrate_threshold(cpu: &Cpu, samples: &[f32], k: f64) -> Result<f32> {
     let rank = quantile_rank(samples.len() as u64, k)?;
-    if let Some(index) = samples.iter().position(|v| !v.is_finite()) {
-        return Err(Error::NonFinite {
-            what: "samples",
-            index,
-        });
-    }
+    let slices = [samples];
+    let parts = Parts::new(cpu, &slices, 1);
     if rank == 0 {
+        validate(cpu, &parts)?;
         return Ok(0.0);
     }
-    // Pass 1: where does the rank fall among the high bits?
-    let parts = parts_for(
-        cpu.threads(),
-        core::mem::size_of_val(samples),
-        cpu.min_bytes_per_thread(),
-    );
-    let chunks: Vec<&[f32]> = ranges(samples.len(), parts, 1)
-        .map(|r| &samples[r])
-        .collect();
-    let mut histograms: Vec<Vec<u64>> =
-        (0..chunks.len()).map(|_| alloc::vec![0u64; BINS]).collect();
-    for_each(
-        histograms.iter_mut().zip(&chunks).collect(),
-        |(histogram, chunk)| {
-            for &v in *chunk {
-                histogram[(magnitude_key(v) >> BIN_SHIFT) as usize] += 1;
-            }
-        },
-    );
-    let mut below = 0u64;
-    let mut bin = 0;
-    for b in 0..BINS {
-        let count: u64 = histograms.iter().map(|h| h[b]).sum();
-        if below + count >= rank {
-            bin = b as u32;
-            break;
-        }
-        below += count;
-    }
-    // Pass 2: the keys of that bin, selected exactly.
-    let mut keys: Vec<u32> = samples
-        .iter()
-        .map(|&v| magnitude_key(v))
-        .filter(|key| key >> BIN_SHIFT == bin)
-        .collect();
-    let index = (rank - below - 1) as usize;
-    let (_, key, _) = keys.select_nth_unstable(index);
-    Ok(f32::from_bits(*key))
+    Ok(f32::from_bits(rank_key(cpu, &parts, rank)?.key))
 }
 
 /// Where a threshold applies in an MLP layer.

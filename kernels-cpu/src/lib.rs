@@ -38,6 +38,8 @@ pub mod merge;
 pub mod mlp;
 mod parallel;
 pub mod reduce;
+#[cfg(feature = "alloc")]
+pub mod select;
 mod simd;
 
 pub use isa::Isa;
@@ -45,7 +47,7 @@ pub use isa::Isa;
 pub use simd::Neon;
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 pub use simd::Simd128;
-pub use simd::{Scalar, Simd, WithSimd};
+pub use simd::{KeyMasks, Scalar, Simd, WithSimd};
 #[cfg(target_arch = "x86_64")]
 pub use simd::{V3, V4};
 

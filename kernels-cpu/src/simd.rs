@@ -52,6 +52,9 @@ pub trait Simd: Copy + Send + Sync + 'static {
     }
     /// The sum of the lanes.
     fn reduce_sum(self, v: Self::F32) -> f32;
+    /// Classifies the magnitude keys (`|v|` as bits, see `kernels_core::ops::select::magnitude_key`)
+    /// of the lanes against `lo <= hi <= 0x7F80_0000`: bit `j` of each mask is lane `j`'s.
+    fn classify_keys(self, v: Self::F32, lo: u32, hi: u32) -> KeyMasks;
     /// Hints that the cache line holding `at` will be read soon (a no-op where the instruction set
     /// has no prefetch instruction). Never faults.
     #[inline(always)]
@@ -59,6 +62,26 @@ pub trait Simd: Copy + Send + Sync + 'static {
         let _ = at;
     }
 }
+
+/// Lane masks of [`Simd::classify_keys`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyMasks {
+    /// `key < lo`.
+    pub below: u32,
+    /// `lo <= key <= hi`.
+    pub within: u32,
+    /// `key > hi`.
+    pub above: u32,
+    /// The lane is infinite or NaN (`key >= 0x7F80_0000`).
+    pub non_finite: u32,
+    /// The lane's sign bit is set (`-0.0` included).
+    pub negative: u32,
+}
+
+/// Lanes' keys are compared as `i32`: a key has its sign bit clear, so signed order is key order.
+const KEY_MAGNITUDE: i32 = 0x7FFF_FFFF;
+/// The largest finite key.
+const LARGEST_FINITE_KEY: i32 = 0x7F7F_FFFF;
 
 /// Widens one element with plain scalar code.
 #[inline(always)]
@@ -110,6 +133,17 @@ impl Simd for Scalar {
     fn reduce_sum(self, v: f32) -> f32 {
         v
     }
+    #[inline(always)]
+    fn classify_keys(self, v: f32, lo: u32, hi: u32) -> KeyMasks {
+        let key = v.to_bits() & KEY_MAGNITUDE as u32;
+        KeyMasks {
+            below: u32::from(key < lo),
+            within: u32::from(lo <= key && key <= hi),
+            above: u32::from(key > hi),
+            non_finite: u32::from(key > LARGEST_FINITE_KEY as u32),
+            negative: v.to_bits() >> 31,
+        }
+    }
 }
 
 /// Reinterprets a chunk of 16-bit elements as their storage words.
@@ -131,7 +165,7 @@ mod x86 {
     #[allow(clippy::wildcard_imports)]
     use core::arch::x86_64::*;
 
-    use super::{Element, Isa, Simd, bits16};
+    use super::{Element, Isa, KEY_MAGNITUDE, KeyMasks, LARGEST_FINITE_KEY, Simd, bits16};
     use kernels_core::DType;
 
     /// AVX2 + FMA + F16C ("x86-64-v3"), 8 lanes.
@@ -211,6 +245,26 @@ mod x86 {
                 let quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
                 let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
                 _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps::<0b01>(pair, pair)))
+            }
+        }
+        #[inline(always)]
+        fn classify_keys(self, v: __m256, lo: u32, hi: u32) -> KeyMasks {
+            unsafe {
+                let key =
+                    _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(KEY_MAGNITUDE));
+                let bits = |m: __m256i| _mm256_movemask_ps(_mm256_castsi256_ps(m)) as u32;
+                let below = bits(_mm256_cmpgt_epi32(_mm256_set1_epi32(lo as i32), key));
+                let above = bits(_mm256_cmpgt_epi32(key, _mm256_set1_epi32(hi as i32)));
+                KeyMasks {
+                    below,
+                    within: !(below | above) & 0xFF,
+                    above,
+                    non_finite: bits(_mm256_cmpgt_epi32(
+                        key,
+                        _mm256_set1_epi32(LARGEST_FINITE_KEY),
+                    )),
+                    negative: _mm256_movemask_ps(v) as u32,
+                }
             }
         }
     }
@@ -293,6 +347,28 @@ mod x86 {
         fn reduce_sum(self, v: __m512) -> f32 {
             unsafe { _mm512_reduce_add_ps(v) }
         }
+        #[inline(always)]
+        fn classify_keys(self, v: __m512, lo: u32, hi: u32) -> KeyMasks {
+            unsafe {
+                let key =
+                    _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(KEY_MAGNITUDE));
+                let below = u32::from(_mm512_cmplt_epi32_mask(key, _mm512_set1_epi32(lo as i32)));
+                let above = u32::from(_mm512_cmpgt_epi32_mask(key, _mm512_set1_epi32(hi as i32)));
+                KeyMasks {
+                    below,
+                    within: !(below | above) & 0xFFFF,
+                    above,
+                    non_finite: u32::from(_mm512_cmpgt_epi32_mask(
+                        key,
+                        _mm512_set1_epi32(LARGEST_FINITE_KEY),
+                    )),
+                    negative: u32::from(_mm512_cmplt_epi32_mask(
+                        _mm512_castps_si512(v),
+                        _mm512_setzero_si512(),
+                    )),
+                }
+            }
+        }
     }
 }
 
@@ -304,7 +380,7 @@ mod arm {
     #[allow(clippy::wildcard_imports)]
     use core::arch::aarch64::*;
 
-    use super::{Element, Isa, Simd, bits16, widen};
+    use super::{Element, Isa, KEY_MAGNITUDE, KeyMasks, LARGEST_FINITE_KEY, Simd, bits16, widen};
     use kernels_core::DType;
 
     /// AArch64 Advanced SIMD, 4 lanes.
@@ -382,6 +458,23 @@ mod arm {
         fn reduce_sum(self, v: float32x4_t) -> f32 {
             unsafe { vaddvq_f32(v) }
         }
+        #[inline(always)]
+        fn classify_keys(self, v: float32x4_t, lo: u32, hi: u32) -> KeyMasks {
+            unsafe {
+                let key = vandq_s32(vreinterpretq_s32_f32(v), vdupq_n_s32(KEY_MAGNITUDE));
+                let weights = vld1q_u32([1u32, 2, 4, 8].as_ptr());
+                let bits = |m: uint32x4_t| vaddvq_u32(vandq_u32(m, weights));
+                let below = bits(vcltq_s32(key, vdupq_n_s32(lo as i32)));
+                let above = bits(vcgtq_s32(key, vdupq_n_s32(hi as i32)));
+                KeyMasks {
+                    below,
+                    within: !(below | above) & 0xF,
+                    above,
+                    non_finite: bits(vcgtq_s32(key, vdupq_n_s32(LARGEST_FINITE_KEY))),
+                    negative: bits(vcltq_s32(vreinterpretq_s32_f32(v), vdupq_n_s32(0))),
+                }
+            }
+        }
     }
 }
 
@@ -393,7 +486,7 @@ mod wasm {
     #[allow(clippy::wildcard_imports)]
     use core::arch::wasm32::*;
 
-    use super::{Element, Isa, Simd, bits16, widen};
+    use super::{Element, Isa, KEY_MAGNITUDE, KeyMasks, LARGEST_FINITE_KEY, Simd, bits16, widen};
     use kernels_core::DType;
 
     /// WebAssembly SIMD, 4 lanes.
@@ -467,6 +560,22 @@ mod wasm {
         fn reduce_sum(self, v: v128) -> f32 {
             (f32x4_extract_lane::<0>(v) + f32x4_extract_lane::<1>(v))
                 + (f32x4_extract_lane::<2>(v) + f32x4_extract_lane::<3>(v))
+        }
+        #[inline(always)]
+        fn classify_keys(self, v: v128, lo: u32, hi: u32) -> KeyMasks {
+            let key = v128_and(v, i32x4_splat(KEY_MAGNITUDE));
+            let below = u32::from(i32x4_bitmask(i32x4_lt(key, i32x4_splat(lo as i32))));
+            let above = u32::from(i32x4_bitmask(i32x4_gt(key, i32x4_splat(hi as i32))));
+            KeyMasks {
+                below,
+                within: !(below | above) & 0xF,
+                above,
+                non_finite: u32::from(i32x4_bitmask(i32x4_gt(
+                    key,
+                    i32x4_splat(LARGEST_FINITE_KEY),
+                ))),
+                negative: u32::from(i32x4_bitmask(v)),
+            }
         }
     }
 }
@@ -547,6 +656,73 @@ mod tests {
                 .chunks_exact(S::LANES)
                 .map(|c| s.reduce_sum(s.load(c)))
                 .collect()
+        }
+    }
+
+    struct Classify<'a>(&'a [f32], u32, u32);
+
+    impl WithSimd for Classify<'_> {
+        type Output = Vec<KeyMasks>;
+        fn with_simd<S: Simd>(self, s: S) -> Vec<KeyMasks> {
+            self.0
+                .chunks_exact(S::LANES)
+                .map(|c| s.classify_keys(s.load(c), self.1, self.2))
+                .collect()
+        }
+    }
+
+    #[test]
+    fn key_classes_match_scalar_lane_by_lane() {
+        let specials = [
+            0.0f32,
+            -0.0,
+            f32::MIN_POSITIVE,
+            -1e-45,
+            1.0,
+            -1.0,
+            1.5,
+            -2.0,
+            f32::MAX,
+            -f32::MAX,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            3.0,
+            -0.5,
+        ];
+        let values: Vec<f32> = (0..64).map(|i| specials[(i * 7) % 16]).collect();
+        for (lo, hi) in [
+            (0, 0),
+            (1.0f32.to_bits(), 2.0f32.to_bits()),
+            (0, 0x7F80_0000),
+        ] {
+            let expect: Vec<KeyMasks> = values
+                .iter()
+                .map(|&v| Scalar.classify_keys(v, lo, hi))
+                .collect();
+            for cpu in Cpu::all_available() {
+                let lanes = cpu.isa().f32_lanes();
+                for (chunk, got) in expect
+                    .chunks(lanes)
+                    .zip(cpu.dispatch(Classify(&values, lo, hi)))
+                {
+                    let gather = |f: fn(&KeyMasks) -> u32| {
+                        chunk
+                            .iter()
+                            .enumerate()
+                            .fold(0, |m, (j, k)| m | (f(k) << j))
+                    };
+                    let want = KeyMasks {
+                        below: gather(|k| k.below),
+                        within: gather(|k| k.within),
+                        above: gather(|k| k.above),
+                        non_finite: gather(|k| k.non_finite),
+                        negative: gather(|k| k.negative),
+                    };
+                    assert_eq!(got, want, "{} [{lo:#x}, {hi:#x}]", cpu.isa());
+                }
+            }
         }
     }
 

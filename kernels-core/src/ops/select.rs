@@ -166,10 +166,26 @@ pub fn kth_largest_magnitude_ref<T: Element>(slices: &[&[T]], k: u64) -> Result<
     Ok(topk_cut_ref(slices, k)?.magnitude)
 }
 
-#[cfg(feature = "alloc")]
-const HIGH_BINS: usize = 1 << 15;
-#[cfg(feature = "alloc")]
-const LOW_BINS: usize = 1 << 16;
+/// Bins of pass 1 of the streaming selection: the top 15 bits of the 31-bit [`magnitude_key`].
+pub const HIGH_BINS: usize = 1 << 15;
+/// Bins of pass 2: the low 16 bits of the key, inside one pass-1 bin.
+pub const LOW_BINS: usize = 1 << 16;
+/// The first pass-1 bin of non-finite magnitudes (infinity and NaN keys are `>= 0x7F80_0000`).
+pub const FIRST_NON_FINITE_BIN: usize = 0x7F80;
+
+/// The pass-1 bin of a key.
+#[inline(always)]
+#[must_use]
+pub fn high_bin(key: u32) -> usize {
+    (key >> 16) as usize & (HIGH_BINS - 1)
+}
+
+/// The pass-2 bin of a key.
+#[inline(always)]
+#[must_use]
+pub fn low_bin(key: u32) -> usize {
+    (key & 0xFFFF) as usize
+}
 
 /// Streaming exact selection, pass 1: a histogram of the top 15 bits of [`magnitude_key`]
 /// (sign cleared, so 2^15 bins), fed chunk by chunk. Memory: 256 KiB, whatever `n`.
@@ -214,9 +230,24 @@ impl MagnitudeHistogram {
     pub fn observe<T: Element>(&mut self, chunk: &[T]) -> Result<()> {
         check_finite("chunk", chunk)?;
         for x in chunk {
-            self.counts[(magnitude_key(x.to_f32()) >> 16) as usize] += 1;
+            self.counts[high_bin(magnitude_key(x.to_f32()))] += 1;
         }
         self.total += chunk.len() as u64;
+        Ok(())
+    }
+
+    /// Adds counts per bin ([`high_bin`]) that a fast backend gathered. Counts in the non-finite
+    /// bins are an error: validate the data first, as [`Self::observe`] does.
+    pub fn add_counts(&mut self, counts: &[u32]) -> Result<()> {
+        crate::error::check_len("counts", HIGH_BINS, counts.len())?;
+        add_counts(&mut self.counts, counts, &mut self.total);
+        if self.counts[FIRST_NON_FINITE_BIN..].iter().any(|&c| c > 0) {
+            return Err(Error::InvalidParam {
+                name: "counts",
+                value: FIRST_NON_FINITE_BIN as f64,
+                expected: "no counts of non-finite magnitudes",
+            });
+        }
         Ok(())
     }
 
@@ -265,6 +296,14 @@ impl MagnitudeHistogram {
     }
 }
 
+#[cfg(feature = "alloc")]
+fn add_counts(into: &mut [u64], counts: &[u32], total: &mut u64) {
+    for (t, &c) in into.iter_mut().zip(counts) {
+        *t += u64::from(c);
+        *total += u64::from(c);
+    }
+}
+
 /// Streaming exact selection, pass 2: the same chunks again, refined inside the bin that holds the
 /// wanted rank. Gives the exact value ([`Self::value`]) and the top-k cut ([`Self::cut`]).
 #[cfg(feature = "alloc")]
@@ -297,11 +336,28 @@ impl MagnitudeBracket {
         }
         for x in chunk {
             let key = magnitude_key(x.to_f32());
-            if key >> 16 == self.high {
-                self.low_counts[(key & 0xFFFF) as usize] += 1;
+            if high_bin(key) == self.high as usize {
+                self.low_counts[low_bin(key)] += 1;
                 self.seen += 1;
             }
         }
+        Ok(())
+    }
+
+    /// The pass-1 bin whose entries pass 2 counts ([`high_bin`]), or `None` when the selection
+    /// needs no second pass (top-0).
+    #[must_use]
+    pub fn bin(&self) -> Option<usize> {
+        (!self.low_counts.is_empty()).then_some(self.high as usize)
+    }
+
+    /// Adds counts per [`low_bin`] of the entries of [`Self::bin`] that a fast backend gathered.
+    pub fn add_counts(&mut self, counts: &[u32]) -> Result<()> {
+        if self.low_counts.is_empty() {
+            return Ok(());
+        }
+        crate::error::check_len("counts", LOW_BINS, counts.len())?;
+        add_counts(&mut self.low_counts, counts, &mut self.seen);
         Ok(())
     }
 
@@ -337,7 +393,7 @@ impl MagnitudeBracket {
         let (key, below_key) = self.locate()?;
         // The entries of this key hold ascending ranks below_key + 1 ..= below_key + equal; a top-k
         // keeps those from the wanted rank up.
-        let equal = self.low_counts[(key & 0xFFFF) as usize];
+        let equal = self.low_counts[low_bin(key)];
         let ties = below_key + equal + 1 - self.rank_in_bin;
         Ok(TopKCut {
             magnitude: f32::from_bits(key),

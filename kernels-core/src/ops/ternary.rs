@@ -81,11 +81,27 @@ impl Moments {
             .iter()
             .map(|v| (v.to_f64() - mean) * (v.to_f64() - mean))
             .sum::<f64>();
-        let total = self.count as f64 + n;
-        let delta = mean - self.mean;
-        self.m2 += m2 + delta * delta * self.count as f64 * n / total;
-        self.mean += delta * n / total;
-        self.count += chunk.len() as u64;
+        self.combine(&Self::from_stats(chunk.len() as u64, mean, m2));
+    }
+
+    /// The moments of `count` entries with this mean and sum of squared deviations (what a fast
+    /// backend computes per block, to [`Self::combine`]).
+    #[must_use]
+    pub fn from_stats(count: u64, mean: f64, m2: f64) -> Self {
+        Self { count, mean, m2 }
+    }
+
+    /// Adds the entries another `Moments` has seen.
+    pub fn combine(&mut self, other: &Self) {
+        if other.count == 0 {
+            return;
+        }
+        let (a, b) = (self.count as f64, other.count as f64);
+        let total = a + b;
+        let delta = other.mean - self.mean;
+        self.m2 += other.m2 + delta * delta * a * b / total;
+        self.mean += delta * b / total;
+        self.count += other.count;
     }
 
     /// Entries seen.

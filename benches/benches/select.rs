@@ -1,0 +1,67 @@
+//! Exact magnitude selection over 1e6, 1e7 and 1e8 `f32` (k = 1 %, 10 %, 50 %): the radix select
+//! against `select_nth_unstable_by` on `|x|` over a copy, side by side, with STREAM read bandwidth
+//! in the same run. Throughput counts the 4 bytes per element the selection must read once.
+//!
+//! Run: `cargo bench -p kernels-benches --bench select && python3 benches/medians.py select`
+
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use kernels_benches::{heavy_tailed, stream_read};
+use kernels_cpu::Cpu;
+use kernels_cpu::select::{kth_largest_magnitude, topk_mask};
+
+const SIZES: [usize; 3] = [1_000_000, 10_000_000, 100_000_000];
+const DENSITIES: [(f64, &str); 3] = [(0.01, "1pc"), (0.1, "10pc"), (0.5, "50pc")];
+
+fn select(c: &mut Criterion) {
+    let cpu = Cpu::detect();
+    let threads = format!("{}t", cpu.threads());
+    let mut group = c.benchmark_group("select/stream");
+    group.sample_size(10);
+    let buffer = vec![1.0f32; (1 << 30) / 4];
+    group.throughput(Throughput::Bytes(1 << 30));
+    group.bench_function(BenchmarkId::new("read_1GiB", &threads), |b| {
+        b.iter(|| stream_read(&cpu, &buffer, cpu.threads()));
+    });
+    group.finish();
+    drop(buffer);
+
+    let mut group = c.benchmark_group("select/f32");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
+    for n in SIZES {
+        // Task-vector-like data: many small entries, a heavy tail, few exact ties.
+        let x = heavy_tailed(n, 1e-3, n as u64);
+        let mut mask = vec![0u64; n.div_ceil(64)];
+        group.throughput(Throughput::Bytes((n * 4) as u64));
+        for (density, name) in DENSITIES {
+            let k = (density * n as f64) as u64;
+            group.bench_function(
+                BenchmarkId::new(format!("kth_n{n}_k{name}"), &threads),
+                |b| b.iter(|| kth_largest_magnitude(&cpu, &[&x[..]], k).expect("kth")),
+            );
+            group.bench_function(
+                BenchmarkId::new(format!("mask_n{n}_k{name}"), &threads),
+                |b| b.iter(|| topk_mask(&cpu, &x, k as usize, &mut mask).expect("mask")),
+            );
+            group.bench_function(
+                BenchmarkId::new(format!("select_nth_unstable_n{n}_k{name}"), "1t"),
+                |b| {
+                    b.iter(|| {
+                        let mut copy: Vec<f32> = x.iter().map(|v| v.abs()).collect();
+                        let (_, kth, _) =
+                            copy.select_nth_unstable_by(n - k as usize, f32::total_cmp);
+                        *kth
+                    });
+                },
+            );
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, select);
+criterion_main!(benches);

@@ -404,10 +404,16 @@ impl GapStats {
     /// Adds a gap.
     #[inline]
     pub fn add(&mut self, gap: u64) {
-        self.gaps += 1;
+        self.add_many(gap, 1);
+    }
+
+    /// Adds `count` gaps of the same length.
+    #[inline]
+    pub fn add_many(&mut self, gap: u64, count: u64) {
+        self.gaps += count;
         let mut rest = gap;
         while rest != 0 {
-            self.bit_counts[rest.trailing_zeros() as usize] += 1;
+            self.bit_counts[rest.trailing_zeros() as usize] += count;
             rest &= rest - 1;
         }
     }

@@ -31,6 +31,8 @@ extern crate alloc;
 
 #[cfg(feature = "alloc")]
 pub mod calibrate;
+#[cfg(feature = "alloc")]
+pub mod compress;
 pub mod gemv;
 mod isa;
 pub mod merge;

@@ -233,7 +233,7 @@ fn classify_unordered<S: Simd, T: Element>(
 
 /// Sub-ranges a thread reads at once where order does not matter. PERF: one sequential stream
 /// per core reaches about 60 % of DRAM bandwidth here; four reach the STREAM figure.
-const STREAMS: usize = 4;
+pub(crate) const STREAMS: usize = 4;
 
 /// The key of rank `r` (1-based, ascending) and where its copies are.
 pub(crate) struct RankKey {
@@ -389,7 +389,7 @@ pub(crate) fn validate<T: Element>(cpu: &Cpu, parts: &Parts<'_, T>) -> Result<()
 }
 
 /// Runs `f` on every part's pieces (one thread per group), results in part order.
-fn map_parts<'a, T: Sync, R: Send>(
+pub(crate) fn map_parts<'a, T: Sync, R: Send>(
     parts: &'a Parts<'a, T>,
     f: impl Fn(&'a [Piece<'a, T>]) -> R + Sync,
 ) -> Vec<R> {
@@ -563,19 +563,21 @@ impl PartCut {
         ties: 0,
     };
 
-    /// Keep-bits of one vector's lanes shifted to `at`, consuming ties in order; sets the lanes'
-    /// sign bits in `negative`.
+    /// Adds one vector's lanes, shifted to `at`, to `keep` (consuming ties in order) and its
+    /// sign, equality and finiteness bits to `run`.
     #[inline(always)]
-    fn keep<S: Simd>(&mut self, s: S, v: S::F32, negative: &mut u64, at: usize) -> u64 {
+    fn keep<S: Simd>(&mut self, s: S, v: S::F32, keep: &mut u64, run: &mut RunBits, at: usize) {
         let m = s.classify_keys(v, self.key, self.key);
-        *negative |= u64::from(m.negative) << at;
-        let (mut keep, mut equal) = (m.above, m.within);
+        run.negative |= u64::from(m.negative) << at;
+        run.equal |= u64::from(m.within) << at;
+        run.non_finite |= m.non_finite;
+        let (mut kept, mut equal) = (m.above, m.within);
         while self.ties > 0 && equal != 0 {
-            keep |= equal & equal.wrapping_neg();
+            kept |= equal & equal.wrapping_neg();
             equal &= equal - 1;
             self.ties -= 1;
         }
-        u64::from(keep) << at
+        *keep |= u64::from(kept) << at;
     }
 }
 
@@ -648,7 +650,7 @@ pub fn kth_largest_magnitude<T: Element>(cpu: &Cpu, slices: &[&[T]], k: u64) -> 
 }
 
 /// The keep-bits of a run of up to 64 elements under each cut (consuming ties in order), and
-/// their sign bits.
+/// what else the pass learns of it.
 #[inline(always)]
 fn keep_group<S: Simd, T: Element, const C: usize>(
     s: S,
@@ -657,34 +659,46 @@ fn keep_group<S: Simd, T: Element, const C: usize>(
 ) -> Keep<C> {
     let mut keep = Keep {
         bits: [0; C],
-        negative: 0,
+        run: RunBits::default(),
     };
     let main = group.len() - group.len() % S::LANES;
     for (v, lanes) in group[..main].chunks_exact(S::LANES).enumerate() {
         let v_bits = s.load(lanes);
         for (k, cut) in keep.bits.iter_mut().zip(cuts.iter_mut()) {
-            *k |= cut.keep(s, v_bits, &mut keep.negative, v * S::LANES);
+            cut.keep(s, v_bits, k, &mut keep.run, v * S::LANES);
         }
     }
     for (j, x) in group.iter().enumerate().skip(main) {
         for (k, cut) in keep.bits.iter_mut().zip(cuts.iter_mut()) {
-            *k |= cut.keep(Scalar, x.to_f32(), &mut keep.negative, j);
+            cut.keep(Scalar, x.to_f32(), k, &mut keep.run, j);
         }
     }
     keep
 }
 
-/// What the final pass knows of a run of up to 64 elements: bit `j` is element `j`'s.
+/// What the final pass learns of a run of up to 64 elements besides the cut: bit `j` is element
+/// `j`'s.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct RunBits {
+    /// Sign bit set.
+    pub(crate) negative: u64,
+    /// Magnitude equal to the (last) cut's.
+    pub(crate) equal: u64,
+    /// Any lane infinite or NaN.
+    non_finite: u32,
+}
+
+/// The keep-bits of a run under each cut, and its [`RunBits`].
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Keep<const C: usize> {
     /// Kept, under each cut.
     pub(crate) bits: [u64; C],
-    /// Sign bit set.
-    pub(crate) negative: u64,
+    pub(crate) run: RunBits,
 }
 
-/// The final pass over one group: calls `f(part, offset, piece, keep_bits)` for each run of up
-/// to 64 elements, in flat order within each part, the group's parts interleaved.
+/// The final pass over one group: calls `f(part, offset, piece, keep)` for each run of up to 64
+/// elements (`offset` its start in the piece), in flat order within each part, the group's parts
+/// interleaved.
 struct ApplyCuts<'a, T, F, const C: usize> {
     group: &'a [Vec<Piece<'a, T>>],
     cuts: [[PartCut; C]; STREAMS],
@@ -694,10 +708,11 @@ struct ApplyCuts<'a, T, F, const C: usize> {
 impl<T: Element, F: FnMut(usize, usize, &Piece<'_, T>, Keep<C>), const C: usize> WithSimd
     for ApplyCuts<'_, T, F, C>
 {
-    type Output = ();
+    /// Whether any entry was non-finite.
+    type Output = bool;
 
     #[inline(always)]
-    fn with_simd<S: Simd>(self, s: S) {
+    fn with_simd<S: Simd>(self, s: S) -> bool {
         let Self {
             group,
             mut cuts,
@@ -706,6 +721,7 @@ impl<T: Element, F: FnMut(usize, usize, &Piece<'_, T>, Keep<C>), const C: usize>
         let ahead = PREFETCH_BYTES / core::mem::size_of::<T>();
         // Per part: the piece being read and the offset in it.
         let mut cursors = [(0usize, 0usize); STREAMS];
+        let mut non_finite = 0;
         loop {
             let mut busy = false;
             for (p, pieces) in group.iter().enumerate() {
@@ -721,6 +737,7 @@ impl<T: Element, F: FnMut(usize, usize, &Piece<'_, T>, Keep<C>), const C: usize>
                     }
                 }
                 let keep = keep_group(s, &piece.data[*offset..end], &mut cuts[p]);
+                non_finite |= keep.run.non_finite;
                 f(p, *offset, piece, keep);
                 *offset = end;
                 if end == piece.data.len() {
@@ -731,26 +748,30 @@ impl<T: Element, F: FnMut(usize, usize, &Piece<'_, T>, Keep<C>), const C: usize>
                 break;
             }
         }
+        non_finite != 0
     }
 }
 
-/// Runs the final pass (one thread per group): `f(state, at, piece, keep_bits)` with each part's
-/// own `state` and `at` the run's start relative to the part.
+/// Runs the final pass (one thread per group): `f(state, at, run, keep)` with each part's own
+/// `state`, `at` the run's start relative to the part and `run` its elements. A non-finite entry
+/// is an error (and the states hold partial results).
 pub(crate) fn apply_cuts<T: Element, W: Send, const C: usize>(
     cpu: &Cpu,
     parts: &Parts<'_, T>,
     cuts: [&Cut; C],
     mut states: Vec<W>,
-    f: impl Fn(&mut W, usize, &Piece<'_, T>, Keep<C>) + Sync,
-) {
+    f: impl Fn(&mut W, usize, &[T], Keep<C>) + Sync,
+) -> Result<()> {
     let work: Vec<(usize, &mut [W])> = states
         .chunks_mut(STREAMS)
         .enumerate()
         .map(|(g, w)| (g * STREAMS, w))
         .collect();
-    for_each(work, |(first, states)| {
+    let mut non_finite: Vec<bool> = alloc::vec![false; work.len()];
+    let work: Vec<_> = work.into_iter().zip(non_finite.iter_mut()).collect();
+    for_each(work, |((first, states), non_finite)| {
         let group = &parts.pieces[first..first + states.len()];
-        cpu.dispatch(ApplyCuts {
+        *non_finite = cpu.dispatch(ApplyCuts {
             group,
             cuts: core::array::from_fn(|p| {
                 core::array::from_fn(|c| {
@@ -763,10 +784,15 @@ pub(crate) fn apply_cuts<T: Element, W: Send, const C: usize>(
             }),
             f: |p: usize, offset: usize, piece: &Piece<'_, T>, keep| {
                 let at = piece.first as usize + offset - parts.bounds[first + p].start;
-                f(&mut states[p], at, piece, keep);
+                let run = &piece.data[offset..(offset + GROUP).min(piece.data.len())];
+                f(&mut states[p], at, run, keep);
             },
         });
     });
+    if non_finite.contains(&true) {
+        return Err(parts.non_finite_error());
+    }
+    Ok(())
 }
 
 /// The top-k of `x` as a bitmask: bit `i % 64` of `mask[i / 64]` is set iff entry `i` is kept
@@ -781,8 +807,7 @@ pub fn topk_mask<T: Element>(cpu: &Cpu, x: &[T], k: usize, mask: &mut [u64]) -> 
     let words = parts.split(mask, GROUP);
     apply_cuts(cpu, &parts, [&cut], words, |words, at, _, keep| {
         words[at / GROUP] = keep.bits[0];
-    });
-    Ok(())
+    })
 }
 
 /// Flat indices of the top-k of `slices` taken as one vector, ascending (the twin of
@@ -798,7 +823,7 @@ pub fn topk_indices<T: Element>(cpu: &Cpu, slices: &[&[T]], k: u64) -> Result<Ve
             list.push(at as u64 + u64::from(keep.trailing_zeros()));
             keep &= keep - 1;
         }
-    });
+    })?;
     let mut all = Vec::with_capacity(usize::try_from(k).unwrap_or(0));
     for (list, range) in per_part.into_iter().zip(&parts.bounds) {
         all.extend(list.into_iter().map(|i| i + range.start as u64));
@@ -926,6 +951,14 @@ impl StreamingTopK {
         }
         let slices = [chunk];
         validate(cpu, &Parts::new(cpu, &slices, 1)).map_err(|e| self.shift_index(e))?;
+        self.observe_validated(chunk)
+    }
+
+    /// [`Self::observe`] of a chunk the caller has checked is finite.
+    pub(crate) fn observe_validated<T: Element>(&mut self, chunk: &[T]) -> Result<()> {
+        if !matches!(self.stage, Stage::Observing) {
+            return Err(Self::wrong_pass("observe() before next_pass()"));
+        }
         // Runs of SAMPLE_RUN entries starting at multiples of the stride, cut by chunk ends.
         let (from, to) = (self.fed, self.fed + chunk.len() as u64);
         let mut run = from
@@ -1106,43 +1139,50 @@ impl TopKApplier {
         }
     }
 
-    /// The cut of the next chunk, split over its parts: counts the chunk's equal entries first
-    /// while ties remain. Checks finiteness.
-    pub(crate) fn chunk_cut<T: Element>(&mut self, cpu: &Cpu, parts: &Parts<'_, T>) -> Result<Cut> {
-        let equal: Vec<u64> = if self.ties_left > 0 {
-            let found = map_parts(parts, |pieces| {
-                cpu.dispatch(Collect {
-                    pieces,
-                    lo: self.key,
-                    hi: self.key,
-                    cap: 0,
-                })
-            });
-            if found.iter().any(|c| c.non_finite) {
-                return Err(parts.non_finite_error());
-            }
-            found.iter().map(|c| c.within).collect()
-        } else {
-            validate(cpu, parts)?;
-            alloc::vec![0; parts.pieces.len()]
-        };
-        let mut cut = Cut {
+    /// The next chunk's cut for every part: keep every entry equal to the key for now; the caller
+    /// then gives back the surplus ([`Self::settle`]) in flat order.
+    pub(crate) fn chunk_cut<T: Element>(&self, parts: &Parts<'_, T>) -> Cut {
+        let ties = if self.ties_left > 0 { u64::MAX } else { 0 };
+        Cut {
             cut: TopKCut {
                 magnitude: f32::from_bits(self.key),
-                ties: 0,
+                ties,
             },
-            parts: Vec::with_capacity(equal.len()),
-        };
-        for e in equal {
-            let share = self.ties_left.min(e);
-            self.ties_left -= share;
-            cut.cut.ties += share;
-            cut.parts.push(PartCut {
-                key: self.key,
-                ties: share,
-            });
+            parts: alloc::vec![
+                PartCut {
+                    key: self.key,
+                    ties
+                };
+                parts.pieces.len()
+            ],
         }
-        Ok(cut)
+    }
+
+    /// Keeps the first of the equal entries of a chunk coded under [`Self::chunk_cut`] while
+    /// ties last. `equal` lists, in flat order, `(word, bits)`: the entries of 64-entry word
+    /// `word` equal to the key (words without any may be left out); `drop(word, bits)` must
+    /// un-keep `bits` of `word`.
+    pub(crate) fn settle(
+        &mut self,
+        equal: impl IntoIterator<Item = (usize, u64)>,
+        mut drop: impl FnMut(usize, u64),
+    ) {
+        if self.ties_left == 0 {
+            // `chunk_cut` kept none of them.
+            return;
+        }
+        for (w, mut bits) in equal {
+            let count = u64::from(bits.count_ones());
+            if count <= self.ties_left {
+                self.ties_left -= count;
+                continue;
+            }
+            for _ in 0..self.ties_left {
+                bits &= bits - 1;
+            }
+            self.ties_left = 0;
+            drop(w, bits);
+        }
     }
 
     /// The keep-mask of the next chunk (`mask.len() == ceil(chunk.len() / 64)`, bit `i % 64` of
@@ -1151,11 +1191,33 @@ impl TopKApplier {
         check_mask_len(chunk.len(), mask.len())?;
         let slices = [chunk];
         let parts = Parts::new(cpu, &slices, GROUP);
-        let cut = self.chunk_cut(cpu, &parts)?;
-        let words = parts.split(mask, GROUP);
-        apply_cuts(cpu, &parts, [&cut], words, |words, at, _, keep| {
-            words[at / GROUP] = keep.bits[0];
-        });
+        let cut = self.chunk_cut(&parts);
+        let mut equal: Vec<Vec<(usize, u64)>> = parts.pieces.iter().map(|_| Vec::new()).collect();
+        let states = parts
+            .split(mask, GROUP)
+            .into_iter()
+            .zip(equal.iter_mut())
+            .collect();
+        apply_cuts(
+            cpu,
+            &parts,
+            [&cut],
+            states,
+            |(words, equal), at, _, keep| {
+                words[at / GROUP] = keep.bits[0];
+                if keep.run.equal != 0 {
+                    equal.push((at / GROUP, keep.run.equal));
+                }
+            },
+        )?;
+        let offsets = parts.bounds.iter().map(|r| r.start / GROUP);
+        self.settle(
+            equal
+                .iter()
+                .zip(offsets)
+                .flat_map(|(list, offset)| list.iter().map(move |&(w, bits)| (w + offset, bits))),
+            |w, bits| mask[w] &= !bits,
+        );
         Ok(())
     }
 }

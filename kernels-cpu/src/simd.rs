@@ -55,6 +55,9 @@ pub trait Simd: Copy + Send + Sync + 'static {
     /// Classifies the magnitude keys (`|v|` as bits, see `kernels_core::ops::select::magnitude_key`)
     /// of the lanes against `lo <= hi <= 0x7F80_0000`: bit `j` of each mask is lane `j`'s.
     fn classify_keys(self, v: Self::F32, lo: u32, hi: u32) -> KeyMasks;
+    /// Ternary lanes from bit masks: lane `j` is `+1.0` if bit `j` of `plus` is set, `-1.0` if
+    /// bit `j` of `minus` is (never both), else `0.0`.
+    fn signs(self, plus: u32, minus: u32) -> Self::F32;
     /// Hints that the cache line holding `at` will be read soon (a no-op where the instruction set
     /// has no prefetch instruction). Never faults.
     #[inline(always)]
@@ -143,6 +146,10 @@ impl Simd for Scalar {
             non_finite: u32::from(key > LARGEST_FINITE_KEY as u32),
             negative: v.to_bits() >> 31,
         }
+    }
+    #[inline(always)]
+    fn signs(self, plus: u32, minus: u32) -> f32 {
+        (plus & 1) as f32 - (minus & 1) as f32
     }
 }
 
@@ -267,6 +274,20 @@ mod x86 {
                 }
             }
         }
+        #[inline(always)]
+        fn signs(self, plus: u32, minus: u32) -> __m256 {
+            unsafe {
+                let lane_bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+                let set = |m: u32| {
+                    let bits = _mm256_and_si256(_mm256_set1_epi32(m as i32), lane_bits);
+                    _mm256_castsi256_ps(_mm256_cmpeq_epi32(bits, lane_bits))
+                };
+                _mm256_sub_ps(
+                    _mm256_and_ps(set(plus), _mm256_set1_ps(1.0)),
+                    _mm256_and_ps(set(minus), _mm256_set1_ps(1.0)),
+                )
+            }
+        }
     }
 
     /// AVX-512F (with V3), 16 lanes.
@@ -367,6 +388,13 @@ mod x86 {
                         _mm512_setzero_si512(),
                     )),
                 }
+            }
+        }
+        #[inline(always)]
+        fn signs(self, plus: u32, minus: u32) -> __m512 {
+            unsafe {
+                let one = _mm512_maskz_mov_ps(plus as u16, _mm512_set1_ps(1.0));
+                _mm512_mask_mov_ps(one, minus as u16, _mm512_set1_ps(-1.0))
             }
         }
     }
@@ -475,6 +503,19 @@ mod arm {
                 }
             }
         }
+        #[inline(always)]
+        fn signs(self, plus: u32, minus: u32) -> float32x4_t {
+            unsafe {
+                let lane_bits = vld1q_u32([1u32, 2, 4, 8].as_ptr());
+                let set = |m: u32| {
+                    vreinterpretq_f32_u32(vandq_u32(
+                        vtstq_u32(vdupq_n_u32(m), lane_bits),
+                        vreinterpretq_u32_f32(vdupq_n_f32(1.0)),
+                    ))
+                };
+                vsubq_f32(set(plus), set(minus))
+            }
+        }
     }
 }
 
@@ -576,6 +617,11 @@ mod wasm {
                 ))),
                 negative: u32::from(i32x4_bitmask(v)),
             }
+        }
+        #[inline(always)]
+        fn signs(self, plus: u32, minus: u32) -> v128 {
+            let lane = |j: u32| ((plus >> j) & 1) as f32 - ((minus >> j) & 1) as f32;
+            f32x4(lane(0), lane(1), lane(2), lane(3))
         }
     }
 }
@@ -721,6 +767,34 @@ mod tests {
                         negative: gather(|k| k.negative),
                     };
                     assert_eq!(got, want, "{} [{lo:#x}, {hi:#x}]", cpu.isa());
+                }
+            }
+        }
+    }
+
+    struct Signs(u32, u32);
+
+    impl WithSimd for Signs {
+        type Output = Vec<f32>;
+        fn with_simd<S: Simd>(self, s: S) -> Vec<f32> {
+            let mut out = alloc::vec![0.0; S::LANES];
+            s.store(s.signs(self.0, self.1), &mut out);
+            out
+        }
+    }
+
+    #[test]
+    fn signs_follow_the_masks_on_every_isa() {
+        for (plus, minus) in [
+            (0u32, 0u32),
+            (0b1010_0101_0000_1111, 0b0101_0000_1010_0000),
+            (0xFFFF, 0),
+        ] {
+            for cpu in Cpu::all_available() {
+                let got = cpu.dispatch(Signs(plus, minus));
+                for (j, g) in got.iter().enumerate() {
+                    let expect = ((plus >> j) & 1) as f32 - ((minus >> j) & 1) as f32;
+                    assert_eq!(g.to_bits(), expect.to_bits(), "{} lane {j}", cpu.isa());
                 }
             }
         }

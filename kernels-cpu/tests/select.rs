@@ -184,7 +184,7 @@ fn streaming(cpu: &Cpu) {
     for n in [0usize, 1, 65, 4099] {
         let x: Vec<bf16> = tied(n, 3);
         for k in ks(n) {
-            for chunk in [n.min(7).max(1), 64, 1000] {
+            for chunk in [n.clamp(1, 7), 64, 1000] {
                 let (cut, _, kept) = stream(cpu, &x, chunk, KeepRule::Count(k));
                 assert_eq!(
                     cut,

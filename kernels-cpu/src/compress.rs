@@ -1,0 +1,659 @@
+//! ComPEFT compression at memory speed: global statistics and global top-k over a model streamed
+//! tensor by tensor, then each tensor coded straight into the packed ternary format.
+//!
+//! # Contracts
+//!
+//! Those of [`kernels_core::ops::ternary`] and [`kernels_core::format`]:
+//!
+//! * the codes, and so the packed bytes, are **bit-identical** to the reference
+//!   ([`kernels_core::ops::ternary::compeft_ref`] coded by [`kernels_core::format::encode`]): the
+//!   selection is exact, ties go to the lower flat index, the Rice parameter is the one the
+//!   reference picks;
+//! * the scale `alpha * std` is within [`SCALE_RELATIVE_TOLERANCE`] of the reference's (block
+//!   sums in `f32` lanes, blocks combined in `f64`, in the same order for every thread count);
+//! * memory beyond the tensor being coded: the selection's sample and bracket (about 1 % of the
+//!   entries) and the per-block statistics of one tensor.
+//!
+//! ```
+//! use kernels_core::{format, ops::ternary::CompeftParams};
+//! use kernels_cpu::{Cpu, compress::{Compeft, CompeftEncoder}};
+//! let cpu = Cpu::detect();
+//! let tensors: [&[f32]; 2] = [&[0.5, -3.0, 1.0, 0.0], &[2.0, -0.25]];
+//! let mut plan = Compeft::new(CompeftParams::new(0.5, 1.0))?;
+//! for t in tensors { plan.observe(&cpu, t)?; }
+//! while plan.next_pass()? {
+//!     for t in tensors { plan.refine(&cpu, t)?; }
+//! }
+//! let decided = plan.finish()?;
+//! let mut encoder = CompeftEncoder::new(&decided);
+//! let first = encoder.encode(&cpu, tensors[0], &[2, 2], format::TernaryLayout::Dense2Bit)?;
+//! let (_, codes) = format::decode(&first, 4)?;
+//! assert_eq!(codes, [0, -1, 1, 0]);
+//! # Ok::<(), kernels_core::Error>(())
+//! ```
+
+use alloc::vec::Vec;
+
+use kernels_core::format::{self, GapStats, TernaryLayout};
+use kernels_core::ops::select::{TopKCut, keep_count};
+use kernels_core::ops::ternary::{CompeftCut, CompeftParams, Moments};
+use kernels_core::{Element, Error, Real, Result};
+
+use crate::parallel::for_each;
+use crate::select::{
+    GROUP, Keep, KeepRule, Parts, STREAMS, StreamingTopK, TopKApplier, apply_cuts, map_parts,
+};
+use crate::{Cpu, Simd, WithSimd};
+
+/// Entries per block of the moment sums: `f32` lanes within a block, `f64` across blocks.
+pub const MOMENT_BLOCK: usize = 1024;
+
+/// Relative bound on `|scale - scale_ref| / scale_ref`.
+///
+/// A block's squared deviations are non-negative terms summed in `f32` by at most
+/// `MOMENT_BLOCK / 4` additions per accumulator plus the reductions, so each block's `m2`
+/// is within `(MOMENT_BLOCK / 4 + 8) u` relative (`u = 2^-24`); blocks combine in `f64`. The standard
+/// deviation halves the relative error of the variance; the shift correction and the final
+/// `f32` rounding stay below one more `u`.
+pub const SCALE_RELATIVE_TOLERANCE: f64 =
+    (MOMENT_BLOCK / ACCUMULATORS + 16) as f64 * (f32::EPSILON as f64 / 2.0);
+
+/// Independent accumulators per sum.
+const ACCUMULATORS: usize = 4;
+
+/// Cache line bytes.
+const LINE: usize = 64;
+
+/// Per-block `(count, mean, m2)` of a run of a tensor, blocks aligned to its start.
+struct BlockMoments<'a, T> {
+    data: &'a [T],
+}
+
+impl<T: Element> WithSimd for BlockMoments<'_, T> {
+    type Output = Vec<Moments>;
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, s: S) -> Vec<Moments> {
+        let blocks: Vec<&[T]> = self.data.chunks(MOMENT_BLOCK).collect();
+        let mut out = alloc::vec![Moments::default(); blocks.len()];
+        // PERF: STREAMS interleaved runs of blocks keep more memory streams in flight than one.
+        let per_stream = blocks.len().div_ceil(STREAMS);
+        for i in 0..per_stream {
+            for stream in 0..STREAMS {
+                let b = stream * per_stream + i;
+                if let Some(block) = blocks.get(b) {
+                    let next = if i + 1 < per_stream {
+                        blocks.get(b + 1).copied().unwrap_or(&[])
+                    } else {
+                        &[]
+                    };
+                    out[b] = block_moments(s, block, next);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// One block's moments: sums in `f32` lanes around the block's own mean; `f64` where `f32`
+/// overflows. Non-finite data gives non-finite moments.
+///
+/// PERF: `next` (this stream's next block, read after the other streams' blocks) is prefetched
+/// line by line while this one is summed, so every stream keeps data in flight.
+#[inline(always)]
+fn block_moments<S: Simd, T: Element>(s: S, block: &[T], next: &[T]) -> Moments {
+    let one = s.splat(1.0);
+    let step = ACCUMULATORS * S::LANES;
+    let main = block.len() - block.len() % step;
+    let groups = block[..main].chunks_exact(step);
+    // PERF: independent accumulators hide the add latency (one chain would bound the loop).
+    let mut sums = [s.zero(); ACCUMULATORS];
+    let line = LINE / core::mem::size_of::<T>();
+    for (at, g) in groups.clone().enumerate() {
+        for l in (0..step).step_by(line) {
+            if let Some(v) = next.get(at * step + l) {
+                s.prefetch(v);
+            }
+        }
+        for (acc, c) in sums.iter_mut().zip(g.chunks_exact(S::LANES)) {
+            *acc = s.add(*acc, s.load(c));
+        }
+    }
+    let sum = s.add(s.add(sums[0], sums[1]), s.add(sums[2], sums[3]));
+    let tail: f64 = block[main..].iter().map(|v| v.to_f64()).sum();
+    // The block mean in f32 as the shift: the deviations stay small, and the residual mean is
+    // corrected for below.
+    let count = block.len() as f64;
+    let shift = ((f64::from(s.reduce_sum(sum)) + tail) / count) as f32;
+    let minus_shift = s.splat(-shift);
+    let mut devs = [s.zero(); ACCUMULATORS];
+    let mut sqs = [s.zero(); ACCUMULATORS];
+    for g in groups {
+        for ((dev, sq), c) in devs.iter_mut().zip(&mut sqs).zip(g.chunks_exact(S::LANES)) {
+            let d = s.mul_add(s.load(c), one, minus_shift);
+            *dev = s.add(*dev, d);
+            *sq = s.mul_add(d, d, *sq);
+        }
+    }
+    let dev = s.add(s.add(devs[0], devs[1]), s.add(devs[2], devs[3]));
+    let sq = s.add(s.add(sqs[0], sqs[1]), s.add(sqs[2], sqs[3]));
+    let (mut dev_tail, mut sq_tail) = (0.0f64, 0.0f64);
+    for v in &block[main..] {
+        let d = v.to_f64() - f64::from(shift);
+        dev_tail += d;
+        sq_tail += d * d;
+    }
+    let dev = f64::from(s.reduce_sum(dev)) + dev_tail;
+    let sq = f64::from(s.reduce_sum(sq)) + sq_tail;
+    if !(sq.is_finite() && shift.is_finite()) {
+        // Overflow of f32 (or non-finite data, which stays non-finite here).
+        let mut exact = Moments::default();
+        exact.observe(block);
+        return exact;
+    }
+    Moments::from_stats(
+        block.len() as u64,
+        f64::from(shift) + dev / count,
+        (sq - dev * dev / count).max(0.0),
+    )
+}
+
+/// The moments of `x` (mean, and std with Bessel's correction), threaded, identical for every
+/// thread count; a non-finite entry is an error naming it.
+pub fn moments<T: Element>(cpu: &Cpu, x: &[T]) -> Result<Moments> {
+    let slices = [x];
+    let parts = Parts::new(cpu, &slices, MOMENT_BLOCK);
+    let mut total = Moments::default();
+    let per_part = map_parts(&parts, |pieces| {
+        pieces
+            .iter()
+            .flat_map(|p| cpu.dispatch(BlockMoments { data: p.data }))
+            .collect::<Vec<_>>()
+    });
+    for (b, block) in per_part.iter().flatten().enumerate() {
+        if !(block.mean().is_finite() && block.std().is_finite()) {
+            let start = b * MOMENT_BLOCK;
+            let end = (start + MOMENT_BLOCK).min(x.len());
+            if let Some(i) = x[start..end].iter().position(|v| !v.to_f32().is_finite()) {
+                return Err(Error::NonFinite {
+                    what: "tau",
+                    index: start + i,
+                });
+            }
+        }
+        total.combine(block);
+    }
+    Ok(total)
+}
+
+/// Streaming ComPEFT over a model read tensor by tensor (the fast twin of
+/// [`kernels_core::ops::ternary::CompeftPlan`]): pass 1 [`Self::observe`], then while
+/// [`Self::next_pass`] says so the same tensors again to [`Self::refine`] (usually once), then
+/// [`Self::finish`] and code each tensor with [`CompeftEncoder`].
+pub struct Compeft {
+    params: CompeftParams,
+    moments: Moments,
+    topk: StreamingTopK,
+}
+
+impl Compeft {
+    /// A plan; validates `params`.
+    pub fn new(params: CompeftParams) -> Result<Self> {
+        params.validate()?;
+        Ok(Self {
+            params,
+            moments: Moments::default(),
+            topk: StreamingTopK::new(KeepRule::Density(params.density)),
+        })
+    }
+
+    /// Pass 1: the next tensor (statistics, validation, sample). A non-finite entry is an error
+    /// naming its flat index.
+    pub fn observe<T: Element>(&mut self, cpu: &Cpu, tau: &[T]) -> Result<()> {
+        let m = moments(cpu, tau).map_err(|e| match e {
+            Error::NonFinite { what, index } => Error::NonFinite {
+                what,
+                index: index + self.topk.total() as usize,
+            },
+            other => other,
+        })?;
+        self.moments.combine(&m);
+        self.topk.observe_validated(tau)
+    }
+
+    /// Ends a pass; `true`: feed every tensor again to [`Self::refine`].
+    pub fn next_pass(&mut self) -> Result<bool> {
+        self.topk.next_pass()
+    }
+
+    /// The next tensor of a later pass.
+    pub fn refine<T: Element>(&mut self, cpu: &Cpu, tau: &[T]) -> Result<()> {
+        self.topk.refine(cpu, tau)
+    }
+
+    /// The decision, once [`Self::next_pass`] has returned `false`.
+    pub fn finish(&self) -> Result<CompeftCut> {
+        let total = self.topk.total();
+        Ok(CompeftCut {
+            scale: (f64::from(self.params.alpha) * self.moments.std()) as f32,
+            cut: self.topk.cut()?,
+            kept: keep_count(self.params.density, total)?,
+            total,
+        })
+    }
+}
+
+/// Codes tensors, in flat order, under a [`CompeftCut`] straight into the packed format.
+#[derive(Clone, Debug)]
+pub struct CompeftEncoder {
+    applier: TopKApplier,
+    scale: f32,
+    /// A kept entry may be an exact zero (then its code is 0, whatever the ties).
+    zero_kept: bool,
+}
+
+/// The `+1` and `-1` codes of a run of 64 entries as bit masks.
+#[derive(Clone, Copy, Default)]
+struct CodeBits {
+    plus: u64,
+    minus: u64,
+}
+
+impl CodeBits {
+    fn of<T: Element>(run: &[T], keep: &Keep<1>, zero_kept: bool) -> Self {
+        let mut kept = keep.bits[0];
+        if zero_kept {
+            kept &= !zero_bits(run);
+        }
+        Self {
+            plus: kept & !keep.run.negative,
+            minus: kept & keep.run.negative,
+        }
+    }
+
+    fn nnz(self) -> u64 {
+        u64::from((self.plus | self.minus).count_ones())
+    }
+}
+
+/// What one part of a tensor records while it is coded.
+struct PartCodes<'a, W> {
+    /// Its share of the output: packed bytes or code bits.
+    out: &'a mut [W],
+    /// `(word, bits)` of its entries equal to the cut (for [`TopKApplier::settle`]).
+    equal: Vec<(usize, u64)>,
+    nnz: u64,
+}
+
+impl CompeftEncoder {
+    /// An encoder starting at flat index 0.
+    #[must_use]
+    pub fn new(decided: &CompeftCut) -> Self {
+        Self {
+            applier: TopKApplier::new(&decided.cut),
+            scale: decided.scale,
+            zero_kept: decided.cut.magnitude == 0.0 && decided.cut != TopKCut::NONE,
+        }
+    }
+
+    /// Codes the next tensor into `out` (one output item per `PER` entries), threaded:
+    /// `write(out, run, code_bits)`; then un-keeps surplus ties with `drop(out, word, bits)`.
+    /// Returns the non-zero count.
+    fn code<T: Element, W: Send, const PER: usize>(
+        &mut self,
+        cpu: &Cpu,
+        tau: &[T],
+        out: &mut [W],
+        write: impl Fn(&mut [W], CodeBits) + Sync,
+        mut drop: impl FnMut(&mut [W], usize, u64),
+    ) -> Result<u64> {
+        let slices = [tau];
+        let parts = Parts::new(cpu, &slices, GROUP);
+        let cut = self.applier.chunk_cut(&parts);
+        let zero_kept = self.zero_kept;
+        let mut states: Vec<PartCodes<'_, W>> = parts
+            .split(out, PER)
+            .into_iter()
+            .map(|out| PartCodes {
+                out,
+                equal: Vec::new(),
+                nnz: 0,
+            })
+            .collect();
+        apply_cuts(
+            cpu,
+            &parts,
+            [&cut],
+            states.iter_mut().collect(),
+            |part, at, run, keep| {
+                let bits = CodeBits::of(run, &keep, zero_kept);
+                part.nnz += bits.nnz();
+                if keep.run.equal != 0 {
+                    part.equal.push((at / GROUP, keep.run.equal));
+                }
+                let first = at / PER;
+                let end = (first + GROUP / PER).min(part.out.len());
+                write(&mut part.out[first..end], bits);
+            },
+        )?;
+        let mut nnz: u64 = states.iter().map(|p| p.nnz).sum();
+        if zero_kept {
+            // Equal entries are exact zeros: coded 0 whether kept or not.
+            return Ok(nnz);
+        }
+        let offsets: Vec<usize> = parts.bounds.iter().map(|r| r.start / GROUP).collect();
+        let equal = states
+            .iter()
+            .zip(&offsets)
+            .flat_map(|(p, &offset)| p.equal.iter().map(move |&(w, bits)| (w + offset, bits)));
+        let mut dropped = Vec::new();
+        self.applier
+            .settle(equal, |w, bits| dropped.push((w, bits)));
+        for (w, bits) in dropped {
+            nnz -= u64::from(bits.count_ones());
+            drop(out, w, bits);
+        }
+        Ok(nnz)
+    }
+
+    /// Codes and packs the next tensor with the given shape and layout: the bytes
+    /// [`kernels_core::format::encode`] writes for the reference codes.
+    pub fn encode<T: Element>(
+        &mut self,
+        cpu: &Cpu,
+        tau: &[T],
+        shape: &[u64],
+        layout: TernaryLayout,
+    ) -> Result<Vec<u8>> {
+        format::check_shape(shape, tau.len())?;
+        let header = format::header_len(shape.len());
+        match layout {
+            TernaryLayout::Dense2Bit => {
+                let payload_len = tau.len().div_ceil(4);
+                let mut out = Vec::with_capacity(header + payload_len);
+                // The header's non-zero count is written once known.
+                format::write_header(&mut out, layout, 0, self.scale, 0, shape, payload_len);
+                out.resize(header + payload_len, 0);
+                let nnz = self.code::<_, _, 4>(
+                    cpu,
+                    tau,
+                    &mut out[header..],
+                    |bytes, bits| {
+                        let packed = pack_dense(bits).to_le_bytes();
+                        match <&mut [u8; 16]>::try_from(&mut *bytes) {
+                            Ok(whole) => *whole = packed,
+                            Err(_) => bytes.copy_from_slice(&packed[..bytes.len()]),
+                        }
+                    },
+                    |payload, w, bits| {
+                        let cleared = (!pack_dense(CodeBits {
+                            plus: bits,
+                            minus: bits,
+                        }))
+                        .to_le_bytes();
+                        for (b, c) in payload[w * 16..].iter_mut().zip(cleared) {
+                            *b &= c;
+                        }
+                    },
+                )?;
+                out[NNZ_OFFSET..NNZ_OFFSET + 8].copy_from_slice(&nnz.to_le_bytes());
+                Ok(out)
+            }
+            TernaryLayout::SparseRice => {
+                let mut words = alloc::vec![CodeBits::default(); tau.len().div_ceil(GROUP)];
+                let nnz = self.code::<_, _, GROUP>(
+                    cpu,
+                    tau,
+                    &mut words,
+                    |word, bits| word[0] = bits,
+                    |words, w, bits| {
+                        words[w].plus &= !bits;
+                        words[w].minus &= !bits;
+                    },
+                )?;
+                let (rice_k, payload) = sparse_payload(cpu, &words);
+                let mut out = Vec::with_capacity(header + payload.len());
+                format::write_header(
+                    &mut out,
+                    layout,
+                    rice_k,
+                    self.scale,
+                    nnz,
+                    shape,
+                    payload.len(),
+                );
+                out.extend_from_slice(&payload);
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// Where the header keeps the non-zero count.
+const NNZ_OFFSET: usize = 12;
+
+/// Bits of the exact zeros of a run of up to 64 entries.
+fn zero_bits<T: Element>(run: &[T]) -> u64 {
+    run.iter()
+        .enumerate()
+        .fold(0, |bits, (j, v)| bits | (u64::from(v.to_f32() == 0.0) << j))
+}
+
+/// Spreads the 32 bits of `x` to the even bits of a `u64`.
+#[inline(always)]
+fn spread(x: u32) -> u64 {
+    let mut v = u64::from(x);
+    v = (v | (v << 16)) & 0x0000_FFFF_0000_FFFF;
+    v = (v | (v << 8)) & 0x00FF_00FF_00FF_00FF;
+    v = (v | (v << 4)) & 0x0F0F_0F0F_0F0F_0F0F;
+    v = (v | (v << 2)) & 0x3333_3333_3333_3333;
+    (v | (v << 1)) & 0x5555_5555_5555_5555
+}
+
+/// 64 codes in the dense 2-bit layout: entry `j`'s code in bits `2 j` (`01` = +1, `10` = -1).
+#[inline(always)]
+fn pack_dense(bits: CodeBits) -> u128 {
+    let lo = spread(bits.plus as u32) | (spread(bits.minus as u32) << 1);
+    let hi = spread((bits.plus >> 32) as u32) | (spread((bits.minus >> 32) as u32) << 1);
+    u128::from(lo) | (u128::from(hi) << 64)
+}
+
+/// Least-significant-bit-first writer with a 64-bit accumulator.
+struct BitSink {
+    bytes: Vec<u8>,
+    acc: u128,
+    used: u32,
+}
+
+impl BitSink {
+    /// Appends the low `count <= 64` bits of `bits` (higher bits clear).
+    #[inline(always)]
+    fn put(&mut self, bits: u64, count: u32) {
+        self.acc |= u128::from(bits) << self.used;
+        self.used += count;
+        if self.used >= 64 {
+            self.bytes
+                .extend_from_slice(&(self.acc as u64).to_le_bytes());
+            self.acc >>= 64;
+            self.used -= 64;
+        }
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        while self.used > 0 {
+            self.bytes.push(self.acc as u8);
+            self.acc >>= 8;
+            self.used = self.used.saturating_sub(8);
+        }
+        self.bytes
+    }
+}
+
+/// Calls `f(gap, negative)` for each non-zero code of `words` in flat order, the first gap
+/// counted from `next` (the flat index after the previous non-zero); `first_word` is the flat
+/// word index of `words[0]`. Returns the index after the last non-zero.
+#[inline(always)]
+fn for_each_gap(
+    words: &[CodeBits],
+    first_word: usize,
+    mut next: u64,
+    mut f: impl FnMut(u64, bool),
+) -> u64 {
+    for (w, bits) in words.iter().enumerate() {
+        let mut nonzero = bits.plus | bits.minus;
+        while nonzero != 0 {
+            let j = nonzero.trailing_zeros();
+            let index = ((first_word + w) * GROUP) as u64 + u64::from(j);
+            f(index - next, bits.minus >> j & 1 == 1);
+            next = index + 1;
+            nonzero &= nonzero - 1;
+        }
+    }
+    next
+}
+
+/// Gaps shorter than this are counted per length.
+const SHORT_GAPS: usize = 1024;
+
+/// Words per piece of the threaded sparse encoder (and at least this many per piece).
+const SPARSE_PIECE_WORDS: usize = 1 << 10;
+
+/// The sparse Rice payload and its parameter (the reference's choice, see [`GapStats`]).
+///
+/// Threaded: the words are cut into pieces; each piece knows where the previous non-zero is
+/// (a scan of word boundaries), gathers its gap statistics and then writes its own bit stream;
+/// the streams are joined at their bit offsets.
+fn sparse_payload(cpu: &Cpu, words: &[CodeBits]) -> (u8, Vec<u8>) {
+    let pieces = (cpu.threads() * 4)
+        .min(words.len().div_ceil(SPARSE_PIECE_WORDS))
+        .max(1);
+    let per_piece = words.len().div_ceil(pieces).max(1);
+    // Each piece's first gap counts from after the last non-zero before it.
+    let mut starts = Vec::with_capacity(pieces);
+    let mut next = 0u64;
+    for (p, chunk) in words.chunks(per_piece).enumerate() {
+        starts.push((p * per_piece, chunk, next));
+        if let Some((w, bits)) = chunk
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(_, b)| (b.plus | b.minus) != 0)
+        {
+            let last = (bits.plus | bits.minus).ilog2();
+            next = ((p * per_piece + w) * GROUP) as u64 + u64::from(last) + 1;
+        }
+    }
+    let mut stats: Vec<GapStats> = starts.iter().map(|_| GapStats::default()).collect();
+    for_each(
+        starts.iter().zip(stats.iter_mut()).collect(),
+        |(&(first, chunk, next), stats)| {
+            // PERF: most gaps are short; counting them per length and adding each length's
+            // bits once is cheaper than adding every gap's bits.
+            let mut short = [0u64; SHORT_GAPS];
+            for_each_gap(chunk, first, next, |gap, _| {
+                match short.get_mut(gap as usize) {
+                    Some(count) => *count += 1,
+                    None => stats.add(gap),
+                }
+            });
+            for (gap, &count) in short.iter().enumerate() {
+                stats.add_many(gap as u64, count);
+            }
+        },
+    );
+    let mut total = GapStats::default();
+    for st in &stats {
+        total.merge(st);
+    }
+    let k = total.best_rice_k();
+    let mut streams: Vec<(Vec<u8>, u128)> = stats
+        .iter()
+        .map(|st| (Vec::new(), st.payload_bits(k)))
+        .collect();
+    for_each(
+        starts.iter().zip(streams.iter_mut()).collect(),
+        |(&(first, chunk, next), (bytes, bits))| {
+            *bytes = rice_stream(chunk, first, next, k, *bits);
+        },
+    );
+    let mut out =
+        Vec::with_capacity(usize::try_from(total.payload_bits(k).div_ceil(8)).unwrap_or(0));
+    let mut used_bits = 0u64;
+    for (bytes, bits) in &streams {
+        append_bits(&mut out, used_bits, bytes);
+        used_bits += *bits as u64;
+        out.truncate(used_bits.div_ceil(8) as usize);
+    }
+    (k, out)
+}
+
+/// One piece's bit stream (`bits` long, padded with zeros to whole bytes).
+fn rice_stream(chunk: &[CodeBits], first: usize, next: u64, k: u8, bits: u128) -> Vec<u8> {
+    let mut sink = BitSink {
+        bytes: Vec::with_capacity(usize::try_from(bits.div_ceil(8)).unwrap_or(0) + 8),
+        acc: 0,
+        used: 0,
+    };
+    let low_mask = (1u64 << k) - 1;
+    let k = u32::from(k);
+    for_each_gap(chunk, first, next, |gap, negative| {
+        let mut ones = gap >> k;
+        while ones >= 32 {
+            sink.put(u64::from(u32::MAX), 32);
+            ones -= 32;
+        }
+        // `ones` one-bits, a zero-bit, the k low bits, the sign: at most 31 + 1 + 31 + 1 bits.
+        let tail = (gap & low_mask) | (u64::from(negative) << k);
+        let ones = ones as u32;
+        sink.put(((1u64 << ones) - 1) | (tail << (ones + 1)), ones + k + 2);
+    });
+    sink.finish()
+}
+
+/// Appends the bit stream `bytes` to `out`, which holds `used_bits` bits (its padding zero).
+fn append_bits(out: &mut Vec<u8>, used_bits: u64, bytes: &[u8]) {
+    let shift = (used_bits % 8) as u32;
+    if shift == 0 {
+        out.extend_from_slice(bytes);
+        return;
+    }
+    let Some(last) = out.last_mut() else {
+        out.extend_from_slice(bytes);
+        return;
+    };
+    let mut carry = *last;
+    out.pop();
+    for &b in bytes {
+        out.push(carry | (b << shift));
+        carry = b >> (8 - shift);
+    }
+    out.push(carry);
+}
+
+/// ComPEFT of a whole model held in memory: the cut and each tensor packed with its shape.
+pub fn compeft<T: Element>(
+    cpu: &Cpu,
+    tensors: &[(&[T], &[u64])],
+    params: CompeftParams,
+    layout: TernaryLayout,
+) -> Result<(CompeftCut, Vec<Vec<u8>>)> {
+    for (tau, shape) in tensors {
+        format::check_shape(shape, tau.len())?;
+    }
+    let mut plan = Compeft::new(params)?;
+    for (tau, _) in tensors {
+        plan.observe(cpu, tau)?;
+    }
+    while plan.next_pass()? {
+        for (tau, _) in tensors {
+            plan.refine(cpu, tau)?;
+        }
+    }
+    let decided = plan.finish()?;
+    let mut encoder = CompeftEncoder::new(&decided);
+    let packed = tensors
+        .iter()
+        .map(|(tau, shape)| encoder.encode(cpu, tau, shape, layout))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((decided, packed))
+}

@@ -1,0 +1,159 @@
+//! ComPEFT on every ISA, element type and thread count: packed bytes identical to the reference
+//! coded by the reference encoder, the scale within its named tolerance.
+
+mod common;
+
+use common::normal;
+use half::{bf16, f16};
+use kernels_core::format::{self, TernaryLayout};
+use kernels_core::ops::ternary::{CompeftParams, compeft_ref};
+use kernels_core::{CounterRng, Element, Error};
+use kernels_cpu::Cpu;
+use kernels_cpu::compress::{SCALE_RELATIVE_TOLERANCE, compeft, moments};
+use kernels_cpu::select::SAMPLED_MIN;
+
+const LAYOUTS: [TernaryLayout; 2] = [TernaryLayout::Dense2Bit, TernaryLayout::SparseRice];
+
+/// Task-vector-like values with exact zeros and repeated magnitudes.
+fn task_vector<T: Element>(n: usize, seed: u64) -> Vec<T> {
+    let rng = CounterRng::new(seed);
+    (0..n as u64)
+        .map(|i| match rng.u32_at(i) % 5 {
+            0 => T::from_f32(0.0),
+            1 => T::from_f32(if i % 2 == 0 { 0.5 } else { -0.5 }),
+            _ => T::from_f32(rng.normal_at(i + 7) as f32),
+        })
+        .collect()
+}
+
+/// Checks the packed tensors against the reference: same bytes but the scale.
+fn check_model<T: Element>(cpu: &Cpu, tensors: &[Vec<T>], density: f64, what: &str) {
+    let shapes: Vec<Vec<u64>> = tensors
+        .iter()
+        .map(|t| {
+            if t.len() % 2 == 0 && !t.is_empty() {
+                vec![2, t.len() as u64 / 2]
+            } else {
+                vec![t.len() as u64]
+            }
+        })
+        .collect();
+    let views: Vec<&[T]> = tensors.iter().map(Vec::as_slice).collect();
+    let params = CompeftParams::new(density, 1.5);
+    let (scale, codes) = compeft_ref(&views, params).unwrap();
+    for layout in LAYOUTS {
+        let input: Vec<(&[T], &[u64])> = views
+            .iter()
+            .zip(&shapes)
+            .map(|(t, s)| (*t, s.as_slice()))
+            .collect();
+        let (decided, packed) = compeft(cpu, &input, params, layout).unwrap();
+        let label = format!("{what} {:?} d={density} {layout:?} {cpu:?}", T::DTYPE);
+        assert!(
+            (f64::from(decided.scale) - f64::from(scale)).abs()
+                <= SCALE_RELATIVE_TOLERANCE * f64::from(scale).abs() + 1e-37,
+            "{label}: scale {} vs {scale}",
+            decided.scale
+        );
+        for ((bytes, expect_codes), shape) in packed.iter().zip(&codes).zip(&shapes) {
+            let expect = format::encode(expect_codes, shape, decided.scale, layout).unwrap();
+            assert_eq!(bytes, &expect, "{label}");
+        }
+    }
+}
+
+fn models<T: Element>(cpu: &Cpu) {
+    for (sizes, seed) in [
+        (&[0usize, 1][..], 1),
+        (&[3, 64, 65], 2),
+        (&[1000, 17, 4099], 3),
+    ] {
+        let tensors: Vec<Vec<T>> = sizes
+            .iter()
+            .map(|&n| task_vector(n, seed * 100 + n as u64))
+            .collect();
+        for density in [0.05, 0.1, 0.5, 0.9, 1.0] {
+            check_model(cpu, &tensors, density, &format!("sizes {sizes:?}"));
+        }
+    }
+}
+
+fn compeft_f32(cpu: &Cpu) {
+    models::<f32>(cpu);
+}
+fn compeft_f16(cpu: &Cpu) {
+    models::<f16>(cpu);
+}
+fn compeft_bf16(cpu: &Cpu) {
+    models::<bf16>(cpu);
+}
+
+/// Above `SAMPLED_MIN` the selection takes its sampled path.
+fn large_model(cpu: &Cpu) {
+    let n = SAMPLED_MIN as usize / 2 + 33;
+    let tensors = vec![normal::<f32>(n, 1), task_vector::<f32>(n, 2)];
+    check_model(cpu, &tensors, 0.1, "large");
+}
+
+fn moments_ignore_threads(cpu: &Cpu) {
+    let x: Vec<bf16> = normal(10_007, 4);
+    let one = moments(&cpu.with_threads(1).unwrap(), &x).unwrap();
+    assert_eq!(moments(cpu, &x).unwrap(), one);
+    // Squares overflow f32 here; the moments must not.
+    let huge = [3e38f32, -3e38, 1e38, 0.0];
+    let m = moments(cpu, &huge).unwrap();
+    assert!(m.std().is_finite() && m.std() > 1e38, "{m:?}");
+}
+
+fn bad_inputs(cpu: &Cpu) {
+    let x: Vec<f32> = normal(100, 3);
+    let shape = [100u64];
+    let layout = TernaryLayout::Dense2Bit;
+    assert!(
+        compeft(
+            cpu,
+            &[(&x[..], &[99][..])],
+            CompeftParams::default(),
+            layout
+        )
+        .is_err()
+    );
+    assert!(
+        compeft(
+            cpu,
+            &[(&x[..], &shape[..])],
+            CompeftParams::new(0.0, 1.0),
+            layout
+        )
+        .is_err()
+    );
+    assert!(
+        compeft(
+            cpu,
+            &[(&x[..], &shape[..])],
+            CompeftParams::new(0.1, f32::NAN),
+            layout
+        )
+        .is_err()
+    );
+    let mut bad = x.clone();
+    bad[42] = f32::INFINITY;
+    assert!(matches!(
+        compeft(
+            cpu,
+            &[(&x[..], &shape[..]), (&bad[..], &shape[..])],
+            CompeftParams::default(),
+            layout
+        ),
+        Err(Error::NonFinite { index: 142, .. })
+    ));
+}
+
+isa_tests!(
+    compeft_f32,
+    compeft_f16,
+    compeft_bf16,
+    large_model,
+    moments_ignore_threads,
+    bad_inputs
+);

@@ -43,6 +43,8 @@ pub mod reduce;
 #[cfg(feature = "alloc")]
 pub mod select;
 mod simd;
+#[cfg(feature = "alloc")]
+pub mod ternary;
 
 pub use isa::Isa;
 #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]

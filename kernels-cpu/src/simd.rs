@@ -55,9 +55,9 @@ pub trait Simd: Copy + Send + Sync + 'static {
     /// Classifies the magnitude keys (`|v|` as bits, see `kernels_core::ops::select::magnitude_key`)
     /// of the lanes against `lo <= hi <= 0x7F80_0000`: bit `j` of each mask is lane `j`'s.
     fn classify_keys(self, v: Self::F32, lo: u32, hi: u32) -> KeyMasks;
-    /// Ternary lanes from bit masks: lane `j` is `+1.0` if bit `j` of `plus` is set, `-1.0` if
-    /// bit `j` of `minus` is (never both), else `0.0`.
-    fn signs(self, plus: u32, minus: u32) -> Self::F32;
+    /// Ternary lanes from 2-bit codes: lane `j` reads bits `2j, 2j + 1` of `codes` (the packed
+    /// dense layout): `01` is `+1.0`, `10` is `-1.0`, `00` is `0.0` (`11` is never passed).
+    fn ternary(self, codes: u32) -> Self::F32;
     /// Hints that the cache line holding `at` will be read soon (a no-op where the instruction set
     /// has no prefetch instruction). Never faults.
     #[inline(always)]
@@ -148,8 +148,8 @@ impl Simd for Scalar {
         }
     }
     #[inline(always)]
-    fn signs(self, plus: u32, minus: u32) -> f32 {
-        (plus & 1) as f32 - (minus & 1) as f32
+    fn ternary(self, codes: u32) -> f32 {
+        (codes & 1) as f32 - ((codes >> 1) & 1) as f32
     }
 }
 
@@ -275,17 +275,16 @@ mod x86 {
             }
         }
         #[inline(always)]
-        fn signs(self, plus: u32, minus: u32) -> __m256 {
+        fn ternary(self, codes: u32) -> __m256 {
             unsafe {
-                let lane_bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-                let set = |m: u32| {
-                    let bits = _mm256_and_si256(_mm256_set1_epi32(m as i32), lane_bits);
-                    _mm256_castsi256_ps(_mm256_cmpeq_epi32(bits, lane_bits))
-                };
-                _mm256_sub_ps(
-                    _mm256_and_ps(set(plus), _mm256_set1_ps(1.0)),
-                    _mm256_and_ps(set(minus), _mm256_set1_ps(1.0)),
-                )
+                let shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+                let code = _mm256_srlv_epi32(_mm256_set1_epi32(codes as i32), shifts);
+                let one = _mm256_set1_epi32(1);
+                let value = _mm256_sub_epi32(
+                    _mm256_and_si256(code, one),
+                    _mm256_and_si256(_mm256_srli_epi32::<1>(code), one),
+                );
+                _mm256_cvtepi32_ps(value)
             }
         }
     }
@@ -391,10 +390,17 @@ mod x86 {
             }
         }
         #[inline(always)]
-        fn signs(self, plus: u32, minus: u32) -> __m512 {
+        fn ternary(self, codes: u32) -> __m512 {
             unsafe {
-                let one = _mm512_maskz_mov_ps(plus as u16, _mm512_set1_ps(1.0));
-                _mm512_mask_mov_ps(one, minus as u16, _mm512_set1_ps(-1.0))
+                let shifts =
+                    _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+                let code = _mm512_srlv_epi32(_mm512_set1_epi32(codes as i32), shifts);
+                let one = _mm512_set1_epi32(1);
+                let value = _mm512_sub_epi32(
+                    _mm512_and_si512(code, one),
+                    _mm512_and_si512(_mm512_srli_epi32::<1>(code), one),
+                );
+                _mm512_cvtepi32_ps(value)
             }
         }
     }
@@ -504,16 +510,17 @@ mod arm {
             }
         }
         #[inline(always)]
-        fn signs(self, plus: u32, minus: u32) -> float32x4_t {
+        fn ternary(self, codes: u32) -> float32x4_t {
             unsafe {
-                let lane_bits = vld1q_u32([1u32, 2, 4, 8].as_ptr());
-                let set = |m: u32| {
-                    vreinterpretq_f32_u32(vandq_u32(
-                        vtstq_u32(vdupq_n_u32(m), lane_bits),
-                        vreinterpretq_u32_f32(vdupq_n_f32(1.0)),
-                    ))
-                };
-                vsubq_f32(set(plus), set(minus))
+                // Negative shift counts shift right.
+                let shifts = vld1q_s32([0i32, -2, -4, -6].as_ptr());
+                let code = vshlq_u32(vdupq_n_u32(codes), shifts);
+                let one = vdupq_n_u32(1);
+                let value = vsubq_s32(
+                    vreinterpretq_s32_u32(vandq_u32(code, one)),
+                    vreinterpretq_s32_u32(vandq_u32(vshrq_n_u32::<1>(code), one)),
+                );
+                vcvtq_f32_s32(value)
             }
         }
     }
@@ -619,8 +626,9 @@ mod wasm {
             }
         }
         #[inline(always)]
-        fn signs(self, plus: u32, minus: u32) -> v128 {
-            let lane = |j: u32| ((plus >> j) & 1) as f32 - ((minus >> j) & 1) as f32;
+        fn ternary(self, codes: u32) -> v128 {
+            let lane =
+                |j: u32| ((codes >> (2 * j)) & 1) as f32 - ((codes >> (2 * j + 1)) & 1) as f32;
             f32x4(lane(0), lane(1), lane(2), lane(3))
         }
     }
@@ -772,28 +780,28 @@ mod tests {
         }
     }
 
-    struct Signs(u32, u32);
+    struct Ternary(u32);
 
-    impl WithSimd for Signs {
+    impl WithSimd for Ternary {
         type Output = Vec<f32>;
         fn with_simd<S: Simd>(self, s: S) -> Vec<f32> {
             let mut out = alloc::vec![0.0; S::LANES];
-            s.store(s.signs(self.0, self.1), &mut out);
+            s.store(s.ternary(self.0), &mut out);
             out
         }
     }
 
     #[test]
-    fn signs_follow_the_masks_on_every_isa() {
-        for (plus, minus) in [
-            (0u32, 0u32),
-            (0b1010_0101_0000_1111, 0b0101_0000_1010_0000),
-            (0xFFFF, 0),
-        ] {
+    fn ternary_lanes_follow_the_codes_on_every_isa() {
+        for codes in [0u32, 0x5555_5555, 0xAAAA_AAAA, 0x9868_A586] {
             for cpu in Cpu::all_available() {
-                let got = cpu.dispatch(Signs(plus, minus));
+                let got = cpu.dispatch(Ternary(codes));
                 for (j, g) in got.iter().enumerate() {
-                    let expect = ((plus >> j) & 1) as f32 - ((minus >> j) & 1) as f32;
+                    let expect = match (codes >> (2 * j)) & 3 {
+                        1 => 1.0f32,
+                        2 => -1.0,
+                        _ => 0.0,
+                    };
                     assert_eq!(g.to_bits(), expect.to_bits(), "{} lane {j}", cpu.isa());
                 }
             }

@@ -1,0 +1,431 @@
+//! Kernels on packed ternary tensors ([`kernels_core::format`]), straight from the bytes: decode,
+//! ternary GEMV and decompress-and-add.
+//!
+//! # Contracts
+//!
+//! * Every input is validated as [`kernels_core::format::decode_into`] validates it (header,
+//!   every code, padding, trailing bytes); garbled bytes are an [`Error::BadFormat`], and no
+//!   input makes a kernel panic or read out of bounds. Decompress-and-add checks everything
+//!   before it changes `theta`; a decode or GEMV that fails leaves its output unspecified.
+//! * [`decode_into`] gives the reference's codes; [`ternary_add`] the reference's bits
+//!   ([`kernels_core::ops::ternary::ternary_add_ref`]: each changed entry computed in `f64` and
+//!   rounded once to `f32`, then to `T`); [`ternary_gemv`] is within
+//!   [`crate::gemv::gemv_tolerance`] of [`kernels_core::ops::ternary::ternary_gemv_ref`] (sums in
+//!   `f32`, then one multiply by the scale).
+
+use core::ops::Range;
+
+use kernels_core::format::{TernaryHeader, TernaryLayout};
+use kernels_core::{Element, Error, Real, Result};
+
+use crate::parallel::parts_for;
+use crate::{Cpu, Simd, WithSimd};
+
+/// Even bits of a 64-bit word (the low bit of each 2-bit code).
+const LOW_BITS: u64 = 0x5555_5555_5555_5555;
+
+fn bad(offset: usize, reason: &'static str) -> Error {
+    Error::BadFormat { offset, reason }
+}
+
+/// Reads up to 8 bytes at `at` as a little-endian word (zeros past the end).
+#[inline(always)]
+fn word_at(bytes: &[u8], at: usize) -> u64 {
+    match bytes.get(at..at + 8) {
+        Some(b) => u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
+        None => {
+            let mut b = [0u8; 8];
+            let rest = bytes.get(at..).unwrap_or(&[]);
+            b[..rest.len()].copy_from_slice(rest);
+            u64::from_le_bytes(b)
+        }
+    }
+}
+
+/// Non-zero count of a dense payload, after checking every code and the padding (threaded).
+fn check_dense(cpu: &Cpu, header: &TernaryHeader, payload: &[u8]) -> Result<u64> {
+    let base = header.payload_offset;
+    let words = payload.len().div_ceil(8);
+    let mut found = alloc::vec![(0u64, 0u64); words.div_ceil(CHECK_WORDS)];
+    split_by_codes(
+        cpu,
+        found.len(),
+        CHECK_WORDS * 8,
+        &mut found,
+        |range, out| {
+            for (chunk, slot) in range.zip(out) {
+                let (mut invalid, mut nnz) = (0u64, 0u64);
+                for w in chunk * CHECK_WORDS..((chunk + 1) * CHECK_WORDS).min(words) {
+                    let w = word_at(payload, 8 * w);
+                    invalid |= w & (w >> 1) & LOW_BITS;
+                    nnz += u64::from(((w | (w >> 1)) & LOW_BITS).count_ones());
+                }
+                *slot = (invalid, nnz);
+            }
+        },
+    );
+    let n = header.numel as usize;
+    if found.iter().any(|&(invalid, _)| invalid != 0) {
+        let code = (0..payload.len() * 4)
+            .find(|&i| (payload[i / 4] >> (2 * (i % 4))) & 3 == 3)
+            .unwrap_or(0);
+        // Past the last code an invalid pattern is non-zero padding.
+        return Err(if code < n {
+            bad(base + code / 4, "dense code 0b11 is invalid")
+        } else {
+            bad(base + code / 4, "padding bits are not zero")
+        });
+    }
+    if !n.is_multiple_of(4) && payload[n / 4] >> (2 * (n % 4)) != 0 {
+        return Err(bad(base + n / 4, "padding bits are not zero"));
+    }
+    let nnz = found.iter().map(|&(_, nnz)| nnz).sum();
+    if nnz != header.nnz {
+        return Err(bad(12, "non-zero count does not match the payload"));
+    }
+    Ok(nnz)
+}
+
+/// Payload words checked per unit of [`check_dense`]'s split.
+const CHECK_WORDS: usize = 1024;
+
+/// Calls `f(index, negative)` for every non-zero of a sparse payload in ascending order, after
+/// or while checking it as the reference decoder does. Nothing is reported past the first error,
+/// but entries before it are: callers that write must run it twice (check, then write).
+fn for_each_sparse(
+    header: &TernaryHeader,
+    payload: &[u8],
+    mut f: impl FnMut(u64, bool),
+) -> Result<()> {
+    let base = header.payload_offset;
+    let total_bits = payload.len() as u64 * 8;
+    let k = u32::from(header.rice_k);
+    let limit = header.numel;
+    // The largest quotient whose gap can still land inside the tensor.
+    let max_quotient = limit.saturating_sub(1) >> k;
+    let mut pos = 0u64;
+    let mut next = 0u64;
+    let ends_early = |pos: u64| bad(base + (pos / 8) as usize, "sparse payload ends early");
+    let past_end = |pos: u64| bad(base + (pos / 8) as usize, "gap runs past the end");
+    for _ in 0..header.nnz {
+        // PERF: one window usually holds the whole code (unary part, k bits and the sign).
+        if pos + 64 <= total_bits {
+            let window = word_at(payload, (pos / 8) as usize) >> (pos % 8);
+            let ones = window.trailing_ones();
+            let len = u64::from(ones) + u64::from(k) + 2;
+            if len <= 56 && u64::from(ones) <= max_quotient {
+                let rest = window >> (ones + 1);
+                let gap = (u64::from(ones) << k) | (rest & ((1u64 << k) - 1));
+                let index = next + gap;
+                if index >= limit {
+                    return Err(past_end(pos + len));
+                }
+                f(index, (rest >> k) & 1 == 1);
+                next = index + 1;
+                pos += len;
+                continue;
+            }
+        }
+        let mut quotient = 0u64;
+        loop {
+            if pos >= total_bits {
+                return Err(ends_early(pos));
+            }
+            let window = word_at(payload, (pos / 8) as usize) >> (pos % 8);
+            let valid = (64 - pos % 8).min(total_bits - pos);
+            let ones = u64::from(window.trailing_ones()).min(valid);
+            quotient += ones;
+            pos += ones;
+            if quotient > max_quotient {
+                return Err(past_end(pos));
+            }
+            if ones < valid {
+                pos += 1; // the terminating zero
+                break;
+            }
+        }
+        if pos + u64::from(k) + 1 > total_bits {
+            return Err(ends_early(total_bits));
+        }
+        let window = word_at(payload, (pos / 8) as usize) >> (pos % 8);
+        // k <= 31 and pos % 8 <= 7: the remainder and sign fit in the window.
+        let remainder = window & ((1u64 << k) - 1);
+        let negative = (window >> k) & 1 == 1;
+        pos += u64::from(k) + 1;
+        let index = next + ((quotient << k) | remainder);
+        if index >= limit {
+            return Err(past_end(pos));
+        }
+        f(index, negative);
+        next = index + 1;
+    }
+    let used = pos.div_ceil(8) as usize;
+    if used != payload.len() {
+        return Err(bad(base + used, "bytes after the last code"));
+    }
+    if !pos.is_multiple_of(8) && payload[used - 1] >> (pos % 8) != 0 {
+        return Err(bad(base + used - 1, "padding bits are not zero"));
+    }
+    Ok(())
+}
+
+/// The header and payload of `bytes`, with the element count checked against `len`.
+fn parse<'a>(bytes: &'a [u8], what: &'static str, len: usize) -> Result<(TernaryHeader, &'a [u8])> {
+    let header = TernaryHeader::parse(bytes)?;
+    let numel = usize::try_from(header.numel).unwrap_or(usize::MAX);
+    if numel != len {
+        return Err(Error::LengthMismatch {
+            what,
+            expected: numel,
+            found: len,
+        });
+    }
+    Ok((header, &bytes[header.payload_offset..]))
+}
+
+/// The four codes of each payload byte (`i8` bytes in a little-endian `u32`).
+const DECODE: [u32; 256] = {
+    let mut table = [0u32; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut word = 0u32;
+        let mut j = 0;
+        while j < 4 {
+            let code: u8 = match (b >> (2 * j)) & 3 {
+                1 => 1,
+                2 => 0xFF, // -1
+                _ => 0,
+            };
+            word |= (code as u32) << (8 * j);
+            j += 1;
+        }
+        table[b] = word;
+        b += 1;
+    }
+    table
+};
+
+/// Decodes into `codes` (length = the header's element count), as
+/// [`kernels_core::format::decode_into`]: the same codes and the same acceptance. Dense payloads
+/// decode threaded, sparse ones sequentially.
+pub fn decode_into(cpu: &Cpu, bytes: &[u8], codes: &mut [i8]) -> Result<TernaryHeader> {
+    let (header, payload) = parse(bytes, "codes", codes.len())?;
+    match header.layout {
+        TernaryLayout::Dense2Bit => {
+            check_dense(cpu, &header, payload)?;
+            split_by_codes(cpu, codes.len(), 1, codes, |range, out| {
+                let payload = &payload[range.start / 4..];
+                let whole = out.len() / 4;
+                let mut chunks = out.chunks_exact_mut(4);
+                for (chunk, &b) in (&mut chunks).zip(payload) {
+                    let four: &mut [i8; 4] = chunk.try_into().expect("4 codes");
+                    *four = bytemuck::cast(DECODE[usize::from(b)]);
+                }
+                let tail = chunks.into_remainder();
+                if let Some(&b) = payload.get(whole) {
+                    let four: [i8; 4] = bytemuck::cast(DECODE[usize::from(b)]);
+                    tail.copy_from_slice(&four[..tail.len()]);
+                }
+            });
+        }
+        TernaryLayout::SparseRice => {
+            codes.fill(0);
+            for_each_sparse(&header, payload, |i, negative| {
+                codes[i as usize] = if negative { -1 } else { 1 };
+            })?;
+        }
+    }
+    Ok(header)
+}
+
+/// Runs `f(range, out_part)` over `out` split on multiples of 64 codes across threads (`bytes`
+/// of work per code).
+fn split_by_codes<X: Send>(
+    cpu: &Cpu,
+    n: usize,
+    bytes: usize,
+    out: &mut [X],
+    f: impl Fn(Range<usize>, &mut [X]) + Sync,
+) {
+    let parts = parts_for(cpu.threads(), n * bytes, cpu.min_bytes_per_thread());
+    if parts <= 1 {
+        f(0..n, out);
+        return;
+    }
+    let mut work = alloc::vec::Vec::with_capacity(parts);
+    let mut rest = out;
+    for range in crate::parallel::ranges(n, parts, 64) {
+        let (part, tail) = rest.split_at_mut(range.len());
+        work.push((range, part));
+        rest = tail;
+    }
+    crate::parallel::for_each(work, |(range, part)| f(range, part));
+}
+
+/// `theta_i += lambda * scale * code_i` from packed codes, bit-identical to
+/// [`kernels_core::ops::ternary::ternary_add_ref`] on the decoded codes. The bytes are checked
+/// in full before `theta` changes.
+pub fn ternary_add<T: Element>(
+    cpu: &Cpu,
+    theta: &mut [T],
+    packed: &[u8],
+    lambda: f32,
+) -> Result<()> {
+    let (header, payload) = parse(packed, "theta", theta.len())?;
+    if !lambda.is_finite() {
+        return Err(Error::InvalidParam {
+            name: "lambda",
+            value: f64::from(lambda),
+            expected: "finite",
+        });
+    }
+    let step = f64::from(lambda) * f64::from(header.scale);
+    let add = |t: &mut T, negative: bool| {
+        let delta = if negative { -step } else { step };
+        *t = T::from_f32((t.to_f64() + delta) as f32);
+    };
+    match header.layout {
+        TernaryLayout::Dense2Bit => {
+            check_dense(cpu, &header, payload)?;
+            let n = theta.len();
+            split_by_codes(
+                cpu,
+                n,
+                2 * core::mem::size_of::<T>(),
+                theta,
+                |range, part| {
+                    // 32 codes per payload word; parts start on multiples of 64 codes.
+                    for (w, chunk) in part.chunks_mut(32).enumerate() {
+                        let word = word_at(payload, range.start / 4 + 8 * w);
+                        let mut nonzero = (word | (word >> 1)) & LOW_BITS;
+                        while nonzero != 0 {
+                            let bit = nonzero.trailing_zeros();
+                            add(&mut chunk[(bit / 2) as usize], (word >> (bit + 1)) & 1 == 1);
+                            nonzero &= nonzero - 1;
+                        }
+                    }
+                },
+            );
+        }
+        TernaryLayout::SparseRice => {
+            for_each_sparse(&header, payload, |_, _| {})?;
+            for_each_sparse(&header, payload, |i, negative| {
+                add(&mut theta[i as usize], negative);
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Rows `rows` of a dense ternary GEMV: `y_r = sum_c code(r, c) x_c` (scale applied by the
+/// caller).
+struct DenseRows<'a> {
+    payload: &'a [u8],
+    cols: usize,
+    rows: Range<usize>,
+    x: &'a [f32],
+    y: &'a mut [f32],
+}
+
+impl WithSimd for DenseRows<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, s: S) {
+        let Self {
+            payload,
+            cols,
+            rows,
+            x,
+            y,
+        } = self;
+        let lanes = S::LANES;
+        let main = cols - cols % lanes;
+        // At most 16 lanes: their codes fit a 32-bit window.
+        let lane_mask = (1u64 << (2 * lanes)) - 1;
+        for (r, out) in rows.zip(y.iter_mut()) {
+            let mut acc = [s.zero(), s.zero()];
+            let mut c = 0;
+            while c < main {
+                let bit = 2 * (r * cols + c);
+                let bits = (word_at(payload, bit / 8) >> (bit % 8)) & lane_mask;
+                let a = &mut acc[(c / lanes) % 2];
+                *a = s.mul_add(s.ternary(bits as u32), s.load(&x[c..c + lanes]), *a);
+                c += lanes;
+            }
+            let mut tail = 0.0f32;
+            for (j, &xj) in x.iter().enumerate().skip(main) {
+                let bit = 2 * (r * cols + j);
+                match (payload[bit / 8] >> (bit % 8)) & 3 {
+                    1 => tail += xj,
+                    2 => tail -= xj,
+                    _ => {}
+                }
+            }
+            *out = s.reduce_sum(s.add(acc[0], acc[1])) + tail;
+        }
+    }
+}
+
+/// Ternary GEMV straight from a packed `[out, in]` tensor: `y = scale * codes x` (the twin of
+/// [`kernels_core::ops::ternary::ternary_gemv_ref`]). Dense payloads are read in place (rows
+/// threaded); sparse ones are walked once.
+pub fn ternary_gemv(cpu: &Cpu, packed: &[u8], x: &[f32], y: &mut [f32]) -> Result<()> {
+    let header = TernaryHeader::parse(packed)?;
+    let [rows, cols] = header.shape() else {
+        return Err(Error::InvalidParam {
+            name: "packed shape",
+            value: header.ndim as f64,
+            expected: "two dimensions [out, in]",
+        });
+    };
+    let (rows, cols) = (*rows as usize, *cols as usize);
+    if x.len() != cols {
+        return Err(Error::LengthMismatch {
+            what: "x",
+            expected: cols,
+            found: x.len(),
+        });
+    }
+    if y.len() != rows {
+        return Err(Error::LengthMismatch {
+            what: "y",
+            expected: rows,
+            found: y.len(),
+        });
+    }
+    let payload = &packed[header.payload_offset..];
+    match header.layout {
+        TernaryLayout::Dense2Bit => {
+            check_dense(cpu, &header, payload)?;
+            let parts = parts_for(cpu.threads(), rows * cols / 4, cpu.min_bytes_per_thread());
+            let mut work = alloc::vec::Vec::with_capacity(parts);
+            let mut rest = &mut *y;
+            for range in crate::parallel::ranges(rows, parts.max(1), 1) {
+                let (part, tail) = rest.split_at_mut(range.len());
+                work.push((range, part));
+                rest = tail;
+            }
+            crate::parallel::for_each(work, |(rows, y)| {
+                cpu.dispatch(DenseRows {
+                    payload,
+                    cols,
+                    rows,
+                    x,
+                    y,
+                });
+            });
+        }
+        TernaryLayout::SparseRice => {
+            y.fill(0.0);
+            for_each_sparse(&header, payload, |i, negative| {
+                let (r, c) = ((i / cols as u64) as usize, (i % cols as u64) as usize);
+                y[r] += if negative { -x[c] } else { x[c] };
+            })?;
+        }
+    }
+    for v in y.iter_mut() {
+        *v *= header.scale;
+    }
+    Ok(())
+}

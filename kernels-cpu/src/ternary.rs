@@ -31,14 +31,13 @@ fn bad(offset: usize, reason: &'static str) -> Error {
 /// Reads up to 8 bytes at `at` as a little-endian word (zeros past the end).
 #[inline(always)]
 fn word_at(bytes: &[u8], at: usize) -> u64 {
-    match bytes.get(at..at + 8) {
-        Some(b) => u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
-        None => {
-            let mut b = [0u8; 8];
-            let rest = bytes.get(at..).unwrap_or(&[]);
-            b[..rest.len()].copy_from_slice(rest);
-            u64::from_le_bytes(b)
-        }
+    if let Some(b) = bytes.get(at..at + 8) {
+        u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+    } else {
+        let mut b = [0u8; 8];
+        let rest = bytes.get(at..).unwrap_or(&[]);
+        b[..rest.len()].copy_from_slice(rest);
+        u64::from_le_bytes(b)
     }
 }
 

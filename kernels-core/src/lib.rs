@@ -55,7 +55,7 @@ mod view;
 
 pub use element::{DType, Element, Real};
 pub use error::{Error, Result};
-pub use rng::{CounterRng, WORDS_PER_BLOCK, philox4x32_10};
+pub use rng::{CounterRng, WORDS_PER_BLOCK, philox4x32_10, philox4x32_10_lanes};
 #[cfg(feature = "alloc")]
 pub use view::Mat;
 pub use view::{MatMut, MatRef};

@@ -35,6 +35,8 @@ pub mod calibrate;
 pub mod compress;
 pub mod gemv;
 mod isa;
+#[cfg(feature = "alloc")]
+pub mod masks;
 pub mod merge;
 #[cfg(feature = "alloc")]
 pub mod mlp;

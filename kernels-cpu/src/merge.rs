@@ -13,11 +13,13 @@
 use core::ops::Range;
 
 use kernels_core::ops::merge::{
-    validate_fisher_accumulate, validate_task_arithmetic, validate_weighted_mean,
+    validate_fisher_accumulate, validate_fisher_merge, validate_task_arithmetic,
+    validate_ties_elect, validate_weighted_mean,
 };
 use kernels_core::{Element, Result};
 
-use crate::parallel::parts_for;
+use crate::parallel::split_outputs;
+use crate::simd::widen_into;
 use crate::{Cpu, Simd, WithSimd};
 
 /// Bound on `|out_j - out_ref_j|` for an output that sums `terms` products whose absolute values
@@ -32,8 +34,7 @@ pub fn reduction_tolerance(terms: usize, abs_sum: f64) -> f64 {
 
 /// Split element ranges on multiples of this (four of the widest vectors), so every element is
 /// computed by the same vector or tail code whatever the split.
-#[cfg(feature = "alloc")]
-const ELEMENT_ALIGN: usize = 64;
+pub(crate) const ELEMENT_ALIGN: usize = 64;
 
 /// `out = base + scale * sum_i w_i models_i` over `range` (no base for a mean).
 struct WeightedSum<'a, T> {
@@ -82,34 +83,14 @@ impl<T: Element> WithSimd for WeightedSum<'_, T> {
     }
 }
 
-/// Runs `make(range, out_part)` over `out` split into element ranges across threads.
+/// Runs `run(range, out_part)` over `out` split across threads on multiples of 64 elements.
 fn split_elements(
     cpu: &Cpu,
     out: &mut [f32],
     bytes_per_element: usize,
     run: impl Fn(Range<usize>, &mut [f32]) + Sync,
 ) {
-    let parts = parts_for(
-        cpu.threads(),
-        out.len() * bytes_per_element,
-        cpu.min_bytes_per_thread(),
-    );
-    if parts <= 1 {
-        let all = 0..out.len();
-        run(all, out);
-        return;
-    }
-    #[cfg(feature = "alloc")]
-    {
-        let mut work = alloc::vec::Vec::with_capacity(parts);
-        let mut rest = out;
-        for range in crate::parallel::ranges(rest.len(), parts, ELEMENT_ALIGN) {
-            let (part, tail) = rest.split_at_mut(range.len());
-            work.push((range, part));
-            rest = tail;
-        }
-        crate::parallel::for_each(work, |(range, part)| run(range, part));
-    }
+    split_outputs(cpu, out, bytes_per_element, ELEMENT_ALIGN, run);
 }
 
 /// Weighted mean `out = sum w_i theta_i / sum w_i` (the twin of `weighted_mean_ref`).
@@ -218,5 +199,193 @@ pub fn fisher_accumulate<T: Element>(
             scale,
         });
     });
+    Ok(())
+}
+
+/// Elements per block of the `f64` lane kernels (TIES, Fisher merging): wide enough that a
+/// compiler vectorises each statement over the block.
+const WIDE: usize = 16;
+
+/// TIES election and disjoint mean over one range: the reference's `f64` arithmetic, lane by
+/// lane.
+struct TiesElect<'a, T> {
+    base: &'a [T],
+    trimmed: &'a [&'a [T]],
+    weights: &'a [f32],
+    lambda: f32,
+    range: Range<usize>,
+    out: &'a mut [f32],
+}
+
+impl<T: Element> WithSimd for TiesElect<'_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, s: S) {
+        let Self {
+            base,
+            trimmed,
+            weights,
+            lambda,
+            range,
+            out,
+        } = self;
+        let mut block = [0.0f32; WIDE];
+        let mut base_block = [0.0f32; WIDE];
+        for (b, out) in out.chunks_mut(WIDE).enumerate() {
+            let (c, len) = (range.start + b * WIDE, out.len());
+            widen_into(s, &base[c..c + len], &mut base_block);
+            let mut sum = [-0.0f64; WIDE];
+            for (t, &w) in trimmed.iter().zip(weights) {
+                widen_into(s, &t[c..c + len], &mut block);
+                for (acc, &v) in sum.iter_mut().zip(&block) {
+                    *acc += f64::from(w) * f64::from(v);
+                }
+            }
+            let elected = sum.map(sign);
+            let (mut num, mut den) = ([0.0f64; WIDE], [0.0f64; WIDE]);
+            // PERF: the second read of each model's block comes from L1.
+            for (t, &w) in trimmed.iter().zip(weights) {
+                widen_into(s, &t[c..c + len], &mut block);
+                for j in 0..WIDE {
+                    let v = f64::from(block[j]);
+                    if elected[j] != 0.0 && sign(v) == elected[j] {
+                        num[j] += f64::from(w) * v;
+                        den[j] += f64::from(w);
+                    }
+                }
+            }
+            for (j, o) in out.iter_mut().enumerate() {
+                let mean = if den[j] > 0.0 { num[j] / den[j] } else { 0.0 };
+                *o = (f64::from(base_block[j]) + f64::from(lambda) * mean) as f32;
+            }
+        }
+    }
+}
+
+/// `sign(v)` as the reference computes it (`0` for zeros and NaN).
+#[inline(always)]
+fn sign(v: f64) -> f64 {
+    if v > 0.0 {
+        1.0
+    } else if v < 0.0 {
+        -1.0
+    } else {
+        0.0
+    }
+}
+
+/// TIES election and disjoint weighted mean over trimmed task vectors (the twin of
+/// [`kernels_core::ops::merge::ties_elect_ref`], bit-identical: the same `f64` operations in the
+/// same order, vectorised across elements). Trim with [`crate::masks::ties_trim`].
+pub fn ties_elect<T: Element>(
+    cpu: &Cpu,
+    base: &[T],
+    trimmed: &[&[T]],
+    weights: &[f32],
+    lambda: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    validate_ties_elect(base, trimmed, weights, lambda, out.len())?;
+    split_elements(
+        cpu,
+        out,
+        (trimmed.len() + 1) * core::mem::size_of::<T>(),
+        |range, out| {
+            cpu.dispatch(TiesElect {
+                base,
+                trimmed,
+                weights,
+                lambda,
+                range,
+                out,
+            });
+        },
+    );
+    Ok(())
+}
+
+/// Fisher merging over one range: the reference's `f64` arithmetic, lane by lane.
+struct FisherMerge<'a, T> {
+    thetas: &'a [&'a [T]],
+    fishers: &'a [&'a [f32]],
+    weights: &'a [f32],
+    floor: f32,
+    weight_sum: f64,
+    range: Range<usize>,
+    out: &'a mut [f32],
+}
+
+impl<T: Element> WithSimd for FisherMerge<'_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, s: S) {
+        let Self {
+            thetas,
+            fishers,
+            weights,
+            floor,
+            weight_sum,
+            range,
+            out,
+        } = self;
+        let mut theta = [0.0f32; WIDE];
+        let mut fisher = [0.0f32; WIDE];
+        for (b, out) in out.chunks_mut(WIDE).enumerate() {
+            let (c, len) = (range.start + b * WIDE, out.len());
+            let (mut num, mut den, mut plain) = ([0.0f64; WIDE], [0.0f64; WIDE], [0.0f64; WIDE]);
+            for ((t, f), &w) in thetas.iter().zip(fishers).zip(weights) {
+                widen_into(s, &t[c..c + len], &mut theta);
+                fisher[..len].copy_from_slice(&f[c..c + len]);
+                let w = f64::from(w);
+                for j in 0..WIDE {
+                    let f = f64::from(fisher[j].max(floor));
+                    let v = f64::from(theta[j]);
+                    num[j] += w * f * v;
+                    den[j] += w * f;
+                    plain[j] += w * v;
+                }
+            }
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = if den[j] > 0.0 {
+                    num[j] / den[j]
+                } else {
+                    plain[j] / weight_sum
+                } as f32;
+            }
+        }
+    }
+}
+
+/// Fisher merging `out = sum w_i F'_i theta_i / sum w_i F'_i`, `F' = max(F, floor)`, falling
+/// back to the plain weighted mean where every `w_i F'_i` is zero (the twin of
+/// [`kernels_core::ops::merge::fisher_merge_ref`], bit-identical: the same `f64` operations in
+/// the same order, vectorised across elements).
+pub fn fisher_merge<T: Element>(
+    cpu: &Cpu,
+    thetas: &[&[T]],
+    fishers: &[&[f32]],
+    weights: &[f32],
+    floor: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    let weight_sum = validate_fisher_merge(thetas, fishers, weights, floor, out.len())?;
+    split_elements(
+        cpu,
+        out,
+        thetas.len() * (4 + core::mem::size_of::<T>()) + 4,
+        |range, out| {
+            cpu.dispatch(FisherMerge {
+                thetas,
+                fishers,
+                weights,
+                floor,
+                weight_sum,
+                range,
+                out,
+            });
+        },
+    );
     Ok(())
 }

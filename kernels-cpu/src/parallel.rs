@@ -47,6 +47,41 @@ pub(crate) fn for_each<I: Send>(items: alloc::vec::Vec<I>, f: impl Fn(I) + Sync)
     items.into_iter().for_each(f);
 }
 
+/// Runs `run(range, out_part)` over `out` split into at most `cpu.threads()` parts on multiples
+/// of `align` (`bytes_per_element` of work each decides how many parts pay off). Without
+/// `alloc`, one part.
+pub(crate) fn split_outputs<X: Send>(
+    cpu: &crate::Cpu,
+    out: &mut [X],
+    bytes_per_element: usize,
+    align: usize,
+    run: impl Fn(core::ops::Range<usize>, &mut [X]) + Sync,
+) {
+    let parts = parts_for(
+        cpu.threads(),
+        out.len() * bytes_per_element,
+        cpu.min_bytes_per_thread(),
+    );
+    if parts <= 1 {
+        let all = 0..out.len();
+        run(all, out);
+        return;
+    }
+    #[cfg(not(feature = "alloc"))]
+    let _ = align;
+    #[cfg(feature = "alloc")]
+    {
+        let mut work = alloc::vec::Vec::with_capacity(parts);
+        let mut rest = out;
+        for range in ranges(rest.len(), parts, align) {
+            let (part, tail) = rest.split_at_mut(range.len());
+            work.push((range, part));
+            rest = tail;
+        }
+        for_each(work, |(range, part)| run(range, part));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -37,6 +37,7 @@ use kernels_core::ops::select::{
 use kernels_core::{Element, Error, Result};
 
 use crate::parallel::{for_each, parts_for, ranges};
+use crate::simd::widen_into;
 use crate::{Cpu, KeyMasks, Scalar, Simd, WithSimd};
 
 /// Vectors shorter than this skip the sampled bracket (the exact radix select is as fast there).
@@ -429,20 +430,12 @@ impl<T: Element> WithSimd for CountHigh<'_, T> {
         else {
             unreachable!("TABLES tables")
         };
-        let mut bits = [0u32; 64];
+        let mut values = [0.0f32; 64];
         for piece in self.group.iter().flatten() {
             for group in piece.data.chunks(64) {
-                let main = group.len() - group.len() % S::LANES;
-                for (src, dst) in group[..main]
-                    .chunks_exact(S::LANES)
-                    .zip(bits.chunks_exact_mut(S::LANES))
-                {
-                    s.store(s.load(src), bytemuck::cast_slice_mut(dst));
-                }
-                for (dst, src) in bits[main..group.len()].iter_mut().zip(&group[main..]) {
-                    *dst = src.to_f32().to_bits();
-                }
-                let mut quads = bits[..group.len()].chunks_exact(4);
+                widen_into(s, group, &mut values);
+                let bits: &[u32] = bytemuck::cast_slice(&values[..group.len()]);
+                let mut quads = bits.chunks_exact(4);
                 for q in &mut quads {
                     t0[high_bin(q[0] & 0x7FFF_FFFF)] += 1;
                     t1[high_bin(q[1] & 0x7FFF_FFFF)] += 1;

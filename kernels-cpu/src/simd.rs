@@ -637,6 +637,21 @@ mod wasm {
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 pub use wasm::Simd128;
 
+/// Widens `src` into `dst[..src.len()]`, with vector loads where whole vectors fit.
+#[inline(always)]
+pub(crate) fn widen_into<S: Simd, T: Element>(s: S, src: &[T], dst: &mut [f32]) {
+    let main = src.len() - src.len() % S::LANES;
+    for (a, b) in src[..main]
+        .chunks_exact(S::LANES)
+        .zip(dst.chunks_exact_mut(S::LANES))
+    {
+        s.store(s.load(a), b);
+    }
+    for (d, x) in dst[main..src.len()].iter_mut().zip(&src[main..]) {
+        *d = x.to_f32();
+    }
+}
+
 /// Runs `op` on `isa`. The caller guarantees `isa.is_available()`.
 #[inline]
 pub(crate) fn run<Op: WithSimd>(isa: Isa, op: Op) -> Op::Output {

@@ -18,8 +18,11 @@ use core::ops::Range;
 use kernels_core::format::{TernaryHeader, TernaryLayout};
 use kernels_core::{Element, Error, Real, Result};
 
-use crate::parallel::parts_for;
+use crate::parallel::{parts_for, split_outputs};
 use crate::{Cpu, Simd, WithSimd};
+
+/// Parts of a split start on multiples of this many codes (whole payload words).
+const CODE_ALIGN: usize = 64;
 
 /// Even bits of a 64-bit word (the low bit of each 2-bit code).
 const LOW_BITS: u64 = 0x5555_5555_5555_5555;
@@ -46,23 +49,17 @@ fn check_dense(cpu: &Cpu, header: &TernaryHeader, payload: &[u8]) -> Result<u64>
     let base = header.payload_offset;
     let words = payload.len().div_ceil(8);
     let mut found = alloc::vec![(0u64, 0u64); words.div_ceil(CHECK_WORDS)];
-    split_by_codes(
-        cpu,
-        found.len(),
-        CHECK_WORDS * 8,
-        &mut found,
-        |range, out| {
-            for (chunk, slot) in range.zip(out) {
-                let (mut invalid, mut nnz) = (0u64, 0u64);
-                for w in chunk * CHECK_WORDS..((chunk + 1) * CHECK_WORDS).min(words) {
-                    let w = word_at(payload, 8 * w);
-                    invalid |= w & (w >> 1) & LOW_BITS;
-                    nnz += u64::from(((w | (w >> 1)) & LOW_BITS).count_ones());
-                }
-                *slot = (invalid, nnz);
+    split_outputs(cpu, &mut found, CHECK_WORDS * 8, 1, |range, out| {
+        for (chunk, slot) in range.zip(out) {
+            let (mut invalid, mut nnz) = (0u64, 0u64);
+            for w in chunk * CHECK_WORDS..((chunk + 1) * CHECK_WORDS).min(words) {
+                let w = word_at(payload, 8 * w);
+                invalid |= w & (w >> 1) & LOW_BITS;
+                nnz += u64::from(((w | (w >> 1)) & LOW_BITS).count_ones());
             }
-        },
-    );
+            *slot = (invalid, nnz);
+        }
+    });
     let n = header.numel as usize;
     if found.iter().any(|&(invalid, _)| invalid != 0) {
         let code = (0..payload.len() * 4)
@@ -212,7 +209,7 @@ pub fn decode_into(cpu: &Cpu, bytes: &[u8], codes: &mut [i8]) -> Result<TernaryH
     match header.layout {
         TernaryLayout::Dense2Bit => {
             check_dense(cpu, &header, payload)?;
-            split_by_codes(cpu, codes.len(), 1, codes, |range, out| {
+            split_outputs(cpu, codes, 1, CODE_ALIGN, |range, out| {
                 let payload = &payload[range.start / 4..];
                 let whole = out.len() / 4;
                 let mut chunks = out.chunks_exact_mut(4);
@@ -235,30 +232,6 @@ pub fn decode_into(cpu: &Cpu, bytes: &[u8], codes: &mut [i8]) -> Result<TernaryH
         }
     }
     Ok(header)
-}
-
-/// Runs `f(range, out_part)` over `out` split on multiples of 64 codes across threads (`bytes`
-/// of work per code).
-fn split_by_codes<X: Send>(
-    cpu: &Cpu,
-    n: usize,
-    bytes: usize,
-    out: &mut [X],
-    f: impl Fn(Range<usize>, &mut [X]) + Sync,
-) {
-    let parts = parts_for(cpu.threads(), n * bytes, cpu.min_bytes_per_thread());
-    if parts <= 1 {
-        f(0..n, out);
-        return;
-    }
-    let mut work = alloc::vec::Vec::with_capacity(parts);
-    let mut rest = out;
-    for range in crate::parallel::ranges(n, parts, 64) {
-        let (part, tail) = rest.split_at_mut(range.len());
-        work.push((range, part));
-        rest = tail;
-    }
-    crate::parallel::for_each(work, |(range, part)| f(range, part));
 }
 
 /// `theta_i += lambda * scale * code_i` from packed codes, bit-identical to
@@ -286,12 +259,11 @@ pub fn ternary_add<T: Element>(
     match header.layout {
         TernaryLayout::Dense2Bit => {
             check_dense(cpu, &header, payload)?;
-            let n = theta.len();
-            split_by_codes(
+            split_outputs(
                 cpu,
-                n,
-                2 * core::mem::size_of::<T>(),
                 theta,
+                2 * core::mem::size_of::<T>(),
+                CODE_ALIGN,
                 |range, part| {
                     // 32 codes per payload word; parts start on multiples of 64 codes.
                     for (w, chunk) in part.chunks_mut(32).enumerate() {

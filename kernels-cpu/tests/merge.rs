@@ -5,10 +5,15 @@ mod common;
 
 use common::{assert_close, normal};
 use half::{bf16, f16};
-use kernels_core::ops::merge::{fisher_accumulate_ref, task_arithmetic_ref, weighted_mean_ref};
-use kernels_core::{Element, Error};
+use kernels_core::ops::merge::{
+    fisher_accumulate_ref, fisher_merge_ref, task_arithmetic_ref, ties_elect_ref, weighted_mean_ref,
+};
+use kernels_core::{CounterRng, Element, Error};
 use kernels_cpu::Cpu;
-use kernels_cpu::merge::{fisher_accumulate, reduction_tolerance, task_arithmetic, weighted_mean};
+use kernels_cpu::merge::{
+    fisher_accumulate, fisher_merge, reduction_tolerance, task_arithmetic, ties_elect,
+    weighted_mean,
+};
 
 const LENGTHS: [usize; 10] = [0, 1, 3, 15, 16, 17, 63, 65, 1000, 4097];
 
@@ -110,6 +115,71 @@ fn non_finite_data_propagates(cpu: &Cpu) {
     }
 }
 
+/// Trimmed-looking task vectors: zeros, ties of magnitude, both signs, and a few non-finite.
+fn sparse_taus<T: Element>(n: usize, seed: u64, specials: bool) -> Vec<T> {
+    let rng = CounterRng::new(seed);
+    (0..n as u64)
+        .map(|i| {
+            let v = match rng.u32_at(i) % 7 {
+                0 | 1 => 0.0,
+                2 => 0.5,
+                3 => -0.5,
+                _ => rng.normal_at(i + 1000) as f32,
+            };
+            let v = match (specials, i % 97) {
+                (true, 13) => f32::NAN,
+                (true, 41) => f32::INFINITY,
+                _ => v,
+            };
+            T::from_f32(v)
+        })
+        .collect()
+}
+
+fn ties_and_fisher<T: Element>(cpu: &Cpu) {
+    for &n in &LENGTHS {
+        for models in [1, 2, 3, 8] {
+            let taus: Vec<Vec<T>> = (0..models)
+                .map(|i| sparse_taus(n, (n * 10 + i) as u64, i == 1))
+                .collect();
+            let views: Vec<&[T]> = taus.iter().map(Vec::as_slice).collect();
+            let weights: Vec<f32> = (0..models).map(|i| 0.25 + i as f32).collect();
+            let base: Vec<T> = normal(n, 77);
+            let what = format!("{:?} n={n} N={models} {cpu:?}", T::DTYPE);
+            let (mut got, mut expect) = (vec![f32::NAN; n], vec![0.0; n]);
+            ties_elect(cpu, &base, &views, &weights, 0.7, &mut got).unwrap();
+            ties_elect_ref(&base, &views, &weights, 0.7, &mut expect).unwrap();
+            assert_eq!(bits(&got), bits(&expect), "TIES {what}");
+
+            // Fisher diagonals with zeros (the plain-mean fallback), negatives and a NaN.
+            let fishers: Vec<Vec<f32>> = (0..models)
+                .map(|i| {
+                    sparse_taus::<f32>(n, (n * 20 + i) as u64, i == 0)
+                        .iter()
+                        .map(|v| if i == 2 { -v } else { v.abs() })
+                        .collect()
+                })
+                .collect();
+            let fisher_views: Vec<&[f32]> = fishers.iter().map(Vec::as_slice).collect();
+            for floor in [0.0, 1e-3] {
+                fisher_merge(cpu, &views, &fisher_views, &weights, floor, &mut got).unwrap();
+                fisher_merge_ref(&views, &fisher_views, &weights, floor, &mut expect).unwrap();
+                assert_eq!(bits(&got), bits(&expect), "Fisher floor={floor} {what}");
+            }
+        }
+    }
+}
+
+fn ties_fisher_f32(cpu: &Cpu) {
+    ties_and_fisher::<f32>(cpu);
+}
+fn ties_fisher_f16(cpu: &Cpu) {
+    ties_and_fisher::<f16>(cpu);
+}
+fn ties_fisher_bf16(cpu: &Cpu) {
+    ties_and_fisher::<bf16>(cpu);
+}
+
 fn bad_inputs(cpu: &Cpu) {
     let a = [1.0f32; 5];
     let short = [1.0f32; 4];
@@ -129,10 +199,20 @@ fn bad_inputs(cpu: &Cpu) {
     assert!(task_arithmetic(cpu, &short, &[&a[..]], &[1.0], 1.0, &mut out).is_err());
     assert!(fisher_accumulate(cpu, &mut out, &a, -1.0).is_err());
     assert!(fisher_accumulate(cpu, &mut out, &short, 1.0).is_err());
+    assert!(ties_elect(cpu, &a, &[&a[..]], &[1.0], f32::INFINITY, &mut out).is_err());
+    assert!(ties_elect(cpu, &a, &[&a[..], &short[..]], &[1.0, 1.0], 1.0, &mut out).is_err());
+    assert!(ties_elect(cpu, &short, &[&a[..]], &[1.0], 1.0, &mut out).is_err());
+    assert!(ties_elect(cpu, &a, &[&a[..]], &[-1.0], 1.0, &mut out).is_err());
+    assert!(fisher_merge(cpu, &[&a[..]], &[&a[..]], &[1.0], -1.0, &mut out).is_err());
+    assert!(fisher_merge(cpu, &[&a[..]], &[&short[..]], &[1.0], 0.0, &mut out).is_err());
+    assert!(fisher_merge(cpu, &[&a[..]], &[&a[..]], &[0.0], 0.0, &mut out).is_err());
 }
 
 isa_tests!(
     every_length_model_count_and_type,
+    ties_fisher_f32,
+    ties_fisher_f16,
+    ties_fisher_bf16,
     non_finite_data_propagates,
     bad_inputs
 );

@@ -78,6 +78,40 @@ pub fn validate_fisher_accumulate<T>(fisher_len: usize, grad: &[T], scale: f32) 
     )
 }
 
+/// Validates TIES election and disjoint mean (every backend runs this).
+pub fn validate_ties_elect<T>(
+    base: &[T],
+    trimmed: &[&[T]],
+    weights: &[f32],
+    lambda: f32,
+    out_len: usize,
+) -> Result<()> {
+    check_len("base", out_len, base.len())?;
+    check_models("trimmed[i]", trimmed, weights, out_len)?;
+    check_averaging_weights(weights)?;
+    check_param("lambda", f64::from(lambda), "finite", lambda.is_finite())
+}
+
+/// Validates Fisher merging (every backend runs this); returns `sum w_i`.
+pub fn validate_fisher_merge<T>(
+    thetas: &[&[T]],
+    fishers: &[&[f32]],
+    weights: &[f32],
+    floor: f32,
+    out_len: usize,
+) -> Result<f64> {
+    check_models("thetas[i]", thetas, weights, out_len)?;
+    check_models("fishers[i]", fishers, weights, out_len)?;
+    let weight_sum = check_averaging_weights(weights)?;
+    check_param(
+        "floor",
+        f64::from(floor),
+        "finite and >= 0",
+        floor.is_finite() && floor >= 0.0,
+    )?;
+    Ok(weight_sum)
+}
+
 /// Weighted mean (model soups, linear merge): `out = sum w_i theta_i / sum w_i`.
 pub fn weighted_mean_ref<T: Element>(
     models: &[&[T]],
@@ -163,10 +197,7 @@ pub fn ties_elect_ref<T: Element>(
     lambda: f32,
     out: &mut [f32],
 ) -> Result<()> {
-    check_len("base", out.len(), base.len())?;
-    check_models("trimmed[i]", trimmed, weights, out.len())?;
-    check_averaging_weights(weights)?;
-    check_param("lambda", f64::from(lambda), "finite", lambda.is_finite())?;
+    validate_ties_elect(base, trimmed, weights, lambda, out.len())?;
     for (j, o) in out.iter_mut().enumerate() {
         let elected = sign(
             trimmed
@@ -235,15 +266,7 @@ pub fn fisher_merge_ref<T: Element>(
     floor: f32,
     out: &mut [f32],
 ) -> Result<()> {
-    check_models("thetas[i]", thetas, weights, out.len())?;
-    check_models("fishers[i]", fishers, weights, out.len())?;
-    let weight_sum = check_averaging_weights(weights)?;
-    check_param(
-        "floor",
-        f64::from(floor),
-        "finite and >= 0",
-        floor.is_finite() && floor >= 0.0,
-    )?;
+    let weight_sum = validate_fisher_merge(thetas, fishers, weights, floor, out.len())?;
     for (j, o) in out.iter_mut().enumerate() {
         let (mut num, mut den, mut plain) = (0.0f64, 0.0f64, 0.0f64);
         for ((theta, fisher), &w) in thetas.iter().zip(fishers).zip(weights) {

@@ -1,0 +1,293 @@
+//! Task-vector masks at memory speed: DARE (random drop and rescale), TIES trim and Model
+//! Breadcrumbs (magnitude masks), the fast twins of `kernels_core::ops::merge`.
+//!
+//! # Contracts
+//!
+//! * **Masks are bit-identical** to the reference: DARE draws the same Philox words (the
+//!   generator runs vectorised, [`kernels_core::philox4x32_10_lanes`]) against the same integer
+//!   threshold, for any chunking (`first_index`) and thread count; TIES trim and Breadcrumbs
+//!   select exactly ([`crate::select`]).
+//! * **Values**: TIES trim and Breadcrumbs copy the kept entries; DARE computes each survivor as
+//!   the reference does (`f64` product, one rounding), bit-identical for
+//!   [`DareRescale::InverseKeep`] and [`DareRescale::None`]. For [`DareRescale::PreserveL1`] the
+//!   two `f64` L1 sums are added in another order, so survivors are within
+//!   [`DARE_L1_RELATIVE_TOLERANCE`] of the reference.
+
+use kernels_core::ops::merge::{BreadcrumbsParams, DareParams, DareRescale};
+use kernels_core::ops::select::keep_count;
+use kernels_core::{CounterRng, Element, Error, Result, philox4x32_10_lanes};
+
+use crate::parallel::split_outputs;
+use crate::select::{GROUP, Parts, apply_cuts, top_k};
+use crate::simd::widen_into;
+use crate::{Cpu, Simd, WithSimd};
+
+/// Relative bound on a [`DareRescale::PreserveL1`] survivor against the reference: the scale
+/// `l1_all / l1_kept` comes from two sums of up to `n` terms in another order (each within
+/// `n u_64` relative), then one `f32` rounding of the product (half an `f32` ulp) may land on the
+/// other side.
+pub const DARE_L1_RELATIVE_TOLERANCE: f64 = f32::EPSILON as f64;
+
+/// Philox blocks (of four words) drawn at once: 64 elements.
+const BLOCKS: usize = 16;
+
+/// Elements per block of the L1 sums (blocks are summed in order, whatever the threads).
+const L1_BLOCK: usize = 4096;
+
+/// The keep-bits of the 64 elements `first .. first + 64` (`first` a multiple of 4).
+#[inline(always)]
+fn dare_bits(key: [u32; 2], first: u64, threshold: u32) -> u64 {
+    let block = first / 4;
+    let counters = [
+        core::array::from_fn(|b| (block + b as u64) as u32),
+        core::array::from_fn(|b| ((block + b as u64) >> 32) as u32),
+        [0; BLOCKS],
+        [0; BLOCKS],
+    ];
+    let words = philox4x32_10_lanes::<BLOCKS>(counters, key);
+    let mut bits = 0u64;
+    for (e, shift) in (0..64).zip(0u32..) {
+        // Element e draws word e % 4 of block e / 4; the top 24 bits against the threshold.
+        bits |= u64::from(words[e % 4][e / 4] >> 8 >= threshold) << shift;
+    }
+    bits
+}
+
+/// DARE over one part: `out_i = tau_i * scale` where element `first + i` survives, else 0.
+struct Dare<'a, T> {
+    tau: &'a [T],
+    first: u64,
+    rng: CounterRng,
+    threshold: u32,
+    scale: f64,
+    out: &'a mut [f32],
+}
+
+impl<T: Element> WithSimd for Dare<'_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, s: S) {
+        let Self {
+            tau,
+            first,
+            rng,
+            threshold,
+            scale,
+            out,
+        } = self;
+        let survivor = |v: f32, keep: bool| {
+            if keep {
+                (f64::from(v) * scale) as f32
+            } else {
+                0.0
+            }
+        };
+        // Up to three elements before a block boundary, one by one.
+        let head = (((4 - first % 4) % 4) as usize).min(tau.len());
+        for i in 0..head {
+            let keep = rng.u24_at(first + i as u64) >= threshold;
+            out[i] = survivor(tau[i].to_f32(), keep);
+        }
+        let mut values = [0.0f32; GROUP];
+        for (g, (t, o)) in tau[head..]
+            .chunks(GROUP)
+            .zip(out[head..].chunks_mut(GROUP))
+            .enumerate()
+        {
+            let bits = dare_bits(rng.key(), first + (head + g * GROUP) as u64, threshold);
+            widen_into(s, t, &mut values);
+            for (j, (o, &v)) in o.iter_mut().zip(&values).enumerate() {
+                *o = survivor(v, (bits >> j) & 1 == 1);
+            }
+        }
+    }
+}
+
+/// `(sum |tau|, sum of |tau| over survivors)` per [`L1_BLOCK`] of one part.
+struct L1Sums<'a, T> {
+    tau: &'a [T],
+    first: u64,
+    rng: CounterRng,
+    threshold: u32,
+    sums: &'a mut [(f64, f64)],
+}
+
+impl<T: Element> WithSimd for L1Sums<'_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, s: S) {
+        let mut values = [0.0f32; GROUP];
+        let rng = self.rng;
+        for (b, (block, sum)) in self
+            .tau
+            .chunks(L1_BLOCK)
+            .zip(self.sums.iter_mut())
+            .enumerate()
+        {
+            let start = self.first + (b * L1_BLOCK) as u64;
+            let (mut all, mut kept) = ([0.0f64; GROUP], [0.0f64; GROUP]);
+            for (g, t) in block.chunks(GROUP).enumerate() {
+                let at = start + (g * GROUP) as u64;
+                let bits = if at % 4 == 0 && t.len() == GROUP {
+                    dare_bits(rng.key(), at, self.threshold)
+                } else {
+                    (0..t.len()).fold(0, |bits, j| {
+                        bits | (u64::from(rng.u24_at(at + j as u64) >= self.threshold) << j)
+                    })
+                };
+                widen_into(s, t, &mut values);
+                for (j, &v) in values[..t.len()].iter().enumerate() {
+                    let a = f64::from(v.abs());
+                    all[j] += a;
+                    kept[j] += if (bits >> j) & 1 == 1 { a } else { 0.0 };
+                }
+            }
+            *sum = (all.iter().sum(), kept.iter().sum());
+        }
+    }
+}
+
+/// DARE (the twin of [`kernels_core::ops::merge::dare_ref`]): `out_i = tau_i * scale` where
+/// element `first_index + i` survives its draw, else 0; threaded.
+pub fn dare<T: Element>(
+    cpu: &Cpu,
+    tau: &[T],
+    params: DareParams,
+    first_index: u64,
+    out: &mut [f32],
+) -> Result<()> {
+    if out.len() != tau.len() {
+        return Err(Error::LengthMismatch {
+            what: "out",
+            expected: tau.len(),
+            found: out.len(),
+        });
+    }
+    params.validate()?;
+    let rng = CounterRng::new(params.seed);
+    let threshold = params.drop_threshold();
+    let scale = match params.rescale {
+        DareRescale::InverseKeep => 1.0 / (1.0 - params.drop),
+        DareRescale::None => 1.0,
+        DareRescale::PreserveL1 => {
+            let mut sums = alloc::vec![(0.0, 0.0); tau.len().div_ceil(L1_BLOCK)];
+            split_outputs(
+                cpu,
+                &mut sums,
+                L1_BLOCK * core::mem::size_of::<T>(),
+                1,
+                |range, sums| {
+                    let start = range.start * L1_BLOCK;
+                    let end = (range.end * L1_BLOCK).min(tau.len());
+                    cpu.dispatch(L1Sums {
+                        tau: &tau[start..end],
+                        first: first_index + start as u64,
+                        rng,
+                        threshold,
+                        sums,
+                    });
+                },
+            );
+            let (all, kept) = sums
+                .iter()
+                .fold((0.0, 0.0), |(a, k), &(ba, bk)| (a + ba, k + bk));
+            if kept > 0.0 { all / kept } else { 0.0 }
+        }
+        // `DareRescale` is non-exhaustive: a rule added later must be implemented here.
+        _ => {
+            return Err(Error::Unsupported {
+                feature: "this DARE rescale rule",
+                hint: "update kernels-cpu",
+            });
+        }
+    };
+    split_outputs(
+        cpu,
+        out,
+        4 + core::mem::size_of::<T>(),
+        GROUP,
+        |range, out| {
+            cpu.dispatch(Dare {
+                tau: &tau[range.clone()],
+                first: first_index + range.start as u64,
+                rng,
+                threshold,
+                scale,
+                out,
+            });
+        },
+    );
+    Ok(())
+}
+
+/// TIES trim (the twin of [`kernels_core::ops::merge::ties_trim_ref`]): `out` keeps the top
+/// `floor(density n)` magnitudes of `tau` (ties by lower index), zero elsewhere.
+pub fn ties_trim<T: Element>(cpu: &Cpu, tau: &[T], density: f64, out: &mut [T]) -> Result<()> {
+    if out.len() != tau.len() {
+        return Err(Error::LengthMismatch {
+            what: "out",
+            expected: tau.len(),
+            found: out.len(),
+        });
+    }
+    let slices = [tau];
+    let parts = Parts::new(cpu, &slices, GROUP);
+    let cut = top_k(cpu, &parts, keep_count(density, tau.len() as u64)?)?;
+    let zero = T::from_f32(0.0);
+    apply_cuts(
+        cpu,
+        &parts,
+        [&cut],
+        parts.split(out, 1),
+        |out, at, run, keep| {
+            for (j, (o, &t)) in out[at..at + run.len()].iter_mut().zip(run).enumerate() {
+                *o = if (keep.bits[0] >> j) & 1 == 1 {
+                    t
+                } else {
+                    zero
+                };
+            }
+        },
+    )
+}
+
+/// Model Breadcrumbs (the twin of [`kernels_core::ops::merge::breadcrumbs_ref`]): keeps the
+/// entries whose magnitude rank lies in `[top, top + keep)` of [`BreadcrumbsParams::counts`],
+/// zero elsewhere.
+pub fn breadcrumbs<T: Element>(
+    cpu: &Cpu,
+    tau: &[T],
+    params: BreadcrumbsParams,
+    out: &mut [f32],
+) -> Result<()> {
+    if out.len() != tau.len() {
+        return Err(Error::LengthMismatch {
+            what: "out",
+            expected: tau.len(),
+            found: out.len(),
+        });
+    }
+    let (top, keep) = params.counts(tau.len() as u64)?;
+    let slices = [tau];
+    let parts = Parts::new(cpu, &slices, GROUP);
+    let outer = top_k(cpu, &parts, top + keep)?;
+    let outliers = top_k(cpu, &parts, top)?;
+    apply_cuts(
+        cpu,
+        &parts,
+        [&outer, &outliers],
+        parts.split(out, 1),
+        |out, at, run, keep| {
+            let kept = keep.bits[0] & !keep.bits[1];
+            for (j, (o, t)) in out[at..at + run.len()].iter_mut().zip(run).enumerate() {
+                *o = if (kept >> j) & 1 == 1 {
+                    t.to_f32()
+                } else {
+                    0.0
+                };
+            }
+        },
+    )
+}

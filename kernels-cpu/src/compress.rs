@@ -325,6 +325,7 @@ impl CompeftEncoder {
             &parts,
             [&cut],
             states.iter_mut().collect(),
+            #[inline(always)]
             |part, at, run, keep| {
                 let bits = CodeBits::of(run, &keep, zero_kept);
                 part.nnz += bits.nnz();
@@ -378,6 +379,7 @@ impl CompeftEncoder {
                     cpu,
                     tau,
                     &mut out[header..],
+                    #[inline(always)]
                     |bytes, bits| {
                         let packed = pack_dense(bits).to_le_bytes();
                         match <&mut [u8; 16]>::try_from(&mut *bytes) {
@@ -405,6 +407,7 @@ impl CompeftEncoder {
                     cpu,
                     tau,
                     &mut words,
+                    #[inline(always)]
                     |word, bits| word[0] = bits,
                     |words, w, bits| {
                         words[w].plus &= !bits;

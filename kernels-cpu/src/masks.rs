@@ -45,12 +45,26 @@ fn dare_bits(key: [u32; 2], first: u64, threshold: u32) -> u64 {
         [0; BLOCKS],
     ];
     let words = philox4x32_10_lanes::<BLOCKS>(counters, key);
-    let mut bits = 0u64;
-    for (e, shift) in (0..64).zip(0u32..) {
-        // Element e draws word e % 4 of block e / 4; the top 24 bits against the threshold.
-        bits |= u64::from(words[e % 4][e / 4] >> 8 >= threshold) << shift;
-    }
-    bits
+    // Element e draws word e % 4 of block e / 4: one 16-bit mask per word, interleaved.
+    let masks: [u32; 4] = core::array::from_fn(|w| {
+        (0..BLOCKS).fold(0, |m, b| {
+            m | (u32::from(words[w][b] >> 8 >= threshold) << b)
+        })
+    });
+    spread4(masks[0])
+        | (spread4(masks[1]) << 1)
+        | (spread4(masks[2]) << 2)
+        | (spread4(masks[3]) << 3)
+}
+
+/// Moves bit `b` of a 16-bit mask to bit `4 b`.
+#[inline(always)]
+fn spread4(mask: u32) -> u64 {
+    let mut x = u64::from(mask & 0xFFFF);
+    x = (x | (x << 24)) & 0x0000_00FF_0000_00FF;
+    x = (x | (x << 12)) & 0x000F_000F_000F_000F;
+    x = (x | (x << 6)) & 0x0303_0303_0303_0303;
+    (x | (x << 3)) & 0x1111_1111_1111_1111
 }
 
 /// DARE over one part: `out_i = tau_i * scale` where element `first + i` survives, else 0.
@@ -97,8 +111,24 @@ impl<T: Element> WithSimd for Dare<'_, T> {
         {
             let bits = dare_bits(rng.key(), first + (head + g * GROUP) as u64, threshold);
             widen_into(s, t, &mut values);
-            for (j, (o, &v)) in o.iter_mut().zip(&values).enumerate() {
-                *o = survivor(v, (bits >> j) & 1 == 1);
+            // PERF: every product in f64 lanes at once (the reference's rounding), then the
+            // survivors kept with one masked move per vector.
+            let products: [f32; GROUP] =
+                core::array::from_fn(|j| (f64::from(values[j]) * scale) as f32);
+            let main = o.len() - o.len() % S::LANES;
+            for (v, (o, p)) in o[..main]
+                .chunks_exact_mut(S::LANES)
+                .zip(products.chunks_exact(S::LANES))
+                .enumerate()
+            {
+                s.store(s.keep_lanes((bits >> (v * S::LANES)) as u32, s.load(p)), o);
+            }
+            for j in main..o.len() {
+                o[j] = if (bits >> j) & 1 == 1 {
+                    products[j]
+                } else {
+                    0.0
+                };
             }
         }
     }
@@ -130,7 +160,7 @@ impl<T: Element> WithSimd for L1Sums<'_, T> {
             let (mut all, mut kept) = ([0.0f64; GROUP], [0.0f64; GROUP]);
             for (g, t) in block.chunks(GROUP).enumerate() {
                 let at = start + (g * GROUP) as u64;
-                let bits = if at % 4 == 0 && t.len() == GROUP {
+                let bits = if at.is_multiple_of(4) && t.len() == GROUP {
                     dare_bits(rng.key(), at, self.threshold)
                 } else {
                     (0..t.len()).fold(0, |bits, j| {
@@ -241,6 +271,7 @@ pub fn ties_trim<T: Element>(cpu: &Cpu, tau: &[T], density: f64, out: &mut [T]) 
         &parts,
         [&cut],
         parts.split(out, 1),
+        #[inline(always)]
         |out, at, run, keep| {
             for (j, (o, &t)) in out[at..at + run.len()].iter_mut().zip(run).enumerate() {
                 *o = if (keep.bits[0] >> j) & 1 == 1 {
@@ -279,6 +310,7 @@ pub fn breadcrumbs<T: Element>(
         &parts,
         [&outer, &outliers],
         parts.split(out, 1),
+        #[inline(always)]
         |out, at, run, keep| {
             let kept = keep.bits[0] & !keep.bits[1];
             for (j, (o, t)) in out[at..at + run.len()].iter_mut().zip(run).enumerate() {

@@ -255,10 +255,13 @@ impl<T: Element> WithSimd for TiesElect<'_, T> {
                     }
                 }
             }
-            for (j, o) in out.iter_mut().enumerate() {
+            // PERF: whole blocks of fixed width vectorise; the tail block's extra lanes are
+            // computed and dropped.
+            let result: [f32; WIDE] = core::array::from_fn(|j| {
                 let mean = if den[j] > 0.0 { num[j] / den[j] } else { 0.0 };
-                *o = (f64::from(base_block[j]) + f64::from(lambda) * mean) as f32;
-            }
+                (f64::from(base_block[j]) + f64::from(lambda) * mean) as f32
+            });
+            out.copy_from_slice(&result[..len]);
         }
     }
 }
@@ -347,13 +350,15 @@ impl<T: Element> WithSimd for FisherMerge<'_, T> {
                     plain[j] += w * v;
                 }
             }
-            for (j, o) in out.iter_mut().enumerate() {
-                *o = if den[j] > 0.0 {
+            let result: [f32; WIDE] = core::array::from_fn(|j| {
+                let merged = if den[j] > 0.0 {
                     num[j] / den[j]
                 } else {
                     plain[j] / weight_sum
-                } as f32;
-            }
+                };
+                merged as f32
+            });
+            out.copy_from_slice(&result[..len]);
         }
     }
 }

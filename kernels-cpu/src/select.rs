@@ -54,6 +54,12 @@ pub const BRACKET_SIGMAS: f64 = 3.5;
 /// hardware prefetcher short of DRAM bandwidth.
 const PREFETCH_BYTES: usize = 2048;
 
+/// Returns its argument: lets a closure in a struct field carry `#[inline(always)]` (attributes
+/// are only accepted on closures in argument position).
+fn identity<F>(f: F) -> F {
+    f
+}
+
 /// Cache line bytes.
 const LINE: usize = 64;
 
@@ -229,7 +235,14 @@ fn classify_unordered<S: Simd, T: Element>(
         at += S::LANES;
     }
     let rest = STREAMS * len;
-    classify_each(s, &data[rest..], lo, hi, |at, m| f(rest + at, m));
+    classify_each(
+        s,
+        &data[rest..],
+        lo,
+        hi,
+        #[inline(always)]
+        |at, m| f(rest + at, m),
+    );
 }
 
 /// Sub-ranges a thread reads at once where order does not matter. PERF: one sequential stream
@@ -272,21 +285,28 @@ impl<T: Element> WithSimd for Collect<'_, T> {
         let mut out = Collected::default();
         let mut non_finite = 0u32;
         for piece in self.pieces {
-            classify_unordered(s, piece.data, self.lo, self.hi, |at, m| {
-                out.below += u64::from(m.below.count_ones());
-                out.within += u64::from(m.within.count_ones());
-                non_finite |= m.non_finite;
-                let mut within = m.within;
-                // PERF: the bracket holds about 1 % of the entries; most vectors skip this.
-                if within != 0 && !out.overflow {
-                    while within != 0 {
-                        let lane = within.trailing_zeros() as usize;
-                        out.keys.push(magnitude_key(piece.data[at + lane].to_f32()));
-                        within &= within - 1;
+            classify_unordered(
+                s,
+                piece.data,
+                self.lo,
+                self.hi,
+                #[inline(always)]
+                |at, m| {
+                    out.below += u64::from(m.below.count_ones());
+                    out.within += u64::from(m.within.count_ones());
+                    non_finite |= m.non_finite;
+                    let mut within = m.within;
+                    // PERF: the bracket holds about 1 % of the entries; most vectors skip this.
+                    if within != 0 && !out.overflow {
+                        while within != 0 {
+                            let lane = within.trailing_zeros() as usize;
+                            out.keys.push(magnitude_key(piece.data[at + lane].to_f32()));
+                            within &= within - 1;
+                        }
+                        out.overflow = out.keys.len() > self.cap;
                     }
-                    out.overflow = out.keys.len() > self.cap;
-                }
-            });
+                },
+            );
         }
         out.non_finite = non_finite != 0;
         out
@@ -464,14 +484,21 @@ impl<T: Element> WithSimd for CountLow<'_, T> {
         let mut table = alloc::vec![0u32; LOW_BINS];
         let lo = (self.bin as u32) << 16;
         for piece in self.pieces {
-            classify_each(s, piece.data, lo, lo | 0xFFFF, |at, m| {
-                let mut within = m.within;
-                while within != 0 {
-                    let lane = within.trailing_zeros() as usize;
-                    table[low_bin(magnitude_key(piece.data[at + lane].to_f32()))] += 1;
-                    within &= within - 1;
-                }
-            });
+            classify_each(
+                s,
+                piece.data,
+                lo,
+                lo | 0xFFFF,
+                #[inline(always)]
+                |at, m| {
+                    let mut within = m.within;
+                    while within != 0 {
+                        let lane = within.trailing_zeros() as usize;
+                        table[low_bin(magnitude_key(piece.data[at + lane].to_f32()))] += 1;
+                        within &= within - 1;
+                    }
+                },
+            );
         }
         table
     }
@@ -775,11 +802,14 @@ pub(crate) fn apply_cuts<T: Element, W: Send, const C: usize>(
                         .unwrap_or(PartCut::NONE)
                 })
             }),
-            f: |p: usize, offset: usize, piece: &Piece<'_, T>, keep| {
-                let at = piece.first as usize + offset - parts.bounds[first + p].start;
-                let run = &piece.data[offset..(offset + GROUP).min(piece.data.len())];
-                f(&mut states[p], at, run, keep);
-            },
+            f: identity(
+                #[inline(always)]
+                |p: usize, offset: usize, piece: &Piece<'_, T>, keep| {
+                    let at = piece.first as usize + offset - parts.bounds[first + p].start;
+                    let run = &piece.data[offset..(offset + GROUP).min(piece.data.len())];
+                    f(&mut states[p], at, run, keep);
+                },
+            ),
         });
     });
     if non_finite.contains(&true) {
@@ -798,9 +828,16 @@ pub fn topk_mask<T: Element>(cpu: &Cpu, x: &[T], k: usize, mask: &mut [u64]) -> 
     let cut = top_k(cpu, &parts, k as u64)?;
     // Parts start on multiples of 64: each owns whole words.
     let words = parts.split(mask, GROUP);
-    apply_cuts(cpu, &parts, [&cut], words, |words, at, _, keep| {
-        words[at / GROUP] = keep.bits[0];
-    })
+    apply_cuts(
+        cpu,
+        &parts,
+        [&cut],
+        words,
+        #[inline(always)]
+        |words, at, _, keep| {
+            words[at / GROUP] = keep.bits[0];
+        },
+    )
 }
 
 /// Flat indices of the top-k of `slices` taken as one vector, ascending (the twin of
@@ -810,13 +847,20 @@ pub fn topk_indices<T: Element>(cpu: &Cpu, slices: &[&[T]], k: u64) -> Result<Ve
     let cut = top_k(cpu, &parts, k)?;
     let mut per_part: Vec<Vec<u64>> = parts.pieces.iter().map(|_| Vec::new()).collect();
     let lists: Vec<&mut Vec<u64>> = per_part.iter_mut().collect();
-    apply_cuts(cpu, &parts, [&cut], lists, |list, at, _, keep| {
-        let mut keep = keep.bits[0];
-        while keep != 0 {
-            list.push(at as u64 + u64::from(keep.trailing_zeros()));
-            keep &= keep - 1;
-        }
-    })?;
+    apply_cuts(
+        cpu,
+        &parts,
+        [&cut],
+        lists,
+        #[inline(always)]
+        |list, at, _, keep| {
+            let mut keep = keep.bits[0];
+            while keep != 0 {
+                list.push(at as u64 + u64::from(keep.trailing_zeros()));
+                keep &= keep - 1;
+            }
+        },
+    )?;
     let mut all = Vec::with_capacity(usize::try_from(k).unwrap_or(0));
     for (list, range) in per_part.into_iter().zip(&parts.bounds) {
         all.extend(list.into_iter().map(|i| i + range.start as u64));
@@ -1196,6 +1240,7 @@ impl TopKApplier {
             &parts,
             [&cut],
             states,
+            #[inline(always)]
             |(words, equal), at, _, keep| {
                 words[at / GROUP] = keep.bits[0];
                 if keep.run.equal != 0 {

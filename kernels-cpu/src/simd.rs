@@ -58,6 +58,8 @@ pub trait Simd: Copy + Send + Sync + 'static {
     /// Ternary lanes from 2-bit codes: lane `j` reads bits `2j, 2j + 1` of `codes` (the packed
     /// dense layout): `01` is `+1.0`, `10` is `-1.0`, `00` is `0.0` (`11` is never passed).
     fn ternary(self, codes: u32) -> Self::F32;
+    /// `v` where bit `j` of `mask` is set, `+0.0` elsewhere.
+    fn keep_lanes(self, mask: u32, v: Self::F32) -> Self::F32;
     /// Hints that the cache line holding `at` will be read soon (a no-op where the instruction set
     /// has no prefetch instruction). Never faults.
     #[inline(always)]
@@ -150,6 +152,10 @@ impl Simd for Scalar {
     #[inline(always)]
     fn ternary(self, codes: u32) -> f32 {
         (codes & 1) as f32 - ((codes >> 1) & 1) as f32
+    }
+    #[inline(always)]
+    fn keep_lanes(self, mask: u32, v: f32) -> f32 {
+        if mask & 1 == 1 { v } else { 0.0 }
     }
 }
 
@@ -287,6 +293,14 @@ mod x86 {
                 _mm256_cvtepi32_ps(value)
             }
         }
+        #[inline(always)]
+        fn keep_lanes(self, mask: u32, v: __m256) -> __m256 {
+            unsafe {
+                let lane_bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+                let bits = _mm256_and_si256(_mm256_set1_epi32(mask as i32), lane_bits);
+                _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(bits, lane_bits)), v)
+            }
+        }
     }
 
     /// AVX-512F (with V3), 16 lanes.
@@ -402,6 +416,10 @@ mod x86 {
                 );
                 _mm512_cvtepi32_ps(value)
             }
+        }
+        #[inline(always)]
+        fn keep_lanes(self, mask: u32, v: __m512) -> __m512 {
+            unsafe { _mm512_maskz_mov_ps(mask as u16, v) }
         }
     }
 }
@@ -523,6 +541,14 @@ mod arm {
                 vcvtq_f32_s32(value)
             }
         }
+        #[inline(always)]
+        fn keep_lanes(self, mask: u32, v: float32x4_t) -> float32x4_t {
+            unsafe {
+                let lane_bits = vld1q_u32([1u32, 2, 4, 8].as_ptr());
+                let keep = vtstq_u32(vdupq_n_u32(mask), lane_bits);
+                vreinterpretq_f32_u32(vandq_u32(keep, vreinterpretq_u32_f32(v)))
+            }
+        }
     }
 }
 
@@ -630,6 +656,11 @@ mod wasm {
             let lane =
                 |j: u32| ((codes >> (2 * j)) & 1) as f32 - ((codes >> (2 * j + 1)) & 1) as f32;
             f32x4(lane(0), lane(1), lane(2), lane(3))
+        }
+        #[inline(always)]
+        fn keep_lanes(self, mask: u32, v: v128) -> v128 {
+            let lane = |j: u32| if (mask >> j) & 1 == 1 { -1i32 } else { 0 };
+            v128_and(i32x4(lane(0), lane(1), lane(2), lane(3)), v)
         }
     }
 }
@@ -817,6 +848,30 @@ mod tests {
                         2 => -1.0,
                         _ => 0.0,
                     };
+                    assert_eq!(g.to_bits(), expect.to_bits(), "{} lane {j}", cpu.isa());
+                }
+            }
+        }
+    }
+
+    struct KeepLanes<'a>(&'a [f32], u32);
+
+    impl WithSimd for KeepLanes<'_> {
+        type Output = Vec<f32>;
+        fn with_simd<S: Simd>(self, s: S) -> Vec<f32> {
+            let mut out = alloc::vec![0.0; S::LANES];
+            s.store(s.keep_lanes(self.1, s.load(&self.0[..S::LANES])), &mut out);
+            out
+        }
+    }
+
+    #[test]
+    fn keep_lanes_zero_the_rest_on_every_isa() {
+        let values: Vec<f32> = (0..16).map(|i| -1.5 - i as f32).collect();
+        for mask in [0u32, 0xFFFF, 0b1010_0110_0101_1001] {
+            for cpu in Cpu::all_available() {
+                for (j, g) in cpu.dispatch(KeepLanes(&values, mask)).iter().enumerate() {
+                    let expect = if (mask >> j) & 1 == 1 { values[j] } else { 0.0 };
                     assert_eq!(g.to_bits(), expect.to_bits(), "{} lane {j}", cpu.isa());
                 }
             }

@@ -1,6 +1,8 @@
-//! Streaming merge reductions at 1e6, 1e7 and 1e8 elements with N = 2, 4, 8 models, and STREAM
-//! read bandwidth in the same run. GB/s count every byte touched: the N inputs (and the base) read
-//! and the f32 output written.
+//! Streaming merge reductions at 1e6, 1e7 and 1e8 elements with N = 2, 4, 8 models, the task
+//! vector masks (DARE, TIES trim, Breadcrumbs) at the same sizes, and STREAM read bandwidth in the
+//! same run. GB/s count every byte touched once: the N inputs (and base, Fisher diagonals) read
+//! and the output written; the magnitude masks' selection passes re-read their input, which the
+//! GB/s figure does not count.
 //!
 //! Run: `cargo bench -p kernels-benches --bench merge && python3 benches/medians.py merge`
 
@@ -8,10 +10,14 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use half::bf16;
-use kernels_benches::stream_read;
+use kernels_benches::{heavy_tailed, stream_read};
 use kernels_core::Element;
+use kernels_core::ops::merge::{BreadcrumbsParams, DareParams};
 use kernels_cpu::Cpu;
-use kernels_cpu::merge::{fisher_accumulate, task_arithmetic, weighted_mean};
+use kernels_cpu::masks::{breadcrumbs, dare, ties_trim};
+use kernels_cpu::merge::{
+    fisher_accumulate, fisher_merge, task_arithmetic, ties_elect, weighted_mean,
+};
 
 const SIZES: [usize; 3] = [1_000_000, 10_000_000, 100_000_000];
 const MODELS: [usize; 3] = [2, 4, 8];
@@ -36,6 +42,9 @@ fn family<T: Element>(c: &mut Criterion, cpu: &Cpu) {
             .map(|k| data(n, k))
             .collect();
         let base: Vec<T> = data(n, 99);
+        let fishers: Vec<Vec<f32>> = (0..*MODELS.iter().max().expect("models"))
+            .map(|k| data::<f32>(n, 50 + k).iter().map(|f| f.abs()).collect())
+            .collect();
         let mut out = vec![0.0f32; n];
         for count in MODELS {
             let views: Vec<&[T]> = models[..count].iter().map(Vec::as_slice).collect();
@@ -63,6 +72,62 @@ fn family<T: Element>(c: &mut Criterion, cpu: &Cpu) {
                 },
             );
         }
+        for count in MODELS {
+            let views: Vec<&[T]> = models[..count].iter().map(Vec::as_slice).collect();
+            let fisher_views: Vec<&[f32]> = fishers[..count].iter().map(Vec::as_slice).collect();
+            let weights = vec![1.0f32; count];
+            group.throughput(Throughput::Bytes((n * ((count + 1) * size + 4)) as u64));
+            group.bench_function(
+                BenchmarkId::new(
+                    format!("ties_elect_n{n}_models{count}"),
+                    format!("{threads}t"),
+                ),
+                |b| {
+                    b.iter(|| {
+                        ties_elect(cpu, &base, &views, &weights, 1.0, &mut out).expect("ties")
+                    });
+                },
+            );
+            group.throughput(Throughput::Bytes((n * (count * (size + 4) + 4)) as u64));
+            group.bench_function(
+                BenchmarkId::new(
+                    format!("fisher_merge_n{n}_models{count}"),
+                    format!("{threads}t"),
+                ),
+                |b| {
+                    b.iter(|| {
+                        fisher_merge(cpu, &views, &fisher_views, &weights, 0.0, &mut out)
+                            .expect("fisher merge");
+                    });
+                },
+            );
+        }
+        // Masks read one task vector and write the masked one. Magnitude selection depends on the
+        // values: a heavy-tailed task vector, as fine-tuning deltas are.
+        let tau: Vec<T> = heavy_tailed(n, 1e-3, n as u64)
+            .iter()
+            .map(|&v| T::from_f32(v))
+            .collect();
+        group.throughput(Throughput::Bytes((n * (size + 4)) as u64));
+        group.bench_function(
+            BenchmarkId::new(format!("dare_n{n}"), format!("{threads}t")),
+            |b| b.iter(|| dare(cpu, &tau, DareParams::new(0.9, 7), 0, &mut out).expect("dare")),
+        );
+        group.bench_function(
+            BenchmarkId::new(format!("breadcrumbs_n{n}"), format!("{threads}t")),
+            |b| {
+                b.iter(|| {
+                    breadcrumbs(cpu, &tau, BreadcrumbsParams::default(), &mut out)
+                        .expect("breadcrumbs");
+                });
+            },
+        );
+        let mut trimmed = vec![T::from_f32(0.0); n];
+        group.throughput(Throughput::Bytes((n * 2 * size) as u64));
+        group.bench_function(
+            BenchmarkId::new(format!("ties_trim_n{n}"), format!("{threads}t")),
+            |b| b.iter(|| ties_trim(cpu, &tau, 0.2, &mut trimmed).expect("trim")),
+        );
         // Fisher accumulation reads and writes the f32 Fisher and reads the gradient.
         group.throughput(Throughput::Bytes((n * (8 + size)) as u64));
         group.bench_function(

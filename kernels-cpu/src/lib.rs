@@ -14,12 +14,25 @@
 //! assert!(Cpu::with_isa(Isa::Scalar).is_ok());
 //! ```
 //!
+//! # Modules
+//!
+//! | module | kernels |
+//! |---|---|
+//! | [`gemv`] | dense, sparse-input and gathered GEMV |
+//! | `mlp`, `calibrate` | CATS/TEAL MLPs, threshold calibration |
+//! | `select` | exact magnitude top-k (cut, mask, indices), k-th magnitude, streaming top-k |
+//! | `compress` | ComPEFT: moments, global top-k, packed encoding |
+//! | `ternary` | packed ternary decode, ternary GEMV, decompress-and-add |
+//! | `masks` | DARE, TIES trim, Breadcrumbs |
+//! | [`merge`] | weighted mean, task arithmetic, TIES election, Fisher merging and accumulation |
+//! | [`reduce`] | sum of squares |
+//!
 //! # Cargo features
 //!
 //! | feature | default | adds |
 //! |---|---|---|
 //! | `std` | yes | threads in the kernels that split work; implies `alloc` |
-//! | `alloc` | via `std` | kernels that return owned results |
+//! | `alloc` | via `std` | kernels that keep scratch or return owned results: [`mlp`], [`calibrate`], [`select`], [`compress`], [`ternary`], [`masks`] |
 //!
 //! Without features the crate is `#![no_std]`: CPU detection uses CPUID directly and needs no
 //! operating-system support beyond saving vector registers.

@@ -1,14 +1,21 @@
-//! Streaming merge reductions: weighted mean (model soups), task arithmetic and diagonal Fisher
-//! accumulation, the fast twins of `kernels_core::ops::merge`.
+//! Streaming merge reductions: weighted mean (model soups), task arithmetic, TIES election,
+//! Fisher merging and diagonal Fisher accumulation, the fast twins of `kernels_core::ops::merge`.
 //!
 //! # Contracts
 //!
 //! Those of [`kernels_core::ops::merge`]: element-wise over equally long slices (stream a model
 //! tensor by tensor, or chunk by chunk, and get the same bits), inputs `f32`/`f16`/`bf16`, output
-//! `f32`, NaN and infinity propagate. Computed in `f32` with fused multiply-adds: each output is
-//! within [`reduction_tolerance`] of the `f64` reference. Slice tails round exactly as vector
-//! lanes ([`crate::Simd::mul_add_lane`]), so results are bit-identical for every chunking of the
-//! data and every thread count.
+//! `f32` or any element type (the `f32` result rounded once more, to nearest even: merged weights
+//! written straight in the model's type), NaN and infinity propagate.
+//!
+//! The weighted sums (mean, task arithmetic, Fisher accumulation) are computed in `f32` with
+//! fused multiply-adds: each output is within [`reduction_tolerance`] of the `f64` reference.
+//! Slice tails round exactly as vector lanes ([`crate::Simd::mul_add_lane`]), so results are
+//! bit-identical for every chunking of the data and every thread count.
+//!
+//! TIES election and Fisher merging decide something discrete per element (the elected sign,
+//! the fallback to the plain mean), so they compute the reference's own `f64` arithmetic, lane
+//! by lane, and are bit-identical to it.
 
 use core::ops::Range;
 
@@ -16,7 +23,7 @@ use kernels_core::ops::merge::{
     validate_fisher_accumulate, validate_fisher_merge, validate_task_arithmetic,
     validate_ties_elect, validate_weighted_mean,
 };
-use kernels_core::{Element, Result};
+use kernels_core::{DType, Element, Result};
 
 use crate::parallel::split_outputs;
 use crate::simd::widen_into;
@@ -83,22 +90,45 @@ impl<T: Element> WithSimd for WeightedSum<'_, T> {
     }
 }
 
-/// Runs `run(range, out_part)` over `out` split across threads on multiples of 64 elements.
-fn split_elements(
+/// Runs `run(range, out_part)` over `out` split across threads on multiples of 64 elements;
+/// for an output type other than `f32`, `run` fills `f32` scratch that is then rounded to `O`
+/// ([`Element::from_f32`], to nearest even), so every output type gets the same `f32` results.
+fn split_elements<O: Element>(
     cpu: &Cpu,
-    out: &mut [f32],
+    out: &mut [O],
     bytes_per_element: usize,
     run: impl Fn(Range<usize>, &mut [f32]) + Sync,
 ) {
-    split_outputs(cpu, out, bytes_per_element, ELEMENT_ALIGN, run);
+    if O::DTYPE == DType::F32 {
+        let out: &mut [f32] = bytemuck::cast_slice_mut(out);
+        split_outputs(cpu, out, bytes_per_element, ELEMENT_ALIGN, run);
+        return;
+    }
+    split_outputs(cpu, out, bytes_per_element, ELEMENT_ALIGN, |range, out| {
+        // Scratch blocks are whole multiples of 64 elements, so each element takes the same
+        // vector or tail path as in an `f32` output.
+        let mut scratch = [0.0f32; SCRATCH];
+        for (b, chunk) in out.chunks_mut(SCRATCH).enumerate() {
+            let start = range.start + b * SCRATCH;
+            let scratch = &mut scratch[..chunk.len()];
+            run(start..start + chunk.len(), scratch);
+            for (o, &v) in chunk.iter_mut().zip(scratch.iter()) {
+                *o = O::from_f32(v);
+            }
+        }
+    });
 }
 
-/// Weighted mean `out = sum w_i theta_i / sum w_i` (the twin of `weighted_mean_ref`).
-pub fn weighted_mean<T: Element>(
+/// `f32` scratch per block of a narrower output.
+const SCRATCH: usize = 16 * ELEMENT_ALIGN;
+
+/// Weighted mean `out = sum w_i theta_i / sum w_i` (the twin of `weighted_mean_ref`), written
+/// as `f32` or rounded once more to another element type (the model's, say).
+pub fn weighted_mean<T: Element, O: Element>(
     cpu: &Cpu,
     models: &[&[T]],
     weights: &[f32],
-    out: &mut [f32],
+    out: &mut [O],
 ) -> Result<()> {
     let sum = validate_weighted_mean(models, weights, out.len())?;
     let scale = (1.0 / sum) as f32;
@@ -120,14 +150,15 @@ pub fn weighted_mean<T: Element>(
     Ok(())
 }
 
-/// Task arithmetic `out = base + lambda * sum w_i tau_i` (the twin of `task_arithmetic_ref`).
-pub fn task_arithmetic<T: Element>(
+/// Task arithmetic `out = base + lambda * sum w_i tau_i` (the twin of `task_arithmetic_ref`),
+/// written as `f32` or rounded once more to another element type.
+pub fn task_arithmetic<T: Element, O: Element>(
     cpu: &Cpu,
     base: &[T],
     taus: &[&[T]],
     weights: &[f32],
     lambda: f32,
-    out: &mut [f32],
+    out: &mut [O],
 ) -> Result<()> {
     validate_task_arithmetic(base, taus, weights, lambda, out.len())?;
     split_elements(
@@ -280,14 +311,15 @@ fn sign(v: f64) -> f64 {
 
 /// TIES election and disjoint weighted mean over trimmed task vectors (the twin of
 /// [`kernels_core::ops::merge::ties_elect_ref`], bit-identical: the same `f64` operations in the
-/// same order, vectorised across elements). Trim with [`crate::masks::ties_trim`].
-pub fn ties_elect<T: Element>(
+/// same order, vectorised across elements), written as `f32` or rounded once more to another
+/// element type. Trim with [`crate::masks::ties_trim`].
+pub fn ties_elect<T: Element, O: Element>(
     cpu: &Cpu,
     base: &[T],
     trimmed: &[&[T]],
     weights: &[f32],
     lambda: f32,
-    out: &mut [f32],
+    out: &mut [O],
 ) -> Result<()> {
     validate_ties_elect(base, trimmed, weights, lambda, out.len())?;
     split_elements(
@@ -366,14 +398,15 @@ impl<T: Element> WithSimd for FisherMerge<'_, T> {
 /// Fisher merging `out = sum w_i F'_i theta_i / sum w_i F'_i`, `F' = max(F, floor)`, falling
 /// back to the plain weighted mean where every `w_i F'_i` is zero (the twin of
 /// [`kernels_core::ops::merge::fisher_merge_ref`], bit-identical: the same `f64` operations in
-/// the same order, vectorised across elements).
-pub fn fisher_merge<T: Element>(
+/// the same order, vectorised across elements), written as `f32` or rounded once more to another
+/// element type.
+pub fn fisher_merge<T: Element, O: Element>(
     cpu: &Cpu,
     thetas: &[&[T]],
     fishers: &[&[f32]],
     weights: &[f32],
     floor: f32,
-    out: &mut [f32],
+    out: &mut [O],
 ) -> Result<()> {
     let weight_sum = validate_fisher_merge(thetas, fishers, weights, floor, out.len())?;
     split_elements(

@@ -170,6 +170,46 @@ fn ties_and_fisher<T: Element>(cpu: &Cpu) {
     }
 }
 
+/// Any output type holds the `f32` result rounded once (`O::from_f32`), element for element.
+fn typed_outputs<O: Element>(cpu: &Cpu) {
+    let n = 3000;
+    let models: Vec<Vec<bf16>> = (0..3).map(|i| normal(n, 500 + i)).collect();
+    let views: Vec<&[bf16]> = models.iter().map(Vec::as_slice).collect();
+    let fishers: Vec<Vec<f32>> = (0..3).map(|i| normal::<f32>(n, 600 + i)).collect();
+    let fisher_views: Vec<&[f32]> = fishers.iter().map(Vec::as_slice).collect();
+    let weights = [0.5f32, 1.0, 2.0];
+    let base: Vec<bf16> = normal(n, 700);
+    let rounded = |v: &[f32]| {
+        v.iter()
+            .map(|&x| O::from_f32(x).to_f32().to_bits())
+            .collect::<Vec<_>>()
+    };
+    let typed = |v: &[O]| v.iter().map(|x| x.to_f32().to_bits()).collect::<Vec<_>>();
+    let (mut wide, mut narrow) = (vec![0.0f32; n], vec![O::from_f32(0.0); n]);
+    weighted_mean(cpu, &views, &weights, &mut wide).unwrap();
+    weighted_mean(cpu, &views, &weights, &mut narrow).unwrap();
+    assert_eq!(typed(&narrow), rounded(&wide), "mean {:?}", O::DTYPE);
+    task_arithmetic(cpu, &base, &views, &weights, 0.5, &mut wide).unwrap();
+    task_arithmetic(cpu, &base, &views, &weights, 0.5, &mut narrow).unwrap();
+    assert_eq!(
+        typed(&narrow),
+        rounded(&wide),
+        "task arithmetic {:?}",
+        O::DTYPE
+    );
+    ties_elect(cpu, &base, &views, &weights, 0.5, &mut wide).unwrap();
+    ties_elect(cpu, &base, &views, &weights, 0.5, &mut narrow).unwrap();
+    assert_eq!(typed(&narrow), rounded(&wide), "TIES {:?}", O::DTYPE);
+    fisher_merge(cpu, &views, &fisher_views, &weights, 0.0, &mut wide).unwrap();
+    fisher_merge(cpu, &views, &fisher_views, &weights, 0.0, &mut narrow).unwrap();
+    assert_eq!(typed(&narrow), rounded(&wide), "Fisher {:?}", O::DTYPE);
+}
+
+fn typed_bf16_and_f16(cpu: &Cpu) {
+    typed_outputs::<bf16>(cpu);
+    typed_outputs::<f16>(cpu);
+}
+
 fn ties_fisher_f32(cpu: &Cpu) {
     ties_and_fisher::<f32>(cpu);
 }
@@ -192,7 +232,7 @@ fn bad_inputs(cpu: &Cpu) {
             found: 4
         })
     ));
-    assert!(weighted_mean::<f32>(cpu, &[], &[], &mut out).is_err());
+    assert!(weighted_mean::<f32, f32>(cpu, &[], &[], &mut out).is_err());
     assert!(weighted_mean(cpu, &[&a[..]], &[-1.0], &mut out).is_err());
     assert!(weighted_mean(cpu, &[&a[..]], &[0.0], &mut out).is_err());
     assert!(task_arithmetic(cpu, &a, &[&a[..]], &[1.0], f32::NAN, &mut out).is_err());
@@ -211,6 +251,7 @@ fn bad_inputs(cpu: &Cpu) {
 isa_tests!(
     every_length_model_count_and_type,
     ties_fisher_f32,
+    typed_bf16_and_f16,
     ties_fisher_f16,
     ties_fisher_bf16,
     non_finite_data_propagates,

@@ -84,7 +84,7 @@ fn family<T: Element>(c: &mut Criterion, cpu: &Cpu) {
                 ),
                 |b| {
                     b.iter(|| {
-                        ties_elect(cpu, &base, &views, &weights, 1.0, &mut out).expect("ties")
+                        ties_elect(cpu, &base, &views, &weights, 1.0, &mut out).expect("ties");
                     });
                 },
             );

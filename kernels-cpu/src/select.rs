@@ -12,7 +12,7 @@
 //! A select on the key, no sort and no copy of the data. To find the key of rank `r`:
 //!
 //! 1. **Bracket** (vectors of more than [`SAMPLED_MIN`] entries): the keys of an evenly spread
-//!    sample of [`SAMPLE_RUNS`] runs of [`SAMPLE_RUN`] entries give a key interval `[lo, hi]`
+//!    sample of [`sample_runs`] runs of [`SAMPLE_RUN`] entries give a key interval `[lo, hi]`
 //!    that holds rank `r` with high probability ([`BRACKET_SIGMAS`] standard deviations of the
 //!    sample rank on each side).
 //! 2. **One pass**, vectorised and threaded: count the keys below `lo` and copy out the few keys
@@ -41,9 +41,17 @@ use crate::simd::widen_into;
 use crate::{Cpu, KeyMasks, Scalar, Simd, WithSimd};
 
 /// Vectors shorter than this skip the sampled bracket (the exact radix select is as fast there).
-pub const SAMPLED_MIN: u64 = 1 << 20;
+pub const SAMPLED_MIN: u64 = 1 << 16;
 /// Runs of consecutive entries in the sample.
-pub const SAMPLE_RUNS: usize = 4096;
+pub const MAX_SAMPLE_RUNS: usize = 4096;
+
+/// Runs in the sample of a vector of `n` entries: about one entry in 16 up to
+/// [`MAX_SAMPLE_RUNS`] runs (a quarter of a million keys), whose selection costs little next to
+/// the pass over the data.
+#[must_use]
+pub fn sample_runs(n: u64) -> usize {
+    usize::try_from(n / 1024).map_or(MAX_SAMPLE_RUNS, |r| r.clamp(64, MAX_SAMPLE_RUNS))
+}
 /// Entries per sample run: whole cache lines, so the sample costs few memory round trips.
 pub const SAMPLE_RUN: usize = 64;
 /// Half-width of the bracket in standard deviations of the sample rank: the bracket misses (and
@@ -349,8 +357,8 @@ impl Bracket {
 /// Steps 1 and 2: `None` if the bracket missed (or held too much); the exact fallback follows.
 fn sampled_rank<T: Element>(cpu: &Cpu, parts: &Parts<'_, T>, rank: u64) -> Result<Option<RankKey>> {
     let n = parts.total;
-    let runs = SAMPLE_RUNS as u64;
-    let mut sample: Vec<u32> = Vec::with_capacity(SAMPLE_RUNS * SAMPLE_RUN);
+    let runs = sample_runs(n) as u64;
+    let mut sample: Vec<u32> = Vec::with_capacity(runs as usize * SAMPLE_RUN);
     for r in 0..runs {
         let flat = (u128::from(r) * u128::from(n) / u128::from(runs)) as usize;
         sample.extend(
@@ -1294,8 +1302,9 @@ mod tests {
             assert_eq!(sampled.equal, exact.equal);
         }
         // Zeros exactly where the sample looks: it sees nothing of the rest.
-        for r in 0..SAMPLE_RUNS {
-            let start = (r as u128 * n as u128 / SAMPLE_RUNS as u128) as usize;
+        let runs = sample_runs(n as u64);
+        for r in 0..runs {
+            let start = (r as u128 * n as u128 / runs as u128) as usize;
             x[start..start + SAMPLE_RUN].fill(0.0);
         }
         let slices = [&x[..]];

@@ -9,8 +9,8 @@ use kernels_core::ops::select::{TopKCut, topk_cut_ref, topk_global_ref, topk_mas
 use kernels_core::{CounterRng, Element, Error};
 use kernels_cpu::Cpu;
 use kernels_cpu::select::{
-    KeepRule, SAMPLE_RUN, SAMPLE_RUNS, SAMPLED_MIN, STREAM_SAMPLE_STRIDE, StreamingTopK,
-    TopKApplier, kth_largest_magnitude, topk_cut, topk_indices, topk_mask,
+    KeepRule, SAMPLE_RUN, SAMPLED_MIN, STREAM_SAMPLE_STRIDE, StreamingTopK, TopKApplier,
+    kth_largest_magnitude, sample_runs, topk_cut, topk_indices, topk_mask,
 };
 use proptest::prelude::*;
 
@@ -100,8 +100,9 @@ fn large_vectors(cpu: &Cpu) {
     // The sample sees zeros where the rest holds larger values: every bracket misses.
     let mut adversarial = smooth.clone();
     for (i, v) in adversarial.iter_mut().enumerate() {
-        let run = (i as u128 * SAMPLE_RUNS as u128 / n as u128) as usize;
-        let run_start = (run as u128 * n as u128 / SAMPLE_RUNS as u128) as usize;
+        let runs = sample_runs(n as u64) as u128;
+        let run = (i as u128 * runs / n as u128) as usize;
+        let run_start = (run as u128 * n as u128 / runs) as usize;
         if i < run_start + SAMPLE_RUN {
             *v = 0.0;
         }

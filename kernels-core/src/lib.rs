@@ -55,7 +55,10 @@ mod view;
 
 pub use element::{DType, Element, Real};
 pub use error::{Error, Result};
-pub use rng::{CounterRng, WORDS_PER_BLOCK, philox4x32_10, philox4x32_10_lanes};
+pub use rng::{
+    CounterRng, PHILOX_MUL, PHILOX_ROUNDS, PHILOX_WEYL, WORDS_PER_BLOCK, philox4x32_10,
+    philox4x32_10_lanes,
+};
 #[cfg(feature = "alloc")]
 pub use view::Mat;
 pub use view::{MatMut, MatRef};

@@ -6,11 +6,17 @@
 //! Philox uses only 32-bit multiplies, adds and xors, so WGSL (which has no 64-bit integers)
 //! computes it bit for bit.
 
-const MUL_0: u32 = 0xD251_1F53;
-const MUL_1: u32 = 0xCD9E_8D57;
-const WEYL_0: u32 = 0x9E37_79B9;
-const WEYL_1: u32 = 0xBB67_AE85;
-const ROUNDS: usize = 10;
+/// Philox4x32's round multipliers (for backends that write the rounds themselves: SIMD, WGSL).
+pub const PHILOX_MUL: [u32; 2] = [0xD251_1F53, 0xCD9E_8D57];
+/// Philox4x32's key increments per round (the Weyl sequence).
+pub const PHILOX_WEYL: [u32; 2] = [0x9E37_79B9, 0xBB67_AE85];
+/// Rounds of Philox4x32-10.
+pub const PHILOX_ROUNDS: usize = 10;
+const MUL_0: u32 = PHILOX_MUL[0];
+const MUL_1: u32 = PHILOX_MUL[1];
+const WEYL_0: u32 = PHILOX_WEYL[0];
+const WEYL_1: u32 = PHILOX_WEYL[1];
+const ROUNDS: usize = PHILOX_ROUNDS;
 
 /// Number of random words one Philox block yields.
 pub const WORDS_PER_BLOCK: u64 = 4;

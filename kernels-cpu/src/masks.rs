@@ -4,7 +4,7 @@
 //! # Contracts
 //!
 //! * **Masks are bit-identical** to the reference: DARE draws the same Philox words (the
-//!   generator runs vectorised, [`kernels_core::philox4x32_10_lanes`]) against the same integer
+//!   generator runs vectorised, [`crate::Simd::philox_u24_at_least`]) against the same integer
 //!   threshold, for any chunking (`first_index`) and thread count; TIES trim and Breadcrumbs
 //!   select exactly ([`crate::select`]).
 //! * **Values**: TIES trim and Breadcrumbs copy the kept entries; DARE computes each survivor as
@@ -15,11 +15,11 @@
 
 use kernels_core::ops::merge::{BreadcrumbsParams, DareParams, DareRescale};
 use kernels_core::ops::select::keep_count;
-use kernels_core::{CounterRng, Element, Error, Result, philox4x32_10_lanes};
+use kernels_core::{CounterRng, Element, Error, Result};
 
 use crate::parallel::split_outputs;
 use crate::select::{GROUP, Parts, apply_cuts, top_k};
-use crate::simd::widen_into;
+use crate::simd::widened;
 use crate::{Cpu, Simd, WithSimd};
 
 /// Relative bound on a [`DareRescale::PreserveL1`] survivor against the reference: the scale
@@ -28,43 +28,16 @@ use crate::{Cpu, Simd, WithSimd};
 /// other side.
 pub const DARE_L1_RELATIVE_TOLERANCE: f64 = f32::EPSILON as f64;
 
-/// Philox blocks (of four words) drawn at once: 64 elements.
-const BLOCKS: usize = 16;
+/// How far ahead DARE prefetches its input.
+const PREFETCH_BYTES: usize = 2048;
 
 /// Elements per block of the L1 sums (blocks are summed in order, whatever the threads).
 const L1_BLOCK: usize = 4096;
 
 /// The keep-bits of the 64 elements `first .. first + 64` (`first` a multiple of 4).
 #[inline(always)]
-fn dare_bits(key: [u32; 2], first: u64, threshold: u32) -> u64 {
-    let block = first / 4;
-    let counters = [
-        core::array::from_fn(|b| (block + b as u64) as u32),
-        core::array::from_fn(|b| ((block + b as u64) >> 32) as u32),
-        [0; BLOCKS],
-        [0; BLOCKS],
-    ];
-    let words = philox4x32_10_lanes::<BLOCKS>(counters, key);
-    // Element e draws word e % 4 of block e / 4: one 16-bit mask per word, interleaved.
-    let masks: [u32; 4] = core::array::from_fn(|w| {
-        (0..BLOCKS).fold(0, |m, b| {
-            m | (u32::from(words[w][b] >> 8 >= threshold) << b)
-        })
-    });
-    spread4(masks[0])
-        | (spread4(masks[1]) << 1)
-        | (spread4(masks[2]) << 2)
-        | (spread4(masks[3]) << 3)
-}
-
-/// Moves bit `b` of a 16-bit mask to bit `4 b`.
-#[inline(always)]
-fn spread4(mask: u32) -> u64 {
-    let mut x = u64::from(mask & 0xFFFF);
-    x = (x | (x << 24)) & 0x0000_00FF_0000_00FF;
-    x = (x | (x << 12)) & 0x000F_000F_000F_000F;
-    x = (x | (x << 6)) & 0x0303_0303_0303_0303;
-    (x | (x << 3)) & 0x1111_1111_1111_1111
+fn dare_bits<S: Simd>(s: S, key: [u32; 2], first: u64, threshold: u32) -> u64 {
+    s.philox_u24_at_least(first / 4, key, threshold)
 }
 
 /// DARE over one part: `out_i = tau_i * scale` where element `first + i` survives, else 0.
@@ -103,14 +76,21 @@ impl<T: Element> WithSimd for Dare<'_, T> {
             let keep = rng.u24_at(first + i as u64) >= threshold;
             out[i] = survivor(tau[i].to_f32(), keep);
         }
-        let mut values = [0.0f32; GROUP];
+        let mut buffer = [0.0f32; GROUP];
         for (g, (t, o)) in tau[head..]
             .chunks(GROUP)
             .zip(out[head..].chunks_mut(GROUP))
             .enumerate()
         {
-            let bits = dare_bits(rng.key(), first + (head + g * GROUP) as u64, threshold);
-            widen_into(s, t, &mut values);
+            // PERF: the draws take long enough that the next groups' loads must be in flight.
+            let ahead = head + g * GROUP + PREFETCH_BYTES / core::mem::size_of::<T>();
+            for line in (0..GROUP).step_by(64 / core::mem::size_of::<T>()) {
+                if let Some(v) = tau.get(ahead + line) {
+                    s.prefetch(v);
+                }
+            }
+            let bits = dare_bits(s, rng.key(), first + (head + g * GROUP) as u64, threshold);
+            let values = widened(s, t, &mut buffer);
             // PERF: every product in f64 lanes at once (the reference's rounding), then the
             // survivors kept with one masked move per vector.
             let products: [f32; GROUP] =
@@ -148,7 +128,7 @@ impl<T: Element> WithSimd for L1Sums<'_, T> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, s: S) {
-        let mut values = [0.0f32; GROUP];
+        let mut buffer = [0.0f32; GROUP];
         let rng = self.rng;
         for (b, (block, sum)) in self
             .tau
@@ -161,13 +141,13 @@ impl<T: Element> WithSimd for L1Sums<'_, T> {
             for (g, t) in block.chunks(GROUP).enumerate() {
                 let at = start + (g * GROUP) as u64;
                 let bits = if at.is_multiple_of(4) && t.len() == GROUP {
-                    dare_bits(rng.key(), at, self.threshold)
+                    dare_bits(s, rng.key(), at, self.threshold)
                 } else {
                     (0..t.len()).fold(0, |bits, j| {
                         bits | (u64::from(rng.u24_at(at + j as u64) >= self.threshold) << j)
                     })
                 };
-                widen_into(s, t, &mut values);
+                let values = widened(s, t, &mut buffer);
                 for (j, &v) in values[..t.len()].iter().enumerate() {
                     let a = f64::from(v.abs());
                     all[j] += a;

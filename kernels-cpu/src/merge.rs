@@ -26,7 +26,7 @@ use kernels_core::ops::merge::{
 use kernels_core::{DType, Element, Result};
 
 use crate::parallel::split_outputs;
-use crate::simd::widen_into;
+use crate::simd::widened;
 use crate::{Cpu, Simd, WithSimd};
 
 /// Bound on `|out_j - out_ref_j|` for an output that sums `terms` products whose absolute values
@@ -261,15 +261,17 @@ impl<T: Element> WithSimd for TiesElect<'_, T> {
             range,
             out,
         } = self;
-        let mut block = [0.0f32; WIDE];
-        let mut base_block = [0.0f32; WIDE];
+        let mut buffer = [0.0f32; WIDE];
+        let mut base_buffer = [0.0f32; WIDE];
         for (b, out) in out.chunks_mut(WIDE).enumerate() {
             let (c, len) = (range.start + b * WIDE, out.len());
-            widen_into(s, &base[c..c + len], &mut base_block);
+            let base_block = *widened(s, &base[c..c + len], &mut base_buffer);
             let mut sum = [-0.0f64; WIDE];
+            prefetch_ahead(s, base, c);
             for (t, &w) in trimmed.iter().zip(weights) {
-                widen_into(s, &t[c..c + len], &mut block);
-                for (acc, &v) in sum.iter_mut().zip(&block) {
+                prefetch_ahead(s, t, c);
+                let block = widened(s, &t[c..c + len], &mut buffer);
+                for (acc, &v) in sum.iter_mut().zip(block) {
                     *acc += f64::from(w) * f64::from(v);
                 }
             }
@@ -277,13 +279,14 @@ impl<T: Element> WithSimd for TiesElect<'_, T> {
             let (mut num, mut den) = ([0.0f64; WIDE], [0.0f64; WIDE]);
             // PERF: the second read of each model's block comes from L1.
             for (t, &w) in trimmed.iter().zip(weights) {
-                widen_into(s, &t[c..c + len], &mut block);
+                let block = widened(s, &t[c..c + len], &mut buffer);
                 for j in 0..WIDE {
                     let v = f64::from(block[j]);
-                    if elected[j] != 0.0 && sign(v) == elected[j] {
-                        num[j] += f64::from(w) * v;
-                        den[j] += f64::from(w);
-                    }
+                    // PERF: adding +0 where the model disagrees keeps the sums in registers; it
+                    // changes no bit (a sum of agreeing terms, from +0, is never -0).
+                    let agrees = elected[j] != 0.0 && sign(v) == elected[j];
+                    num[j] += if agrees { f64::from(w) * v } else { 0.0 };
+                    den[j] += if agrees { f64::from(w) } else { 0.0 };
                 }
             }
             // PERF: whole blocks of fixed width vectorise; the tail block's extra lanes are
@@ -292,8 +295,35 @@ impl<T: Element> WithSimd for TiesElect<'_, T> {
                 let mean = if den[j] > 0.0 { num[j] / den[j] } else { 0.0 };
                 (f64::from(base_block[j]) + f64::from(lambda) * mean) as f32
             });
-            out.copy_from_slice(&result[..len]);
+            store_block(out, &result);
         }
+    }
+}
+
+/// Prefetches `data` [`PREFETCH_BYTES`] ahead of element `at`, once per cache line.
+///
+/// PERF: these kernels read one stream per model and spend long on each block (`f64` lanes, a
+/// division), so the hardware prefetcher alone leaves the loads waiting on DRAM.
+#[inline(always)]
+fn prefetch_ahead<S: Simd, T: Element>(s: S, data: &[T], at: usize) {
+    let ahead = at + PREFETCH_BYTES / core::mem::size_of::<T>();
+    if (ahead * core::mem::size_of::<T>()) % 64 < WIDE * core::mem::size_of::<T>()
+        && let Some(v) = data.get(ahead)
+    {
+        s.prefetch(v);
+    }
+}
+
+/// How far ahead [`prefetch_ahead`] reaches.
+const PREFETCH_BYTES: usize = 1024;
+
+/// Writes the first `out.len()` results. PERF: a whole block is one fixed-size store, not a call
+/// to `memcpy`.
+#[inline(always)]
+fn store_block(out: &mut [f32], result: &[f32; WIDE]) {
+    match <&mut [f32; WIDE]>::try_from(&mut *out) {
+        Ok(whole) => *whole = *result,
+        Err(_) => out.copy_from_slice(&result[..out.len()]),
     }
 }
 
@@ -365,14 +395,16 @@ impl<T: Element> WithSimd for FisherMerge<'_, T> {
             range,
             out,
         } = self;
-        let mut theta = [0.0f32; WIDE];
-        let mut fisher = [0.0f32; WIDE];
+        let mut buffer = [0.0f32; WIDE];
+        let mut fisher_buffer = [0.0f32; WIDE];
         for (b, out) in out.chunks_mut(WIDE).enumerate() {
             let (c, len) = (range.start + b * WIDE, out.len());
             let (mut num, mut den, mut plain) = ([0.0f64; WIDE], [0.0f64; WIDE], [0.0f64; WIDE]);
             for ((t, f), &w) in thetas.iter().zip(fishers).zip(weights) {
-                widen_into(s, &t[c..c + len], &mut theta);
-                fisher[..len].copy_from_slice(&f[c..c + len]);
+                prefetch_ahead(s, t, c);
+                prefetch_ahead(s, f, c);
+                let theta = widened(s, &t[c..c + len], &mut buffer);
+                let fisher = widened(s, &f[c..c + len], &mut fisher_buffer);
                 let w = f64::from(w);
                 for j in 0..WIDE {
                     let f = f64::from(fisher[j].max(floor));
@@ -390,7 +422,7 @@ impl<T: Element> WithSimd for FisherMerge<'_, T> {
                 };
                 merged as f32
             });
-            out.copy_from_slice(&result[..len]);
+            store_block(out, &result);
         }
     }
 }

@@ -37,7 +37,7 @@ use kernels_core::ops::select::{
 use kernels_core::{Element, Error, Result};
 
 use crate::parallel::{for_each, parts_for, ranges};
-use crate::simd::widen_into;
+use crate::simd::widened;
 use crate::{Cpu, KeyMasks, Scalar, Simd, WithSimd};
 
 /// Vectors shorter than this skip the sampled bracket (the exact radix select is as fast there).
@@ -458,10 +458,10 @@ impl<T: Element> WithSimd for CountHigh<'_, T> {
         else {
             unreachable!("TABLES tables")
         };
-        let mut values = [0.0f32; 64];
+        let mut buffer = [0.0f32; GROUP];
         for piece in self.group.iter().flatten() {
-            for group in piece.data.chunks(64) {
-                widen_into(s, group, &mut values);
+            for group in piece.data.chunks(GROUP) {
+                let values = widened(s, group, &mut buffer);
                 let bits: &[u32] = bytemuck::cast_slice(&values[..group.len()]);
                 let mut quads = bits.chunks_exact(4);
                 for q in &mut quads {

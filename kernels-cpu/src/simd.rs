@@ -60,6 +60,26 @@ pub trait Simd: Copy + Send + Sync + 'static {
     fn ternary(self, codes: u32) -> Self::F32;
     /// `v` where bit `j` of `mask` is set, `+0.0` elsewhere.
     fn keep_lanes(self, mask: u32, v: Self::F32) -> Self::F32;
+    /// The counter-based draws of 64 consecutive elements against an integer threshold: bit
+    /// `4 b + w` is set iff the top 24 bits of word `w` of Philox4x32-10 block `first_block + b`
+    /// (`b < 16`, see [`kernels_core::CounterRng`]) are `>= threshold`: which elements survive
+    /// DARE.
+    #[inline(always)]
+    fn philox_u24_at_least(self, first_block: u64, key: [u32; 2], threshold: u32) -> u64 {
+        let counters = [
+            core::array::from_fn(|b| (first_block + b as u64) as u32),
+            core::array::from_fn(|b| ((first_block + b as u64) >> 32) as u32),
+            [0; 16],
+            [0; 16],
+        ];
+        let words = kernels_core::philox4x32_10_lanes::<16>(counters, key);
+        let masks: [u32; 4] = core::array::from_fn(|w| {
+            (0..16).fold(0, |m, b| {
+                m | (u32::from(words[w][b] >> 8 >= threshold) << b)
+            })
+        });
+        interleave4(masks)
+    }
     /// Hints that the cache line holding `at` will be read soon (a no-op where the instruction set
     /// has no prefetch instruction). Never faults.
     #[inline(always)]
@@ -87,6 +107,19 @@ pub struct KeyMasks {
 const KEY_MAGNITUDE: i32 = 0x7FFF_FFFF;
 /// The largest finite key.
 const LARGEST_FINITE_KEY: i32 = 0x7F7F_FFFF;
+
+/// Interleaves four 16-bit masks: bit `b` of `masks[w]` becomes bit `4 b + w`.
+#[inline(always)]
+fn interleave4(masks: [u32; 4]) -> u64 {
+    let spread = |mask: u32| {
+        let mut x = u64::from(mask & 0xFFFF);
+        x = (x | (x << 24)) & 0x0000_00FF_0000_00FF;
+        x = (x | (x << 12)) & 0x000F_000F_000F_000F;
+        x = (x | (x << 6)) & 0x0303_0303_0303_0303;
+        (x | (x << 3)) & 0x1111_1111_1111_1111
+    };
+    spread(masks[0]) | (spread(masks[1]) << 1) | (spread(masks[2]) << 2) | (spread(masks[3]) << 3)
+}
 
 /// Widens one element with plain scalar code.
 #[inline(always)]
@@ -421,6 +454,56 @@ mod x86 {
         fn keep_lanes(self, mask: u32, v: __m512) -> __m512 {
             unsafe { _mm512_maskz_mov_ps(mask as u16, v) }
         }
+        #[inline(always)]
+        fn philox_u24_at_least(self, first_block: u64, key: [u32; 2], threshold: u32) -> u64 {
+            use kernels_core::{PHILOX_MUL, PHILOX_ROUNDS, PHILOX_WEYL};
+            // PERF: 32x32 -> 64-bit products of the even lanes and of the odd lanes (shifted
+            // down), their halves blended back: no widening or narrowing of whole vectors.
+            #[inline(always)]
+            unsafe fn mul_hi_lo(a: __m512i, m: __m512i) -> (__m512i, __m512i) {
+                unsafe {
+                    let even = _mm512_mul_epu32(a, m);
+                    let odd = _mm512_mul_epu32(_mm512_srli_epi64::<32>(a), m);
+                    let hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64::<32>(even), odd);
+                    let lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64::<32>(odd));
+                    (hi, lo)
+                }
+            }
+            unsafe {
+                let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+                let base = _mm512_set1_epi32(first_block as u32 as i32);
+                let mut c0 = _mm512_add_epi32(base, lanes);
+                // A block index whose low word wrapped carries into the high word.
+                let carry = _mm512_cmplt_epu32_mask(c0, base);
+                let high = _mm512_set1_epi32((first_block >> 32) as u32 as i32);
+                let mut c1 = _mm512_mask_add_epi32(high, carry, high, _mm512_set1_epi32(1));
+                let (mut c2, mut c3) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                let m0 = _mm512_set1_epi32(PHILOX_MUL[0] as i32);
+                let m1 = _mm512_set1_epi32(PHILOX_MUL[1] as i32);
+                let mut k = key;
+                for round in 0..PHILOX_ROUNDS {
+                    if round > 0 {
+                        k[0] = k[0].wrapping_add(PHILOX_WEYL[0]);
+                        k[1] = k[1].wrapping_add(PHILOX_WEYL[1]);
+                    }
+                    let (hi0, lo0) = mul_hi_lo(c0, m0);
+                    let (hi1, lo1) = mul_hi_lo(c2, m1);
+                    // 0x96: a ^ b ^ c.
+                    c0 = _mm512_ternarylogic_epi32::<0x96>(hi1, c1, _mm512_set1_epi32(k[0] as i32));
+                    c1 = lo1;
+                    c2 = _mm512_ternarylogic_epi32::<0x96>(hi0, c3, _mm512_set1_epi32(k[1] as i32));
+                    c3 = lo0;
+                }
+                let threshold = _mm512_set1_epi32(threshold as i32);
+                let masks = [c0, c1, c2, c3].map(|c| {
+                    u32::from(_mm512_cmpge_epu32_mask(
+                        _mm512_srli_epi32::<8>(c),
+                        threshold,
+                    ))
+                });
+                super::interleave4(masks)
+            }
+        }
     }
 }
 
@@ -683,6 +766,27 @@ pub(crate) fn widen_into<S: Simd, T: Element>(s: S, src: &[T], dst: &mut [f32]) 
     }
 }
 
+/// `src` as `N` `f32`: itself when it already is (no copy), else widened into `buf` (a short
+/// `src` fills only the front of `buf`; the rest keeps what it held).
+///
+/// PERF: a copy of `f32` would compile to a call of `memcpy` per block, which costs more than
+/// the kernels' work on it.
+#[inline(always)]
+pub(crate) fn widened<'a, S: Simd, T: Element, const N: usize>(
+    s: S,
+    src: &'a [T],
+    buf: &'a mut [f32; N],
+) -> &'a [f32; N] {
+    if T::DTYPE == kernels_core::DType::F32 && src.len() == N {
+        let values: &[f32] = bytemuck::cast_slice(src);
+        if let Ok(values) = values.try_into() {
+            return values;
+        }
+    }
+    widen_into(s, src, buf);
+    buf
+}
+
 /// Runs `op` on `isa`. The caller guarantees `isa.is_available()`.
 #[inline]
 pub(crate) fn run<Op: WithSimd>(isa: Isa, op: Op) -> Op::Output {
@@ -873,6 +977,43 @@ mod tests {
                 for (j, g) in cpu.dispatch(KeepLanes(&values, mask)).iter().enumerate() {
                     let expect = if (mask >> j) & 1 == 1 { values[j] } else { 0.0 };
                     assert_eq!(g.to_bits(), expect.to_bits(), "{} lane {j}", cpu.isa());
+                }
+            }
+        }
+    }
+
+    struct Draws(u64, [u32; 2], u32);
+
+    impl WithSimd for Draws {
+        type Output = u64;
+        fn with_simd<S: Simd>(self, s: S) -> u64 {
+            s.philox_u24_at_least(self.0, self.1, self.2)
+        }
+    }
+
+    #[test]
+    fn philox_draws_match_the_generator_on_every_isa() {
+        let rng = kernels_core::CounterRng::new(0x1234_5678_9ABC_DEF0);
+        // Includes a low word that wraps inside the 16 blocks, and a threshold equal to a draw.
+        for first in [
+            0u64,
+            5,
+            u64::from(u32::MAX) - 7,
+            (7 << 32) + 3,
+            (u64::MAX >> 2) - 15,
+        ] {
+            for threshold in [0, 1 << 23, rng.u24_at(first * 4 + 9), 1 << 24] {
+                let expect = (0..64u64).fold(0, |bits, e| {
+                    bits | (u64::from(rng.u24_at(first * 4 + e) >= threshold) << e)
+                });
+                for cpu in Cpu::all_available() {
+                    let got = cpu.dispatch(Draws(first, rng.key(), threshold));
+                    assert_eq!(
+                        got,
+                        expect,
+                        "{} block {first} threshold {threshold}",
+                        cpu.isa()
+                    );
                 }
             }
         }

@@ -28,6 +28,19 @@ use crate::{Cpu, Simd, WithSimd};
 /// other side.
 pub const DARE_L1_RELATIVE_TOLERANCE: f64 = f32::EPSILON as f64;
 
+/// Checks that the output is as long as the input.
+fn check_out(n: usize, out: usize) -> Result<()> {
+    if out == n {
+        Ok(())
+    } else {
+        Err(Error::LengthMismatch {
+            what: "out",
+            expected: n,
+            found: out,
+        })
+    }
+}
+
 /// How far ahead DARE prefetches its input.
 const PREFETCH_BYTES: usize = 2048;
 
@@ -168,13 +181,7 @@ pub fn dare<T: Element>(
     first_index: u64,
     out: &mut [f32],
 ) -> Result<()> {
-    if out.len() != tau.len() {
-        return Err(Error::LengthMismatch {
-            what: "out",
-            expected: tau.len(),
-            found: out.len(),
-        });
-    }
+    check_out(tau.len(), out.len())?;
     params.validate()?;
     let rng = CounterRng::new(params.seed);
     let threshold = params.drop_threshold();
@@ -235,13 +242,7 @@ pub fn dare<T: Element>(
 /// TIES trim (the twin of [`kernels_core::ops::merge::ties_trim_ref`]): `out` keeps the top
 /// `floor(density n)` magnitudes of `tau` (ties by lower index), zero elsewhere.
 pub fn ties_trim<T: Element>(cpu: &Cpu, tau: &[T], density: f64, out: &mut [T]) -> Result<()> {
-    if out.len() != tau.len() {
-        return Err(Error::LengthMismatch {
-            what: "out",
-            expected: tau.len(),
-            found: out.len(),
-        });
-    }
+    check_out(tau.len(), out.len())?;
     let slices = [tau];
     let parts = Parts::new(cpu, &slices, GROUP);
     let cut = top_k(cpu, &parts, keep_count(density, tau.len() as u64)?)?;
@@ -273,13 +274,7 @@ pub fn breadcrumbs<T: Element>(
     params: BreadcrumbsParams,
     out: &mut [f32],
 ) -> Result<()> {
-    if out.len() != tau.len() {
-        return Err(Error::LengthMismatch {
-            what: "out",
-            expected: tau.len(),
-            found: out.len(),
-        });
-    }
+    check_out(tau.len(), out.len())?;
     let (top, keep) = params.counts(tau.len() as u64)?;
     let slices = [tau];
     let parts = Parts::new(cpu, &slices, GROUP);

@@ -20,7 +20,7 @@
 use core::ops::Range;
 
 use kernels_core::ops::merge::{
-    validate_fisher_accumulate, validate_fisher_merge, validate_task_arithmetic,
+    ties_sign, validate_fisher_accumulate, validate_fisher_merge, validate_task_arithmetic,
     validate_ties_elect, validate_weighted_mean,
 };
 use kernels_core::{DType, Element, Result};
@@ -275,7 +275,7 @@ impl<T: Element> WithSimd for TiesElect<'_, T> {
                     *acc += f64::from(w) * f64::from(v);
                 }
             }
-            let elected = sum.map(sign);
+            let elected = sum.map(ties_sign);
             let (mut num, mut den) = ([0.0f64; WIDE], [0.0f64; WIDE]);
             // PERF: the second read of each model's block comes from L1.
             for (t, &w) in trimmed.iter().zip(weights) {
@@ -284,7 +284,7 @@ impl<T: Element> WithSimd for TiesElect<'_, T> {
                     let v = f64::from(block[j]);
                     // PERF: adding +0 where the model disagrees keeps the sums in registers; it
                     // changes no bit (a sum of agreeing terms, from +0, is never -0).
-                    let agrees = elected[j] != 0.0 && sign(v) == elected[j];
+                    let agrees = elected[j] != 0.0 && ties_sign(v) == elected[j];
                     num[j] += if agrees { f64::from(w) * v } else { 0.0 };
                     den[j] += if agrees { f64::from(w) } else { 0.0 };
                 }
@@ -324,18 +324,6 @@ fn store_block(out: &mut [f32], result: &[f32; WIDE]) {
     match <&mut [f32; WIDE]>::try_from(&mut *out) {
         Ok(whole) => *whole = *result,
         Err(_) => out.copy_from_slice(&result[..out.len()]),
-    }
-}
-
-/// `sign(v)` as the reference computes it (`0` for zeros and NaN).
-#[inline(always)]
-fn sign(v: f64) -> f64 {
-    if v > 0.0 {
-        1.0
-    } else if v < 0.0 {
-        -1.0
-    } else {
-        0.0
     }
 }
 

@@ -177,7 +177,11 @@ impl TiesParams {
     }
 }
 
-fn sign(v: f64) -> f64 {
+/// The sign TIES elects and compares: `1`, `-1`, or `0` for zeros and NaN (every backend uses this
+/// one definition).
+#[inline(always)]
+#[must_use]
+pub fn ties_sign(v: f64) -> f64 {
     if v > 0.0 {
         1.0
     } else if v < 0.0 {
@@ -199,7 +203,7 @@ pub fn ties_elect_ref<T: Element>(
 ) -> Result<()> {
     validate_ties_elect(base, trimmed, weights, lambda, out.len())?;
     for (j, o) in out.iter_mut().enumerate() {
-        let elected = sign(
+        let elected = ties_sign(
             trimmed
                 .iter()
                 .zip(weights)
@@ -209,7 +213,7 @@ pub fn ties_elect_ref<T: Element>(
         let (mut num, mut den) = (0.0f64, 0.0f64);
         for (t, &w) in trimmed.iter().zip(weights) {
             let v = t[j].to_f64();
-            if elected != 0.0 && sign(v) == elected {
+            if elected != 0.0 && ties_sign(v) == elected {
                 num += f64::from(w) * v;
                 den += f64::from(w);
             }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use half::bf16;
-use kernels_benches::{heavy_tailed, stream_read};
+use kernels_benches::{bench_stream_read, heavy_tailed};
 use kernels_core::CounterRng;
 use kernels_core::format::{self, TernaryLayout, entropy_bits_per_param};
 use kernels_core::ops::ternary::CompeftParams;
@@ -69,15 +69,7 @@ fn compress(c: &mut Criterion) {
     print_bits_per_param();
     let cpu = Cpu::detect();
     let threads = format!("{}t", cpu.threads());
-    let mut group = c.benchmark_group("compress/stream");
-    group.sample_size(10);
-    let buffer = vec![1.0f32; (1 << 30) / 4];
-    group.throughput(Throughput::Bytes(1 << 30));
-    group.bench_function(BenchmarkId::new("read_1GiB", &threads), |b| {
-        b.iter(|| stream_read(&cpu, &buffer, cpu.threads()));
-    });
-    group.finish();
-    drop(buffer);
+    bench_stream_read(c, "compress/stream", &cpu);
 
     let mut group = c.benchmark_group("compress/f32");
     group

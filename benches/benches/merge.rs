@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use half::bf16;
-use kernels_benches::{heavy_tailed, stream_read};
+use kernels_benches::{bench_stream_read, heavy_tailed};
 use kernels_core::Element;
 use kernels_core::ops::merge::{BreadcrumbsParams, DareParams};
 use kernels_cpu::Cpu;
@@ -141,18 +141,7 @@ fn family<T: Element>(c: &mut Criterion, cpu: &Cpu) {
 
 fn merge(c: &mut Criterion) {
     let cpu = Cpu::detect();
-    let mut group = c.benchmark_group("merge/stream");
-    group.sample_size(10);
-    let buffer = vec![1.0f32; (1 << 30) / 4];
-    group.throughput(Throughput::Bytes(1 << 30));
-    group.bench_function(
-        BenchmarkId::new("read_1GiB", format!("{}t", cpu.threads())),
-        |b| {
-            b.iter(|| stream_read(&cpu, &buffer, cpu.threads()));
-        },
-    );
-    group.finish();
-    drop(buffer);
+    bench_stream_read(c, "merge/stream", &cpu);
     family::<f32>(c, &cpu);
     family::<bf16>(c, &cpu);
 }

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use kernels_benches::{heavy_tailed, stream_read};
+use kernels_benches::{bench_stream_read, heavy_tailed};
 use kernels_cpu::Cpu;
 use kernels_cpu::select::{kth_largest_magnitude, topk_mask};
 
@@ -17,15 +17,7 @@ const DENSITIES: [(f64, &str); 3] = [(0.01, "1pc"), (0.1, "10pc"), (0.5, "50pc")
 fn select(c: &mut Criterion) {
     let cpu = Cpu::detect();
     let threads = format!("{}t", cpu.threads());
-    let mut group = c.benchmark_group("select/stream");
-    group.sample_size(10);
-    let buffer = vec![1.0f32; (1 << 30) / 4];
-    group.throughput(Throughput::Bytes(1 << 30));
-    group.bench_function(BenchmarkId::new("read_1GiB", &threads), |b| {
-        b.iter(|| stream_read(&cpu, &buffer, cpu.threads()));
-    });
-    group.finish();
-    drop(buffer);
+    bench_stream_read(c, "select/stream", &cpu);
 
     let mut group = c.benchmark_group("select/f32");
     group

@@ -146,6 +146,20 @@ pub fn measure_stream_read(cpu: &Cpu, bytes: usize, runs: usize) -> f64 {
     gb_per_s(buffer.len() * 4, time)
 }
 
+/// Benchmarks the STREAM-style read of 1 GiB on all of `cpu`'s threads as `{group}/read_1GiB`, the
+/// reference each bench's GB/s are compared with in the same run.
+pub fn bench_stream_read(c: &mut criterion::Criterion, group: &str, cpu: &Cpu) {
+    let mut g = c.benchmark_group(group);
+    g.sample_size(10);
+    let buffer = vec![1.0f32; (1 << 30) / 4];
+    g.throughput(criterion::Throughput::Bytes(1 << 30));
+    g.bench_function(
+        criterion::BenchmarkId::new("read_1GiB", format!("{}t", cpu.threads())),
+        |b| b.iter(|| stream_read(cpu, &buffer, cpu.threads())),
+    );
+    g.finish();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,7 @@ use kernels_core::ops::sparse::quantile_rank;
 use kernels_core::{Error, Result};
 
 use crate::Cpu;
-use crate::select::{Parts, rank_key, validate};
+use crate::select::{Parts, observe_chunk, rank_key, refine_chunk, validate};
 
 /// The exact `k`-quantile threshold of `samples` (`k` in `[0, 1]`; finite, non-empty samples):
 /// the radix select of [`crate::select`], threaded.
@@ -49,16 +49,18 @@ enum Stage {
 /// chunks again (any chunking, same order per key) to [`Self::refine`], then read
 /// [`Self::thresholds`]. Memory: 256 KiB per key in pass 1, 512 KiB in pass 2.
 pub struct Calibration {
+    cpu: Cpu,
     k: f64,
     stages: BTreeMap<(usize, Site), Stage>,
     refining: bool,
 }
 
 impl Calibration {
-    /// A calibration for sparsity `k` in `[0, 1]` at every key.
-    pub fn new(k: f64) -> Result<Self> {
+    /// A calibration for sparsity `k` in `[0, 1]` at every key, counting on `cpu`.
+    pub fn new(cpu: &Cpu, k: f64) -> Result<Self> {
         quantile_rank(1, k)?;
         Ok(Self {
+            cpu: *cpu,
             k,
             stages: BTreeMap::new(),
             refining: false,
@@ -83,7 +85,7 @@ impl Calibration {
             .entry((layer, site))
             .or_insert_with(|| Stage::Histogram(MagnitudeHistogram::new()))
         {
-            Stage::Histogram(h) => h.observe(samples),
+            Stage::Histogram(h) => observe_chunk(&self.cpu, h, samples),
             _ => unreachable!("only histograms before refining"),
         }
     }
@@ -111,7 +113,7 @@ impl Calibration {
             return Err(Self::wrong_pass("refine() after start_refining()"));
         }
         match self.stages.get_mut(&(layer, site)) {
-            Some(Stage::Refining(bracket)) => bracket.observe(samples),
+            Some(Stage::Refining(bracket)) => refine_chunk(&self.cpu, bracket, samples),
             Some(Stage::Zero) => Ok(()),
             _ => Err(Error::InvalidParam {
                 name: "layer",

@@ -543,16 +543,56 @@ fn high_counts<T: Element>(cpu: &Cpu, parts: &Parts<'_, T>) -> (Vec<Vec<u32>>, b
     (tables, non_finite)
 }
 
-/// Step 3: the exact two-pass radix select.
-fn radix_rank<T: Element>(cpu: &Cpu, parts: &Parts<'_, T>, rank: u64) -> Result<RankKey> {
+/// Adds `parts` to a pass-1 histogram (threaded); a non-finite entry is an error.
+fn count_into<T: Element>(
+    cpu: &Cpu,
+    parts: &Parts<'_, T>,
+    histogram: &mut MagnitudeHistogram,
+) -> Result<()> {
     let (counts, non_finite) = high_counts(cpu, parts);
     if non_finite {
         return Err(parts.non_finite_error());
     }
-    let mut histogram = MagnitudeHistogram::new();
     for c in &counts {
         histogram.add_counts(c)?;
     }
+    Ok(())
+}
+
+/// Adds `parts` to a pass-2 bracket (threaded).
+fn refine_into<T: Element>(
+    cpu: &Cpu,
+    parts: &Parts<'_, T>,
+    bracket: &mut MagnitudeBracket,
+) -> Result<()> {
+    if let Some(bin) = bracket.bin() {
+        for table in map_parts(parts, |pieces| cpu.dispatch(CountLow { pieces, bin })) {
+            bracket.add_counts(&table)?;
+        }
+    }
+    Ok(())
+}
+
+/// [`MagnitudeHistogram::observe`] at memory speed: a chunk into a pass-1 histogram.
+pub(crate) fn observe_chunk(
+    cpu: &Cpu,
+    histogram: &mut MagnitudeHistogram,
+    chunk: &[f32],
+) -> Result<()> {
+    let slices = [chunk];
+    count_into(cpu, &Parts::new(cpu, &slices, 1), histogram)
+}
+
+/// [`MagnitudeBracket::observe`] at memory speed: a chunk into a pass-2 bracket.
+pub(crate) fn refine_chunk(cpu: &Cpu, bracket: &mut MagnitudeBracket, chunk: &[f32]) -> Result<()> {
+    let slices = [chunk];
+    refine_into(cpu, &Parts::new(cpu, &slices, 1), bracket)
+}
+
+/// Step 3: the exact two-pass radix select.
+fn radix_rank<T: Element>(cpu: &Cpu, parts: &Parts<'_, T>, rank: u64) -> Result<RankKey> {
+    let mut histogram = MagnitudeHistogram::new();
+    count_into(cpu, parts, &mut histogram)?;
     let mut bracket = histogram.kth_smallest(rank)?;
     let bin = bracket.bin().unwrap_or(0);
     let low: Vec<Vec<u32>> = map_parts(parts, |pieces| cpu.dispatch(CountLow { pieces, bin }));
@@ -1128,22 +1168,9 @@ impl StreamingTopK {
                 }
             }
             Stage::Counting { histogram, .. } => {
-                let (counts, non_finite) = high_counts(cpu, &parts);
-                if non_finite {
-                    return Err(self.shift_index(parts.non_finite_error()));
-                }
-                for c in &counts {
-                    histogram.add_counts(c)?;
-                }
+                count_into(cpu, &parts, histogram).map_err(|e| self.shift_index(e))?;
             }
-            Stage::Refining(bracket) => {
-                if let Some(bin) = bracket.bin() {
-                    for table in map_parts(&parts, |pieces| cpu.dispatch(CountLow { pieces, bin }))
-                    {
-                        bracket.add_counts(&table)?;
-                    }
-                }
-            }
+            Stage::Refining(bracket) => refine_into(cpu, &parts, bracket)?,
             Stage::Observing | Stage::Done(_) => {
                 return Err(Self::wrong_pass("refine() only while next_pass() says so"));
             }

@@ -34,15 +34,12 @@ fn exact_quantiles(cpu: &Cpu) {
     assert!(calibrate_threshold(cpu, &[1.0], -0.1).is_err());
 }
 
-isa_tests!(exact_quantiles);
-
-#[test]
-fn streaming_calibration_of_many_layers_equals_the_reference() {
+fn streaming_calibration_of_many_layers_equals_the_reference(cpu: &Cpu) {
     let layers: Vec<[Vec<f32>; 3]> = (0..4)
         .map(|l| [0, 1, 2].map(|s| normal::<f32>(5000 + 17 * l, (10 * l + s) as u64)))
         .collect();
     let sites = [Site::GateActivation, Site::MlpInput, Site::DownInput];
-    let mut calibration = Calibration::new(0.6).unwrap();
+    let mut calibration = Calibration::new(cpu, 0.6).unwrap();
     for (l, data) in layers.iter().enumerate() {
         for (site, samples) in sites.iter().zip(data) {
             for chunk in samples.chunks(999) {
@@ -76,5 +73,10 @@ fn streaming_calibration_of_many_layers_equals_the_reference() {
         let samples = &layers[l][sites.iter().position(|s| *s == site).unwrap()];
         assert_eq!(t, calibrate_threshold_ref(samples, 0.6).unwrap());
     }
-    assert!(Calibration::new(1.5).is_err());
+    assert!(Calibration::new(cpu, 1.5).is_err());
 }
+
+isa_tests!(
+    exact_quantiles,
+    streaming_calibration_of_many_layers_equals_the_reference
+);

@@ -112,11 +112,34 @@ fn split_elements<O: Element>(
             let start = range.start + b * SCRATCH;
             let scratch = &mut scratch[..chunk.len()];
             run(start..start + chunk.len(), scratch);
-            for (o, &v) in chunk.iter_mut().zip(scratch.iter()) {
-                *o = O::from_f32(v);
-            }
+            cpu.dispatch(Narrow {
+                src: scratch,
+                dst: chunk,
+            });
         }
     });
+}
+
+/// Rounds `src` into `dst` ([`Simd::store_as`]).
+struct Narrow<'a, O> {
+    src: &'a [f32],
+    dst: &'a mut [O],
+}
+
+impl<O: Element> WithSimd for Narrow<'_, O> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, s: S) {
+        let mut dst = self.dst.chunks_exact_mut(S::LANES);
+        let mut src = self.src.chunks_exact(S::LANES);
+        for (o, v) in (&mut dst).zip(&mut src) {
+            s.store_as(s.load(v), o);
+        }
+        for (o, &v) in dst.into_remainder().iter_mut().zip(src.remainder()) {
+            *o = O::from_f32(v);
+        }
+    }
 }
 
 /// `f32` scratch per block of a narrower output.

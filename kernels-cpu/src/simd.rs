@@ -38,6 +38,17 @@ pub trait Simd: Copy + Send + Sync + 'static {
     fn load<T: Element>(self, chunk: &[T]) -> Self::F32;
     /// Stores the lanes. Panics unless `out.len() == LANES`.
     fn store(self, v: Self::F32, out: &mut [f32]);
+    /// Stores the lanes rounded to `T` exactly as [`Element::from_f32`] rounds (to nearest even,
+    /// NaN kept a quiet NaN). Panics unless `out.len() == LANES`.
+    #[inline(always)]
+    fn store_as<T: Element>(self, v: Self::F32, out: &mut [T]) {
+        let mut lanes = [0.0f32; 16];
+        self.store(v, &mut lanes[..Self::LANES]);
+        assert_eq!(out.len(), Self::LANES);
+        for (o, &x) in out.iter_mut().zip(&lanes) {
+            *o = T::from_f32(x);
+        }
+    }
     /// `a * b + c` (fused where the instruction set has it).
     fn mul_add(self, a: Self::F32, b: Self::F32, c: Self::F32) -> Self::F32;
     /// `a + b`.
@@ -206,12 +217,21 @@ fn bits16<T: Element>(chunk: &[T]) -> &[u16] {
     bytemuck::cast_slice(chunk)
 }
 
+/// Reinterprets a chunk of 16-bit elements as their storage words, to write.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn bits16_mut<T: Element>(chunk: &mut [T]) -> &mut [u16] {
+    bytemuck::cast_slice_mut(chunk)
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     #[allow(clippy::wildcard_imports)]
     use core::arch::x86_64::*;
 
-    use super::{Element, Isa, KEY_MAGNITUDE, KeyMasks, LARGEST_FINITE_KEY, Simd, bits16};
+    use super::{
+        Element, Isa, KEY_MAGNITUDE, KeyMasks, LARGEST_FINITE_KEY, Simd, bits16, bits16_mut,
+    };
     use kernels_core::DType;
 
     /// AVX2 + FMA + F16C ("x86-64-v3"), 8 lanes.
@@ -262,6 +282,30 @@ mod x86 {
             assert_eq!(out.len(), 8);
             // SAFETY: 8 writable f32.
             unsafe { _mm256_storeu_ps(out.as_mut_ptr(), v) }
+        }
+        #[inline(always)]
+        fn store_as<T: Element>(self, v: __m256, out: &mut [T]) {
+            assert_eq!(out.len(), 8);
+            // SAFETY: 8 writable elements of T's width.
+            unsafe {
+                match T::DTYPE {
+                    DType::F32 => _mm256_storeu_ps(out.as_mut_ptr().cast(), v),
+                    DType::F16 => _mm_storeu_si128(
+                        bits16_mut(out).as_mut_ptr().cast(),
+                        _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v),
+                    ),
+                    DType::BF16 => {
+                        let words = bf16_words_v3(_mm256_castps_si256(v));
+                        // Pack the 32-bit lanes' low halves: within 128-bit halves, then across.
+                        let packed = _mm256_packus_epi32(words, words);
+                        let ordered = _mm256_permute4x64_epi64::<0b1000>(packed);
+                        _mm_storeu_si128(
+                            bits16_mut(out).as_mut_ptr().cast(),
+                            _mm256_castsi256_si128(ordered),
+                        );
+                    }
+                }
+            }
         }
         #[inline(always)]
         fn mul_add(self, a: __m256, b: __m256, c: __m256) -> __m256 {
@@ -336,6 +380,24 @@ mod x86 {
         }
     }
 
+    /// The bf16 words (in the low halves of 32-bit lanes) of 8 `f32` bit patterns, rounded as
+    /// `half::bf16::from_f32` rounds.
+    #[inline(always)]
+    unsafe fn bf16_words_v3(bits: __m256i) -> __m256i {
+        // SAFETY: only called from V3 methods, where AVX2 exists.
+        unsafe {
+            let magnitude = _mm256_and_si256(bits, _mm256_set1_epi32(0x7FFF_FFFF));
+            let nan = _mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(0x7F80_0000));
+            let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(1));
+            let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(
+                bits,
+                _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)),
+            ));
+            let quiet = _mm256_or_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(0x0040));
+            _mm256_blendv_epi8(rounded, quiet, nan)
+        }
+    }
+
     /// AVX-512F (with V3), 16 lanes.
     #[derive(Clone, Copy, Debug)]
     pub struct V4(());
@@ -387,6 +449,43 @@ mod x86 {
             assert_eq!(out.len(), 16);
             // SAFETY: 16 writable f32.
             unsafe { _mm512_storeu_ps(out.as_mut_ptr(), v) }
+        }
+        #[inline(always)]
+        fn store_as<T: Element>(self, v: __m512, out: &mut [T]) {
+            assert_eq!(out.len(), 16);
+            // SAFETY: 16 writable elements of T's width.
+            unsafe {
+                match T::DTYPE {
+                    DType::F32 => _mm512_storeu_ps(out.as_mut_ptr().cast(), v),
+                    DType::F16 => _mm256_storeu_si256(
+                        bits16_mut(out).as_mut_ptr().cast(),
+                        _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v),
+                    ),
+                    DType::BF16 => {
+                        let bits = _mm512_castps_si512(v);
+                        let magnitude = _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFF_FFFF));
+                        let nan =
+                            _mm512_cmpgt_epi32_mask(magnitude, _mm512_set1_epi32(0x7F80_0000));
+                        // Round to nearest even: add 0x7FFF plus the lowest kept bit.
+                        let lsb =
+                            _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+                        let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(
+                            bits,
+                            _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)),
+                        ));
+                        // NaN: the high half with the quiet bit set, as `half` does.
+                        let quiet = _mm512_or_si512(
+                            _mm512_srli_epi32::<16>(bits),
+                            _mm512_set1_epi32(0x0040),
+                        );
+                        let words = _mm512_mask_mov_epi32(rounded, nan, quiet);
+                        _mm256_storeu_si256(
+                            bits16_mut(out).as_mut_ptr().cast(),
+                            _mm512_cvtepi32_epi16(words),
+                        );
+                    }
+                }
+            }
         }
         #[inline(always)]
         fn mul_add(self, a: __m512, b: __m512, c: __m512) -> __m512 {
@@ -1017,6 +1116,64 @@ mod tests {
                 }
             }
         }
+    }
+
+    struct StoreAs<'a, T>(&'a [f32], core::marker::PhantomData<T>);
+
+    impl<T: Element> WithSimd for StoreAs<'_, T> {
+        type Output = Vec<T>;
+        fn with_simd<S: Simd>(self, s: S) -> Vec<T> {
+            let mut out = alloc::vec![T::from_f32(0.0); self.0.len() / S::LANES * S::LANES];
+            for (c, o) in self
+                .0
+                .chunks_exact(S::LANES)
+                .zip(out.chunks_exact_mut(S::LANES))
+            {
+                s.store_as(s.load(c), o);
+            }
+            out
+        }
+    }
+
+    fn check_store_as<T: Element>() {
+        // Every rounding case: halfway points, odd and even last bits, subnormals of both
+        // formats, overflow to infinity, infinities and NaNs with payloads, both signs.
+        let mut values: Vec<f32> = (0..=u16::MAX)
+            .flat_map(|h| {
+                let base = u32::from(h) << 16;
+                [
+                    base,
+                    base | 0x7FFF,
+                    base | 0x8000,
+                    base | 0x8001,
+                    base | 0xFFFF,
+                ]
+            })
+            .map(f32::from_bits)
+            .collect();
+        values.extend((0..=u16::MAX).map(|h| f16::from_bits(h).to_f32() * 1.000_01));
+        values.truncate(values.len() / 16 * 16);
+        for cpu in Cpu::all_available() {
+            let got = cpu.dispatch(StoreAs::<T>(&values, core::marker::PhantomData));
+            for (g, &v) in got.iter().zip(&values) {
+                let expect = T::from_f32(v);
+                assert_eq!(
+                    bytemuck::bytes_of(g),
+                    bytemuck::bytes_of(&expect),
+                    "{} {:?} from {v:e} ({:#x})",
+                    cpu.isa(),
+                    T::DTYPE,
+                    v.to_bits()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn narrowing_stores_round_as_the_element_type_on_every_isa() {
+        check_store_as::<f32>();
+        check_store_as::<f16>();
+        check_store_as::<bf16>();
     }
 
     fn check_loads<T: Element>() {

@@ -378,6 +378,68 @@ mod x86 {
                 _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(bits, lane_bits)), v)
             }
         }
+        #[inline(always)]
+        fn philox_u24_at_least(self, first_block: u64, key: [u32; 2], threshold: u32) -> u64 {
+            use kernels_core::{PHILOX_MUL, PHILOX_ROUNDS, PHILOX_WEYL};
+            // PERF: as the AVX-512 version, on two halves of 8 blocks.
+            #[inline(always)]
+            unsafe fn mul_hi_lo(a: __m256i, m: __m256i) -> (__m256i, __m256i) {
+                unsafe {
+                    let even = _mm256_mul_epu32(a, m);
+                    let odd = _mm256_mul_epu32(_mm256_srli_epi64::<32>(a), m);
+                    let hi = _mm256_blend_epi32::<0b1010_1010>(_mm256_srli_epi64::<32>(even), odd);
+                    let lo = _mm256_blend_epi32::<0b1010_1010>(even, _mm256_slli_epi64::<32>(odd));
+                    (hi, lo)
+                }
+            }
+            unsafe {
+                let m0 = _mm256_set1_epi32(PHILOX_MUL[0] as i32);
+                let m1 = _mm256_set1_epi32(PHILOX_MUL[1] as i32);
+                let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                let mut masks = [0u32; 4];
+                for half in 0..2u64 {
+                    let start = first_block.wrapping_add(8 * half);
+                    let base = _mm256_set1_epi32(start as u32 as i32);
+                    let mut c0 = _mm256_add_epi32(base, lanes);
+                    // Unsigned `c0 < base`: the low word wrapped and carries into the high word.
+                    let flip = _mm256_set1_epi32(i32::MIN);
+                    let carry = _mm256_cmpgt_epi32(
+                        _mm256_xor_si256(base, flip),
+                        _mm256_xor_si256(c0, flip),
+                    );
+                    let high = _mm256_set1_epi32((start >> 32) as u32 as i32);
+                    let mut c1 = _mm256_sub_epi32(high, carry);
+                    let (mut c2, mut c3) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                    let mut k = key;
+                    for round in 0..PHILOX_ROUNDS {
+                        if round > 0 {
+                            k[0] = k[0].wrapping_add(PHILOX_WEYL[0]);
+                            k[1] = k[1].wrapping_add(PHILOX_WEYL[1]);
+                        }
+                        let (hi0, lo0) = mul_hi_lo(c0, m0);
+                        let (hi1, lo1) = mul_hi_lo(c2, m1);
+                        c0 = _mm256_xor_si256(
+                            _mm256_xor_si256(hi1, c1),
+                            _mm256_set1_epi32(k[0] as i32),
+                        );
+                        c1 = lo1;
+                        c2 = _mm256_xor_si256(
+                            _mm256_xor_si256(hi0, c3),
+                            _mm256_set1_epi32(k[1] as i32),
+                        );
+                        c3 = lo0;
+                    }
+                    // Draws and threshold are below 2^24 + 1: a signed compare is exact.
+                    let below = _mm256_set1_epi32(threshold as i32 - 1);
+                    for (mask, c) in masks.iter_mut().zip([c0, c1, c2, c3]) {
+                        let keep = _mm256_cmpgt_epi32(_mm256_srli_epi32::<8>(c), below);
+                        *mask |=
+                            (_mm256_movemask_ps(_mm256_castsi256_ps(keep)) as u32) << (8 * half);
+                    }
+                }
+                super::interleave4(masks)
+            }
+        }
     }
 
     /// The bf16 words (in the low halves of 32-bit lanes) of 8 `f32` bit patterns, rounded as
@@ -1098,6 +1160,7 @@ mod tests {
             0u64,
             5,
             u64::from(u32::MAX) - 7,
+            u64::from(u32::MAX) - 3,
             (7 << 32) + 3,
             (u64::MAX >> 2) - 15,
         ] {

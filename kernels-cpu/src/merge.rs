@@ -286,40 +286,41 @@ impl<T: Element> WithSimd for TiesElect<'_, T> {
         } = self;
         let mut buffer = [0.0f32; WIDE];
         let mut base_buffer = [0.0f32; WIDE];
-        for (b, out) in out.chunks_mut(WIDE).enumerate() {
-            let (c, len) = (range.start + b * WIDE, out.len());
-            let base_block = *widened(s, &base[c..c + len], &mut base_buffer);
-            let mut sum = [-0.0f64; WIDE];
-            prefetch_ahead(s, base, c);
-            for (t, &w) in trimmed.iter().zip(weights) {
-                prefetch_ahead(s, t, c);
-                let block = widened(s, &t[c..c + len], &mut buffer);
-                for (acc, &v) in sum.iter_mut().zip(block) {
-                    *acc += f64::from(w) * f64::from(v);
+        for_each_block(
+            out,
+            range.start,
+            #[inline(always)]
+            |c, len| {
+                let base_block = *widened(s, &base[c..c + len], &mut base_buffer);
+                let mut sum = [-0.0f64; WIDE];
+                prefetch_ahead(s, base, c);
+                for (t, &w) in trimmed.iter().zip(weights) {
+                    prefetch_ahead(s, t, c);
+                    let block = widened(s, &t[c..c + len], &mut buffer);
+                    for (acc, &v) in sum.iter_mut().zip(block) {
+                        *acc += f64::from(w) * f64::from(v);
+                    }
                 }
-            }
-            let elected = sum.map(ties_sign);
-            let (mut num, mut den) = ([0.0f64; WIDE], [0.0f64; WIDE]);
-            // PERF: the second read of each model's block comes from L1.
-            for (t, &w) in trimmed.iter().zip(weights) {
-                let block = widened(s, &t[c..c + len], &mut buffer);
-                for j in 0..WIDE {
-                    let v = f64::from(block[j]);
-                    // PERF: adding +0 where the model disagrees keeps the sums in registers; it
-                    // changes no bit (a sum of agreeing terms, from +0, is never -0).
-                    let agrees = elected[j] != 0.0 && ties_sign(v) == elected[j];
-                    num[j] += if agrees { f64::from(w) * v } else { 0.0 };
-                    den[j] += if agrees { f64::from(w) } else { 0.0 };
+                let elected = sum.map(ties_sign);
+                let (mut num, mut den) = ([0.0f64; WIDE], [0.0f64; WIDE]);
+                // PERF: the second read of each model's block comes from L1.
+                for (t, &w) in trimmed.iter().zip(weights) {
+                    let block = widened(s, &t[c..c + len], &mut buffer);
+                    for j in 0..WIDE {
+                        let v = f64::from(block[j]);
+                        // PERF: adding +0 where the model disagrees keeps the sums in registers; it
+                        // changes no bit (a sum of agreeing terms, from +0, is never -0).
+                        let agrees = elected[j] != 0.0 && ties_sign(v) == elected[j];
+                        num[j] += if agrees { f64::from(w) * v } else { 0.0 };
+                        den[j] += if agrees { f64::from(w) } else { 0.0 };
+                    }
                 }
-            }
-            // PERF: whole blocks of fixed width vectorise; the tail block's extra lanes are
-            // computed and dropped.
-            let result: [f32; WIDE] = core::array::from_fn(|j| {
-                let mean = if den[j] > 0.0 { num[j] / den[j] } else { 0.0 };
-                (f64::from(base_block[j]) + f64::from(lambda) * mean) as f32
-            });
-            store_block(out, &result);
-        }
+                core::array::from_fn(|j| {
+                    let mean = if den[j] > 0.0 { num[j] / den[j] } else { 0.0 };
+                    (f64::from(base_block[j]) + f64::from(lambda) * mean) as f32
+                })
+            },
+        );
     }
 }
 
@@ -340,13 +341,24 @@ fn prefetch_ahead<S: Simd, T: Element>(s: S, data: &[T], at: usize) {
 /// How far ahead [`prefetch_ahead`] reaches.
 const PREFETCH_BYTES: usize = 1024;
 
-/// Writes the first `out.len()` results. PERF: a whole block is one fixed-size store, not a call
-/// to `memcpy`.
+/// Runs `block(first_element, len)` for each block of [`WIDE`] outputs of `out` (whose first
+/// element is `start`) and writes the first `len` of the results it returns.
+///
+/// PERF: every block computes a whole fixed-width array, so each statement vectorises; the tail
+/// block's extra lanes are computed and dropped. A whole block is one fixed-size store, not a
+/// call to `memcpy`.
 #[inline(always)]
-fn store_block(out: &mut [f32], result: &[f32; WIDE]) {
-    match <&mut [f32; WIDE]>::try_from(&mut *out) {
-        Ok(whole) => *whole = *result,
-        Err(_) => out.copy_from_slice(&result[..out.len()]),
+fn for_each_block(
+    out: &mut [f32],
+    start: usize,
+    mut block: impl FnMut(usize, usize) -> [f32; WIDE],
+) {
+    for (b, out) in out.chunks_mut(WIDE).enumerate() {
+        let result = block(start + b * WIDE, out.len());
+        match <&mut [f32; WIDE]>::try_from(&mut *out) {
+            Ok(whole) => *whole = result,
+            Err(_) => out.copy_from_slice(&result[..out.len()]),
+        }
     }
 }
 
@@ -408,33 +420,37 @@ impl<T: Element> WithSimd for FisherMerge<'_, T> {
         } = self;
         let mut buffer = [0.0f32; WIDE];
         let mut fisher_buffer = [0.0f32; WIDE];
-        for (b, out) in out.chunks_mut(WIDE).enumerate() {
-            let (c, len) = (range.start + b * WIDE, out.len());
-            let (mut num, mut den, mut plain) = ([0.0f64; WIDE], [0.0f64; WIDE], [0.0f64; WIDE]);
-            for ((t, f), &w) in thetas.iter().zip(fishers).zip(weights) {
-                prefetch_ahead(s, t, c);
-                prefetch_ahead(s, f, c);
-                let theta = widened(s, &t[c..c + len], &mut buffer);
-                let fisher = widened(s, &f[c..c + len], &mut fisher_buffer);
-                let w = f64::from(w);
-                for j in 0..WIDE {
-                    let f = f64::from(fisher[j].max(floor));
-                    let v = f64::from(theta[j]);
-                    num[j] += w * f * v;
-                    den[j] += w * f;
-                    plain[j] += w * v;
+        for_each_block(
+            out,
+            range.start,
+            #[inline(always)]
+            |c, len| {
+                let (mut num, mut den, mut plain) =
+                    ([0.0f64; WIDE], [0.0f64; WIDE], [0.0f64; WIDE]);
+                for ((t, f), &w) in thetas.iter().zip(fishers).zip(weights) {
+                    prefetch_ahead(s, t, c);
+                    prefetch_ahead(s, f, c);
+                    let theta = widened(s, &t[c..c + len], &mut buffer);
+                    let fisher = widened(s, &f[c..c + len], &mut fisher_buffer);
+                    let w = f64::from(w);
+                    for j in 0..WIDE {
+                        let f = f64::from(fisher[j].max(floor));
+                        let v = f64::from(theta[j]);
+                        num[j] += w * f * v;
+                        den[j] += w * f;
+                        plain[j] += w * v;
+                    }
                 }
-            }
-            let result: [f32; WIDE] = core::array::from_fn(|j| {
-                let merged = if den[j] > 0.0 {
-                    num[j] / den[j]
-                } else {
-                    plain[j] / weight_sum
-                };
-                merged as f32
-            });
-            store_block(out, &result);
-        }
+                core::array::from_fn(|j| {
+                    let merged = if den[j] > 0.0 {
+                        num[j] / den[j]
+                    } else {
+                        plain[j] / weight_sum
+                    };
+                    merged as f32
+                })
+            },
+        );
     }
 }
 

@@ -148,6 +148,54 @@ impl<'a, T> MatRef<'a, T> {
             })
         }
     }
+
+    /// The `rows x cols` block whose top-left element is `(row, col)`.
+    ///
+    /// ```
+    /// # use kernels_core::MatRef;
+    /// let m = MatRef::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], 2, 3)?;
+    /// assert_eq!(m.submatrix(0, 1, 2, 2)?.row(1), &[5.0, 6.0]);
+    /// assert!(m.submatrix(1, 1, 2, 2).is_err()); // runs past the last row
+    /// # Ok::<(), kernels_core::Error>(())
+    /// ```
+    pub fn submatrix(&self, row: usize, col: usize, rows: usize, cols: usize) -> Result<Self> {
+        let start = block_start(self.shape(), self.row_stride, [row, col], [rows, cols])?;
+        Ok(Self {
+            data: &self.data[start.min(self.data.len())..],
+            rows,
+            cols,
+            row_stride: self.row_stride,
+        })
+    }
+}
+
+/// Where the `size` block at `corner` of a `shape` matrix starts, or why it does not fit.
+fn block_start(
+    shape: [usize; 2],
+    row_stride: usize,
+    corner: [usize; 2],
+    size: [usize; 2],
+) -> Result<usize> {
+    let fits = |d: usize| {
+        corner[d]
+            .checked_add(size[d])
+            .is_some_and(|end| end <= shape[d])
+    };
+    if !(fits(0) && fits(1)) {
+        return Err(Error::ShapeMismatch {
+            what: "submatrix (corner + size must fit the matrix)",
+            expected: shape,
+            found: [
+                corner[0].saturating_add(size[0]),
+                corner[1].saturating_add(size[1]),
+            ],
+        });
+    }
+    // An empty block needs no storage; its start is clamped by the caller.
+    if size[0] == 0 || size[1] == 0 {
+        return Ok(usize::MAX);
+    }
+    Ok(corner[0] * row_stride + corner[1])
 }
 
 impl<T: Copy> MatRef<'_, T> {
@@ -239,6 +287,72 @@ impl<'a, T> MatMut<'a, T> {
     /// Checks this view has shape `expected`, naming it `what` in the error.
     pub fn expect_shape(&self, what: &'static str, expected: [usize; 2]) -> Result<()> {
         self.as_ref().expect_shape(what, expected)
+    }
+    /// Distance in elements between the starts of consecutive rows.
+    #[must_use]
+    pub fn row_stride(&self) -> usize {
+        self.row_stride
+    }
+
+    /// The underlying buffer, from the first element of row 0.
+    pub fn as_mut_slice(&mut self) -> &mut [T] {
+        self.data
+    }
+
+    /// A shorter-lived mutable view of the same matrix.
+    pub fn rb_mut(&mut self) -> MatMut<'_, T> {
+        MatMut {
+            data: self.data,
+            rows: self.rows,
+            cols: self.cols,
+            row_stride: self.row_stride,
+        }
+    }
+
+    /// The `rows x cols` block whose top-left element is `(row, col)`, mutably (call it on
+    /// [`MatMut::rb_mut`] to keep the whole view).
+    pub fn submatrix_mut(
+        self,
+        row: usize,
+        col: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<MatMut<'a, T>> {
+        let start = block_start(self.shape(), self.row_stride, [row, col], [rows, cols])?;
+        let len = self.data.len();
+        Ok(MatMut {
+            data: &mut self.data[start.min(len)..],
+            rows,
+            cols,
+            row_stride: self.row_stride,
+        })
+    }
+
+    /// Rows `..at` and rows `at..` as two disjoint views (`at <= rows`).
+    pub fn split_rows_at(self, at: usize) -> Result<(MatMut<'a, T>, MatMut<'a, T>)> {
+        if at > self.rows {
+            return Err(Error::ShapeMismatch {
+                what: "split row (at most the row count)",
+                expected: [self.rows, self.cols],
+                found: [at, self.cols],
+            });
+        }
+        let split = (at * self.row_stride).min(self.data.len());
+        let (top, bottom) = self.data.split_at_mut(split);
+        Ok((
+            MatMut {
+                data: top,
+                rows: at,
+                cols: self.cols,
+                row_stride: self.row_stride,
+            },
+            MatMut {
+                data: bottom,
+                rows: self.rows - at,
+                cols: self.cols,
+                row_stride: self.row_stride,
+            },
+        ))
     }
 }
 

@@ -26,13 +26,14 @@
 //! | `masks` | DARE, TIES trim, Breadcrumbs |
 //! | [`merge`] | weighted mean, task arithmetic, TIES election, Fisher merging and accumulation |
 //! | [`reduce`] | sum of squares |
+//! | `linalg` | GEMM, Householder and CGS2 QR, fused projections, LU/LDU, thin and randomized SVD, symmetric eigendecomposition, LoRA extraction, the OPCM step, streaming truncated SVD |
 //!
 //! # Cargo features
 //!
 //! | feature | default | adds |
 //! |---|---|---|
-//! | `std` | yes | threads in the kernels that split work; implies `alloc` |
-//! | `alloc` | via `std` | kernels that keep scratch or return owned results: [`mlp`], [`calibrate`], [`select`], [`compress`], [`ternary`], [`masks`] |
+//! | `std` | yes | threads in the kernels that split work; faer's GEMM under `linalg` (not on wasm32); implies `alloc` |
+//! | `alloc` | via `std` | kernels that keep scratch or return owned results: [`mlp`], [`calibrate`], [`select`], [`compress`], [`ternary`], [`masks`], `linalg` |
 //!
 //! Without features the crate is `#![no_std]`: CPU detection uses CPUID directly and needs no
 //! operating-system support beyond saving vector registers.
@@ -48,6 +49,8 @@ pub mod calibrate;
 pub mod compress;
 pub mod gemv;
 mod isa;
+#[cfg(feature = "alloc")]
+pub mod linalg;
 #[cfg(feature = "alloc")]
 pub mod masks;
 pub mod merge;
@@ -84,6 +87,8 @@ pub struct Cpu {
     isa: Isa,
     threads: usize,
     min_bytes_per_thread: usize,
+    #[cfg(feature = "alloc")]
+    gemm_backend: linalg::GemmBackend,
 }
 
 impl Cpu {
@@ -92,6 +97,8 @@ impl Cpu {
             isa,
             threads,
             min_bytes_per_thread: gemv::MIN_BYTES_PER_THREAD,
+            #[cfg(feature = "alloc")]
+            gemm_backend: linalg::GemmBackend::Auto,
         }
     }
 
@@ -165,6 +172,23 @@ impl Cpu {
     #[must_use]
     pub fn min_bytes_per_thread(&self) -> usize {
         self.min_bytes_per_thread
+    }
+
+    /// The same backend with the linear-algebra kernels multiplying through `backend`.
+    #[cfg(feature = "alloc")]
+    #[must_use]
+    pub fn with_gemm_backend(self, backend: linalg::GemmBackend) -> Self {
+        Self {
+            gemm_backend: backend,
+            ..self
+        }
+    }
+
+    /// The GEMM the linear-algebra kernels call.
+    #[cfg(feature = "alloc")]
+    #[must_use]
+    pub fn gemm_backend(&self) -> linalg::GemmBackend {
+        self.gemm_backend
     }
 
     /// Runs a kernel body on this backend's instruction set, on the calling thread.

@@ -197,6 +197,8 @@ fn project<Q: Real, X: Real>(
         });
     }
     out.expect_shape("out", [m, n])?;
+    check_finite_mat("q", q)?;
+    check_finite_mat("x", x)?;
     let qf = Mat::widen(q);
     let xf = Mat::widen(x);
     let projected = qf.matmul(&qf.t_matmul(&xf));

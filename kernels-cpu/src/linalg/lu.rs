@@ -1,0 +1,172 @@
+//! LU with partial pivoting (blocked, right-looking) and its LDU form.
+
+use alloc::vec::Vec;
+
+use kernels_core::ops::lowrank::LuParams;
+use kernels_core::{Element, Error, Mat, MatRef, Result};
+
+use super::{Transpose, gemm, widen_checked};
+use crate::Cpu;
+
+/// Columns per panel.
+// PERF: 48-column panels make the trailing update a GEMM of depth 48, deep enough to run near
+// peak, while the panel (factored with row operations) stays small.
+const PANEL: usize = 48;
+
+/// `P A = L U` in `f32` (see `kernels_core::ops::lowrank::lu_ref` for the contract).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Lu {
+    /// `perm[i]`: the row of `A` in row `i` of `P A`.
+    pub perm: Vec<usize>,
+    /// `m x k`, unit lower triangular.
+    pub l: Mat<f32>,
+    /// `k x n`, upper triangular.
+    pub u: Mat<f32>,
+}
+
+/// `P A = L D U1` in `f32`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ldu {
+    /// `perm[i]`: the row of `A` in row `i` of `P A`.
+    pub perm: Vec<usize>,
+    /// `m x k`, unit lower triangular.
+    pub l: Mat<f32>,
+    /// The `k` pivots.
+    pub d: Vec<f32>,
+    /// `k x n`, unit upper triangular.
+    pub u: Mat<f32>,
+}
+
+/// LU with partial pivoting: the largest `|a|` of each column is its pivot (the lowest row on
+/// ties); a zero pivot column is skipped, as LAPACK's `getrf` does.
+///
+/// ```
+/// use kernels_core::MatRef;
+/// use kernels_cpu::{Cpu, linalg::lu};
+/// let a = [1.0f32, 2.0, 4.0, 3.0]; // [[1, 2], [4, 3]]: row 1 is the first pivot
+/// let f = lu(&Cpu::detect(), MatRef::from_slice(&a, 2, 2)?)?;
+/// assert_eq!(f.perm, [1, 0]);
+/// assert_eq!(f.u.row(0), &[4.0, 3.0]);
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
+pub fn lu<T: Element>(cpu: &Cpu, a: MatRef<'_, T>) -> Result<Lu> {
+    let mut w = widen_checked("a", a)?;
+    let (m, n) = (w.rows(), w.cols());
+    let k = m.min(n);
+    let mut perm: Vec<usize> = (0..m).collect();
+    for start in (0..k).step_by(PANEL) {
+        let nb = PANEL.min(k - start);
+        factor_panel(&mut w, &mut perm, start, nb);
+        let (end, trailing) = (start + nb, n - start - nb);
+        if trailing == 0 {
+            continue;
+        }
+        // U12 = L11^{-1} A12, by row operations on contiguous rows.
+        for i in start + 1..end {
+            let (above, row) = w.as_mut_slice().split_at_mut(i * n);
+            let row = &mut row[..n];
+            for p in start..i {
+                let factor = row[p];
+                let pivot_row = &above[p * n..][end..n];
+                for (x, u) in row[end..].iter_mut().zip(pivot_row) {
+                    *x -= factor * u;
+                }
+            }
+        }
+        // A22 -= L21 U12. L21 shares rows with A22: copy it out (m x nb, small next to A22).
+        let below = m - end;
+        if below == 0 {
+            continue;
+        }
+        let l21 = Mat::from_fn(below, nb, |i, j| w.at(end + i, start + j));
+        let (top, bottom) = w.as_mut().split_rows_at(end)?;
+        let u12 = top.as_ref().submatrix(start, end, nb, trailing)?;
+        let a22 = bottom.submatrix_mut(0, end, below, trailing)?;
+        gemm(
+            cpu,
+            -1.0,
+            l21.as_ref(),
+            Transpose::No,
+            u12,
+            Transpose::No,
+            1.0,
+            a22,
+        )?;
+    }
+    let l = Mat::from_fn(m, k, |i, j| match i.cmp(&j) {
+        core::cmp::Ordering::Greater => w.at(i, j),
+        core::cmp::Ordering::Equal => 1.0,
+        core::cmp::Ordering::Less => 0.0,
+    });
+    let u = Mat::from_fn(k, n, |i, j| if i <= j { w.at(i, j) } else { 0.0 });
+    Ok(Lu { perm, l, u })
+}
+
+/// Unblocked LU of columns `start..start + nb` (all rows from `start`), swapping whole rows.
+fn factor_panel(w: &mut Mat<f32>, perm: &mut [usize], start: usize, nb: usize) {
+    let (m, n) = (w.rows(), w.cols());
+    for j in start..start + nb {
+        let pivot = (j..m)
+            .max_by(|&x, &y| {
+                w.at(x, j)
+                    .abs()
+                    .total_cmp(&w.at(y, j).abs())
+                    .then(y.cmp(&x))
+            })
+            .unwrap_or(j);
+        if pivot != j {
+            let (top, bottom) = w.as_mut_slice().split_at_mut(pivot * n);
+            top[j * n..][..n].swap_with_slice(&mut bottom[..n]);
+            perm.swap(j, pivot);
+        }
+        let d = w.at(j, j);
+        if d == 0.0 {
+            continue;
+        }
+        let (above, below) = w.as_mut_slice().split_at_mut((j + 1) * n);
+        let pivot_row = &above[j * n..][j + 1..start + nb];
+        for row in below.chunks_exact_mut(n) {
+            let factor = row[j] / d;
+            row[j] = factor;
+            for (x, u) in row[j + 1..start + nb].iter_mut().zip(pivot_row) {
+                *x -= factor * u;
+            }
+        }
+    }
+}
+
+/// LDU with partial pivoting: [`lu`], then `U = D U1`. A pivot with
+/// `|d| <= max(pivot_guard, k eps) * max|A|` (or zero) is [`Error::Singular`]: in `f32` the
+/// pivot of an exactly singular matrix is rounding noise of about `k eps max|A|`
+/// (`k = min(m, n)`, `eps = f32::EPSILON`), so a smaller guard could not see it.
+pub fn ldu<T: Element>(cpu: &Cpu, a: MatRef<'_, T>, params: LuParams) -> Result<Ldu> {
+    if !(params.pivot_guard.is_finite() && params.pivot_guard >= 0.0) {
+        return Err(Error::InvalidParam {
+            name: "pivot_guard",
+            value: params.pivot_guard,
+            expected: "finite and >= 0",
+        });
+    }
+    let Lu { perm, l, mut u } = lu(cpu, a)?;
+    let scale = a
+        .row_iter()
+        .flatten()
+        .map(|v| f64::from(v.to_f32().abs()))
+        .fold(0.0, f64::max);
+    let guard = params
+        .pivot_guard
+        .max(u.rows() as f64 * f64::from(f32::EPSILON));
+    let mut d = Vec::with_capacity(u.rows());
+    for i in 0..u.rows() {
+        let pivot = u.at(i, i);
+        if f64::from(pivot.abs()) <= guard * scale || pivot == 0.0 {
+            return Err(Error::Singular {
+                what: "LDU",
+                index: i,
+            });
+        }
+        u.row_mut(i).iter_mut().for_each(|v| *v /= pivot);
+        d.push(pivot);
+    }
+    Ok(Ldu { perm, l, d, u })
+}

@@ -1,0 +1,153 @@
+//! Dense linear algebra on `f32`: what OPCM continual merging, LoRA extraction, Twin-Merging and
+//! EVA need. Each routine implements a contract of `kernels_core::ops::{project, lowrank}` and is
+//! tested against its `f64` reference.
+//!
+//! | routine | contract | how |
+//! |---|---|---|
+//! | [`gemm`] | `C = alpha op(A) op(B) + beta C` | faer's GEMM under `std`, a portable SIMD kernel otherwise |
+//! | [`householder_qr`] | thin `A = Q R`, `diag(R) >= 0` | blocked Householder (compact WY), trailing updates by GEMM |
+//! | [`cgs2`] | the same for tall-skinny full-rank `A` | block classical Gram-Schmidt, twice |
+//! | [`project_out`], [`project_onto`] | `X - Q (Q^T X)`, `Q (Q^T X)` | column panels of `X`: each read from memory once |
+//! | [`lu`], [`ldu`] | `P A = L U`, `P A = L D U1` | blocked right-looking LU with partial pivoting |
+//! | [`thin_svd`] | `A = U diag(s) V^T` | Householder QR, then one-sided Jacobi on `R^T` |
+//! | [`randomized_svd`] | rank-`r` truncated SVD | range finder, power iterations re-orthonormalised by QR |
+//! | [`symmetric_eigen`] | `S = V diag(w) V^T` | cyclic Jacobi, for Gram-sized matrices |
+//! | [`lora_extract`] | `delta ~ B A` | thin or randomized SVD, rank by a [`LoraRank`] rule |
+//! | [`opcm_project`] | the OPCM step | four GEMMs |
+//! | [`StreamingSvd`] | truncated SVD / PCA of rows seen in minibatches | incremental SVD keeping rank-`r` state |
+//!
+//! # Precision
+//!
+//! Arithmetic is `f32` (inputs in f16 or bf16 are widened). Factorisations are backward stable:
+//! reconstruction and orthogonality errors are bounded by [`F32_FACTORISATION_TOLERANCE`]
+//! `* eps * sqrt(max(m, n))` relative to `||A||_F`, and the tests check that bound on random,
+//! rank-deficient and ill-conditioned (condition `1e6`) matrices.
+//!
+//! # Errors
+//!
+//! Shape mismatches are [`Error::ShapeMismatch`]; NaN or infinity in an input is
+//! [`Error::NonFinite`]; an iteration that does not meet its criterion within its bound is
+//! [`Error::NotConverged`]; LDU's small pivots and CGS2's dependent columns are
+//! [`Error::Singular`].
+//!
+//! # Determinism
+//!
+//! Same inputs, same bits for a given [`Cpu`] (instruction set, thread count and GEMM backend).
+//! faer's threaded GEMM may round differently for a different thread count, so unlike the
+//! memory-bound kernels these results are not promised identical across thread counts.
+
+mod gemm;
+mod lu;
+mod qr;
+mod svd;
+
+pub use gemm::{GemmBackend, Transpose, gemm};
+pub use kernels_core::ops::lowrank::{LoraRank, LuParams, RsvdParams};
+pub use lu::{Ldu, Lu, ldu, lu};
+pub use qr::{CGS2_DEPENDENCE_TOLERANCE, Qr, cgs2, householder_qr, project_onto, project_out};
+pub use svd::{
+    Lora, MAX_JACOBI_SWEEPS, StreamingSvd, Svd, SymmetricEigen, lora_extract,
+    lora_extract_randomized, opcm_project, randomized_svd, symmetric_eigen, thin_svd,
+};
+
+use kernels_core::{Element, Error, Mat, MatMut, MatRef, Result};
+
+use crate::Cpu;
+use gemm::{View, ViewMut, gemm_views};
+
+/// The constant `c` of the accuracy bound `c * eps * sqrt(max(m, n))` (relative to `||A||_F`,
+/// `eps = f32::EPSILON`) that reconstruction, orthogonality and singular values meet.
+pub const F32_FACTORISATION_TOLERANCE: f64 = 16.0;
+
+/// [`F32_FACTORISATION_TOLERANCE`]` * eps * sqrt(max(m, n))`.
+#[must_use]
+pub fn factorisation_tolerance(m: usize, n: usize) -> f64 {
+    F32_FACTORISATION_TOLERANCE * f64::from(f32::EPSILON) * libm::sqrt(m.max(n).max(1) as f64)
+}
+
+/// `a` widened to an owned `f32` matrix; NaN or infinity is [`Error::NonFinite`] (flat index).
+pub(crate) fn widen_checked<T: Element>(what: &'static str, a: MatRef<'_, T>) -> Result<Mat<f32>> {
+    let mut out = Mat::zeros(a.rows(), a.cols());
+    for (i, row) in a.row_iter().enumerate() {
+        for (j, (o, &v)) in out.row_mut(i).iter_mut().zip(row).enumerate() {
+            *o = v.to_f32();
+            if !o.is_finite() {
+                return Err(Error::NonFinite {
+                    what,
+                    index: i * a.cols() + j,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `a^T` widened to `f32`, checked as [`widen_checked`].
+pub(crate) fn transposed_checked<T: Element>(
+    what: &'static str,
+    a: MatRef<'_, T>,
+) -> Result<Mat<f32>> {
+    let mut out = Mat::zeros(a.cols(), a.rows());
+    for (i, row) in a.row_iter().enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            let v = v.to_f32();
+            if !v.is_finite() {
+                return Err(Error::NonFinite {
+                    what,
+                    index: i * a.cols() + j,
+                });
+            }
+            *out.at_mut(j, i) = v;
+        }
+    }
+    Ok(out)
+}
+
+/// `op(a) op(b)` as a new matrix.
+pub(crate) fn product(
+    cpu: &Cpu,
+    a: MatRef<'_, f32>,
+    a_op: Transpose,
+    b: MatRef<'_, f32>,
+    b_op: Transpose,
+) -> Result<Mat<f32>> {
+    let rows = if a_op == Transpose::No {
+        a.rows()
+    } else {
+        a.cols()
+    };
+    let cols = if b_op == Transpose::No {
+        b.cols()
+    } else {
+        b.rows()
+    };
+    let mut c = Mat::zeros(rows, cols);
+    gemm(cpu, 1.0, a, a_op, b, b_op, 0.0, c.as_mut())?;
+    Ok(c)
+}
+
+/// The `rows x cols` block of `a` at `(row, col)`; callers pass blocks inside `a`.
+pub(crate) fn block(
+    a: &Mat<f32>,
+    row: usize,
+    col: usize,
+    rows: usize,
+    cols: usize,
+) -> MatRef<'_, f32> {
+    a.as_ref()
+        .submatrix(row, col, rows, cols)
+        .expect("block inside the matrix")
+}
+
+/// The `rows x cols` block of `a` at `(row, col)`, mutably; callers pass blocks inside `a`.
+pub(crate) fn block_mut(
+    a: &mut Mat<f32>,
+    row: usize,
+    col: usize,
+    rows: usize,
+    cols: usize,
+) -> MatMut<'_, f32> {
+    a.as_mut()
+        .submatrix_mut(row, col, rows, cols)
+        .expect("block inside the matrix")
+}

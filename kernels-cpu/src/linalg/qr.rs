@@ -1,0 +1,511 @@
+//! Householder thin QR (blocked, compact WY), CGS2, and the fused projections.
+//!
+//! The factorisations work on `A^T` (row `j` is column `j` of `A`), so every reflector, dot
+//! product and update inside a panel runs over contiguous memory, and the trailing updates are
+//! three GEMMs per panel of [`PANEL`] columns.
+
+use alloc::vec;
+use alloc::vec::Vec;
+use core::ops::Range;
+
+use kernels_core::{DType, Element, Error, Mat, MatMut, MatRef, Result};
+
+use super::{
+    Transpose, View, ViewMut, block, block_mut, gemm, gemm_views, product, transposed_checked,
+    widen_checked,
+};
+use crate::{Cpu, parallel};
+
+/// Columns per Householder panel and per CGS2 block.
+// PERF: 32 columns keep a panel of a 4096-row matrix (512 KiB) in L2 while it is factored, and
+// make the trailing GEMMs deep enough (k = 32) to run near their peak.
+const PANEL: usize = 32;
+
+/// Below this ratio of its norm after and before orthogonalisation, CGS2 takes a column to be
+/// dependent on the previous ones: a few units of `f32` rounding, where the remaining direction
+/// is noise.
+pub const CGS2_DEPENDENCE_TOLERANCE: f64 = 8.0 * f32::EPSILON as f64;
+
+/// A thin QR factorisation in `f32`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Qr {
+    /// `m x k`, orthonormal columns (`k = min(m, n)`).
+    pub q: Mat<f32>,
+    /// `k x n`, upper triangular, non-negative diagonal.
+    pub r: Mat<f32>,
+}
+
+/// `a . b` with eight partial sums.
+// PERF: eight independent sums let the compiler vectorise and pipeline the reduction, which a
+// single running sum would serialise on the add latency.
+#[inline(always)]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut partial = [0.0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a8.zip(b8) {
+        for i in 0..8 {
+            partial[i] += x[i] * y[i];
+        }
+    }
+    partial.iter().sum::<f32>() + tail
+}
+
+/// `y += alpha x`.
+#[inline(always)]
+pub(crate) fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += alpha * x;
+    }
+}
+
+/// `sum x_i^2` in `f64`, which neither overflows nor underflows for any finite `f32`.
+pub(crate) fn sum_squares_f64(x: &[f32]) -> f64 {
+    let mut partial = [0.0f64; 4];
+    let chunks = x.chunks_exact(4);
+    let tail: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&v| f64::from(v) * f64::from(v))
+        .sum();
+    for c in chunks {
+        for i in 0..4 {
+            partial[i] += f64::from(c[i]) * f64::from(c[i]);
+        }
+    }
+    partial.iter().sum::<f64>() + tail
+}
+
+/// The reflector `H = I - tau v v^T` (`v[0] = 1`) with `H x = beta e0`: on return `x[0]` is
+/// `beta` and `x[1..]` holds `v[1..]`; returns `tau` (0 when `x[1..]` is already zero).
+fn make_reflector(x: &mut [f32]) -> f32 {
+    let Some((head, tail)) = x.split_first_mut() else {
+        return 0.0;
+    };
+    let tail_squares = sum_squares_f64(tail);
+    if tail_squares == 0.0 {
+        return 0.0;
+    }
+    let alpha = f64::from(*head);
+    let norm = libm::sqrt(alpha * alpha + tail_squares);
+    // beta takes the sign opposite to alpha: alpha - beta cannot cancel.
+    let beta = if alpha >= 0.0 { -norm } else { norm };
+    let divisor = alpha - beta;
+    for t in tail {
+        *t = (f64::from(*t) / divisor) as f32;
+    }
+    *head = beta as f32;
+    ((beta - alpha) / beta) as f32
+}
+
+/// `y = (I - tau v v^T) y` with `v = [1, v_tail]`.
+#[inline(always)]
+fn apply_reflector(tau: f32, v_tail: &[f32], y: &mut [f32]) {
+    let (y0, y_tail) = y.split_first_mut().expect("reflector of length >= 1");
+    let w = tau * (*y0 + dot(v_tail, y_tail));
+    *y0 -= w;
+    axpy(-w, v_tail, y_tail);
+}
+
+/// One panel's block reflector `H_j0 ... H_{j0+nb-1} = I - V T V^T`.
+struct BlockReflector {
+    /// First column of the panel.
+    start: usize,
+    /// `V^T`, `nb x (m - start)`: unit diagonal, zeros above it.
+    vt: Mat<f32>,
+    /// `nb x nb`, upper triangular.
+    t: Mat<f32>,
+}
+
+/// Householder QR of the matrix whose columns are the rows of `w` (`n x m`), in place: on return
+/// row `j < k` holds `R[..=j, j]` in its first `j + 1` entries (rows `j >= k` hold all `k`), and
+/// the returned block reflectors hold `Q`.
+fn factor(cpu: &Cpu, w: &mut Mat<f32>) -> Result<Vec<BlockReflector>> {
+    let (n, m) = (w.rows(), w.cols());
+    let k = m.min(n);
+    let mut blocks = Vec::with_capacity(k.div_ceil(PANEL));
+    for start in (0..k).step_by(PANEL) {
+        let nb = PANEL.min(k - start);
+        let mut taus = [0.0f32; PANEL];
+        for jj in 0..nb {
+            let j = start + jj;
+            let (head, rest) = w.as_mut_slice().split_at_mut((j + 1) * m);
+            let x = &mut head[j * m + j..];
+            taus[jj] = make_reflector(x);
+            let v_tail = &x[1..];
+            for later in rest.chunks_exact_mut(m).take(nb - jj - 1) {
+                apply_reflector(taus[jj], v_tail, &mut later[j..]);
+            }
+        }
+        let width = m - start;
+        let mut vt = Mat::zeros(nb, width);
+        for jj in 0..nb {
+            let row = vt.row_mut(jj);
+            row[jj] = 1.0;
+            row[jj + 1..].copy_from_slice(&w.row(start + jj)[start + jj + 1..]);
+        }
+        // LAPACK's larft (forward, columnwise): T[..i, i] = -tau_i T[..i, ..i] (V[:, ..i]^T v_i).
+        let mut t = Mat::zeros(nb, nb);
+        for i in 0..nb {
+            *t.at_mut(i, i) = taus[i];
+            let z: Vec<f32> = (0..i)
+                .map(|p| dot(&vt.row(p)[i..], &vt.row(i)[i..]))
+                .collect();
+            for p in 0..i {
+                let s: f32 = (p..i).map(|q| t.at(p, q) * z[q]).sum();
+                *t.at_mut(p, i) = -taus[i] * s;
+            }
+        }
+        // Trailing columns: W2 <- W2 (I - V T V^T) = W2 - ((W2 V) T) V^T.
+        let trailing = n - start - nb;
+        if trailing > 0 {
+            let y = product(
+                cpu,
+                block(w, start + nb, start, trailing, width),
+                Transpose::No,
+                vt.as_ref(),
+                Transpose::Yes,
+            )?;
+            let z = product(cpu, y.as_ref(), Transpose::No, t.as_ref(), Transpose::No)?;
+            let w2 = block_mut(w, start + nb, start, trailing, width);
+            gemm(
+                cpu,
+                -1.0,
+                z.as_ref(),
+                Transpose::No,
+                vt.as_ref(),
+                Transpose::No,
+                1.0,
+                w2,
+            )?;
+        }
+        blocks.push(BlockReflector { start, vt, t });
+    }
+    Ok(blocks)
+}
+
+/// `Q^T` (`k x m`) from the block reflectors, accumulated backwards.
+fn form_qt(cpu: &Cpu, blocks: &[BlockReflector], m: usize, k: usize) -> Result<Mat<f32>> {
+    let mut qt = Mat::zeros(k, m);
+    for i in 0..k {
+        *qt.at_mut(i, i) = 1.0;
+    }
+    for BlockReflector { start, vt, t } in blocks.iter().rev() {
+        // Q2 <- (I - V T V^T) Q2, i.e. Qt2 <- Qt2 - ((Qt2 V) T^T) V^T.
+        let (rows, width) = (k - start, m - start);
+        let y = product(
+            cpu,
+            block(&qt, *start, *start, rows, width),
+            Transpose::No,
+            vt.as_ref(),
+            Transpose::Yes,
+        )?;
+        let z = product(cpu, y.as_ref(), Transpose::No, t.as_ref(), Transpose::Yes)?;
+        let qt2 = block_mut(&mut qt, *start, *start, rows, width);
+        gemm(
+            cpu,
+            -1.0,
+            z.as_ref(),
+            Transpose::No,
+            vt.as_ref(),
+            Transpose::No,
+            1.0,
+            qt2,
+        )?;
+    }
+    Ok(qt)
+}
+
+/// `a^T` as a new matrix.
+pub(crate) fn transpose(a: MatRef<'_, f32>) -> Mat<f32> {
+    // PERF: 32 x 32 tiles keep both the rows read and the rows written in L1.
+    const TILE: usize = 32;
+    let mut out = Mat::zeros(a.cols(), a.rows());
+    for i0 in (0..a.rows()).step_by(TILE) {
+        for j0 in (0..a.cols()).step_by(TILE) {
+            for i in i0..(i0 + TILE).min(a.rows()) {
+                let row = a.row(i);
+                for j in j0..(j0 + TILE).min(a.cols()) {
+                    *out.at_mut(j, i) = row[j];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Householder QR of `w = A^T` (consumed) as `(Q^T, R)` with `diag(R) >= 0`.
+pub(crate) fn qr_of_transposed(cpu: &Cpu, mut w: Mat<f32>) -> Result<(Mat<f32>, Mat<f32>)> {
+    let (n, m) = (w.rows(), w.cols());
+    let k = m.min(n);
+    let blocks = factor(cpu, &mut w)?;
+    let mut qt = form_qt(cpu, &blocks, m, k)?;
+    let mut r = Mat::from_fn(k, n, |i, j| if i <= j { w.at(j, i) } else { 0.0 });
+    for i in 0..k {
+        if r.at(i, i) < 0.0 {
+            r.row_mut(i).iter_mut().for_each(|v| *v = -*v);
+            qt.row_mut(i).iter_mut().for_each(|v| *v = -*v);
+        }
+    }
+    Ok((qt, r))
+}
+
+/// Householder thin QR, blocked: `A = Q R` with `Q` `m x k` orthonormal and `R` `k x n` upper
+/// triangular with `diag(R) >= 0` (`k = min(m, n)`); rank-deficient `A` is fine.
+///
+/// ```
+/// use kernels_core::MatRef;
+/// use kernels_cpu::{Cpu, linalg::householder_qr};
+/// let a = [3.0f32, 1.0, 4.0, 2.0]; // [[3, 1], [4, 2]]
+/// let qr = householder_qr(&Cpu::detect(), MatRef::from_slice(&a, 2, 2)?)?;
+/// assert!((qr.r.at(0, 0) - 5.0).abs() < 1e-6);
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
+pub fn householder_qr<T: Element>(cpu: &Cpu, a: MatRef<'_, T>) -> Result<Qr> {
+    let (qt, r) = qr_of_transposed(cpu, transposed_checked("a", a)?)?;
+    Ok(Qr {
+        q: transpose(qt.as_ref()),
+        r,
+    })
+}
+
+/// CGS2 thin QR of a tall-skinny full-rank `a` (`m >= n`): blocks of [`PANEL`] columns are
+/// orthogonalised against the previous ones by two GEMM passes, then among themselves, twice.
+/// A column whose norm falls below [`CGS2_DEPENDENCE_TOLERANCE`] of its original norm is
+/// [`Error::Singular`].
+pub fn cgs2<T: Element>(cpu: &Cpu, a: MatRef<'_, T>) -> Result<Qr> {
+    let (m, n) = (a.rows(), a.cols());
+    if m < n {
+        return Err(Error::ShapeMismatch {
+            what: "a (CGS2 needs rows >= cols)",
+            expected: [n, n],
+            found: [m, n],
+        });
+    }
+    let mut w = transposed_checked("a", a)?;
+    let original: Vec<f64> = (0..n)
+        .map(|j| libm::sqrt(sum_squares_f64(w.row(j))))
+        .collect();
+    let mut r = Mat::zeros(n, n);
+    for start in (0..n).step_by(PANEL) {
+        let nb = PANEL.min(n - start);
+        let (done, rest) = w.as_mut_slice().split_at_mut(start * m);
+        let qt_done = MatRef::from_slice(done, start, m)?;
+        let mut blk = MatMut::from_slice(&mut rest[..nb * m], nb, m)?;
+        if start > 0 {
+            for _pass in 0..2 {
+                let c = product(cpu, qt_done, Transpose::No, blk.as_ref(), Transpose::Yes)?;
+                for i in 0..start {
+                    for (rv, cv) in r.row_mut(i)[start..start + nb].iter_mut().zip(c.row(i)) {
+                        *rv += cv;
+                    }
+                }
+                gemm(
+                    cpu,
+                    -1.0,
+                    c.as_ref(),
+                    Transpose::Yes,
+                    qt_done,
+                    Transpose::No,
+                    1.0,
+                    blk.rb_mut(),
+                )?;
+            }
+        }
+        let blk = blk.as_mut_slice();
+        for jj in 0..nb {
+            let j = start + jj;
+            let (finished, current) = blk.split_at_mut(jj * m);
+            let v = &mut current[..m];
+            for _pass in 0..2 {
+                let coefficients: Vec<f32> = finished.chunks_exact(m).map(|q| dot(q, v)).collect();
+                for (ii, (q, &c)) in finished.chunks_exact(m).zip(&coefficients).enumerate() {
+                    *r.at_mut(start + ii, j) += c;
+                    axpy(-c, q, v);
+                }
+            }
+            let norm = libm::sqrt(sum_squares_f64(v));
+            if !(norm > CGS2_DEPENDENCE_TOLERANCE * original[j]) {
+                return Err(Error::Singular {
+                    what: "CGS2",
+                    index: j,
+                });
+            }
+            *r.at_mut(j, j) = norm as f32;
+            let inverse = (1.0 / norm) as f32;
+            for t in v.iter_mut() {
+                *t *= inverse;
+            }
+        }
+    }
+    Ok(Qr {
+        q: transpose(w.as_ref()),
+        r,
+    })
+}
+
+/// Columns of `X` per panel of the projections: a panel of `m` rows stays in L2 between its two
+/// GEMMs.
+// PERF: about 1 MiB of f32 per panel; 16 columns at least so each row segment fills a cache line.
+fn panel_columns(m: usize) -> usize {
+    ((256 * 1024) / m.max(1)).clamp(16, 1024) / 16 * 16
+}
+
+/// `out = X - Q (Q^T X)`: the part of `X` orthogonal to the columns of `Q` (`m x r`,
+/// orthonormal columns, not checked: that costs as much as the projection).
+///
+/// Fused: `X` is processed in column panels that stay in cache, so it is read from memory once
+/// and `out` written once; `Q^T X` never exists beyond one panel. On error `out` is unspecified.
+pub fn project_out<Q: Element, X: Element>(
+    cpu: &Cpu,
+    q: MatRef<'_, Q>,
+    x: MatRef<'_, X>,
+    out: MatMut<'_, f32>,
+) -> Result<()> {
+    project(cpu, q, x, out, true)
+}
+
+/// `out = Q (Q^T X)`: the part of `X` in the span of the columns of `Q`; fused as
+/// [`project_out`].
+pub fn project_onto<Q: Element, X: Element>(
+    cpu: &Cpu,
+    q: MatRef<'_, Q>,
+    x: MatRef<'_, X>,
+    out: MatMut<'_, f32>,
+) -> Result<()> {
+    project(cpu, q, x, out, false)
+}
+
+fn project<Q: Element, X: Element>(
+    cpu: &Cpu,
+    q: MatRef<'_, Q>,
+    x: MatRef<'_, X>,
+    mut out: MatMut<'_, f32>,
+    complement: bool,
+) -> Result<()> {
+    let (m, n) = (x.rows(), x.cols());
+    if q.rows() != m {
+        return Err(Error::ShapeMismatch {
+            what: "q",
+            expected: [m, q.cols()],
+            found: q.shape(),
+        });
+    }
+    out.expect_shape("out", [m, n])?;
+    let q = widen_checked("q", q)?;
+    let panel = panel_columns(m);
+    let parts = parallel::parts_for(cpu.threads(), n, panel);
+    let out = ViewMut::of(&mut out);
+    let single = Cpu { threads: 1, ..*cpu };
+    let ranges: Vec<Range<usize>> = parallel::ranges(n, parts, panel).collect();
+    let mut first_bad = vec![None; ranges.len()];
+    let items: Vec<_> = ranges.into_iter().zip(first_bad.iter_mut()).collect();
+    parallel::for_each(items, |(columns, bad)| {
+        *bad = project_columns(
+            &single,
+            &q,
+            x,
+            &out.columns(columns.clone()),
+            columns,
+            panel,
+            complement,
+        );
+    });
+    match first_bad.into_iter().flatten().min() {
+        Some(index) => Err(Error::NonFinite { what: "x", index }),
+        None => Ok(()),
+    }
+}
+
+/// The projection of columns `columns` of `x` into `out` (those columns of the output), panel
+/// by panel; returns the first flat index of a non-finite `x` in them, if any.
+fn project_columns<X: Element>(
+    cpu: &Cpu,
+    q: &Mat<f32>,
+    x: MatRef<'_, X>,
+    out: &ViewMut,
+    columns: Range<usize>,
+    panel: usize,
+    complement: bool,
+) -> Option<usize> {
+    let (m, r) = (x.rows(), q.cols());
+    let mut widened = if X::DTYPE == DType::F32 {
+        Vec::new()
+    } else {
+        vec![0.0f32; m * panel]
+    };
+    let mut coefficients = Mat::zeros(r, panel);
+    for p0 in (columns.start..columns.end).step_by(panel) {
+        let width = panel.min(columns.end - p0);
+        let x_panel = x.submatrix(0, p0, m, width).expect("panel inside x");
+        let x_panel: MatRef<'_, f32> = if X::DTYPE == DType::F32 {
+            MatRef::new(
+                bytemuck::cast_slice(x_panel.as_slice()),
+                m,
+                width,
+                x.row_stride(),
+            )
+            .expect("same view, as f32")
+        } else {
+            for (i, row) in x_panel.row_iter().enumerate() {
+                for (o, v) in widened[i * width..][..width].iter_mut().zip(row) {
+                    *o = v.to_f32();
+                }
+            }
+            MatRef::from_slice(&widened[..m * width], m, width).expect("contiguous panel")
+        };
+        // The check also brings the panel into cache for the two GEMMs.
+        if x_panel.row_iter().flatten().any(|v| !v.is_finite()) {
+            return first_non_finite(x, columns);
+        }
+        let c = ViewMut::of(
+            &mut coefficients
+                .as_mut()
+                .submatrix_mut(0, 0, r, width)
+                .expect("fits"),
+        );
+        let out_panel = out.columns(p0 - columns.start..p0 - columns.start + width);
+        let q_view = View::of(q.as_ref(), Transpose::No);
+        // SAFETY: every view is in bounds of a live borrow; `out_panel` covers columns no other
+        // thread writes, and overlaps neither `q`, `x` nor the coefficients.
+        unsafe {
+            gemm_views(
+                cpu,
+                1.0,
+                View::of(q.as_ref(), Transpose::Yes),
+                View::of(x_panel, Transpose::No),
+                0.0,
+                &c,
+            );
+            let c = View::of(
+                coefficients
+                    .as_ref()
+                    .submatrix(0, 0, r, width)
+                    .expect("fits"),
+                Transpose::No,
+            );
+            if complement {
+                out_panel.copy_from(x_panel);
+                gemm_views(cpu, -1.0, q_view, c, 1.0, &out_panel);
+            } else {
+                gemm_views(cpu, 1.0, q_view, c, 0.0, &out_panel);
+            }
+        }
+    }
+    None
+}
+
+/// The smallest flat index of a non-finite element of `x` within `columns`.
+fn first_non_finite<X: Element>(x: MatRef<'_, X>, columns: Range<usize>) -> Option<usize> {
+    x.row_iter().enumerate().find_map(|(i, row)| {
+        row[columns.clone()]
+            .iter()
+            .position(|v| !v.to_f32().is_finite())
+            .map(|j| i * x.cols() + columns.start + j)
+    })
+}

@@ -1,0 +1,892 @@
+//! The linear-algebra kernels against the `kernels-core` references and against the properties
+//! each factorisation promises, on every GEMM backend.
+
+mod common;
+
+use half::f16;
+use kernels_core::ops::lowrank::{
+    LoraRank, LuParams, RsvdParams, lora_extract_ref, lu_ref, opcm_project_ref, thin_svd_ref,
+};
+use kernels_core::ops::project::{householder_qr_ref, project_onto_ref, project_out_ref};
+use kernels_core::{CounterRng, Error, Mat, MatMut, MatRef};
+use kernels_cpu::Cpu;
+use kernels_cpu::linalg::{
+    self, GemmBackend, StreamingSvd, Transpose, factorisation_tolerance, gemm,
+};
+use proptest::prelude::*;
+
+/// `k eps sum_p |a_ip| |b_pj|` per unit: the classical bound of a dot product of length `k`.
+const GEMM_TOLERANCE_FACTOR: f64 = 2.0;
+
+/// Every GEMM backend (faer's threaded, faer's on one thread, the portable kernel).
+fn backends() -> Vec<Cpu> {
+    let cpu = Cpu::detect();
+    vec![
+        cpu,
+        cpu.with_threads(1).expect("one thread"),
+        cpu.with_gemm_backend(GemmBackend::Portable),
+    ]
+}
+
+fn random(m: usize, n: usize, seed: u64) -> Mat<f64> {
+    let rng = CounterRng::new(seed);
+    Mat::from_fn(m, n, |i, j| rng.normal_at((i * n + j) as u64))
+}
+
+/// `U diag(s) V^T` with random orthonormal `U` (`m x k`) and `V` (`n x k`).
+fn with_spectrum(m: usize, n: usize, s: &[f64], seed: u64) -> Mat<f64> {
+    let k = s.len();
+    let u = householder_qr_ref(random(m, k, seed).as_ref()).unwrap().q;
+    let v = householder_qr_ref(random(n, k, seed + 1).as_ref())
+        .unwrap()
+        .q;
+    let us = Mat::from_fn(m, k, |i, j| u.at(i, j) * s[j]);
+    us.matmul(&v.transpose())
+}
+
+/// Singular values geometrically from 1 down to `1 / condition`.
+fn graded(k: usize, condition: f64) -> Vec<f64> {
+    (0..k)
+        .map(|i| condition.powf(-(i as f64) / (k.max(2) - 1) as f64))
+        .collect()
+}
+
+fn widen(m: &Mat<f32>) -> Mat<f64> {
+    Mat::widen(m.as_ref())
+}
+
+fn assert_within(what: &str, error: f64, bound: f64) {
+    assert!(error <= bound, "{what}: error {error:e} > bound {bound:e}");
+}
+
+/// The hard matrices of the acceptance list, `m x n`: random, rank-deficient, condition 1e6,
+/// zero.
+fn hard_matrices(m: usize, n: usize, seed: u64) -> Vec<(&'static str, Mat<f32>)> {
+    let k = m.min(n);
+    let mut out = vec![
+        ("random", random(m, n, seed).to_f32()),
+        ("zero", Mat::zeros(m, n)),
+    ];
+    if k >= 2 {
+        let mut deficient = graded(k, 10.0);
+        deficient[k / 2..].fill(0.0);
+        out.push((
+            "rank-deficient",
+            with_spectrum(m, n, &deficient, seed).to_f32(),
+        ));
+        out.push((
+            "condition 1e6",
+            with_spectrum(m, n, &graded(k, 1e6), seed).to_f32(),
+        ));
+    }
+    out
+}
+
+const SHAPES: [(usize, usize); 12] = [
+    (0, 0),
+    (0, 4),
+    (4, 0),
+    (1, 1),
+    (1, 7),
+    (7, 1),
+    (7, 3),
+    (3, 7),
+    (33, 33),
+    (97, 31),
+    (40, 131),
+    (300, 65),
+];
+
+// ---------------------------------------------------------------- GEMM
+
+fn check_gemm(cpu: &Cpu, m: usize, k: usize, n: usize, seed: u64) {
+    for (a_op, b_op) in [
+        (Transpose::No, Transpose::No),
+        (Transpose::Yes, Transpose::No),
+        (Transpose::No, Transpose::Yes),
+        (Transpose::Yes, Transpose::Yes),
+    ] {
+        let a = random(m, k, seed).to_f32();
+        let b = random(k, n, seed + 1).to_f32();
+        let (a_stored, b_stored) = (
+            if a_op == Transpose::Yes {
+                a.transpose()
+            } else {
+                a.clone()
+            },
+            if b_op == Transpose::Yes {
+                b.transpose()
+            } else {
+                b.clone()
+            },
+        );
+        let c0 = random(m, n, seed + 2).to_f32();
+        for (alpha, beta) in [(1.0f32, 0.0f32), (-0.5, 1.0), (2.0, -0.25)] {
+            let mut c = c0.clone();
+            if beta == 0.0 && m * n > 0 {
+                // beta = 0 must not read c: a NaN there may not propagate.
+                *c.at_mut(0, 0) = f32::NAN;
+            }
+            gemm(
+                cpu,
+                alpha,
+                a_stored.as_ref(),
+                a_op,
+                b_stored.as_ref(),
+                b_op,
+                beta,
+                c.as_mut(),
+            )
+            .unwrap();
+            let (a64, b64) = (widen(&a), widen(&b));
+            for i in 0..m {
+                for j in 0..n {
+                    let exact: f64 = (0..k).map(|p| a64.at(i, p) * b64.at(p, j)).sum::<f64>()
+                        * f64::from(alpha)
+                        + f64::from(beta) * f64::from(c0.at(i, j));
+                    let scale: f64 = (0..k)
+                        .map(|p| (a64.at(i, p) * b64.at(p, j)).abs())
+                        .sum::<f64>()
+                        * f64::from(alpha.abs())
+                        + f64::from((beta * c0.at(i, j)).abs());
+                    let bound =
+                        GEMM_TOLERANCE_FACTOR * f64::from(f32::EPSILON) * (k + 2) as f64 * scale;
+                    let got = f64::from(c.at(i, j));
+                    assert!(
+                        (got - exact).abs() <= bound,
+                        "gemm {m}x{k}x{n} {a_op:?} {b_op:?} alpha {alpha} beta {beta} at ({i}, {j}): {got} vs {exact}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn gemm_matches_f64_products(cpu: &Cpu) {
+    let cpu = cpu.with_gemm_backend(GemmBackend::Portable);
+    for (i, &(m, k, n)) in [
+        (0, 3, 4),
+        (3, 0, 4),
+        (3, 4, 0),
+        (1, 1, 1),
+        (5, 17, 33),
+        (17, 257, 15),
+        (4, 300, 3),
+        (64, 64, 600),
+    ]
+    .iter()
+    .enumerate()
+    {
+        check_gemm(&cpu, m, k, n, i as u64);
+    }
+}
+isa_tests!(gemm_matches_f64_products);
+
+#[test]
+fn faer_gemm_matches_f64_products() {
+    for cpu in backends() {
+        for (i, &(m, k, n)) in [(0, 3, 4), (3, 0, 4), (1, 1, 1), (5, 17, 33), (130, 257, 70)]
+            .iter()
+            .enumerate()
+        {
+            check_gemm(&cpu, m, k, n, 10 + i as u64);
+        }
+    }
+}
+
+#[test]
+fn gemm_rejects_bad_input() {
+    let cpu = Cpu::detect();
+    let a = Mat::<f32>::zeros(3, 4);
+    let mut c = Mat::<f32>::zeros(3, 3);
+    let err = gemm(
+        &cpu,
+        1.0,
+        a.as_ref(),
+        Transpose::No,
+        a.as_ref(),
+        Transpose::No,
+        0.0,
+        c.as_mut(),
+    );
+    assert!(matches!(err, Err(Error::ShapeMismatch { .. })), "{err:?}");
+    let err = gemm(
+        &cpu,
+        1.0,
+        a.as_ref(),
+        Transpose::No,
+        a.as_ref(),
+        Transpose::Yes,
+        0.0,
+        c.as_mut(),
+    );
+    assert!(err.is_ok());
+    let mut wrong = Mat::<f32>::zeros(3, 4);
+    let err = gemm(
+        &cpu,
+        1.0,
+        a.as_ref(),
+        Transpose::No,
+        a.as_ref(),
+        Transpose::Yes,
+        0.0,
+        wrong.as_mut(),
+    );
+    assert!(
+        matches!(err, Err(Error::ShapeMismatch { what: "c", .. })),
+        "{err:?}"
+    );
+    let err = gemm(
+        &cpu,
+        f32::NAN,
+        a.as_ref(),
+        Transpose::No,
+        a.as_ref(),
+        Transpose::Yes,
+        0.0,
+        c.as_mut(),
+    );
+    assert!(
+        matches!(err, Err(Error::InvalidParam { name: "alpha", .. })),
+        "{err:?}"
+    );
+}
+
+// ---------------------------------------------------------------- QR, CGS2, projections
+
+fn check_qr(what: &str, a: &Mat<f32>, qr: &linalg::Qr) {
+    let (m, n) = (a.rows(), a.cols());
+    let tol = factorisation_tolerance(m, n);
+    let a64 = widen(a);
+    let (q, r) = (widen(&qr.q), widen(&qr.r));
+    assert_eq!(q.shape(), [m, m.min(n)], "{what}: Q shape");
+    assert_eq!(r.shape(), [m.min(n), n], "{what}: R shape");
+    assert_within(
+        &format!("{what} {m}x{n}: ||A - QR|| / ||A||"),
+        q.matmul(&r).distance(&a64),
+        tol * a64.frobenius_norm(),
+    );
+    assert_within(
+        &format!("{what} {m}x{n}: ||Q^T Q - I||"),
+        q.orthogonality_error(),
+        tol,
+    );
+    for i in 0..r.rows() {
+        assert!(r.at(i, i) >= 0.0, "{what}: negative diagonal");
+        for j in 0..i {
+            assert_eq!(r.at(i, j), 0.0, "{what}: R not upper triangular");
+        }
+    }
+}
+
+#[test]
+fn householder_qr_is_backward_stable_on_hard_matrices() {
+    for cpu in backends() {
+        for (i, &(m, n)) in SHAPES.iter().enumerate() {
+            for (kind, a) in hard_matrices(m, n, i as u64) {
+                let qr = linalg::householder_qr(&cpu, a.as_ref()).unwrap();
+                check_qr(&format!("QR of {kind}"), &a, &qr);
+                if kind == "random" {
+                    // Unique factors for full-rank input: R matches the reference.
+                    let reference = householder_qr_ref(a.as_ref()).unwrap();
+                    let bound = 100.0 * factorisation_tolerance(m, n) * widen(&a).frobenius_norm();
+                    assert_within(
+                        "R vs reference",
+                        widen(&qr.r).distance(&reference.r),
+                        bound.max(1e-30),
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn cgs2_matches_householder_and_rejects_dependence() {
+    for cpu in backends() {
+        for (i, &(m, n)) in [(1, 1), (7, 3), (33, 33), (97, 31), (300, 65), (500, 100)]
+            .iter()
+            .enumerate()
+        {
+            let a = random(m, n, 40 + i as u64).to_f32();
+            let qr = linalg::cgs2(&cpu, a.as_ref()).unwrap();
+            check_qr("CGS2", &a, &qr);
+            let householder = linalg::householder_qr(&cpu, a.as_ref()).unwrap();
+            let bound = 100.0 * factorisation_tolerance(m, n) * (n as f64).sqrt();
+            assert_within(
+                "CGS2 Q vs Householder Q",
+                widen(&qr.q).distance(&widen(&householder.q)),
+                bound,
+            );
+        }
+        let ill = with_spectrum(200, 20, &graded(20, 1e6), 7).to_f32();
+        check_qr(
+            "CGS2 condition 1e6",
+            &ill,
+            &linalg::cgs2(&cpu, ill.as_ref()).unwrap(),
+        );
+        let mut dependent = random(50, 5, 3).to_f32();
+        for i in 0..50 {
+            *dependent.at_mut(i, 3) = 2.0 * dependent.at(i, 1);
+        }
+        assert!(matches!(
+            linalg::cgs2(&cpu, dependent.as_ref()),
+            Err(Error::Singular {
+                what: "CGS2",
+                index: 3
+            })
+        ));
+        let wide = Mat::<f32>::zeros(3, 5);
+        assert!(matches!(
+            linalg::cgs2(&cpu, wide.as_ref()),
+            Err(Error::ShapeMismatch { .. })
+        ));
+    }
+}
+
+fn check_projection<X: kernels_core::Element>(cpu: &Cpu, m: usize, n: usize, r: usize, seed: u64) {
+    let q = householder_qr_ref(random(m, r, seed).as_ref())
+        .unwrap()
+        .q
+        .to_f32();
+    let x: Vec<X> = random(m, n, seed + 1)
+        .as_slice()
+        .iter()
+        .map(|&v| X::from_f32(v as f32))
+        .collect();
+    let x = MatRef::from_slice(&x, m, n).unwrap();
+    let x_norm = x
+        .row_iter()
+        .flatten()
+        .map(|v| f64::from(v.to_f32()).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    for out_of in [true, false] {
+        let (mut got, mut expect) = (vec![0.0f32; m * n], vec![0.0f32; m * n]);
+        let (g, e) = (
+            MatMut::from_slice(&mut got, m, n).unwrap(),
+            MatMut::from_slice(&mut expect, m, n).unwrap(),
+        );
+        if out_of {
+            linalg::project_out(cpu, q.as_ref(), x, g).unwrap();
+            project_out_ref(q.as_ref(), x, e).unwrap();
+        } else {
+            linalg::project_onto(cpu, q.as_ref(), x, g).unwrap();
+            project_onto_ref(q.as_ref(), x, e).unwrap();
+        }
+        let error = got
+            .iter()
+            .zip(&expect)
+            .map(|(a, b)| f64::from(a - b).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        assert_within(
+            &format!("projection (out: {out_of}) {m}x{n} r {r}"),
+            error,
+            factorisation_tolerance(m, n) * x_norm.max(f64::MIN_POSITIVE),
+        );
+    }
+}
+
+#[test]
+fn projections_match_the_reference() {
+    for cpu in backends() {
+        let cpu = cpu.with_min_bytes_per_thread(1);
+        for (i, &(m, n, r)) in [
+            (1, 1, 1),
+            (5, 0, 2),
+            (17, 33, 0),
+            (17, 33, 4),
+            (64, 700, 16),
+            (300, 97, 64),
+            (1000, 130, 5),
+        ]
+        .iter()
+        .enumerate()
+        {
+            check_projection::<f32>(&cpu, m, n, r, 60 + i as u64);
+            check_projection::<f16>(&cpu, m, n, r, 70 + i as u64);
+        }
+    }
+}
+
+#[test]
+fn projections_reject_bad_input() {
+    let cpu = Cpu::detect();
+    let q = Mat::<f32>::zeros(5, 2);
+    let mut x = random(5, 40, 1).to_f32();
+    let mut out = Mat::<f32>::zeros(5, 40);
+    let wrong_q = Mat::<f32>::zeros(4, 2);
+    assert!(matches!(
+        linalg::project_out(&cpu, wrong_q.as_ref(), x.as_ref(), out.as_mut()),
+        Err(Error::ShapeMismatch { what: "q", .. })
+    ));
+    let mut wrong_out = Mat::<f32>::zeros(5, 39);
+    assert!(matches!(
+        linalg::project_out(&cpu, q.as_ref(), x.as_ref(), wrong_out.as_mut()),
+        Err(Error::ShapeMismatch { what: "out", .. })
+    ));
+    *x.at_mut(3, 37) = f32::INFINITY;
+    *x.at_mut(4, 2) = f32::NAN;
+    for cpu in [
+        cpu,
+        cpu.with_threads(3).unwrap().with_min_bytes_per_thread(1),
+    ] {
+        assert_eq!(
+            linalg::project_onto(&cpu, q.as_ref(), x.as_ref(), out.as_mut()),
+            Err(Error::NonFinite {
+                what: "x",
+                index: 3 * 40 + 37
+            })
+        );
+    }
+}
+
+// ---------------------------------------------------------------- LU / LDU
+
+#[test]
+fn lu_reconstructs_and_pivots_as_the_reference() {
+    for cpu in backends() {
+        for (i, &(m, n)) in SHAPES.iter().chain(&[(200, 200), (130, 61)]).enumerate() {
+            for (kind, a) in hard_matrices(m, n, 80 + i as u64) {
+                let f = linalg::lu(&cpu, a.as_ref()).unwrap();
+                let a64 = widen(&a);
+                let pa = Mat::from_fn(m, n, |r, c| a64.at(f.perm[r], c));
+                let error = widen(&f.l).matmul(&widen(&f.u)).distance(&pa);
+                // Partial pivoting's growth is small on these matrices; the bound allows n of it.
+                assert_within(
+                    &format!("LU of {kind} {m}x{n}"),
+                    error,
+                    factorisation_tolerance(m, n)
+                        * (m.min(n).max(1) as f64).sqrt()
+                        * a64.frobenius_norm(),
+                );
+                if kind == "random" {
+                    assert_eq!(f.perm, lu_ref(a.as_ref()).unwrap().perm, "pivots {m}x{n}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn ldu_reconstructs_and_guards_small_pivots() {
+    let cpu = Cpu::detect();
+    let a = random(70, 70, 5).to_f32();
+    let f = linalg::ldu(&cpu, a.as_ref(), LuParams::default()).unwrap();
+    let a64 = widen(&a);
+    let ld = Mat::from_fn(70, 70, |i, j| f.l.at(i, j) as f64 * f64::from(f.d[j]));
+    let pa = Mat::from_fn(70, 70, |r, c| a64.at(f.perm[r], c));
+    assert_within(
+        "LDU",
+        ld.matmul(&widen(&f.u)).distance(&pa),
+        factorisation_tolerance(70, 70) * 70f64.sqrt() * a64.frobenius_norm(),
+    );
+    for i in 0..70 {
+        assert_eq!(f.u.at(i, i), 1.0);
+    }
+    let mut singular = a.clone();
+    for j in 0..70 {
+        *singular.at_mut(9, j) = singular.at(2, j);
+    }
+    assert!(matches!(
+        linalg::ldu(&cpu, singular.as_ref(), LuParams::default()),
+        Err(Error::Singular { what: "LDU", .. })
+    ));
+    let mut nan = a.clone();
+    *nan.at_mut(1, 2) = f32::NAN;
+    assert_eq!(
+        linalg::lu(&cpu, nan.as_ref()),
+        Err(Error::NonFinite {
+            what: "a",
+            index: 72
+        })
+    );
+}
+
+// ---------------------------------------------------------------- SVD
+
+fn check_svd(what: &str, a: &Mat<f32>, svd: &linalg::Svd) {
+    let (m, n) = (a.rows(), a.cols());
+    let k = m.min(n);
+    let tol = factorisation_tolerance(m, n);
+    let a64 = widen(a);
+    assert_eq!(svd.s.len(), k);
+    let (u, v) = (widen(&svd.u), widen(&svd.v));
+    let us = Mat::from_fn(m, k, |i, j| u.at(i, j) * f64::from(svd.s[j]));
+    assert_within(
+        &format!("{what} {m}x{n}: reconstruction"),
+        us.matmul(&v.transpose()).distance(&a64),
+        tol * a64.frobenius_norm(),
+    );
+    assert_within(
+        &format!("{what} {m}x{n}: U orthogonality"),
+        u.orthogonality_error(),
+        tol,
+    );
+    assert_within(
+        &format!("{what} {m}x{n}: V orthogonality"),
+        v.orthogonality_error(),
+        tol,
+    );
+    assert!(svd.s.windows(2).all(|w| w[0] >= w[1]), "{what}: descending");
+    let reference = thin_svd_ref(a.as_ref()).unwrap();
+    let s_max = reference.s.first().copied().unwrap_or(0.0);
+    for (g, e) in svd.s.iter().zip(&reference.s) {
+        assert_within(
+            &format!("{what} {m}x{n}: singular value"),
+            (f64::from(*g) - e).abs(),
+            tol * s_max,
+        );
+    }
+}
+
+#[test]
+fn thin_svd_is_accurate_on_hard_matrices() {
+    for cpu in backends() {
+        for (i, &(m, n)) in SHAPES.iter().enumerate() {
+            for (kind, a) in hard_matrices(m, n, 90 + i as u64) {
+                let svd = linalg::thin_svd(&cpu, a.as_ref()).unwrap();
+                check_svd(&format!("SVD of {kind}"), &a, &svd);
+            }
+        }
+    }
+}
+
+#[test]
+fn thin_svd_signs_and_vectors_match_the_reference() {
+    let cpu = Cpu::detect();
+    let a = with_spectrum(
+        60,
+        25,
+        &(0..25).map(|i| 10.0 - 0.3 * i as f64).collect::<Vec<_>>(),
+        3,
+    )
+    .to_f32();
+    let svd = linalg::thin_svd(&cpu, a.as_ref()).unwrap();
+    let reference = thin_svd_ref(a.as_ref()).unwrap();
+    // Gaps of 0.3 on a spectrum of 10: vectors are determined to about eps * 10 / 0.3.
+    let bound = 40.0 * factorisation_tolerance(60, 25) * 10.0 / 0.3;
+    assert_within(
+        "U vs reference",
+        widen(&svd.u).distance(&reference.u),
+        bound,
+    );
+    assert_within(
+        "V vs reference",
+        widen(&svd.v).distance(&reference.v),
+        bound,
+    );
+}
+
+#[test]
+fn svd_errors() {
+    let cpu = Cpu::detect();
+    let mut a = random(6, 4, 1).to_f32();
+    *a.at_mut(5, 3) = f32::NEG_INFINITY;
+    assert_eq!(
+        linalg::thin_svd(&cpu, a.as_ref()),
+        Err(Error::NonFinite {
+            what: "a",
+            index: 23
+        })
+    );
+    assert!(matches!(
+        linalg::randomized_svd(&cpu, a.as_ref(), RsvdParams::new(2)),
+        Err(Error::NonFinite { .. })
+    ));
+    let b = random(6, 4, 1).to_f32();
+    for rank in [0, 5] {
+        assert!(matches!(
+            linalg::randomized_svd(&cpu, b.as_ref(), RsvdParams::new(rank)),
+            Err(Error::InvalidParam { name: "rank", .. })
+        ));
+    }
+}
+
+#[test]
+fn randomized_svd_is_near_optimal() {
+    for cpu in backends() {
+        for (m, n, r) in [(300, 200, 10), (150, 400, 16), (64, 64, 64)] {
+            let k = m.min(n);
+            let spectrum: Vec<f64> = (0..k).map(|i| 1.0 / (1.0 + i as f64).powf(1.5)).collect();
+            let a = with_spectrum(m, n, &spectrum, 5).to_f32();
+            let svd = linalg::randomized_svd(&cpu, a.as_ref(), RsvdParams::new(r)).unwrap();
+            let a64 = widen(&a);
+            let us = Mat::from_fn(m, r, |i, j| f64::from(svd.u.at(i, j)) * f64::from(svd.s[j]));
+            let error = us.matmul(&widen(&svd.v).transpose()).distance(&a64);
+            let reference = thin_svd_ref(a.as_ref()).unwrap();
+            let optimal = reference.s[r..].iter().map(|v| v * v).sum::<f64>().sqrt();
+            assert_within(
+                &format!("rSVD {m}x{n} rank {r}"),
+                error,
+                1.1 * optimal + factorisation_tolerance(m, n) * a64.frobenius_norm(),
+            );
+            assert_within(
+                "U orthogonality",
+                widen(&svd.u).orthogonality_error(),
+                factorisation_tolerance(m, n),
+            );
+            assert_within(
+                "V orthogonality",
+                widen(&svd.v).orthogonality_error(),
+                factorisation_tolerance(m, n),
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------- eigen, LoRA, OPCM
+
+#[test]
+fn symmetric_eigen_of_gram_and_indefinite_matrices() {
+    let cpu = Cpu::detect();
+    let a = random(80, 30, 9);
+    let gram = a.t_matmul(&a).to_f32();
+    let eig = linalg::symmetric_eigen(&cpu, gram.as_ref()).unwrap();
+    let s = thin_svd_ref(a.as_ref()).unwrap().s;
+    let tol = factorisation_tolerance(30, 30);
+    for (w, sv) in eig.values.iter().zip(&s) {
+        assert_within(
+            "eigenvalue of the Gram matrix",
+            (f64::from(*w) - sv * sv).abs(),
+            tol * s[0].powi(2),
+        );
+    }
+    let symmetric = {
+        let b = random(25, 25, 4);
+        Mat::from_fn(25, 25, |i, j| b.at(i, j) + b.at(j, i)).to_f32()
+    };
+    let eig = linalg::symmetric_eigen(&cpu, symmetric.as_ref()).unwrap();
+    let v = widen(&eig.vectors);
+    let vw = Mat::from_fn(25, 25, |i, j| v.at(i, j) * f64::from(eig.values[j]));
+    let s64 = widen(&symmetric);
+    assert_within(
+        "V W V^T",
+        vw.matmul(&v.transpose()).distance(&s64),
+        factorisation_tolerance(25, 25) * s64.frobenius_norm(),
+    );
+    assert_within(
+        "V orthogonality",
+        v.orthogonality_error(),
+        factorisation_tolerance(25, 25),
+    );
+    assert!(eig.values.iter().any(|&w| w < 0.0) && eig.values.windows(2).all(|w| w[0] >= w[1]));
+    let not_square = Mat::<f32>::zeros(3, 4);
+    assert!(matches!(
+        linalg::symmetric_eigen(&cpu, not_square.as_ref()),
+        Err(Error::ShapeMismatch { .. })
+    ));
+}
+
+#[test]
+fn lora_extraction_matches_the_reference() {
+    let cpu = Cpu::detect();
+    let spectrum: Vec<f64> = (0..40).map(|i| 0.8f64.powi(i)).collect();
+    let delta = with_spectrum(90, 40, &spectrum, 12).to_f32();
+    for rule in [
+        LoraRank::Fixed(7),
+        LoraRank::Energy(0.9),
+        LoraRank::Epsilon(0.05),
+        LoraRank::Fixed(0),
+    ] {
+        let got = linalg::lora_extract(&cpu, delta.as_ref(), rule).unwrap();
+        let expect = lora_extract_ref(delta.as_ref(), rule).unwrap();
+        assert_eq!(got.a.rows(), expect.a.rows(), "{rule:?}: rank");
+        let ba = widen(&got.b).matmul(&widen(&got.a));
+        assert_within(
+            &format!("{rule:?}: B A"),
+            ba.distance(&expect.b.matmul(&expect.a)),
+            10.0 * factorisation_tolerance(90, 40),
+        );
+    }
+    let randomized =
+        linalg::lora_extract_randomized(&cpu, delta.as_ref(), RsvdParams::new(7)).unwrap();
+    let expect = lora_extract_ref(delta.as_ref(), LoraRank::Fixed(7)).unwrap();
+    let ba = widen(&randomized.b).matmul(&widen(&randomized.a));
+    // The randomized range finder captures this fast-decaying spectrum to well within 1 %.
+    assert_within(
+        "randomized B A",
+        ba.distance(&expect.b.matmul(&expect.a)),
+        0.01 * widen(&delta).frobenius_norm(),
+    );
+    assert!(matches!(
+        linalg::lora_extract(&cpu, delta.as_ref(), LoraRank::Fixed(41)),
+        Err(Error::InvalidParam { .. })
+    ));
+}
+
+#[test]
+fn opcm_matches_the_reference() {
+    let cpu = Cpu::detect();
+    let (m, n, p) = (50, 40, 30);
+    let u = householder_qr_ref(random(m, p, 1).as_ref())
+        .unwrap()
+        .q
+        .to_f32();
+    let v = householder_qr_ref(random(n, p, 2).as_ref())
+        .unwrap()
+        .q
+        .to_f32();
+    let s: Vec<f32> = (0..p).map(|i| 1.0 / (1.0 + i as f32)).collect();
+    let tau = random(m, n, 3).to_f32();
+    for alpha in [0.0, 0.5, 1.0] {
+        let mut got = Mat::<f32>::zeros(m, n);
+        linalg::opcm_project(
+            &cpu,
+            u.as_ref(),
+            &s,
+            v.as_ref(),
+            tau.as_ref(),
+            alpha,
+            got.as_mut(),
+        )
+        .unwrap();
+        let expect = opcm_project_ref(u.as_ref(), &s, v.as_ref(), tau.as_ref(), alpha).unwrap();
+        assert_within(
+            &format!("OPCM alpha {alpha}"),
+            widen(&got).distance(&expect),
+            factorisation_tolerance(m, n) * widen(&tau).frobenius_norm(),
+        );
+    }
+    let mut out = Mat::<f32>::zeros(m, n);
+    assert!(matches!(
+        linalg::opcm_project(
+            &cpu,
+            u.as_ref(),
+            &s[1..],
+            v.as_ref(),
+            tau.as_ref(),
+            0.5,
+            out.as_mut()
+        ),
+        Err(Error::LengthMismatch { what: "s", .. })
+    ));
+    assert!(matches!(
+        linalg::opcm_project(
+            &cpu,
+            u.as_ref(),
+            &s,
+            v.as_ref(),
+            tau.as_ref(),
+            1.5,
+            out.as_mut()
+        ),
+        Err(Error::InvalidParam { name: "alpha", .. })
+    ));
+}
+
+// ---------------------------------------------------------------- streaming SVD / PCA
+
+/// Subspace distance `||V1^T V1 - V2^T V2||_F` of two row bases.
+fn subspace_distance(a: &Mat<f64>, b: &Mat<f64>) -> f64 {
+    a.t_matmul(a).distance(&b.t_matmul(b))
+}
+
+#[test]
+fn streaming_svd_is_exact_on_low_rank_rows() {
+    let cpu = Cpu::detect();
+    let (rows, dim, rank) = (300, 40, 6);
+    let data = with_spectrum(rows, dim, &[9.0, 7.0, 5.0, 3.0, 2.0, 1.0], 21).to_f32();
+    let mut stream = StreamingSvd::new(&cpu, dim, rank, false).unwrap();
+    let mut changes = vec![];
+    for chunk in 0..(rows / 25) {
+        let batch = data.as_ref().submatrix(chunk * 25, 0, 25, dim).unwrap();
+        changes.push(stream.update(batch).unwrap());
+    }
+    let reference = thin_svd_ref(data.as_ref()).unwrap();
+    for (g, e) in stream.singular_values().iter().zip(&reference.s) {
+        assert_within(
+            "streamed singular value",
+            (f64::from(*g) - e).abs(),
+            10.0 * factorisation_tolerance(rows, dim) * reference.s[0],
+        );
+    }
+    let expect = reference.v.leading_cols(rank).transpose();
+    assert_within(
+        "streamed subspace",
+        subspace_distance(&widen(stream.components()), &expect),
+        10.0 * factorisation_tolerance(rows, dim),
+    );
+    // The subspace settles once every direction has been seen: later changes are rounding.
+    assert!(changes.last().copied().unwrap() < 1e-6, "{changes:?}");
+    assert_eq!(stream.rows_seen(), rows as u64);
+}
+
+#[test]
+fn streaming_pca_centres_and_approximates_the_leading_subspace() {
+    let cpu = Cpu::detect();
+    let (rows, dim, rank) = (400, 30, 4);
+    let signal = with_spectrum(rows, dim, &[40.0, 30.0, 20.0, 10.0], 31);
+    let noise = random(rows, dim, 32);
+    let data = Mat::from_fn(rows, dim, |i, j| {
+        3.0 + signal.at(i, j) + 0.01 * noise.at(i, j)
+    })
+    .to_f32();
+    let mut stream = StreamingSvd::new(&cpu, dim, rank, true).unwrap();
+    for chunk in 0..(rows / 50) {
+        stream
+            .update(data.as_ref().submatrix(chunk * 50, 0, 50, dim).unwrap())
+            .unwrap();
+    }
+    let d64 = widen(&data);
+    let mean: Vec<f64> = (0..dim)
+        .map(|j| (0..rows).map(|i| d64.at(i, j)).sum::<f64>() / rows as f64)
+        .collect();
+    for (g, e) in stream.mean().iter().zip(&mean) {
+        assert!((g - e).abs() <= 1e-9 * 3.0, "mean {g} vs {e}");
+    }
+    let centred = Mat::from_fn(rows, dim, |i, j| d64.at(i, j) - mean[j]);
+    let reference = thin_svd_ref(centred.as_ref()).unwrap();
+    let expect = reference.v.leading_cols(rank).transpose();
+    // Noise of 1e-2 against a signal gap of 10: the subspace is off by about 1e-3.
+    assert_within(
+        "PCA subspace",
+        subspace_distance(&widen(stream.components()), &expect),
+        1e-2,
+    );
+}
+
+#[test]
+fn streaming_svd_rejects_bad_input_and_keeps_its_state() {
+    let cpu = Cpu::detect();
+    assert!(StreamingSvd::new(&cpu, 5, 0, false).is_err());
+    assert!(StreamingSvd::new(&cpu, 5, 6, false).is_err());
+    let mut stream = StreamingSvd::new(&cpu, 5, 2, false).unwrap();
+    stream.update(random(4, 5, 1).to_f32().as_ref()).unwrap();
+    let before = stream.components().clone();
+    assert!(matches!(
+        stream.update(random(4, 6, 1).to_f32().as_ref()),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    let mut nan = random(3, 5, 2).to_f32();
+    *nan.at_mut(2, 4) = f32::NAN;
+    assert_eq!(
+        stream.update(nan.as_ref()),
+        Err(Error::NonFinite {
+            what: "batch",
+            index: 14
+        })
+    );
+    assert_eq!(stream.components(), &before);
+    assert_eq!(stream.rows_seen(), 4);
+}
+
+// ---------------------------------------------------------------- shapes at random
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn factorisations_hold_on_any_shape(m in 0usize..40, n in 0usize..40, seed in any::<u64>()) {
+        let cpu = Cpu::detect();
+        let a = random(m, n, seed).to_f32();
+        check_qr("QR", &a, &linalg::householder_qr(&cpu, a.as_ref()).unwrap());
+        check_svd("SVD", &a, &linalg::thin_svd(&cpu, a.as_ref()).unwrap());
+        let f = linalg::lu(&cpu, a.as_ref()).unwrap();
+        let a64 = widen(&a);
+        let pa = Mat::from_fn(m, n, |r, c| a64.at(f.perm[r], c));
+        let bound = factorisation_tolerance(m, n) * (m.min(n).max(1) as f64).sqrt() * a64.frobenius_norm();
+        prop_assert!(widen(&f.l).matmul(&widen(&f.u)).distance(&pa) <= bound);
+    }
+}

@@ -18,6 +18,8 @@
 //!   permutation (`perm[i]` is the row of `A` that lands in row `i`). A zero pivot column is skipped
 //!   (as LAPACK's getrf does). **LDU**: `U = D U1` with `U1` unit upper; a pivot with
 //!   `|d| <= pivot_guard * max|A|` is [`Error::Singular`].
+//! * **Symmetric eigendecomposition**: `S = V diag(w) V^T`, `w` descending, cyclic Jacobi; see
+//!   [`symmetric_eigen_ref`].
 //! * **OPCM**: see [`opcm_project_ref`].
 
 use alloc::vec;
@@ -450,6 +452,123 @@ pub fn ldu_ref<T: Real>(a: MatRef<'_, T>, params: LuParams) -> Result<Ldu> {
     Ok(Ldu { perm, l, d, u })
 }
 
+/// `S = V diag(values) V^T` of a symmetric matrix.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SymmetricEigen {
+    /// Eigenvalues, descending.
+    pub values: Vec<f64>,
+    /// `n x n`; column `j` is the eigenvector of `values[j]`, its largest-magnitude entry
+    /// positive (the first such entry on ties).
+    pub vectors: Mat<f64>,
+}
+
+/// Whether Jacobi may leave `apq` alone: below `eps` of the geometric mean of its diagonal
+/// entries (which keeps small eigenvalues to high relative accuracy), or below `eps^2 ||A||_F`.
+#[must_use]
+pub fn negligible(apq: f64, app: f64, aqq: f64, norm: f64) -> bool {
+    let abs = apq.abs();
+    abs <= f64::EPSILON * libm::sqrt((app * aqq).abs()) || abs <= f64::EPSILON * f64::EPSILON * norm
+}
+
+/// The Jacobi rotation `(c, s, t = s / c)` that zeroes `apq` of the 2 x 2 block
+/// `[[app, apq], [apq, aqq]]` (Rutishauser's formulas: the smaller angle, `|t| <= 1`).
+#[must_use]
+pub fn jacobi_rotation(app: f64, aqq: f64, apq: f64) -> (f64, f64, f64) {
+    let theta = (aqq - app) / (2.0 * apq);
+    let t = if theta == 0.0 {
+        1.0
+    } else {
+        theta.signum() / (theta.abs() + libm::sqrt(1.0 + theta * theta))
+    };
+    let c = 1.0 / libm::sqrt(1.0 + t * t);
+    (c, t * c, t)
+}
+
+/// Symmetric eigendecomposition by cyclic two-sided Jacobi (reference). Only the lower triangle
+/// of `s` is read. Sweeps until one leaves every off-diagonal entry [`negligible`], at most
+/// [`MAX_JACOBI_SWEEPS`], else [`Error::NotConverged`].
+pub fn symmetric_eigen_ref<T: Real>(s: MatRef<'_, T>) -> Result<SymmetricEigen> {
+    let n = s.rows();
+    s.expect_shape("s (square)", [n, n])?;
+    for i in 0..n {
+        if let Some(j) = s.row(i)[..=i].iter().position(|v| !v.to_f64().is_finite()) {
+            return Err(Error::NonFinite {
+                what: "s",
+                index: i * n + j,
+            });
+        }
+    }
+    let mut a = Mat::from_fn(n, n, |i, j| {
+        if i >= j {
+            s.at(i, j).to_f64()
+        } else {
+            s.at(j, i).to_f64()
+        }
+    });
+    let mut v = Mat::identity(n);
+    let norm = libm::sqrt(a.as_slice().iter().map(|x| x * x).sum());
+    let mut converged = false;
+    for _sweep in 0..MAX_JACOBI_SWEEPS {
+        let mut rotated = false;
+        for p in 0..n {
+            for q in p + 1..n {
+                let apq = a.at(p, q);
+                if negligible(apq, a.at(p, p), a.at(q, q), norm) {
+                    continue;
+                }
+                rotated = true;
+                let (c, sn, _) = jacobi_rotation(a.at(p, p), a.at(q, q), apq);
+                for r in 0..n {
+                    let (arp, arq) = (a.at(r, p), a.at(r, q));
+                    *a.at_mut(r, p) = c * arp - sn * arq;
+                    *a.at_mut(r, q) = sn * arp + c * arq;
+                }
+                for r in 0..n {
+                    let (apr, aqr) = (a.at(p, r), a.at(q, r));
+                    *a.at_mut(p, r) = c * apr - sn * aqr;
+                    *a.at_mut(q, r) = sn * apr + c * aqr;
+                }
+                *a.at_mut(p, q) = 0.0;
+                *a.at_mut(q, p) = 0.0;
+                for r in 0..n {
+                    let (vrp, vrq) = (v.at(r, p), v.at(r, q));
+                    *v.at_mut(r, p) = c * vrp - sn * vrq;
+                    *v.at_mut(r, q) = sn * vrp + c * vrq;
+                }
+            }
+        }
+        if !rotated {
+            converged = true;
+            break;
+        }
+    }
+    if !converged {
+        return Err(Error::NotConverged {
+            what: "symmetric Jacobi eigensolver",
+            iterations: MAX_JACOBI_SWEEPS,
+        });
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&x, &y| a.at(y, y).total_cmp(&a.at(x, x)).then(x.cmp(&y)));
+    let values = order.iter().map(|&j| a.at(j, j)).collect();
+    let mut vectors = Mat::from_fn(n, n, |i, j| v.at(i, order[j]));
+    for j in 0..n {
+        let best = (0..n).fold(0, |b, i| {
+            if vectors.at(i, j).abs() > vectors.at(b, j).abs() {
+                i
+            } else {
+                b
+            }
+        });
+        if vectors.at(best, j) < 0.0 {
+            for i in 0..n {
+                *vectors.at_mut(i, j) = -vectors.at(i, j);
+            }
+        }
+    }
+    Ok(SymmetricEigen { values, vectors })
+}
+
 /// How LoRA extraction picks its rank.
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[non_exhaustive]
@@ -780,6 +899,43 @@ mod tests {
         assert!(lora_rank(LoraRank::Fixed(10), &s).is_err());
         assert!(lora_rank(LoraRank::Energy(0.0), &s).is_err());
         assert!(lora_rank(LoraRank::Epsilon(1.0), &s).is_err());
+    }
+
+    #[test]
+    fn symmetric_eigen_reconstructs_gram_and_indefinite_matrices() {
+        let a = random(40, 12, 3);
+        let s = thin_svd_ref(a.as_ref()).unwrap().s;
+        let gram = a.t_matmul(&a);
+        let eig = symmetric_eigen_ref(gram.as_ref()).unwrap();
+        for (w, sv) in eig.values.iter().zip(&s) {
+            assert!((w - sv * sv).abs() <= bound(12, 12) * s[0] * s[0]);
+        }
+        let b = random(9, 9, 4);
+        let sym = Mat::from_fn(9, 9, |i, j| b.at(i, j) + b.at(j, i));
+        let eig = symmetric_eigen_ref(sym.as_ref()).unwrap();
+        let vw = Mat::from_fn(9, 9, |i, j| eig.vectors.at(i, j) * eig.values[j]);
+        let err = vw.matmul(&eig.vectors.transpose()).distance(&sym);
+        assert!(
+            err <= bound(9, 9) * sym.frobenius_norm(),
+            "{err:e} {:e}",
+            sym.frobenius_norm()
+        );
+        assert!(eig.vectors.orthogonality_error() <= bound(9, 9));
+        assert!(eig.values.windows(2).all(|w| w[0] >= w[1]) && eig.values[8] < 0.0);
+        // Only the lower triangle is read.
+        let mut upper_garbage = sym.clone();
+        *upper_garbage.at_mut(0, 5) = 1e30;
+        assert_eq!(symmetric_eigen_ref(upper_garbage.as_ref()).unwrap(), eig);
+        assert!(
+            symmetric_eigen_ref(Mat::<f64>::zeros(0, 0).as_ref())
+                .unwrap()
+                .values
+                .is_empty()
+        );
+        assert!(matches!(
+            symmetric_eigen_ref(Mat::<f64>::zeros(2, 3).as_ref()),
+            Err(Error::ShapeMismatch { .. })
+        ));
     }
 
     #[test]

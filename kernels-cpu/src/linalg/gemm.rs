@@ -77,6 +77,17 @@ impl View {
         }
     }
 
+    /// The transposed operand.
+    pub(crate) fn transposed(self) -> Self {
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+
     /// Element `(i, j)`.
     ///
     /// # Safety

@@ -4,7 +4,9 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
-use kernels_core::ops::lowrank::{LoraRank, RsvdParams, lora_rank, opcm_rank};
+use kernels_core::ops::lowrank::{
+    LoraRank, RsvdParams, jacobi_rotation, lora_rank, negligible, opcm_rank,
+};
 use kernels_core::{CounterRng, Element, Error, Mat, MatMut, MatRef, Result};
 
 use super::qr::{dot, qr_of_transposed, transpose};
@@ -27,33 +29,83 @@ pub struct Svd {
     pub v: Mat<f32>,
 }
 
-/// `f64` dot product of `f32` vectors with four partial sums.
+/// `f64` dot product of `f32` vectors with eight partial sums.
 // PERF: Jacobi's stopping test compares this against `eps_f32 sqrt(k)` of the norms; an `f32`
 // sum's own rounding (about `eps sqrt(k)` too) would keep the sweeps from converging.
 #[inline(always)]
 fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
-    let mut partial = [0.0f64; 4];
-    let (a4, b4) = (a.chunks_exact(4), b.chunks_exact(4));
-    let tail: f64 = a4
+    let mut partial = [0.0f64; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f64 = a8
         .remainder()
         .iter()
-        .zip(b4.remainder())
+        .zip(b8.remainder())
         .map(|(&x, &y)| f64::from(x) * f64::from(y))
         .sum();
-    for (x, y) in a4.zip(b4) {
-        for i in 0..4 {
+    for (x, y) in a8.zip(b8) {
+        for i in 0..8 {
             partial[i] += f64::from(x[i]) * f64::from(y[i]);
         }
     }
     partial.iter().sum::<f64>() + tail
 }
 
-/// Rotates rows `p < q` of `rows` (each `len` long): `(x, y) <- (c x - s y, s x + c y)`.
+/// The rows Jacobi rotates, shared by the threads of one round: each thread owns the rows of
+/// the two blocks it was dealt, so no row is touched by two threads at once.
+struct JacobiRows {
+    x: *mut f32,
+    len: usize,
+    rotations: *mut f32,
+    k: usize,
+    norms: *mut f64,
+    tol: f64,
+}
+
+// SAFETY: see the type's docs; rounds are separated by the join of `parallel::for_each`.
+unsafe impl Sync for JacobiRows {}
+unsafe impl Send for JacobiRows {}
+
+impl JacobiRows {
+    /// Orthogonalises rows `p` and `q` (a no-op when they already are, to within the
+    /// tolerance); returns whether it rotated.
+    ///
+    /// # Safety
+    /// `p != q`, both `< k`, and no other thread touches rows `p`, `q` meanwhile.
+    #[inline(always)]
+    unsafe fn pair(&self, p: usize, q: usize) -> bool {
+        // SAFETY: rows p and q are disjoint, in bounds, and ours alone, per the caller.
+        let (xp, xq, rp, rq, np, nq) = unsafe {
+            (
+                core::slice::from_raw_parts_mut(self.x.add(p * self.len), self.len),
+                core::slice::from_raw_parts_mut(self.x.add(q * self.len), self.len),
+                core::slice::from_raw_parts_mut(self.rotations.add(p * self.k), self.k),
+                core::slice::from_raw_parts_mut(self.rotations.add(q * self.k), self.k),
+                &mut *self.norms.add(p),
+                &mut *self.norms.add(q),
+            )
+        };
+        let (alpha, beta) = (*np, *nq);
+        let gamma = dot_f64(xp, xq);
+        if gamma == 0.0 || gamma.abs() <= self.tol * libm::sqrt(alpha * beta) {
+            return false;
+        }
+        let zeta = (beta - alpha) / (2.0 * gamma);
+        let t = zeta.signum() / (zeta.abs() + libm::sqrt(1.0 + zeta * zeta));
+        let c = 1.0 / libm::sqrt(1.0 + t * t);
+        let s = c * t;
+        rotate(xp, xq, c as f32, s as f32);
+        rotate(rp, rq, c as f32, s as f32);
+        // The rotation's exact effect on the squared norms; each sweep starts from fresh ones,
+        // so rounding cannot accumulate across sweeps.
+        *np = (alpha - t * gamma).max(0.0);
+        *nq = (beta + t * gamma).max(0.0);
+        true
+    }
+}
+
+/// `(x, y) <- (c x - s y, s x + c y)`.
 #[inline(always)]
-fn rotate_rows(rows: &mut [f32], len: usize, p: usize, q: usize, c: f32, s: f32) {
-    let (left, right) = rows.split_at_mut(q * len);
-    let x = &mut left[p * len..][..len];
-    let y = &mut right[..len];
+fn rotate(x: &mut [f32], y: &mut [f32], c: f32, s: f32) {
     for (x, y) in x.iter_mut().zip(y.iter_mut()) {
         let (a, b) = (*x, *y);
         *x = c * a - s * b;
@@ -61,43 +113,96 @@ fn rotate_rows(rows: &mut [f32], len: usize, p: usize, q: usize, c: f32, s: f32)
     }
 }
 
+/// Rows below which one thread runs the whole sweep.
+const PARALLEL_JACOBI_MIN_ROWS: usize = 128;
+
 /// Cyclic one-sided Jacobi on the rows of `x` (`k x len`), accumulating the same rotations into
 /// the rows of `rotations` (`k x k`), until every pair of rows is orthogonal to within
 /// `eps sqrt(k)` of the product of their norms.
-fn jacobi_sweeps(x: &mut Mat<f32>, rotations: &mut Mat<f32>) -> Result<()> {
+///
+/// Each sweep orders the rows by decreasing norm (de Rijk: fewer sweeps) and, on several
+/// threads, splits them into `2 threads` blocks dealt in round-robin rounds: every pair of blocks
+/// meets once per sweep, the pairs inside a block in the first round, so each pair of rows is
+/// visited once per sweep as in the cyclic order.
+fn jacobi_sweeps(cpu: &Cpu, x: &mut Mat<f32>, rotations: &mut Mat<f32>) -> Result<()> {
     let (k, len) = (x.rows(), x.cols());
-    let tol = f64::from(f32::EPSILON) * libm::sqrt(k.max(1) as f64);
+    let mut norms = vec![0.0f64; k];
+    let rows = JacobiRows {
+        x: x.as_mut_slice().as_mut_ptr(),
+        len,
+        rotations: rotations.as_mut_slice().as_mut_ptr(),
+        k,
+        norms: norms.as_mut_ptr(),
+        tol: f64::from(f32::EPSILON) * libm::sqrt(k.max(1) as f64),
+    };
+    let threads = if k >= PARALLEL_JACOBI_MIN_ROWS {
+        cpu.threads()
+    } else {
+        1
+    };
+    let blocks = 2 * threads;
     for _sweep in 0..MAX_JACOBI_SWEEPS {
-        let mut rotated = false;
-        let mut norms: Vec<f64> = (0..k).map(|j| dot_f64(x.row(j), x.row(j))).collect();
-        for p in 0..k.saturating_sub(1) {
-            // de Rijk's ordering: the largest remaining row first cuts the sweep count.
-            let largest = (p..k)
-                .max_by(|&a, &b| norms[a].total_cmp(&norms[b]).then(b.cmp(&a)))
-                .unwrap_or(p);
-            if largest != p {
-                swap_rows(x, p, largest);
-                swap_rows(rotations, p, largest);
-                norms.swap(p, largest);
-            }
-            for q in p + 1..k {
-                let (alpha, beta) = (norms[p], norms[q]);
-                let gamma = dot_f64(x.row(p), x.row(q));
-                if gamma == 0.0 || gamma.abs() <= tol * libm::sqrt(alpha * beta) {
-                    continue;
+        let mut order: Vec<usize> = (0..k).collect();
+        for (j, n) in norms.iter_mut().enumerate() {
+            // SAFETY: no pair is in flight between sweeps; row j is in bounds.
+            let row = unsafe { core::slice::from_raw_parts(rows.x.add(j * len), len) };
+            *n = dot_f64(row, row);
+        }
+        order.sort_by(|&a, &b| norms[b].total_cmp(&norms[a]).then(a.cmp(&b)));
+        let bounds: Vec<core::ops::Range<usize>> = crate::parallel::ranges(k, blocks, 1).collect();
+        let rotated = core::sync::atomic::AtomicBool::new(false);
+        let run = |first: &[usize], second: &[usize], within: bool| {
+            let mut any = false;
+            // SAFETY (every pair): rows of `first` and `second` belong to this thread alone
+            // during the round, and `p != q`.
+            if within {
+                for part in [first, second] {
+                    for (a, &p) in part.iter().enumerate() {
+                        for &q in &part[a + 1..] {
+                            any |= unsafe { rows.pair(p, q) };
+                        }
+                    }
                 }
-                rotated = true;
-                let zeta = (beta - alpha) / (2.0 * gamma);
-                let t = zeta.signum() / (zeta.abs() + libm::sqrt(1.0 + zeta * zeta));
-                let c = 1.0 / libm::sqrt(1.0 + t * t);
-                let s = c * t;
-                rotate_rows(x.as_mut_slice(), len, p, q, c as f32, s as f32);
-                rotate_rows(rotations.as_mut_slice(), k, p, q, c as f32, s as f32);
-                norms[p] = dot_f64(x.row(p), x.row(p));
-                norms[q] = dot_f64(x.row(q), x.row(q));
+            }
+            for &p in first {
+                for &q in second {
+                    any |= unsafe { rows.pair(p, q) };
+                }
+            }
+            if any {
+                rotated.store(true, core::sync::atomic::Ordering::Relaxed);
+            }
+        };
+        let players = bounds.len();
+        if players <= 1 {
+            run(&order, &[], true);
+        } else {
+            // The circle method: player 0 stays, the others rotate one seat per round.
+            let players = players + players % 2;
+            for round in 0..players - 1 {
+                let seat = |i: usize| {
+                    if i == 0 {
+                        0
+                    } else {
+                        1 + (i - 1 + round) % (players - 1)
+                    }
+                };
+                let deals: Vec<(usize, usize)> = (0..players / 2)
+                    .map(|i| {
+                        let (a, b) = (seat(i), seat(players - 1 - i));
+                        (a.min(b), a.max(b))
+                    })
+                    .collect();
+                crate::parallel::for_each(deals, |(a, b)| {
+                    let first = &order[bounds[a].clone()];
+                    // With an odd block count, the block seated against the empty seat only
+                    // needs its own pairs (in the first round).
+                    let second = bounds.get(b).map_or(&[][..], |r| &order[r.clone()]);
+                    run(first, second, round == 0);
+                });
             }
         }
-        if !rotated {
+        if !rotated.into_inner() {
             return Ok(());
         }
     }
@@ -105,16 +210,6 @@ fn jacobi_sweeps(x: &mut Mat<f32>, rotations: &mut Mat<f32>) -> Result<()> {
         what: "one-sided Jacobi SVD",
         iterations: MAX_JACOBI_SWEEPS,
     })
-}
-
-fn swap_rows(m: &mut Mat<f32>, a: usize, b: usize) {
-    if a == b {
-        return;
-    }
-    let (lo, hi) = (a.min(b), a.max(b));
-    let cols = m.cols();
-    let (top, bottom) = m.as_mut_slice().split_at_mut(hi * cols);
-    top[lo * cols..][..cols].swap_with_slice(&mut bottom[..cols]);
 }
 
 /// Replaces the rows of `rows` whose singular value is zero by unit vectors orthogonal to every
@@ -177,7 +272,7 @@ fn svd_of_transposed_tall(cpu: &Cpu, w: Mat<f32>) -> Result<(Mat<f32>, Vec<f32>,
     let (qt, mut r) = qr_of_transposed(cpu, w)?;
     let k = r.rows();
     let mut rotations = Mat::from_fn(k, k, |i, j| if i == j { 1.0 } else { 0.0 });
-    jacobi_sweeps(&mut r, &mut rotations)?;
+    jacobi_sweeps(cpu, &mut r, &mut rotations)?;
     let mut order: Vec<(f32, usize)> = (0..k)
         .map(|j| (libm::sqrt(dot_f64(r.row(j), r.row(j))) as f32, j))
         .collect();
@@ -329,7 +424,7 @@ fn leading_rows(a: &Mat<f32>, rows: usize) -> Mat<f32> {
     Mat::from_fn(rows, a.cols(), |i, j| a.at(i, j))
 }
 
-/// `S = V diag(values) V^T` of a symmetric matrix.
+/// `S = V diag(values) V^T` of a symmetric matrix, in `f32`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SymmetricEigen {
     /// Eigenvalues, descending.
@@ -338,75 +433,67 @@ pub struct SymmetricEigen {
     pub vectors: Mat<f32>,
 }
 
-/// Symmetric eigendecomposition by cyclic two-sided Jacobi (accurate to the last bits of the
-/// small eigenvalues, and simple; `O(n^3)` per sweep, meant for Gram matrices of a few hundred
-/// rows, which is what the Gram-matrix path of low-rank methods forms). Only the lower triangle
-/// of `s` is read. At most [`MAX_JACOBI_SWEEPS`] sweeps, else [`Error::NotConverged`].
-pub fn symmetric_eigen<T: Element>(cpu: &Cpu, s: MatRef<'_, T>) -> Result<SymmetricEigen> {
-    let _ = cpu;
+/// Symmetric eigendecomposition by cyclic two-sided Jacobi, the contract of
+/// `kernels_core::ops::lowrank::symmetric_eigen_ref` (only the lower triangle of `s` is read).
+///
+/// Accurate to the last bits of the small eigenvalues and simple, but `O(n^3)` per sweep: meant
+/// for the Gram matrices (a few hundred rows) that low-rank methods form. The rotations run in
+/// `f64` on contiguous rows: a rotation updates rows `p` and `q`, and symmetry gives the two
+/// columns, so no pass strides down a column of the working matrix.
+pub fn symmetric_eigen<T: Element>(s: MatRef<'_, T>) -> Result<SymmetricEigen> {
     let n = s.rows();
     s.expect_shape("s (square)", [n, n])?;
-    let lower = widen_checked("s", s)?;
-    // Work in f64: a sweep is O(n^3) on a matrix that is small by contract, and f64 keeps the
-    // rotation angles of nearly equal eigenvalues exact to f32 precision.
-    let mut a: Vec<f64> = (0..n * n)
-        .map(|x| {
-            let (i, j) = (x / n, x % n);
-            f64::from(if i >= j {
-                lower.at(i, j)
-            } else {
-                lower.at(j, i)
-            })
-        })
-        .collect();
-    let mut vectors: Vec<f64> = (0..n * n)
+    let mut a = vec![0.0f64; n * n];
+    for i in 0..n {
+        for (j, v) in s.row(i)[..=i].iter().enumerate() {
+            let v = f64::from(v.to_f32());
+            if !v.is_finite() {
+                return Err(Error::NonFinite {
+                    what: "s",
+                    index: i * n + j,
+                });
+            }
+            a[i * n + j] = v;
+            a[j * n + i] = v;
+        }
+    }
+    // Rows of V^T: the rotations act on contiguous rows there too.
+    let mut vt: Vec<f64> = (0..n * n)
         .map(|x| if x / n == x % n { 1.0 } else { 0.0 })
         .collect();
+    let norm = libm::sqrt(a.iter().map(|x| x * x).sum());
     let mut converged = false;
     for _sweep in 0..MAX_JACOBI_SWEEPS {
-        let off: f64 = (0..n * n)
-            .filter(|x| x / n != x % n)
-            .map(|x| a[x] * a[x])
-            .sum();
-        let diag: f64 = (0..n).map(|i| a[i * n + i] * a[i * n + i]).sum();
-        // Off-diagonal mass below (eps_f32 / 100)^2 of the total: far beneath f32 resolution.
-        let floor = f64::from(f32::EPSILON) / 100.0;
-        if off <= floor * floor * (diag + off) || off == 0.0 {
+        let mut rotated = false;
+        for p in 0..n {
+            for q in p + 1..n {
+                let (app, aqq, apq) = (a[p * n + p], a[q * n + q], a[p * n + q]);
+                if negligible(apq, app, aqq, norm) {
+                    continue;
+                }
+                rotated = true;
+                let (c, sn, t) = jacobi_rotation(app, aqq, apq);
+                // Rows p and q of J^T A; outside the 2 x 2 block they are rows of J^T A J.
+                rotate_pair(&mut a, n, p, q, c, sn);
+                a[p * n + p] = app - t * apq;
+                a[q * n + q] = aqq + t * apq;
+                a[p * n + q] = 0.0;
+                a[q * n + p] = 0.0;
+                for r in 0..n {
+                    if r != p && r != q {
+                        a[r * n + p] = a[p * n + r];
+                        a[r * n + q] = a[q * n + r];
+                    }
+                }
+                rotate_pair(&mut vt, n, p, q, c, sn);
+            }
+        }
+        if !rotated {
             converged = true;
             break;
         }
-        for p in 0..n {
-            for q in p + 1..n {
-                let apq = a[p * n + q];
-                if apq == 0.0 {
-                    continue;
-                }
-                let (app, aqq) = (a[p * n + p], a[q * n + q]);
-                let theta = (aqq - app) / (2.0 * apq);
-                let t = theta.signum() / (theta.abs() + libm::sqrt(1.0 + theta * theta));
-                let t = if theta == 0.0 { 1.0 } else { t };
-                let c = 1.0 / libm::sqrt(1.0 + t * t);
-                let sn = t * c;
-                // A <- J^T A J on rows and columns p, q.
-                for r in 0..n {
-                    let (arp, arq) = (a[r * n + p], a[r * n + q]);
-                    a[r * n + p] = c * arp - sn * arq;
-                    a[r * n + q] = sn * arp + c * arq;
-                }
-                for r in 0..n {
-                    let (apr, aqr) = (a[p * n + r], a[q * n + r]);
-                    a[p * n + r] = c * apr - sn * aqr;
-                    a[q * n + r] = sn * apr + c * aqr;
-                }
-                for r in 0..n {
-                    let (vrp, vrq) = (vectors[r * n + p], vectors[r * n + q]);
-                    vectors[r * n + p] = c * vrp - sn * vrq;
-                    vectors[r * n + q] = sn * vrp + c * vrq;
-                }
-            }
-        }
     }
-    if !converged && n > 0 {
+    if !converged {
         return Err(Error::NotConverged {
             what: "symmetric Jacobi eigensolver",
             iterations: MAX_JACOBI_SWEEPS,
@@ -415,7 +502,7 @@ pub fn symmetric_eigen<T: Element>(cpu: &Cpu, s: MatRef<'_, T>) -> Result<Symmet
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by(|&x, &y| a[y * n + y].total_cmp(&a[x * n + x]).then(x.cmp(&y)));
     let values = order.iter().map(|&j| a[j * n + j] as f32).collect();
-    let mut vectors = Mat::from_fn(n, n, |i, j| vectors[i * n + order[j]] as f32);
+    let mut vectors = Mat::from_fn(n, n, |i, j| vt[order[j] * n + i] as f32);
     for j in 0..n {
         let best = (0..n).fold(0, |b, i| {
             if vectors.at(i, j).abs() > vectors.at(b, j).abs() {
@@ -431,6 +518,17 @@ pub fn symmetric_eigen<T: Element>(cpu: &Cpu, s: MatRef<'_, T>) -> Result<Symmet
         }
     }
     Ok(SymmetricEigen { values, vectors })
+}
+
+/// Rows `p < q` of the `n`-column matrix `m`: `(x, y) <- (c x - s y, s x + c y)`.
+#[inline(always)]
+fn rotate_pair(m: &mut [f64], n: usize, p: usize, q: usize, c: f64, s: f64) {
+    let (top, bottom) = m.split_at_mut(q * n);
+    for (x, y) in top[p * n..][..n].iter_mut().zip(&mut bottom[..n]) {
+        let (u, v) = (*x, *y);
+        *x = c * u - s * v;
+        *y = s * u + c * v;
+    }
 }
 
 /// A LoRA pair `delta ~ B A` in `f32`.

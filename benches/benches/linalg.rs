@@ -1,0 +1,520 @@
+//! The linear-algebra kernels side by side with faer doing the same work through its own
+//! routines, each with its GFLOP/s and its accuracy, and GEMM (ours through faer, and the
+//! portable kernel) as the machine's FLOP reference.
+//!
+//! | bench | ours | faer |
+//! |---|---|---|
+//! | `qr/4096x256` | `householder_qr`, `cgs2` | `qr()` + `compute_thin_Q()` |
+//! | `project_out`, `project_onto` `/4096x11008/r{16,64,256}` | fused panels | two `matmul`s and a copy |
+//! | `thin_svd/{1024x1024,4096x512}` | `thin_svd` | `thin_svd()` |
+//! | `rsvd/{4096x4096,4096x11008}/r64` | `randomized_svd` (q = 2r, 2 power iterations) | the same algorithm from `matmul`, `qr()` and `thin_svd()`; and `thin_svd()` of the whole matrix |
+//! | `lu/2048x2048` | `lu` | `partial_piv_lu()` |
+//! | `gemm/2048` | `gemm` (faer, portable) | - |
+//!
+//! Accuracy and FLOP counts are computed once, outside the timings, and written to
+//! `target/criterion/linalg-notes/`, which `benches/linalg_report.py` joins with the
+//! medians. Projections read fresh copies of `X` in turn (3 x 180 MB, beyond the L3 cache).
+//!
+//! Run: `cargo bench -p kernels-benches --bench linalg && python3 benches/linalg_report.py`
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use faer::{Accum, Par};
+use kernels_benches::{bench_stream_read, normal};
+use kernels_core::{CounterRng, Mat};
+use kernels_cpu::Cpu;
+use kernels_cpu::linalg::{self, GemmBackend, RsvdParams, Transpose};
+
+/// Rank of the randomized SVDs.
+const RSVD_RANK: usize = 64;
+
+fn random(m: usize, n: usize, seed: u64) -> Mat<f32> {
+    Mat::from_vec(normal::<f32>(m * n, 1.0, seed), m, n).expect("shape")
+}
+
+fn view(a: &Mat<f32>) -> faer::MatRef<'_, f32> {
+    faer::MatRef::from_row_major_slice(a.as_slice(), a.rows(), a.cols())
+}
+
+fn to_f64(a: faer::MatRef<'_, f32>) -> faer::Mat<f64> {
+    faer::Mat::from_fn(a.nrows(), a.ncols(), |i, j| f64::from(a[(i, j)]))
+}
+
+fn par(cpu: &Cpu) -> Par {
+    Par::rayon(cpu.threads())
+}
+
+/// `x^T y` and `x y` in f64 through faer.
+fn mul(a: faer::MatRef<'_, f64>, b: faer::MatRef<'_, f64>) -> faer::Mat<f64> {
+    let mut c = faer::Mat::zeros(a.nrows(), b.ncols());
+    faer::linalg::matmul::matmul(c.as_mut(), Accum::Replace, a, b, 1.0, Par::rayon(0));
+    c
+}
+
+/// `||Q^T Q - I||_F` in f64.
+fn orthogonality(q: faer::MatRef<'_, f32>) -> f64 {
+    let q = to_f64(q);
+    let g = mul(q.transpose(), q.as_ref());
+    (g - faer::Mat::<f64>::identity(q.ncols(), q.ncols())).norm_l2()
+}
+
+/// `||A - U diag(s) V^T||_F / ||A||_F` in f64.
+fn svd_residual(
+    a: &Mat<f32>,
+    u: faer::MatRef<'_, f32>,
+    s: &[f32],
+    v: faer::MatRef<'_, f32>,
+) -> f64 {
+    let a64 = to_f64(view(a));
+    let us = faer::Mat::from_fn(u.nrows(), s.len(), |i, j| {
+        f64::from(u[(i, j)]) * f64::from(s[j])
+    });
+    let approx = mul(us.as_ref(), to_f64(v).transpose());
+    (&a64 - &approx).norm_l2() / a64.norm_l2()
+}
+
+/// `U diag(s) V^T` with random near-orthonormal factors and singular values `1 / (1 + i)`: a
+/// spectrum that decays as trained weight deltas do, so the rank-64 error is meaningful.
+fn decaying(m: usize, n: usize, seed: u64) -> Mat<f32> {
+    let k = m.min(n);
+    let g1 = faer::Mat::<f32>::from_fn(m, k, |i, j| {
+        CounterRng::new(seed).normal_at((i * k + j) as u64) as f32
+            / (m as f32).sqrt()
+            / (1.0 + j as f32)
+    });
+    let g2 = faer::Mat::<f32>::from_fn(k, n, |i, j| {
+        CounterRng::new(seed + 1).normal_at((i * n + j) as u64) as f32 / (n as f32).sqrt()
+    });
+    let mut a = Mat::<f32>::zeros(m, n);
+    let dst = faer::MatMut::from_row_major_slice_mut(a.as_mut_slice(), m, n);
+    faer::linalg::matmul::matmul(
+        dst,
+        Accum::Replace,
+        g1.as_ref(),
+        g2.as_ref(),
+        1.0,
+        Par::rayon(0),
+    );
+    a
+}
+
+/// What the report needs per bench besides its time, kept per group.
+#[derive(Default)]
+struct Notes(BTreeMap<String, Vec<(String, f64)>>);
+
+impl Notes {
+    fn add(&mut self, bench: &str, key: &str, value: f64) {
+        self.0
+            .entry(bench.to_owned())
+            .or_default()
+            .push((key.to_owned(), value));
+    }
+
+    /// Writes `target/criterion/linalg-notes/<group>.json`, so a filtered run keeps the notes of
+    /// the groups it skipped.
+    fn write(&self, group: &str) {
+        let mut json = String::from("{\n");
+        for (i, (bench, fields)) in self.0.iter().enumerate() {
+            let body: Vec<String> = fields
+                .iter()
+                .map(|(k, v)| format!("\"{k}\": {v:e}"))
+                .collect();
+            let _ = write!(json, "  \"{bench}\": {{{}}}", body.join(", "));
+            json.push_str(if i + 1 < self.0.len() { ",\n" } else { "\n" });
+        }
+        json.push('}');
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/criterion/linalg-notes");
+        std::fs::create_dir_all(&dir).expect("notes directory");
+        std::fs::write(dir.join(format!("{}.json", group.replace('/', "_"))), json)
+            .expect("write notes");
+    }
+}
+
+/// Whether the command line's filters (criterion's positional arguments) select `group`: the
+/// accuracy references (exact SVDs of 4096 x 11008 among them) run only for selected groups.
+fn selected(group: &str) -> bool {
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    filters.is_empty()
+        || filters
+            .iter()
+            .any(|f| group.contains(f.as_str()) || f.contains(group))
+}
+
+fn group<'a>(
+    c: &'a mut Criterion,
+    name: &str,
+    seconds: u64,
+) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
+    let mut g = c.benchmark_group(name);
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(200))
+        .measurement_time(Duration::from_secs(seconds));
+    g
+}
+
+fn gemm_reference(c: &mut Criterion, cpu: &Cpu, notes: &mut Notes) {
+    let n = 2048;
+    let (a, b) = (random(n, n, 1), random(n, n, 2));
+    let mut out = Mat::<f32>::zeros(n, n);
+    let mut g = group(c, "linalg/gemm", 3);
+    for (label, backend) in [
+        ("faer", GemmBackend::Auto),
+        ("portable", GemmBackend::Portable),
+    ] {
+        let cpu = cpu.with_gemm_backend(backend);
+        notes.add(
+            &format!("linalg/gemm/{label}/{n}"),
+            "flops",
+            2.0 * (n as f64).powi(3),
+        );
+        g.bench_function(BenchmarkId::new(label, n), |bench| {
+            bench.iter(|| {
+                linalg::gemm(
+                    &cpu,
+                    1.0,
+                    a.as_ref(),
+                    Transpose::No,
+                    b.as_ref(),
+                    Transpose::No,
+                    0.0,
+                    out.as_mut(),
+                )
+                .expect("gemm");
+            });
+        });
+    }
+    g.finish();
+}
+
+fn qr(c: &mut Criterion, cpu: &Cpu, notes: &mut Notes) {
+    let (m, n) = (4096, 256);
+    let a = random(m, n, 3);
+    let flops = 4.0 * m as f64 * (n as f64).powi(2) - 4.0 / 3.0 * (n as f64).powi(3);
+    let shape = format!("{m}x{n}");
+    let householder = linalg::householder_qr(cpu, a.as_ref()).expect("qr");
+    let cgs2 = linalg::cgs2(cpu, a.as_ref()).expect("cgs2");
+    let theirs = view(&a).qr();
+    for (label, q, r) in [
+        ("householder", view(&householder.q), view(&householder.r)),
+        ("cgs2", view(&cgs2.q), view(&cgs2.r)),
+    ] {
+        let bench = format!("linalg/qr/{label}/{shape}");
+        notes.add(&bench, "flops", flops);
+        notes.add(&bench, "residual", {
+            let qr = mul(to_f64(q).as_ref(), to_f64(r).as_ref());
+            (&to_f64(view(&a)) - &qr).norm_l2() / to_f64(view(&a)).norm_l2()
+        });
+        notes.add(&bench, "orthogonality", orthogonality(q));
+    }
+    let bench = format!("linalg/qr/faer/{shape}");
+    notes.add(&bench, "flops", flops);
+    notes.add(
+        &bench,
+        "orthogonality",
+        orthogonality(theirs.compute_thin_Q().as_ref()),
+    );
+    let mut g = group(c, "linalg/qr", 3);
+    g.bench_function(BenchmarkId::new("householder", &shape), |b| {
+        b.iter(|| linalg::householder_qr(cpu, a.as_ref()).expect("qr"));
+    });
+    g.bench_function(BenchmarkId::new("cgs2", &shape), |b| {
+        b.iter(|| linalg::cgs2(cpu, a.as_ref()).expect("cgs2"));
+    });
+    g.bench_function(BenchmarkId::new("faer", &shape), |b| {
+        b.iter(|| view(&a).qr().compute_thin_Q());
+    });
+    g.finish();
+}
+
+fn projections(c: &mut Criterion, cpu: &Cpu, notes: &mut Notes) {
+    let (m, n) = (4096, 11008);
+    let copies: Vec<Mat<f32>> = (0..3).map(|i| random(m, n, 10 + i)).collect();
+    let mut out = Mat::<f32>::zeros(m, n);
+    for r in [16usize, 64, 256] {
+        let q = linalg::householder_qr(cpu, random(m, r, 20).as_ref())
+            .expect("basis")
+            .q;
+        for complement in [true, false] {
+            let op = if complement {
+                "project_out"
+            } else {
+                "project_onto"
+            };
+            let id = format!("{m}x{n}/r{r}");
+            for label in ["kernels", "faer"] {
+                let bench = format!("linalg/{op}/{label}/{id}");
+                notes.add(&bench, "flops", 4.0 * (m * n * r) as f64);
+                notes.add(&bench, "bytes", 2.0 * (m * n * 4) as f64);
+            }
+            // Accuracy against the f64 product, on the first copy.
+            let project = |out: &mut Mat<f32>| {
+                if complement {
+                    linalg::project_out(cpu, q.as_ref(), copies[0].as_ref(), out.as_mut())
+                        .expect("projection");
+                } else {
+                    linalg::project_onto(cpu, q.as_ref(), copies[0].as_ref(), out.as_mut())
+                        .expect("projection");
+                }
+            };
+            project(&mut out);
+            let (q64, x64) = (to_f64(view(&q)), to_f64(view(&copies[0])));
+            let onto = mul(q64.as_ref(), mul(q64.transpose(), x64.as_ref()).as_ref());
+            let exact = if complement { &x64 - &onto } else { onto };
+            notes.add(
+                &format!("linalg/{op}/kernels/{id}"),
+                "residual",
+                (&to_f64(view(&out)) - &exact).norm_l2() / x64.norm_l2(),
+            );
+            let mut g = group(c, &format!("linalg/{op}"), 4);
+            let mut turn = 0;
+            g.bench_function(BenchmarkId::new("kernels", &id), |b| {
+                b.iter(|| {
+                    turn = (turn + 1) % copies.len();
+                    let x = copies[turn].as_ref();
+                    if complement {
+                        linalg::project_out(cpu, q.as_ref(), x, out.as_mut()).expect("projection");
+                    } else {
+                        linalg::project_onto(cpu, q.as_ref(), x, out.as_mut()).expect("projection");
+                    }
+                });
+            });
+            let mut coefficients = faer::Mat::<f32>::zeros(r, n);
+            g.bench_function(BenchmarkId::new("faer", &id), |b| {
+                b.iter(|| {
+                    turn = (turn + 1) % copies.len();
+                    let x = view(&copies[turn]);
+                    faer::linalg::matmul::matmul(
+                        coefficients.as_mut(),
+                        Accum::Replace,
+                        view(&q).transpose(),
+                        x,
+                        1.0,
+                        par(cpu),
+                    );
+                    let mut dst = faer::MatMut::from_row_major_slice_mut(out.as_mut_slice(), m, n);
+                    if complement {
+                        dst.copy_from(x);
+                        faer::linalg::matmul::matmul(
+                            dst,
+                            Accum::Add,
+                            view(&q),
+                            coefficients.as_ref(),
+                            -1.0,
+                            par(cpu),
+                        );
+                    } else {
+                        faer::linalg::matmul::matmul(
+                            dst,
+                            Accum::Replace,
+                            view(&q),
+                            coefficients.as_ref(),
+                            1.0,
+                            par(cpu),
+                        );
+                    }
+                });
+            });
+            g.finish();
+        }
+    }
+}
+
+fn thin_svd(c: &mut Criterion, cpu: &Cpu, notes: &mut Notes) {
+    for (m, n) in [(1024, 1024), (4096, 512)] {
+        let a = random(m, n, 30);
+        let id = format!("{m}x{n}");
+        // Golub and Van Loan's count for a thin SVD with both factors.
+        let flops = 6.0 * m as f64 * (n as f64).powi(2) + 20.0 * (n as f64).powi(3);
+        let ours = linalg::thin_svd(cpu, a.as_ref()).expect("svd");
+        let theirs = view(&a).thin_svd().expect("faer svd");
+        let exact = to_f64(view(&a)).thin_svd().expect("f64 svd");
+        let s_max = exact.S().column_vector()[0];
+        let bench = format!("linalg/thin_svd/kernels/{id}");
+        notes.add(&bench, "flops", flops);
+        notes.add(
+            &bench,
+            "residual",
+            svd_residual(&a, view(&ours.u), &ours.s, view(&ours.v)),
+        );
+        notes.add(&bench, "orthogonality_u", orthogonality(view(&ours.u)));
+        notes.add(&bench, "orthogonality_v", orthogonality(view(&ours.v)));
+        notes.add(
+            &bench,
+            "singular_values",
+            ours.s
+                .iter()
+                .enumerate()
+                .map(|(i, &s)| (f64::from(s) - exact.S().column_vector()[i]).abs())
+                .fold(0.0, f64::max)
+                / s_max,
+        );
+        let theirs_s: Vec<f32> = (0..n.min(m))
+            .map(|i| theirs.S().column_vector()[i])
+            .collect();
+        let bench = format!("linalg/thin_svd/faer/{id}");
+        notes.add(&bench, "flops", flops);
+        notes.add(
+            &bench,
+            "residual",
+            svd_residual(&a, theirs.U(), &theirs_s, theirs.V()),
+        );
+        let mut g = group(c, "linalg/thin_svd", 10);
+        g.bench_function(BenchmarkId::new("kernels", &id), |b| {
+            b.iter(|| linalg::thin_svd(cpu, a.as_ref()).expect("svd"));
+        });
+        g.bench_function(BenchmarkId::new("faer", &id), |b| {
+            b.iter(|| view(&a).thin_svd().expect("svd"));
+        });
+        g.finish();
+    }
+}
+
+/// faer doing the randomized SVD's work through its own routines: the same probes, products,
+/// Householder re-orthonormalisations and small SVD.
+fn faer_rsvd(
+    a: faer::MatRef<'_, f32>,
+    omega: faer::MatRef<'_, f32>,
+    power_iterations: usize,
+    par: Par,
+) -> (faer::Mat<f32>, Vec<f32>, faer::Mat<f32>) {
+    let product = |x: faer::MatRef<'_, f32>, y: faer::MatRef<'_, f32>| {
+        let mut out = faer::Mat::zeros(x.nrows(), y.ncols());
+        faer::linalg::matmul::matmul(out.as_mut(), Accum::Replace, x, y, 1.0, par);
+        out
+    };
+    let mut q = product(a, omega).qr().compute_thin_Q();
+    for _ in 0..power_iterations {
+        let z = product(a.transpose(), q.as_ref()).qr().compute_thin_Q();
+        q = product(a, z.as_ref()).qr().compute_thin_Q();
+    }
+    let b = product(q.transpose(), a);
+    let small = b.thin_svd().expect("small svd");
+    let u = product(q.as_ref(), small.U());
+    let s = (0..small.S().dim())
+        .map(|i| small.S().column_vector()[i])
+        .collect();
+    (u, s, small.V().to_owned())
+}
+
+fn rsvd(c: &mut Criterion, cpu: &Cpu, notes: &mut Notes) {
+    for (m, n) in [(4096, 4096), (4096, 11008)] {
+        let a = decaying(m, n, 40);
+        let id = format!("{m}x{n}/r{RSVD_RANK}");
+        let params = RsvdParams::new(RSVD_RANK);
+        let probes = 2 * RSVD_RANK;
+        let flops = 2.0 * (m * n * probes) as f64 * (2.0 * params.power_iterations as f64 + 2.0);
+        let rng = CounterRng::new(params.seed);
+        let omega = faer::Mat::<f32>::from_fn(n, probes, |i, j| {
+            rng.normal_at((i * probes + j) as u64) as f32
+        });
+        let exact = view(&a).thin_svd().expect("exact svd");
+        let tail: f64 = (RSVD_RANK..m.min(n))
+            .map(|i| f64::from(exact.S().column_vector()[i]).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let norm = to_f64(view(&a)).norm_l2();
+        let ours = linalg::randomized_svd(cpu, a.as_ref(), params).expect("rsvd");
+        let (u, s, v) = faer_rsvd(view(&a), omega.as_ref(), params.power_iterations, par(cpu));
+        let truncate = |x: faer::MatRef<'_, f32>| x.subcols(0, RSVD_RANK).to_owned();
+        for (label, error) in [
+            (
+                "kernels",
+                svd_residual(&a, view(&ours.u), &ours.s, view(&ours.v)),
+            ),
+            (
+                "faer",
+                svd_residual(
+                    &a,
+                    truncate(u.as_ref()).as_ref(),
+                    &s[..RSVD_RANK],
+                    truncate(v.as_ref()).as_ref(),
+                ),
+            ),
+        ] {
+            let bench = format!("linalg/rsvd/{label}/{id}");
+            notes.add(&bench, "flops", flops);
+            notes.add(&bench, "error_over_optimal", error * norm / tail);
+        }
+        notes.add(
+            &format!("linalg/rsvd/kernels/{id}"),
+            "orthogonality_u",
+            orthogonality(view(&ours.u)),
+        );
+        let mut g = group(c, "linalg/rsvd", 10);
+        g.bench_function(BenchmarkId::new("kernels", &id), |b| {
+            b.iter(|| linalg::randomized_svd(cpu, a.as_ref(), params).expect("rsvd"));
+        });
+        g.bench_function(BenchmarkId::new("faer", &id), |b| {
+            b.iter(|| faer_rsvd(view(&a), omega.as_ref(), params.power_iterations, par(cpu)));
+        });
+        g.sampling_mode(criterion::SamplingMode::Flat)
+            .measurement_time(Duration::from_secs(1));
+        g.bench_function(BenchmarkId::new("faer_exact_thin_svd", &id), |b| {
+            b.iter(|| view(&a).thin_svd().expect("svd"));
+        });
+        g.finish();
+    }
+}
+
+fn lu(c: &mut Criterion, cpu: &Cpu, notes: &mut Notes) {
+    let n = 2048;
+    let a = random(n, n, 50);
+    let id = format!("{n}x{n}");
+    let f = linalg::lu(cpu, a.as_ref()).expect("lu");
+    let a64 = to_f64(view(&a));
+    let pa = faer::Mat::<f64>::from_fn(n, n, |i, j| a64[(f.perm[i], j)]);
+    let lu = mul(to_f64(view(&f.l)).as_ref(), to_f64(view(&f.u)).as_ref());
+    for label in ["kernels", "faer"] {
+        notes.add(
+            &format!("linalg/lu/{label}/{id}"),
+            "flops",
+            2.0 / 3.0 * (n as f64).powi(3),
+        );
+    }
+    notes.add(
+        &format!("linalg/lu/kernels/{id}"),
+        "residual",
+        (&pa - &lu).norm_l2() / a64.norm_l2(),
+    );
+    let mut g = group(c, "linalg/lu", 4);
+    g.bench_function(BenchmarkId::new("kernels", &id), |b| {
+        b.iter(|| linalg::lu(cpu, a.as_ref()).expect("lu"));
+    });
+    g.bench_function(BenchmarkId::new("faer", &id), |b| {
+        b.iter(|| view(&a).partial_piv_lu());
+    });
+    g.finish();
+}
+
+fn benches(c: &mut Criterion) {
+    type Bench = fn(&mut Criterion, &Cpu, &mut Notes);
+    let cpu = Cpu::detect();
+    let groups: [(&str, Bench); 7] = [
+        ("linalg/gemm", gemm_reference),
+        ("linalg/qr", qr),
+        ("linalg/project", projections),
+        ("linalg/lu", lu),
+        ("linalg/thin_svd", thin_svd),
+        ("linalg/rsvd", rsvd),
+        ("linalg/stream", |c, cpu, _| {
+            bench_stream_read(c, "linalg/stream", cpu);
+        }),
+    ];
+    for (group, bench) in groups {
+        if selected(group) {
+            let mut notes = Notes::default();
+            bench(c, &cpu, &mut notes);
+            notes.write(group);
+        }
+    }
+}
+
+criterion_group!(linalg_benches, benches);
+criterion_main!(linalg_benches);

@@ -18,11 +18,14 @@ EPS = 2.0 ** -23
 C = 16.0  # kernels_cpu::linalg::F32_FACTORISATION_TOLERANCE
 
 
+medians = {}
+for estimates in root.glob("**/new/estimates.json"):
+    info = json.loads((estimates.parent / "benchmark.json").read_text())
+    medians[info["full_id"]] = json.loads(estimates.read_text())["median"]["point_estimate"] / 1e9
+
+
 def median_s(bench):
-    path = root / bench / "new" / "estimates.json"
-    if not path.exists():
-        return None
-    return json.loads(path.read_text())["median"]["point_estimate"] / 1e9
+    return medians.get(bench)
 
 
 def bound(shape):
@@ -61,7 +64,9 @@ for op, label, shape in rows:
     note = notes.get(f"linalg/{op}/{label}/{shape}", {})
     gflops = note.get("flops", float("nan")) / ours / 1e9
     accuracy = ", ".join(
-        f"{k} {v:.1e}" for k, v in note.items() if k not in ("flops", "bytes")
+        f"{k} {v:.4f}" if k == "error_over_optimal" else f"{k} {v:.1e}"
+        for k, v in note.items()
+        if k not in ("flops", "bytes")
     )
     if op != "rsvd":
         accuracy += f" ({bound(shape):.1e})"
@@ -79,7 +84,7 @@ for op, label, shape in rows:
     )
 for shape in ["4096x4096/r64", "4096x11008/r64"]:
     ours = median_s(f"linalg/rsvd/kernels/{shape}")
-    exact = median_s(f"linalg/rsvd/faer_exact_thin_svd/{shape}")
+    exact = median_s(f"linalg/exact_svd/faer/{shape.split('/')[0]}")
     if ours and exact:
         faer_error = notes.get(f"linalg/rsvd/faer/{shape}", {}).get("error_over_optimal", float("nan"))
         print(

@@ -8,7 +8,7 @@ use kernels_core::ops::lowrank::{
     LoraRank, LuParams, RsvdParams, lora_extract_ref, lu_ref, opcm_project_ref,
     symmetric_eigen_ref, thin_svd_ref,
 };
-use kernels_core::ops::project::{householder_qr_ref, project_onto_ref, project_out_ref};
+use kernels_core::ops::project::{cgs2_ref, householder_qr_ref, project_onto_ref, project_out_ref};
 use kernels_core::{CounterRng, Error, Mat, MatMut, MatRef};
 use kernels_cpu::Cpu;
 use kernels_cpu::linalg::{
@@ -332,6 +332,12 @@ fn cgs2_matches_householder_and_rejects_dependence() {
                 widen(&qr.q).distance(&widen(&householder.q)),
                 bound,
             );
+            let reference = cgs2_ref(a.as_ref()).unwrap();
+            assert_within(
+                "CGS2 Q vs reference",
+                widen(&qr.q).distance(&reference.q),
+                bound,
+            );
         }
         let ill = with_spectrum(200, 20, &graded(20, 1e6), 7).to_f32();
         check_qr(
@@ -568,6 +574,46 @@ fn thin_svd_is_accurate_on_hard_matrices() {
 }
 
 #[test]
+fn parallel_jacobi_is_accurate_on_every_thread_count() {
+    // 140 columns: past the row count where the Jacobi sweeps split into blocks over threads.
+    for threads in [1, 2, 3] {
+        let cpu = Cpu::detect().with_threads(threads).unwrap();
+        for (kind, a) in hard_matrices(260, 140, 7) {
+            check_svd(
+                &format!("SVD of {kind} on {threads} threads"),
+                &a,
+                &linalg::thin_svd(&cpu, a.as_ref()).unwrap(),
+            );
+        }
+    }
+}
+
+#[test]
+fn same_inputs_give_the_same_bits_on_a_given_backend() {
+    for cpu in backends() {
+        let a = with_spectrum(300, 150, &graded(150, 1e3), 3).to_f32();
+        let q = linalg::householder_qr(&cpu, random(300, 20, 4).to_f32().as_ref())
+            .unwrap()
+            .q;
+        let project = || {
+            let mut out = Mat::<f32>::zeros(300, 150);
+            linalg::project_out(&cpu, q.as_ref(), a.as_ref(), out.as_mut()).unwrap();
+            out
+        };
+        assert_eq!(
+            linalg::thin_svd(&cpu, a.as_ref()).unwrap(),
+            linalg::thin_svd(&cpu, a.as_ref()).unwrap()
+        );
+        let params = RsvdParams::new(10);
+        assert_eq!(
+            linalg::randomized_svd(&cpu, a.as_ref(), params).unwrap(),
+            linalg::randomized_svd(&cpu, a.as_ref(), params).unwrap()
+        );
+        assert_eq!(project(), project());
+    }
+}
+
+#[test]
 fn thin_svd_signs_and_vectors_match_the_reference() {
     let cpu = Cpu::detect();
     let a = with_spectrum(
@@ -591,6 +637,51 @@ fn thin_svd_signs_and_vectors_match_the_reference() {
         widen(&svd.v).distance(&reference.v),
         bound,
     );
+}
+
+#[test]
+fn non_finite_input_is_an_error_everywhere() {
+    let cpu = Cpu::detect();
+    let mut a = random(8, 6, 1).to_f32();
+    *a.at_mut(4, 5) = f32::NAN;
+    let nan = Err(Error::NonFinite {
+        what: "a",
+        index: 29,
+    });
+    assert_eq!(linalg::householder_qr(&cpu, a.as_ref()), nan);
+    assert_eq!(linalg::cgs2(&cpu, a.as_ref()), nan);
+    assert!(matches!(
+        linalg::ldu(&cpu, a.as_ref(), LuParams::default()),
+        Err(Error::NonFinite { index: 29, .. })
+    ));
+    assert!(matches!(
+        linalg::lora_extract(&cpu, a.as_ref(), LoraRank::Fixed(2)),
+        Err(Error::NonFinite { index: 29, .. })
+    ));
+    let u = householder_qr_ref(random(8, 3, 2).as_ref())
+        .unwrap()
+        .q
+        .to_f32();
+    let v = householder_qr_ref(random(6, 3, 3).as_ref())
+        .unwrap()
+        .q
+        .to_f32();
+    let mut out = Mat::<f32>::zeros(8, 6);
+    assert!(matches!(
+        linalg::opcm_project(
+            &cpu,
+            u.as_ref(),
+            &[3.0, 2.0, 1.0],
+            v.as_ref(),
+            a.as_ref(),
+            0.5,
+            out.as_mut()
+        ),
+        Err(Error::NonFinite {
+            what: "tau",
+            index: 29
+        })
+    ));
 }
 
 #[test]
@@ -654,7 +745,6 @@ fn randomized_svd_is_near_optimal() {
 
 #[test]
 fn symmetric_eigen_of_gram_and_indefinite_matrices() {
-    let cpu = Cpu::detect();
     let a = random(80, 30, 9);
     let gram = a.t_matmul(&a).to_f32();
     let eig = linalg::symmetric_eigen(gram.as_ref()).unwrap();

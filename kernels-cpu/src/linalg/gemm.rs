@@ -9,8 +9,9 @@
 //!   register tile over packed panels. It needs only `alloc`, runs on one thread and is what a
 //!   `no_std` build uses.
 //!
-//! Both compute every output element as a sum over `k` in blocks; results agree with an `f64`
-//! product within `GEMM_RELATIVE_TOLERANCE`-style bounds, not bit for bit.
+//! Both compute every output element as a sum over `k` in blocks: each agrees with the exact
+//! product within the classical `|c - c_exact| <= k eps sum_p |a_ip b_pj|` (times a small
+//! constant, which the tests name), not bit for bit with each other.
 
 use alloc::vec;
 
@@ -27,7 +28,7 @@ pub enum Transpose {
     Yes,
 }
 
-/// Which GEMM the linear-algebra kernels call (see the [module docs](self)).
+/// Which GEMM the linear-algebra kernels call (see [`gemm`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum GemmBackend {
     /// faer's GEMM where this build has it, the portable kernel elsewhere.
@@ -157,6 +158,10 @@ impl ViewMut {
 
 /// `c = alpha op(a) op(b) + beta c`. With `beta == 0` the old `c` is not read (a NaN there does
 /// not propagate), as in BLAS. NaN and infinity in `a` or `b` propagate as IEEE arithmetic does.
+///
+/// Runs on [`Cpu::gemm_backend`]: faer's GEMM by default where this build has it (`std`, not
+/// wasm32), else this crate's portable SIMD kernel (one thread, `alloc` only). Each element is
+/// within `k eps sum_p |a_ip b_pj|` (times a small constant) of the exact product.
 ///
 /// ```
 /// use kernels_core::{MatMut, MatRef};

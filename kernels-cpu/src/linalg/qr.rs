@@ -274,7 +274,7 @@ pub fn householder_qr<T: Element>(cpu: &Cpu, a: MatRef<'_, T>) -> Result<Qr> {
     })
 }
 
-/// CGS2 thin QR of a tall-skinny full-rank `a` (`m >= n`): blocks of [`PANEL`] columns are
+/// CGS2 thin QR of a tall-skinny full-rank `a` (`m >= n`): blocks of 32 columns are
 /// orthogonalised against the previous ones by two GEMM passes, then among themselves, twice.
 /// A column whose norm falls below [`CGS2_DEPENDENCE_TOLERANCE`] of its original norm is
 /// [`Error::Singular`].
@@ -507,7 +507,7 @@ fn project_columns<X: Element>(
 // PERF: a fold without an early exit vectorises (16 lanes per AVX-512 compare); `any` with its
 // per-element branch took a fifth of the projection's time.
 #[inline(always)]
-fn all_finite(x: &[f32]) -> bool {
+pub(crate) fn all_finite(x: &[f32]) -> bool {
     x.iter().fold(true, |ok, v| ok & v.is_finite())
 }
 

@@ -10,7 +10,7 @@ use kernels_core::ops::lowrank::{
 use kernels_core::{CounterRng, Element, Error, Mat, MatMut, MatRef, Result};
 
 use super::qr::{dot, qr_of_transposed, transpose};
-use super::{Transpose, gemm, product, transposed_checked, widen_checked};
+use super::{Transpose, as_f32_checked, gemm, product, transposed_checked, widen_checked};
 use crate::Cpu;
 
 /// Sweep bound of the one-sided Jacobi SVD and of the symmetric Jacobi eigensolver. Random
@@ -113,12 +113,19 @@ fn rotate(x: &mut [f32], y: &mut [f32], c: f32, s: f32) {
     }
 }
 
+/// Jacobi's stopping test, in units of `f32::EPSILON`: each pair of rows ends orthogonal to
+/// within this many `eps` of the product of their norms, so `||V^T V - I||_2` stays within about
+/// `2 eps sqrt(k)`. Rotating a pair and storing it in `f32` leaves its (exact, `f64`) inner
+/// product near `eps / sqrt(len)` of the norms, well below this: the sweeps converge.
+// A looser `eps sqrt(k)` let 1024 x 1024 factors lose orthogonality to 4e-4 (Frobenius).
+const JACOBI_ORTHOGONALITY: f64 = 2.0;
+
 /// Rows below which one thread runs the whole sweep.
 const PARALLEL_JACOBI_MIN_ROWS: usize = 128;
 
 /// Cyclic one-sided Jacobi on the rows of `x` (`k x len`), accumulating the same rotations into
 /// the rows of `rotations` (`k x k`), until every pair of rows is orthogonal to within
-/// `eps sqrt(k)` of the product of their norms.
+/// [`JACOBI_ORTHOGONALITY`]` * eps` of the product of their norms.
 ///
 /// Each sweep orders the rows by decreasing norm (de Rijk: fewer sweeps) and, on several
 /// threads, splits them into `2 threads` blocks dealt in round-robin rounds: every pair of blocks
@@ -133,14 +140,14 @@ fn jacobi_sweeps(cpu: &Cpu, x: &mut Mat<f32>, rotations: &mut Mat<f32>) -> Resul
         rotations: rotations.as_mut_slice().as_mut_ptr(),
         k,
         norms: norms.as_mut_ptr(),
-        tol: f64::from(f32::EPSILON) * libm::sqrt(k.max(1) as f64),
+        tol: JACOBI_ORTHOGONALITY * f64::from(f32::EPSILON),
     };
     let threads = if k >= PARALLEL_JACOBI_MIN_ROWS {
         cpu.threads()
     } else {
         1
     };
-    let blocks = 2 * threads;
+    let blocks = if threads > 1 { 2 * threads } else { 1 };
     for _sweep in 0..MAX_JACOBI_SWEEPS {
         let mut order: Vec<usize> = (0..k).collect();
         for (j, n) in norms.iter_mut().enumerate() {
@@ -175,7 +182,23 @@ fn jacobi_sweeps(cpu: &Cpu, x: &mut Mat<f32>, rotations: &mut Mat<f32>) -> Resul
         };
         let players = bounds.len();
         if players <= 1 {
-            run(&order, &[], true);
+            // One block: de Rijk's full pivoting, the largest remaining row first for each p.
+            let mut any = false;
+            for a in 0..k {
+                // SAFETY: no other thread runs; positions are in bounds.
+                let norm = |p: usize| unsafe { *rows.norms.add(p) };
+                let largest = (a..k)
+                    .max_by(|&x, &y| norm(order[x]).total_cmp(&norm(order[y])).then(y.cmp(&x)))
+                    .unwrap_or(a);
+                order.swap(a, largest);
+                for b in a + 1..k {
+                    // SAFETY: one thread; order[a] != order[b].
+                    any |= unsafe { rows.pair(order[a], order[b]) };
+                }
+            }
+            if any {
+                rotated.store(true, core::sync::atomic::Ordering::Relaxed);
+            }
         } else {
             // The circle method: player 0 stays, the others rotate one seat per round.
             let players = players + players % 2;
@@ -355,7 +378,8 @@ pub fn thin_svd<T: Element>(cpu: &Cpu, a: MatRef<'_, T>) -> Result<Svd> {
 /// (the same counter-based draws as the reference), `power_iterations` each re-orthonormalised
 /// by Householder QR, then the thin SVD of the projected `(rank + oversample) x n` matrix.
 pub fn randomized_svd<T: Element>(cpu: &Cpu, a: MatRef<'_, T>, params: RsvdParams) -> Result<Svd> {
-    let a = widen_checked("a", a)?;
+    let a = as_f32_checked("a", a)?;
+    let a = a.view();
     let (m, n) = (a.rows(), a.cols());
     let k = m.min(n);
     if params.rank == 0 || params.rank > k {
@@ -377,27 +401,15 @@ pub fn randomized_svd<T: Element>(cpu: &Cpu, a: MatRef<'_, T>, params: RsvdParam
         cpu,
         omega_t.as_ref(),
         Transpose::No,
-        a.as_ref(),
+        a,
         Transpose::Yes,
     )?)?;
     for _ in 0..params.power_iterations {
-        let zt = orthonormal_rows(product(
-            cpu,
-            qt.as_ref(),
-            Transpose::No,
-            a.as_ref(),
-            Transpose::No,
-        )?)?;
-        qt = orthonormal_rows(product(
-            cpu,
-            zt.as_ref(),
-            Transpose::No,
-            a.as_ref(),
-            Transpose::Yes,
-        )?)?;
+        let zt = orthonormal_rows(product(cpu, qt.as_ref(), Transpose::No, a, Transpose::No)?)?;
+        qt = orthonormal_rows(product(cpu, zt.as_ref(), Transpose::No, a, Transpose::Yes)?)?;
     }
     // B = Q^T A (probes x n); its thin SVD from B^T given transposed, i.e. B.
-    let b = product(cpu, qt.as_ref(), Transpose::No, a.as_ref(), Transpose::No)?;
+    let b = product(cpu, qt.as_ref(), Transpose::No, a, Transpose::No)?;
     let small = svd_of_transposed(cpu, transpose(b.as_ref()))?;
     let mut u = product(
         cpu,
@@ -608,18 +620,12 @@ pub fn opcm_project<T: Element>(
     out.expect_shape("out", [m, n])?;
     let r = opcm_rank(s, alpha)?;
     let (u, v, tau) = (
-        widen_checked("u", u)?,
-        widen_checked("v", v)?,
-        widen_checked("tau", tau)?,
+        as_f32_checked("u", u)?,
+        as_f32_checked("v", v)?,
+        as_f32_checked("tau", tau)?,
     );
-    let ut_tau = product(cpu, u.as_ref(), Transpose::Yes, tau.as_ref(), Transpose::No)?;
-    let mut p = product(
-        cpu,
-        ut_tau.as_ref(),
-        Transpose::No,
-        v.as_ref(),
-        Transpose::No,
-    )?;
+    let ut_tau = product(cpu, u.view(), Transpose::Yes, tau.view(), Transpose::No)?;
+    let mut p = product(cpu, ut_tau.as_ref(), Transpose::No, v.view(), Transpose::No)?;
     for i in 0..p.rows() {
         for (j, x) in p.row_mut(i).iter_mut().enumerate() {
             if i == j || (i < r && j < r) {
@@ -627,13 +633,13 @@ pub fn opcm_project<T: Element>(
             }
         }
     }
-    let up = product(cpu, u.as_ref(), Transpose::No, p.as_ref(), Transpose::No)?;
+    let up = product(cpu, u.view(), Transpose::No, p.as_ref(), Transpose::No)?;
     gemm(
         cpu,
         1.0,
         up.as_ref(),
         Transpose::No,
-        v.as_ref(),
+        v.view(),
         Transpose::Yes,
         0.0,
         out.rb_mut(),

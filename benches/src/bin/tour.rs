@@ -657,7 +657,113 @@ fn fast_kernels(checks: &mut Checks, cpu: Cpu) -> Result<()> {
         (got - expect).abs() <= kernels_cpu::reduce::SUM_SQUARES_RELATIVE_TOLERANCE * expect,
     );
     compression_kernels(checks, &cpu, &report)?;
-    println!("  (the linear-algebra kernels arrive with issue 5)");
+    linear_algebra_kernels(checks, &cpu)
+}
+
+/// The linear-algebra kernels of `kernels-cpu` on task-vector-sized blocks, each checked against
+/// its `f64` reference (or the optimal error) and timed in GFLOP/s.
+fn linear_algebra_kernels(checks: &mut Checks, cpu: &Cpu) -> Result<()> {
+    use kernels_cpu::linalg;
+    let gflops = |what: &str, flops: f64, time: std::time::Duration| {
+        println!(
+            "  {what:<46} {:>8.1} ms {:6.1} GFLOP/s",
+            time.as_secs_f64() * 1e3,
+            flops / time.as_secs_f64() / 1e9
+        );
+    };
+    let random = |m: usize, n: usize, seed| Mat::from_vec(normal::<f32>(m * n, 1.0, seed), m, n);
+    let (m, n) = (2048, 256);
+    let a = random(m, n, 80)?;
+    let tolerance = linalg::factorisation_tolerance(m, n);
+    let qr = linalg::householder_qr(cpu, a.as_ref())?;
+    let q64 = Mat::widen(qr.q.as_ref());
+    let a64 = Mat::widen(a.as_ref());
+    checks.check(
+        "blocked Householder QR reconstructs A, Q orthonormal",
+        q64.matmul(&Mat::widen(qr.r.as_ref())).distance(&a64) <= tolerance * a64.frobenius_norm()
+            && q64.orthogonality_error() <= tolerance * (n as f64).sqrt(),
+    );
+    let time = median_time(5, || {
+        std::hint::black_box(linalg::householder_qr(cpu, a.as_ref()).ok());
+    });
+    gflops(
+        "Householder QR 2048x256 (with Q)",
+        4.0 * (m * n * n) as f64,
+        time,
+    );
+
+    let x = random(m, 4096, 81)?;
+    let q = qr.q.leading_cols(32);
+    let mut got = Mat::<f32>::zeros(m, 4096);
+    let mut expect = Mat::<f32>::zeros(m, 4096);
+    linalg::project_out(cpu, q.as_ref(), x.as_ref(), got.as_mut())?;
+    project::project_out_ref(q.as_ref(), x.as_ref(), expect.as_mut())?;
+    checks.check(
+        "fused X - Q(Q^T X) agrees with the reference",
+        relative_distance(got.as_slice(), expect.as_slice()) <= tolerance,
+    );
+    let time = median_time(5, || {
+        std::hint::black_box(linalg::project_out(cpu, q.as_ref(), x.as_ref(), got.as_mut()).ok());
+    });
+    gflops(
+        "project out of r = 32, 2048x4096",
+        4.0 * (m * 4096 * 32) as f64,
+        time,
+    );
+
+    let block = random(512, 256, 82)?;
+    let svd = linalg::thin_svd(cpu, block.as_ref())?;
+    let reference = lowrank::thin_svd_ref(block.as_ref())?;
+    let worst = svd
+        .s
+        .iter()
+        .zip(&reference.s)
+        .map(|(g, e)| (f64::from(*g) - e).abs())
+        .fold(0.0, f64::max);
+    checks.check(
+        "Jacobi thin SVD: singular values agree with the reference",
+        worst <= linalg::factorisation_tolerance(512, 256) * reference.s[0],
+    );
+    let time = median_time(3, || {
+        std::hint::black_box(linalg::thin_svd(cpu, block.as_ref()).ok());
+    });
+    gflops(
+        "thin SVD 512x256",
+        6.0 * 512.0 * 256.0 * 256.0 + 20.0 * 256f64.powi(3),
+        time,
+    );
+
+    let rank = 32;
+    let exact = lowrank::thin_svd_ref(a.as_ref())?;
+    let rsvd = linalg::randomized_svd(cpu, a.as_ref(), lowrank::RsvdParams::new(rank))?;
+    let us = Mat::from_fn(m, rank, |i, j| f64::from(rsvd.u.at(i, j) * rsvd.s[j]));
+    let error = us
+        .matmul(&Mat::widen(rsvd.v.as_ref()).transpose())
+        .distance(&a64);
+    let optimal = exact.s[rank..].iter().map(|s| s * s).sum::<f64>().sqrt();
+    println!(
+        "  randomized rank-32 SVD of 2048x256: error / optimal = {:.4}",
+        error / optimal
+    );
+    checks.check(
+        "randomized SVD within 1.1x of optimal",
+        error <= 1.1 * optimal,
+    );
+
+    let square = random(1024, 1024, 83)?;
+    let lu = linalg::lu(cpu, square.as_ref())?;
+    let permuted = Mat::from_fn(1024, 1024, |i, j| f64::from(square.at(lu.perm[i], j)));
+    checks.check(
+        "blocked LU: P A = L U",
+        Mat::widen(lu.l.as_ref())
+            .matmul(&Mat::widen(lu.u.as_ref()))
+            .distance(&permuted)
+            <= 32.0 * linalg::factorisation_tolerance(1024, 1024) * permuted.frobenius_norm(),
+    );
+    let time = median_time(5, || {
+        std::hint::black_box(linalg::lu(cpu, square.as_ref()).ok());
+    });
+    gflops("LU 1024x1024", 2.0 / 3.0 * 1024f64.powi(3), time);
     Ok(())
 }
 

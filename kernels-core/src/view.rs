@@ -366,6 +366,33 @@ pub struct Mat<T> {
 }
 
 #[cfg(feature = "alloc")]
+impl<T: Copy + Default + PartialOrd + core::ops::Neg<Output = T>> Mat<T> {
+    /// Flips the sign of every column whose entry of largest magnitude (the first on ties) is
+    /// negative, and returns which columns it flipped: the sign convention of the SVD and
+    /// eigenvector factors, whose callers flip the partner factor to match.
+    pub fn normalise_column_signs(&mut self) -> alloc::vec::Vec<bool> {
+        let magnitude = |v: T| if v < T::default() { -v } else { v };
+        (0..self.cols)
+            .map(|j| {
+                let mut best = 0;
+                for i in 1..self.rows {
+                    if magnitude(self.at(i, j)) > magnitude(self.at(best, j)) {
+                        best = i;
+                    }
+                }
+                let flip = self.rows > 0 && self.at(best, j) < T::default();
+                if flip {
+                    for i in 0..self.rows {
+                        *self.at_mut(i, j) = -self.at(i, j);
+                    }
+                }
+                flip
+            })
+            .collect()
+    }
+}
+
+#[cfg(feature = "alloc")]
 impl<T: Copy + Default> Mat<T> {
     /// A `rows x cols` matrix of `T::default()` (zeros).
     #[must_use]

@@ -268,7 +268,7 @@ fn gemm_rejects_bad_input() {
 
 // ---------------------------------------------------------------- QR, CGS2, projections
 
-fn check_qr(what: &str, a: &Mat<f32>, qr: &linalg::Qr) {
+fn check_qr(what: &str, a: &Mat<f32>, qr: &linalg::Qr<f32>) {
     let (m, n) = (a.rows(), a.cols());
     let tol = factorisation_tolerance(m, n);
     let a64 = widen(a);
@@ -526,7 +526,7 @@ fn ldu_reconstructs_and_guards_small_pivots() {
 
 // ---------------------------------------------------------------- SVD
 
-fn check_svd(what: &str, a: &Mat<f32>, svd: &linalg::Svd) {
+fn check_svd(what: &str, a: &Mat<f32>, svd: &linalg::Svd<f32>) {
     let (m, n) = (a.rows(), a.cols());
     let k = m.min(n);
     let tol = factorisation_tolerance(m, n);

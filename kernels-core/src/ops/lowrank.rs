@@ -32,18 +32,18 @@ use crate::{CounterRng, Error, Mat, MatRef, Real, Result};
 /// Sweep bound of the one-sided Jacobi SVD. Random matrices converge in 6 to 12 sweeps.
 pub const MAX_JACOBI_SWEEPS: usize = 60;
 
-/// A thin SVD.
+/// A thin SVD, in `f64` from the references and in `f32` from the fast kernels.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Svd {
+pub struct Svd<T = f64> {
     /// `m x k`, orthonormal columns.
-    pub u: Mat<f64>,
+    pub u: Mat<T>,
     /// `k` singular values, descending.
-    pub s: Vec<f64>,
+    pub s: Vec<T>,
     /// `n x k`, orthonormal columns.
-    pub v: Mat<f64>,
+    pub v: Mat<T>,
 }
 
-impl Svd {
+impl Svd<f64> {
     /// `U diag(s) V^T`.
     #[must_use]
     pub fn reconstruct(&self) -> Mat<f64> {
@@ -237,18 +237,30 @@ fn complete_orthonormal(cols: &mut [Vec<f64>], s: &[f64]) {
     }
 }
 
+/// Validates the operands of the OPCM step: `u` is `m x p`, `v` is `n x q` for a `tau` of
+/// `m x n`, and `s` holds `min(p, q)` values. Every backend calls it.
+pub fn validate_opcm(u: [usize; 2], s: usize, v: [usize; 2], tau: [usize; 2]) -> Result<()> {
+    let [m, n] = tau;
+    if u[0] != m {
+        return Err(Error::ShapeMismatch {
+            what: "u",
+            expected: [m, u[1]],
+            found: u,
+        });
+    }
+    if v[0] != n {
+        return Err(Error::ShapeMismatch {
+            what: "v",
+            expected: [n, v[1]],
+            found: v,
+        });
+    }
+    check_len("s", u[1].min(v[1]), s)
+}
+
 fn normalise_signs(svd: &mut Svd) {
-    for j in 0..svd.s.len() {
-        let mut best = 0;
-        for i in 0..svd.u.rows() {
-            if svd.u.at(i, j).abs() > svd.u.at(best, j).abs() {
-                best = i;
-            }
-        }
-        if svd.u.rows() > 0 && svd.u.at(best, j) < 0.0 {
-            for i in 0..svd.u.rows() {
-                *svd.u.at_mut(i, j) = -svd.u.at(i, j);
-            }
+    for (j, flipped) in svd.u.normalise_column_signs().into_iter().enumerate() {
+        if flipped {
             for i in 0..svd.v.rows() {
                 *svd.v.at_mut(i, j) = -svd.v.at(i, j);
             }
@@ -346,21 +358,29 @@ impl Default for LuParams {
 
 /// `P A = L U`.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Lu {
+pub struct Lu<T = f64> {
     /// `perm[i]`: the row of `A` in row `i` of `P A`.
     pub perm: Vec<usize>,
     /// `m x k`, unit lower triangular.
-    pub l: Mat<f64>,
+    pub l: Mat<T>,
     /// `k x n`, upper triangular.
-    pub u: Mat<f64>,
+    pub u: Mat<T>,
 }
 
-impl Lu {
+impl<F> Lu<F> {
     /// `P A`, the permuted input.
     #[must_use]
     pub fn permute<T: Copy + Default>(&self, a: &Mat<T>) -> Mat<T> {
         Mat::from_fn(a.rows(), a.cols(), |i, j| a.at(self.perm[i], j))
     }
+}
+
+/// Partial pivoting's choice among `rows`: the row of largest `magnitude`, the lowest on ties
+/// (`rows.start` when empty). Every backend picks its pivots with it.
+pub fn pivot_row(rows: core::ops::Range<usize>, magnitude: impl Fn(usize) -> f64) -> usize {
+    let start = rows.start;
+    rows.max_by(|&x, &y| magnitude(x).total_cmp(&magnitude(y)).then(y.cmp(&x)))
+        .unwrap_or(start)
 }
 
 /// LU with partial pivoting (reference).
@@ -371,14 +391,7 @@ pub fn lu_ref<T: Real>(a: MatRef<'_, T>) -> Result<Lu> {
     let mut w = Mat::widen(a);
     let mut perm: Vec<usize> = (0..m).collect();
     for j in 0..k {
-        let pivot = (j..m)
-            .max_by(|&x, &y| {
-                w.at(x, j)
-                    .abs()
-                    .total_cmp(&w.at(y, j).abs())
-                    .then(y.cmp(&x))
-            })
-            .unwrap_or(j);
+        let pivot = pivot_row(j..m, |i| w.at(i, j).abs());
         if pivot != j {
             for c in 0..n {
                 let t = w.at(j, c);
@@ -410,15 +423,15 @@ pub fn lu_ref<T: Real>(a: MatRef<'_, T>) -> Result<Lu> {
 
 /// `P A = L D U1`.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Ldu {
+pub struct Ldu<T = f64> {
     /// `perm[i]`: the row of `A` in row `i` of `P A`.
     pub perm: Vec<usize>,
     /// `m x k`, unit lower triangular.
-    pub l: Mat<f64>,
+    pub l: Mat<T>,
     /// The `k` pivots.
-    pub d: Vec<f64>,
+    pub d: Vec<T>,
     /// `k x n`, unit upper triangular.
-    pub u: Mat<f64>,
+    pub u: Mat<T>,
 }
 
 /// LDU with partial pivoting and the small-pivot guard (reference).
@@ -454,12 +467,12 @@ pub fn ldu_ref<T: Real>(a: MatRef<'_, T>, params: LuParams) -> Result<Ldu> {
 
 /// `S = V diag(values) V^T` of a symmetric matrix.
 #[derive(Clone, Debug, PartialEq)]
-pub struct SymmetricEigen {
+pub struct SymmetricEigen<T = f64> {
     /// Eigenvalues, descending.
-    pub values: Vec<f64>,
+    pub values: Vec<T>,
     /// `n x n`; column `j` is the eigenvector of `values[j]`, its largest-magnitude entry
     /// positive (the first such entry on ties).
-    pub vectors: Mat<f64>,
+    pub vectors: Mat<T>,
 }
 
 /// Whether Jacobi may leave `apq` alone: below `eps` of the geometric mean of its diagonal
@@ -552,20 +565,7 @@ pub fn symmetric_eigen_ref<T: Real>(s: MatRef<'_, T>) -> Result<SymmetricEigen> 
     order.sort_by(|&x, &y| a.at(y, y).total_cmp(&a.at(x, x)).then(x.cmp(&y)));
     let values = order.iter().map(|&j| a.at(j, j)).collect();
     let mut vectors = Mat::from_fn(n, n, |i, j| v.at(i, order[j]));
-    for j in 0..n {
-        let best = (0..n).fold(0, |b, i| {
-            if vectors.at(i, j).abs() > vectors.at(b, j).abs() {
-                i
-            } else {
-                b
-            }
-        });
-        if vectors.at(best, j) < 0.0 {
-            for i in 0..n {
-                *vectors.at_mut(i, j) = -vectors.at(i, j);
-            }
-        }
-    }
+    vectors.normalise_column_signs();
     Ok(SymmetricEigen { values, vectors })
 }
 
@@ -583,13 +583,14 @@ pub enum LoraRank {
 
 /// A LoRA pair `delta ~ B A`.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Lora {
+pub struct Lora<T = f64> {
     /// `m x r`: `U_r sqrt(S_r)`.
-    pub b: Mat<f64>,
+    pub b: Mat<T>,
     /// `r x n`: `sqrt(S_r) V_r^T`.
-    pub a: Mat<f64>,
-    /// All singular values of `delta`, descending (to report the energy kept).
-    pub singular_values: Vec<f64>,
+    pub a: Mat<T>,
+    /// The singular values the rank rule saw, descending (all of them for the exact SVD), to
+    /// report the energy kept.
+    pub singular_values: Vec<T>,
 }
 
 /// The rank a [`LoraRank`] rule picks for singular values `s` (descending).
@@ -668,22 +669,7 @@ pub fn opcm_project_ref<T: Real>(
     tau: MatRef<'_, T>,
     alpha: f64,
 ) -> Result<Mat<f64>> {
-    let (m, n) = (tau.rows(), tau.cols());
-    if u.rows() != m {
-        return Err(Error::ShapeMismatch {
-            what: "u",
-            expected: [m, u.cols()],
-            found: u.shape(),
-        });
-    }
-    if v.rows() != n {
-        return Err(Error::ShapeMismatch {
-            what: "v",
-            expected: [n, v.cols()],
-            found: v.shape(),
-        });
-    }
-    check_len("s", u.cols().min(v.cols()), s.len())?;
+    validate_opcm(u.shape(), s.len(), v.shape(), tau.shape())?;
     check_finite_mat("tau", tau)?;
     let r = opcm_rank(s, alpha)?;
     let (u, v) = (Mat::widen(u), Mat::widen(v));

@@ -28,13 +28,46 @@ pub(crate) fn check_finite_mat<T: Real>(what: &'static str, a: MatRef<'_, T>) ->
     Ok(())
 }
 
-/// A thin QR factorisation.
+/// A thin QR factorisation, in `f64` from the references and in `f32` from the fast kernels.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Qr {
+pub struct Qr<T = f64> {
     /// `m x k`, orthonormal columns.
-    pub q: Mat<f64>,
+    pub q: Mat<T>,
     /// `k x n`, upper triangular, non-negative diagonal.
-    pub r: Mat<f64>,
+    pub r: Mat<T>,
+}
+
+/// Validates the operands of a projection: `q` is `m x r` for an `x` and an `out` of `m x n`.
+/// Every backend calls it.
+pub fn validate_projection(q: [usize; 2], x: [usize; 2], out: [usize; 2]) -> Result<()> {
+    if q[0] != x[0] {
+        return Err(Error::ShapeMismatch {
+            what: "q",
+            expected: [x[0], q[1]],
+            found: q,
+        });
+    }
+    if out != x {
+        return Err(Error::ShapeMismatch {
+            what: "out",
+            expected: x,
+            found: out,
+        });
+    }
+    Ok(())
+}
+
+/// Validates CGS2's input shape: tall-skinny, `rows >= cols`. Every backend calls it.
+pub fn validate_cgs2(shape: [usize; 2]) -> Result<()> {
+    let [m, n] = shape;
+    if m < n {
+        return Err(Error::ShapeMismatch {
+            what: "a (CGS2 needs rows >= cols)",
+            expected: [n, n],
+            found: [m, n],
+        });
+    }
+    Ok(())
 }
 
 /// Householder thin QR of `a` (reference, `f64`).
@@ -137,15 +170,9 @@ pub const CGS2_DEPENDENCE_TOLERANCE: f64 = 1e-10;
 
 /// CGS2 thin QR of a tall-skinny full-rank `a` (`m >= n`; reference, `f64`).
 pub fn cgs2_ref<T: Real>(a: MatRef<'_, T>) -> Result<Qr> {
+    validate_cgs2(a.shape())?;
     check_finite_mat("a", a)?;
     let (m, n) = (a.rows(), a.cols());
-    if m < n {
-        return Err(Error::ShapeMismatch {
-            what: "a (CGS2 needs rows >= cols)",
-            expected: [n, n],
-            found: [m, n],
-        });
-    }
     let mut q_cols: Vec<Vec<f64>> = Vec::with_capacity(n);
     let mut r = Mat::zeros(n, n);
     for j in 0..n {
@@ -188,15 +215,8 @@ fn project<Q: Real, X: Real>(
     mut out: MatMut<'_, f32>,
     keep_complement: bool,
 ) -> Result<()> {
-    let (m, n) = (x.rows(), x.cols());
-    if q.rows() != m {
-        return Err(Error::ShapeMismatch {
-            what: "q",
-            expected: [m, q.cols()],
-            found: q.shape(),
-        });
-    }
-    out.expect_shape("out", [m, n])?;
+    validate_projection(q.shape(), x.shape(), out.shape())?;
+    let m = x.rows();
     check_finite_mat("q", q)?;
     check_finite_mat("x", x)?;
     let qf = Mat::widen(q);

@@ -2,7 +2,7 @@
 
 use alloc::vec::Vec;
 
-use kernels_core::ops::lowrank::LuParams;
+use kernels_core::ops::lowrank::{Ldu, Lu, LuParams, pivot_row};
 use kernels_core::{Element, Error, Mat, MatRef, Result};
 
 use super::{Transpose, gemm, widen_checked};
@@ -12,30 +12,6 @@ use crate::Cpu;
 // PERF: 48-column panels make the trailing update a GEMM of depth 48, deep enough to run near
 // peak, while the panel (factored with row operations) stays small.
 const PANEL: usize = 48;
-
-/// `P A = L U` in `f32` (see `kernels_core::ops::lowrank::lu_ref` for the contract).
-#[derive(Clone, Debug, PartialEq)]
-pub struct Lu {
-    /// `perm[i]`: the row of `A` in row `i` of `P A`.
-    pub perm: Vec<usize>,
-    /// `m x k`, unit lower triangular.
-    pub l: Mat<f32>,
-    /// `k x n`, upper triangular.
-    pub u: Mat<f32>,
-}
-
-/// `P A = L D U1` in `f32`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Ldu {
-    /// `perm[i]`: the row of `A` in row `i` of `P A`.
-    pub perm: Vec<usize>,
-    /// `m x k`, unit lower triangular.
-    pub l: Mat<f32>,
-    /// The `k` pivots.
-    pub d: Vec<f32>,
-    /// `k x n`, unit upper triangular.
-    pub u: Mat<f32>,
-}
 
 /// LU with partial pivoting: the largest `|a|` of each column is its pivot (the lowest row on
 /// ties); a zero pivot column is skipped, as LAPACK's `getrf` does.
@@ -49,7 +25,7 @@ pub struct Ldu {
 /// assert_eq!(f.u.row(0), &[4.0, 3.0]);
 /// # Ok::<(), kernels_core::Error>(())
 /// ```
-pub fn lu<T: Element>(cpu: &Cpu, a: MatRef<'_, T>) -> Result<Lu> {
+pub fn lu<T: Element>(cpu: &Cpu, a: MatRef<'_, T>) -> Result<Lu<f32>> {
     let mut w = widen_checked("a", a)?;
     let (m, n) = (w.rows(), w.cols());
     let k = m.min(n);
@@ -106,14 +82,7 @@ pub fn lu<T: Element>(cpu: &Cpu, a: MatRef<'_, T>) -> Result<Lu> {
 fn factor_panel(w: &mut Mat<f32>, perm: &mut [usize], start: usize, nb: usize) {
     let (m, n) = (w.rows(), w.cols());
     for j in start..start + nb {
-        let pivot = (j..m)
-            .max_by(|&x, &y| {
-                w.at(x, j)
-                    .abs()
-                    .total_cmp(&w.at(y, j).abs())
-                    .then(y.cmp(&x))
-            })
-            .unwrap_or(j);
+        let pivot = pivot_row(j..m, |i| f64::from(w.at(i, j).abs()));
         if pivot != j {
             let (top, bottom) = w.as_mut_slice().split_at_mut(pivot * n);
             top[j * n..][..n].swap_with_slice(&mut bottom[..n]);
@@ -139,7 +108,7 @@ fn factor_panel(w: &mut Mat<f32>, perm: &mut [usize], start: usize, nb: usize) {
 /// `|d| <= max(pivot_guard, k eps) * max|A|` (or zero) is [`Error::Singular`]: in `f32` the
 /// pivot of an exactly singular matrix is rounding noise of about `k eps max|A|`
 /// (`k = min(m, n)`, `eps = f32::EPSILON`), so a smaller guard could not see it.
-pub fn ldu<T: Element>(cpu: &Cpu, a: MatRef<'_, T>, params: LuParams) -> Result<Ldu> {
+pub fn ldu<T: Element>(cpu: &Cpu, a: MatRef<'_, T>, params: LuParams) -> Result<Ldu<f32>> {
     if !(params.pivot_guard.is_finite() && params.pivot_guard >= 0.0) {
         return Err(Error::InvalidParam {
             name: "pivot_guard",

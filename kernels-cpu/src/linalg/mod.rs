@@ -42,12 +42,15 @@ mod qr;
 mod svd;
 
 pub use gemm::{GemmBackend, Transpose, gemm};
-pub use kernels_core::ops::lowrank::{LoraRank, LuParams, RsvdParams};
-pub use lu::{Ldu, Lu, ldu, lu};
-pub use qr::{CGS2_DEPENDENCE_TOLERANCE, Qr, cgs2, householder_qr, project_onto, project_out};
+pub use kernels_core::ops::lowrank::{
+    Ldu, Lora, LoraRank, Lu, LuParams, RsvdParams, Svd, SymmetricEigen,
+};
+pub use kernels_core::ops::project::Qr;
+pub use lu::{ldu, lu};
+pub use qr::{CGS2_DEPENDENCE_TOLERANCE, cgs2, householder_qr, project_onto, project_out};
 pub use svd::{
-    Lora, MAX_JACOBI_SWEEPS, StreamingSvd, Svd, SymmetricEigen, lora_extract,
-    lora_extract_randomized, opcm_project, randomized_svd, symmetric_eigen, thin_svd,
+    MAX_JACOBI_SWEEPS, StreamingSvd, lora_extract, lora_extract_randomized, opcm_project,
+    randomized_svd, symmetric_eigen, thin_svd,
 };
 
 use kernels_core::{DType, Element, Error, Mat, MatMut, MatRef, Result};
@@ -130,20 +133,8 @@ pub(crate) fn transposed_checked<T: Element>(
     what: &'static str,
     a: MatRef<'_, T>,
 ) -> Result<Mat<f32>> {
-    let mut out = Mat::zeros(a.cols(), a.rows());
-    for (i, row) in a.row_iter().enumerate() {
-        for (j, &v) in row.iter().enumerate() {
-            let v = v.to_f32();
-            if !v.is_finite() {
-                return Err(Error::NonFinite {
-                    what,
-                    index: i * a.cols() + j,
-                });
-            }
-            *out.at_mut(j, i) = v;
-        }
-    }
-    Ok(out)
+    let a = as_f32_checked(what, a)?;
+    Ok(qr::transpose(a.view()))
 }
 
 /// `op(a) op(b)` as a new matrix.
@@ -167,19 +158,6 @@ pub(crate) fn product(
     let mut c = Mat::zeros(rows, cols);
     gemm(cpu, 1.0, a, a_op, b, b_op, 0.0, c.as_mut())?;
     Ok(c)
-}
-
-/// The `rows x cols` block of `a` at `(row, col)`; callers pass blocks inside `a`.
-pub(crate) fn block(
-    a: &Mat<f32>,
-    row: usize,
-    col: usize,
-    rows: usize,
-    cols: usize,
-) -> MatRef<'_, f32> {
-    a.as_ref()
-        .submatrix(row, col, rows, cols)
-        .expect("block inside the matrix")
 }
 
 /// The `rows x cols` block of `a` at `(row, col)`, mutably; callers pass blocks inside `a`.

@@ -8,10 +8,11 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::ops::Range;
 
+use kernels_core::ops::project::{Qr, validate_cgs2, validate_projection};
 use kernels_core::{DType, Element, Error, Mat, MatMut, MatRef, Result};
 
 use super::{
-    Transpose, View, ViewMut, block, block_mut, gemm, gemm_views, product, transposed_checked,
+    Transpose, View, ViewMut, block_mut, gemm, gemm_views, product, transposed_checked,
     widen_checked,
 };
 use crate::{Cpu, parallel};
@@ -25,15 +26,6 @@ const PANEL: usize = 32;
 /// dependent on the previous ones: a few units of `f32` rounding, where the remaining direction
 /// is noise.
 pub const CGS2_DEPENDENCE_TOLERANCE: f64 = 8.0 * f32::EPSILON as f64;
-
-/// A thin QR factorisation in `f32`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Qr {
-    /// `m x k`, orthonormal columns (`k = min(m, n)`).
-    pub q: Mat<f32>,
-    /// `k x n`, upper triangular, non-negative diagonal.
-    pub r: Mat<f32>,
-}
 
 /// `a . b` with eight partial sums.
 // PERF: eight independent sums let the compiler vectorise and pipeline the reduction, which a
@@ -164,29 +156,41 @@ fn factor(cpu: &Cpu, w: &mut Mat<f32>) -> Result<Vec<BlockReflector>> {
         // Trailing columns: W2 <- W2 (I - V T V^T) = W2 - ((W2 V) T) V^T.
         let trailing = n - start - nb;
         if trailing > 0 {
-            let y = product(
-                cpu,
-                block(w, start + nb, start, trailing, width),
-                Transpose::No,
-                vt.as_ref(),
-                Transpose::Yes,
-            )?;
-            let z = product(cpu, y.as_ref(), Transpose::No, t.as_ref(), Transpose::No)?;
             let w2 = block_mut(w, start + nb, start, trailing, width);
-            gemm(
-                cpu,
-                -1.0,
-                z.as_ref(),
-                Transpose::No,
-                vt.as_ref(),
-                Transpose::No,
-                1.0,
-                w2,
-            )?;
+            apply_from_right(cpu, w2, &vt, &t, Transpose::No)?;
         }
         blocks.push(BlockReflector { start, vt, t });
     }
     Ok(blocks)
+}
+
+/// `target <- target - ((target V) op(T)) V^T`: the rows of `target` times `I - V op(T) V^T`,
+/// three GEMMs.
+fn apply_from_right(
+    cpu: &Cpu,
+    mut target: MatMut<'_, f32>,
+    vt: &Mat<f32>,
+    t: &Mat<f32>,
+    t_op: Transpose,
+) -> Result<()> {
+    let y = product(
+        cpu,
+        target.as_ref(),
+        Transpose::No,
+        vt.as_ref(),
+        Transpose::Yes,
+    )?;
+    let z = product(cpu, y.as_ref(), Transpose::No, t.as_ref(), t_op)?;
+    gemm(
+        cpu,
+        -1.0,
+        z.as_ref(),
+        Transpose::No,
+        vt.as_ref(),
+        Transpose::No,
+        1.0,
+        target.rb_mut(),
+    )
 }
 
 /// `Q^T` (`k x m`) from the block reflectors, accumulated backwards.
@@ -198,25 +202,8 @@ fn form_qt(cpu: &Cpu, blocks: &[BlockReflector], m: usize, k: usize) -> Result<M
     for BlockReflector { start, vt, t } in blocks.iter().rev() {
         // Q2 <- (I - V T V^T) Q2, i.e. Qt2 <- Qt2 - ((Qt2 V) T^T) V^T.
         let (rows, width) = (k - start, m - start);
-        let y = product(
-            cpu,
-            block(&qt, *start, *start, rows, width),
-            Transpose::No,
-            vt.as_ref(),
-            Transpose::Yes,
-        )?;
-        let z = product(cpu, y.as_ref(), Transpose::No, t.as_ref(), Transpose::Yes)?;
         let qt2 = block_mut(&mut qt, *start, *start, rows, width);
-        gemm(
-            cpu,
-            -1.0,
-            z.as_ref(),
-            Transpose::No,
-            vt.as_ref(),
-            Transpose::No,
-            1.0,
-            qt2,
-        )?;
+        apply_from_right(cpu, qt2, vt, t, Transpose::Yes)?;
     }
     Ok(qt)
 }
@@ -266,7 +253,7 @@ pub(crate) fn qr_of_transposed(cpu: &Cpu, mut w: Mat<f32>) -> Result<(Mat<f32>, 
 /// assert!((qr.r.at(0, 0) - 5.0).abs() < 1e-6);
 /// # Ok::<(), kernels_core::Error>(())
 /// ```
-pub fn householder_qr<T: Element>(cpu: &Cpu, a: MatRef<'_, T>) -> Result<Qr> {
+pub fn householder_qr<T: Element>(cpu: &Cpu, a: MatRef<'_, T>) -> Result<Qr<f32>> {
     let (qt, r) = qr_of_transposed(cpu, transposed_checked("a", a)?)?;
     Ok(Qr {
         q: transpose(qt.as_ref()),
@@ -278,15 +265,9 @@ pub fn householder_qr<T: Element>(cpu: &Cpu, a: MatRef<'_, T>) -> Result<Qr> {
 /// orthogonalised against the previous ones by two GEMM passes, then among themselves, twice.
 /// A column whose norm falls below [`CGS2_DEPENDENCE_TOLERANCE`] of its original norm is
 /// [`Error::Singular`].
-pub fn cgs2<T: Element>(cpu: &Cpu, a: MatRef<'_, T>) -> Result<Qr> {
+pub fn cgs2<T: Element>(cpu: &Cpu, a: MatRef<'_, T>) -> Result<Qr<f32>> {
+    validate_cgs2(a.shape())?;
     let (m, n) = (a.rows(), a.cols());
-    if m < n {
-        return Err(Error::ShapeMismatch {
-            what: "a (CGS2 needs rows >= cols)",
-            expected: [n, n],
-            found: [m, n],
-        });
-    }
     let mut w = transposed_checked("a", a)?;
     let original: Vec<f64> = (0..n)
         .map(|j| libm::sqrt(sum_squares_f64(w.row(j))))
@@ -390,15 +371,8 @@ fn project<Q: Element, X: Element>(
     mut out: MatMut<'_, f32>,
     complement: bool,
 ) -> Result<()> {
+    validate_projection(q.shape(), x.shape(), out.shape())?;
     let (m, n) = (x.rows(), x.cols());
-    if q.rows() != m {
-        return Err(Error::ShapeMismatch {
-            what: "q",
-            expected: [m, q.cols()],
-            found: q.shape(),
-        });
-    }
-    out.expect_shape("out", [m, n])?;
     let q = widen_checked("q", q)?;
     let panel = panel_columns(m);
     let parts = parallel::parts_for(cpu.threads(), n, panel);

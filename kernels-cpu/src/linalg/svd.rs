@@ -5,7 +5,8 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use kernels_core::ops::lowrank::{
-    LoraRank, RsvdParams, jacobi_rotation, lora_rank, negligible, opcm_rank,
+    Lora, LoraRank, RsvdParams, Svd, SymmetricEigen, jacobi_rotation, lora_rank, negligible,
+    opcm_rank, validate_opcm,
 };
 use kernels_core::{CounterRng, Element, Error, Mat, MatMut, MatRef, Result};
 
@@ -16,18 +17,6 @@ use crate::Cpu;
 /// Sweep bound of the one-sided Jacobi SVD and of the symmetric Jacobi eigensolver. Random
 /// matrices converge in 6 to 12 sweeps; condition `1e6` in about 15.
 pub const MAX_JACOBI_SWEEPS: usize = 60;
-
-/// A thin SVD in `f32`: `A = U diag(s) V^T`, `s` descending, signs normalised as
-/// `kernels_core::ops::lowrank::Svd` (largest-magnitude entry of each column of `U` positive).
-#[derive(Clone, Debug, PartialEq)]
-pub struct Svd {
-    /// `m x k`, orthonormal columns.
-    pub u: Mat<f32>,
-    /// `k` singular values, descending, `>= 0`.
-    pub s: Vec<f32>,
-    /// `n x k`, orthonormal columns.
-    pub v: Mat<f32>,
-}
 
 /// `f64` dot product of `f32` vectors with eight partial sums.
 // PERF: Jacobi's stopping test compares this against `eps_f32 sqrt(k)` of the norms; an `f32`
@@ -269,21 +258,14 @@ fn complete_orthonormal(rows: &mut Mat<f32>, s: &[f32]) {
     }
 }
 
-/// Flips the sign of each singular pair so that the largest-magnitude entry of `u`'s column is
-/// positive (the first such entry on ties). `vt` holds `V^T` (rows are right vectors).
+/// Normalises the signs of `u`'s columns (see `Mat::normalise_column_signs`) and flips the
+/// matching rows of `vt` (`V^T`: rows are right vectors).
 fn normalise_signs(u: &mut Mat<f32>, vt: &mut Mat<f32>) {
-    for j in 0..u.cols() {
-        let mut best = 0;
-        for i in 0..u.rows() {
-            if u.at(i, j).abs() > u.at(best, j).abs() {
-                best = i;
+    for (j, flipped) in u.normalise_column_signs().into_iter().enumerate() {
+        if flipped {
+            for v in vt.row_mut(j) {
+                *v = -*v;
             }
-        }
-        if u.rows() > 0 && u.at(best, j) < 0.0 {
-            for i in 0..u.rows() {
-                *u.at_mut(i, j) = -u.at(i, j);
-            }
-            vt.row_mut(j).iter_mut().for_each(|v| *v = -*v);
         }
     }
 }
@@ -334,7 +316,7 @@ fn svd_of_transposed_tall(cpu: &Cpu, w: Mat<f32>) -> Result<(Mat<f32>, Vec<f32>,
 }
 
 /// Thin SVD of `A` given as `w = A^T`, any shape.
-fn svd_of_transposed(cpu: &Cpu, w: Mat<f32>) -> Result<Svd> {
+fn svd_of_transposed(cpu: &Cpu, w: Mat<f32>) -> Result<Svd<f32>> {
     let (n, m) = (w.rows(), w.cols());
     if m >= n {
         let (u, s, vt) = svd_of_transposed_tall(cpu, w)?;
@@ -344,16 +326,15 @@ fn svd_of_transposed(cpu: &Cpu, w: Mat<f32>) -> Result<Svd> {
             v: transpose(vt.as_ref()),
         })
     } else {
-        // A^T = U' S V'^T, so A = V' S U'^T; A^T given transposed is A itself.
-        let (u_t, s, mut vt_t) = svd_of_transposed_tall(cpu, transpose(w.as_ref()))?;
-        let mut u = transpose(vt_t.as_ref());
-        let mut ut_of_a = transpose(u_t.as_ref());
-        normalise_signs(&mut u, &mut ut_of_a);
-        vt_t = ut_of_a;
+        // A^T is tall, and given transposed it is A itself: A^T = U' S V'^T, so A = V' S U'^T.
+        let (u_of_t, s, vt_of_t) = svd_of_transposed_tall(cpu, transpose(w.as_ref()))?;
+        let mut u = transpose(vt_of_t.as_ref());
+        let mut vt = transpose(u_of_t.as_ref());
+        normalise_signs(&mut u, &mut vt);
         Ok(Svd {
             u,
             s,
-            v: transpose(vt_t.as_ref()),
+            v: transpose(vt.as_ref()),
         })
     }
 }
@@ -370,14 +351,18 @@ fn svd_of_transposed(cpu: &Cpu, w: Mat<f32>) -> Result<Svd> {
 /// assert_eq!(svd.s, [3.0, 2.0]);
 /// # Ok::<(), kernels_core::Error>(())
 /// ```
-pub fn thin_svd<T: Element>(cpu: &Cpu, a: MatRef<'_, T>) -> Result<Svd> {
+pub fn thin_svd<T: Element>(cpu: &Cpu, a: MatRef<'_, T>) -> Result<Svd<f32>> {
     svd_of_transposed(cpu, transposed_checked("a", a)?)
 }
 
 /// Randomized truncated SVD (Halko, Martinsson and Tropp): `rank + oversample` Gaussian probes
 /// (the same counter-based draws as the reference), `power_iterations` each re-orthonormalised
 /// by Householder QR, then the thin SVD of the projected `(rank + oversample) x n` matrix.
-pub fn randomized_svd<T: Element>(cpu: &Cpu, a: MatRef<'_, T>, params: RsvdParams) -> Result<Svd> {
+pub fn randomized_svd<T: Element>(
+    cpu: &Cpu,
+    a: MatRef<'_, T>,
+    params: RsvdParams,
+) -> Result<Svd<f32>> {
     let a = as_f32_checked("a", a)?;
     let a = a.view();
     let (m, n) = (a.rows(), a.cols());
@@ -391,9 +376,14 @@ pub fn randomized_svd<T: Element>(cpu: &Cpu, a: MatRef<'_, T>, params: RsvdParam
     }
     let probes = params.rank.saturating_add(params.oversample).min(k);
     let rng = CounterRng::new(params.seed);
-    // Omega^T (probes x n), drawn at the reference's indices.
-    let omega_t = Mat::from_fn(probes, n, |j, i| {
-        rng.normal_at((i * probes + j) as u64) as f32
+    // Omega^T (probes x n), drawn at the reference's indices. PERF: threaded, because the
+    // Box-Muller draws of a 11008 x 128 sketch cost 35 ms on one core (5 % of the whole SVD).
+    let mut omega_t = Mat::zeros(probes, n);
+    crate::parallel::split_outputs(cpu, omega_t.as_mut_slice(), 64, n.max(1), |range, part| {
+        for (flat, o) in range.zip(part) {
+            let (j, i) = (flat / n, flat % n);
+            *o = rng.normal_at((i * probes + j) as u64) as f32;
+        }
     });
     let orthonormal_rows = |w: Mat<f32>| qr_of_transposed(cpu, w).map(|(qt, _)| qt);
     // Bases are kept transposed (probes x m): Y^T = Omega^T A^T.
@@ -436,15 +426,6 @@ fn leading_rows(a: &Mat<f32>, rows: usize) -> Mat<f32> {
     Mat::from_fn(rows, a.cols(), |i, j| a.at(i, j))
 }
 
-/// `S = V diag(values) V^T` of a symmetric matrix, in `f32`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SymmetricEigen {
-    /// Eigenvalues, descending.
-    pub values: Vec<f32>,
-    /// `n x n`; column `j` is the eigenvector of `values[j]`, its largest-magnitude entry positive.
-    pub vectors: Mat<f32>,
-}
-
 /// Symmetric eigendecomposition by cyclic two-sided Jacobi, the contract of
 /// `kernels_core::ops::lowrank::symmetric_eigen_ref` (only the lower triangle of `s` is read).
 ///
@@ -452,7 +433,7 @@ pub struct SymmetricEigen {
 /// for the Gram matrices (a few hundred rows) that low-rank methods form. The rotations run in
 /// `f64` on contiguous rows: a rotation updates rows `p` and `q`, and symmetry gives the two
 /// columns, so no pass strides down a column of the working matrix.
-pub fn symmetric_eigen<T: Element>(s: MatRef<'_, T>) -> Result<SymmetricEigen> {
+pub fn symmetric_eigen<T: Element>(s: MatRef<'_, T>) -> Result<SymmetricEigen<f32>> {
     let n = s.rows();
     s.expect_shape("s (square)", [n, n])?;
     let mut a = vec![0.0f64; n * n];
@@ -515,20 +496,7 @@ pub fn symmetric_eigen<T: Element>(s: MatRef<'_, T>) -> Result<SymmetricEigen> {
     order.sort_by(|&x, &y| a[y * n + y].total_cmp(&a[x * n + x]).then(x.cmp(&y)));
     let values = order.iter().map(|&j| a[j * n + j] as f32).collect();
     let mut vectors = Mat::from_fn(n, n, |i, j| vt[order[j] * n + i] as f32);
-    for j in 0..n {
-        let best = (0..n).fold(0, |b, i| {
-            if vectors.at(i, j).abs() > vectors.at(b, j).abs() {
-                i
-            } else {
-                b
-            }
-        });
-        if vectors.at(best, j) < 0.0 {
-            for i in 0..n {
-                *vectors.at_mut(i, j) = -vectors.at(i, j);
-            }
-        }
-    }
+    vectors.normalise_column_signs();
     Ok(SymmetricEigen { values, vectors })
 }
 
@@ -543,18 +511,7 @@ fn rotate_pair(m: &mut [f64], n: usize, p: usize, q: usize, c: f64, s: f64) {
     }
 }
 
-/// A LoRA pair `delta ~ B A` in `f32`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Lora {
-    /// `m x r`: `U_r sqrt(S_r)`.
-    pub b: Mat<f32>,
-    /// `r x n`: `sqrt(S_r) V_r^T`.
-    pub a: Mat<f32>,
-    /// The singular values the rank rule saw, descending (all of them for the thin SVD).
-    pub singular_values: Vec<f32>,
-}
-
-fn lora_from_svd(svd: &Svd, r: usize) -> Lora {
+fn lora_from_svd(svd: &Svd<f32>, r: usize) -> Lora<f32> {
     let root: Vec<f32> = svd.s[..r].iter().map(|&v| libm::sqrtf(v)).collect();
     Lora {
         b: Mat::from_fn(svd.u.rows(), r, |i, j| svd.u.at(i, j) * root[j]),
@@ -565,7 +522,11 @@ fn lora_from_svd(svd: &Svd, r: usize) -> Lora {
 
 /// LoRA extraction from the exact thin SVD: `B = U_r sqrt(S_r)`, `A = sqrt(S_r) V_r^T`, with `r`
 /// picked by `rank` (fixed, energy kept, or relative error).
-pub fn lora_extract<T: Element>(cpu: &Cpu, delta: MatRef<'_, T>, rank: LoraRank) -> Result<Lora> {
+pub fn lora_extract<T: Element>(
+    cpu: &Cpu,
+    delta: MatRef<'_, T>,
+    rank: LoraRank,
+) -> Result<Lora<f32>> {
     let svd = thin_svd(cpu, delta)?;
     let s: Vec<f64> = svd.s.iter().map(|&v| f64::from(v)).collect();
     let r = lora_rank(rank, &s)?;
@@ -578,7 +539,7 @@ pub fn lora_extract_randomized<T: Element>(
     cpu: &Cpu,
     delta: MatRef<'_, T>,
     params: RsvdParams,
-) -> Result<Lora> {
+) -> Result<Lora<f32>> {
     let svd = randomized_svd(cpu, delta, params)?;
     Ok(lora_from_svd(&svd, svd.s.len()))
 }
@@ -594,29 +555,8 @@ pub fn opcm_project<T: Element>(
     alpha: f64,
     mut out: MatMut<'_, f32>,
 ) -> Result<()> {
+    validate_opcm(u.shape(), s.len(), v.shape(), tau.shape())?;
     let (m, n) = (tau.rows(), tau.cols());
-    if u.rows() != m {
-        return Err(Error::ShapeMismatch {
-            what: "u",
-            expected: [m, u.cols()],
-            found: u.shape(),
-        });
-    }
-    if v.rows() != n {
-        return Err(Error::ShapeMismatch {
-            what: "v",
-            expected: [n, v.cols()],
-            found: v.shape(),
-        });
-    }
-    let expected = u.cols().min(v.cols());
-    if s.len() != expected {
-        return Err(Error::LengthMismatch {
-            what: "s",
-            expected,
-            found: s.len(),
-        });
-    }
     out.expect_shape("out", [m, n])?;
     let r = opcm_rank(s, alpha)?;
     let (u, v, tau) = (

@@ -12,16 +12,17 @@
 //! | [`thin_svd`] | `A = U diag(s) V^T` | Householder QR, then one-sided Jacobi on `R^T` |
 //! | [`randomized_svd`] | rank-`r` truncated SVD | range finder, power iterations re-orthonormalised by QR |
 //! | [`symmetric_eigen`] | `S = V diag(w) V^T` | cyclic Jacobi, for Gram-sized matrices |
-//! | [`lora_extract`] | `delta ~ B A` | thin or randomized SVD, rank by a [`LoraRank`] rule |
+//! | [`lora_extract`], [`lora_extract_randomized`] | `delta ~ B A` | thin SVD with a [`LoraRank`] rule, or randomized SVD at a fixed rank |
 //! | [`opcm_project`] | the OPCM step | four GEMMs |
 //! | [`StreamingSvd`] | truncated SVD / PCA of rows seen in minibatches | incremental SVD keeping rank-`r` state |
 //!
 //! # Precision
 //!
 //! Arithmetic is `f32` (inputs in f16 or bf16 are widened). Factorisations are backward stable:
-//! reconstruction and orthogonality errors are bounded by [`F32_FACTORISATION_TOLERANCE`]
-//! `* eps * sqrt(max(m, n))` relative to `||A||_F`, and the tests check that bound on random,
-//! rank-deficient and ill-conditioned (condition `1e6`) matrices.
+//! the reconstruction error relative to `||A||_F`, the orthogonality `||Q^T Q - I||_2` and the
+//! singular-value error relative to `s_max` are bounded by [`F32_FACTORISATION_TOLERANCE`]
+//! `* eps * sqrt(max(m, n))` (LU: times `sqrt(min(m, n))` of pivot growth), and the tests check
+//! that bound on random, rank-deficient, zero and ill-conditioned (condition `1e6`) matrices.
 //!
 //! # Errors
 //!
@@ -33,8 +34,9 @@
 //! # Determinism
 //!
 //! Same inputs, same bits for a given [`Cpu`] (instruction set, thread count and GEMM backend).
-//! faer's threaded GEMM may round differently for a different thread count, so unlike the
-//! memory-bound kernels these results are not promised identical across thread counts.
+//! faer's threaded GEMM and the block-parallel Jacobi sweeps round differently for a different
+//! thread count, so unlike the memory-bound kernels these results are not promised identical
+//! across thread counts.
 
 mod gemm;
 mod lu;

@@ -69,37 +69,70 @@ pub fn lu<T: Element>(cpu: &Cpu, a: MatRef<'_, T>) -> Result<Lu<f32>> {
             a22,
         )?;
     }
-    let l = Mat::from_fn(m, k, |i, j| match i.cmp(&j) {
-        core::cmp::Ordering::Greater => w.at(i, j),
-        core::cmp::Ordering::Equal => 1.0,
-        core::cmp::Ordering::Less => 0.0,
-    });
-    let u = Mat::from_fn(k, n, |i, j| if i <= j { w.at(i, j) } else { 0.0 });
+    // Row slices rather than element by element: these copies touch all of `w`.
+    let mut l = Mat::zeros(m, k);
+    let mut u = Mat::zeros(k, n);
+    for i in 0..m {
+        let row = w.row(i);
+        let below = i.min(k);
+        l.row_mut(i)[..below].copy_from_slice(&row[..below]);
+        if i < k {
+            l.row_mut(i)[i] = 1.0;
+            u.row_mut(i)[i..].copy_from_slice(&row[i..]);
+        }
+    }
     Ok(Lu { perm, l, u })
 }
 
 /// Unblocked LU of columns `start..start + nb` (all rows from `start`), swapping whole rows.
+///
+/// The panel is factored in a transposed copy (row `jj` holds panel column `jj`), so the pivot
+/// search and every column update run over contiguous memory; the copy goes back at the end.
+// PERF: on the row-major matrix each pivot search strode down a column, one cache line per
+// row: 2048 x 2048 took 118 ms against faer's 101.
 fn factor_panel(w: &mut Mat<f32>, perm: &mut [usize], start: usize, nb: usize) {
     let (m, n) = (w.rows(), w.cols());
-    for j in start..start + nb {
-        let pivot = pivot_row(j..m, |i| f64::from(w.at(i, j).abs()));
-        if pivot != j {
-            let (top, bottom) = w.as_mut_slice().split_at_mut(pivot * n);
-            top[j * n..][..n].swap_with_slice(&mut bottom[..n]);
-            perm.swap(j, pivot);
+    let rows = m - start;
+    let mut panel = Mat::zeros(nb, rows);
+    for i in 0..rows {
+        for (jj, &v) in w.row(start + i)[start..start + nb].iter().enumerate() {
+            *panel.at_mut(jj, i) = v;
         }
-        let d = w.at(j, j);
+    }
+    for jj in 0..nb {
+        let pivot = pivot_row(jj..rows, |i| f64::from(panel.at(jj, i).abs()));
+        if pivot != jj {
+            for c in 0..nb {
+                panel.row_mut(c).swap(jj, pivot);
+            }
+            // Whole rows of the matrix (the panel's columns are rewritten below).
+            let (j, p) = (start + jj, start + pivot);
+            let (top, bottom) = w.as_mut_slice().split_at_mut(p * n);
+            top[j * n..][..n].swap_with_slice(&mut bottom[..n]);
+            perm.swap(j, p);
+        }
+        let d = panel.at(jj, jj);
         if d == 0.0 {
             continue;
         }
-        let (above, below) = w.as_mut_slice().split_at_mut((j + 1) * n);
-        let pivot_row = &above[j * n..][j + 1..start + nb];
-        for row in below.chunks_exact_mut(n) {
-            let factor = row[j] / d;
-            row[j] = factor;
-            for (x, u) in row[j + 1..start + nb].iter_mut().zip(pivot_row) {
-                *x -= factor * u;
+        let (done, later) = panel.as_mut_slice().split_at_mut((jj + 1) * rows);
+        let l_column = &mut done[jj * rows..][jj + 1..];
+        for f in l_column.iter_mut() {
+            *f /= d;
+        }
+        for column in later.chunks_exact_mut(rows) {
+            let u = column[jj];
+            for (x, f) in column[jj + 1..].iter_mut().zip(l_column.iter()) {
+                *x -= f * u;
             }
+        }
+    }
+    for i in 0..rows {
+        for (jj, v) in w.row_mut(start + i)[start..start + nb]
+            .iter_mut()
+            .enumerate()
+        {
+            *v = panel.at(jj, i);
         }
     }
 }

@@ -86,6 +86,19 @@ pub enum Error {
         /// Index of the offending pivot.
         index: usize,
     },
+    /// A device (GPU) allocation failed: the device is out of memory.
+    OutOfMemory {
+        /// What was being allocated.
+        what: &'static str,
+        /// Bytes asked for.
+        bytes: u64,
+    },
+    /// The device was lost (driver reset, device removed or destroyed) or rejected a command;
+    /// nothing more runs on it. Create a new context.
+    DeviceFailure {
+        /// What happened.
+        reason: &'static str,
+    },
 }
 
 impl fmt::Display for Error {
@@ -152,6 +165,11 @@ impl fmt::Display for Error {
                 "{what}: pivot {index} is below the small-pivot guard (the matrix is singular or \
                  nearly so)"
             ),
+            Self::OutOfMemory { what, bytes } => write!(
+                f,
+                "allocating {bytes} bytes for `{what}` failed: the device is out of memory"
+            ),
+            Self::DeviceFailure { reason } => write!(f, "the device failed: {reason}"),
         }
     }
 }

@@ -93,9 +93,9 @@ pub fn validate_ties_elect<T>(
 }
 
 /// Validates Fisher merging (every backend runs this); returns `sum w_i`.
-pub fn validate_fisher_merge<T>(
+pub fn validate_fisher_merge<T, F>(
     thetas: &[&[T]],
-    fishers: &[&[f32]],
+    fishers: &[&[F]],
     weights: &[f32],
     floor: f32,
     out_len: usize,

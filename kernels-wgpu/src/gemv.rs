@@ -1,0 +1,319 @@
+//! GEMV on the GPU: dense `y = W x`, gathered rows, and the dense or sparse-input (TEAL) sweep
+//! over the transposed layout, the twins of `kernels_core::ops::sparse`'s references.
+//!
+//! # Contracts
+//!
+//! * `W` is `[out, in]` for [`gemv`] and [`gathered_gemv`]; `w_t` is `[in, out]` for [`gemv_t`]
+//!   and [`sparse_input_gemv`], whose skipped rows (`|x_i| <= threshold`) are never read.
+//! * Weights `f32`, `f16` or `bf16` (widened exactly); `x` and `y` `f32`; accumulation `f32`.
+//!   Each output is within [`gemv_tolerance`] of the reference, and the same inputs give the same
+//!   bits on a given device.
+//! * `x` must fit one storage binding; `W` may be larger (it is processed page by page).
+
+use kernels_core::ops::sparse::check_threshold;
+use kernels_core::{Error, Result};
+use shaders::Family;
+
+use crate::context::{Bind, Context, Kernel, Slot};
+use crate::tensor::{GpuElement, GpuTensor};
+
+/// Invocations per workgroup of the GEMV kernels (a power of two).
+///
+/// PERF: 256 invocations keep 8 warps (NVIDIA) or 4 waves (AMD) in flight per workgroup; fewer
+/// leave the row-dot tree short of memory parallelism on 4096-wide rows.
+pub const WORKGROUP: u32 = 256;
+
+/// Rows of `w_t` one workgroup of the sweep covers before its partial sum is written.
+///
+/// PERF: a split gives each workgroup enough rows to stream while the grid (splits x column
+/// groups) still fills the device: 4096 x 11008 makes 43 x 16 workgroups. The partial sums cost
+/// `4 out` bytes per split, under 1 % of the weights.
+pub const SPLIT_ROWS: u32 = 256;
+
+/// Bound on `|y_i - y_ref_i|` for an output summing `n` products with `abs_sum = sum |w_ij x_j|`:
+/// `(n + 1) u abs_sum + tiny`, `u = 2^-24`.
+///
+/// Any order of `n - 1` `f32` additions errs by at most `(n - 1) u abs_sum` (Higham, Thm. 4.4's
+/// first-order bound), each product by `u` of its own size; the GPU's sum order (a tree in
+/// [`gemv`], per-split chains in [`gemv_t`]) is fixed but not the reference's, so the bound
+/// takes no credit for it. Widening f16 and bf16 is exact. `tiny` absorbs subnormal flushes,
+/// which GPUs may apply.
+#[must_use]
+pub fn gemv_tolerance(n: usize, abs_sum: f64) -> f64 {
+    (n as f64 + 1.0) * f64::from(f32::EPSILON / 2.0) * abs_sum + 1e-30
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct GemvParams {
+    rows: u32,
+    cols: u32,
+    row_stride: u32,
+    first_row: u32,
+    outputs: u32,
+    split_rows: u32,
+    split_base: u32,
+    threshold: f32,
+}
+
+// Slots: w, x, partials, gather, params, y.
+const SLOTS: &[Slot] = &[
+    Slot::Read,
+    Slot::Read,
+    Slot::ReadWrite,
+    Slot::Read,
+    Slot::Uniform,
+    Slot::ReadWrite,
+];
+
+const fn kernel(entry: &'static str, needs_subgroups: bool) -> Kernel {
+    Kernel {
+        family: Family::Gemv,
+        entry,
+        slots: SLOTS,
+        needs_subgroups,
+    }
+}
+
+const ROW_DOT: Kernel = kernel("row_dot", false);
+const COLUMN_SWEEP: Kernel = kernel("column_sweep", false);
+const COLUMN_SWEEP_BALLOT: Kernel = kernel("column_sweep_ballot", true);
+const SUM_SPLITS: Kernel = kernel("sum_splits", false);
+
+/// The pipeline of `kernel` for weights of `T`.
+fn pipeline<T: GpuElement>(
+    ctx: &Context,
+    kernel: &Kernel,
+    gathered: bool,
+) -> Result<std::sync::Arc<crate::context::Pipeline>> {
+    let native_f16 = ctx.native_f16(T::ENCODING);
+    let mut constants = vec![("WORKGROUP", WORKGROUP)];
+    // The f16 variant binds `array<f16>` and has no ELEMENT.
+    if !native_f16 {
+        constants.push(("ELEMENT", T::ENCODING));
+    }
+    if gathered {
+        constants.push(("GATHERED", 1));
+    }
+    ctx.pipeline(kernel, native_f16, &constants)
+}
+
+/// Row dots of `w` against `x` into `out`: output `o` reads row `rows[o]` (or row `o`).
+fn row_dots<T: GpuElement>(
+    ctx: &Context,
+    w: &GpuTensor<T>,
+    x: &GpuTensor<f32>,
+    rows: Option<&GpuTensor<u32>>,
+    out: &mut GpuTensor<f32>,
+) -> Result<()> {
+    let outputs = out.len();
+    let x_buffer = x.single_page("x")?;
+    let out_buffer = out.single_page("y")?;
+    let gather = match rows {
+        Some(r) => r.single_page("rows")?,
+        None => None,
+    };
+    let Some(out_buffer) = out_buffer else {
+        return Ok(());
+    };
+    let mut batch = ctx.batch()?;
+    let Some(x_buffer) = x_buffer else {
+        // No input column: every output is an empty sum.
+        batch.clear(out_buffer);
+        return batch.submit();
+    };
+    let pipeline = pipeline::<T>(ctx, &ROW_DOT, rows.is_some())?;
+    for (page, first_row, page_rows) in w.pages() {
+        let params = batch.uniform(&GemvParams {
+            rows: page_rows as u32,
+            cols: w.cols() as u32,
+            row_stride: w.cols() as u32,
+            first_row: first_row as u32,
+            outputs: outputs as u32,
+            split_rows: 0,
+            split_base: 0,
+            threshold: 0.0,
+        })?;
+        let gather = gather.map_or(Bind::Unused, Bind::Buffer);
+        let grid = batch.grid(outputs as u32);
+        batch.dispatch(
+            &pipeline,
+            &[
+                Bind::Buffer(page),
+                Bind::Buffer(x_buffer),
+                Bind::Buffer(out_buffer),
+                gather,
+                Bind::Buffer(&params),
+                Bind::Unused,
+            ],
+            grid,
+        );
+    }
+    batch.submit()
+}
+
+/// Dense GEMV `y = W x`, `W` `[out, in]` (the twin of `kernels_core::ops::sparse::gemv_ref`).
+pub fn gemv<T: GpuElement>(
+    ctx: &Context,
+    w: &GpuTensor<T>,
+    x: &GpuTensor<f32>,
+    y: &mut GpuTensor<f32>,
+) -> Result<()> {
+    x.expect_len("x", w.cols())?;
+    y.expect_len("y", w.rows())?;
+    row_dots(ctx, w, x, None, y)
+}
+
+/// Gathered-output GEMV: `out[k] = W[rows[k], :] . x` (the twin of `gathered_gemv_ref`). Row
+/// indices may repeat and come in any order; an index past the last row is an error.
+///
+/// `rows` is given on the host (the op validates it) and uploaded; [`gathered_gemv_uploaded`]
+/// takes indices already on the device.
+pub fn gathered_gemv<T: GpuElement>(
+    ctx: &Context,
+    w: &GpuTensor<T>,
+    x: &GpuTensor<f32>,
+    rows: &[u32],
+    out: &mut GpuTensor<f32>,
+) -> Result<()> {
+    kernels_core::ops::sparse::check_row_indices("rows", rows, w.rows())?;
+    let uploaded = GpuTensor::from_slice(ctx, rows)?;
+    gathered_gemv_uploaded(ctx, w, x, &uploaded, out)
+}
+
+/// [`gathered_gemv`] with row indices already on the device. Indices are not read back to be
+/// checked: an index past the last row yields 0 for its output (never an out-of-bounds read).
+pub fn gathered_gemv_uploaded<T: GpuElement>(
+    ctx: &Context,
+    w: &GpuTensor<T>,
+    x: &GpuTensor<f32>,
+    rows: &GpuTensor<u32>,
+    out: &mut GpuTensor<f32>,
+) -> Result<()> {
+    x.expect_len("x", w.cols())?;
+    out.expect_len("out", rows.len())?;
+    if !out.is_empty() {
+        // An index no page holds is never written: start from zeros.
+        let mut batch = ctx.batch()?;
+        if let Some(buffer) = out.single_page("out")? {
+            batch.clear(buffer);
+        }
+        batch.submit()?;
+    }
+    row_dots(ctx, w, x, Some(rows), out)
+}
+
+/// Dense GEMV through the transposed layout: `y = W_t^T x`, `w_t` `[in, out]` (the twin of
+/// `gemv_t_ref`).
+pub fn gemv_t<T: GpuElement>(
+    ctx: &Context,
+    w_t: &GpuTensor<T>,
+    x: &GpuTensor<f32>,
+    y: &mut GpuTensor<f32>,
+) -> Result<()> {
+    sweep(ctx, w_t, x, f32::NEG_INFINITY, y)
+}
+
+/// Sparse-input GEMV (TEAL): `y = sum over i with |x_i| > threshold of x_i w_t[i, :]`, reading
+/// no skipped row (the twin of `sparse_input_gemv_ref`; `threshold <= 0` keeps every nonzero
+/// input's row but a NaN input always counts as active).
+pub fn sparse_input_gemv<T: GpuElement>(
+    ctx: &Context,
+    w_t: &GpuTensor<T>,
+    x: &GpuTensor<f32>,
+    threshold: f32,
+    y: &mut GpuTensor<f32>,
+) -> Result<()> {
+    check_threshold("threshold", threshold)?;
+    sweep(ctx, w_t, x, threshold, y)
+}
+
+fn sweep<T: GpuElement>(
+    ctx: &Context,
+    w_t: &GpuTensor<T>,
+    x: &GpuTensor<f32>,
+    threshold: f32,
+    y: &mut GpuTensor<f32>,
+) -> Result<()> {
+    x.expect_len("x", w_t.rows())?;
+    y.expect_len("y", w_t.cols())?;
+    let cols = w_t.cols();
+    let (Some(y_buffer), x_buffer) = (y.single_page("y")?, x.single_page("x")?) else {
+        return Ok(());
+    };
+    let mut batch = ctx.batch()?;
+    let Some(x_buffer) = x_buffer else {
+        batch.clear(y_buffer);
+        return batch.submit();
+    };
+    // Every page is split alike; the partial sums of all splits must fit one binding.
+    let page_splits = |rows: usize| rows.div_ceil(SPLIT_ROWS as usize);
+    let splits: usize = w_t.pages().map(|(_, _, rows)| page_splits(rows)).sum();
+    let partial_bytes = splits as u64 * cols as u64 * 4;
+    if partial_bytes > ctx.binding_bytes() {
+        return Err(Error::InvalidParam {
+            name: "w_t",
+            value: w_t.len() as f64,
+            expected: "a matrix whose per-split partial sums (4 * out * in / 256 bytes) fit one \
+                       storage binding",
+        });
+    }
+    let sweep_kernel = if ctx.features().subgroups {
+        &COLUMN_SWEEP_BALLOT
+    } else {
+        &COLUMN_SWEEP
+    };
+    let sweep = pipeline::<T>(ctx, sweep_kernel, false)?;
+    let sum = pipeline::<T>(ctx, &SUM_SPLITS, false)?;
+    let partials = batch.scratch(partial_bytes)?;
+    let column_groups = (cols as u32).div_ceil(WORKGROUP);
+    let mut split_base = 0;
+    for (page, first_row, rows) in w_t.pages() {
+        let params = batch.uniform(&GemvParams {
+            rows: rows as u32,
+            cols: cols as u32,
+            row_stride: cols as u32,
+            first_row: first_row as u32,
+            outputs: 0,
+            split_rows: SPLIT_ROWS,
+            split_base,
+            threshold,
+        })?;
+        batch.dispatch(
+            &sweep,
+            &[
+                Bind::Buffer(page),
+                Bind::Buffer(x_buffer),
+                Bind::Buffer(&partials),
+                Bind::Unused,
+                Bind::Buffer(&params),
+                Bind::Unused,
+            ],
+            (column_groups, page_splits(rows) as u32),
+        );
+        split_base += page_splits(rows) as u32;
+    }
+    let params = batch.uniform(&GemvParams {
+        rows: 0,
+        cols: cols as u32,
+        row_stride: cols as u32,
+        first_row: 0,
+        outputs: split_base,
+        split_rows: SPLIT_ROWS,
+        split_base: 0,
+        threshold,
+    })?;
+    batch.dispatch(
+        &sum,
+        &[
+            Bind::Unused,
+            Bind::Unused,
+            Bind::Buffer(&partials),
+            Bind::Unused,
+            Bind::Buffer(&params),
+            Bind::Buffer(y_buffer),
+        ],
+        (column_groups, 1),
+    );
+    batch.submit()
+}

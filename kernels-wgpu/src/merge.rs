@@ -1,0 +1,390 @@
+//! Merge reductions on the GPU: weighted mean (soups), task arithmetic, TIES election and
+//! disjoint mean, Fisher merging and Fisher accumulation, the twins of
+//! `kernels_core::ops::merge`'s references.
+//!
+//! # Contracts
+//!
+//! * Element-wise over tensors of one shape (they page alike); inputs `f32`, `f16` or `bf16`,
+//!   Fisher diagonals and outputs `f32`, arithmetic `f32` (WGSL has no `f64`). Each output is
+//!   within [`reduction_tolerance`] of the reference. Validation is the reference's own.
+//! * Four models per pass (two for Fisher merging: each brings two tensors): WebGPU guarantees
+//!   only 8 storage bindings per stage. Any number of models works; each further pass re-reads
+//!   the `f32` running sums.
+//! * TIES elects `sign(sum w_i tau_i)` from an `f32` sum: where the reference's `f64` sum is
+//!   within rounding of zero, the GPU may elect another sign (or none). Exact cancellation (all
+//!   equal and opposite) elects none on both.
+
+use kernels_core::Result;
+use kernels_core::ops::merge::{
+    validate_fisher_accumulate, validate_fisher_merge, validate_task_arithmetic,
+    validate_ties_elect, validate_weighted_mean,
+};
+use shaders::Family;
+
+use crate::context::{Batch, Bind, Context, Kernel, Pipeline, Slot};
+use crate::tensor::{GpuElement, GpuTensor};
+
+/// Invocations per workgroup of the element-wise kernels.
+pub const WORKGROUP: u32 = 256;
+
+/// Models one pass of [`weighted_mean`], [`task_arithmetic`] or [`ties_elect`] reads.
+pub const MODELS_PER_PASS: usize = 4;
+
+/// Models one pass of [`fisher_merge`] reads (a parameter and a Fisher tensor each).
+pub const FISHER_MODELS_PER_PASS: usize = 2;
+
+/// Bound on `|out - out_ref|` for an output of `terms` weighted terms whose absolute values add
+/// up to `abs_sum` (for a mean, divided by `sum w`): `(3 terms + 4) u abs_sum + tiny`.
+///
+/// Per term, the `f32` coefficient (a weight times `lambda` or `1 / sum w`), the product and the
+/// addition each round once, relative to at most `abs_sum`; a division, a base and a final scale
+/// add up to four more. `tiny` absorbs subnormal flushes, which GPUs may apply.
+#[must_use]
+pub fn reduction_tolerance(terms: usize, abs_sum: f64) -> f64 {
+    (3 * terms + 4) as f64 * f64::from(f32::EPSILON / 2.0) * abs_sum + 1e-30
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct MergeParams {
+    len: u32,
+    models: u32,
+    accumulate: u32,
+    flags: u32,
+    coef: [f32; 4],
+    scalar: f32,
+    pad: [u32; 3],
+}
+
+// Slots: in0..in3, sum0..sum2, params.
+const SLOTS: &[Slot] = &[
+    Slot::Read,
+    Slot::Read,
+    Slot::Read,
+    Slot::Read,
+    Slot::ReadWrite,
+    Slot::ReadWrite,
+    Slot::ReadWrite,
+    Slot::Uniform,
+];
+
+const fn kernel(entry: &'static str) -> Kernel {
+    Kernel {
+        family: Family::Merge,
+        entry,
+        slots: SLOTS,
+        needs_subgroups: false,
+    }
+}
+
+const LINEAR_PASS: Kernel = kernel("linear_pass");
+const FISHER_PASS: Kernel = kernel("fisher_pass");
+const FISHER_FINISH: Kernel = kernel("fisher_finish");
+const TIES_PASS: Kernel = kernel("ties_pass");
+const TIES_FINISH: Kernel = kernel("ties_finish");
+const FISHER_ACCUMULATE: Kernel = kernel("fisher_accumulate");
+
+fn pipeline(ctx: &Context, kernel: &Kernel, encoding: u32) -> Result<std::sync::Arc<Pipeline>> {
+    ctx.pipeline(
+        kernel,
+        false,
+        &[("WORKGROUP", WORKGROUP), ("ELEMENT", encoding)],
+    )
+}
+
+/// Zero-sized stand-ins for tensors, so that the references' own validation (which takes
+/// slices) checks GPU tensors' lengths: a `Vec<()>` allocates nothing.
+fn lengths<T: bytemuck::Pod>(tensors: &[&GpuTensor<T>]) -> Vec<Vec<()>> {
+    tensors.iter().map(|t| vec![(); t.len()]).collect()
+}
+
+fn as_slices(stand_ins: &[Vec<()>]) -> Vec<&[()]> {
+    stand_ins.iter().map(Vec::as_slice).collect()
+}
+
+/// Checks every tensor has `out`'s shape (so their pages pair up).
+fn same_shape<T: bytemuck::Pod>(
+    what: &'static str,
+    tensors: &[&GpuTensor<T>],
+    out: &GpuTensor<f32>,
+) -> Result<()> {
+    tensors
+        .iter()
+        .try_for_each(|t| t.expect_shape(what, out.shape()))
+}
+
+/// One element-wise dispatch over page `page` of the output.
+struct PassInputs<'a> {
+    inputs: [Bind<'a>; 4],
+    sums: [Bind<'a>; 3],
+    params: MergeParams,
+}
+
+fn dispatch(batch: &mut Batch<'_>, pipeline: &Pipeline, pass: PassInputs<'_>) -> Result<()> {
+    let len = pass.params.len;
+    let params = batch.uniform(&pass.params)?;
+    let [a, b, c, d] = pass.inputs;
+    let [s0, s1, s2] = pass.sums;
+    let grid = batch.grid(len.div_ceil(WORKGROUP));
+    batch.dispatch(
+        pipeline,
+        &[a, b, c, d, s0, s1, s2, Bind::Buffer(&params)],
+        grid,
+    );
+    Ok(())
+}
+
+fn params(len: usize, models: usize, accumulate: bool, coef: &[f32], scalar: f32) -> MergeParams {
+    let mut c = [0.0; 4];
+    c[..coef.len()].copy_from_slice(coef);
+    MergeParams {
+        len: len as u32,
+        models: models as u32,
+        accumulate: u32::from(accumulate),
+        flags: 0,
+        coef: c,
+        scalar,
+        pad: [0; 3],
+    }
+}
+
+/// Binds model `m` of `group` on `page`, or a placeholder past the group's end.
+fn model_binds<'a, T: bytemuck::Pod>(group: &[&'a GpuTensor<T>], page: usize) -> [Bind<'a>; 4] {
+    core::array::from_fn(|m| {
+        group
+            .get(m)
+            .map_or(Bind::Unused, |t| Bind::Buffer(t.page(page).0))
+    })
+}
+
+/// `out = sum over k of coefs[k] * tensors[k]`, four tensors per pass.
+fn linear_combination<T: GpuElement>(
+    ctx: &Context,
+    tensors: &[&GpuTensor<T>],
+    coefs: &[f32],
+    out: &mut GpuTensor<f32>,
+) -> Result<()> {
+    let pipeline = pipeline(ctx, &LINEAR_PASS, T::ENCODING)?;
+    let mut batch = ctx.batch()?;
+    for page in 0..out.page_count() {
+        let (sum, len) = out.page(page);
+        for (g, (group, coef)) in tensors
+            .chunks(MODELS_PER_PASS)
+            .zip(coefs.chunks(MODELS_PER_PASS))
+            .enumerate()
+        {
+            dispatch(
+                &mut batch,
+                &pipeline,
+                PassInputs {
+                    inputs: model_binds(group, page),
+                    sums: [Bind::Buffer(sum), Bind::Unused, Bind::Unused],
+                    params: params(len, group.len(), g > 0, coef, 0.0),
+                },
+            )?;
+        }
+    }
+    batch.submit()
+}
+
+/// Weighted mean `out = sum w_i theta_i / sum w_i` (the twin of `weighted_mean_ref`).
+pub fn weighted_mean<T: GpuElement>(
+    ctx: &Context,
+    models: &[&GpuTensor<T>],
+    weights: &[f32],
+    out: &mut GpuTensor<f32>,
+) -> Result<()> {
+    let sum = validate_weighted_mean(&as_slices(&lengths(models)), weights, out.len())?;
+    same_shape("models[i]", models, out)?;
+    let coefs: Vec<f32> = weights
+        .iter()
+        .map(|&w| (f64::from(w) / sum) as f32)
+        .collect();
+    linear_combination(ctx, models, &coefs, out)
+}
+
+/// Task arithmetic `out = base + lambda * sum w_i tau_i` (the twin of `task_arithmetic_ref`).
+pub fn task_arithmetic<T: GpuElement>(
+    ctx: &Context,
+    base: &GpuTensor<T>,
+    taus: &[&GpuTensor<T>],
+    weights: &[f32],
+    lambda: f32,
+    out: &mut GpuTensor<f32>,
+) -> Result<()> {
+    validate_task_arithmetic(
+        &vec![(); base.len()],
+        &as_slices(&lengths(taus)),
+        weights,
+        lambda,
+        out.len(),
+    )?;
+    same_shape("base", &[base], out)?;
+    same_shape("taus[i]", taus, out)?;
+    let tensors: Vec<&GpuTensor<T>> = core::iter::once(base).chain(taus.iter().copied()).collect();
+    let coefs: Vec<f32> = core::iter::once(1.0)
+        .chain(
+            weights
+                .iter()
+                .map(|&w| (f64::from(lambda) * f64::from(w)) as f32),
+        )
+        .collect();
+    linear_combination(ctx, &tensors, &coefs, out)
+}
+
+/// TIES election and disjoint mean over already-trimmed task vectors (the twin of
+/// `ties_elect_ref`): `s = sign(sum w_i tau_i)`, mean of the agreeing `w_i tau_i` over their
+/// `w_i`, `out = base + lambda * mean`. See the module docs for the election's precision.
+pub fn ties_elect<T: GpuElement>(
+    ctx: &Context,
+    base: &GpuTensor<T>,
+    trimmed: &[&GpuTensor<T>],
+    weights: &[f32],
+    lambda: f32,
+    out: &mut GpuTensor<f32>,
+) -> Result<()> {
+    validate_ties_elect(
+        &vec![(); base.len()],
+        &as_slices(&lengths(trimmed)),
+        weights,
+        lambda,
+        out.len(),
+    )?;
+    same_shape("base", &[base], out)?;
+    same_shape("trimmed[i]", trimmed, out)?;
+    let linear = pipeline(ctx, &LINEAR_PASS, T::ENCODING)?;
+    let agree = pipeline(ctx, &TIES_PASS, T::ENCODING)?;
+    let finish = pipeline(ctx, &TIES_FINISH, T::ENCODING)?;
+    let mut batch = ctx.batch()?;
+    for page in 0..out.page_count() {
+        let (num, len) = out.page(page);
+        let den = batch.scratch(len as u64 * 4)?;
+        let elected = batch.scratch(len as u64 * 4)?;
+        let groups = || {
+            trimmed
+                .chunks(MODELS_PER_PASS)
+                .zip(weights.chunks(MODELS_PER_PASS))
+                .enumerate()
+        };
+        for (g, (group, w)) in groups() {
+            dispatch(
+                &mut batch,
+                &linear,
+                PassInputs {
+                    inputs: model_binds(group, page),
+                    sums: [Bind::Buffer(&elected), Bind::Unused, Bind::Unused],
+                    params: params(len, group.len(), g > 0, w, 0.0),
+                },
+            )?;
+        }
+        for (g, (group, w)) in groups() {
+            dispatch(
+                &mut batch,
+                &agree,
+                PassInputs {
+                    inputs: model_binds(group, page),
+                    sums: [
+                        Bind::Buffer(num),
+                        Bind::Buffer(&den),
+                        Bind::Buffer(&elected),
+                    ],
+                    params: params(len, group.len(), g > 0, w, 0.0),
+                },
+            )?;
+        }
+        dispatch(
+            &mut batch,
+            &finish,
+            PassInputs {
+                inputs: model_binds(&[base], page),
+                sums: [Bind::Buffer(num), Bind::Buffer(&den), Bind::Unused],
+                params: params(len, 1, false, &[], lambda),
+            },
+        )?;
+    }
+    batch.submit()
+}
+
+/// Fisher merging `out = sum w_i F'_i theta_i / sum w_i F'_i`, `F'_i = max(F_i, floor)`, the
+/// plain weighted mean where every `w_i F'_i` is zero (the twin of `fisher_merge_ref`).
+pub fn fisher_merge<T: GpuElement>(
+    ctx: &Context,
+    thetas: &[&GpuTensor<T>],
+    fishers: &[&GpuTensor<f32>],
+    weights: &[f32],
+    floor: f32,
+    out: &mut GpuTensor<f32>,
+) -> Result<()> {
+    let weight_sum = validate_fisher_merge(
+        &as_slices(&lengths(thetas)),
+        &as_slices(&lengths(fishers)),
+        weights,
+        floor,
+        out.len(),
+    )?;
+    same_shape("thetas[i]", thetas, out)?;
+    same_shape("fishers[i]", fishers, out)?;
+    let pass = pipeline(ctx, &FISHER_PASS, T::ENCODING)?;
+    let finish = pipeline(ctx, &FISHER_FINISH, T::ENCODING)?;
+    let mut batch = ctx.batch()?;
+    for page in 0..out.page_count() {
+        let (num, len) = out.page(page);
+        let den = batch.scratch(len as u64 * 4)?;
+        let plain = batch.scratch(len as u64 * 4)?;
+        for (g, ((theta, fisher), w)) in thetas
+            .chunks(FISHER_MODELS_PER_PASS)
+            .zip(fishers.chunks(FISHER_MODELS_PER_PASS))
+            .zip(weights.chunks(FISHER_MODELS_PER_PASS))
+            .enumerate()
+        {
+            let [t0, t1, ..] = model_binds(theta, page);
+            let [f0, f1, ..] = model_binds(fisher, page);
+            dispatch(
+                &mut batch,
+                &pass,
+                PassInputs {
+                    inputs: [t0, t1, f0, f1],
+                    sums: [Bind::Buffer(num), Bind::Buffer(&den), Bind::Buffer(&plain)],
+                    params: params(len, theta.len(), g > 0, w, floor),
+                },
+            )?;
+        }
+        dispatch(
+            &mut batch,
+            &finish,
+            PassInputs {
+                inputs: [Bind::Unused, Bind::Unused, Bind::Unused, Bind::Unused],
+                sums: [Bind::Buffer(num), Bind::Buffer(&den), Bind::Buffer(&plain)],
+                params: params(len, 0, false, &[], (1.0 / weight_sum) as f32),
+            },
+        )?;
+    }
+    batch.submit()
+}
+
+/// Diagonal Fisher accumulation `fisher += scale * grad^2` (the twin of
+/// `fisher_accumulate_ref`), `scale` finite and `>= 0`.
+pub fn fisher_accumulate<T: GpuElement>(
+    ctx: &Context,
+    fisher: &mut GpuTensor<f32>,
+    grad: &GpuTensor<T>,
+    scale: f32,
+) -> Result<()> {
+    validate_fisher_accumulate(fisher.len(), &vec![(); grad.len()], scale)?;
+    grad.expect_shape("grad", fisher.shape())?;
+    let pipeline = pipeline(ctx, &FISHER_ACCUMULATE, T::ENCODING)?;
+    let mut batch = ctx.batch()?;
+    for page in 0..fisher.page_count() {
+        let (sum, len) = fisher.page(page);
+        dispatch(
+            &mut batch,
+            &pipeline,
+            PassInputs {
+                inputs: model_binds(&[grad], page),
+                sums: [Bind::Buffer(sum), Bind::Unused, Bind::Unused],
+                params: params(len, 1, true, &[], scale),
+            },
+        )?;
+    }
+    batch.submit()
+}

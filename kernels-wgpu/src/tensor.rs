@@ -1,0 +1,315 @@
+//! Typed tensors on the GPU: upload, download, and the paging that splits a tensor larger than
+//! one storage binding into pages of whole rows.
+
+use core::marker::PhantomData;
+
+use half::{bf16, f16};
+use kernels_core::{Element, Error, MatRef, Result};
+
+use crate::context::Context;
+
+/// An element type a GPU tensor holds: `f32`, `f16` or `bf16`.
+pub trait GpuElement: Element + bytemuck::Pod {
+    /// The value of the shaders' `ELEMENT` override constant for this type.
+    const ENCODING: u32;
+}
+
+impl GpuElement for f32 {
+    const ENCODING: u32 = shaders::element::F32;
+}
+
+impl GpuElement for f16 {
+    const ENCODING: u32 = shaders::element::F16;
+}
+
+impl GpuElement for bf16 {
+    const ENCODING: u32 = shaders::element::BF16;
+}
+
+/// A row-major `[rows, cols]` tensor in device memory: weights and data of a [`GpuElement`]
+/// type, or `u32` indices.
+///
+/// Its rows are split into pages of `rows_per_page` rows, each page its own buffer of at most
+/// [`Context::page_bytes`] (a vector, `[len, 1]`, at most [`Context::binding_bytes`]). The page
+/// size counts 4 bytes per element whatever the type, so tensors of one shape page alike whether
+/// they hold `f32`, `f16` or `bf16`, and element-wise ops pair their pages one to one.
+pub struct GpuTensor<T: bytemuck::Pod> {
+    rows: usize,
+    cols: usize,
+    rows_per_page: usize,
+    pages: Vec<wgpu::Buffer>,
+    element: PhantomData<T>,
+}
+
+impl<T: bytemuck::Pod> core::fmt::Debug for GpuTensor<T> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("GpuTensor")
+            .field("shape", &[self.rows, self.cols])
+            .field("pages", &self.pages.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Bytes a buffer needs for `bytes` of data: whole words, at least one.
+fn bytes_len(bytes: usize) -> usize {
+    (bytes.div_ceil(4) * 4).max(4)
+}
+
+/// Bytes a buffer needs for `elements` of `T`.
+fn padded_bytes<T>(elements: usize) -> u64 {
+    bytes_len(elements * size_of::<T>()) as u64
+}
+
+impl<T: bytemuck::Pod> GpuTensor<T> {
+    fn page_rows_for(ctx: &Context, rows: usize, cols: usize) -> Result<usize> {
+        if rows.checked_mul(cols).is_none_or(|n| n > u32::MAX as usize) {
+            return Err(Error::InvalidParam {
+                name: "rows * cols",
+                value: rows as f64 * cols as f64,
+                expected: "at most 2^32 - 1 elements (shaders index with u32)",
+            });
+        }
+        let row_bytes = cols as u64 * 4;
+        // Vectors are bound whole by the ops that take them (GEMV's x and y), so they page at
+        // the device's limit, not at a smaller page cap.
+        let page_bytes = if cols == 1 {
+            ctx.binding_bytes()
+        } else {
+            ctx.page_bytes()
+        };
+        if row_bytes > page_bytes {
+            return Err(Error::InvalidParam {
+                name: "cols",
+                value: cols as f64,
+                expected: "few enough that one row (4 bytes per element) fits one storage binding \
+                           of the device",
+            });
+        }
+        Ok(((page_bytes / row_bytes.max(4)) as usize).max(1))
+    }
+
+    fn with_pages(
+        ctx: &Context,
+        rows: usize,
+        cols: usize,
+        mut fill: impl FnMut(usize, &mut [T]),
+    ) -> Result<Self> {
+        let rows_per_page = Self::page_rows_for(ctx, rows, cols)?;
+        let mut pages = Vec::new();
+        let mut first = 0;
+        while first < rows {
+            let page_rows = rows_per_page.min(rows - first);
+            let bytes = padded_bytes::<T>(page_rows * cols);
+            let buffer = ctx.allocating("tensor page", bytes, || {
+                ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("tensor page"),
+                    size: bytes,
+                    usage: wgpu::BufferUsages::STORAGE
+                        | wgpu::BufferUsages::COPY_SRC
+                        | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: true,
+                })
+            })?;
+            {
+                let elements = page_rows * cols;
+                let mut host = vec![T::zeroed(); elements];
+                for r in 0..page_rows {
+                    fill(first + r, &mut host[r * cols..(r + 1) * cols]);
+                }
+                let mut bytes = bytemuck::cast_slice::<T, u8>(&host).to_vec();
+                bytes.resize(bytes_len(bytes.len()), 0);
+                let mut mapped =
+                    buffer
+                        .slice(..)
+                        .get_mapped_range_mut()
+                        .map_err(|_| Error::DeviceFailure {
+                            reason: "a new buffer could not be mapped for upload",
+                        })?;
+                mapped.copy_from_slice(&bytes);
+            }
+            buffer.unmap();
+            pages.push(buffer);
+            first += page_rows;
+        }
+        Ok(Self {
+            rows,
+            cols,
+            rows_per_page,
+            pages,
+            element: PhantomData,
+        })
+    }
+
+    /// Uploads a vector (a `[len, 1]` tensor).
+    pub fn from_slice(ctx: &Context, data: &[T]) -> Result<Self> {
+        Self::with_pages(ctx, data.len(), 1, |r, row| row[0] = data[r])
+    }
+
+    /// Uploads a matrix (any row stride; the device copy is contiguous).
+    pub fn from_matrix(ctx: &Context, m: MatRef<'_, T>) -> Result<Self> {
+        Self::with_pages(ctx, m.rows(), m.cols(), |r, row| {
+            row.copy_from_slice(m.row(r));
+        })
+    }
+
+    /// A `[rows, cols]` tensor of zeros.
+    pub fn zeros(ctx: &Context, rows: usize, cols: usize) -> Result<Self> {
+        Self::with_pages(ctx, rows, cols, |_, row| row.fill(T::zeroed()))
+    }
+
+    /// `[rows, cols]`.
+    #[must_use]
+    pub fn shape(&self) -> [usize; 2] {
+        [self.rows, self.cols]
+    }
+
+    /// Rows.
+    #[must_use]
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns.
+    #[must_use]
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Elements held.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    /// Whether the tensor holds no element.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Rows per page (the last page may hold fewer).
+    #[must_use]
+    pub fn rows_per_page(&self) -> usize {
+        self.rows_per_page
+    }
+
+    /// The pages: each buffer, its first row and its row count.
+    pub(crate) fn pages(&self) -> impl Iterator<Item = (&wgpu::Buffer, usize, usize)> {
+        self.pages.iter().enumerate().map(|(p, buffer)| {
+            let first = p * self.rows_per_page;
+            (buffer, first, self.rows_per_page.min(self.rows - first))
+        })
+    }
+
+    /// Number of pages.
+    pub(crate) fn page_count(&self) -> usize {
+        self.pages.len()
+    }
+
+    /// Page `p`'s buffer and its element count.
+    pub(crate) fn page(&self, p: usize) -> (&wgpu::Buffer, usize) {
+        let first = p * self.rows_per_page;
+        (
+            &self.pages[p],
+            self.rows_per_page.min(self.rows - first) * self.cols,
+        )
+    }
+
+    /// The single buffer of a tensor that fits one page (vectors an op binds whole).
+    pub(crate) fn single_page(&self, what: &'static str) -> Result<Option<&wgpu::Buffer>> {
+        if self.pages.len() > 1 {
+            return Err(Error::InvalidParam {
+                name: what,
+                value: self.len() as f64,
+                expected: "a vector that fits one storage binding of the device",
+            });
+        }
+        Ok(self.pages.first())
+    }
+
+    /// Fails unless the tensor has `len` elements.
+    pub(crate) fn expect_len(&self, what: &'static str, len: usize) -> Result<()> {
+        if self.len() == len {
+            Ok(())
+        } else {
+            Err(Error::LengthMismatch {
+                what,
+                expected: len,
+                found: self.len(),
+            })
+        }
+    }
+
+    /// Fails unless the tensor has this shape.
+    pub(crate) fn expect_shape(&self, what: &'static str, shape: [usize; 2]) -> Result<()> {
+        if self.shape() == shape {
+            Ok(())
+        } else {
+            Err(Error::ShapeMismatch {
+                what,
+                expected: shape,
+                found: self.shape(),
+            })
+        }
+    }
+
+    /// Downloads the tensor, row-major.
+    pub async fn to_vec(&self, ctx: &Context) -> Result<Vec<T>> {
+        let mut out = Vec::with_capacity(self.len());
+        for (buffer, _, rows) in self.pages() {
+            let elements = rows * self.cols;
+            let bytes = buffer.size();
+            let staging = ctx.allocating("download staging", bytes, || {
+                ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("download"),
+                    size: bytes,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                })
+            })?;
+            let mut encoder = ctx
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+            encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, bytes);
+            ctx.queue.submit([encoder.finish()]);
+            let (sender, receiver) = futures_channel::oneshot::channel();
+            staging
+                .slice(..)
+                .map_async(wgpu::MapMode::Read, move |mapped| {
+                    let _ = sender.send(mapped);
+                });
+            // Native backends run the callback from a poll; browsers from their event loop.
+            #[cfg(not(target_arch = "wasm32"))]
+            ctx.device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .map_err(|_| Error::DeviceFailure {
+                    reason: "waiting for the device failed (it was lost or timed out)",
+                })?;
+            let mapped = receiver.await.map_err(|_| Error::DeviceFailure {
+                reason: "the device dropped a download",
+            })?;
+            mapped.map_err(|_| Error::DeviceFailure {
+                reason: "mapping a download buffer failed (the device was lost)",
+            })?;
+            {
+                let view =
+                    staging
+                        .slice(..)
+                        .get_mapped_range()
+                        .map_err(|_| Error::DeviceFailure {
+                            reason: "a mapped download buffer could not be read",
+                        })?;
+                out.extend_from_slice(bytemuck::cast_slice(&view[..elements * size_of::<T>()]));
+            }
+            staging.unmap();
+        }
+        ctx.check()?;
+        Ok(out)
+    }
+
+    /// [`GpuTensor::to_vec`], blocking until the data is back (native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn to_vec_blocking(&self, ctx: &Context) -> Result<Vec<T>> {
+        pollster::block_on(self.to_vec(ctx))
+    }
+}

@@ -1,0 +1,86 @@
+//! Shared pieces of the GPU test suites: one context per kernel variant, and the test macro.
+#![allow(dead_code, unreachable_pub)]
+
+use kernels_wgpu::{Context, ContextOptions, FeatureUse};
+
+/// The same data, edge shapes, tolerance scales and comparisons as the CPU suites.
+#[path = "../../../kernels-cpu/tests/common/mod.rs"]
+pub mod cpu;
+
+/// The kernel variants every body runs on.
+#[derive(Clone, Copy, Debug)]
+pub enum Variant {
+    /// Neither `shader-f16` nor subgroups: the kernels every WebGPU device runs.
+    Portable,
+    /// f16 weights bound as `array<f16>`.
+    ShaderF16,
+    /// The subgroup kernels.
+    Subgroups,
+    /// Portable kernels with 4 KiB pages, so every tensor of a test spans many pages.
+    Paged,
+}
+
+/// Bytes per page in [`Variant::Paged`]: 1024 `f32`, below most test matrices.
+pub const SMALL_PAGE_BYTES: u64 = 4096;
+
+fn options(variant: Variant) -> ContextOptions {
+    let portable = ContextOptions {
+        shader_f16: FeatureUse::Off,
+        subgroups: FeatureUse::Off,
+        ..ContextOptions::default()
+    };
+    match variant {
+        Variant::Portable => portable,
+        Variant::ShaderF16 => ContextOptions {
+            shader_f16: FeatureUse::Required,
+            ..portable
+        },
+        Variant::Subgroups => ContextOptions {
+            subgroups: FeatureUse::Required,
+            ..portable
+        },
+        Variant::Paged => ContextOptions {
+            max_page_bytes: Some(SMALL_PAGE_BYTES),
+            ..portable
+        },
+    }
+}
+
+/// Runs `body` on a context of `variant`.
+///
+/// Without an adapter the test fails with the context's hint unless
+/// `KERNELS_WGPU_SKIP_WITHOUT_ADAPTER` is set. A variant whose feature the adapter lacks is
+/// skipped loudly, unless `KERNELS_WGPU_REQUIRE_ALL_VARIANTS` is set (CI sets it: lavapipe offers
+/// every feature, so nothing may be skipped there).
+pub fn run_on(variant: Variant, body: fn(&Context)) {
+    // wgpu's Vulkan loader warns without a runtime dir; a private one keeps the log clean.
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        let dir = std::env::temp_dir().join(format!("kernels-wgpu-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        // SAFETY: set before any thread of this test reads the environment (wgpu reads it when
+        // the instance is created, below).
+        unsafe { std::env::set_var("XDG_RUNTIME_DIR", dir) };
+    }
+    match Context::new_blocking(options(variant)) {
+        Ok(ctx) => body(&ctx),
+        Err(kernels_core::Error::Unsupported { feature, hint })
+            if std::env::var_os("KERNELS_WGPU_SKIP_WITHOUT_ADAPTER").is_some()
+                || (!matches!(variant, Variant::Portable | Variant::Paged)
+                    && std::env::var_os("KERNELS_WGPU_REQUIRE_ALL_VARIANTS").is_none()) =>
+        {
+            eprintln!("skipped {variant:?}: {feature} is not available: {hint}");
+        }
+        Err(e) => panic!("{variant:?}: cannot create a GPU context: {e}"),
+    }
+}
+
+/// One `#[test]` per kernel variant for each listed body, so a failure names its variant.
+#[macro_export]
+macro_rules! gpu_tests {
+    ($($name:ident),* $(,)?) => {
+        mod portable { $( #[test] fn $name() { $crate::common::run_on($crate::common::Variant::Portable, super::$name) } )* }
+        mod shader_f16 { $( #[test] fn $name() { $crate::common::run_on($crate::common::Variant::ShaderF16, super::$name) } )* }
+        mod subgroups { $( #[test] fn $name() { $crate::common::run_on($crate::common::Variant::Subgroups, super::$name) } )* }
+        mod paged { $( #[test] fn $name() { $crate::common::run_on($crate::common::Variant::Paged, super::$name) } )* }
+    };
+}

@@ -1,0 +1,429 @@
+//! Merge reductions and DARE on every kernel variant and element type, against the reference,
+//! with the CPU suite's data; paging and chunking never change a bit.
+
+mod common;
+
+use common::cpu::{assert_close, normal};
+use half::{bf16, f16};
+use kernels_core::ops::merge::{
+    DareParams, DareRescale, dare_ref, fisher_accumulate_ref, fisher_merge_ref,
+    task_arithmetic_ref, ties_elect_ref, ties_sign, weighted_mean_ref,
+};
+use kernels_core::{CounterRng, Element, Error, MatRef};
+use kernels_wgpu::masks::{DARE_RELATIVE_TOLERANCE, dare};
+use kernels_wgpu::merge::{
+    fisher_accumulate, fisher_merge, reduction_tolerance, task_arithmetic, ties_elect,
+    weighted_mean,
+};
+use kernels_wgpu::{Context, GpuElement, GpuTensor};
+
+/// The CPU suite's lengths, and 5000 (a thousand 5-wide rows: several pages when paged).
+const LENGTHS: [usize; 11] = [0, 1, 3, 15, 16, 17, 63, 65, 1000, 4097, 5000];
+
+/// A matrix shape holding `n` elements, several columns wide where `n` allows, so that the
+/// paged variant splits tensors into pages of whole rows.
+fn shape(n: usize) -> (usize, usize) {
+    let cols = [17, 16, 15, 5, 3, 2]
+        .into_iter()
+        .find(|d| n.is_multiple_of(*d) && n > *d)
+        .unwrap_or(1);
+    (n / cols, cols)
+}
+
+fn upload<T: GpuElement>(ctx: &Context, data: &[T]) -> GpuTensor<T> {
+    let (rows, cols) = shape(data.len());
+    GpuTensor::from_matrix(ctx, MatRef::from_slice(data, rows, cols).unwrap()).unwrap()
+}
+
+fn fresh(ctx: &Context, n: usize) -> GpuTensor<f32> {
+    upload(ctx, &vec![f32::NAN; n])
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|f| f.to_bits()).collect()
+}
+
+/// [`assert_close`], with infinities required to match exactly.
+fn assert_near(what: &str, got: &[f32], expect: &[f32], tolerance: impl Fn(usize) -> f64) {
+    assert_eq!(got.len(), expect.len(), "{what}: lengths");
+    for (j, (g, e)) in got.iter().zip(expect).enumerate() {
+        if e.is_infinite() {
+            assert_eq!(g, e, "{what}[{j}]");
+        } else {
+            assert_close(what, &[*g], &[*e], |_| tolerance(j));
+        }
+    }
+}
+
+fn check_reductions<T: GpuElement>(ctx: &Context, n: usize, models: usize, seed: u64) {
+    let data: Vec<Vec<T>> = (0..models)
+        .map(|i| normal::<T>(n, seed + i as u64))
+        .collect();
+    let views: Vec<&[T]> = data.iter().map(Vec::as_slice).collect();
+    let tensors: Vec<GpuTensor<T>> = data.iter().map(|d| upload(ctx, d)).collect();
+    let tensors: Vec<&GpuTensor<T>> = tensors.iter().collect();
+    let weights: Vec<f32> = (0..models).map(|i| 0.5 + i as f32).collect();
+    let sum: f64 = weights.iter().map(|&w| f64::from(w)).sum();
+    let abs = |j: usize| {
+        views
+            .iter()
+            .zip(&weights)
+            .map(|(m, &w)| (f64::from(w) * f64::from(m[j].to_f32())).abs())
+            .sum::<f64>()
+    };
+
+    let mut out = fresh(ctx, n);
+    let mut expect = vec![0.0; n];
+    weighted_mean(ctx, &tensors, &weights, &mut out).unwrap();
+    weighted_mean_ref(&views, &weights, &mut expect).unwrap();
+    let got = out.to_vec_blocking(ctx).unwrap();
+    let what = format!("weighted mean {:?} n={n} N={models}", T::DTYPE);
+    assert_near(&what, &got, &expect, |j| {
+        reduction_tolerance(models, abs(j) / sum)
+    });
+    weighted_mean(ctx, &tensors, &weights, &mut out).unwrap();
+    assert_eq!(
+        bits(&out.to_vec_blocking(ctx).unwrap()),
+        bits(&got),
+        "{what}: repeat"
+    );
+
+    let base_host = normal::<T>(n, seed + 100);
+    let base = upload(ctx, &base_host);
+    let signed: Vec<f32> = weights
+        .iter()
+        .enumerate()
+        .map(|(i, w)| if i % 2 == 1 { -w } else { *w })
+        .collect();
+    task_arithmetic(ctx, &base, &tensors, &signed, 0.3, &mut out).unwrap();
+    task_arithmetic_ref(&base_host, &views, &signed, 0.3, &mut expect).unwrap();
+    assert_near(
+        &format!("task arithmetic {what}"),
+        &out.to_vec_blocking(ctx).unwrap(),
+        &expect,
+        |j| {
+            reduction_tolerance(
+                models,
+                f64::from(base_host[j].to_f32()).abs() + 0.3 * abs(j),
+            )
+        },
+    );
+
+    let fisher_host: Vec<f32> = normal::<f32>(n, seed + 200)
+        .iter()
+        .map(|v| v.abs())
+        .collect();
+    let mut fisher = upload(ctx, &fisher_host);
+    let mut fisher_ref = fisher_host.clone();
+    fisher_accumulate(ctx, &mut fisher, tensors[0], 0.7).unwrap();
+    fisher_accumulate_ref(&mut fisher_ref, views[0], 0.7).unwrap();
+    assert_near(
+        "fisher accumulate",
+        &fisher.to_vec_blocking(ctx).unwrap(),
+        &fisher_ref,
+        |j| {
+            reduction_tolerance(
+                2,
+                f64::from(fisher_host[j]) + 0.7 * f64::from(views[0][j].to_f32()).powi(2),
+            )
+        },
+    );
+}
+
+fn every_length_model_count_and_type(ctx: &Context) {
+    for (k, &n) in LENGTHS.iter().enumerate() {
+        // 1 to 9 models: one pass, several, and a last pass of one.
+        for models in [1, 2, 3, 5, 9] {
+            let seed = (k * 10 + models) as u64;
+            check_reductions::<f32>(ctx, n, models, seed);
+            check_reductions::<f16>(ctx, n, models, seed);
+            check_reductions::<bf16>(ctx, n, models, seed);
+        }
+    }
+}
+
+fn non_finite_data_propagates(ctx: &Context) {
+    let a = [1.0f32, f32::NAN, 3.0, f32::INFINITY].repeat(5);
+    let mut out = fresh(ctx, 20);
+    let (a_gpu, b_gpu) = (upload(ctx, &a), upload(ctx, &[1.0f32; 20]));
+    weighted_mean(ctx, &[&a_gpu, &b_gpu], &[1.0, 1.0], &mut out).unwrap();
+    for (o, v) in out.to_vec_blocking(ctx).unwrap().iter().zip(&a) {
+        assert_eq!(o.is_nan(), v.is_nan());
+        assert_eq!(o.is_infinite(), v.is_infinite());
+    }
+}
+
+/// Trimmed-looking task vectors: zeros, ties of magnitude, both signs, and a few non-finite.
+fn sparse_taus<T: Element>(n: usize, seed: u64, specials: bool) -> Vec<T> {
+    let rng = CounterRng::new(seed);
+    (0..n as u64)
+        .map(|i| {
+            let v = match rng.u32_at(i) % 7 {
+                0 | 1 => 0.0,
+                2 => 0.5,
+                3 => -0.5,
+                _ => rng.normal_at(i + 1000) as f32,
+            };
+            let v = match (specials, i % 97) {
+                (true, 13) => f32::NAN,
+                (true, 41) => f32::INFINITY,
+                _ => v,
+            };
+            T::from_f32(v)
+        })
+        .collect()
+}
+
+fn ties_and_fisher<T: GpuElement>(ctx: &Context) {
+    for &n in &LENGTHS {
+        for models in [1, 2, 3, 5, 9] {
+            let taus: Vec<Vec<T>> = (0..models)
+                .map(|i| sparse_taus(n, (n * 10 + i) as u64, i == 1))
+                .collect();
+            let views: Vec<&[T]> = taus.iter().map(Vec::as_slice).collect();
+            let gpu: Vec<GpuTensor<T>> = taus.iter().map(|t| upload(ctx, t)).collect();
+            let gpu: Vec<&GpuTensor<T>> = gpu.iter().collect();
+            let weights: Vec<f32> = (0..models).map(|i| 0.25 + i as f32).collect();
+            let base_host: Vec<T> = normal(n, 77);
+            let base = upload(ctx, &base_host);
+            let what = format!("{:?} n={n} N={models}", T::DTYPE);
+            let mut out = fresh(ctx, n);
+            let mut expect = vec![0.0; n];
+            ties_elect(ctx, &base, &gpu, &weights, 0.7, &mut out).unwrap();
+            ties_elect_ref(&base_host, &views, &weights, 0.7, &mut expect).unwrap();
+            // The scale of the rounding: |base| + lambda * (the agreeing |w tau|) / (their w).
+            let ties_scale = |j: usize| {
+                let value = |m: &&[T]| f64::from(m[j].to_f32());
+                let elected = ties_sign(
+                    views
+                        .iter()
+                        .zip(&weights)
+                        .map(|(m, &w)| f64::from(w) * value(m))
+                        .sum(),
+                );
+                let (mut num, mut den) = (0.0, 0.0);
+                for (m, &w) in views.iter().zip(&weights) {
+                    if elected != 0.0 && ties_sign(value(m)) == elected {
+                        num += (f64::from(w) * value(m)).abs();
+                        den += f64::from(w);
+                    }
+                }
+                let mean = if den > 0.0 { num / den } else { 0.0 };
+                f64::from(base_host[j].to_f32()).abs() + 0.7 * mean
+            };
+            assert_near(
+                &format!("TIES {what}"),
+                &out.to_vec_blocking(ctx).unwrap(),
+                &expect,
+                |j| reduction_tolerance(models, ties_scale(j)),
+            );
+
+            // Fisher diagonals with zeros (the plain-mean fallback), negatives and a NaN.
+            let fishers: Vec<Vec<f32>> = (0..models)
+                .map(|i| {
+                    sparse_taus::<f32>(n, (n * 20 + i) as u64, i == 0)
+                        .iter()
+                        .map(|v| if i == 2 { -v } else { v.abs() })
+                        .collect()
+                })
+                .collect();
+            let fisher_views: Vec<&[f32]> = fishers.iter().map(Vec::as_slice).collect();
+            let fisher_gpu: Vec<GpuTensor<f32>> = fishers.iter().map(|f| upload(ctx, f)).collect();
+            let fisher_gpu: Vec<&GpuTensor<f32>> = fisher_gpu.iter().collect();
+            for floor in [0.0, 1e-3] {
+                fisher_merge(ctx, &gpu, &fisher_gpu, &weights, floor, &mut out).unwrap();
+                fisher_merge_ref(&views, &fisher_views, &weights, floor, &mut expect).unwrap();
+                let fisher_scale = |j: usize| {
+                    let (mut num, mut den, mut plain, mut wsum) = (0.0, 0.0, 0.0, 0.0);
+                    for ((m, f), &w) in views.iter().zip(&fisher_views).zip(&weights) {
+                        let (w, theta) = (f64::from(w), f64::from(m[j].to_f32()));
+                        let f = f64::from(f[j].max(floor));
+                        num += (w * f * theta).abs();
+                        den += w * f;
+                        plain += (w * theta).abs();
+                        wsum += w;
+                    }
+                    if den > 0.0 { num / den } else { plain / wsum }
+                };
+                assert_near(
+                    &format!("Fisher floor={floor} {what}"),
+                    &out.to_vec_blocking(ctx).unwrap(),
+                    &expect,
+                    |j| reduction_tolerance(models, fisher_scale(j)),
+                );
+            }
+        }
+    }
+}
+
+fn ties_fisher_f32(ctx: &Context) {
+    ties_and_fisher::<f32>(ctx);
+}
+
+fn ties_fisher_f16(ctx: &Context) {
+    ties_and_fisher::<f16>(ctx);
+}
+
+fn ties_fisher_bf16(ctx: &Context) {
+    ties_and_fisher::<bf16>(ctx);
+}
+
+fn dare_matches<T: GpuElement>(ctx: &Context) {
+    for n in LENGTHS {
+        let tau_host: Vec<T> = normal(n, 3 + n as u64);
+        let tau = upload(ctx, &tau_host);
+        for drop in [0.0, 0.1, 0.5, 0.9, 0.999] {
+            for first in [0u64, 1, 3, (1 << 32) - 7, (1 << 40) + 2] {
+                for rescale in [DareRescale::InverseKeep, DareRescale::None] {
+                    let params = DareParams::new(drop, 42).with_rescale(rescale);
+                    let mut out = fresh(ctx, n);
+                    let mut expect = vec![0.0; n];
+                    dare(ctx, &tau, params, first, &mut out).unwrap();
+                    dare_ref(&tau_host, params, first, &mut expect).unwrap();
+                    let got = out.to_vec_blocking(ctx).unwrap();
+                    let what = format!("{:?} n={n} p={drop} first={first} {rescale:?}", T::DTYPE);
+                    // The same survivors, bit for bit, and survivors within the tolerance.
+                    for (j, (g, e)) in got.iter().zip(&expect).enumerate() {
+                        assert_eq!(g.to_bits() == 0, e.to_bits() == 0, "{what}: mask at {j}");
+                        let err = (f64::from(*g) - f64::from(*e)).abs();
+                        assert!(
+                            err <= DARE_RELATIVE_TOLERANCE * f64::from(e.abs()),
+                            "{what}: {g} vs {e} at {j}"
+                        );
+                    }
+                    // Any chunking draws the same mask: a head and a tail as separate tensors.
+                    let split = n / 3;
+                    let (head, tail) = tau_host.split_at(split);
+                    let mut parts = Vec::new();
+                    for (part, offset) in [(head, 0), (tail, split as u64)] {
+                        let mut part_out = fresh(ctx, part.len());
+                        dare(
+                            ctx,
+                            &upload(ctx, part),
+                            params,
+                            first + offset,
+                            &mut part_out,
+                        )
+                        .unwrap();
+                        parts.extend(part_out.to_vec_blocking(ctx).unwrap());
+                    }
+                    assert_eq!(bits(&parts), bits(&got), "{what}: chunking");
+                }
+            }
+        }
+    }
+}
+
+fn dare_f32(ctx: &Context) {
+    dare_matches::<f32>(ctx);
+    // A draw exactly at the threshold survives (the integer comparison is `>=`).
+    let tau_host = vec![1.0f32; 100];
+    let tau = upload(ctx, &tau_host);
+    for (at, first) in [(37u64, 0u64), (1, 0), (0, 1)] {
+        let draw = CounterRng::new(42).u24_at(at + first);
+        let params = DareParams::new(f64::from(draw) / 16_777_216.0, 42);
+        assert_eq!(params.drop_threshold(), draw);
+        let mut out = fresh(ctx, 100);
+        let mut expect = vec![0.0; 100];
+        dare(ctx, &tau, params, first, &mut out).unwrap();
+        dare_ref(&tau_host, params, first, &mut expect).unwrap();
+        let got = out.to_vec_blocking(ctx).unwrap();
+        assert!(expect[at as usize] > 0.0);
+        assert!(got[at as usize] > 0.0, "boundary draw at {at}");
+    }
+}
+
+fn dare_f16(ctx: &Context) {
+    dare_matches::<f16>(ctx);
+}
+
+fn dare_bf16(ctx: &Context) {
+    dare_matches::<bf16>(ctx);
+}
+
+fn bad_inputs(ctx: &Context) {
+    let a = upload(ctx, &[1.0f32; 4]);
+    let b = upload(ctx, &[1.0f32; 5]);
+    let mut out4 = fresh(ctx, 4);
+    assert!(matches!(
+        weighted_mean(ctx, &[&a, &b], &[1.0, 1.0], &mut out4),
+        Err(Error::LengthMismatch {
+            what: "models[i]",
+            ..
+        })
+    ));
+    assert!(matches!(
+        weighted_mean::<f32>(ctx, &[], &[], &mut out4),
+        Err(Error::InvalidParam { name: "models", .. })
+    ));
+    assert!(matches!(
+        weighted_mean(ctx, &[&a], &[-1.0], &mut out4),
+        Err(Error::InvalidParam {
+            name: "weights",
+            ..
+        })
+    ));
+    assert!(matches!(
+        weighted_mean(ctx, &[&a], &[1.0, 2.0], &mut out4),
+        Err(Error::LengthMismatch {
+            what: "weights",
+            ..
+        })
+    ));
+    assert!(matches!(
+        task_arithmetic(ctx, &a, &[&a], &[1.0], f32::NAN, &mut out4),
+        Err(Error::InvalidParam { name: "lambda", .. })
+    ));
+    // Same length, another shape ([4, 1] against [2, 2]): the pages would not pair up.
+    let column = GpuTensor::from_slice(ctx, &[1.0f32; 4]).unwrap();
+    assert!(matches!(
+        weighted_mean(ctx, &[&column], &[1.0], &mut out4),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    assert!(matches!(
+        fisher_merge(ctx, &[&a], &[&b], &[1.0], 0.0, &mut out4),
+        Err(Error::LengthMismatch {
+            what: "fishers[i]",
+            ..
+        })
+    ));
+    assert!(matches!(
+        fisher_merge(ctx, &[&a], &[&a], &[1.0], -1.0, &mut out4),
+        Err(Error::InvalidParam { name: "floor", .. })
+    ));
+    assert!(matches!(
+        fisher_accumulate(ctx, &mut out4, &a, f32::INFINITY),
+        Err(Error::InvalidParam { name: "scale", .. })
+    ));
+    assert!(matches!(
+        dare(ctx, &a, DareParams::new(1.0, 0), 0, &mut out4),
+        Err(Error::InvalidParam { name: "drop", .. })
+    ));
+    assert!(matches!(
+        dare(ctx, &b, DareParams::new(0.5, 0), 0, &mut out4),
+        Err(Error::LengthMismatch { what: "out", .. })
+    ));
+    assert!(matches!(
+        dare(
+            ctx,
+            &a,
+            DareParams::new(0.5, 0).with_rescale(DareRescale::PreserveL1),
+            0,
+            &mut out4
+        ),
+        Err(Error::Unsupported { .. })
+    ));
+    ctx.check().unwrap();
+}
+
+gpu_tests!(
+    every_length_model_count_and_type,
+    non_finite_data_propagates,
+    ties_fisher_f32,
+    ties_fisher_f16,
+    ties_fisher_bf16,
+    dare_f32,
+    dare_f16,
+    dare_bf16,
+    bad_inputs
+);

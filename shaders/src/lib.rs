@@ -1,0 +1,323 @@
+//! The WGSL sources of the kernel family, one file per kernel family, and the variants a GPU
+//! backend selects from the adapter's features.
+//!
+//! Every kernel family is a `&'static str` (`GEMV`, `MERGE`, ...). Sizes (workgroup size, tile
+//! shapes) and the element encoding are WGSL override constants, set when a pipeline is built;
+//! nothing is templated. What differs between variants is which fixed parts a module is made of
+//! and which `enable` directives it starts with, chosen by [`ModuleSpec`]:
+//!
+//! * **weights**: the portable variant binds weights as `array<u32>` and widens f16 and bf16 with
+//!   `unpack2x16float` and shifts ([`ELEMENTS`]); the `shader-f16` variant binds f16 weights as
+//!   `array<f16>`.
+//! * **subgroups**: families with a subgroup kernel add it only where the adapter offers
+//!   subgroups; the portable kernels need neither feature.
+//! * **target**: WGSL for browsers must say `enable subgroups;` before using subgroup built-ins,
+//!   while naga (wgpu on native) rejects that directive. [`Target`] says which to emit.
+//!
+//! `#![no_std]`: the crate is a set of string constants plus the code that joins them, which
+//! needs `alloc`.
+
+#![no_std]
+#![warn(missing_docs)]
+
+extern crate alloc;
+
+use alloc::string::String;
+
+/// Element encodings and helpers every family uses (`widen`, `word_of`, `linear_index`).
+pub const ELEMENTS: &str = include_str!("wgsl/elements.wgsl");
+/// Weights bound as packed words, the encoding set by the `ELEMENT` override (portable).
+pub const WEIGHTS_PACKED: &str = include_str!("wgsl/weights_packed.wgsl");
+/// f16 weights bound as `array<f16>` (needs `shader-f16`).
+pub const WEIGHTS_F16: &str = include_str!("wgsl/weights_f16.wgsl");
+/// Dense, gathered and sparse-input GEMV.
+pub const GEMV: &str = include_str!("wgsl/gemv.wgsl");
+/// The subgroup (ballot) variant of the sparse-input sweep; joined after [`GEMV`].
+pub const GEMV_SUBGROUP: &str = include_str!("wgsl/gemv_subgroup.wgsl");
+/// Merge reductions: linear combinations, Fisher merging and accumulation, TIES election.
+pub const MERGE: &str = include_str!("wgsl/merge.wgsl");
+/// DARE with the shared counter-based generator (Philox4x32-10).
+pub const DARE: &str = include_str!("wgsl/dare.wgsl");
+
+/// Values of the `ELEMENT` override constant: how a packed tensor encodes its elements.
+pub mod element {
+    /// `f32`, one per word.
+    pub const F32: u32 = 0;
+    /// IEEE binary16, two per word.
+    pub const F16: u32 = 1;
+    /// bfloat16, two per word.
+    pub const BF16: u32 = 2;
+}
+
+/// Where the WGSL will be compiled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// wgpu on Vulkan, Metal, DX12 or GL: naga compiles it, and rejects `enable subgroups;`.
+    Native,
+    /// A browser's WebGPU: `enable subgroups;` must precede subgroup built-ins.
+    Browser,
+}
+
+/// A kernel family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Family {
+    /// [`GEMV`]: entry points `row_dot`, `column_sweep`, `sum_splits`, and with subgroups
+    /// `column_sweep_ballot`.
+    Gemv,
+    /// [`MERGE`]: `linear_pass`, `fisher_pass`, `fisher_finish`, `ties_pass`, `ties_finish`,
+    /// `fisher_accumulate`.
+    Merge,
+    /// [`DARE`]: `dare`.
+    Dare,
+}
+
+impl Family {
+    /// Every family.
+    pub const ALL: [Self; 3] = [Self::Gemv, Self::Merge, Self::Dare];
+
+    /// Whether the family has an `array<f16>` weights variant.
+    #[must_use]
+    pub const fn has_f16_variant(self) -> bool {
+        matches!(self, Self::Gemv)
+    }
+
+    /// Whether the family has subgroup kernels.
+    #[must_use]
+    pub const fn has_subgroup_variant(self) -> bool {
+        matches!(self, Self::Gemv)
+    }
+}
+
+/// One shader module: a family and the variant the adapter's features select.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ModuleSpec {
+    /// The kernel family.
+    pub family: Family,
+    /// Bind f16 weights as `array<f16>` (needs `shader-f16`; only families that have the variant).
+    pub native_f16: bool,
+    /// Include the subgroup kernels (needs subgroups; only families that have them).
+    pub subgroups: bool,
+    /// Where the module will be compiled.
+    pub target: Target,
+}
+
+impl ModuleSpec {
+    /// The portable module of `family` for `target`: neither `shader-f16` nor subgroups.
+    #[must_use]
+    pub const fn portable(family: Family, target: Target) -> Self {
+        Self {
+            family,
+            native_f16: false,
+            subgroups: false,
+            target,
+        }
+    }
+
+    /// Every variant of every family for `target`.
+    pub fn all(target: Target) -> impl Iterator<Item = Self> {
+        Family::ALL.into_iter().flat_map(move |family| {
+            [(false, false), (true, false), (false, true), (true, true)]
+                .into_iter()
+                .filter(move |&(f16, subgroups)| {
+                    (!f16 || family.has_f16_variant())
+                        && (!subgroups || family.has_subgroup_variant())
+                })
+                .map(move |(native_f16, subgroups)| Self {
+                    family,
+                    native_f16,
+                    subgroups,
+                    target,
+                })
+        })
+    }
+
+    /// A label naming the module and its variant, e.g. `"gemv+f16+subgroups"`.
+    #[must_use]
+    pub fn label(&self) -> String {
+        let mut label = String::from(match self.family {
+            Family::Gemv => "gemv",
+            Family::Merge => "merge",
+            Family::Dare => "dare",
+        });
+        if self.native_f16 {
+            label.push_str("+f16");
+        }
+        if self.subgroups {
+            label.push_str("+subgroups");
+        }
+        label
+    }
+
+    /// The module's WGSL: directives, then [`ELEMENTS`], then the family's parts.
+    #[must_use]
+    pub fn source(&self) -> String {
+        let native_f16 = self.native_f16 && self.family.has_f16_variant();
+        let subgroups = self.subgroups && self.family.has_subgroup_variant();
+        let mut source = String::new();
+        if native_f16 {
+            source.push_str("enable f16;\n");
+        }
+        if subgroups && self.target == Target::Browser {
+            source.push_str("enable subgroups;\n");
+        }
+        source.push_str(ELEMENTS);
+        match self.family {
+            Family::Gemv => {
+                source.push_str(if native_f16 {
+                    WEIGHTS_F16
+                } else {
+                    WEIGHTS_PACKED
+                });
+                source.push_str(GEMV);
+                if subgroups {
+                    source.push_str(GEMV_SUBGROUP);
+                }
+            }
+            Family::Merge => source.push_str(MERGE),
+            Family::Dare => source.push_str(DARE),
+        }
+        source
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use naga::valid::{Capabilities, ValidationFlags, Validator};
+
+    fn validate(spec: ModuleSpec) -> Result<naga::Module, String> {
+        let source = spec.source();
+        let module = naga::front::wgsl::parse_str(&source)
+            .map_err(|e| e.emit_to_string_with_path(&source, &spec.label()))?;
+        let mut capabilities = Capabilities::empty();
+        if spec.native_f16 {
+            capabilities |= Capabilities::SHADER_FLOAT16;
+        }
+        if spec.subgroups {
+            capabilities |= Capabilities::SUBGROUP;
+        }
+        Validator::new(ValidationFlags::all(), capabilities)
+            .validate(&module)
+            .map_err(|e| e.emit_to_string_with_path(&source, &spec.label()))?;
+        Ok(module)
+    }
+
+    #[test]
+    fn every_variant_parses_and_validates_with_naga() {
+        let mut checked = 0;
+        for spec in ModuleSpec::all(Target::Native) {
+            if let Err(e) = validate(spec) {
+                panic!("{}: {e}", spec.label());
+            }
+            checked += 1;
+        }
+        // gemv: 4 variants; merge and dare: 1 each.
+        assert_eq!(checked, 6);
+    }
+
+    #[test]
+    fn each_variant_needs_exactly_its_features() {
+        // Without the capability, naga must refuse the variant: the feature gate is real.
+        for spec in ModuleSpec::all(Target::Native).filter(|s| s.native_f16 || s.subgroups) {
+            let source = spec.source();
+            let module = naga::front::wgsl::parse_str(&source).expect("parses");
+            let mut without = Capabilities::all();
+            if spec.native_f16 {
+                without.remove(Capabilities::SHADER_FLOAT16);
+            } else {
+                without.remove(Capabilities::SUBGROUP);
+            }
+            assert!(
+                Validator::new(ValidationFlags::all(), without)
+                    .validate(&module)
+                    .is_err(),
+                "{} validated without its feature",
+                spec.label()
+            );
+        }
+        // The portable modules need no capability at all.
+        for family in Family::ALL {
+            let spec = ModuleSpec::portable(family, Target::Native);
+            let module = naga::front::wgsl::parse_str(&spec.source()).expect("parses");
+            Validator::new(ValidationFlags::all(), Capabilities::empty())
+                .validate(&module)
+                .unwrap_or_else(|e| panic!("{}: {e}", spec.label()));
+        }
+    }
+
+    #[test]
+    fn entry_points_are_the_documented_ones() {
+        let names = |spec: ModuleSpec| -> alloc::vec::Vec<String> {
+            let module = validate(spec).expect("validates");
+            module.entry_points.iter().map(|e| e.name.clone()).collect()
+        };
+        let gemv = ModuleSpec::portable(Family::Gemv, Target::Native);
+        assert_eq!(names(gemv), ["row_dot", "column_sweep", "sum_splits"]);
+        let ballot = ModuleSpec {
+            subgroups: true,
+            ..gemv
+        };
+        assert!(names(ballot).iter().any(|n| n == "column_sweep_ballot"));
+        assert_eq!(
+            names(ModuleSpec::portable(Family::Merge, Target::Native)),
+            [
+                "linear_pass",
+                "fisher_pass",
+                "fisher_finish",
+                "ties_pass",
+                "ties_finish",
+                "fisher_accumulate"
+            ]
+        );
+        assert_eq!(
+            names(ModuleSpec::portable(Family::Dare, Target::Native)),
+            ["dare"]
+        );
+    }
+
+    #[test]
+    fn directives_follow_the_target() {
+        let spec = ModuleSpec {
+            family: Family::Gemv,
+            native_f16: true,
+            subgroups: true,
+            target: Target::Browser,
+        };
+        let browser = spec.source();
+        assert!(browser.starts_with("enable f16;\nenable subgroups;\n"));
+        // naga (the native compiler) rejects the browser's directive: the reason for `Target`.
+        assert!(naga::front::wgsl::parse_str(&browser).is_err());
+        let native = ModuleSpec {
+            target: Target::Native,
+            ..spec
+        }
+        .source();
+        assert!(!native.contains("enable subgroups"));
+        assert!(native.starts_with("enable f16;\n"));
+        // Families without a subgroup kernel never ask for the feature.
+        let merge = ModuleSpec {
+            family: Family::Merge,
+            ..spec
+        };
+        assert!(!merge.source().contains("enable"));
+    }
+
+    #[test]
+    fn override_constants_exist_where_the_backend_sets_them() {
+        for spec in ModuleSpec::all(Target::Native) {
+            let module = validate(spec).expect("validates");
+            let overrides: alloc::vec::Vec<&str> = module
+                .overrides
+                .iter()
+                .filter_map(|(_, o)| o.name.as_deref())
+                .collect();
+            assert!(overrides.contains(&"WORKGROUP"), "{}", spec.label());
+            assert_eq!(
+                overrides.contains(&"ELEMENT"),
+                !spec.native_f16,
+                "{}",
+                spec.label()
+            );
+        }
+    }
+}

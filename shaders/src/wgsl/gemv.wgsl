@@ -1,0 +1,113 @@
+// GEMV family: dense and gathered row dots over `W` `[out, in]` (`row_dot`), and the dense or
+// sparse-input (TEAL) sweep over `w_t` `[in, out]` (`column_sweep`, then `sum_splits`).
+//
+// A matrix larger than one storage binding is split into pages of whole rows, dispatched one
+// page at a time; `first_row` is the page's first row in the whole matrix. Sums run in a fixed
+// order for a given WORKGROUP and split, so results are deterministic.
+
+struct GemvParams {
+    // Rows of this page.
+    rows: u32,
+    // Columns of the matrix.
+    cols: u32,
+    // Elements between consecutive rows.
+    row_stride: u32,
+    // Index of this page's first row in the whole matrix.
+    first_row: u32,
+    // row_dot: outputs to compute. sum_splits: partial rows to add up.
+    outputs: u32,
+    // column_sweep: rows per split.
+    split_rows: u32,
+    // column_sweep: index of this page's first split in the partials.
+    split_base: u32,
+    // column_sweep: row i is read iff !(|x_i| <= threshold); -inf reads every row.
+    threshold: f32,
+}
+
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> partials: array<f32>;
+@group(0) @binding(3) var<storage, read> gather: array<u32>;
+@group(0) @binding(4) var<uniform> p: GemvParams;
+@group(0) @binding(5) var<storage, read_write> y: array<f32>;
+
+// Invocations per workgroup; a power of two (row_dot sums by halving).
+override WORKGROUP: u32 = 256u;
+// row_dot: output o reads row gather[o] instead of row o.
+override GATHERED: bool = false;
+
+var<workgroup> lane_sums: array<f32, WORKGROUP>;
+
+// One workgroup per output: out[o] = W[row, :] . x, written by the page that holds the row.
+@compute @workgroup_size(WORKGROUP)
+fn row_dot(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let o = wg.x + wg.y * groups.x;
+    if o >= p.outputs {
+        return;
+    }
+    var row = o;
+    if GATHERED {
+        row = gather[o];
+    }
+    let in_page = row >= p.first_row && row - p.first_row < p.rows;
+    var acc = 0.0;
+    if in_page {
+        let base = (row - p.first_row) * p.row_stride;
+        for (var j = lid; j < p.cols; j += WORKGROUP) {
+            acc += load_w(base + j) * x[j];
+        }
+    }
+    lane_sums[lid] = acc;
+    workgroupBarrier();
+    for (var half = WORKGROUP / 2u; half > 0u; half >>= 1u) {
+        if lid < half {
+            lane_sums[lid] += lane_sums[lid + half];
+        }
+        workgroupBarrier();
+    }
+    if lid == 0u && in_page {
+        partials[o] = lane_sums[0];
+    }
+}
+
+// One invocation per output column and split of rows: partials[split, j] = the sum over the
+// split's active rows i of x_i w_t[i, j]. An inactive row is never read: the test is uniform
+// across the workgroup, so the loads of a skipped row are not issued.
+@compute @workgroup_size(WORKGROUP)
+fn column_sweep(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(workgroup_id) wg: vec3<u32>,
+) {
+    let j = gid.x;
+    let split = wg.y;
+    let start = split * p.split_rows;
+    let end = min(start + p.split_rows, p.rows);
+    if j >= p.cols {
+        return;
+    }
+    var acc = 0.0;
+    for (var i = start; i < end; i++) {
+        let xi = x[p.first_row + i];
+        if !(abs(xi) <= p.threshold) {
+            acc += xi * load_w(i * p.row_stride + j);
+        }
+    }
+    partials[(p.split_base + split) * p.cols + j] = acc;
+}
+
+// y[j] = the sum of partials[s, j] over the `outputs` splits, in split order.
+@compute @workgroup_size(WORKGROUP)
+fn sum_splits(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let j = gid.x;
+    if j >= p.cols {
+        return;
+    }
+    var acc = 0.0;
+    for (var s = 0u; s < p.outputs; s++) {
+        acc += partials[s * p.cols + j];
+    }
+    y[j] = acc;
+}

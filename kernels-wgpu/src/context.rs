@@ -564,6 +564,17 @@ impl Context {
         }
     }
 
+    /// A pooled storage buffer of at least `bytes` that outlives batches (read back between
+    /// them, say); return it with [`Context::give_back`].
+    pub(crate) fn take_storage(&self, bytes: u64) -> Result<wgpu::Buffer> {
+        self.take_scratch(
+            bytes,
+            wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+        )
+    }
+
     pub(crate) fn give_back(&self, buffers: impl IntoIterator<Item = wgpu::Buffer>) {
         let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
         for buffer in buffers {
@@ -573,6 +584,59 @@ impl Context {
             };
             pool.entry(key).or_default().push(buffer);
         }
+    }
+
+    /// The first `bytes` of `buffer` (a storage buffer), once every submitted command is done.
+    pub(crate) async fn read_buffer(&self, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+        self.check()?;
+        // Mapped copies are whole words.
+        let copied = bytes.div_ceil(4) * 4;
+        let staging = self.take_scratch(
+            copied,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        )?;
+        let mut encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, copied);
+        self.queue.submit([encoder.finish()]);
+        let (sender, receiver) = futures_channel::oneshot::channel();
+        staging
+            .slice(..copied)
+            .map_async(wgpu::MapMode::Read, move |mapped| {
+                let _ = sender.send(mapped);
+            });
+        // Native backends run the callback from a poll; browsers from their event loop.
+        #[cfg(not(target_arch = "wasm32"))]
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|_| Error::DeviceFailure {
+                reason: "waiting for the device failed (it was lost or timed out)",
+            })?;
+        let mapped = receiver.await.map_err(|_| Error::DeviceFailure {
+            reason: "the device dropped a download",
+        })?;
+        mapped.map_err(|_| Error::DeviceFailure {
+            reason: "mapping a download buffer failed (the device was lost)",
+        })?;
+        let data =
+            {
+                let view = staging.slice(..copied).get_mapped_range().map_err(|_| {
+                    Error::DeviceFailure {
+                        reason: "a mapped download buffer could not be read",
+                    }
+                })?;
+                view[..bytes as usize].to_vec()
+            };
+        staging.unmap();
+        self.give_back([staging]);
+        self.check()?;
+        Ok(data)
+    }
+
+    /// Writes `data` at the start of `buffer` (queued before the next submission).
+    pub(crate) fn write_buffer(&self, buffer: &wgpu::Buffer, data: &[u8]) {
+        self.queue.write_buffer(buffer, 0, data);
     }
 
     /// A new batch of dispatches.

@@ -44,7 +44,12 @@ mod context;
 pub mod gemv;
 pub mod masks;
 pub mod merge;
+pub mod select;
 mod tensor;
 
 pub use context::{AdapterChoice, Context, ContextOptions, FeatureUse, GpuFeatures};
+/// Runs a future to completion on this thread: the blocking form of every `async` op (native
+/// only; in a browser, `.await` them).
+#[cfg(not(target_arch = "wasm32"))]
+pub use pollster::block_on;
 pub use tensor::{GpuElement, GpuTensor};

@@ -1,8 +1,11 @@
-//! Task-vector masks on the GPU: DARE with the shared counter-based generator, the twin of
-//! `kernels_core::ops::merge::dare_ref`.
+//! Task-vector masks on the GPU: DARE with the shared counter-based generator, TIES trimming
+//! and Model Breadcrumbs, the twins of `kernels_core::ops::merge`'s references.
 //!
 //! # Contracts
 //!
+//! * TIES trim and Breadcrumbs keep exactly the reference's entries (radix select on the
+//!   magnitude keys, ties by lower index; see [`crate::select`]) and write them widened to `f32`,
+//!   exactly; the rest are `+0.0`. They are `async`: the selection reads histograms back.
 //! * The survivors are exactly the reference's: element `first_index + i` survives iff the top
 //!   24 bits of its Philox4x32-10 word reach `DareParams::drop_threshold()`, computed in 32-bit
 //!   integers on the GPU. Any chunking or paging of a tensor draws the same mask.
@@ -12,7 +15,8 @@
 //! * [`DareRescale::PreserveL1`] needs a reduction over the tensor before the mask; this backend
 //!   does not offer it yet and says so (`Error::Unsupported`).
 
-use kernels_core::ops::merge::{DareParams, DareRescale};
+use kernels_core::ops::merge::{BreadcrumbsParams, DareParams, DareRescale};
+use kernels_core::ops::select::keep_count;
 use kernels_core::{CounterRng, Error, Result};
 use shaders::Family;
 
@@ -100,4 +104,31 @@ pub fn dare<T: GpuElement>(
         first = first.wrapping_add(len as u64);
     }
     batch.submit()
+}
+
+/// TIES trim: keeps the top `floor(density n)` magnitudes of `tau` (ties by lower index) and
+/// zeroes the rest (the twin of `ties_trim_ref`, written as `f32`).
+pub async fn ties_trim<T: GpuElement>(
+    ctx: &Context,
+    tau: &GpuTensor<T>,
+    density: f64,
+    out: &mut GpuTensor<f32>,
+) -> Result<()> {
+    out.expect_len("out", tau.len())?;
+    let k = keep_count(density, tau.len() as u64)?;
+    crate::select::topk_keep(ctx, tau, k, out).await
+}
+
+/// Model Breadcrumbs: keeps the entries whose magnitude rank (descending, ties by lower index)
+/// lies in `[top, top + keep)` of [`BreadcrumbsParams::counts`] and zeroes the rest (the twin of
+/// `breadcrumbs_ref`).
+pub async fn breadcrumbs<T: GpuElement>(
+    ctx: &Context,
+    tau: &GpuTensor<T>,
+    params: BreadcrumbsParams,
+    out: &mut GpuTensor<f32>,
+) -> Result<()> {
+    out.expect_len("out", tau.len())?;
+    let (top, keep) = params.counts(tau.len() as u64)?;
+    crate::select::keep_band(ctx, tau, top + keep, top, out).await
 }

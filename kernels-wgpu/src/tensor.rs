@@ -257,51 +257,10 @@ impl<T: bytemuck::Pod> GpuTensor<T> {
     pub async fn to_vec(&self, ctx: &Context) -> Result<Vec<T>> {
         let mut out = Vec::with_capacity(self.len());
         for (buffer, _, rows) in self.pages() {
-            let elements = rows * self.cols;
-            let bytes = buffer.size();
-            let staging = ctx.allocating("download staging", bytes, || {
-                ctx.device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("download"),
-                    size: bytes,
-                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                    mapped_at_creation: false,
-                })
-            })?;
-            let mut encoder = ctx
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
-            encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, bytes);
-            ctx.queue.submit([encoder.finish()]);
-            let (sender, receiver) = futures_channel::oneshot::channel();
-            staging
-                .slice(..)
-                .map_async(wgpu::MapMode::Read, move |mapped| {
-                    let _ = sender.send(mapped);
-                });
-            // Native backends run the callback from a poll; browsers from their event loop.
-            #[cfg(not(target_arch = "wasm32"))]
-            ctx.device
-                .poll(wgpu::PollType::wait_indefinitely())
-                .map_err(|_| Error::DeviceFailure {
-                    reason: "waiting for the device failed (it was lost or timed out)",
-                })?;
-            let mapped = receiver.await.map_err(|_| Error::DeviceFailure {
-                reason: "the device dropped a download",
-            })?;
-            mapped.map_err(|_| Error::DeviceFailure {
-                reason: "mapping a download buffer failed (the device was lost)",
-            })?;
-            {
-                let view =
-                    staging
-                        .slice(..)
-                        .get_mapped_range()
-                        .map_err(|_| Error::DeviceFailure {
-                            reason: "a mapped download buffer could not be read",
-                        })?;
-                out.extend_from_slice(bytemuck::cast_slice(&view[..elements * size_of::<T>()]));
-            }
-            staging.unmap();
+            let bytes = ctx
+                .read_buffer(buffer, (rows * self.cols * size_of::<T>()) as u64)
+                .await?;
+            out.extend_from_slice(bytemuck::cast_slice(&bytes));
         }
         ctx.check()?;
         Ok(out)

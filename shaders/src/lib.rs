@@ -38,6 +38,9 @@ pub const GEMV_SUBGROUP: &str = include_str!("wgsl/gemv_subgroup.wgsl");
 pub const MERGE: &str = include_str!("wgsl/merge.wgsl");
 /// DARE with the shared counter-based generator (Philox4x32-10).
 pub const DARE: &str = include_str!("wgsl/dare.wgsl");
+/// Magnitude radix select: histograms, tie counts and cut application (top-k, TIES trim,
+/// Breadcrumbs).
+pub const SELECT: &str = include_str!("wgsl/select.wgsl");
 
 /// Values of the `ELEMENT` override constant: how a packed tensor encodes its elements.
 pub mod element {
@@ -69,11 +72,13 @@ pub enum Family {
     Merge,
     /// [`DARE`]: `dare`.
     Dare,
+    /// [`SELECT`]: `histogram`, `count_equal`, `apply_cuts`.
+    Select,
 }
 
 impl Family {
     /// Every family.
-    pub const ALL: [Self; 3] = [Self::Gemv, Self::Merge, Self::Dare];
+    pub const ALL: [Self; 4] = [Self::Gemv, Self::Merge, Self::Dare, Self::Select];
 
     /// Whether the family has an `array<f16>` weights variant.
     #[must_use]
@@ -138,6 +143,7 @@ impl ModuleSpec {
             Family::Gemv => "gemv",
             Family::Merge => "merge",
             Family::Dare => "dare",
+            Family::Select => "select",
         });
         if self.native_f16 {
             label.push_str("+f16");
@@ -175,6 +181,7 @@ impl ModuleSpec {
             }
             Family::Merge => source.push_str(MERGE),
             Family::Dare => source.push_str(DARE),
+            Family::Select => source.push_str(SELECT),
         }
         source
     }
@@ -211,8 +218,8 @@ mod tests {
             }
             checked += 1;
         }
-        // gemv: 4 variants; merge and dare: 1 each.
-        assert_eq!(checked, 6);
+        // gemv: 4 variants; merge, dare and select: 1 each.
+        assert_eq!(checked, 7);
     }
 
     #[test]
@@ -272,6 +279,10 @@ mod tests {
         assert_eq!(
             names(ModuleSpec::portable(Family::Dare, Target::Native)),
             ["dare"]
+        );
+        assert_eq!(
+            names(ModuleSpec::portable(Family::Select, Target::Native)),
+            ["histogram", "count_equal", "apply_cuts"]
         );
     }
 

@@ -1,0 +1,459 @@
+//! Magnitude selection on the GPU: the top-k cut and the k-th largest magnitude over one tensor
+//! or many taken as one flat vector (a whole model), and applying cuts, the twins of
+//! `kernels_core::ops::select`'s references.
+//!
+//! # Contracts
+//!
+//! * Bit-identical to the reference: the order is that of the `u32` image of `|x|`
+//!   (`magnitude_key`), widened exactly from `f16` and `bf16`; exactly `k` entries are kept, ties
+//!   going to the lower flat index across pages and tensors. NaN and infinities are
+//!   `Error::NonFinite` with the first one's flat index, as in the reference.
+//! * Radix select: one histogram pass per digit (11, 10 and 10 bits, from the top) over every
+//!   tensor, each counting only the keys under the bin chosen so far; the host reads the 8 KiB
+//!   histogram back between passes (so these functions are `async`). Applying a cut is one pass,
+//!   plus a counting pass (and a read-back of one count per 4096 entries) when only some of the
+//!   entries equal to the cut are kept.
+//! * At most `2^32 - 1` entries per selection (the counts are `u32`).
+
+use kernels_core::ops::select::{TopKCut, magnitude_key};
+use kernels_core::{Error, Result};
+use shaders::Family;
+
+use crate::context::{Bind, Context, Kernel, Slot};
+use crate::tensor::{GpuElement, GpuTensor};
+
+/// Invocations per workgroup of the selection kernels.
+pub const WORKGROUP: u32 = 256;
+
+/// Entries each invocation handles; a workgroup owns a tile of `WORKGROUP * ITEMS` entries.
+///
+/// PERF: a tile of 4096 entries amortises the flush of a 2048-bin workgroup histogram to the
+/// global one (most bins are empty and skipped).
+pub const ITEMS: u32 = 16;
+
+const TILE: usize = (WORKGROUP * ITEMS) as usize;
+
+/// The digits of a 31-bit key, from the top: `(shift, bits)`.
+const DIGITS: [(u32, u32); 3] = [(20, 11), (10, 10), (0, 10)];
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct SelectParams {
+    len: u32,
+    shift: u32,
+    digit_mask: u32,
+    prefix_mask: u32,
+    prefix: u32,
+    nan_slot: u32,
+    tile_base: u32,
+    has_b: u32,
+    key_a: u32,
+    ties_a: u32,
+    key_b: u32,
+    ties_b: u32,
+}
+
+const SLOTS: &[Slot] = &[Slot::Read, Slot::ReadWrite, Slot::Uniform, Slot::ReadWrite];
+
+const fn kernel(entry: &'static str) -> Kernel {
+    Kernel {
+        family: Family::Select,
+        entry,
+        slots: SLOTS,
+        needs_subgroups: false,
+    }
+}
+
+const HISTOGRAM: Kernel = kernel("histogram");
+const COUNT_EQUAL: Kernel = kernel("count_equal");
+const APPLY_CUTS: Kernel = kernel("apply_cuts");
+
+fn pipeline<T: GpuElement>(
+    ctx: &Context,
+    kernel: &Kernel,
+) -> Result<std::sync::Arc<crate::context::Pipeline>> {
+    ctx.pipeline(
+        kernel,
+        false,
+        &[
+            ("WORKGROUP", WORKGROUP),
+            ("ITEMS", ITEMS),
+            ("ELEMENT", T::ENCODING),
+        ],
+    )
+}
+
+/// Which of the entries equal to a cut's magnitude it keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ties {
+    /// All of them (no counting needed).
+    All,
+    /// The first this many, in flat order.
+    First(u64),
+}
+
+/// A cut as the kernels apply it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Cut {
+    key: u32,
+    ties: Ties,
+}
+
+impl Cut {
+    fn from_public(cut: &TopKCut) -> Self {
+        Self {
+            key: magnitude_key(cut.magnitude),
+            ties: Ties::First(cut.ties),
+        }
+    }
+
+    fn public(&self, equal_total: u64) -> TopKCut {
+        TopKCut {
+            magnitude: f32::from_bits(self.key),
+            ties: match self.ties {
+                Ties::All => equal_total,
+                Ties::First(t) => t,
+            },
+        }
+    }
+
+    fn needs_ranks(&self) -> bool {
+        matches!(self.ties, Ties::First(t) if t > 0)
+    }
+
+    /// The ties this tensor may keep, as the kernel's `u32` (a tensor has fewer than 2^32).
+    fn ties_here(&self) -> u32 {
+        match self.ties {
+            Ties::All => u32::MAX,
+            Ties::First(t) => t.min(u64::from(u32::MAX)) as u32,
+        }
+    }
+
+    /// Spends the ties that `equal` entries of one tensor took.
+    fn consume(&mut self, equal: u64) {
+        if let Ties::First(t) = &mut self.ties {
+            *t = t.saturating_sub(equal);
+        }
+    }
+}
+
+fn total_len<T: bytemuck::Pod>(slices: &[&GpuTensor<T>]) -> Result<u64> {
+    let n: u64 = slices.iter().map(|s| s.len() as u64).sum();
+    if n > u64::from(u32::MAX) {
+        return Err(Error::InvalidParam {
+            name: "x",
+            value: n as f64,
+            expected: "at most 2^32 - 1 entries in one selection on the GPU",
+        });
+    }
+    Ok(n)
+}
+
+/// The top-k cut and the number of entries equal to its magnitude.
+async fn find_cut<T: GpuElement>(
+    ctx: &Context,
+    slices: &[&GpuTensor<T>],
+    k: u64,
+) -> Result<(Cut, u64)> {
+    let n = total_len(slices)?;
+    let pipeline = pipeline::<T>(ctx, &HISTOGRAM)?;
+    let pages: usize = slices.iter().map(|s| s.page_count()).sum();
+    let mut prefix = 0u32;
+    let mut prefix_mask = 0u32;
+    let mut remaining = k;
+    let mut equal_total = 0;
+    for (pass, &(shift, bits)) in DIGITS.iter().enumerate() {
+        let bins = 1usize << bits;
+        let digit_mask = (1u32 << bits) - 1;
+        let mut init = vec![0u32; bins];
+        init.resize(bins + pages, u32::MAX);
+        let counts = ctx.take_storage((init.len() * 4) as u64)?;
+        ctx.write_buffer(&counts, bytemuck::cast_slice(&init));
+        let mut batch = ctx.batch()?;
+        let mut nan_slot = 0;
+        for slice in slices {
+            for page in 0..slice.page_count() {
+                let (buffer, len) = slice.page(page);
+                let params = batch.uniform(&SelectParams {
+                    len: len as u32,
+                    shift,
+                    digit_mask,
+                    prefix_mask,
+                    prefix,
+                    nan_slot,
+                    ..SelectParams::default()
+                })?;
+                let grid = batch.grid(len.div_ceil(TILE) as u32);
+                batch.dispatch(
+                    &pipeline,
+                    &[
+                        Bind::Buffer(buffer),
+                        Bind::Buffer(&counts),
+                        Bind::Buffer(&params),
+                        Bind::Unused,
+                    ],
+                    grid,
+                );
+                nan_slot += 1;
+            }
+        }
+        batch.submit()?;
+        let read = ctx.read_buffer(&counts, (init.len() * 4) as u64).await;
+        ctx.give_back([counts]);
+        let read = read?;
+        let read: &[u32] = bytemuck::cast_slice(&read);
+        if pass == 0 {
+            // The first non-finite entry in flat order: pages are numbered in flat order.
+            let mut offset = 0u64;
+            let mut slot = bins;
+            for slice in slices {
+                for page in 0..slice.page_count() {
+                    if read[slot] != u32::MAX {
+                        return Err(Error::NonFinite {
+                            what: "x",
+                            index: (offset + u64::from(read[slot])) as usize,
+                        });
+                    }
+                    offset += slice.page(page).1 as u64;
+                    slot += 1;
+                }
+            }
+            if k > n {
+                return Err(Error::InvalidParam {
+                    name: "k",
+                    value: k as f64,
+                    expected: "at most the number of entries",
+                });
+            }
+            if k == 0 {
+                return Ok((Cut::from_public(&TopKCut::NONE), 0));
+            }
+        }
+        let histogram = &read[..bins];
+        let mut chosen = 0;
+        for bin in (0..bins).rev() {
+            let count = u64::from(histogram[bin]);
+            if count >= remaining {
+                chosen = bin;
+                equal_total = count;
+                break;
+            }
+            remaining -= count;
+        }
+        prefix |= (chosen as u32) << shift;
+        prefix_mask |= digit_mask << shift;
+    }
+    let ties = if remaining == equal_total {
+        Ties::All
+    } else {
+        Ties::First(remaining)
+    };
+    Ok((Cut { key: prefix, ties }, equal_total))
+}
+
+/// The top-k cut of `slices` taken as one flat vector (the twin of `topk_cut_ref`):
+/// `0 <= k <= n`.
+pub async fn topk_cut<T: GpuElement>(
+    ctx: &Context,
+    slices: &[&GpuTensor<T>],
+    k: u64,
+) -> Result<TopKCut> {
+    let (cut, equal_total) = find_cut(ctx, slices, k).await?;
+    Ok(cut.public(equal_total))
+}
+
+/// The k-th largest magnitude of `slices` taken as one flat vector, `1 <= k <= n` (the twin of
+/// `kth_largest_magnitude_ref`).
+pub async fn kth_largest_magnitude<T: GpuElement>(
+    ctx: &Context,
+    slices: &[&GpuTensor<T>],
+    k: u64,
+) -> Result<f32> {
+    if k == 0 {
+        return Err(Error::InvalidParam {
+            name: "k",
+            value: 0.0,
+            expected: "at least 1",
+        });
+    }
+    Ok(topk_cut(ctx, slices, k).await?.magnitude)
+}
+
+/// Applies cut `a` (and drops what cut `b` keeps) to `x`: `out = kept ? x : 0`, and spends the
+/// ties the tensor's equal entries took.
+async fn apply_cuts<T: GpuElement>(
+    ctx: &Context,
+    x: &GpuTensor<T>,
+    a: &mut Cut,
+    b: Option<&mut Cut>,
+    out: &mut GpuTensor<f32>,
+) -> Result<()> {
+    x.expect_shape("out", out.shape())?;
+    let tiles: Vec<usize> = (0..x.page_count())
+        .map(|p| x.page(p).1.div_ceil(TILE))
+        .collect();
+    let total_tiles: usize = tiles.iter().sum();
+    let offsets_bytes = (total_tiles.max(1) * 2 * 4) as u64;
+    let offsets = ctx.take_storage(offsets_bytes)?;
+    let result = apply_with_offsets(ctx, x, a, b, out, &tiles, &offsets).await;
+    ctx.give_back([offsets]);
+    result
+}
+
+async fn apply_with_offsets<T: GpuElement>(
+    ctx: &Context,
+    x: &GpuTensor<T>,
+    a: &mut Cut,
+    mut b: Option<&mut Cut>,
+    out: &mut GpuTensor<f32>,
+    tiles: &[usize],
+    offsets: &wgpu::Buffer,
+) -> Result<()> {
+    let total_tiles: usize = tiles.iter().sum();
+    let offsets_bytes = (total_tiles.max(1) * 2 * 4) as u64;
+    let b_key = b.as_ref().map_or(u32::MAX, |b| b.key);
+    let ranked = a.needs_ranks() || b.as_ref().is_some_and(|b| b.needs_ranks());
+    let apply = pipeline::<T>(ctx, &APPLY_CUTS)?;
+    let mut batch = ctx.batch()?;
+    let params = |page: usize, tile_base: usize, a: &Cut, b: Option<&Cut>| SelectParams {
+        len: x.page(page).1 as u32,
+        tile_base: tile_base as u32,
+        has_b: u32::from(b.is_some()),
+        key_a: a.key,
+        ties_a: a.ties_here(),
+        key_b: b_key,
+        ties_b: b.map_or(0, Cut::ties_here),
+        ..SelectParams::default()
+    };
+    if ranked {
+        // Count the entries equal to each cut per tile, then turn the counts into each tile's
+        // exclusive offset among the equal entries of the whole tensor.
+        let count = pipeline::<T>(ctx, &COUNT_EQUAL)?;
+        let mut tile_base = 0;
+        for (page, &page_tiles) in tiles.iter().enumerate() {
+            let uniform = batch.uniform(&params(page, tile_base, a, b.as_deref()))?;
+            let grid = batch.grid(page_tiles as u32);
+            batch.dispatch(
+                &count,
+                &[
+                    Bind::Buffer(x.page(page).0),
+                    Bind::Buffer(offsets),
+                    Bind::Buffer(&uniform),
+                    Bind::Unused,
+                ],
+                grid,
+            );
+            tile_base += page_tiles;
+        }
+        batch.submit()?;
+        let read = ctx.read_buffer(offsets, offsets_bytes).await?;
+        let counts: &[u32] = bytemuck::cast_slice(&read);
+        let mut exclusive = vec![0u32; counts.len()];
+        let (mut equal_a, mut equal_b) = (0u64, 0u64);
+        for t in 0..total_tiles {
+            // Offsets beyond the ties kept only need to stay beyond them: clamp to u32.
+            exclusive[2 * t] = equal_a.min(u64::from(u32::MAX)) as u32;
+            exclusive[2 * t + 1] = equal_b.min(u64::from(u32::MAX)) as u32;
+            equal_a += u64::from(counts[2 * t]);
+            equal_b += u64::from(counts[2 * t + 1]);
+        }
+        ctx.write_buffer(offsets, bytemuck::cast_slice(&exclusive));
+        batch = ctx.batch()?;
+        let mut tile_base = 0;
+        for (page, &page_tiles) in tiles.iter().enumerate() {
+            let uniform = batch.uniform(&params(page, tile_base, a, b.as_deref()))?;
+            let grid = batch.grid(page_tiles as u32);
+            batch.dispatch(
+                &apply,
+                &[
+                    Bind::Buffer(x.page(page).0),
+                    Bind::Buffer(offsets),
+                    Bind::Buffer(&uniform),
+                    Bind::Buffer(out.page(page).0),
+                ],
+                grid,
+            );
+            tile_base += page_tiles;
+        }
+        batch.submit()?;
+        a.consume(equal_a);
+        if let Some(b) = b.as_deref_mut() {
+            b.consume(equal_b);
+        }
+        return Ok(());
+    }
+    // No cut keeps only some of its equal entries: one pass, ranks unused.
+    ctx.write_buffer(offsets, &vec![0u8; offsets_bytes as usize]);
+    let mut tile_base = 0;
+    for (page, &page_tiles) in tiles.iter().enumerate() {
+        let uniform = batch.uniform(&params(page, tile_base, a, b.as_deref()))?;
+        let grid = batch.grid(page_tiles as u32);
+        batch.dispatch(
+            &apply,
+            &[
+                Bind::Buffer(x.page(page).0),
+                Bind::Buffer(offsets),
+                Bind::Buffer(&uniform),
+                Bind::Buffer(out.page(page).0),
+            ],
+            grid,
+        );
+        tile_base += page_tiles;
+    }
+    batch.submit()
+}
+
+/// Applies a [`TopKCut`] tensor by tensor, in flat order, across any number of tensors:
+/// `out = kept ? x : 0` (the GPU twin of `TopKSelector`; `f16` and `bf16` entries are written
+/// widened, exactly).
+#[derive(Clone, Debug)]
+pub struct TopKApplier {
+    cut: Cut,
+}
+
+impl TopKApplier {
+    /// An applier of `cut`, starting at flat index 0.
+    #[must_use]
+    pub fn new(cut: &TopKCut) -> Self {
+        Self {
+            cut: Cut::from_public(cut),
+        }
+    }
+
+    /// Applies the cut to the next tensor in flat order.
+    pub async fn apply<T: GpuElement>(
+        &mut self,
+        ctx: &Context,
+        x: &GpuTensor<T>,
+        out: &mut GpuTensor<f32>,
+    ) -> Result<()> {
+        apply_cuts(ctx, x, &mut self.cut, None, out).await
+    }
+}
+
+/// The top-k of one tensor (ties by lower index): `out = kept ? x : 0`.
+pub async fn topk_keep<T: GpuElement>(
+    ctx: &Context,
+    x: &GpuTensor<T>,
+    k: u64,
+    out: &mut GpuTensor<f32>,
+) -> Result<()> {
+    x.expect_shape("out", out.shape())?;
+    let (mut cut, _) = find_cut(ctx, &[x], k).await?;
+    apply_cuts(ctx, x, &mut cut, None, out).await
+}
+
+/// The cuts of one tensor's top `outer` and top `inner` (`inner <= outer`), applied together:
+/// keeps the entries ranked in `[inner, outer)` (Breadcrumbs' band).
+pub(crate) async fn keep_band<T: GpuElement>(
+    ctx: &Context,
+    x: &GpuTensor<T>,
+    outer: u64,
+    inner: u64,
+    out: &mut GpuTensor<f32>,
+) -> Result<()> {
+    x.expect_shape("out", out.shape())?;
+    let (mut a, _) = find_cut(ctx, &[x], outer).await?;
+    let (mut b, _) = find_cut(ctx, &[x], inner).await?;
+    apply_cuts(ctx, x, &mut a, Some(&mut b), out).await
+}

@@ -1,0 +1,275 @@
+//! Magnitude selection, TIES trim and Breadcrumbs on every kernel variant and element type:
+//! bit-identical to the reference, with the CPU suite's data.
+
+mod common;
+
+use common::cpu::normal;
+use half::{bf16, f16};
+use kernels_core::ops::merge::{BreadcrumbsParams, breadcrumbs_ref, ties_trim_ref};
+use kernels_core::ops::select::{TopKCut, topk_cut_ref, topk_mask_ref};
+use kernels_core::{CounterRng, Element, Error, MatRef};
+use kernels_wgpu::masks::{breadcrumbs, ties_trim};
+use kernels_wgpu::select::{TopKApplier, kth_largest_magnitude, topk_cut, topk_keep};
+use kernels_wgpu::{Context, GpuElement, GpuTensor, block_on};
+
+/// The CPU suite's lengths, and two past one 4096-entry tile.
+const LENGTHS: [usize; 13] = [0, 1, 3, 15, 16, 17, 63, 64, 65, 127, 1000, 4099, 9000];
+
+/// Few distinct magnitudes of both signs, exact zeros of both signs: ties everywhere.
+fn tied<T: Element>(n: usize, seed: u64) -> Vec<T> {
+    let rng = CounterRng::new(seed);
+    (0..n as u64)
+        .map(|i| {
+            let v = (rng.u32_at(i) % 9) as f32 * 0.25 - 1.0;
+            T::from_f32(if rng.u32_at(i + n as u64).is_multiple_of(7) {
+                -v
+            } else {
+                v
+            })
+        })
+        .collect()
+}
+
+fn ks(n: usize) -> Vec<u64> {
+    let n = n as u64;
+    let mut ks = vec![0, 1, n / 100, n / 10, n / 2, n.saturating_sub(1), n];
+    ks.retain(|&k| k <= n);
+    ks.dedup();
+    ks
+}
+
+/// Uploads `x` several columns wide where its length allows, so that paged contexts split it.
+fn upload<T: GpuElement>(ctx: &Context, x: &[T]) -> GpuTensor<T> {
+    let cols = [13, 8, 3]
+        .into_iter()
+        .find(|d| x.len().is_multiple_of(*d))
+        .unwrap_or(1);
+    GpuTensor::from_matrix(ctx, MatRef::from_slice(x, x.len() / cols, cols).unwrap()).unwrap()
+}
+
+fn fresh(ctx: &Context, like: &GpuTensor<impl bytemuck::Pod>) -> GpuTensor<f32> {
+    let [rows, cols] = like.shape();
+    GpuTensor::from_matrix(
+        ctx,
+        MatRef::from_slice(&vec![f32::NAN; rows * cols], rows, cols).unwrap(),
+    )
+    .unwrap()
+}
+
+/// `x` where `mask` keeps, `+0.0` elsewhere, as bits.
+fn masked<T: Element>(x: &[T], mask: &[bool]) -> Vec<u32> {
+    x.iter()
+        .zip(mask)
+        .map(|(v, &keep)| if keep { v.to_f32().to_bits() } else { 0 })
+        .collect()
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|f| f.to_bits()).collect()
+}
+
+fn check_one<T: GpuElement>(ctx: &Context, x: &[T], what: &str) {
+    let gpu = upload(ctx, x);
+    for k in ks(x.len()) {
+        let label = format!("{what} {:?} n={} k={k}", T::DTYPE, x.len());
+        let cut = block_on(topk_cut(ctx, &[&gpu], k)).unwrap();
+        assert_eq!(cut, topk_cut_ref(&[x], k).unwrap(), "{label}");
+        let mut out = fresh(ctx, &gpu);
+        block_on(topk_keep(ctx, &gpu, k, &mut out)).unwrap();
+        let expect = masked(x, &topk_mask_ref(x, k as usize).unwrap());
+        assert_eq!(bits(&out.to_vec_blocking(ctx).unwrap()), expect, "{label}");
+        // The public cut, applied by an applier, keeps the same entries.
+        let mut applied = fresh(ctx, &gpu);
+        block_on(TopKApplier::new(&cut).apply(ctx, &gpu, &mut applied)).unwrap();
+        assert_eq!(
+            bits(&applied.to_vec_blocking(ctx).unwrap()),
+            expect,
+            "{label}: applier"
+        );
+        if k > 0 {
+            assert_eq!(
+                block_on(kth_largest_magnitude(ctx, &[&gpu], k)).unwrap(),
+                cut.magnitude,
+                "{label}"
+            );
+        }
+    }
+}
+
+fn single_slices<T: GpuElement>(ctx: &Context) {
+    for n in LENGTHS {
+        check_one::<T>(ctx, &tied(n, n as u64), "tied");
+        check_one::<T>(ctx, &normal(n, 7 + n as u64), "normal");
+    }
+}
+
+fn selection_f32(ctx: &Context) {
+    single_slices::<f32>(ctx);
+}
+
+fn selection_f16(ctx: &Context) {
+    single_slices::<f16>(ctx);
+}
+
+fn selection_bf16(ctx: &Context) {
+    single_slices::<bf16>(ctx);
+}
+
+fn global_over_many_slices(ctx: &Context) {
+    let x: Vec<f32> = tied(9000, 11);
+    for cuts in [
+        &[0usize, 0, 9000][..],
+        &[1, 64, 65, 1000, 8999],
+        &[700, 701, 4096, 4097],
+    ] {
+        let mut slices = Vec::new();
+        let mut from = 0;
+        for &c in cuts {
+            slices.push(&x[from..c]);
+            from = c;
+        }
+        slices.push(&x[from..]);
+        let gpu: Vec<GpuTensor<f32>> = slices.iter().map(|s| upload(ctx, s)).collect();
+        let gpu: Vec<&GpuTensor<f32>> = gpu.iter().collect();
+        for k in ks(x.len()) {
+            let cut = block_on(topk_cut(ctx, &gpu, k)).unwrap();
+            assert_eq!(
+                cut,
+                topk_cut_ref(&[&x[..]], k).unwrap(),
+                "cuts {cuts:?} k={k}"
+            );
+            // Ties spent in one slice are not kept again in the next.
+            let mut applier = TopKApplier::new(&cut);
+            let mut kept = Vec::new();
+            for slice in &gpu {
+                let mut out = fresh(ctx, slice);
+                block_on(applier.apply(ctx, slice, &mut out)).unwrap();
+                kept.extend(bits(&out.to_vec_blocking(ctx).unwrap()));
+            }
+            let expect = masked(&x, &topk_mask_ref(&x, k as usize).unwrap());
+            assert_eq!(kept, expect, "cuts {cuts:?} k={k}: applied");
+        }
+    }
+}
+
+fn trim_and_breadcrumbs<T: GpuElement>(ctx: &Context) {
+    for n in LENGTHS {
+        for tau in [tied::<T>(n, n as u64), normal::<T>(n, 9)] {
+            let gpu = upload(ctx, &tau);
+            for density in [0.01, 0.2, 0.5, 1.0] {
+                let mut out = fresh(ctx, &gpu);
+                block_on(ties_trim(ctx, &gpu, density, &mut out)).unwrap();
+                let mut expect = vec![T::from_f32(0.0); n];
+                ties_trim_ref(&tau, density, &mut expect).unwrap();
+                let expect: Vec<u32> = expect.iter().map(|v| v.to_f32().to_bits()).collect();
+                assert_eq!(
+                    bits(&out.to_vec_blocking(ctx).unwrap()),
+                    expect,
+                    "trim {:?} n={n} d={density}",
+                    T::DTYPE
+                );
+            }
+            // gamma n < 1 drops no outlier; density + gamma = 1 keeps all but the outliers.
+            for (density, gamma) in [
+                (0.5, 0.0),
+                (0.9, 0.01),
+                (0.5, 0.1),
+                (0.2, 0.8),
+                (0.001, 0.0005),
+            ] {
+                let params = BreadcrumbsParams::new(density, gamma);
+                let mut out = fresh(ctx, &gpu);
+                block_on(breadcrumbs(ctx, &gpu, params, &mut out)).unwrap();
+                let mut expect = vec![0.0; n];
+                breadcrumbs_ref(&tau, params, &mut expect).unwrap();
+                assert_eq!(
+                    bits(&out.to_vec_blocking(ctx).unwrap()),
+                    bits(&expect),
+                    "breadcrumbs {:?} n={n} {params:?}",
+                    T::DTYPE
+                );
+            }
+        }
+    }
+}
+
+fn masks_f32(ctx: &Context) {
+    trim_and_breadcrumbs::<f32>(ctx);
+}
+
+fn masks_f16(ctx: &Context) {
+    trim_and_breadcrumbs::<f16>(ctx);
+}
+
+fn masks_bf16(ctx: &Context) {
+    trim_and_breadcrumbs::<bf16>(ctx);
+}
+
+fn bad_inputs(ctx: &Context) {
+    let mut x: Vec<f32> = normal(300, 3);
+    let gpu = upload(ctx, &x);
+    assert!(matches!(
+        block_on(topk_cut(ctx, &[&gpu], 301)),
+        Err(Error::InvalidParam { name: "k", .. })
+    ));
+    assert!(matches!(
+        block_on(kth_largest_magnitude(ctx, &[&gpu], 0)),
+        Err(Error::InvalidParam { name: "k", .. })
+    ));
+    let mut short = GpuTensor::<f32>::zeros(ctx, 3, 1).unwrap();
+    assert!(matches!(
+        block_on(ties_trim(ctx, &gpu, 0.5, &mut short)),
+        Err(Error::LengthMismatch { .. })
+    ));
+    let mut out = fresh(ctx, &gpu);
+    assert!(matches!(
+        block_on(ties_trim(ctx, &gpu, 0.0, &mut out)),
+        Err(Error::InvalidParam {
+            name: "density",
+            ..
+        })
+    ));
+    assert!(matches!(
+        block_on(breadcrumbs(
+            ctx,
+            &gpu,
+            BreadcrumbsParams::new(0.5, 0.6),
+            &mut out
+        )),
+        Err(Error::InvalidParam {
+            name: "density + gamma",
+            ..
+        })
+    ));
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        x[257] = bad;
+        let head = upload(ctx, &x[..100]);
+        let tail = upload(ctx, &x[100..]);
+        assert!(
+            matches!(
+                block_on(topk_cut(ctx, &[&head, &tail], 5)),
+                Err(Error::NonFinite { index: 257, .. })
+            ),
+            "{bad}"
+        );
+        // k = 0 still validates, as the reference does.
+        assert!(block_on(topk_cut(ctx, &[&head, &tail], 0)).is_err());
+    }
+    assert_eq!(
+        block_on(topk_cut::<f32>(ctx, &[], 0)).unwrap(),
+        TopKCut::NONE,
+        "empty input"
+    );
+    ctx.check().unwrap();
+}
+
+gpu_tests!(
+    selection_f32,
+    selection_f16,
+    selection_bf16,
+    global_over_many_slices,
+    masks_f32,
+    masks_f16,
+    masks_bf16,
+    bad_inputs
+);

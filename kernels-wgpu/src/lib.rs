@@ -46,6 +46,7 @@ pub mod masks;
 pub mod merge;
 pub mod select;
 mod tensor;
+pub mod ternary;
 
 pub use context::{AdapterChoice, Context, ContextOptions, FeatureUse, GpuFeatures};
 /// Runs a future to completion on this thread: the blocking form of every `async` op (native

@@ -51,9 +51,18 @@ struct SelectParams {
     ties_a: u32,
     key_b: u32,
     ties_b: u32,
+    pack: u32,
+    pad: [u32; 3],
 }
 
-const SLOTS: &[Slot] = &[Slot::Read, Slot::ReadWrite, Slot::Uniform, Slot::ReadWrite];
+// Slots: x, counts, params, out, packed.
+const SLOTS: &[Slot] = &[
+    Slot::Read,
+    Slot::ReadWrite,
+    Slot::Uniform,
+    Slot::ReadWrite,
+    Slot::ReadWrite,
+];
 
 const fn kernel(entry: &'static str) -> Kernel {
     Kernel {
@@ -94,7 +103,7 @@ enum Ties {
 
 /// A cut as the kernels apply it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Cut {
+pub(crate) struct Cut {
     key: u32,
     ties: Ties,
 }
@@ -150,7 +159,7 @@ fn total_len<T: bytemuck::Pod>(slices: &[&GpuTensor<T>]) -> Result<u64> {
 }
 
 /// The top-k cut and the number of entries equal to its magnitude.
-async fn find_cut<T: GpuElement>(
+pub(crate) async fn find_cut<T: GpuElement>(
     ctx: &Context,
     slices: &[&GpuTensor<T>],
     k: u64,
@@ -190,6 +199,7 @@ async fn find_cut<T: GpuElement>(
                         Bind::Buffer(buffer),
                         Bind::Buffer(&counts),
                         Bind::Buffer(&params),
+                        Bind::Unused,
                         Bind::Unused,
                     ],
                     grid,
@@ -279,23 +289,41 @@ pub async fn kth_largest_magnitude<T: GpuElement>(
     Ok(topk_cut(ctx, slices, k).await?.magnitude)
 }
 
-/// Applies cut `a` (and drops what cut `b` keeps) to `x`: `out = kept ? x : 0`, and spends the
+/// Where [`apply_cuts`] writes: the kept values (`out = kept ? x : 0`), or the kept entries'
+/// sign codes packed 2 bits each, one buffer per page of `x` (each from its page's first entry).
+pub(crate) enum Sink<'a> {
+    Values(&'a mut GpuTensor<f32>),
+    Codes(&'a [wgpu::Buffer]),
+}
+
+impl Sink<'_> {
+    fn binds(&self, page: usize) -> (Bind<'_>, Bind<'_>) {
+        match self {
+            Sink::Values(out) => (Bind::Buffer(out.page(page).0), Bind::Unused),
+            Sink::Codes(codes) => (Bind::Unused, Bind::Buffer(&codes[page])),
+        }
+    }
+}
+
+/// Applies cut `a` (and drops what cut `b` keeps) to `x`, writing to `sink`, and spends the
 /// ties the tensor's equal entries took.
-async fn apply_cuts<T: GpuElement>(
+pub(crate) async fn apply_cuts<T: GpuElement>(
     ctx: &Context,
     x: &GpuTensor<T>,
     a: &mut Cut,
     b: Option<&mut Cut>,
-    out: &mut GpuTensor<f32>,
+    sink: Sink<'_>,
 ) -> Result<()> {
-    x.expect_shape("out", out.shape())?;
+    if let Sink::Values(out) = &sink {
+        x.expect_shape("out", out.shape())?;
+    }
     let tiles: Vec<usize> = (0..x.page_count())
         .map(|p| x.page(p).1.div_ceil(TILE))
         .collect();
     let total_tiles: usize = tiles.iter().sum();
     let offsets_bytes = (total_tiles.max(1) * 2 * 4) as u64;
     let offsets = ctx.take_storage(offsets_bytes)?;
-    let result = apply_with_offsets(ctx, x, a, b, out, &tiles, &offsets).await;
+    let result = apply_with_offsets(ctx, x, a, b, &sink, &tiles, &offsets).await;
     ctx.give_back([offsets]);
     result
 }
@@ -304,17 +332,15 @@ async fn apply_with_offsets<T: GpuElement>(
     ctx: &Context,
     x: &GpuTensor<T>,
     a: &mut Cut,
-    mut b: Option<&mut Cut>,
-    out: &mut GpuTensor<f32>,
+    b: Option<&mut Cut>,
+    sink: &Sink<'_>,
     tiles: &[usize],
     offsets: &wgpu::Buffer,
 ) -> Result<()> {
     let total_tiles: usize = tiles.iter().sum();
     let offsets_bytes = (total_tiles.max(1) * 2 * 4) as u64;
     let b_key = b.as_ref().map_or(u32::MAX, |b| b.key);
-    let ranked = a.needs_ranks() || b.as_ref().is_some_and(|b| b.needs_ranks());
     let apply = pipeline::<T>(ctx, &APPLY_CUTS)?;
-    let mut batch = ctx.batch()?;
     let params = |page: usize, tile_base: usize, a: &Cut, b: Option<&Cut>| SelectParams {
         len: x.page(page).1 as u32,
         tile_base: tile_base as u32,
@@ -323,12 +349,15 @@ async fn apply_with_offsets<T: GpuElement>(
         ties_a: a.ties_here(),
         key_b: b_key,
         ties_b: b.map_or(0, Cut::ties_here),
+        pack: u32::from(matches!(sink, Sink::Codes(_))),
         ..SelectParams::default()
     };
-    if ranked {
+    let mut equal = (0u64, 0u64);
+    if a.needs_ranks() || b.as_ref().is_some_and(|b| b.needs_ranks()) {
         // Count the entries equal to each cut per tile, then turn the counts into each tile's
         // exclusive offset among the equal entries of the whole tensor.
         let count = pipeline::<T>(ctx, &COUNT_EQUAL)?;
+        let mut batch = ctx.batch()?;
         let mut tile_base = 0;
         for (page, &page_tiles) in tiles.iter().enumerate() {
             let uniform = batch.uniform(&params(page, tile_base, a, b.as_deref()))?;
@@ -340,6 +369,7 @@ async fn apply_with_offsets<T: GpuElement>(
                     Bind::Buffer(offsets),
                     Bind::Buffer(&uniform),
                     Bind::Unused,
+                    Bind::Unused,
                 ],
                 grid,
             );
@@ -349,58 +379,43 @@ async fn apply_with_offsets<T: GpuElement>(
         let read = ctx.read_buffer(offsets, offsets_bytes).await?;
         let counts: &[u32] = bytemuck::cast_slice(&read);
         let mut exclusive = vec![0u32; counts.len()];
-        let (mut equal_a, mut equal_b) = (0u64, 0u64);
         for t in 0..total_tiles {
             // Offsets beyond the ties kept only need to stay beyond them: clamp to u32.
-            exclusive[2 * t] = equal_a.min(u64::from(u32::MAX)) as u32;
-            exclusive[2 * t + 1] = equal_b.min(u64::from(u32::MAX)) as u32;
-            equal_a += u64::from(counts[2 * t]);
-            equal_b += u64::from(counts[2 * t + 1]);
+            exclusive[2 * t] = equal.0.min(u64::from(u32::MAX)) as u32;
+            exclusive[2 * t + 1] = equal.1.min(u64::from(u32::MAX)) as u32;
+            equal.0 += u64::from(counts[2 * t]);
+            equal.1 += u64::from(counts[2 * t + 1]);
         }
         ctx.write_buffer(offsets, bytemuck::cast_slice(&exclusive));
-        batch = ctx.batch()?;
-        let mut tile_base = 0;
-        for (page, &page_tiles) in tiles.iter().enumerate() {
-            let uniform = batch.uniform(&params(page, tile_base, a, b.as_deref()))?;
-            let grid = batch.grid(page_tiles as u32);
-            batch.dispatch(
-                &apply,
-                &[
-                    Bind::Buffer(x.page(page).0),
-                    Bind::Buffer(offsets),
-                    Bind::Buffer(&uniform),
-                    Bind::Buffer(out.page(page).0),
-                ],
-                grid,
-            );
-            tile_base += page_tiles;
-        }
-        batch.submit()?;
-        a.consume(equal_a);
-        if let Some(b) = b.as_deref_mut() {
-            b.consume(equal_b);
-        }
-        return Ok(());
+    } else {
+        // No cut keeps only some of its equal entries: ranks are unused.
+        ctx.write_buffer(offsets, &vec![0u8; offsets_bytes as usize]);
     }
-    // No cut keeps only some of its equal entries: one pass, ranks unused.
-    ctx.write_buffer(offsets, &vec![0u8; offsets_bytes as usize]);
+    let mut batch = ctx.batch()?;
     let mut tile_base = 0;
     for (page, &page_tiles) in tiles.iter().enumerate() {
         let uniform = batch.uniform(&params(page, tile_base, a, b.as_deref()))?;
         let grid = batch.grid(page_tiles as u32);
+        let (values, codes) = sink.binds(page);
         batch.dispatch(
             &apply,
             &[
                 Bind::Buffer(x.page(page).0),
                 Bind::Buffer(offsets),
                 Bind::Buffer(&uniform),
-                Bind::Buffer(out.page(page).0),
+                values,
+                codes,
             ],
             grid,
         );
         tile_base += page_tiles;
     }
-    batch.submit()
+    batch.submit()?;
+    a.consume(equal.0);
+    if let Some(b) = b {
+        b.consume(equal.1);
+    }
+    Ok(())
 }
 
 /// Applies a [`TopKCut`] tensor by tensor, in flat order, across any number of tensors:
@@ -427,7 +442,7 @@ impl TopKApplier {
         x: &GpuTensor<T>,
         out: &mut GpuTensor<f32>,
     ) -> Result<()> {
-        apply_cuts(ctx, x, &mut self.cut, None, out).await
+        apply_cuts(ctx, x, &mut self.cut, None, Sink::Values(out)).await
     }
 }
 
@@ -440,7 +455,7 @@ pub async fn topk_keep<T: GpuElement>(
 ) -> Result<()> {
     x.expect_shape("out", out.shape())?;
     let (mut cut, _) = find_cut(ctx, &[x], k).await?;
-    apply_cuts(ctx, x, &mut cut, None, out).await
+    apply_cuts(ctx, x, &mut cut, None, Sink::Values(out)).await
 }
 
 /// The cuts of one tensor's top `outer` and top `inner` (`inner <= outer`), applied together:
@@ -455,5 +470,5 @@ pub(crate) async fn keep_band<T: GpuElement>(
     x.expect_shape("out", out.shape())?;
     let (mut a, _) = find_cut(ctx, &[x], outer).await?;
     let (mut b, _) = find_cut(ctx, &[x], inner).await?;
-    apply_cuts(ctx, x, &mut a, Some(&mut b), out).await
+    apply_cuts(ctx, x, &mut a, Some(&mut b), Sink::Values(out)).await
 }

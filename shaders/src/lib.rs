@@ -41,6 +41,9 @@ pub const DARE: &str = include_str!("wgsl/dare.wgsl");
 /// Magnitude radix select: histograms, tie counts and cut application (top-k, TIES trim,
 /// Breadcrumbs).
 pub const SELECT: &str = include_str!("wgsl/select.wgsl");
+/// Ternary compression: ComPEFT's moments, and GEMV, decode and decompress-add straight from
+/// 2-bit codes.
+pub const TERNARY: &str = include_str!("wgsl/ternary.wgsl");
 
 /// Values of the `ELEMENT` override constant: how a packed tensor encodes its elements.
 pub mod element {
@@ -74,11 +77,19 @@ pub enum Family {
     Dare,
     /// [`SELECT`]: `histogram`, `count_equal`, `apply_cuts`.
     Select,
+    /// [`TERNARY`]: `ternary_gemv`, `ternary_decode`, `ternary_add`, `tile_moments`.
+    Ternary,
 }
 
 impl Family {
     /// Every family.
-    pub const ALL: [Self; 4] = [Self::Gemv, Self::Merge, Self::Dare, Self::Select];
+    pub const ALL: [Self; 5] = [
+        Self::Gemv,
+        Self::Merge,
+        Self::Dare,
+        Self::Select,
+        Self::Ternary,
+    ];
 
     /// Whether the family has an `array<f16>` weights variant.
     #[must_use]
@@ -144,6 +155,7 @@ impl ModuleSpec {
             Family::Merge => "merge",
             Family::Dare => "dare",
             Family::Select => "select",
+            Family::Ternary => "ternary",
         });
         if self.native_f16 {
             label.push_str("+f16");
@@ -182,6 +194,7 @@ impl ModuleSpec {
             Family::Merge => source.push_str(MERGE),
             Family::Dare => source.push_str(DARE),
             Family::Select => source.push_str(SELECT),
+            Family::Ternary => source.push_str(TERNARY),
         }
         source
     }
@@ -218,8 +231,8 @@ mod tests {
             }
             checked += 1;
         }
-        // gemv: 4 variants; merge, dare and select: 1 each.
-        assert_eq!(checked, 7);
+        // gemv: 4 variants; merge, dare, select and ternary: 1 each.
+        assert_eq!(checked, 8);
     }
 
     #[test]
@@ -283,6 +296,15 @@ mod tests {
         assert_eq!(
             names(ModuleSpec::portable(Family::Select, Target::Native)),
             ["histogram", "count_equal", "apply_cuts"]
+        );
+        assert_eq!(
+            names(ModuleSpec::portable(Family::Ternary, Target::Native)),
+            [
+                "ternary_gemv",
+                "ternary_decode",
+                "ternary_add",
+                "tile_moments"
+            ]
         );
     }
 

@@ -27,6 +27,9 @@ struct SelectParams {
     ties_a: u32,
     key_b: u32,
     ties_b: u32,
+    // apply_cuts: 1 writes the kept entries' sign codes, 2 bits each, to `packed` (ComPEFT's
+    // dense layout) instead of the kept values to `out`; needs ITEMS = 16.
+    pack: u32,
 }
 
 override ELEMENT: u32 = ELEMENT_F32;
@@ -41,6 +44,7 @@ const MAX_BINS: u32 = 2048u;
 @group(0) @binding(1) var<storage, read_write> counts: array<atomic<u32>>;
 @group(0) @binding(2) var<uniform> p: SelectParams;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<storage, read_write> packed: array<u32>;
 
 var<workgroup> local_bins: array<atomic<u32>, MAX_BINS>;
 var<workgroup> scan_a: array<u32, WORKGROUP>;
@@ -157,6 +161,7 @@ fn apply_cuts(
     let t = p.tile_base + tile(wg, groups);
     var rank_a = atomicLoad(&counts[2u * t]) + before.x;
     var rank_b = atomicLoad(&counts[2u * t + 1u]) + before.y;
+    var word = 0u;
     for (var i = first; i < end; i++) {
         let v = value(i);
         let key = magnitude_key(v);
@@ -166,6 +171,15 @@ fn apply_cuts(
         }
         rank_a += select(0u, 1u, key == p.key_a);
         rank_b += select(0u, 1u, key == p.key_b);
-        out[i] = select(0.0, v, keep);
+        if p.pack != 0u {
+            // sign(v) as a code, with sign(+-0) = 0: a kept zero stays zero.
+            let code = select(select(0u, 2u, v < 0.0), 1u, v > 0.0);
+            word |= select(0u, code, keep) << (2u * (i - first));
+        } else {
+            out[i] = select(0.0, v, keep);
+        }
+    }
+    if p.pack != 0u && first < p.len {
+        packed[first / 16u] = word;
     }
 }

@@ -1,0 +1,146 @@
+// Ternary compression: the moments ComPEFT's scale needs, and the kernels that use packed codes
+// straight from their 2-bit layout (code i in bits 2 (i % 16) of word i / 16; 00 = 0, 01 = +1,
+// 10 = -1), bound whole.
+
+struct TernaryParams {
+    // Entries in this page (codes, or tensor entries for the moments).
+    len: u32,
+    // ternary_gemv: rows and entries per row.
+    rows: u32,
+    cols: u32,
+    // ternary_decode, ternary_add: the flat index (in the codes) of this page's first entry.
+    first_code: u32,
+    // ternary_gemv, ternary_decode: the scale; ternary_add: lambda * scale; tile_moments: the
+    // shift subtracted before squaring.
+    scale: f32,
+    // tile_moments: index of the page's first tile among all tiles.
+    tile_base: u32,
+}
+
+override ELEMENT: u32 = ELEMENT_F32;
+override WORKGROUP: u32 = 256u;
+override ITEMS: u32 = 16u;
+
+@group(0) @binding(0) var<storage, read> codes: array<u32>;
+@group(0) @binding(1) var<storage, read> x: array<u32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+@group(0) @binding(3) var<uniform> p: TernaryParams;
+
+var<workgroup> lane_sums: array<f32, WORKGROUP>;
+var<workgroup> lane_squares: array<f32, WORKGROUP>;
+
+// `scale` times the code of entry i, with +0.0 for a zero code whatever the scale's sign (0b11
+// never reaches the device: uploads are validated).
+fn scaled_code(i: u32, scale: f32) -> f32 {
+    let bits = (codes[i >> 4u] >> (2u * (i & 15u))) & 3u;
+    return select(select(0.0, -scale, bits == 2u), scale, bits == 1u);
+}
+
+fn tree_sum(lid: u32) {
+    workgroupBarrier();
+    for (var half = WORKGROUP / 2u; half > 0u; half >>= 1u) {
+        if lid < half {
+            lane_sums[lid] += lane_sums[lid + half];
+            lane_squares[lid] += lane_squares[lid + half];
+        }
+        workgroupBarrier();
+    }
+}
+
+// One workgroup per row: out[r] = scale * (sum of x over +1 codes - over -1 codes).
+// Each invocation walks whole words of the row, so a word is read once.
+@compute @workgroup_size(WORKGROUP)
+fn ternary_gemv(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let r = wg.x + wg.y * groups.x;
+    if r >= p.rows {
+        return;
+    }
+    let start = r * p.cols;
+    let end = start + p.cols;
+    var acc = 0.0;
+    for (var w = (start >> 4u) + lid; w <= ((end - 1u) >> 4u) && end > start; w += WORKGROUP) {
+        var bits = codes[w];
+        let first = w << 4u;
+        // Drop the codes of other rows sharing this word.
+        if first < start {
+            bits &= ~((1u << (2u * (start - first))) - 1u);
+        }
+        if end - first < 16u {
+            bits &= (1u << (2u * (end - first))) - 1u;
+        }
+        while bits != 0u {
+            let slot = firstTrailingBit(bits) >> 1u;
+            let value = bitcast<f32>(x[first + slot - start]);
+            acc += select(value, -value, ((bits >> (2u * slot)) & 2u) != 0u);
+            bits &= ~(3u << (2u * slot));
+        }
+    }
+    lane_sums[lid] = acc;
+    lane_squares[lid] = 0.0;
+    tree_sum(lid);
+    if lid == 0u {
+        out[r] = p.scale * lane_sums[0];
+    }
+}
+
+// out[i] = scale * code(i), +0.0 for a zero code.
+@compute @workgroup_size(WORKGROUP)
+fn ternary_decode(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let i = linear_index(wg, groups, lid, WORKGROUP);
+    if i < p.len {
+        out[i] = scaled_code(p.first_code + i, p.scale);
+    }
+}
+
+// out[i] += (lambda * scale) * code(i), where the code is not zero.
+@compute @workgroup_size(WORKGROUP)
+fn ternary_add(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let i = linear_index(wg, groups, lid, WORKGROUP);
+    if i < p.len {
+        let bits = (codes[(p.first_code + i) >> 4u] >> (2u * ((p.first_code + i) & 15u))) & 3u;
+        if bits != 0u {
+            out[i] += scaled_code(p.first_code + i, p.scale);
+        }
+    }
+}
+
+// Per tile of WORKGROUP * ITEMS entries of x: the sum of (v - shift) and of (v - shift)^2, at
+// out[2 (tile_base + tile)] and the next word.
+@compute @workgroup_size(WORKGROUP)
+fn tile_moments(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let tile = wg.x + wg.y * groups.x;
+    let base = tile * WORKGROUP * ITEMS;
+    var sum = 0.0;
+    var squares = 0.0;
+    for (var item = 0u; item < ITEMS; item++) {
+        let i = base + item * WORKGROUP + lid;
+        if i < p.len {
+            let d = widen(x[word_of(i, ELEMENT)], i, ELEMENT) - p.scale;
+            sum += d;
+            squares += d * d;
+        }
+    }
+    lane_sums[lid] = sum;
+    lane_squares[lid] = squares;
+    tree_sum(lid);
+    if lid == 0u {
+        out[2u * (p.tile_base + tile)] = lane_sums[0];
+        out[2u * (p.tile_base + tile) + 1u] = lane_squares[0];
+    }
+}

@@ -634,6 +634,25 @@ impl Context {
         Ok(data)
     }
 
+    /// Completes once every command submitted so far has run on the device (for timing, and
+    /// to bound the work in flight).
+    pub async fn finish(&self) -> Result<()> {
+        let (sender, receiver) = futures_channel::oneshot::channel();
+        self.queue.on_submitted_work_done(move || {
+            let _ = sender.send(());
+        });
+        #[cfg(not(target_arch = "wasm32"))]
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|_| Error::DeviceFailure {
+                reason: "waiting for the device failed (it was lost or timed out)",
+            })?;
+        receiver.await.map_err(|_| Error::DeviceFailure {
+            reason: "the device dropped its work",
+        })?;
+        self.check()
+    }
+
     /// Writes `data` at the start of `buffer` (queued before the next submission).
     pub(crate) fn write_buffer(&self, buffer: &wgpu::Buffer, data: &[u8]) {
         self.queue.write_buffer(buffer, 0, data);
@@ -741,6 +760,12 @@ impl Batch<'_> {
         pass.set_pipeline(&pipeline.compute);
         pass.set_bind_group(0, &group, &[]);
         pass.dispatch_workgroups(workgroups.0, workgroups.1, 1);
+    }
+
+    /// Records copying the whole of `from` into `to` (of the same size).
+    pub(crate) fn copy(&mut self, from: &wgpu::Buffer, to: &wgpu::Buffer) {
+        self.encoder
+            .copy_buffer_to_buffer(from, 0, to, 0, from.size().min(to.size()));
     }
 
     /// Records zeroing `buffer`.

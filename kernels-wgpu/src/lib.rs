@@ -34,12 +34,31 @@
 //!   `Unsupported` for a missing adapter or feature (saying how to get one), `OutOfMemory` and
 //!   `DeviceFailure` from the device. Nothing panics on caller input.
 //!
+//! # Precision
+//!
+//! Against the `kernels-core` reference on the same inputs. The bounds are tested on every
+//! kernel variant; each constant's docs derive it.
+//!
+//! | op | promise |
+//! |---|---|
+//! | top-k cut, k-th value, TIES trim, Breadcrumbs, calibration, DARE's mask, ComPEFT's codes and bytes | bit-identical |
+//! | ternary decode | exact (`scale * code`) |
+//! | GEMV (dense, gathered, sparse-input), ternary GEMV | [`gemv::gemv_tolerance`]: `(n + 1) u sum |w_ij x_j|` |
+//! | weighted mean, task arithmetic, TIES election, Fisher merging and accumulation | [`merge::reduction_tolerance`]: `(3 N + 4) u sum |terms|` |
+//! | DARE's survivors | [`masks::DARE_RELATIVE_TOLERANCE`] (`2 u` relative) |
+//! | decompress-and-add | [`ternary::ternary_add_tolerance`] |
+//! | ComPEFT's scale | [`ternary::SCALE_RELATIVE_TOLERANCE`] |
+//!
+//! The same inputs give the same bits on a given device and page size (the sweep's partial sums
+//! follow the pages); the `shader-f16` and subgroup variants give the portable kernels' bits.
+//!
 //! # Cargo features
 //!
 //! None: the crate always builds wgpu's default backends.
 
 #![warn(missing_docs)]
 
+pub mod calibrate;
 mod context;
 pub mod gemv;
 pub mod masks;

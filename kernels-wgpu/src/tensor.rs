@@ -253,6 +253,16 @@ impl<T: bytemuck::Pod> GpuTensor<T> {
         }
     }
 
+    /// Copies `other` (same shape and type) into this tensor, on the device.
+    pub fn copy_from(&mut self, ctx: &Context, other: &Self) -> Result<()> {
+        other.expect_shape("other", self.shape())?;
+        let mut batch = ctx.batch()?;
+        for (to, from) in self.pages.iter().zip(&other.pages) {
+            batch.copy(from, to);
+        }
+        batch.submit()
+    }
+
     /// Downloads the tensor, row-major.
     pub async fn to_vec(&self, ctx: &Context) -> Result<Vec<T>> {
         let mut out = Vec::with_capacity(self.len());

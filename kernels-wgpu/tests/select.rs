@@ -273,3 +273,48 @@ gpu_tests!(
     masks_bf16,
     bad_inputs
 );
+
+mod calibration {
+    use super::*;
+    use kernels_core::ops::sparse::calibrate_threshold_ref;
+    use kernels_wgpu::calibrate::calibrate_threshold;
+
+    fn matches_reference(ctx: &Context) {
+        for n in [1usize, 2, 17, 1000, 9000] {
+            let samples: Vec<f32> = normal(n, 40 + n as u64);
+            let split = n / 3;
+            let parts = [
+                upload(ctx, &samples[..split]),
+                upload(ctx, &samples[split..]),
+            ];
+            let parts: Vec<&GpuTensor<f32>> = parts.iter().filter(|p| !p.is_empty()).collect();
+            for k in [0.0, 0.001, 0.3, 0.5, 0.9, 1.0] {
+                assert_eq!(
+                    block_on(calibrate_threshold(ctx, &parts, k)).unwrap(),
+                    calibrate_threshold_ref(&samples, k).unwrap(),
+                    "n={n} k={k}"
+                );
+            }
+        }
+        let mut bad: Vec<f32> = normal(50, 1);
+        bad[20] = f32::NAN;
+        let bad = upload(ctx, &bad);
+        for k in [0.0, 0.5] {
+            assert!(matches!(
+                block_on(calibrate_threshold(ctx, &[&bad], k)),
+                Err(Error::NonFinite { index: 20, .. })
+            ));
+        }
+        assert!(matches!(
+            block_on(calibrate_threshold(ctx, &[], 0.5)),
+            Err(Error::InvalidParam { .. })
+        ));
+        let good = upload(ctx, &[1.0f32; 4]);
+        assert!(matches!(
+            block_on(calibrate_threshold(ctx, &[&good], 1.5)),
+            Err(Error::InvalidParam { name: "k", .. })
+        ));
+    }
+
+    gpu_tests!(matches_reference);
+}

@@ -72,7 +72,8 @@ fn run(checks: &mut Checks) -> Result<()> {
     selection_and_compression(checks, hidden, inter)?;
     merging(checks, hidden * inter)?;
     linear_algebra(checks, hidden)?;
-    fast_kernels(checks, cpu)
+    fast_kernels(checks, cpu)?;
+    gpu_kernels(checks, hidden, inter)
 }
 
 fn activation_sparsity(checks: &mut Checks, hidden: usize, inter: usize) -> Result<()> {
@@ -850,5 +851,98 @@ fn compression_kernels(
         kernels_cpu::merge::ties_elect(cpu, &other, &views, &[1.0, 1.0], 1.0, &mut got).ok();
     });
     report("TIES election, N = 2, 16M f32", n * 16, time);
+    Ok(())
+}
+
+/// The GPU kernels on the same layer, against the reference, on whatever adapter the machine has
+/// (Mesa's lavapipe counts); skipped, saying how to get one, where there is none.
+fn gpu_kernels(checks: &mut Checks, hidden: usize, inter: usize) -> Result<()> {
+    use kernels_wgpu::{Context, ContextOptions, GpuTensor, block_on};
+    println!("\nGPU kernels (kernels-wgpu)");
+    let ctx = match Context::new_blocking(ContextOptions::default()) {
+        Ok(ctx) => ctx,
+        Err(e @ kernels_core::Error::Unsupported { .. }) => {
+            println!("  skipped: {e}");
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let info = ctx.adapter_info();
+    println!(
+        "  adapter: {} ({:?}, {:?}), features {:?}",
+        info.name,
+        info.backend,
+        info.device_type,
+        ctx.features()
+    );
+
+    // Sparse-input GEMV over W_down_t (bf16) at the threshold that skips half the inputs.
+    let w_down_t: Vec<bf16> = normal(inter * hidden, 0.02, 71);
+    let h: Vec<f32> = heavy_tailed(inter, 1.0, 72);
+    let mut magnitudes: Vec<f32> = h.iter().map(|v| v.abs()).collect();
+    magnitudes.sort_by(f32::total_cmp);
+    let t = magnitudes[inter / 2];
+    let w_ref = MatRef::from_slice(&w_down_t, inter, hidden)?;
+    let mut y_ref = vec![0.0; hidden];
+    sparse::sparse_input_gemv_ref(w_ref, &h, t, &mut y_ref)?;
+    let w = GpuTensor::from_matrix(&ctx, w_ref)?;
+    let x = GpuTensor::from_slice(&ctx, &h)?;
+    let mut y = GpuTensor::<f32>::zeros(&ctx, hidden, 1)?;
+    kernels_wgpu::gemv::sparse_input_gemv(&ctx, &w, &x, t, &mut y)?;
+    let y = y.to_vec_blocking(&ctx)?;
+    let worst = y
+        .iter()
+        .zip(&y_ref)
+        .enumerate()
+        .map(|(j, (g, e))| {
+            let scale: f64 = h
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| !(v.abs() <= t))
+                .map(|(i, v)| (f64::from(*v) * f64::from(w_ref.row(i)[j].to_f32())).abs())
+                .sum();
+            (f64::from(*g) - f64::from(*e)).abs() / kernels_wgpu::gemv::gemv_tolerance(inter, scale)
+        })
+        .fold(0.0f64, f64::max);
+    checks.check(
+        &format!("GPU sparse-input GEMV {inter}x{hidden} at s = 0.5 within its tolerance (worst {worst:.3} of it)"),
+        worst <= 1.0,
+    );
+
+    // ComPEFT of the same tensor: the same bytes as the reference's codes.
+    let params = ternary::CompeftParams::new(0.1, 1.0);
+    let (scale_ref, codes) = ternary::compeft_ref(&[&w_down_t[..]], params)?;
+    let shape = [inter as u64, hidden as u64];
+    let (scale, packed) = block_on(kernels_wgpu::ternary::compeft(
+        &ctx,
+        &[(&w, &shape[..])],
+        params,
+        TernaryLayout::SparseRice,
+    ))?;
+    let expect = format::encode(&codes[0], &shape, scale, TernaryLayout::SparseRice)?;
+    checks.check(
+        &format!(
+            "GPU ComPEFT (d = 0.1, {:.2} bit/param) writes the reference's bytes, scale within {:.1e}",
+            packed[0].len() as f64 * 8.0 / (inter * hidden) as f64,
+            kernels_wgpu::ternary::SCALE_RELATIVE_TOLERANCE
+        ),
+        packed[0] == expect
+            && f64::from((scale - scale_ref).abs())
+                <= kernels_wgpu::ternary::SCALE_RELATIVE_TOLERANCE * f64::from(scale_ref),
+    );
+
+    // DARE: the CPU's mask, bit for bit.
+    let dare = merge::DareParams::new(0.9, 5);
+    let mut kept_ref = vec![0.0; inter * hidden];
+    merge::dare_ref(&w_down_t, dare, 0, &mut kept_ref)?;
+    let mut kept = GpuTensor::<f32>::zeros(&ctx, inter, hidden)?;
+    kernels_wgpu::masks::dare(&ctx, &w, dare, 0, &mut kept)?;
+    let kept = kept.to_vec_blocking(&ctx)?;
+    checks.check(
+        "GPU DARE (p = 0.9) keeps exactly the reference's entries",
+        kept.iter()
+            .zip(&kept_ref)
+            .all(|(g, e)| (*g == 0.0) == (*e == 0.0)),
+    );
     Ok(())
 }

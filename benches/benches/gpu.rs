@@ -1,0 +1,212 @@
+//! Every GPU kernel family at real model sizes, with the device's copy bandwidth measured in the
+//! same run as the reference: GEMV (dense, sparse-input at s = 0.5, gathered), ternary GEMV,
+//! merge reductions, DARE, top-k selection and ComPEFT.
+//!
+//! GB/s count the bytes each kernel must touch once (weights and inputs read, outputs written);
+//! the copy reads and writes its buffer, so its figure counts both. A timed iteration submits the
+//! op and waits for the device to finish it, so small sizes include the submission latency.
+//!
+//! Runs on the adapter `Context` picks (set `KERNELS_WGPU_ADAPTER` to choose); without one it
+//! prints why and measures nothing. On Mesa's lavapipe (a CPU) the figures are not GPU
+//! performance figures.
+//!
+//! Run: `cargo bench -p kernels-benches --bench gpu && python3 benches/medians.py gpu`
+
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use half::f16;
+use kernels_benches::{normal, threshold_for_sparsity};
+use kernels_core::MatRef;
+use kernels_core::format::TernaryLayout;
+use kernels_core::ops::merge::DareParams;
+use kernels_core::ops::ternary::CompeftParams;
+use kernels_wgpu::gemv::{gathered_gemv, gemv, sparse_input_gemv};
+use kernels_wgpu::masks::dare;
+use kernels_wgpu::merge::weighted_mean;
+use kernels_wgpu::select::topk_cut;
+use kernels_wgpu::ternary::{GpuTernary, compeft, ternary_gemv};
+use kernels_wgpu::{Context, ContextOptions, GpuTensor, block_on};
+
+/// Llama-2-7B's MLP projection: 11008 x 4096.
+const ROWS: usize = 11008;
+const COLS: usize = 4096;
+/// Element-wise families: 2^25 entries (128 MiB as f32).
+const N: usize = 1 << 25;
+
+/// Times `iters` runs of `op`, waiting for the device after the last.
+fn time(ctx: &Context, iters: u64, mut op: impl FnMut()) -> Duration {
+    block_on(ctx.finish()).expect("idle");
+    let start = Instant::now();
+    for _ in 0..iters {
+        op();
+    }
+    block_on(ctx.finish()).expect("finish");
+    start.elapsed()
+}
+
+fn bench_gpu(c: &mut Criterion) {
+    let ctx = match Context::new_blocking(ContextOptions::default()) {
+        Ok(ctx) => ctx,
+        Err(e) => {
+            eprintln!("gpu benches skipped: {e}");
+            return;
+        }
+    };
+    let info = ctx.adapter_info();
+    let device = format!("{} ({:?})", info.name, info.backend);
+    eprintln!("gpu benches on {device}, features {:?}", ctx.features());
+    let mut group = c.benchmark_group("gpu");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(2));
+
+    // The reference: a device-to-device copy of 128 MiB.
+    let source = GpuTensor::<f32>::zeros(&ctx, N, 1).expect("source");
+    let mut target = GpuTensor::<f32>::zeros(&ctx, N, 1).expect("target");
+    group.throughput(Throughput::Bytes((2 * N * 4) as u64));
+    group.bench_function(BenchmarkId::new("device_copy", N), |b| {
+        b.iter_custom(|iters| {
+            time(&ctx, iters, || {
+                target.copy_from(&ctx, &source).expect("copy");
+            })
+        });
+    });
+
+    // GEMV: W [ROWS, COLS] f16; x and the sparse threshold at s = 0.5.
+    let w_host: Vec<f16> = normal(ROWS * COLS, 0.02, 1);
+    let w = GpuTensor::from_matrix(&ctx, MatRef::from_slice(&w_host, ROWS, COLS).expect("w"))
+        .expect("upload w");
+    let w_t = GpuTensor::from_matrix(&ctx, MatRef::from_slice(&w_host, ROWS, COLS).expect("w"))
+        .expect("upload w_t");
+    drop(w_host);
+    let x_cols = GpuTensor::from_slice(&ctx, &normal::<f32>(COLS, 1.0, 2)).expect("x");
+    let x_rows_host: Vec<f32> = normal(ROWS, 1.0, 3);
+    let threshold = threshold_for_sparsity(&x_rows_host, 0.5);
+    let x_rows = GpuTensor::from_slice(&ctx, &x_rows_host).expect("x");
+    let mut y_rows = GpuTensor::<f32>::zeros(&ctx, ROWS, 1).expect("y");
+    let mut y_cols = GpuTensor::<f32>::zeros(&ctx, COLS, 1).expect("y");
+    let weights = (ROWS * COLS * 2) as u64;
+    group.throughput(Throughput::Bytes(weights));
+    group.bench_function(
+        BenchmarkId::new("gemv_f16", format!("{ROWS}x{COLS}")),
+        |b| {
+            b.iter_custom(|iters| {
+                time(&ctx, iters, || {
+                    gemv(&ctx, &w, &x_cols, &mut y_rows).expect("gemv");
+                })
+            });
+        },
+    );
+    group.bench_function(
+        BenchmarkId::new("gemv_t_f16_dense", format!("{ROWS}x{COLS}")),
+        |b| {
+            b.iter_custom(|iters| {
+                time(&ctx, iters, || {
+                    sparse_input_gemv(&ctx, &w_t, &x_rows, 0.0, &mut y_cols).expect("dense");
+                })
+            });
+        },
+    );
+    // Half the rows are read: the bytes touched are half the weights.
+    group.throughput(Throughput::Bytes(weights / 2));
+    group.bench_function(
+        BenchmarkId::new("sparse_gemv_f16_s0.5", format!("{ROWS}x{COLS}")),
+        |b| {
+            b.iter_custom(|iters| {
+                time(&ctx, iters, || {
+                    sparse_input_gemv(&ctx, &w_t, &x_rows, threshold, &mut y_cols).expect("sparse");
+                })
+            });
+        },
+    );
+    let picks: Vec<u32> = (0..ROWS as u32).step_by(2).collect();
+    let mut gathered = GpuTensor::<f32>::zeros(&ctx, picks.len(), 1).expect("out");
+    group.bench_function(
+        BenchmarkId::new("gathered_gemv_f16_half", format!("{ROWS}x{COLS}")),
+        |b| {
+            b.iter_custom(|iters| {
+                time(&ctx, iters, || {
+                    gathered_gemv(&ctx, &w, &x_cols, &picks, &mut gathered).expect("gathered");
+                })
+            });
+        },
+    );
+    drop((w, w_t));
+
+    // Ternary GEMV from 2-bit codes.
+    let codes: Vec<i8> = (0..ROWS * COLS)
+        .map(|i| [0i8, 1, 0, -1][(i * 7) % 4])
+        .collect();
+    let packed = kernels_core::format::encode(
+        &codes,
+        &[ROWS as u64, COLS as u64],
+        0.01,
+        TernaryLayout::Dense2Bit,
+    )
+    .expect("encode");
+    drop(codes);
+    let ternary = GpuTernary::upload(&ctx, &packed).expect("upload codes");
+    group.throughput(Throughput::Bytes((ROWS * COLS / 4) as u64));
+    group.bench_function(
+        BenchmarkId::new("ternary_gemv", format!("{ROWS}x{COLS}")),
+        |b| {
+            b.iter_custom(|iters| {
+                time(&ctx, iters, || {
+                    ternary_gemv(&ctx, &ternary, &x_cols, &mut y_rows).expect("tgemv");
+                })
+            });
+        },
+    );
+
+    // Element-wise: four f16 models into an f32 mean; DARE; top-k; ComPEFT.
+    let models: Vec<GpuTensor<f16>> = (0..4)
+        .map(|k| GpuTensor::from_slice(&ctx, &normal::<f16>(N, 0.01, 10 + k)).expect("model"))
+        .collect();
+    let views: Vec<&GpuTensor<f16>> = models.iter().collect();
+    let mut out = GpuTensor::<f32>::zeros(&ctx, N, 1).expect("out");
+    group.throughput(Throughput::Bytes((N * (4 * 2 + 4)) as u64));
+    group.bench_function(BenchmarkId::new("weighted_mean_f16_models4", N), |b| {
+        b.iter_custom(|iters| {
+            time(&ctx, iters, || {
+                weighted_mean(&ctx, &views, &[1.0; 4], &mut out).expect("mean");
+            })
+        });
+    });
+    group.throughput(Throughput::Bytes((N * (2 + 4)) as u64));
+    group.bench_function(BenchmarkId::new("dare_f16_p0.9", N), |b| {
+        b.iter_custom(|iters| {
+            time(&ctx, iters, || {
+                dare(&ctx, views[0], DareParams::new(0.9, 7), 0, &mut out).expect("dare");
+            })
+        });
+    });
+    // Selection reads its input once per radix digit (three passes); GB/s count one.
+    group.throughput(Throughput::Bytes((N * 2) as u64));
+    group.bench_function(BenchmarkId::new("topk_cut_f16_d0.1", N), |b| {
+        b.iter_custom(|iters| {
+            time(&ctx, iters, || {
+                block_on(topk_cut(&ctx, &views[..1], N as u64 / 10)).expect("topk");
+            })
+        });
+    });
+    let shape = [N as u64];
+    group.bench_function(BenchmarkId::new("compeft_f16_d0.1", N), |b| {
+        b.iter_custom(|iters| {
+            time(&ctx, iters, || {
+                block_on(compeft(
+                    &ctx,
+                    &[(views[0], &shape[..])],
+                    CompeftParams::new(0.1, 1.0),
+                    TernaryLayout::Dense2Bit,
+                ))
+                .expect("compeft");
+            })
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_gpu);
+criterion_main!(benches);

@@ -672,6 +672,7 @@ impl Context {
 }
 
 /// What a bind group slot is bound to.
+#[derive(Clone)]
 pub(crate) enum Bind<'a> {
     Buffer(&'a wgpu::Buffer),
     /// Nothing: a placeholder buffer the kernel does not touch for these parameters.
@@ -779,6 +780,24 @@ impl Batch<'_> {
         self.ctx.queue.submit([self.encoder.finish()]);
         self.ctx.give_back(self.scratch);
         self.ctx.check()
+    }
+
+    pub(crate) fn ctx(&self) -> &Context {
+        self.ctx
+    }
+
+    /// Records copying `bytes` from `from` at `from_offset` to `to` at `to_offset` (multiples of
+    /// 4).
+    pub(crate) fn copy_range(
+        &mut self,
+        from: &wgpu::Buffer,
+        from_offset: u64,
+        to: &wgpu::Buffer,
+        to_offset: u64,
+        bytes: u64,
+    ) {
+        self.encoder
+            .copy_buffer_to_buffer(from, from_offset, to, to_offset, bytes);
     }
 
     /// Workgroups along x and y for `count` workgroups in a 1-D range.

@@ -14,7 +14,7 @@ use kernels_core::ops::sparse::check_threshold;
 use kernels_core::{Error, Result};
 use shaders::Family;
 
-use crate::context::{Bind, Context, Kernel, Slot};
+use crate::context::{Batch, Bind, Context, Kernel, Slot};
 use crate::tensor::{GpuElement, GpuTensor};
 
 /// Invocations per workgroup of the GEMV kernels (a power of two).
@@ -44,16 +44,16 @@ pub fn gemv_tolerance(n: usize, abs_sum: f64) -> f64 {
 }
 
 #[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct GemvParams {
-    rows: u32,
-    cols: u32,
-    row_stride: u32,
-    first_row: u32,
-    outputs: u32,
-    split_rows: u32,
-    split_base: u32,
-    threshold: f32,
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct GemvParams {
+    pub rows: u32,
+    pub cols: u32,
+    pub row_stride: u32,
+    pub first_row: u32,
+    pub outputs: u32,
+    pub split_rows: u32,
+    pub split_base: u32,
+    pub threshold: f32,
 }
 
 // Slots: w, x, partials, gather, params, y.
@@ -76,15 +76,18 @@ const fn kernel(entry: &'static str, needs_subgroups: bool) -> Kernel {
 }
 
 const ROW_DOT: Kernel = kernel("row_dot", false);
+const CATS_UP: Kernel = kernel("cats_up", false);
+pub(crate) const SILU_PRODUCT: Kernel = kernel("silu_product", false);
 const COLUMN_SWEEP: Kernel = kernel("column_sweep", false);
 const COLUMN_SWEEP_BALLOT: Kernel = kernel("column_sweep_ballot", true);
 const SUM_SPLITS: Kernel = kernel("sum_splits", false);
 
-/// The pipeline of `kernel` for weights of `T`.
-fn pipeline<T: GpuElement>(
+/// The pipeline of `kernel` for weights of `T`: `gathered` row dots, `gated` sweeps.
+pub(crate) fn pipeline<T: GpuElement>(
     ctx: &Context,
     kernel: &Kernel,
     gathered: bool,
+    gated: bool,
 ) -> Result<std::sync::Arc<crate::context::Pipeline>> {
     let native_f16 = ctx.native_f16(T::ENCODING);
     let mut constants = vec![("WORKGROUP", WORKGROUP)];
@@ -95,10 +98,82 @@ fn pipeline<T: GpuElement>(
     if gathered {
         constants.push(("GATHERED", 1));
     }
+    if gated {
+        constants.push(("GATED", 1));
+    }
     ctx.pipeline(kernel, native_f16, &constants)
 }
 
-/// Row dots of `w` against `x` into `out`: output `o` reads row `rows[o]` (or row `o`).
+/// What the row-dot kernels compute per output `o`.
+#[derive(Clone, Copy)]
+pub(crate) enum RowDot<'a> {
+    /// `out[o] = W[o, :] . x`.
+    Dense,
+    /// `out[o] = W[rows[o], :] . x`, `rows` a `u32` buffer.
+    Gathered(&'a wgpu::Buffer),
+    /// CATS' up projection: with `a = silu(g[o])` (`g` an `f32` buffer), `out[o] = a W[o, :] . x`
+    /// where `a` is active under `threshold`, else 0; `a` goes to `gates`.
+    CatsUp {
+        g: &'a wgpu::Buffer,
+        threshold: f32,
+        gates: &'a wgpu::Buffer,
+    },
+}
+
+/// Records row dots of `w`'s pages against `x` into `out` (`outputs` entries; all whole
+/// buffers). An output whose row no page holds is left as it was.
+pub(crate) fn record_row_dots<T: GpuElement>(
+    batch: &mut Batch<'_>,
+    w: &GpuTensor<T>,
+    x: &wgpu::Buffer,
+    how: RowDot<'_>,
+    outputs: usize,
+    out: &wgpu::Buffer,
+) -> Result<()> {
+    let (kernel, gathered) = match how {
+        RowDot::Dense => (&ROW_DOT, false),
+        RowDot::Gathered(_) => (&ROW_DOT, true),
+        RowDot::CatsUp { .. } => (&CATS_UP, false),
+    };
+    let pipeline = pipeline::<T>(batch.ctx(), kernel, gathered, false)?;
+    let (aux, threshold, gates) = match how {
+        RowDot::Dense => (Bind::Unused, 0.0, Bind::Unused),
+        RowDot::Gathered(rows) => (Bind::Buffer(rows), 0.0, Bind::Unused),
+        RowDot::CatsUp {
+            g,
+            threshold,
+            gates,
+        } => (Bind::Buffer(g), threshold, Bind::Buffer(gates)),
+    };
+    for (page, first_row, page_rows) in w.pages() {
+        let params = batch.uniform(&GemvParams {
+            rows: page_rows as u32,
+            cols: w.cols() as u32,
+            row_stride: w.cols() as u32,
+            first_row: first_row as u32,
+            outputs: outputs as u32,
+            split_rows: 0,
+            split_base: 0,
+            threshold,
+        })?;
+        let grid = batch.grid(outputs as u32);
+        batch.dispatch(
+            &pipeline,
+            &[
+                Bind::Buffer(page),
+                Bind::Buffer(x),
+                Bind::Buffer(out),
+                aux.clone(),
+                Bind::Buffer(&params),
+                gates.clone(),
+            ],
+            grid,
+        );
+    }
+    Ok(())
+}
+
+/// Row dots of `w` against `x` into `out`, submitted.
 fn row_dots<T: GpuElement>(
     ctx: &Context,
     w: &GpuTensor<T>,
@@ -122,33 +197,8 @@ fn row_dots<T: GpuElement>(
         batch.clear(out_buffer);
         return batch.submit();
     };
-    let pipeline = pipeline::<T>(ctx, &ROW_DOT, rows.is_some())?;
-    for (page, first_row, page_rows) in w.pages() {
-        let params = batch.uniform(&GemvParams {
-            rows: page_rows as u32,
-            cols: w.cols() as u32,
-            row_stride: w.cols() as u32,
-            first_row: first_row as u32,
-            outputs: outputs as u32,
-            split_rows: 0,
-            split_base: 0,
-            threshold: 0.0,
-        })?;
-        let gather = gather.map_or(Bind::Unused, Bind::Buffer);
-        let grid = batch.grid(outputs as u32);
-        batch.dispatch(
-            &pipeline,
-            &[
-                Bind::Buffer(page),
-                Bind::Buffer(x_buffer),
-                Bind::Buffer(out_buffer),
-                gather,
-                Bind::Buffer(&params),
-                Bind::Unused,
-            ],
-            grid,
-        );
-    }
+    let how = gather.map_or(RowDot::Dense, RowDot::Gathered);
+    record_row_dots(&mut batch, w, x_buffer, how, outputs, out_buffer)?;
     batch.submit()
 }
 
@@ -237,15 +287,30 @@ fn sweep<T: GpuElement>(
 ) -> Result<()> {
     x.expect_len("x", w_t.rows())?;
     y.expect_len("y", w_t.cols())?;
-    let cols = w_t.cols();
     let (Some(y_buffer), x_buffer) = (y.single_page("y")?, x.single_page("x")?) else {
         return Ok(());
     };
     let mut batch = ctx.batch()?;
-    let Some(x_buffer) = x_buffer else {
-        batch.clear(y_buffer);
-        return batch.submit();
-    };
+    match x_buffer {
+        Some(x_buffer) => record_sweep(&mut batch, w_t, x_buffer, None, threshold, y_buffer)?,
+        None => batch.clear(y_buffer),
+    }
+    batch.submit()
+}
+
+/// Records `y = sum over active i of v_i w_t[i, :]` into `batch`, where row `i` is active iff
+/// `!(|x_i| <= threshold)` and `v` is `x`, or `values` where given (CATS: the test on `a`, the
+/// product with `h`). `w_t` has at least one row; all are whole buffers.
+pub(crate) fn record_sweep<T: GpuElement>(
+    batch: &mut Batch<'_>,
+    w_t: &GpuTensor<T>,
+    x: &wgpu::Buffer,
+    values: Option<&wgpu::Buffer>,
+    threshold: f32,
+    y: &wgpu::Buffer,
+) -> Result<()> {
+    let ctx = batch.ctx();
+    let cols = w_t.cols();
     // Every page is split alike; the partial sums of all splits must fit one binding.
     let page_splits = |rows: usize| rows.div_ceil(SPLIT_ROWS as usize);
     let splits: usize = w_t.pages().map(|(_, _, rows)| page_splits(rows)).sum();
@@ -263,10 +328,12 @@ fn sweep<T: GpuElement>(
     } else {
         &COLUMN_SWEEP
     };
-    let sweep = pipeline::<T>(ctx, sweep_kernel, false)?;
-    let sum = pipeline::<T>(ctx, &SUM_SPLITS, false)?;
+    let gated = values.is_some();
+    let sweep = pipeline::<T>(ctx, sweep_kernel, false, gated)?;
+    let sum = pipeline::<T>(ctx, &SUM_SPLITS, false, false)?;
     let partials = batch.scratch(partial_bytes)?;
     let column_groups = (cols as u32).div_ceil(WORKGROUP);
+    let values = values.map_or(Bind::Unused, Bind::Buffer);
     let mut split_base = 0;
     for (page, first_row, rows) in w_t.pages() {
         let params = batch.uniform(&GemvParams {
@@ -283,9 +350,9 @@ fn sweep<T: GpuElement>(
             &sweep,
             &[
                 Bind::Buffer(page),
-                Bind::Buffer(x_buffer),
+                Bind::Buffer(x),
                 Bind::Buffer(&partials),
-                Bind::Unused,
+                values.clone(),
                 Bind::Buffer(&params),
                 Bind::Unused,
             ],
@@ -311,9 +378,9 @@ fn sweep<T: GpuElement>(
             Bind::Buffer(&partials),
             Bind::Unused,
             Bind::Buffer(&params),
-            Bind::Buffer(y_buffer),
+            Bind::Buffer(y),
         ],
         (column_groups, 1),
     );
-    batch.submit()
+    Ok(())
 }

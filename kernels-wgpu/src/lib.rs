@@ -63,6 +63,7 @@ mod context;
 pub mod gemv;
 pub mod masks;
 pub mod merge;
+pub mod mlp;
 pub mod select;
 mod tensor;
 pub mod ternary;

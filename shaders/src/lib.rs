@@ -30,7 +30,7 @@ pub const ELEMENTS: &str = include_str!("wgsl/elements.wgsl");
 pub const WEIGHTS_PACKED: &str = include_str!("wgsl/weights_packed.wgsl");
 /// f16 weights bound as `array<f16>` (needs `shader-f16`).
 pub const WEIGHTS_F16: &str = include_str!("wgsl/weights_f16.wgsl");
-/// Dense, gathered and sparse-input GEMV.
+/// Dense, gathered and sparse-input GEMV, and the MLP steps built on them.
 pub const GEMV: &str = include_str!("wgsl/gemv.wgsl");
 /// The subgroup (ballot) variant of the sparse-input sweep; joined after [`GEMV`].
 pub const GEMV_SUBGROUP: &str = include_str!("wgsl/gemv_subgroup.wgsl");
@@ -67,8 +67,8 @@ pub enum Target {
 /// A kernel family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Family {
-    /// [`GEMV`]: entry points `row_dot`, `column_sweep`, `sum_splits`, and with subgroups
-    /// `column_sweep_ballot`.
+    /// [`GEMV`]: entry points `row_dot`, `column_sweep`, `sum_splits`, `cats_up`,
+    /// `silu_product`, and with subgroups `column_sweep_ballot`.
     Gemv,
     /// [`MERGE`]: `linear_pass`, `fisher_pass`, `fisher_finish`, `ties_pass`, `ties_finish`,
     /// `fisher_accumulate`.
@@ -272,7 +272,16 @@ mod tests {
             module.entry_points.iter().map(|e| e.name.clone()).collect()
         };
         let gemv = ModuleSpec::portable(Family::Gemv, Target::Native);
-        assert_eq!(names(gemv), ["row_dot", "column_sweep", "sum_splits"]);
+        assert_eq!(
+            names(gemv),
+            [
+                "row_dot",
+                "column_sweep",
+                "sum_splits",
+                "cats_up",
+                "silu_product"
+            ]
+        );
         let ballot = ModuleSpec {
             subgroups: true,
             ..gemv

@@ -2,6 +2,8 @@
 #![allow(dead_code, unreachable_pub)]
 
 use kernels_core::{CounterRng, Element, MatRef};
+
+pub mod mlp;
 use kernels_cpu::{Cpu, Isa};
 
 /// Thread counts every body runs with: results must be bit-identical across them.

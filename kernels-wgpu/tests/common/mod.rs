@@ -16,12 +16,12 @@ pub enum Variant {
     ShaderF16,
     /// The subgroup kernels.
     Subgroups,
-    /// Portable kernels with 4 KiB pages, so every tensor of a test spans many pages.
+    /// Portable kernels with 8 KiB pages, so every tensor of a test spans many pages.
     Paged,
 }
 
-/// Bytes per page in [`Variant::Paged`]: 1024 `f32`, below most test matrices.
-pub const SMALL_PAGE_BYTES: u64 = 4096;
+/// Bytes per page in [`Variant::Paged`]: 2048 `f32`, below most test matrices.
+pub const SMALL_PAGE_BYTES: u64 = 8192;
 
 fn options(variant: Variant) -> ContextOptions {
     let portable = ContextOptions {

@@ -1,5 +1,6 @@
-// GEMV family: dense and gathered row dots over `W` `[out, in]` (`row_dot`), and the dense or
-// sparse-input (TEAL) sweep over `w_t` `[in, out]` (`column_sweep`, then `sum_splits`).
+// GEMV family: dense and gathered row dots over `W` `[out, in]` (`row_dot`), the dense or
+// sparse-input (TEAL) sweep over `w_t` `[in, out]` (`column_sweep`, then `sum_splits`), and the
+// MLP steps built on them (`cats_up`, `silu_product`).
 //
 // A matrix larger than one storage binding is split into pages of whole rows, dispatched one
 // page at a time; `first_row` is the page's first row in the whole matrix. Sums run in a fixed
@@ -21,11 +22,14 @@ struct GemvParams {
     // column_sweep: index of this page's first split in the partials.
     split_base: u32,
     // column_sweep: row i is read iff !(|x_i| <= threshold); -inf reads every row.
+    // cats_up: row o is read iff !(|silu(g_o)| <= threshold).
     threshold: f32,
 }
 
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> partials: array<f32>;
+// row_dot: row indices (GATHERED); cats_up: the gate outputs g; column_sweep: the values
+// multiplying the active rows (GATED); silu_product: u. Floats are read through bitcast.
 @group(0) @binding(3) var<storage, read> gather: array<u32>;
 @group(0) @binding(4) var<uniform> p: GemvParams;
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
@@ -34,6 +38,21 @@ struct GemvParams {
 override WORKGROUP: u32 = 256u;
 // row_dot: output o reads row gather[o] instead of row o.
 override GATHERED: bool = false;
+// column_sweep: an active row i is scaled by gather[i] (as f32) instead of x_i (CATS tests
+// a = silu(g) and multiplies by h = a u).
+override GATED: bool = false;
+
+fn silu(g: f32) -> f32 {
+    return g / (1.0 + exp(-g));
+}
+
+// The value an active row of the sweep is scaled by.
+fn sweep_value(i: u32, xi: f32) -> f32 {
+    if GATED {
+        return bitcast<f32>(gather[i]);
+    }
+    return xi;
+}
 
 var<workgroup> lane_sums: array<f32, WORKGROUP>;
 
@@ -92,7 +111,7 @@ fn column_sweep(
     for (var i = start; i < end; i++) {
         let xi = x[p.first_row + i];
         if !(abs(xi) <= p.threshold) {
-            acc += xi * load_w(i * p.row_stride + j);
+            acc += sweep_value(p.first_row + i, xi) * load_w(i * p.row_stride + j);
         }
     }
     partials[(p.split_base + split) * p.cols + j] = acc;
@@ -110,4 +129,50 @@ fn sum_splits(@builtin(global_invocation_id) gid: vec3<u32>) {
         acc += partials[s * p.cols + j];
     }
     y[j] = acc;
+}
+
+// CATS' up projection, one workgroup per intermediate row o: a = silu(g_o) (g in `gather`);
+// y[o] = a, and partials[o] = a * (W_up[o, :] . x) where a is active under the threshold, else 0
+// without reading the row. Written by the page that holds the row.
+@compute @workgroup_size(WORKGROUP)
+fn cats_up(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let o = wg.x + wg.y * groups.x;
+    if o >= p.outputs {
+        return;
+    }
+    let in_page = o >= p.first_row && o - p.first_row < p.rows;
+    let a = silu(bitcast<f32>(gather[o]));
+    let kept = in_page && !(abs(a) <= p.threshold);
+    var acc = 0.0;
+    if kept {
+        let base = (o - p.first_row) * p.row_stride;
+        for (var j = lid; j < p.cols; j += WORKGROUP) {
+            acc += load_w(base + j) * x[j];
+        }
+    }
+    lane_sums[lid] = acc;
+    workgroupBarrier();
+    for (var half = WORKGROUP / 2u; half > 0u; half >>= 1u) {
+        if lid < half {
+            lane_sums[lid] += lane_sums[lid + half];
+        }
+        workgroupBarrier();
+    }
+    if lid == 0u && in_page {
+        partials[o] = select(0.0, a * lane_sums[0], kept);
+        y[o] = a;
+    }
+}
+
+// TEAL's h = silu(g) * u, element-wise over `cols` entries: g in x, u in `gather`, h to y.
+@compute @workgroup_size(WORKGROUP)
+fn silu_product(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = gid.x;
+    if i < p.cols {
+        y[i] = silu(x[i]) * bitcast<f32>(gather[i]);
+    }
 }

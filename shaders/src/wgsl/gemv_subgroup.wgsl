@@ -25,7 +25,8 @@ fn column_sweep_ballot(
             while bits != 0u {
                 let i = base + word * 32u + firstTrailingBit(bits);
                 bits &= bits - 1u;
-                acc += x[p.first_row + i] * load_w(i * p.row_stride + column);
+                let xi = x[p.first_row + i];
+                acc += sweep_value(p.first_row + i, xi) * load_w(i * p.row_stride + column);
             }
         }
     }

@@ -1,6 +1,7 @@
 //! Every GPU kernel family at real model sizes, with the device's copy bandwidth measured in the
-//! same run as the reference: GEMV (dense, sparse-input at s = 0.5, gathered), ternary GEMV,
-//! merge reductions, DARE, top-k selection and ComPEFT.
+//! same run as the reference: GEMV (dense, sparse-input at s = 0.5, gathered), the CATS MLP,
+//! ternary GEMV, merge reductions (mean, Fisher, TIES), DARE, top-k selection, Breadcrumbs and
+//! ComPEFT.
 //!
 //! GB/s count the bytes each kernel must touch once (weights and inputs read, outputs written);
 //! the copy reads and writes its buffer, so its figure counts both. A timed iteration submits the
@@ -19,11 +20,12 @@ use half::f16;
 use kernels_benches::{normal, threshold_for_sparsity};
 use kernels_core::MatRef;
 use kernels_core::format::TernaryLayout;
-use kernels_core::ops::merge::DareParams;
+use kernels_core::ops::merge::{BreadcrumbsParams, DareParams};
 use kernels_core::ops::ternary::CompeftParams;
 use kernels_wgpu::gemv::{gathered_gemv, gemv, sparse_input_gemv};
-use kernels_wgpu::masks::dare;
-use kernels_wgpu::merge::weighted_mean;
+use kernels_wgpu::masks::{breadcrumbs, dare};
+use kernels_wgpu::merge::{fisher_merge, ties_elect, weighted_mean};
+use kernels_wgpu::mlp::{GpuCatsMlp, cats_mlp};
 use kernels_wgpu::select::topk_cut;
 use kernels_wgpu::ternary::{GpuTernary, compeft, ternary_gemv};
 use kernels_wgpu::{Context, ContextOptions, GpuTensor, block_on};
@@ -135,6 +137,49 @@ fn bench_gpu(c: &mut Criterion) {
     );
     drop((w, w_t));
 
+    // The CATS MLP of one Llama-2-7B layer (f16), threshold at s = 0.5 of the gate activations:
+    // the gate is read whole, half the rows of up and down.
+    let mlp_weights: Vec<GpuTensor<f16>> = (0..3)
+        .map(|k| {
+            let host: Vec<f16> = normal(ROWS * COLS, 0.02, 20 + k);
+            GpuTensor::from_matrix(&ctx, MatRef::from_slice(&host, ROWS, COLS).expect("w"))
+                .expect("upload")
+        })
+        .collect();
+    let x_batch = GpuTensor::from_matrix(
+        &ctx,
+        MatRef::from_slice(&normal::<f32>(COLS, 1.0, 4), 1, COLS).expect("x"),
+    )
+    .expect("x");
+    let mut y_batch = GpuTensor::<f32>::zeros(&ctx, 1, COLS).expect("y");
+    let cats = GpuCatsMlp {
+        gate: &mlp_weights[0],
+        up: &mlp_weights[1],
+        down_t: &mlp_weights[2],
+    };
+    let mut gate_out = GpuTensor::<f32>::zeros(&ctx, ROWS, 1).expect("g");
+    gemv(&ctx, cats.gate, &x_cols, &mut gate_out).expect("gate");
+    let silu: Vec<f32> = gate_out
+        .to_vec_blocking(&ctx)
+        .expect("g")
+        .iter()
+        .map(|&g| g / (1.0 + (-g).exp()))
+        .collect();
+    let cats_threshold = threshold_for_sparsity(&silu, 0.5);
+    group.throughput(Throughput::Bytes(weights * 2));
+    group.bench_function(
+        BenchmarkId::new("cats_mlp_f16_s0.5", format!("{ROWS}x{COLS}")),
+        |b| {
+            b.iter_custom(|iters| {
+                time(&ctx, iters, || {
+                    block_on(cats_mlp(&ctx, &x_batch, cats, cats_threshold, &mut y_batch))
+                        .expect("cats");
+                })
+            });
+        },
+    );
+    drop(mlp_weights);
+
     // Ternary GEMV from 2-bit codes.
     let codes: Vec<i8> = (0..ROWS * COLS)
         .map(|i| [0i8, 1, 0, -1][(i * 7) % 4])
@@ -174,11 +219,33 @@ fn bench_gpu(c: &mut Criterion) {
             })
         });
     });
+    let fishers: Vec<GpuTensor<f32>> = (0..2)
+        .map(|k| GpuTensor::from_slice(&ctx, &normal::<f32>(N, 1.0, 30 + k)).expect("fisher"))
+        .collect();
+    let fisher_views: Vec<&GpuTensor<f32>> = fishers.iter().collect();
+    group.throughput(Throughput::Bytes((N * (2 * (2 + 4) + 4)) as u64));
+    group.bench_function(BenchmarkId::new("fisher_merge_f16_models2", N), |b| {
+        b.iter_custom(|iters| {
+            time(&ctx, iters, || {
+                fisher_merge(&ctx, &views[..2], &fisher_views, &[1.0; 2], 0.0, &mut out)
+                    .expect("fisher");
+            })
+        });
+    });
+    drop(fishers);
+    group.throughput(Throughput::Bytes((N * (5 * 2 + 4)) as u64));
+    group.bench_function(BenchmarkId::new("ties_elect_f16_models4", N), |b| {
+        b.iter_custom(|iters| {
+            time(&ctx, iters, || {
+                ties_elect(&ctx, views[0], &views, &[1.0; 4], 1.0, &mut out).expect("ties");
+            })
+        });
+    });
     group.throughput(Throughput::Bytes((N * (2 + 4)) as u64));
     group.bench_function(BenchmarkId::new("dare_f16_p0.9", N), |b| {
         b.iter_custom(|iters| {
             time(&ctx, iters, || {
-                dare(&ctx, views[0], DareParams::new(0.9, 7), 0, &mut out).expect("dare");
+                block_on(dare(&ctx, views[0], DareParams::new(0.9, 7), 0, &mut out)).expect("dare");
             })
         });
     });
@@ -188,6 +255,20 @@ fn bench_gpu(c: &mut Criterion) {
         b.iter_custom(|iters| {
             time(&ctx, iters, || {
                 block_on(topk_cut(&ctx, &views[..1], N as u64 / 10)).expect("topk");
+            })
+        });
+    });
+    // Breadcrumbs selects twice and applies both cuts in one pass; GB/s count one read.
+    group.bench_function(BenchmarkId::new("breadcrumbs_f16_d0.9", N), |b| {
+        b.iter_custom(|iters| {
+            time(&ctx, iters, || {
+                block_on(breadcrumbs(
+                    &ctx,
+                    views[0],
+                    BreadcrumbsParams::new(0.9, 0.01),
+                    &mut out,
+                ))
+                .expect("breadcrumbs");
             })
         });
     });

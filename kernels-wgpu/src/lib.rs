@@ -45,7 +45,7 @@
 //! | ternary decode | exact (`scale * code`) |
 //! | GEMV (dense, gathered, sparse-input), ternary GEMV | [`gemv::gemv_tolerance`]: `(n + 1) u sum |w_ij x_j|` |
 //! | weighted mean, task arithmetic, TIES election, Fisher merging and accumulation | [`merge::reduction_tolerance`]: `(3 N + 4) u sum |terms|` |
-//! | DARE's survivors | [`masks::DARE_RELATIVE_TOLERANCE`] (`2 u` relative) |
+//! | DARE's survivors | [`masks::DARE_RELATIVE_TOLERANCE`] (`2 u` relative); with the L1-preserving rescale [`masks::DARE_L1_RELATIVE_TOLERANCE`] |
 //! | decompress-and-add | [`ternary::ternary_add_tolerance`] |
 //! | ComPEFT's scale | [`ternary::SCALE_RELATIVE_TOLERANCE`] |
 //!

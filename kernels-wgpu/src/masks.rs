@@ -12,8 +12,9 @@
 //! * A survivor is `tau_i * scale` rounded once in `f32` with `scale` rounded to `f32` (WGSL has
 //!   no `f64`); the reference rounds the `f64` product once. They differ by at most
 //!   [`DARE_RELATIVE_TOLERANCE`] relative; dropped entries are exactly `+0.0`.
-//! * [`DareRescale::PreserveL1`] needs a reduction over the tensor before the mask; this backend
-//!   does not offer it yet and says so (`Error::Unsupported`).
+//! * [`DareRescale::PreserveL1`] first sums `|tau|` and the survivors' `|tau|` in `f32` per tile
+//!   of 4096 entries, combined in `f64` on the host (hence `async`); its survivors are within
+//!   [`DARE_L1_RELATIVE_TOLERANCE`].
 
 use kernels_core::ops::merge::{BreadcrumbsParams, DareParams, DareRescale};
 use kernels_core::ops::select::keep_count;
@@ -30,6 +31,18 @@ pub const WORKGROUP: u32 = 256;
 /// rounding and the product's, against one rounding of the exact product).
 pub const DARE_RELATIVE_TOLERANCE: f64 = f32::EPSILON as f64;
 
+/// Relative bound on a [`DareRescale::PreserveL1`] survivor against the reference:
+/// `(2 (ITEMS + log2 WORKGROUP + 1) + 2) u`. Each L1 norm is a sum of non-negative terms, in
+/// `f32` by `ITEMS` additions per invocation and a `log2 WORKGROUP`-level tree per tile, then in
+/// `f64`: relative error `(ITEMS + log2 WORKGROUP + 1) u` each; their ratio adds both, and the
+/// `f32` scale and product two more.
+pub const DARE_L1_RELATIVE_TOLERANCE: f64 =
+    (2 * (ITEMS + WORKGROUP.ilog2() + 1) + 2) as f64 * (f32::EPSILON as f64 / 2.0);
+
+/// Entries each invocation sums in the L1 pass.
+const ITEMS: u32 = 16;
+const TILE: usize = (WORKGROUP * ITEMS) as usize;
+
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct DareUniform {
@@ -39,19 +52,26 @@ struct DareUniform {
     drop_threshold: u32,
     key: [u32; 2],
     scale: f32,
-    pad: u32,
+    tile_base: u32,
 }
 
-const DARE: Kernel = Kernel {
-    family: Family::Dare,
-    entry: "dare",
-    slots: &[Slot::Read, Slot::ReadWrite, Slot::Uniform],
-    needs_subgroups: false,
-};
+const fn dare_kernel(entry: &'static str) -> Kernel {
+    Kernel {
+        family: Family::Dare,
+        entry,
+        slots: &[Slot::Read, Slot::ReadWrite, Slot::Uniform],
+        needs_subgroups: false,
+    }
+}
+
+const DARE: Kernel = dare_kernel("dare");
+const DARE_L1_SUMS: Kernel = dare_kernel("dare_l1_sums");
 
 /// DARE: `out_i = tau_i * scale` where element `first_index + i` survives, else 0 (the twin of
 /// `dare_ref`; `first_index` is the flat index of `tau`'s first element in the whole tensor).
-pub fn dare<T: GpuElement>(
+/// `async` for [`DareRescale::PreserveL1`], whose norms are read back; the other rules only
+/// submit.
+pub async fn dare<T: GpuElement>(
     ctx: &Context,
     tau: &GpuTensor<T>,
     params: DareParams,
@@ -61,43 +81,84 @@ pub fn dare<T: GpuElement>(
     out.expect_len("out", tau.len())?;
     params.validate()?;
     tau.expect_shape("tau", out.shape())?;
+    let constants = [
+        ("WORKGROUP", WORKGROUP),
+        ("ITEMS", ITEMS),
+        ("ELEMENT", T::ENCODING),
+    ];
+    let uniform = |page: usize, first: u64, scale: f64, tile_base: usize| DareUniform {
+        len: tau.page(page).1 as u32,
+        first_lo: first as u32,
+        first_hi: (first >> 32) as u32,
+        drop_threshold: params.drop_threshold(),
+        key: CounterRng::new(params.seed).key(),
+        scale: scale as f32,
+        tile_base: tile_base as u32,
+    };
     let scale = match params.rescale {
         DareRescale::InverseKeep => 1.0 / (1.0 - params.drop),
         DareRescale::None => 1.0,
+        DareRescale::PreserveL1 => {
+            let tiles: usize = (0..tau.page_count())
+                .map(|p| tau.page(p).1.div_ceil(TILE))
+                .sum();
+            let bytes = (tiles.max(1) * 2 * 4) as u64;
+            let sums = ctx.take_storage(bytes)?;
+            let read = async {
+                let pipeline = ctx.pipeline(&DARE_L1_SUMS, false, &constants)?;
+                let mut batch = ctx.batch()?;
+                let (mut first, mut tile_base) = (first_index, 0);
+                for page in 0..tau.page_count() {
+                    let len = tau.page(page).1;
+                    let params = batch.uniform(&uniform(page, first, 0.0, tile_base))?;
+                    let grid = batch.grid(len.div_ceil(TILE) as u32);
+                    batch.dispatch(
+                        &pipeline,
+                        &[
+                            Bind::Buffer(tau.page(page).0),
+                            Bind::Buffer(&sums),
+                            Bind::Buffer(&params),
+                        ],
+                        grid,
+                    );
+                    first = first.wrapping_add(len as u64);
+                    tile_base += len.div_ceil(TILE);
+                }
+                batch.submit()?;
+                ctx.read_buffer(&sums, bytes).await
+            }
+            .await;
+            ctx.give_back([sums]);
+            let read = read?;
+            let (all, kept) = bytemuck::cast_slice::<u8, f32>(&read)
+                .chunks_exact(2)
+                .take(tiles)
+                .fold((0.0f64, 0.0f64), |(a, k), pair| {
+                    (a + f64::from(pair[0]), k + f64::from(pair[1]))
+                });
+            if kept > 0.0 { all / kept } else { 0.0 }
+        }
         _ => {
+            // `DareRescale` is non-exhaustive: a rule added later must be implemented here.
             return Err(Error::Unsupported {
                 feature: "this DARE rescale rule on the GPU",
-                hint: "use DareRescale::InverseKeep or DareRescale::None here, or the CPU kernel \
-                       (kernels_cpu::masks::dare) for PreserveL1",
+                hint: "use InverseKeep, None or PreserveL1",
             });
         }
     };
-    let pipeline = ctx.pipeline(
-        &DARE,
-        false,
-        &[("WORKGROUP", WORKGROUP), ("ELEMENT", T::ENCODING)],
-    )?;
-    let key = CounterRng::new(params.seed).key();
+    let pipeline = ctx.pipeline(&DARE, false, &constants)?;
     let mut batch = ctx.batch()?;
     let mut first = first_index;
     for page in 0..out.page_count() {
         let (target, len) = out.page(page);
-        let uniform = batch.uniform(&DareUniform {
-            len: len as u32,
-            first_lo: first as u32,
-            first_hi: (first >> 32) as u32,
-            drop_threshold: params.drop_threshold(),
-            key,
-            scale: scale as f32,
-            pad: 0,
-        })?;
+        let params = batch.uniform(&uniform(page, first, scale, 0))?;
         let grid = batch.grid((len as u32).div_ceil(WORKGROUP));
         batch.dispatch(
             &pipeline,
             &[
                 Bind::Buffer(tau.page(page).0),
                 Bind::Buffer(target),
-                Bind::Buffer(&uniform),
+                Bind::Buffer(&params),
             ],
             grid,
         );

@@ -73,7 +73,7 @@ pub enum Family {
     /// [`MERGE`]: `linear_pass`, `fisher_pass`, `fisher_finish`, `ties_pass`, `ties_finish`,
     /// `fisher_accumulate`.
     Merge,
-    /// [`DARE`]: `dare`.
+    /// [`DARE`]: `dare_l1_sums`, `dare`.
     Dare,
     /// [`SELECT`]: `histogram`, `count_equal`, `apply_cuts`.
     Select,
@@ -300,7 +300,7 @@ mod tests {
         );
         assert_eq!(
             names(ModuleSpec::portable(Family::Dare, Target::Native)),
-            ["dare"]
+            ["dare_l1_sums", "dare"]
         );
         assert_eq!(
             names(ModuleSpec::portable(Family::Select, Target::Native)),

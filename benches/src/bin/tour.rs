@@ -936,7 +936,7 @@ fn gpu_kernels(checks: &mut Checks, hidden: usize, inter: usize) -> Result<()> {
     let mut kept_ref = vec![0.0; inter * hidden];
     merge::dare_ref(&w_down_t, dare, 0, &mut kept_ref)?;
     let mut kept = GpuTensor::<f32>::zeros(&ctx, inter, hidden)?;
-    kernels_wgpu::masks::dare(&ctx, &w, dare, 0, &mut kept)?;
+    block_on(kernels_wgpu::masks::dare(&ctx, &w, dare, 0, &mut kept))?;
     let kept = kept.to_vec_blocking(&ctx)?;
     checks.check(
         "GPU DARE (p = 0.9) keeps exactly the reference's entries",

@@ -12,10 +12,13 @@ struct DareParams {
     drop_threshold: u32,
     key: vec2<u32>,
     scale: f32,
+    // dare_l1_sums: index of the page's first tile among all tiles.
+    tile_base: u32,
 }
 
 override ELEMENT: u32 = ELEMENT_F32;
 override WORKGROUP: u32 = 256u;
+override ITEMS: u32 = 16u;
 
 @group(0) @binding(0) var<storage, read> tau: array<u32>;
 @group(0) @binding(1) var<storage, read_write> out: array<f32>;
@@ -50,6 +53,54 @@ fn philox4x32_10(counter: vec4<u32>, seed_key: vec2<u32>) -> vec4<u32> {
     return c;
 }
 
+// Whether element first + i survives.
+fn survives(i: u32) -> bool {
+    let lo = p.first_lo + i;
+    let hi = p.first_hi + select(0u, 1u, lo < i);
+    let block = vec2<u32>((lo >> 2u) | (hi << 30u), hi >> 2u);
+    let words = philox4x32_10(vec4<u32>(block.x, block.y, 0u, 0u), p.key);
+    return (words[lo & 3u] >> 8u) >= p.drop_threshold;
+}
+
+var<workgroup> all_sums: array<f32, WORKGROUP>;
+var<workgroup> kept_sums: array<f32, WORKGROUP>;
+
+// Per tile of WORKGROUP * ITEMS elements: the sum of |tau| and of the survivors' |tau| (the
+// L1-preserving rescale's two norms), at out[2 (tile_base + tile)] and the next word.
+@compute @workgroup_size(WORKGROUP)
+fn dare_l1_sums(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let tile = wg.x + wg.y * groups.x;
+    let base = tile * WORKGROUP * ITEMS;
+    var all = 0.0;
+    var kept = 0.0;
+    for (var item = 0u; item < ITEMS; item++) {
+        let i = base + item * WORKGROUP + lid;
+        if i < p.len {
+            let v = abs(widen(tau[word_of(i, ELEMENT)], i, ELEMENT));
+            all += v;
+            kept += select(0.0, v, survives(i));
+        }
+    }
+    all_sums[lid] = all;
+    kept_sums[lid] = kept;
+    workgroupBarrier();
+    for (var half = WORKGROUP / 2u; half > 0u; half >>= 1u) {
+        if lid < half {
+            all_sums[lid] += all_sums[lid + half];
+            kept_sums[lid] += kept_sums[lid + half];
+        }
+        workgroupBarrier();
+    }
+    if lid == 0u {
+        out[2u * (p.tile_base + tile)] = all_sums[0];
+        out[2u * (p.tile_base + tile) + 1u] = kept_sums[0];
+    }
+}
+
 @compute @workgroup_size(WORKGROUP)
 fn dare(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -60,11 +111,6 @@ fn dare(
     if i >= p.len {
         return;
     }
-    let lo = p.first_lo + i;
-    let hi = p.first_hi + select(0u, 1u, lo < i);
-    let block = vec2<u32>((lo >> 2u) | (hi << 30u), hi >> 2u);
-    let words = philox4x32_10(vec4<u32>(block.x, block.y, 0u, 0u), p.key);
-    let word = words[lo & 3u];
     let v = widen(tau[word_of(i, ELEMENT)], i, ELEMENT);
-    out[i] = select(v * p.scale, 0.0, (word >> 8u) < p.drop_threshold);
+    out[i] = select(0.0, v * p.scale, survives(i));
 }

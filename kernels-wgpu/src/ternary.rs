@@ -12,9 +12,10 @@
 //!   decoder first; its codes live in one storage binding (16 codes per word), so it holds at
 //!   most `4 x binding_bytes` entries.
 //! * [`ternary_gemv`] is within [`crate::gemv::gemv_tolerance`] of `ternary_gemv_ref`;
-//!   [`ternary_decode`] is exact (`scale * code`, `+0.0` for zero codes); [`ternary_add`] adds `f32(lambda * scale) * code`
-//!   in `f32`, within [`ternary_add_tolerance`] of `ternary_add_ref` (which rounds once from
-//!   `f64`). Only `f32` parameters are updated on the GPU.
+//!   [`ternary_decode`] is exact (`scale * code`, `+0.0` for zero codes); [`ternary_add`] adds
+//!   `f32(lambda * scale) * code` in `f32` (rounding once more to `f16` or `bf16` parameters),
+//!   within [`ternary_add_tolerance`] of `ternary_add_ref` (which rounds once from `f64`); a zero
+//!   code leaves its parameter's bits alone.
 
 use kernels_core::format::{self, TernaryHeader, TernaryLayout};
 use kernels_core::ops::select::keep_count;
@@ -43,11 +44,28 @@ pub const SCALE_RELATIVE_TOLERANCE: f64 =
     (ITEMS + WORKGROUP.ilog2() + 4) as f64 * (f32::EPSILON as f64 / 2.0);
 
 /// Bound on `|theta' - theta'_ref|` for [`ternary_add`] of a step `s = lambda * scale` onto
-/// `theta`: `u (|s| + 2 |theta + s|)`. The `f32` step and the `f32` sum each round once, and
-/// the reference rounds the exact sum once more.
+/// `theta` of type `T`: `u (|s| + 2 |theta + s|)`, plus one ulp of `T` for a 16-bit `T`.
+/// The `f32` step and the `f32` sum each round once and the reference rounds the exact sum
+/// once more; a 16-bit result rounds once more on each side, and where the two `f32` sums
+/// straddle a rounding boundary of `T` the results differ by one ulp of `T` (`2 u_T |sum|`,
+/// `u_T = 2^-11` for f16 and `2^-8` for bf16, or the smallest subnormal below the normal range).
 #[must_use]
-pub fn ternary_add_tolerance(theta: f32, step: f64) -> f64 {
-    f64::from(f32::EPSILON / 2.0) * (step.abs() + 2.0 * (f64::from(theta) + step).abs()) + 1e-45
+pub fn ternary_add_tolerance<T: GpuElement>(theta: f32, step: f64) -> f64 {
+    let sum = (f64::from(theta) + step).abs();
+    let unit = f64::from(f32::EPSILON / 2.0);
+    // One ulp of T at the sum: relative above T's normal range, its smallest subnormal below.
+    let narrow = match T::ENCODING {
+        shaders::element::F16 => {
+            f64::from(half::f16::EPSILON.to_f32()) * sum
+                + f64::from(half::f16::from_bits(1).to_f32())
+        }
+        shaders::element::BF16 => {
+            f64::from(half::bf16::EPSILON.to_f32()) * sum
+                + f64::from(half::bf16::from_bits(1).to_f32())
+        }
+        _ => 0.0,
+    };
+    unit * (step.abs() + 2.0 * sum) + narrow + 1e-45
 }
 
 #[repr(C)]
@@ -62,8 +80,14 @@ struct TernaryParams {
     pad: [u32; 2],
 }
 
-// Slots: codes, x, out, params.
-const SLOTS: &[Slot] = &[Slot::Read, Slot::Read, Slot::ReadWrite, Slot::Uniform];
+// Slots: codes, x, out, params, theta (packed f16 or bf16).
+const SLOTS: &[Slot] = &[
+    Slot::Read,
+    Slot::Read,
+    Slot::ReadWrite,
+    Slot::Uniform,
+    Slot::ReadWrite,
+];
 
 const fn kernel(entry: &'static str) -> Kernel {
     Kernel {
@@ -78,6 +102,7 @@ const GEMV: Kernel = kernel("ternary_gemv");
 const DECODE: Kernel = kernel("ternary_decode");
 const ADD: Kernel = kernel("ternary_add");
 const MOMENTS: Kernel = kernel("tile_moments");
+const ADD_PACKED: Kernel = kernel("ternary_add_packed");
 
 fn pipeline(
     ctx: &Context,
@@ -206,6 +231,7 @@ pub fn ternary_gemv(
             Bind::Buffer(x_buffer),
             Bind::Buffer(y_buffer),
             Bind::Buffer(&params),
+            Bind::Unused,
         ],
         grid,
     );
@@ -241,6 +267,7 @@ fn elementwise(
                 Bind::Unused,
                 Bind::Buffer(buffer),
                 Bind::Buffer(&params),
+                Bind::Unused,
             ],
             grid,
         );
@@ -255,11 +282,12 @@ pub fn ternary_decode(ctx: &Context, codes: &GpuTernary, out: &mut GpuTensor<f32
     elementwise(ctx, &DECODE, codes, codes.header.scale, out)
 }
 
-/// Decompress and add: `theta += lambda * scale * code` (the twin of `ternary_add_ref`, `f32`
-/// parameters; see the module docs for the rounding).
-pub fn ternary_add(
+/// Decompress and add: `theta += lambda * scale * code` (the twin of `ternary_add_ref`):
+/// `f32` parameters add in place; `f16` and `bf16` ones add in `f32` and round once to their
+/// type (round to nearest even, on the device). See the module docs for the precision.
+pub fn ternary_add<T: GpuElement>(
     ctx: &Context,
-    theta: &mut GpuTensor<f32>,
+    theta: &mut GpuTensor<T>,
     codes: &GpuTernary,
     lambda: f32,
 ) -> Result<()> {
@@ -270,8 +298,42 @@ pub fn ternary_add(
             expected: "finite",
         });
     }
+    theta.expect_len("theta", codes.len())?;
     let step = (f64::from(lambda) * f64::from(codes.header.scale)) as f32;
-    elementwise(ctx, &ADD, codes, step, theta)
+    let packed = T::ENCODING != shaders::element::F32;
+    let (kernel, per_invocation) = if packed { (&ADD_PACKED, 2) } else { (&ADD, 1) };
+    let pipeline = pipeline(ctx, kernel, T::ENCODING)?;
+    let mut batch = ctx.batch()?;
+    let mut first = 0usize;
+    for page in 0..theta.page_count() {
+        let (buffer, len) = theta.page(page);
+        let params = batch.uniform(&TernaryParams {
+            len: len as u32,
+            first_code: first as u32,
+            scale: step,
+            ..TernaryParams::default()
+        })?;
+        let invocations = len.div_ceil(per_invocation) as u32;
+        let grid = batch.grid(invocations.div_ceil(WORKGROUP));
+        let (values, words) = if packed {
+            (Bind::Unused, Bind::Buffer(buffer))
+        } else {
+            (Bind::Buffer(buffer), Bind::Unused)
+        };
+        batch.dispatch(
+            &pipeline,
+            &[
+                Bind::Buffer(&codes.codes),
+                Bind::Unused,
+                values,
+                Bind::Buffer(&params),
+                words,
+            ],
+            grid,
+        );
+        first += len;
+    }
+    batch.submit()
 }
 
 /// Mean and sum of squared deviations of all entries of `tensors`, from per-tile `f32` sums
@@ -313,6 +375,7 @@ async fn moments<T: GpuElement>(ctx: &Context, tensors: &[&GpuTensor<T>]) -> Res
                         Bind::Buffer(buffer),
                         Bind::Buffer(&sums),
                         Bind::Buffer(&params),
+                        Bind::Unused,
                     ],
                     grid,
                 );

@@ -77,7 +77,8 @@ pub enum Family {
     Dare,
     /// [`SELECT`]: `histogram`, `count_equal`, `apply_cuts`.
     Select,
-    /// [`TERNARY`]: `ternary_gemv`, `ternary_decode`, `ternary_add`, `tile_moments`.
+    /// [`TERNARY`]: `ternary_gemv`, `ternary_decode`, `ternary_add`, `tile_moments`,
+    /// `ternary_add_packed`.
     Ternary,
 }
 
@@ -312,7 +313,8 @@ mod tests {
                 "ternary_gemv",
                 "ternary_decode",
                 "ternary_add",
-                "tile_moments"
+                "tile_moments",
+                "ternary_add_packed"
             ]
         );
     }

@@ -1,6 +1,6 @@
 // Ternary compression: the moments ComPEFT's scale needs, and the kernels that use packed codes
 // straight from their 2-bit layout (code i in bits 2 (i % 16) of word i / 16; 00 = 0, 01 = +1,
-// 10 = -1), bound whole.
+// 10 = -1), bound whole; and decompress-add into f16 or bf16 parameters, rounded on the device.
 
 struct TernaryParams {
     // Entries in this page (codes, or tensor entries for the moments).
@@ -25,6 +25,8 @@ override ITEMS: u32 = 16u;
 @group(0) @binding(1) var<storage, read> x: array<u32>;
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
 @group(0) @binding(3) var<uniform> p: TernaryParams;
+// ternary_add_packed: f16 or bf16 parameters, two per word (ELEMENT says which).
+@group(0) @binding(4) var<storage, read_write> theta: array<u32>;
 
 var<workgroup> lane_sums: array<f32, WORKGROUP>;
 var<workgroup> lane_squares: array<f32, WORKGROUP>;
@@ -143,4 +145,76 @@ fn tile_moments(
         out[2u * (p.tile_base + tile)] = lane_sums[0];
         out[2u * (p.tile_base + tile) + 1u] = lane_squares[0];
     }
+}
+
+// IEEE binary16 bits of v, rounded to nearest even (overflow to infinity, subnormals, NaN kept
+// quiet), with integer operations so that every device rounds alike.
+fn f32_to_f16_bits(v: f32) -> u32 {
+    let x = bitcast<u32>(v);
+    let sign = (x >> 16u) & 0x8000u;
+    let exponent = (x >> 23u) & 0xffu;
+    let mantissa = x & 0x7fffffu;
+    if exponent == 0xffu {
+        return sign | 0x7c00u | select(0u, 0x200u | (mantissa >> 13u), mantissa != 0u);
+    }
+    let e = i32(exponent) - 112;
+    if e >= 31 {
+        return sign | 0x7c00u;
+    }
+    if e <= 0 {
+        if e < -10 {
+            return sign;
+        }
+        let m = mantissa | 0x800000u;
+        let shift = u32(14 - e);
+        let kept = m >> shift;
+        let rest = m & ((1u << shift) - 1u);
+        let halfway = 1u << (shift - 1u);
+        let up = rest > halfway || (rest == halfway && (kept & 1u) == 1u);
+        return sign | (kept + select(0u, 1u, up));
+    }
+    let h = (u32(e) << 10u) | (mantissa >> 13u);
+    let rest = mantissa & 0x1fffu;
+    let up = rest > 0x1000u || (rest == 0x1000u && (h & 1u) == 1u);
+    // A carry out of the mantissa steps the exponent, to infinity at the top: still correct.
+    return sign | (h + select(0u, 1u, up));
+}
+
+// bfloat16 bits of v, rounded to nearest even (NaN kept quiet).
+fn f32_to_bf16_bits(v: f32) -> u32 {
+    let x = bitcast<u32>(v);
+    if (x & 0x7fffffffu) > 0x7f800000u {
+        return (x >> 16u) | 0x40u;
+    }
+    return (x + 0x7fffu + ((x >> 16u) & 1u)) >> 16u;
+}
+
+// theta += (lambda * scale) * code for f16 or bf16 parameters, one word (two entries) per
+// invocation, each sum rounded once from f32 to the parameters' type.
+@compute @workgroup_size(WORKGROUP)
+fn ternary_add_packed(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let w = linear_index(wg, groups, lid, WORKGROUP);
+    if 2u * w >= p.len {
+        return;
+    }
+    var word = theta[w];
+    for (var half = 0u; half < 2u; half++) {
+        let i = 2u * w + half;
+        let c = p.first_code + i;
+        let bits = (codes[c >> 4u] >> (2u * (c & 15u))) & 3u;
+        if i < p.len && bits != 0u {
+            let sum = widen(word, i, ELEMENT) + scaled_code(c, p.scale);
+            var rounded = f32_to_bf16_bits(sum);
+            if ELEMENT == ELEMENT_F16 {
+                rounded = f32_to_f16_bits(sum);
+            }
+            let shift = 16u * half;
+            word = (word & ~(0xffffu << shift)) | (rounded << shift);
+        }
+    }
+    theta[w] = word;
 }

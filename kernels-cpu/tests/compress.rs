@@ -3,28 +3,16 @@
 
 mod common;
 
-use common::normal;
+use common::{normal, task_vector};
 use half::{bf16, f16};
 use kernels_core::format::{self, TernaryLayout};
 use kernels_core::ops::ternary::{CompeftParams, compeft_ref};
-use kernels_core::{CounterRng, Element, Error};
+use kernels_core::{Element, Error};
 use kernels_cpu::Cpu;
 use kernels_cpu::compress::{SCALE_RELATIVE_TOLERANCE, compeft, moments};
 use kernels_cpu::select::SAMPLED_MIN;
 
 const LAYOUTS: [TernaryLayout; 2] = [TernaryLayout::Dense2Bit, TernaryLayout::SparseRice];
-
-/// Task-vector-like values with exact zeros and repeated magnitudes.
-fn task_vector<T: Element>(n: usize, seed: u64) -> Vec<T> {
-    let rng = CounterRng::new(seed);
-    (0..n as u64)
-        .map(|i| match rng.u32_at(i) % 5 {
-            0 => T::from_f32(0.0),
-            1 => T::from_f32(if i % 2 == 0 { 0.5 } else { -0.5 }),
-            _ => T::from_f32(rng.normal_at(i + 7) as f32),
-        })
-        .collect()
-}
 
 /// Checks the packed tensors against the reference: same bytes but the scale.
 fn check_model<T: Element>(cpu: &Cpu, tensors: &[Vec<T>], density: f64, what: &str) {
@@ -70,7 +58,7 @@ fn models<T: Element>(cpu: &Cpu) {
     ] {
         let tensors: Vec<Vec<T>> = sizes
             .iter()
-            .map(|&n| task_vector(n, seed * 100 + n as u64))
+            .map(|&n| task_vector(n, seed * 100 + n as u64, 0.0))
             .collect();
         for density in [0.05, 0.1, 0.5, 0.9, 1.0] {
             check_model(cpu, &tensors, density, &format!("sizes {sizes:?}"));
@@ -91,7 +79,7 @@ fn compeft_bf16(cpu: &Cpu) {
 /// Above `SAMPLED_MIN` the selection takes its sampled path.
 fn large_model(cpu: &Cpu) {
     let n = SAMPLED_MIN as usize / 2 + 33;
-    let tensors = vec![normal::<f32>(n, 1), task_vector::<f32>(n, 2)];
+    let tensors = vec![normal::<f32>(n, 1), task_vector::<f32>(n, 2, 0.0)];
     check_model(cpu, &tensors, 0.1, "large");
 }
 

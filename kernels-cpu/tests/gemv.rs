@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{EDGE_DIMS, abs_sums, assert_close, normal};
+use common::{EDGE_DIMS, abs_sums, assert_close, bits, normal};
 use half::{bf16, f16};
 use kernels_core::ops::sparse::{
     gathered_gemv_ref, gemv_ref, gemv_t_ref, is_active, sparse_input_gemv_ref,
@@ -43,10 +43,6 @@ fn check_gemv<T: Element>(cpu: &Cpu, rows: usize, cols: usize, seed: u64) {
     let mut single = vec![0.0; rows];
     gemv(&cpu.with_threads(1).unwrap(), w, &x, &mut single).unwrap();
     assert_eq!(bits(&got), bits(&single), "thread count changed the result");
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|f| f.to_bits()).collect()
 }
 
 fn check_sparse<T: Element>(cpu: &Cpu, rows: usize, cols: usize, threshold: f32, seed: u64) {

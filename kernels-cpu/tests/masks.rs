@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::normal;
+use common::{bits, normal};
 use half::{bf16, f16};
 use kernels_core::ops::merge::{
     BreadcrumbsParams, DareParams, DareRescale, breadcrumbs_ref, dare_ref, ties_trim_ref,
@@ -13,10 +13,6 @@ use kernels_cpu::Cpu;
 use kernels_cpu::masks::{DARE_L1_RELATIVE_TOLERANCE, breadcrumbs, dare, ties_trim};
 
 const LENGTHS: [usize; 9] = [0, 1, 3, 5, 63, 64, 65, 1000, 4099];
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|f| f.to_bits()).collect()
-}
 
 /// Values with ties and exact zeros.
 fn tied<T: Element>(n: usize, seed: u64) -> Vec<T> {

@@ -3,12 +3,12 @@
 
 mod common;
 
-use common::{assert_close, normal};
+use common::{assert_close, bits, normal, sparse_taus};
 use half::{bf16, f16};
 use kernels_core::ops::merge::{
     fisher_accumulate_ref, fisher_merge_ref, task_arithmetic_ref, ties_elect_ref, weighted_mean_ref,
 };
-use kernels_core::{CounterRng, Element, Error};
+use kernels_core::{Element, Error};
 use kernels_cpu::Cpu;
 use kernels_cpu::merge::{
     fisher_accumulate, fisher_merge, reduction_tolerance, task_arithmetic, ties_elect,
@@ -16,10 +16,6 @@ use kernels_cpu::merge::{
 };
 
 const LENGTHS: [usize; 10] = [0, 1, 3, 15, 16, 17, 63, 65, 1000, 4097];
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|f| f.to_bits()).collect()
-}
 
 fn check_reductions<T: Element>(cpu: &Cpu, n: usize, models: usize, seed: u64) {
     let data: Vec<Vec<T>> = (0..models)
@@ -113,27 +109,6 @@ fn non_finite_data_propagates(cpu: &Cpu) {
         assert_eq!(o.is_nan(), v.is_nan());
         assert_eq!(o.is_infinite(), v.is_infinite());
     }
-}
-
-/// Trimmed-looking task vectors: zeros, ties of magnitude, both signs, and a few non-finite.
-fn sparse_taus<T: Element>(n: usize, seed: u64, specials: bool) -> Vec<T> {
-    let rng = CounterRng::new(seed);
-    (0..n as u64)
-        .map(|i| {
-            let v = match rng.u32_at(i) % 7 {
-                0 | 1 => 0.0,
-                2 => 0.5,
-                3 => -0.5,
-                _ => rng.normal_at(i + 1000) as f32,
-            };
-            let v = match (specials, i % 97) {
-                (true, 13) => f32::NAN,
-                (true, 41) => f32::INFINITY,
-                _ => v,
-            };
-            T::from_f32(v)
-        })
-        .collect()
 }
 
 fn ties_and_fisher<T: Element>(cpu: &Cpu) {

@@ -3,10 +3,10 @@
 
 mod common;
 
-use common::normal;
+use common::{ks, normal, tied};
 use half::{bf16, f16};
 use kernels_core::ops::select::{TopKCut, topk_cut_ref, topk_global_ref, topk_mask_ref};
-use kernels_core::{CounterRng, Element, Error};
+use kernels_core::{Element, Error};
 use kernels_cpu::Cpu;
 use kernels_cpu::select::{
     KeepRule, SAMPLE_RUN, SAMPLED_MIN, STREAM_SAMPLE_STRIDE, StreamingTopK, TopKApplier,
@@ -16,21 +16,6 @@ use proptest::prelude::*;
 
 const LENGTHS: [usize; 12] = [0, 1, 3, 15, 16, 17, 63, 64, 65, 127, 1000, 4099];
 
-/// Few distinct magnitudes of both signs, exact zeros of both signs: ties everywhere.
-fn tied<T: Element>(n: usize, seed: u64) -> Vec<T> {
-    let rng = CounterRng::new(seed);
-    (0..n as u64)
-        .map(|i| {
-            let v = (rng.u32_at(i) % 9) as f32 * 0.25 - 1.0;
-            T::from_f32(if rng.u32_at(i + n as u64).is_multiple_of(7) {
-                -v
-            } else {
-                v
-            })
-        })
-        .collect()
-}
-
 fn bits_of(mask: &[bool]) -> Vec<u64> {
     mask.chunks(64)
         .map(|c| {
@@ -39,14 +24,6 @@ fn bits_of(mask: &[bool]) -> Vec<u64> {
                 .fold(0u64, |w, (j, &b)| w | (u64::from(b) << j))
         })
         .collect()
-}
-
-fn ks(n: usize) -> Vec<u64> {
-    let n = n as u64;
-    let mut ks = vec![0, 1, n / 100, n / 10, n / 2, n.saturating_sub(1), n];
-    ks.retain(|&k| k <= n);
-    ks.dedup();
-    ks
 }
 
 fn check_one<T: Element>(cpu: &Cpu, x: &[T], what: &str) {

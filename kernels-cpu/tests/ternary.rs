@@ -4,11 +4,11 @@
 
 mod common;
 
-use common::{EDGE_DIMS, assert_close, normal};
+use common::{EDGE_DIMS, assert_close, normal, ternary_codes};
 use half::{bf16, f16};
 use kernels_core::format::{self, TernaryLayout};
 use kernels_core::ops::ternary::{ternary_add_ref, ternary_gemv_ref};
-use kernels_core::{CounterRng, Element, Error, MatRef};
+use kernels_core::{Element, Error, MatRef};
 use kernels_cpu::Cpu;
 use kernels_cpu::gemv::gemv_tolerance;
 use kernels_cpu::ternary::{decode_into, ternary_add, ternary_gemv};
@@ -16,24 +16,10 @@ use proptest::prelude::*;
 
 const LAYOUTS: [TernaryLayout; 2] = [TernaryLayout::Dense2Bit, TernaryLayout::SparseRice];
 
-fn codes(n: usize, density: f64, seed: u64) -> Vec<i8> {
-    let rng = CounterRng::new(seed);
-    (0..n as u64)
-        .map(|i| {
-            let u = f64::from(rng.uniform_at(i));
-            if u < density / 2.0 {
-                -1
-            } else {
-                i8::from(u < density)
-            }
-        })
-        .collect()
-}
-
 fn decode_matches(cpu: &Cpu) {
     for n in [0usize, 1, 3, 4, 5, 63, 64, 65, 127, 1000, 4099, 70_001] {
         for density in [0.0, 0.05, 0.5, 1.0] {
-            let c = codes(n, density, n as u64);
+            let c = ternary_codes(n, density, n as u64);
             for layout in LAYOUTS {
                 let bytes = format::encode(&c, &[n as u64], 0.5, layout).unwrap();
                 let mut got = vec![7i8; n];
@@ -48,7 +34,7 @@ fn decode_matches(cpu: &Cpu) {
 
 fn add_matches<T: Element>(cpu: &Cpu) {
     for n in [0usize, 1, 5, 64, 65, 1000, 4099] {
-        let c = codes(n, 0.3, 7 + n as u64);
+        let c = ternary_codes(n, 0.3, 7 + n as u64);
         let base: Vec<T> = normal(n, 3);
         for layout in LAYOUTS {
             let bytes = format::encode(&c, &[n as u64], 0.37, layout).unwrap();
@@ -80,7 +66,7 @@ fn add_bf16(cpu: &Cpu) {
 fn gemv_matches(cpu: &Cpu) {
     for &rows in &EDGE_DIMS[..8] {
         for &cols in &EDGE_DIMS {
-            let c = codes(rows * cols, 0.4, (rows * 1000 + cols) as u64);
+            let c = ternary_codes(rows * cols, 0.4, (rows * 1000 + cols) as u64);
             let x: Vec<f32> = normal(cols, 5);
             let mut expect = vec![0.0; rows];
             ternary_gemv_ref(
@@ -118,7 +104,7 @@ fn gemv_matches(cpu: &Cpu) {
 }
 
 fn bad_inputs(cpu: &Cpu) {
-    let c = codes(100, 0.3, 1);
+    let c = ternary_codes(100, 0.3, 1);
     let dense = format::encode(&c, &[10, 10], 1.0, TernaryLayout::Dense2Bit).unwrap();
     let mut y = vec![0.0; 10];
     assert!(matches!(
@@ -189,7 +175,7 @@ proptest! {
         cut in prop::option::of(any::<prop::sample::Index>()),
     ) {
         let layout = if sparse { TernaryLayout::SparseRice } else { TernaryLayout::Dense2Bit };
-        let mut bytes = format::encode(&codes(n, density, n as u64), &[n as u64], 1.5, layout).unwrap();
+        let mut bytes = format::encode(&ternary_codes(n, density, n as u64), &[n as u64], 1.5, layout).unwrap();
         let header = format::header_len(1);
         for (at, bit) in flips {
             // Flip payload bits (the header is the parser's job, tested in kernels-core).

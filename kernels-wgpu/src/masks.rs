@@ -22,10 +22,11 @@ use kernels_core::{CounterRng, Error, Result};
 use shaders::Family;
 
 use crate::context::{Bind, Context, Kernel, Slot};
+use crate::select::{ITEMS, TILE, tiled_pipeline};
 use crate::tensor::{GpuElement, GpuTensor};
 
-/// Invocations per workgroup of the DARE kernel.
-pub const WORKGROUP: u32 = 256;
+/// Invocations per workgroup of the DARE kernels (the tiles' workgroup).
+pub const WORKGROUP: u32 = crate::select::WORKGROUP;
 
 /// Relative bound on a survivor against the reference: `2 u`, `u = 2^-24` (the `f32` scale's
 /// rounding and the product's, against one rounding of the exact product).
@@ -38,10 +39,6 @@ pub const DARE_RELATIVE_TOLERANCE: f64 = f32::EPSILON as f64;
 /// `f32` scale and product two more.
 pub const DARE_L1_RELATIVE_TOLERANCE: f64 =
     (2 * (ITEMS + WORKGROUP.ilog2() + 1) + 2) as f64 * (f32::EPSILON as f64 / 2.0);
-
-/// Entries each invocation sums in the L1 pass.
-const ITEMS: u32 = 16;
-const TILE: usize = (WORKGROUP * ITEMS) as usize;
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -81,11 +78,6 @@ pub async fn dare<T: GpuElement>(
     out.expect_len("out", tau.len())?;
     params.validate()?;
     tau.expect_shape("tau", out.shape())?;
-    let constants = [
-        ("WORKGROUP", WORKGROUP),
-        ("ITEMS", ITEMS),
-        ("ELEMENT", T::ENCODING),
-    ];
     let uniform = |page: usize, first: u64, scale: f64, tile_base: usize| DareUniform {
         len: tau.page(page).1 as u32,
         first_lo: first as u32,
@@ -105,7 +97,7 @@ pub async fn dare<T: GpuElement>(
             let bytes = (tiles.max(1) * 2 * 4) as u64;
             let sums = ctx.take_storage(bytes)?;
             let read = async {
-                let pipeline = ctx.pipeline(&DARE_L1_SUMS, false, &constants)?;
+                let pipeline = tiled_pipeline(ctx, &DARE_L1_SUMS, T::ENCODING)?;
                 let mut batch = ctx.batch()?;
                 let (mut first, mut tile_base) = (first_index, 0);
                 for page in 0..tau.page_count() {
@@ -146,7 +138,7 @@ pub async fn dare<T: GpuElement>(
             });
         }
     };
-    let pipeline = ctx.pipeline(&DARE, false, &constants)?;
+    let pipeline = tiled_pipeline(ctx, &DARE, T::ENCODING)?;
     let mut batch = ctx.batch()?;
     let mut first = first_index;
     for page in 0..out.page_count() {

@@ -31,7 +31,8 @@ pub const WORKGROUP: u32 = 256;
 /// global one (most bins are empty and skipped).
 pub const ITEMS: u32 = 16;
 
-const TILE: usize = (WORKGROUP * ITEMS) as usize;
+/// Entries of one tile.
+pub(crate) const TILE: usize = (WORKGROUP * ITEMS) as usize;
 
 /// The digits of a 31-bit key, from the top: `(shift, bits)`.
 const DIGITS: [(u32, u32); 3] = [(20, 11), (10, 10), (0, 10)];
@@ -77,9 +78,12 @@ const HISTOGRAM: Kernel = kernel("histogram");
 const COUNT_EQUAL: Kernel = kernel("count_equal");
 const APPLY_CUTS: Kernel = kernel("apply_cuts");
 
-fn pipeline<T: GpuElement>(
+/// The pipeline of a tiled kernel (tiles of [`WORKGROUP`] x [`ITEMS`] entries: selection, and
+/// the per-tile sums of ComPEFT's moments and DARE's norms) over entries of `encoding`.
+pub(crate) fn tiled_pipeline(
     ctx: &Context,
     kernel: &Kernel,
+    encoding: u32,
 ) -> Result<std::sync::Arc<crate::context::Pipeline>> {
     ctx.pipeline(
         kernel,
@@ -87,9 +91,16 @@ fn pipeline<T: GpuElement>(
         &[
             ("WORKGROUP", WORKGROUP),
             ("ITEMS", ITEMS),
-            ("ELEMENT", T::ENCODING),
+            ("ELEMENT", encoding),
         ],
     )
+}
+
+fn pipeline<T: GpuElement>(
+    ctx: &Context,
+    kernel: &Kernel,
+) -> Result<std::sync::Arc<crate::context::Pipeline>> {
+    tiled_pipeline(ctx, kernel, T::ENCODING)
 }
 
 /// Which of the entries equal to a cut's magnitude it keeps.

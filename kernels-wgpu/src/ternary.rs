@@ -24,13 +24,11 @@ use kernels_core::{Error, Result};
 use shaders::Family;
 
 use crate::context::{Bind, Context, Kernel, Slot};
-use crate::select::{ITEMS, Sink, apply_cuts, find_cut};
+use crate::select::{ITEMS, Sink, TILE, apply_cuts, find_cut, tiled_pipeline};
 use crate::tensor::{GpuElement, GpuTensor};
 
-/// Invocations per workgroup of the ternary kernels.
-pub const WORKGROUP: u32 = 256;
-
-const TILE: usize = (WORKGROUP * ITEMS) as usize;
+/// Invocations per workgroup of the ternary kernels (the tiles' workgroup).
+pub const WORKGROUP: u32 = crate::select::WORKGROUP;
 
 /// Relative bound on `|scale - scale_ref| / scale_ref` for [`compeft`]:
 /// `(ITEMS + log2 WORKGROUP + 4) u`, `u = 2^-24`.
@@ -103,22 +101,6 @@ const DECODE: Kernel = kernel("ternary_decode");
 const ADD: Kernel = kernel("ternary_add");
 const MOMENTS: Kernel = kernel("tile_moments");
 const ADD_PACKED: Kernel = kernel("ternary_add_packed");
-
-fn pipeline(
-    ctx: &Context,
-    kernel: &Kernel,
-    encoding: u32,
-) -> Result<std::sync::Arc<crate::context::Pipeline>> {
-    ctx.pipeline(
-        kernel,
-        false,
-        &[
-            ("WORKGROUP", WORKGROUP),
-            ("ITEMS", ITEMS),
-            ("ELEMENT", encoding),
-        ],
-    )
-}
 
 /// A ternary tensor in device memory: its header and its codes, 2 bits each.
 pub struct GpuTernary {
@@ -215,7 +197,7 @@ pub fn ternary_gemv(
         batch.clear(y_buffer);
         return batch.submit();
     };
-    let pipeline = pipeline(ctx, &GEMV, shaders::element::F32)?;
+    let pipeline = tiled_pipeline(ctx, &GEMV, shaders::element::F32)?;
     let params = batch.uniform(&TernaryParams {
         len: codes.len() as u32,
         rows: rows as u32,
@@ -248,7 +230,7 @@ fn elementwise(
     out: &mut GpuTensor<f32>,
 ) -> Result<()> {
     out.expect_len("out", codes.len())?;
-    let pipeline = pipeline(ctx, kernel, shaders::element::F32)?;
+    let pipeline = tiled_pipeline(ctx, kernel, shaders::element::F32)?;
     let mut batch = ctx.batch()?;
     let mut first = 0usize;
     for page in 0..out.page_count() {
@@ -302,7 +284,7 @@ pub fn ternary_add<T: GpuElement>(
     let step = (f64::from(lambda) * f64::from(codes.header.scale)) as f32;
     let packed = T::ENCODING != shaders::element::F32;
     let (kernel, per_invocation) = if packed { (&ADD_PACKED, 2) } else { (&ADD, 1) };
-    let pipeline = pipeline(ctx, kernel, T::ENCODING)?;
+    let pipeline = tiled_pipeline(ctx, kernel, T::ENCODING)?;
     let mut batch = ctx.batch()?;
     let mut first = 0usize;
     for page in 0..theta.page_count() {
@@ -344,7 +326,7 @@ async fn moments<T: GpuElement>(ctx: &Context, tensors: &[&GpuTensor<T>]) -> Res
     if n == 0 {
         return Ok((0.0, 0.0));
     }
-    let pipeline = pipeline(ctx, &MOMENTS, T::ENCODING)?;
+    let pipeline = tiled_pipeline(ctx, &MOMENTS, T::ENCODING)?;
     let tiles: usize = tensors
         .iter()
         .flat_map(|t| (0..t.page_count()).map(|p| t.page(p).1.div_ceil(TILE)))

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::cpu::{EDGE_DIMS, abs_sums, assert_close, normal};
+use common::cpu::{EDGE_DIMS, abs_sums, assert_close, bits, normal};
 use half::{bf16, f16};
 use kernels_core::ops::sparse::{gathered_gemv_ref, gemv_ref, gemv_t_ref, sparse_input_gemv_ref};
 use kernels_core::{Error, MatRef};
@@ -12,10 +12,6 @@ use kernels_wgpu::{Context, GpuElement, GpuTensor};
 
 fn upload<T: GpuElement>(ctx: &Context, data: &[T], rows: usize, cols: usize) -> GpuTensor<T> {
     GpuTensor::from_matrix(ctx, MatRef::from_slice(data, rows, cols).unwrap()).unwrap()
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|f| f.to_bits()).collect()
 }
 
 fn check_gemv<T: GpuElement>(ctx: &Context, rows: usize, cols: usize, seed: u64) {

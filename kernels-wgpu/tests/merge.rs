@@ -3,13 +3,13 @@
 
 mod common;
 
-use common::cpu::{assert_close, normal};
+use common::cpu::{assert_close, bits, normal, sparse_taus};
 use half::{bf16, f16};
 use kernels_core::ops::merge::{
     DareParams, DareRescale, dare_ref, fisher_accumulate_ref, fisher_merge_ref,
     task_arithmetic_ref, ties_elect_ref, ties_sign, weighted_mean_ref,
 };
-use kernels_core::{CounterRng, Element, Error, MatRef};
+use kernels_core::{CounterRng, Error, MatRef};
 use kernels_wgpu::masks::{DARE_L1_RELATIVE_TOLERANCE, DARE_RELATIVE_TOLERANCE, dare};
 use kernels_wgpu::merge::{
     fisher_accumulate, fisher_merge, reduction_tolerance, task_arithmetic, ties_elect,
@@ -37,10 +37,6 @@ fn upload<T: GpuElement>(ctx: &Context, data: &[T]) -> GpuTensor<T> {
 
 fn fresh(ctx: &Context, n: usize) -> GpuTensor<f32> {
     upload(ctx, &vec![f32::NAN; n])
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|f| f.to_bits()).collect()
 }
 
 /// [`assert_close`], with infinities required to match exactly.
@@ -151,27 +147,6 @@ fn non_finite_data_propagates(ctx: &Context) {
         assert_eq!(o.is_nan(), v.is_nan());
         assert_eq!(o.is_infinite(), v.is_infinite());
     }
-}
-
-/// Trimmed-looking task vectors: zeros, ties of magnitude, both signs, and a few non-finite.
-fn sparse_taus<T: Element>(n: usize, seed: u64, specials: bool) -> Vec<T> {
-    let rng = CounterRng::new(seed);
-    (0..n as u64)
-        .map(|i| {
-            let v = match rng.u32_at(i) % 7 {
-                0 | 1 => 0.0,
-                2 => 0.5,
-                3 => -0.5,
-                _ => rng.normal_at(i + 1000) as f32,
-            };
-            let v = match (specials, i % 97) {
-                (true, 13) => f32::NAN,
-                (true, 41) => f32::INFINITY,
-                _ => v,
-            };
-            T::from_f32(v)
-        })
-        .collect()
 }
 
 fn ties_and_fisher<T: GpuElement>(ctx: &Context) {

@@ -3,40 +3,17 @@
 
 mod common;
 
-use common::cpu::normal;
+use common::cpu::{bits, ks, normal, tied};
 use half::{bf16, f16};
 use kernels_core::ops::merge::{BreadcrumbsParams, breadcrumbs_ref, ties_trim_ref};
 use kernels_core::ops::select::{TopKCut, topk_cut_ref, topk_mask_ref};
-use kernels_core::{CounterRng, Element, Error, MatRef};
+use kernels_core::{Element, Error, MatRef};
 use kernels_wgpu::masks::{breadcrumbs, ties_trim};
 use kernels_wgpu::select::{TopKApplier, kth_largest_magnitude, topk_cut, topk_keep};
 use kernels_wgpu::{Context, GpuElement, GpuTensor, block_on};
 
 /// The CPU suite's lengths, and two past one 4096-entry tile.
 const LENGTHS: [usize; 13] = [0, 1, 3, 15, 16, 17, 63, 64, 65, 127, 1000, 4099, 9000];
-
-/// Few distinct magnitudes of both signs, exact zeros of both signs: ties everywhere.
-fn tied<T: Element>(n: usize, seed: u64) -> Vec<T> {
-    let rng = CounterRng::new(seed);
-    (0..n as u64)
-        .map(|i| {
-            let v = (rng.u32_at(i) % 9) as f32 * 0.25 - 1.0;
-            T::from_f32(if rng.u32_at(i + n as u64).is_multiple_of(7) {
-                -v
-            } else {
-                v
-            })
-        })
-        .collect()
-}
-
-fn ks(n: usize) -> Vec<u64> {
-    let n = n as u64;
-    let mut ks = vec![0, 1, n / 100, n / 10, n / 2, n.saturating_sub(1), n];
-    ks.retain(|&k| k <= n);
-    ks.dedup();
-    ks
-}
 
 /// Uploads `x` several columns wide where its length allows, so that paged contexts split it.
 fn upload<T: GpuElement>(ctx: &Context, x: &[T]) -> GpuTensor<T> {
@@ -62,10 +39,6 @@ fn masked<T: Element>(x: &[T], mask: &[bool]) -> Vec<u32> {
         .zip(mask)
         .map(|(v, &keep)| if keep { v.to_f32().to_bits() } else { 0 })
         .collect()
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|f| f.to_bits()).collect()
 }
 
 fn check_one<T: GpuElement>(ctx: &Context, x: &[T], what: &str) {

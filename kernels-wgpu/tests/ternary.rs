@@ -3,11 +3,11 @@
 
 mod common;
 
-use common::cpu::{EDGE_DIMS, assert_close, normal};
+use common::cpu::{EDGE_DIMS, assert_close, normal, task_vector, ternary_codes};
 use half::{bf16, f16};
 use kernels_core::format::{self, TernaryLayout};
 use kernels_core::ops::ternary::{CompeftParams, compeft_ref, ternary_add_ref, ternary_gemv_ref};
-use kernels_core::{CounterRng, Element, Error, MatRef};
+use kernels_core::{Error, MatRef};
 use kernels_wgpu::gemv::gemv_tolerance;
 use kernels_wgpu::ternary::{
     GpuTernary, SCALE_RELATIVE_TOLERANCE, compeft, ternary_add, ternary_add_tolerance,
@@ -16,20 +16,6 @@ use kernels_wgpu::ternary::{
 use kernels_wgpu::{Context, GpuElement, GpuTensor, block_on};
 
 const LAYOUTS: [TernaryLayout; 2] = [TernaryLayout::Dense2Bit, TernaryLayout::SparseRice];
-
-fn codes(n: usize, density: f64, seed: u64) -> Vec<i8> {
-    let rng = CounterRng::new(seed);
-    (0..n as u64)
-        .map(|i| {
-            let u = f64::from(rng.uniform_at(i));
-            if u < density / 2.0 {
-                -1
-            } else {
-                i8::from(u < density)
-            }
-        })
-        .collect()
-}
 
 /// A matrix shape for `n` entries, several columns wide where `n` allows (paged contexts split
 /// it into pages).
@@ -45,7 +31,7 @@ fn decode_and_add_into<T: GpuElement>(ctx: &Context) {
     for n in [
         0usize, 1, 3, 4, 5, 15, 16, 17, 63, 64, 65, 127, 1000, 4099, 70_001,
     ] {
-        let c = codes(n, 0.3, 7 + n as u64);
+        let c = ternary_codes(n, 0.3, 7 + n as u64);
         let base: Vec<T> = normal(n, 3);
         for layout in LAYOUTS {
             let bytes = format::encode(&c, &[n as u64], 0.37, layout).unwrap();
@@ -79,7 +65,10 @@ fn decode_and_add_into<T: GpuElement>(ctx: &Context) {
                     .zip(&expect)
                     .filter(|(g, e)| g.to_bits() != e.to_bits())
                     .count();
-                assert!(differing <= n / 100 + 1, "add {what}: {differing} of {n} differ");
+                assert!(
+                    differing <= n / 100 + 1,
+                    "add {what}: {differing} of {n} differ"
+                );
             }
             assert_close(&format!("add {what}"), &got, &expect, |i| match c[i] {
                 // A zero code leaves theta exactly as it was.
@@ -99,7 +88,7 @@ fn decode_and_add(ctx: &Context) {
 fn gemv_matches(ctx: &Context) {
     for &rows in &EDGE_DIMS[..8] {
         for &cols in &EDGE_DIMS {
-            let c = codes(rows * cols, 0.4, (rows * 1000 + cols) as u64);
+            let c = ternary_codes(rows * cols, 0.4, (rows * 1000 + cols) as u64);
             let x: Vec<f32> = normal(cols, 5);
             let mut expect = vec![0.0; rows];
             ternary_gemv_ref(
@@ -137,18 +126,6 @@ fn gemv_matches(ctx: &Context) {
             }
         }
     }
-}
-
-/// Task-vector-like values with exact zeros and repeated magnitudes.
-fn task_vector<T: Element>(n: usize, seed: u64) -> Vec<T> {
-    let rng = CounterRng::new(seed);
-    (0..n as u64)
-        .map(|i| match rng.u32_at(i) % 5 {
-            0 => T::from_f32(0.0),
-            1 => T::from_f32(if i % 2 == 0 { 0.5 } else { -0.5 }),
-            _ => T::from_f32(rng.normal_at(i + 7) as f32 + 3.0),
-        })
-        .collect()
 }
 
 /// The packed tensors against the reference: the same bytes (with our scale written in), and
@@ -197,7 +174,7 @@ fn models<T: GpuElement>(ctx: &Context) {
     ] {
         let tensors: Vec<Vec<T>> = sizes
             .iter()
-            .map(|&n| task_vector(n, seed * 100 + n as u64))
+            .map(|&n| task_vector(n, seed * 100 + n as u64, 3.0))
             .collect();
         for density in [0.05, 0.1, 0.5, 0.9, 1.0] {
             check_model(ctx, &tensors, density, &format!("sizes {sizes:?}"));
@@ -218,7 +195,7 @@ fn compeft_bf16(ctx: &Context) {
 }
 
 fn bad_inputs(ctx: &Context) {
-    let c = codes(12, 0.5, 1);
+    let c = ternary_codes(12, 0.5, 1);
     let bytes = format::encode(&c, &[3, 4], 1.0, TernaryLayout::Dense2Bit).unwrap();
     // Garbled bytes are the decoder's errors, before anything reaches the device.
     let mut garbled = bytes.clone();

@@ -76,3 +76,81 @@ pub fn assert_close(what: &str, got: &[f32], expect: &[f32], tolerance: impl Fn(
         );
     }
 }
+
+/// The bits of each value, for exact comparisons.
+pub fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|f| f.to_bits()).collect()
+}
+
+/// Few distinct magnitudes of both signs, exact zeros of both signs: ties everywhere.
+pub fn tied<T: Element>(n: usize, seed: u64) -> Vec<T> {
+    let rng = CounterRng::new(seed);
+    (0..n as u64)
+        .map(|i| {
+            let v = (rng.u32_at(i) % 9) as f32 * 0.25 - 1.0;
+            T::from_f32(if rng.u32_at(i + n as u64).is_multiple_of(7) {
+                -v
+            } else {
+                v
+            })
+        })
+        .collect()
+}
+
+/// The k every selection is tried with: 0, 1, 1 %, 10 %, half, all but one, all.
+pub fn ks(n: usize) -> Vec<u64> {
+    let n = n as u64;
+    let mut ks = vec![0, 1, n / 100, n / 10, n / 2, n.saturating_sub(1), n];
+    ks.retain(|&k| k <= n);
+    ks.dedup();
+    ks
+}
+
+/// Trimmed-looking task vectors: zeros, ties of magnitude, both signs, and a few non-finite.
+pub fn sparse_taus<T: Element>(n: usize, seed: u64, specials: bool) -> Vec<T> {
+    let rng = CounterRng::new(seed);
+    (0..n as u64)
+        .map(|i| {
+            let v = match rng.u32_at(i) % 7 {
+                0 | 1 => 0.0,
+                2 => 0.5,
+                3 => -0.5,
+                _ => rng.normal_at(i + 1000) as f32,
+            };
+            let v = match (specials, i % 97) {
+                (true, 13) => f32::NAN,
+                (true, 41) => f32::INFINITY,
+                _ => v,
+            };
+            T::from_f32(v)
+        })
+        .collect()
+}
+
+/// Ternary codes with density `density`, half of them -1.
+pub fn ternary_codes(n: usize, density: f64, seed: u64) -> Vec<i8> {
+    let rng = CounterRng::new(seed);
+    (0..n as u64)
+        .map(|i| {
+            let u = f64::from(rng.uniform_at(i));
+            if u < density / 2.0 {
+                -1
+            } else {
+                i8::from(u < density)
+            }
+        })
+        .collect()
+}
+
+/// Task-vector-like values with exact zeros and repeated magnitudes; `offset` shifts the normal
+/// draws (a mean far from zero stresses the moments).
+pub fn task_vector<T: Element>(n: usize, seed: u64, offset: f32) -> Vec<T> {
+    let rng = CounterRng::new(seed);
+    (0..n as u64)
+        .map(|i| match rng.u32_at(i) % 5 {
+            0 => T::from_f32(0.0),
+            1 => T::from_f32(if i % 2 == 0 { 0.5 } else { -0.5 }),
+            _ => T::from_f32(rng.normal_at(i + 7) as f32 + offset),
+        })
+        .collect()
+}

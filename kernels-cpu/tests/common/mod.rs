@@ -3,6 +3,7 @@
 
 use kernels_core::{CounterRng, Element, MatRef};
 
+pub mod gemv;
 pub mod mlp;
 use kernels_cpu::{Cpu, Isa};
 

@@ -13,7 +13,8 @@
 //!   histogram back between passes (so these functions are `async`). Applying a cut is one pass,
 //!   plus a counting pass (and a read-back of one count per 4096 entries) when only some of the
 //!   entries equal to the cut are kept.
-//! * At most `2^32 - 1` entries per selection (the counts are `u32`).
+//! * Any number of entries: the device counts in `u32`, so tensors are histogrammed in groups
+//!   of fewer than 2^32 entries and the host adds the groups' counts in `u64`.
 
 use kernels_core::ops::select::{TopKCut, magnitude_key};
 use kernels_core::{Error, Result};
@@ -157,47 +158,34 @@ impl Cut {
     }
 }
 
-fn total_len<T: bytemuck::Pod>(slices: &[&GpuTensor<T>]) -> Result<u64> {
-    let n: u64 = slices.iter().map(|s| s.len() as u64).sum();
-    if n > u64::from(u32::MAX) {
-        return Err(Error::InvalidParam {
-            name: "x",
-            value: n as f64,
-            expected: "at most 2^32 - 1 entries in one selection on the GPU",
-        });
-    }
-    Ok(n)
-}
-
-/// The top-k cut and the number of entries equal to its magnitude.
-pub(crate) async fn find_cut<T: GpuElement>(
+/// One histogram pass over `group` (fewer than 2^32 entries, so no `u32` count overflows):
+/// the bins, and per page the index of its first non-finite entry (`u32::MAX` for none).
+async fn histogram_pass<T: GpuElement>(
     ctx: &Context,
-    slices: &[&GpuTensor<T>],
-    k: u64,
-) -> Result<(Cut, u64)> {
-    let n = total_len(slices)?;
+    group: &[&GpuTensor<T>],
+    shift: u32,
+    bits: u32,
+    prefix_mask: u32,
+    prefix: u32,
+) -> Result<(Vec<u32>, Vec<u32>)> {
     let pipeline = pipeline::<T>(ctx, &HISTOGRAM)?;
-    let pages: usize = slices.iter().map(|s| s.page_count()).sum();
-    let mut prefix = 0u32;
-    let mut prefix_mask = 0u32;
-    let mut remaining = k;
-    let mut equal_total = 0;
-    for (pass, &(shift, bits)) in DIGITS.iter().enumerate() {
-        let bins = 1usize << bits;
-        let digit_mask = (1u32 << bits) - 1;
-        let mut init = vec![0u32; bins];
-        init.resize(bins + pages, u32::MAX);
-        let counts = ctx.take_storage((init.len() * 4) as u64)?;
-        ctx.write_buffer(&counts, bytemuck::cast_slice(&init));
+    let bins = 1usize << bits;
+    let pages: usize = group.iter().map(|s| s.page_count()).sum();
+    let mut init = vec![0u32; bins];
+    init.resize(bins + pages, u32::MAX);
+    let bytes = (init.len() * 4) as u64;
+    let counts = ctx.take_storage(bytes)?;
+    ctx.write_buffer(&counts, bytemuck::cast_slice(&init));
+    let read = async {
         let mut batch = ctx.batch()?;
         let mut nan_slot = 0;
-        for slice in slices {
+        for slice in group {
             for page in 0..slice.page_count() {
                 let (buffer, len) = slice.page(page);
                 let params = batch.uniform(&SelectParams {
                     len: len as u32,
                     shift,
-                    digit_mask,
+                    digit_mask: (1u32 << bits) - 1,
                     prefix_mask,
                     prefix,
                     nan_slot,
@@ -219,25 +207,71 @@ pub(crate) async fn find_cut<T: GpuElement>(
             }
         }
         batch.submit()?;
-        let read = ctx.read_buffer(&counts, (init.len() * 4) as u64).await;
-        ctx.give_back([counts]);
-        let read = read?;
-        let read: &[u32] = bytemuck::cast_slice(&read);
+        ctx.read_buffer(&counts, bytes).await
+    }
+    .await;
+    ctx.give_back([counts]);
+    let read: Vec<u32> = bytemuck::cast_slice(&read?).to_vec();
+    let (histogram, nan) = read.split_at(bins);
+    Ok((histogram.to_vec(), nan.to_vec()))
+}
+
+/// Splits tensors of lengths `lens` (each at most `limit`) into consecutive runs of at most
+/// `limit` entries in all.
+fn count_groups(lens: &[u64], limit: u64) -> Vec<core::ops::Range<usize>> {
+    let mut groups = Vec::new();
+    let (mut start, mut len) = (0, 0u64);
+    for (i, &l) in lens.iter().enumerate() {
+        if len + l > limit {
+            groups.push(start..i);
+            (start, len) = (i, 0);
+        }
+        len += l;
+    }
+    groups.push(start..lens.len());
+    groups
+}
+
+/// The top-k cut and the number of entries equal to its magnitude.
+pub(crate) async fn find_cut<T: GpuElement>(
+    ctx: &Context,
+    slices: &[&GpuTensor<T>],
+    k: u64,
+) -> Result<(Cut, u64)> {
+    let lens: Vec<u64> = slices.iter().map(|s| s.len() as u64).collect();
+    let n: u64 = lens.iter().sum();
+    // Every tensor has fewer than 2^32 entries; the device's counts are u32.
+    let groups = count_groups(&lens, u64::from(u32::MAX));
+    let mut prefix = 0u32;
+    let mut prefix_mask = 0u32;
+    let mut remaining = k;
+    let mut equal_total = 0;
+    for (pass, &(shift, bits)) in DIGITS.iter().enumerate() {
+        let mut histogram = vec![0u64; 1 << bits];
+        let mut first_bad = Vec::new();
+        for group in &groups {
+            let group = &slices[group.clone()];
+            let (counts, bad) =
+                histogram_pass(ctx, group, shift, bits, prefix_mask, prefix).await?;
+            for (total, count) in histogram.iter_mut().zip(counts) {
+                *total += u64::from(count);
+            }
+            first_bad.extend(bad);
+        }
         if pass == 0 {
             // The first non-finite entry in flat order: pages are numbered in flat order.
             let mut offset = 0u64;
-            let mut slot = bins;
-            for slice in slices {
-                for page in 0..slice.page_count() {
-                    if read[slot] != u32::MAX {
-                        return Err(Error::NonFinite {
-                            what: "x",
-                            index: (offset + u64::from(read[slot])) as usize,
-                        });
-                    }
-                    offset += slice.page(page).1 as u64;
-                    slot += 1;
+            let pages = slices
+                .iter()
+                .flat_map(|s| (0..s.page_count()).map(|p| s.page(p).1 as u64));
+            for (len, bad) in pages.zip(first_bad) {
+                if bad != u32::MAX {
+                    return Err(Error::NonFinite {
+                        what: "x",
+                        index: (offset + u64::from(bad)) as usize,
+                    });
                 }
+                offset += len;
             }
             if k > n {
                 return Err(Error::InvalidParam {
@@ -250,10 +284,8 @@ pub(crate) async fn find_cut<T: GpuElement>(
                 return Ok((Cut::from_public(&TopKCut::NONE), 0));
             }
         }
-        let histogram = &read[..bins];
         let mut chosen = 0;
-        for bin in (0..bins).rev() {
-            let count = u64::from(histogram[bin]);
+        for (bin, &count) in histogram.iter().enumerate().rev() {
             if count >= remaining {
                 chosen = bin;
                 equal_total = count;
@@ -262,7 +294,7 @@ pub(crate) async fn find_cut<T: GpuElement>(
             remaining -= count;
         }
         prefix |= (chosen as u32) << shift;
-        prefix_mask |= digit_mask << shift;
+        prefix_mask |= ((1u32 << bits) - 1) << shift;
     }
     let ties = if remaining == equal_total {
         Ties::All
@@ -482,4 +514,33 @@ pub(crate) async fn keep_band<T: GpuElement>(
     let (mut a, _) = find_cut(ctx, &[x], outer).await?;
     let (mut b, _) = find_cut(ctx, &[x], inner).await?;
     apply_cuts(ctx, x, &mut a, Some(&mut b), Sink::Values(out)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count_groups;
+
+    #[test]
+    fn count_groups_stay_within_the_limit_in_order() {
+        assert_eq!(
+            count_groups(&[], 10),
+            vec![core::ops::Range { start: 0, end: 0 }]
+        );
+        assert_eq!(
+            count_groups(&[3, 4, 3], 10),
+            vec![core::ops::Range { start: 0, end: 3 }]
+        );
+        assert_eq!(count_groups(&[3, 4, 4], 10), [0..2, 2..3]);
+        assert_eq!(count_groups(&[10, 10, 0, 1], 10), [0..1, 1..3, 3..4]);
+        let lens = [7, 2, 9, 1, 1, 8];
+        let groups = count_groups(&lens, 9);
+        assert_eq!(groups.first().map(|g| g.start), Some(0));
+        assert_eq!(groups.last().map(|g| g.end), Some(lens.len()));
+        for pair in groups.windows(2) {
+            assert_eq!(pair[0].end, pair[1].start);
+        }
+        for g in &groups {
+            assert!(lens[g.clone()].iter().sum::<u64>() <= 9, "{g:?}");
+        }
+    }
 }

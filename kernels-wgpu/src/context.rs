@@ -137,6 +137,17 @@ pub struct Context {
     dummy_write: wgpu::Buffer,
 }
 
+impl core::fmt::Debug for Context {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Context")
+            .field("adapter", &self.info.name)
+            .field("backend", &self.info.backend)
+            .field("features", &self.features)
+            .field("page_bytes", &self.page_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
 /// What to tell a user who has no adapter.
 const NO_ADAPTER_HINT: &str = "no GPU adapter was found. On Linux without a GPU, install Mesa's \
      software Vulkan driver (Debian/Ubuntu: `apt-get install mesa-vulkan-drivers`); in a browser, \

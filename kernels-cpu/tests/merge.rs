@@ -3,117 +3,57 @@
 
 mod common;
 
-use common::{assert_close, bits, normal, sparse_taus};
-use half::{bf16, f16};
-use kernels_core::ops::merge::{
-    fisher_accumulate_ref, fisher_merge_ref, task_arithmetic_ref, ties_elect_ref, weighted_mean_ref,
+use common::merge::{
+    LENGTHS, MODEL_COUNTS, ReduceBackend, every_length_model_count_and_type,
+    non_finite_data_propagates,
 };
-use kernels_core::{Element, Error};
+use common::{bits, normal, sparse_taus};
+use half::{bf16, f16};
+use kernels_core::ops::merge::{fisher_merge_ref, ties_elect_ref};
+use kernels_core::{Element, Error, Result};
 use kernels_cpu::Cpu;
 use kernels_cpu::merge::{
     fisher_accumulate, fisher_merge, reduction_tolerance, task_arithmetic, ties_elect,
     weighted_mean,
 };
 
-const LENGTHS: [usize; 10] = [0, 1, 3, 15, 16, 17, 63, 65, 1000, 4097];
-
-fn check_reductions<T: Element>(cpu: &Cpu, n: usize, models: usize, seed: u64) {
-    let data: Vec<Vec<T>> = (0..models)
-        .map(|i| normal::<T>(n, seed + i as u64))
-        .collect();
-    let views: Vec<&[T]> = data.iter().map(Vec::as_slice).collect();
-    let weights: Vec<f32> = (0..models).map(|i| 0.5 + i as f32).collect();
-    let sum: f64 = weights.iter().map(|&w| f64::from(w)).sum();
-    let abs = |j: usize| {
-        views
-            .iter()
-            .zip(&weights)
-            .map(|(m, &w)| (f64::from(w) * f64::from(m[j].to_f32())).abs())
-            .sum::<f64>()
-    };
-
-    let (mut got, mut expect) = (vec![f32::NAN; n], vec![0.0; n]);
-    weighted_mean(cpu, &views, &weights, &mut got).unwrap();
-    weighted_mean_ref(&views, &weights, &mut expect).unwrap();
-    let what = format!("weighted mean {:?} n={n} N={models} {cpu:?}", T::DTYPE);
-    assert_close(&what, &got, &expect, |j| {
-        reduction_tolerance(models, abs(j) / sum)
-    });
-    // Two chunks give the same bits as the whole.
-    let split = n / 3;
-    let mut chunked = vec![0.0; n];
-    let (a, b) = chunked.split_at_mut(split);
-    let heads: Vec<&[T]> = views.iter().map(|m| &m[..split]).collect();
-    let tails: Vec<&[T]> = views.iter().map(|m| &m[split..]).collect();
-    weighted_mean(cpu, &heads, &weights, a).unwrap();
-    weighted_mean(cpu, &tails, &weights, b).unwrap();
-    assert_eq!(bits(&chunked), bits(&got), "{what}: chunking changed a bit");
-
-    let base = normal::<T>(n, seed + 100);
-    let signed: Vec<f32> = weights
-        .iter()
-        .enumerate()
-        .map(|(i, w)| if i % 2 == 1 { -w } else { *w })
-        .collect();
-    task_arithmetic(cpu, &base, &views, &signed, 0.3, &mut got).unwrap();
-    task_arithmetic_ref(&base, &views, &signed, 0.3, &mut expect).unwrap();
-    assert_close(&format!("task arithmetic {what}"), &got, &expect, |j| {
-        reduction_tolerance(models, f64::from(base[j].to_f32()).abs() + 0.3 * abs(j))
-    });
-    let mut single = vec![0.0; n];
-    task_arithmetic(
-        &cpu.with_threads(1).unwrap(),
-        &base,
-        &views,
-        &signed,
-        0.3,
-        &mut single,
-    )
-    .unwrap();
-    assert_eq!(bits(&single), bits(&got), "thread count changed a bit");
-
-    let mut fisher: Vec<f32> = normal::<f32>(n, seed + 200)
-        .iter()
-        .map(|v| v.abs())
-        .collect();
-    let mut fisher_ref = fisher.clone();
-    let scale_abs: Vec<f64> = fisher
-        .iter()
-        .zip(views[0])
-        .map(|(f, g)| f64::from(*f) + 0.7 * f64::from(g.to_f32()).powi(2))
-        .collect();
-    fisher_accumulate(cpu, &mut fisher, views[0], 0.7).unwrap();
-    fisher_accumulate_ref(&mut fisher_ref, views[0], 0.7).unwrap();
-    assert_close("fisher accumulate", &fisher, &fisher_ref, |j| {
-        reduction_tolerance(2, scale_abs[j])
-    });
-}
-
-fn every_length_model_count_and_type(cpu: &Cpu) {
-    for (k, &n) in LENGTHS.iter().enumerate() {
-        for models in [1, 2, 3, 8] {
-            let seed = (k * 10 + models) as u64;
-            check_reductions::<f32>(cpu, n, models, seed);
-            check_reductions::<f16>(cpu, n, models, seed);
-            check_reductions::<bf16>(cpu, n, models, seed);
-        }
+impl<T: Element> ReduceBackend<T> for Cpu {
+    fn name(&self) -> String {
+        format!("{self:?}")
     }
-}
 
-fn non_finite_data_propagates(cpu: &Cpu) {
-    let a = [1.0f32, f32::NAN, 3.0, f32::INFINITY].repeat(5);
-    let b = [1.0f32; 20];
-    let mut out = [0.0; 20];
-    weighted_mean(cpu, &[&a, &b], &[1.0, 1.0], &mut out).unwrap();
-    for (o, v) in out.iter().zip(&a) {
-        assert_eq!(o.is_nan(), v.is_nan());
-        assert_eq!(o.is_infinite(), v.is_infinite());
+    fn weighted_mean(&self, models: &[&[T]], weights: &[f32], out: &mut [f32]) -> Result<()> {
+        weighted_mean(self, models, weights, out)
+    }
+
+    fn task_arithmetic(
+        &self,
+        base: &[T],
+        taus: &[&[T]],
+        weights: &[f32],
+        lambda: f32,
+        out: &mut [f32],
+    ) -> Result<()> {
+        task_arithmetic(self, base, taus, weights, lambda, out)
+    }
+
+    fn fisher_accumulate(&self, fisher: &mut [f32], grad: &[T], scale: f32) -> Result<()> {
+        fisher_accumulate(self, fisher, grad, scale)
+    }
+
+    fn tolerance(&self, terms: usize, abs_sum: f64) -> f64 {
+        reduction_tolerance(terms, abs_sum)
+    }
+
+    /// The thread split never changes a bit.
+    fn alternate(&self) -> Option<Self> {
+        Some(self.with_threads(1).unwrap())
     }
 }
 
 fn ties_and_fisher<T: Element>(cpu: &Cpu) {
     for &n in &LENGTHS {
-        for models in [1, 2, 3, 8] {
+        for models in MODEL_COUNTS {
             let taus: Vec<Vec<T>> = (0..models)
                 .map(|i| sparse_taus(n, (n * 10 + i) as u64, i == 1))
                 .collect();

@@ -3,22 +3,22 @@
 
 mod common;
 
+use common::cpu::merge::{
+    LENGTHS, MODEL_COUNTS, ReduceBackend, every_length_model_count_and_type,
+    non_finite_data_propagates,
+};
 use common::cpu::{assert_close, bits, normal, sparse_taus};
 use half::{bf16, f16};
 use kernels_core::ops::merge::{
-    DareParams, DareRescale, dare_ref, fisher_accumulate_ref, fisher_merge_ref,
-    task_arithmetic_ref, ties_elect_ref, ties_sign, weighted_mean_ref,
+    DareParams, DareRescale, dare_ref, fisher_merge_ref, ties_elect_ref, ties_sign,
 };
-use kernels_core::{CounterRng, Error, MatRef};
+use kernels_core::{CounterRng, Error, MatRef, Result};
 use kernels_wgpu::masks::{DARE_L1_RELATIVE_TOLERANCE, DARE_RELATIVE_TOLERANCE, dare};
 use kernels_wgpu::merge::{
     fisher_accumulate, fisher_merge, reduction_tolerance, task_arithmetic, ties_elect,
     weighted_mean,
 };
 use kernels_wgpu::{Context, GpuElement, GpuTensor, block_on};
-
-/// The CPU suite's lengths, and 5000 (a thousand 5-wide rows: several pages when paged).
-const LENGTHS: [usize; 11] = [0, 1, 3, 15, 16, 17, 63, 65, 1000, 4097, 5000];
 
 /// A matrix shape holding `n` elements, several columns wide where `n` allows, so that the
 /// paged variant splits tensors into pages of whole rows.
@@ -51,107 +51,64 @@ fn assert_near(what: &str, got: &[f32], expect: &[f32], tolerance: impl Fn(usize
     }
 }
 
-fn check_reductions<T: GpuElement>(ctx: &Context, n: usize, models: usize, seed: u64) {
-    let data: Vec<Vec<T>> = (0..models)
-        .map(|i| normal::<T>(n, seed + i as u64))
-        .collect();
-    let views: Vec<&[T]> = data.iter().map(Vec::as_slice).collect();
-    let tensors: Vec<GpuTensor<T>> = data.iter().map(|d| upload(ctx, d)).collect();
-    let tensors: Vec<&GpuTensor<T>> = tensors.iter().collect();
-    let weights: Vec<f32> = (0..models).map(|i| 0.5 + i as f32).collect();
-    let sum: f64 = weights.iter().map(|&w| f64::from(w)).sum();
-    let abs = |j: usize| {
-        views
-            .iter()
-            .zip(&weights)
-            .map(|(m, &w)| (f64::from(w) * f64::from(m[j].to_f32())).abs())
-            .sum::<f64>()
-    };
-
-    let mut out = fresh(ctx, n);
-    let mut expect = vec![0.0; n];
-    weighted_mean(ctx, &tensors, &weights, &mut out).unwrap();
-    weighted_mean_ref(&views, &weights, &mut expect).unwrap();
-    let got = out.to_vec_blocking(ctx).unwrap();
-    let what = format!("weighted mean {:?} n={n} N={models}", T::DTYPE);
-    assert_near(&what, &got, &expect, |j| {
-        reduction_tolerance(models, abs(j) / sum)
-    });
-    weighted_mean(ctx, &tensors, &weights, &mut out).unwrap();
-    assert_eq!(
-        bits(&out.to_vec_blocking(ctx).unwrap()),
-        bits(&got),
-        "{what}: repeat"
-    );
-
-    let base_host = normal::<T>(n, seed + 100);
-    let base = upload(ctx, &base_host);
-    let signed: Vec<f32> = weights
-        .iter()
-        .enumerate()
-        .map(|(i, w)| if i % 2 == 1 { -w } else { *w })
-        .collect();
-    task_arithmetic(ctx, &base, &tensors, &signed, 0.3, &mut out).unwrap();
-    task_arithmetic_ref(&base_host, &views, &signed, 0.3, &mut expect).unwrap();
-    assert_near(
-        &format!("task arithmetic {what}"),
-        &out.to_vec_blocking(ctx).unwrap(),
-        &expect,
-        |j| {
-            reduction_tolerance(
-                models,
-                f64::from(base_host[j].to_f32()).abs() + 0.3 * abs(j),
-            )
-        },
-    );
-
-    let fisher_host: Vec<f32> = normal::<f32>(n, seed + 200)
-        .iter()
-        .map(|v| v.abs())
-        .collect();
-    let mut fisher = upload(ctx, &fisher_host);
-    let mut fisher_ref = fisher_host.clone();
-    fisher_accumulate(ctx, &mut fisher, tensors[0], 0.7).unwrap();
-    fisher_accumulate_ref(&mut fisher_ref, views[0], 0.7).unwrap();
-    assert_near(
-        "fisher accumulate",
-        &fisher.to_vec_blocking(ctx).unwrap(),
-        &fisher_ref,
-        |j| {
-            reduction_tolerance(
-                2,
-                f64::from(fisher_host[j]) + 0.7 * f64::from(views[0][j].to_f32()).powi(2),
-            )
-        },
-    );
+/// Runs `op` on `out`'s contents uploaded (shaped as [`shape`] says), and downloads the result.
+fn into_host(
+    ctx: &Context,
+    out: &mut [f32],
+    op: impl FnOnce(&mut GpuTensor<f32>) -> Result<()>,
+) -> Result<()> {
+    let mut device = upload(ctx, out);
+    op(&mut device)?;
+    out.copy_from_slice(&device.to_vec_blocking(ctx)?);
+    Ok(())
 }
 
-fn every_length_model_count_and_type(ctx: &Context) {
-    for (k, &n) in LENGTHS.iter().enumerate() {
-        // 1 to 9 models: one pass, several, and a last pass of one.
-        for models in [1, 2, 3, 5, 9] {
-            let seed = (k * 10 + models) as u64;
-            check_reductions::<f32>(ctx, n, models, seed);
-            check_reductions::<f16>(ctx, n, models, seed);
-            check_reductions::<bf16>(ctx, n, models, seed);
-        }
+impl<T: GpuElement> ReduceBackend<T> for Context {
+    fn name(&self) -> String {
+        format!("{} {:?}", self.adapter_info().name, self.features())
     }
-}
 
-fn non_finite_data_propagates(ctx: &Context) {
-    let a = [1.0f32, f32::NAN, 3.0, f32::INFINITY].repeat(5);
-    let mut out = fresh(ctx, 20);
-    let (a_gpu, b_gpu) = (upload(ctx, &a), upload(ctx, &[1.0f32; 20]));
-    weighted_mean(ctx, &[&a_gpu, &b_gpu], &[1.0, 1.0], &mut out).unwrap();
-    for (o, v) in out.to_vec_blocking(ctx).unwrap().iter().zip(&a) {
-        assert_eq!(o.is_nan(), v.is_nan());
-        assert_eq!(o.is_infinite(), v.is_infinite());
+    fn weighted_mean(&self, models: &[&[T]], weights: &[f32], out: &mut [f32]) -> Result<()> {
+        let models: Vec<GpuTensor<T>> = models.iter().map(|m| upload(self, m)).collect();
+        let models: Vec<&GpuTensor<T>> = models.iter().collect();
+        into_host(self, out, |out| weighted_mean(self, &models, weights, out))
+    }
+
+    fn task_arithmetic(
+        &self,
+        base: &[T],
+        taus: &[&[T]],
+        weights: &[f32],
+        lambda: f32,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let base = upload(self, base);
+        let taus: Vec<GpuTensor<T>> = taus.iter().map(|t| upload(self, t)).collect();
+        let taus: Vec<&GpuTensor<T>> = taus.iter().collect();
+        into_host(self, out, |out| {
+            task_arithmetic(self, &base, &taus, weights, lambda, out)
+        })
+    }
+
+    fn fisher_accumulate(&self, fisher: &mut [f32], grad: &[T], scale: f32) -> Result<()> {
+        let grad = upload(self, grad);
+        into_host(self, fisher, |fisher| {
+            fisher_accumulate(self, fisher, &grad, scale)
+        })
+    }
+
+    fn tolerance(&self, terms: usize, abs_sum: f64) -> f64 {
+        reduction_tolerance(terms, abs_sum)
+    }
+
+    fn alternate(&self) -> Option<Self> {
+        None
     }
 }
 
 fn ties_and_fisher<T: GpuElement>(ctx: &Context) {
     for &n in &LENGTHS {
-        for models in [1, 2, 3, 5, 9] {
+        for models in MODEL_COUNTS {
             let taus: Vec<Vec<T>> = (0..models)
                 .map(|i| sparse_taus(n, (n * 10 + i) as u64, i == 1))
                 .collect();

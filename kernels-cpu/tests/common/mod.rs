@@ -4,6 +4,7 @@
 use kernels_core::{CounterRng, Element, MatRef};
 
 pub mod gemv;
+pub mod merge;
 pub mod mlp;
 use kernels_cpu::{Cpu, Isa};
 

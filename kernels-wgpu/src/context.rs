@@ -597,9 +597,19 @@ impl Context {
         }
     }
 
-    /// The first `bytes` of `buffer` (a storage buffer), once every submitted command is done.
-    pub(crate) async fn read_buffer(&self, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+    /// The first `count` values of `buffer` (a storage buffer), once every submitted command is
+    /// done.
+    pub(crate) async fn read_buffer<T: bytemuck::Pod>(
+        &self,
+        buffer: &wgpu::Buffer,
+        count: usize,
+    ) -> Result<Vec<T>> {
         self.check()?;
+        let bytes = (count * size_of::<T>()) as u64;
+        if bytes == 0 {
+            // wgpu refuses empty buffer slices.
+            return Ok(Vec::new());
+        }
         // Mapped copies are whole words.
         let copied = bytes.div_ceil(4) * 4;
         let staging = self.take_scratch(
@@ -637,7 +647,8 @@ impl Context {
                         reason: "a mapped download buffer could not be read",
                     }
                 })?;
-                view[..bytes as usize].to_vec()
+                // Copied out: a byte vector need not be aligned for `T`.
+                bytemuck::pod_collect_to_vec(&view[..bytes as usize])
             };
         staging.unmap();
         self.give_back([staging]);

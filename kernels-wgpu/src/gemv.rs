@@ -197,6 +197,10 @@ fn row_dots<T: GpuElement>(
         batch.clear(out_buffer);
         return batch.submit();
     };
+    if gather.is_some() {
+        // An index no page holds is never written: start from zeros.
+        batch.clear(out_buffer);
+    }
     let how = gather.map_or(RowDot::Dense, RowDot::Gathered);
     record_row_dots(&mut batch, w, x_buffer, how, outputs, out_buffer)?;
     batch.submit()
@@ -242,14 +246,6 @@ pub fn gathered_gemv_uploaded<T: GpuElement>(
 ) -> Result<()> {
     x.expect_len("x", w.cols())?;
     out.expect_len("out", rows.len())?;
-    if !out.is_empty() {
-        // An index no page holds is never written: start from zeros.
-        let mut batch = ctx.batch()?;
-        if let Some(buffer) = out.single_page("out")? {
-            batch.clear(buffer);
-        }
-        batch.submit()?;
-    }
     row_dots(ctx, w, x, Some(rows), out)
 }
 

@@ -117,12 +117,12 @@ pub async fn dare<T: GpuElement>(
                     tile_base += len.div_ceil(TILE);
                 }
                 batch.submit()?;
-                ctx.read_buffer(&sums, bytes).await
+                ctx.read_buffer::<f32>(&sums, tiles.max(1) * 2).await
             }
             .await;
             ctx.give_back([sums]);
             let read = read?;
-            let (all, kept) = bytemuck::cast_slice::<u8, f32>(&read)
+            let (all, kept) = read
                 .chunks_exact(2)
                 .take(tiles)
                 .fold((0.0f64, 0.0f64), |(a, k), pair| {

@@ -96,9 +96,10 @@ fn row_at(t: &GpuTensor<f32>, r: usize) -> (&wgpu::Buffer, u64) {
     (buffer, ((r % t.rows_per_page()) * t.cols() * 4) as u64)
 }
 
-/// Per sample `b`: copies row `b` of `x` into a vector, runs `sample` (which fills the returned
-/// output vector and names the vector to report on), copies the output into row `b` of `y`;
-/// after the submission reads the report vectors back and marks the rows `active` keeps.
+/// Per sample `b`: copies row `b` of `x` into a vector, runs `sample` (which fills the output
+/// vector and the vector to report on; it runs only where there is an intermediate row), copies
+/// the output into row `b` of `y`; after the submission reads the report vectors back and marks
+/// the rows `active` keeps.
 async fn per_sample(
     ctx: &Context,
     x: &GpuTensor<f32>,
@@ -108,6 +109,12 @@ async fn per_sample(
     mut sample: impl FnMut(&mut Batch<'_>, &wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer) -> Result<()>,
 ) -> Result<MlpReport> {
     let [batch_size, hidden] = x.shape();
+    if hidden == 0 {
+        return Ok(MlpReport {
+            active: Vec::new(),
+            intermediate: inter,
+        });
+    }
     let mut reported = Vec::with_capacity(batch_size);
     let result = async {
         let mut batch = ctx.batch()?;
@@ -118,19 +125,21 @@ async fn per_sample(
             reported.push(report.clone());
             let (x_page, x_offset) = row_at(x, b);
             batch.copy_range(x_page, x_offset, &xb, 0, (hidden * 4) as u64);
-            sample(&mut batch, &xb, &yb, &report)?;
+            if inter == 0 {
+                // No intermediate row: every output is an empty sum.
+                batch.clear(&yb);
+            } else {
+                sample(&mut batch, &xb, &yb, &report)?;
+            }
             let (y_page, y_offset) = row_at(y, b);
             batch.copy_range(&yb, 0, y_page, y_offset, (hidden * 4) as u64);
         }
         batch.submit()?;
         let mut read = vec![false; inter];
         for report in &reported {
-            let values = ctx.read_buffer(report, (inter * 4) as u64).await?;
-            for (r, v) in read
-                .iter_mut()
-                .zip(bytemuck::cast_slice::<u8, f32>(&values))
-            {
-                *r |= active(*v);
+            let values = ctx.read_buffer::<f32>(report, inter).await?;
+            for (r, v) in read.iter_mut().zip(values) {
+                *r |= active(v);
             }
         }
         Ok(MlpReport {
@@ -154,7 +163,7 @@ pub async fn cats_mlp<T: GpuElement>(
 ) -> Result<MlpReport> {
     let x_host = vec![0.0f32; x.len()];
     let shapes = [weights.gate, weights.up, weights.down_t].map(Shape::of);
-    let [inter, hidden] = validate_cats_mlp(
+    let [inter, _] = validate_cats_mlp(
         MatRef::from_slice(&x_host, x.rows(), x.cols())?,
         &CatsMlpWeights {
             gate: shapes[0].view()?,
@@ -164,12 +173,6 @@ pub async fn cats_mlp<T: GpuElement>(
         threshold,
         y.shape(),
     )?;
-    if hidden == 0 {
-        return Ok(MlpReport {
-            active: Vec::new(),
-            intermediate: inter,
-        });
-    }
     per_sample(
         ctx,
         x,
@@ -177,10 +180,6 @@ pub async fn cats_mlp<T: GpuElement>(
         inter,
         |a| is_active(a, threshold),
         |batch, xb, yb, gates| {
-            if inter == 0 {
-                batch.clear(yb);
-                return Ok(());
-            }
             let g = batch.scratch((inter * 4) as u64)?;
             let h = batch.scratch((inter * 4) as u64)?;
             record_row_dots(batch, weights.gate, xb, RowDot::Dense, inter, &g)?;
@@ -207,7 +206,7 @@ pub async fn teal_mlp<T: GpuElement>(
 ) -> Result<MlpReport> {
     let x_host = vec![0.0f32; x.len()];
     let shapes = [weights.gate_t, weights.up_t, weights.down_t].map(Shape::of);
-    let [inter, hidden] = validate_teal_mlp(
+    let [inter, _] = validate_teal_mlp(
         MatRef::from_slice(&x_host, x.rows(), x.cols())?,
         &TealMlpWeights {
             gate_t: shapes[0].view()?,
@@ -217,12 +216,6 @@ pub async fn teal_mlp<T: GpuElement>(
         thresholds,
         y.shape(),
     )?;
-    if hidden == 0 {
-        return Ok(MlpReport {
-            active: Vec::new(),
-            intermediate: inter,
-        });
-    }
     let product = pipeline::<T>(ctx, &SILU_PRODUCT, false, false)?;
     per_sample(
         ctx,
@@ -231,10 +224,6 @@ pub async fn teal_mlp<T: GpuElement>(
         inter,
         |h| is_active(h, thresholds.down),
         |batch, xb, yb, h| {
-            if inter == 0 {
-                batch.clear(yb);
-                return Ok(());
-            }
             let g = batch.scratch((inter * 4) as u64)?;
             let u = batch.scratch((inter * 4) as u64)?;
             record_sweep(batch, weights.gate_t, xb, None, thresholds.gate_up, &g)?;

@@ -207,13 +207,13 @@ async fn histogram_pass<T: GpuElement>(
             }
         }
         batch.submit()?;
-        ctx.read_buffer(&counts, bytes).await
+        ctx.read_buffer::<u32>(&counts, init.len()).await
     }
     .await;
     ctx.give_back([counts]);
-    let read: Vec<u32> = bytemuck::cast_slice(&read?).to_vec();
-    let (histogram, nan) = read.split_at(bins);
-    Ok((histogram.to_vec(), nan.to_vec()))
+    let mut histogram = read?;
+    let nan = histogram.split_off(bins);
+    Ok((histogram, nan))
 }
 
 /// Splits tensors of lengths `lens` (each at most `limit`) into consecutive runs of at most
@@ -419,8 +419,9 @@ async fn apply_with_offsets<T: GpuElement>(
             tile_base += page_tiles;
         }
         batch.submit()?;
-        let read = ctx.read_buffer(offsets, offsets_bytes).await?;
-        let counts: &[u32] = bytemuck::cast_slice(&read);
+        let counts = ctx
+            .read_buffer::<u32>(offsets, (offsets_bytes / 4) as usize)
+            .await?;
         let mut exclusive = vec![0u32; counts.len()];
         for t in 0..total_tiles {
             // Offsets beyond the ties kept only need to stay beyond them: clamp to u32.

@@ -267,10 +267,7 @@ impl<T: bytemuck::Pod> GpuTensor<T> {
     pub async fn to_vec(&self, ctx: &Context) -> Result<Vec<T>> {
         let mut out = Vec::with_capacity(self.len());
         for (buffer, _, rows) in self.pages() {
-            let bytes = ctx
-                .read_buffer(buffer, (rows * self.cols * size_of::<T>()) as u64)
-                .await?;
-            out.extend_from_slice(bytemuck::cast_slice(&bytes));
+            out.extend(ctx.read_buffer::<T>(buffer, rows * self.cols).await?);
         }
         ctx.check()?;
         Ok(out)

@@ -365,14 +365,13 @@ async fn moments<T: GpuElement>(ctx: &Context, tensors: &[&GpuTensor<T>]) -> Res
             }
         }
         batch.submit()?;
-        let read = match ctx.read_buffer(&sums, bytes).await {
+        let read = match ctx.read_buffer::<f32>(&sums, tiles * 2).await {
             Ok(read) => read,
             Err(e) => {
                 ctx.give_back([sums]);
                 return Err(e);
             }
         };
-        let read: &[f32] = bytemuck::cast_slice(&read);
         total = read.chunks_exact(2).fold((0.0, 0.0), |(s, q), pair| {
             (s + f64::from(pair[0]), q + f64::from(pair[1]))
         });
@@ -426,10 +425,12 @@ pub async fn compeft<T: GpuElement>(
             if failure.is_some() {
                 break;
             }
-            match ctx.read_buffer(buffer, words[page]).await {
-                Ok(bytes) => {
+            match ctx
+                .read_buffer::<u32>(buffer, (words[page] / 4) as usize)
+                .await
+            {
+                Ok(page_words) => {
                     let len = tau.page(page).1;
-                    let page_words: &[u32] = bytemuck::cast_slice(&bytes);
                     codes.extend((0..len).map(|i| {
                         match (page_words[i / 16] >> (2 * (i % 16))) & 3 {
                             1 => 1i8,

@@ -83,6 +83,14 @@ fn pipelines_and_buffers_are_reused(ctx: &Context) {
     assert_eq!(y.to_vec_blocking(ctx).unwrap(), [8.0; 8]);
 }
 
+fn empty_tensors_round_trip(ctx: &Context) {
+    for (rows, cols) in [(0, 0), (0, 5), (3, 0)] {
+        let t = GpuTensor::<f32>::zeros(ctx, rows, cols).unwrap();
+        assert_eq!(t.to_vec_blocking(ctx).unwrap(), Vec::<f32>::new());
+    }
+    ctx.check().unwrap();
+}
+
 fn too_large_for_the_device(ctx: &Context) {
     // More elements than a shader can index.
     assert!(matches!(
@@ -115,5 +123,6 @@ gpu_tests!(
     missing_adapter_says_how_to_get_one,
     adapter_by_name_and_features_as_asked,
     pipelines_and_buffers_are_reused,
+    empty_tensors_round_trip,
     too_large_for_the_device
 );

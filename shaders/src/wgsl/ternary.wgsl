@@ -31,10 +31,13 @@ override ITEMS: u32 = 16u;
 var<workgroup> lane_sums: array<f32, WORKGROUP>;
 var<workgroup> lane_squares: array<f32, WORKGROUP>;
 
-// `scale` times the code of entry i, with +0.0 for a zero code whatever the scale's sign (0b11
-// never reaches the device: uploads are validated).
-fn scaled_code(i: u32, scale: f32) -> f32 {
-    let bits = (codes[i >> 4u] >> (2u * (i & 15u))) & 3u;
+// The 2-bit code of entry i (0b11 never reaches the device: uploads are validated).
+fn code_bits(i: u32) -> u32 {
+    return (codes[i >> 4u] >> (2u * (i & 15u))) & 3u;
+}
+
+// `scale` times a code, with +0.0 for a zero code whatever the scale's sign.
+fn scaled(bits: u32, scale: f32) -> f32 {
     return select(select(0.0, -scale, bits == 2u), scale, bits == 1u);
 }
 
@@ -98,7 +101,7 @@ fn ternary_decode(
 ) {
     let i = linear_index(wg, groups, lid, WORKGROUP);
     if i < p.len {
-        out[i] = scaled_code(p.first_code + i, p.scale);
+        out[i] = scaled(code_bits(p.first_code + i), p.scale);
     }
 }
 
@@ -111,9 +114,9 @@ fn ternary_add(
 ) {
     let i = linear_index(wg, groups, lid, WORKGROUP);
     if i < p.len {
-        let bits = (codes[(p.first_code + i) >> 4u] >> (2u * ((p.first_code + i) & 15u))) & 3u;
+        let bits = code_bits(p.first_code + i);
         if bits != 0u {
-            out[i] += scaled_code(p.first_code + i, p.scale);
+            out[i] += scaled(bits, p.scale);
         }
     }
 }
@@ -205,9 +208,9 @@ fn ternary_add_packed(
     for (var half = 0u; half < 2u; half++) {
         let i = 2u * w + half;
         let c = p.first_code + i;
-        let bits = (codes[c >> 4u] >> (2u * (c & 15u))) & 3u;
+        let bits = code_bits(c);
         if i < p.len && bits != 0u {
-            let sum = widen(word, i, ELEMENT) + scaled_code(c, p.scale);
+            let sum = widen(word, i, ELEMENT) + scaled(bits, p.scale);
             var rounded = f32_to_bf16_bits(sum);
             if ELEMENT == ELEMENT_F16 {
                 rounded = f32_to_f16_bits(sum);

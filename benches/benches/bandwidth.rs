@@ -6,7 +6,7 @@
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use half::bf16;
 use kernels_benches::stream_read;
-use kernels_cpu::{Cpu, reduce::sum_squares};
+use kernels_cpu::{Cpu, merge::sum_squares};
 
 const WORKING_SET_BYTES: usize = 1 << 30;
 

@@ -1,5 +1,6 @@
 //! ComPEFT compression of a task vector at 1e6, 1e7 and 1e8 parameters (density 0.1, both
-//! layouts), packed decode, ternary GEMV straight from the packed form and decompress-and-add,
+//! layouts), validating packed bytes, packed decode, ternary GEMV straight from the packed form
+//! and decompress-and-add,
 //! with STREAM read bandwidth in the same run. Before the timings it prints the packed format's
 //! bits per parameter at densities 0.05, 0.1, 0.2 and 0.5 next to the entropy bound.
 //!
@@ -13,12 +14,9 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use half::bf16;
 use kernels_benches::{bench_stream_read, heavy_tailed};
-use kernels_core::CounterRng;
-use kernels_core::format::{self, TernaryLayout, entropy_bits_per_param};
-use kernels_core::ops::ternary::CompeftParams;
-use kernels_cpu::Cpu;
-use kernels_cpu::compress::compeft;
-use kernels_cpu::ternary::{decode_into, ternary_add, ternary_gemv};
+use kernels_cpu::CounterRng;
+use kernels_cpu::format::{self, entropy_bits_per_param};
+use kernels_cpu::prelude::*;
 
 const SIZES: [usize; 3] = [1_000_000, 10_000_000, 100_000_000];
 const LAYOUTS: [(TernaryLayout, &str); 2] = [
@@ -79,7 +77,7 @@ fn compress(c: &mut Criterion) {
     for n in SIZES {
         let tau = heavy_tailed(n, 1e-3, n as u64);
         let shape = [n as u64];
-        let params = CompeftParams::new(0.1, 1.0);
+        let params = CompeftParams::default().with_keep(KeepRule::Density(0.1));
         group.throughput(Throughput::Bytes((n * 4) as u64));
         for (layout, name) in LAYOUTS {
             group.bench_function(
@@ -94,18 +92,26 @@ fn compress(c: &mut Criterion) {
         let c = codes(n, 0.1, 3);
         let rows = n / 10_000;
         for (layout, name) in LAYOUTS {
-            let packed = format::encode(&c, &[rows as u64, 10_000], 0.01, layout).expect("encode");
+            let bytes = format::encode(&c, &[rows as u64, 10_000], 0.01, layout).expect("encode");
+            // Validated once, as a user would hold it; each op then reads it as it is.
+            let packed = PackedTernary::new(&cpu, &bytes).expect("valid");
             let mut out = vec![0i8; n];
-            group.throughput(Throughput::Bytes((packed.len() + n) as u64));
+            group.throughput(Throughput::Bytes((bytes.len() + n) as u64));
             group.bench_function(
                 BenchmarkId::new(format!("decode_{name}_n{n}"), &threads),
                 |b| {
-                    b.iter(|| decode_into(&cpu, &packed, &mut out).expect("decode"));
+                    b.iter(|| ternary_codes(&cpu, &packed, &mut out).expect("decode"));
+                },
+            );
+            group.bench_function(
+                BenchmarkId::new(format!("validate_{name}_n{n}"), &threads),
+                |b| {
+                    b.iter(|| PackedTernary::new(&cpu, &bytes).expect("valid"));
                 },
             );
             let x = vec![0.5f32; 10_000];
             let mut y = vec![0.0f32; rows];
-            group.throughput(Throughput::Bytes(packed.len() as u64));
+            group.throughput(Throughput::Bytes(bytes.len() as u64));
             group.bench_function(
                 BenchmarkId::new(format!("gemv_{name}_n{n}"), &threads),
                 |b| {
@@ -113,7 +119,7 @@ fn compress(c: &mut Criterion) {
                 },
             );
             let mut theta = vec![bf16::from_f32(0.5); n];
-            group.throughput(Throughput::Bytes((packed.len() + 4 * n) as u64));
+            group.throughput(Throughput::Bytes((bytes.len() + 4 * n) as u64));
             group.bench_function(
                 BenchmarkId::new(format!("add_bf16_{name}_n{n}"), &threads),
                 |b| {

@@ -15,11 +15,7 @@ use half::bf16;
 use kernels_benches::{
     LLAMA2_7B, MlpShape, SMOLLM2_135M, normal, stream_read, threshold_for_sparsity,
 };
-use kernels_core::ops::sparse::{CatsMlpWeights, TealMlpWeights, TealThresholds};
-use kernels_core::{Element, MatMut, MatRef};
-use kernels_cpu::Cpu;
-use kernels_cpu::gemv::{gemv, sparse_input_gemv};
-use kernels_cpu::mlp::{cats_mlp, teal_mlp};
+use kernels_cpu::prelude::*;
 
 /// Cold working sets span at least this much memory (the L3 is ~300 MiB).
 const COLD_BYTES: usize = 1536 << 20;
@@ -129,6 +125,8 @@ fn mlp_family<T: Element>(c: &mut Criterion, shape: MlpShape) {
         .collect();
     let x = normal::<f32>(hidden, 1.0, 97);
     let mut y = vec![0.0f32; hidden];
+    // One scratch for every call, as a decode loop keeps it.
+    let mut scratch = MlpScratch::new();
     // CATS thresholds from the first layer's gate activations.
     let mut g = vec![0.0f32; inter];
     gemv(
@@ -170,8 +168,9 @@ fn mlp_family<T: Element>(c: &mut Criterion, shape: MlpShape) {
                             weights,
                             threshold,
                             MatMut::from_slice(&mut y, 1, hidden).expect("shape"),
+                            &mut scratch,
                         )
-                        .expect("mlp")
+                        .expect("mlp");
                     });
                 },
             );
@@ -195,8 +194,9 @@ fn mlp_family<T: Element>(c: &mut Criterion, shape: MlpShape) {
                     weights,
                     TealThresholds::new(t_x, 0.05),
                     MatMut::from_slice(&mut y, 1, hidden).expect("shape"),
+                    &mut scratch,
                 )
-                .expect("mlp")
+                .expect("mlp");
             });
         });
     }

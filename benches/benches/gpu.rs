@@ -18,17 +18,7 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use half::f16;
 use kernels_benches::{normal, threshold_for_sparsity};
-use kernels_core::MatRef;
-use kernels_core::format::TernaryLayout;
-use kernels_core::ops::merge::{BreadcrumbsParams, DareParams};
-use kernels_core::ops::ternary::CompeftParams;
-use kernels_wgpu::gemv::{gathered_gemv, gemv, sparse_input_gemv};
-use kernels_wgpu::masks::{breadcrumbs, dare};
-use kernels_wgpu::merge::{fisher_merge, ties_elect, weighted_mean};
-use kernels_wgpu::mlp::{GpuCatsMlp, cats_mlp};
-use kernels_wgpu::select::topk_cut;
-use kernels_wgpu::ternary::{GpuTernary, compeft, ternary_gemv};
-use kernels_wgpu::{Context, ContextOptions, GpuTensor, block_on};
+use kernels_wgpu::prelude::*;
 
 /// Llama-2-7B's MLP projection: 11008 x 4096.
 const ROWS: usize = 11008;
@@ -152,7 +142,7 @@ fn bench_gpu(c: &mut Criterion) {
     )
     .expect("x");
     let mut y_batch = GpuTensor::<f32>::zeros(&ctx, 1, COLS).expect("y");
-    let cats = GpuCatsMlp {
+    let cats = CatsMlpWeights {
         gate: &mlp_weights[0],
         up: &mlp_weights[1],
         down_t: &mlp_weights[2],
@@ -167,13 +157,22 @@ fn bench_gpu(c: &mut Criterion) {
         .collect();
     let cats_threshold = threshold_for_sparsity(&silu, 0.5);
     group.throughput(Throughput::Bytes(weights * 2));
+    // One scratch for every token, and no read-back inside the timed loop (a decode loop's).
+    let mut scratch = MlpScratch::new();
     group.bench_function(
         BenchmarkId::new("cats_mlp_f16_s0.5", format!("{ROWS}x{COLS}")),
         |b| {
             b.iter_custom(|iters| {
                 time(&ctx, iters, || {
-                    block_on(cats_mlp(&ctx, &x_batch, cats, cats_threshold, &mut y_batch))
-                        .expect("cats");
+                    cats_mlp(
+                        &ctx,
+                        &x_batch,
+                        cats,
+                        cats_threshold,
+                        &mut y_batch,
+                        &mut scratch,
+                    )
+                    .expect("cats");
                 })
             });
         },
@@ -184,7 +183,7 @@ fn bench_gpu(c: &mut Criterion) {
     let codes: Vec<i8> = (0..ROWS * COLS)
         .map(|i| [0i8, 1, 0, -1][(i * 7) % 4])
         .collect();
-    let packed = kernels_core::format::encode(
+    let packed = kernels_wgpu::format::encode(
         &codes,
         &[ROWS as u64, COLS as u64],
         0.01,
@@ -227,8 +226,16 @@ fn bench_gpu(c: &mut Criterion) {
     group.bench_function(BenchmarkId::new("fisher_merge_f16_models2", N), |b| {
         b.iter_custom(|iters| {
             time(&ctx, iters, || {
-                fisher_merge(&ctx, &views[..2], &fisher_views, &[1.0; 2], 0.0, &mut out)
-                    .expect("fisher");
+                let params = FisherParams::default();
+                fisher_merge(
+                    &ctx,
+                    &views[..2],
+                    &fisher_views,
+                    &[1.0; 2],
+                    params,
+                    &mut out,
+                )
+                .expect("fisher");
             })
         });
     });
@@ -245,7 +252,8 @@ fn bench_gpu(c: &mut Criterion) {
     group.bench_function(BenchmarkId::new("dare_f16_p0.9", N), |b| {
         b.iter_custom(|iters| {
             time(&ctx, iters, || {
-                block_on(dare(&ctx, views[0], DareParams::new(0.9, 7), 0, &mut out)).expect("dare");
+                let params = DareParams::default().with_drop(0.9).with_seed(7);
+                block_on(dare(&ctx, views[0], params, 0, &mut out)).expect("dare");
             })
         });
     });
@@ -254,7 +262,7 @@ fn bench_gpu(c: &mut Criterion) {
     group.bench_function(BenchmarkId::new("topk_cut_f16_d0.1", N), |b| {
         b.iter_custom(|iters| {
             time(&ctx, iters, || {
-                block_on(topk_cut(&ctx, &views[..1], N as u64 / 10)).expect("topk");
+                block_on(topk_cut(&ctx, &views[..1], KeepRule::Density(0.1))).expect("topk");
             })
         });
     });
@@ -265,7 +273,7 @@ fn bench_gpu(c: &mut Criterion) {
                 block_on(breadcrumbs(
                     &ctx,
                     views[0],
-                    BreadcrumbsParams::new(0.9, 0.01),
+                    BreadcrumbsParams::default(),
                     &mut out,
                 ))
                 .expect("breadcrumbs");
@@ -279,7 +287,7 @@ fn bench_gpu(c: &mut Criterion) {
                 block_on(compeft(
                     &ctx,
                     &[(views[0], &shape[..])],
-                    CompeftParams::new(0.1, 1.0),
+                    CompeftParams::default(),
                     TernaryLayout::Dense2Bit,
                 ))
                 .expect("compeft");

@@ -11,13 +11,7 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use half::bf16;
 use kernels_benches::{bench_stream_read, heavy_tailed};
-use kernels_core::Element;
-use kernels_core::ops::merge::{BreadcrumbsParams, DareParams};
-use kernels_cpu::Cpu;
-use kernels_cpu::masks::{breadcrumbs, dare, ties_trim};
-use kernels_cpu::merge::{
-    fisher_accumulate, fisher_merge, task_arithmetic, ties_elect, weighted_mean,
-};
+use kernels_cpu::prelude::*;
 
 const SIZES: [usize; 3] = [1_000_000, 10_000_000, 100_000_000];
 const MODELS: [usize; 3] = [2, 4, 8];
@@ -96,7 +90,8 @@ fn family<T: Element>(c: &mut Criterion, cpu: &Cpu) {
                 ),
                 |b| {
                     b.iter(|| {
-                        fisher_merge(cpu, &views, &fisher_views, &weights, 0.0, &mut out)
+                        let params = FisherParams::default();
+                        fisher_merge(cpu, &views, &fisher_views, &weights, params, &mut out)
                             .expect("fisher merge");
                     });
                 },
@@ -111,7 +106,10 @@ fn family<T: Element>(c: &mut Criterion, cpu: &Cpu) {
         group.throughput(Throughput::Bytes((n * (size + 4)) as u64));
         group.bench_function(
             BenchmarkId::new(format!("dare_n{n}"), format!("{threads}t")),
-            |b| b.iter(|| dare(cpu, &tau, DareParams::new(0.9, 7), 0, &mut out).expect("dare")),
+            |b| {
+                let params = DareParams::default().with_drop(0.9).with_seed(7);
+                b.iter(|| dare(cpu, &tau, params, 0, &mut out).expect("dare"));
+            },
         );
         group.bench_function(
             BenchmarkId::new(format!("breadcrumbs_n{n}"), format!("{threads}t")),
@@ -126,7 +124,11 @@ fn family<T: Element>(c: &mut Criterion, cpu: &Cpu) {
         group.throughput(Throughput::Bytes((n * 2 * size) as u64));
         group.bench_function(
             BenchmarkId::new(format!("ties_trim_n{n}"), format!("{threads}t")),
-            |b| b.iter(|| ties_trim(cpu, &tau, 0.2, &mut trimmed).expect("trim")),
+            |b| {
+                b.iter(|| {
+                    ties_trim(cpu, &tau, KeepRule::Density(0.2), &mut trimmed).expect("trim");
+                });
+            },
         );
         // Fisher accumulation reads and writes the f32 Fisher and reads the gradient.
         group.throughput(Throughput::Bytes((n * (8 + size)) as u64));

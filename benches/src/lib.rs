@@ -63,7 +63,7 @@ pub fn threshold_for_sparsity(values: &[f32], sparsity: f64) -> f32 {
     if sparsity <= 0.0 {
         return -1.0;
     }
-    kernels_core::ops::sparse::calibrate_threshold_ref(values, sparsity).expect("finite samples")
+    kernels_core::ops::sparse::calibrate_threshold_ref(&[values], sparsity).expect("finite samples")
 }
 
 /// Median of `runs` timings of `f` (after one warm-up call).

@@ -99,6 +99,14 @@ pub enum Error {
         /// What happened.
         reason: &'static str,
     },
+    /// A multi-pass streaming computation ([`crate::MultiPass`]) was driven out of order: a call
+    /// in the wrong pass, or a later pass that did not see the same entries as the first.
+    PassOrder {
+        /// The call, e.g. `"StreamingTopK::feed"`.
+        what: &'static str,
+        /// What the protocol expects at this point.
+        expected: &'static str,
+    },
 }
 
 impl fmt::Display for Error {
@@ -170,6 +178,9 @@ impl fmt::Display for Error {
                 "allocating {bytes} bytes for `{what}` failed: the device is out of memory"
             ),
             Self::DeviceFailure { reason } => write!(f, "the device failed: {reason}"),
+            Self::PassOrder { what, expected } => {
+                write!(f, "`{what}` was called out of order: {expected}")
+            }
         }
     }
 }
@@ -211,6 +222,7 @@ pub(crate) fn check_param(
 }
 
 /// Rejects the first non-finite element of `values`.
+#[cfg(feature = "alloc")]
 pub(crate) fn check_finite<T: crate::Element>(what: &'static str, values: &[T]) -> Result<()> {
     match values.iter().position(|v| !v.to_f32().is_finite()) {
         None => Ok(()),

@@ -9,12 +9,13 @@
 //! [precision table](#precision) says how closely.
 //!
 //! ```
-//! use kernels_core::{MatRef, ops::sparse::sparse_input_gemv_ref};
+//! use kernels_core::{MatRef, ops::sparse::{count_active, sparse_input_gemv_ref}};
 //! // w_t is [in = 3, out = 2]; inputs with |x| <= 0.2 skip their row of w_t.
 //! let w_t = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+//! let x = [0.5, -0.1, 2.0];
 //! let mut y = [0.0; 2];
-//! let rows_read = sparse_input_gemv_ref(MatRef::from_slice(&w_t, 3, 2)?, &[0.5, -0.1, 2.0], 0.2, &mut y)?;
-//! assert_eq!((rows_read, y), (2, [10.5, 13.0]));
+//! sparse_input_gemv_ref(MatRef::from_slice(&w_t, 3, 2)?, &x, 0.2, &mut y)?;
+//! assert_eq!((count_active(&x, 0.2), y), (2, [10.5, 13.0]));
 //! # Ok::<(), kernels_core::Error>(())
 //! ```
 //!
@@ -41,24 +42,24 @@
 //! | randomized SVD | within 1.1x of the optimal rank-r error at oversampling >= r and 2 power iterations (probabilistic, tested) |
 
 #![no_std]
-#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[cfg(feature = "alloc")]
 extern crate alloc;
 
+pub mod backend;
 mod element;
 mod error;
 pub mod format;
 pub mod ops;
 mod rng;
+mod stream;
 mod view;
 
 pub use element::{DType, Element, Real};
 pub use error::{Error, Result};
-pub use rng::{
-    CounterRng, PHILOX_MUL, PHILOX_ROUNDS, PHILOX_WEYL, WORDS_PER_BLOCK, philox4x32_10,
-    philox4x32_10_lanes,
-};
+pub use rng::{CounterRng, philox4x32_10};
+pub use stream::MultiPass;
 #[cfg(feature = "alloc")]
 pub use view::Mat;
 pub use view::{MatMut, MatRef};

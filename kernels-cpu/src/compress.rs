@@ -15,38 +15,35 @@
 //!   entries) and the per-block statistics of one tensor.
 //!
 //! ```
-//! use kernels_core::{format, ops::ternary::CompeftParams};
-//! use kernels_cpu::{Cpu, compress::{Compeft, CompeftEncoder}};
+//! use kernels_cpu::prelude::*;
 //! let cpu = Cpu::detect();
 //! let tensors: [&[f32]; 2] = [&[0.5, -3.0, 1.0, 0.0], &[2.0, -0.25]];
-//! let mut plan = Compeft::new(CompeftParams::new(0.5, 1.0))?;
-//! for t in tensors { plan.observe(&cpu, t)?; }
-//! while plan.next_pass()? {
-//!     for t in tensors { plan.refine(&cpu, t)?; }
-//! }
-//! let decided = plan.finish()?;
+//! let params = CompeftParams::default().with_keep(KeepRule::Density(0.5));
+//! let decided = Compeft::new(params)?.run(|| tensors, |c, t| c.feed(&cpu, t))?;
 //! let mut encoder = CompeftEncoder::new(&decided);
-//! let first = encoder.encode(&cpu, tensors[0], &[2, 2], format::TernaryLayout::Dense2Bit)?;
-//! let (_, codes) = format::decode(&first, 4)?;
+//! let first = encoder.encode(&cpu, tensors[0], &[2, 2], TernaryLayout::Dense2Bit)?;
+//! let (_, codes) = kernels_cpu::format::decode(&first, 4)?;
 //! assert_eq!(codes, [0, -1, 1, 0]);
-//! # Ok::<(), kernels_core::Error>(())
+//! # Ok::<(), Error>(())
 //! ```
 
 use alloc::vec::Vec;
 
-use kernels_core::format::{self, GapStats, TernaryLayout};
-use kernels_core::ops::select::{TopKCut, keep_count};
-use kernels_core::ops::ternary::{CompeftCut, CompeftParams, Moments};
-use kernels_core::{Element, Error, Real, Result};
+use kernels_core::backend::{GapStats, NNZ_OFFSET, check_shape, header_len, write_header};
+use kernels_core::format::TernaryLayout;
+use kernels_core::ops::select::TopKCut;
+pub use kernels_core::ops::ternary::{CompeftCut, CompeftParams, Moments};
+use kernels_core::{Element, Error, MultiPass, Real, Result};
 
 use crate::parallel::for_each;
 use crate::select::{
-    GROUP, Keep, KeepRule, Parts, STREAMS, StreamingTopK, TopKApplier, apply_cuts, map_parts,
+    GROUP, Keep, Parts, STREAMS, StreamingTopK, TopKApplier, apply_cuts, map_parts,
 };
+use crate::simd::CACHE_LINE;
 use crate::{Cpu, Simd, WithSimd};
 
 /// Entries per block of the moment sums: `f32` lanes within a block, `f64` across blocks.
-pub const MOMENT_BLOCK: usize = 1024;
+const MOMENT_BLOCK: usize = 1024;
 
 /// Relative bound on `|scale - scale_ref| / scale_ref`.
 ///
@@ -60,9 +57,6 @@ pub const SCALE_RELATIVE_TOLERANCE: f64 =
 
 /// Independent accumulators per sum.
 const ACCUMULATORS: usize = 4;
-
-/// Cache line bytes.
-const LINE: usize = 64;
 
 /// Per-block `(count, mean, m2)` of a run of a tensor, blocks aligned to its start.
 struct BlockMoments<'a, T> {
@@ -108,7 +102,7 @@ fn block_moments<S: Simd, T: Element>(s: S, block: &[T], next: &[T]) -> Moments 
     let groups = block[..main].chunks_exact(step);
     // PERF: independent accumulators hide the add latency (one chain would bound the loop).
     let mut sums = [s.zero(); ACCUMULATORS];
-    let line = LINE / core::mem::size_of::<T>();
+    let line = CACHE_LINE / core::mem::size_of::<T>();
     for (at, g) in groups.clone().enumerate() {
         for l in (0..step).step_by(line) {
             if let Some(v) = next.get(at * step + l) {
@@ -160,6 +154,13 @@ fn block_moments<S: Simd, T: Element>(s: S, block: &[T], next: &[T]) -> Moments 
 
 /// The moments of `x` (mean, and std with Bessel's correction), threaded, identical for every
 /// thread count; a non-finite entry is an error naming it.
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// let m = moments(&Cpu::detect(), &[1.0f32, 2.0, 3.0])?;
+/// assert_eq!((m.count(), m.mean(), m.std()), (3, 2.0, 1.0));
+/// # Ok::<(), Error>(())
+/// ```
 pub fn moments<T: Element>(cpu: &Cpu, x: &[T]) -> Result<Moments> {
     let slices = [x];
     let parts = Parts::new(cpu, &slices, MOMENT_BLOCK);
@@ -186,14 +187,16 @@ pub fn moments<T: Element>(cpu: &Cpu, x: &[T]) -> Result<Moments> {
     Ok(total)
 }
 
-/// Streaming ComPEFT over a model read tensor by tensor (the fast twin of
-/// [`kernels_core::ops::ternary::CompeftPlan`]): pass 1 [`Self::observe`], then while
-/// [`Self::next_pass`] says so the same tensors again to [`Self::refine`] (usually once), then
-/// [`Self::finish`] and code each tensor with [`CompeftEncoder`].
+/// Streaming ComPEFT over a model read tensor by tensor, in the [`MultiPass`] protocol (the fast
+/// twin of [`kernels_core::ops::ternary::Compeft`]): every tensor to [`Self::feed`] until
+/// [`MultiPass::next_pass`] returns `false` (usually two passes), then [`MultiPass::finish`], then
+/// code each tensor in the same order with a [`CompeftEncoder`]. See the module docs for an
+/// example.
 pub struct Compeft {
     params: CompeftParams,
     moments: Moments,
     topk: StreamingTopK,
+    first_pass: bool,
 }
 
 impl Compeft {
@@ -203,13 +206,17 @@ impl Compeft {
         Ok(Self {
             params,
             moments: Moments::default(),
-            topk: StreamingTopK::new(KeepRule::Density(params.density)),
+            topk: StreamingTopK::new(params.keep)?,
+            first_pass: true,
         })
     }
 
-    /// Pass 1: the next tensor (statistics, validation, sample). A non-finite entry is an error
-    /// naming its flat index.
-    pub fn observe<T: Element>(&mut self, cpu: &Cpu, tau: &[T]) -> Result<()> {
+    /// The next tensor of the current pass. In pass 1 a non-finite entry is an error naming its
+    /// flat index.
+    pub fn feed<T: Element>(&mut self, cpu: &Cpu, tau: &[T]) -> Result<()> {
+        if !self.first_pass {
+            return self.topk.feed(cpu, tau);
+        }
         let m = moments(cpu, tau).map_err(|e| match e {
             Error::NonFinite { what, index } => Error::NonFinite {
                 what,
@@ -217,33 +224,32 @@ impl Compeft {
             },
             other => other,
         })?;
+        self.topk.feed_validated(tau)?;
         self.moments.combine(&m);
-        self.topk.observe_validated(tau)
+        Ok(())
+    }
+}
+
+impl MultiPass for Compeft {
+    type Output = CompeftCut;
+
+    fn next_pass(&mut self) -> Result<bool> {
+        let again = self.topk.next_pass()?;
+        self.first_pass = false;
+        Ok(again)
     }
 
-    /// Ends a pass; `true`: feed every tensor again to [`Self::refine`].
-    pub fn next_pass(&mut self) -> Result<bool> {
-        self.topk.next_pass()
-    }
-
-    /// The next tensor of a later pass.
-    pub fn refine<T: Element>(&mut self, cpu: &Cpu, tau: &[T]) -> Result<()> {
-        self.topk.refine(cpu, tau)
-    }
-
-    /// The decision, once [`Self::next_pass`] has returned `false`.
-    pub fn finish(&self) -> Result<CompeftCut> {
-        let total = self.topk.total();
+    fn finish(&self) -> Result<CompeftCut> {
         Ok(CompeftCut {
-            scale: (f64::from(self.params.alpha) * self.moments.std()) as f32,
-            cut: self.topk.cut()?,
-            kept: keep_count(self.params.density, total)?,
-            total,
+            scale: self.params.scale(&self.moments),
+            cut: self.topk.finish()?,
+            total: self.topk.total(),
         })
     }
 }
 
-/// Codes tensors, in flat order, under a [`CompeftCut`] straight into the packed format.
+/// Codes tensors, in flat order, under a [`CompeftCut`]: straight into the packed format
+/// ([`Self::encode`]), or as codes ([`Self::code`]).
 #[derive(Clone, Debug)]
 pub struct CompeftEncoder {
     applier: TopKApplier,
@@ -299,7 +305,7 @@ impl CompeftEncoder {
     /// Codes the next tensor into `out` (one output item per `PER` entries), threaded:
     /// `write(out, run, code_bits)`; then un-keeps surplus ties with `drop(out, word, bits)`.
     /// Returns the non-zero count.
-    fn code<T: Element, W: Send, const PER: usize>(
+    fn code_into<T: Element, W: Send, const PER: usize>(
         &mut self,
         cpu: &Cpu,
         tau: &[T],
@@ -357,6 +363,30 @@ impl CompeftEncoder {
         Ok(nnz)
     }
 
+    /// Codes the next tensor: `codes[i] = sign(tau_i)` where the cut keeps entry `i` (a kept
+    /// exact zero stays 0), else 0. The codes [`Self::encode`] packs.
+    pub fn code<T: Element>(&mut self, cpu: &Cpu, tau: &[T], codes: &mut [i8]) -> Result<()> {
+        crate::select::check_out(tau.len(), codes.len())?;
+        self.code_into::<_, _, 1>(
+            cpu,
+            tau,
+            codes,
+            #[inline(always)]
+            |codes, bits| {
+                for (j, c) in codes.iter_mut().enumerate() {
+                    *c = ((bits.plus >> j) & 1) as i8 - ((bits.minus >> j) & 1) as i8;
+                }
+            },
+            |codes, w, mut bits| {
+                while bits != 0 {
+                    codes[w * GROUP + bits.trailing_zeros() as usize] = 0;
+                    bits &= bits - 1;
+                }
+            },
+        )
+        .map(|_| ())
+    }
+
     /// Codes and packs the next tensor with the given shape and layout: the bytes
     /// [`kernels_core::format::encode`] writes for the reference codes.
     pub fn encode<T: Element>(
@@ -366,16 +396,16 @@ impl CompeftEncoder {
         shape: &[u64],
         layout: TernaryLayout,
     ) -> Result<Vec<u8>> {
-        format::check_shape(shape, tau.len())?;
-        let header = format::header_len(shape.len());
+        check_shape(shape, tau.len())?;
+        let header = header_len(shape.len());
         match layout {
             TernaryLayout::Dense2Bit => {
                 let payload_len = tau.len().div_ceil(4);
                 let mut out = Vec::with_capacity(header + payload_len);
                 // The header's non-zero count is written once known.
-                format::write_header(&mut out, layout, 0, self.scale, 0, shape, payload_len);
+                write_header(&mut out, layout, 0, self.scale, 0, shape, payload_len);
                 out.resize(header + payload_len, 0);
-                let nnz = self.code::<_, _, 4>(
+                let nnz = self.code_into::<_, _, 4>(
                     cpu,
                     tau,
                     &mut out[header..],
@@ -403,7 +433,7 @@ impl CompeftEncoder {
             }
             TernaryLayout::SparseRice => {
                 let mut words = alloc::vec![CodeBits::default(); tau.len().div_ceil(GROUP)];
-                let nnz = self.code::<_, _, GROUP>(
+                let nnz = self.code_into::<_, _, GROUP>(
                     cpu,
                     tau,
                     &mut words,
@@ -416,7 +446,7 @@ impl CompeftEncoder {
                 )?;
                 let (rice_k, payload) = sparse_payload(cpu, &words);
                 let mut out = Vec::with_capacity(header + payload.len());
-                format::write_header(
+                write_header(
                     &mut out,
                     layout,
                     rice_k,
@@ -431,9 +461,6 @@ impl CompeftEncoder {
         }
     }
 }
-
-/// Where the header keeps the non-zero count.
-const NNZ_OFFSET: usize = 12;
 
 /// Bits of the exact zeros of a run of up to 64 entries.
 fn zero_bits<T: Element>(run: &[T]) -> u64 {
@@ -633,7 +660,17 @@ fn append_bits(out: &mut Vec<u8>, used_bits: u64, bytes: &[u8]) {
     out.push(carry);
 }
 
-/// ComPEFT of a whole model held in memory: the cut and each tensor packed with its shape.
+/// ComPEFT of a whole model held in memory: the decision and each tensor packed with its shape
+/// (the twin of `compeft_ref` followed by `format::encode`, byte for byte).
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// let model: [(&[f32], &[u64]); 2] = [(&[0.5, -3.0, 1.0, 0.0], &[2, 2]), (&[2.0, -0.25], &[2])];
+/// let params = CompeftParams::default().with_keep(KeepRule::Density(0.5));
+/// let (decided, packed) = compeft(&Cpu::detect(), &model, params, TernaryLayout::SparseRice)?;
+/// assert_eq!((decided.total, packed.len()), (6, 2));
+/// # Ok::<(), Error>(())
+/// ```
 pub fn compeft<T: Element>(
     cpu: &Cpu,
     tensors: &[(&[T], &[u64])],
@@ -641,22 +678,47 @@ pub fn compeft<T: Element>(
     layout: TernaryLayout,
 ) -> Result<(CompeftCut, Vec<Vec<u8>>)> {
     for (tau, shape) in tensors {
-        format::check_shape(shape, tau.len())?;
+        check_shape(shape, tau.len())?;
     }
-    let mut plan = Compeft::new(params)?;
-    for (tau, _) in tensors {
-        plan.observe(cpu, tau)?;
-    }
-    while plan.next_pass()? {
-        for (tau, _) in tensors {
-            plan.refine(cpu, tau)?;
-        }
-    }
-    let decided = plan.finish()?;
+    let taus: Vec<&[T]> = tensors.iter().map(|(tau, _)| *tau).collect();
+    let decided = decide(cpu, &taus, params)?;
     let mut encoder = CompeftEncoder::new(&decided);
     let packed = tensors
         .iter()
         .map(|(tau, shape)| encoder.encode(cpu, tau, shape, layout))
         .collect::<Result<Vec<_>>>()?;
     Ok((decided, packed))
+}
+
+/// ComPEFT of a whole model held in memory, as codes: the decision and each tensor's codes in
+/// `{-1, 0, 1}` (the twin of `compeft_ref`, code for code).
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// let model: [&[f32]; 2] = [&[0.5, -3.0, 1.0, 0.0], &[2.0, -0.25]];
+/// let params = CompeftParams::default().with_keep(KeepRule::Count(2));
+/// let (_, codes) = compeft_codes(&Cpu::detect(), &model, params)?;
+/// assert_eq!(codes, [vec![0, -1, 0, 0], vec![1, 0]]);
+/// # Ok::<(), Error>(())
+/// ```
+pub fn compeft_codes<T: Element>(
+    cpu: &Cpu,
+    taus: &[&[T]],
+    params: CompeftParams,
+) -> Result<(CompeftCut, Vec<Vec<i8>>)> {
+    let decided = decide(cpu, taus, params)?;
+    let mut encoder = CompeftEncoder::new(&decided);
+    let codes = taus
+        .iter()
+        .map(|tau| {
+            let mut codes = alloc::vec![0i8; tau.len()];
+            encoder.code(cpu, tau, &mut codes).map(|()| codes)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((decided, codes))
+}
+
+/// Every pass of [`Compeft`] over tensors in memory.
+fn decide<T: Element>(cpu: &Cpu, taus: &[&[T]], params: CompeftParams) -> Result<CompeftCut> {
+    Compeft::new(params)?.run(|| taus.iter(), |plan, tau| plan.feed(cpu, tau))
 }

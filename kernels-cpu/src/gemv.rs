@@ -15,14 +15,11 @@
 //!   thread reads a contiguous segment of every active row and no reduction is needed.
 //! * `gathered_gemv`: `gemv` over the listed rows.
 
-use kernels_core::ops::sparse::{
-    is_active, validate_gathered_gemv, validate_gemv, validate_sparse_input_gemv,
-};
+use kernels_core::backend::{validate_gathered_gemv, validate_gemv, validate_sparse_input_gemv};
+use kernels_core::ops::sparse::{count_active, is_active};
 use kernels_core::{Element, MatRef, Result};
 
-use crate::parallel::parts_for;
-#[cfg(feature = "alloc")]
-use crate::parallel::ranges;
+use crate::parallel::split_outputs;
 use crate::{Cpu, Isa, Simd, WithSimd};
 
 /// Rows a dot or AXPY block handles at once.
@@ -30,7 +27,6 @@ pub(crate) const ROW_BLOCK: usize = 4;
 
 /// Column boundaries of a threaded split are multiples of this (the widest vector, 16 `f32`,
 /// times four), so every column is computed by the same vector or tail code whatever the split.
-#[cfg(feature = "alloc")]
 pub(crate) const COLUMN_ALIGN: usize = 64;
 
 /// Below this many weight bytes per part, another thread costs more than it saves.
@@ -243,51 +239,52 @@ pub(crate) fn dot_rows<'w, T: Element>(
     y: &mut [f32],
 ) {
     let batch = xs.len().max(1);
-    let rows = y.len() / batch;
     let width = xs.first().map_or(0, |x| x.len());
-    let parts = parts_for(
-        cpu.threads(),
-        rows * width * core::mem::size_of::<T>(),
-        cpu.min_bytes_per_thread(),
-    );
-    if parts <= 1 {
-        cpu.dispatch(DotRows {
-            row,
-            xs,
-            y,
-            _weights: core::marker::PhantomData,
-        });
-        return;
-    }
-    #[cfg(feature = "alloc")]
-    {
-        let mut work = alloc::vec::Vec::with_capacity(parts);
-        let mut rest = &mut *y;
-        for range in ranges(rows, parts, 2 * ROW_BLOCK) {
-            let (part, tail) = rest.split_at_mut(range.len() * batch);
-            work.push((range.start, part));
-            rest = tail;
-        }
-        let row = &row;
-        crate::parallel::for_each(work, |(first, part)| {
+    let row = &row;
+    split_outputs(
+        cpu,
+        y,
+        width * core::mem::size_of::<T>() / batch,
+        2 * ROW_BLOCK * batch,
+        |range, part| {
+            let first = range.start / batch;
             cpu.dispatch(DotRows {
                 row: |k| row(first + k),
                 xs,
                 y: part,
                 _weights: core::marker::PhantomData,
             });
-        });
-    }
+        },
+    );
 }
 
 /// Dense GEMV `y = W x`, `W` `[out, in]` (the twin of `gemv_ref`).
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// let w = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]; // [out = 2, in = 3]
+/// let mut y = [0.0; 2];
+/// gemv(&Cpu::detect(), MatRef::from_slice(&w, 2, 3)?, &[1.0, 0.0, -1.0], &mut y)?;
+/// assert_eq!(y, [-2.0, -2.0]);
+/// # Ok::<(), Error>(())
+/// ```
 pub fn gemv<T: Element>(cpu: &Cpu, w: MatRef<'_, T>, x: &[f32], y: &mut [f32]) -> Result<()> {
-    validate_gemv(w, x.len(), y.len())?;
+    validate_gemv(w.shape(), x.len(), y.len())?;
     dot_rows(cpu, |r| w.row(r), &[x], y);
     Ok(())
 }
 
-/// Gathered-output GEMV `out[k] = w[rows[k]] . x` (the twin of `gathered_gemv_ref`).
+/// Gathered-output GEMV `out[k] = w[rows[k]] . x` (the twin of `gathered_gemv_ref`). Row
+/// indices may repeat and come in any order; one past the last row is an error.
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// let w = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]; // [out = 3, in = 2]
+/// let mut out = [0.0; 2];
+/// gathered_gemv(&Cpu::detect(), MatRef::from_slice(&w, 3, 2)?, &[1.0, 1.0], &[2, 0], &mut out)?;
+/// assert_eq!(out, [11.0, 3.0]);
+/// # Ok::<(), Error>(())
+/// ```
 pub fn gathered_gemv<T: Element>(
     cpu: &Cpu,
     w: MatRef<'_, T>,
@@ -295,7 +292,7 @@ pub fn gathered_gemv<T: Element>(
     rows: &[u32],
     out: &mut [f32],
 ) -> Result<()> {
-    validate_gathered_gemv(w, x.len(), rows, out.len())?;
+    validate_gathered_gemv(w.shape(), x.len(), rows, out.len())?;
     dot_rows(cpu, |k| w.row(rows[k] as usize), &[x], out);
     Ok(())
 }
@@ -353,43 +350,35 @@ impl<T: Element> WithSimd for SparseAxpy<'_, T> {
     }
 }
 
-/// Sparse-input GEMV (TEAL form): `y = sum over active i of x_i w_t[i, :]`, `w_t` `[in, out]`.
-/// Returns the number of active inputs (rows read). The twin of `sparse_input_gemv_ref`.
+/// Sparse-input GEMV (TEAL form): `y = sum over active i of x_i w_t[i, :]`, `w_t` `[in, out]`,
+/// the twin of `sparse_input_gemv_ref`. Input `i` is active iff `!(|x_i| <= threshold)`: strictly
+/// above the threshold, or NaN (so it propagates), which makes `threshold = 0` skip exact zeros
+/// and any negative threshold dense. It reads `count_active(x, threshold)` rows of `w_t` and no
+/// other.
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// let w_t = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]; // [in = 3, out = 2]
+/// let mut y = [0.0; 2];
+/// sparse_input_gemv(&Cpu::detect(), MatRef::from_slice(&w_t, 3, 2)?, &[0.5, -0.1, 2.0], 0.2, &mut y)?;
+/// assert_eq!(y, [0.5 * 1.0 + 2.0 * 5.0, 0.5 * 2.0 + 2.0 * 6.0]);
+/// # Ok::<(), Error>(())
+/// ```
 pub fn sparse_input_gemv<T: Element>(
     cpu: &Cpu,
     w_t: MatRef<'_, T>,
     x: &[f32],
     threshold: f32,
     y: &mut [f32],
-) -> Result<usize> {
-    validate_sparse_input_gemv(w_t, x.len(), threshold, y.len())?;
-    let active = x.iter().filter(|&&v| is_active(v, threshold)).count();
-    let parts = parts_for(
-        cpu.threads(),
-        active * y.len() * core::mem::size_of::<T>(),
-        cpu.min_bytes_per_thread(),
-    );
-    if parts <= 1 {
-        let cols = 0..y.len();
-        cpu.dispatch(SparseAxpy {
-            w_t,
-            x,
-            threshold,
-            cols,
-            y,
-        });
-        return Ok(active);
-    }
-    #[cfg(feature = "alloc")]
-    {
-        let mut work = alloc::vec::Vec::with_capacity(parts);
-        let mut rest = &mut *y;
-        for cols in ranges(rest.len(), parts, COLUMN_ALIGN) {
-            let (part, tail) = rest.split_at_mut(cols.len());
-            work.push((cols, part));
-            rest = tail;
-        }
-        crate::parallel::for_each(work, |(cols, part)| {
+) -> Result<()> {
+    validate_sparse_input_gemv(w_t.shape(), x.len(), threshold, y.len())?;
+    let active = count_active(x, threshold);
+    split_outputs(
+        cpu,
+        y,
+        active * core::mem::size_of::<T>(),
+        COLUMN_ALIGN,
+        |cols, part| {
             cpu.dispatch(SparseAxpy {
                 w_t,
                 x,
@@ -397,12 +386,21 @@ pub fn sparse_input_gemv<T: Element>(
                 cols,
                 y: part,
             });
-        });
-    }
-    Ok(active)
+        },
+    );
+    Ok(())
 }
 
 /// Dense GEMV through the transposed layout: `y = W_t^T x` (every row of `w_t` is read).
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// let w_t = [1.0f32, 4.0, 2.0, 5.0, 3.0, 6.0]; // [in = 3, out = 2]
+/// let mut y = [0.0; 2];
+/// gemv_t(&Cpu::detect(), MatRef::from_slice(&w_t, 3, 2)?, &[1.0, 0.0, -1.0], &mut y)?;
+/// assert_eq!(y, [-2.0, -2.0]);
+/// # Ok::<(), Error>(())
+/// ```
 pub fn gemv_t<T: Element>(cpu: &Cpu, w_t: MatRef<'_, T>, x: &[f32], y: &mut [f32]) -> Result<()> {
-    sparse_input_gemv(cpu, w_t, x, f32::NEG_INFINITY, y).map(|_| ())
+    sparse_input_gemv(cpu, w_t, x, f32::NEG_INFINITY, y)
 }

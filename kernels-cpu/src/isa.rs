@@ -19,8 +19,8 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// Every instruction set, best first.
-    pub const ALL: [Self; 5] = [
+    /// Every instruction set, best first (a slice: the enum may grow).
+    pub const ALL: &'static [Self] = &[
         Self::Avx512,
         Self::Avx2,
         Self::Neon,
@@ -60,15 +60,12 @@ impl Isa {
     /// The best available instruction set.
     #[must_use]
     pub fn best() -> Self {
-        Self::ALL
-            .into_iter()
-            .find(|isa| isa.is_available())
-            .unwrap_or(Self::Scalar)
+        Self::available().next().unwrap_or(Self::Scalar)
     }
 
     /// Every available instruction set, best first (always ends with [`Isa::Scalar`]).
     pub fn available() -> impl Iterator<Item = Self> {
-        Self::ALL.into_iter().filter(|isa| isa.is_available())
+        Self::ALL.iter().copied().filter(|isa| isa.is_available())
     }
 }
 

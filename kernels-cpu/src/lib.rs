@@ -1,47 +1,62 @@
-//! SIMD CPU kernels of the family, each a fast implementation of a contract of `kernels-core`
-//! and tested against its scalar reference.
+//! SIMD CPU kernels for sparse inference, task-vector compression and model merging, each a fast
+//! implementation of a contract of [`kernels_core`] and tested against its scalar reference.
+//!
+//! One dependency and one `use` give the whole CPU backend: the ops, their parameter types, and
+//! the views, element types and error of [`kernels_core`], re-exported.
+//!
+//! ```
+//! use kernels_cpu::prelude::*;
+//!
+//! let cpu = Cpu::detect();
+//! // w_t is [in = 3, out = 2]: inputs with |x| <= 0.2 skip their row.
+//! let w_t = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+//! let mut y = [0.0; 2];
+//! sparse_input_gemv(&cpu, MatRef::from_slice(&w_t, 3, 2)?, &[0.5, -0.1, 2.0], 0.2, &mut y)?;
+//! assert_eq!(y, [10.5, 13.0]);
+//! # Ok::<(), kernels_cpu::Error>(())
+//! ```
 //!
 //! Every kernel enters through one dispatch point, [`Cpu::dispatch`]: the instruction set is
 //! detected once ([`Isa::best`]) and each kernel is compiled for AVX-512, AVX2+FMA, NEON, wasm
 //! simd128 and scalar code from one generic body ([`WithSimd`]). A [`Cpu`] can also be pinned to
 //! any available instruction set, which is how the tests cover every path this machine has.
 //!
-//! ```
-//! use kernels_cpu::{Cpu, Isa};
-//! let cpu = Cpu::detect();
-//! let x = [3.0f32, 4.0];
-//! assert_eq!(kernels_cpu::reduce::sum_squares(&cpu, &x), 25.0);
-//! assert!(Cpu::with_isa(Isa::Scalar).is_ok());
-//! ```
-//!
 //! # Modules
 //!
 //! | module | kernels |
 //! |---|---|
 //! | [`gemv`] | dense, sparse-input and gathered GEMV |
-//! | `mlp`, `calibrate` | CATS/TEAL MLPs, threshold calibration |
-//! | `select` | exact magnitude top-k (cut, mask, indices), k-th magnitude, streaming top-k |
-//! | `compress` | ComPEFT: moments, global top-k, packed encoding |
-//! | `ternary` | packed ternary decode, ternary GEMV, decompress-and-add |
+//! | `mlp`, `calibrate` | CATS/TEAL MLPs with caller-owned scratch, threshold calibration |
+//! | `select` | exact magnitude top-k (cut, mask, kept values, indices), k-th magnitude, streaming top-k |
+//! | `compress` | ComPEFT: moments, global top-k, codes or packed encoding |
+//! | `ternary` | packed ternary tensors: decode, ternary GEMV, decompress-and-add |
 //! | `masks` | DARE, TIES trim, Breadcrumbs |
-//! | [`merge`] | weighted mean, task arithmetic, TIES election, Fisher merging and accumulation |
-//! | [`reduce`] | sum of squares |
+//! | [`merge`] | weighted mean, task arithmetic, TIES (one call, or trim and elect), Fisher merging and accumulation, sum of squares |
 //! | `linalg` | GEMM, Householder and CGS2 QR, fused projections, LU/LDU, thin and randomized SVD, symmetric eigendecomposition, LoRA extraction, the OPCM step, streaming truncated SVD |
+//!
+//! Conventions shared by every op: the backend comes first (`&cpu`), then inputs, parameters,
+//! and the caller's output last; "how many" is a [`KeepRule`](kernels_core::ops::select::KeepRule);
+//! ops with more than three knobs take a params struct with `Default` and `with_*` setters;
+//! streaming types follow [`MultiPass`]. The same op has the same name and argument order in
+//! `kernels-wgpu`.
 //!
 //! # Cargo features
 //!
 //! | feature | default | adds |
 //! |---|---|---|
 //! | `std` | yes | threads in the kernels that split work; faer's GEMM under `linalg` (not on wasm32); implies `alloc` |
-//! | `alloc` | via `std` | kernels that keep scratch or return owned results: [`mlp`], [`calibrate`], [`select`], [`compress`], [`ternary`], [`masks`], `linalg` |
+//! | `alloc` | via `std` | kernels that keep scratch or return owned results: `mlp`, `calibrate`, `select`, `compress`, `ternary`, `masks`, `linalg`, [`merge::ties`] |
 //!
 //! Without features the crate is `#![no_std]`: CPU detection uses CPUID directly and needs no
 //! operating-system support beyond saving vector registers.
 
 #![no_std]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[cfg(any(feature = "alloc", test))]
 extern crate alloc;
+#[cfg(test)]
+extern crate std;
 
 #[cfg(feature = "alloc")]
 pub mod calibrate;
@@ -57,7 +72,6 @@ pub mod merge;
 #[cfg(feature = "alloc")]
 pub mod mlp;
 mod parallel;
-pub mod reduce;
 #[cfg(feature = "alloc")]
 pub mod select;
 mod simd;
@@ -69,11 +83,63 @@ pub use isa::Isa;
 pub use simd::Neon;
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 pub use simd::Simd128;
-pub use simd::{KeyMasks, Scalar, Simd, WithSimd};
+pub use simd::{Scalar, Simd, WithSimd};
 #[cfg(target_arch = "x86_64")]
 pub use simd::{V3, V4};
 
-use kernels_core::{Error, Result};
+#[cfg(feature = "alloc")]
+pub use kernels_core::Mat;
+pub use kernels_core::{
+    self, CounterRng, DType, Element, Error, MatMut, MatRef, MultiPass, Result, bf16, f16, format,
+};
+
+/// Everything a user of the CPU backend needs, in one `use kernels_cpu::prelude::*;`: the
+/// backend, every op and its parameter types, and the views, element types and error.
+pub mod prelude {
+    #[cfg(feature = "alloc")]
+    pub use crate::calibrate::{Calibration, Site, calibrate_threshold};
+    #[cfg(feature = "alloc")]
+    pub use crate::compress::{
+        Compeft, CompeftCut, CompeftEncoder, CompeftParams, compeft, compeft_codes, moments,
+    };
+    pub use crate::gemv::{gathered_gemv, gemv, gemv_t, sparse_input_gemv};
+    #[cfg(feature = "alloc")]
+    pub use crate::linalg::{
+        Centering, GemmBackend, Lora, LoraRank, LuParams, OpcmParams, Qr, RsvdParams, StreamingSvd,
+        Svd, SvdRef, Transpose, cgs2, gemm, householder_qr, ldu, lora_extract,
+        lora_extract_randomized, lu, opcm_project, project_onto, project_out, randomized_svd,
+        symmetric_eigen, thin_svd,
+    };
+    #[cfg(feature = "alloc")]
+    pub use crate::masks::{
+        BreadcrumbsParams, DareParams, DareRescale, breadcrumbs, dare, ties_trim,
+    };
+    #[cfg(feature = "alloc")]
+    pub use crate::merge::ties;
+    pub use crate::merge::{
+        FisherParams, TiesParams, fisher_accumulate, fisher_merge, sum_squares, task_arithmetic,
+        ties_elect, weighted_mean,
+    };
+    #[cfg(feature = "alloc")]
+    pub use crate::mlp::{
+        CatsMlpWeights, MlpReport, MlpScratch, TealMlpWeights, TealThresholds, cats_mlp, teal_mlp,
+    };
+    #[cfg(feature = "alloc")]
+    pub use crate::select::{
+        StreamingTopK, TopKApplier, kth_largest_magnitude, topk_cut, topk_indices, topk_keep,
+        topk_mask,
+    };
+    #[cfg(feature = "alloc")]
+    pub use crate::ternary::{
+        PackedTernary, ternary_add, ternary_codes, ternary_decode, ternary_gemv,
+    };
+    pub use crate::{Cpu, Isa};
+    #[cfg(feature = "alloc")]
+    pub use kernels_core::Mat;
+    pub use kernels_core::format::{TernaryHeader, TernaryLayout};
+    pub use kernels_core::ops::select::{KeepRule, TopKCut};
+    pub use kernels_core::{DType, Element, Error, MatMut, MatRef, MultiPass, Result, bf16, f16};
+}
 
 /// The CPU backend: which instruction set the kernels run on, and over how many threads they
 /// split their work.
@@ -81,18 +147,19 @@ use kernels_core::{Error, Result};
 /// Cheap to copy; make one with [`Cpu::detect`] and pass it to every kernel. Results do not depend
 /// on the thread count: every kernel splits its *outputs* (rows of a GEMV, column ranges of an
 /// AXPY) so each output element is computed by one thread with the same operations in the same
-/// order, whatever the split.
+/// order, whatever the split (the linear algebra promises the same bits for a given count).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cpu {
     isa: Isa,
-    threads: usize,
+    /// `None`: the size of the rayon pool current at each call.
+    threads: Option<usize>,
     min_bytes_per_thread: usize,
     #[cfg(feature = "alloc")]
     gemm_backend: linalg::GemmBackend,
 }
 
 impl Cpu {
-    fn new(isa: Isa, threads: usize) -> Self {
+    fn new(isa: Isa, threads: Option<usize>) -> Self {
         Self {
             isa,
             threads,
@@ -102,17 +169,18 @@ impl Cpu {
         }
     }
 
-    /// The best instruction set of this CPU (detected once per process) and, with `std`, one
-    /// thread per core of rayon's global pool.
+    /// The best instruction set of this CPU (detected once per process), splitting work over
+    /// the rayon pool current at each call (its global pool, or the pool a caller `install`s
+    /// around the call); one thread without `std`.
     #[must_use]
     pub fn detect() -> Self {
-        Self::new(Isa::best(), default_threads())
+        Self::new(Isa::best(), None)
     }
 
     /// Pinned to `isa`, if this CPU has it (threads as [`Cpu::detect`]).
     pub fn with_isa(isa: Isa) -> Result<Self> {
         if isa.is_available() {
-            Ok(Self::new(isa, default_threads()))
+            Ok(Self::new(isa, None))
         } else {
             Err(Error::Unsupported {
                 feature: isa.name(),
@@ -121,7 +189,8 @@ impl Cpu {
         }
     }
 
-    /// The same backend splitting work into `threads` parts (`>= 1`; above 1 needs `std`).
+    /// The same backend splitting work into exactly `threads` parts (`>= 1`; above 1 needs
+    /// `std`), run on the rayon pool current at the call.
     pub fn with_threads(self, threads: usize) -> Result<Self> {
         if threads == 0 {
             return Err(Error::InvalidParam {
@@ -136,13 +205,16 @@ impl Cpu {
                 hint: "enable kernels-cpu's `std` feature",
             });
         }
-        Ok(Self { threads, ..self })
+        Ok(Self {
+            threads: Some(threads),
+            ..self
+        })
     }
 
     /// One single-threaded backend per available instruction set, best first: what tests iterate
     /// over.
     pub fn all_available() -> impl Iterator<Item = Self> {
-        Isa::available().map(|isa| Self::new(isa, 1))
+        Isa::available().map(|isa| Self::new(isa, Some(1)))
     }
 
     /// The instruction set in use.
@@ -151,10 +223,11 @@ impl Cpu {
         self.isa
     }
 
-    /// How many parts the kernels split their work into.
+    /// How many parts the kernels split their work into if called now: the count given to
+    /// [`Cpu::with_threads`], else the current rayon pool's size.
     #[must_use]
     pub fn threads(&self) -> usize {
-        self.threads
+        self.threads.unwrap_or_else(current_pool_threads)
     }
 
     /// The same backend giving each thread at least `bytes` of weights to read (default 1 MiB:
@@ -197,7 +270,7 @@ impl Cpu {
     }
 }
 
-fn default_threads() -> usize {
+fn current_pool_threads() -> usize {
     #[cfg(feature = "std")]
     {
         rayon::current_num_threads().max(1)

@@ -13,12 +13,12 @@
 //!   two `f64` L1 sums are added in another order, so survivors are within
 //!   [`DARE_L1_RELATIVE_TOLERANCE`] of the reference.
 
-use kernels_core::ops::merge::{BreadcrumbsParams, DareParams, DareRescale};
-use kernels_core::ops::select::keep_count;
+pub use kernels_core::ops::merge::{BreadcrumbsParams, DareParams, DareRescale};
+use kernels_core::ops::select::KeepRule;
 use kernels_core::{CounterRng, Element, Error, Result};
 
 use crate::parallel::split_outputs;
-use crate::select::{GROUP, Parts, apply_cuts, top_k};
+use crate::select::{GROUP, Parts, apply_cuts, check_out, top_k, topk_keep};
 use crate::simd::widened;
 use crate::{Cpu, Simd, WithSimd};
 
@@ -27,19 +27,6 @@ use crate::{Cpu, Simd, WithSimd};
 /// `n u_64` relative), then one `f32` rounding of the product (half an `f32` ulp) may land on the
 /// other side.
 pub const DARE_L1_RELATIVE_TOLERANCE: f64 = f32::EPSILON as f64;
-
-/// Checks that the output is as long as the input.
-fn check_out(n: usize, out: usize) -> Result<()> {
-    if out == n {
-        Ok(())
-    } else {
-        Err(Error::LengthMismatch {
-            what: "out",
-            expected: n,
-            found: out,
-        })
-    }
-}
 
 /// How far ahead DARE prefetches its input.
 const PREFETCH_BYTES: usize = 2048;
@@ -173,7 +160,20 @@ impl<T: Element> WithSimd for L1Sums<'_, T> {
 }
 
 /// DARE (the twin of [`kernels_core::ops::merge::dare_ref`]): `out_i = tau_i * scale` where
-/// element `first_index + i` survives its draw, else 0; threaded.
+/// element `first_index + i` survives its draw, else 0; threaded. `first_index` is the flat index
+/// of `tau[0]` in the whole tensor, so any chunking draws the same mask.
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// let tau = [1.0f32; 1000];
+/// let mut out = [0.0f32; 1000];
+/// dare(&Cpu::detect(), &tau, DareParams::default().with_drop(0.5).with_seed(7), 0, &mut out)?;
+/// // Survivors are rescaled by 1 / (1 - p); about half survive.
+/// assert!(out.iter().all(|&v| v == 0.0 || v == 2.0));
+/// let kept = out.iter().filter(|&&v| v != 0.0).count();
+/// assert!((400..600).contains(&kept));
+/// # Ok::<(), Error>(())
+/// ```
 pub fn dare<T: Element>(
     cpu: &Cpu,
     tau: &[T],
@@ -239,35 +239,42 @@ pub fn dare<T: Element>(
     Ok(())
 }
 
-/// TIES trim (the twin of [`kernels_core::ops::merge::ties_trim_ref`]): `out` keeps the top
-/// `floor(density n)` magnitudes of `tau` (ties by lower index), zero elsewhere.
-pub fn ties_trim<T: Element>(cpu: &Cpu, tau: &[T], density: f64, out: &mut [T]) -> Result<()> {
-    check_out(tau.len(), out.len())?;
-    let slices = [tau];
-    let parts = Parts::new(cpu, &slices, GROUP);
-    let cut = top_k(cpu, &parts, keep_count(density, tau.len() as u64)?)?;
-    let zero = T::from_f32(0.0);
-    apply_cuts(
-        cpu,
-        &parts,
-        [&cut],
-        parts.split(out, 1),
-        #[inline(always)]
-        |out, at, run, keep| {
-            for (j, (o, &t)) in out[at..at + run.len()].iter_mut().zip(run).enumerate() {
-                *o = if (keep.bits[0] >> j) & 1 == 1 {
-                    t
-                } else {
-                    zero
-                };
-            }
-        },
-    )
+/// TIES trim (the twin of [`kernels_core::ops::merge::ties_trim_ref`]): `out` keeps what `keep`
+/// keeps of `tau` by magnitude (ties by lower index), zero elsewhere, written as `O` (`T` itself
+/// keeps the model's width; `f32` is exact too). [`crate::select::topk_keep`] under its TIES
+/// name.
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// let tau = [bf16::from_f32(0.5), bf16::from_f32(-3.0), bf16::from_f32(1.0), bf16::from_f32(2.0)];
+/// let mut trimmed = [bf16::ZERO; 4];
+/// ties_trim(&Cpu::detect(), &tau, KeepRule::Density(0.5), &mut trimmed)?;
+/// assert_eq!(trimmed.map(bf16::to_f32), [0.0, -3.0, 0.0, 2.0]);
+/// # Ok::<(), Error>(())
+/// ```
+pub fn ties_trim<T: Element, O: Element>(
+    cpu: &Cpu,
+    tau: &[T],
+    keep: KeepRule,
+    out: &mut [O],
+) -> Result<()> {
+    topk_keep(cpu, tau, keep, out)
 }
 
 /// Model Breadcrumbs (the twin of [`kernels_core::ops::merge::breadcrumbs_ref`]): keeps the
 /// entries whose magnitude rank lies in `[top, top + keep)` of [`BreadcrumbsParams::counts`],
 /// zero elsewhere.
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// let tau = [0.1f32, -5.0, 0.3, 0.2, -0.4, 0.05, 3.0, 0.01, -0.2, 0.6];
+/// let mut out = [0.0f32; 10];
+/// // Drop the top 10 % (the -5.0), keep the next 50 %.
+/// let params = BreadcrumbsParams::default().with_density(0.5).with_gamma(0.1);
+/// breadcrumbs(&Cpu::detect(), &tau, params, &mut out)?;
+/// assert_eq!(out, [0.0, 0.0, 0.3, 0.2, -0.4, 0.0, 3.0, 0.0, 0.0, 0.6]);
+/// # Ok::<(), Error>(())
+/// ```
 pub fn breadcrumbs<T: Element>(
     cpu: &Cpu,
     tau: &[T],

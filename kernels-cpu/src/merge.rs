@@ -19,10 +19,11 @@
 
 use core::ops::Range;
 
-use kernels_core::ops::merge::{
-    ties_sign, validate_fisher_accumulate, validate_fisher_merge, validate_task_arithmetic,
-    validate_ties_elect, validate_weighted_mean,
+use kernels_core::backend::{
+    fisher_weight, ties_sign, validate_fisher_accumulate, validate_fisher_merge,
+    validate_task_arithmetic, validate_ties_elect, validate_weighted_mean,
 };
+pub use kernels_core::ops::merge::{FisherParams, TiesParams};
 use kernels_core::{DType, Element, Result};
 
 use crate::parallel::split_outputs;
@@ -153,7 +154,7 @@ pub fn weighted_mean<T: Element, O: Element>(
     weights: &[f32],
     out: &mut [O],
 ) -> Result<()> {
-    let sum = validate_weighted_mean(models, weights, out.len())?;
+    let sum = validate_weighted_mean(models.iter().map(|m| m.len()), weights, out.len())?;
     let scale = (1.0 / sum) as f32;
     split_elements(
         cpu,
@@ -183,7 +184,13 @@ pub fn task_arithmetic<T: Element, O: Element>(
     lambda: f32,
     out: &mut [O],
 ) -> Result<()> {
-    validate_task_arithmetic(base, taus, weights, lambda, out.len())?;
+    validate_task_arithmetic(
+        base.len(),
+        taus.iter().map(|t| t.len()),
+        weights,
+        lambda,
+        out.len(),
+    )?;
     split_elements(
         cpu,
         out,
@@ -245,7 +252,7 @@ pub fn fisher_accumulate<T: Element>(
     grad: &[T],
     scale: f32,
 ) -> Result<()> {
-    validate_fisher_accumulate(fisher.len(), grad, scale)?;
+    validate_fisher_accumulate(fisher.len(), grad.len(), scale)?;
     split_elements(cpu, fisher, 4 + core::mem::size_of::<T>(), |range, part| {
         cpu.dispatch(FisherAccumulate {
             fisher: part,
@@ -374,7 +381,13 @@ pub fn ties_elect<T: Element, O: Element>(
     lambda: f32,
     out: &mut [O],
 ) -> Result<()> {
-    validate_ties_elect(base, trimmed, weights, lambda, out.len())?;
+    validate_ties_elect(
+        base.len(),
+        trimmed.iter().map(|t| t.len()),
+        weights,
+        lambda,
+        out.len(),
+    )?;
     split_elements(
         cpu,
         out,
@@ -398,7 +411,7 @@ struct FisherMerge<'a, T> {
     thetas: &'a [&'a [T]],
     fishers: &'a [&'a [f32]],
     weights: &'a [f32],
-    floor: f32,
+    params: FisherParams<'a>,
     weight_sum: f64,
     range: Range<usize>,
     out: &'a mut [f32],
@@ -413,11 +426,12 @@ impl<T: Element> WithSimd for FisherMerge<'_, T> {
             thetas,
             fishers,
             weights,
-            floor,
+            params,
             weight_sum,
             range,
             out,
         } = self;
+        let floor = params.floor;
         let mut buffer = [0.0f32; WIDE];
         let mut fisher_buffer = [0.0f32; WIDE];
         for_each_block(
@@ -427,12 +441,12 @@ impl<T: Element> WithSimd for FisherMerge<'_, T> {
             |c, len| {
                 let (mut num, mut den, mut plain) =
                     ([0.0f64; WIDE], [0.0f64; WIDE], [0.0f64; WIDE]);
-                for ((t, f), &w) in thetas.iter().zip(fishers).zip(weights) {
+                for (i, (t, f)) in thetas.iter().zip(fishers).enumerate() {
                     prefetch_ahead(s, t, c);
                     prefetch_ahead(s, f, c);
                     let theta = widened(s, &t[c..c + len], &mut buffer);
                     let fisher = widened(s, &f[c..c + len], &mut fisher_buffer);
-                    let w = f64::from(w);
+                    let w = f64::from(fisher_weight(weights, params, i));
                     for j in 0..WIDE {
                         let f = f64::from(fisher[j].max(floor));
                         let v = f64::from(theta[j]);
@@ -454,20 +468,42 @@ impl<T: Element> WithSimd for FisherMerge<'_, T> {
     }
 }
 
-/// Fisher merging `out = sum w_i F'_i theta_i / sum w_i F'_i`, `F' = max(F, floor)`, falling
-/// back to the plain weighted mean where every `w_i F'_i` is zero (the twin of
-/// [`kernels_core::ops::merge::fisher_merge_ref`], bit-identical: the same `f64` operations in
-/// the same order, vectorised across elements), written as `f32` or rounded once more to another
-/// element type.
+/// Fisher merging `out = sum w'_i F'_i theta_i / sum w'_i F'_i`, `F' = max(F, params.floor)`,
+/// `w'_i = w_i` or, with [`FisherParams::with_normalization`], `w_i / ||F_i||_2` (the squared
+/// norms summed over each model's whole Fisher with [`sum_squares`]); the plain weighted mean
+/// where every `w'_i F'_i` is zero. The twin of [`kernels_core::ops::merge::fisher_merge_ref`],
+/// bit-identical: the same `f64` operations in the same order, vectorised across elements;
+/// written as `f32` or rounded once more to another element type.
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// let cpu = Cpu::detect();
+/// let (a, b) = ([1.0f32, -2.0, 4.0], [3.0f32, 6.0, -4.0]);
+/// let (fa, fb) = ([1.0f32, 1.0, 1.0], [3.0f32, 0.0, 1.0]);
+/// let mut out = [0.0f32; 3];
+/// fisher_merge(&cpu, &[&a, &b], &[&fa, &fb], &[1.0, 1.0], FisherParams::default(), &mut out)?;
+/// assert_eq!(out, [2.5, -2.0, 0.0]); // sum F theta / sum F
+/// // Normalised per model by ||F_i||_2, summed tensor by tensor over the whole model.
+/// let norms = [sum_squares(&cpu, &fa), sum_squares(&cpu, &fb)];
+/// let params = FisherParams::default().with_normalization(&norms);
+/// fisher_merge(&cpu, &[&a, &b], &[&fa, &fb], &[1.0, 1.0], params, &mut out)?;
+/// # Ok::<(), Error>(())
+/// ```
 pub fn fisher_merge<T: Element, O: Element>(
     cpu: &Cpu,
     thetas: &[&[T]],
     fishers: &[&[f32]],
     weights: &[f32],
-    floor: f32,
+    params: FisherParams<'_>,
     out: &mut [O],
 ) -> Result<()> {
-    let weight_sum = validate_fisher_merge(thetas, fishers, weights, floor, out.len())?;
+    let weight_sum = validate_fisher_merge(
+        thetas.iter().map(|t| t.len()),
+        fishers.iter().map(|f| f.len()),
+        weights,
+        params,
+        out.len(),
+    )?;
     split_elements(
         cpu,
         out,
@@ -477,7 +513,7 @@ pub fn fisher_merge<T: Element, O: Element>(
                 thetas,
                 fishers,
                 weights,
-                floor,
+                params,
                 weight_sum,
                 range,
                 out,
@@ -485,4 +521,197 @@ pub fn fisher_merge<T: Element, O: Element>(
         },
     );
     Ok(())
+}
+
+/// TIES merging of whole tensors in one call: trim each task vector to what `params.keep` keeps
+/// ([`crate::masks::ties_trim`], into `N` scratch copies of the tensor in `T`), then elect and take
+/// the disjoint mean ([`ties_elect`]). The twin of [`kernels_core::ops::merge::ties_ref`];
+/// written as `f32` or rounded once more to another element type.
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// let base = [10.0f32; 4];
+/// let (t1, t2) = ([1.0f32, -2.0, 3.0, 0.1], [3.0f32, 1.0, -1.0, 0.2]);
+/// let params = TiesParams::default().with_keep(KeepRule::Density(0.75)).with_lambda(1.0);
+/// let mut out = [0.0f32; 4];
+/// ties(&Cpu::detect(), &base, &[&t1, &t2], &[1.0, 1.0], params, &mut out)?;
+/// assert_eq!(out, [12.0, 8.0, 13.0, 10.0]);
+/// # Ok::<(), Error>(())
+/// ```
+#[cfg(feature = "alloc")]
+pub fn ties<T: Element, O: Element>(
+    cpu: &Cpu,
+    base: &[T],
+    taus: &[&[T]],
+    weights: &[f32],
+    params: TiesParams,
+    out: &mut [O],
+) -> Result<()> {
+    validate_ties_elect(
+        base.len(),
+        taus.iter().map(|t| t.len()),
+        weights,
+        params.lambda,
+        out.len(),
+    )?;
+    let mut trimmed = alloc::vec::Vec::with_capacity(taus.len());
+    for tau in taus {
+        let mut t = alloc::vec![T::from_f32(0.0); tau.len()];
+        crate::masks::ties_trim(cpu, tau, params.keep, &mut t)?;
+        trimmed.push(t);
+    }
+    let views: alloc::vec::Vec<&[T]> = trimmed.iter().map(alloc::vec::Vec::as_slice).collect();
+    ties_elect(cpu, base, &views, weights, params.lambda, out)
+}
+
+/// Elements summed in `f32` lanes before the partial sum is added to the `f64` total.
+///
+/// PERF: `f32` lanes keep the loop at full vector width; flushing every block into `f64` bounds
+/// the error by the block, not by the slice length (see [`SUM_SQUARES_RELATIVE_TOLERANCE`]).
+const SUM_SQUARES_BLOCK: usize = 4096;
+
+/// Independent accumulators per vector lane: enough to hide the FMA latency.
+const SUM_ACCUMULATORS: usize = 4;
+
+/// Relative error bound of [`sum_squares`] against exact arithmetic on the widened inputs.
+///
+/// Terms are non-negative, so each `f32` accumulator of at most `SUM_SQUARES_BLOCK / 4 + 1`
+/// terms has relative error below `(terms + 1) u` with `u = 2^-24`, the lane and accumulator
+/// reduction adds `log2(64) + 1` roundings, and the `f64` totals add a negligible amount.
+pub const SUM_SQUARES_RELATIVE_TOLERANCE: f64 =
+    (SUM_SQUARES_BLOCK / SUM_ACCUMULATORS + 2 + 7) as f64 * (f32::EPSILON as f64 / 2.0);
+
+struct SumSquares<'a, T>(&'a [T]);
+
+impl<T: Element> WithSimd for SumSquares<'_, T> {
+    type Output = f64;
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, s: S) -> f64 {
+        let mut total = 0.0f64;
+        for block in self.0.chunks(SUM_SQUARES_BLOCK) {
+            let mut acc = [s.zero(); SUM_ACCUMULATORS];
+            let mut groups = block.chunks_exact(SUM_ACCUMULATORS * S::LANES);
+            for group in &mut groups {
+                for (a, lane) in acc.iter_mut().zip(group.chunks_exact(S::LANES)) {
+                    let v = s.load(lane);
+                    *a = s.mul_add(v, v, *a);
+                }
+            }
+            let mut tail = 0.0f32;
+            for x in groups.remainder() {
+                let v = x.to_f32();
+                tail += v * v;
+            }
+            let lanes = s.add(s.add(acc[0], acc[1]), s.add(acc[2], acc[3]));
+            total += f64::from(s.reduce_sum(lanes)) + f64::from(tail);
+        }
+        total
+    }
+}
+
+/// `sum x^2`, the fast twin of [`kernels_core::ops::merge::sum_squares_ref`]: within
+/// [`SUM_SQUARES_RELATIVE_TOLERANCE`] of it (NaN and infinity propagate). Summed tensor by tensor
+/// over a model's Fisher, it gives the squared norm [`FisherParams::with_normalization`] takes.
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// assert_eq!(sum_squares(&Cpu::detect(), &[3.0f32, 4.0]), 25.0);
+/// ```
+#[must_use]
+pub fn sum_squares<T: Element>(cpu: &Cpu, x: &[T]) -> f64 {
+    cpu.dispatch(SumSquares(x))
+}
+
+#[cfg(test)]
+mod sum_squares_tests {
+    use super::*;
+    use alloc::vec::Vec;
+    use half::{bf16, f16};
+    use kernels_core::CounterRng;
+    use kernels_core::ops::merge::sum_squares_ref;
+    use proptest::prelude::*;
+
+    fn check<T: Element>(x: &[T]) {
+        let expect = sum_squares_ref(x);
+        for cpu in Cpu::all_available() {
+            let got = sum_squares(&cpu, x);
+            assert!(
+                (got - expect).abs() <= SUM_SQUARES_RELATIVE_TOLERANCE * expect,
+                "{} {:?} n={}: {got} vs {expect}",
+                cpu.isa(),
+                T::DTYPE,
+                x.len()
+            );
+        }
+    }
+
+    fn data<T: Element>(n: usize, seed: u64) -> Vec<T> {
+        let rng = CounterRng::new(seed);
+        (0..n as u64)
+            .map(|i| T::from_f32(rng.normal_at(i) as f32))
+            .collect()
+    }
+
+    #[test]
+    fn edge_lengths_on_every_isa() {
+        for n in [
+            0,
+            1,
+            3,
+            4,
+            5,
+            15,
+            16,
+            17,
+            63,
+            64,
+            65,
+            127,
+            4095,
+            4096,
+            4097,
+            10_007,
+            576 * 1536,
+        ] {
+            check(&data::<f32>(n, n as u64));
+            check(&data::<f16>(n, n as u64));
+            check(&data::<bf16>(n, n as u64));
+        }
+    }
+
+    #[test]
+    fn non_finite_values_propagate() {
+        for cpu in Cpu::all_available() {
+            assert!(sum_squares(&cpu, &[1.0f32, f32::NAN, 2.0]).is_nan());
+            assert_eq!(
+                sum_squares(
+                    &cpu,
+                    &[1.0f32; 40].map(|v| if v > 0.0 { f32::INFINITY } else { v })
+                ),
+                f64::INFINITY
+            );
+        }
+    }
+
+    #[test]
+    fn the_tolerance_is_tight_enough_to_catch_a_dropped_element() {
+        // Dropping the largest of 10_007 normal samples changes the sum by ~1e-3 relative.
+        let mut x = data::<f32>(10_007, 1);
+        let expect = sum_squares_ref(&x);
+        let largest = (0..x.len())
+            .max_by(|&a, &b| x[a].abs().total_cmp(&x[b].abs()))
+            .unwrap();
+        x[largest] = 0.0;
+        let dropped = sum_squares_ref(&x);
+        assert!((expect - dropped).abs() > 10.0 * SUM_SQUARES_RELATIVE_TOLERANCE * expect);
+    }
+
+    proptest! {
+        #[test]
+        fn random_lengths_and_offsets(n in 0usize..300, offset in 0usize..17, seed in any::<u64>()) {
+            let x = data::<bf16>(n + offset, seed);
+            check(&x[offset..]);
+        }
+    }
 }

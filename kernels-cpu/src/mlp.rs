@@ -17,18 +17,16 @@
 //! inputs over `W_gate_t` and `W_up_t`, then AXPY of the union of active `h` over `W_down_t`.
 //! Threads split rows for dots and columns for AXPYs.
 
-use alloc::vec;
 use alloc::vec::Vec;
 use core::ops::Range;
 
-use kernels_core::ops::sparse::{
-    CatsMlpWeights, MAX_MLP_BATCH, MlpReport, TealMlpWeights, TealThresholds, is_active, silu_f32,
-    validate_cats_mlp, validate_teal_mlp,
-};
+use kernels_core::backend::{validate_cats_mlp, validate_teal_mlp};
+pub use kernels_core::ops::sparse::{CatsMlpWeights, MlpReport, TealMlpWeights, TealThresholds};
+use kernels_core::ops::sparse::{MAX_MLP_BATCH, is_active, silu_f32};
 use kernels_core::{Element, MatMut, MatRef, Result};
 
 use crate::gemv::{COLUMN_ALIGN, ROW_BLOCK, axpy_some, dot_rows, gemv_tolerance};
-use crate::parallel::{for_each, parts_for, ranges};
+use crate::parallel::split_columns;
 use crate::{Cpu, Simd, WithSimd};
 
 /// Bound on `|y_j - y_ref_j|` of an MLP output.
@@ -38,49 +36,127 @@ use crate::{Cpu, Simd, WithSimd};
 ///   `|silu'|`): how the `f32` rounding of the gate and up dots reaches `y_j`;
 /// * `direct = sum_i |h_i w_down_t[i, j]|`: the scale of the final AXPY and of the roundings in
 ///   SiLU and the product `h = a u`;
+/// * `max_gate = max |g_i|`: unused here (`expf` is accurate to an ulp whatever `g`); the GPU's
+///   bound, which has the same arguments, widens with it;
 ///
 /// over the `active` rows, with `hidden` terms per dot. Each dot contributes a
 /// [`crate::gemv::gemv_tolerance`]; SiLU (`expf`, one division) and the product add `8 u direct`.
+///
+/// ```
+/// use kernels_cpu::mlp::mlp_tolerance;
+/// assert!(mlp_tolerance(576, 768, 10.0, 5.0, 3.0) < 1e-4);
+/// ```
 #[must_use]
-pub fn mlp_tolerance(hidden: usize, active: usize, propagated: f64, direct: f64) -> f64 {
+pub fn mlp_tolerance(
+    hidden: usize,
+    active: usize,
+    propagated: f64,
+    direct: f64,
+    max_gate: f64,
+) -> f64 {
+    let _ = max_gate;
     let u = f64::from(f32::EPSILON / 2.0);
     gemv_tolerance(hidden, propagated) + gemv_tolerance(active, direct) + 8.0 * u * direct
 }
 
-/// Rows of a matrix read by an AXPY, in blocks of up to four, with each sample's subset.
-struct UnionRows {
-    /// Row indices (ascending), the union over the batch.
-    rows: Vec<u32>,
-    /// Per row, bit `b` set if sample `b` uses it.
+/// The vectors an MLP call works in, owned by the caller so that a decode loop reuses them: after
+/// the first call at a given shape, [`cats_mlp`] and [`teal_mlp`] allocate nothing, on any
+/// thread count (threads get their parts through `rayon::join`, whose jobs live on the stack;
+/// only a pool's first use allocates its threads' state). The tests count it.
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// let (inter, hidden) = (4, 2);
+/// let gate = [1.0f32, 0.0, 0.0, 1.0, -1.0, 0.0, 0.0, -1.0];
+/// let up = [1.0f32; 8];
+/// let down_t = [1.0f32, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0];
+/// let weights = CatsMlpWeights {
+///     gate: MatRef::from_slice(&gate, inter, hidden)?,
+///     up: MatRef::from_slice(&up, inter, hidden)?,
+///     down_t: MatRef::from_slice(&down_t, inter, hidden)?,
+/// };
+/// let cpu = Cpu::detect();
+/// let mut scratch = MlpScratch::new();
+/// let mut y = [0.0f32; 2];
+/// for token in [[2.0f32, 1.0], [1.0, 2.0]] {
+///     let x = MatRef::from_slice(&token, 1, hidden)?;
+///     cats_mlp(&cpu, x, weights, 0.5, MatMut::from_slice(&mut y, 1, hidden)?, &mut scratch)?;
+///     // Rows 2 and 3 have negative gates: silu(g) is above -0.28, so they are skipped.
+///     assert_eq!(scratch.report().active, [0, 1]);
+/// }
+/// # Ok::<(), Error>(())
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct MlpScratch {
+    /// CATS: `silu(W_gate x)`, `[row][sample]`. TEAL: `h`, `[row][sample]`.
+    activations: Vec<f32>,
+    /// Activity flags, `[row][sample]`.
+    active: Vec<bool>,
+    /// Per row of the last union, bit `b` set if sample `b` uses it.
     masks: Vec<u8>,
+    /// The last AXPY's coefficients, `[union row][sample]`.
+    coeffs: Vec<f32>,
+    /// TEAL: the union of active inputs, its masks and coefficients; `g` and `u`,
+    /// `[sample][row]`.
+    input_rows: Vec<u32>,
+    input_masks: Vec<u8>,
+    input_coeffs: Vec<f32>,
+    g: Vec<f32>,
+    u: Vec<f32>,
+    /// The rows the last call read; `report.active` is the last union's rows.
+    report: MlpReport,
 }
 
-impl UnionRows {
-    /// From `active[i * batch + b]`.
-    fn new(active: &[bool], batch: usize) -> Self {
-        let mut rows = Vec::new();
-        let mut masks = Vec::new();
-        for (i, flags) in active.chunks_exact(batch).enumerate() {
-            let mask = flags
-                .iter()
-                .enumerate()
-                .fold(0u8, |m, (b, &on)| m | (u8::from(on) << b));
-            if mask != 0 {
-                rows.push(i as u32);
-                masks.push(mask);
-            }
-        }
-        Self { rows, masks }
+impl MlpScratch {
+    /// Empty scratch; the first call sizes it.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// What the last call read: the union over its batch of the intermediate rows each sample
+    /// kept (empty before the first call).
+    #[must_use]
+    pub fn report(&self) -> &MlpReport {
+        &self.report
     }
 }
+
+/// `values` cleared and resized to `len` copies of `fill`, keeping its allocation.
+fn reuse<X: Clone>(values: &mut Vec<X>, len: usize, fill: X) {
+    values.clear();
+    values.resize(len, fill);
+}
+
+/// The union over the batch of `active[i * batch + b]`: its rows ascending, and per row the
+/// samples using it (bit `b`).
+fn union_rows(active: &[bool], batch: usize, rows: &mut Vec<u32>, masks: &mut Vec<u8>) {
+    rows.clear();
+    masks.clear();
+    for (i, flags) in active.chunks_exact(batch).enumerate() {
+        let mask = flags
+            .iter()
+            .enumerate()
+            .fold(0u8, |m, (b, &on)| m | (u8::from(on) << b));
+        if mask != 0 {
+            rows.push(i as u32);
+            masks.push(mask);
+        }
+    }
+}
+
+/// The rows of a batch, as an array (unused samples empty).
+type BatchRows<'y> = [&'y mut [f32]; MAX_MLP_BATCH];
 
 /// `ys[b][cols] = sum over union rows j used by sample b of coeffs[j * B + b] * w_t[rows[j], cols]`.
 struct BatchAxpy<'a, 'y, T> {
     w_t: MatRef<'a, T>,
-    union: &'a UnionRows,
+    rows: &'a [u32],
+    masks: &'a [u8],
     coeffs: &'a [f32],
+    batch: usize,
     cols: Range<usize>,
-    ys: &'a mut [&'y mut [f32]],
+    ys: BatchRows<'y>,
 }
 
 impl<T: Element> WithSimd for BatchAxpy<'_, '_, T> {
@@ -90,27 +166,27 @@ impl<T: Element> WithSimd for BatchAxpy<'_, '_, T> {
     fn with_simd<S: Simd>(self, s: S) {
         let Self {
             w_t,
-            union,
+            rows,
+            masks,
             coeffs,
+            batch,
             cols,
-            ys,
+            mut ys,
         } = self;
-        let batch = ys.len();
+        let ys = &mut ys[..batch];
         for y in ys.iter_mut() {
             y.fill(0.0);
         }
         let block_rows = |index: usize| -> [&[T]; ROW_BLOCK] {
             core::array::from_fn(|r| {
-                union
-                    .rows
-                    .get(index * ROW_BLOCK + r)
+                rows.get(index * ROW_BLOCK + r)
                     .map_or(&[][..], |&i| &w_t.row(i as usize)[cols.clone()])
             })
         };
         let mut next = block_rows(0);
-        for (index, masks) in union.masks.chunks(ROW_BLOCK).enumerate() {
+        for (index, masks) in masks.chunks(ROW_BLOCK).enumerate() {
             let first = index * ROW_BLOCK;
-            let rows = next;
+            let block = next;
             next = block_rows(index + 1);
             for (b, y) in ys.iter_mut().enumerate() {
                 let mut picked_rows: [&[T]; ROW_BLOCK] = [&[]; ROW_BLOCK];
@@ -118,7 +194,7 @@ impl<T: Element> WithSimd for BatchAxpy<'_, '_, T> {
                 let mut count = 0;
                 for (r, &mask) in masks.iter().enumerate() {
                     if mask & (1 << b) != 0 {
-                        picked_rows[count] = rows[r];
+                        picked_rows[count] = block[r];
                         picked_coeffs[count] = coeffs[(first + r) * batch + b];
                         count += 1;
                     }
@@ -131,148 +207,197 @@ impl<T: Element> WithSimd for BatchAxpy<'_, '_, T> {
     }
 }
 
-/// Runs [`BatchAxpy`] over the columns of `w_t`, split over threads.
+/// Runs [`BatchAxpy`] over the columns of `w_t` into the first `batch` of `ys`, split over
+/// threads.
 fn batch_axpy<T: Element>(
     cpu: &Cpu,
     w_t: MatRef<'_, T>,
-    union: &UnionRows,
+    (rows, masks): (&[u32], &[u8]),
     coeffs: &[f32],
-    ys: Vec<&mut [f32]>,
+    batch: usize,
+    ys: BatchRows<'_>,
 ) {
-    let cols = w_t.cols();
-    let weight_bytes = union.rows.len() * cols * core::mem::size_of::<T>();
-    let parts = parts_for(cpu.threads(), weight_bytes, cpu.min_bytes_per_thread());
-    let splits: Vec<Range<usize>> = ranges(cols, parts, COLUMN_ALIGN).collect();
-    let mut work: Vec<(Range<usize>, Vec<&mut [f32]>)> = splits
-        .iter()
-        .map(|r| (r.clone(), Vec::with_capacity(ys.len())))
-        .collect();
-    for y in ys {
-        let mut rest = y;
-        for (range, part) in &mut work {
-            let (mine, tail) = rest.split_at_mut(range.len());
-            part.push(mine);
-            rest = tail;
-        }
-    }
-    if work.is_empty() {
-        return;
-    }
-    for_each(work, |(cols, mut ys)| {
-        cpu.dispatch(BatchAxpy {
-            w_t,
-            union,
-            coeffs,
-            cols,
-            ys: &mut ys,
-        });
-    });
+    split_columns(
+        cpu,
+        ys,
+        w_t.cols(),
+        rows.len() * core::mem::size_of::<T>(),
+        COLUMN_ALIGN,
+        |cols, ys| {
+            cpu.dispatch(BatchAxpy {
+                w_t,
+                rows,
+                masks,
+                coeffs,
+                batch,
+                cols,
+                ys,
+            });
+        },
+    );
 }
 
-fn report(union: &UnionRows, intermediate: usize) -> MlpReport {
-    MlpReport {
-        active: union.rows.clone(),
-        intermediate,
-    }
+/// The first `rows` rows of `y`, as a batch.
+fn batch_rows<'y>(y: &'y mut MatMut<'_, f32>) -> BatchRows<'y> {
+    let mut rows = y.rows_mut();
+    core::array::from_fn(|_| rows.next().unwrap_or_default())
 }
 
-/// The CATS MLP (see the module docs); `x` `[batch, hidden]`, `y` `[batch, hidden]`.
+/// `values` (`[sample][len]`) split per sample.
+fn per_sample(values: &mut [f32], len: usize) -> BatchRows<'_> {
+    let mut rows = values.chunks_mut(len.max(1));
+    core::array::from_fn(|_| rows.next().unwrap_or_default())
+}
+
+/// The rows of `x`, as an array (unused samples empty).
+fn inputs<'x>(x: &MatRef<'x, f32>) -> [&'x [f32]; MAX_MLP_BATCH] {
+    let mut rows = x.row_iter();
+    core::array::from_fn(|_| rows.next().unwrap_or_default())
+}
+
+/// The CATS MLP (see the module docs): `x` and `y` `[batch, hidden]`, batch 1 to 4; the rows read
+/// go to `scratch`'s [`MlpScratch::report`]. A gate activation `a` is active iff
+/// `!(|a| <= threshold)` (strict, NaN active): `threshold <= 0` computes the dense MLP.
+///
+/// See [`MlpScratch`] for an example.
 pub fn cats_mlp<T: Element>(
     cpu: &Cpu,
     x: MatRef<'_, f32>,
-    weights: CatsMlpWeights<'_, T>,
+    weights: CatsMlpWeights<MatRef<'_, T>>,
     threshold: f32,
     mut y: MatMut<'_, f32>,
-) -> Result<MlpReport> {
-    let [inter, _] = validate_cats_mlp(x, &weights, threshold, y.shape())?;
-    let xs: Vec<&[f32]> = x.row_iter().collect();
-    let batch = xs.len();
+    scratch: &mut MlpScratch,
+) -> Result<()> {
+    let [inter, _] =
+        validate_cats_mlp(x.shape(), weights.map(MatRef::shape), threshold, y.shape())?;
+    let batch = x.rows();
+    let xs = inputs(&x);
+    let xs = &xs[..batch];
+    let s = scratch;
+    s.report.intermediate = inter;
     // (1) a = silu(W_gate x) for every sample, one pass over W_gate; the mask fused after it.
-    let mut a = vec![0.0f32; inter * batch];
-    dot_rows(cpu, |i| weights.gate.row(i), &xs, &mut a);
-    let mut active = vec![false; inter * batch];
-    for (flag, v) in active.iter_mut().zip(a.iter_mut()) {
+    reuse(&mut s.activations, inter * batch, 0.0);
+    dot_rows(cpu, |i| weights.gate.row(i), xs, &mut s.activations);
+    reuse(&mut s.active, inter * batch, false);
+    for (flag, v) in s.active.iter_mut().zip(s.activations.iter_mut()) {
         *v = silu_f32(*v);
         *flag = is_active(*v, threshold);
     }
-    let union = UnionRows::new(&active, batch);
+    union_rows(&s.active, batch, &mut s.report.active, &mut s.masks);
+    let rows = &s.report.active;
     // (2) u = W_up[i] . x for the union's rows; h = a * u.
-    let mut h = vec![0.0f32; union.rows.len() * batch];
-    dot_rows(cpu, |j| weights.up.row(union.rows[j] as usize), &xs, &mut h);
-    for (j, &i) in union.rows.iter().enumerate() {
+    reuse(&mut s.coeffs, rows.len() * batch, 0.0);
+    dot_rows(cpu, |j| weights.up.row(rows[j] as usize), xs, &mut s.coeffs);
+    for (j, &i) in rows.iter().enumerate() {
         for b in 0..batch {
-            h[j * batch + b] *= a[i as usize * batch + b];
+            s.coeffs[j * batch + b] *= s.activations[i as usize * batch + b];
         }
     }
     // (3) y_b = sum of h_b,i W_down_t[i] over the rows sample b keeps.
-    batch_axpy(cpu, weights.down_t, &union, &h, y.rows_mut().collect());
-    Ok(report(&union, inter))
-}
-
-/// The TEAL MLP (see the module docs); `x` `[batch, hidden]`, `y` `[batch, hidden]`.
-pub fn teal_mlp<T: Element>(
-    cpu: &Cpu,
-    x: MatRef<'_, f32>,
-    weights: TealMlpWeights<'_, T>,
-    thresholds: TealThresholds,
-    mut y: MatMut<'_, f32>,
-) -> Result<MlpReport> {
-    let [inter, hidden] = validate_teal_mlp(x, &weights, thresholds, y.shape())?;
-    let batch = x.rows();
-    // Inputs of gate and up: x thresholded per sample.
-    let mut x_active = vec![false; hidden * batch];
-    for b in 0..batch {
-        for (i, &v) in x.row(b).iter().enumerate() {
-            x_active[i * batch + b] = is_active(v, thresholds.gate_up);
-        }
-    }
-    let x_union = UnionRows::new(&x_active, batch);
-    let x_coeffs: Vec<f32> = x_union
-        .rows
-        .iter()
-        .flat_map(|&i| (0..batch).map(move |b| x.at(b, i as usize)))
-        .collect();
-    let mut g = vec![0.0f32; batch * inter];
-    let mut u = vec![0.0f32; batch * inter];
-    batch_axpy(
-        cpu,
-        weights.gate_t,
-        &x_union,
-        &x_coeffs,
-        g.chunks_mut(inter.max(1)).collect(),
-    );
-    batch_axpy(
-        cpu,
-        weights.up_t,
-        &x_union,
-        &x_coeffs,
-        u.chunks_mut(inter.max(1)).collect(),
-    );
-    // Input of down: h = silu(g) * u, thresholded per sample; laid out [row][sample].
-    let mut h = vec![0.0f32; inter * batch];
-    let mut h_active = vec![false; inter * batch];
-    for b in 0..batch {
-        for i in 0..inter {
-            let v = silu_f32(g[b * inter + i]) * u[b * inter + i];
-            h[i * batch + b] = v;
-            h_active[i * batch + b] = is_active(v, thresholds.down);
-        }
-    }
-    let h_union = UnionRows::new(&h_active, batch);
-    let h_coeffs: Vec<f32> = h_union
-        .rows
-        .iter()
-        .flat_map(|&i| &h[i as usize * batch..][..batch])
-        .copied()
-        .collect();
     batch_axpy(
         cpu,
         weights.down_t,
-        &h_union,
-        &h_coeffs,
-        y.rows_mut().collect(),
+        (rows, &s.masks),
+        &s.coeffs,
+        batch,
+        batch_rows(&mut y),
     );
-    Ok(report(&h_union, inter))
+    Ok(())
+}
+
+/// The TEAL MLP (see the module docs): `x` and `y` `[batch, hidden]`, batch 1 to 4; each
+/// projection's input is thresholded with its own threshold (the same strict rule as CATS). The
+/// rows of `W_down_t` read go to `scratch`'s [`MlpScratch::report`].
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// let (hidden, inter) = (2, 3);
+/// let gate_t = [1.0f32, 1.0, 1.0, 0.0, 0.0, 0.0]; // [hidden, inter]
+/// let up_t = [1.0f32; 6];
+/// let down_t = [1.0f32; 6]; // [inter, hidden]
+/// let weights = TealMlpWeights {
+///     gate_t: MatRef::from_slice(&gate_t, hidden, inter)?,
+///     up_t: MatRef::from_slice(&up_t, hidden, inter)?,
+///     down_t: MatRef::from_slice(&down_t, inter, hidden)?,
+/// };
+/// let mut y = [0.0f32; 2];
+/// let mut scratch = MlpScratch::new();
+/// teal_mlp(
+///     &Cpu::detect(),
+///     MatRef::from_slice(&[2.0, 0.1], 1, hidden)?, // 0.1 is below the threshold: skipped
+///     weights,
+///     TealThresholds::new(0.5, 0.0),
+///     MatMut::from_slice(&mut y, 1, hidden)?,
+///     &mut scratch,
+/// )?;
+/// let h = 2.0 / (1.0 + (-2.0f32).exp()) * 2.0; // silu(g) * u for each intermediate row
+/// assert!((y[0] - 3.0 * h).abs() < 1e-5);
+/// assert_eq!(scratch.report().active, [0, 1, 2]);
+/// # Ok::<(), Error>(())
+/// ```
+pub fn teal_mlp<T: Element>(
+    cpu: &Cpu,
+    x: MatRef<'_, f32>,
+    weights: TealMlpWeights<MatRef<'_, T>>,
+    thresholds: TealThresholds,
+    mut y: MatMut<'_, f32>,
+    scratch: &mut MlpScratch,
+) -> Result<()> {
+    let [inter, hidden] =
+        validate_teal_mlp(x.shape(), weights.map(MatRef::shape), thresholds, y.shape())?;
+    let batch = x.rows();
+    let s = scratch;
+    s.report.intermediate = inter;
+    // Inputs of gate and up: x thresholded per sample.
+    reuse(&mut s.active, hidden * batch, false);
+    for b in 0..batch {
+        for (i, &v) in x.row(b).iter().enumerate() {
+            s.active[i * batch + b] = is_active(v, thresholds.gate_up);
+        }
+    }
+    union_rows(&s.active, batch, &mut s.input_rows, &mut s.input_masks);
+    s.input_coeffs.clear();
+    s.input_coeffs.extend(
+        s.input_rows
+            .iter()
+            .flat_map(|&i| (0..batch).map(move |b| x.at(b, i as usize))),
+    );
+    reuse(&mut s.g, batch * inter, 0.0);
+    reuse(&mut s.u, batch * inter, 0.0);
+    let input_union = (&s.input_rows[..], &s.input_masks[..]);
+    let g = per_sample(&mut s.g, inter);
+    batch_axpy(cpu, weights.gate_t, input_union, &s.input_coeffs, batch, g);
+    let u = per_sample(&mut s.u, inter);
+    batch_axpy(cpu, weights.up_t, input_union, &s.input_coeffs, batch, u);
+    // Input of down: h = silu(g) * u, thresholded per sample; laid out [row][sample].
+    reuse(&mut s.activations, inter * batch, 0.0);
+    reuse(&mut s.active, inter * batch, false);
+    for b in 0..batch {
+        for i in 0..inter {
+            let v = silu_f32(s.g[b * inter + i]) * s.u[b * inter + i];
+            s.activations[i * batch + b] = v;
+            s.active[i * batch + b] = is_active(v, thresholds.down);
+        }
+    }
+    union_rows(&s.active, batch, &mut s.report.active, &mut s.masks);
+    s.coeffs.clear();
+    let h = &s.activations;
+    s.coeffs.extend(
+        s.report
+            .active
+            .iter()
+            .flat_map(|&i| &h[i as usize * batch..][..batch])
+            .copied(),
+    );
+    batch_axpy(
+        cpu,
+        weights.down_t,
+        (&s.report.active, &s.masks),
+        &s.coeffs,
+        batch,
+        batch_rows(&mut y),
+    );
+    Ok(())
 }
 
 const _: () = assert!(MAX_MLP_BATCH <= 8, "sample masks are u8");

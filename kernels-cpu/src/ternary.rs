@@ -3,11 +3,12 @@
 //!
 //! # Contracts
 //!
-//! * Every input is validated as [`kernels_core::format::decode_into`] validates it (header,
-//!   every code, padding, trailing bytes); garbled bytes are an [`Error::BadFormat`], and no
-//!   input makes a kernel panic or read out of bounds. Decompress-and-add checks everything
-//!   before it changes `theta`; a decode or GEMV that fails leaves its output unspecified.
-//! * [`decode_into`] gives the reference's codes; [`ternary_add`] the reference's bits
+//! * A [`PackedTernary`] is validated once, when it is made, as
+//!   [`kernels_core::format::decode_into`] validates it (header, every code, padding, trailing
+//!   bytes): garbled bytes are an [`Error::BadFormat`], and no input makes a kernel panic or read
+//!   out of bounds. The ops then read it without checking it again.
+//! * [`ternary_codes`] gives the reference's codes; [`ternary_decode`] `scale * code` exactly
+//!   (`+0.0` for a zero code); [`ternary_add`] the reference's bits
 //!   ([`kernels_core::ops::ternary::ternary_add_ref`]: each changed entry computed in `f64` and
 //!   rounded once to `f32`, then to `T`); [`ternary_gemv`] is within
 //!   [`crate::gemv::gemv_tolerance`] of [`kernels_core::ops::ternary::ternary_gemv_ref`] (sums in
@@ -18,7 +19,7 @@ use core::ops::Range;
 use kernels_core::format::{TernaryHeader, TernaryLayout};
 use kernels_core::{Element, Error, Real, Result};
 
-use crate::parallel::{parts_for, split_outputs};
+use crate::parallel::split_outputs;
 use crate::{Cpu, Simd, WithSimd};
 
 /// Parts of a split start on multiples of this many codes (whole payload words).
@@ -165,18 +166,86 @@ fn for_each_sparse(
     Ok(())
 }
 
-/// The header and payload of `bytes`, with the element count checked against `len`.
-fn parse<'a>(bytes: &'a [u8], what: &'static str, len: usize) -> Result<(TernaryHeader, &'a [u8])> {
-    let header = TernaryHeader::parse(bytes)?;
-    let numel = usize::try_from(header.numel).unwrap_or(usize::MAX);
-    if numel != len {
-        return Err(Error::LengthMismatch {
-            what,
-            expected: numel,
-            found: len,
-        });
+/// A packed ternary tensor ([`kernels_core::format`]), parsed and validated once: what the ops of
+/// this module read, straight from its bytes.
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// let cpu = Cpu::detect();
+/// let bytes = kernels_cpu::format::encode(&[1, 0, -1, 1], &[2, 2], 0.5, TernaryLayout::Dense2Bit)?;
+/// let packed = PackedTernary::new(&cpu, &bytes)?;
+/// assert_eq!(packed.header().shape(), [2, 2]);
+/// let mut y = [0.0f32; 2];
+/// ternary_gemv(&cpu, &packed, &[1.0, 2.0], &mut y)?;
+/// assert_eq!(y, [0.5, 0.5]); // 0.5 * [1 * 1 + 0 * 2, -1 * 1 + 1 * 2]
+/// assert!(PackedTernary::new(&cpu, &bytes[..bytes.len() - 1]).is_err());
+/// # Ok::<(), Error>(())
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct PackedTernary<'a> {
+    header: TernaryHeader,
+    payload: &'a [u8],
+    len: usize,
+}
+
+impl<'a> PackedTernary<'a> {
+    /// Parses `bytes` and validates every one of them (dense payloads threaded).
+    pub fn new(cpu: &Cpu, bytes: &'a [u8]) -> Result<Self> {
+        let header = TernaryHeader::parse(bytes)?;
+        let len = usize::try_from(header.numel).map_err(|_| Error::InvalidParam {
+            name: "packed element count",
+            value: header.numel as f64,
+            expected: "addressable on this target (at most usize::MAX)",
+        })?;
+        let payload = &bytes[header.payload_offset..];
+        match header.layout {
+            TernaryLayout::Dense2Bit => {
+                check_dense(cpu, &header, payload)?;
+            }
+            TernaryLayout::SparseRice => for_each_sparse(&header, payload, |_, _| {})?,
+        }
+        Ok(Self {
+            header,
+            payload,
+            len,
+        })
     }
-    Ok((header, &bytes[header.payload_offset..]))
+
+    /// The header: shape, scale, non-zero count, layout.
+    #[must_use]
+    pub fn header(&self) -> &TernaryHeader {
+        &self.header
+    }
+
+    /// Elements of the tensor.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the tensor has no element.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn expect_len(&self, what: &'static str, found: usize) -> Result<()> {
+        if found == self.len {
+            Ok(())
+        } else {
+            Err(Error::LengthMismatch {
+                what,
+                expected: self.len,
+                found,
+            })
+        }
+    }
+
+    /// Calls `f(index, negative)` for every non-zero of a sparse payload (already validated).
+    fn for_each_nonzero(&self, f: impl FnMut(u64, bool)) {
+        // Validated when made: the walk cannot fail.
+        let _ = for_each_sparse(&self.header, self.payload, f);
+    }
 }
 
 /// The four codes of each payload byte (`i8` bytes in a little-endian `u32`).
@@ -201,14 +270,24 @@ const DECODE: [u32; 256] = {
     table
 };
 
-/// Decodes into `codes` (length = the header's element count), as
-/// [`kernels_core::format::decode_into`]: the same codes and the same acceptance. Dense payloads
-/// decode threaded, sparse ones sequentially.
-pub fn decode_into(cpu: &Cpu, bytes: &[u8], codes: &mut [i8]) -> Result<TernaryHeader> {
-    let (header, payload) = parse(bytes, "codes", codes.len())?;
-    match header.layout {
+/// The codes of a packed tensor, `{-1, 0, 1}`, into `codes` (as long as the tensor): the codes
+/// [`kernels_core::format::decode_into`] gives. Dense payloads decode threaded, sparse ones
+/// sequentially.
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// let cpu = Cpu::detect();
+/// let bytes = kernels_cpu::format::encode(&[1, 0, -1], &[3], 2.0, TernaryLayout::SparseRice)?;
+/// let mut codes = [0i8; 3];
+/// ternary_codes(&cpu, &PackedTernary::new(&cpu, &bytes)?, &mut codes)?;
+/// assert_eq!(codes, [1, 0, -1]);
+/// # Ok::<(), Error>(())
+/// ```
+pub fn ternary_codes(cpu: &Cpu, packed: &PackedTernary<'_>, codes: &mut [i8]) -> Result<()> {
+    packed.expect_len("codes", codes.len())?;
+    let payload = packed.payload;
+    match packed.header.layout {
         TernaryLayout::Dense2Bit => {
-            check_dense(cpu, &header, payload)?;
             split_outputs(cpu, codes, 1, CODE_ALIGN, |range, out| {
                 let payload = &payload[range.start / 4..];
                 let whole = out.len() / 4;
@@ -226,24 +305,77 @@ pub fn decode_into(cpu: &Cpu, bytes: &[u8], codes: &mut [i8]) -> Result<TernaryH
         }
         TernaryLayout::SparseRice => {
             codes.fill(0);
-            for_each_sparse(&header, payload, |i, negative| {
+            packed.for_each_nonzero(|i, negative| {
                 codes[i as usize] = if negative { -1 } else { 1 };
-            })?;
+            });
         }
     }
-    Ok(header)
+    Ok(())
 }
 
-/// `theta_i += lambda * scale * code_i` from packed codes, bit-identical to
-/// [`kernels_core::ops::ternary::ternary_add_ref`] on the decoded codes. The bytes are checked
-/// in full before `theta` changes.
+/// The values of a packed tensor, `out = scale * code` (exact; `+0.0` for a zero code whatever
+/// the scale's sign).
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// let cpu = Cpu::detect();
+/// let bytes = kernels_cpu::format::encode(&[1, 0, -1], &[3], 0.25, TernaryLayout::Dense2Bit)?;
+/// let mut values = [1.0f32; 3];
+/// ternary_decode(&cpu, &PackedTernary::new(&cpu, &bytes)?, &mut values)?;
+/// assert_eq!(values, [0.25, 0.0, -0.25]);
+/// # Ok::<(), Error>(())
+/// ```
+pub fn ternary_decode(cpu: &Cpu, packed: &PackedTernary<'_>, out: &mut [f32]) -> Result<()> {
+    packed.expect_len("out", out.len())?;
+    let scale = packed.header.scale;
+    let value = |code: i8| match code {
+        1 => scale,
+        -1 => -scale,
+        _ => 0.0,
+    };
+    let payload = packed.payload;
+    match packed.header.layout {
+        TernaryLayout::Dense2Bit => {
+            split_outputs(cpu, out, 1, CODE_ALIGN, |range, out| {
+                for (four, &b) in out.chunks_mut(4).zip(&payload[range.start / 4..]) {
+                    let codes: [i8; 4] = bytemuck::cast(DECODE[usize::from(b)]);
+                    for (o, c) in four.iter_mut().zip(codes) {
+                        *o = value(c);
+                    }
+                }
+            });
+        }
+        TernaryLayout::SparseRice => {
+            out.fill(0.0);
+            packed.for_each_nonzero(|i, negative| {
+                out[i as usize] = value(if negative { -1 } else { 1 });
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Decompress and add, `theta_i += lambda * scale * code_i` from packed codes, bit-identical to
+/// [`kernels_core::ops::ternary::ternary_add_ref`] on the decoded codes (each changed entry
+/// computed in `f64`, rounded once to `f32`, then to `T`; a zero code leaves its entry's bits
+/// alone).
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// let cpu = Cpu::detect();
+/// let bytes = kernels_cpu::format::encode(&[1, 0, -1], &[3], 0.5, TernaryLayout::Dense2Bit)?;
+/// let mut theta = [bf16::from_f32(1.0); 3];
+/// ternary_add(&cpu, &mut theta, &PackedTernary::new(&cpu, &bytes)?, 2.0)?;
+/// assert_eq!(theta.map(bf16::to_f32), [2.0, 1.0, 0.0]);
+/// # Ok::<(), Error>(())
+/// ```
 pub fn ternary_add<T: Element>(
     cpu: &Cpu,
     theta: &mut [T],
-    packed: &[u8],
+    packed: &PackedTernary<'_>,
     lambda: f32,
 ) -> Result<()> {
-    let (header, payload) = parse(packed, "theta", theta.len())?;
+    packed.expect_len("theta", theta.len())?;
     if !lambda.is_finite() {
         return Err(Error::InvalidParam {
             name: "lambda",
@@ -251,14 +383,14 @@ pub fn ternary_add<T: Element>(
             expected: "finite",
         });
     }
-    let step = f64::from(lambda) * f64::from(header.scale);
+    let step = f64::from(lambda) * f64::from(packed.header.scale);
     let add = |t: &mut T, negative: bool| {
         let delta = if negative { -step } else { step };
         *t = T::from_f32((t.to_f64() + delta) as f32);
     };
-    match header.layout {
+    let payload = packed.payload;
+    match packed.header.layout {
         TernaryLayout::Dense2Bit => {
-            check_dense(cpu, &header, payload)?;
             split_outputs(
                 cpu,
                 theta,
@@ -279,10 +411,7 @@ pub fn ternary_add<T: Element>(
             );
         }
         TernaryLayout::SparseRice => {
-            for_each_sparse(&header, payload, |_, _| {})?;
-            for_each_sparse(&header, payload, |i, negative| {
-                add(&mut theta[i as usize], negative);
-            })?;
+            packed.for_each_nonzero(|i, negative| add(&mut theta[i as usize], negative));
         }
     }
     Ok(())
@@ -340,44 +469,23 @@ impl WithSimd for DenseRows<'_> {
 
 /// Ternary GEMV straight from a packed `[out, in]` tensor: `y = scale * codes x` (the twin of
 /// [`kernels_core::ops::ternary::ternary_gemv_ref`]). Dense payloads are read in place (rows
-/// threaded); sparse ones are walked once.
-pub fn ternary_gemv(cpu: &Cpu, packed: &[u8], x: &[f32], y: &mut [f32]) -> Result<()> {
-    let header = TernaryHeader::parse(packed)?;
-    let [rows, cols] = header.shape() else {
+/// threaded); sparse ones are walked once. See [`PackedTernary`] for an example.
+pub fn ternary_gemv(cpu: &Cpu, packed: &PackedTernary<'_>, x: &[f32], y: &mut [f32]) -> Result<()> {
+    let header = &packed.header;
+    let &[rows, cols] = header.shape() else {
         return Err(Error::InvalidParam {
             name: "packed shape",
             value: header.ndim as f64,
             expected: "two dimensions [out, in]",
         });
     };
-    let (rows, cols) = (*rows as usize, *cols as usize);
-    if x.len() != cols {
-        return Err(Error::LengthMismatch {
-            what: "x",
-            expected: cols,
-            found: x.len(),
-        });
-    }
-    if y.len() != rows {
-        return Err(Error::LengthMismatch {
-            what: "y",
-            expected: rows,
-            found: y.len(),
-        });
-    }
-    let payload = &packed[header.payload_offset..];
+    // Both fit usize: their product is the validated element count.
+    let (rows, cols) = (rows as usize, cols as usize);
+    kernels_core::backend::validate_gemv([rows, cols], x.len(), y.len())?;
+    let payload = packed.payload;
     match header.layout {
         TernaryLayout::Dense2Bit => {
-            check_dense(cpu, &header, payload)?;
-            let parts = parts_for(cpu.threads(), rows * cols / 4, cpu.min_bytes_per_thread());
-            let mut work = alloc::vec::Vec::with_capacity(parts);
-            let mut rest = &mut *y;
-            for range in crate::parallel::ranges(rows, parts.max(1), 1) {
-                let (part, tail) = rest.split_at_mut(range.len());
-                work.push((range, part));
-                rest = tail;
-            }
-            crate::parallel::for_each(work, |(rows, y)| {
+            split_outputs(cpu, y, cols / 4, 1, |rows, y| {
                 cpu.dispatch(DenseRows {
                     payload,
                     cols,
@@ -389,10 +497,10 @@ pub fn ternary_gemv(cpu: &Cpu, packed: &[u8], x: &[f32], y: &mut [f32]) -> Resul
         }
         TernaryLayout::SparseRice => {
             y.fill(0.0);
-            for_each_sparse(&header, payload, |i, negative| {
+            packed.for_each_nonzero(|i, negative| {
                 let (r, c) = ((i / cols as u64) as usize, (i % cols as u64) as usize);
                 y[r] += if negative { -x[c] } else { x[c] };
-            })?;
+            });
         }
     }
     for v in y.iter_mut() {

@@ -1,21 +1,19 @@
 //! ComPEFT on every ISA, element type and thread count: packed bytes identical to the reference
 //! coded by the reference encoder, the scale within its named tolerance.
 
-mod common;
+use kernels_core::ops::ternary::compeft_ref;
+use kernels_cpu::compress::SCALE_RELATIVE_TOLERANCE;
+use kernels_cpu::format;
+use kernels_cpu::prelude::*;
+use kernels_testkit::{isa_tests, normal, task_vector};
 
-use common::{normal, task_vector};
-use half::{bf16, f16};
-use kernels_core::format::{self, TernaryLayout};
-use kernels_core::ops::ternary::{CompeftParams, compeft_ref};
-use kernels_core::{Element, Error};
-use kernels_cpu::Cpu;
-use kernels_cpu::compress::{SCALE_RELATIVE_TOLERANCE, compeft, moments};
-use kernels_cpu::select::SAMPLED_MIN;
+/// Vectors of at least this many entries take the selection's sampled path.
+const SAMPLED_MIN: usize = 1 << 16;
 
 const LAYOUTS: [TernaryLayout; 2] = [TernaryLayout::Dense2Bit, TernaryLayout::SparseRice];
 
 /// Checks the packed tensors against the reference: same bytes but the scale.
-fn check_model<T: Element>(cpu: &Cpu, tensors: &[Vec<T>], density: f64, what: &str) {
+fn check_model<T: Element>(cpu: &Cpu, tensors: &[Vec<T>], keep: KeepRule, what: &str) {
     let shapes: Vec<Vec<u64>> = tensors
         .iter()
         .map(|t| {
@@ -27,8 +25,13 @@ fn check_model<T: Element>(cpu: &Cpu, tensors: &[Vec<T>], density: f64, what: &s
         })
         .collect();
     let views: Vec<&[T]> = tensors.iter().map(Vec::as_slice).collect();
-    let params = CompeftParams::new(density, 1.5);
-    let (scale, codes) = compeft_ref(&views, params).unwrap();
+    let params = CompeftParams::default().with_keep(keep).with_alpha(1.5);
+    let (expect, codes) = compeft_ref(&views, params).unwrap();
+    let scale = expect.scale;
+    // The codes themselves, and the same decision.
+    let (decided, got) = compeft_codes(cpu, &views, params).unwrap();
+    assert_eq!((decided.cut, decided.total), (expect.cut, expect.total));
+    assert_eq!(got, codes, "{what} {:?} {keep:?} codes", T::DTYPE);
     for layout in LAYOUTS {
         let input: Vec<(&[T], &[u64])> = views
             .iter()
@@ -36,7 +39,7 @@ fn check_model<T: Element>(cpu: &Cpu, tensors: &[Vec<T>], density: f64, what: &s
             .map(|(t, s)| (*t, s.as_slice()))
             .collect();
         let (decided, packed) = compeft(cpu, &input, params, layout).unwrap();
-        let label = format!("{what} {:?} d={density} {layout:?} {cpu:?}", T::DTYPE);
+        let label = format!("{what} {:?} {keep:?} {layout:?} {cpu:?}", T::DTYPE);
         assert!(
             (f64::from(decided.scale) - f64::from(scale)).abs()
                 <= SCALE_RELATIVE_TOLERANCE * f64::from(scale).abs() + 1e-37,
@@ -60,8 +63,13 @@ fn models<T: Element>(cpu: &Cpu) {
             .iter()
             .map(|&n| task_vector(n, seed * 100 + n as u64, 0.0))
             .collect();
+        let what = format!("sizes {sizes:?}");
         for density in [0.05, 0.1, 0.5, 0.9, 1.0] {
-            check_model(cpu, &tensors, density, &format!("sizes {sizes:?}"));
+            check_model(cpu, &tensors, KeepRule::Density(density), &what);
+        }
+        let n: usize = sizes.iter().sum();
+        for keep in [KeepRule::Count(n as u64 / 3), KeepRule::Threshold(0.5)] {
+            check_model(cpu, &tensors, keep, &what);
         }
     }
 }
@@ -78,9 +86,9 @@ fn compeft_bf16(cpu: &Cpu) {
 
 /// Above `SAMPLED_MIN` the selection takes its sampled path.
 fn large_model(cpu: &Cpu) {
-    let n = SAMPLED_MIN as usize / 2 + 33;
+    let n = SAMPLED_MIN / 2 + 33;
     let tensors = vec![normal::<f32>(n, 1), task_vector::<f32>(n, 2, 0.0)];
-    check_model(cpu, &tensors, 0.1, "large");
+    check_model(cpu, &tensors, KeepRule::Density(0.1), "large");
 }
 
 fn moments_ignore_threads(cpu: &Cpu) {
@@ -110,7 +118,7 @@ fn bad_inputs(cpu: &Cpu) {
         compeft(
             cpu,
             &[(&x[..], &shape[..])],
-            CompeftParams::new(0.0, 1.0),
+            CompeftParams::default().with_keep(KeepRule::Density(0.0)),
             layout
         )
         .is_err()
@@ -119,7 +127,7 @@ fn bad_inputs(cpu: &Cpu) {
         compeft(
             cpu,
             &[(&x[..], &shape[..])],
-            CompeftParams::new(0.1, f32::NAN),
+            CompeftParams::default().with_alpha(f32::NAN),
             layout
         )
         .is_err()
@@ -137,7 +145,37 @@ fn bad_inputs(cpu: &Cpu) {
     ));
 }
 
+/// The streaming protocol: pass errors, and a decision equal to the one-call form's.
+fn streaming_protocol(cpu: &Cpu) {
+    let tensors = [normal::<f32>(5000, 5), normal::<f32>(77, 6)];
+    let views: Vec<&[f32]> = tensors.iter().map(Vec::as_slice).collect();
+    let params = CompeftParams::default();
+    let mut plan = Compeft::new(params).unwrap();
+    assert!(matches!(plan.finish(), Err(Error::PassOrder { .. })));
+    for t in &views {
+        plan.feed(cpu, t).unwrap();
+    }
+    while plan.next_pass().unwrap() {
+        for t in &views {
+            plan.feed(cpu, t).unwrap();
+        }
+    }
+    assert!(matches!(
+        plan.feed(cpu, views[0]),
+        Err(Error::PassOrder { .. })
+    ));
+    let decided = plan.finish().unwrap();
+    assert_eq!(decided, compeft_codes(cpu, &views, params).unwrap().0);
+    let mut encoder = CompeftEncoder::new(&decided);
+    let mut codes = vec![0i8; 4];
+    assert!(matches!(
+        encoder.code(cpu, views[0], &mut codes),
+        Err(Error::LengthMismatch { .. })
+    ));
+}
+
 isa_tests!(
+    streaming_protocol,
     compeft_f32,
     compeft_f16,
     compeft_bf16,

@@ -1,19 +1,18 @@
 //! The linear-algebra kernels against the `kernels-core` references and against the properties
 //! each factorisation promises, on every GEMM backend.
 
-mod common;
-
 use half::f16;
 use kernels_core::ops::lowrank::{
-    LoraRank, LuParams, RsvdParams, lora_extract_ref, lu_ref, opcm_project_ref,
+    LoraRank, LuParams, OpcmParams, RsvdParams, SvdRef, lora_extract_ref, lu_ref, opcm_project_ref,
     symmetric_eigen_ref, thin_svd_ref,
 };
 use kernels_core::ops::project::{cgs2_ref, householder_qr_ref, project_onto_ref, project_out_ref};
-use kernels_core::{CounterRng, Error, Mat, MatMut, MatRef};
+use kernels_core::{CounterRng, Error, Mat, MatMut, MatRef, MultiPass};
 use kernels_cpu::Cpu;
 use kernels_cpu::linalg::{
-    self, GemmBackend, StreamingSvd, Transpose, factorisation_tolerance, gemm,
+    self, Centering, GemmBackend, StreamingSvd, Transpose, factorisation_tolerance, gemm,
 };
+use kernels_testkit::isa_tests;
 use proptest::prelude::*;
 
 /// `k eps sum_p |a_ip| |b_pj|` per unit: the classical bound of a dot product of length `k`.
@@ -660,14 +659,17 @@ fn non_finite_input_is_an_error_everywhere() {
         .q
         .to_f32();
     let mut out = Mat::<f32>::zeros(8, 6);
+    let merged = SvdRef {
+        u: u.as_ref(),
+        s: &[3.0, 2.0, 1.0],
+        v: v.as_ref(),
+    };
     assert!(matches!(
         linalg::opcm_project(
             &cpu,
-            u.as_ref(),
-            &[3.0, 2.0, 1.0],
-            v.as_ref(),
+            merged,
             a.as_ref(),
-            0.5,
+            OpcmParams::default(),
             out.as_mut()
         ),
         Err(Error::NonFinite {
@@ -700,6 +702,14 @@ fn svd_errors() {
             Err(Error::InvalidParam { name: "rank", .. })
         ));
     }
+    let unbounded = RsvdParams::new(2).with_power_iterations(usize::MAX);
+    assert!(matches!(
+        linalg::randomized_svd(&cpu, b.as_ref(), unbounded),
+        Err(Error::InvalidParam {
+            name: "power_iterations",
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -853,19 +863,16 @@ fn opcm_matches_the_reference() {
         .to_f32();
     let s: Vec<f32> = (0..p).map(|i| 1.0 / (1.0 + i as f32)).collect();
     let tau = random(m, n, 3).to_f32();
+    let merged = |s| SvdRef {
+        u: u.as_ref(),
+        s,
+        v: v.as_ref(),
+    };
     for alpha in [0.0, 0.5, 1.0] {
+        let params = OpcmParams::default().with_alpha(alpha);
         let mut got = Mat::<f32>::zeros(m, n);
-        linalg::opcm_project(
-            &cpu,
-            u.as_ref(),
-            &s,
-            v.as_ref(),
-            tau.as_ref(),
-            alpha,
-            got.as_mut(),
-        )
-        .unwrap();
-        let expect = opcm_project_ref(u.as_ref(), &s, v.as_ref(), tau.as_ref(), alpha).unwrap();
+        linalg::opcm_project(&cpu, merged(&s), tau.as_ref(), params, got.as_mut()).unwrap();
+        let expect = opcm_project_ref(merged(&s), tau.as_ref(), params).unwrap();
         assert_within(
             &format!("OPCM alpha {alpha}"),
             widen(&got).distance(&expect),
@@ -873,26 +880,17 @@ fn opcm_matches_the_reference() {
         );
     }
     let mut out = Mat::<f32>::zeros(m, n);
+    let params = OpcmParams::default();
     assert!(matches!(
-        linalg::opcm_project(
-            &cpu,
-            u.as_ref(),
-            &s[1..],
-            v.as_ref(),
-            tau.as_ref(),
-            0.5,
-            out.as_mut()
-        ),
+        linalg::opcm_project(&cpu, merged(&s[1..]), tau.as_ref(), params, out.as_mut()),
         Err(Error::LengthMismatch { what: "s", .. })
     ));
     assert!(matches!(
         linalg::opcm_project(
             &cpu,
-            u.as_ref(),
-            &s,
-            v.as_ref(),
+            merged(&s),
             tau.as_ref(),
-            1.5,
+            params.with_alpha(1.5),
             out.as_mut()
         ),
         Err(Error::InvalidParam { name: "alpha", .. })
@@ -911,12 +909,14 @@ fn streaming_svd_is_exact_on_low_rank_rows() {
     let cpu = Cpu::detect();
     let (rows, dim, rank) = (300, 40, 6);
     let data = with_spectrum(rows, dim, &[9.0, 7.0, 5.0, 3.0, 2.0, 1.0], 21).to_f32();
-    let mut stream = StreamingSvd::new(&cpu, dim, rank, false).unwrap();
+    let mut stream = StreamingSvd::new(dim, rank, Centering::None).unwrap();
     let mut changes = vec![];
     for chunk in 0..(rows / 25) {
         let batch = data.as_ref().submatrix(chunk * 25, 0, 25, dim).unwrap();
-        changes.push(stream.update(batch).unwrap());
+        changes.push(stream.feed(&cpu, batch).unwrap());
     }
+    assert!(!stream.next_pass().unwrap(), "one pass");
+    assert_eq!(&stream.finish().unwrap(), stream.components());
     let reference = thin_svd_ref(data.as_ref()).unwrap();
     for (g, e) in stream.singular_values().iter().zip(&reference.s) {
         assert_within(
@@ -946,10 +946,13 @@ fn streaming_pca_centres_and_approximates_the_leading_subspace() {
         3.0 + signal.at(i, j) + 0.01 * noise.at(i, j)
     })
     .to_f32();
-    let mut stream = StreamingSvd::new(&cpu, dim, rank, true).unwrap();
+    let mut stream = StreamingSvd::new(dim, rank, Centering::Mean).unwrap();
     for chunk in 0..(rows / 50) {
         stream
-            .update(data.as_ref().submatrix(chunk * 50, 0, 50, dim).unwrap())
+            .feed(
+                &cpu,
+                data.as_ref().submatrix(chunk * 50, 0, 50, dim).unwrap(),
+            )
             .unwrap();
     }
     let d64 = widen(&data);
@@ -973,19 +976,21 @@ fn streaming_pca_centres_and_approximates_the_leading_subspace() {
 #[test]
 fn streaming_svd_rejects_bad_input_and_keeps_its_state() {
     let cpu = Cpu::detect();
-    assert!(StreamingSvd::new(&cpu, 5, 0, false).is_err());
-    assert!(StreamingSvd::new(&cpu, 5, 6, false).is_err());
-    let mut stream = StreamingSvd::new(&cpu, 5, 2, false).unwrap();
-    stream.update(random(4, 5, 1).to_f32().as_ref()).unwrap();
+    assert!(StreamingSvd::new(5, 0, Centering::None).is_err());
+    assert!(StreamingSvd::new(5, 6, Centering::None).is_err());
+    let mut stream = StreamingSvd::new(5, 2, Centering::None).unwrap();
+    stream
+        .feed(&cpu, random(4, 5, 1).to_f32().as_ref())
+        .unwrap();
     let before = stream.components().clone();
     assert!(matches!(
-        stream.update(random(4, 6, 1).to_f32().as_ref()),
+        stream.feed(&cpu, random(4, 6, 1).to_f32().as_ref()),
         Err(Error::ShapeMismatch { .. })
     ));
     let mut nan = random(3, 5, 2).to_f32();
     *nan.at_mut(2, 4) = f32::NAN;
     assert_eq!(
-        stream.update(nan.as_ref()),
+        stream.feed(&cpu, nan.as_ref()),
         Err(Error::NonFinite {
             what: "batch",
             index: 14

@@ -1,16 +1,11 @@
 //! Masks on every ISA, element type and thread count: DARE, TIES trim and Breadcrumbs
 //! bit-identical to the reference for every chunking.
 
-mod common;
-
-use common::{bits, normal};
-use half::{bf16, f16};
-use kernels_core::ops::merge::{
-    BreadcrumbsParams, DareParams, DareRescale, breadcrumbs_ref, dare_ref, ties_trim_ref,
-};
-use kernels_core::{CounterRng, Element, Error};
-use kernels_cpu::Cpu;
-use kernels_cpu::masks::{DARE_L1_RELATIVE_TOLERANCE, breadcrumbs, dare, ties_trim};
+use kernels_core::ops::merge::{breadcrumbs_ref, dare_ref, ties_trim_ref};
+use kernels_cpu::CounterRng;
+use kernels_cpu::masks::DARE_L1_RELATIVE_TOLERANCE;
+use kernels_cpu::prelude::*;
+use kernels_testkit::{bits, isa_tests, normal};
 
 const LENGTHS: [usize; 9] = [0, 1, 3, 5, 63, 64, 65, 1000, 4099];
 
@@ -91,17 +86,21 @@ fn dare_bf16(cpu: &Cpu) {
 fn magnitude_masks<T: Element>(cpu: &Cpu) {
     for n in LENGTHS {
         for tau in [tied::<T>(n, n as u64), normal::<T>(n, 9)] {
-            for density in [0.01, 0.2, 0.5, 1.0] {
-                let (mut got, mut expect) = (vec![T::from_f32(7.0); n], vec![T::from_f32(0.0); n]);
-                ties_trim(cpu, &tau, density, &mut got).unwrap();
-                ties_trim_ref(&tau, density, &mut expect).unwrap();
-                let raw = |v: &[T]| v.iter().map(|x| x.to_f32().to_bits()).collect::<Vec<_>>();
-                assert_eq!(
-                    raw(&got),
-                    raw(&expect),
-                    "trim {:?} n={n} d={density} {cpu:?}",
-                    T::DTYPE
-                );
+            let rules = [0.01, 0.2, 0.5, 1.0]
+                .map(KeepRule::Density)
+                .into_iter()
+                .chain([KeepRule::Count(n as u64 / 2), KeepRule::Threshold(0.75)]);
+            for keep in rules {
+                // Into the tensor's own type, and into f32: both exact.
+                let (mut got, mut wide) = (vec![T::from_f32(7.0); n], vec![7.0f32; n]);
+                let mut expect = vec![0.0f32; n];
+                ties_trim(cpu, &tau, keep, &mut got).unwrap();
+                ties_trim(cpu, &tau, keep, &mut wide).unwrap();
+                ties_trim_ref(&tau, keep, &mut expect).unwrap();
+                let narrow: Vec<f32> = got.iter().map(|x| x.to_f32()).collect();
+                let what = format!("trim {:?} n={n} {keep:?} {cpu:?}", T::DTYPE);
+                assert_eq!(bits(&narrow), bits(&expect), "{what}");
+                assert_eq!(bits(&wide), bits(&expect), "{what} into f32");
             }
             // gamma n < 1 drops no outlier; density + gamma = 1 keeps all but the outliers.
             for (density, gamma) in [
@@ -111,7 +110,9 @@ fn magnitude_masks<T: Element>(cpu: &Cpu) {
                 (0.2, 0.8),
                 (0.001, 0.0005),
             ] {
-                let params = BreadcrumbsParams::new(density, gamma);
+                let params = BreadcrumbsParams::default()
+                    .with_density(density)
+                    .with_gamma(gamma);
                 let (mut got, mut expect) = (vec![f32::NAN; n], vec![0.0; n]);
                 breadcrumbs(cpu, &tau, params, &mut got).unwrap();
                 breadcrumbs_ref(&tau, params, &mut expect).unwrap();
@@ -142,17 +143,25 @@ fn bad_inputs(cpu: &Cpu) {
     ));
     assert!(dare(cpu, &tau, DareParams::new(f64::NAN, 0), 0, &mut out).is_err());
     assert!(dare(cpu, &tau, DareParams::new(0.5, 0), 0, &mut out[..99]).is_err());
-    assert!(ties_trim(cpu, &tau, 0.0, &mut tau.clone()).is_err());
-    assert!(ties_trim(cpu, &tau, 0.5, &mut out[..3]).is_err());
+    let half = KeepRule::Density(0.5);
+    assert!(ties_trim(cpu, &tau, KeepRule::Density(0.0), &mut tau.clone()).is_err());
+    assert!(ties_trim(cpu, &tau, KeepRule::Count(101), &mut tau.clone()).is_err());
+    assert!(ties_trim(cpu, &tau, KeepRule::Threshold(-1.0), &mut tau.clone()).is_err());
+    assert!(ties_trim(cpu, &tau, half, &mut out[..3]).is_err());
     assert!(breadcrumbs(cpu, &tau, BreadcrumbsParams::new(0.9, 0.2), &mut out).is_err());
     let mut bad = tau.clone();
     bad[77] = f32::NAN;
     assert!(matches!(
-        ties_trim(cpu, &bad, 0.5, &mut out.clone()),
+        ties_trim(cpu, &bad, half, &mut out.clone()),
         Err(Error::NonFinite { index: 77, .. })
     ));
     assert!(matches!(
         breadcrumbs(cpu, &bad, BreadcrumbsParams::default(), &mut out),
+        Err(Error::NonFinite { index: 77, .. })
+    ));
+    // A threshold rule needs no selection, and still rejects non-finite data.
+    assert!(matches!(
+        ties_trim(cpu, &bad, KeepRule::Threshold(0.1), &mut out.clone()),
         Err(Error::NonFinite { index: 77, .. })
     ));
 }

@@ -1,29 +1,26 @@
 //! Merge reductions on every ISA, element type and thread count, against the reference; chunking
 //! and threading never change a bit.
 
-mod common;
-
-use common::merge::{
+use half::{bf16, f16};
+use kernels_core::ops::merge::{fisher_merge_ref, ties_elect_ref, ties_ref};
+use kernels_cpu::merge::reduction_tolerance;
+use kernels_cpu::prelude::*;
+use kernels_testkit::merge::{
     LENGTHS, MODEL_COUNTS, ReduceBackend, every_length_model_count_and_type,
     non_finite_data_propagates,
 };
-use common::{bits, normal, sparse_taus};
-use half::{bf16, f16};
-use kernels_core::ops::merge::{fisher_merge_ref, ties_elect_ref};
-use kernels_core::{Element, Error, Result};
-use kernels_cpu::Cpu;
-use kernels_cpu::merge::{
-    fisher_accumulate, fisher_merge, reduction_tolerance, task_arithmetic, ties_elect,
-    weighted_mean,
-};
+use kernels_testkit::{bits, isa_tests, normal, sparse_taus};
 
-impl<T: Element> ReduceBackend<T> for Cpu {
+/// The CPU backend, for the shared bodies.
+struct OnCpu(Cpu);
+
+impl<T: Element> ReduceBackend<T> for OnCpu {
     fn name(&self) -> String {
-        format!("{self:?}")
+        format!("{:?}", self.0)
     }
 
     fn weighted_mean(&self, models: &[&[T]], weights: &[f32], out: &mut [f32]) -> Result<()> {
-        weighted_mean(self, models, weights, out)
+        weighted_mean(&self.0, models, weights, out)
     }
 
     fn task_arithmetic(
@@ -34,11 +31,11 @@ impl<T: Element> ReduceBackend<T> for Cpu {
         lambda: f32,
         out: &mut [f32],
     ) -> Result<()> {
-        task_arithmetic(self, base, taus, weights, lambda, out)
+        task_arithmetic(&self.0, base, taus, weights, lambda, out)
     }
 
     fn fisher_accumulate(&self, fisher: &mut [f32], grad: &[T], scale: f32) -> Result<()> {
-        fisher_accumulate(self, fisher, grad, scale)
+        fisher_accumulate(&self.0, fisher, grad, scale)
     }
 
     fn tolerance(&self, terms: usize, abs_sum: f64) -> f64 {
@@ -47,8 +44,16 @@ impl<T: Element> ReduceBackend<T> for Cpu {
 
     /// The thread split never changes a bit.
     fn alternate(&self) -> Option<Self> {
-        Some(self.with_threads(1).unwrap())
+        Some(Self(self.0.with_threads(1).unwrap()))
     }
+}
+
+fn shared_reductions(cpu: &Cpu) {
+    every_length_model_count_and_type(&OnCpu(*cpu));
+}
+
+fn shared_non_finite(cpu: &Cpu) {
+    non_finite_data_propagates(&OnCpu(*cpu));
 }
 
 fn ties_and_fisher<T: Element>(cpu: &Cpu) {
@@ -76,11 +81,31 @@ fn ties_and_fisher<T: Element>(cpu: &Cpu) {
                 })
                 .collect();
             let fisher_views: Vec<&[f32]> = fishers.iter().map(Vec::as_slice).collect();
-            for floor in [0.0, 1e-3] {
-                fisher_merge(cpu, &views, &fisher_views, &weights, floor, &mut got).unwrap();
-                fisher_merge_ref(&views, &fisher_views, &weights, floor, &mut expect).unwrap();
-                assert_eq!(bits(&got), bits(&expect), "Fisher floor={floor} {what}");
+            let norms: Vec<f64> = fisher_views
+                .iter()
+                .map(|f| sum_squares(cpu, f).max(1.0))
+                .collect();
+            let plain = FisherParams::default();
+            for params in [
+                plain,
+                plain.with_floor(1e-3),
+                plain.with_normalization(&norms),
+            ] {
+                fisher_merge(cpu, &views, &fisher_views, &weights, params, &mut got).unwrap();
+                fisher_merge_ref(&views, &fisher_views, &weights, params, &mut expect).unwrap();
+                assert_eq!(bits(&got), bits(&expect), "Fisher {params:?} {what}");
             }
+            // TIES in one call: the trimmed copies stay in `T`, which is exact.
+            let params = TiesParams::default()
+                .with_keep(KeepRule::Density(0.3))
+                .with_lambda(0.7);
+            let finite: Vec<Vec<T>> = (0..models)
+                .map(|i| sparse_taus(n, (n * 30 + i) as u64, false))
+                .collect();
+            let finite: Vec<&[T]> = finite.iter().map(Vec::as_slice).collect();
+            ties(cpu, &base, &finite, &weights, params, &mut got).unwrap();
+            ties_ref(&base, &finite, &weights, params, &mut expect).unwrap();
+            assert_eq!(bits(&got), bits(&expect), "TIES in one call {what}");
         }
     }
 }
@@ -115,8 +140,9 @@ fn typed_outputs<O: Element>(cpu: &Cpu) {
     ties_elect(cpu, &base, &views, &weights, 0.5, &mut wide).unwrap();
     ties_elect(cpu, &base, &views, &weights, 0.5, &mut narrow).unwrap();
     assert_eq!(typed(&narrow), rounded(&wide), "TIES {:?}", O::DTYPE);
-    fisher_merge(cpu, &views, &fisher_views, &weights, 0.0, &mut wide).unwrap();
-    fisher_merge(cpu, &views, &fisher_views, &weights, 0.0, &mut narrow).unwrap();
+    let plain = FisherParams::default();
+    fisher_merge(cpu, &views, &fisher_views, &weights, plain, &mut wide).unwrap();
+    fisher_merge(cpu, &views, &fisher_views, &weights, plain, &mut narrow).unwrap();
     assert_eq!(typed(&narrow), rounded(&wide), "Fisher {:?}", O::DTYPE);
 }
 
@@ -158,17 +184,34 @@ fn bad_inputs(cpu: &Cpu) {
     assert!(ties_elect(cpu, &a, &[&a[..], &short[..]], &[1.0, 1.0], 1.0, &mut out).is_err());
     assert!(ties_elect(cpu, &short, &[&a[..]], &[1.0], 1.0, &mut out).is_err());
     assert!(ties_elect(cpu, &a, &[&a[..]], &[-1.0], 1.0, &mut out).is_err());
-    assert!(fisher_merge(cpu, &[&a[..]], &[&a[..]], &[1.0], -1.0, &mut out).is_err());
-    assert!(fisher_merge(cpu, &[&a[..]], &[&short[..]], &[1.0], 0.0, &mut out).is_err());
-    assert!(fisher_merge(cpu, &[&a[..]], &[&a[..]], &[0.0], 0.0, &mut out).is_err());
+    let plain = FisherParams::default();
+    let fisher = |fishers: &[&[f32]], weights: &[f32], params, out: &mut [f32]| {
+        fisher_merge(cpu, &[&a[..]], fishers, weights, params, out)
+    };
+    assert!(fisher(&[&a], &[1.0], plain.with_floor(-1.0), &mut out).is_err());
+    assert!(fisher(&[&short], &[1.0], plain, &mut out).is_err());
+    assert!(fisher(&[&a, &a], &[1.0], plain, &mut out).is_err());
+    assert!(fisher(&[&a], &[0.0], plain, &mut out).is_err());
+    assert!(fisher(&[&a], &[1.0], plain.with_normalization(&[0.0]), &mut out).is_err());
+    assert!(
+        fisher(
+            &[&a],
+            &[1.0],
+            plain.with_normalization(&[1.0, 2.0]),
+            &mut out
+        )
+        .is_err()
+    );
+    let trim_none = TiesParams::default().with_keep(KeepRule::Count(6));
+    assert!(ties(cpu, &a, &[&a[..]], &[1.0], trim_none, &mut out).is_err());
 }
 
 isa_tests!(
-    every_length_model_count_and_type,
+    shared_reductions,
     ties_fisher_f32,
     typed_bf16_and_f16,
     ties_fisher_f16,
     ties_fisher_bf16,
-    non_finite_data_propagates,
+    shared_non_finite,
     bad_inputs
 );

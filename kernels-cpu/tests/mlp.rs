@@ -1,69 +1,97 @@
 //! The CATS and TEAL MLPs on every ISA, element type, batch size and thread count, against the
-//! reference (the shared bodies in `common::mlp`).
+//! reference (the shared bodies in `kernels_testkit::mlp`).
 
-mod common;
+use std::cell::RefCell;
 
-use common::mlp::{
+use kernels_cpu::mlp::mlp_tolerance;
+use kernels_cpu::prelude::*;
+use kernels_testkit::isa_tests;
+use kernels_testkit::mlp::{
     Layer, MlpBackend, cats_shapes_batches_and_thresholds, real_model_sizes,
     teal_shapes_batches_and_thresholds,
 };
-use kernels_core::ops::sparse::{CatsMlpWeights, MlpReport, TealMlpWeights, TealThresholds};
-use kernels_core::{Element, Error, MatMut, MatRef, Result};
-use kernels_cpu::Cpu;
-use kernels_cpu::mlp::{cats_mlp, mlp_tolerance, teal_mlp};
 
-impl<T: Element> MlpBackend<T> for Cpu {
+/// The CPU backend, for the shared bodies: one scratch reused by every call, as a decode loop
+/// would.
+struct OnCpu {
+    cpu: Cpu,
+    scratch: RefCell<MlpScratch>,
+}
+
+impl OnCpu {
+    fn new(cpu: &Cpu) -> Self {
+        Self {
+            cpu: *cpu,
+            scratch: RefCell::new(MlpScratch::new()),
+        }
+    }
+}
+
+impl<T: Element> MlpBackend<T> for OnCpu {
     fn name(&self) -> String {
-        format!("{self:?}")
+        format!("{:?}", self.cpu)
     }
 
     fn cats(
         &self,
         x: MatRef<'_, f32>,
-        weights: CatsMlpWeights<'_, T>,
+        weights: CatsMlpWeights<MatRef<'_, T>>,
         threshold: f32,
         y: MatMut<'_, f32>,
     ) -> Result<MlpReport> {
-        cats_mlp(self, x, weights, threshold, y)
+        let scratch = &mut self.scratch.borrow_mut();
+        cats_mlp(&self.cpu, x, weights, threshold, y, scratch)?;
+        Ok(scratch.report().clone())
     }
 
     fn teal(
         &self,
         x: MatRef<'_, f32>,
-        weights: TealMlpWeights<'_, T>,
+        weights: TealMlpWeights<MatRef<'_, T>>,
         thresholds: TealThresholds,
         y: MatMut<'_, f32>,
     ) -> Result<MlpReport> {
-        teal_mlp(self, x, weights, thresholds, y)
+        let scratch = &mut self.scratch.borrow_mut();
+        teal_mlp(&self.cpu, x, weights, thresholds, y, scratch)?;
+        Ok(scratch.report().clone())
     }
 
-    fn tolerance(&self, hidden: usize, active: usize, propagated: f64, direct: f64, _: f64) -> f64 {
-        mlp_tolerance(hidden, active, propagated, direct)
+    fn tolerance(
+        &self,
+        hidden: usize,
+        active: usize,
+        propagated: f64,
+        direct: f64,
+        max_gate: f64,
+    ) -> f64 {
+        mlp_tolerance(hidden, active, propagated, direct, max_gate)
     }
 }
 
 fn cats_everywhere(cpu: &Cpu) {
-    cats_shapes_batches_and_thresholds(cpu);
+    cats_shapes_batches_and_thresholds(&OnCpu::new(cpu));
 }
 
 fn teal_everywhere(cpu: &Cpu) {
-    teal_shapes_batches_and_thresholds(cpu);
+    teal_shapes_batches_and_thresholds(&OnCpu::new(cpu));
 }
 
 fn real_sizes(cpu: &Cpu) {
-    real_model_sizes(cpu);
+    real_model_sizes(&OnCpu::new(cpu));
 }
 
 fn bad_inputs(cpu: &Cpu) {
     let layer = Layer::<f32>::new(8, 4, 1);
     let x = vec![0.0; 5 * 4];
     let mut y = vec![0.0; 5 * 4];
+    let scratch = &mut MlpScratch::new();
     let five = cats_mlp(
         cpu,
         MatRef::from_slice(&x, 5, 4).unwrap(),
         layer.cats(),
         0.0,
         MatMut::from_slice(&mut y, 5, 4).unwrap(),
+        scratch,
     );
     assert!(matches!(
         five,
@@ -75,6 +103,7 @@ fn bad_inputs(cpu: &Cpu) {
         layer.cats(),
         f32::NAN,
         MatMut::from_slice(&mut y[..4], 1, 4).unwrap(),
+        scratch,
     );
     assert!(matches!(
         nan,
@@ -91,6 +120,7 @@ fn bad_inputs(cpu: &Cpu) {
         wrong,
         0.0,
         MatMut::from_slice(&mut y[..4], 1, 4).unwrap(),
+        scratch,
     );
     assert!(matches!(
         shape,
@@ -102,6 +132,7 @@ fn bad_inputs(cpu: &Cpu) {
         layer.cats(),
         0.0,
         MatMut::from_slice(&mut y[..8], 2, 4).unwrap(),
+        scratch,
     );
     assert!(matches!(
         y_shape,

@@ -1,18 +1,29 @@
 //! Radix selection on every ISA, element type and thread count: bit-identical to the sorting
 //! reference, ties included.
 
-mod common;
-
-use common::{ks, normal, tied};
-use half::{bf16, f16};
-use kernels_core::ops::select::{TopKCut, topk_cut_ref, topk_global_ref, topk_mask_ref};
-use kernels_core::{Element, Error};
-use kernels_cpu::Cpu;
-use kernels_cpu::select::{
-    KeepRule, SAMPLE_RUN, SAMPLED_MIN, STREAM_SAMPLE_STRIDE, StreamingTopK, TopKApplier,
-    kth_largest_magnitude, sample_runs, topk_cut, topk_indices, topk_mask,
-};
+use kernels_core::ops::select::{topk_cut_ref, topk_indices_ref, topk_mask_ref};
+use kernels_cpu::prelude::*;
+use kernels_testkit::{isa_tests, ks, normal, tied};
 use proptest::prelude::*;
+
+// The CPU selection's sampling plan (private tuning in `kernels-cpu`'s `select/rank.rs` and
+// `select/streaming.rs`), mirrored to build data that fools it. Should it change, the pass
+// counts asserted below fail and these must follow.
+/// Vectors from this many entries up take the sampled bracket.
+const SAMPLED_MIN: usize = 1 << 16;
+/// Entries per sample run.
+const SAMPLE_RUN: usize = 64;
+/// Entries between the sample runs of a streamed vector.
+const STREAM_SAMPLE_STRIDE: usize = 1 << 14;
+/// Sample runs of an in-memory vector of `n` entries.
+fn sample_runs(n: usize) -> usize {
+    (n / 1024).clamp(64, 4096)
+}
+
+fn indices<T: Element>(cpu: &Cpu, slices: &[&[T]], keep: KeepRule) -> Result<Vec<u64>> {
+    let mut out = vec![u64::MAX; 3];
+    topk_indices(cpu, slices, keep, &mut out).map(|()| out)
+}
 
 const LENGTHS: [usize; 12] = [0, 1, 3, 15, 16, 17, 63, 64, 65, 127, 1000, 4099];
 
@@ -27,26 +38,39 @@ fn bits_of(mask: &[bool]) -> Vec<u64> {
 }
 
 fn check_one<T: Element>(cpu: &Cpu, x: &[T], what: &str) {
-    for k in ks(x.len()) {
-        let label = format!("{what} {:?} n={} k={k} {cpu:?}", T::DTYPE, x.len());
-        let expect = topk_global_ref(&[x], k).unwrap();
-        assert_eq!(topk_indices(cpu, &[x], k).unwrap(), expect, "{label}");
+    let n = x.len();
+    let rules = ks(n)
+        .into_iter()
+        .map(KeepRule::Count)
+        .chain([0.1, 1.0].map(KeepRule::Density))
+        .chain([0.0, 0.5, f32::INFINITY].map(KeepRule::Threshold));
+    for keep in rules {
+        let label = format!("{what} {:?} n={n} {keep:?} {cpu:?}", T::DTYPE);
+        let expect = topk_indices_ref(&[x], keep).unwrap();
+        assert_eq!(indices(cpu, &[x], keep).unwrap(), expect, "{label}");
         assert_eq!(
-            topk_cut(cpu, &[x], k).unwrap(),
-            topk_cut_ref(&[x], k).unwrap(),
+            topk_cut(cpu, &[x], keep).unwrap(),
+            topk_cut_ref(&[x], keep).unwrap(),
             "{label}"
         );
-        let mut mask = vec![u64::MAX; x.len().div_ceil(64)];
-        topk_mask(cpu, x, k as usize, &mut mask).unwrap();
-        assert_eq!(
-            mask,
-            bits_of(&topk_mask_ref(x, k as usize).unwrap()),
-            "{label}"
-        );
-        if k > 0 {
+        let mut mask = vec![u64::MAX; n.div_ceil(64)];
+        topk_mask(cpu, x, keep, &mut mask).unwrap();
+        let expect_mask = topk_mask_ref(x, keep).unwrap();
+        assert_eq!(mask, bits_of(&expect_mask), "{label}");
+        let mut kept = vec![T::from_f32(9.0); n];
+        topk_keep(cpu, x, keep, &mut kept).unwrap();
+        for ((k, v), m) in kept.iter().zip(x).zip(&expect_mask) {
+            let expect = if *m { v.to_f32() } else { 0.0 };
+            assert_eq!(
+                k.to_f32().to_bits(),
+                expect.to_bits(),
+                "{label} kept values"
+            );
+        }
+        if let KeepRule::Count(k @ 1..) = keep {
             assert_eq!(
                 kth_largest_magnitude(cpu, &[x], k).unwrap(),
-                topk_cut_ref(&[x], k).unwrap().magnitude,
+                topk_cut_ref(&[x], keep).unwrap().magnitude,
                 "{label}"
             );
         }
@@ -72,12 +96,12 @@ fn selection_bf16(cpu: &Cpu) {
 
 /// Above `SAMPLED_MIN`: the sampled bracket, and the radix fallback where it misses.
 fn large_vectors(cpu: &Cpu) {
-    let n = SAMPLED_MIN as usize + 4099;
+    let n = SAMPLED_MIN + 4099;
     let smooth: Vec<f32> = normal(n, 5);
     // The sample sees zeros where the rest holds larger values: every bracket misses.
     let mut adversarial = smooth.clone();
     for (i, v) in adversarial.iter_mut().enumerate() {
-        let runs = sample_runs(n as u64) as u128;
+        let runs = sample_runs(n) as u128;
         let run = (i as u128 * runs / n as u128) as usize;
         let run_start = (run as u128 * n as u128 / runs) as usize;
         if i < run_start + SAMPLE_RUN {
@@ -87,16 +111,17 @@ fn large_vectors(cpu: &Cpu) {
     for (x, what) in [(&smooth, "normal"), (&adversarial, "adversarial")] {
         for k in [1, n as u64 / 100, n as u64 / 2, n as u64] {
             let slices = [&x[..1000], &x[1000..]];
+            let keep = KeepRule::Count(k);
             assert_eq!(
-                topk_cut(cpu, &slices, k).unwrap(),
-                topk_cut_ref(&slices, k).unwrap(),
+                topk_cut(cpu, &slices, keep).unwrap(),
+                topk_cut_ref(&slices, keep).unwrap(),
                 "{what} k={k} {cpu:?}"
             );
         }
-        let k = n / 10;
+        let keep = KeepRule::Density(0.1);
         let mut mask = vec![0u64; n.div_ceil(64)];
-        topk_mask(cpu, x, k, &mut mask).unwrap();
-        assert_eq!(mask, bits_of(&topk_mask_ref(x, k).unwrap()), "{what}");
+        topk_mask(cpu, x, keep, &mut mask).unwrap();
+        assert_eq!(mask, bits_of(&topk_mask_ref(x, keep).unwrap()), "{what}");
     }
 }
 
@@ -115,45 +140,53 @@ fn global_over_many_slices(cpu: &Cpu) {
         }
         slices.push(&x[from..]);
         for k in ks(x.len()) {
+            let keep = KeepRule::Count(k);
             assert_eq!(
-                topk_indices(cpu, &slices, k).unwrap(),
-                topk_global_ref(&[&x[..]], k).unwrap(),
+                indices(cpu, &slices, keep).unwrap(),
+                topk_indices_ref(&[&x[..]], keep).unwrap(),
                 "cuts {cuts:?} k={k} {cpu:?}"
             );
             assert_eq!(
-                topk_cut(cpu, &slices, k).unwrap(),
-                topk_cut_ref(&[&x[..]], k).unwrap()
+                topk_cut(cpu, &slices, keep).unwrap(),
+                topk_cut_ref(&[&x[..]], keep).unwrap()
             );
         }
     }
 }
 
 /// Streams `x` in `chunks` through `StreamingTopK` and `TopKApplier`; returns the cut, the
-/// passes taken and the flat mask.
+/// passes taken and the flat mask (checking the kept values against it).
 fn stream<T: Element>(
     cpu: &Cpu,
     x: &[T],
     chunk: usize,
     rule: KeepRule,
 ) -> (TopKCut, usize, Vec<bool>) {
-    let mut topk = StreamingTopK::new(rule);
-    for c in x.chunks(chunk.max(1)) {
-        topk.observe(cpu, c).unwrap();
-    }
-    let mut passes = 1;
-    while topk.next_pass().unwrap() {
+    let mut topk = StreamingTopK::new(rule).unwrap();
+    let mut passes = 0;
+    loop {
         passes += 1;
         for c in x.chunks(chunk.max(1)) {
-            topk.refine(cpu, c).unwrap();
+            topk.feed(cpu, c).unwrap();
+        }
+        if !topk.next_pass().unwrap() {
+            break;
         }
     }
-    let cut = topk.cut().unwrap();
-    let mut applier = TopKApplier::new(&cut);
+    let cut = topk.finish().unwrap();
+    let (mut masks, mut values) = (TopKApplier::new(&cut), TopKApplier::new(&cut));
     let mut kept = Vec::with_capacity(x.len());
     for c in x.chunks(chunk.max(1)) {
         let mut mask = vec![0u64; c.len().div_ceil(64)];
-        applier.mask(cpu, c, &mut mask).unwrap();
-        kept.extend((0..c.len()).map(|i| mask[i / 64] >> (i % 64) & 1 == 1));
+        masks.mask(cpu, c, &mut mask).unwrap();
+        let mut out = vec![f32::NAN; c.len()];
+        values.keep(cpu, c, &mut out).unwrap();
+        for (i, (o, v)) in out.iter().zip(c).enumerate() {
+            let bit = mask[i / 64] >> (i % 64) & 1 == 1;
+            let expect = if bit { v.to_f32() } else { 0.0 };
+            assert_eq!(o.to_bits(), expect.to_bits(), "kept values");
+            kept.push(bit);
+        }
     }
     (cut, passes, kept)
 }
@@ -163,65 +196,91 @@ fn streaming(cpu: &Cpu) {
         let x: Vec<bf16> = tied(n, 3);
         for k in ks(n) {
             for chunk in [n.clamp(1, 7), 64, 1000] {
-                let (cut, _, kept) = stream(cpu, &x, chunk, KeepRule::Count(k));
+                let keep = KeepRule::Count(k);
+                let (cut, _, kept) = stream(cpu, &x, chunk, keep);
                 assert_eq!(
                     cut,
-                    topk_cut_ref(&[&x[..]], k).unwrap(),
+                    topk_cut_ref(&[&x[..]], keep).unwrap(),
                     "n={n} k={k} chunk={chunk}"
                 );
-                assert_eq!(kept, topk_mask_ref(&x, k as usize).unwrap(), "n={n} k={k}");
+                assert_eq!(kept, topk_mask_ref(&x, keep).unwrap(), "n={n} k={k}");
             }
         }
+        // A threshold needs no second pass.
+        let keep = KeepRule::Threshold(0.5);
+        let (cut, passes, kept) = stream(cpu, &x, 64, keep);
+        assert_eq!((cut, passes), (topk_cut_ref(&[&x[..]], keep).unwrap(), 1));
+        assert_eq!(kept, topk_mask_ref(&x, keep).unwrap());
     }
     // Above SAMPLED_MIN: two passes on shuffled data, four where the sample is fooled.
-    let n = SAMPLED_MIN as usize + 1000;
+    let n = SAMPLED_MIN + 1000;
     let smooth: Vec<f32> = normal(n, 9);
     let mut fooled = smooth.clone();
-    for run in (0..n).step_by(STREAM_SAMPLE_STRIDE as usize) {
+    for run in (0..n).step_by(STREAM_SAMPLE_STRIDE) {
         fooled[run..(run + SAMPLE_RUN).min(n)].fill(0.0);
     }
     for (x, passes) in [(&smooth, 2), (&fooled, 4)] {
-        let k = n / 10;
-        let (cut, taken, kept) = stream(cpu, x, 300_007, KeepRule::Density(0.1));
+        let keep = KeepRule::Density(0.1);
+        let (cut, taken, kept) = stream(cpu, x, 300_007, keep);
         assert_eq!(taken, passes);
-        assert_eq!(cut, topk_cut_ref(&[&x[..]], k as u64).unwrap());
-        assert_eq!(kept, topk_mask_ref(x, k).unwrap());
+        assert_eq!(cut, topk_cut_ref(&[&x[..]], keep).unwrap());
+        assert_eq!(kept, topk_mask_ref(x, keep).unwrap());
     }
 }
 
 fn bad_streams(cpu: &Cpu) {
     let x: Vec<f32> = normal(100, 1);
-    let mut topk = StreamingTopK::new(KeepRule::Density(1.5));
-    topk.observe(cpu, &x).unwrap();
-    assert!(topk.next_pass().is_err(), "density above 1");
-    let mut topk = StreamingTopK::new(KeepRule::Count(10));
-    assert!(topk.refine(cpu, &x).is_err(), "refine before pass 1 ends");
-    assert!(topk.cut().is_err());
-    topk.observe(cpu, &x[..50]).unwrap();
+    assert!(
+        StreamingTopK::new(KeepRule::Density(1.5)).is_err(),
+        "density above 1"
+    );
+    let mut topk = StreamingTopK::new(KeepRule::Count(101)).unwrap();
+    topk.feed(cpu, &x).unwrap();
+    assert!(topk.next_pass().is_err(), "more than n");
+    let mut topk = StreamingTopK::new(KeepRule::Count(10)).unwrap();
+    assert!(matches!(topk.finish(), Err(Error::PassOrder { .. })));
+    topk.feed(cpu, &x[..50]).unwrap();
     assert!(matches!(
-        topk.observe(cpu, &[1.0, f32::NAN]),
+        topk.feed(cpu, &[1.0, f32::NAN]),
         Err(Error::NonFinite { index: 51, .. })
     ));
-    topk.observe(cpu, &x[50..]).unwrap();
+    topk.feed(cpu, &x[50..]).unwrap();
     assert!(topk.next_pass().unwrap());
-    topk.refine(cpu, &x[..60]).unwrap();
-    assert!(topk.next_pass().is_err(), "a pass over fewer entries");
-    let mut applier = TopKApplier::new(&topk_cut_ref(&[&x[..]], 3).unwrap());
+    topk.feed(cpu, &x[..60]).unwrap();
+    assert!(
+        matches!(topk.next_pass(), Err(Error::PassOrder { .. })),
+        "a pass over fewer entries"
+    );
+    let mut done = StreamingTopK::new(KeepRule::Threshold(1.0)).unwrap();
+    done.feed(cpu, &x).unwrap();
+    assert!(!done.next_pass().unwrap());
+    assert!(matches!(done.feed(cpu, &x), Err(Error::PassOrder { .. })));
+    let cut = topk_cut_ref(&[&x[..]], KeepRule::Count(3)).unwrap();
+    let mut applier = TopKApplier::new(&cut);
     assert!(applier.mask(cpu, &x, &mut [0u64; 1]).is_err());
+    assert!(applier.keep(cpu, &x, &mut [0.0f32; 99]).is_err());
 }
 
 fn bad_inputs(cpu: &Cpu) {
     let mut x: Vec<f32> = normal(300, 3);
     assert!(matches!(
-        topk_cut(cpu, &[&x[..]], 301),
+        topk_cut(cpu, &[&x[..]], KeepRule::Count(301)),
         Err(Error::InvalidParam { name: "k", .. })
+    ));
+    assert!(matches!(
+        topk_cut(cpu, &[&x[..]], KeepRule::Threshold(f32::NAN)),
+        Err(Error::InvalidParam { .. })
     ));
     assert!(matches!(
         kth_largest_magnitude(cpu, &[&x[..]], 0),
         Err(Error::InvalidParam { name: "k", .. })
     ));
     assert!(matches!(
-        topk_mask(cpu, &x, 3, &mut [0u64; 4]),
+        topk_mask(cpu, &x, KeepRule::Count(3), &mut [0u64; 4]),
+        Err(Error::LengthMismatch { .. })
+    ));
+    assert!(matches!(
+        topk_keep(cpu, &x, KeepRule::Count(3), &mut [0.0f32; 4]),
         Err(Error::LengthMismatch { .. })
     ));
     for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
@@ -230,16 +289,17 @@ fn bad_inputs(cpu: &Cpu) {
         let tail = &x[100..];
         assert!(
             matches!(
-                topk_indices(cpu, &[head, tail], 5),
+                indices(cpu, &[head, tail], KeepRule::Count(5)),
                 Err(Error::NonFinite { index: 257, .. })
             ),
             "{bad} {cpu:?}"
         );
-        // k = 0 still validates, as the reference does.
-        assert!(topk_cut(cpu, &[&x[..]], 0).is_err());
+        // k = 0 and threshold rules still validate, as the reference does.
+        assert!(topk_cut(cpu, &[&x[..]], KeepRule::Count(0)).is_err());
+        assert!(topk_cut(cpu, &[&x[..]], KeepRule::Threshold(1.0)).is_err());
     }
     assert_eq!(
-        topk_cut::<f32>(cpu, &[], 0).unwrap(),
+        topk_cut::<f32>(cpu, &[], KeepRule::Count(0)).unwrap(),
         TopKCut::NONE,
         "empty input"
     );
@@ -269,6 +329,7 @@ proptest! {
         let split = split.min(x.len());
         let slices = [&x[..split], &x[split..]];
         let cpu = Cpu::detect().with_threads(threads).unwrap().with_min_bytes_per_thread(1);
-        prop_assert_eq!(topk_indices(&cpu, &slices, k).unwrap(), topk_global_ref(&slices, k).unwrap());
+        let keep = KeepRule::Count(k);
+        prop_assert_eq!(indices(&cpu, &slices, keep).unwrap(), topk_indices_ref(&slices, keep).unwrap());
     }
 }

@@ -2,16 +2,11 @@
 //! to the reference, GEMV within tolerance, garbled bytes rejected exactly when the reference
 //! decoder rejects them.
 
-mod common;
-
-use common::{EDGE_DIMS, assert_close, normal, ternary_codes};
-use half::{bf16, f16};
-use kernels_core::format::{self, TernaryLayout};
 use kernels_core::ops::ternary::{ternary_add_ref, ternary_gemv_ref};
-use kernels_core::{Element, Error, MatRef};
-use kernels_cpu::Cpu;
+use kernels_cpu::format;
 use kernels_cpu::gemv::gemv_tolerance;
-use kernels_cpu::ternary::{decode_into, ternary_add, ternary_gemv};
+use kernels_cpu::prelude::*;
+use kernels_testkit::{EDGE_DIMS, assert_close, isa_tests, normal, random_codes};
 use proptest::prelude::*;
 
 const LAYOUTS: [TernaryLayout; 2] = [TernaryLayout::Dense2Bit, TernaryLayout::SparseRice];
@@ -19,14 +14,24 @@ const LAYOUTS: [TernaryLayout; 2] = [TernaryLayout::Dense2Bit, TernaryLayout::Sp
 fn decode_matches(cpu: &Cpu) {
     for n in [0usize, 1, 3, 4, 5, 63, 64, 65, 127, 1000, 4099, 70_001] {
         for density in [0.0, 0.05, 0.5, 1.0] {
-            let c = ternary_codes(n, density, n as u64);
+            let c = random_codes(n, density, n as u64);
             for layout in LAYOUTS {
-                let bytes = format::encode(&c, &[n as u64], 0.5, layout).unwrap();
+                let bytes = format::encode(&c, &[n as u64], -0.5, layout).unwrap();
+                let packed = PackedTernary::new(cpu, &bytes).unwrap();
                 let mut got = vec![7i8; n];
-                let header = decode_into(cpu, &bytes, &mut got).unwrap();
+                ternary_codes(cpu, &packed, &mut got).unwrap();
                 assert_eq!(got, c, "n={n} d={density} {layout:?} {cpu:?}");
-                assert_eq!(header.nnz, c.iter().filter(|&&v| v != 0).count() as u64);
-                assert!(decode_into(cpu, &bytes, &mut vec![0; n + 1]).is_err());
+                let nnz = c.iter().filter(|&&v| v != 0).count() as u64;
+                assert_eq!((packed.header().nnz, packed.len()), (nnz, n));
+                assert!(ternary_codes(cpu, &packed, &mut vec![0; n + 1]).is_err());
+                // Values: scale * code exactly, +0.0 for a zero code.
+                let mut values = vec![f32::NAN; n];
+                ternary_decode(cpu, &packed, &mut values).unwrap();
+                for (v, &k) in values.iter().zip(&c) {
+                    let expect = if k == 0 { 0.0 } else { -0.5 * f32::from(k) };
+                    assert_eq!(v.to_bits(), expect.to_bits());
+                }
+                assert!(ternary_decode(cpu, &packed, &mut vec![0.0; n + 1]).is_err());
             }
         }
     }
@@ -34,12 +39,13 @@ fn decode_matches(cpu: &Cpu) {
 
 fn add_matches<T: Element>(cpu: &Cpu) {
     for n in [0usize, 1, 5, 64, 65, 1000, 4099] {
-        let c = ternary_codes(n, 0.3, 7 + n as u64);
+        let c = random_codes(n, 0.3, 7 + n as u64);
         let base: Vec<T> = normal(n, 3);
         for layout in LAYOUTS {
             let bytes = format::encode(&c, &[n as u64], 0.37, layout).unwrap();
             let mut got = base.clone();
-            ternary_add(cpu, &mut got, &bytes, -1.3).unwrap();
+            let packed = PackedTernary::new(cpu, &bytes).unwrap();
+            ternary_add(cpu, &mut got, &packed, -1.3).unwrap();
             let mut expect = base.clone();
             ternary_add_ref(&mut expect, &c, 0.37, -1.3).unwrap();
             let bits = |v: &[T]| v.iter().map(|x| x.to_f32().to_bits()).collect::<Vec<_>>();
@@ -66,7 +72,7 @@ fn add_bf16(cpu: &Cpu) {
 fn gemv_matches(cpu: &Cpu) {
     for &rows in &EDGE_DIMS[..8] {
         for &cols in &EDGE_DIMS {
-            let c = ternary_codes(rows * cols, 0.4, (rows * 1000 + cols) as u64);
+            let c = random_codes(rows * cols, 0.4, (rows * 1000 + cols) as u64);
             let x: Vec<f32> = normal(cols, 5);
             let mut expect = vec![0.0; rows];
             ternary_gemv_ref(
@@ -79,7 +85,8 @@ fn gemv_matches(cpu: &Cpu) {
             for layout in LAYOUTS {
                 let bytes = format::encode(&c, &[rows as u64, cols as u64], 0.8, layout).unwrap();
                 let mut y = vec![f32::NAN; rows];
-                ternary_gemv(cpu, &bytes, &x, &mut y).unwrap();
+                let packed = PackedTernary::new(cpu, &bytes).unwrap();
+                ternary_gemv(cpu, &packed, &x, &mut y).unwrap();
                 let abs: Vec<f64> = c
                     .chunks(cols.max(1))
                     .map(|row| {
@@ -104,8 +111,9 @@ fn gemv_matches(cpu: &Cpu) {
 }
 
 fn bad_inputs(cpu: &Cpu) {
-    let c = ternary_codes(100, 0.3, 1);
+    let c = random_codes(100, 0.3, 1);
     let dense = format::encode(&c, &[10, 10], 1.0, TernaryLayout::Dense2Bit).unwrap();
+    let dense = PackedTernary::new(cpu, &dense).unwrap();
     let mut y = vec![0.0; 10];
     assert!(matches!(
         ternary_gemv(cpu, &dense, &[0.0; 9], &mut y),
@@ -113,18 +121,20 @@ fn bad_inputs(cpu: &Cpu) {
     ));
     assert!(ternary_gemv(cpu, &dense, &[0.0; 10], &mut y[..9]).is_err());
     let flat = format::encode(&c, &[100], 1.0, TernaryLayout::Dense2Bit).unwrap();
+    let packed = PackedTernary::new(cpu, &flat).unwrap();
     assert!(
-        ternary_gemv(cpu, &flat, &[0.0; 100], &mut [0.0; 1]).is_err(),
+        ternary_gemv(cpu, &packed, &[0.0; 100], &mut [0.0; 1]).is_err(),
         "1-D"
     );
-    assert!(ternary_add(cpu, &mut [0.0f32; 100], &flat, f32::NAN).is_err());
-    assert!(ternary_add(cpu, &mut [0.0f32; 99], &flat, 1.0).is_err());
-    // A garbled byte leaves theta untouched when rejected.
+    assert!(ternary_add(cpu, &mut [0.0f32; 100], &packed, f32::NAN).is_err());
+    assert!(ternary_add(cpu, &mut [0.0f32; 99], &packed, 1.0).is_err());
+    // Garbled bytes are rejected when the tensor is made, before any op can touch its output.
     let mut garbled = flat.clone();
     *garbled.last_mut().unwrap() = 0xFF;
-    let mut theta = vec![1.0f32; 100];
-    assert!(ternary_add(cpu, &mut theta, &garbled, 1.0).is_err());
-    assert!(theta.iter().all(|&t| t == 1.0));
+    assert!(matches!(
+        PackedTernary::new(cpu, &garbled),
+        Err(Error::BadFormat { .. })
+    ));
 }
 
 isa_tests!(
@@ -145,22 +155,19 @@ fn check_garbled(bytes: &[u8], n: usize) {
             .with_threads(threads)
             .unwrap()
             .with_min_bytes_per_thread(1);
+        let packed = match (&reference, PackedTernary::new(&cpu, bytes)) {
+            (Ok(_), Ok(packed)) => packed,
+            (Err(_), Err(_)) => continue,
+            (_, fast) => panic!("reference {reference:?} but fast {fast:?}"),
+        };
         let mut got = vec![0i8; n];
-        let fast = decode_into(&cpu, bytes, &mut got);
-        match (&reference, &fast) {
-            (Ok(_), Ok(_)) => assert_eq!(got, expect),
-            (Err(_), Err(_)) => {}
-            _ => panic!("reference {reference:?} but fast {fast:?}"),
-        }
+        ternary_codes(&cpu, &packed, &mut got).unwrap();
+        assert_eq!(got, expect);
         let mut theta = vec![0.5f32; n];
         let mut theta_ref = theta.clone();
-        let added = ternary_add(&cpu, &mut theta, bytes, 2.0);
-        assert_eq!(added.is_ok(), reference.is_ok());
-        if added.is_ok() {
-            let scale = format::TernaryHeader::parse(bytes).unwrap().scale;
-            ternary_add_ref(&mut theta_ref, &expect, scale, 2.0).unwrap();
-            assert_eq!(theta, theta_ref);
-        }
+        ternary_add(&cpu, &mut theta, &packed, 2.0).unwrap();
+        ternary_add_ref(&mut theta_ref, &expect, packed.header().scale, 2.0).unwrap();
+        assert_eq!(theta, theta_ref);
     }
 }
 
@@ -175,8 +182,8 @@ proptest! {
         cut in prop::option::of(any::<prop::sample::Index>()),
     ) {
         let layout = if sparse { TernaryLayout::SparseRice } else { TernaryLayout::Dense2Bit };
-        let mut bytes = format::encode(&ternary_codes(n, density, n as u64), &[n as u64], 1.5, layout).unwrap();
-        let header = format::header_len(1);
+        let mut bytes = format::encode(&random_codes(n, density, n as u64), &[n as u64], 1.5, layout).unwrap();
+        let header = kernels_core::backend::header_len(1);
         for (at, bit) in flips {
             // Flip payload bits (the header is the parser's job, tested in kernels-core).
             if bytes.len() > header {

@@ -7,13 +7,23 @@
 //! because the selection reads histograms back.
 
 use kernels_core::Result;
-use kernels_core::ops::sparse::quantile_rank;
+use kernels_core::backend::quantile_rank;
 
-use crate::select::{kth_largest_magnitude, topk_cut};
+use crate::select::{KeepRule, kth_largest_magnitude, topk_cut};
 use crate::{Context, GpuTensor};
 
 /// The threshold `t` at which a fraction `k` of the samples is inactive: the `ceil(k n)`-th
 /// smallest `|a|` (0 when that rank is 0). `k` in `[0, 1]`; samples finite and not empty.
+///
+/// ```
+/// # use kernels_wgpu::prelude::*;
+/// # let ctx = Context::new_blocking(ContextOptions::default())?;
+/// let a = GpuTensor::from_slice(&ctx, &[0.5f32, -0.1, 0.3])?;
+/// let b = GpuTensor::from_slice(&ctx, &[-0.9f32, 0.2])?;
+/// // Half of the samples (rounded up: 3 of 5) have |a| <= t.
+/// assert_eq!(block_on(calibrate_threshold(&ctx, &[&a, &b], 0.5))?, 0.3);
+/// # Ok::<(), Error>(())
+/// ```
 pub async fn calibrate_threshold(
     ctx: &Context,
     samples: &[&GpuTensor<f32>],
@@ -24,7 +34,7 @@ pub async fn calibrate_threshold(
     if rank == 0 {
         // Still reject non-finite samples, as the reference does: a selection of nothing checks
         // every entry.
-        topk_cut(ctx, samples, 0).await?;
+        topk_cut(ctx, samples, KeepRule::Count(0)).await?;
         return Ok(0.0);
     }
     // The rank-th smallest is the (n - rank + 1)-th largest.

@@ -10,7 +10,7 @@
 //!   bits on a given device.
 //! * `x` must fit one storage binding; `W` may be larger (it is processed page by page).
 
-use kernels_core::ops::sparse::check_threshold;
+use kernels_core::backend::{validate_gathered_gemv, validate_gemv, validate_sparse_input_gemv};
 use kernels_core::{Error, Result};
 use shaders::Family;
 
@@ -21,14 +21,14 @@ use crate::tensor::{GpuElement, GpuTensor};
 ///
 /// PERF: 256 invocations keep 8 warps (NVIDIA) or 4 waves (AMD) in flight per workgroup; fewer
 /// leave the row-dot tree short of memory parallelism on 4096-wide rows.
-pub const WORKGROUP: u32 = 256;
+pub(crate) const WORKGROUP: u32 = 256;
 
 /// Rows of `w_t` one workgroup of the sweep covers before its partial sum is written.
 ///
 /// PERF: a split gives each workgroup enough rows to stream while the grid (splits x column
 /// groups) still fills the device: 4096 x 11008 makes 43 x 16 workgroups. The partial sums cost
 /// `4 out` bytes per split, under 1 % of the weights.
-pub const SPLIT_ROWS: u32 = 256;
+const SPLIT_ROWS: u32 = 256;
 
 /// Bound on `|y_i - y_ref_i|` for an output summing `n` products with `abs_sum = sum |w_ij x_j|`:
 /// `(n + 1) u abs_sum + tiny`, `u = 2^-24`.
@@ -207,14 +207,24 @@ fn row_dots<T: GpuElement>(
 }
 
 /// Dense GEMV `y = W x`, `W` `[out, in]` (the twin of `kernels_core::ops::sparse::gemv_ref`).
+///
+/// ```
+/// # use kernels_wgpu::prelude::*;
+/// # let ctx = Context::new_blocking(ContextOptions::default())?;
+/// let w = GpuTensor::from_matrix(&ctx, MatRef::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], 2, 3)?)?;
+/// let x = GpuTensor::from_slice(&ctx, &[1.0f32, 0.0, -1.0])?;
+/// let mut y = GpuTensor::<f32>::zeros(&ctx, 2, 1)?;
+/// gemv(&ctx, &w, &x, &mut y)?;
+/// assert_eq!(y.to_vec_blocking(&ctx)?, [-2.0, -2.0]);
+/// # Ok::<(), Error>(())
+/// ```
 pub fn gemv<T: GpuElement>(
     ctx: &Context,
     w: &GpuTensor<T>,
     x: &GpuTensor<f32>,
     y: &mut GpuTensor<f32>,
 ) -> Result<()> {
-    x.expect_len("x", w.cols())?;
-    y.expect_len("y", w.rows())?;
+    validate_gemv(w.shape(), x.len(), y.len())?;
     row_dots(ctx, w, x, None, y)
 }
 
@@ -223,6 +233,17 @@ pub fn gemv<T: GpuElement>(
 ///
 /// `rows` is given on the host (the op validates it) and uploaded; [`gathered_gemv_uploaded`]
 /// takes indices already on the device.
+///
+/// ```
+/// # use kernels_wgpu::prelude::*;
+/// # let ctx = Context::new_blocking(ContextOptions::default())?;
+/// let w = GpuTensor::from_matrix(&ctx, MatRef::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], 3, 2)?)?;
+/// let x = GpuTensor::from_slice(&ctx, &[1.0f32, 1.0])?;
+/// let mut out = GpuTensor::<f32>::zeros(&ctx, 2, 1)?;
+/// gathered_gemv(&ctx, &w, &x, &[2, 0], &mut out)?;
+/// assert_eq!(out.to_vec_blocking(&ctx)?, [11.0, 3.0]);
+/// # Ok::<(), Error>(())
+/// ```
 pub fn gathered_gemv<T: GpuElement>(
     ctx: &Context,
     w: &GpuTensor<T>,
@@ -230,13 +251,14 @@ pub fn gathered_gemv<T: GpuElement>(
     rows: &[u32],
     out: &mut GpuTensor<f32>,
 ) -> Result<()> {
-    kernels_core::ops::sparse::check_row_indices("rows", rows, w.rows())?;
+    validate_gathered_gemv(w.shape(), x.len(), rows, out.len())?;
     let uploaded = GpuTensor::from_slice(ctx, rows)?;
-    gathered_gemv_uploaded(ctx, w, x, &uploaded, out)
+    row_dots(ctx, w, x, Some(&uploaded), out)
 }
 
-/// [`gathered_gemv`] with row indices already on the device. Indices are not read back to be
-/// checked: an index past the last row yields 0 for its output (never an out-of-bounds read).
+/// [`gathered_gemv`] with row indices already on the device (a GPU-only form: on the CPU the
+/// indices are host memory anyway). Indices are not read back to be checked: an index past the
+/// last row yields 0 for its output (never an out-of-bounds read).
 pub fn gathered_gemv_uploaded<T: GpuElement>(
     ctx: &Context,
     w: &GpuTensor<T>,
@@ -251,6 +273,17 @@ pub fn gathered_gemv_uploaded<T: GpuElement>(
 
 /// Dense GEMV through the transposed layout: `y = W_t^T x`, `w_t` `[in, out]` (the twin of
 /// `gemv_t_ref`).
+///
+/// ```
+/// # use kernels_wgpu::prelude::*;
+/// # let ctx = Context::new_blocking(ContextOptions::default())?;
+/// let w_t = GpuTensor::from_matrix(&ctx, MatRef::from_slice(&[1.0f32, 4.0, 2.0, 5.0, 3.0, 6.0], 3, 2)?)?;
+/// let x = GpuTensor::from_slice(&ctx, &[1.0f32, 0.0, -1.0])?;
+/// let mut y = GpuTensor::<f32>::zeros(&ctx, 2, 1)?;
+/// gemv_t(&ctx, &w_t, &x, &mut y)?;
+/// assert_eq!(y.to_vec_blocking(&ctx)?, [-2.0, -2.0]);
+/// # Ok::<(), Error>(())
+/// ```
 pub fn gemv_t<T: GpuElement>(
     ctx: &Context,
     w_t: &GpuTensor<T>,
@@ -260,9 +293,20 @@ pub fn gemv_t<T: GpuElement>(
     sweep(ctx, w_t, x, f32::NEG_INFINITY, y)
 }
 
-/// Sparse-input GEMV (TEAL): `y = sum over i with |x_i| > threshold of x_i w_t[i, :]`, reading
-/// no skipped row (the twin of `sparse_input_gemv_ref`; `threshold <= 0` keeps every nonzero
-/// input's row but a NaN input always counts as active).
+/// Sparse-input GEMV (TEAL): `y = sum over active i of x_i w_t[i, :]`, reading no skipped row
+/// (the twin of `sparse_input_gemv_ref`). Input `i` is active iff `!(|x_i| <= threshold)`:
+/// strictly above, or NaN, so `threshold = 0` skips exact zeros and a negative one is dense.
+///
+/// ```
+/// # use kernels_wgpu::prelude::*;
+/// # let ctx = Context::new_blocking(ContextOptions::default())?;
+/// let w_t = GpuTensor::from_matrix(&ctx, MatRef::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], 3, 2)?)?;
+/// let x = GpuTensor::from_slice(&ctx, &[0.5f32, -0.1, 2.0])?;
+/// let mut y = GpuTensor::<f32>::zeros(&ctx, 2, 1)?;
+/// sparse_input_gemv(&ctx, &w_t, &x, 0.2, &mut y)?;
+/// assert_eq!(y.to_vec_blocking(&ctx)?, [10.5, 13.0]);
+/// # Ok::<(), Error>(())
+/// ```
 pub fn sparse_input_gemv<T: GpuElement>(
     ctx: &Context,
     w_t: &GpuTensor<T>,
@@ -270,7 +314,6 @@ pub fn sparse_input_gemv<T: GpuElement>(
     threshold: f32,
     y: &mut GpuTensor<f32>,
 ) -> Result<()> {
-    check_threshold("threshold", threshold)?;
     sweep(ctx, w_t, x, threshold, y)
 }
 
@@ -281,8 +324,7 @@ fn sweep<T: GpuElement>(
     threshold: f32,
     y: &mut GpuTensor<f32>,
 ) -> Result<()> {
-    x.expect_len("x", w_t.rows())?;
-    y.expect_len("y", w_t.cols())?;
+    validate_sparse_input_gemv(w_t.shape(), x.len(), threshold, y.len())?;
     let (Some(y_buffer), x_buffer) = (y.single_page("y")?, x.single_page("x")?) else {
         return Ok(());
     };

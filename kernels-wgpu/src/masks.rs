@@ -16,8 +16,8 @@
 //!   of 4096 entries, combined in `f64` on the host (hence `async`); its survivors are within
 //!   [`DARE_L1_RELATIVE_TOLERANCE`].
 
-use kernels_core::ops::merge::{BreadcrumbsParams, DareParams, DareRescale};
-use kernels_core::ops::select::keep_count;
+pub use kernels_core::ops::merge::{BreadcrumbsParams, DareParams, DareRescale};
+use kernels_core::ops::select::KeepRule;
 use kernels_core::{CounterRng, Error, Result};
 use shaders::Family;
 
@@ -26,7 +26,7 @@ use crate::select::{ITEMS, TILE, tiled_pipeline};
 use crate::tensor::{GpuElement, GpuTensor};
 
 /// Invocations per workgroup of the DARE kernels (the tiles' workgroup).
-pub const WORKGROUP: u32 = crate::select::WORKGROUP;
+const WORKGROUP: u32 = crate::select::WORKGROUP;
 
 /// Relative bound on a survivor against the reference: `2 u`, `u = 2^-24` (the `f32` scale's
 /// rounding and the product's, against one rounding of the exact product).
@@ -68,6 +68,19 @@ const DARE_L1_SUMS: Kernel = dare_kernel("dare_l1_sums");
 /// `dare_ref`; `first_index` is the flat index of `tau`'s first element in the whole tensor).
 /// `async` for [`DareRescale::PreserveL1`], whose norms are read back; the other rules only
 /// submit.
+///
+/// ```
+/// # use kernels_wgpu::prelude::*;
+/// # let ctx = Context::new_blocking(ContextOptions::default())?;
+/// let tau = GpuTensor::from_slice(&ctx, &[1.0f32; 1000])?;
+/// let mut out = GpuTensor::zeros(&ctx, 1000, 1)?;
+/// let params = DareParams::default().with_drop(0.5).with_seed(7);
+/// block_on(dare(&ctx, &tau, params, 0, &mut out))?;
+/// let out = out.to_vec_blocking(&ctx)?;
+/// // The same mask as on the CPU; survivors rescaled by 1 / (1 - p).
+/// assert!(out.iter().all(|&v| v == 0.0 || v == 2.0));
+/// # Ok::<(), Error>(())
+/// ```
 pub async fn dare<T: GpuElement>(
     ctx: &Context,
     tau: &GpuTensor<T>,
@@ -159,22 +172,44 @@ pub async fn dare<T: GpuElement>(
     batch.submit()
 }
 
-/// TIES trim: keeps the top `floor(density n)` magnitudes of `tau` (ties by lower index) and
-/// zeroes the rest (the twin of `ties_trim_ref`, written as `f32`).
+/// TIES trim: keeps what `keep` keeps of `tau` by magnitude (ties by lower index) and zeroes
+/// the rest (the twin of `ties_trim_ref`): [`crate::select::topk_keep`] under its TIES name.
+/// Written as `f32` (exact; on the CPU the output may also be the tensor's own type).
+///
+/// ```
+/// # use kernels_wgpu::prelude::*;
+/// # let ctx = Context::new_blocking(ContextOptions::default())?;
+/// let tau = GpuTensor::from_slice(&ctx, &[0.5f32, -3.0, 1.0, 2.0])?;
+/// let mut trimmed = GpuTensor::zeros(&ctx, 4, 1)?;
+/// block_on(ties_trim(&ctx, &tau, KeepRule::Density(0.5), &mut trimmed))?;
+/// assert_eq!(trimmed.to_vec_blocking(&ctx)?, [0.0, -3.0, 0.0, 2.0]);
+/// # Ok::<(), Error>(())
+/// ```
 pub async fn ties_trim<T: GpuElement>(
     ctx: &Context,
     tau: &GpuTensor<T>,
-    density: f64,
+    keep: KeepRule,
     out: &mut GpuTensor<f32>,
 ) -> Result<()> {
     out.expect_len("out", tau.len())?;
-    let k = keep_count(density, tau.len() as u64)?;
-    crate::select::topk_keep(ctx, tau, k, out).await
+    crate::select::topk_keep(ctx, tau, keep, out).await
 }
 
 /// Model Breadcrumbs: keeps the entries whose magnitude rank (descending, ties by lower index)
 /// lies in `[top, top + keep)` of [`BreadcrumbsParams::counts`] and zeroes the rest (the twin of
 /// `breadcrumbs_ref`).
+///
+/// ```
+/// # use kernels_wgpu::prelude::*;
+/// # let ctx = Context::new_blocking(ContextOptions::default())?;
+/// let tau = [0.1f32, -5.0, 0.3, 0.2, -0.4, 0.05, 3.0, 0.01, -0.2, 0.6];
+/// let tau = GpuTensor::from_slice(&ctx, &tau)?;
+/// let mut out = GpuTensor::zeros(&ctx, 10, 1)?;
+/// let params = BreadcrumbsParams::default().with_density(0.5).with_gamma(0.1);
+/// block_on(breadcrumbs(&ctx, &tau, params, &mut out))?;
+/// assert_eq!(out.to_vec_blocking(&ctx)?, [0.0, 0.0, 0.3, 0.2, -0.4, 0.0, 3.0, 0.0, 0.0, 0.6]);
+/// # Ok::<(), Error>(())
+/// ```
 pub async fn breadcrumbs<T: GpuElement>(
     ctx: &Context,
     tau: &GpuTensor<T>,

@@ -15,23 +15,24 @@
 //!   equal and opposite) elects none on both.
 
 use kernels_core::Result;
-use kernels_core::ops::merge::{
-    validate_fisher_accumulate, validate_fisher_merge, validate_task_arithmetic,
+use kernels_core::backend::{
+    fisher_weight, validate_fisher_accumulate, validate_fisher_merge, validate_task_arithmetic,
     validate_ties_elect, validate_weighted_mean,
 };
+pub use kernels_core::ops::merge::{FisherParams, TiesParams};
 use shaders::Family;
 
 use crate::context::{Batch, Bind, Context, Kernel, Pipeline, Slot};
 use crate::tensor::{GpuElement, GpuTensor};
 
 /// Invocations per workgroup of the element-wise kernels.
-pub const WORKGROUP: u32 = 256;
+const WORKGROUP: u32 = 256;
 
 /// Models one pass of [`weighted_mean`], [`task_arithmetic`] or [`ties_elect`] reads.
-pub const MODELS_PER_PASS: usize = 4;
+const MODELS_PER_PASS: usize = 4;
 
 /// Models one pass of [`fisher_merge`] reads (a parameter and a Fisher tensor each).
-pub const FISHER_MODELS_PER_PASS: usize = 2;
+const FISHER_MODELS_PER_PASS: usize = 2;
 
 /// Bound on `|out - out_ref|` for an output of `terms` weighted terms whose absolute values add
 /// up to `abs_sum` (for a mean, divided by `sum w`): `(3 terms + 4) u abs_sum + tiny`.
@@ -92,14 +93,9 @@ fn pipeline(ctx: &Context, kernel: &Kernel, encoding: u32) -> Result<std::sync::
     )
 }
 
-/// Zero-sized stand-ins for tensors, so that the references' own validation (which takes
-/// slices) checks GPU tensors' lengths: a `Vec<()>` allocates nothing.
-fn lengths<T: bytemuck::Pod>(tensors: &[&GpuTensor<T>]) -> Vec<Vec<()>> {
-    tensors.iter().map(|t| vec![(); t.len()]).collect()
-}
-
-fn as_slices(stand_ins: &[Vec<()>]) -> Vec<&[()]> {
-    stand_ins.iter().map(Vec::as_slice).collect()
+/// The lengths of `tensors`, for the shared validation.
+fn lens<T: bytemuck::Pod>(tensors: &[&GpuTensor<T>]) -> impl Iterator<Item = usize> {
+    tensors.iter().map(|t| t.len())
 }
 
 /// Checks every tensor has `out`'s shape (so their pages pair up).
@@ -134,7 +130,13 @@ fn dispatch(batch: &mut Batch<'_>, pipeline: &Pipeline, pass: PassInputs<'_>) ->
     Ok(())
 }
 
-fn params(len: usize, models: usize, accumulate: bool, coef: &[f32], scalar: f32) -> MergeParams {
+fn pass_params(
+    len: usize,
+    models: usize,
+    accumulate: bool,
+    coef: &[f32],
+    scalar: f32,
+) -> MergeParams {
     let mut c = [0.0; 4];
     c[..coef.len()].copy_from_slice(coef);
     MergeParams {
@@ -179,7 +181,7 @@ fn linear_combination<T: GpuElement>(
                 PassInputs {
                     inputs: model_binds(group, page),
                     sums: [Bind::Buffer(sum), Bind::Unused, Bind::Unused],
-                    params: params(len, group.len(), g > 0, coef, 0.0),
+                    params: pass_params(len, group.len(), g > 0, coef, 0.0),
                 },
             )?;
         }
@@ -188,13 +190,24 @@ fn linear_combination<T: GpuElement>(
 }
 
 /// Weighted mean `out = sum w_i theta_i / sum w_i` (the twin of `weighted_mean_ref`).
+///
+/// ```
+/// # use kernels_wgpu::prelude::*;
+/// # let ctx = Context::new_blocking(ContextOptions::default())?;
+/// let a = GpuTensor::from_slice(&ctx, &[1.0f32, 2.0, 3.0])?;
+/// let b = GpuTensor::from_slice(&ctx, &[3.0f32, 2.0, -1.0])?;
+/// let mut out = GpuTensor::zeros(&ctx, 3, 1)?;
+/// weighted_mean(&ctx, &[&a, &b], &[1.0, 3.0], &mut out)?;
+/// assert_eq!(out.to_vec_blocking(&ctx)?, [2.5, 2.0, 0.0]);
+/// # Ok::<(), Error>(())
+/// ```
 pub fn weighted_mean<T: GpuElement>(
     ctx: &Context,
     models: &[&GpuTensor<T>],
     weights: &[f32],
     out: &mut GpuTensor<f32>,
 ) -> Result<()> {
-    let sum = validate_weighted_mean(&as_slices(&lengths(models)), weights, out.len())?;
+    let sum = validate_weighted_mean(lens(models), weights, out.len())?;
     same_shape("models[i]", models, out)?;
     let coefs: Vec<f32> = weights
         .iter()
@@ -204,6 +217,17 @@ pub fn weighted_mean<T: GpuElement>(
 }
 
 /// Task arithmetic `out = base + lambda * sum w_i tau_i` (the twin of `task_arithmetic_ref`).
+///
+/// ```
+/// # use kernels_wgpu::prelude::*;
+/// # let ctx = Context::new_blocking(ContextOptions::default())?;
+/// let base = GpuTensor::from_slice(&ctx, &[1.0f32, 2.0])?;
+/// let tau = GpuTensor::from_slice(&ctx, &[0.5f32, -1.0])?;
+/// let mut out = GpuTensor::zeros(&ctx, 2, 1)?;
+/// task_arithmetic(&ctx, &base, &[&tau], &[1.0], 2.0, &mut out)?;
+/// assert_eq!(out.to_vec_blocking(&ctx)?, [2.0, 0.0]);
+/// # Ok::<(), Error>(())
+/// ```
 pub fn task_arithmetic<T: GpuElement>(
     ctx: &Context,
     base: &GpuTensor<T>,
@@ -212,13 +236,7 @@ pub fn task_arithmetic<T: GpuElement>(
     lambda: f32,
     out: &mut GpuTensor<f32>,
 ) -> Result<()> {
-    validate_task_arithmetic(
-        &vec![(); base.len()],
-        &as_slices(&lengths(taus)),
-        weights,
-        lambda,
-        out.len(),
-    )?;
+    validate_task_arithmetic(base.len(), lens(taus), weights, lambda, out.len())?;
     same_shape("base", &[base], out)?;
     same_shape("taus[i]", taus, out)?;
     let tensors: Vec<&GpuTensor<T>> = core::iter::once(base).chain(taus.iter().copied()).collect();
@@ -235,6 +253,18 @@ pub fn task_arithmetic<T: GpuElement>(
 /// TIES election and disjoint mean over already-trimmed task vectors (the twin of
 /// `ties_elect_ref`): `s = sign(sum w_i tau_i)`, mean of the agreeing `w_i tau_i` over their
 /// `w_i`, `out = base + lambda * mean`. See the module docs for the election's precision.
+///
+/// ```
+/// # use kernels_wgpu::prelude::*;
+/// # let ctx = Context::new_blocking(ContextOptions::default())?;
+/// let base = GpuTensor::from_slice(&ctx, &[10.0f32; 4])?;
+/// let t1 = GpuTensor::from_slice(&ctx, &[1.0f32, -2.0, 3.0, 0.0])?;
+/// let t2 = GpuTensor::from_slice(&ctx, &[3.0f32, 1.0, -1.0, 0.0])?;
+/// let mut out = GpuTensor::zeros(&ctx, 4, 1)?;
+/// ties_elect(&ctx, &base, &[&t1, &t2], &[1.0, 1.0], 1.0, &mut out)?;
+/// assert_eq!(out.to_vec_blocking(&ctx)?, [12.0, 8.0, 13.0, 10.0]);
+/// # Ok::<(), Error>(())
+/// ```
 pub fn ties_elect<T: GpuElement>(
     ctx: &Context,
     base: &GpuTensor<T>,
@@ -243,17 +273,60 @@ pub fn ties_elect<T: GpuElement>(
     lambda: f32,
     out: &mut GpuTensor<f32>,
 ) -> Result<()> {
-    validate_ties_elect(
-        &vec![(); base.len()],
-        &as_slices(&lengths(trimmed)),
-        weights,
-        lambda,
-        out.len(),
-    )?;
+    elect(ctx, base, trimmed, weights, lambda, out)
+}
+
+/// TIES merging of whole tensors in one call: trim each task vector to what `params.keep` keeps
+/// ([`crate::masks::ties_trim`], into `N` scratch `f32` tensors of the tensor's shape), then elect
+/// and take the disjoint mean ([`ties_elect`]). The twin of `ties_ref`; `async` because the
+/// trimming selects.
+///
+/// ```
+/// # use kernels_wgpu::prelude::*;
+/// # let ctx = Context::new_blocking(ContextOptions::default())?;
+/// let base = GpuTensor::from_slice(&ctx, &[10.0f32; 4])?;
+/// let t1 = GpuTensor::from_slice(&ctx, &[1.0f32, -2.0, 3.0, 0.1])?;
+/// let t2 = GpuTensor::from_slice(&ctx, &[3.0f32, 1.0, -1.0, 0.2])?;
+/// let params = TiesParams::default().with_keep(KeepRule::Density(0.75));
+/// let mut out = GpuTensor::zeros(&ctx, 4, 1)?;
+/// block_on(ties(&ctx, &base, &[&t1, &t2], &[1.0, 1.0], params, &mut out))?;
+/// assert_eq!(out.to_vec_blocking(&ctx)?, [12.0, 8.0, 13.0, 10.0]);
+/// # Ok::<(), Error>(())
+/// ```
+pub async fn ties<T: GpuElement>(
+    ctx: &Context,
+    base: &GpuTensor<T>,
+    taus: &[&GpuTensor<T>],
+    weights: &[f32],
+    params: TiesParams,
+    out: &mut GpuTensor<f32>,
+) -> Result<()> {
+    validate_ties_elect(base.len(), lens(taus), weights, params.lambda, out.len())?;
+    same_shape("taus[i]", taus, out)?;
+    let mut trimmed = Vec::with_capacity(taus.len());
+    for tau in taus {
+        let mut t = GpuTensor::<f32>::zeros(ctx, tau.rows(), tau.cols())?;
+        crate::masks::ties_trim(ctx, tau, params.keep, &mut t).await?;
+        trimmed.push(t);
+    }
+    let views: Vec<&GpuTensor<f32>> = trimmed.iter().collect();
+    elect(ctx, base, &views, weights, params.lambda, out)
+}
+
+/// [`ties_elect`] with trimmed task vectors of another element type than the base.
+fn elect<T: GpuElement, U: GpuElement>(
+    ctx: &Context,
+    base: &GpuTensor<T>,
+    trimmed: &[&GpuTensor<U>],
+    weights: &[f32],
+    lambda: f32,
+    out: &mut GpuTensor<f32>,
+) -> Result<()> {
+    validate_ties_elect(base.len(), lens(trimmed), weights, lambda, out.len())?;
     same_shape("base", &[base], out)?;
     same_shape("trimmed[i]", trimmed, out)?;
-    let linear = pipeline(ctx, &LINEAR_PASS, T::ENCODING)?;
-    let agree = pipeline(ctx, &TIES_PASS, T::ENCODING)?;
+    let linear = pipeline(ctx, &LINEAR_PASS, U::ENCODING)?;
+    let agree = pipeline(ctx, &TIES_PASS, U::ENCODING)?;
     let finish = pipeline(ctx, &TIES_FINISH, T::ENCODING)?;
     let mut batch = ctx.batch()?;
     for page in 0..out.page_count() {
@@ -273,7 +346,7 @@ pub fn ties_elect<T: GpuElement>(
                 PassInputs {
                     inputs: model_binds(group, page),
                     sums: [Bind::Buffer(&elected), Bind::Unused, Bind::Unused],
-                    params: params(len, group.len(), g > 0, w, 0.0),
+                    params: pass_params(len, group.len(), g > 0, w, 0.0),
                 },
             )?;
         }
@@ -288,7 +361,7 @@ pub fn ties_elect<T: GpuElement>(
                         Bind::Buffer(&den),
                         Bind::Buffer(&elected),
                     ],
-                    params: params(len, group.len(), g > 0, w, 0.0),
+                    params: pass_params(len, group.len(), g > 0, w, 0.0),
                 },
             )?;
         }
@@ -298,30 +371,44 @@ pub fn ties_elect<T: GpuElement>(
             PassInputs {
                 inputs: model_binds(&[base], page),
                 sums: [Bind::Buffer(num), Bind::Buffer(&den), Bind::Unused],
-                params: params(len, 1, false, &[], lambda),
+                params: pass_params(len, 1, false, &[], lambda),
             },
         )?;
     }
     batch.submit()
 }
 
-/// Fisher merging `out = sum w_i F'_i theta_i / sum w_i F'_i`, `F'_i = max(F_i, floor)`, the
-/// plain weighted mean where every `w_i F'_i` is zero (the twin of `fisher_merge_ref`).
+/// Fisher merging `out = sum w'_i F'_i theta_i / sum w'_i F'_i`, `F'_i = max(F_i, floor)`,
+/// `w'_i = w_i` or `w_i / ||F_i||_2` with [`FisherParams::with_normalization`] (the squared norms
+/// from [`sum_squares`] over each model's Fisher); the plain weighted mean where every
+/// `w'_i F'_i` is zero (the twin of `fisher_merge_ref`).
+///
+/// ```
+/// # use kernels_wgpu::prelude::*;
+/// # let ctx = Context::new_blocking(ContextOptions::default())?;
+/// let a = GpuTensor::from_slice(&ctx, &[1.0f32, -2.0, 4.0])?;
+/// let b = GpuTensor::from_slice(&ctx, &[3.0f32, 6.0, -4.0])?;
+/// let fa = GpuTensor::from_slice(&ctx, &[1.0f32, 1.0, 1.0])?;
+/// let fb = GpuTensor::from_slice(&ctx, &[3.0f32, 0.0, 1.0])?;
+/// let mut out = GpuTensor::zeros(&ctx, 3, 1)?;
+/// fisher_merge(&ctx, &[&a, &b], &[&fa, &fb], &[1.0, 1.0], FisherParams::default(), &mut out)?;
+/// assert_eq!(out.to_vec_blocking(&ctx)?, [2.5, -2.0, 0.0]);
+/// # Ok::<(), Error>(())
+/// ```
 pub fn fisher_merge<T: GpuElement>(
     ctx: &Context,
     thetas: &[&GpuTensor<T>],
     fishers: &[&GpuTensor<f32>],
     weights: &[f32],
-    floor: f32,
+    params: FisherParams<'_>,
     out: &mut GpuTensor<f32>,
 ) -> Result<()> {
-    let weight_sum = validate_fisher_merge(
-        &as_slices(&lengths(thetas)),
-        &as_slices(&lengths(fishers)),
-        weights,
-        floor,
-        out.len(),
-    )?;
+    let weight_sum =
+        validate_fisher_merge(lens(thetas), lens(fishers), weights, params, out.len())?;
+    let floor = params.floor;
+    let weights: Vec<f32> = (0..thetas.len())
+        .map(|i| fisher_weight(weights, params, i))
+        .collect();
     same_shape("thetas[i]", thetas, out)?;
     same_shape("fishers[i]", fishers, out)?;
     let pass = pipeline(ctx, &FISHER_PASS, T::ENCODING)?;
@@ -345,7 +432,7 @@ pub fn fisher_merge<T: GpuElement>(
                 PassInputs {
                     inputs: [t0, t1, f0, f1],
                     sums: [Bind::Buffer(num), Bind::Buffer(&den), Bind::Buffer(&plain)],
-                    params: params(len, theta.len(), g > 0, w, floor),
+                    params: pass_params(len, theta.len(), g > 0, w, floor),
                 },
             )?;
         }
@@ -355,7 +442,7 @@ pub fn fisher_merge<T: GpuElement>(
             PassInputs {
                 inputs: [Bind::Unused, Bind::Unused, Bind::Unused, Bind::Unused],
                 sums: [Bind::Buffer(num), Bind::Buffer(&den), Bind::Buffer(&plain)],
-                params: params(len, 0, false, &[], (1.0 / weight_sum) as f32),
+                params: pass_params(len, 0, false, &[], (1.0 / weight_sum) as f32),
             },
         )?;
     }
@@ -364,13 +451,23 @@ pub fn fisher_merge<T: GpuElement>(
 
 /// Diagonal Fisher accumulation `fisher += scale * grad^2` (the twin of
 /// `fisher_accumulate_ref`), `scale` finite and `>= 0`.
+///
+/// ```
+/// # use kernels_wgpu::prelude::*;
+/// # let ctx = Context::new_blocking(ContextOptions::default())?;
+/// let mut fisher = GpuTensor::from_slice(&ctx, &[1.0f32, 0.0])?;
+/// let grad = GpuTensor::from_slice(&ctx, &[2.0f32, -3.0])?;
+/// fisher_accumulate(&ctx, &mut fisher, &grad, 0.5)?;
+/// assert_eq!(fisher.to_vec_blocking(&ctx)?, [3.0, 4.5]);
+/// # Ok::<(), Error>(())
+/// ```
 pub fn fisher_accumulate<T: GpuElement>(
     ctx: &Context,
     fisher: &mut GpuTensor<f32>,
     grad: &GpuTensor<T>,
     scale: f32,
 ) -> Result<()> {
-    validate_fisher_accumulate(fisher.len(), &vec![(); grad.len()], scale)?;
+    validate_fisher_accumulate(fisher.len(), grad.len(), scale)?;
     grad.expect_shape("grad", fisher.shape())?;
     let pipeline = pipeline(ctx, &FISHER_ACCUMULATE, T::ENCODING)?;
     let mut batch = ctx.batch()?;
@@ -382,9 +479,32 @@ pub fn fisher_accumulate<T: GpuElement>(
             PassInputs {
                 inputs: model_binds(&[grad], page),
                 sums: [Bind::Buffer(sum), Bind::Unused, Bind::Unused],
-                params: params(len, 1, true, &[], scale),
+                params: pass_params(len, 1, true, &[], scale),
             },
         )?;
     }
     batch.submit()
+}
+
+/// Relative bound on [`sum_squares`] against the reference: `(ITEMS + log2 WORKGROUP + 3) u`,
+/// `u = 2^-24`. The squares are non-negative, each rounded once, and summed in `f32` by `ITEMS`
+/// additions per invocation and a `log2 WORKGROUP`-level tree per tile of 4096; tiles combine in
+/// `f64`.
+pub const SUM_SQUARES_RELATIVE_TOLERANCE: f64 =
+    (crate::select::ITEMS + crate::select::WORKGROUP.ilog2() + 3) as f64
+        * (f32::EPSILON as f64 / 2.0);
+
+/// `sum x^2` of a tensor, within [`SUM_SQUARES_RELATIVE_TOLERANCE`] of `sum_squares_ref`:
+/// summed tensor by tensor over a model's Fisher, the squared norm
+/// [`FisherParams::with_normalization`] takes. `async`: the tile sums are read back.
+///
+/// ```
+/// # use kernels_wgpu::prelude::*;
+/// # let ctx = Context::new_blocking(ContextOptions::default())?;
+/// let x = GpuTensor::from_slice(&ctx, &[3.0f32, 4.0])?;
+/// assert_eq!(block_on(sum_squares(&ctx, &x))?, 25.0);
+/// # Ok::<(), Error>(())
+/// ```
+pub async fn sum_squares<T: GpuElement>(ctx: &Context, x: &GpuTensor<T>) -> Result<f64> {
+    Ok(crate::compress::tile_sums(ctx, &[x], 0.0).await?.1)
 }

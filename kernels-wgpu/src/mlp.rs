@@ -12,14 +12,15 @@
 //!   agrees with it: a row whose `|a|` (or `|h|`) lies within rounding of the threshold may be
 //!   decided either way, as on the CPU.
 //! * The samples of a batch run one after another in one submission, so a row active in several
-//!   samples is read once per sample (a fused batch sweep is left for later). The report, read
-//!   back from the device, lists the union of the active rows (hence `async`).
+//!   samples is read once per sample (a fused batch sweep is left for later).
+//! * A call records its dispatches and submits them; it reads nothing back. The rows it read are
+//!   left on the device in the caller's [`MlpScratch`], which reads them back only when asked
+//!   ([`MlpScratch::report`]): a decode loop pays no host round trip per token.
 
-use kernels_core::ops::sparse::{
-    CatsMlpWeights, MlpReport, TealMlpWeights, TealThresholds, is_active, validate_cats_mlp,
-    validate_teal_mlp,
-};
-use kernels_core::{MatRef, Result};
+use kernels_core::Result;
+use kernels_core::backend::{validate_cats_mlp, validate_teal_mlp};
+pub use kernels_core::ops::sparse::{CatsMlpWeights, MlpReport, TealMlpWeights, TealThresholds};
+use kernels_core::ops::sparse::{MAX_MLP_BATCH, is_active};
 
 use crate::context::{Batch, Bind};
 use crate::gemv::{
@@ -53,39 +54,72 @@ pub fn mlp_tolerance(
         + (8.0 + 2.0 * max_gate) * u * direct
 }
 
-/// The weights of a CATS MLP on the device, each `[intermediate, hidden]`.
-#[derive(Clone, Copy, Debug)]
-pub struct GpuCatsMlp<'a, T: GpuElement> {
-    /// `W_gate` in the `nn.Linear` layout (read densely).
-    pub gate: &'a GpuTensor<T>,
-    /// `W_up` in the `nn.Linear` layout (rows read by the active set).
-    pub up: &'a GpuTensor<T>,
-    /// `W_down` transposed (rows read by the active set).
-    pub down_t: &'a GpuTensor<T>,
+/// Where an MLP call leaves, on the device, what it read: per sample the vector whose activity
+/// decides the rows (CATS: `a = silu(g)`; TEAL: `h`), read back and turned into an [`MlpReport`]
+/// only when [`Self::report`] is asked. Owned by the caller and reused call after call.
+///
+/// ```
+/// # use kernels_wgpu::prelude::*;
+/// # let ctx = Context::new_blocking(ContextOptions::default())?;
+/// let (inter, hidden) = (4, 2);
+/// let gate = GpuTensor::from_matrix(&ctx, MatRef::from_slice(&[1.0f32, 0.0, 0.0, 1.0, -1.0, 0.0, 0.0, -1.0], inter, hidden)?)?;
+/// let up = GpuTensor::from_matrix(&ctx, MatRef::from_slice(&[1.0f32; 8], inter, hidden)?)?;
+/// let down_t = GpuTensor::from_matrix(&ctx, MatRef::from_slice(&[1.0f32; 8], inter, hidden)?)?;
+/// let weights = CatsMlpWeights { gate: &gate, up: &up, down_t: &down_t };
+/// let mut x = GpuTensor::<f32>::zeros(&ctx, 1, hidden)?;
+/// let mut y = GpuTensor::<f32>::zeros(&ctx, 1, hidden)?;
+/// let mut scratch = MlpScratch::new();
+/// for token in [[2.0f32, 1.0], [1.0, 2.0]] {
+///     x.write(&ctx, &token)?;
+///     cats_mlp(&ctx, &x, weights, 0.5, &mut y, &mut scratch)?; // records, reads nothing back
+/// }
+/// // Rows 2 and 3 have negative gates: silu(g) is above -0.28, so they were skipped.
+/// assert_eq!(block_on(scratch.report(&ctx))?.active, [0, 1]);
+/// # Ok::<(), Error>(())
+/// ```
+#[derive(Debug, Default)]
+pub struct MlpScratch {
+    /// Per sample, `intermediate` activations of the last call (at least that many bytes).
+    reports: Vec<wgpu::Buffer>,
+    /// The last call's batch, intermediate size, and the threshold its activity test used.
+    last: Option<(usize, usize, f32)>,
 }
 
-/// The weights of a TEAL MLP on the device, every projection read by its input index.
-#[derive(Clone, Copy, Debug)]
-pub struct GpuTealMlp<'a, T: GpuElement> {
-    /// `W_gate` transposed, `[hidden, intermediate]`.
-    pub gate_t: &'a GpuTensor<T>,
-    /// `W_up` transposed, `[hidden, intermediate]`.
-    pub up_t: &'a GpuTensor<T>,
-    /// `W_down` transposed, `[intermediate, hidden]`.
-    pub down_t: &'a GpuTensor<T>,
-}
-
-/// Zero-sized stand-ins with a tensor's shape, so that the reference's own validation checks
-/// GPU tensors (a `Vec<()>` allocates nothing).
-struct Shape(Vec<()>, [usize; 2]);
-
-impl Shape {
-    fn of<T: bytemuck::Pod>(t: &GpuTensor<T>) -> Self {
-        Self(vec![(); t.len()], t.shape())
+impl MlpScratch {
+    /// Empty scratch; the first call sizes it.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
     }
 
-    fn view(&self) -> Result<MatRef<'_, ()>> {
-        MatRef::from_slice(&self.0, self.1[0], self.1[1])
+    /// The buffers for a call of `batch` samples and `inter` rows, grown where too small.
+    fn reports(&mut self, ctx: &Context, batch: usize, inter: usize) -> Result<&[wgpu::Buffer]> {
+        let bytes = (inter.max(1) * 4) as u64;
+        self.reports.retain(|b| b.size() >= bytes);
+        while self.reports.len() < batch {
+            self.reports.push(ctx.take_storage(bytes)?);
+        }
+        Ok(&self.reports[..batch])
+    }
+
+    /// What the last call read: the union over its batch of the intermediate rows each sample
+    /// kept (empty before the first call). Reads the activations back from the device, so it is
+    /// `async`.
+    pub async fn report(&self, ctx: &Context) -> Result<MlpReport> {
+        let Some((batch, inter, threshold)) = self.last else {
+            return Ok(MlpReport::default());
+        };
+        let mut read = vec![false; inter];
+        for buffer in &self.reports[..batch] {
+            let values = ctx.read_buffer::<f32>(buffer, inter).await?;
+            for (r, v) in read.iter_mut().zip(values) {
+                *r |= is_active(v, threshold);
+            }
+        }
+        Ok(MlpReport {
+            active: (0..inter as u32).filter(|&i| read[i as usize]).collect(),
+            intermediate: inter,
+        })
     }
 }
 
@@ -97,88 +131,73 @@ fn row_at(t: &GpuTensor<f32>, r: usize) -> (&wgpu::Buffer, u64) {
 }
 
 /// Per sample `b`: copies row `b` of `x` into a vector, runs `sample` (which fills the output
-/// vector and the vector to report on; it runs only where there is an intermediate row), copies
-/// the output into row `b` of `y`; after the submission reads the report vectors back and marks
-/// the rows `active` keeps.
-async fn per_sample(
+/// vector and the sample's report vector in `scratch`; it runs only where there is an
+/// intermediate row), copies the output into row `b` of `y`; submits, and notes in `scratch`
+/// how to read the reports.
+fn per_sample(
     ctx: &Context,
     x: &GpuTensor<f32>,
     y: &mut GpuTensor<f32>,
     inter: usize,
-    active: impl Fn(f32) -> bool,
+    threshold: f32,
+    scratch: &mut MlpScratch,
     mut sample: impl FnMut(&mut Batch<'_>, &wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer) -> Result<()>,
-) -> Result<MlpReport> {
+) -> Result<()> {
     let [batch_size, hidden] = x.shape();
-    if hidden == 0 {
-        return Ok(MlpReport {
-            active: Vec::new(),
-            intermediate: inter,
-        });
-    }
-    let mut reported = Vec::with_capacity(batch_size);
-    let result = async {
-        let mut batch = ctx.batch()?;
-        for b in 0..batch_size {
-            let xb = batch.scratch((hidden * 4) as u64)?;
-            let yb = batch.scratch((hidden * 4) as u64)?;
-            let report = ctx.take_storage((inter * 4) as u64)?;
-            reported.push(report.clone());
-            let (x_page, x_offset) = row_at(x, b);
-            batch.copy_range(x_page, x_offset, &xb, 0, (hidden * 4) as u64);
-            if inter == 0 {
-                // No intermediate row: every output is an empty sum.
-                batch.clear(&yb);
-            } else {
-                sample(&mut batch, &xb, &yb, &report)?;
-            }
-            let (y_page, y_offset) = row_at(y, b);
-            batch.copy_range(&yb, 0, y_page, y_offset, (hidden * 4) as u64);
+    debug_assert!(batch_size <= MAX_MLP_BATCH);
+    scratch.last = None;
+    let reports = scratch.reports(ctx, batch_size, inter)?;
+    let mut batch = ctx.batch()?;
+    for (b, report) in reports.iter().enumerate() {
+        batch.clear(report);
+        if hidden == 0 {
+            continue;
         }
-        batch.submit()?;
-        let mut read = vec![false; inter];
-        for report in &reported {
-            let values = ctx.read_buffer::<f32>(report, inter).await?;
-            for (r, v) in read.iter_mut().zip(values) {
-                *r |= active(v);
-            }
+        let xb = batch.scratch((hidden * 4) as u64)?;
+        let yb = batch.scratch((hidden * 4) as u64)?;
+        let (x_page, x_offset) = row_at(x, b);
+        batch.copy_range(x_page, x_offset, &xb, 0, (hidden * 4) as u64);
+        if inter == 0 {
+            // No intermediate row: every output is an empty sum.
+            batch.clear(&yb);
+        } else {
+            sample(&mut batch, &xb, &yb, report)?;
         }
-        Ok(MlpReport {
-            active: (0..inter as u32).filter(|&i| read[i as usize]).collect(),
-            intermediate: inter,
-        })
+        let (y_page, y_offset) = row_at(y, b);
+        batch.copy_range(&yb, 0, y_page, y_offset, (hidden * 4) as u64);
     }
-    .await;
-    ctx.give_back(reported);
-    result
+    batch.submit()?;
+    // Without a hidden column no sample ran: no row was read, whatever the threshold.
+    let threshold = if hidden == 0 {
+        f32::INFINITY
+    } else {
+        threshold
+    };
+    scratch.last = Some((batch_size, inter, threshold));
+    Ok(())
 }
 
 /// The CATS MLP for a decode batch: `x` and `y` `[batch, hidden]`, batch 1 to 4 (the twin of
-/// `cats_mlp_ref`).
-pub async fn cats_mlp<T: GpuElement>(
+/// `cats_mlp_ref`). Records and submits; the rows read stay in `scratch` until
+/// [`MlpScratch::report`] asks. A gate activation `a` is active iff `!(|a| <= threshold)`.
+/// See [`MlpScratch`] for an example.
+pub fn cats_mlp<T: GpuElement>(
     ctx: &Context,
     x: &GpuTensor<f32>,
-    weights: GpuCatsMlp<'_, T>,
+    weights: CatsMlpWeights<&GpuTensor<T>>,
     threshold: f32,
     y: &mut GpuTensor<f32>,
-) -> Result<MlpReport> {
-    let x_host = vec![0.0f32; x.len()];
-    let shapes = [weights.gate, weights.up, weights.down_t].map(Shape::of);
-    let [inter, _] = validate_cats_mlp(
-        MatRef::from_slice(&x_host, x.rows(), x.cols())?,
-        &CatsMlpWeights {
-            gate: shapes[0].view()?,
-            up: shapes[1].view()?,
-            down_t: shapes[2].view()?,
-        },
-        threshold,
-        y.shape(),
-    )?;
+    scratch: &mut MlpScratch,
+) -> Result<()> {
+    let [inter, _] =
+        validate_cats_mlp(x.shape(), weights.map(|w| w.shape()), threshold, y.shape())?;
     per_sample(
         ctx,
         x,
         y,
         inter,
-        |a| is_active(a, threshold),
+        threshold,
+        scratch,
         |batch, xb, yb, gates| {
             let g = batch.scratch((inter * 4) as u64)?;
             let h = batch.scratch((inter * 4) as u64)?;
@@ -192,37 +211,45 @@ pub async fn cats_mlp<T: GpuElement>(
             record_sweep(batch, weights.down_t, gates, Some(&h), threshold, yb)
         },
     )
-    .await
 }
 
 /// The TEAL MLP for a decode batch: `x` and `y` `[batch, hidden]`, batch 1 to 4 (the twin of
-/// `teal_mlp_ref`).
-pub async fn teal_mlp<T: GpuElement>(
+/// `teal_mlp_ref`). Records and submits; the rows of `W_down_t` read stay in `scratch`.
+///
+/// ```
+/// # use kernels_wgpu::prelude::*;
+/// # let ctx = Context::new_blocking(ContextOptions::default())?;
+/// let (hidden, inter) = (2, 3);
+/// let gate_t = GpuTensor::from_matrix(&ctx, MatRef::from_slice(&[1.0f32, 1.0, 1.0, 0.0, 0.0, 0.0], hidden, inter)?)?;
+/// let up_t = GpuTensor::from_matrix(&ctx, MatRef::from_slice(&[1.0f32; 6], hidden, inter)?)?;
+/// let down_t = GpuTensor::from_matrix(&ctx, MatRef::from_slice(&[1.0f32; 6], inter, hidden)?)?;
+/// let weights = TealMlpWeights { gate_t: &gate_t, up_t: &up_t, down_t: &down_t };
+/// let x = GpuTensor::from_matrix(&ctx, MatRef::from_slice(&[2.0f32, 0.1], 1, hidden)?)?;
+/// let mut y = GpuTensor::<f32>::zeros(&ctx, 1, hidden)?;
+/// let mut scratch = MlpScratch::new();
+/// teal_mlp(&ctx, &x, weights, TealThresholds::new(0.5, 0.0), &mut y, &mut scratch)?;
+/// let h = 2.0 / (1.0 + (-2.0f32).exp()) * 2.0; // silu(g) * u for each intermediate row
+/// assert!((y.to_vec_blocking(&ctx)?[0] - 3.0 * h).abs() < 1e-4);
+/// # Ok::<(), Error>(())
+/// ```
+pub fn teal_mlp<T: GpuElement>(
     ctx: &Context,
     x: &GpuTensor<f32>,
-    weights: GpuTealMlp<'_, T>,
+    weights: TealMlpWeights<&GpuTensor<T>>,
     thresholds: TealThresholds,
     y: &mut GpuTensor<f32>,
-) -> Result<MlpReport> {
-    let x_host = vec![0.0f32; x.len()];
-    let shapes = [weights.gate_t, weights.up_t, weights.down_t].map(Shape::of);
-    let [inter, _] = validate_teal_mlp(
-        MatRef::from_slice(&x_host, x.rows(), x.cols())?,
-        &TealMlpWeights {
-            gate_t: shapes[0].view()?,
-            up_t: shapes[1].view()?,
-            down_t: shapes[2].view()?,
-        },
-        thresholds,
-        y.shape(),
-    )?;
+    scratch: &mut MlpScratch,
+) -> Result<()> {
+    let [inter, _] =
+        validate_teal_mlp(x.shape(), weights.map(|w| w.shape()), thresholds, y.shape())?;
     let product = pipeline::<T>(ctx, &SILU_PRODUCT, false, false)?;
     per_sample(
         ctx,
         x,
         y,
         inter,
-        |h| is_active(h, thresholds.down),
+        thresholds.down,
+        scratch,
         |batch, xb, yb, h| {
             let g = batch.scratch((inter * 4) as u64)?;
             let u = batch.scratch((inter * 4) as u64)?;
@@ -248,5 +275,4 @@ pub async fn teal_mlp<T: GpuElement>(
             record_sweep(batch, weights.down_t, h, None, thresholds.down, yb)
         },
     )
-    .await
 }

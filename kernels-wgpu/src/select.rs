@@ -16,7 +16,8 @@
 //! * Any number of entries: the device counts in `u32`, so tensors are histogrammed in groups
 //!   of fewer than 2^32 entries and the host adds the groups' counts in `u64`.
 
-use kernels_core::ops::select::{TopKCut, magnitude_key};
+pub use kernels_core::ops::select::{KeepRule, TopKCut};
+use kernels_core::ops::select::{Selection, magnitude_key};
 use kernels_core::{Error, Result};
 use shaders::Family;
 
@@ -24,13 +25,13 @@ use crate::context::{Bind, Context, Kernel, Slot};
 use crate::tensor::{GpuElement, GpuTensor};
 
 /// Invocations per workgroup of the selection kernels.
-pub const WORKGROUP: u32 = 256;
+pub(crate) const WORKGROUP: u32 = 256;
 
 /// Entries each invocation handles; a workgroup owns a tile of `WORKGROUP * ITEMS` entries.
 ///
 /// PERF: a tile of 4096 entries amortises the flush of a 2048-bin workgroup histogram to the
 /// global one (most bins are empty and skipped).
-pub const ITEMS: u32 = 16;
+pub(crate) const ITEMS: u32 = 16;
 
 /// Entries of one tile.
 pub(crate) const TILE: usize = (WORKGROUP * ITEMS) as usize;
@@ -128,7 +129,7 @@ impl Cut {
         }
     }
 
-    fn public(&self, equal_total: u64) -> TopKCut {
+    pub(crate) fn public(&self, equal_total: u64) -> TopKCut {
         TopKCut {
             magnitude: f32::from_bits(self.key),
             ties: match self.ties {
@@ -232,19 +233,21 @@ fn count_groups(lens: &[u64], limit: u64) -> Vec<core::ops::Range<usize>> {
     groups
 }
 
-/// The top-k cut and the number of entries equal to its magnitude.
+/// The cut of what `keep` keeps and the number of entries equal to its magnitude (known for a
+/// top-k; 0 for a threshold, whose cut keeps none of them). Every entry is validated.
 pub(crate) async fn find_cut<T: GpuElement>(
     ctx: &Context,
     slices: &[&GpuTensor<T>],
-    k: u64,
+    keep: KeepRule,
 ) -> Result<(Cut, u64)> {
+    keep.validate()?;
     let lens: Vec<u64> = slices.iter().map(|s| s.len() as u64).collect();
     let n: u64 = lens.iter().sum();
     // Every tensor has fewer than 2^32 entries; the device's counts are u32.
     let groups = count_groups(&lens, u64::from(u32::MAX));
     let mut prefix = 0u32;
     let mut prefix_mask = 0u32;
-    let mut remaining = k;
+    let mut remaining = 0;
     let mut equal_total = 0;
     for (pass, &(shift, bits)) in DIGITS.iter().enumerate() {
         let mut histogram = vec![0u64; 1 << bits];
@@ -273,15 +276,10 @@ pub(crate) async fn find_cut<T: GpuElement>(
                 }
                 offset += len;
             }
-            if k > n {
-                return Err(Error::InvalidParam {
-                    name: "k",
-                    value: k as f64,
-                    expected: "at most the number of entries",
-                });
-            }
-            if k == 0 {
-                return Ok((Cut::from_public(&TopKCut::NONE), 0));
+            match keep.selection(n)? {
+                Selection::Cut(cut) => return Ok((Cut::from_public(&cut), 0)),
+                Selection::Top(0) => return Ok((Cut::from_public(&TopKCut::NONE), 0)),
+                Selection::Top(k) => remaining = k,
             }
         }
         let mut chosen = 0;
@@ -304,32 +302,45 @@ pub(crate) async fn find_cut<T: GpuElement>(
     Ok((Cut { key: prefix, ties }, equal_total))
 }
 
-/// The top-k cut of `slices` taken as one flat vector (the twin of `topk_cut_ref`):
-/// `0 <= k <= n`.
+/// The cut of what `keep` keeps of `slices` taken as one flat vector (the twin of
+/// `topk_cut_ref`). `async`: the radix select reads its histograms back. Apply it tensor by
+/// tensor with a [`TopKApplier`].
+///
+/// ```
+/// # use kernels_wgpu::prelude::*;
+/// # let ctx = Context::new_blocking(ContextOptions::default())?;
+/// let a = GpuTensor::from_slice(&ctx, &[0.5f32, -3.0, 1.0])?;
+/// let b = GpuTensor::from_slice(&ctx, &[2.0f32, -2.0])?;
+/// let cut = block_on(topk_cut(&ctx, &[&a, &b], KeepRule::Count(2)))?;
+/// assert_eq!(cut, TopKCut { magnitude: 2.0, ties: 1 });
+/// # Ok::<(), Error>(())
+/// ```
 pub async fn topk_cut<T: GpuElement>(
     ctx: &Context,
     slices: &[&GpuTensor<T>],
-    k: u64,
+    keep: KeepRule,
 ) -> Result<TopKCut> {
-    let (cut, equal_total) = find_cut(ctx, slices, k).await?;
+    let (cut, equal_total) = find_cut(ctx, slices, keep).await?;
     Ok(cut.public(equal_total))
 }
 
 /// The k-th largest magnitude of `slices` taken as one flat vector, `1 <= k <= n` (the twin of
 /// `kth_largest_magnitude_ref`).
+///
+/// ```
+/// # use kernels_wgpu::prelude::*;
+/// # let ctx = Context::new_blocking(ContextOptions::default())?;
+/// let a = GpuTensor::from_slice(&ctx, &[0.5f32, -3.0, 1.0, 2.0, -2.0])?;
+/// assert_eq!(block_on(kth_largest_magnitude(&ctx, &[&a], 4))?, 1.0);
+/// # Ok::<(), Error>(())
+/// ```
 pub async fn kth_largest_magnitude<T: GpuElement>(
     ctx: &Context,
     slices: &[&GpuTensor<T>],
     k: u64,
 ) -> Result<f32> {
-    if k == 0 {
-        return Err(Error::InvalidParam {
-            name: "k",
-            value: 0.0,
-            expected: "at least 1",
-        });
-    }
-    Ok(topk_cut(ctx, slices, k).await?.magnitude)
+    kernels_core::backend::check_kth(k)?;
+    Ok(topk_cut(ctx, slices, KeepRule::Count(k)).await?.magnitude)
 }
 
 /// Where [`apply_cuts`] writes: the kept values (`out = kept ? x : 0`), or the kept entries'
@@ -463,8 +474,23 @@ async fn apply_with_offsets<T: GpuElement>(
 }
 
 /// Applies a [`TopKCut`] tensor by tensor, in flat order, across any number of tensors:
-/// `out = kept ? x : 0` (the GPU twin of `TopKSelector`; `f16` and `bf16` entries are written
-/// widened, exactly).
+/// `out = kept ? x : 0` (the twin of the reference `TopKApplier`; `f16` and `bf16` entries are
+/// written widened, exactly).
+///
+/// ```
+/// # use kernels_wgpu::prelude::*;
+/// # let ctx = Context::new_blocking(ContextOptions::default())?;
+/// let a = GpuTensor::from_slice(&ctx, &[0.5f32, -3.0, 1.0])?;
+/// let b = GpuTensor::from_slice(&ctx, &[2.0f32, -2.0])?;
+/// let cut = block_on(topk_cut(&ctx, &[&a, &b], KeepRule::Count(2)))?;
+/// let mut applier = TopKApplier::new(&cut);
+/// let (mut ka, mut kb) = (GpuTensor::zeros(&ctx, 3, 1)?, GpuTensor::zeros(&ctx, 2, 1)?);
+/// block_on(applier.keep(&ctx, &a, &mut ka))?;
+/// block_on(applier.keep(&ctx, &b, &mut kb))?;
+/// assert_eq!(ka.to_vec_blocking(&ctx)?, [0.0, -3.0, 0.0]);
+/// assert_eq!(kb.to_vec_blocking(&ctx)?, [2.0, 0.0]);
+/// # Ok::<(), Error>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct TopKApplier {
     cut: Cut,
@@ -479,8 +505,10 @@ impl TopKApplier {
         }
     }
 
-    /// Applies the cut to the next tensor in flat order.
-    pub async fn apply<T: GpuElement>(
+    /// The next tensor in flat order with what the cut drops zeroed: `out = kept ? x : 0`.
+    /// `async` where some of the entries equal to the cut are kept (they are ranked on the
+    /// device and counted back).
+    pub async fn keep<T: GpuElement>(
         &mut self,
         ctx: &Context,
         x: &GpuTensor<T>,
@@ -490,15 +518,26 @@ impl TopKApplier {
     }
 }
 
-/// The top-k of one tensor (ties by lower index): `out = kept ? x : 0`.
+/// What `keep` keeps of one tensor (ties by lower index): `out = kept ? x : 0`, widened exactly
+/// to `f32` (the twin of the CPU's `topk_keep`; TIES trimming is this op).
+///
+/// ```
+/// # use kernels_wgpu::prelude::*;
+/// # let ctx = Context::new_blocking(ContextOptions::default())?;
+/// let x = GpuTensor::from_slice(&ctx, &[0.5f32, -3.0, 1.0, 2.0])?;
+/// let mut out = GpuTensor::zeros(&ctx, 4, 1)?;
+/// block_on(topk_keep(&ctx, &x, KeepRule::Threshold(0.75), &mut out))?;
+/// assert_eq!(out.to_vec_blocking(&ctx)?, [0.0, -3.0, 1.0, 2.0]);
+/// # Ok::<(), Error>(())
+/// ```
 pub async fn topk_keep<T: GpuElement>(
     ctx: &Context,
     x: &GpuTensor<T>,
-    k: u64,
+    keep: KeepRule,
     out: &mut GpuTensor<f32>,
 ) -> Result<()> {
     x.expect_shape("out", out.shape())?;
-    let (mut cut, _) = find_cut(ctx, &[x], k).await?;
+    let (mut cut, _) = find_cut(ctx, &[x], keep).await?;
     apply_cuts(ctx, x, &mut cut, None, Sink::Values(out)).await
 }
 
@@ -512,8 +551,8 @@ pub(crate) async fn keep_band<T: GpuElement>(
     out: &mut GpuTensor<f32>,
 ) -> Result<()> {
     x.expect_shape("out", out.shape())?;
-    let (mut a, _) = find_cut(ctx, &[x], outer).await?;
-    let (mut b, _) = find_cut(ctx, &[x], inner).await?;
+    let (mut a, _) = find_cut(ctx, &[x], KeepRule::Count(outer)).await?;
+    let (mut b, _) = find_cut(ctx, &[x], KeepRule::Count(inner)).await?;
     apply_cuts(ctx, x, &mut a, Some(&mut b), Sink::Values(out)).await
 }
 

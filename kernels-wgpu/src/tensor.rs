@@ -60,6 +60,30 @@ fn padded_bytes<T>(elements: usize) -> u64 {
     bytes_len(elements * size_of::<T>()) as u64
 }
 
+/// Copies rows `first .. first + rows` of `m` into the page `dst` (its whole length: the rows,
+/// then zeros up to the buffer's padding): one copy, in one piece where `m` is contiguous.
+fn copy_rows<T: bytemuck::Pod>(
+    dst: &mut wgpu::WriteOnly<'_, [u8]>,
+    m: MatRef<'_, T>,
+    first: usize,
+    rows: usize,
+) {
+    let row_bytes = m.cols() * size_of::<T>();
+    let used = rows * row_bytes;
+    if m.row_stride() == m.cols() && rows > 0 {
+        let start = first * m.cols();
+        let block = &m.as_slice()[start..start + rows * m.cols()];
+        dst.slice(..used)
+            .copy_from_slice(bytemuck::cast_slice(block));
+    } else {
+        for r in 0..rows {
+            dst.slice(r * row_bytes..(r + 1) * row_bytes)
+                .copy_from_slice(bytemuck::cast_slice(m.row(first + r)));
+        }
+    }
+    dst.slice(used..).fill(0);
+}
+
 impl<T: bytemuck::Pod> GpuTensor<T> {
     fn page_rows_for(ctx: &Context, rows: usize, cols: usize) -> Result<usize> {
         if rows.checked_mul(cols).is_none_or(|n| n > u32::MAX as usize) {
@@ -88,14 +112,16 @@ impl<T: bytemuck::Pod> GpuTensor<T> {
         Ok(((page_bytes / row_bytes.max(4)) as usize).max(1))
     }
 
+    /// A tensor of `rows x cols` whose pages are filled from `source` (zeros without one: wgpu
+    /// zero-initialises every buffer).
     fn with_pages(
         ctx: &Context,
         rows: usize,
         cols: usize,
-        mut fill: impl FnMut(usize, &mut [T]),
+        source: Option<MatRef<'_, T>>,
     ) -> Result<Self> {
         let rows_per_page = Self::page_rows_for(ctx, rows, cols)?;
-        let mut pages = Vec::new();
+        let mut pages = Vec::with_capacity(rows.div_ceil(rows_per_page));
         let mut first = 0;
         while first < rows {
             let page_rows = rows_per_page.min(rows - first);
@@ -107,27 +133,20 @@ impl<T: bytemuck::Pod> GpuTensor<T> {
                     usage: wgpu::BufferUsages::STORAGE
                         | wgpu::BufferUsages::COPY_SRC
                         | wgpu::BufferUsages::COPY_DST,
-                    mapped_at_creation: true,
+                    mapped_at_creation: source.is_some(),
                 })
             })?;
-            {
-                let elements = page_rows * cols;
-                let mut host = vec![T::zeroed(); elements];
-                for r in 0..page_rows {
-                    fill(first + r, &mut host[r * cols..(r + 1) * cols]);
-                }
-                let mut bytes = bytemuck::cast_slice::<T, u8>(&host).to_vec();
-                bytes.resize(bytes_len(bytes.len()), 0);
-                let mut mapped =
-                    buffer
-                        .slice(..)
-                        .get_mapped_range_mut()
-                        .map_err(|_| Error::DeviceFailure {
+            if let Some(m) = source {
+                {
+                    let mut mapped = buffer.slice(..).get_mapped_range_mut().map_err(|_| {
+                        Error::DeviceFailure {
                             reason: "a new buffer could not be mapped for upload",
-                        })?;
-                mapped.copy_from_slice(&bytes);
+                        }
+                    })?;
+                    copy_rows(&mut mapped.slice(..), m, first, page_rows);
+                }
+                buffer.unmap();
             }
-            buffer.unmap();
             pages.push(buffer);
             first += page_rows;
         }
@@ -140,21 +159,87 @@ impl<T: bytemuck::Pod> GpuTensor<T> {
         })
     }
 
-    /// Uploads a vector (a `[len, 1]` tensor).
+    /// Uploads a vector (a `[len, 1]` tensor), copying it once, straight into device-visible
+    /// memory.
+    ///
+    /// ```
+    /// # use kernels_wgpu::prelude::*;
+    /// # let ctx = Context::new_blocking(ContextOptions::default())?;
+    /// let x = GpuTensor::from_slice(&ctx, &[1.0f32, 2.0, 3.0])?;
+    /// assert_eq!((x.shape(), x.to_vec_blocking(&ctx)?), ([3, 1], vec![1.0, 2.0, 3.0]));
+    /// # Ok::<(), Error>(())
+    /// ```
     pub fn from_slice(ctx: &Context, data: &[T]) -> Result<Self> {
-        Self::with_pages(ctx, data.len(), 1, |r, row| row[0] = data[r])
+        Self::with_pages(
+            ctx,
+            data.len(),
+            1,
+            Some(MatRef::from_slice(data, data.len(), 1)?),
+        )
     }
 
-    /// Uploads a matrix (any row stride; the device copy is contiguous).
+    /// Uploads a matrix (any row stride; the device copy is contiguous), copying it once.
+    ///
+    /// ```
+    /// # use kernels_wgpu::prelude::*;
+    /// # let ctx = Context::new_blocking(ContextOptions::default())?;
+    /// let buffer = [1.0f32, 2.0, 0.0, 3.0, 4.0];
+    /// let w = GpuTensor::from_matrix(&ctx, MatRef::new(&buffer, 2, 2, 3)?)?;
+    /// assert_eq!(w.to_vec_blocking(&ctx)?, [1.0, 2.0, 3.0, 4.0]);
+    /// # Ok::<(), Error>(())
+    /// ```
     pub fn from_matrix(ctx: &Context, m: MatRef<'_, T>) -> Result<Self> {
-        Self::with_pages(ctx, m.rows(), m.cols(), |r, row| {
-            row.copy_from_slice(m.row(r));
-        })
+        Self::with_pages(ctx, m.rows(), m.cols(), Some(m))
     }
 
-    /// A `[rows, cols]` tensor of zeros.
+    /// A `[rows, cols]` tensor of zeros (no host copy at all).
+    ///
+    /// ```
+    /// # use kernels_wgpu::prelude::*;
+    /// # let ctx = Context::new_blocking(ContextOptions::default())?;
+    /// let y = GpuTensor::<f32>::zeros(&ctx, 2, 3)?;
+    /// assert_eq!(y.to_vec_blocking(&ctx)?, [0.0; 6]);
+    /// # Ok::<(), Error>(())
+    /// ```
     pub fn zeros(ctx: &Context, rows: usize, cols: usize) -> Result<Self> {
-        Self::with_pages(ctx, rows, cols, |_, row| row.fill(T::zeroed()))
+        Self::with_pages(ctx, rows, cols, None)
+    }
+
+    /// Overwrites the tensor in place with `data` (row-major, exactly [`Self::len`] elements),
+    /// copying it once into the queue's staging memory; the write lands before the next
+    /// submission. What a decode loop does with each token's input.
+    ///
+    /// ```
+    /// # use kernels_wgpu::prelude::*;
+    /// # let ctx = Context::new_blocking(ContextOptions::default())?;
+    /// let mut x = GpuTensor::<f32>::zeros(&ctx, 3, 1)?;
+    /// x.write(&ctx, &[4.0, 5.0, 6.0])?;
+    /// assert_eq!(x.to_vec_blocking(&ctx)?, [4.0, 5.0, 6.0]);
+    /// assert!(x.write(&ctx, &[1.0]).is_err());
+    /// # Ok::<(), Error>(())
+    /// ```
+    pub fn write(&mut self, ctx: &Context, data: &[T]) -> Result<()> {
+        self.expect_len("data", data.len())?;
+        self.write_matrix(ctx, MatRef::from_slice(data, self.rows, self.cols)?)
+    }
+
+    /// Overwrites the tensor in place with `m` (its shape; any row stride), copying it once.
+    pub fn write_matrix(&mut self, ctx: &Context, m: MatRef<'_, T>) -> Result<()> {
+        self.expect_shape("m", m.shape())?;
+        ctx.check()?;
+        for (buffer, first, page_rows) in self.pages() {
+            let Some(size) = wgpu::BufferSize::new(buffer.size()) else {
+                continue;
+            };
+            let mut staging =
+                ctx.queue
+                    .write_buffer_with(buffer, 0, size)
+                    .ok_or(Error::DeviceFailure {
+                        reason: "the queue refused a write into a tensor page",
+                    })?;
+            copy_rows(&mut staging.slice(..), m, first, page_rows);
+        }
+        ctx.check()
     }
 
     /// `[rows, cols]`.

@@ -1,13 +1,8 @@
-//! Ternary compression on the GPU: ComPEFT (moments, global top-k selection and sign codes on
-//! the device; the host writes the bytes of either layout), and GEMV, decode and
-//! decompress-and-add straight from 2-bit codes in device memory, the twins of
-//! `kernels_core::ops::ternary`'s references.
+//! Packed ternary tensors on the GPU: GEMV, decode and decompress-and-add straight from 2-bit
+//! codes in device memory, the twins of `kernels_core::ops::ternary`'s references.
 //!
 //! # Contracts
 //!
-//! * [`compeft`] writes exactly the bytes `format::encode` writes for `compeft_ref`'s codes: the
-//!   selection is bit-identical ([`crate::select`]); the scale `alpha * sigma` is within
-//!   [`SCALE_RELATIVE_TOLERANCE`] (sums in `f32` per tile of 4096, combined in `f64`).
 //! * A [`GpuTernary`] is uploaded from the packed format, validated in full by the reference
 //!   decoder first; its codes live in one storage binding (16 codes per word), so it holds at
 //!   most `4 x binding_bytes` entries.
@@ -17,29 +12,16 @@
 //!   within [`ternary_add_tolerance`] of `ternary_add_ref` (which rounds once from `f64`); a zero
 //!   code leaves its parameter's bits alone.
 
-use kernels_core::format::{self, TernaryHeader, TernaryLayout};
-use kernels_core::ops::select::keep_count;
-use kernels_core::ops::ternary::CompeftParams;
+use kernels_core::format::{self, TernaryHeader};
 use kernels_core::{Error, Result};
 use shaders::Family;
 
 use crate::context::{Bind, Context, Kernel, Slot};
-use crate::select::{ITEMS, Sink, TILE, apply_cuts, find_cut, tiled_pipeline};
+use crate::select::tiled_pipeline;
 use crate::tensor::{GpuElement, GpuTensor};
 
 /// Invocations per workgroup of the ternary kernels (the tiles' workgroup).
-pub const WORKGROUP: u32 = crate::select::WORKGROUP;
-
-/// Relative bound on `|scale - scale_ref| / scale_ref` for [`compeft`]:
-/// `(ITEMS + log2 WORKGROUP + 4) u`, `u = 2^-24`.
-///
-/// A tile's squared deviations are non-negative terms, each rounded in the subtraction and the
-/// square (`3 u` relative), summed in `f32` by `ITEMS` additions per invocation and a tree of
-/// `log2 WORKGROUP` levels; tiles combine in `f64`. The standard deviation halves the variance's
-/// relative error, and the final `f32` rounding adds one `u`; the bound takes no credit for the
-/// halving.
-pub const SCALE_RELATIVE_TOLERANCE: f64 =
-    (ITEMS + WORKGROUP.ilog2() + 4) as f64 * (f32::EPSILON as f64 / 2.0);
+pub(crate) const WORKGROUP: u32 = crate::select::WORKGROUP;
 
 /// Bound on `|theta' - theta'_ref|` for [`ternary_add`] of a step `s = lambda * scale` onto
 /// `theta` of type `T`: `u (|s| + 2 |theta + s|)`, plus one ulp of `T` for a 16-bit `T`.
@@ -68,14 +50,14 @@ pub fn ternary_add_tolerance<T: GpuElement>(theta: f32, step: f64) -> f64 {
 
 #[repr(C)]
 #[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
-struct TernaryParams {
-    len: u32,
-    rows: u32,
-    cols: u32,
-    first_code: u32,
-    scale: f32,
-    tile_base: u32,
-    pad: [u32; 2],
+pub(crate) struct TernaryParams {
+    pub(crate) len: u32,
+    pub(crate) rows: u32,
+    pub(crate) cols: u32,
+    pub(crate) first_code: u32,
+    pub(crate) scale: f32,
+    pub(crate) tile_base: u32,
+    pub(crate) pad: [u32; 2],
 }
 
 // Slots: codes, x, out, params, theta (packed f16 or bf16).
@@ -99,10 +81,29 @@ const fn kernel(entry: &'static str) -> Kernel {
 const GEMV: Kernel = kernel("ternary_gemv");
 const DECODE: Kernel = kernel("ternary_decode");
 const ADD: Kernel = kernel("ternary_add");
-const MOMENTS: Kernel = kernel("tile_moments");
+pub(crate) const MOMENTS: Kernel = kernel("tile_moments");
 const ADD_PACKED: Kernel = kernel("ternary_add_packed");
 
-/// A ternary tensor in device memory: its header and its codes, 2 bits each.
+/// A ternary tensor in device memory: its header and its codes, 2 bits each (the GPU's
+/// counterpart of the CPU's `PackedTernary`).
+///
+/// ```
+/// # use kernels_wgpu::prelude::*;
+/// # let ctx = Context::new_blocking(ContextOptions::default())?;
+/// let bytes = kernels_wgpu::format::encode(&[1, 0, -1, 1], &[2, 2], 0.5, TernaryLayout::Dense2Bit)?;
+/// let codes = GpuTernary::upload(&ctx, &bytes)?;
+/// let x = GpuTensor::from_slice(&ctx, &[1.0f32, 2.0])?;
+/// let mut y = GpuTensor::zeros(&ctx, 2, 1)?;
+/// ternary_gemv(&ctx, &codes, &x, &mut y)?;
+/// assert_eq!(y.to_vec_blocking(&ctx)?, [0.5, 0.5]);
+/// let mut values = GpuTensor::zeros(&ctx, 4, 1)?;
+/// ternary_decode(&ctx, &codes, &mut values)?;
+/// assert_eq!(values.to_vec_blocking(&ctx)?, [0.5, 0.0, -0.5, 0.5]);
+/// let mut theta = GpuTensor::from_slice(&ctx, &[1.0f32; 4])?;
+/// ternary_add(&ctx, &mut theta, &codes, 2.0)?;
+/// assert_eq!(theta.to_vec_blocking(&ctx)?, [2.0, 1.0, 0.0, 2.0]);
+/// # Ok::<(), Error>(())
+/// ```
 pub struct GpuTernary {
     header: TernaryHeader,
     codes: wgpu::Buffer,
@@ -316,137 +317,4 @@ pub fn ternary_add<T: GpuElement>(
         first += len;
     }
     batch.submit()
-}
-
-/// Mean and sum of squared deviations of all entries of `tensors`, from per-tile `f32` sums
-/// combined in `f64`, around a shift (the first entry's value is a good one: it keeps the sums
-/// of deviations small where the mean is far from zero).
-async fn moments<T: GpuElement>(ctx: &Context, tensors: &[&GpuTensor<T>]) -> Result<(f64, f64)> {
-    let n: u64 = tensors.iter().map(|t| t.len() as u64).sum();
-    if n == 0 {
-        return Ok((0.0, 0.0));
-    }
-    let pipeline = tiled_pipeline(ctx, &MOMENTS, T::ENCODING)?;
-    let tiles: usize = tensors
-        .iter()
-        .flat_map(|t| (0..t.page_count()).map(|p| t.page(p).1.div_ceil(TILE)))
-        .sum();
-    let bytes = (tiles * 2 * 4) as u64;
-    let sums = ctx.take_storage(bytes)?;
-    let mut shift = 0.0f64;
-    let mut total = (0.0f64, 0.0f64);
-    // Pass 1 around zero gives the mean; pass 2 around the f32 mean gives the deviations.
-    for pass in 0..2 {
-        let mut batch = ctx.batch()?;
-        let mut tile_base = 0;
-        for t in tensors {
-            for page in 0..t.page_count() {
-                let (buffer, len) = t.page(page);
-                let params = batch.uniform(&TernaryParams {
-                    len: len as u32,
-                    scale: shift as f32,
-                    tile_base: tile_base as u32,
-                    ..TernaryParams::default()
-                })?;
-                let page_tiles = len.div_ceil(TILE);
-                let grid = batch.grid(page_tiles as u32);
-                batch.dispatch(
-                    &pipeline,
-                    &[
-                        Bind::Unused,
-                        Bind::Buffer(buffer),
-                        Bind::Buffer(&sums),
-                        Bind::Buffer(&params),
-                        Bind::Unused,
-                    ],
-                    grid,
-                );
-                tile_base += page_tiles;
-            }
-        }
-        batch.submit()?;
-        let read = match ctx.read_buffer::<f32>(&sums, tiles * 2).await {
-            Ok(read) => read,
-            Err(e) => {
-                ctx.give_back([sums]);
-                return Err(e);
-            }
-        };
-        total = read.chunks_exact(2).fold((0.0, 0.0), |(s, q), pair| {
-            (s + f64::from(pair[0]), q + f64::from(pair[1]))
-        });
-        if pass == 0 {
-            shift = f64::from((total.0 / n as f64) as f32);
-        }
-    }
-    ctx.give_back([sums]);
-    // With d = v - shift: sum (v - mean)^2 = sum d^2 - (sum d)^2 / n.
-    let mean = shift + total.0 / n as f64;
-    let m2 = (total.1 - total.0 * total.0 / n as f64).max(0.0);
-    Ok((mean, m2))
-}
-
-/// ComPEFT of a whole model held on the device: `alpha * sigma` and each tensor packed with its
-/// shape in `layout` (the twin of `compeft_ref` followed by `format::encode`).
-pub async fn compeft<T: GpuElement>(
-    ctx: &Context,
-    tensors: &[(&GpuTensor<T>, &[u64])],
-    params: CompeftParams,
-    layout: TernaryLayout,
-) -> Result<(f32, Vec<Vec<u8>>)> {
-    params.validate()?;
-    for (tau, shape) in tensors {
-        format::check_shape(shape, tau.len())?;
-    }
-    let taus: Vec<&GpuTensor<T>> = tensors.iter().map(|(t, _)| *t).collect();
-    let n: u64 = taus.iter().map(|t| t.len() as u64).sum();
-    let k = keep_count(params.density, n)?;
-    let (mut cut, _) = find_cut(ctx, &taus, k).await?;
-    let (_, m2) = moments(ctx, &taus).await?;
-    let sigma = if n < 2 {
-        0.0
-    } else {
-        (m2 / (n - 1) as f64).sqrt()
-    };
-    let scale = (f64::from(params.alpha) * sigma) as f32;
-    let mut packed = Vec::with_capacity(tensors.len());
-    for (tau, shape) in tensors {
-        let words: Vec<u64> = (0..tau.page_count())
-            .map(|p| tau.page(p).1.div_ceil(16).max(1) as u64 * 4)
-            .collect();
-        let buffers = words
-            .iter()
-            .map(|&bytes| ctx.take_storage(bytes))
-            .collect::<Result<Vec<_>>>()?;
-        let applied = apply_cuts(ctx, tau, &mut cut, None, Sink::Codes(&buffers)).await;
-        let mut codes = Vec::with_capacity(tau.len());
-        let mut failure = applied.err();
-        for (page, buffer) in buffers.iter().enumerate() {
-            if failure.is_some() {
-                break;
-            }
-            match ctx
-                .read_buffer::<u32>(buffer, (words[page] / 4) as usize)
-                .await
-            {
-                Ok(page_words) => {
-                    let len = tau.page(page).1;
-                    codes.extend((0..len).map(|i| {
-                        match (page_words[i / 16] >> (2 * (i % 16))) & 3 {
-                            1 => 1i8,
-                            2 => -1,
-                            _ => 0,
-                        }
-                    }));
-                }
-                Err(e) => failure = Some(e),
-            }
-        }
-        ctx.give_back(buffers);
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        packed.push(format::encode(&codes, shape, scale, layout)?);
-    }
-    Ok((scale, packed))
 }

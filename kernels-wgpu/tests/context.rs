@@ -1,9 +1,8 @@
 //! The context: adapter choice and its errors, feature requests, the pipeline cache, the buffer
 //! pool and the limits tensors are checked against.
 
-mod common;
-
 use kernels_core::Error;
+use kernels_testkit::gpu_tests;
 use kernels_wgpu::gemv::gemv;
 use kernels_wgpu::{AdapterChoice, Context, ContextOptions, FeatureUse, GpuTensor};
 

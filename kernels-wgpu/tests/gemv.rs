@@ -1,16 +1,15 @@
 //! Every GEMV kernel, on every kernel variant and element type: the CPU suite's own bodies
-//! (`common::cpu::gemv`), run through the GPU, and what only the GPU has (pages, variants,
+//! (`kernels_testkit::gemv`), run through the GPU, and what only the GPU has (pages, variants,
 //! device limits).
 
-mod common;
-
-use common::cpu::gemv::{
+use half::f16;
+use kernels_core::{Error, MatRef, Result};
+use kernels_testkit::gemv::{
     GemvBackend, bad_inputs, check_sparse, edge_shapes, real_model_sizes, special_values,
     transposed_dense,
 };
-use common::cpu::{bits, normal};
-use half::f16;
-use kernels_core::{Error, MatRef, Result};
+use kernels_testkit::gpu_tests;
+use kernels_testkit::{bits, normal};
 use kernels_wgpu::gemv::{gathered_gemv, gemv, gemv_t, gemv_tolerance, sparse_input_gemv};
 use kernels_wgpu::{Context, GpuElement, GpuTensor};
 
@@ -30,25 +29,28 @@ fn into_host(
     Ok(())
 }
 
-impl<T: GpuElement> GemvBackend<T> for Context {
+/// The GPU backend, for the shared bodies.
+struct OnGpu<'a>(&'a Context);
+
+impl<T: GpuElement> GemvBackend<T> for OnGpu<'_> {
     fn name(&self) -> String {
-        format!("{} {:?}", self.adapter_info().name, self.features())
+        format!("{} {:?}", self.0.adapter_info().name, self.0.features())
     }
 
     fn gemv(&self, w: MatRef<'_, T>, x: &[f32], y: &mut [f32]) -> Result<()> {
         let (w, x) = (
-            GpuTensor::from_matrix(self, w)?,
-            GpuTensor::from_slice(self, x)?,
+            GpuTensor::from_matrix(self.0, w)?,
+            GpuTensor::from_slice(self.0, x)?,
         );
-        into_host(self, y, |y| gemv(self, &w, &x, y))
+        into_host(self.0, y, |y| gemv(self.0, &w, &x, y))
     }
 
     fn gathered(&self, w: MatRef<'_, T>, x: &[f32], rows: &[u32], out: &mut [f32]) -> Result<()> {
         let (w, x) = (
-            GpuTensor::from_matrix(self, w)?,
-            GpuTensor::from_slice(self, x)?,
+            GpuTensor::from_matrix(self.0, w)?,
+            GpuTensor::from_slice(self.0, x)?,
         );
-        into_host(self, out, |out| gathered_gemv(self, &w, &x, rows, out))
+        into_host(self.0, out, |out| gathered_gemv(self.0, &w, &x, rows, out))
     }
 
     fn sparse_input(
@@ -57,21 +59,22 @@ impl<T: GpuElement> GemvBackend<T> for Context {
         x: &[f32],
         threshold: f32,
         y: &mut [f32],
-    ) -> Result<Option<usize>> {
+    ) -> Result<()> {
         let (w_t, x) = (
-            GpuTensor::from_matrix(self, w_t)?,
-            GpuTensor::from_slice(self, x)?,
+            GpuTensor::from_matrix(self.0, w_t)?,
+            GpuTensor::from_slice(self.0, x)?,
         );
-        into_host(self, y, |y| sparse_input_gemv(self, &w_t, &x, threshold, y))?;
-        Ok(None)
+        into_host(self.0, y, |y| {
+            sparse_input_gemv(self.0, &w_t, &x, threshold, y)
+        })
     }
 
     fn gemv_t(&self, w_t: MatRef<'_, T>, x: &[f32], y: &mut [f32]) -> Result<()> {
         let (w_t, x) = (
-            GpuTensor::from_matrix(self, w_t)?,
-            GpuTensor::from_slice(self, x)?,
+            GpuTensor::from_matrix(self.0, w_t)?,
+            GpuTensor::from_slice(self.0, x)?,
         );
-        into_host(self, y, |y| gemv_t(self, &w_t, &x, y))
+        into_host(self.0, y, |y| gemv_t(self.0, &w_t, &x, y))
     }
 
     fn tolerance(&self, n: usize, abs_sum: f64) -> f64 {
@@ -86,32 +89,32 @@ impl<T: GpuElement> GemvBackend<T> for Context {
 }
 
 fn edge(ctx: &Context) {
-    edge_shapes(ctx);
+    edge_shapes(&OnGpu(ctx));
 }
 
 fn real_sizes(ctx: &Context) {
     // Real layers cut into 8 KiB pages are hundreds of dispatches, minutes on a software GPU;
     // the edge shapes and splits cover paging.
-    if ctx.page_bytes() < common::SMALL_PAGE_BYTES * 8 {
+    if ctx.page_bytes() < kernels_testkit::gpu::SMALL_PAGE_BYTES * 8 {
         eprintln!("real sizes skipped on {} B pages", ctx.page_bytes());
         return;
     }
-    real_model_sizes(ctx);
+    real_model_sizes(&OnGpu(ctx));
 }
 
 fn transposed(ctx: &Context) {
-    transposed_dense(ctx);
+    transposed_dense(&OnGpu(ctx));
 }
 
 fn specials(ctx: &Context) {
-    special_values(ctx);
+    special_values(&OnGpu(ctx));
 }
 
 fn thresholds_and_splits(ctx: &Context) {
     // Rows past one split (256) and a prime count of columns past one workgroup.
     for t in [-1.0, 0.0, 0.3, 1.5] {
-        check_sparse::<f16, Context>(ctx, 700, 263, t, 11);
-        check_sparse::<f32, Context>(ctx, 513, 257, t, 12);
+        check_sparse::<f16, OnGpu>(&OnGpu(ctx), 700, 263, t, 11);
+        check_sparse::<f32, OnGpu>(&OnGpu(ctx), 513, 257, t, 12);
     }
 }
 
@@ -159,7 +162,7 @@ fn variants_agree_bit_for_bit(ctx: &Context) {
 }
 
 fn device_limits(ctx: &Context) {
-    bad_inputs(ctx);
+    bad_inputs(&OnGpu(ctx));
     // A row too wide for one storage binding is refused up front, not split mid-row.
     let too_wide = (ctx.page_bytes() / 4 + 1) as usize;
     if too_wide <= 1 << 20 {

@@ -1,22 +1,23 @@
 //! Merge reductions and DARE on every kernel variant and element type, against the reference,
 //! with the CPU suite's data; paging and chunking never change a bit.
 
-mod common;
-
-use common::cpu::merge::{
+use half::{bf16, f16};
+use kernels_core::backend::ties_sign;
+use kernels_core::ops::merge::{
+    DareParams, DareRescale, dare_ref, fisher_merge_ref, sum_squares_ref, ties_elect_ref, ties_ref,
+};
+use kernels_core::ops::select::KeepRule;
+use kernels_core::{CounterRng, Error, MatRef, Result};
+use kernels_testkit::gpu_tests;
+use kernels_testkit::merge::{
     LENGTHS, MODEL_COUNTS, ReduceBackend, every_length_model_count_and_type,
     non_finite_data_propagates,
 };
-use common::cpu::{assert_close, bits, normal, sparse_taus};
-use half::{bf16, f16};
-use kernels_core::ops::merge::{
-    DareParams, DareRescale, dare_ref, fisher_merge_ref, ties_elect_ref, ties_sign,
-};
-use kernels_core::{CounterRng, Error, MatRef, Result};
+use kernels_testkit::{assert_close, bits, normal, sparse_taus};
 use kernels_wgpu::masks::{DARE_L1_RELATIVE_TOLERANCE, DARE_RELATIVE_TOLERANCE, dare};
 use kernels_wgpu::merge::{
-    fisher_accumulate, fisher_merge, reduction_tolerance, task_arithmetic, ties_elect,
-    weighted_mean,
+    FisherParams, SUM_SQUARES_RELATIVE_TOLERANCE, TiesParams, fisher_accumulate, fisher_merge,
+    reduction_tolerance, sum_squares, task_arithmetic, ties, ties_elect, weighted_mean,
 };
 use kernels_wgpu::{Context, GpuElement, GpuTensor, block_on};
 
@@ -63,15 +64,20 @@ fn into_host(
     Ok(())
 }
 
-impl<T: GpuElement> ReduceBackend<T> for Context {
+/// The GPU backend, for the shared bodies.
+struct OnGpu<'a>(&'a Context);
+
+impl<T: GpuElement> ReduceBackend<T> for OnGpu<'_> {
     fn name(&self) -> String {
-        format!("{} {:?}", self.adapter_info().name, self.features())
+        format!("{} {:?}", self.0.adapter_info().name, self.0.features())
     }
 
     fn weighted_mean(&self, models: &[&[T]], weights: &[f32], out: &mut [f32]) -> Result<()> {
-        let models: Vec<GpuTensor<T>> = models.iter().map(|m| upload(self, m)).collect();
+        let models: Vec<GpuTensor<T>> = models.iter().map(|m| upload(self.0, m)).collect();
         let models: Vec<&GpuTensor<T>> = models.iter().collect();
-        into_host(self, out, |out| weighted_mean(self, &models, weights, out))
+        into_host(self.0, out, |out| {
+            weighted_mean(self.0, &models, weights, out)
+        })
     }
 
     fn task_arithmetic(
@@ -82,18 +88,18 @@ impl<T: GpuElement> ReduceBackend<T> for Context {
         lambda: f32,
         out: &mut [f32],
     ) -> Result<()> {
-        let base = upload(self, base);
-        let taus: Vec<GpuTensor<T>> = taus.iter().map(|t| upload(self, t)).collect();
+        let base = upload(self.0, base);
+        let taus: Vec<GpuTensor<T>> = taus.iter().map(|t| upload(self.0, t)).collect();
         let taus: Vec<&GpuTensor<T>> = taus.iter().collect();
-        into_host(self, out, |out| {
-            task_arithmetic(self, &base, &taus, weights, lambda, out)
+        into_host(self.0, out, |out| {
+            task_arithmetic(self.0, &base, &taus, weights, lambda, out)
         })
     }
 
     fn fisher_accumulate(&self, fisher: &mut [f32], grad: &[T], scale: f32) -> Result<()> {
-        let grad = upload(self, grad);
-        into_host(self, fisher, |fisher| {
-            fisher_accumulate(self, fisher, &grad, scale)
+        let grad = upload(self.0, grad);
+        into_host(self.0, fisher, |fisher| {
+            fisher_accumulate(self.0, fisher, &grad, scale)
         })
     }
 
@@ -104,6 +110,14 @@ impl<T: GpuElement> ReduceBackend<T> for Context {
     fn alternate(&self) -> Option<Self> {
         None
     }
+}
+
+fn shared_reductions(ctx: &Context) {
+    every_length_model_count_and_type(&OnGpu(ctx));
+}
+
+fn shared_non_finite(ctx: &Context) {
+    non_finite_data_propagates(&OnGpu(ctx));
 }
 
 fn ties_and_fisher<T: GpuElement>(ctx: &Context) {
@@ -149,6 +163,31 @@ fn ties_and_fisher<T: GpuElement>(ctx: &Context) {
                 &expect,
                 |j| reduction_tolerance(models, ties_scale(j)),
             );
+            // TIES in one call: the trim is exact, the election within the same bound.
+            let params = TiesParams::default()
+                .with_keep(KeepRule::Density(0.3))
+                .with_lambda(0.7);
+            let finite: Vec<Vec<T>> = (0..models)
+                .map(|i| sparse_taus(n, (n * 30 + i) as u64, false))
+                .collect();
+            let finite_views: Vec<&[T]> = finite.iter().map(Vec::as_slice).collect();
+            let finite_gpu: Vec<GpuTensor<T>> = finite.iter().map(|t| upload(ctx, t)).collect();
+            let finite_gpu: Vec<&GpuTensor<T>> = finite_gpu.iter().collect();
+            block_on(ties(ctx, &base, &finite_gpu, &weights, params, &mut out)).unwrap();
+            ties_ref(&base_host, &finite_views, &weights, params, &mut expect).unwrap();
+            let scale: f64 = finite_views
+                .iter()
+                .flat_map(|t| t.iter().map(|v| f64::from(v.to_f32()).abs()))
+                .fold(0.0, f64::max);
+            assert_near(
+                &format!("TIES in one call {what}"),
+                &out.to_vec_blocking(ctx).unwrap(),
+                &expect,
+                |j| {
+                    let base = f64::from(base_host[j].to_f32()).abs();
+                    reduction_tolerance(models, base + 0.7 * scale)
+                },
+            );
 
             // Fisher diagonals with zeros (the plain-mean fallback), negatives and a NaN.
             let fishers: Vec<Vec<f32>> = (0..models)
@@ -162,13 +201,28 @@ fn ties_and_fisher<T: GpuElement>(ctx: &Context) {
             let fisher_views: Vec<&[f32]> = fishers.iter().map(Vec::as_slice).collect();
             let fisher_gpu: Vec<GpuTensor<f32>> = fishers.iter().map(|f| upload(ctx, f)).collect();
             let fisher_gpu: Vec<&GpuTensor<f32>> = fisher_gpu.iter().collect();
-            for floor in [0.0, 1e-3] {
-                fisher_merge(ctx, &gpu, &fisher_gpu, &weights, floor, &mut out).unwrap();
-                fisher_merge_ref(&views, &fisher_views, &weights, floor, &mut expect).unwrap();
+            let norms: Vec<f64> = fisher_views
+                .iter()
+                .map(|f| sum_squares_ref(f).max(1.0))
+                .collect();
+            let plain = FisherParams::default();
+            for params in [
+                plain,
+                plain.with_floor(1e-3),
+                plain.with_normalization(&norms),
+            ] {
+                let floor = params.floor;
+                fisher_merge(ctx, &gpu, &fisher_gpu, &weights, params, &mut out).unwrap();
+                fisher_merge_ref(&views, &fisher_views, &weights, params, &mut expect).unwrap();
+                let effective = |i: usize| {
+                    params.squared_norms.map_or(f64::from(weights[i]), |n| {
+                        f64::from(weights[i]) / n[i].sqrt()
+                    })
+                };
                 let fisher_scale = |j: usize| {
                     let (mut num, mut den, mut plain, mut wsum) = (0.0, 0.0, 0.0, 0.0);
-                    for ((m, f), &w) in views.iter().zip(&fisher_views).zip(&weights) {
-                        let (w, theta) = (f64::from(w), f64::from(m[j].to_f32()));
+                    for (i, (m, f)) in views.iter().zip(&fisher_views).enumerate() {
+                        let (w, theta) = (effective(i), f64::from(m[j].to_f32()));
                         let f = f64::from(f[j].max(floor));
                         num += (w * f * theta).abs();
                         den += w * f;
@@ -178,7 +232,7 @@ fn ties_and_fisher<T: GpuElement>(ctx: &Context) {
                     if den > 0.0 { num / den } else { plain / wsum }
                 };
                 assert_near(
-                    &format!("Fisher floor={floor} {what}"),
+                    &format!("Fisher {params:?} {what}"),
                     &out.to_vec_blocking(ctx).unwrap(),
                     &expect,
                     |j| reduction_tolerance(models, fisher_scale(j)),
@@ -321,14 +375,28 @@ fn bad_inputs(ctx: &Context) {
         Err(Error::ShapeMismatch { .. })
     ));
     assert!(matches!(
-        fisher_merge(ctx, &[&a], &[&b], &[1.0], 0.0, &mut out4),
+        fisher_merge(
+            ctx,
+            &[&a],
+            &[&b],
+            &[1.0],
+            FisherParams::default(),
+            &mut out4
+        ),
         Err(Error::LengthMismatch {
             what: "fishers[i]",
             ..
         })
     ));
     assert!(matches!(
-        fisher_merge(ctx, &[&a], &[&a], &[1.0], -1.0, &mut out4),
+        fisher_merge(
+            ctx,
+            &[&a],
+            &[&a],
+            &[1.0],
+            FisherParams::default().with_floor(-1.0),
+            &mut out4
+        ),
         Err(Error::InvalidParam { name: "floor", .. })
     ));
     assert!(matches!(
@@ -346,9 +414,22 @@ fn bad_inputs(ctx: &Context) {
     ctx.check().unwrap();
 }
 
+fn sums_of_squares(ctx: &Context) {
+    for n in [0usize, 1, 17, 4095, 4096, 4097, 30_011] {
+        let x = normal::<bf16>(n, n as u64);
+        let expect = sum_squares_ref(&x);
+        let got = block_on(sum_squares(ctx, &upload(ctx, &x))).unwrap();
+        assert!(
+            (got - expect).abs() <= SUM_SQUARES_RELATIVE_TOLERANCE * expect,
+            "n={n}: {got} vs {expect}"
+        );
+    }
+}
+
 gpu_tests!(
-    every_length_model_count_and_type,
-    non_finite_data_propagates,
+    shared_reductions,
+    shared_non_finite,
+    sums_of_squares,
     ties_fisher_f32,
     ties_fisher_f16,
     ties_fisher_bf16,

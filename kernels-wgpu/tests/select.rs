@@ -1,13 +1,12 @@
 //! Magnitude selection, TIES trim and Breadcrumbs on every kernel variant and element type:
 //! bit-identical to the reference, with the CPU suite's data.
 
-mod common;
-
-use common::cpu::{bits, ks, normal, tied};
 use half::{bf16, f16};
 use kernels_core::ops::merge::{BreadcrumbsParams, breadcrumbs_ref, ties_trim_ref};
-use kernels_core::ops::select::{TopKCut, topk_cut_ref, topk_mask_ref};
+use kernels_core::ops::select::{KeepRule, TopKCut, topk_cut_ref, topk_mask_ref};
 use kernels_core::{Element, Error, MatRef};
+use kernels_testkit::gpu_tests;
+use kernels_testkit::{bits, ks, normal, tied};
 use kernels_wgpu::masks::{breadcrumbs, ties_trim};
 use kernels_wgpu::select::{TopKApplier, kth_largest_magnitude, topk_cut, topk_keep};
 use kernels_wgpu::{Context, GpuElement, GpuTensor, block_on};
@@ -43,23 +42,27 @@ fn masked<T: Element>(x: &[T], mask: &[bool]) -> Vec<u32> {
 
 fn check_one<T: GpuElement>(ctx: &Context, x: &[T], what: &str) {
     let gpu = upload(ctx, x);
-    for k in ks(x.len()) {
-        let label = format!("{what} {:?} n={} k={k}", T::DTYPE, x.len());
-        let cut = block_on(topk_cut(ctx, &[&gpu], k)).unwrap();
-        assert_eq!(cut, topk_cut_ref(&[x], k).unwrap(), "{label}");
+    let rules = ks(x.len())
+        .into_iter()
+        .map(KeepRule::Count)
+        .chain([KeepRule::Density(0.1), KeepRule::Threshold(0.5)]);
+    for keep in rules {
+        let label = format!("{what} {:?} n={} {keep:?}", T::DTYPE, x.len());
+        let cut = block_on(topk_cut(ctx, &[&gpu], keep)).unwrap();
+        assert_eq!(cut, topk_cut_ref(&[x], keep).unwrap(), "{label}");
         let mut out = fresh(ctx, &gpu);
-        block_on(topk_keep(ctx, &gpu, k, &mut out)).unwrap();
-        let expect = masked(x, &topk_mask_ref(x, k as usize).unwrap());
+        block_on(topk_keep(ctx, &gpu, keep, &mut out)).unwrap();
+        let expect = masked(x, &topk_mask_ref(x, keep).unwrap());
         assert_eq!(bits(&out.to_vec_blocking(ctx).unwrap()), expect, "{label}");
         // The public cut, applied by an applier, keeps the same entries.
         let mut applied = fresh(ctx, &gpu);
-        block_on(TopKApplier::new(&cut).apply(ctx, &gpu, &mut applied)).unwrap();
+        block_on(TopKApplier::new(&cut).keep(ctx, &gpu, &mut applied)).unwrap();
         assert_eq!(
             bits(&applied.to_vec_blocking(ctx).unwrap()),
             expect,
             "{label}: applier"
         );
-        if k > 0 {
+        if let KeepRule::Count(k @ 1..) = keep {
             assert_eq!(
                 block_on(kth_largest_magnitude(ctx, &[&gpu], k)).unwrap(),
                 cut.magnitude,
@@ -105,10 +108,11 @@ fn global_over_many_slices(ctx: &Context) {
         let gpu: Vec<GpuTensor<f32>> = slices.iter().map(|s| upload(ctx, s)).collect();
         let gpu: Vec<&GpuTensor<f32>> = gpu.iter().collect();
         for k in ks(x.len()) {
-            let cut = block_on(topk_cut(ctx, &gpu, k)).unwrap();
+            let keep = KeepRule::Count(k);
+            let cut = block_on(topk_cut(ctx, &gpu, keep)).unwrap();
             assert_eq!(
                 cut,
-                topk_cut_ref(&[&x[..]], k).unwrap(),
+                topk_cut_ref(&[&x[..]], keep).unwrap(),
                 "cuts {cuts:?} k={k}"
             );
             // Ties spent in one slice are not kept again in the next.
@@ -116,10 +120,10 @@ fn global_over_many_slices(ctx: &Context) {
             let mut kept = Vec::new();
             for slice in &gpu {
                 let mut out = fresh(ctx, slice);
-                block_on(applier.apply(ctx, slice, &mut out)).unwrap();
+                block_on(applier.keep(ctx, slice, &mut out)).unwrap();
                 kept.extend(bits(&out.to_vec_blocking(ctx).unwrap()));
             }
-            let expect = masked(&x, &topk_mask_ref(&x, k as usize).unwrap());
+            let expect = masked(&x, &topk_mask_ref(&x, keep).unwrap());
             assert_eq!(kept, expect, "cuts {cuts:?} k={k}: applied");
         }
     }
@@ -130,14 +134,14 @@ fn trim_and_breadcrumbs<T: GpuElement>(ctx: &Context) {
         for tau in [tied::<T>(n, n as u64), normal::<T>(n, 9)] {
             let gpu = upload(ctx, &tau);
             for density in [0.01, 0.2, 0.5, 1.0] {
+                let keep = KeepRule::Density(density);
                 let mut out = fresh(ctx, &gpu);
-                block_on(ties_trim(ctx, &gpu, density, &mut out)).unwrap();
-                let mut expect = vec![T::from_f32(0.0); n];
-                ties_trim_ref(&tau, density, &mut expect).unwrap();
-                let expect: Vec<u32> = expect.iter().map(|v| v.to_f32().to_bits()).collect();
+                block_on(ties_trim(ctx, &gpu, keep, &mut out)).unwrap();
+                let mut expect = vec![0.0f32; n];
+                ties_trim_ref(&tau, keep, &mut expect).unwrap();
                 assert_eq!(
                     bits(&out.to_vec_blocking(ctx).unwrap()),
-                    expect,
+                    bits(&expect),
                     "trim {:?} n={n} d={density}",
                     T::DTYPE
                 );
@@ -150,7 +154,9 @@ fn trim_and_breadcrumbs<T: GpuElement>(ctx: &Context) {
                 (0.2, 0.8),
                 (0.001, 0.0005),
             ] {
-                let params = BreadcrumbsParams::new(density, gamma);
+                let params = BreadcrumbsParams::default()
+                    .with_density(density)
+                    .with_gamma(gamma);
                 let mut out = fresh(ctx, &gpu);
                 block_on(breadcrumbs(ctx, &gpu, params, &mut out)).unwrap();
                 let mut expect = vec![0.0; n];
@@ -182,7 +188,7 @@ fn bad_inputs(ctx: &Context) {
     let mut x: Vec<f32> = normal(300, 3);
     let gpu = upload(ctx, &x);
     assert!(matches!(
-        block_on(topk_cut(ctx, &[&gpu], 301)),
+        block_on(topk_cut(ctx, &[&gpu], KeepRule::Count(301))),
         Err(Error::InvalidParam { name: "k", .. })
     ));
     assert!(matches!(
@@ -191,12 +197,12 @@ fn bad_inputs(ctx: &Context) {
     ));
     let mut short = GpuTensor::<f32>::zeros(ctx, 3, 1).unwrap();
     assert!(matches!(
-        block_on(ties_trim(ctx, &gpu, 0.5, &mut short)),
+        block_on(ties_trim(ctx, &gpu, KeepRule::Density(0.5), &mut short)),
         Err(Error::LengthMismatch { .. })
     ));
     let mut out = fresh(ctx, &gpu);
     assert!(matches!(
-        block_on(ties_trim(ctx, &gpu, 0.0, &mut out)),
+        block_on(ties_trim(ctx, &gpu, KeepRule::Density(0.0), &mut out)),
         Err(Error::InvalidParam {
             name: "density",
             ..
@@ -206,7 +212,9 @@ fn bad_inputs(ctx: &Context) {
         block_on(breadcrumbs(
             ctx,
             &gpu,
-            BreadcrumbsParams::new(0.5, 0.6),
+            BreadcrumbsParams::default()
+                .with_density(0.5)
+                .with_gamma(0.6),
             &mut out
         )),
         Err(Error::InvalidParam {
@@ -220,16 +228,17 @@ fn bad_inputs(ctx: &Context) {
         let tail = upload(ctx, &x[100..]);
         assert!(
             matches!(
-                block_on(topk_cut(ctx, &[&head, &tail], 5)),
+                block_on(topk_cut(ctx, &[&head, &tail], KeepRule::Count(5))),
                 Err(Error::NonFinite { index: 257, .. })
             ),
             "{bad}"
         );
-        // k = 0 still validates, as the reference does.
-        assert!(block_on(topk_cut(ctx, &[&head, &tail], 0)).is_err());
+        // k = 0 and threshold rules still validate, as the reference does.
+        assert!(block_on(topk_cut(ctx, &[&head, &tail], KeepRule::Count(0))).is_err());
+        assert!(block_on(topk_cut(ctx, &[&head, &tail], KeepRule::Threshold(1.0))).is_err());
     }
     assert_eq!(
-        block_on(topk_cut::<f32>(ctx, &[], 0)).unwrap(),
+        block_on(topk_cut::<f32>(ctx, &[], KeepRule::Count(0))).unwrap(),
         TopKCut::NONE,
         "empty input"
     );
@@ -264,7 +273,7 @@ mod calibration {
             for k in [0.0, 0.001, 0.3, 0.5, 0.9, 1.0] {
                 assert_eq!(
                     block_on(calibrate_threshold(ctx, &parts, k)).unwrap(),
-                    calibrate_threshold_ref(&samples, k).unwrap(),
+                    calibrate_threshold_ref(&[&samples], k).unwrap(),
                     "n={n} k={k}"
                 );
             }

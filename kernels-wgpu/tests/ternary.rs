@@ -1,17 +1,17 @@
 //! Ternary compression on every kernel variant and element type: ComPEFT's bytes against the
 //! reference, and GEMV, decode and decompress-and-add from codes on the device.
 
-mod common;
-
-use common::cpu::{EDGE_DIMS, assert_close, normal, task_vector, ternary_codes};
 use half::{bf16, f16};
 use kernels_core::format::{self, TernaryLayout};
+use kernels_core::ops::select::KeepRule;
 use kernels_core::ops::ternary::{CompeftParams, compeft_ref, ternary_add_ref, ternary_gemv_ref};
 use kernels_core::{Error, MatRef};
+use kernels_testkit::gpu_tests;
+use kernels_testkit::{EDGE_DIMS, assert_close, normal, random_codes, task_vector};
+use kernels_wgpu::compress::{SCALE_RELATIVE_TOLERANCE, compeft, compeft_codes};
 use kernels_wgpu::gemv::gemv_tolerance;
 use kernels_wgpu::ternary::{
-    GpuTernary, SCALE_RELATIVE_TOLERANCE, compeft, ternary_add, ternary_add_tolerance,
-    ternary_decode, ternary_gemv,
+    GpuTernary, ternary_add, ternary_add_tolerance, ternary_decode, ternary_gemv,
 };
 use kernels_wgpu::{Context, GpuElement, GpuTensor, block_on};
 
@@ -31,7 +31,7 @@ fn decode_and_add_into<T: GpuElement>(ctx: &Context) {
     for n in [
         0usize, 1, 3, 4, 5, 15, 16, 17, 63, 64, 65, 127, 1000, 4099, 70_001,
     ] {
-        let c = ternary_codes(n, 0.3, 7 + n as u64);
+        let c = random_codes(n, 0.3, 7 + n as u64);
         let base: Vec<T> = normal(n, 3);
         for layout in LAYOUTS {
             let bytes = format::encode(&c, &[n as u64], 0.37, layout).unwrap();
@@ -88,7 +88,7 @@ fn decode_and_add(ctx: &Context) {
 fn gemv_matches(ctx: &Context) {
     for &rows in &EDGE_DIMS[..8] {
         for &cols in &EDGE_DIMS {
-            let c = ternary_codes(rows * cols, 0.4, (rows * 1000 + cols) as u64);
+            let c = random_codes(rows * cols, 0.4, (rows * 1000 + cols) as u64);
             let x: Vec<f32> = normal(cols, 5);
             let mut expect = vec![0.0; rows];
             ternary_gemv_ref(
@@ -130,7 +130,7 @@ fn gemv_matches(ctx: &Context) {
 
 /// The packed tensors against the reference: the same bytes (with our scale written in), and
 /// the scale within its tolerance.
-fn check_model<T: GpuElement>(ctx: &Context, tensors: &[Vec<T>], density: f64, what: &str) {
+fn check_model<T: GpuElement>(ctx: &Context, tensors: &[Vec<T>], keep: KeepRule, what: &str) {
     let shapes: Vec<Vec<u64>> = tensors
         .iter()
         .map(|t| {
@@ -143,16 +143,22 @@ fn check_model<T: GpuElement>(ctx: &Context, tensors: &[Vec<T>], density: f64, w
         .collect();
     let views: Vec<&[T]> = tensors.iter().map(Vec::as_slice).collect();
     let gpu: Vec<GpuTensor<T>> = tensors.iter().map(|t| upload(ctx, t)).collect();
-    let params = CompeftParams::new(density, 1.5);
-    let (scale, codes) = compeft_ref(&views, params).unwrap();
+    let params = CompeftParams::default().with_keep(keep).with_alpha(1.5);
+    let (expect, codes) = compeft_ref(&views, params).unwrap();
+    let scale = expect.scale;
+    let gpu_views: Vec<&GpuTensor<T>> = gpu.iter().collect();
+    let (decided, got) = block_on(compeft_codes(ctx, &gpu_views, params)).unwrap();
+    assert_eq!((decided.cut, decided.total), (expect.cut, expect.total));
+    assert_eq!(got, codes, "{what} {:?} {keep:?} codes", T::DTYPE);
     for layout in LAYOUTS {
         let input: Vec<(&GpuTensor<T>, &[u64])> = gpu
             .iter()
             .zip(&shapes)
             .map(|(t, s)| (t, s.as_slice()))
             .collect();
-        let (got_scale, packed) = block_on(compeft(ctx, &input, params, layout)).unwrap();
-        let label = format!("{what} {:?} d={density} {layout:?}", T::DTYPE);
+        let (decided, packed) = block_on(compeft(ctx, &input, params, layout)).unwrap();
+        let got_scale = decided.scale;
+        let label = format!("{what} {:?} {keep:?} {layout:?}", T::DTYPE);
         assert!(
             (f64::from(got_scale) - f64::from(scale)).abs()
                 <= SCALE_RELATIVE_TOLERANCE * f64::from(scale).abs() + 1e-37,
@@ -176,8 +182,13 @@ fn models<T: GpuElement>(ctx: &Context) {
             .iter()
             .map(|&n| task_vector(n, seed * 100 + n as u64, 3.0))
             .collect();
+        let what = format!("sizes {sizes:?}");
         for density in [0.05, 0.1, 0.5, 0.9, 1.0] {
-            check_model(ctx, &tensors, density, &format!("sizes {sizes:?}"));
+            check_model(ctx, &tensors, KeepRule::Density(density), &what);
+        }
+        let n: usize = sizes.iter().sum();
+        for keep in [KeepRule::Count(n as u64 / 3), KeepRule::Threshold(3.5)] {
+            check_model(ctx, &tensors, keep, &what);
         }
     }
 }
@@ -195,7 +206,7 @@ fn compeft_bf16(ctx: &Context) {
 }
 
 fn bad_inputs(ctx: &Context) {
-    let c = ternary_codes(12, 0.5, 1);
+    let c = random_codes(12, 0.5, 1);
     let bytes = format::encode(&c, &[3, 4], 1.0, TernaryLayout::Dense2Bit).unwrap();
     // Garbled bytes are the decoder's errors, before anything reaches the device.
     let mut garbled = bytes.clone();
@@ -242,7 +253,7 @@ fn bad_inputs(ctx: &Context) {
         block_on(compeft(
             ctx,
             &[(&tau, &[5][..])],
-            CompeftParams::new(0.5, 1.0),
+            CompeftParams::default(),
             TernaryLayout::Dense2Bit
         )),
         Err(Error::InvalidParam { .. }
@@ -253,7 +264,7 @@ fn bad_inputs(ctx: &Context) {
         block_on(compeft(
             ctx,
             &[(&tau, &[12][..])],
-            CompeftParams::new(0.0, 1.0),
+            CompeftParams::default().with_keep(KeepRule::Density(0.0)),
             TernaryLayout::Dense2Bit
         )),
         Err(Error::InvalidParam {

@@ -12,8 +12,10 @@ use kernels_benches::{
 };
 use kernels_core::format::{self, TernaryLayout};
 use kernels_core::ops::{lowrank, merge, project, select, sparse, ternary};
-use kernels_core::{Mat, MatMut, MatRef, Result};
-use kernels_cpu::{Cpu, Isa, reduce::sum_squares};
+use kernels_core::{Mat, MatMut, MatRef, MultiPass, Result};
+use kernels_cpu::calibrate::{Calibration, Site};
+use kernels_cpu::mlp::MlpScratch;
+use kernels_cpu::{Cpu, Isa, merge::sum_squares};
 
 /// Collects agreement checks; the tour fails (exit 1) if any of them does.
 struct Checks {
@@ -96,8 +98,13 @@ fn activation_sparsity(checks: &mut Checks, hidden: usize, inter: usize) -> Resu
         sparse::gemv_ref(weights.gate, &xc, &mut g)?;
         samples.extend(g.iter().map(|&g| sparse::silu_f64(f64::from(g)) as f32));
     }
-    let t = sparse::calibrate_threshold_ref(&samples, 0.5)?;
-    let t_stream = select::calibrate_threshold_streaming(|| samples.chunks(1000), 0.5)?;
+    let t = sparse::calibrate_threshold_ref(&[&samples], 0.5)?;
+    let cpu = Cpu::detect();
+    let streamed = Calibration::new(0.5)?.run(
+        || samples.chunks(1000),
+        |c, chunk| c.feed(&cpu, 0, Site::GateActivation, chunk),
+    )?;
+    let t_stream = streamed[0].2;
     println!(
         "  threshold for 50% sparsity from {} gate activations: t = {t:.5}",
         samples.len()
@@ -138,7 +145,7 @@ fn activation_sparsity(checks: &mut Checks, hidden: usize, inter: usize) -> Resu
         up_t: MatRef::from_slice(&up_t, hidden, inter)?,
         down_t: weights.down_t,
     };
-    let t_x = sparse::calibrate_threshold_ref(&x, 0.5)?;
+    let t_x = sparse::calibrate_threshold_ref(&[&x], 0.5)?;
     let mut teal = vec![0.0; hidden];
     let teal_report = sparse::teal_mlp_ref(
         xm,
@@ -155,11 +162,12 @@ fn activation_sparsity(checks: &mut Checks, hidden: usize, inter: usize) -> Resu
     // Sparse-input GEMV over W_down_t with h thresholded.
     let h: Vec<f32> = heavy_tailed(inter, 1.0, 5);
     let w_t = MatRef::from_slice(&down_t, inter, hidden)?;
-    let t_h = sparse::calibrate_threshold_ref(&h, 0.7)?;
+    let t_h = sparse::calibrate_threshold_ref(&[&h], 0.7)?;
     let (mut y_dense, mut y_sparse, mut y_masked) =
         (vec![0.0; hidden], vec![0.0; hidden], vec![0.0; hidden]);
     sparse::gemv_t_ref(w_t, &h, &mut y_dense)?;
-    let rows = sparse::sparse_input_gemv_ref(w_t, &h, t_h, &mut y_sparse)?;
+    sparse::sparse_input_gemv_ref(w_t, &h, t_h, &mut y_sparse)?;
+    let rows = sparse::count_active(&h, t_h);
     let masked: Vec<f32> = h
         .iter()
         .map(|&v| if sparse::is_active(v, t_h) { v } else { 0.0 })
@@ -185,17 +193,11 @@ fn selection_and_compression(checks: &mut Checks, hidden: usize, inter: usize) -
     let views: Vec<&[f32]> = tensors.iter().map(Vec::as_slice).collect();
     let n: usize = views.iter().map(|t| t.len()).sum();
     let density = 0.1;
-    let k = select::keep_count(density, n as u64)?;
-    let sorted_cut = select::topk_cut_ref(&views, k)?;
-    let mut pass1 = select::MagnitudeHistogram::new();
-    for t in &views {
-        pass1.observe(t)?;
-    }
-    let mut pass2 = pass1.top_k(k)?;
-    for t in &views {
-        pass2.observe(t)?;
-    }
-    let streamed_cut = pass2.cut()?;
+    let keep = select::KeepRule::Density(density);
+    let k = keep.count(n as u64)?.unwrap_or(0);
+    let sorted_cut = select::topk_cut_ref(&views, keep)?;
+    let streamed_cut = select::StreamingTopK::new(keep)?
+        .run(|| views.iter().copied(), select::StreamingTopK::feed)?;
     println!(
         "  global top-{k} of {n} entries: k-th magnitude {:.3e} ({} ties kept)",
         sorted_cut.magnitude, sorted_cut.ties
@@ -205,26 +207,21 @@ fn selection_and_compression(checks: &mut Checks, hidden: usize, inter: usize) -
         sorted_cut == streamed_cut,
     );
 
-    let params = ternary::CompeftParams::new(density, 1.0);
-    let (scale, codes) = ternary::compeft_ref(&views, params)?;
-    let mut plan = ternary::CompeftPlan::new(params)?;
-    for t in &views {
-        plan.observe(t)?;
-    }
-    for t in &views {
-        plan.refine(t)?;
-    }
-    let decided = plan.finish()?;
-    let mut coder = ternary::CompeftCoder::new(&decided);
-    let mut same = true;
+    let params = ternary::CompeftParams::default().with_keep(keep);
+    let (expect, codes) = ternary::compeft_ref(&views, params)?;
+    let scale = expect.scale;
+    let decided =
+        ternary::Compeft::new(params)?.run(|| views.iter().copied(), ternary::Compeft::feed)?;
+    let mut coder = ternary::CompeftEncoder::new(&decided);
+    let mut same = decided.cut == expect.cut;
     for (t, expect) in views.iter().zip(&codes) {
         let mut got = vec![0i8; t.len()];
         coder.code(t, &mut got)?;
         same &= &got == expect;
     }
+    let nonzero = codes.iter().flatten().filter(|&&c| c != 0).count();
     println!(
-        "  ComPEFT (density {density}): scale alpha*sigma = {scale:.4e}, {} non-zero codes",
-        decided.kept
+        "  ComPEFT (density {density}): scale alpha*sigma = {scale:.4e}, {nonzero} non-zero codes"
     );
     checks.check(
         "streaming ComPEFT (tensor by tensor) equals the in-memory reference",
@@ -287,13 +284,8 @@ fn merging(checks: &mut Checks, n: usize) -> Result<()> {
         l2(&delta)
     );
 
-    merge::ties_ref(
-        &base,
-        &tau_views,
-        &weights,
-        merge::TiesParams::new(0.2, 1.0),
-        &mut out,
-    )?;
+    let ties = merge::TiesParams::default().with_keep(select::KeepRule::Density(0.2));
+    merge::ties_ref(&base, &tau_views, &weights, ties, &mut out)?;
     let changed = out
         .iter()
         .zip(&base)
@@ -303,17 +295,12 @@ fn merging(checks: &mut Checks, n: usize) -> Result<()> {
         "  TIES (density 0.2): {:.1}% of entries changed by the elected disjoint mean",
         100.0 * changed as f64 / n as f64
     );
-    let mut trimmed = vec![bf16::ZERO; n];
-    merge::ties_trim_ref(tau_views[0], 0.2, &mut trimmed)?;
+    let mut trimmed = vec![0.0f32; n];
+    merge::ties_trim_ref(tau_views[0], ties.keep, &mut trimmed)?;
     let (mut one, mut ta) = (vec![0.0; n], vec![0.0; n]);
-    merge::ties_ref(
-        &base,
-        &tau_views[..1],
-        &[1.0],
-        merge::TiesParams::new(0.2, 1.0),
-        &mut one,
-    )?;
-    merge::task_arithmetic_ref(&base, &[trimmed.as_slice()], &[1.0], 1.0, &mut ta)?;
+    merge::ties_ref(&base, &tau_views[..1], &[1.0], ties, &mut one)?;
+    let base32: Vec<f32> = base.iter().map(|b| b.to_f32()).collect();
+    merge::task_arithmetic_ref(&base32, &[trimmed.as_slice()], &[1.0], 1.0, &mut ta)?;
     checks.check(
         "TIES of one model equals trimmed task arithmetic",
         one == ta,
@@ -367,9 +354,10 @@ fn merging(checks: &mut Checks, n: usize) -> Result<()> {
         .iter()
         .map(|f| merge::sum_squares_ref(f))
         .collect();
-    let mut normalized = [0.0f32; 3];
-    merge::fisher_normalized_weights(&weights, &norms, &mut normalized)?;
-    merge::fisher_merge_ref(&theta_views, &fisher_views, &normalized, 1e-8, &mut out)?;
+    let fisher = merge::FisherParams::default()
+        .with_floor(1e-8)
+        .with_normalization(&norms);
+    merge::fisher_merge_ref(&theta_views, &fisher_views, &weights, fisher, &mut out)?;
     let mut mean = vec![0.0; n];
     merge::weighted_mean_ref(&theta_views, &weights, &mut mean)?;
     println!(
@@ -377,7 +365,8 @@ fn merging(checks: &mut Checks, n: usize) -> Result<()> {
         relative_distance(&out, &mean)
     );
     let equal = vec![fisher_views[0]; 3];
-    merge::fisher_merge_ref(&theta_views, &equal, &weights, 0.0, &mut out)?;
+    let plain = merge::FisherParams::default();
+    merge::fisher_merge_ref(&theta_views, &equal, &weights, plain, &mut out)?;
     checks.check(
         "Fisher merge with equal Fishers equals the plain mean",
         relative_distance(&out, &mean) < 1e-6,
@@ -488,8 +477,13 @@ fn linear_algebra(checks: &mut Checks, hidden: usize) -> Result<()> {
         hidden,
         cols,
     )?;
+    let merged = lowrank::SvdRef {
+        u: svd.u.as_ref(),
+        s: &s32,
+        v: svd.v.as_ref(),
+    };
     let projected =
-        lowrank::opcm_project_ref(svd.u.as_ref(), &s32, svd.v.as_ref(), tau_new.as_ref(), 0.5)?;
+        lowrank::opcm_project_ref(merged, tau_new.as_ref(), lowrank::OpcmParams::default())?;
     let r = lowrank::opcm_rank(&s32, 0.5)?;
     println!(
         "  OPCM step (alpha 0.5): leading block r = {r}, ||tau~|| / ||tau|| = {:.3}",
@@ -558,7 +552,7 @@ fn fast_kernels(checks: &mut Checks, cpu: Cpu) -> Result<()> {
     let h = heavy_tailed(inter, 1.0, 91);
     let mut y = vec![0.0f32; hidden];
     for s in [0.5, 0.7] {
-        let t = sparse::calibrate_threshold_ref(&h, s)?;
+        let t = sparse::calibrate_threshold_ref(&[&h], s)?;
         let time = median_time(61, || {
             k += 1;
             kernels_cpu::gemv::sparse_input_gemv(
@@ -589,6 +583,7 @@ fn fast_kernels(checks: &mut Checks, cpu: Cpu) -> Result<()> {
     let mut a = vec![0.0f32; inter];
     kernels_cpu::gemv::gemv(&cpu, view(&layers[0][0], inter, hidden), &x, &mut a)?;
     let a: Vec<f32> = a.iter().map(|&g| sparse::silu_f32(g)).collect();
+    let mut scratch = MlpScratch::new();
     let mut mlp_time = |t: f32| {
         let mut y = vec![0.0f32; hidden];
         median_time(61, || {
@@ -599,6 +594,7 @@ fn fast_kernels(checks: &mut Checks, cpu: Cpu) -> Result<()> {
                 weights(k % layers.len()),
                 t,
                 MatMut::from_slice(&mut y, 1, hidden).expect("shape"),
+                &mut scratch,
             )
             .expect("mlp");
         })
@@ -610,7 +606,7 @@ fn fast_kernels(checks: &mut Checks, cpu: Cpu) -> Result<()> {
         dense_mlp,
     );
     for s in [0.5, 0.7] {
-        let t = sparse::calibrate_threshold_ref(&a, s)?;
+        let t = sparse::calibrate_threshold_ref(&[&a], s)?;
         let time = mlp_time(t);
         println!(
             "  CATS MLP s={s}: {:.1} us, {:.2}x the dense MLP (ideal {:.2}x)",
@@ -633,6 +629,7 @@ fn fast_kernels(checks: &mut Checks, cpu: Cpu) -> Result<()> {
         weights(0),
         -1.0,
         MatMut::from_slice(&mut y_cpu, 1, hidden)?,
+        &mut MlpScratch::new(),
     )?;
     checks.check(
         "CATS MLP agrees with the reference (f32 tolerance)",
@@ -642,8 +639,8 @@ fn fast_kernels(checks: &mut Checks, cpu: Cpu) -> Result<()> {
     let samples = normal::<f32>(1 << 20, 1.0, 92);
     checks.check(
         "threaded calibration equals the reference quantile bit for bit",
-        kernels_cpu::calibrate::calibrate_threshold(&cpu, &samples, 0.6)?
-            == sparse::calibrate_threshold_ref(&samples, 0.6)?,
+        kernels_cpu::calibrate::calibrate_threshold(&cpu, &[&samples], 0.6)?
+            == sparse::calibrate_threshold_ref(&[&samples], 0.6)?,
     );
 
     let x = normal::<f32>(64 << 20, 1.0, 70);
@@ -655,7 +652,7 @@ fn fast_kernels(checks: &mut Checks, cpu: Cpu) -> Result<()> {
     report("sum_squares f32 256 MiB (1 thread)", x.len() * 4, time);
     checks.check(
         "sum_squares agrees with the reference",
-        (got - expect).abs() <= kernels_cpu::reduce::SUM_SQUARES_RELATIVE_TOLERANCE * expect,
+        (got - expect).abs() <= kernels_cpu::merge::SUM_SQUARES_RELATIVE_TOLERANCE * expect,
     );
     compression_kernels(checks, &cpu, &report)?;
     linear_algebra_kernels(checks, &cpu)
@@ -778,23 +775,21 @@ fn compression_kernels(
     let n = 16 << 20;
     let tau = heavy_tailed(n, 1e-3, 71);
     let other = heavy_tailed(n, 1e-3, 72);
-    let k = (n / 10) as u64;
+    let keep = select::KeepRule::Count((n / 10) as u64);
 
-    let cut = kernels_cpu::select::topk_cut(cpu, &[&tau[..]], k)?;
-    let mut pass1 = select::MagnitudeHistogram::new();
-    pass1.observe(&tau)?;
-    let mut pass2 = pass1.top_k(k)?;
-    pass2.observe(&tau)?;
+    let cut = kernels_cpu::select::topk_cut(cpu, &[&tau[..]], keep)?;
+    let streamed =
+        select::StreamingTopK::new(keep)?.run(|| [&tau[..]], select::StreamingTopK::feed)?;
     checks.check(
         "radix top-k cut equals the streaming reference",
-        cut == pass2.cut()?,
+        cut == streamed,
     );
     let time = median_time(5, || {
-        std::hint::black_box(kernels_cpu::select::topk_cut(cpu, &[&tau[..]], k).ok());
+        std::hint::black_box(kernels_cpu::select::topk_cut(cpu, &[&tau[..]], keep).ok());
     });
     report("top-10% cut of 16M f32 (bytes read once)", n * 4, time);
 
-    let params = ternary::CompeftParams::new(0.1, 1.0);
+    let params = ternary::CompeftParams::default();
     let shape = [n as u64];
     let (decided, packed) = kernels_cpu::compress::compeft(
         cpu,
@@ -802,7 +797,8 @@ fn compression_kernels(
         params,
         TernaryLayout::SparseRice,
     )?;
-    let (scale, codes) = ternary::compeft_ref(&[&tau[..]], params)?;
+    let (reference, codes) = ternary::compeft_ref(&[&tau[..]], params)?;
+    let scale = reference.scale;
     let expect = format::encode(&codes[0], &shape, decided.scale, TernaryLayout::SparseRice)?;
     checks.check(
         "fast ComPEFT packs the reference's codes byte for byte",
@@ -910,25 +906,27 @@ fn gpu_kernels(checks: &mut Checks, hidden: usize, inter: usize) -> Result<()> {
     );
 
     // ComPEFT of the same tensor: the same bytes as the reference's codes.
-    let params = ternary::CompeftParams::new(0.1, 1.0);
-    let (scale_ref, codes) = ternary::compeft_ref(&[&w_down_t[..]], params)?;
+    let params = ternary::CompeftParams::default();
+    let (reference, codes) = ternary::compeft_ref(&[&w_down_t[..]], params)?;
+    let scale_ref = reference.scale;
     let shape = [inter as u64, hidden as u64];
-    let (scale, packed) = block_on(kernels_wgpu::ternary::compeft(
+    let (decided, packed) = block_on(kernels_wgpu::compress::compeft(
         &ctx,
         &[(&w, &shape[..])],
         params,
         TernaryLayout::SparseRice,
     ))?;
+    let scale = decided.scale;
     let expect = format::encode(&codes[0], &shape, scale, TernaryLayout::SparseRice)?;
     checks.check(
         &format!(
             "GPU ComPEFT (d = 0.1, {:.2} bit/param) writes the reference's bytes, scale within {:.1e}",
             packed[0].len() as f64 * 8.0 / (inter * hidden) as f64,
-            kernels_wgpu::ternary::SCALE_RELATIVE_TOLERANCE
+            kernels_wgpu::compress::SCALE_RELATIVE_TOLERANCE
         ),
         packed[0] == expect
             && f64::from((scale - scale_ref).abs())
-                <= kernels_wgpu::ternary::SCALE_RELATIVE_TOLERANCE * f64::from(scale_ref),
+                <= kernels_wgpu::compress::SCALE_RELATIVE_TOLERANCE * f64::from(scale_ref),
     );
 
     // DARE: the CPU's mask, bit for bit.

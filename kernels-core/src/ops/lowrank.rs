@@ -25,7 +25,10 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
-use crate::error::{check_len, check_param};
+use crate::backend::{
+    jacobi_rotation, negligible, pivot_row, validate_opcm, validate_randomized_svd,
+};
+use crate::error::check_param;
 use crate::ops::project::{Qr, check_finite_mat, householder_qr_f64, householder_qr_pivoted};
 use crate::{CounterRng, Error, Mat, MatRef, Real, Result};
 
@@ -237,27 +240,6 @@ fn complete_orthonormal(cols: &mut [Vec<f64>], s: &[f64]) {
     }
 }
 
-/// Validates the operands of the OPCM step: `u` is `m x p`, `v` is `n x q` for a `tau` of
-/// `m x n`, and `s` holds `min(p, q)` values. Every backend calls it.
-pub fn validate_opcm(u: [usize; 2], s: usize, v: [usize; 2], tau: [usize; 2]) -> Result<()> {
-    let [m, n] = tau;
-    if u[0] != m {
-        return Err(Error::ShapeMismatch {
-            what: "u",
-            expected: [m, u[1]],
-            found: u,
-        });
-    }
-    if v[0] != n {
-        return Err(Error::ShapeMismatch {
-            what: "v",
-            expected: [n, v[1]],
-            found: v,
-        });
-    }
-    check_len("s", u[1].min(v[1]), s)
-}
-
 fn normalise_signs(svd: &mut Svd) {
     for (j, flipped) in svd.u.normalise_column_signs().into_iter().enumerate() {
         if flipped {
@@ -269,32 +251,39 @@ fn normalise_signs(svd: &mut Svd) {
 }
 
 /// Parameters of the randomized SVD.
+///
+/// ```
+/// use kernels_core::ops::lowrank::RsvdParams;
+/// let params = RsvdParams::new(32).with_oversample(8).with_power_iterations(1).with_seed(3);
+/// assert_eq!((params.rank, params.oversample, params.power_iterations), (32, 8, 1));
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RsvdParams {
     /// Target rank `r`, `1 <= r <= min(m, n)`. Default 16.
     pub rank: usize,
-    /// Extra probes beyond the rank. Default 16 (the design asks `rank + oversample >= 2 rank`).
+    /// Probes beyond the rank. Default: the rank itself, so `2 r` probes, which is what the
+    /// accuracy promise (within 1.1x of the optimal tail error) assumes.
     pub oversample: usize,
-    /// Power iterations, each re-orthonormalised. Default 2.
+    /// Power iterations, each re-orthonormalised, at most [`MAX_POWER_ITERATIONS`]. Default 2.
     pub power_iterations: usize,
     /// Seed of the Gaussian probes. Default 0.
     pub seed: u64,
 }
 
+/// The most power iterations [`RsvdParams`] accepts: far beyond where they stop paying (each
+/// squares the spectral gap's effect; 2 to 4 is usual), and a bound on the work a caller's
+/// parameter can ask for.
+pub const MAX_POWER_ITERATIONS: usize = 64;
+
 impl Default for RsvdParams {
     fn default() -> Self {
-        Self {
-            rank: 16,
-            oversample: 16,
-            power_iterations: 2,
-            seed: 0,
-        }
+        Self::new(16)
     }
 }
 
 impl RsvdParams {
-    /// Rank `r` with oversampling `r` (so `q = 2r`), 2 power iterations, seed 0.
+    /// Rank `r` with the defaults: oversampling `r` (`2 r` probes), 2 power iterations, seed 0.
     #[must_use]
     pub const fn new(rank: usize) -> Self {
         Self {
@@ -304,6 +293,27 @@ impl RsvdParams {
             seed: 0,
         }
     }
+
+    /// The same parameters with `oversample` probes beyond the rank.
+    #[must_use]
+    pub const fn with_oversample(mut self, oversample: usize) -> Self {
+        self.oversample = oversample;
+        self
+    }
+
+    /// The same parameters with another number of power iterations.
+    #[must_use]
+    pub const fn with_power_iterations(mut self, power_iterations: usize) -> Self {
+        self.power_iterations = power_iterations;
+        self
+    }
+
+    /// The same parameters with another seed.
+    #[must_use]
+    pub const fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
 }
 
 fn orthonormal_basis(y: &Mat<f64>) -> Mat<f64> {
@@ -312,16 +322,9 @@ fn orthonormal_basis(y: &Mat<f64>) -> Mat<f64> {
 
 /// Randomized truncated SVD (reference).
 pub fn randomized_svd_ref<T: Real>(a: MatRef<'_, T>, params: RsvdParams) -> Result<Svd> {
+    let probes = validate_randomized_svd(a.shape(), params)?;
     check_finite_mat("a", a)?;
-    let (m, n) = (a.rows(), a.cols());
-    let k = m.min(n);
-    check_param(
-        "rank",
-        params.rank as f64,
-        "in 1..=min(rows, cols)",
-        params.rank >= 1 && params.rank <= k,
-    )?;
-    let probes = (params.rank + params.oversample).min(k);
+    let n = a.cols();
     let a = Mat::widen(a);
     let rng = CounterRng::new(params.seed);
     let omega = Mat::from_fn(n, probes, |i, j| rng.normal_at((i * probes + j) as u64));
@@ -356,6 +359,15 @@ impl Default for LuParams {
     }
 }
 
+impl LuParams {
+    /// The same parameters with another small-pivot guard.
+    #[must_use]
+    pub const fn with_pivot_guard(mut self, pivot_guard: f64) -> Self {
+        self.pivot_guard = pivot_guard;
+        self
+    }
+}
+
 /// `P A = L U`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Lu<T = f64> {
@@ -373,14 +385,6 @@ impl<F> Lu<F> {
     pub fn permute<T: Copy + Default>(&self, a: &Mat<T>) -> Mat<T> {
         Mat::from_fn(a.rows(), a.cols(), |i, j| a.at(self.perm[i], j))
     }
-}
-
-/// Partial pivoting's choice among `rows`: the row of largest `magnitude`, the lowest on ties
-/// (`rows.start` when empty). Every backend picks its pivots with it.
-pub fn pivot_row(rows: core::ops::Range<usize>, magnitude: impl Fn(usize) -> f64) -> usize {
-    let start = rows.start;
-    rows.max_by(|&x, &y| magnitude(x).total_cmp(&magnitude(y)).then(y.cmp(&x)))
-        .unwrap_or(start)
 }
 
 /// LU with partial pivoting (reference).
@@ -473,28 +477,6 @@ pub struct SymmetricEigen<T = f64> {
     /// `n x n`; column `j` is the eigenvector of `values[j]`, its largest-magnitude entry
     /// positive (the first such entry on ties).
     pub vectors: Mat<T>,
-}
-
-/// Whether Jacobi may leave `apq` alone: below `eps` of the geometric mean of its diagonal
-/// entries (which keeps small eigenvalues to high relative accuracy), or below `eps^2 ||A||_F`.
-#[must_use]
-pub fn negligible(apq: f64, app: f64, aqq: f64, norm: f64) -> bool {
-    let abs = apq.abs();
-    abs <= f64::EPSILON * libm::sqrt((app * aqq).abs()) || abs <= f64::EPSILON * f64::EPSILON * norm
-}
-
-/// The Jacobi rotation `(c, s, t = s / c)` that zeroes `apq` of the 2 x 2 block
-/// `[[app, apq], [apq, aqq]]` (Rutishauser's formulas: the smaller angle, `|t| <= 1`).
-#[must_use]
-pub fn jacobi_rotation(app: f64, aqq: f64, apq: f64) -> (f64, f64, f64) {
-    let theta = (aqq - app) / (2.0 * apq);
-    let t = if theta == 0.0 {
-        1.0
-    } else {
-        theta.signum() / (theta.abs() + libm::sqrt(1.0 + theta * theta))
-    };
-    let c = 1.0 / libm::sqrt(1.0 + t * t);
-    (c, t * c, t)
 }
 
 /// Symmetric eigendecomposition by cyclic two-sided Jacobi (reference). Only the lower triangle
@@ -657,21 +639,73 @@ pub fn opcm_rank(s: &[f32], alpha: f64) -> Result<usize> {
     Ok(s.len())
 }
 
+/// Parameters of the OPCM step.
+///
+/// ```
+/// use kernels_core::ops::lowrank::OpcmParams;
+/// assert_eq!(OpcmParams::default().with_alpha(0.7).alpha, 0.7);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct OpcmParams {
+    /// Share of the singular values' sum the protected block covers, in `[0, 1]`
+    /// ([`opcm_rank`]). Default 0.5.
+    pub alpha: f64,
+}
+
+impl Default for OpcmParams {
+    fn default() -> Self {
+        Self { alpha: 0.5 }
+    }
+}
+
+impl OpcmParams {
+    /// The same parameters with another `alpha`.
+    #[must_use]
+    pub const fn with_alpha(mut self, alpha: f64) -> Self {
+        self.alpha = alpha;
+        self
+    }
+}
+
+/// A thin SVD's factors, borrowed: `U` `m x p`, `s` of length `min(p, q)` (descending), `V`
+/// `n x q`. What the OPCM step projects against (the merged task vector so far).
+#[derive(Clone, Copy, Debug)]
+pub struct SvdRef<'a, T> {
+    /// `m x p`, orthonormal columns.
+    pub u: MatRef<'a, T>,
+    /// The singular values, descending.
+    pub s: &'a [f32],
+    /// `n x q`, orthonormal columns.
+    pub v: MatRef<'a, T>,
+}
+
+impl Svd<f32> {
+    /// The factors, borrowed.
+    #[must_use]
+    pub fn as_ref(&self) -> SvdRef<'_, f32> {
+        SvdRef {
+            u: self.u.as_ref(),
+            s: &self.s,
+            v: self.v.as_ref(),
+        }
+    }
+}
+
 /// The OPCM projection of a new task vector `tau` (`m x n`) against the merged task vector
-/// `T = U diag(s) V^T` (`U` `m x p`, `V` `n x q`, `s` of length `min(p, q)`, descending):
-/// `P = U^T tau V`; zero `P`'s diagonal and its top-left `r x r` block with
-/// `r = `[`opcm_rank`]`(s, alpha)`; return `U P V^T`. With square orthogonal `U`, `V` this removes
-/// exactly those components of `tau`; with thin ones it also drops what lies outside their span.
+/// `T = U diag(s) V^T` (`merged`): `P = U^T tau V`; zero `P`'s diagonal and its top-left `r x r`
+/// block with `r = `[`opcm_rank`]`(s, alpha)`; return `U P V^T`. With square orthogonal `U`, `V`
+/// this removes exactly those components of `tau`; with thin ones it also drops what lies
+/// outside their span.
 pub fn opcm_project_ref<T: Real>(
-    u: MatRef<'_, T>,
-    s: &[f32],
-    v: MatRef<'_, T>,
+    merged: SvdRef<'_, T>,
     tau: MatRef<'_, T>,
-    alpha: f64,
+    params: OpcmParams,
 ) -> Result<Mat<f64>> {
+    let SvdRef { u, s, v } = merged;
     validate_opcm(u.shape(), s.len(), v.shape(), tau.shape())?;
     check_finite_mat("tau", tau)?;
-    let r = opcm_rank(s, alpha)?;
+    let r = opcm_rank(s, params.alpha)?;
     let (u, v) = (Mat::widen(u), Mat::widen(v));
     let mut p = u.t_matmul(&Mat::widen(tau)).matmul(&v);
     for i in 0..p.rows() {
@@ -936,7 +970,13 @@ mod tests {
         let v = householder_qr_f64(&random(n, n, 2)).q;
         let s = [4.0f32, 3.0, 1.0, 1.0, 1.0];
         let tau = random(m, n, 3);
-        let out = opcm_project_ref(u.as_ref(), &s, v.as_ref(), tau.as_ref(), 0.5).unwrap();
+        let merged = |s| SvdRef {
+            u: u.as_ref(),
+            s,
+            v: v.as_ref(),
+        };
+        let params = OpcmParams::default();
+        let out = opcm_project_ref(merged(&s), tau.as_ref(), params).unwrap();
         let p_in = u.t_matmul(&tau).matmul(&v);
         let p_out = u.t_matmul(&out).matmul(&v);
         let r = opcm_rank(&s, 0.5).unwrap();
@@ -951,7 +991,7 @@ mod tests {
                 assert!((p_out.at(i, j) - expect).abs() < 1e-12);
             }
         }
-        assert!(opcm_project_ref(u.as_ref(), &s[..4], v.as_ref(), tau.as_ref(), 0.5).is_err());
+        assert!(opcm_project_ref(merged(&s[..4]), tau.as_ref(), params).is_err());
     }
 
     proptest! {

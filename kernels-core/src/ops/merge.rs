@@ -8,109 +8,21 @@
 //!   trimming, Breadcrumbs and the L1-preserving DARE rescale select over the slice they are given:
 //!   give them a whole tensor, as mergekit does.)
 //! * Inputs `T: Element`, outputs `f32`, accumulation `f64` in the references.
-//! * Weights must be finite; where an op divides by a sum of weights they must also be
-//!   non-negative with a positive sum. NaN or infinite *data* propagate as IEEE 754 says.
+//! * Models come with one weight each, in the same order (`models`, then `weights`). Weights must
+//!   be finite; where an op divides by a sum of weights they must also be non-negative with a
+//!   positive sum. NaN or infinite *data* propagate as IEEE 754 says.
 //! * DARE masks depend only on `(seed, flat index)` (see [`crate::CounterRng`]): pass the flat
 //!   index of a chunk's first element as `first_index` and any chunking gives the same mask.
 
-use crate::error::{check_len, check_param};
+use crate::backend::{
+    fisher_weight, validate_fisher_accumulate, validate_fisher_merge, validate_task_arithmetic,
+    validate_ties_elect, validate_weighted_mean,
+};
+#[cfg(feature = "alloc")]
+use crate::error::check_len;
+use crate::error::check_param;
+use crate::ops::select::KeepRule;
 use crate::{CounterRng, Element, Real, Result};
-
-fn check_models<T>(what: &'static str, models: &[&[T]], weights: &[f32], len: usize) -> Result<()> {
-    check_param(
-        "models",
-        models.len() as f64,
-        "at least one model",
-        !models.is_empty(),
-    )?;
-    check_len("weights", models.len(), weights.len())?;
-    for m in models {
-        check_len(what, len, m.len())?;
-    }
-    for &w in weights {
-        check_param("weights", f64::from(w), "finite", w.is_finite())?;
-    }
-    Ok(())
-}
-
-/// Weights that divide: finite, non-negative, positive sum. Returns the sum.
-fn check_averaging_weights(weights: &[f32]) -> Result<f64> {
-    for &w in weights {
-        check_param(
-            "weights",
-            f64::from(w),
-            "finite and >= 0",
-            w.is_finite() && w >= 0.0,
-        )?;
-    }
-    let sum: f64 = weights.iter().map(|&w| f64::from(w)).sum();
-    check_param("sum of weights", sum, "> 0", sum > 0.0)?;
-    Ok(sum)
-}
-
-/// Validates a weighted mean (every backend runs this); returns `sum w_i`.
-pub fn validate_weighted_mean<T>(models: &[&[T]], weights: &[f32], out_len: usize) -> Result<f64> {
-    check_models("models[i]", models, weights, out_len)?;
-    check_averaging_weights(weights)
-}
-
-/// Validates task arithmetic (every backend runs this).
-pub fn validate_task_arithmetic<T>(
-    base: &[T],
-    taus: &[&[T]],
-    weights: &[f32],
-    lambda: f32,
-    out_len: usize,
-) -> Result<()> {
-    check_len("base", out_len, base.len())?;
-    check_models("taus[i]", taus, weights, out_len)?;
-    check_param("lambda", f64::from(lambda), "finite", lambda.is_finite())
-}
-
-/// Validates a diagonal Fisher accumulation (every backend runs this).
-pub fn validate_fisher_accumulate<T>(fisher_len: usize, grad: &[T], scale: f32) -> Result<()> {
-    check_len("grad", fisher_len, grad.len())?;
-    check_param(
-        "scale",
-        f64::from(scale),
-        "finite and >= 0",
-        scale.is_finite() && scale >= 0.0,
-    )
-}
-
-/// Validates TIES election and disjoint mean (every backend runs this).
-pub fn validate_ties_elect<T>(
-    base: &[T],
-    trimmed: &[&[T]],
-    weights: &[f32],
-    lambda: f32,
-    out_len: usize,
-) -> Result<()> {
-    check_len("base", out_len, base.len())?;
-    check_models("trimmed[i]", trimmed, weights, out_len)?;
-    check_averaging_weights(weights)?;
-    check_param("lambda", f64::from(lambda), "finite", lambda.is_finite())
-}
-
-/// Validates Fisher merging (every backend runs this); returns `sum w_i`.
-pub fn validate_fisher_merge<T, F>(
-    thetas: &[&[T]],
-    fishers: &[&[F]],
-    weights: &[f32],
-    floor: f32,
-    out_len: usize,
-) -> Result<f64> {
-    check_models("thetas[i]", thetas, weights, out_len)?;
-    check_models("fishers[i]", fishers, weights, out_len)?;
-    let weight_sum = check_averaging_weights(weights)?;
-    check_param(
-        "floor",
-        f64::from(floor),
-        "finite and >= 0",
-        floor.is_finite() && floor >= 0.0,
-    )?;
-    Ok(weight_sum)
-}
 
 /// Weighted mean (model soups, linear merge): `out = sum w_i theta_i / sum w_i`.
 pub fn weighted_mean_ref<T: Element>(
@@ -118,7 +30,7 @@ pub fn weighted_mean_ref<T: Element>(
     weights: &[f32],
     out: &mut [f32],
 ) -> Result<()> {
-    let sum = validate_weighted_mean(models, weights, out.len())?;
+    let sum = validate_weighted_mean(models.iter().map(|m| m.len()), weights, out.len())?;
     for (j, o) in out.iter_mut().enumerate() {
         let acc: f64 = models
             .iter()
@@ -138,7 +50,13 @@ pub fn task_arithmetic_ref<T: Element>(
     lambda: f32,
     out: &mut [f32],
 ) -> Result<()> {
-    validate_task_arithmetic(base, taus, weights, lambda, out.len())?;
+    validate_task_arithmetic(
+        base.len(),
+        taus.iter().map(|t| t.len()),
+        weights,
+        lambda,
+        out.len(),
+    )?;
     for (j, o) in out.iter_mut().enumerate() {
         let acc: f64 = taus
             .iter()
@@ -151,11 +69,17 @@ pub fn task_arithmetic_ref<T: Element>(
 }
 
 /// Parameters of TIES merging.
+///
+/// ```
+/// use kernels_core::ops::{merge::TiesParams, select::KeepRule};
+/// let params = TiesParams::default().with_keep(KeepRule::Density(0.1)).with_lambda(0.8);
+/// assert_eq!((params.keep, params.lambda), (KeepRule::Density(0.1), 0.8));
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct TiesParams {
-    /// Fraction of each task vector kept by magnitude, in `(0, 1]`. Default 0.2 (the paper's k).
-    pub density: f64,
+    /// What each task vector keeps by magnitude. Default `Density(0.2)` (the paper's k).
+    pub keep: KeepRule,
     /// Scale of the merged task vector, finite. Default 1.
     pub lambda: f32,
 }
@@ -163,31 +87,25 @@ pub struct TiesParams {
 impl Default for TiesParams {
     fn default() -> Self {
         Self {
-            density: 0.2,
+            keep: KeepRule::Density(0.2),
             lambda: 1.0,
         }
     }
 }
 
 impl TiesParams {
-    /// Parameters with the given density and scale.
+    /// The same parameters keeping `keep` of each task vector.
     #[must_use]
-    pub const fn new(density: f64, lambda: f32) -> Self {
-        Self { density, lambda }
+    pub const fn with_keep(mut self, keep: KeepRule) -> Self {
+        self.keep = keep;
+        self
     }
-}
 
-/// The sign TIES elects and compares: `1`, `-1`, or `0` for zeros and NaN (every backend uses this
-/// one definition).
-#[inline(always)]
-#[must_use]
-pub fn ties_sign(v: f64) -> f64 {
-    if v > 0.0 {
-        1.0
-    } else if v < 0.0 {
-        -1.0
-    } else {
-        0.0
+    /// The same parameters scaling the merged task vector by `lambda`.
+    #[must_use]
+    pub const fn with_lambda(mut self, lambda: f32) -> Self {
+        self.lambda = lambda;
+        self
     }
 }
 
@@ -201,9 +119,16 @@ pub fn ties_elect_ref<T: Element>(
     lambda: f32,
     out: &mut [f32],
 ) -> Result<()> {
-    validate_ties_elect(base, trimmed, weights, lambda, out.len())?;
+    validate_ties_elect(
+        base.len(),
+        trimmed.iter().map(|t| t.len()),
+        weights,
+        lambda,
+        out.len(),
+    )?;
+    let sign = crate::backend::ties_sign;
     for (j, o) in out.iter_mut().enumerate() {
-        let elected = ties_sign(
+        let elected = sign(
             trimmed
                 .iter()
                 .zip(weights)
@@ -213,7 +138,7 @@ pub fn ties_elect_ref<T: Element>(
         let (mut num, mut den) = (0.0f64, 0.0f64);
         for (t, &w) in trimmed.iter().zip(weights) {
             let v = t[j].to_f64();
-            if elected != 0.0 && ties_sign(v) == elected {
+            if elected != 0.0 && sign(v) == elected {
                 num += f64::from(w) * v;
                 den += f64::from(w);
             }
@@ -224,14 +149,13 @@ pub fn ties_elect_ref<T: Element>(
     Ok(())
 }
 
-/// TIES trim: zero all but the top `floor(density n)` magnitudes of `tau` (ties by lower index).
+/// TIES trim: zero all but what `keep` keeps of `tau` by magnitude (ties by lower index).
 #[cfg(feature = "alloc")]
-pub fn ties_trim_ref<T: Element>(tau: &[T], density: f64, out: &mut [T]) -> Result<()> {
+pub fn ties_trim_ref<T: Element>(tau: &[T], keep: KeepRule, out: &mut [f32]) -> Result<()> {
     check_len("out", tau.len(), out.len())?;
-    let k = crate::ops::select::keep_count(density, tau.len() as u64)?;
-    let mask = crate::ops::select::topk_mask_ref(tau, k as usize)?;
-    for ((o, &t), keep) in out.iter_mut().zip(tau).zip(mask) {
-        *o = if keep { t } else { T::from_f32(0.0) };
+    let mask = crate::ops::select::topk_mask_ref(tau, keep)?;
+    for ((o, &t), kept) in out.iter_mut().zip(tau).zip(mask) {
+        *o = if kept { t.to_f32() } else { 0.0 };
     }
     Ok(())
 }
@@ -246,39 +170,88 @@ pub fn ties_ref<T: Element>(
     params: TiesParams,
     out: &mut [f32],
 ) -> Result<()> {
-    check_models("taus[i]", taus, weights, out.len())?;
+    validate_ties_elect(
+        base.len(),
+        taus.iter().map(|t| t.len()),
+        weights,
+        params.lambda,
+        out.len(),
+    )?;
     let mut trimmed = alloc::vec::Vec::with_capacity(taus.len());
     for tau in taus {
-        let mut t = alloc::vec![T::from_f32(0.0); tau.len()];
-        ties_trim_ref(tau, params.density, &mut t)?;
+        let mut t = alloc::vec![0.0f32; tau.len()];
+        ties_trim_ref(tau, params.keep, &mut t)?;
         trimmed.push(t);
     }
-    let views: alloc::vec::Vec<&[T]> = trimmed.iter().map(alloc::vec::Vec::as_slice).collect();
-    ties_elect_ref(base, &views, weights, params.lambda, out)
+    let views: alloc::vec::Vec<&[f32]> = trimmed.iter().map(alloc::vec::Vec::as_slice).collect();
+    let base: alloc::vec::Vec<f32> = base.iter().map(|b| b.to_f32()).collect();
+    ties_elect_ref(&base, &views, weights, params.lambda, out)
 }
 
-/// Fisher merging: `out = sum lambda_i F'_i theta_i / sum lambda_i F'_i` with `F'_i = max(F_i, floor)`.
+/// Parameters of Fisher merging beyond the models' weights.
 ///
-/// `floor >= 0`. Where every `lambda_i F'_i` is zero the result is the plain weighted mean
-/// `sum lambda_i theta_i / sum lambda_i` (never 0/0). Negative Fisher entries are invalid data
-/// but are not scanned for; apply a floor to be safe. For the per-model normalisation
-/// `lambda_i / ||F_i||_2`, compute the weights with [`fisher_normalized_weights`].
+/// ```
+/// use kernels_core::ops::merge::FisherParams;
+/// // ||F_i||_2^2 of each model's whole Fisher, summed tensor by tensor with `sum_squares`.
+/// let squared_norms = [4.0, 16.0];
+/// let params = FisherParams::default().with_floor(1e-8).with_normalization(&squared_norms);
+/// assert_eq!(params.floor, 1e-8);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[non_exhaustive]
+pub struct FisherParams<'a> {
+    /// Fisher entries below this are raised to it, `>= 0`. Default 0.
+    pub floor: f32,
+    /// Per-model normalisation: model `i`'s weight becomes `w_i / ||F_i||_2`, from these squared
+    /// norms of each model's whole Fisher (finite, `> 0`). Default: none.
+    pub squared_norms: Option<&'a [f64]>,
+}
+
+impl<'a> FisherParams<'a> {
+    /// The same parameters with a Fisher floor.
+    #[must_use]
+    pub const fn with_floor(mut self, floor: f32) -> Self {
+        self.floor = floor;
+        self
+    }
+
+    /// The same parameters normalising each model by its Fisher's norm.
+    #[must_use]
+    pub const fn with_normalization(mut self, squared_norms: &'a [f64]) -> Self {
+        self.squared_norms = Some(squared_norms);
+        self
+    }
+}
+
+/// Fisher merging: `out = sum w'_i F'_i theta_i / sum w'_i F'_i` with `F'_i = max(F_i, floor)` and
+/// `w'_i = w_i`, or `w_i / ||F_i||_2` with [`FisherParams::with_normalization`].
+///
+/// Where every `w'_i F'_i` is zero the result is the plain weighted mean
+/// `sum w'_i theta_i / sum w'_i` (never 0/0). Negative Fisher entries are invalid data but are
+/// not scanned for; a floor makes them harmless.
 pub fn fisher_merge_ref<T: Element>(
     thetas: &[&[T]],
     fishers: &[&[f32]],
     weights: &[f32],
-    floor: f32,
+    params: FisherParams<'_>,
     out: &mut [f32],
 ) -> Result<()> {
-    let weight_sum = validate_fisher_merge(thetas, fishers, weights, floor, out.len())?;
+    let weight_sum = validate_fisher_merge(
+        thetas.iter().map(|t| t.len()),
+        fishers.iter().map(|f| f.len()),
+        weights,
+        params,
+        out.len(),
+    )?;
     for (j, o) in out.iter_mut().enumerate() {
         let (mut num, mut den, mut plain) = (0.0f64, 0.0f64, 0.0f64);
-        for ((theta, fisher), &w) in thetas.iter().zip(fishers).zip(weights) {
-            let f = f64::from(fisher[j].max(floor));
+        for (i, (theta, fisher)) in thetas.iter().zip(fishers).enumerate() {
+            let w = f64::from(fisher_weight(weights, params, i));
+            let f = f64::from(fisher[j].max(params.floor));
             let v = theta[j].to_f64();
-            num += f64::from(w) * f * v;
-            den += f64::from(w) * f;
-            plain += f64::from(w) * v;
+            num += w * f * v;
+            den += w * f;
+            plain += w * v;
         }
         *o = if den > 0.0 {
             num / den
@@ -290,35 +263,14 @@ pub fn fisher_merge_ref<T: Element>(
 }
 
 /// `sum x^2` of a chunk in `f64`: stream it over every tensor of a model's Fisher to get
-/// `||F_i||_2^2` for [`fisher_normalized_weights`].
+/// `||F_i||_2^2` for [`FisherParams::with_normalization`].
 pub fn sum_squares_ref<T: Element>(x: &[T]) -> f64 {
     x.iter().map(|v| v.to_f64() * v.to_f64()).sum()
 }
 
-/// `out_i = lambda_i / ||F_i||_2` from squared norms; a zero norm is an error (that model's Fisher
-/// carries no information and would get infinite weight).
-pub fn fisher_normalized_weights(
-    lambdas: &[f32],
-    squared_norms: &[f64],
-    out: &mut [f32],
-) -> Result<()> {
-    check_len("squared_norms", lambdas.len(), squared_norms.len())?;
-    check_len("out", lambdas.len(), out.len())?;
-    for ((o, &l), &sq) in out.iter_mut().zip(lambdas).zip(squared_norms) {
-        check_param(
-            "squared_norms",
-            sq,
-            "finite and > 0",
-            sq.is_finite() && sq > 0.0,
-        )?;
-        *o = (f64::from(l) / libm::sqrt(sq)) as f32;
-    }
-    Ok(())
-}
-
 /// Diagonal Fisher accumulation `fisher += scale * g^2`, `scale` finite and `>= 0`.
 pub fn fisher_accumulate_ref<T: Element>(fisher: &mut [f32], grad: &[T], scale: f32) -> Result<()> {
-    validate_fisher_accumulate(fisher.len(), grad, scale)?;
+    validate_fisher_accumulate(fisher.len(), grad.len(), scale)?;
     for (f, g) in fisher.iter_mut().zip(grad) {
         let g = g.to_f64();
         *f = (f64::from(*f) + f64::from(scale) * g * g) as f32;
@@ -341,6 +293,12 @@ pub enum DareRescale {
 }
 
 /// Parameters of DARE (drop and rescale).
+///
+/// ```
+/// use kernels_core::ops::merge::{DareParams, DareRescale};
+/// let params = DareParams::default().with_drop(0.5).with_seed(7).with_rescale(DareRescale::None);
+/// assert_eq!((params.drop, params.seed), (0.5, 7));
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct DareParams {
@@ -371,6 +329,20 @@ impl DareParams {
             seed,
             rescale: DareRescale::InverseKeep,
         }
+    }
+
+    /// The same parameters with another drop probability.
+    #[must_use]
+    pub const fn with_drop(mut self, drop: f64) -> Self {
+        self.drop = drop;
+        self
+    }
+
+    /// The same parameters with another seed.
+    #[must_use]
+    pub const fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
     }
 
     /// The same parameters with another rescale rule.
@@ -412,7 +384,7 @@ pub fn dare_ref<T: Element>(
     first_index: u64,
     out: &mut [f32],
 ) -> Result<()> {
-    check_len("out", tau.len(), out.len())?;
+    crate::error::check_len("out", tau.len(), out.len())?;
     params.validate()?;
     let rng = CounterRng::new(params.seed);
     let (mut l1_all, mut l1_kept) = (0.0f64, 0.0f64);
@@ -438,7 +410,15 @@ pub fn dare_ref<T: Element>(
     Ok(())
 }
 
-/// Parameters of Model Breadcrumbs.
+/// Parameters of Model Breadcrumbs: two fractions of the tensor, as the paper and mergekit
+/// define them.
+///
+/// ```
+/// use kernels_core::ops::merge::BreadcrumbsParams;
+/// let params = BreadcrumbsParams::default().with_density(0.8).with_gamma(0.05);
+/// assert_eq!(params.counts(100)?, (5, 80)); // drop the top 5, keep the next 80
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct BreadcrumbsParams {
@@ -465,6 +445,20 @@ impl BreadcrumbsParams {
         Self { density, gamma }
     }
 
+    /// The same parameters keeping another fraction.
+    #[must_use]
+    pub const fn with_density(mut self, density: f64) -> Self {
+        self.density = density;
+        self
+    }
+
+    /// The same parameters dropping another fraction of outliers.
+    #[must_use]
+    pub const fn with_gamma(mut self, gamma: f64) -> Self {
+        self.gamma = gamma;
+        self
+    }
+
     /// `(top, keep)` for `n` entries: the `floor(gamma n)` largest magnitudes are dropped and the
     /// next `floor(density n)` kept (so `gamma n < 1` drops no outlier).
     pub fn counts(&self, n: u64) -> Result<(u64, u64)> {
@@ -474,13 +468,19 @@ impl BreadcrumbsParams {
             "in [0, 1)",
             (0.0..1.0).contains(&self.gamma),
         )?;
-        let keep = crate::ops::select::keep_count(self.density, n)?;
+        check_param(
+            "density",
+            self.density,
+            "in (0, 1]",
+            self.density > 0.0 && self.density <= 1.0,
+        )?;
         check_param(
             "density + gamma",
             self.density + self.gamma,
             "<= 1",
             self.density + self.gamma <= 1.0,
         )?;
+        let keep = libm::floor(self.density * n as f64) as u64;
         let top = libm::floor(self.gamma * n as f64) as u64;
         Ok((top, keep.min(n - top)))
     }
@@ -496,8 +496,8 @@ pub fn breadcrumbs_ref<T: Element>(
 ) -> Result<()> {
     check_len("out", tau.len(), out.len())?;
     let (top, keep) = params.counts(tau.len() as u64)?;
-    let outer = crate::ops::select::topk_mask_ref(tau, (top + keep) as usize)?;
-    let outliers = crate::ops::select::topk_mask_ref(tau, top as usize)?;
+    let outer = crate::ops::select::topk_mask_ref(tau, KeepRule::Count(top + keep))?;
+    let outliers = crate::ops::select::topk_mask_ref(tau, KeepRule::Count(top))?;
     for (j, o) in out.iter_mut().enumerate() {
         *o = if outer[j] && !outliers[j] {
             tau[j].to_f32()
@@ -554,10 +554,15 @@ mod tests {
         assert!(weighted_mean_ref(&[&a, &a], &[0.0, 0.0], &mut out).is_err());
         assert!(weighted_mean_ref(&[&a], &[f32::NAN], &mut out).is_err());
         assert!(task_arithmetic_ref(&a, &[&a], &[1.0], f32::INFINITY, &mut out).is_err());
-        assert!(fisher_merge_ref(&[&a], &[&a], &[1.0], -1.0, &mut out).is_err());
+        let floor = |f| FisherParams::default().with_floor(f);
+        assert!(fisher_merge_ref(&[&a], &[&a], &[1.0], floor(-1.0), &mut out).is_err());
         assert!(fisher_accumulate_ref(&mut out, &a, -2.0).is_err());
-        assert!(fisher_normalized_weights(&[1.0], &[0.0], &mut [0.0]).is_err());
-        assert!(ties_ref(&a, &[&a], &[1.0], TiesParams::new(0.0, 1.0), &mut out).is_err());
+        for norms in [&[0.0][..], &[f64::NAN], &[1.0, 1.0]] {
+            let normalized = FisherParams::default().with_normalization(norms);
+            assert!(fisher_merge_ref(&[&a], &[&a], &[1.0], normalized, &mut out).is_err());
+        }
+        let trim_nothing = TiesParams::default().with_keep(KeepRule::Density(0.0));
+        assert!(ties_ref(&a, &[&a], &[1.0], trim_nothing, &mut out).is_err());
         assert!(dare_ref(&a, DareParams::new(1.0, 0), 0, &mut out).is_err());
         assert!(dare_ref(&a, DareParams::new(-0.1, 0), 0, &mut out).is_err());
         assert!(breadcrumbs_ref(&a, BreadcrumbsParams::new(0.9, 0.2), &mut out).is_err());
@@ -584,11 +589,15 @@ mod tests {
         let base: Vec<f16> = (0..101)
             .map(|i| f16::from_f64(rng.normal_at(1000 + i)))
             .collect();
-        let mut trimmed = vec![f16::ZERO; 101];
-        ties_trim_ref(&tau, 0.3, &mut trimmed).unwrap();
-        assert_eq!(trimmed.iter().filter(|v| v.to_f32() != 0.0).count(), 30);
+        let mut trimmed = vec![0.0f32; 101];
+        ties_trim_ref(&tau, KeepRule::Density(0.3), &mut trimmed).unwrap();
+        assert_eq!(trimmed.iter().filter(|v| **v != 0.0).count(), 30);
         let (mut ties, mut ta) = (vec![0.0; 101], vec![0.0; 101]);
-        ties_ref(&base, &[&tau], &[1.0], TiesParams::new(0.3, 0.7), &mut ties).unwrap();
+        let params = TiesParams::default()
+            .with_keep(KeepRule::Density(0.3))
+            .with_lambda(0.7);
+        ties_ref(&base, &[&tau], &[1.0], params, &mut ties).unwrap();
+        let base: Vec<f32> = base.iter().map(|b| b.to_f32()).collect();
         task_arithmetic_ref(&base, &[&trimmed], &[1.0], 0.7, &mut ta).unwrap();
         assert_eq!(ties, ta);
     }
@@ -599,24 +608,35 @@ mod tests {
         let b = [3.0f32, 6.0, -4.0];
         let f = [0.5f32, 2.0, 7.0];
         let (mut fisher, mut mean) = ([0.0; 3], [0.0; 3]);
-        fisher_merge_ref(&[&a, &b], &[&f, &f], &[1.0, 3.0], 0.0, &mut fisher).unwrap();
+        let plain = FisherParams::default();
+        fisher_merge_ref(&[&a, &b], &[&f, &f], &[1.0, 3.0], plain, &mut fisher).unwrap();
         weighted_mean_ref(&[&a, &b], &[1.0, 3.0], &mut mean).unwrap();
         assert_eq!(fisher, mean);
         // All-zero Fishers fall back to the plain mean instead of 0/0.
         let z = [0.0f32; 3];
-        fisher_merge_ref(&[&a, &b], &[&z, &z], &[1.0, 3.0], 0.0, &mut fisher).unwrap();
+        fisher_merge_ref(&[&a, &b], &[&z, &z], &[1.0, 3.0], plain, &mut fisher).unwrap();
         assert_eq!(fisher, mean);
         // Unequal Fishers pull towards the confident model.
         let fa = [1.0f32, 1.0, 1.0];
         let fb = [3.0f32, 0.0, 1.0];
-        fisher_merge_ref(&[&a, &b], &[&fa, &fb], &[1.0, 1.0], 0.0, &mut fisher).unwrap();
+        fisher_merge_ref(&[&a, &b], &[&fa, &fb], &[1.0, 1.0], plain, &mut fisher).unwrap();
         assert_eq!(fisher, [2.5, -2.0, 0.0]);
         // A floor lifts the zero Fisher.
-        fisher_merge_ref(&[&a, &b], &[&fa, &fb], &[1.0, 1.0], 1.0, &mut fisher).unwrap();
+        let floored = plain.with_floor(1.0);
+        fisher_merge_ref(&[&a, &b], &[&fa, &fb], &[1.0, 1.0], floored, &mut fisher).unwrap();
         assert_eq!(fisher[1], 2.0);
-        let mut w = [0.0; 2];
-        fisher_normalized_weights(&[1.0, 2.0], &[4.0, 16.0], &mut w).unwrap();
-        assert_eq!(w, [0.5, 0.5]);
+        // Normalised by ||F_i||: weights 1 / 2 and 2 / 4 are equal, so the plain Fisher merge.
+        let normalized = plain.with_normalization(&[4.0, 16.0]);
+        let mut by_norm = [0.0; 3];
+        fisher_merge_ref(
+            &[&a, &b],
+            &[&fa, &fb],
+            &[1.0, 2.0],
+            normalized,
+            &mut by_norm,
+        )
+        .unwrap();
+        assert_eq!(by_norm, [2.5, -2.0, 0.0]);
         let mut acc = [1.0f32, 0.0];
         fisher_accumulate_ref(&mut acc, &[2.0f32, -3.0], 0.5).unwrap();
         assert_eq!(acc, [3.0, 4.5]);

@@ -14,6 +14,7 @@
 
 use alloc::vec::Vec;
 
+use crate::backend::{validate_cgs2, validate_projection};
 use crate::{Error, Mat, MatMut, MatRef, Real, Result};
 
 pub(crate) fn check_finite_mat<T: Real>(what: &'static str, a: MatRef<'_, T>) -> Result<()> {
@@ -35,39 +36,6 @@ pub struct Qr<T = f64> {
     pub q: Mat<T>,
     /// `k x n`, upper triangular, non-negative diagonal.
     pub r: Mat<T>,
-}
-
-/// Validates the operands of a projection: `q` is `m x r` for an `x` and an `out` of `m x n`.
-/// Every backend calls it.
-pub fn validate_projection(q: [usize; 2], x: [usize; 2], out: [usize; 2]) -> Result<()> {
-    if q[0] != x[0] {
-        return Err(Error::ShapeMismatch {
-            what: "q",
-            expected: [x[0], q[1]],
-            found: q,
-        });
-    }
-    if out != x {
-        return Err(Error::ShapeMismatch {
-            what: "out",
-            expected: x,
-            found: out,
-        });
-    }
-    Ok(())
-}
-
-/// Validates CGS2's input shape: tall-skinny, `rows >= cols`. Every backend calls it.
-pub fn validate_cgs2(shape: [usize; 2]) -> Result<()> {
-    let [m, n] = shape;
-    if m < n {
-        return Err(Error::ShapeMismatch {
-            what: "a (CGS2 needs rows >= cols)",
-            expected: [n, n],
-            found: [m, n],
-        });
-    }
-    Ok(())
 }
 
 /// Householder thin QR of `a` (reference, `f64`).

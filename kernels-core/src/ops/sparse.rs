@@ -18,8 +18,13 @@
 
 #[cfg(feature = "alloc")]
 use crate::MatMut;
-use crate::error::{check_len, check_param};
-use crate::{Element, Error, MatRef, Real, Result};
+#[cfg(feature = "alloc")]
+use crate::backend::{
+    quantile_rank, validate_cats_mlp, validate_sparse_input_gemv, validate_teal_mlp,
+};
+use crate::backend::{validate_gathered_gemv, validate_gemv};
+use crate::error::check_param;
+use crate::{Element, MatRef, Real, Result};
 
 /// `silu(g) = g / (1 + e^-g)`, in `f64` (the reference form).
 #[must_use]
@@ -34,9 +39,15 @@ pub fn is_active(v: f32, t: f32) -> bool {
     !(v.abs() <= t)
 }
 
-/// Validates a threshold: any number, including infinities, but not NaN.
-pub fn check_threshold(name: &'static str, t: f32) -> Result<()> {
-    check_param(name, f64::from(t), "a number (not NaN)", !t.is_nan())
+/// How many entries of `x` are active under threshold `t`: the rows a sparse-input GEMV reads.
+///
+/// ```
+/// use kernels_core::ops::sparse::count_active;
+/// assert_eq!(count_active(&[0.5, -0.1, 2.0, f32::NAN], 0.2), 3); // NaN is always active
+/// ```
+#[must_use]
+pub fn count_active(x: &[f32], t: f32) -> usize {
+    x.iter().filter(|&&v| is_active(v, t)).count()
 }
 
 fn dot_ref<T: Element>(row: &[T], x: &[f32]) -> f64 {
@@ -46,39 +57,9 @@ fn dot_ref<T: Element>(row: &[T], x: &[f32]) -> f64 {
         .sum()
 }
 
-/// Validates `y = W x` (`W` `[out, in]`): every backend's GEMV runs this.
-pub fn validate_gemv<T: Copy>(w: MatRef<'_, T>, x_len: usize, y_len: usize) -> Result<()> {
-    check_len("x", w.cols(), x_len)?;
-    check_len("y", w.rows(), y_len)
-}
-
-/// Validates `y = sum over active i of x_i w_t[i, :]` (`w_t` `[in, out]`).
-pub fn validate_sparse_input_gemv<T: Copy>(
-    w_t: MatRef<'_, T>,
-    x_len: usize,
-    threshold: f32,
-    y_len: usize,
-) -> Result<()> {
-    check_threshold("threshold", threshold)?;
-    check_len("x", w_t.rows(), x_len)?;
-    check_len("y", w_t.cols(), y_len)
-}
-
-/// Validates `out[k] = w[rows[k], :] . x`.
-pub fn validate_gathered_gemv<T: Copy>(
-    w: MatRef<'_, T>,
-    x_len: usize,
-    rows: &[u32],
-    out_len: usize,
-) -> Result<()> {
-    check_len("x", w.cols(), x_len)?;
-    check_len("out", rows.len(), out_len)?;
-    check_row_indices("rows", rows, w.rows())
-}
-
 /// Dense GEMV `y = W x` with `W` of shape `[out, in]`.
 pub fn gemv_ref<T: Element>(w: MatRef<'_, T>, x: &[f32], y: &mut [f32]) -> Result<()> {
-    validate_gemv(w, x.len(), y.len())?;
+    validate_gemv(w.shape(), x.len(), y.len())?;
     for (yi, row) in y.iter_mut().zip(w.row_iter()) {
         *yi = dot_ref(row, x) as f32;
     }
@@ -88,27 +69,24 @@ pub fn gemv_ref<T: Element>(w: MatRef<'_, T>, x: &[f32], y: &mut [f32]) -> Resul
 /// Dense GEMV through the transposed layout: `y = W_t^T x` with `W_t` of shape `[in, out]`.
 #[cfg(feature = "alloc")]
 pub fn gemv_t_ref<T: Element>(w_t: MatRef<'_, T>, x: &[f32], y: &mut [f32]) -> Result<()> {
-    sparse_input_gemv_ref(w_t, x, f32::NEG_INFINITY, y).map(|_| ())
+    sparse_input_gemv_ref(w_t, x, f32::NEG_INFINITY, y)
 }
 
 /// Sparse-input GEMV (TEAL form): `y = sum over active i of x_i * w_t[i, :]`, `w_t` `[in, out]`.
-///
-/// Returns the number of active inputs (rows read).
+/// It reads [`count_active`]`(x, threshold)` rows.
 #[cfg(feature = "alloc")]
 pub fn sparse_input_gemv_ref<T: Element>(
     w_t: MatRef<'_, T>,
     x: &[f32],
     threshold: f32,
     y: &mut [f32],
-) -> Result<usize> {
-    validate_sparse_input_gemv(w_t, x.len(), threshold, y.len())?;
+) -> Result<()> {
+    validate_sparse_input_gemv(w_t.shape(), x.len(), threshold, y.len())?;
     let mut acc = alloc::vec![0.0f64; y.len()];
-    let mut active = 0;
     for (i, &xi) in x.iter().enumerate() {
         if !is_active(xi, threshold) {
             continue;
         }
-        active += 1;
         for (a, w) in acc.iter_mut().zip(w_t.row(i)) {
             *a += f64::from(xi) * w.to_f64();
         }
@@ -116,7 +94,7 @@ pub fn sparse_input_gemv_ref<T: Element>(
     for (yi, a) in y.iter_mut().zip(acc) {
         *yi = a as f32;
     }
-    Ok(active)
+    Ok(())
 }
 
 /// Gathered-output GEMV: `out[j] = w[rows[j], :] . x` for the listed rows of `w` `[out, in]`.
@@ -128,23 +106,11 @@ pub fn gathered_gemv_ref<T: Element>(
     rows: &[u32],
     out: &mut [f32],
 ) -> Result<()> {
-    validate_gathered_gemv(w, x.len(), rows, out.len())?;
+    validate_gathered_gemv(w.shape(), x.len(), rows, out.len())?;
     for (o, &r) in out.iter_mut().zip(rows) {
         *o = dot_ref(w.row(r as usize), x) as f32;
     }
     Ok(())
-}
-
-/// Checks every index in `rows` is below `bound`.
-pub fn check_row_indices(what: &'static str, rows: &[u32], bound: usize) -> Result<()> {
-    match rows.iter().position(|&r| r as usize >= bound) {
-        None => Ok(()),
-        Some(at) => Err(Error::InvalidParam {
-            name: what,
-            value: f64::from(rows[at]),
-            expected: "a row index below the matrix's row count",
-        }),
-    }
 }
 
 /// Largest decode batch the MLP contracts accept.
@@ -157,26 +123,49 @@ pub fn silu_f32(g: f32) -> f32 {
     g / (1.0 + libm::expf(-g))
 }
 
-/// Weights of a CATS MLP, each `[intermediate, hidden]`.
-#[derive(Clone, Copy, Debug)]
-pub struct CatsMlpWeights<'a, T> {
+/// Weights of a CATS MLP, each `[intermediate, hidden]`, in any backend's matrix type: `M` is a
+/// [`MatRef`] on the CPU and a device tensor on the GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CatsMlpWeights<M> {
     /// `W_gate` in the `nn.Linear` layout (read densely).
-    pub gate: MatRef<'a, T>,
+    pub gate: M,
     /// `W_up` in the `nn.Linear` layout (rows gathered by the active set).
-    pub up: MatRef<'a, T>,
+    pub up: M,
     /// `W_down` transposed (rows read by the active set).
-    pub down_t: MatRef<'a, T>,
+    pub down_t: M,
 }
 
-/// Weights of a TEAL MLP: every projection read by its input index.
-#[derive(Clone, Copy, Debug)]
-pub struct TealMlpWeights<'a, T> {
+impl<M> CatsMlpWeights<M> {
+    /// The same weights through `f` (their shapes, their device copies, ...).
+    pub fn map<N>(&self, mut f: impl FnMut(&M) -> N) -> CatsMlpWeights<N> {
+        CatsMlpWeights {
+            gate: f(&self.gate),
+            up: f(&self.up),
+            down_t: f(&self.down_t),
+        }
+    }
+}
+
+/// Weights of a TEAL MLP, every projection read by its input index, in any backend's matrix type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TealMlpWeights<M> {
     /// `W_gate` transposed, `[hidden, intermediate]`.
-    pub gate_t: MatRef<'a, T>,
+    pub gate_t: M,
     /// `W_up` transposed, `[hidden, intermediate]`.
-    pub up_t: MatRef<'a, T>,
+    pub up_t: M,
     /// `W_down` transposed, `[intermediate, hidden]`.
-    pub down_t: MatRef<'a, T>,
+    pub down_t: M,
+}
+
+impl<M> TealMlpWeights<M> {
+    /// The same weights through `f`.
+    pub fn map<N>(&self, mut f: impl FnMut(&M) -> N) -> TealMlpWeights<N> {
+        TealMlpWeights {
+            gate_t: f(&self.gate_t),
+            up_t: f(&self.up_t),
+            down_t: f(&self.down_t),
+        }
+    }
 }
 
 /// Calibrated thresholds of the TEAL policy.
@@ -205,7 +194,7 @@ impl Default for TealThresholds {
 
 /// What an MLP call read: the rows of the intermediate dimension it touched.
 #[cfg(feature = "alloc")]
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct MlpReport {
     /// Intermediate rows of `W_down_t` read (for CATS also of `W_up`), ascending: the union over
     /// the batch of each sample's active set.
@@ -227,57 +216,6 @@ impl MlpReport {
     }
 }
 
-fn check_mlp_io(x: MatRef<'_, f32>, y_shape: [usize; 2], hidden: usize) -> Result<()> {
-    let batch = x.rows();
-    check_param(
-        "batch",
-        batch as f64,
-        "in 1..=4 (decode batches)",
-        (1..=MAX_MLP_BATCH).contains(&batch),
-    )?;
-    x.expect_shape("x", [batch, hidden])?;
-    if y_shape == [batch, hidden] {
-        Ok(())
-    } else {
-        Err(Error::ShapeMismatch {
-            what: "y",
-            expected: [batch, hidden],
-            found: y_shape,
-        })
-    }
-}
-
-/// Validates a CATS MLP call (every backend runs this); returns `[intermediate, hidden]`.
-pub fn validate_cats_mlp<T>(
-    x: MatRef<'_, f32>,
-    weights: &CatsMlpWeights<'_, T>,
-    threshold: f32,
-    y_shape: [usize; 2],
-) -> Result<[usize; 2]> {
-    check_threshold("threshold", threshold)?;
-    let [inter, hidden] = weights.gate.shape();
-    weights.up.expect_shape("w_up", [inter, hidden])?;
-    weights.down_t.expect_shape("w_down_t", [inter, hidden])?;
-    check_mlp_io(x, y_shape, hidden)?;
-    Ok([inter, hidden])
-}
-
-/// Validates a TEAL MLP call (every backend runs this); returns `[intermediate, hidden]`.
-pub fn validate_teal_mlp<T>(
-    x: MatRef<'_, f32>,
-    weights: &TealMlpWeights<'_, T>,
-    thresholds: TealThresholds,
-    y_shape: [usize; 2],
-) -> Result<[usize; 2]> {
-    check_threshold("thresholds.gate_up", thresholds.gate_up)?;
-    check_threshold("thresholds.down", thresholds.down)?;
-    let [hidden, inter] = weights.gate_t.shape();
-    weights.up_t.expect_shape("w_up_t", [hidden, inter])?;
-    weights.down_t.expect_shape("w_down_t", [inter, hidden])?;
-    check_mlp_io(x, y_shape, hidden)?;
-    Ok([inter, hidden])
-}
-
 /// The CATS MLP for a decode batch of 1 to 4 rows of `x` `[batch, hidden]`, into `y`.
 ///
 /// `g = W_gate x`, `a = silu(g)`, active set `A_b = {i : a_bi active under t}` per sample, and
@@ -286,11 +224,12 @@ pub fn validate_teal_mlp<T>(
 #[cfg(feature = "alloc")]
 pub fn cats_mlp_ref<T: Element>(
     x: MatRef<'_, f32>,
-    weights: CatsMlpWeights<'_, T>,
+    weights: CatsMlpWeights<MatRef<'_, T>>,
     threshold: f32,
     mut y: MatMut<'_, f32>,
 ) -> Result<MlpReport> {
-    let [inter, hidden] = validate_cats_mlp(x, &weights, threshold, y.shape())?;
+    let [inter, hidden] =
+        validate_cats_mlp(x.shape(), weights.map(MatRef::shape), threshold, y.shape())?;
     let mut read = alloc::vec![false; inter];
     for b in 0..x.rows() {
         let xb = x.row(b);
@@ -331,11 +270,12 @@ fn report_from(read: &[bool]) -> MlpReport {
 #[cfg(feature = "alloc")]
 pub fn teal_mlp_ref<T: Element>(
     x: MatRef<'_, f32>,
-    weights: TealMlpWeights<'_, T>,
+    weights: TealMlpWeights<MatRef<'_, T>>,
     thresholds: TealThresholds,
     mut y: MatMut<'_, f32>,
 ) -> Result<MlpReport> {
-    let [inter, _] = validate_teal_mlp(x, &weights, thresholds, y.shape())?;
+    let [inter, _] =
+        validate_teal_mlp(x.shape(), weights.map(MatRef::shape), thresholds, y.shape())?;
     let mut read = alloc::vec![false; inter];
     let mut g = alloc::vec![0.0f32; inter];
     let mut u = alloc::vec![0.0f32; inter];
@@ -369,33 +309,36 @@ pub fn ideal_mlp_speedup(sparsity: f64) -> Result<f64> {
 }
 
 /// The threshold `t` at which a fraction `k` of the samples is inactive: the smallest `t >= 0`
-/// with `#{|a| <= t} / n >= k`, i.e. the `ceil(k n)`-th smallest `|a|` (0 when `k = 0`).
+/// with `#{|a| <= t} / n >= k`, i.e. the `ceil(k n)`-th smallest `|a|` (0 when `k = 0`), over
+/// `samples` taken as one vector (a calibration set collected batch by batch).
 ///
-/// `k` in `[0, 1]`; samples must be finite and non-empty. For data that does not fit in memory,
-/// stream it through [`crate::ops::select::calibrate_threshold_streaming`] instead (same answer,
-/// two passes).
+/// `k` in `[0, 1]`; samples must be finite and not all empty.
 #[cfg(feature = "alloc")]
-pub fn calibrate_threshold_ref(samples: &[f32], k: f64) -> Result<f32> {
-    let rank = quantile_rank(samples.len() as u64, k)?;
-    crate::error::check_finite("samples", samples)?;
+pub fn calibrate_threshold_ref(samples: &[&[f32]], k: f64) -> Result<f32> {
+    let n: usize = samples.iter().map(|s| s.len()).sum();
+    let rank = quantile_rank(n as u64, k)?;
+    let mut mags: alloc::vec::Vec<f32> = alloc::vec::Vec::with_capacity(n);
+    for chunk in samples {
+        crate::error::check_finite("samples", chunk).map_err(|e| match e {
+            crate::Error::NonFinite { what, index } => crate::Error::NonFinite {
+                what,
+                index: index + mags.len(),
+            },
+            other => other,
+        })?;
+        mags.extend(chunk.iter().map(|v| v.abs()));
+    }
     if rank == 0 {
         return Ok(0.0);
     }
-    let mut mags: alloc::vec::Vec<f32> = samples.iter().map(|v| v.abs()).collect();
     mags.sort_by(f32::total_cmp);
     Ok(mags[(rank - 1) as usize])
-}
-
-/// The 1-based rank (in ascending magnitude) of the `k`-quantile of `n` samples; 0 means `t = 0`.
-pub fn quantile_rank(n: u64, k: f64) -> Result<u64> {
-    check_param("k", k, "in [0, 1]", (0.0..=1.0).contains(&k))?;
-    check_param("samples.len()", n as f64, "at least 1", n > 0)?;
-    Ok(libm::ceil(k * n as f64) as u64)
 }
 
 #[cfg(all(test, feature = "alloc"))]
 mod tests {
     use super::*;
+    use crate::Error;
     use alloc::vec;
     use alloc::vec::Vec;
     use half::bf16;
@@ -406,23 +349,18 @@ mod tests {
         let w = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
         let w_t = MatRef::from_slice(&w, 3, 2).unwrap();
         let mut y = [0.0; 2];
-        assert_eq!(
-            sparse_input_gemv_ref(w_t, &[0.5, -0.1, 2.0], 0.2, &mut y).unwrap(),
-            2
-        );
-        assert_eq!(y, [0.5 + 10.0, 1.0 + 12.0]);
+        let x = [0.5, -0.1, 2.0];
+        sparse_input_gemv_ref(w_t, &x, 0.2, &mut y).unwrap();
+        assert_eq!((count_active(&x, 0.2), y), (2, [0.5 + 10.0, 1.0 + 12.0]));
         // Dense.
+        sparse_input_gemv_ref(w_t, &x, 0.0, &mut y).unwrap();
         assert_eq!(
-            sparse_input_gemv_ref(w_t, &[0.5, -0.1, 2.0], 0.0, &mut y).unwrap(),
-            3
+            (count_active(&x, 0.0), y),
+            (3, [0.5 - 0.3 + 10.0, 1.0 - 0.4 + 12.0])
         );
-        assert_eq!(y, [0.5 - 0.3 + 10.0, 1.0 - 0.4 + 12.0]);
         // Infinite threshold: nothing survives.
-        assert_eq!(
-            sparse_input_gemv_ref(w_t, &[0.5, -0.1, 2.0], f32::INFINITY, &mut y).unwrap(),
-            0
-        );
-        assert_eq!(y, [0.0, 0.0]);
+        sparse_input_gemv_ref(w_t, &x, f32::INFINITY, &mut y).unwrap();
+        assert_eq!((count_active(&x, f32::INFINITY), y), (0, [0.0, 0.0]));
         // NaN activations propagate.
         sparse_input_gemv_ref(w_t, &[f32::NAN, 0.0, 0.0], f32::INFINITY, &mut y).unwrap();
         assert!(y.iter().all(|v| v.is_nan()));
@@ -475,8 +413,12 @@ mod tests {
         assert!(gathered_gemv_ref(m, &[1.0; 2], &[3], &mut y3[..1]).is_err());
         assert!(gathered_gemv_ref(m, &[1.0; 2], &[0, 1], &mut y3).is_err());
         assert!(calibrate_threshold_ref(&[], 0.5).is_err());
-        assert!(calibrate_threshold_ref(&[1.0], 1.5).is_err());
-        assert!(calibrate_threshold_ref(&[1.0, f32::NAN], 0.5).is_err());
+        assert!(calibrate_threshold_ref(&[&[]], 0.5).is_err());
+        assert!(calibrate_threshold_ref(&[&[1.0]], 1.5).is_err());
+        assert!(matches!(
+            calibrate_threshold_ref(&[&[1.0], &[2.0, f32::NAN]], 0.5),
+            Err(Error::NonFinite { index: 2, .. })
+        ));
     }
 
     fn mlp_problem(inter: usize, hidden: usize, batch: usize) -> (Vec<f32>, [Vec<f32>; 3]) {
@@ -646,9 +588,9 @@ mod tests {
             let x: Vec<f32> = (0..rows).map(|i| rng.normal_at((1 << 20) + i as u64) as f32).collect();
             let w_t_view = MatRef::from_slice(&w_t, rows, cols).unwrap();
             let mut sparse = vec![0.0; cols];
-            let active = sparse_input_gemv_ref(w_t_view, &x, t, &mut sparse).unwrap();
+            sparse_input_gemv_ref(w_t_view, &x, t, &mut sparse).unwrap();
             let masked: Vec<f32> = x.iter().map(|&v| if v.abs() > t { v } else { 0.0 }).collect();
-            proptest::prop_assert_eq!(active, masked.iter().filter(|v| **v != 0.0).count());
+            proptest::prop_assert_eq!(count_active(&x, t), masked.iter().filter(|v| **v != 0.0).count());
             // The same product through the nn.Linear layout (W = w_t^T).
             let w: Vec<f32> = (0..rows * cols).map(|k| w_t[(k % rows) * cols + k / rows]).collect();
             let mut dense = vec![0.0; cols];
@@ -662,13 +604,14 @@ mod tests {
     #[test]
     fn calibration_is_the_quantile() {
         let samples = [0.5f32, -0.1, 0.3, -0.9, 0.2];
-        assert_eq!(calibrate_threshold_ref(&samples, 0.0).unwrap(), 0.0);
-        assert_eq!(calibrate_threshold_ref(&samples, 0.2).unwrap(), 0.1);
-        assert_eq!(calibrate_threshold_ref(&samples, 0.5).unwrap(), 0.3);
-        assert_eq!(calibrate_threshold_ref(&samples, 0.6).unwrap(), 0.3);
-        assert_eq!(calibrate_threshold_ref(&samples, 1.0).unwrap(), 0.9);
+        let quantile = |k| calibrate_threshold_ref(&[&samples[..2], &samples[2..]], k).unwrap();
+        assert_eq!(quantile(0.0), 0.0);
+        assert_eq!(quantile(0.2), 0.1);
+        assert_eq!(quantile(0.5), 0.3);
+        assert_eq!(quantile(0.6), 0.3);
+        assert_eq!(quantile(1.0), 0.9);
         // The defining property: at least k n samples are <= t, and fewer are < t.
-        let t = calibrate_threshold_ref(&samples, 0.7).unwrap();
+        let t = quantile(0.7);
         assert!(samples.iter().filter(|v| v.abs() <= t).count() >= 4);
         assert!(samples.iter().filter(|v| v.abs() < t).count() < 4);
     }

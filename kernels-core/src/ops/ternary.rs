@@ -5,24 +5,36 @@
 //!
 //! * `tau = theta_ft - theta_base` arrives as one or many slices taken as one flat vector (a whole
 //!   model). `sigma = std(tau)` over **all** entries before pruning, with Bessel's correction
-//!   (`n - 1`, as `torch.std`; 0 when `n = 1`). The global top-`floor(d n)` entries by `|tau|`
-//!   (ties by lower flat index, see [`crate::ops::select`]) become `sign(tau)` (a kept exact
-//!   zero stays 0, as `torch.sign`), the rest 0; the
-//!   scale is `alpha * sigma`. Codes are `i8` in `{-1, 0, 1}`.
-//! * Streaming: [`CompeftPlan`] reads the tensors twice (statistics and histogram, then the exact
-//!   cut) and then codes them one at a time, so memory is one tensor plus 256 KiB.
+//!   (`n - 1`, as `torch.std`; 0 when `n = 1`). The entries the [`KeepRule`] keeps of the whole
+//!   model by `|tau|` (the global top-`floor(d n)` for a density `d`, ties by lower flat index,
+//!   see [`crate::ops::select`]) become `sign(tau)` (a kept exact zero stays 0, as
+//!   `torch.sign`), the rest 0; the scale is `alpha * sigma`. Codes are `i8` in `{-1, 0, 1}`.
+//! * Streaming: [`Compeft`] reads the tensors twice (statistics and histogram, then the exact
+//!   cut) and then [`CompeftEncoder`] codes them one at a time, so memory is one tensor plus
+//!   512 KiB.
 //! * NaN or infinite `tau` is rejected ([`crate::Error::NonFinite`]).
 
+use crate::backend::check_codes;
+#[cfg(feature = "alloc")]
+use crate::backend::sign_code;
 use crate::error::{check_len, check_param};
-use crate::ops::select::TopKCut;
-use crate::{Element, Error, MatRef, Real, Result};
+use crate::ops::select::{KeepRule, TopKCut};
+use crate::{Element, MatRef, Real, Result};
+#[cfg(feature = "alloc")]
+use crate::{MultiPass, format, ops::select::TopKApplier};
 
 /// Parameters of ComPEFT.
+///
+/// ```
+/// use kernels_core::ops::{select::KeepRule, ternary::CompeftParams};
+/// let params = CompeftParams::default().with_keep(KeepRule::Density(0.05)).with_alpha(2.0);
+/// assert_eq!((params.keep, params.alpha), (KeepRule::Density(0.05), 2.0));
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct CompeftParams {
-    /// Fraction of entries kept, in `(0, 1]`. Default 0.1.
-    pub density: f64,
+    /// What the whole model keeps by magnitude. Default `Density(0.1)`.
+    pub keep: KeepRule,
     /// Scale multiplier `alpha`, finite. Default 1.
     pub alpha: f32,
 }
@@ -30,33 +42,42 @@ pub struct CompeftParams {
 impl Default for CompeftParams {
     fn default() -> Self {
         Self {
-            density: 0.1,
+            keep: KeepRule::Density(0.1),
             alpha: 1.0,
         }
     }
 }
 
 impl CompeftParams {
-    /// Parameters with the given density and alpha.
+    /// The same parameters keeping `keep` of the model.
     #[must_use]
-    pub const fn new(density: f64, alpha: f32) -> Self {
-        Self { density, alpha }
+    pub const fn with_keep(mut self, keep: KeepRule) -> Self {
+        self.keep = keep;
+        self
+    }
+
+    /// The same parameters with another scale multiplier.
+    #[must_use]
+    pub const fn with_alpha(mut self, alpha: f32) -> Self {
+        self.alpha = alpha;
+        self
     }
 
     /// Validates the parameters.
     pub fn validate(&self) -> Result<()> {
-        check_param(
-            "density",
-            self.density,
-            "in (0, 1]",
-            self.density > 0.0 && self.density <= 1.0,
-        )?;
+        self.keep.validate()?;
         check_param(
             "alpha",
             f64::from(self.alpha),
             "finite",
             self.alpha.is_finite(),
         )
+    }
+
+    /// The scale of the codes, `alpha * sigma`, for the model's [`Moments`].
+    #[must_use]
+    pub fn scale(&self, moments: &Moments) -> f32 {
+        (f64::from(self.alpha) * moments.std()) as f32
     }
 }
 
@@ -132,91 +153,95 @@ impl Moments {
 pub struct CompeftCut {
     /// `alpha * sigma`.
     pub scale: f32,
-    /// The global top-k cut.
+    /// The global cut.
     pub cut: TopKCut,
-    /// `floor(density n)`.
-    pub kept: u64,
     /// Entries in the model.
     pub total: u64,
 }
 
-/// Streaming ComPEFT over a model read tensor by tensor: pass 1 ([`Self::observe`]), pass 2
-/// ([`Self::refine`]), then code each tensor in the same order with [`CompeftCoder`].
+/// Streaming ComPEFT over a model read tensor by tensor (reference), in the [`MultiPass`]
+/// protocol: every tensor to [`Self::feed`] until [`MultiPass::next_pass`] returns `false`, then
+/// [`MultiPass::finish`], then each tensor in the same order to a [`CompeftEncoder`].
+///
+/// ```
+/// use kernels_core::{MultiPass, ops::ternary::{Compeft, CompeftEncoder, CompeftParams}};
+/// use kernels_core::ops::select::KeepRule;
+/// let tensors: [&[f32]; 2] = [&[0.5, -3.0, 1.0, 0.0], &[2.0, -0.25]];
+/// let params = CompeftParams::default().with_keep(KeepRule::Density(0.5));
+/// let decided = Compeft::new(params)?.run(|| tensors, |c, t| c.feed(t))?;
+/// let mut encoder = CompeftEncoder::new(&decided);
+/// let mut codes = [0i8; 4];
+/// encoder.code(tensors[0], &mut codes)?;
+/// assert_eq!(codes, [0, -1, 1, 0]);
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 #[cfg(feature = "alloc")]
 #[derive(Clone, Debug)]
-pub struct CompeftPlan {
+pub struct Compeft {
     params: CompeftParams,
     moments: Moments,
-    histogram: crate::ops::select::MagnitudeHistogram,
-    bracket: Option<crate::ops::select::MagnitudeBracket>,
+    topk: crate::ops::select::StreamingTopK,
+    first_pass: bool,
 }
 
 #[cfg(feature = "alloc")]
-impl CompeftPlan {
+impl Compeft {
     /// A plan; validates `params`.
     pub fn new(params: CompeftParams) -> Result<Self> {
         params.validate()?;
         Ok(Self {
             params,
             moments: Moments::default(),
-            histogram: crate::ops::select::MagnitudeHistogram::new(),
-            bracket: None,
+            topk: crate::ops::select::StreamingTopK::new(params.keep)?,
+            first_pass: true,
         })
     }
 
-    /// Pass 1: statistics and the magnitude histogram of one tensor (or chunk).
-    pub fn observe<T: Element>(&mut self, tau: &[T]) -> Result<()> {
-        self.histogram.observe(tau)?;
-        self.moments.observe(tau);
+    /// The next tensor (or chunk) of the current pass.
+    pub fn feed<T: Element>(&mut self, tau: &[T]) -> Result<()> {
+        self.topk.feed(tau)?;
+        if self.first_pass {
+            self.moments.observe(tau);
+        }
         Ok(())
     }
+}
 
-    /// Pass 2: the same tensors again, in the same order.
-    pub fn refine<T: Element>(&mut self, tau: &[T]) -> Result<()> {
-        if self.bracket.is_none() {
-            let k = crate::ops::select::keep_count(self.params.density, self.histogram.total())?;
-            self.bracket = Some(self.histogram.top_k(k)?);
-        }
-        self.bracket.as_mut().map_or(Ok(()), |b| b.observe(tau))
+#[cfg(feature = "alloc")]
+impl MultiPass for Compeft {
+    type Output = CompeftCut;
+
+    fn next_pass(&mut self) -> Result<bool> {
+        let again = self.topk.next_pass()?;
+        self.first_pass = false;
+        Ok(again)
     }
 
-    /// The decision, after both passes.
-    pub fn finish(&self) -> Result<CompeftCut> {
-        let total = self.histogram.total();
-        let kept = crate::ops::select::keep_count(self.params.density, total)?;
-        let cut = match &self.bracket {
-            Some(b) => b.cut()?,
-            None if kept == 0 => TopKCut::NONE,
-            None => {
-                return Err(Error::InvalidParam {
-                    name: "pass 2",
-                    value: 0.0,
-                    expected: "refine() called on every tensor before finish()",
-                });
-            }
-        };
-        let scale = (f64::from(self.params.alpha) * self.moments.std()) as f32;
+    fn finish(&self) -> Result<CompeftCut> {
         Ok(CompeftCut {
-            scale,
-            cut,
-            kept,
-            total,
+            scale: self.params.scale(&self.moments),
+            cut: self.topk.finish()?,
+            total: self.topk.total(),
         })
     }
 }
 
-/// Codes tensors in flat order under a [`CompeftCut`].
+/// Codes tensors in flat order under a [`CompeftCut`] (reference).
+#[cfg(feature = "alloc")]
 #[derive(Clone, Debug)]
-pub struct CompeftCoder {
-    selector: crate::ops::select::TopKSelector,
+pub struct CompeftEncoder {
+    applier: TopKApplier,
+    scale: f32,
 }
 
-impl CompeftCoder {
-    /// A coder starting at flat index 0.
+#[cfg(feature = "alloc")]
+impl CompeftEncoder {
+    /// An encoder starting at flat index 0.
     #[must_use]
-    pub fn new(cut: &CompeftCut) -> Self {
+    pub fn new(decided: &CompeftCut) -> Self {
         Self {
-            selector: cut.cut.selector(),
+            applier: TopKApplier::new(&decided.cut),
+            scale: decided.scale,
         }
     }
 
@@ -226,7 +251,7 @@ impl CompeftCoder {
         crate::error::check_finite("tau", tau)?;
         for (c, t) in codes.iter_mut().zip(tau) {
             let v = t.to_f32();
-            *c = if self.selector.keep(v) {
+            *c = if self.applier.keeps(v) {
                 sign_code(v)
             } else {
                 0
@@ -234,29 +259,39 @@ impl CompeftCoder {
         }
         Ok(())
     }
+
+    /// Codes the next tensor and packs it with `shape` in `layout` ([`format::encode`]).
+    pub fn encode<T: Element>(
+        &mut self,
+        tau: &[T],
+        shape: &[u64],
+        layout: format::TernaryLayout,
+    ) -> Result<alloc::vec::Vec<u8>> {
+        let mut codes = alloc::vec![0i8; tau.len()];
+        self.code(tau, &mut codes)?;
+        format::encode(&codes, shape, self.scale, layout)
+    }
 }
 
-/// ComPEFT of a whole model held in memory (reference): returns `alpha * sigma` and one code
-/// vector per slice.
+/// ComPEFT of a whole model held in memory (reference): the decision and one code vector per
+/// slice.
 #[cfg(feature = "alloc")]
 pub fn compeft_ref<T: Element>(
     taus: &[&[T]],
     params: CompeftParams,
-) -> Result<(f32, alloc::vec::Vec<alloc::vec::Vec<i8>>)> {
+) -> Result<(CompeftCut, alloc::vec::Vec<alloc::vec::Vec<i8>>)> {
     params.validate()?;
     let n: usize = taus.iter().map(|t| t.len()).sum();
     let flat: alloc::vec::Vec<f64> = taus
         .iter()
         .flat_map(|t| t.iter().map(|v| v.to_f64()))
         .collect();
-    let k = crate::ops::select::keep_count(params.density, n as u64)?;
-    let kept = crate::ops::select::topk_global_ref(taus, k)?;
-    let sigma = if n < 2 {
-        0.0
-    } else {
-        let mean = flat.iter().sum::<f64>() / n as f64;
-        libm::sqrt(flat.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / (n - 1) as f64)
-    };
+    let kept = crate::ops::select::topk_indices_ref(taus, params.keep)?;
+    let cut = crate::ops::select::topk_cut_ref(taus, params.keep)?;
+    let mut moments = Moments::default();
+    for t in taus {
+        moments.observe(t);
+    }
     let mut codes = alloc::vec![0i8; n];
     for i in kept {
         codes[i as usize] = sign_code(flat[i as usize] as f32);
@@ -267,32 +302,12 @@ pub fn compeft_ref<T: Element>(
         out.push(codes[start..start + t.len()].to_vec());
         start += t.len();
     }
-    Ok(((f64::from(params.alpha) * sigma) as f32, out))
-}
-
-/// `sign(v)` as a code, with `sign(+-0) = 0` as `torch.sign`: a kept zero stays zero.
-#[inline]
-#[must_use]
-pub fn sign_code(v: f32) -> i8 {
-    if v > 0.0 {
-        1
-    } else if v < 0.0 {
-        -1
-    } else {
-        0
-    }
-}
-
-/// Checks every code is -1, 0 or 1.
-pub fn check_codes(codes: &[i8]) -> Result<()> {
-    match codes.iter().position(|c| !(-1..=1).contains(c)) {
-        None => Ok(()),
-        Some(i) => Err(Error::InvalidParam {
-            name: "codes",
-            value: f64::from(codes[i]),
-            expected: "-1, 0 or 1",
-        }),
-    }
+    let decided = CompeftCut {
+        scale: params.scale(&moments),
+        cut,
+        total: n as u64,
+    };
+    Ok((decided, out))
 }
 
 /// Ternary GEMV: `y_r = scale * (sum of x over +1 codes of row r - sum over -1 codes)`,
@@ -345,7 +360,11 @@ mod tests {
     fn compeft_by_hand() {
         let a = [0.5f32, -2.0, 0.1];
         let b = [3.0f32, -0.2];
-        let (scale, codes) = compeft_ref(&[&a[..], &b[..]], CompeftParams::new(0.4, 2.0)).unwrap();
+        let params = CompeftParams::default()
+            .with_keep(KeepRule::Density(0.4))
+            .with_alpha(2.0);
+        let (decided, codes) = compeft_ref(&[&a[..], &b[..]], params).unwrap();
+        let scale = decided.scale;
         // n = 5, k = 2: 3.0 and -2.0. Sample std of the five values:
         let mean = (0.5 - 2.0 + 0.1 + 3.0 - 0.2) / 5.0;
         let var = [0.5, -2.0, 0.1, 3.0, -0.2]
@@ -379,7 +398,9 @@ mod tests {
         );
         assert!(ternary_add_ref(&mut theta, &codes, f32::NAN, 1.0).is_err());
         assert!(compeft_ref(&[&[f32::INFINITY][..]], CompeftParams::default()).is_err());
-        assert!(CompeftPlan::new(CompeftParams::new(0.0, 1.0)).is_err());
+        let keep_nothing = CompeftParams::default().with_keep(KeepRule::Density(0.0));
+        assert!(Compeft::new(keep_nothing).is_err());
+        assert!(Compeft::new(CompeftParams::default().with_alpha(f32::INFINITY)).is_err());
     }
 
     proptest! {
@@ -391,22 +412,21 @@ mod tests {
         ) {
             let split = split.min(values.len());
             let tensors = [&values[..split], &values[split..]];
-            let params = CompeftParams::new(density, 1.5);
-            let (scale, codes) = compeft_ref(&tensors, params).unwrap();
-            let mut plan = CompeftPlan::new(params).unwrap();
-            for t in tensors { plan.observe(t).unwrap(); }
-            for t in tensors { plan.refine(t).unwrap(); }
-            let decided = plan.finish().unwrap();
-            prop_assert!((decided.scale - scale).abs() <= 1e-6 * scale.abs().max(1e-30));
-            let mut coder = CompeftCoder::new(&decided);
+            let params = CompeftParams::default()
+                .with_keep(KeepRule::Density(density))
+                .with_alpha(1.5);
+            let (expect, codes) = compeft_ref(&tensors, params).unwrap();
+            let decided = Compeft::new(params).unwrap().run(|| tensors, Compeft::feed).unwrap();
+            prop_assert!((decided.scale - expect.scale).abs() <= 1e-6 * expect.scale.abs().max(1e-30));
+            prop_assert_eq!((decided.cut, decided.total), (expect.cut, expect.total));
+            let mut coder = CompeftEncoder::new(&decided);
             for (t, expect) in tensors.iter().zip(&codes) {
                 let mut got = vec![0i8; t.len()];
                 coder.code(t, &mut got).unwrap();
                 prop_assert_eq!(&got, expect);
             }
             let nonzero = codes.iter().flatten().filter(|&&c| c != 0).count() as u64;
-            prop_assert!(nonzero <= decided.kept);
-            prop_assert_eq!(decided.kept, (density * values.len() as f64).floor() as u64);
+            prop_assert!(nonzero <= (density * values.len() as f64).floor() as u64);
         }
 
         #[test]
@@ -419,6 +439,12 @@ mod tests {
             parts.observe(&vals[..split]);
             parts.observe(&vals[split..]);
             prop_assert!((whole.std() - parts.std()).abs() <= 1e-9 * whole.std().max(1.0));
+            // Against the definition: the two-pass sample standard deviation.
+            let n = vals.len() as f64;
+            let mean = vals.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+            let var = vals.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / (n - 1.0);
+            prop_assert!((whole.std() - var.sqrt()).abs() <= 1e-9 * var.sqrt().max(1.0));
+            prop_assert!((whole.mean() - mean).abs() <= 1e-9 * mean.abs().max(1.0));
         }
     }
 }

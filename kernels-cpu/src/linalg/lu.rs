@@ -2,7 +2,8 @@
 
 use alloc::vec::Vec;
 
-use kernels_core::ops::lowrank::{Ldu, Lu, LuParams, pivot_row};
+use kernels_core::backend::pivot_row;
+use kernels_core::ops::lowrank::{Ldu, Lu, LuParams};
 use kernels_core::{Element, Error, Mat, MatRef, Result};
 
 use super::{Transpose, gemm, widen_checked};

@@ -45,14 +45,15 @@ mod svd;
 
 pub use gemm::{GemmBackend, Transpose, gemm};
 pub use kernels_core::ops::lowrank::{
-    Ldu, Lora, LoraRank, Lu, LuParams, RsvdParams, Svd, SymmetricEigen,
+    Ldu, Lora, LoraRank, Lu, LuParams, MAX_JACOBI_SWEEPS, OpcmParams, RsvdParams, Svd, SvdRef,
+    SymmetricEigen,
 };
 pub use kernels_core::ops::project::Qr;
 pub use lu::{ldu, lu};
 pub use qr::{CGS2_DEPENDENCE_TOLERANCE, cgs2, householder_qr, project_onto, project_out};
 pub use svd::{
-    MAX_JACOBI_SWEEPS, StreamingSvd, lora_extract, lora_extract_randomized, opcm_project,
-    randomized_svd, symmetric_eigen, thin_svd,
+    Centering, StreamingSvd, lora_extract, lora_extract_randomized, opcm_project, randomized_svd,
+    symmetric_eigen, thin_svd,
 };
 
 use kernels_core::{DType, Element, Error, Mat, MatMut, MatRef, Result};

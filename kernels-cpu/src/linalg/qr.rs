@@ -8,7 +8,8 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::ops::Range;
 
-use kernels_core::ops::project::{Qr, validate_cgs2, validate_projection};
+use kernels_core::backend::{validate_cgs2, validate_projection};
+use kernels_core::ops::project::Qr;
 use kernels_core::{DType, Element, Error, Mat, MatMut, MatRef, Result};
 
 use super::{
@@ -377,7 +378,10 @@ fn project<Q: Element, X: Element>(
     let panel = panel_columns(m);
     let parts = parallel::parts_for(cpu.threads(), n, panel);
     let out = ViewMut::of(&mut out);
-    let single = Cpu { threads: 1, ..*cpu };
+    let single = Cpu {
+        threads: Some(1),
+        ..*cpu
+    };
     let ranges: Vec<Range<usize>> = parallel::ranges(n, parts, panel).collect();
     let mut first_bad = vec![None; ranges.len()];
     let items: Vec<_> = ranges.into_iter().zip(first_bad.iter_mut()).collect();

@@ -4,19 +4,16 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
+use kernels_core::backend::{jacobi_rotation, negligible, validate_opcm, validate_randomized_svd};
 use kernels_core::ops::lowrank::{
-    Lora, LoraRank, RsvdParams, Svd, SymmetricEigen, jacobi_rotation, lora_rank, negligible,
-    opcm_rank, validate_opcm,
+    Lora, LoraRank, MAX_JACOBI_SWEEPS, OpcmParams, RsvdParams, Svd, SvdRef, SymmetricEigen,
+    lora_rank, opcm_rank,
 };
-use kernels_core::{CounterRng, Element, Error, Mat, MatMut, MatRef, Result};
+use kernels_core::{CounterRng, Element, Error, Mat, MatMut, MatRef, MultiPass, Result};
 
 use super::qr::{dot, qr_of_transposed, transpose};
 use super::{Transpose, as_f32_checked, gemm, product, transposed_checked, widen_checked};
 use crate::Cpu;
-
-/// Sweep bound of the one-sided Jacobi SVD and of the symmetric Jacobi eigensolver. Random
-/// matrices converge in 6 to 12 sweeps; condition `1e6` in about 15.
-pub const MAX_JACOBI_SWEEPS: usize = 60;
 
 /// `f64` dot product of `f32` vectors with eight partial sums.
 // PERF: Jacobi's stopping test compares this against `eps_f32 sqrt(k)` of the norms; an `f32`
@@ -363,18 +360,10 @@ pub fn randomized_svd<T: Element>(
     a: MatRef<'_, T>,
     params: RsvdParams,
 ) -> Result<Svd<f32>> {
+    let probes = validate_randomized_svd(a.shape(), params)?;
     let a = as_f32_checked("a", a)?;
     let a = a.view();
-    let (m, n) = (a.rows(), a.cols());
-    let k = m.min(n);
-    if params.rank == 0 || params.rank > k {
-        return Err(Error::InvalidParam {
-            name: "rank",
-            value: params.rank as f64,
-            expected: "in 1..=min(rows, cols)",
-        });
-    }
-    let probes = params.rank.saturating_add(params.oversample).min(k);
+    let n = a.cols();
     let rng = CounterRng::new(params.seed);
     // Omega^T (probes x n), drawn at the reference's indices. PERF: threaded, because the
     // Box-Muller draws of a 11008 x 128 sketch cost 35 ms on one core (5 % of the whole SVD).
@@ -412,18 +401,10 @@ pub fn randomized_svd<T: Element>(
     normalise_signs(&mut u, &mut vt);
     let r = params.rank.min(small.s.len());
     Ok(Svd {
-        u: leading_cols(&u, r),
+        u: u.leading_cols(r),
         s: small.s[..r].to_vec(),
-        v: transpose(leading_rows(&vt, r).as_ref()),
+        v: transpose(vt.leading_rows(r).as_ref()),
     })
-}
-
-fn leading_cols(a: &Mat<f32>, cols: usize) -> Mat<f32> {
-    Mat::from_fn(a.rows(), cols, |i, j| a.at(i, j))
-}
-
-fn leading_rows(a: &Mat<f32>, rows: usize) -> Mat<f32> {
-    Mat::from_fn(rows, a.cols(), |i, j| a.at(i, j))
 }
 
 /// Symmetric eigendecomposition by cyclic two-sided Jacobi, the contract of
@@ -544,21 +525,45 @@ pub fn lora_extract_randomized<T: Element>(
     Ok(lora_from_svd(&svd, svd.s.len()))
 }
 
-/// The OPCM projection (see `kernels_core::ops::lowrank::opcm_project_ref` for the contract):
+/// The OPCM projection of a new task vector `tau` (`m x n`) against the merged task vector's SVD
+/// `merged` (see `kernels_core::ops::lowrank::opcm_project_ref` for the contract):
 /// `P = U^T tau V`, zero its diagonal and leading `r x r` block, `out = U P V^T`, four GEMMs.
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// let cpu = Cpu::detect();
+/// // The merged task vector so far, and its SVD.
+/// let merged = [2.0f32, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.5];
+/// let svd = thin_svd(&cpu, MatRef::from_slice(&merged, 3, 3)?)?;
+/// let tau = [1.0f32; 9];
+/// let mut out = [0.0f32; 9];
+/// opcm_project(
+///     &cpu,
+///     svd.as_ref(),
+///     MatRef::from_slice(&tau, 3, 3)?,
+///     OpcmParams::default(),
+///     MatMut::from_slice(&mut out, 3, 3)?,
+/// )?;
+/// // The protected block is r = 1 (2 of the sum 3.5 is more than alpha = half): with the
+/// // diagonal, what tau shares with the merged directions goes; the rest stays.
+/// for (i, v) in out.iter().enumerate() {
+///     let expect = if i % 4 == 0 { 0.0 } else { 1.0 };
+///     assert!((v - expect).abs() < 1e-5, "{i}: {v}");
+/// }
+/// # Ok::<(), Error>(())
+/// ```
 pub fn opcm_project<T: Element>(
     cpu: &Cpu,
-    u: MatRef<'_, T>,
-    s: &[f32],
-    v: MatRef<'_, T>,
+    merged: SvdRef<'_, T>,
     tau: MatRef<'_, T>,
-    alpha: f64,
+    params: OpcmParams,
     mut out: MatMut<'_, f32>,
 ) -> Result<()> {
+    let SvdRef { u, s, v } = merged;
     validate_opcm(u.shape(), s.len(), v.shape(), tau.shape())?;
     let (m, n) = (tau.rows(), tau.cols());
     out.expect_shape("out", [m, n])?;
-    let r = opcm_rank(s, alpha)?;
+    let r = opcm_rank(s, params.alpha)?;
     let (u, v, tau) = (
         as_f32_checked("u", u)?,
         as_f32_checked("v", v)?,
@@ -586,18 +591,44 @@ pub fn opcm_project<T: Element>(
     )
 }
 
+/// Whether the streaming SVD subtracts the running mean of the rows (PCA) or not.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Centering {
+    /// The rows as they are: a truncated SVD of everything seen. Default.
+    #[default]
+    None,
+    /// The rows minus their running mean: PCA.
+    Mean,
+}
+
 /// Streaming truncated SVD / PCA of rows that arrive in minibatches (what EVA runs over
 /// activations): only the rank-`r` state (`r` singular values, `r x dim` right vectors, and the
-/// mean when centring) is kept between updates.
+/// mean when centring) is kept between batches. It follows the [`MultiPass`] protocol with a
+/// single pass: [`Self::feed`] every batch, then [`MultiPass::finish`] (or read the state at any
+/// time).
 ///
-/// Each [`StreamingSvd::update`] takes the SVD of `[diag(s) V^T; batch]` (and, when centring,
+/// ```
+/// use kernels_cpu::prelude::*;
+/// let cpu = Cpu::detect();
+/// // Rows on the line y = 2x: one component.
+/// let batches = [[1.0f32, 2.0, -1.0, -2.0], [3.0, 6.0, 0.5, 1.0]];
+/// let mut pca = StreamingSvd::new(2, 1, Centering::None)?;
+/// for rows in &batches {
+///     pca.feed(&cpu, MatRef::from_slice(rows, 2, 2)?)?;
+/// }
+/// assert!(!pca.next_pass()?);
+/// let components = pca.finish()?;
+/// assert!((components.at(0, 1) / components.at(0, 0) - 2.0).abs() < 1e-5);
+/// # Ok::<(), Error>(())
+/// ```
+///
+/// Each [`StreamingSvd::feed`] takes the SVD of `[diag(s) V^T; batch]` (and, when centring,
 /// the mean-correction row of incremental PCA) and keeps its leading `r` triplets; it returns
 /// how far the subspace moved, so a caller can stop once it settles. When the rows seen have
 /// rank at most `r` the state is exact; otherwise it is the standard incremental approximation
 /// (Ross et al. 2008), which drops what each truncation discards.
 #[derive(Clone, Debug)]
 pub struct StreamingSvd {
-    cpu: Cpu,
     dim: usize,
     rank: usize,
     center: bool,
@@ -609,9 +640,8 @@ pub struct StreamingSvd {
 }
 
 impl StreamingSvd {
-    /// A state for rows of `dim` columns keeping `rank` components (`1 <= rank <= dim`); with
-    /// `center`, the running mean is subtracted (PCA).
-    pub fn new(cpu: &Cpu, dim: usize, rank: usize, center: bool) -> Result<Self> {
+    /// A state for rows of `dim` columns keeping `rank` components (`1 <= rank <= dim`).
+    pub fn new(dim: usize, rank: usize, centering: Centering) -> Result<Self> {
         if rank == 0 || rank > dim {
             return Err(Error::InvalidParam {
                 name: "rank",
@@ -620,10 +650,9 @@ impl StreamingSvd {
             });
         }
         Ok(Self {
-            cpu: *cpu,
             dim,
             rank,
-            center,
+            center: centering == Centering::Mean,
             rows_seen: 0,
             mean: vec![0.0; dim],
             s: Vec::new(),
@@ -633,9 +662,9 @@ impl StreamingSvd {
 
     /// Folds in a minibatch of rows (`b x dim`). Returns the subspace change
     /// `||sin Theta||_F^2 = r - ||V_old^T V_new||_F^2` between the components before and after
-    /// (0 when unchanged, up to `r`; the first batch returns the kept rank). On error the state
-    /// is unchanged.
-    pub fn update<T: Element>(&mut self, batch: MatRef<'_, T>) -> Result<f64> {
+    /// (0 when unchanged, up to `r`; the first batch returns the kept rank), so a caller can stop
+    /// once it settles. On error the state is unchanged.
+    pub fn feed<T: Element>(&mut self, cpu: &Cpu, batch: MatRef<'_, T>) -> Result<f64> {
         let b = batch.rows();
         if batch.cols() != self.dim {
             return Err(Error::ShapeMismatch {
@@ -681,14 +710,14 @@ impl StreamingSvd {
         for i in 0..b {
             stacked.row_mut(kept + i).copy_from_slice(x.row(i));
         }
-        let svd = svd_of_transposed(&self.cpu, transpose(stacked.as_ref()))?;
+        let svd = svd_of_transposed(cpu, transpose(stacked.as_ref()))?;
         let r = self.rank.min(svd.s.len());
         let vt_new = transpose(svd.v.as_ref().submatrix(0, 0, self.dim, r)?);
         let change = if kept == 0 {
             r as f64
         } else {
             let overlap = product(
-                &self.cpu,
+                cpu,
                 self.vt.as_ref(),
                 Transpose::No,
                 vt_new.as_ref(),
@@ -730,5 +759,19 @@ impl StreamingSvd {
     #[must_use]
     pub fn rows_seen(&self) -> u64 {
         self.rows_seen
+    }
+}
+
+impl MultiPass for StreamingSvd {
+    /// The components as rows (`singular_values().len() x dim`), orthonormal.
+    type Output = Mat<f32>;
+
+    /// One pass: always `false`.
+    fn next_pass(&mut self) -> Result<bool> {
+        Ok(false)
+    }
+
+    fn finish(&self) -> Result<Mat<f32>> {
+        Ok(self.vt.clone())
     }
 }

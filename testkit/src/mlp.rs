@@ -7,7 +7,7 @@ use kernels_core::ops::sparse::{
 };
 use kernels_core::{Element, MatMut, MatRef, Result};
 
-use super::{assert_close, normal};
+use crate::{assert_close, normal};
 
 /// A backend's MLPs on host slices, and its tolerance.
 pub trait MlpBackend<T> {
@@ -17,7 +17,7 @@ pub trait MlpBackend<T> {
     fn cats(
         &self,
         x: MatRef<'_, f32>,
-        weights: CatsMlpWeights<'_, T>,
+        weights: CatsMlpWeights<MatRef<'_, T>>,
         threshold: f32,
         y: MatMut<'_, f32>,
     ) -> Result<MlpReport>;
@@ -25,7 +25,7 @@ pub trait MlpBackend<T> {
     fn teal(
         &self,
         x: MatRef<'_, f32>,
-        weights: TealMlpWeights<'_, T>,
+        weights: TealMlpWeights<MatRef<'_, T>>,
         thresholds: TealThresholds,
         y: MatMut<'_, f32>,
     ) -> Result<MlpReport>;
@@ -80,7 +80,7 @@ impl<T: Element> Layer<T> {
         }
     }
 
-    pub fn cats(&self) -> CatsMlpWeights<'_, T> {
+    pub fn cats(&self) -> CatsMlpWeights<MatRef<'_, T>> {
         CatsMlpWeights {
             gate: MatRef::from_slice(&self.gate, self.inter, self.hidden).unwrap(),
             up: MatRef::from_slice(&self.up, self.inter, self.hidden).unwrap(),

@@ -1,12 +1,19 @@
-//! Shared pieces of the CPU test suites: data, tolerances and the per-ISA test macro.
-#![allow(dead_code, unreachable_pub)]
+//! What the test suites of the kernel crates share: data generators, edge shapes, tolerance
+//! scales and comparisons, the test bodies every backend runs (GEMV, MLP, reductions), the
+//! per-ISA and per-GPU-variant test macros.
+//!
+//! Not published: the kernel crates' tests depend on it from the workspace, so the packaged crates
+//! carry no `#[path]` reaching outside their own directory.
+#![allow(missing_docs, clippy::missing_panics_doc, clippy::must_use_candidate)]
 
 use kernels_core::{CounterRng, Element, MatRef};
 
 pub mod gemv;
+#[cfg(feature = "gpu")]
+pub mod gpu;
 pub mod merge;
 pub mod mlp;
-use kernels_cpu::{Cpu, Isa};
+pub use kernels_cpu::{Cpu, Isa};
 
 /// Thread counts every body runs with: results must be bit-identical across them.
 pub const THREAD_COUNTS: [usize; 3] = [1, 2, 3];
@@ -32,10 +39,10 @@ pub fn run_on(isa: Isa, body: fn(&Cpu)) {
 #[macro_export]
 macro_rules! isa_tests {
     ($($name:ident),* $(,)?) => {
-        mod avx512 { $( #[test] fn $name() { $crate::common::run_on(kernels_cpu::Isa::Avx512, super::$name) } )* }
-        mod avx2 { $( #[test] fn $name() { $crate::common::run_on(kernels_cpu::Isa::Avx2, super::$name) } )* }
-        mod neon { $( #[test] fn $name() { $crate::common::run_on(kernels_cpu::Isa::Neon, super::$name) } )* }
-        mod scalar { $( #[test] fn $name() { $crate::common::run_on(kernels_cpu::Isa::Scalar, super::$name) } )* }
+        mod avx512 { $( #[test] fn $name() { $crate::run_on($crate::Isa::Avx512, super::$name) } )* }
+        mod avx2 { $( #[test] fn $name() { $crate::run_on($crate::Isa::Avx2, super::$name) } )* }
+        mod neon { $( #[test] fn $name() { $crate::run_on($crate::Isa::Neon, super::$name) } )* }
+        mod scalar { $( #[test] fn $name() { $crate::run_on($crate::Isa::Scalar, super::$name) } )* }
     };
 }
 
@@ -130,7 +137,7 @@ pub fn sparse_taus<T: Element>(n: usize, seed: u64, specials: bool) -> Vec<T> {
 }
 
 /// Ternary codes with density `density`, half of them -1.
-pub fn ternary_codes(n: usize, density: f64, seed: u64) -> Vec<i8> {
+pub fn random_codes(n: usize, density: f64, seed: u64) -> Vec<i8> {
     let rng = CounterRng::new(seed);
     (0..n as u64)
         .map(|i| {

@@ -7,7 +7,7 @@ use half::{bf16, f16};
 use kernels_core::ops::merge::{fisher_accumulate_ref, task_arithmetic_ref, weighted_mean_ref};
 use kernels_core::{Element, Result};
 
-use super::{assert_close, bits, normal};
+use crate::{assert_close, bits, normal};
 
 /// A backend's reductions on host slices, and its tolerance.
 pub trait ReduceBackend<T>: Sized {

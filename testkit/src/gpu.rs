@@ -1,11 +1,6 @@
-//! Shared pieces of the GPU test suites: one context per kernel variant, and the test macro.
-#![allow(dead_code, unreachable_pub)]
+//! The GPU test suites' own pieces: one context per kernel variant, and the test macro.
 
 use kernels_wgpu::{Context, ContextOptions, FeatureUse};
-
-/// The same data, edge shapes, tolerance scales and comparisons as the CPU suites.
-#[path = "../../../kernels-cpu/tests/common/mod.rs"]
-pub mod cpu;
 
 /// The kernel variants every body runs on.
 #[derive(Clone, Copy, Debug)]
@@ -53,14 +48,6 @@ fn options(variant: Variant) -> ContextOptions {
 /// skipped loudly, unless `KERNELS_WGPU_REQUIRE_ALL_VARIANTS` is set (CI sets it: lavapipe offers
 /// every feature, so nothing may be skipped there).
 pub fn run_on(variant: Variant, body: fn(&Context)) {
-    // wgpu's Vulkan loader warns without a runtime dir; a private one keeps the log clean.
-    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
-        let dir = std::env::temp_dir().join(format!("kernels-wgpu-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        // SAFETY: set before any thread of this test reads the environment (wgpu reads it when
-        // the instance is created, below).
-        unsafe { std::env::set_var("XDG_RUNTIME_DIR", dir) };
-    }
     match Context::new_blocking(options(variant)) {
         Ok(ctx) => body(&ctx),
         Err(kernels_core::Error::Unsupported { feature, hint })
@@ -78,9 +65,9 @@ pub fn run_on(variant: Variant, body: fn(&Context)) {
 #[macro_export]
 macro_rules! gpu_tests {
     ($($name:ident),* $(,)?) => {
-        mod portable { $( #[test] fn $name() { $crate::common::run_on($crate::common::Variant::Portable, super::$name) } )* }
-        mod shader_f16 { $( #[test] fn $name() { $crate::common::run_on($crate::common::Variant::ShaderF16, super::$name) } )* }
-        mod subgroups { $( #[test] fn $name() { $crate::common::run_on($crate::common::Variant::Subgroups, super::$name) } )* }
-        mod paged { $( #[test] fn $name() { $crate::common::run_on($crate::common::Variant::Paged, super::$name) } )* }
+        mod portable { $( #[test] fn $name() { $crate::gpu::run_on($crate::gpu::Variant::Portable, super::$name) } )* }
+        mod shader_f16 { $( #[test] fn $name() { $crate::gpu::run_on($crate::gpu::Variant::ShaderF16, super::$name) } )* }
+        mod subgroups { $( #[test] fn $name() { $crate::gpu::run_on($crate::gpu::Variant::Subgroups, super::$name) } )* }
+        mod paged { $( #[test] fn $name() { $crate::gpu::run_on($crate::gpu::Variant::Paged, super::$name) } )* }
     };
 }

@@ -1,0 +1,414 @@
+//! The implementer API: validation and helpers that every backend of the family shares, so a
+//! contract is checked and decided in one place.
+//!
+//! This module is for the crates that implement the contracts (`kernels-cpu`, `kernels-wgpu`, a
+//! backend of your own), not for their users: its items may change in any release. Users call
+//! the backends' ops, which run these validators before touching any data.
+//!
+//! Validators take shapes and lengths, never data, so a backend whose operands live elsewhere (on
+//! a GPU) checks them as the references do.
+
+use crate::error::{check_len, check_param};
+#[cfg(feature = "alloc")]
+use crate::ops::lowrank::{MAX_POWER_ITERATIONS, RsvdParams};
+use crate::ops::merge::FisherParams;
+use crate::ops::sparse::{CatsMlpWeights, MAX_MLP_BATCH, TealMlpWeights, TealThresholds};
+use crate::{Error, Result};
+
+#[cfg(feature = "alloc")]
+pub use crate::format::raw::write_header;
+pub use crate::format::raw::{GapStats, NNZ_OFFSET, check_shape, header_len};
+#[cfg(feature = "alloc")]
+pub use crate::ops::select::radix::{
+    FIRST_NON_FINITE_BIN, HIGH_BINS, LOW_BINS, MagnitudeBracket, MagnitudeHistogram, high_bin,
+    low_bin,
+};
+pub use crate::rng::{
+    PHILOX_MUL, PHILOX_ROUNDS, PHILOX_WEYL, WORDS_PER_BLOCK, philox4x32_10_lanes,
+};
+
+/// Validates a threshold: any number, including infinities, but not NaN.
+pub fn check_threshold(name: &'static str, t: f32) -> Result<()> {
+    check_param(name, f64::from(t), "a number (not NaN)", !t.is_nan())
+}
+
+/// Checks every index in `rows` is below `bound`.
+pub fn check_row_indices(what: &'static str, rows: &[u32], bound: usize) -> Result<()> {
+    match rows.iter().position(|&r| r as usize >= bound) {
+        None => Ok(()),
+        Some(at) => Err(Error::InvalidParam {
+            name: what,
+            value: f64::from(rows[at]),
+            expected: "a row index below the matrix's row count",
+        }),
+    }
+}
+
+/// Validates `y = W x` (`w` `[out, in]`).
+pub fn validate_gemv(w: [usize; 2], x_len: usize, y_len: usize) -> Result<()> {
+    check_len("x", w[1], x_len)?;
+    check_len("y", w[0], y_len)
+}
+
+/// Validates `y = sum over active i of x_i w_t[i, :]` (`w_t` `[in, out]`).
+pub fn validate_sparse_input_gemv(
+    w_t: [usize; 2],
+    x_len: usize,
+    threshold: f32,
+    y_len: usize,
+) -> Result<()> {
+    check_threshold("threshold", threshold)?;
+    check_len("x", w_t[0], x_len)?;
+    check_len("y", w_t[1], y_len)
+}
+
+/// Validates `out[k] = w[rows[k], :] . x`.
+pub fn validate_gathered_gemv(
+    w: [usize; 2],
+    x_len: usize,
+    rows: &[u32],
+    out_len: usize,
+) -> Result<()> {
+    check_len("x", w[1], x_len)?;
+    check_len("out", rows.len(), out_len)?;
+    check_row_indices("rows", rows, w[0])
+}
+
+fn expect_shape(what: &'static str, found: [usize; 2], expected: [usize; 2]) -> Result<()> {
+    if found == expected {
+        Ok(())
+    } else {
+        Err(Error::ShapeMismatch {
+            what,
+            expected,
+            found,
+        })
+    }
+}
+
+fn check_mlp_io(x: [usize; 2], y: [usize; 2], hidden: usize) -> Result<()> {
+    let batch = x[0];
+    check_param(
+        "batch",
+        batch as f64,
+        "in 1..=4 (decode batches)",
+        (1..=MAX_MLP_BATCH).contains(&batch),
+    )?;
+    expect_shape("x", x, [batch, hidden])?;
+    expect_shape("y", y, [batch, hidden])
+}
+
+/// Validates a CATS MLP call; returns `[intermediate, hidden]`.
+pub fn validate_cats_mlp(
+    x: [usize; 2],
+    weights: CatsMlpWeights<[usize; 2]>,
+    threshold: f32,
+    y: [usize; 2],
+) -> Result<[usize; 2]> {
+    check_threshold("threshold", threshold)?;
+    let [inter, hidden] = weights.gate;
+    expect_shape("w_up", weights.up, [inter, hidden])?;
+    expect_shape("w_down_t", weights.down_t, [inter, hidden])?;
+    check_mlp_io(x, y, hidden)?;
+    Ok([inter, hidden])
+}
+
+/// Validates a TEAL MLP call; returns `[intermediate, hidden]`.
+pub fn validate_teal_mlp(
+    x: [usize; 2],
+    weights: TealMlpWeights<[usize; 2]>,
+    thresholds: TealThresholds,
+    y: [usize; 2],
+) -> Result<[usize; 2]> {
+    check_threshold("thresholds.gate_up", thresholds.gate_up)?;
+    check_threshold("thresholds.down", thresholds.down)?;
+    let [hidden, inter] = weights.gate_t;
+    expect_shape("w_up_t", weights.up_t, [hidden, inter])?;
+    expect_shape("w_down_t", weights.down_t, [inter, hidden])?;
+    check_mlp_io(x, y, hidden)?;
+    Ok([inter, hidden])
+}
+
+/// The 1-based rank (in ascending magnitude) of the `k`-quantile of `n` samples; 0 means `t = 0`.
+pub fn quantile_rank(n: u64, k: f64) -> Result<u64> {
+    check_param("k", k, "in [0, 1]", (0.0..=1.0).contains(&k))?;
+    check_param("samples.len()", n as f64, "at least 1", n > 0)?;
+    Ok(libm::ceil(k * n as f64) as u64)
+}
+
+/// Validates the rank of a k-th largest selection: `1 <= k` (`k <= n` is checked with the data).
+pub fn check_kth(k: u64) -> Result<()> {
+    check_param("k", k as f64, "at least 1", k >= 1)
+}
+
+/// Checks `N >= 1` models of length `len`, one finite weight each; returns `N`.
+fn check_models(
+    what: &'static str,
+    lens: impl IntoIterator<Item = usize>,
+    weights: &[f32],
+    len: usize,
+) -> Result<usize> {
+    let mut count = 0;
+    for found in lens {
+        check_len(what, len, found)?;
+        count += 1;
+    }
+    check_param("models", count as f64, "at least one model", count > 0)?;
+    check_len("weights", count, weights.len())?;
+    for &w in weights {
+        check_param("weights", f64::from(w), "finite", w.is_finite())?;
+    }
+    Ok(count)
+}
+
+/// Weights that divide: finite, non-negative, positive sum. Returns the sum.
+fn check_averaging_weights(weights: impl IntoIterator<Item = f32>) -> Result<f64> {
+    let mut sum = 0.0f64;
+    for w in weights {
+        check_param(
+            "weights",
+            f64::from(w),
+            "finite and >= 0",
+            w.is_finite() && w >= 0.0,
+        )?;
+        sum += f64::from(w);
+    }
+    check_param("sum of weights", sum, "> 0", sum > 0.0)?;
+    Ok(sum)
+}
+
+/// Validates a weighted mean over models of lengths `lens`; returns `sum w_i`.
+pub fn validate_weighted_mean(
+    lens: impl IntoIterator<Item = usize>,
+    weights: &[f32],
+    out_len: usize,
+) -> Result<f64> {
+    check_models("models[i]", lens, weights, out_len)?;
+    check_averaging_weights(weights.iter().copied())
+}
+
+/// Validates task arithmetic over task vectors of lengths `lens`.
+pub fn validate_task_arithmetic(
+    base_len: usize,
+    lens: impl IntoIterator<Item = usize>,
+    weights: &[f32],
+    lambda: f32,
+    out_len: usize,
+) -> Result<()> {
+    check_len("base", out_len, base_len)?;
+    check_models("taus[i]", lens, weights, out_len)?;
+    check_param("lambda", f64::from(lambda), "finite", lambda.is_finite())
+}
+
+/// Validates a diagonal Fisher accumulation.
+pub fn validate_fisher_accumulate(fisher_len: usize, grad_len: usize, scale: f32) -> Result<()> {
+    check_len("grad", fisher_len, grad_len)?;
+    check_param(
+        "scale",
+        f64::from(scale),
+        "finite and >= 0",
+        scale.is_finite() && scale >= 0.0,
+    )
+}
+
+/// Validates TIES election and disjoint mean over trimmed task vectors of lengths `lens`.
+pub fn validate_ties_elect(
+    base_len: usize,
+    lens: impl IntoIterator<Item = usize>,
+    weights: &[f32],
+    lambda: f32,
+    out_len: usize,
+) -> Result<()> {
+    check_len("base", out_len, base_len)?;
+    check_models("trimmed[i]", lens, weights, out_len)?;
+    check_averaging_weights(weights.iter().copied())?;
+    check_param("lambda", f64::from(lambda), "finite", lambda.is_finite())
+}
+
+/// The sign TIES elects and compares: `1`, `-1`, or `0` for zeros and NaN (every backend uses this
+/// one definition).
+#[inline(always)]
+#[must_use]
+pub fn ties_sign(v: f64) -> f64 {
+    if v > 0.0 {
+        1.0
+    } else if v < 0.0 {
+        -1.0
+    } else {
+        0.0
+    }
+}
+
+/// Model `i`'s effective Fisher-merge weight: `w_i`, or `w_i / ||F_i||_2` when normalising (the
+/// squared norms validated by [`validate_fisher_merge`]), rounded to `f32` once.
+#[inline]
+#[must_use]
+pub fn fisher_weight(weights: &[f32], params: FisherParams<'_>, i: usize) -> f32 {
+    match params.squared_norms {
+        Some(norms) => (f64::from(weights[i]) / libm::sqrt(norms[i])) as f32,
+        None => weights[i],
+    }
+}
+
+/// Validates Fisher merging; returns `sum w'_i` of the effective weights ([`fisher_weight`]).
+pub fn validate_fisher_merge(
+    theta_lens: impl IntoIterator<Item = usize>,
+    fisher_lens: impl IntoIterator<Item = usize>,
+    weights: &[f32],
+    params: FisherParams<'_>,
+    out_len: usize,
+) -> Result<f64> {
+    let models = check_models("thetas[i]", theta_lens, weights, out_len)?;
+    check_len(
+        "fishers",
+        models,
+        check_models("fishers[i]", fisher_lens, weights, out_len)?,
+    )?;
+    check_param(
+        "floor",
+        f64::from(params.floor),
+        "finite and >= 0",
+        params.floor.is_finite() && params.floor >= 0.0,
+    )?;
+    if let Some(norms) = params.squared_norms {
+        check_len("squared_norms", models, norms.len())?;
+        for &sq in norms {
+            check_param(
+                "squared_norms",
+                sq,
+                "finite and > 0 (a zero Fisher carries no information)",
+                sq.is_finite() && sq > 0.0,
+            )?;
+        }
+    }
+    check_averaging_weights((0..models).map(|i| fisher_weight(weights, params, i)))
+}
+
+/// `sign(v)` as a ternary code, with `sign(+-0) = 0` as `torch.sign`: a kept zero stays zero.
+#[inline]
+#[must_use]
+pub fn sign_code(v: f32) -> i8 {
+    if v > 0.0 {
+        1
+    } else if v < 0.0 {
+        -1
+    } else {
+        0
+    }
+}
+
+/// Checks every ternary code is -1, 0 or 1.
+pub fn check_codes(codes: &[i8]) -> Result<()> {
+    match codes.iter().position(|c| !(-1..=1).contains(c)) {
+        None => Ok(()),
+        Some(i) => Err(Error::InvalidParam {
+            name: "codes",
+            value: f64::from(codes[i]),
+            expected: "-1, 0 or 1",
+        }),
+    }
+}
+
+#[cfg(feature = "alloc")]
+/// Validates a randomized SVD of an `m x n` matrix; returns the number of probes,
+/// `min(rank + oversample, min(m, n))`.
+pub fn validate_randomized_svd(shape: [usize; 2], params: RsvdParams) -> Result<usize> {
+    let k = shape[0].min(shape[1]);
+    check_param(
+        "rank",
+        params.rank as f64,
+        "in 1..=min(rows, cols)",
+        params.rank >= 1 && params.rank <= k,
+    )?;
+    check_param(
+        "power_iterations",
+        params.power_iterations as f64,
+        "at most MAX_POWER_ITERATIONS (64)",
+        params.power_iterations <= MAX_POWER_ITERATIONS,
+    )?;
+    Ok(params.rank.saturating_add(params.oversample).min(k))
+}
+
+/// Validates the operands of a projection: `q` is `m x r` for an `x` and an `out` of `m x n`.
+///
+pub fn validate_projection(q: [usize; 2], x: [usize; 2], out: [usize; 2]) -> Result<()> {
+    if q[0] != x[0] {
+        return Err(Error::ShapeMismatch {
+            what: "q",
+            expected: [x[0], q[1]],
+            found: q,
+        });
+    }
+    if out != x {
+        return Err(Error::ShapeMismatch {
+            what: "out",
+            expected: x,
+            found: out,
+        });
+    }
+    Ok(())
+}
+
+/// Validates CGS2's input shape: tall-skinny, `rows >= cols`.
+pub fn validate_cgs2(shape: [usize; 2]) -> Result<()> {
+    let [m, n] = shape;
+    if m < n {
+        return Err(Error::ShapeMismatch {
+            what: "a (CGS2 needs rows >= cols)",
+            expected: [n, n],
+            found: [m, n],
+        });
+    }
+    Ok(())
+}
+
+/// Validates the operands of the OPCM step: `u` is `m x p`, `v` is `n x q` for a `tau` of
+/// `m x n`, and `s` holds `min(p, q)` values. Every backend calls it.
+pub fn validate_opcm(u: [usize; 2], s: usize, v: [usize; 2], tau: [usize; 2]) -> Result<()> {
+    let [m, n] = tau;
+    if u[0] != m {
+        return Err(Error::ShapeMismatch {
+            what: "u",
+            expected: [m, u[1]],
+            found: u,
+        });
+    }
+    if v[0] != n {
+        return Err(Error::ShapeMismatch {
+            what: "v",
+            expected: [n, v[1]],
+            found: v,
+        });
+    }
+    check_len("s", u[1].min(v[1]), s)
+}
+
+/// Partial pivoting's choice among `rows`: the row of largest `magnitude`, the lowest on ties
+/// (`rows.start` when empty). Every backend picks its pivots with it.
+pub fn pivot_row(rows: core::ops::Range<usize>, magnitude: impl Fn(usize) -> f64) -> usize {
+    let start = rows.start;
+    rows.max_by(|&x, &y| magnitude(x).total_cmp(&magnitude(y)).then(y.cmp(&x)))
+        .unwrap_or(start)
+}
+
+/// Whether Jacobi may leave `apq` alone: below `eps` of the geometric mean of its diagonal
+/// entries (which keeps small eigenvalues to high relative accuracy), or below `eps^2 ||A||_F`.
+#[must_use]
+pub fn negligible(apq: f64, app: f64, aqq: f64, norm: f64) -> bool {
+    let abs = apq.abs();
+    abs <= f64::EPSILON * libm::sqrt((app * aqq).abs()) || abs <= f64::EPSILON * f64::EPSILON * norm
+}
+
+/// The Jacobi rotation `(c, s, t = s / c)` that zeroes `apq` of the 2 x 2 block
+/// `[[app, apq], [apq, aqq]]` (Rutishauser's formulas: the smaller angle, `|t| <= 1`).
+#[must_use]
+pub fn jacobi_rotation(app: f64, aqq: f64, apq: f64) -> (f64, f64, f64) {
+    let theta = (aqq - app) / (2.0 * apq);
+    let t = if theta == 0.0 {
+        1.0
+    } else {
+        theta.signum() / (theta.abs() + libm::sqrt(1.0 + theta * theta))
+    };
+    let c = 1.0 / libm::sqrt(1.0 + t * t);
+    (c, t * c, t)
+}

@@ -1,0 +1,128 @@
+//! What fast encoders share with [`super::encode`]: the header writer and the gap statistics
+//! that pick the Rice parameter. Re-exported through [`crate::backend`].
+
+use super::MAX_DIMS;
+#[cfg(feature = "alloc")]
+use super::{MAGIC, TernaryLayout, VERSION};
+use crate::Result;
+use crate::error::check_len;
+
+/// Bytes of the header before the dims.
+pub(crate) const FIXED_HEADER: usize = 20;
+/// Where the header keeps the non-zero count.
+pub const NNZ_OFFSET: usize = 12;
+
+/// Checks a shape for [`super::encode`] and returns its element count.
+pub fn check_shape(shape: &[u64], codes_len: usize) -> Result<()> {
+    crate::error::check_param(
+        "shape.len()",
+        shape.len() as f64,
+        "at most 8",
+        shape.len() <= MAX_DIMS,
+    )?;
+    let numel = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
+    check_len(
+        "codes",
+        usize::try_from(numel.unwrap_or(u64::MAX)).unwrap_or(usize::MAX),
+        codes_len,
+    )
+}
+
+/// Writes the header of an encoding (every field but the payload) to `out`: what [`super::encode`] and
+/// fast encoders share. `shape` must have passed [`check_shape`].
+#[cfg(feature = "alloc")]
+pub fn write_header(
+    out: &mut alloc::vec::Vec<u8>,
+    layout: TernaryLayout,
+    rice_k: u8,
+    scale: f32,
+    nnz: u64,
+    shape: &[u64],
+    payload_len: usize,
+) {
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&[
+        VERSION,
+        u8::from(layout == TernaryLayout::SparseRice),
+        rice_k,
+        shape.len() as u8,
+    ]);
+    out.extend_from_slice(&scale.to_le_bytes());
+    out.extend_from_slice(&nnz.to_le_bytes());
+    for d in shape {
+        out.extend_from_slice(&d.to_le_bytes());
+    }
+    out.extend_from_slice(&(payload_len as u64).to_le_bytes());
+}
+
+/// Bytes of the header for a shape of `ndim` dimensions.
+#[must_use]
+pub const fn header_len(ndim: usize) -> usize {
+    FIXED_HEADER + 8 * ndim + 8
+}
+
+/// Statistics of the gaps of a sparse encoding from which [`GapStats::best_rice_k`] picks the
+/// Rice parameter exactly: how many gaps have each bit set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GapStats {
+    /// Gaps seen.
+    pub gaps: u64,
+    /// `bit_counts[b]`: gaps with bit `b` set.
+    pub bit_counts: [u64; 64],
+}
+
+impl Default for GapStats {
+    fn default() -> Self {
+        Self {
+            gaps: 0,
+            bit_counts: [0; 64],
+        }
+    }
+}
+
+impl GapStats {
+    /// Adds a gap.
+    #[inline]
+    pub fn add(&mut self, gap: u64) {
+        self.add_many(gap, 1);
+    }
+
+    /// Adds `count` gaps of the same length.
+    #[inline]
+    pub fn add_many(&mut self, gap: u64, count: u64) {
+        self.gaps += count;
+        let mut rest = gap;
+        while rest != 0 {
+            self.bit_counts[rest.trailing_zeros() as usize] += count;
+            rest &= rest - 1;
+        }
+    }
+
+    /// Adds another set of statistics.
+    pub fn merge(&mut self, other: &Self) {
+        self.gaps += other.gaps;
+        for (a, b) in self.bit_counts.iter_mut().zip(&other.bit_counts) {
+            *a += b;
+        }
+    }
+
+    /// The payload bits of all gaps and signs coded with parameter `k`:
+    /// `sum_g ((g >> k) + 1 + k) + gaps`, where `sum_g (g >> k) = sum_{b >= k} count_b 2^(b - k)`.
+    #[must_use]
+    pub fn payload_bits(&self, k: u8) -> u128 {
+        let quotients: u128 = self.bit_counts[usize::from(k)..]
+            .iter()
+            .enumerate()
+            .map(|(shift, &c)| u128::from(c) << shift)
+            .sum();
+        quotients + u128::from(self.gaps) * (u128::from(k) + 2)
+    }
+
+    /// The Rice parameter in `0..=31` that minimises the payload (the smallest such).
+    #[must_use]
+    pub fn best_rice_k(&self) -> u8 {
+        (0u8..=31)
+            .min_by_key(|&k| self.payload_bits(k))
+            .unwrap_or(0)
+    }
+}

@@ -1,0 +1,586 @@
+//! Finding the key of a rank: the sampled bracket, then the exact radix fallback; the cuts
+//! that follow from it.
+
+use alloc::vec::Vec;
+
+use kernels_core::backend::{
+    FIRST_NON_FINITE_BIN, HIGH_BINS, LOW_BINS, MagnitudeBracket, MagnitudeHistogram, high_bin,
+    low_bin,
+};
+use kernels_core::ops::select::{TopKCut, magnitude_key};
+use kernels_core::{Element, Error, Result};
+
+use super::apply::RunBits;
+use super::parts::{Parts, Piece, STREAMS, map_parts};
+use super::{GROUP, INFINITY_KEY, PREFETCH_BYTES};
+use crate::parallel::for_each;
+use crate::simd::{KeyMasks, SimdKernels, widened};
+use crate::{Cpu, Scalar, Simd, WithSimd};
+
+/// Vectors shorter than this skip the sampled bracket (the exact radix select is as fast there).
+pub(super) const SAMPLED_MIN: u64 = 1 << 16;
+/// Runs of consecutive entries in the sample.
+const MAX_SAMPLE_RUNS: usize = 4096;
+
+/// Runs in the sample of a vector of `n` entries: about one entry in 16 up to
+/// [`MAX_SAMPLE_RUNS`] runs (a quarter of a million keys), whose selection costs little next to
+/// the pass over the data.
+#[must_use]
+fn sample_runs(n: u64) -> usize {
+    usize::try_from(n / 1024).map_or(MAX_SAMPLE_RUNS, |r| r.clamp(64, MAX_SAMPLE_RUNS))
+}
+/// Entries per sample run: whole cache lines, so the sample costs few memory round trips.
+pub(super) const SAMPLE_RUN: usize = 64;
+/// Half-width of the bracket in standard deviations of the sample rank: the bracket misses (and
+/// the exact fallback runs) with probability below 1e-3 on data in random order.
+const BRACKET_SIGMAS: f64 = 3.5;
+
+/// Independent pass-1 tables per thread. PERF: consecutive equal bins (common: task vectors
+/// concentrate in a few hundred bins) would otherwise chain every increment through a
+/// store-to-load forward; four tables of 128 KiB stay in L2.
+const TABLES: usize = 4;
+
+/// Calls `f(offset, masks)` for each vector of `data` (then each tail element) with its keys
+/// classified against `[lo, hi]`; `offset` is the first lane's index in `data`.
+#[inline(always)]
+fn classify_each<S: Simd, T: Element>(
+    s: S,
+    data: &[T],
+    lo: u32,
+    hi: u32,
+    mut f: impl FnMut(usize, KeyMasks),
+) {
+    let main = data.len() - data.len() % S::LANES;
+    let ahead = PREFETCH_BYTES / core::mem::size_of::<T>();
+    let mut at = 0;
+    while at < main {
+        if let Some(v) = data.get(at + ahead) {
+            s.prefetch(v);
+        }
+        f(
+            at,
+            s.classify_keys(s.load(&data[at..at + S::LANES]), lo, hi),
+        );
+        at += S::LANES;
+    }
+    for (j, x) in data[main..].iter().enumerate() {
+        f(main + j, Scalar.classify_keys(x.to_f32(), lo, hi));
+    }
+}
+
+/// [`classify_each`] in any order: `STREAMS` interleaved sub-ranges of `data` at once.
+#[inline(always)]
+fn classify_unordered<S: Simd, T: Element>(
+    s: S,
+    data: &[T],
+    lo: u32,
+    hi: u32,
+    mut f: impl FnMut(usize, KeyMasks),
+) {
+    let len = data.len() / STREAMS / S::LANES * S::LANES;
+    let ahead = PREFETCH_BYTES / core::mem::size_of::<T>();
+    let mut at = 0;
+    while at < len {
+        for k in 0..STREAMS {
+            let start = k * len + at;
+            if let Some(v) = data.get(start + ahead) {
+                s.prefetch(v);
+            }
+            f(
+                start,
+                s.classify_keys(s.load(&data[start..start + S::LANES]), lo, hi),
+            );
+        }
+        at += S::LANES;
+    }
+    let rest = STREAMS * len;
+    classify_each(
+        s,
+        &data[rest..],
+        lo,
+        hi,
+        #[inline(always)]
+        |at, m| f(rest + at, m),
+    );
+}
+
+/// The key of rank `r` (1-based, ascending) and where its copies are.
+pub(crate) struct RankKey {
+    pub(crate) key: u32,
+    /// Entries with a smaller key.
+    below: u64,
+    /// Entries equal to the key, per part.
+    equal: Vec<u64>,
+}
+
+/// Pass 2 of the sampled select over one part: counts below `lo`, copies keys in `[lo, hi]`.
+pub(super) struct Collect<'a, T> {
+    pub(super) pieces: &'a [Piece<'a, T>],
+    pub(super) lo: u32,
+    pub(super) hi: u32,
+    pub(super) cap: usize,
+}
+
+/// What [`Collect`] found in one part.
+#[derive(Default)]
+pub(super) struct Collected {
+    pub(super) below: u64,
+    pub(super) within: u64,
+    /// The keys in `[lo, hi]`, unless more than the cap (then `overflow`).
+    pub(super) keys: Vec<u32>,
+    pub(super) non_finite: bool,
+    pub(super) overflow: bool,
+}
+
+impl<T: Element> WithSimd for Collect<'_, T> {
+    type Output = Collected;
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, s: S) -> Collected {
+        let mut out = Collected::default();
+        let mut non_finite = 0u32;
+        for piece in self.pieces {
+            classify_unordered(
+                s,
+                piece.data,
+                self.lo,
+                self.hi,
+                #[inline(always)]
+                |at, m| {
+                    out.below += u64::from(m.below.count_ones());
+                    out.within += u64::from(m.within.count_ones());
+                    non_finite |= m.non_finite;
+                    let mut within = m.within;
+                    // PERF: the bracket holds about 1 % of the entries; most vectors skip this.
+                    if within != 0 && !out.overflow {
+                        while within != 0 {
+                            let lane = within.trailing_zeros() as usize;
+                            out.keys.push(magnitude_key(piece.data[at + lane].to_f32()));
+                            within &= within - 1;
+                        }
+                        out.overflow = out.keys.len() > self.cap;
+                    }
+                },
+            );
+        }
+        out.non_finite = non_finite != 0;
+        out
+    }
+}
+
+/// A key interval expected to hold a rank, from a sample (step 1).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Bracket {
+    pub(super) lo: u32,
+    pub(super) hi: u32,
+    /// Keys worth copying out: beyond this, the copy costs more than the exact fallback.
+    pub(super) cap: usize,
+}
+
+impl Bracket {
+    /// The bracket of `rank` (1-based, ascending) among `n` entries, from a sample of their keys.
+    pub(super) fn from_sample(sample: &mut [u32], rank: u64, n: u64) -> Self {
+        let s = sample.len() as f64;
+        let q = rank as f64 / n as f64;
+        let margin = BRACKET_SIGMAS * libm::sqrt(s * q * (1.0 - q)) + 2.0;
+        let lo_at = libm::floor(q * s - margin);
+        let hi_at = libm::ceil(q * s + margin);
+        let lo = if lo_at < 0.0 {
+            0
+        } else {
+            *sample.select_nth_unstable(lo_at as usize).1
+        };
+        let hi = if hi_at >= s {
+            INFINITY_KEY
+        } else {
+            *sample.select_nth_unstable(hi_at as usize).1
+        };
+        // Twice the expected share of the entries, plus room.
+        let cap = (n as f64 * 2.0 * (hi_at - lo_at).max(1.0) / s) as usize + 4096;
+        Self { lo, hi, cap }
+    }
+}
+
+/// Steps 1 and 2: `None` if the bracket missed (or held too much); the exact fallback follows.
+fn sampled_rank<T: Element>(cpu: &Cpu, parts: &Parts<'_, T>, rank: u64) -> Result<Option<RankKey>> {
+    let n = parts.total;
+    let runs = sample_runs(n) as u64;
+    let mut sample: Vec<u32> = Vec::with_capacity(runs as usize * SAMPLE_RUN);
+    for r in 0..runs {
+        let flat = (u128::from(r) * u128::from(n) / u128::from(runs)) as usize;
+        sample.extend(
+            parts
+                .run_at(flat, SAMPLE_RUN)
+                .iter()
+                .map(|v| magnitude_key(v.to_f32()).min(INFINITY_KEY)),
+        );
+    }
+    let bracket = Bracket::from_sample(&mut sample, rank, n);
+    let found: Vec<Collected> = map_parts(parts, |pieces| {
+        cpu.dispatch(Collect {
+            pieces,
+            lo: bracket.lo,
+            hi: bracket.hi,
+            cap: bracket.cap / parts.pieces.len().max(1) + 4096,
+        })
+    });
+    if found.iter().any(|c| c.non_finite) {
+        return Err(parts.non_finite_error());
+    }
+    let below: u64 = found.iter().map(|c| c.below).sum();
+    let within: u64 = found.iter().map(|c| c.within).sum();
+    if found.iter().any(|c| c.overflow) || rank <= below || rank > below + within {
+        return Ok(None);
+    }
+    let mut keys: Vec<u32> = Vec::with_capacity(within as usize);
+    for c in &found {
+        keys.extend_from_slice(&c.keys);
+    }
+    let key = *keys.select_nth_unstable((rank - below - 1) as usize).1;
+    let smaller = keys.iter().filter(|&&k| k < key).count() as u64;
+    Ok(Some(RankKey {
+        key,
+        below: below + smaller,
+        equal: found
+            .iter()
+            .map(|c| c.keys.iter().filter(|&&k| k == key).count() as u64)
+            .collect(),
+    }))
+}
+
+/// Checks every entry is finite, at memory speed.
+pub(crate) fn validate<T: Element>(cpu: &Cpu, parts: &Parts<'_, T>) -> Result<()> {
+    let found = map_parts(parts, |pieces| {
+        cpu.dispatch(Collect {
+            pieces,
+            lo: INFINITY_KEY,
+            hi: INFINITY_KEY,
+            cap: 0,
+        })
+    });
+    if found.iter().any(|c| c.non_finite) {
+        return Err(parts.non_finite_error());
+    }
+    Ok(())
+}
+
+/// Fallback pass 1 over one group: `TABLES` interleaved count tables of [`HIGH_BINS`].
+struct CountHigh<'a, T> {
+    group: &'a [Vec<Piece<'a, T>>],
+    /// `TABLES` tables of `HIGH_BINS` counts, one after the other.
+    tables: &'a mut [u32],
+}
+
+impl<T: Element> WithSimd for CountHigh<'_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, s: S) {
+        let mut split = self
+            .tables
+            .chunks_exact_mut(HIGH_BINS)
+            .map(|t| <&mut [u32; HIGH_BINS]>::try_from(t).expect("whole tables"));
+        let (Some(t0), Some(t1), Some(t2), Some(t3)) =
+            (split.next(), split.next(), split.next(), split.next())
+        else {
+            unreachable!("TABLES tables")
+        };
+        let mut buffer = [0.0f32; GROUP];
+        for piece in self.group.iter().flatten() {
+            for group in piece.data.chunks(GROUP) {
+                let values = widened(s, group, &mut buffer);
+                let bits: &[u32] = bytemuck::cast_slice(&values[..group.len()]);
+                let mut quads = bits.chunks_exact(4);
+                for q in &mut quads {
+                    t0[high_bin(q[0] & 0x7FFF_FFFF)] += 1;
+                    t1[high_bin(q[1] & 0x7FFF_FFFF)] += 1;
+                    t2[high_bin(q[2] & 0x7FFF_FFFF)] += 1;
+                    t3[high_bin(q[3] & 0x7FFF_FFFF)] += 1;
+                }
+                for &b in quads.remainder() {
+                    t0[high_bin(b & 0x7FFF_FFFF)] += 1;
+                }
+            }
+        }
+    }
+}
+
+/// Fallback pass 2 over one part: counts per [`low_bin`] of the keys of one [`high_bin`].
+struct CountLow<'a, T> {
+    pieces: &'a [Piece<'a, T>],
+    bin: usize,
+}
+
+impl<T: Element> WithSimd for CountLow<'_, T> {
+    type Output = Vec<u32>;
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, s: S) -> Vec<u32> {
+        let mut table = alloc::vec![0u32; LOW_BINS];
+        let lo = (self.bin as u32) << 16;
+        for piece in self.pieces {
+            classify_each(
+                s,
+                piece.data,
+                lo,
+                lo | 0xFFFF,
+                #[inline(always)]
+                |at, m| {
+                    let mut within = m.within;
+                    while within != 0 {
+                        let lane = within.trailing_zeros() as usize;
+                        table[low_bin(magnitude_key(piece.data[at + lane].to_f32()))] += 1;
+                        within &= within - 1;
+                    }
+                },
+            );
+        }
+        table
+    }
+}
+
+/// Fallback pass 1: counts per [`high_bin`] of each group (threaded), and whether any entry is
+/// non-finite.
+fn high_counts<T: Element>(cpu: &Cpu, parts: &Parts<'_, T>) -> (Vec<Vec<u32>>, bool) {
+    let mut tables: Vec<Vec<u32>> = parts
+        .pieces
+        .chunks(STREAMS)
+        .map(|_| alloc::vec![0; TABLES * HIGH_BINS])
+        .collect();
+    for_each(
+        tables
+            .iter_mut()
+            .zip(parts.pieces.chunks(STREAMS))
+            .collect(),
+        |(tables, group)| {
+            cpu.dispatch(CountHigh { group, tables });
+            // A group holds at most 2^31 entries, so its tables sum within u32.
+            let (first, rest) = tables.split_at_mut(HIGH_BINS);
+            for other in rest.chunks_exact(HIGH_BINS) {
+                for (a, b) in first.iter_mut().zip(other) {
+                    *a += b;
+                }
+            }
+            tables.truncate(HIGH_BINS);
+        },
+    );
+    let non_finite = tables
+        .iter()
+        .any(|t| t[FIRST_NON_FINITE_BIN..].iter().any(|&c| c > 0));
+    (tables, non_finite)
+}
+
+/// Adds `parts` to a pass-1 histogram (threaded); a non-finite entry is an error.
+pub(super) fn count_into<T: Element>(
+    cpu: &Cpu,
+    parts: &Parts<'_, T>,
+    histogram: &mut MagnitudeHistogram,
+) -> Result<()> {
+    let (counts, non_finite) = high_counts(cpu, parts);
+    if non_finite {
+        return Err(parts.non_finite_error());
+    }
+    for c in &counts {
+        histogram.add_counts(c)?;
+    }
+    Ok(())
+}
+
+/// Adds `parts` to a pass-2 bracket (threaded).
+pub(super) fn refine_into<T: Element>(
+    cpu: &Cpu,
+    parts: &Parts<'_, T>,
+    bracket: &mut MagnitudeBracket,
+) -> Result<()> {
+    if let Some(bin) = bracket.bin() {
+        for table in map_parts(parts, |pieces| cpu.dispatch(CountLow { pieces, bin })) {
+            bracket.add_counts(&table)?;
+        }
+    }
+    Ok(())
+}
+
+/// [`MagnitudeHistogram::observe`] at memory speed: a chunk into a pass-1 histogram.
+pub(crate) fn observe_chunk(
+    cpu: &Cpu,
+    histogram: &mut MagnitudeHistogram,
+    chunk: &[f32],
+) -> Result<()> {
+    let slices = [chunk];
+    count_into(cpu, &Parts::new(cpu, &slices, 1), histogram)
+}
+
+/// [`MagnitudeBracket::observe`] at memory speed: a chunk into a pass-2 bracket.
+pub(crate) fn refine_chunk(cpu: &Cpu, bracket: &mut MagnitudeBracket, chunk: &[f32]) -> Result<()> {
+    let slices = [chunk];
+    refine_into(cpu, &Parts::new(cpu, &slices, 1), bracket)
+}
+
+/// Step 3: the exact two-pass radix select.
+fn radix_rank<T: Element>(cpu: &Cpu, parts: &Parts<'_, T>, rank: u64) -> Result<RankKey> {
+    let mut histogram = MagnitudeHistogram::new();
+    count_into(cpu, parts, &mut histogram)?;
+    let mut bracket = histogram.kth_smallest(rank)?;
+    let bin = bracket.bin().unwrap_or(0);
+    let low: Vec<Vec<u32>> = map_parts(parts, |pieces| cpu.dispatch(CountLow { pieces, bin }));
+    for table in &low {
+        bracket.add_counts(table)?;
+    }
+    // The bracket's cut is a top-(n - rank + 1) cut: its ties are the equal keys at or above rank.
+    let cut = bracket.cut()?;
+    let key = magnitude_key(cut.magnitude);
+    let equal: Vec<u64> = low.iter().map(|t| u64::from(t[low_bin(key)])).collect();
+    let equal_total: u64 = equal.iter().sum();
+    let below = rank - 1 - (equal_total - cut.ties);
+    Ok(RankKey { key, below, equal })
+}
+
+/// The key of rank `rank` (1-based, ascending; `1 <= rank <= n`), validating every entry.
+pub(crate) fn rank_key<T: Element>(cpu: &Cpu, parts: &Parts<'_, T>, rank: u64) -> Result<RankKey> {
+    if parts.total >= SAMPLED_MIN
+        && let Some(found) = sampled_rank(cpu, parts, rank)?
+    {
+        return Ok(found);
+    }
+    radix_rank(cpu, parts, rank)
+}
+
+/// A cut as one part applies it: keep `key > key`, and entries equal to it while `ties` last.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PartCut {
+    pub(super) key: u32,
+    pub(super) ties: u64,
+}
+
+impl PartCut {
+    pub(super) const NONE: Self = Self {
+        key: INFINITY_KEY,
+        ties: 0,
+    };
+
+    /// Adds one vector's lanes, shifted to `at`, to `keep` (consuming ties in order) and its
+    /// sign, equality and finiteness bits to `run`.
+    #[inline(always)]
+    pub(super) fn keep<S: Simd>(
+        &mut self,
+        s: S,
+        v: S::F32,
+        keep: &mut u64,
+        run: &mut RunBits,
+        at: usize,
+    ) {
+        let m = s.classify_keys(v, self.key, self.key);
+        run.negative |= u64::from(m.negative) << at;
+        run.equal |= u64::from(m.within) << at;
+        run.non_finite |= m.non_finite;
+        let (mut kept, mut equal) = (m.above, m.within);
+        while self.ties > 0 && equal != 0 {
+            kept |= equal & equal.wrapping_neg();
+            equal &= equal - 1;
+            self.ties -= 1;
+        }
+        *keep |= u64::from(kept) << at;
+    }
+}
+
+/// A whole-vector top-k cut and each part's share of it.
+pub(crate) struct Cut {
+    pub(crate) cut: TopKCut,
+    pub(super) parts: Vec<PartCut>,
+}
+
+impl Cut {
+    /// A cut that every part applies alike: one that keeps no entry equal to its magnitude (a
+    /// threshold rule's), so no part needs a share of ties.
+    pub(super) fn uniform<T>(cut: TopKCut, parts: &Parts<'_, T>) -> Self {
+        debug_assert_eq!(cut.ties, 0, "a uniform cut keeps no ties");
+        let part = PartCut {
+            key: magnitude_key(cut.magnitude).min(INFINITY_KEY),
+            ties: 0,
+        };
+        Self {
+            cut,
+            parts: alloc::vec![part; parts.pieces.len()],
+        }
+    }
+}
+
+/// The top-k cut of `parts` (`0 <= k <= n`), validating every entry.
+pub(crate) fn top_k<T: Element>(cpu: &Cpu, parts: &Parts<'_, T>, k: u64) -> Result<Cut> {
+    let n = parts.total;
+    if k > n {
+        return Err(Error::InvalidParam {
+            name: "k",
+            value: k as f64,
+            expected: "at most the number of entries",
+        });
+    }
+    if k == 0 {
+        validate(cpu, parts)?;
+        return Ok(Cut {
+            cut: TopKCut::NONE,
+            parts: alloc::vec![PartCut::NONE; parts.pieces.len()],
+        });
+    }
+    let found = rank_key(cpu, parts, n - k + 1)?;
+    // Entries above the key are all kept; the rest of k comes from the equal ones, first first.
+    let equal_total: u64 = found.equal.iter().sum();
+    let ties = k - (n - found.below - equal_total);
+    let mut ties_left = ties;
+    let per_part = found
+        .equal
+        .iter()
+        .map(|&equal| {
+            let share = ties_left.min(equal);
+            ties_left -= share;
+            PartCut {
+                key: found.key,
+                ties: share,
+            }
+        })
+        .collect();
+    Ok(Cut {
+        cut: TopKCut {
+            magnitude: f32::from_bits(found.key),
+            ties,
+        },
+        parts: per_part,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kernels_core::CounterRng;
+
+    #[test]
+    fn the_sample_brackets_shuffled_data_and_misses_adversarial_data() {
+        let cpu = Cpu::detect();
+        let n = SAMPLED_MIN as usize + 5;
+        let rng = CounterRng::new(1);
+        let mut x: Vec<f32> = (0..n as u64).map(|i| rng.normal_at(i) as f32).collect();
+        for rank in [1, n as u64 / 100, n as u64 / 2, n as u64] {
+            let slices = [&x[..]];
+            let parts = Parts::new(&cpu, &slices, 1);
+            let sampled = sampled_rank(&cpu, &parts, rank)
+                .unwrap()
+                .expect("bracket holds");
+            let exact = radix_rank(&cpu, &parts, rank).unwrap();
+            assert_eq!((sampled.key, sampled.below), (exact.key, exact.below));
+            assert_eq!(sampled.equal, exact.equal);
+        }
+        // Zeros exactly where the sample looks: it sees nothing of the rest.
+        let runs = sample_runs(n as u64);
+        for r in 0..runs {
+            let start = (r as u128 * n as u128 / runs as u128) as usize;
+            x[start..start + SAMPLE_RUN].fill(0.0);
+        }
+        let slices = [&x[..]];
+        let parts = Parts::new(&cpu, &slices, 1);
+        assert!(
+            sampled_rank(&cpu, &parts, n as u64 * 3 / 4)
+                .unwrap()
+                .is_none()
+        );
+    }
+}

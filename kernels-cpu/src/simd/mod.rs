@@ -1,0 +1,568 @@
+//! The SIMD abstraction every kernel is written against, and its one dispatch point.
+//!
+//! A kernel is a type implementing [`WithSimd`]: its body is generic over `S: Simd` and is
+//! compiled once per instruction set, inside a function that enables that set's target features
+//! ([`crate::Cpu::dispatch`]). The token types ([`Scalar`], `V3`, `V4`, `Neon`, `Simd128`) can
+//! only be made where their instruction set is known to be available, which is what makes the
+//! intrinsics inside them sound.
+
+use crate::Isa;
+use kernels_core::Element;
+
+#[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+mod neon;
+mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod v3;
+#[cfg(target_arch = "x86_64")]
+mod v4;
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+mod wasm;
+
+#[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+pub use neon::Neon;
+pub use scalar::Scalar;
+#[cfg(target_arch = "x86_64")]
+pub use v3::V3;
+#[cfg(target_arch = "x86_64")]
+pub use v4::V4;
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+pub use wasm::Simd128;
+
+/// Bytes of a cache line: the unit prefetches walk in.
+#[cfg(feature = "alloc")]
+pub(crate) const CACHE_LINE: usize = 64;
+
+/// A kernel body, compiled once per instruction set.
+pub trait WithSimd {
+    /// What the kernel returns.
+    type Output;
+    /// Runs the kernel with the vector operations of `simd`.
+    fn with_simd<S: Simd>(self, simd: S) -> Self::Output;
+}
+
+/// Vector operations on `f32` lanes.
+///
+/// Every method is `#[inline(always)]` in every implementation. PERF: a method that is not
+/// inlined into the `#[target_feature]` function that dispatched the kernel runs without its
+/// target features: one call per vector instead of one instruction.
+pub trait Simd: SimdKernels + Copy + Send + Sync + 'static {
+    /// The instruction set.
+    const ISA: Isa;
+    /// `f32` lanes of a vector (`Self::F32`).
+    const LANES: usize;
+
+    /// All lanes zero.
+    fn zero(self) -> Self::F32;
+    /// All lanes `value`.
+    fn splat(self, value: f32) -> Self::F32;
+    /// Loads `LANES` elements, widened to `f32`. Panics unless `chunk.len() == LANES`.
+    fn load<T: Element>(self, chunk: &[T]) -> Self::F32;
+    /// Stores the lanes. Panics unless `out.len() == LANES`.
+    fn store(self, v: Self::F32, out: &mut [f32]);
+    /// Stores the lanes rounded to `T` exactly as [`Element::from_f32`] rounds (to nearest even,
+    /// NaN kept a quiet NaN). Panics unless `out.len() == LANES`.
+    #[inline(always)]
+    fn store_as<T: Element>(self, v: Self::F32, out: &mut [T]) {
+        let mut lanes = [0.0f32; 16];
+        self.store(v, &mut lanes[..Self::LANES]);
+        assert_eq!(out.len(), Self::LANES);
+        for (o, &x) in out.iter_mut().zip(&lanes) {
+            *o = T::from_f32(x);
+        }
+    }
+    /// `a * b + c` (fused where the instruction set has it).
+    fn mul_add(self, a: Self::F32, b: Self::F32, c: Self::F32) -> Self::F32;
+    /// `a + b`.
+    fn add(self, a: Self::F32, b: Self::F32) -> Self::F32;
+    /// `a * b`.
+    fn mul(self, a: Self::F32, b: Self::F32) -> Self::F32;
+    /// [`Simd::mul_add`] on one lane, rounded exactly as the vector form (fused where that is), so
+    /// tails of slices compute the same bits as vector lanes and chunking never changes a result.
+    #[inline(always)]
+    fn mul_add_lane(self, a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
+    /// The sum of the lanes.
+    fn reduce_sum(self, v: Self::F32) -> f32;
+    /// Hints that the cache line holding `at` will be read soon (a no-op where the instruction set
+    /// has no prefetch instruction). Never faults.
+    #[inline(always)]
+    fn prefetch<T>(self, at: &T) {
+        let _ = at;
+    }
+}
+
+/// The kernel-specific vector operations: private to the crate, so [`Simd`] stays sealed and
+/// these may change with the kernels.
+mod sealed {
+    use super::interleave4;
+
+    /// Lane masks of [`SimdKernels::classify_keys`].
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct KeyMasks {
+        /// `key < lo`.
+        pub below: u32,
+        /// `lo <= key <= hi`.
+        pub within: u32,
+        /// `key > hi`.
+        pub above: u32,
+        /// The lane is infinite or NaN (`key >= 0x7F80_0000`).
+        pub non_finite: u32,
+        /// The lane's sign bit is set (`-0.0` included).
+        pub negative: u32,
+    }
+
+    /// The operations only this crate's kernels use, on every [`super::Simd`] type.
+    pub trait SimdKernels: Copy {
+        /// A vector of `LANES` `f32`: what every vector operation of [`super::Simd`] takes.
+        type F32: Copy;
+
+        /// Classifies the magnitude keys (`|v|` as bits, see `kernels_core::ops::select::magnitude_key`)
+        /// of the lanes against `lo <= hi <= 0x7F80_0000`: bit `j` of each mask is lane `j`'s.
+        fn classify_keys(self, v: Self::F32, lo: u32, hi: u32) -> KeyMasks;
+        /// Ternary lanes from 2-bit codes: lane `j` reads bits `2j, 2j + 1` of `codes` (the packed
+        /// dense layout): `01` is `+1.0`, `10` is `-1.0`, `00` is `0.0` (`11` is never passed).
+        fn ternary(self, codes: u32) -> Self::F32;
+        /// `v` where bit `j` of `mask` is set, `+0.0` elsewhere.
+        fn keep_lanes(self, mask: u32, v: Self::F32) -> Self::F32;
+        /// The counter-based draws of 64 consecutive elements against an integer threshold: bit
+        /// `4 b + w` is set iff the top 24 bits of word `w` of Philox4x32-10 block `first_block + b`
+        /// (`b < 16`, see [`kernels_core::CounterRng`]) are `>= threshold`: which elements survive
+        /// DARE.
+        #[inline(always)]
+        fn philox_u24_at_least(self, first_block: u64, key: [u32; 2], threshold: u32) -> u64 {
+            let counters = [
+                core::array::from_fn(|b| (first_block + b as u64) as u32),
+                core::array::from_fn(|b| ((first_block + b as u64) >> 32) as u32),
+                [0; 16],
+                [0; 16],
+            ];
+            let words = kernels_core::backend::philox4x32_10_lanes::<16>(counters, key);
+            let masks: [u32; 4] = core::array::from_fn(|w| {
+                (0..16).fold(0, |m, b| {
+                    m | (u32::from(words[w][b] >> 8 >= threshold) << b)
+                })
+            });
+            interleave4(masks)
+        }
+    }
+}
+
+pub(crate) use sealed::{KeyMasks, SimdKernels};
+
+/// Lanes' keys are compared as `i32`: a key has its sign bit clear, so signed order is key order.
+const KEY_MAGNITUDE: i32 = 0x7FFF_FFFF;
+/// The largest finite key.
+const LARGEST_FINITE_KEY: i32 = 0x7F7F_FFFF;
+
+/// Interleaves four 16-bit masks: bit `b` of `masks[w]` becomes bit `4 b + w`.
+#[inline(always)]
+fn interleave4(masks: [u32; 4]) -> u64 {
+    let spread = |mask: u32| {
+        let mut x = u64::from(mask & 0xFFFF);
+        x = (x | (x << 24)) & 0x0000_00FF_0000_00FF;
+        x = (x | (x << 12)) & 0x000F_000F_000F_000F;
+        x = (x | (x << 6)) & 0x0303_0303_0303_0303;
+        (x | (x << 3)) & 0x1111_1111_1111_1111
+    };
+    spread(masks[0]) | (spread(masks[1]) << 1) | (spread(masks[2]) << 2) | (spread(masks[3]) << 3)
+}
+
+/// Widens one element with plain scalar code.
+#[inline(always)]
+fn widen<T: Element>(x: T) -> f32 {
+    x.to_f32()
+}
+
+/// Reinterprets a chunk of 16-bit elements as their storage words.
+#[cfg_attr(
+    not(any(
+        target_arch = "x86_64",
+        target_arch = "aarch64",
+        target_arch = "wasm32"
+    )),
+    allow(dead_code)
+)]
+#[inline(always)]
+fn bits16<T: Element>(chunk: &[T]) -> &[u16] {
+    bytemuck::cast_slice(chunk)
+}
+
+/// Reinterprets a chunk of 16-bit elements as their storage words, to write.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn bits16_mut<T: Element>(chunk: &mut [T]) -> &mut [u16] {
+    bytemuck::cast_slice_mut(chunk)
+}
+
+/// Widens `src` into `dst[..src.len()]`, with vector loads where whole vectors fit.
+#[inline(always)]
+pub(crate) fn widen_into<S: Simd, T: Element>(s: S, src: &[T], dst: &mut [f32]) {
+    let main = src.len() - src.len() % S::LANES;
+    for (a, b) in src[..main]
+        .chunks_exact(S::LANES)
+        .zip(dst.chunks_exact_mut(S::LANES))
+    {
+        s.store(s.load(a), b);
+    }
+    for (d, x) in dst[main..src.len()].iter_mut().zip(&src[main..]) {
+        *d = x.to_f32();
+    }
+}
+
+/// `src` as `N` `f32`: itself when it already is (no copy), else widened into `buf` (a short
+/// `src` fills only the front of `buf`; the rest keeps what it held).
+///
+/// PERF: a copy of `f32` would compile to a call of `memcpy` per block, which costs more than
+/// the kernels' work on it.
+#[inline(always)]
+pub(crate) fn widened<'a, S: Simd, T: Element, const N: usize>(
+    s: S,
+    src: &'a [T],
+    buf: &'a mut [f32; N],
+) -> &'a [f32; N] {
+    if T::DTYPE == kernels_core::DType::F32 && src.len() == N {
+        let values: &[f32] = bytemuck::cast_slice(src);
+        if let Ok(values) = values.try_into() {
+            return values;
+        }
+    }
+    widen_into(s, src, buf);
+    buf
+}
+
+/// Runs `op` on `isa`. The caller guarantees `isa.is_available()`.
+#[inline]
+pub(crate) fn run<Op: WithSimd>(isa: Isa, op: Op) -> Op::Output {
+    debug_assert!(isa.is_available());
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` is available (the caller's guarantee, checked by `Cpu`'s constructors).
+        Isa::Avx512 => unsafe { run_v4(op) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { run_v3(op) },
+        #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+        Isa::Neon => op.with_simd(Neon::new()),
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+        Isa::Simd128 => op.with_simd(Simd128::new()),
+        _ => op.with_simd(Scalar),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn run_v3<Op: WithSimd>(op: Op) -> Op::Output {
+    // SAFETY: this function only runs where its target features exist.
+    op.with_simd(unsafe { V3::new_unchecked() })
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn run_v4<Op: WithSimd>(op: Op) -> Op::Output {
+    // SAFETY: this function only runs where its target features exist.
+    op.with_simd(unsafe { V4::new_unchecked() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Cpu;
+    use alloc::vec::Vec;
+    use half::{bf16, f16};
+    use kernels_core::DType;
+
+    struct RoundTrip<'a, T>(&'a [T]);
+
+    impl<T: Element> WithSimd for RoundTrip<'_, T> {
+        type Output = Vec<f32>;
+        fn with_simd<S: Simd>(self, s: S) -> Vec<f32> {
+            // x * 1 + (-0), then + (-0): exact for every x including -0, so every lane must come
+            // back bit for bit.
+            let mut out = alloc::vec![0.0; self.0.len() / S::LANES * S::LANES];
+            for (c, o) in self
+                .0
+                .chunks_exact(S::LANES)
+                .zip(out.chunks_exact_mut(S::LANES))
+            {
+                let minus_zero = s.splat(-0.0);
+                s.store(
+                    s.add(s.mul_add(s.load(c), s.splat(1.0), minus_zero), minus_zero),
+                    o,
+                );
+            }
+            out
+        }
+    }
+
+    struct LaneSums<'a>(&'a [f32]);
+
+    impl WithSimd for LaneSums<'_> {
+        type Output = Vec<f32>;
+        fn with_simd<S: Simd>(self, s: S) -> Vec<f32> {
+            self.0
+                .chunks_exact(S::LANES)
+                .map(|c| s.reduce_sum(s.load(c)))
+                .collect()
+        }
+    }
+
+    struct Classify<'a>(&'a [f32], u32, u32);
+
+    impl WithSimd for Classify<'_> {
+        type Output = Vec<KeyMasks>;
+        fn with_simd<S: Simd>(self, s: S) -> Vec<KeyMasks> {
+            self.0
+                .chunks_exact(S::LANES)
+                .map(|c| s.classify_keys(s.load(c), self.1, self.2))
+                .collect()
+        }
+    }
+
+    #[test]
+    fn key_classes_match_scalar_lane_by_lane() {
+        let specials = [
+            0.0f32,
+            -0.0,
+            f32::MIN_POSITIVE,
+            -1e-45,
+            1.0,
+            -1.0,
+            1.5,
+            -2.0,
+            f32::MAX,
+            -f32::MAX,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            3.0,
+            -0.5,
+        ];
+        let values: Vec<f32> = (0..64).map(|i| specials[(i * 7) % 16]).collect();
+        for (lo, hi) in [
+            (0, 0),
+            (1.0f32.to_bits(), 2.0f32.to_bits()),
+            (0, 0x7F80_0000),
+        ] {
+            let expect: Vec<KeyMasks> = values
+                .iter()
+                .map(|&v| Scalar.classify_keys(v, lo, hi))
+                .collect();
+            for cpu in Cpu::all_available() {
+                let lanes = cpu.isa().f32_lanes();
+                for (chunk, got) in expect
+                    .chunks(lanes)
+                    .zip(cpu.dispatch(Classify(&values, lo, hi)))
+                {
+                    let gather = |f: fn(&KeyMasks) -> u32| {
+                        chunk
+                            .iter()
+                            .enumerate()
+                            .fold(0, |m, (j, k)| m | (f(k) << j))
+                    };
+                    let want = KeyMasks {
+                        below: gather(|k| k.below),
+                        within: gather(|k| k.within),
+                        above: gather(|k| k.above),
+                        non_finite: gather(|k| k.non_finite),
+                        negative: gather(|k| k.negative),
+                    };
+                    assert_eq!(got, want, "{} [{lo:#x}, {hi:#x}]", cpu.isa());
+                }
+            }
+        }
+    }
+
+    struct Ternary(u32);
+
+    impl WithSimd for Ternary {
+        type Output = Vec<f32>;
+        fn with_simd<S: Simd>(self, s: S) -> Vec<f32> {
+            let mut out = alloc::vec![0.0; S::LANES];
+            s.store(s.ternary(self.0), &mut out);
+            out
+        }
+    }
+
+    #[test]
+    fn ternary_lanes_follow_the_codes_on_every_isa() {
+        for codes in [0u32, 0x5555_5555, 0xAAAA_AAAA, 0x9868_A586] {
+            for cpu in Cpu::all_available() {
+                let got = cpu.dispatch(Ternary(codes));
+                for (j, g) in got.iter().enumerate() {
+                    let expect = match (codes >> (2 * j)) & 3 {
+                        1 => 1.0f32,
+                        2 => -1.0,
+                        _ => 0.0,
+                    };
+                    assert_eq!(g.to_bits(), expect.to_bits(), "{} lane {j}", cpu.isa());
+                }
+            }
+        }
+    }
+
+    struct KeepLanes<'a>(&'a [f32], u32);
+
+    impl WithSimd for KeepLanes<'_> {
+        type Output = Vec<f32>;
+        fn with_simd<S: Simd>(self, s: S) -> Vec<f32> {
+            let mut out = alloc::vec![0.0; S::LANES];
+            s.store(s.keep_lanes(self.1, s.load(&self.0[..S::LANES])), &mut out);
+            out
+        }
+    }
+
+    #[test]
+    fn keep_lanes_zero_the_rest_on_every_isa() {
+        let values: Vec<f32> = (0..16).map(|i| -1.5 - i as f32).collect();
+        for mask in [0u32, 0xFFFF, 0b1010_0110_0101_1001] {
+            for cpu in Cpu::all_available() {
+                for (j, g) in cpu.dispatch(KeepLanes(&values, mask)).iter().enumerate() {
+                    let expect = if (mask >> j) & 1 == 1 { values[j] } else { 0.0 };
+                    assert_eq!(g.to_bits(), expect.to_bits(), "{} lane {j}", cpu.isa());
+                }
+            }
+        }
+    }
+
+    struct Draws(u64, [u32; 2], u32);
+
+    impl WithSimd for Draws {
+        type Output = u64;
+        fn with_simd<S: Simd>(self, s: S) -> u64 {
+            s.philox_u24_at_least(self.0, self.1, self.2)
+        }
+    }
+
+    #[test]
+    fn philox_draws_match_the_generator_on_every_isa() {
+        let rng = kernels_core::CounterRng::new(0x1234_5678_9ABC_DEF0);
+        // Includes a low word that wraps inside the 16 blocks, and a threshold equal to a draw.
+        for first in [
+            0u64,
+            5,
+            u64::from(u32::MAX) - 7,
+            u64::from(u32::MAX) - 3,
+            (7 << 32) + 3,
+            (u64::MAX >> 2) - 15,
+        ] {
+            for threshold in [0, 1 << 23, rng.u24_at(first * 4 + 9), 1 << 24] {
+                let expect = (0..64u64).fold(0, |bits, e| {
+                    bits | (u64::from(rng.u24_at(first * 4 + e) >= threshold) << e)
+                });
+                for cpu in Cpu::all_available() {
+                    let got = cpu.dispatch(Draws(first, rng.key(), threshold));
+                    assert_eq!(
+                        got,
+                        expect,
+                        "{} block {first} threshold {threshold}",
+                        cpu.isa()
+                    );
+                }
+            }
+        }
+    }
+
+    struct StoreAs<'a, T>(&'a [f32], core::marker::PhantomData<T>);
+
+    impl<T: Element> WithSimd for StoreAs<'_, T> {
+        type Output = Vec<T>;
+        fn with_simd<S: Simd>(self, s: S) -> Vec<T> {
+            let mut out = alloc::vec![T::from_f32(0.0); self.0.len() / S::LANES * S::LANES];
+            for (c, o) in self
+                .0
+                .chunks_exact(S::LANES)
+                .zip(out.chunks_exact_mut(S::LANES))
+            {
+                s.store_as(s.load(c), o);
+            }
+            out
+        }
+    }
+
+    fn check_store_as<T: Element>() {
+        // Every rounding case: halfway points, odd and even last bits, subnormals of both
+        // formats, overflow to infinity, infinities and NaNs with payloads, both signs.
+        let mut values: Vec<f32> = (0..=u16::MAX)
+            .flat_map(|h| {
+                let base = u32::from(h) << 16;
+                [
+                    base,
+                    base | 0x7FFF,
+                    base | 0x8000,
+                    base | 0x8001,
+                    base | 0xFFFF,
+                ]
+            })
+            .map(f32::from_bits)
+            .collect();
+        values.extend((0..=u16::MAX).map(|h| f16::from_bits(h).to_f32() * 1.000_01));
+        values.truncate(values.len() / 16 * 16);
+        for cpu in Cpu::all_available() {
+            let got = cpu.dispatch(StoreAs::<T>(&values, core::marker::PhantomData));
+            for (g, &v) in got.iter().zip(&values) {
+                let expect = T::from_f32(v);
+                assert_eq!(
+                    bytemuck::bytes_of(g),
+                    bytemuck::bytes_of(&expect),
+                    "{} {:?} from {v:e} ({:#x})",
+                    cpu.isa(),
+                    T::DTYPE,
+                    v.to_bits()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn narrowing_stores_round_as_the_element_type_on_every_isa() {
+        check_store_as::<f32>();
+        check_store_as::<f16>();
+        check_store_as::<bf16>();
+    }
+
+    fn check_loads<T: Element>() {
+        // Every 16-bit pattern, which covers every f16 and bf16 (NaNs included: compared by bits).
+        let values: Vec<T> = (0..=u16::MAX)
+            .map(|b| match T::DTYPE {
+                DType::F16 => T::from_f32(f16::from_bits(b).to_f32()),
+                DType::BF16 => T::from_f32(bf16::from_bits(b).to_f32()),
+                DType::F32 => T::from_f32(f32::from(b) - 30_000.0),
+            })
+            .collect();
+        for cpu in Cpu::all_available() {
+            let got = cpu.dispatch(RoundTrip(&values));
+            for (g, v) in got.iter().zip(&values) {
+                let expect = v.to_f32();
+                assert!(
+                    g.to_bits() == expect.to_bits() || (g.is_nan() && expect.is_nan()),
+                    "{} {:?}: {g} vs {expect}",
+                    cpu.isa(),
+                    T::DTYPE
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn widening_loads_are_exact_on_every_isa() {
+        check_loads::<f32>();
+        check_loads::<f16>();
+        check_loads::<bf16>();
+    }
+
+    #[test]
+    fn lane_sums_add_every_lane() {
+        let values: Vec<f32> = (0..64).map(|i| (1u64 << (i % 20)) as f32).collect();
+        for cpu in Cpu::all_available() {
+            let lanes = cpu.isa().f32_lanes();
+            let sums = cpu.dispatch(LaneSums(&values));
+            for (chunk, sum) in values.chunks_exact(lanes).zip(sums) {
+                // Powers of two below 2^20, at most 16 of them: exact in f32.
+                assert_eq!(sum, chunk.iter().sum::<f32>(), "{}", cpu.isa());
+            }
+        }
+    }
+}

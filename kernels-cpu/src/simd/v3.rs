@@ -1,0 +1,232 @@
+//! AVX2 + FMA + F16C ("x86-64-v3"), 256-bit vectors.
+
+#[allow(clippy::wildcard_imports)]
+use core::arch::x86_64::*;
+
+use super::{
+    Element, Isa, KEY_MAGNITUDE, KeyMasks, LARGEST_FINITE_KEY, Simd, SimdKernels, bits16,
+    bits16_mut,
+};
+use kernels_core::DType;
+
+/// AVX2 + FMA + F16C ("x86-64-v3"), 8 lanes.
+#[derive(Clone, Copy, Debug)]
+pub struct V3(());
+
+impl V3 {
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    #[inline(always)]
+    pub(crate) unsafe fn new_unchecked() -> Self {
+        Self(())
+    }
+}
+
+impl Simd for V3 {
+    const ISA: Isa = Isa::Avx2;
+    const LANES: usize = 8;
+
+    #[inline(always)]
+    fn zero(self) -> __m256 {
+        // SAFETY (all methods): a V3 token exists only where AVX2, FMA and F16C do.
+        unsafe { _mm256_setzero_ps() }
+    }
+    #[inline(always)]
+    fn splat(self, value: f32) -> __m256 {
+        unsafe { _mm256_set1_ps(value) }
+    }
+    #[inline(always)]
+    fn load<T: Element>(self, chunk: &[T]) -> __m256 {
+        assert_eq!(chunk.len(), 8);
+        // SAFETY: the chunk holds 8 elements of T's width; loads are unaligned.
+        unsafe {
+            match T::DTYPE {
+                DType::F32 => _mm256_loadu_ps(chunk.as_ptr().cast()),
+                DType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(bits16(chunk).as_ptr().cast())),
+                DType::BF16 => {
+                    let wide =
+                        _mm256_cvtepu16_epi32(_mm_loadu_si128(bits16(chunk).as_ptr().cast()));
+                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
+                }
+            }
+        }
+    }
+    #[inline(always)]
+    fn store(self, v: __m256, out: &mut [f32]) {
+        assert_eq!(out.len(), 8);
+        // SAFETY: 8 writable f32.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), v) }
+    }
+    #[inline(always)]
+    fn store_as<T: Element>(self, v: __m256, out: &mut [T]) {
+        assert_eq!(out.len(), 8);
+        // SAFETY: 8 writable elements of T's width.
+        unsafe {
+            match T::DTYPE {
+                DType::F32 => _mm256_storeu_ps(out.as_mut_ptr().cast(), v),
+                DType::F16 => _mm_storeu_si128(
+                    bits16_mut(out).as_mut_ptr().cast(),
+                    _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v),
+                ),
+                DType::BF16 => {
+                    let words = bf16_words_v3(_mm256_castps_si256(v));
+                    // Pack the 32-bit lanes' low halves: within 128-bit halves, then across.
+                    let packed = _mm256_packus_epi32(words, words);
+                    let ordered = _mm256_permute4x64_epi64::<0b1000>(packed);
+                    _mm_storeu_si128(
+                        bits16_mut(out).as_mut_ptr().cast(),
+                        _mm256_castsi256_si128(ordered),
+                    );
+                }
+            }
+        }
+    }
+    #[inline(always)]
+    fn mul_add(self, a: __m256, b: __m256, c: __m256) -> __m256 {
+        unsafe { _mm256_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    fn add(self, a: __m256, b: __m256) -> __m256 {
+        unsafe { _mm256_add_ps(a, b) }
+    }
+    #[inline(always)]
+    fn mul_add_lane(self, a: f32, b: f32, c: f32) -> f32 {
+        // Correctly rounded, as the hardware FMA is.
+        libm::fmaf(a, b, c)
+    }
+    #[inline(always)]
+    fn mul(self, a: __m256, b: __m256) -> __m256 {
+        unsafe { _mm256_mul_ps(a, b) }
+    }
+    #[inline(always)]
+    fn prefetch<T>(self, at: &T) {
+        // SAFETY: prefetch is a hint; it never faults.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(core::ptr::from_ref(at).cast()) }
+    }
+    #[inline(always)]
+    fn reduce_sum(self, v: __m256) -> f32 {
+        unsafe {
+            let quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+            _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps::<0b01>(pair, pair)))
+        }
+    }
+}
+
+impl SimdKernels for V3 {
+    type F32 = __m256;
+
+    #[inline(always)]
+    fn classify_keys(self, v: __m256, lo: u32, hi: u32) -> KeyMasks {
+        unsafe {
+            let key = _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(KEY_MAGNITUDE));
+            let bits = |m: __m256i| _mm256_movemask_ps(_mm256_castsi256_ps(m)) as u32;
+            let below = bits(_mm256_cmpgt_epi32(_mm256_set1_epi32(lo as i32), key));
+            let above = bits(_mm256_cmpgt_epi32(key, _mm256_set1_epi32(hi as i32)));
+            KeyMasks {
+                below,
+                within: !(below | above) & 0xFF,
+                above,
+                non_finite: bits(_mm256_cmpgt_epi32(
+                    key,
+                    _mm256_set1_epi32(LARGEST_FINITE_KEY),
+                )),
+                negative: _mm256_movemask_ps(v) as u32,
+            }
+        }
+    }
+    #[inline(always)]
+    fn ternary(self, codes: u32) -> __m256 {
+        unsafe {
+            let shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+            let code = _mm256_srlv_epi32(_mm256_set1_epi32(codes as i32), shifts);
+            let one = _mm256_set1_epi32(1);
+            let value = _mm256_sub_epi32(
+                _mm256_and_si256(code, one),
+                _mm256_and_si256(_mm256_srli_epi32::<1>(code), one),
+            );
+            _mm256_cvtepi32_ps(value)
+        }
+    }
+    #[inline(always)]
+    fn keep_lanes(self, mask: u32, v: __m256) -> __m256 {
+        unsafe {
+            let lane_bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+            let bits = _mm256_and_si256(_mm256_set1_epi32(mask as i32), lane_bits);
+            _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(bits, lane_bits)), v)
+        }
+    }
+    #[inline(always)]
+    fn philox_u24_at_least(self, first_block: u64, key: [u32; 2], threshold: u32) -> u64 {
+        use kernels_core::backend::{PHILOX_MUL, PHILOX_ROUNDS, PHILOX_WEYL};
+        // PERF: as the AVX-512 version, on two halves of 8 blocks.
+        #[inline(always)]
+        unsafe fn mul_hi_lo(a: __m256i, m: __m256i) -> (__m256i, __m256i) {
+            unsafe {
+                let even = _mm256_mul_epu32(a, m);
+                let odd = _mm256_mul_epu32(_mm256_srli_epi64::<32>(a), m);
+                let hi = _mm256_blend_epi32::<0b1010_1010>(_mm256_srli_epi64::<32>(even), odd);
+                let lo = _mm256_blend_epi32::<0b1010_1010>(even, _mm256_slli_epi64::<32>(odd));
+                (hi, lo)
+            }
+        }
+        unsafe {
+            let m0 = _mm256_set1_epi32(PHILOX_MUL[0] as i32);
+            let m1 = _mm256_set1_epi32(PHILOX_MUL[1] as i32);
+            let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            let mut masks = [0u32; 4];
+            for half in 0..2u64 {
+                let start = first_block.wrapping_add(8 * half);
+                let base = _mm256_set1_epi32(start as u32 as i32);
+                let mut c0 = _mm256_add_epi32(base, lanes);
+                // Unsigned `c0 < base`: the low word wrapped and carries into the high word.
+                let flip = _mm256_set1_epi32(i32::MIN);
+                let carry =
+                    _mm256_cmpgt_epi32(_mm256_xor_si256(base, flip), _mm256_xor_si256(c0, flip));
+                let high = _mm256_set1_epi32((start >> 32) as u32 as i32);
+                let mut c1 = _mm256_sub_epi32(high, carry);
+                let (mut c2, mut c3) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                let mut k = key;
+                for round in 0..PHILOX_ROUNDS {
+                    if round > 0 {
+                        k[0] = k[0].wrapping_add(PHILOX_WEYL[0]);
+                        k[1] = k[1].wrapping_add(PHILOX_WEYL[1]);
+                    }
+                    let (hi0, lo0) = mul_hi_lo(c0, m0);
+                    let (hi1, lo1) = mul_hi_lo(c2, m1);
+                    c0 =
+                        _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(k[0] as i32));
+                    c1 = lo1;
+                    c2 =
+                        _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(k[1] as i32));
+                    c3 = lo0;
+                }
+                // Draws and threshold are below 2^24 + 1: a signed compare is exact.
+                let below = _mm256_set1_epi32(threshold as i32 - 1);
+                for (mask, c) in masks.iter_mut().zip([c0, c1, c2, c3]) {
+                    let keep = _mm256_cmpgt_epi32(_mm256_srli_epi32::<8>(c), below);
+                    *mask |= (_mm256_movemask_ps(_mm256_castsi256_ps(keep)) as u32) << (8 * half);
+                }
+            }
+            super::interleave4(masks)
+        }
+    }
+}
+
+/// The bf16 words (in the low halves of 32-bit lanes) of 8 `f32` bit patterns, rounded as
+/// `half::bf16::from_f32` rounds.
+#[inline(always)]
+unsafe fn bf16_words_v3(bits: __m256i) -> __m256i {
+    // SAFETY: only called from V3 methods, where AVX2 exists.
+    unsafe {
+        let magnitude = _mm256_and_si256(bits, _mm256_set1_epi32(0x7FFF_FFFF));
+        let nan = _mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(0x7F80_0000));
+        let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(1));
+        let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(
+            bits,
+            _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)),
+        ));
+        let quiet = _mm256_or_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(0x0040));
+        _mm256_blendv_epi8(rounded, quiet, nan)
+    }
+}

@@ -1,0 +1,213 @@
+//! AVX-512F ("x86-64-v4" without the extensions we do not need), 512-bit vectors.
+
+#[allow(clippy::wildcard_imports)]
+use core::arch::x86_64::*;
+
+use super::{
+    Element, Isa, KEY_MAGNITUDE, KeyMasks, LARGEST_FINITE_KEY, Simd, SimdKernels, bits16,
+    bits16_mut,
+};
+use kernels_core::DType;
+
+/// AVX-512F (with V3), 16 lanes.
+#[derive(Clone, Copy, Debug)]
+pub struct V4(());
+
+impl V4 {
+    /// # Safety
+    /// The CPU must support AVX-512F, AVX2, FMA and F16C.
+    #[inline(always)]
+    pub(crate) unsafe fn new_unchecked() -> Self {
+        Self(())
+    }
+}
+
+impl Simd for V4 {
+    const ISA: Isa = Isa::Avx512;
+    const LANES: usize = 16;
+
+    #[inline(always)]
+    fn zero(self) -> __m512 {
+        // SAFETY (all methods): a V4 token exists only where AVX-512F does.
+        unsafe { _mm512_setzero_ps() }
+    }
+    #[inline(always)]
+    fn splat(self, value: f32) -> __m512 {
+        unsafe { _mm512_set1_ps(value) }
+    }
+    #[inline(always)]
+    fn load<T: Element>(self, chunk: &[T]) -> __m512 {
+        assert_eq!(chunk.len(), 16);
+        // SAFETY: the chunk holds 16 elements of T's width; loads are unaligned.
+        unsafe {
+            match T::DTYPE {
+                DType::F32 => _mm512_loadu_ps(chunk.as_ptr().cast()),
+                DType::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(bits16(chunk).as_ptr().cast())),
+                DType::BF16 => {
+                    let wide =
+                        _mm512_cvtepu16_epi32(_mm256_loadu_si256(bits16(chunk).as_ptr().cast()));
+                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide))
+                }
+            }
+        }
+    }
+    #[inline(always)]
+    fn store(self, v: __m512, out: &mut [f32]) {
+        assert_eq!(out.len(), 16);
+        // SAFETY: 16 writable f32.
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), v) }
+    }
+    #[inline(always)]
+    fn store_as<T: Element>(self, v: __m512, out: &mut [T]) {
+        assert_eq!(out.len(), 16);
+        // SAFETY: 16 writable elements of T's width.
+        unsafe {
+            match T::DTYPE {
+                DType::F32 => _mm512_storeu_ps(out.as_mut_ptr().cast(), v),
+                DType::F16 => _mm256_storeu_si256(
+                    bits16_mut(out).as_mut_ptr().cast(),
+                    _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v),
+                ),
+                DType::BF16 => {
+                    let bits = _mm512_castps_si512(v);
+                    let magnitude = _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFF_FFFF));
+                    let nan = _mm512_cmpgt_epi32_mask(magnitude, _mm512_set1_epi32(0x7F80_0000));
+                    // Round to nearest even: add 0x7FFF plus the lowest kept bit.
+                    let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+                    let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(
+                        bits,
+                        _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)),
+                    ));
+                    // NaN: the high half with the quiet bit set, as `half` does.
+                    let quiet =
+                        _mm512_or_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(0x0040));
+                    let words = _mm512_mask_mov_epi32(rounded, nan, quiet);
+                    _mm256_storeu_si256(
+                        bits16_mut(out).as_mut_ptr().cast(),
+                        _mm512_cvtepi32_epi16(words),
+                    );
+                }
+            }
+        }
+    }
+    #[inline(always)]
+    fn mul_add(self, a: __m512, b: __m512, c: __m512) -> __m512 {
+        unsafe { _mm512_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    fn add(self, a: __m512, b: __m512) -> __m512 {
+        unsafe { _mm512_add_ps(a, b) }
+    }
+    #[inline(always)]
+    fn mul_add_lane(self, a: f32, b: f32, c: f32) -> f32 {
+        // Correctly rounded, as the hardware FMA is.
+        libm::fmaf(a, b, c)
+    }
+    #[inline(always)]
+    fn mul(self, a: __m512, b: __m512) -> __m512 {
+        unsafe { _mm512_mul_ps(a, b) }
+    }
+    #[inline(always)]
+    fn prefetch<T>(self, at: &T) {
+        // SAFETY: prefetch is a hint; it never faults.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(core::ptr::from_ref(at).cast()) }
+    }
+    #[inline(always)]
+    fn reduce_sum(self, v: __m512) -> f32 {
+        unsafe { _mm512_reduce_add_ps(v) }
+    }
+}
+
+impl SimdKernels for V4 {
+    type F32 = __m512;
+
+    #[inline(always)]
+    fn classify_keys(self, v: __m512, lo: u32, hi: u32) -> KeyMasks {
+        unsafe {
+            let key = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(KEY_MAGNITUDE));
+            let below = u32::from(_mm512_cmplt_epi32_mask(key, _mm512_set1_epi32(lo as i32)));
+            let above = u32::from(_mm512_cmpgt_epi32_mask(key, _mm512_set1_epi32(hi as i32)));
+            KeyMasks {
+                below,
+                within: !(below | above) & 0xFFFF,
+                above,
+                non_finite: u32::from(_mm512_cmpgt_epi32_mask(
+                    key,
+                    _mm512_set1_epi32(LARGEST_FINITE_KEY),
+                )),
+                negative: u32::from(_mm512_cmplt_epi32_mask(
+                    _mm512_castps_si512(v),
+                    _mm512_setzero_si512(),
+                )),
+            }
+        }
+    }
+    #[inline(always)]
+    fn ternary(self, codes: u32) -> __m512 {
+        unsafe {
+            let shifts =
+                _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            let code = _mm512_srlv_epi32(_mm512_set1_epi32(codes as i32), shifts);
+            let one = _mm512_set1_epi32(1);
+            let value = _mm512_sub_epi32(
+                _mm512_and_si512(code, one),
+                _mm512_and_si512(_mm512_srli_epi32::<1>(code), one),
+            );
+            _mm512_cvtepi32_ps(value)
+        }
+    }
+    #[inline(always)]
+    fn keep_lanes(self, mask: u32, v: __m512) -> __m512 {
+        unsafe { _mm512_maskz_mov_ps(mask as u16, v) }
+    }
+    #[inline(always)]
+    fn philox_u24_at_least(self, first_block: u64, key: [u32; 2], threshold: u32) -> u64 {
+        use kernels_core::backend::{PHILOX_MUL, PHILOX_ROUNDS, PHILOX_WEYL};
+        // PERF: 32x32 -> 64-bit products of the even lanes and of the odd lanes (shifted
+        // down), their halves blended back: no widening or narrowing of whole vectors.
+        #[inline(always)]
+        unsafe fn mul_hi_lo(a: __m512i, m: __m512i) -> (__m512i, __m512i) {
+            unsafe {
+                let even = _mm512_mul_epu32(a, m);
+                let odd = _mm512_mul_epu32(_mm512_srli_epi64::<32>(a), m);
+                let hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64::<32>(even), odd);
+                let lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64::<32>(odd));
+                (hi, lo)
+            }
+        }
+        unsafe {
+            let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+            let base = _mm512_set1_epi32(first_block as u32 as i32);
+            let mut c0 = _mm512_add_epi32(base, lanes);
+            // A block index whose low word wrapped carries into the high word.
+            let carry = _mm512_cmplt_epu32_mask(c0, base);
+            let high = _mm512_set1_epi32((first_block >> 32) as u32 as i32);
+            let mut c1 = _mm512_mask_add_epi32(high, carry, high, _mm512_set1_epi32(1));
+            let (mut c2, mut c3) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+            let m0 = _mm512_set1_epi32(PHILOX_MUL[0] as i32);
+            let m1 = _mm512_set1_epi32(PHILOX_MUL[1] as i32);
+            let mut k = key;
+            for round in 0..PHILOX_ROUNDS {
+                if round > 0 {
+                    k[0] = k[0].wrapping_add(PHILOX_WEYL[0]);
+                    k[1] = k[1].wrapping_add(PHILOX_WEYL[1]);
+                }
+                let (hi0, lo0) = mul_hi_lo(c0, m0);
+                let (hi1, lo1) = mul_hi_lo(c2, m1);
+                // 0x96: a ^ b ^ c.
+                c0 = _mm512_ternarylogic_epi32::<0x96>(hi1, c1, _mm512_set1_epi32(k[0] as i32));
+                c1 = lo1;
+                c2 = _mm512_ternarylogic_epi32::<0x96>(hi0, c3, _mm512_set1_epi32(k[1] as i32));
+                c3 = lo0;
+            }
+            let threshold = _mm512_set1_epi32(threshold as i32);
+            let masks = [c0, c1, c2, c3].map(|c| {
+                u32::from(_mm512_cmpge_epu32_mask(
+                    _mm512_srli_epi32::<8>(c),
+                    threshold,
+                ))
+            });
+            super::interleave4(masks)
+        }
+    }
+}

@@ -27,7 +27,7 @@ fn bandwidth(c: &mut Criterion) {
     group.bench_function(
         BenchmarkId::new("sum_squares_f32", format!("1t/{}", cpu.isa())),
         |b| {
-            b.iter(|| sum_squares(&cpu, &f32_data));
+            b.iter(|| sum_squares(&cpu, &f32_data).unwrap());
         },
     );
     drop(f32_data);
@@ -35,7 +35,7 @@ fn bandwidth(c: &mut Criterion) {
     group.bench_function(
         BenchmarkId::new("sum_squares_bf16", format!("1t/{}", cpu.isa())),
         |b| {
-            b.iter(|| sum_squares(&cpu, &bf16_data));
+            b.iter(|| sum_squares(&cpu, &bf16_data).unwrap());
         },
     );
     group.finish();

@@ -58,6 +58,16 @@ impl Real for f64 {
 }
 
 /// The element types of the family, as a runtime tag.
+///
+/// ```
+/// use kernels_core::{DType, Element, bf16};
+/// assert_eq!(bf16::DTYPE, DType::BF16);
+/// assert_eq!((DType::BF16.name(), DType::BF16.size_bytes()), ("bf16", 2));
+/// // One rounding to bf16 errs by at most its unit roundoff, relatively.
+/// let x = 1.0f32 / 3.0;
+/// let rounded = bf16::from_f32(x).to_f32();
+/// assert!((rounded - x).abs() <= DType::BF16.unit_roundoff() * x);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
     /// IEEE 754 binary32.

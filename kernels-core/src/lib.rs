@@ -65,3 +65,8 @@ pub use view::Mat;
 pub use view::{MatMut, MatRef};
 
 pub use half::{bf16, f16};
+
+/// The crate's README, whose examples run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

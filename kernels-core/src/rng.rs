@@ -22,6 +22,20 @@ const ROUNDS: usize = PHILOX_ROUNDS;
 pub const WORDS_PER_BLOCK: u64 = 4;
 
 /// Philox4x32-10 keyed by a 64-bit seed.
+///
+/// ```
+/// use kernels_core::CounterRng;
+/// let rng = CounterRng::new(42);
+/// assert_eq!(rng.key(), [42, 0]);
+/// // Element i reads word i % 4 of block i / 4, whatever order or chunking asks for it.
+/// assert_eq!(rng.u32_at(6), rng.block(1)[2]);
+/// let mut words = [0u32; 3];
+/// rng.fill_u32(5, &mut words);
+/// assert_eq!(words, [rng.u32_at(5), rng.u32_at(6), rng.u32_at(7)]);
+/// assert_eq!(rng.u24_at(6), rng.u32_at(6) >> 8);
+/// assert!((0.0..1.0).contains(&rng.uniform_at(6)));
+/// assert!(rng.normal_at(6).is_finite());
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CounterRng {
     key: [u32; 2],
@@ -34,6 +48,12 @@ fn mul_hi_lo(a: u32, b: u32) -> (u32, u32) {
 }
 
 /// The raw Philox4x32-10 bijection of `counter` under `key` (Salmon et al., SC'11).
+///
+/// ```
+/// use kernels_core::philox4x32_10;
+/// // Random123's known answer for a zero counter and key.
+/// assert_eq!(philox4x32_10([0; 4], [0; 2]), [0x6627_e8d5, 0xe169_c58d, 0xbc57_ac4c, 0x9b00_dbd8]);
+/// ```
 #[must_use]
 pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
     philox4x32_10_lanes(counter.map(|c| [c]), key).map(|[c]| c)

@@ -52,6 +52,21 @@ fn check_contiguous(what: &'static str, len: usize, rows: usize, cols: usize) ->
 }
 
 /// A read-only `rows x cols` matrix view over a slice.
+///
+/// ```
+/// use kernels_core::MatRef;
+/// // The right 2 x 2 block of a 2 x 3 buffer: rows start 3 elements apart.
+/// let buffer = [9.0f32, 1.0, 2.0, 9.0, 3.0, 4.0];
+/// let m = MatRef::new(&buffer[1..], 2, 2, 3)?;
+/// assert_eq!((m.rows(), m.cols(), m.shape(), m.row_stride()), (2, 2, [2, 2], 3));
+/// assert_eq!((m.at(1, 0), m.row(1)), (3.0, &[3.0, 4.0][..]));
+/// assert_eq!(m.row_iter().map(|r| r[0]).collect::<Vec<_>>(), [1.0, 3.0]);
+/// assert_eq!(m.as_slice(), &[1.0, 2.0, 9.0, 3.0, 4.0]); // from row 0 on, gaps included
+/// m.expect_shape("w", [2, 2])?;
+/// assert!(m.expect_shape("w", [2, 3]).is_err());
+/// assert_eq!(MatRef::from_slice(&buffer, 3, 2)?.shape(), [3, 2]);
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug)]
 pub struct MatRef<'a, T> {
     data: &'a [T],
@@ -208,6 +223,25 @@ impl<T: Copy> MatRef<'_, T> {
 }
 
 /// A mutable `rows x cols` matrix view over a slice.
+///
+/// ```
+/// use kernels_core::MatMut;
+/// let mut buffer = [0.0f32; 6];
+/// let mut m = MatMut::from_slice(&mut buffer, 3, 2)?;
+/// assert_eq!((m.rows(), m.cols(), m.shape(), m.row_stride()), (3, 2, [3, 2], 2));
+/// m.row_mut(0).copy_from_slice(&[1.0, 2.0]);
+/// for (i, row) in m.rows_mut().enumerate().skip(1) {
+///     row.fill(i as f32);
+/// }
+/// m.expect_shape("y", [3, 2])?;
+/// assert_eq!(m.as_ref().at(2, 1), 2.0);
+/// m.rb_mut().submatrix_mut(1, 1, 2, 1)?.as_mut_slice()[0] = 7.0; // element (1, 1)
+/// let (top, bottom) = m.split_rows_at(1)?;
+/// assert_eq!((top.shape(), bottom.as_ref().row(0)), ([1, 2], &[1.0, 7.0][..]));
+/// let mut other = [0.0f32; 4];
+/// assert!(MatMut::new(&mut other, 2, 2, 3).is_err()); // the last row runs off the end
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 #[derive(Debug)]
 pub struct MatMut<'a, T> {
     data: &'a mut [T],
@@ -357,6 +391,38 @@ impl<'a, T> MatMut<'a, T> {
 }
 
 /// An owned, contiguous, row-major matrix: what factorisations return.
+///
+/// ```
+/// use kernels_core::{Mat, MatRef};
+/// let mut m = Mat::from_fn(2, 3, |i, j| (i * 3 + j) as f32);
+/// assert_eq!((m.rows(), m.cols(), m.shape(), m.at(1, 2)), (2, 3, [2, 3], 5.0));
+/// *m.at_mut(0, 0) = -1.0;
+/// m.row_mut(1)[0] = 30.0;
+/// assert_eq!((m.row(0), m.row(1)), (&[-1.0, 1.0, 2.0][..], &[30.0, 4.0, 5.0][..]));
+/// m.as_mut_slice()[1] = 10.0;
+/// assert_eq!(m.as_slice()[..3], [-1.0, 10.0, 2.0]);
+/// m.as_mut().row_mut(0)[2] = 20.0;
+/// assert_eq!(m.as_ref().row(0), &[-1.0, 10.0, 20.0]);
+/// assert_eq!(m.transpose().shape(), [3, 2]);
+/// assert_eq!(m.leading_cols(1).as_slice(), [-1.0, 30.0]);
+/// assert_eq!(m.leading_rows(1).into_vec(), [-1.0, 10.0, 20.0]);
+/// assert_eq!(Mat::<f32>::zeros(2, 2).as_slice(), [0.0; 4]);
+/// assert!(Mat::from_vec(vec![1.0f32; 5], 2, 3).is_err());
+/// // Column signs: each column's largest-magnitude entry made positive.
+/// let mut signs = Mat::from_vec(vec![1.0f32, 3.0, -2.0, 1.0], 2, 2)?;
+/// assert_eq!(signs.normalise_column_signs(), [true, false]);
+/// assert_eq!(signs.as_slice(), [-1.0, 3.0, 2.0, 1.0]);
+///
+/// // In `f64`, the products and norms the references and tests use.
+/// let a = Mat::widen(MatRef::from_slice(&[3.0f32, 0.0, 4.0, 5.0], 2, 2)?);
+/// let q = Mat::identity(2);
+/// assert_eq!(q.matmul(&a), a);
+/// assert_eq!(q.t_matmul(&a), a);
+/// assert_eq!((a.frobenius_norm(), a.distance(&q)), (50f64.sqrt(), 6.0));
+/// assert_eq!(q.orthogonality_error(), 0.0);
+/// assert_eq!(a.to_f32().at(1, 1), 5.0f32);
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 #[cfg(feature = "alloc")]
 #[derive(Clone, Debug, PartialEq)]
 pub struct Mat<T> {

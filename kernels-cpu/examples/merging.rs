@@ -51,7 +51,10 @@ fn main() -> Result<()> {
         .map(|f| f.iter().map(|g| g * g).collect())
         .collect();
     let fisher_views: Vec<&[f32]> = fishers.iter().map(Vec::as_slice).collect();
-    let norms: Vec<f64> = fisher_views.iter().map(|f| sum_squares(&cpu, f)).collect();
+    let norms = fisher_views
+        .iter()
+        .map(|f| sum_squares(&cpu, f))
+        .collect::<Result<Vec<f64>>>()?;
     let fisher = FisherParams::default()
         .with_floor(1e-8)
         .with_normalization(&norms);

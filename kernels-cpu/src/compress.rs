@@ -365,6 +365,18 @@ impl CompeftEncoder {
 
     /// Codes the next tensor: `codes[i] = sign(tau_i)` where the cut keeps entry `i` (a kept
     /// exact zero stays 0), else 0. The codes [`Self::encode`] packs.
+    ///
+    /// ```
+    /// use kernels_cpu::prelude::*;
+    /// let cpu = Cpu::detect();
+    /// let tau = [0.5f32, -3.0, 1.0, 2.0];
+    /// let params = CompeftParams::default().with_keep(KeepRule::Count(2));
+    /// let (cut, _) = compeft_codes(&cpu, &[&tau], params)?;
+    /// let mut codes = [0i8; 4];
+    /// CompeftEncoder::new(&cut).code(&cpu, &tau, &mut codes)?;
+    /// assert_eq!(codes, [0, -1, 0, 1]);
+    /// # Ok::<(), Error>(())
+    /// ```
     pub fn code<T: Element>(&mut self, cpu: &Cpu, tau: &[T], codes: &mut [i8]) -> Result<()> {
         crate::select::check_out(tau.len(), codes.len())?;
         self.code_into::<_, _, 1>(

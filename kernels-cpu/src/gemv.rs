@@ -42,6 +42,20 @@ pub(crate) const MIN_BYTES_PER_THREAD: usize = 1 << 20;
 /// `f32` accumulation error grows like `u sqrt(n)` for independent rounding errors (the worst case
 /// `n u` is never approached with the blocked sums used here), times the scale `abs_sum`; the
 /// factor 4 covers the lane and accumulator reductions. `tiny` absorbs subnormal flushes.
+///
+/// ```
+/// use kernels_cpu::gemv::gemv_tolerance;
+/// use kernels_cpu::prelude::*;
+/// let (w, x) = ([0.1_f32, 0.2, 0.3, 0.4, 0.5, 0.6], [1.0_f32, -2.0, 3.0]);
+/// let mut y = [0.0_f32; 2];
+/// gemv(&Cpu::detect(), MatRef::from_slice(&w, 2, 3)?, &x, &mut y)?;
+/// for (i, row) in w.chunks(3).enumerate() {
+///     let exact: f64 = row.iter().zip(&x).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+///     let abs_sum: f64 = row.iter().zip(&x).map(|(&a, &b)| f64::from(a * b).abs()).sum();
+///     assert!((f64::from(y[i]) - exact).abs() <= gemv_tolerance(3, abs_sum));
+/// }
+/// # Ok::<(), Error>(())
+/// ```
 #[must_use]
 pub fn gemv_tolerance(n: usize, abs_sum: f64) -> f64 {
     4.0 * f64::from(f32::EPSILON / 2.0) * libm::sqrt(n.max(1) as f64) * abs_sum + 1e-30

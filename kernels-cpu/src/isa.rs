@@ -3,6 +3,17 @@
 use core::sync::atomic::{AtomicU8, Ordering};
 
 /// An instruction set a kernel can run on, best first in [`Isa::ALL`].
+///
+/// ```
+/// use kernels_cpu::Isa;
+/// // Scalar code runs everywhere, and is the last available set.
+/// assert!(Isa::Scalar.is_available());
+/// assert_eq!(Isa::available().last(), Some(Isa::Scalar));
+/// let best = Isa::best();
+/// assert!(Isa::ALL.contains(&best) && best.is_available());
+/// println!("{} ({} f32 lanes)", best.name(), best.f32_lanes());
+/// assert_eq!(Isa::Avx2.f32_lanes(), 8);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Isa {
@@ -128,7 +139,16 @@ const fn x86_absent() -> X86Absent {
 /// CPUID-based detection that needs no `std` (and so runs on bare metal and in kernels too).
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
-    use core::arch::x86_64::{__cpuid, __cpuid_count};
+    use core::arch::x86_64::{__cpuid_count, CpuidResult};
+
+    /// CPUID leaf `leaf`, sub-leaf `sub`.
+    // `__cpuid_count` is a safe function since Rust 1.94 and unsafe before it; the block keeps
+    // the MSRV (1.89) building.
+    #[allow(unused_unsafe)]
+    fn cpuid(leaf: u32, sub: u32) -> CpuidResult {
+        // SAFETY: every x86-64 CPU has CPUID; an unsupported leaf reads zeros or the highest one.
+        unsafe { __cpuid_count(leaf, sub) }
+    }
 
     /// What the kernels need, as detected.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -153,7 +173,7 @@ pub(crate) mod x86 {
             avx2: false,
             avx512: false,
         };
-        let (max_leaf, leaf1) = (__cpuid(0).eax, __cpuid(1));
+        let (max_leaf, leaf1) = (cpuid(0, 0).eax, cpuid(1, 0));
         let bit = |reg: u32, n: u32| reg & (1 << n) != 0;
         let (osxsave, avx, fma, f16c) = (
             bit(leaf1.ecx, 27),
@@ -167,7 +187,7 @@ pub(crate) mod x86 {
         let xcr0 = xgetbv0();
         let ymm_state = xcr0 & 0b110 == 0b110;
         let zmm_state = xcr0 & 0b1110_0110 == 0b1110_0110;
-        let leaf7 = __cpuid_count(7, 0);
+        let leaf7 = cpuid(7, 0);
         let (avx2, avx512f) = (bit(leaf7.ebx, 5), bit(leaf7.ebx, 16));
         let v3 = ymm_state && avx && avx2 && fma && f16c;
         Features {

@@ -286,3 +286,8 @@ impl Default for Cpu {
         Self::detect()
     }
 }
+
+/// The crate's README, whose examples run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

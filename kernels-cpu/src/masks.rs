@@ -4,7 +4,7 @@
 //! # Contracts
 //!
 //! * **Masks are bit-identical** to the reference: DARE draws the same Philox words (the
-//!   generator runs vectorised, [`crate::Simd::philox_u24_at_least`]) against the same integer
+//!   generator runs vectorised, eight or sixteen counters per instruction) against the same integer
 //!   threshold, for any chunking (`first_index`) and thread count; TIES trim and Breadcrumbs
 //!   select exactly ([`crate::select`]).
 //! * **Values**: TIES trim and Breadcrumbs copy the kept entries; DARE computes each survivor as

@@ -35,6 +35,20 @@ use crate::{Cpu, Simd, WithSimd};
 ///
 /// A chain of `terms` fused multiply-adds rounds `terms` times, the scale and the base add two
 /// more, and the `f32` weight `1 / sum w` one more; each rounding is relative to at most `abs_sum`.
+///
+/// ```
+/// use kernels_cpu::merge::reduction_tolerance;
+/// use kernels_cpu::prelude::*;
+/// let (a, b) = ([0.1f32, 0.7], [0.3f32, -0.2]);
+/// let mut out = [0.0f32; 2];
+/// weighted_mean(&Cpu::detect(), &[&a, &b], &[1.0, 2.0], &mut out)?;
+/// for j in 0..2 {
+///     let exact = (f64::from(a[j]) + 2.0 * f64::from(b[j])) / 3.0;
+///     let abs_sum = (f64::from(a[j].abs()) + 2.0 * f64::from(b[j].abs())) / 3.0;
+///     assert!((f64::from(out[j]) - exact).abs() <= reduction_tolerance(2, abs_sum));
+/// }
+/// # Ok::<(), Error>(())
+/// ```
 #[must_use]
 pub fn reduction_tolerance(terms: usize, abs_sum: f64) -> f64 {
     (terms + 3) as f64 * f64::from(f32::EPSILON / 2.0) * abs_sum + 1e-37
@@ -148,6 +162,15 @@ const SCRATCH: usize = 16 * ELEMENT_ALIGN;
 
 /// Weighted mean `out = sum w_i theta_i / sum w_i` (the twin of `weighted_mean_ref`), written
 /// as `f32` or rounded once more to another element type (the model's, say).
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// let (a, b) = ([1.0f32, 2.0], [4.0f32, -1.0]);
+/// let mut soup = [bf16::ZERO; 2]; // written in the models' own type
+/// weighted_mean(&Cpu::detect(), &[&a, &b], &[1.0, 2.0], &mut soup)?;
+/// assert_eq!(soup, [bf16::from_f32(3.0), bf16::from_f32(0.0)]);
+/// # Ok::<(), Error>(())
+/// ```
 pub fn weighted_mean<T: Element, O: Element>(
     cpu: &Cpu,
     models: &[&[T]],
@@ -176,6 +199,16 @@ pub fn weighted_mean<T: Element, O: Element>(
 
 /// Task arithmetic `out = base + lambda * sum w_i tau_i` (the twin of `task_arithmetic_ref`),
 /// written as `f32` or rounded once more to another element type.
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// let base = [1.0f32, 1.0];
+/// let (tau_a, tau_b) = ([0.5f32, 0.0], [0.0f32, -0.25]);
+/// let mut merged = [0.0f32; 2];
+/// task_arithmetic(&Cpu::detect(), &base, &[&tau_a, &tau_b], &[1.0, 1.0], 2.0, &mut merged)?;
+/// assert_eq!(merged, [2.0, 0.5]);
+/// # Ok::<(), Error>(())
+/// ```
 pub fn task_arithmetic<T: Element, O: Element>(
     cpu: &Cpu,
     base: &[T],
@@ -246,6 +279,18 @@ impl<T: Element> WithSimd for FisherAccumulate<'_, T> {
 }
 
 /// Diagonal Fisher accumulation `fisher += scale * grad^2` (the twin of `fisher_accumulate_ref`).
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// let cpu = Cpu::detect();
+/// let mut fisher = [0.0f32; 2];
+/// // The mean of grad^2 over two batches.
+/// for grad in [[1.0f32, -2.0], [3.0, 0.0]] {
+///     fisher_accumulate(&cpu, &mut fisher, &grad, 0.5)?;
+/// }
+/// assert_eq!(fisher, [5.0, 2.0]);
+/// # Ok::<(), Error>(())
+/// ```
 pub fn fisher_accumulate<T: Element>(
     cpu: &Cpu,
     fisher: &mut [f32],
@@ -372,7 +417,18 @@ fn for_each_block(
 /// TIES election and disjoint weighted mean over trimmed task vectors (the twin of
 /// [`kernels_core::ops::merge::ties_elect_ref`], bit-identical: the same `f64` operations in the
 /// same order, vectorised across elements), written as `f32` or rounded once more to another
-/// element type. Trim with [`crate::masks::ties_trim`].
+/// element type. Trim with [`crate::masks::ties_trim`], or call [`ties`] for both steps.
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// let base = [0.0f32; 3];
+/// let (a, b) = ([1.0f32, -1.0, 0.0], [-3.0f32, -1.0, 2.0]);
+/// let mut merged = [0.0f32; 3];
+/// ties_elect(&Cpu::detect(), &base, &[&a, &b], &[1.0, 1.0], 1.0, &mut merged)?;
+/// // Element 0: the sign of 1 - 3 is negative, so only b's -3 counts.
+/// assert_eq!(merged, [-3.0, -1.0, 2.0]);
+/// # Ok::<(), Error>(())
+/// ```
 pub fn ties_elect<T: Element, O: Element>(
     cpu: &Cpu,
     base: &[T],
@@ -484,7 +540,7 @@ impl<T: Element> WithSimd for FisherMerge<'_, T> {
 /// fisher_merge(&cpu, &[&a, &b], &[&fa, &fb], &[1.0, 1.0], FisherParams::default(), &mut out)?;
 /// assert_eq!(out, [2.5, -2.0, 0.0]); // sum F theta / sum F
 /// // Normalised per model by ||F_i||_2, summed tensor by tensor over the whole model.
-/// let norms = [sum_squares(&cpu, &fa), sum_squares(&cpu, &fb)];
+/// let norms = [sum_squares(&cpu, &fa)?, sum_squares(&cpu, &fb)?];
 /// let params = FisherParams::default().with_normalization(&norms);
 /// fisher_merge(&cpu, &[&a, &b], &[&fa, &fb], &[1.0, 1.0], params, &mut out)?;
 /// # Ok::<(), Error>(())
@@ -616,11 +672,16 @@ impl<T: Element> WithSimd for SumSquares<'_, T> {
 ///
 /// ```
 /// use kernels_cpu::prelude::*;
-/// assert_eq!(sum_squares(&Cpu::detect(), &[3.0f32, 4.0]), 25.0);
+/// assert_eq!(sum_squares(&Cpu::detect(), &[3.0f32, 4.0])?, 25.0);
+/// # Ok::<(), Error>(())
 /// ```
-#[must_use]
-pub fn sum_squares<T: Element>(cpu: &Cpu, x: &[T]) -> f64 {
-    cpu.dispatch(SumSquares(x))
+///
+/// # Errors
+///
+/// None on the CPU (any slice has a sum of squares); the `Result` is the GPU op's, which reads
+/// the device back.
+pub fn sum_squares<T: Element>(cpu: &Cpu, x: &[T]) -> Result<f64> {
+    Ok(cpu.dispatch(SumSquares(x)))
 }
 
 #[cfg(test)]
@@ -635,7 +696,7 @@ mod sum_squares_tests {
     fn check<T: Element>(x: &[T]) {
         let expect = sum_squares_ref(x);
         for cpu in Cpu::all_available() {
-            let got = sum_squares(&cpu, x);
+            let got = sum_squares(&cpu, x).unwrap();
             assert!(
                 (got - expect).abs() <= SUM_SQUARES_RELATIVE_TOLERANCE * expect,
                 "{} {:?} n={}: {got} vs {expect}",
@@ -683,12 +744,17 @@ mod sum_squares_tests {
     #[test]
     fn non_finite_values_propagate() {
         for cpu in Cpu::all_available() {
-            assert!(sum_squares(&cpu, &[1.0f32, f32::NAN, 2.0]).is_nan());
+            assert!(
+                sum_squares(&cpu, &[1.0f32, f32::NAN, 2.0])
+                    .unwrap()
+                    .is_nan()
+            );
             assert_eq!(
                 sum_squares(
                     &cpu,
                     &[1.0f32; 40].map(|v| if v > 0.0 { f32::INFINITY } else { v })
-                ),
+                )
+                .unwrap(),
                 f64::INFINITY
             );
         }

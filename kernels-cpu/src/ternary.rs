@@ -224,6 +224,13 @@ impl<'a> PackedTernary<'a> {
     }
 
     /// Whether the tensor has no element.
+    ///
+    /// ```
+    /// use kernels_cpu::prelude::*;
+    /// let empty = kernels_cpu::format::encode(&[], &[0], 1.0, TernaryLayout::Dense2Bit)?;
+    /// assert!(PackedTernary::new(&Cpu::detect(), &empty)?.is_empty());
+    /// # Ok::<(), Error>(())
+    /// ```
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.len == 0

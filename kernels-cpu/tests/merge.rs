@@ -83,7 +83,7 @@ fn ties_and_fisher<T: Element>(cpu: &Cpu) {
             let fisher_views: Vec<&[f32]> = fishers.iter().map(Vec::as_slice).collect();
             let norms: Vec<f64> = fisher_views
                 .iter()
-                .map(|f| sum_squares(cpu, f).max(1.0))
+                .map(|f| sum_squares(cpu, f).unwrap().max(1.0))
                 .collect();
             let plain = FisherParams::default();
             for params in [

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use kernels_core::{Error, Result};
-use shaders::{Family, ModuleSpec, Target};
+use kernels_wgsl::{Family, ModuleSpec, Target};
 
 /// How the context picks an adapter.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -117,6 +117,28 @@ struct PoolKey {
 /// Created once ([`Context::new`]); pipelines are compiled on first use and cached by kernel,
 /// variant and override constants; scratch buffers (partial sums, parameters, downloads) are
 /// pooled by size class and reused.
+///
+/// ```
+/// use kernels_wgpu::prelude::*;
+/// let options = ContextOptions { subgroups: FeatureUse::Off, ..ContextOptions::default() };
+/// let ctx = Context::new_blocking(options)?;
+/// println!("{} on {:?}", ctx.adapter_info().name, ctx.adapter_info().backend);
+/// assert!(!ctx.features().subgroups);
+/// // A page is at most one storage binding, and at most the device's buffer size.
+/// assert!(ctx.page_bytes() <= ctx.binding_bytes());
+/// assert!(ctx.binding_bytes() <= ctx.limits().max_buffer_size);
+///
+/// let x = GpuTensor::from_slice(&ctx, &[1.0f32, -2.0])?;
+/// let w = GpuTensor::from_matrix(&ctx, MatRef::from_slice(&[3.0f32, 4.0], 1, 2)?)?;
+/// let mut y = GpuTensor::<f32>::zeros(&ctx, 1, 1)?;
+/// gemv(&ctx, &w, &x, &mut y)?;
+/// block_on(ctx.finish())?; // the GEMV has run
+/// assert!(ctx.cached_pipelines() >= 1); // compiled once, reused by the next call
+/// println!("{} scratch buffers pooled", ctx.pooled_buffers());
+/// ctx.check()?;
+/// assert_eq!(ctx.first_device_error(), None);
+/// # Ok::<(), Error>(())
+/// ```
 pub struct Context {
     pub(crate) device: wgpu::Device,
     pub(crate) queue: wgpu::Queue,
@@ -447,7 +469,7 @@ impl Context {
 
     /// Whether weights of `encoding` are bound as `array<f16>` (the `shader-f16` variant).
     pub(crate) fn native_f16(&self, encoding: u32) -> bool {
-        self.features.shader_f16 && encoding == shaders::element::F16
+        self.features.shader_f16 && encoding == kernels_wgsl::element::F16
     }
 
     /// The pipeline of `kernel` with these override constants, compiled on first use;

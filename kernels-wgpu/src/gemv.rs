@@ -12,7 +12,7 @@
 
 use kernels_core::backend::{validate_gathered_gemv, validate_gemv, validate_sparse_input_gemv};
 use kernels_core::{Error, Result};
-use shaders::Family;
+use kernels_wgsl::Family;
 
 use crate::context::{Batch, Bind, Context, Kernel, Slot};
 use crate::tensor::{GpuElement, GpuTensor};
@@ -38,6 +38,22 @@ const SPLIT_ROWS: u32 = 256;
 /// [`gemv`], per-split chains in [`gemv_t`]) is fixed but not the reference's, so the bound
 /// takes no credit for it. Widening f16 and bf16 is exact. `tiny` absorbs subnormal flushes,
 /// which GPUs may apply.
+///
+/// ```
+/// use kernels_wgpu::gemv::gemv_tolerance;
+/// use kernels_wgpu::prelude::*;
+/// let ctx = Context::new_blocking(ContextOptions::default())?;
+/// let (w, x) = ([0.1f32, 0.2, 0.3, 0.4, 0.5, 0.6], [1.0f32, -2.0, 3.0]);
+/// let w_gpu = GpuTensor::from_matrix(&ctx, MatRef::from_slice(&w, 2, 3)?)?;
+/// let mut y = GpuTensor::<f32>::zeros(&ctx, 2, 1)?;
+/// gemv(&ctx, &w_gpu, &GpuTensor::from_slice(&ctx, &x)?, &mut y)?;
+/// for (row, y) in w.chunks(3).zip(y.to_vec_blocking(&ctx)?) {
+///     let exact: f64 = row.iter().zip(&x).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+///     let abs_sum: f64 = row.iter().zip(&x).map(|(&a, &b)| (f64::from(a) * f64::from(b)).abs()).sum();
+///     assert!((f64::from(y) - exact).abs() <= gemv_tolerance(3, abs_sum));
+/// }
+/// # Ok::<(), Error>(())
+/// ```
 #[must_use]
 pub fn gemv_tolerance(n: usize, abs_sum: f64) -> f64 {
     (n as f64 + 1.0) * f64::from(f32::EPSILON / 2.0) * abs_sum + 1e-30
@@ -259,6 +275,19 @@ pub fn gathered_gemv<T: GpuElement>(
 /// [`gathered_gemv`] with row indices already on the device (a GPU-only form: on the CPU the
 /// indices are host memory anyway). Indices are not read back to be checked: an index past the
 /// last row yields 0 for its output (never an out-of-bounds read).
+///
+/// ```
+/// # use kernels_wgpu::prelude::*;
+/// # let ctx = Context::new_blocking(ContextOptions::default())?;
+/// let w = GpuTensor::from_matrix(&ctx, MatRef::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], 3, 2)?)?;
+/// let x = GpuTensor::from_slice(&ctx, &[1.0f32, 1.0])?;
+/// // Indices a previous kernel left on the device; 7 is past the last row.
+/// let rows = GpuTensor::from_slice(&ctx, &[2u32, 7])?;
+/// let mut out = GpuTensor::<f32>::zeros(&ctx, 2, 1)?;
+/// gathered_gemv_uploaded(&ctx, &w, &x, &rows, &mut out)?;
+/// assert_eq!(out.to_vec_blocking(&ctx)?, [11.0, 0.0]);
+/// # Ok::<(), Error>(())
+/// ```
 pub fn gathered_gemv_uploaded<T: GpuElement>(
     ctx: &Context,
     w: &GpuTensor<T>,

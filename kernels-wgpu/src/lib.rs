@@ -131,3 +131,8 @@ pub mod prelude {
     pub use kernels_core::format::{TernaryHeader, TernaryLayout};
     pub use kernels_core::{DType, Element, Error, MatMut, MatRef, Result, bf16, f16};
 }
+
+/// The crate's README, whose examples run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

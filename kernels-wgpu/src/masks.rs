@@ -19,7 +19,7 @@
 pub use kernels_core::ops::merge::{BreadcrumbsParams, DareParams, DareRescale};
 use kernels_core::ops::select::KeepRule;
 use kernels_core::{CounterRng, Error, Result};
-use shaders::Family;
+use kernels_wgsl::Family;
 
 use crate::context::{Bind, Context, Kernel, Slot};
 use crate::select::{ITEMS, TILE, tiled_pipeline};

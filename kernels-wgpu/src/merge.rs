@@ -20,7 +20,7 @@ use kernels_core::backend::{
     validate_ties_elect, validate_weighted_mean,
 };
 pub use kernels_core::ops::merge::{FisherParams, TiesParams};
-use shaders::Family;
+use kernels_wgsl::Family;
 
 use crate::context::{Batch, Bind, Context, Kernel, Pipeline, Slot};
 use crate::tensor::{GpuElement, GpuTensor};
@@ -40,6 +40,22 @@ const FISHER_MODELS_PER_PASS: usize = 2;
 /// Per term, the `f32` coefficient (a weight times `lambda` or `1 / sum w`), the product and the
 /// addition each round once, relative to at most `abs_sum`; a division, a base and a final scale
 /// add up to four more. `tiny` absorbs subnormal flushes, which GPUs may apply.
+///
+/// ```
+/// use kernels_wgpu::merge::reduction_tolerance;
+/// use kernels_wgpu::prelude::*;
+/// let ctx = Context::new_blocking(ContextOptions::default())?;
+/// let (a, b) = ([0.1f32, 0.7], [0.3f32, -0.2]);
+/// let models = [GpuTensor::from_slice(&ctx, &a)?, GpuTensor::from_slice(&ctx, &b)?];
+/// let mut out = GpuTensor::<f32>::zeros(&ctx, 2, 1)?;
+/// weighted_mean(&ctx, &[&models[0], &models[1]], &[1.0, 2.0], &mut out)?;
+/// for (j, got) in out.to_vec_blocking(&ctx)?.into_iter().enumerate() {
+///     let exact = (f64::from(a[j]) + 2.0 * f64::from(b[j])) / 3.0;
+///     let abs_sum = (f64::from(a[j].abs()) + 2.0 * f64::from(b[j].abs())) / 3.0;
+///     assert!((f64::from(got) - exact).abs() <= reduction_tolerance(2, abs_sum));
+/// }
+/// # Ok::<(), Error>(())
+/// ```
 #[must_use]
 pub fn reduction_tolerance(terms: usize, abs_sum: f64) -> f64 {
     (3 * terms + 4) as f64 * f64::from(f32::EPSILON / 2.0) * abs_sum + 1e-30

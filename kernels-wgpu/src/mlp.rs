@@ -40,6 +40,13 @@ use crate::{Context, GpuElement, GpuTensor};
 /// * `max_gate = max |g_i|`: WGSL allows `exp(x)` an error of `3 + 2 |x|` ulp, which reaches
 ///   `silu` relatively at most that much, plus 5 ulp for the division, the product and the sums
 ///   into `h`.
+///
+/// ```
+/// use kernels_wgpu::mlp::mlp_tolerance;
+/// // The same arguments as the CPU's bound; large gates widen it.
+/// let (quiet, loud) = (mlp_tolerance(576, 768, 10.0, 5.0, 3.0), mlp_tolerance(576, 768, 10.0, 5.0, 30.0));
+/// assert!(quiet < loud && loud < 1e-3);
+/// ```
 #[must_use]
 pub fn mlp_tolerance(
     hidden: usize,

@@ -19,7 +19,7 @@
 pub use kernels_core::ops::select::{KeepRule, TopKCut};
 use kernels_core::ops::select::{Selection, magnitude_key};
 use kernels_core::{Error, Result};
-use shaders::Family;
+use kernels_wgsl::Family;
 
 use crate::context::{Bind, Context, Kernel, Slot};
 use crate::tensor::{GpuElement, GpuTensor};

@@ -15,15 +15,15 @@ pub trait GpuElement: Element + bytemuck::Pod {
 }
 
 impl GpuElement for f32 {
-    const ENCODING: u32 = shaders::element::F32;
+    const ENCODING: u32 = kernels_wgsl::element::F32;
 }
 
 impl GpuElement for f16 {
-    const ENCODING: u32 = shaders::element::F16;
+    const ENCODING: u32 = kernels_wgsl::element::F16;
 }
 
 impl GpuElement for bf16 {
-    const ENCODING: u32 = shaders::element::BF16;
+    const ENCODING: u32 = kernels_wgsl::element::BF16;
 }
 
 /// A row-major `[rows, cols]` tensor in device memory: weights and data of a [`GpuElement`]
@@ -224,6 +224,16 @@ impl<T: bytemuck::Pod> GpuTensor<T> {
     }
 
     /// Overwrites the tensor in place with `m` (its shape; any row stride), copying it once.
+    ///
+    /// ```
+    /// # use kernels_wgpu::prelude::*;
+    /// # let ctx = Context::new_blocking(ContextOptions::default())?;
+    /// let mut w = GpuTensor::<f32>::zeros(&ctx, 2, 2)?;
+    /// let buffer = [1.0f32, 2.0, 0.0, 3.0, 4.0]; // row stride 3
+    /// w.write_matrix(&ctx, MatRef::new(&buffer, 2, 2, 3)?)?;
+    /// assert_eq!(w.to_vec_blocking(&ctx)?, [1.0, 2.0, 3.0, 4.0]);
+    /// # Ok::<(), Error>(())
+    /// ```
     pub fn write_matrix(&mut self, ctx: &Context, m: MatRef<'_, T>) -> Result<()> {
         self.expect_shape("m", m.shape())?;
         ctx.check()?;
@@ -243,6 +253,16 @@ impl<T: bytemuck::Pod> GpuTensor<T> {
     }
 
     /// `[rows, cols]`.
+    ///
+    /// ```
+    /// # use kernels_wgpu::prelude::*;
+    /// let ctx = Context::new_blocking(ContextOptions { max_page_bytes: Some(64), ..ContextOptions::default() })?;
+    /// let w = GpuTensor::<f32>::zeros(&ctx, 8, 3)?; // 12 bytes a row: 5 rows to a 64-byte page
+    /// assert_eq!((w.shape(), w.rows(), w.cols(), w.len()), ([8, 3], 8, 3, 24));
+    /// assert_eq!(w.rows_per_page(), 5); // two pages, of 5 and 3 rows
+    /// assert!(!w.is_empty() && GpuTensor::<f32>::zeros(&ctx, 0, 3)?.is_empty());
+    /// # Ok::<(), Error>(())
+    /// ```
     #[must_use]
     pub fn shape(&self) -> [usize; 2] {
         [self.rows, self.cols]
@@ -339,6 +359,16 @@ impl<T: bytemuck::Pod> GpuTensor<T> {
     }
 
     /// Copies `other` (same shape and type) into this tensor, on the device.
+    ///
+    /// ```
+    /// # use kernels_wgpu::prelude::*;
+    /// # let ctx = Context::new_blocking(ContextOptions::default())?;
+    /// let base = GpuTensor::from_slice(&ctx, &[1.0f32, 2.0])?;
+    /// let mut merged = GpuTensor::<f32>::zeros(&ctx, 2, 1)?;
+    /// merged.copy_from(&ctx, &base)?;
+    /// assert_eq!(merged.to_vec_blocking(&ctx)?, [1.0, 2.0]);
+    /// # Ok::<(), Error>(())
+    /// ```
     pub fn copy_from(&mut self, ctx: &Context, other: &Self) -> Result<()> {
         other.expect_shape("other", self.shape())?;
         let mut batch = ctx.batch()?;
@@ -349,6 +379,16 @@ impl<T: bytemuck::Pod> GpuTensor<T> {
     }
 
     /// Downloads the tensor, row-major.
+    ///
+    /// ```
+    /// # use kernels_wgpu::prelude::*;
+    /// # let ctx = Context::new_blocking(ContextOptions::default())?;
+    /// let x = GpuTensor::from_slice(&ctx, &[f16::from_f32(0.5), f16::from_f32(-1.0)])?;
+    /// // In the browser, `.await` it; on native, block on it.
+    /// let values: Vec<f16> = block_on(x.to_vec(&ctx))?;
+    /// assert_eq!(values, [f16::from_f32(0.5), f16::from_f32(-1.0)]);
+    /// # Ok::<(), Error>(())
+    /// ```
     pub async fn to_vec(&self, ctx: &Context) -> Result<Vec<T>> {
         let mut out = Vec::with_capacity(self.len());
         for (buffer, _, rows) in self.pages() {

@@ -14,7 +14,7 @@
 
 use kernels_core::format::{self, TernaryHeader};
 use kernels_core::{Error, Result};
-use shaders::Family;
+use kernels_wgsl::Family;
 
 use crate::context::{Bind, Context, Kernel, Slot};
 use crate::select::tiled_pipeline;
@@ -29,17 +29,33 @@ pub(crate) const WORKGROUP: u32 = crate::select::WORKGROUP;
 /// once more; a 16-bit result rounds once more on each side, and where the two `f32` sums
 /// straddle a rounding boundary of `T` the results differ by one ulp of `T` (`2 u_T |sum|`,
 /// `u_T = 2^-11` for f16 and `2^-8` for bf16, or the smallest subnormal below the normal range).
+///
+/// ```
+/// use kernels_wgpu::prelude::*;
+/// use kernels_wgpu::ternary::ternary_add_tolerance;
+/// let ctx = Context::new_blocking(ContextOptions::default())?;
+/// let bytes = kernels_wgpu::format::encode(&[1, -1], &[2], 0.1, TernaryLayout::Dense2Bit)?;
+/// let mut theta = GpuTensor::from_slice(&ctx, &[1.0f32, 1.0])?;
+/// ternary_add(&ctx, &mut theta, &GpuTernary::upload(&ctx, &bytes)?, 3.0)?;
+/// let step = 3.0 * f64::from(0.1f32);
+/// for (got, exact) in theta.to_vec_blocking(&ctx)?.into_iter().zip([1.0 + step, 1.0 - step]) {
+///     assert!((f64::from(got) - exact).abs() <= ternary_add_tolerance::<f32>(1.0, step));
+/// }
+/// // A bf16 parameter may land one bf16 ulp away.
+/// assert!(ternary_add_tolerance::<bf16>(1.0, step) > ternary_add_tolerance::<f32>(1.0, step));
+/// # Ok::<(), Error>(())
+/// ```
 #[must_use]
 pub fn ternary_add_tolerance<T: GpuElement>(theta: f32, step: f64) -> f64 {
     let sum = (f64::from(theta) + step).abs();
     let unit = f64::from(f32::EPSILON / 2.0);
     // One ulp of T at the sum: relative above T's normal range, its smallest subnormal below.
     let narrow = match T::ENCODING {
-        shaders::element::F16 => {
+        kernels_wgsl::element::F16 => {
             f64::from(half::f16::EPSILON.to_f32()) * sum
                 + f64::from(half::f16::from_bits(1).to_f32())
         }
-        shaders::element::BF16 => {
+        kernels_wgsl::element::BF16 => {
             f64::from(half::bf16::EPSILON.to_f32()) * sum
                 + f64::from(half::bf16::from_bits(1).to_f32())
         }
@@ -92,6 +108,7 @@ const ADD_PACKED: Kernel = kernel("ternary_add_packed");
 /// # let ctx = Context::new_blocking(ContextOptions::default())?;
 /// let bytes = kernels_wgpu::format::encode(&[1, 0, -1, 1], &[2, 2], 0.5, TernaryLayout::Dense2Bit)?;
 /// let codes = GpuTernary::upload(&ctx, &bytes)?;
+/// assert_eq!((codes.header().shape(), codes.header().nnz), (&[2, 2][..], 3));
 /// let x = GpuTensor::from_slice(&ctx, &[1.0f32, 2.0])?;
 /// let mut y = GpuTensor::zeros(&ctx, 2, 1)?;
 /// ternary_gemv(&ctx, &codes, &x, &mut y)?;
@@ -198,7 +215,7 @@ pub fn ternary_gemv(
         batch.clear(y_buffer);
         return batch.submit();
     };
-    let pipeline = tiled_pipeline(ctx, &GEMV, shaders::element::F32)?;
+    let pipeline = tiled_pipeline(ctx, &GEMV, kernels_wgsl::element::F32)?;
     let params = batch.uniform(&TernaryParams {
         len: codes.len() as u32,
         rows: rows as u32,
@@ -231,7 +248,7 @@ fn elementwise(
     out: &mut GpuTensor<f32>,
 ) -> Result<()> {
     out.expect_len("out", codes.len())?;
-    let pipeline = tiled_pipeline(ctx, kernel, shaders::element::F32)?;
+    let pipeline = tiled_pipeline(ctx, kernel, kernels_wgsl::element::F32)?;
     let mut batch = ctx.batch()?;
     let mut first = 0usize;
     for page in 0..out.page_count() {
@@ -283,7 +300,7 @@ pub fn ternary_add<T: GpuElement>(
     }
     theta.expect_len("theta", codes.len())?;
     let step = (f64::from(lambda) * f64::from(codes.header.scale)) as f32;
-    let packed = T::ENCODING != shaders::element::F32;
+    let packed = T::ENCODING != kernels_wgsl::element::F32;
     let (kernel, per_invocation) = if packed { (&ADD_PACKED, 2) } else { (&ADD, 1) };
     let pipeline = tiled_pipeline(ctx, kernel, T::ENCODING)?;
     let mut batch = ctx.batch()?;

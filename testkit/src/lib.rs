@@ -8,6 +8,11 @@
 
 use kernels_core::{CounterRng, Element, MatRef};
 
+/// The root README's programs ("Using it from your crate"), compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct RootReadmeDoctests;
+
 pub mod gemv;
 #[cfg(feature = "gpu")]
 pub mod gpu;

@@ -26,6 +26,22 @@
 //!
 //! The decoder checks every field, every bound and the padding; no input makes it panic or read
 //! out of bounds, and every input it accepts re-encodes to the same bytes.
+//!
+//! ```
+//! use kernels_core::format::{self, TernaryHeader, TernaryLayout};
+//! let codes = [0i8, 0, 1, 0, 0, 0, -1, 0];
+//! let dense = format::encode(&codes, &[2, 4], 0.25, TernaryLayout::Dense2Bit)?;
+//! let sparse = format::encode(&codes, &[2, 4], 0.25, TernaryLayout::SparseRice)?;
+//! for bytes in [&dense, &sparse] {
+//!     let header = TernaryHeader::parse(bytes)?;
+//!     assert_eq!((header.shape(), header.scale, header.nnz), (&[2, 4][..], 0.25, 2));
+//!     println!("{:?}: {:.1} bits per parameter", header.layout, header.bits_per_param());
+//!     assert_eq!(format::decode(bytes, 1 << 20)?.1, codes);
+//! }
+//! // At density 1/4 the sparse layout's payload approaches H(d) + d bits per parameter.
+//! assert!((format::entropy_bits_per_param(0.25) - 1.061).abs() < 1e-3);
+//! # Ok::<(), kernels_core::Error>(())
+//! ```
 
 use crate::{Error, Result};
 
@@ -89,6 +105,15 @@ impl TernaryHeader {
     }
 
     /// Parses and validates a header (not the payload).
+    ///
+    /// ```
+    /// use kernels_core::format::{self, TernaryHeader, TernaryLayout};
+    /// let bytes = format::encode(&[1, -1, 0], &[3], 2.0, TernaryLayout::Dense2Bit)?;
+    /// let header = TernaryHeader::parse(&bytes)?;
+    /// assert_eq!((header.numel, header.nnz, header.scale), (3, 2, 2.0));
+    /// assert!(TernaryHeader::parse(b"not a tensor").is_err());
+    /// # Ok::<(), kernels_core::Error>(())
+    /// ```
     pub fn parse(bytes: &[u8]) -> Result<Self> {
         let bad = |offset, reason| Err(Error::BadFormat { offset, reason });
         if bytes.len() < FIXED_HEADER {
@@ -198,6 +223,18 @@ impl BitReader<'_> {
 
 /// Decodes into `codes` (length = the header's element count) and returns the header.
 /// Needs no allocator.
+///
+/// ```
+/// use kernels_core::format::{self, TernaryLayout};
+/// let bytes = format::encode(&[1, 0, -1], &[3], 0.5, TernaryLayout::SparseRice)?;
+/// let mut codes = [0i8; 3];
+/// let header = format::decode_into(&bytes, &mut codes)?;
+/// assert_eq!((codes, header.scale), ([1, 0, -1], 0.5));
+/// // A buffer of the wrong length, or truncated bytes, is an error.
+/// assert!(format::decode_into(&bytes, &mut [0i8; 2]).is_err());
+/// assert!(format::decode_into(&bytes[..bytes.len() - 1], &mut codes).is_err());
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 pub fn decode_into(bytes: &[u8], codes: &mut [i8]) -> Result<TernaryHeader> {
     let header = TernaryHeader::parse(bytes)?;
     check_len(
@@ -293,6 +330,14 @@ pub fn decode_into(bytes: &[u8], codes: &mut [i8]) -> Result<TernaryHeader> {
 /// A sparse encoding of a huge all-zero tensor is a few bytes, so the element count in a header
 /// is not bounded by the input size: `max_elements` keeps a hostile header from allocating
 /// gigabytes. Above it the result is [`Error::BadFormat`].
+///
+/// ```
+/// use kernels_core::format::{self, TernaryLayout};
+/// let bytes = format::encode(&[0, 0, 0, 1], &[4], 1.0, TernaryLayout::SparseRice)?;
+/// assert_eq!(format::decode(&bytes, 4)?.1, [0, 0, 0, 1]);
+/// assert!(format::decode(&bytes, 3).is_err()); // more elements than the caller allows
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 #[cfg(feature = "alloc")]
 pub fn decode(bytes: &[u8], max_elements: usize) -> Result<(TernaryHeader, alloc::vec::Vec<i8>)> {
     let header = TernaryHeader::parse(bytes)?;
@@ -310,6 +355,12 @@ pub fn decode(bytes: &[u8], max_elements: usize) -> Result<(TernaryHeader, alloc
 
 /// Bits per parameter of the entropy bound at density `d`: `H(d) + d` (where the non-zeros are,
 /// plus one sign bit each), the size a sparse layout approaches.
+///
+/// ```
+/// use kernels_core::format::entropy_bits_per_param;
+/// assert_eq!(entropy_bits_per_param(0.0), 0.0);
+/// assert!((entropy_bits_per_param(0.5) - 1.5).abs() < 1e-12);
+/// ```
 #[must_use]
 pub fn entropy_bits_per_param(d: f64) -> f64 {
     if d <= 0.0 || d >= 1.0 {
@@ -338,6 +389,16 @@ impl BitWriter {
 }
 
 /// Encodes codes with the given shape and layout.
+///
+/// ```
+/// use kernels_core::format::{self, TernaryLayout};
+/// let bytes = format::encode(&[1, 0, 0, -1], &[2, 2], 0.5, TernaryLayout::Dense2Bit)?;
+/// assert_eq!(&bytes[..4], b"KTRN");
+/// // A code outside {-1, 0, 1}, or a shape that does not match, is an error.
+/// assert!(format::encode(&[2], &[1], 0.5, TernaryLayout::Dense2Bit).is_err());
+/// assert!(format::encode(&[1, 0], &[3], 0.5, TernaryLayout::Dense2Bit).is_err());
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 #[cfg(feature = "alloc")]
 pub fn encode(
     codes: &[i8],

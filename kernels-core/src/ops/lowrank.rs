@@ -36,6 +36,17 @@ use crate::{CounterRng, Error, Mat, MatRef, Real, Result};
 pub const MAX_JACOBI_SWEEPS: usize = 60;
 
 /// A thin SVD, in `f64` from the references and in `f32` from the fast kernels.
+///
+/// ```
+/// use kernels_core::{Mat, ops::lowrank::thin_svd_ref};
+/// let a = Mat::from_fn(4, 3, |i, j| (i * 3 + j) as f64 + if i == j { 1.0 } else { 0.0 });
+/// let svd = thin_svd_ref(a.as_ref())?;
+/// assert!(svd.reconstruct().distance(&a) < 1e-12 * a.frobenius_norm());
+/// // The best rank-1 approximation errs by the tail of the spectrum.
+/// let tail: f64 = svd.s[1..].iter().map(|s| s * s).sum::<f64>().sqrt();
+/// assert!((svd.truncate(1).reconstruct().distance(&a) - tail).abs() < 1e-12 * a.frobenius_norm());
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct Svd<T = f64> {
     /// `m x k`, orthonormal columns.
@@ -68,6 +79,16 @@ impl Svd<f64> {
 }
 
 /// Thin SVD of `a` by one-sided Jacobi (reference).
+///
+/// ```
+/// use kernels_core::{MatRef, ops::lowrank::thin_svd_ref};
+/// let a = [0.0f64, 2.0, -3.0, 0.0]; // [[0, 2], [-3, 0]]
+/// let svd = thin_svd_ref(MatRef::from_slice(&a, 2, 2)?)?;
+/// assert!((svd.s[0] - 3.0).abs() < 1e-15 && (svd.s[1] - 2.0).abs() < 1e-15);
+/// // Signs normalised: the largest entry of each column of U is positive.
+/// assert!((svd.u.at(1, 0) - 1.0).abs() < 1e-15);
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 pub fn thin_svd_ref<T: Real>(a: MatRef<'_, T>) -> Result<Svd> {
     check_finite_mat("a", a)?;
     svd_f64(&Mat::widen(a))
@@ -109,7 +130,18 @@ pub(crate) fn svd_f64(a: &Mat<f64>) -> Result<Svd> {
         normalise_signs(&mut svd);
         return Ok(svd);
     }
-    // m >= n. Drmac and Veselic's preconditioning: A P = Q R with column pivoting, then Jacobi on
+    // m >= n. Scaled by a power of two (exact) so the largest entry lies in [0.5, 1): the noise
+    // columns of rank-deficient input then stay far above the underflow threshold (see
+    // NEGLIGIBLE_COLUMN), whatever the input's magnitude.
+    let largest = a.as_slice().iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let exponent = if largest > 0.0 {
+        libm::frexp(largest).1
+    } else {
+        0
+    };
+    let scaled = Mat::from_fn(m, n, |i, j| libm::scalbn(a.at(i, j), -exponent));
+    let a = &scaled;
+    // Drmac and Veselic's preconditioning: A P = Q R with column pivoting, then Jacobi on
     // X = R^T (n x n), whose graded columns converge in far fewer sweeps than A's. Jacobi gives
     // X V_x = W with orthogonal columns, so R^T = U_x S V_x^T (U_x = W / S) and
     // A = (Q V_x) S (P U_x)^T.
@@ -123,10 +155,10 @@ pub(crate) fn svd_f64(a: &Mat<f64>) -> Result<Svd> {
     let mut order: Vec<(f64, usize)> = cols
         .iter()
         .enumerate()
-        .map(|(j, c)| (libm::sqrt(dot(c, c)), j))
+        .map(|(j, c)| (scaled_norm(c), j))
         .collect();
     order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-    let s: Vec<f64> = order.iter().map(|o| o.0).collect();
+    let s: Vec<f64> = order.iter().map(|o| libm::scalbn(o.0, exponent)).collect();
     // U_x: normalised Jacobi columns, the zero ones completed to an orthonormal basis.
     let mut u_x: Vec<Vec<f64>> = order
         .iter()
@@ -152,14 +184,42 @@ pub(crate) fn svd_f64(a: &Mat<f64>) -> Result<Svd> {
     Ok(svd)
 }
 
+/// Columns whose norm falls below `sqrt(f64::MIN_POSITIVE / f64::EPSILON)` (of a matrix scaled to
+/// a largest entry below 1) are set to zero: the dot product of two of them falls to where it
+/// loses its precision in subnormals, and the rotations could cycle without end. Only rounding
+/// noise is that small.
+const NEGLIGIBLE_COLUMN: f64 = 1.0e-146;
+
+/// `||x||_2` without overflow or underflow in the squares (scaled by the largest entry).
+fn scaled_norm(x: &[f64]) -> f64 {
+    let scale = x.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    if scale == 0.0 {
+        return 0.0;
+    }
+    scale * libm::sqrt(x.iter().map(|v| (v / scale) * (v / scale)).sum())
+}
+
 /// Cyclic one-sided Jacobi: rotates pairs of `cols` (and of `rotations`) until every pair is
 /// orthogonal to within `eps sqrt(k)` of the product of their norms.
+///
+/// The norms are recomputed after each rotation, scaled, rather than updated: rank-deficient input
+/// leaves columns of rounding noise whose squared norms cancel in the update or underflow, and a
+/// wrong or zero norm keeps such a pair from ever passing the test (the reason LAPACK's xGESVJ
+/// also rescales and recomputes).
 fn jacobi_sweeps(cols: &mut [Vec<f64>], rotations: &mut [Vec<f64>]) -> Result<()> {
     let k = cols.len();
     let tol = f64::EPSILON * libm::sqrt(k.max(1) as f64);
+    let mut norm_of = |col: &mut Vec<f64>| {
+        let norm = scaled_norm(col);
+        if norm < NEGLIGIBLE_COLUMN {
+            col.fill(0.0);
+            return 0.0;
+        }
+        norm
+    };
+    let mut norms: Vec<f64> = cols.iter_mut().map(&mut norm_of).collect();
     for _sweep in 0..MAX_JACOBI_SWEEPS {
         let mut rotated = false;
-        let mut norms: Vec<f64> = cols.iter().map(|c| dot(c, c)).collect();
         for p in 0..k.saturating_sub(1) {
             // de Rijk's ordering: the largest remaining column first cuts the sweep count.
             let largest = (p..k)
@@ -171,20 +231,21 @@ fn jacobi_sweeps(cols: &mut [Vec<f64>], rotations: &mut [Vec<f64>]) -> Result<()
                 norms.swap(p, largest);
             }
             for q in p + 1..k {
-                let (alpha, beta) = (norms[p], norms[q]);
+                let (norm_p, norm_q) = (norms[p], norms[q]);
                 let gamma = dot(&cols[p], &cols[q]);
-                if gamma == 0.0 || gamma.abs() <= tol * libm::sqrt(alpha * beta) {
+                if gamma == 0.0 || gamma.abs() <= tol * norm_p * norm_q {
                     continue;
                 }
                 rotated = true;
-                let zeta = (beta - alpha) / (2.0 * gamma);
-                let t = zeta.signum() / (zeta.abs() + libm::sqrt(1.0 + zeta * zeta));
+                let zeta = (norm_q - norm_p) * (norm_q + norm_p) / (2.0 * gamma);
+                // `hypot`: `zeta^2` overflows for a noise column against a large one.
+                let t = zeta.signum() / (zeta.abs() + libm::hypot(1.0, zeta));
                 let c = 1.0 / libm::sqrt(1.0 + t * t);
                 let s = c * t;
                 rotate(cols, p, q, c, s);
                 rotate(rotations, p, q, c, s);
-                norms[p] = alpha - t * gamma;
-                norms[q] = beta + t * gamma;
+                norms[p] = norm_of(&mut cols[p]);
+                norms[q] = norm_of(&mut cols[q]);
             }
         }
         if !rotated {
@@ -321,6 +382,17 @@ fn orthonormal_basis(y: &Mat<f64>) -> Mat<f64> {
 }
 
 /// Randomized truncated SVD (reference).
+///
+/// ```
+/// use kernels_core::{Mat, ops::lowrank::{RsvdParams, randomized_svd_ref, thin_svd_ref}};
+/// // Rank 2: the sketch captures it exactly.
+/// let a = Mat::from_fn(30, 20, |i, j| ((i % 4) as f64) * ((j % 3) as f64) + ((i % 2) as f64) * (j as f64));
+/// let svd = randomized_svd_ref(a.as_ref(), RsvdParams::new(2))?;
+/// let exact = thin_svd_ref(a.as_ref())?;
+/// assert!((svd.s[0] - exact.s[0]).abs() < 1e-10 * exact.s[0]);
+/// assert!(svd.reconstruct().distance(&a) < 1e-10 * a.frobenius_norm());
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 pub fn randomized_svd_ref<T: Real>(a: MatRef<'_, T>, params: RsvdParams) -> Result<Svd> {
     let probes = validate_randomized_svd(a.shape(), params)?;
     check_finite_mat("a", a)?;
@@ -346,6 +418,15 @@ pub fn randomized_svd_ref<T: Real>(a: MatRef<'_, T>, params: RsvdParams) -> Resu
 }
 
 /// Parameters of LU / LDU.
+///
+/// ```
+/// use kernels_core::{MatRef, ops::lowrank::{LuParams, ldu_ref}};
+/// let nearly_singular = [1.0f64, 1.0, 1.0, 1.0 + 1e-9];
+/// let a = MatRef::from_slice(&nearly_singular, 2, 2)?;
+/// assert!(ldu_ref(a, LuParams::default()).is_ok()); // the pivot 1e-9 is above 1e-12 max|A|
+/// assert!(ldu_ref(a, LuParams::default().with_pivot_guard(1e-6)).is_err());
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct LuParams {
@@ -388,6 +469,16 @@ impl<F> Lu<F> {
 }
 
 /// LU with partial pivoting (reference).
+///
+/// ```
+/// use kernels_core::{Mat, MatRef, ops::lowrank::lu_ref};
+/// let a = [1.0f64, 2.0, 4.0, 3.0]; // [[1, 2], [4, 3]]: row 1 has the larger pivot
+/// let lu = lu_ref(MatRef::from_slice(&a, 2, 2)?)?;
+/// assert_eq!(lu.perm, [1, 0]);
+/// let a = Mat::from_vec(a.to_vec(), 2, 2)?;
+/// assert!(lu.l.matmul(&lu.u).distance(&lu.permute(&a)) < 1e-15);
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 pub fn lu_ref<T: Real>(a: MatRef<'_, T>) -> Result<Lu> {
     check_finite_mat("a", a)?;
     let (m, n) = (a.rows(), a.cols());
@@ -439,6 +530,14 @@ pub struct Ldu<T = f64> {
 }
 
 /// LDU with partial pivoting and the small-pivot guard (reference).
+///
+/// ```
+/// use kernels_core::{MatRef, ops::lowrank::{LuParams, ldu_ref}};
+/// let a = [2.0f64, 4.0, 1.0, 5.0]; // [[2, 4], [1, 5]]
+/// let ldu = ldu_ref(MatRef::from_slice(&a, 2, 2)?, LuParams::default())?;
+/// assert_eq!((ldu.d.as_slice(), ldu.u.at(0, 1), ldu.l.at(1, 0)), (&[2.0, 3.0][..], 2.0, 0.5));
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 pub fn ldu_ref<T: Real>(a: MatRef<'_, T>, params: LuParams) -> Result<Ldu> {
     check_param(
         "pivot_guard",
@@ -482,6 +581,14 @@ pub struct SymmetricEigen<T = f64> {
 /// Symmetric eigendecomposition by cyclic two-sided Jacobi (reference). Only the lower triangle
 /// of `s` is read. Sweeps until one leaves every off-diagonal entry [`negligible`], at most
 /// [`MAX_JACOBI_SWEEPS`], else [`Error::NotConverged`].
+///
+/// ```
+/// use kernels_core::{MatRef, ops::lowrank::symmetric_eigen_ref};
+/// let s = [2.0f64, f64::NAN, 1.0, 2.0]; // the upper triangle is not read
+/// let eigen = symmetric_eigen_ref(MatRef::from_slice(&s, 2, 2)?)?;
+/// assert!((eigen.values[0] - 3.0).abs() < 1e-15 && (eigen.values[1] - 1.0).abs() < 1e-15);
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 pub fn symmetric_eigen_ref<T: Real>(s: MatRef<'_, T>) -> Result<SymmetricEigen> {
     let n = s.rows();
     s.expect_shape("s (square)", [n, n])?;
@@ -576,6 +683,16 @@ pub struct Lora<T = f64> {
 }
 
 /// The rank a [`LoraRank`] rule picks for singular values `s` (descending).
+///
+/// ```
+/// use kernels_core::ops::lowrank::{LoraRank, lora_rank};
+/// let s = [4.0, 2.0, 1.0, 0.0]; // energies 16, 4, 1: total 21
+/// assert_eq!(lora_rank(LoraRank::Fixed(2), &s)?, 2);
+/// assert_eq!(lora_rank(LoraRank::Energy(0.9), &s)?, 2); // 20 / 21 >= 0.9
+/// assert_eq!(lora_rank(LoraRank::Epsilon(0.0), &s)?, 3); // exact
+/// assert!(lora_rank(LoraRank::Fixed(5), &s).is_err());
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 pub fn lora_rank(rule: LoraRank, s: &[f64]) -> Result<usize> {
     let total: f64 = s.iter().map(|v| v * v).sum();
     let smallest_with = |enough: &dyn Fn(f64) -> bool| -> usize {
@@ -607,6 +724,15 @@ pub fn lora_rank(rule: LoraRank, s: &[f64]) -> Result<usize> {
 }
 
 /// LoRA extraction: `delta ~ B A` with `B = U_r sqrt(S_r)`, `A = sqrt(S_r) V_r^T` (reference).
+///
+/// ```
+/// use kernels_core::{Mat, ops::lowrank::{LoraRank, lora_extract_ref}};
+/// let delta = Mat::from_fn(3, 2, |i, j| (i + 1) as f64 * if j == 0 { 1.0 } else { -1.0 });
+/// let lora = lora_extract_ref(delta.as_ref(), LoraRank::Epsilon(1e-9))?;
+/// assert_eq!((lora.b.shape(), lora.a.shape()), ([3, 1], [1, 2]));
+/// assert!(lora.b.matmul(&lora.a).distance(&delta) < 1e-12);
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 pub fn lora_extract_ref<T: Real>(delta: MatRef<'_, T>, rank: LoraRank) -> Result<Lora> {
     let svd = thin_svd_ref(delta)?;
     let r = lora_rank(rank, &svd.s)?;
@@ -622,6 +748,14 @@ pub fn lora_extract_ref<T: Real>(delta: MatRef<'_, T>, rank: LoraRank) -> Result
 
 /// The OPCM block size: the smallest `r` whose leading singular values hold more than `alpha` of
 /// their sum (`0` when all are zero, `len` if none exceeds it). `alpha` in `[0, 1]`.
+///
+/// ```
+/// use kernels_core::ops::lowrank::opcm_rank;
+/// assert_eq!(opcm_rank(&[6.0, 3.0, 1.0], 0.5)?, 1); // 0.6 > 0.5
+/// assert_eq!(opcm_rank(&[6.0, 3.0, 1.0], 0.6)?, 2); // 0.9 > 0.6
+/// assert_eq!(opcm_rank(&[0.0, 0.0], 0.5)?, 0);
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 pub fn opcm_rank(s: &[f32], alpha: f64) -> Result<usize> {
     check_param("alpha", alpha, "in [0, 1]", (0.0..=1.0).contains(&alpha))?;
     crate::error::check_finite("s", s)?;
@@ -682,6 +816,13 @@ pub struct SvdRef<'a, T> {
 
 impl Svd<f32> {
     /// The factors, borrowed.
+    ///
+    /// ```
+    /// use kernels_core::{Mat, ops::lowrank::Svd};
+    /// let svd = Svd { u: Mat::<f32>::zeros(3, 1), s: vec![1.0f32], v: Mat::zeros(2, 1) };
+    /// let view = svd.as_ref();
+    /// assert_eq!((view.u.shape(), view.s, view.v.shape()), ([3, 1], &[1.0f32][..], [2, 1]));
+    /// ```
     #[must_use]
     pub fn as_ref(&self) -> SvdRef<'_, f32> {
         SvdRef {
@@ -697,6 +838,19 @@ impl Svd<f32> {
 /// block with `r = `[`opcm_rank`]`(s, alpha)`; return `U P V^T`. With square orthogonal `U`, `V`
 /// this removes exactly those components of `tau`; with thin ones it also drops what lies
 /// outside their span.
+///
+/// ```
+/// use kernels_core::{MatRef, ops::lowrank::{OpcmParams, SvdRef, opcm_project_ref}};
+/// // The merged task vector so far is diag(3, 1): U = V = I.
+/// let identity = [1.0f32, 0.0, 0.0, 1.0];
+/// let eye = MatRef::from_slice(&identity, 2, 2)?;
+/// let merged = SvdRef { u: eye, s: &[3.0, 1.0], v: eye };
+/// let tau = [5.0f32, 2.0, 7.0, 4.0];
+/// let out = opcm_project_ref(merged, MatRef::from_slice(&tau, 2, 2)?, OpcmParams::default())?;
+/// // r = 1 (3 / 4 > 0.5): the diagonal and the top-left entry go, the off-diagonal stays.
+/// assert_eq!(out.as_slice(), [0.0, 2.0, 7.0, 0.0]);
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 pub fn opcm_project_ref<T: Real>(
     merged: SvdRef<'_, T>,
     tau: MatRef<'_, T>,
@@ -787,6 +941,38 @@ mod tests {
             thin_svd_ref(nan.as_ref()),
             Err(Error::NonFinite { index: 8, .. })
         ));
+    }
+
+    /// Exactly rank-deficient integer matrices leave columns of rounding noise whose squared
+    /// norms cancel, underflow and whose rotation angles overflow `zeta^2`: each once kept the
+    /// Jacobi sweeps from converging (80 x 40 did not, in 60 sweeps).
+    #[test]
+    fn svd_of_exactly_rank_deficient_and_extreme_scales() {
+        for n in [5, 20, 40, 64] {
+            let a = Mat::from_fn(2 * n, n, |i, j| ((i % 4) * (j % 3) + (i % 2) * j) as f64);
+            for a in [a.clone(), a.transpose()] {
+                let svd = thin_svd_ref(a.as_ref()).unwrap();
+                check_svd(&a, &svd);
+                assert!(
+                    svd.s[2] <= bound(2 * n, n) * svd.s[0],
+                    "rank 2: {:?}",
+                    &svd.s[..3]
+                );
+            }
+            // Scaled by powers of two the singular values scale exactly.
+            let unit = thin_svd_ref(a.as_ref()).unwrap().s;
+            for exponent in [-1000, -300, 300, 1000] {
+                let scaled = Mat::from_fn(2 * n, n, |i, j| libm::scalbn(a.at(i, j), exponent));
+                let s = thin_svd_ref(scaled.as_ref()).unwrap().s;
+                assert_eq!(
+                    s[..2],
+                    unit[..2]
+                        .iter()
+                        .map(|&v| libm::scalbn(v, exponent))
+                        .collect::<Vec<_>>()[..]
+                );
+            }
+        }
     }
 
     #[test]

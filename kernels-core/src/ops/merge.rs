@@ -25,6 +25,16 @@ use crate::ops::select::KeepRule;
 use crate::{CounterRng, Element, Real, Result};
 
 /// Weighted mean (model soups, linear merge): `out = sum w_i theta_i / sum w_i`.
+///
+/// ```
+/// use kernels_core::ops::merge::weighted_mean_ref;
+/// let mut out = [0.0f32; 2];
+/// weighted_mean_ref(&[&[1.0f32, 2.0][..], &[4.0, -1.0]], &[1.0, 2.0], &mut out)?;
+/// assert_eq!(out, [3.0, 0.0]);
+/// // Negative weights, or weights that sum to zero, are errors.
+/// assert!(weighted_mean_ref(&[&[1.0f32][..]], &[-1.0], &mut [0.0]).is_err());
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 pub fn weighted_mean_ref<T: Element>(
     models: &[&[T]],
     weights: &[f32],
@@ -43,6 +53,15 @@ pub fn weighted_mean_ref<T: Element>(
 }
 
 /// Task arithmetic: `out = base + lambda * sum w_i tau_i`. Weights may be negative (negation).
+///
+/// ```
+/// use kernels_core::ops::merge::task_arithmetic_ref;
+/// let (base, add, forget) = ([1.0f32, 1.0], [0.5f32, 0.0], [0.0f32, 0.25]);
+/// let mut out = [0.0f32; 2];
+/// task_arithmetic_ref(&base, &[&add, &forget], &[1.0, -1.0], 2.0, &mut out)?;
+/// assert_eq!(out, [2.0, 0.5]);
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 pub fn task_arithmetic_ref<T: Element>(
     base: &[T],
     taus: &[&[T]],
@@ -112,6 +131,15 @@ impl TiesParams {
 /// TIES elect and disjoint mean over already-trimmed task vectors (streamable):
 /// `s = sign(sum w_i tau_i)`; `mean = sum_{i: sign(tau_i) = s} w_i tau_i / sum_{same i} w_i`
 /// (0 where no model agrees); `out = base + lambda * mean`.
+///
+/// ```
+/// use kernels_core::ops::merge::ties_elect_ref;
+/// let (a, b) = ([1.0f32, -1.0, 0.0], [-3.0f32, -1.0, 2.0]);
+/// let mut out = [0.0f32; 3];
+/// ties_elect_ref(&[0.0f32; 3], &[&a, &b], &[1.0, 1.0], 1.0, &mut out)?;
+/// assert_eq!(out, [-3.0, -1.0, 2.0]); // element 0 elects the sign of 1 - 3
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 pub fn ties_elect_ref<T: Element>(
     base: &[T],
     trimmed: &[&[T]],
@@ -150,6 +178,14 @@ pub fn ties_elect_ref<T: Element>(
 }
 
 /// TIES trim: zero all but what `keep` keeps of `tau` by magnitude (ties by lower index).
+///
+/// ```
+/// use kernels_core::ops::{merge::ties_trim_ref, select::KeepRule};
+/// let mut out = [0.0f32; 4];
+/// ties_trim_ref(&[0.5f32, -2.0, 2.0, 0.1], KeepRule::Density(0.25), &mut out)?;
+/// assert_eq!(out, [0.0, -2.0, 0.0, 0.0]); // the tie at 2.0 goes to the lower index
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 #[cfg(feature = "alloc")]
 pub fn ties_trim_ref<T: Element>(tau: &[T], keep: KeepRule, out: &mut [f32]) -> Result<()> {
     check_len("out", tau.len(), out.len())?;
@@ -162,6 +198,17 @@ pub fn ties_trim_ref<T: Element>(tau: &[T], keep: KeepRule, out: &mut [f32]) -> 
 
 /// TIES merging of whole tensors: trim each task vector ([`ties_trim_ref`]), then elect and take
 /// the disjoint mean ([`ties_elect_ref`]).
+///
+/// ```
+/// use kernels_core::ops::{merge::{TiesParams, ties_ref}, select::KeepRule};
+/// let (a, b) = ([1.0f32, 0.1, -0.2], [-0.1f32, 0.3, -2.0]);
+/// let params = TiesParams::default().with_keep(KeepRule::Count(1)).with_lambda(0.5);
+/// let mut out = [0.0f32; 3];
+/// ties_ref(&[1.0f32; 3], &[&a, &b], &[1.0, 1.0], params, &mut out)?;
+/// // a keeps 1.0, b keeps -2.0: they no longer meet anywhere.
+/// assert_eq!(out, [1.5, 1.0, 0.0]);
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 #[cfg(feature = "alloc")]
 pub fn ties_ref<T: Element>(
     base: &[T],
@@ -229,6 +276,19 @@ impl<'a> FisherParams<'a> {
 /// Where every `w'_i F'_i` is zero the result is the plain weighted mean
 /// `sum w'_i theta_i / sum w'_i` (never 0/0). Negative Fisher entries are invalid data but are
 /// not scanned for; a floor makes them harmless.
+///
+/// ```
+/// use kernels_core::ops::merge::{FisherParams, fisher_merge_ref};
+/// let (theta_a, theta_b) = ([1.0f32, 1.0], [3.0f32, 3.0]);
+/// let (fisher_a, fisher_b) = ([1.0f32, 0.0], [3.0f32, 0.0]);
+/// let mut out = [0.0f32; 2];
+/// let params = FisherParams::default();
+/// fisher_merge_ref(&[&theta_a, &theta_b], &[&fisher_a, &fisher_b], &[1.0, 3.0], params, &mut out)?;
+/// // (1 * 1 * 1 + 3 * 3 * 3) / (1 * 1 + 3 * 3); element 1 has no Fisher mass anywhere: the plain
+/// // weighted mean.
+/// assert_eq!(out, [2.8, 2.5]);
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 pub fn fisher_merge_ref<T: Element>(
     thetas: &[&[T]],
     fishers: &[&[f32]],
@@ -264,11 +324,25 @@ pub fn fisher_merge_ref<T: Element>(
 
 /// `sum x^2` of a chunk in `f64`: stream it over every tensor of a model's Fisher to get
 /// `||F_i||_2^2` for [`FisherParams::with_normalization`].
+///
+/// ```
+/// use kernels_core::ops::merge::sum_squares_ref;
+/// let chunks: [&[f32]; 2] = [&[3.0], &[4.0, 0.0]];
+/// assert_eq!(chunks.iter().map(|c| sum_squares_ref(c)).sum::<f64>(), 25.0);
+/// ```
 pub fn sum_squares_ref<T: Element>(x: &[T]) -> f64 {
     x.iter().map(|v| v.to_f64() * v.to_f64()).sum()
 }
 
 /// Diagonal Fisher accumulation `fisher += scale * g^2`, `scale` finite and `>= 0`.
+///
+/// ```
+/// use kernels_core::ops::merge::fisher_accumulate_ref;
+/// let mut fisher = [1.0f32, 0.0];
+/// fisher_accumulate_ref(&mut fisher, &[2.0f32, -1.0], 0.5)?;
+/// assert_eq!(fisher, [3.0, 0.5]);
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 pub fn fisher_accumulate_ref<T: Element>(fisher: &mut [f32], grad: &[T], scale: f32) -> Result<()> {
     validate_fisher_accumulate(fisher.len(), grad.len(), scale)?;
     for (f, g) in fisher.iter_mut().zip(grad) {
@@ -298,6 +372,14 @@ pub enum DareRescale {
 /// use kernels_core::ops::merge::{DareParams, DareRescale};
 /// let params = DareParams::default().with_drop(0.5).with_seed(7).with_rescale(DareRescale::None);
 /// assert_eq!((params.drop, params.seed), (0.5, 7));
+/// params.validate()?;
+/// assert!(DareParams::default().with_drop(1.0).validate().is_err());
+/// // Element i is dropped iff its 24-bit draw is below the threshold: half of 2^24 here.
+/// assert_eq!(params.drop_threshold(), 1 << 23);
+/// let rng = kernels_core::CounterRng::new(params.seed);
+/// let kept = (0..10_000).filter(|&i| params.keeps(&rng, i)).count();
+/// assert!((4_500..5_500).contains(&kept));
+/// # Ok::<(), kernels_core::Error>(())
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[non_exhaustive]
@@ -378,6 +460,20 @@ impl DareParams {
 }
 
 /// DARE: `out_i = tau_i * scale` where element `first_index + i` survives, else 0.
+///
+/// ```
+/// use kernels_core::ops::merge::{DareParams, dare_ref};
+/// let tau = [1.0f32; 8];
+/// let params = DareParams::default().with_drop(0.5).with_seed(3);
+/// let (mut whole, mut halves) = ([0.0f32; 8], [0.0f32; 8]);
+/// dare_ref(&tau, params, 0, &mut whole)?;
+/// // Chunked by flat index, the same mask.
+/// dare_ref(&tau[..4], params, 0, &mut halves[..4])?;
+/// dare_ref(&tau[4..], params, 4, &mut halves[4..])?;
+/// assert_eq!(whole, halves);
+/// assert!(whole.iter().all(|&v| v == 0.0 || v == 2.0)); // survivors scaled by 1 / (1 - p)
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 pub fn dare_ref<T: Element>(
     tau: &[T],
     params: DareParams,
@@ -488,6 +584,16 @@ impl BreadcrumbsParams {
 
 /// Model Breadcrumbs: keep entries whose magnitude rank (descending, ties by lower index) lies in
 /// `[top, top + keep)` of [`BreadcrumbsParams::counts`]; zero the rest.
+///
+/// ```
+/// use kernels_core::ops::merge::{BreadcrumbsParams, breadcrumbs_ref};
+/// let tau = [0.1f32, -9.0, 0.5, 0.3, -0.2, 0.05, 0.4, 0.01, 0.6, -0.7];
+/// let mut out = [0.0f32; 10];
+/// // Drop the top 10 % (the outlier -9) and keep the next 30 %.
+/// breadcrumbs_ref(&tau, BreadcrumbsParams::new(0.3, 0.1), &mut out)?;
+/// assert_eq!(out, [0.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.6, -0.7]);
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 #[cfg(feature = "alloc")]
 pub fn breadcrumbs_ref<T: Element>(
     tau: &[T],

@@ -39,6 +39,16 @@ pub struct Qr<T = f64> {
 }
 
 /// Householder thin QR of `a` (reference, `f64`).
+///
+/// ```
+/// use kernels_core::{Mat, ops::project::householder_qr_ref};
+/// let a = Mat::from_fn(5, 3, |i, j| ((i + 1) * (j + 2)) as f64 + if i == j { 1.0 } else { 0.0 });
+/// let qr = householder_qr_ref(a.as_ref())?;
+/// assert!(qr.q.matmul(&qr.r).distance(&a) < 1e-12 * a.frobenius_norm());
+/// assert!(qr.q.orthogonality_error() < 1e-12);
+/// assert!(qr.r.at(0, 0) > 0.0 && qr.r.at(1, 0) == 0.0); // upper triangular, positive diagonal
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 pub fn householder_qr_ref<T: Real>(a: MatRef<'_, T>) -> Result<Qr> {
     check_finite_mat("a", a)?;
     Ok(householder_qr_f64(&Mat::widen(a)))
@@ -137,6 +147,17 @@ pub(crate) fn householder_qr_pivoted(a: &Mat<f64>, pivot: bool) -> (Qr, Vec<usiz
 pub const CGS2_DEPENDENCE_TOLERANCE: f64 = 1e-10;
 
 /// CGS2 thin QR of a tall-skinny full-rank `a` (`m >= n`; reference, `f64`).
+///
+/// ```
+/// use kernels_core::{Mat, MatRef, ops::project::cgs2_ref};
+/// let a = [3.0f64, 1.0, 4.0, 2.0, 0.0, 2.0]; // 3 x 2
+/// let qr = cgs2_ref(MatRef::from_slice(&a, 3, 2)?)?;
+/// assert!((qr.r.at(0, 0) - 5.0).abs() < 1e-15);
+/// // Dependent columns are an error, not a basis of noise.
+/// let dependent = [1.0f64, 2.0, 2.0, 4.0, 3.0, 6.0];
+/// assert!(cgs2_ref(MatRef::from_slice(&dependent, 3, 2)?).is_err());
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 pub fn cgs2_ref<T: Real>(a: MatRef<'_, T>) -> Result<Qr> {
     validate_cgs2(a.shape())?;
     check_finite_mat("a", a)?;
@@ -200,6 +221,16 @@ fn project<Q: Real, X: Real>(
 }
 
 /// `out = X - Q (Q^T X)`: the part of `X` orthogonal to the columns of `Q`.
+///
+/// ```
+/// use kernels_core::{MatMut, MatRef, ops::project::project_out_ref};
+/// let q = [0.6f64, 0.8]; // one unit column
+/// let x = [1.0f64, 0.0];
+/// let mut out = [0.0f32; 2];
+/// project_out_ref(MatRef::from_slice(&q, 2, 1)?, MatRef::from_slice(&x, 2, 1)?, MatMut::from_slice(&mut out, 2, 1)?)?;
+/// assert_eq!(out, [0.64, -0.48]);
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 pub fn project_out_ref<Q: Real, X: Real>(
     q: MatRef<'_, Q>,
     x: MatRef<'_, X>,
@@ -209,6 +240,16 @@ pub fn project_out_ref<Q: Real, X: Real>(
 }
 
 /// `out = Q (Q^T X)`: the part of `X` in the span of the columns of `Q`.
+///
+/// ```
+/// use kernels_core::{MatMut, MatRef, ops::project::project_onto_ref};
+/// let q = [0.6f64, 0.8]; // one unit column
+/// let x = [1.0f64, 0.0];
+/// let mut out = [0.0f32; 2];
+/// project_onto_ref(MatRef::from_slice(&q, 2, 1)?, MatRef::from_slice(&x, 2, 1)?, MatMut::from_slice(&mut out, 2, 1)?)?;
+/// assert_eq!(out, [0.36, 0.48]);
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 pub fn project_onto_ref<Q: Real, X: Real>(
     q: MatRef<'_, Q>,
     x: MatRef<'_, X>,

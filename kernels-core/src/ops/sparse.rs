@@ -7,7 +7,7 @@
 //! * An activation `v` is **active** under threshold `t` iff `!(|v| <= t)`: `|v| > t` for
 //!   numbers, and NaN is always active so that it propagates into the result instead of being
 //!   silently dropped. `t <= 0` keeps every non-zero entry, so it computes the dense product;
-//!   `t = +inf` keeps only NaNs. A NaN threshold is an [`Error::InvalidParam`].
+//!   `t = +inf` keeps only NaNs. A NaN threshold is an [`Error::InvalidParam`](crate::Error::InvalidParam).
 //! * Skipped rows are never read (the CPU suite proves it with an instrumented view).
 //! * Infinite or NaN weights and activations propagate as IEEE 754 says; nothing is rejected.
 //!
@@ -27,12 +27,26 @@ use crate::error::check_param;
 use crate::{Element, MatRef, Real, Result};
 
 /// `silu(g) = g / (1 + e^-g)`, in `f64` (the reference form).
+///
+/// ```
+/// use kernels_core::ops::sparse::{silu_f32, silu_f64};
+/// assert_eq!(silu_f64(0.0), 0.0);
+/// assert!((silu_f64(2.0) - 2.0 / (1.0 + (-2.0f64).exp())).abs() < 1e-15);
+/// assert!((f64::from(silu_f32(2.0)) - silu_f64(2.0)).abs() < 1e-6);
+/// ```
 #[must_use]
 pub fn silu_f64(g: f64) -> f64 {
     g / (1.0 + libm::exp(-g))
 }
 
-/// Whether activation `v` survives threshold `t` (see the module contract).
+/// Whether activation `v` survives threshold `t` (see the module contract): `!(|v| <= t)`, so
+/// strictly above it, or NaN. `t = 0` skips exact zeros only; a negative `t` keeps everything.
+///
+/// ```
+/// use kernels_core::ops::sparse::is_active;
+/// assert!(is_active(0.3, 0.2) && is_active(-0.3, 0.2) && !is_active(0.2, 0.2));
+/// assert!(!is_active(0.0, 0.0) && is_active(0.0, -1.0) && is_active(f32::NAN, 1e30));
+/// ```
 #[inline(always)]
 #[must_use]
 pub fn is_active(v: f32, t: f32) -> bool {
@@ -58,6 +72,16 @@ fn dot_ref<T: Element>(row: &[T], x: &[f32]) -> f64 {
 }
 
 /// Dense GEMV `y = W x` with `W` of shape `[out, in]`.
+///
+/// ```
+/// use kernels_core::{MatRef, ops::sparse::gemv_ref};
+/// let w = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]; // [[1, 2, 3], [4, 5, 6]]
+/// let mut y = [0.0f32; 2];
+/// gemv_ref(MatRef::from_slice(&w, 2, 3)?, &[1.0, 0.0, -1.0], &mut y)?;
+/// assert_eq!(y, [-2.0, -2.0]);
+/// assert!(gemv_ref(MatRef::from_slice(&w, 2, 3)?, &[1.0], &mut y).is_err()); // x too short
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 pub fn gemv_ref<T: Element>(w: MatRef<'_, T>, x: &[f32], y: &mut [f32]) -> Result<()> {
     validate_gemv(w.shape(), x.len(), y.len())?;
     for (yi, row) in y.iter_mut().zip(w.row_iter()) {
@@ -67,6 +91,15 @@ pub fn gemv_ref<T: Element>(w: MatRef<'_, T>, x: &[f32], y: &mut [f32]) -> Resul
 }
 
 /// Dense GEMV through the transposed layout: `y = W_t^T x` with `W_t` of shape `[in, out]`.
+///
+/// ```
+/// use kernels_core::{MatRef, ops::sparse::gemv_t_ref};
+/// let w_t = [1.0f32, 4.0, 2.0, 5.0, 3.0, 6.0]; // [in = 3, out = 2]
+/// let mut y = [0.0f32; 2];
+/// gemv_t_ref(MatRef::from_slice(&w_t, 3, 2)?, &[1.0, 0.0, -1.0], &mut y)?;
+/// assert_eq!(y, [-2.0, -2.0]);
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 #[cfg(feature = "alloc")]
 pub fn gemv_t_ref<T: Element>(w_t: MatRef<'_, T>, x: &[f32], y: &mut [f32]) -> Result<()> {
     sparse_input_gemv_ref(w_t, x, f32::NEG_INFINITY, y)
@@ -100,6 +133,16 @@ pub fn sparse_input_gemv_ref<T: Element>(
 /// Gathered-output GEMV: `out[j] = w[rows[j], :] . x` for the listed rows of `w` `[out, in]`.
 ///
 /// Row indices may repeat and come in any order; one past the end is an error.
+///
+/// ```
+/// use kernels_core::{MatRef, ops::sparse::gathered_gemv_ref};
+/// let w = MatRef::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], 3, 2)?;
+/// let mut out = [0.0f32; 3];
+/// gathered_gemv_ref(w, &[1.0, 1.0], &[2, 0, 2], &mut out)?;
+/// assert_eq!(out, [11.0, 3.0, 11.0]);
+/// assert!(gathered_gemv_ref(w, &[1.0, 1.0], &[3], &mut out[..1]).is_err());
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 pub fn gathered_gemv_ref<T: Element>(
     w: MatRef<'_, T>,
     x: &[f32],
@@ -125,6 +168,18 @@ pub fn silu_f32(g: f32) -> f32 {
 
 /// Weights of a CATS MLP, each `[intermediate, hidden]`, in any backend's matrix type: `M` is a
 /// [`MatRef`] on the CPU and a device tensor on the GPU.
+///
+/// ```
+/// use kernels_core::{MatRef, ops::sparse::CatsMlpWeights};
+/// let (gate, up, down_t) = ([0.0f32; 6], [0.0f32; 6], [0.0f32; 6]);
+/// let weights = CatsMlpWeights {
+///     gate: MatRef::from_slice(&gate, 3, 2)?,
+///     up: MatRef::from_slice(&up, 3, 2)?,
+///     down_t: MatRef::from_slice(&down_t, 3, 2)?,
+/// };
+/// assert_eq!(weights.map(MatRef::shape).gate, [3, 2]);
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CatsMlpWeights<M> {
     /// `W_gate` in the `nn.Linear` layout (read densely).
@@ -147,6 +202,18 @@ impl<M> CatsMlpWeights<M> {
 }
 
 /// Weights of a TEAL MLP, every projection read by its input index, in any backend's matrix type.
+///
+/// ```
+/// use kernels_core::{MatRef, ops::sparse::TealMlpWeights};
+/// let (gate_t, up_t, down_t) = ([0.0f32; 6], [0.0f32; 6], [0.0f32; 6]);
+/// let weights = TealMlpWeights {
+///     gate_t: MatRef::from_slice(&gate_t, 2, 3)?,
+///     up_t: MatRef::from_slice(&up_t, 2, 3)?,
+///     down_t: MatRef::from_slice(&down_t, 3, 2)?,
+/// };
+/// assert_eq!(weights.map(MatRef::shape).down_t, [3, 2]);
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TealMlpWeights<M> {
     /// `W_gate` transposed, `[hidden, intermediate]`.
@@ -206,6 +273,12 @@ pub struct MlpReport {
 #[cfg(feature = "alloc")]
 impl MlpReport {
     /// Fraction of intermediate rows skipped, in `[0, 1]`.
+    ///
+    /// ```
+    /// use kernels_core::ops::sparse::MlpReport;
+    /// let report = MlpReport { active: vec![0, 5], intermediate: 8 };
+    /// assert_eq!(report.sparsity(), 0.75);
+    /// ```
     #[must_use]
     pub fn sparsity(&self) -> f64 {
         if self.intermediate == 0 {
@@ -221,6 +294,24 @@ impl MlpReport {
 /// `g = W_gate x`, `a = silu(g)`, active set `A_b = {i : a_bi active under t}` per sample, and
 /// `y_b = sum over i in A_b of a_bi (W_up[i, :] . x_b) W_down_t[i, :]`. A sample's result does not
 /// depend on its batch mates; a row is read once if any sample keeps it.
+///
+/// ```
+/// use kernels_core::{MatMut, MatRef, ops::sparse::{CatsMlpWeights, cats_mlp_ref}};
+/// // hidden = 2, intermediate = 2: gate row 1 gives g = 0, so a = silu(0) = 0 is inactive.
+/// let (gate, up, down_t) = ([1.0f32, 0.0, 0.0, 0.0], [1.0f32, 1.0, 1.0, 1.0], [1.0f32, 2.0, 3.0, 4.0]);
+/// let weights = CatsMlpWeights {
+///     gate: MatRef::from_slice(&gate, 2, 2)?,
+///     up: MatRef::from_slice(&up, 2, 2)?,
+///     down_t: MatRef::from_slice(&down_t, 2, 2)?,
+/// };
+/// let x = [2.0f32, 1.0];
+/// let mut y = [0.0f32; 2];
+/// let report = cats_mlp_ref(MatRef::from_slice(&x, 1, 2)?, weights, 0.0, MatMut::from_slice(&mut y, 1, 2)?)?;
+/// assert_eq!(report.active, [0]);
+/// let h = 2.0 / (1.0 + (-2.0f64).exp()) * 3.0; // silu(2) * (up[0] . x)
+/// assert!((f64::from(y[0]) - h).abs() < 1e-6 && (f64::from(y[1]) - 2.0 * h).abs() < 1e-6);
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 #[cfg(feature = "alloc")]
 pub fn cats_mlp_ref<T: Element>(
     x: MatRef<'_, f32>,
@@ -267,6 +358,21 @@ fn report_from(read: &[bool]) -> MlpReport {
 /// `g = sparse(W_gate_t, x, t_gate_up)`, `u = sparse(W_up_t, x, t_gate_up)`, `h = silu(g) * u`,
 /// `y = sparse(W_down_t, h, t_down)`, where `sparse` is [`sparse_input_gemv_ref`]. The report
 /// lists the rows of `W_down_t` read (the active entries of `h`, over the batch).
+///
+/// ```
+/// use kernels_core::{MatMut, MatRef, ops::sparse::{TealMlpWeights, TealThresholds, teal_mlp_ref}};
+/// // hidden = 2, intermediate = 2, identity projections: h = silu(x) * x.
+/// let identity = [1.0f32, 0.0, 0.0, 1.0];
+/// let eye = MatRef::from_slice(&identity, 2, 2)?;
+/// let weights = TealMlpWeights { gate_t: eye, up_t: eye, down_t: eye };
+/// let x = [3.0f32, 0.1]; // 0.1 is below the gate/up threshold: skipped
+/// let mut y = [0.0f32; 2];
+/// let thresholds = TealThresholds::new(0.5, 0.0);
+/// let report = teal_mlp_ref(MatRef::from_slice(&x, 1, 2)?, weights, thresholds, MatMut::from_slice(&mut y, 1, 2)?)?;
+/// assert_eq!(report.active, [0]);
+/// assert_eq!(y[1], 0.0);
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 #[cfg(feature = "alloc")]
 pub fn teal_mlp_ref<T: Element>(
     x: MatRef<'_, f32>,
@@ -298,6 +404,13 @@ pub fn teal_mlp_ref<T: Element>(
 
 /// The ideal speed-up of a memory-bound MLP with a dense gate when a fraction `sparsity` of the
 /// up and down rows is skipped: `1 / (1/3 + (2/3)(1 - s))` (1.5x at 50 %, 3x as `s -> 1`).
+///
+/// ```
+/// use kernels_core::ops::sparse::ideal_mlp_speedup;
+/// assert!((ideal_mlp_speedup(0.5)? - 1.5).abs() < 1e-12);
+/// assert!(ideal_mlp_speedup(1.5).is_err());
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 pub fn ideal_mlp_speedup(sparsity: f64) -> Result<f64> {
     check_param(
         "sparsity",
@@ -312,7 +425,17 @@ pub fn ideal_mlp_speedup(sparsity: f64) -> Result<f64> {
 /// with `#{|a| <= t} / n >= k`, i.e. the `ceil(k n)`-th smallest `|a|` (0 when `k = 0`), over
 /// `samples` taken as one vector (a calibration set collected batch by batch).
 ///
-/// `k` in `[0, 1]`; samples must be finite and not all empty.
+/// `k` in `[0, 1]`; samples must be finite and not all empty. Used as a threshold, the strict
+/// activity rule ([`is_active`]) then skips exactly the samples with `|a| <= t`.
+///
+/// ```
+/// use kernels_core::ops::sparse::calibrate_threshold_ref;
+/// let batches: [&[f32]; 2] = [&[0.5, -0.1, 0.3], &[-0.9, 0.2]];
+/// assert_eq!(calibrate_threshold_ref(&batches, 0.5)?, 0.3); // 3 of 5 have |a| <= 0.3
+/// assert_eq!(calibrate_threshold_ref(&batches, 0.0)?, 0.0);
+/// assert!(calibrate_threshold_ref(&batches, 1.5).is_err());
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 #[cfg(feature = "alloc")]
 pub fn calibrate_threshold_ref(samples: &[&[f32]], k: f64) -> Result<f32> {
     let n: usize = samples.iter().map(|s| s.len()).sum();

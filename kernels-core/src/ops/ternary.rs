@@ -27,8 +27,15 @@ use crate::{MultiPass, format, ops::select::TopKApplier};
 ///
 /// ```
 /// use kernels_core::ops::{select::KeepRule, ternary::CompeftParams};
+/// use kernels_core::ops::ternary::Moments;
 /// let params = CompeftParams::default().with_keep(KeepRule::Density(0.05)).with_alpha(2.0);
 /// assert_eq!((params.keep, params.alpha), (KeepRule::Density(0.05), 2.0));
+/// params.validate()?;
+/// assert!(CompeftParams::default().with_alpha(f32::NAN).validate().is_err());
+/// let mut moments = Moments::default();
+/// moments.observe(&[1.0f32, -1.0, 1.0, -1.0]); // std = sqrt(4 / 3)
+/// assert!((f64::from(params.scale(&moments)) - 2.0 * (4.0f64 / 3.0).sqrt()).abs() < 1e-6);
+/// # Ok::<(), kernels_core::Error>(())
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[non_exhaustive]
@@ -83,6 +90,22 @@ impl CompeftParams {
 
 /// Running count, mean and sum of squared deviations (Chan et al.'s pairwise update), so a std
 /// over many chunks is as accurate as over one.
+///
+/// ```
+/// use kernels_core::ops::ternary::Moments;
+/// let (mut whole, mut first, mut second) = (Moments::default(), Moments::default(), Moments::default());
+/// whole.observe(&[1.0f32, 2.0, 3.0, 4.0]);
+/// first.observe(&[1.0f32, 2.0]);
+/// second.observe(&[3.0f32, 4.0]);
+/// first.combine(&second); // what two threads' blocks merge into
+/// assert_eq!((first.count(), first.mean()), (4, 2.5));
+/// assert!((first.std() - whole.std()).abs() < 1e-15);
+/// // A backend's per-block statistics: 2 entries, mean 3.5, sum of squared deviations 0.5.
+/// let mut blocks = Moments::default();
+/// blocks.combine(&Moments::from_stats(2, 1.5, 0.5));
+/// blocks.combine(&Moments::from_stats(2, 3.5, 0.5));
+/// assert!((blocks.std() - whole.std()).abs() < 1e-15);
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Moments {
     count: u64,
@@ -227,6 +250,16 @@ impl MultiPass for Compeft {
 }
 
 /// Codes tensors in flat order under a [`CompeftCut`] (reference).
+///
+/// ```
+/// use kernels_core::format::{self, TernaryLayout};
+/// use kernels_core::ops::{select::KeepRule, ternary::{CompeftEncoder, CompeftParams, compeft_ref}};
+/// let tau = [0.5f32, -3.0, 1.0, 2.0];
+/// let (decided, _) = compeft_ref(&[&tau], CompeftParams::default().with_keep(KeepRule::Count(2)))?;
+/// let bytes = CompeftEncoder::new(&decided).encode(&tau, &[2, 2], TernaryLayout::Dense2Bit)?;
+/// assert_eq!(format::decode(&bytes, 4)?.1, [0, -1, 0, 1]);
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 #[cfg(feature = "alloc")]
 #[derive(Clone, Debug)]
 pub struct CompeftEncoder {
@@ -275,6 +308,16 @@ impl CompeftEncoder {
 
 /// ComPEFT of a whole model held in memory (reference): the decision and one code vector per
 /// slice.
+///
+/// ```
+/// use kernels_core::ops::{select::KeepRule, ternary::{CompeftParams, compeft_ref}};
+/// let tensors: [&[f32]; 2] = [&[0.5, -3.0, 1.0], &[2.0, -0.25, 0.0]];
+/// let params = CompeftParams::default().with_keep(KeepRule::Density(0.5)).with_alpha(1.0);
+/// let (decided, codes) = compeft_ref(&tensors, params)?;
+/// assert_eq!(codes, [vec![0, -1, 1], vec![1, 0, 0]]);
+/// assert_eq!((decided.cut.magnitude, decided.total), (1.0, 6));
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 #[cfg(feature = "alloc")]
 pub fn compeft_ref<T: Element>(
     taus: &[&[T]],
@@ -312,6 +355,15 @@ pub fn compeft_ref<T: Element>(
 
 /// Ternary GEMV: `y_r = scale * (sum of x over +1 codes of row r - sum over -1 codes)`,
 /// codes `[out, in]`.
+///
+/// ```
+/// use kernels_core::{MatRef, ops::ternary::ternary_gemv_ref};
+/// let codes = [1i8, 0, -1, 1]; // [[1, 0], [-1, 1]]
+/// let mut y = [0.0f32; 2];
+/// ternary_gemv_ref(MatRef::from_slice(&codes, 2, 2)?, 0.5, &[2.0, 4.0], &mut y)?;
+/// assert_eq!(y, [1.0, 1.0]);
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 pub fn ternary_gemv_ref(codes: MatRef<'_, i8>, scale: f32, x: &[f32], y: &mut [f32]) -> Result<()> {
     check_len("x", codes.cols(), x.len())?;
     check_len("y", codes.rows(), y.len())?;
@@ -329,6 +381,15 @@ pub fn ternary_gemv_ref(codes: MatRef<'_, i8>, scale: f32, x: &[f32], y: &mut [f
 }
 
 /// Decompress and add: `theta_i += lambda * scale * code_i`, rounded once to `T`.
+///
+/// ```
+/// use kernels_core::ops::ternary::ternary_add_ref;
+/// let mut theta = [1.0f32, 1.0, 1.0];
+/// ternary_add_ref(&mut theta, &[1, 0, -1], 0.25, 2.0)?;
+/// assert_eq!(theta, [1.5, 1.0, 0.5]);
+/// assert!(ternary_add_ref(&mut theta, &[2, 0, 0], 0.25, 2.0).is_err()); // not a ternary code
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 pub fn ternary_add_ref<T: Element>(
     theta: &mut [T],
     codes: &[i8],

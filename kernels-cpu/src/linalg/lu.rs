@@ -142,6 +142,21 @@ fn factor_panel(w: &mut Mat<f32>, perm: &mut [usize], start: usize, nb: usize) {
 /// `|d| <= max(pivot_guard, k eps) * max|A|` (or zero) is [`Error::Singular`]: in `f32` the
 /// pivot of an exactly singular matrix is rounding noise of about `k eps max|A|`
 /// (`k = min(m, n)`, `eps = f32::EPSILON`), so a smaller guard could not see it.
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// let cpu = Cpu::detect();
+/// let a = [2.0f32, 4.0, 1.0, 5.0]; // [[2, 4], [1, 5]]
+/// let factors = ldu(&cpu, MatRef::from_slice(&a, 2, 2)?, LuParams::default())?;
+/// assert_eq!(factors.perm, [0, 1]);
+/// assert_eq!(factors.d, [2.0, 3.0]); // U1 has a unit diagonal
+/// assert_eq!(factors.u.at(0, 1), 2.0);
+/// // A singular matrix is an error, not a factorisation of noise.
+/// let singular = [1.0f32, 2.0, 2.0, 4.0];
+/// let result = ldu(&cpu, MatRef::from_slice(&singular, 2, 2)?, LuParams::default());
+/// assert!(matches!(result, Err(Error::Singular { .. })));
+/// # Ok::<(), Error>(())
+/// ```
 pub fn ldu<T: Element>(cpu: &Cpu, a: MatRef<'_, T>, params: LuParams) -> Result<Ldu<f32>> {
     if !(params.pivot_guard.is_finite() && params.pivot_guard >= 0.0) {
         return Err(Error::InvalidParam {

@@ -266,6 +266,15 @@ pub fn householder_qr<T: Element>(cpu: &Cpu, a: MatRef<'_, T>) -> Result<Qr<f32>
 /// orthogonalised against the previous ones by two GEMM passes, then among themselves, twice.
 /// A column whose norm falls below [`CGS2_DEPENDENCE_TOLERANCE`] of its original norm is
 /// [`Error::Singular`].
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// let a = [3.0f32, 1.0, 4.0, 2.0, 0.0, 2.0]; // 3 x 2
+/// let qr = cgs2(&Cpu::detect(), MatRef::from_slice(&a, 3, 2)?)?;
+/// assert!((qr.r.at(0, 0) - 5.0).abs() < 1e-6); // the norm of the first column
+/// assert!(Mat::widen(qr.q.as_ref()).orthogonality_error() < 1e-6);
+/// # Ok::<(), Error>(())
+/// ```
 pub fn cgs2<T: Element>(cpu: &Cpu, a: MatRef<'_, T>) -> Result<Qr<f32>> {
     validate_cgs2(a.shape())?;
     let (m, n) = (a.rows(), a.cols());
@@ -345,6 +354,17 @@ fn panel_columns(m: usize) -> usize {
 ///
 /// Fused: `X` is processed in column panels that stay in cache, so it is read from memory once
 /// and `out` written once; `Q^T X` never exists beyond one panel. On error `out` is unspecified.
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// let q = [1.0f32, 0.0, 0.0]; // the x axis, 3 x 1
+/// let x = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]; // 3 x 2
+/// let mut out = [0.0f32; 6];
+/// let (q, x) = (MatRef::from_slice(&q, 3, 1)?, MatRef::from_slice(&x, 3, 2)?);
+/// project_out(&Cpu::detect(), q, x, MatMut::from_slice(&mut out, 3, 2)?)?;
+/// assert_eq!(out, [0.0, 0.0, 3.0, 4.0, 5.0, 6.0]);
+/// # Ok::<(), Error>(())
+/// ```
 pub fn project_out<Q: Element, X: Element>(
     cpu: &Cpu,
     q: MatRef<'_, Q>,
@@ -356,6 +376,17 @@ pub fn project_out<Q: Element, X: Element>(
 
 /// `out = Q (Q^T X)`: the part of `X` in the span of the columns of `Q`; fused as
 /// [`project_out`].
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// let q = [1.0f32, 0.0, 0.0]; // the x axis, 3 x 1
+/// let x = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]; // 3 x 2
+/// let mut out = [0.0f32; 6];
+/// let (q, x) = (MatRef::from_slice(&q, 3, 1)?, MatRef::from_slice(&x, 3, 2)?);
+/// project_onto(&Cpu::detect(), q, x, MatMut::from_slice(&mut out, 3, 2)?)?;
+/// assert_eq!(out, [1.0, 2.0, 0.0, 0.0, 0.0, 0.0]);
+/// # Ok::<(), Error>(())
+/// ```
 pub fn project_onto<Q: Element, X: Element>(
     cpu: &Cpu,
     q: MatRef<'_, Q>,

@@ -355,6 +355,23 @@ pub fn thin_svd<T: Element>(cpu: &Cpu, a: MatRef<'_, T>) -> Result<Svd<f32>> {
 /// Randomized truncated SVD (Halko, Martinsson and Tropp): `rank + oversample` Gaussian probes
 /// (the same counter-based draws as the reference), `power_iterations` each re-orthonormalised
 /// by Householder QR, then the thin SVD of the projected `(rank + oversample) x n` matrix.
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// // A rank-2 matrix: its two singular values are found exactly (to f32 rounding).
+/// let a = Mat::from_fn(40, 30, |i, j| {
+///     3.0 * ((i % 5) as f32 - 2.0) * ((j % 3) as f32 - 1.0) + 0.5 * ((i % 2) as f32) * ((j % 7) as f32)
+/// });
+/// let cpu = Cpu::detect();
+/// let exact = thin_svd(&cpu, a.as_ref())?;
+/// let params = RsvdParams::new(2).with_oversample(4).with_power_iterations(1).with_seed(7);
+/// let svd = randomized_svd(&cpu, a.as_ref(), params)?;
+/// assert_eq!(svd.s.len(), 2);
+/// for (s, e) in svd.s.iter().zip(&exact.s) {
+///     assert!((s - e).abs() <= 1e-4 * exact.s[0]);
+/// }
+/// # Ok::<(), Error>(())
+/// ```
 pub fn randomized_svd<T: Element>(
     cpu: &Cpu,
     a: MatRef<'_, T>,
@@ -414,6 +431,16 @@ pub fn randomized_svd<T: Element>(
 /// for the Gram matrices (a few hundred rows) that low-rank methods form. The rotations run in
 /// `f64` on contiguous rows: a rotation updates rows `p` and `q`, and symmetry gives the two
 /// columns, so no pass strides down a column of the working matrix.
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// let s = [2.0f32, 1.0, 1.0, 2.0]; // eigenvalues 3 and 1
+/// let eigen = symmetric_eigen(MatRef::from_slice(&s, 2, 2)?)?;
+/// assert!((eigen.values[0] - 3.0).abs() < 1e-6 && (eigen.values[1] - 1.0).abs() < 1e-6);
+/// // The first eigenvector is (1, 1) / sqrt(2).
+/// assert!((eigen.vectors.at(0, 0) - eigen.vectors.at(1, 0)).abs() < 1e-6);
+/// # Ok::<(), Error>(())
+/// ```
 pub fn symmetric_eigen<T: Element>(s: MatRef<'_, T>) -> Result<SymmetricEigen<f32>> {
     let n = s.rows();
     s.expect_shape("s (square)", [n, n])?;
@@ -503,6 +530,17 @@ fn lora_from_svd(svd: &Svd<f32>, r: usize) -> Lora<f32> {
 
 /// LoRA extraction from the exact thin SVD: `B = U_r sqrt(S_r)`, `A = sqrt(S_r) V_r^T`, with `r`
 /// picked by `rank` (fixed, energy kept, or relative error).
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// // delta = b a^T with b = (1, 2, 3), a = (1, -1): rank one.
+/// let delta = Mat::from_fn(3, 2, |i, j| (i + 1) as f32 * if j == 0 { 1.0 } else { -1.0 });
+/// let lora = lora_extract(&Cpu::detect(), delta.as_ref(), LoraRank::Energy(0.99))?;
+/// assert_eq!((lora.b.shape(), lora.a.shape()), ([3, 1], [1, 2]));
+/// let product = Mat::widen(lora.b.as_ref()).matmul(&Mat::widen(lora.a.as_ref()));
+/// assert!(product.distance(&Mat::widen(delta.as_ref())) < 1e-5);
+/// # Ok::<(), Error>(())
+/// ```
 pub fn lora_extract<T: Element>(
     cpu: &Cpu,
     delta: MatRef<'_, T>,
@@ -516,6 +554,16 @@ pub fn lora_extract<T: Element>(
 
 /// LoRA extraction of rank `params.rank` from the randomized SVD: what large `delta`s
 /// (4096 x 11008 projections) call, at a fraction of the exact SVD's cost.
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// let delta = Mat::from_fn(30, 20, |i, j| ((i % 3) as f32 - 1.0) * ((j % 4) as f32 - 1.5));
+/// let lora = lora_extract_randomized(&Cpu::detect(), delta.as_ref(), RsvdParams::new(1))?;
+/// assert_eq!((lora.b.shape(), lora.a.shape()), ([30, 1], [1, 20]));
+/// let (b, a, delta) = (Mat::widen(lora.b.as_ref()), Mat::widen(lora.a.as_ref()), Mat::widen(delta.as_ref()));
+/// assert!(b.matmul(&a).distance(&delta) <= 1e-5 * delta.frobenius_norm());
+/// # Ok::<(), Error>(())
+/// ```
 pub fn lora_extract_randomized<T: Element>(
     cpu: &Cpu,
     delta: MatRef<'_, T>,
@@ -617,6 +665,10 @@ pub enum Centering {
 ///     pca.feed(&cpu, MatRef::from_slice(rows, 2, 2)?)?;
 /// }
 /// assert!(!pca.next_pass()?);
+/// assert_eq!(pca.rows_seen(), 4);
+/// assert_eq!(pca.singular_values().len(), 1);
+/// assert_eq!(pca.mean(), [0.0, 0.0]); // not centring
+/// assert_eq!(pca.components().shape(), [1, 2]);
 /// let components = pca.finish()?;
 /// assert!((components.at(0, 1) / components.at(0, 0) - 2.0).abs() < 1e-5);
 /// # Ok::<(), Error>(())

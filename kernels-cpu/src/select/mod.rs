@@ -4,8 +4,9 @@
 //! # Contracts
 //!
 //! Those of [`kernels_core::ops::select`], bit for bit: order by `|x|` through the integer image
-//! [`magnitude_key`], exactly `k` kept, ties by lower flat index, `0 <= k <= n`, any non-finite
-//! entry an [`Error::NonFinite`] naming its flat index.
+//! [`magnitude_key`](kernels_core::ops::select::magnitude_key), exactly `k` kept, ties by lower
+//! flat index, `0 <= k <= n`, any non-finite entry an [`Error::NonFinite`](kernels_core::Error::NonFinite)
+//! naming its flat index.
 //!
 //! # Algorithm
 //!

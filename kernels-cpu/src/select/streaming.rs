@@ -340,6 +340,19 @@ impl TopKApplier {
 
     /// The keep-mask of the next chunk (`mask.len() == ceil(chunk.len() / 64)`, bit `i % 64` of
     /// word `i / 64` for entry `i` of the chunk).
+    ///
+    /// ```
+    /// use kernels_cpu::prelude::*;
+    /// let cpu = Cpu::detect();
+    /// let tensors: [&[f32]; 2] = [&[0.5, -3.0, 1.0], &[2.0, -2.0]];
+    /// let mut applier = TopKApplier::new(&topk_cut(&cpu, &tensors, KeepRule::Count(2))?);
+    /// let (mut first, mut second) = ([0u64; 1], [0u64; 1]);
+    /// applier.mask(&cpu, tensors[0], &mut first)?;
+    /// applier.mask(&cpu, tensors[1], &mut second)?;
+    /// // The tie at 2.0 goes to the first in flat order.
+    /// assert_eq!((first, second), ([0b010], [0b01]));
+    /// # Ok::<(), Error>(())
+    /// ```
     pub fn mask<T: Element>(&mut self, cpu: &Cpu, chunk: &[T], mask: &mut [u64]) -> Result<()> {
         check_mask_len(chunk.len(), mask.len())?;
         let slices = [chunk];

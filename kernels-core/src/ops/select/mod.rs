@@ -28,6 +28,13 @@ use radix::{MagnitudeBracket, MagnitudeHistogram};
 
 /// The order-preserving `u32` image of `|x|`: for non-NaN `a`, `b`,
 /// `|a| < |b|` iff `magnitude_key(a) < magnitude_key(b)`.
+///
+/// ```
+/// use kernels_core::ops::select::magnitude_key;
+/// assert!(magnitude_key(-3.0) > magnitude_key(2.0));
+/// assert_eq!(magnitude_key(-0.0), magnitude_key(0.0));
+/// assert!(magnitude_key(f32::INFINITY) > magnitude_key(f32::MAX));
+/// ```
 #[inline(always)]
 #[must_use]
 pub fn magnitude_key(x: f32) -> u32 {
@@ -44,6 +51,9 @@ pub fn magnitude_key(x: f32) -> u32 {
 /// let above = KeepRule::Threshold(0.5).selection(10)?;
 /// assert_eq!(above, Selection::Cut(TopKCut { magnitude: 0.5, ties: 0 }));
 /// assert!(KeepRule::Count(11).selection(10).is_err());
+/// assert_eq!(KeepRule::Density(0.25).count(10)?, Some(2));
+/// assert_eq!(KeepRule::Threshold(0.5).count(10)?, None); // depends on the data
+/// assert!(KeepRule::Density(1.5).validate().is_err());
 /// # Ok::<(), kernels_core::Error>(())
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -133,6 +143,13 @@ impl TopKCut {
 /// let mut applier = TopKApplier::new(&TopKCut { magnitude: 1.0, ties: 1 });
 /// let kept: Vec<bool> = [1.0f32, 2.0, -1.0, 0.5].iter().map(|&x| applier.keeps(x)).collect();
 /// assert_eq!(kept, [true, true, false, false]);
+/// // Chunk by chunk, the same flat order.
+/// let mut applier = TopKApplier::new(&TopKCut { magnitude: 1.0, ties: 1 });
+/// let (mut first, mut second) = ([0.0f32; 1], [0.0f32; 3]);
+/// applier.keep(&[1.0f32], &mut first)?;
+/// applier.keep(&[2.0f32, -1.0, 0.5], &mut second)?;
+/// assert_eq!((first, second), ([1.0], [2.0, 0.0, 0.0]));
+/// # Ok::<(), kernels_core::Error>(())
 /// ```
 #[derive(Clone, Debug)]
 pub struct TopKApplier {
@@ -195,6 +212,15 @@ fn check_all_finite<T: Element>(slices: &[&[T]]) -> Result<u64> {
 
 /// Flat indices of what `keep` keeps of `slices` taken as one vector, ascending (reference: a
 /// sort by magnitude, descending, then by index).
+///
+/// ```
+/// use kernels_core::ops::select::{KeepRule, topk_indices_ref};
+/// let tensors: [&[f32]; 2] = [&[0.5, -3.0, 1.0], &[2.0, -2.0]];
+/// assert_eq!(topk_indices_ref(&tensors, KeepRule::Count(2))?, [1, 3]);
+/// assert_eq!(topk_indices_ref(&tensors, KeepRule::Threshold(0.9))?, [1, 2, 3, 4]);
+/// assert!(topk_indices_ref(&[&[f32::NAN][..]], KeepRule::Count(1)).is_err());
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 #[cfg(feature = "alloc")]
 pub fn topk_indices_ref<T: Element>(
     slices: &[&[T]],
@@ -223,6 +249,13 @@ pub fn topk_indices_ref<T: Element>(
 }
 
 /// What `keep` keeps of one slice, as a mask (`true` = kept).
+///
+/// ```
+/// use kernels_core::ops::select::{KeepRule, topk_mask_ref};
+/// let mask = topk_mask_ref(&[0.5f32, -3.0, 1.0, 2.0], KeepRule::Density(0.5))?;
+/// assert_eq!(mask, [false, true, false, true]);
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 #[cfg(feature = "alloc")]
 pub fn topk_mask_ref<T: Element>(x: &[T], keep: KeepRule) -> Result<alloc::vec::Vec<bool>> {
     let mut mask = alloc::vec![false; x.len()];
@@ -234,6 +267,15 @@ pub fn topk_mask_ref<T: Element>(x: &[T], keep: KeepRule) -> Result<alloc::vec::
 
 /// The [`TopKCut`] of what `keep` keeps of `slices` taken as one vector (reference: from
 /// [`topk_indices_ref`]).
+///
+/// ```
+/// use kernels_core::ops::select::{KeepRule, TopKCut, topk_cut_ref};
+/// let tensors: [&[f32]; 2] = [&[0.5, -3.0, 2.0], &[2.0, -2.0]];
+/// // Keep 3: -3 and the first two of the three entries of magnitude 2.
+/// assert_eq!(topk_cut_ref(&tensors, KeepRule::Count(3))?, TopKCut { magnitude: 2.0, ties: 2 });
+/// assert_eq!(topk_cut_ref(&tensors, KeepRule::Count(0))?, TopKCut::NONE);
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 #[cfg(feature = "alloc")]
 pub fn topk_cut_ref<T: Element>(slices: &[&[T]], keep: KeepRule) -> Result<TopKCut> {
     let kept = topk_indices_ref(slices, keep)?;
@@ -261,6 +303,14 @@ pub fn topk_cut_ref<T: Element>(slices: &[&[T]], keep: KeepRule) -> Result<TopKC
 }
 
 /// The k-th largest magnitude, `1 <= k <= n` (reference: a sort).
+///
+/// ```
+/// use kernels_core::ops::select::kth_largest_magnitude_ref;
+/// let tensors: [&[f32]; 2] = [&[0.5, -3.0], &[2.0]];
+/// assert_eq!(kth_largest_magnitude_ref(&tensors, 2)?, 2.0);
+/// assert!(kth_largest_magnitude_ref(&tensors, 0).is_err());
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 #[cfg(feature = "alloc")]
 pub fn kth_largest_magnitude_ref<T: Element>(slices: &[&[T]], k: u64) -> Result<f32> {
     check_param("k", k as f64, "at least 1", k >= 1)?;
@@ -279,6 +329,7 @@ pub fn kth_largest_magnitude_ref<T: Element>(slices: &[&[T]], k: u64) -> Result<
 ///     for t in tensors { topk.feed(t)?; }
 ///     if !topk.next_pass()? { break; }
 /// }
+/// assert_eq!(topk.total(), 5);
 /// let cut = topk.finish()?;
 /// assert_eq!((cut.magnitude, cut.ties), (2.0, 1));
 /// # Ok::<(), kernels_core::Error>(())

@@ -1,14 +1,23 @@
-//! The WGSL sources of the kernel family, one file per kernel family, and the variants a GPU
-//! backend selects from the adapter's features.
+//! The WGSL sources of the `kernels` family, one file per kernel family, and the variants a GPU
+//! backend selects from the adapter's features. `kernels-wgpu` builds its pipelines from them;
+//! a user who wants the kernels on a GPU wants that crate.
+//!
+//! ```
+//! use kernels_wgsl::{Family, ModuleSpec, Target};
+//! let spec = ModuleSpec::portable(Family::Gemv, Target::Browser);
+//! let wgsl = spec.source();
+//! assert!(wgsl.contains("fn column_sweep"));
+//! assert_eq!(spec.label(), "gemv");
+//! ```
 //!
 //! Every kernel family is a `&'static str` (`GEMV`, `MERGE`, ...). Sizes (workgroup size, tile
 //! shapes) and the element encoding are WGSL override constants, set when a pipeline is built;
 //! nothing is templated. What differs between variants is which fixed parts a module is made of
 //! and which `enable` directives it starts with, chosen by [`ModuleSpec`]:
 //!
-//! * **weights**: the portable variant binds weights as `array<u32>` and widens f16 and bf16 with
-//!   `unpack2x16float` and shifts ([`ELEMENTS`]); the `shader-f16` variant binds f16 weights as
-//!   `array<f16>`.
+//! * **weights**: the portable variant binds weights as `array<u32>` and widens f16 and bf16
+//!   exactly with integer operations ([`ELEMENTS`]; not `unpack2x16float`, which GL ES lacks and
+//!   which may flush subnormals); the `shader-f16` variant binds f16 weights as `array<f16>`.
 //! * **subgroups**: families with a subgroup kernel add it only where the adapter offers
 //!   subgroups; the portable kernels need neither feature.
 //! * **target**: WGSL for browsers must say `enable subgroups;` before using subgroup built-ins,
@@ -16,6 +25,10 @@
 //!
 //! `#![no_std]`: the crate is a set of string constants plus the code that joins them, which
 //! needs `alloc`.
+//!
+//! # Cargo features
+//!
+//! None.
 
 #![no_std]
 #![warn(missing_docs)]
@@ -83,8 +96,8 @@ pub enum Family {
 }
 
 impl Family {
-    /// Every family.
-    pub const ALL: [Self; 5] = [
+    /// Every family (a slice: the list may grow).
+    pub const ALL: &'static [Self] = &[
         Self::Gemv,
         Self::Merge,
         Self::Dare,
@@ -93,12 +106,22 @@ impl Family {
     ];
 
     /// Whether the family has an `array<f16>` weights variant.
+    ///
+    /// ```
+    /// # use kernels_wgsl::Family;
+    /// assert!(Family::Gemv.has_f16_variant() && !Family::Merge.has_f16_variant());
+    /// ```
     #[must_use]
     pub const fn has_f16_variant(self) -> bool {
         matches!(self, Self::Gemv)
     }
 
     /// Whether the family has subgroup kernels.
+    ///
+    /// ```
+    /// # use kernels_wgsl::Family;
+    /// assert!(Family::Gemv.has_subgroup_variant() && !Family::Select.has_subgroup_variant());
+    /// ```
     #[must_use]
     pub const fn has_subgroup_variant(self) -> bool {
         matches!(self, Self::Gemv)
@@ -120,6 +143,12 @@ pub struct ModuleSpec {
 
 impl ModuleSpec {
     /// The portable module of `family` for `target`: neither `shader-f16` nor subgroups.
+    ///
+    /// ```
+    /// # use kernels_wgsl::{Family, ModuleSpec, Target};
+    /// let spec = ModuleSpec::portable(Family::Select, Target::Native);
+    /// assert!(!spec.native_f16 && !spec.subgroups);
+    /// ```
     #[must_use]
     pub const fn portable(family: Family, target: Target) -> Self {
         Self {
@@ -131,8 +160,14 @@ impl ModuleSpec {
     }
 
     /// Every variant of every family for `target`.
+    ///
+    /// ```
+    /// # use kernels_wgsl::{ModuleSpec, Target};
+    /// // Four variants of GEMV (f16 and subgroups, each on or off), one of each other family.
+    /// assert_eq!(ModuleSpec::all(Target::Native).count(), 8);
+    /// ```
     pub fn all(target: Target) -> impl Iterator<Item = Self> {
-        Family::ALL.into_iter().flat_map(move |family| {
+        Family::ALL.iter().flat_map(move |&family| {
             [(false, false), (true, false), (false, true), (true, true)]
                 .into_iter()
                 .filter(move |&(f16, subgroups)| {
@@ -149,6 +184,12 @@ impl ModuleSpec {
     }
 
     /// A label naming the module and its variant, e.g. `"gemv+f16+subgroups"`.
+    ///
+    /// ```
+    /// # use kernels_wgsl::{Family, ModuleSpec, Target};
+    /// let spec = ModuleSpec { native_f16: true, ..ModuleSpec::portable(Family::Gemv, Target::Native) };
+    /// assert_eq!(spec.label(), "gemv+f16");
+    /// ```
     #[must_use]
     pub fn label(&self) -> String {
         let mut label = String::from(match self.family {
@@ -168,6 +209,14 @@ impl ModuleSpec {
     }
 
     /// The module's WGSL: directives, then [`ELEMENTS`], then the family's parts.
+    ///
+    /// ```
+    /// # use kernels_wgsl::{Family, ModuleSpec, Target};
+    /// let browser = ModuleSpec { subgroups: true, ..ModuleSpec::portable(Family::Gemv, Target::Browser) };
+    /// assert!(browser.source().starts_with("enable subgroups;"));
+    /// let native = ModuleSpec { target: Target::Native, ..browser };
+    /// assert!(!native.source().contains("enable subgroups;"));
+    /// ```
     #[must_use]
     pub fn source(&self) -> String {
         let native_f16 = self.native_f16 && self.family.has_f16_variant();
@@ -257,7 +306,7 @@ mod tests {
             );
         }
         // The portable modules need no capability at all.
-        for family in Family::ALL {
+        for &family in Family::ALL {
             let spec = ModuleSpec::portable(family, Target::Native);
             let module = naga::front::wgsl::parse_str(&spec.source()).expect("parses");
             Validator::new(ValidationFlags::all(), Capabilities::empty())
@@ -365,3 +414,8 @@ mod tests {
         }
     }
 }
+
+/// The crate's README, whose examples run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

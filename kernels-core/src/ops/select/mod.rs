@@ -572,6 +572,28 @@ mod tests {
         }
 
         #[test]
+        fn two_pass_quantile_equals_sorted_quantile(x in values(), k in 0.0f64..=1.0) {
+            prop_assume!(!x.is_empty());
+            // The calibration's route: pass 1 a histogram, pass 2 the bracket of rank ceil(k n).
+            let rank = crate::backend::quantile_rank(x.len() as u64, k).unwrap();
+            let streamed = if rank == 0 {
+                0.0
+            } else {
+                let mut histogram = MagnitudeHistogram::new();
+                for chunk in x.chunks(7) {
+                    histogram.observe(chunk).unwrap();
+                }
+                let mut bracket = histogram.kth_smallest(rank).unwrap();
+                for chunk in x.chunks(7) {
+                    bracket.observe(chunk).unwrap();
+                }
+                bracket.value().unwrap()
+            };
+            let expect = crate::ops::sparse::calibrate_threshold_ref(&[&x], k).unwrap();
+            prop_assert_eq!(streamed.to_bits(), expect.to_bits());
+        }
+
+        #[test]
         fn magnitude_key_preserves_order(a in any::<f32>(), b in any::<f32>()) {
             prop_assume!(!a.is_nan() && !b.is_nan());
             prop_assert_eq!(a.abs() < b.abs(), magnitude_key(a) < magnitude_key(b));

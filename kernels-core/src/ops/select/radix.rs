@@ -31,6 +31,19 @@ pub fn low_bin(key: u32) -> usize {
 
 /// Pass 1: a histogram of the top 15 bits of [`magnitude_key`] (sign cleared, so 2^15 bins), fed
 /// chunk by chunk. Memory: 256 KiB, whatever `n`.
+///
+/// ```
+/// use kernels_core::backend::MagnitudeHistogram;
+/// let chunks: [&[f32]; 2] = [&[0.5, -3.0, 1.0], &[2.0, -0.25]];
+/// let mut pass1 = MagnitudeHistogram::new();
+/// for c in chunks { pass1.observe(c)?; }
+/// assert_eq!(pass1.total(), 5);
+/// let mut pass2 = pass1.top_k(2)?; // the two largest magnitudes: 3 and 2
+/// for c in chunks { pass2.observe(c)?; }
+/// let cut = pass2.cut()?;
+/// assert_eq!((cut.magnitude, cut.ties, pass2.value()?), (2.0, 1, 2.0));
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct MagnitudeHistogram {
     counts: Vec<u64>,

@@ -11,7 +11,7 @@ use super::parts::Parts;
 use super::rank::{
     Bracket, Collect, Cut, PartCut, SAMPLE_RUN, SAMPLED_MIN, count_into, refine_into,
 };
-use super::{GROUP, INFINITY_KEY, apply_cuts, check_mask_len, map_parts, validate};
+use super::{GROUP, INFINITY_KEY, Keep, apply_cuts, check_mask_len, map_parts, validate};
 use crate::Cpu;
 
 /// Entries between the starts of two sample runs of a streamed vector.
@@ -355,37 +355,15 @@ impl TopKApplier {
     /// ```
     pub fn mask<T: Element>(&mut self, cpu: &Cpu, chunk: &[T], mask: &mut [u64]) -> Result<()> {
         check_mask_len(chunk.len(), mask.len())?;
-        let slices = [chunk];
-        let parts = Parts::new(cpu, &slices, GROUP);
-        let cut = self.chunk_cut(&parts);
-        let mut equal: Vec<Vec<(usize, u64)>> = parts.pieces.iter().map(|_| Vec::new()).collect();
-        let states = parts
-            .split(mask, GROUP)
-            .into_iter()
-            .zip(equal.iter_mut())
-            .collect();
-        apply_cuts(
+        self.apply_chunk(
             cpu,
-            &parts,
-            [&cut],
-            states,
+            chunk,
+            mask,
+            GROUP,
             #[inline(always)]
-            |(words, equal), at, _, keep| {
-                words[at / GROUP] = keep.bits[0];
-                if keep.run.equal != 0 {
-                    equal.push((at / GROUP, keep.run.equal));
-                }
-            },
-        )?;
-        let offsets = parts.bounds.iter().map(|r| r.start / GROUP);
-        self.settle(
-            equal
-                .iter()
-                .zip(offsets)
-                .flat_map(|(list, offset)| list.iter().map(move |&(w, bits)| (w + offset, bits))),
-            |w, bits| mask[w] &= !bits,
-        );
-        Ok(())
+            |words, at, _, keep| words[at / GROUP] = keep.bits[0],
+            |mask, w, bits| mask[w] &= !bits,
+        )
     }
 
     /// The next chunk with what the cut drops zeroed: `out = kept ? x : 0`, written as `O` (`T`
@@ -397,13 +375,50 @@ impl TopKApplier {
         out: &mut [O],
     ) -> Result<()> {
         super::check_out(chunk.len(), out.len())?;
+        let zero = O::from_f32(0.0);
+        self.apply_chunk(
+            cpu,
+            chunk,
+            out,
+            1,
+            #[inline(always)]
+            |out, at, run, keep| {
+                for (j, (o, t)) in out[at..at + run.len()].iter_mut().zip(run).enumerate() {
+                    *o = if (keep.bits[0] >> j) & 1 == 1 {
+                        O::from_f32(t.to_f32())
+                    } else {
+                        zero
+                    };
+                }
+            },
+            |out, w, mut bits| {
+                while bits != 0 {
+                    out[w * GROUP + bits.trailing_zeros() as usize] = zero;
+                    bits &= bits - 1;
+                }
+            },
+        )
+    }
+
+    /// Applies the cut to the next chunk: `write(part_out, at, run, keep)` for every run of up to
+    /// [`GROUP`] entries (each part writes its own slice of `out`, `per` entries to an item),
+    /// keeping every entry equal to the cut; then `drop(out, word, bits)` gives back the ties
+    /// beyond the cut's count, in flat order (word `w` covers entries `w * GROUP..`).
+    fn apply_chunk<T: Element, O: Send>(
+        &mut self,
+        cpu: &Cpu,
+        chunk: &[T],
+        out: &mut [O],
+        per: usize,
+        write: impl Fn(&mut [O], usize, &[T], Keep<1>) + Sync,
+        mut drop: impl FnMut(&mut [O], usize, u64),
+    ) -> Result<()> {
         let slices = [chunk];
         let parts = Parts::new(cpu, &slices, GROUP);
         let cut = self.chunk_cut(&parts);
-        let zero = O::from_f32(0.0);
         let mut equal: Vec<Vec<(usize, u64)>> = parts.pieces.iter().map(|_| Vec::new()).collect();
         let states = parts
-            .split(out, 1)
+            .split(out, per)
             .into_iter()
             .zip(equal.iter_mut())
             .collect();
@@ -413,14 +428,8 @@ impl TopKApplier {
             [&cut],
             states,
             #[inline(always)]
-            |(out, equal), at, run, keep| {
-                for (j, (o, t)) in out[at..at + run.len()].iter_mut().zip(run).enumerate() {
-                    *o = if (keep.bits[0] >> j) & 1 == 1 {
-                        O::from_f32(t.to_f32())
-                    } else {
-                        zero
-                    };
-                }
+            |(part, equal), at, run, keep| {
+                write(part, at, run, keep);
                 if keep.run.equal != 0 {
                     equal.push((at / GROUP, keep.run.equal));
                 }
@@ -432,12 +441,7 @@ impl TopKApplier {
                 .iter()
                 .zip(offsets)
                 .flat_map(|(list, offset)| list.iter().map(move |&(w, bits)| (w + offset, bits))),
-            |w, mut bits| {
-                while bits != 0 {
-                    out[w * GROUP + bits.trailing_zeros() as usize] = zero;
-                    bits &= bits - 1;
-                }
-            },
+            |w, bits| drop(out, w, bits),
         );
         Ok(())
     }

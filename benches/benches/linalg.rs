@@ -92,7 +92,7 @@ fn decaying(m: usize, n: usize, seed: u64) -> Mat<f32> {
     let g2 = faer::Mat::<f32>::from_fn(k, n, |i, j| {
         CounterRng::new(seed + 1).normal_at((i * n + j) as u64) as f32 / (n as f32).sqrt()
     });
-    let mut a = Mat::<f32>::zeros(m, n);
+    let mut a = Mat::<f32>::zeros(m, n).unwrap();
     let dst = faer::MatMut::from_row_major_slice_mut(a.as_mut_slice(), m, n);
     faer::linalg::matmul::matmul(
         dst,
@@ -168,7 +168,7 @@ fn group<'a>(
 fn gemm_reference(c: &mut Criterion, cpu: &Cpu, notes: &mut Notes) {
     let n = 2048;
     let (a, b) = (random(n, n, 1), random(n, n, 2));
-    let mut out = Mat::<f32>::zeros(n, n);
+    let mut out = Mat::<f32>::zeros(n, n).unwrap();
     let mut g = group(c, "linalg/gemm", 3);
     for (label, backend) in [
         ("faer", GemmBackend::Auto),
@@ -242,7 +242,7 @@ fn qr(c: &mut Criterion, cpu: &Cpu, notes: &mut Notes) {
 fn projections(c: &mut Criterion, cpu: &Cpu, notes: &mut Notes) {
     let (m, n) = (4096, 11008);
     let copies: Vec<Mat<f32>> = (0..3).map(|i| random(m, n, 10 + i)).collect();
-    let mut out = Mat::<f32>::zeros(m, n);
+    let mut out = Mat::<f32>::zeros(m, n).unwrap();
     for r in [16usize, 64, 256] {
         let q = linalg::householder_qr(cpu, random(m, r, 20).as_ref())
             .expect("basis")

@@ -27,6 +27,44 @@ pub use crate::rng::{
     PHILOX_MUL, PHILOX_ROUNDS, PHILOX_WEYL, WORDS_PER_BLOCK, philox4x32_10_lanes,
 };
 
+/// An empty vector with room for `len` elements, allocated fallibly: what every allocation whose
+/// size comes from input goes through, so a huge size is [`Error::OutOfMemory`] (naming `what`)
+/// instead of an abort.
+///
+/// ```
+/// use kernels_core::{Error, backend::try_vec};
+/// assert!(try_vec::<f32>("x", 4)?.capacity() >= 4);
+/// assert!(matches!(try_vec::<f32>("x", usize::MAX / 8), Err(Error::OutOfMemory { what: "x", .. })));
+/// # Ok::<(), Error>(())
+/// ```
+#[cfg(feature = "alloc")]
+pub fn try_vec<T>(what: &'static str, len: usize) -> Result<alloc::vec::Vec<T>> {
+    let mut v = alloc::vec::Vec::new();
+    match v.try_reserve_exact(len) {
+        Ok(()) => Ok(v),
+        Err(_) => Err(Error::OutOfMemory {
+            what,
+            bytes: (len as u64).saturating_mul(core::mem::size_of::<T>() as u64),
+        }),
+    }
+}
+
+/// Validates DARE's parameters and its elements' flat indices `first_index .. first_index + len`,
+/// whose last must not pass `u64::MAX` (the counter would wrap onto the tensor's first elements).
+pub fn validate_dare(
+    params: crate::ops::merge::DareParams,
+    first_index: u64,
+    len: usize,
+) -> Result<()> {
+    params.validate()?;
+    check_param(
+        "first_index",
+        first_index as f64,
+        "such that first_index + len - 1 <= u64::MAX",
+        (len as u64).saturating_sub(1) <= u64::MAX - first_index,
+    )
+}
+
 /// Validates a threshold: any number, including infinities, but not NaN.
 pub fn check_threshold(name: &'static str, t: f32) -> Result<()> {
     check_param(name, f64::from(t), "a number (not NaN)", !t.is_nan())
@@ -248,6 +286,14 @@ pub fn fisher_weight(weights: &[f32], params: FisherParams<'_>, i: usize) -> f32
         Some(norms) => (f64::from(weights[i]) / libm::sqrt(norms[i])) as f32,
         None => weights[i],
     }
+}
+
+/// A Fisher entry raised to the floor, `max(f, floor)`, except that NaN stays NaN (and makes the
+/// merged element NaN, as a NaN parameter would) instead of becoming the floor.
+#[inline(always)]
+#[must_use]
+pub fn floored_fisher(f: f32, floor: f32) -> f32 {
+    if f < floor { floor } else { f }
 }
 
 /// Validates Fisher merging; returns `sum w'_i` of the effective weights ([`fisher_weight`]).

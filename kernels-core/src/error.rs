@@ -86,7 +86,23 @@ pub enum Error {
         /// Index of the offending pivot.
         index: usize,
     },
-    /// A device (GPU) allocation failed: the device is out of memory.
+    /// A size computed from the arguments (the elements of a shape, the bytes of a buffer, the
+    /// workgroups of a dispatch) exceeds what this platform or device can address.
+    TooLarge {
+        /// What was being sized.
+        what: &'static str,
+        /// The most there can be, in `unit`s.
+        limit: u64,
+        /// What `limit` counts, e.g. `"elements"` or `"workgroups"`.
+        unit: &'static str,
+    },
+    /// A result of finite input is too large for its element type (the `R` of a QR of columns
+    /// whose norm exceeds `f32::MAX`, say): scale the input down.
+    Overflow {
+        /// The result that overflows.
+        what: &'static str,
+    },
+    /// An allocation (on the host or on a device) failed: not enough memory.
     OutOfMemory {
         /// What was being allocated.
         what: &'static str,
@@ -173,9 +189,18 @@ impl fmt::Display for Error {
                 "{what}: pivot {index} is below the small-pivot guard (the matrix is singular or \
                  nearly so)"
             ),
+            Self::TooLarge { what, limit, unit } => write!(
+                f,
+                "`{what}` needs more than {limit} {unit}, the most this platform or device allows"
+            ),
+            Self::Overflow { what } => write!(
+                f,
+                "`{what}` overflows its element type although the input is finite; scale the \
+                 input down"
+            ),
             Self::OutOfMemory { what, bytes } => write!(
                 f,
-                "allocating {bytes} bytes for `{what}` failed: the device is out of memory"
+                "allocating {bytes} bytes for `{what}` failed: not enough memory"
             ),
             Self::DeviceFailure { reason } => write!(f, "the device failed: {reason}"),
             Self::PassOrder { what, expected } => {

@@ -88,23 +88,33 @@ impl<'a, T> MatRef<'a, T> {
     /// ```
     pub fn new(data: &'a [T], rows: usize, cols: usize, row_stride: usize) -> Result<Self> {
         check_view("matrix", data.len(), rows, cols, row_stride)?;
-        Ok(Self {
+        Ok(Self::from_parts(data, rows, cols, row_stride))
+    }
+
+    /// The one place a view is assembled: an empty view (no rows or no columns) is normalised to
+    /// an empty buffer and a stride of `cols`, so no row address of it ever lies past its
+    /// buffer, whatever stride the caller gave (a `3 x 0` view with stride 1000 holds nothing).
+    fn from_parts(data: &'a [T], rows: usize, cols: usize, row_stride: usize) -> Self {
+        if rows == 0 || cols == 0 {
+            return Self {
+                data: &data[..0],
+                rows,
+                cols,
+                row_stride: cols,
+            };
+        }
+        Self {
             data,
             rows,
             cols,
             row_stride,
-        })
+        }
     }
 
     /// A view of a contiguous buffer holding exactly `rows * cols` elements.
     pub fn from_slice(data: &'a [T], rows: usize, cols: usize) -> Result<Self> {
         check_contiguous("matrix", data.len(), rows, cols)?;
-        Ok(Self {
-            data,
-            rows,
-            cols,
-            row_stride: cols,
-        })
+        Ok(Self::from_parts(data, rows, cols, cols))
     }
 
     /// Number of rows.
@@ -175,12 +185,12 @@ impl<'a, T> MatRef<'a, T> {
     /// ```
     pub fn submatrix(&self, row: usize, col: usize, rows: usize, cols: usize) -> Result<Self> {
         let start = block_start(self.shape(), self.row_stride, [row, col], [rows, cols])?;
-        Ok(Self {
-            data: &self.data[start.min(self.data.len())..],
+        Ok(Self::from_parts(
+            &self.data[start.min(self.data.len())..],
             rows,
             cols,
-            row_stride: self.row_stride,
-        })
+            self.row_stride,
+        ))
     }
 }
 
@@ -254,23 +264,31 @@ impl<'a, T> MatMut<'a, T> {
     /// A mutable view of `rows x cols` elements whose rows start `row_stride` elements apart.
     pub fn new(data: &'a mut [T], rows: usize, cols: usize, row_stride: usize) -> Result<Self> {
         check_view("output matrix", data.len(), rows, cols, row_stride)?;
-        Ok(Self {
+        Ok(Self::from_parts(data, rows, cols, row_stride))
+    }
+
+    /// As [`MatRef`]'s: the one place a mutable view is assembled, empty views normalised.
+    fn from_parts(data: &'a mut [T], rows: usize, cols: usize, row_stride: usize) -> Self {
+        if rows == 0 || cols == 0 {
+            return Self {
+                data: &mut data[..0],
+                rows,
+                cols,
+                row_stride: cols,
+            };
+        }
+        Self {
             data,
             rows,
             cols,
             row_stride,
-        })
+        }
     }
 
     /// A mutable view of a contiguous buffer holding exactly `rows * cols` elements.
     pub fn from_slice(data: &'a mut [T], rows: usize, cols: usize) -> Result<Self> {
         check_contiguous("output matrix", data.len(), rows, cols)?;
-        Ok(Self {
-            data,
-            rows,
-            cols,
-            row_stride: cols,
-        })
+        Ok(Self::from_parts(data, rows, cols, cols))
     }
 
     /// Number of rows.
@@ -354,12 +372,12 @@ impl<'a, T> MatMut<'a, T> {
     ) -> Result<MatMut<'a, T>> {
         let start = block_start(self.shape(), self.row_stride, [row, col], [rows, cols])?;
         let len = self.data.len();
-        Ok(MatMut {
-            data: &mut self.data[start.min(len)..],
+        Ok(MatMut::from_parts(
+            &mut self.data[start.min(len)..],
             rows,
             cols,
-            row_stride: self.row_stride,
-        })
+            self.row_stride,
+        ))
     }
 
     /// Rows `..at` and rows `at..` as two disjoint views (`at <= rows`).
@@ -374,19 +392,34 @@ impl<'a, T> MatMut<'a, T> {
         let split = (at * self.row_stride).min(self.data.len());
         let (top, bottom) = self.data.split_at_mut(split);
         Ok((
-            MatMut {
-                data: top,
-                rows: at,
-                cols: self.cols,
-                row_stride: self.row_stride,
-            },
-            MatMut {
-                data: bottom,
-                rows: self.rows - at,
-                cols: self.cols,
-                row_stride: self.row_stride,
-            },
+            MatMut::from_parts(top, at, self.cols, self.row_stride),
+            MatMut::from_parts(bottom, self.rows - at, self.cols, self.row_stride),
         ))
+    }
+}
+
+/// An empty buffer with room for `rows * cols` elements, or why there is none.
+#[cfg(feature = "alloc")]
+fn matrix_buffer<T>(rows: usize, cols: usize) -> Result<alloc::vec::Vec<T>> {
+    let len = rows.checked_mul(cols).ok_or(Error::TooLarge {
+        what: "matrix",
+        limit: usize::MAX as u64,
+        unit: "elements",
+    })?;
+    crate::backend::try_vec("matrix", len)
+}
+
+#[cfg(feature = "alloc")]
+fn fill_row_major<T>(
+    data: &mut alloc::vec::Vec<T>,
+    rows: usize,
+    cols: usize,
+    mut f: impl FnMut(usize, usize) -> T,
+) {
+    for i in 0..rows {
+        for j in 0..cols {
+            data.push(f(i, j));
+        }
     }
 }
 
@@ -394,7 +427,7 @@ impl<'a, T> MatMut<'a, T> {
 ///
 /// ```
 /// use kernels_core::{Mat, MatRef};
-/// let mut m = Mat::from_fn(2, 3, |i, j| (i * 3 + j) as f32);
+/// let mut m = Mat::from_fn(2, 3, |i, j| (i * 3 + j) as f32)?;
 /// assert_eq!((m.rows(), m.cols(), m.shape(), m.at(1, 2)), (2, 3, [2, 3], 5.0));
 /// *m.at_mut(0, 0) = -1.0;
 /// m.row_mut(1)[0] = 30.0;
@@ -406,7 +439,8 @@ impl<'a, T> MatMut<'a, T> {
 /// assert_eq!(m.transpose().shape(), [3, 2]);
 /// assert_eq!(m.leading_cols(1).as_slice(), [-1.0, 30.0]);
 /// assert_eq!(m.leading_rows(1).into_vec(), [-1.0, 10.0, 20.0]);
-/// assert_eq!(Mat::<f32>::zeros(2, 2).as_slice(), [0.0; 4]);
+/// assert_eq!(Mat::<f32>::zeros(2, 2)?.as_slice(), [0.0; 4]);
+/// assert!(Mat::<f32>::zeros(usize::MAX, 2).is_err()); // more elements than `usize` counts
 /// assert!(Mat::from_vec(vec![1.0f32; 5], 2, 3).is_err());
 /// // Column signs: each column's largest-magnitude entry made positive.
 /// let mut signs = Mat::from_vec(vec![1.0f32, 3.0, -2.0, 1.0], 2, 2)?;
@@ -415,11 +449,12 @@ impl<'a, T> MatMut<'a, T> {
 ///
 /// // In `f64`, the products and norms the references and tests use.
 /// let a = Mat::widen(MatRef::from_slice(&[3.0f32, 0.0, 4.0, 5.0], 2, 2)?);
-/// let q = Mat::identity(2);
-/// assert_eq!(q.matmul(&a), a);
-/// assert_eq!(q.t_matmul(&a), a);
-/// assert_eq!((a.frobenius_norm(), a.distance(&q)), (50f64.sqrt(), 6.0));
-/// assert_eq!(q.orthogonality_error(), 0.0);
+/// let q = Mat::identity(2)?;
+/// assert_eq!(q.matmul(&a)?, a);
+/// assert_eq!(q.t_matmul(&a)?, a);
+/// assert_eq!((a.frobenius_norm(), a.distance(&q)?), (50f64.sqrt(), 6.0));
+/// assert_eq!(q.orthogonality_error()?, 0.0);
+/// assert!(a.distance(&Mat::identity(3)?).is_err()); // shapes differ
 /// assert_eq!(a.to_f32().at(1, 1), 5.0f32);
 /// # Ok::<(), kernels_core::Error>(())
 /// ```
@@ -460,14 +495,12 @@ impl<T: Copy + Default + PartialOrd + core::ops::Neg<Output = T>> Mat<T> {
 
 #[cfg(feature = "alloc")]
 impl<T: Copy + Default> Mat<T> {
-    /// A `rows x cols` matrix of `T::default()` (zeros).
-    #[must_use]
-    pub fn zeros(rows: usize, cols: usize) -> Self {
-        Self {
-            data: alloc::vec![T::default(); rows * cols],
-            rows,
-            cols,
-        }
+    /// A `rows x cols` matrix of `T::default()` (zeros); [`Error::TooLarge`] if `rows * cols`
+    /// overflows `usize`, [`Error::OutOfMemory`] if the allocation fails.
+    pub fn zeros(rows: usize, cols: usize) -> Result<Self> {
+        let mut data = matrix_buffer(rows, cols)?;
+        data.resize(rows * cols, T::default());
+        Ok(Self { data, rows, cols })
     }
 
     /// A matrix from a row-major buffer of exactly `rows * cols` elements.
@@ -476,14 +509,18 @@ impl<T: Copy + Default> Mat<T> {
         Ok(Self { data, rows, cols })
     }
 
-    /// A matrix whose element `(i, j)` is `f(i, j)`.
-    pub fn from_fn(rows: usize, cols: usize, mut f: impl FnMut(usize, usize) -> T) -> Self {
+    /// A matrix whose element `(i, j)` is `f(i, j)`; fails as [`Mat::zeros`] does.
+    pub fn from_fn(rows: usize, cols: usize, f: impl FnMut(usize, usize) -> T) -> Result<Self> {
+        let mut data = matrix_buffer(rows, cols)?;
+        fill_row_major(&mut data, rows, cols, f);
+        Ok(Self { data, rows, cols })
+    }
+
+    /// [`Mat::from_fn`] for a shape no larger than a matrix that already exists, whose element
+    /// count therefore fits (an allocation failure aborts, as any `Vec` of that size would).
+    fn derived(rows: usize, cols: usize, f: impl FnMut(usize, usize) -> T) -> Self {
         let mut data = alloc::vec::Vec::with_capacity(rows * cols);
-        for i in 0..rows {
-            for j in 0..cols {
-                data.push(f(i, j));
-            }
-        }
+        fill_row_major(&mut data, rows, cols, f);
         Self { data, rows, cols }
     }
 
@@ -570,19 +607,19 @@ impl<T: Copy + Default> Mat<T> {
     /// The transpose, as a new matrix.
     #[must_use]
     pub fn transpose(&self) -> Self {
-        Self::from_fn(self.cols, self.rows, |i, j| self.at(j, i))
+        Self::derived(self.cols, self.rows, |i, j| self.at(j, i))
     }
 
     /// The first `cols` columns, as a new matrix.
     #[must_use]
     pub fn leading_cols(&self, cols: usize) -> Self {
-        Self::from_fn(self.rows, cols.min(self.cols), |i, j| self.at(i, j))
+        Self::derived(self.rows, cols.min(self.cols), |i, j| self.at(i, j))
     }
 
     /// The first `rows` rows, as a new matrix.
     #[must_use]
     pub fn leading_rows(&self, rows: usize) -> Self {
-        Self::from_fn(rows.min(self.rows), self.cols, |i, j| self.at(i, j))
+        Self::derived(rows.min(self.rows), self.cols, |i, j| self.at(i, j))
     }
 }
 
@@ -591,21 +628,25 @@ impl Mat<f64> {
     /// The `f64` image of a view of any element type.
     #[must_use]
     pub fn widen<T: crate::Real>(m: MatRef<'_, T>) -> Self {
-        Self::from_fn(m.rows(), m.cols(), |i, j| m.at(i, j).to_f64())
+        // A valid view holds `rows * cols` elements, so the count fits.
+        Self::derived(m.rows(), m.cols(), |i, j| m.at(i, j).to_f64())
     }
 
-    /// The identity of size `n`.
-    #[must_use]
-    pub fn identity(n: usize) -> Self {
+    /// The identity of size `n`; fails as [`Mat::zeros`] does.
+    pub fn identity(n: usize) -> Result<Self> {
         Self::from_fn(n, n, |i, j| if i == j { 1.0 } else { 0.0 })
     }
 
-    /// `self * other`, accumulated in `f64`. Panics on an inner-dimension mismatch (internal use
-    /// on validated shapes).
-    #[must_use]
-    pub fn matmul(&self, other: &Self) -> Self {
-        assert_eq!(self.cols, other.rows, "inner dimensions");
-        let mut out = Self::zeros(self.rows, other.cols);
+    /// `self * other`, accumulated in `f64`.
+    pub fn matmul(&self, other: &Self) -> Result<Self> {
+        if self.cols != other.rows {
+            return Err(Error::ShapeMismatch {
+                what: "matmul's right operand (its rows must equal the left's columns)",
+                expected: [self.cols, other.cols],
+                found: other.shape(),
+            });
+        }
+        let mut out = Self::zeros(self.rows, other.cols)?;
         for i in 0..self.rows {
             let out_row = &mut out.data[i * other.cols..][..other.cols];
             for (k, &a) in self.row(i).iter().enumerate() {
@@ -616,12 +657,11 @@ impl Mat<f64> {
                 }
             }
         }
-        out
+        Ok(out)
     }
 
     /// `self^T * other`.
-    #[must_use]
-    pub fn t_matmul(&self, other: &Self) -> Self {
+    pub fn t_matmul(&self, other: &Self) -> Result<Self> {
         self.transpose().matmul(other)
     }
 
@@ -632,22 +672,22 @@ impl Mat<f64> {
     }
 
     /// Frobenius norm of `self - other` (same shapes).
-    #[must_use]
-    pub fn distance(&self, other: &Self) -> f64 {
-        assert_eq!(self.shape(), other.shape(), "shapes");
-        libm::sqrt(
+    pub fn distance(&self, other: &Self) -> Result<f64> {
+        other
+            .as_ref()
+            .expect_shape("distance's other operand", self.shape())?;
+        Ok(libm::sqrt(
             self.data
                 .iter()
                 .zip(&other.data)
                 .map(|(a, b)| (a - b) * (a - b))
                 .sum(),
-        )
+        ))
     }
 
     /// `||self^T self - I||_F`: how far the columns are from orthonormal.
-    #[must_use]
-    pub fn orthogonality_error(&self) -> f64 {
-        self.t_matmul(self).distance(&Self::identity(self.cols))
+    pub fn orthogonality_error(&self) -> Result<f64> {
+        self.t_matmul(self)?.distance(&Self::identity(self.cols)?)
     }
 
     /// The matrix rounded to `f32`.

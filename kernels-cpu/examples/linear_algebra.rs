@@ -15,7 +15,7 @@ fn normal(n: usize, seed: u64) -> Vec<f32> {
 fn low_rank(rows: usize, cols: usize, rank: usize, seed: u64) -> Mat<f32> {
     let (b, a) = (normal(rows * rank, seed), normal(rank * cols, seed + 1));
     let noise = normal(rows * cols, seed + 2);
-    let mut m = Mat::zeros(rows, cols);
+    let mut m = Mat::zeros(rows, cols).unwrap();
     for i in 0..rows {
         for j in 0..cols {
             let signal: f32 = (0..rank).map(|k| b[i * rank + k] * a[k * cols + j]).sum();
@@ -50,7 +50,7 @@ fn main() -> Result<()> {
     // OPCM: project a new task vector away from the merged one's leading directions.
     let merged = thin_svd(&cpu, delta.as_ref())?;
     let tau = low_rank(rows, cols, 4, 5);
-    let mut projected = Mat::zeros(rows, cols);
+    let mut projected = Mat::zeros(rows, cols).unwrap();
     opcm_project(
         &cpu,
         merged.as_ref(),

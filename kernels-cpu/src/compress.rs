@@ -241,7 +241,7 @@ impl MultiPass for Compeft {
 
     fn finish(&self) -> Result<CompeftCut> {
         Ok(CompeftCut {
-            scale: self.params.scale(&self.moments),
+            scale: self.params.scale(&self.moments)?,
             cut: self.topk.finish()?,
             total: self.topk.total(),
         })
@@ -415,7 +415,7 @@ impl CompeftEncoder {
                 let payload_len = tau.len().div_ceil(4);
                 let mut out = Vec::with_capacity(header + payload_len);
                 // The header's non-zero count is written once known.
-                write_header(&mut out, layout, 0, self.scale, 0, shape, payload_len);
+                write_header(&mut out, layout, 0, self.scale, 0, shape, payload_len)?;
                 out.resize(header + payload_len, 0);
                 let nnz = self.code_into::<_, _, 4>(
                     cpu,
@@ -466,7 +466,7 @@ impl CompeftEncoder {
                     nnz,
                     shape,
                     payload.len(),
-                );
+                )?;
                 out.extend_from_slice(&payload);
                 Ok(out)
             }

@@ -182,7 +182,7 @@ pub fn dare<T: Element>(
     out: &mut [f32],
 ) -> Result<()> {
     check_out(tau.len(), out.len())?;
-    params.validate()?;
+    kernels_core::backend::validate_dare(params, first_index, tau.len())?;
     let rng = CounterRng::new(params.seed);
     let threshold = params.drop_threshold();
     let scale = match params.rescale {

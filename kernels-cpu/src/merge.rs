@@ -20,7 +20,7 @@
 use core::ops::Range;
 
 use kernels_core::backend::{
-    fisher_weight, ties_sign, validate_fisher_accumulate, validate_fisher_merge,
+    fisher_weight, floored_fisher, ties_sign, validate_fisher_accumulate, validate_fisher_merge,
     validate_task_arithmetic, validate_ties_elect, validate_weighted_mean,
 };
 pub use kernels_core::ops::merge::{FisherParams, TiesParams};
@@ -58,10 +58,13 @@ pub fn reduction_tolerance(terms: usize, abs_sum: f64) -> f64 {
 /// computed by the same vector or tail code whatever the split.
 pub(crate) const ELEMENT_ALIGN: usize = 64;
 
-/// `out = base + scale * sum_i w_i models_i` over `range` (no base for a mean).
+/// `out = base + scale * sum_i c_i models_i` over `range` (no base for a mean), with the
+/// coefficients `c_i = w_i * weight_factor` formed in `f64` and rounded to `f32` once: a mean's
+/// `w_i / sum w` stays in range for weights of any magnitude (`1e-45` or `3e38` each).
 struct WeightedSum<'a, T> {
     models: &'a [&'a [T]],
     weights: &'a [f32],
+    weight_factor: f64,
     base: Option<&'a [T]>,
     scale: f32,
     range: Range<usize>,
@@ -76,6 +79,7 @@ impl<T: Element> WithSimd for WeightedSum<'_, T> {
         let Self {
             models,
             weights,
+            weight_factor,
             base,
             scale,
             range,
@@ -85,11 +89,15 @@ impl<T: Element> WithSimd for WeightedSum<'_, T> {
         let n = out.len();
         let main = n - n % lanes;
         let (start, scale_v) = (range.start, s.splat(scale));
+        // PERF: recomputed per vector (a multiply and two conversions per model) rather than
+        // kept in a buffer, which a `no_std` build without an allocator could not size.
+        let coefficient = |w: f32| (f64::from(w) * weight_factor) as f32;
         let mut c = 0;
         while c < main {
             let mut acc = s.zero();
             for (m, &w) in models.iter().zip(weights) {
-                acc = s.mul_add(s.splat(w), s.load(&m[start + c..start + c + lanes]), acc);
+                let w = s.splat(coefficient(w));
+                acc = s.mul_add(w, s.load(&m[start + c..start + c + lanes]), acc);
             }
             let b = base.map_or(s.zero(), |b| s.load(&b[start + c..start + c + lanes]));
             s.store(s.mul_add(acc, scale_v, b), &mut out[c..c + lanes]);
@@ -98,7 +106,7 @@ impl<T: Element> WithSimd for WeightedSum<'_, T> {
         for j in main..n {
             let mut acc = 0.0f32;
             for (m, &w) in models.iter().zip(weights) {
-                acc = s.mul_add_lane(w, m[start + j].to_f32(), acc);
+                acc = s.mul_add_lane(coefficient(w), m[start + j].to_f32(), acc);
             }
             out[j] = s.mul_add_lane(acc, scale, base.map_or(0.0, |b| b[start + j].to_f32()));
         }
@@ -178,7 +186,6 @@ pub fn weighted_mean<T: Element, O: Element>(
     out: &mut [O],
 ) -> Result<()> {
     let sum = validate_weighted_mean(models.iter().map(|m| m.len()), weights, out.len())?;
-    let scale = (1.0 / sum) as f32;
     split_elements(
         cpu,
         out,
@@ -187,8 +194,9 @@ pub fn weighted_mean<T: Element, O: Element>(
             cpu.dispatch(WeightedSum {
                 models,
                 weights,
+                weight_factor: 1.0 / sum,
                 base: None,
-                scale,
+                scale: 1.0,
                 range,
                 out,
             });
@@ -224,6 +232,17 @@ pub fn task_arithmetic<T: Element, O: Element>(
         lambda,
         out.len(),
     )?;
+    // The coefficients `lambda w_i`, formed in f64 and rounded once (as the GPU's): a product
+    // `w_i tau_i` that underflows would otherwise lose what a large `lambda` scales back up.
+    // Where a coefficient overflows f32, lambda multiplies the sum instead.
+    let fold_lambda = weights
+        .iter()
+        .all(|&w| (f64::from(lambda) * f64::from(w)).abs() <= f64::from(f32::MAX));
+    let (weight_factor, scale) = if fold_lambda {
+        (f64::from(lambda), 1.0)
+    } else {
+        (1.0, lambda)
+    };
     split_elements(
         cpu,
         out,
@@ -232,8 +251,9 @@ pub fn task_arithmetic<T: Element, O: Element>(
             cpu.dispatch(WeightedSum {
                 models: taus,
                 weights,
+                weight_factor,
                 base: Some(base),
-                scale: lambda,
+                scale,
                 range,
                 out,
             });
@@ -504,7 +524,7 @@ impl<T: Element> WithSimd for FisherMerge<'_, T> {
                     let fisher = widened(s, &f[c..c + len], &mut fisher_buffer);
                     let w = f64::from(fisher_weight(weights, params, i));
                     for j in 0..WIDE {
-                        let f = f64::from(fisher[j].max(floor));
+                        let f = f64::from(floored_fisher(fisher[j], floor));
                         let v = f64::from(theta[j]);
                         num[j] += w * f * v;
                         den[j] += w * f;
@@ -512,7 +532,8 @@ impl<T: Element> WithSimd for FisherMerge<'_, T> {
                     }
                 }
                 core::array::from_fn(|j| {
-                    let merged = if den[j] > 0.0 {
+                    // A NaN Fisher entry makes `den` NaN, and the output NaN.
+                    let merged = if den[j] > 0.0 || den[j].is_nan() {
                         num[j] / den[j]
                     } else {
                         plain[j] / weight_sum
@@ -639,6 +660,10 @@ pub const SUM_SQUARES_RELATIVE_TOLERANCE: f64 =
 
 struct SumSquares<'a, T>(&'a [T]);
 
+/// Where [`SumSquares`] stops trusting a block's `f32` sum: `2^-100`, far above the
+/// `SUM_SQUARES_BLOCK * 2^-149` that underflowed squares can lose.
+const SQUARES_IN_F64_BELOW: f32 = f32::from_bits(27 << 23); // 2^-100
+
 impl<T: Element> WithSimd for SumSquares<'_, T> {
     type Output = f64;
 
@@ -660,7 +685,19 @@ impl<T: Element> WithSimd for SumSquares<'_, T> {
                 tail += v * v;
             }
             let lanes = s.add(s.add(acc[0], acc[1]), s.add(acc[2], acc[3]));
-            total += f64::from(s.reduce_sum(lanes)) + f64::from(tail);
+            let sum = s.reduce_sum(lanes) + tail;
+            // An `f32` square overflows above |x| ~ 1.8e19 and is lost below ~ 1e-22; a block
+            // whose sum is infinite or below `SQUARES_IN_F64_BELOW` is summed again in `f64`
+            // (NaN too, which stays NaN). Above that bound, the squares lost to underflow
+            // (each below 2^-149, at most a block of them) are far inside the tolerance.
+            total += if sum.is_finite() && sum >= SQUARES_IN_F64_BELOW {
+                f64::from(sum)
+            } else {
+                block
+                    .iter()
+                    .map(|v| f64::from(v.to_f32()) * f64::from(v.to_f32()))
+                    .sum()
+            };
         }
         total
     }

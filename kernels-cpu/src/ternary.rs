@@ -486,8 +486,16 @@ pub fn ternary_gemv(cpu: &Cpu, packed: &PackedTernary<'_>, x: &[f32], y: &mut [f
             expected: "two dimensions [out, in]",
         });
     };
-    // Both fit usize: their product is the validated element count.
-    let (rows, cols) = (rows as usize, cols as usize);
+    // A dimension of an empty tensor need not fit usize (a [2^32 + 1, 0] shape on wasm32).
+    let too_large = |_| Error::TooLarge {
+        what: "packed shape",
+        limit: usize::MAX as u64,
+        unit: "rows or columns",
+    };
+    let (rows, cols) = (
+        usize::try_from(rows).map_err(too_large)?,
+        usize::try_from(cols).map_err(too_large)?,
+    );
     kernels_core::backend::validate_gemv([rows, cols], x.len(), y.len())?;
     let payload = packed.payload;
     match header.layout {

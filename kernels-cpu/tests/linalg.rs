@@ -30,7 +30,7 @@ fn backends() -> Vec<Cpu> {
 
 fn random(m: usize, n: usize, seed: u64) -> Mat<f64> {
     let rng = CounterRng::new(seed);
-    Mat::from_fn(m, n, |i, j| rng.normal_at((i * n + j) as u64))
+    Mat::from_fn(m, n, |i, j| rng.normal_at((i * n + j) as u64)).unwrap()
 }
 
 /// `U diag(s) V^T` with random orthonormal `U` (`m x k`) and `V` (`n x k`).
@@ -40,8 +40,8 @@ fn with_spectrum(m: usize, n: usize, s: &[f64], seed: u64) -> Mat<f64> {
     let v = householder_qr_ref(random(n, k, seed + 1).as_ref())
         .unwrap()
         .q;
-    let us = Mat::from_fn(m, k, |i, j| u.at(i, j) * s[j]);
-    us.matmul(&v.transpose())
+    let us = Mat::from_fn(m, k, |i, j| u.at(i, j) * s[j]).unwrap();
+    us.matmul(&v.transpose()).unwrap()
 }
 
 /// Singular values geometrically from 1 down to `1 / condition`.
@@ -58,7 +58,7 @@ fn widen(m: &Mat<f32>) -> Mat<f64> {
 /// `||Q^T Q - I||_F`: it bounds the contract's `||Q^T Q - I||_2` from above, so holding it to the
 /// contract's bound is the stricter test.
 fn orthogonality(q: &Mat<f64>) -> f64 {
-    q.orthogonality_error()
+    q.orthogonality_error().unwrap()
 }
 
 fn assert_within(what: &str, error: f64, bound: f64) {
@@ -71,7 +71,7 @@ fn hard_matrices(m: usize, n: usize, seed: u64) -> Vec<(&'static str, Mat<f32>)>
     let k = m.min(n);
     let mut out = vec![
         ("random", random(m, n, seed).to_f32()),
-        ("zero", Mat::zeros(m, n)),
+        ("zero", Mat::zeros(m, n).unwrap()),
     ];
     if k >= 2 {
         let mut deficient = graded(k, 10.0);
@@ -203,8 +203,8 @@ fn faer_gemm_matches_f64_products() {
 #[test]
 fn gemm_rejects_bad_input() {
     let cpu = Cpu::detect();
-    let a = Mat::<f32>::zeros(3, 4);
-    let mut c = Mat::<f32>::zeros(3, 3);
+    let a = Mat::<f32>::zeros(3, 4).unwrap();
+    let mut c = Mat::<f32>::zeros(3, 3).unwrap();
     let err = gemm(
         &cpu,
         1.0,
@@ -227,7 +227,7 @@ fn gemm_rejects_bad_input() {
         c.as_mut(),
     );
     assert!(err.is_ok());
-    let mut wrong = Mat::<f32>::zeros(3, 4);
+    let mut wrong = Mat::<f32>::zeros(3, 4).unwrap();
     let err = gemm(
         &cpu,
         1.0,
@@ -269,7 +269,7 @@ fn check_qr(what: &str, a: &Mat<f32>, qr: &linalg::Qr<f32>) {
     assert_eq!(r.shape(), [m.min(n), n], "{what}: R shape");
     assert_within(
         &format!("{what} {m}x{n}: ||A - QR|| / ||A||"),
-        q.matmul(&r).distance(&a64),
+        q.matmul(&r).unwrap().distance(&a64).unwrap(),
         tol * a64.frobenius_norm(),
     );
     assert_within(
@@ -298,7 +298,7 @@ fn householder_qr_is_backward_stable_on_hard_matrices() {
                     let bound = 100.0 * factorisation_tolerance(m, n) * widen(&a).frobenius_norm();
                     assert_within(
                         "R vs reference",
-                        widen(&qr.r).distance(&reference.r),
+                        widen(&qr.r).distance(&reference.r).unwrap(),
                         bound.max(1e-30),
                     );
                 }
@@ -321,13 +321,13 @@ fn cgs2_matches_householder_and_rejects_dependence() {
             let bound = 100.0 * factorisation_tolerance(m, n) * (n as f64).sqrt();
             assert_within(
                 "CGS2 Q vs Householder Q",
-                widen(&qr.q).distance(&widen(&householder.q)),
+                widen(&qr.q).distance(&widen(&householder.q)).unwrap(),
                 bound,
             );
             let reference = cgs2_ref(a.as_ref()).unwrap();
             assert_within(
                 "CGS2 Q vs reference",
-                widen(&qr.q).distance(&reference.q),
+                widen(&qr.q).distance(&reference.q).unwrap(),
                 bound,
             );
         }
@@ -348,7 +348,7 @@ fn cgs2_matches_householder_and_rejects_dependence() {
                 index: 3
             })
         ));
-        let wide = Mat::<f32>::zeros(3, 5);
+        let wide = Mat::<f32>::zeros(3, 5).unwrap();
         assert!(matches!(
             linalg::cgs2(&cpu, wide.as_ref()),
             Err(Error::ShapeMismatch { .. })
@@ -425,15 +425,15 @@ fn projections_match_the_reference() {
 #[test]
 fn projections_reject_bad_input() {
     let cpu = Cpu::detect();
-    let q = Mat::<f32>::zeros(5, 2);
+    let q = Mat::<f32>::zeros(5, 2).unwrap();
     let mut x = random(5, 40, 1).to_f32();
-    let mut out = Mat::<f32>::zeros(5, 40);
-    let wrong_q = Mat::<f32>::zeros(4, 2);
+    let mut out = Mat::<f32>::zeros(5, 40).unwrap();
+    let wrong_q = Mat::<f32>::zeros(4, 2).unwrap();
     assert!(matches!(
         linalg::project_out(&cpu, wrong_q.as_ref(), x.as_ref(), out.as_mut()),
         Err(Error::ShapeMismatch { what: "q", .. })
     ));
-    let mut wrong_out = Mat::<f32>::zeros(5, 39);
+    let mut wrong_out = Mat::<f32>::zeros(5, 39).unwrap();
     assert!(matches!(
         linalg::project_out(&cpu, q.as_ref(), x.as_ref(), wrong_out.as_mut()),
         Err(Error::ShapeMismatch { what: "out", .. })
@@ -463,8 +463,12 @@ fn lu_reconstructs_and_pivots_as_the_reference() {
             for (kind, a) in hard_matrices(m, n, 80 + i as u64) {
                 let f = linalg::lu(&cpu, a.as_ref()).unwrap();
                 let a64 = widen(&a);
-                let pa = Mat::from_fn(m, n, |r, c| a64.at(f.perm[r], c));
-                let error = widen(&f.l).matmul(&widen(&f.u)).distance(&pa);
+                let pa = Mat::from_fn(m, n, |r, c| a64.at(f.perm[r], c)).unwrap();
+                let error = widen(&f.l)
+                    .matmul(&widen(&f.u))
+                    .unwrap()
+                    .distance(&pa)
+                    .unwrap();
                 // Partial pivoting's growth is small on these matrices; the bound allows n of it.
                 assert_within(
                     &format!("LU of {kind} {m}x{n}"),
@@ -487,11 +491,11 @@ fn ldu_reconstructs_and_guards_small_pivots() {
     let a = random(70, 70, 5).to_f32();
     let f = linalg::ldu(&cpu, a.as_ref(), LuParams::default()).unwrap();
     let a64 = widen(&a);
-    let ld = Mat::from_fn(70, 70, |i, j| f.l.at(i, j) as f64 * f64::from(f.d[j]));
-    let pa = Mat::from_fn(70, 70, |r, c| a64.at(f.perm[r], c));
+    let ld = Mat::from_fn(70, 70, |i, j| f.l.at(i, j) as f64 * f64::from(f.d[j])).unwrap();
+    let pa = Mat::from_fn(70, 70, |r, c| a64.at(f.perm[r], c)).unwrap();
     assert_within(
         "LDU",
-        ld.matmul(&widen(&f.u)).distance(&pa),
+        ld.matmul(&widen(&f.u)).unwrap().distance(&pa).unwrap(),
         factorisation_tolerance(70, 70) * 70f64.sqrt() * a64.frobenius_norm(),
     );
     for i in 0..70 {
@@ -525,10 +529,10 @@ fn check_svd(what: &str, a: &Mat<f32>, svd: &linalg::Svd<f32>) {
     let a64 = widen(a);
     assert_eq!(svd.s.len(), k);
     let (u, v) = (widen(&svd.u), widen(&svd.v));
-    let us = Mat::from_fn(m, k, |i, j| u.at(i, j) * f64::from(svd.s[j]));
+    let us = Mat::from_fn(m, k, |i, j| u.at(i, j) * f64::from(svd.s[j])).unwrap();
     assert_within(
         &format!("{what} {m}x{n}: reconstruction"),
-        us.matmul(&v.transpose()).distance(&a64),
+        us.matmul(&v.transpose()).unwrap().distance(&a64).unwrap(),
         tol * a64.frobenius_norm(),
     );
     assert_within(
@@ -588,7 +592,7 @@ fn same_inputs_give_the_same_bits_on_a_given_backend() {
             .unwrap()
             .q;
         let project = || {
-            let mut out = Mat::<f32>::zeros(300, 150);
+            let mut out = Mat::<f32>::zeros(300, 150).unwrap();
             linalg::project_out(&cpu, q.as_ref(), a.as_ref(), out.as_mut()).unwrap();
             out
         };
@@ -621,12 +625,12 @@ fn thin_svd_signs_and_vectors_match_the_reference() {
     let bound = 40.0 * factorisation_tolerance(60, 25) * 10.0 / 0.3;
     assert_within(
         "U vs reference",
-        widen(&svd.u).distance(&reference.u),
+        widen(&svd.u).distance(&reference.u).unwrap(),
         bound,
     );
     assert_within(
         "V vs reference",
-        widen(&svd.v).distance(&reference.v),
+        widen(&svd.v).distance(&reference.v).unwrap(),
         bound,
     );
 }
@@ -658,7 +662,7 @@ fn non_finite_input_is_an_error_everywhere() {
         .unwrap()
         .q
         .to_f32();
-    let mut out = Mat::<f32>::zeros(8, 6);
+    let mut out = Mat::<f32>::zeros(8, 6).unwrap();
     let merged = SvdRef {
         u: u.as_ref(),
         s: &[3.0, 2.0, 1.0],
@@ -721,8 +725,13 @@ fn randomized_svd_is_near_optimal() {
             let a = with_spectrum(m, n, &spectrum, 5).to_f32();
             let svd = linalg::randomized_svd(&cpu, a.as_ref(), RsvdParams::new(r)).unwrap();
             let a64 = widen(&a);
-            let us = Mat::from_fn(m, r, |i, j| f64::from(svd.u.at(i, j)) * f64::from(svd.s[j]));
-            let error = us.matmul(&widen(&svd.v).transpose()).distance(&a64);
+            let us =
+                Mat::from_fn(m, r, |i, j| f64::from(svd.u.at(i, j)) * f64::from(svd.s[j])).unwrap();
+            let error = us
+                .matmul(&widen(&svd.v).transpose())
+                .unwrap()
+                .distance(&a64)
+                .unwrap();
             let reference = thin_svd_ref(a.as_ref()).unwrap();
             let optimal = reference.s[r..].iter().map(|v| v * v).sum::<f64>().sqrt();
             assert_within(
@@ -749,7 +758,7 @@ fn randomized_svd_is_near_optimal() {
 #[test]
 fn symmetric_eigen_of_gram_and_indefinite_matrices() {
     let a = random(80, 30, 9);
-    let gram = a.t_matmul(&a).to_f32();
+    let gram = a.t_matmul(&a).unwrap().to_f32();
     let eig = linalg::symmetric_eigen(gram.as_ref()).unwrap();
     let s = thin_svd_ref(a.as_ref()).unwrap().s;
     let tol = factorisation_tolerance(30, 30);
@@ -762,15 +771,17 @@ fn symmetric_eigen_of_gram_and_indefinite_matrices() {
     }
     let symmetric = {
         let b = random(25, 25, 4);
-        Mat::from_fn(25, 25, |i, j| b.at(i, j) + b.at(j, i)).to_f32()
+        Mat::from_fn(25, 25, |i, j| b.at(i, j) + b.at(j, i))
+            .unwrap()
+            .to_f32()
     };
     let eig = linalg::symmetric_eigen(symmetric.as_ref()).unwrap();
     let v = widen(&eig.vectors);
-    let vw = Mat::from_fn(25, 25, |i, j| v.at(i, j) * f64::from(eig.values[j]));
+    let vw = Mat::from_fn(25, 25, |i, j| v.at(i, j) * f64::from(eig.values[j])).unwrap();
     let s64 = widen(&symmetric);
     assert_within(
         "V W V^T",
-        vw.matmul(&v.transpose()).distance(&s64),
+        vw.matmul(&v.transpose()).unwrap().distance(&s64).unwrap(),
         factorisation_tolerance(25, 25) * s64.frobenius_norm(),
     );
     assert_within(
@@ -790,7 +801,7 @@ fn symmetric_eigen_of_gram_and_indefinite_matrices() {
     // Distinct eigenvalues: the normalised vectors match the reference's.
     assert_within(
         "eigenvectors vs reference",
-        v.distance(&reference.vectors),
+        v.distance(&reference.vectors).unwrap(),
         1e3 * factorisation_tolerance(25, 25),
     );
     // Only the lower triangle is read, NaN there included.
@@ -805,7 +816,7 @@ fn symmetric_eigen_of_gram_and_indefinite_matrices() {
             index: 20 * 25 + 2
         })
     );
-    let not_square = Mat::<f32>::zeros(3, 4);
+    let not_square = Mat::<f32>::zeros(3, 4).unwrap();
     assert!(matches!(
         linalg::symmetric_eigen(not_square.as_ref()),
         Err(Error::ShapeMismatch { .. })
@@ -826,21 +837,21 @@ fn lora_extraction_matches_the_reference() {
         let got = linalg::lora_extract(&cpu, delta.as_ref(), rule).unwrap();
         let expect = lora_extract_ref(delta.as_ref(), rule).unwrap();
         assert_eq!(got.a.rows(), expect.a.rows(), "{rule:?}: rank");
-        let ba = widen(&got.b).matmul(&widen(&got.a));
+        let ba = widen(&got.b).matmul(&widen(&got.a)).unwrap();
         assert_within(
             &format!("{rule:?}: B A"),
-            ba.distance(&expect.b.matmul(&expect.a)),
+            ba.distance(&expect.b.matmul(&expect.a).unwrap()).unwrap(),
             10.0 * factorisation_tolerance(90, 40),
         );
     }
     let randomized =
         linalg::lora_extract_randomized(&cpu, delta.as_ref(), RsvdParams::new(7)).unwrap();
     let expect = lora_extract_ref(delta.as_ref(), LoraRank::Fixed(7)).unwrap();
-    let ba = widen(&randomized.b).matmul(&widen(&randomized.a));
+    let ba = widen(&randomized.b).matmul(&widen(&randomized.a)).unwrap();
     // The randomized range finder captures this fast-decaying spectrum to well within 1 %.
     assert_within(
         "randomized B A",
-        ba.distance(&expect.b.matmul(&expect.a)),
+        ba.distance(&expect.b.matmul(&expect.a).unwrap()).unwrap(),
         0.01 * widen(&delta).frobenius_norm(),
     );
     assert!(matches!(
@@ -870,16 +881,16 @@ fn opcm_matches_the_reference() {
     };
     for alpha in [0.0, 0.5, 1.0] {
         let params = OpcmParams::default().with_alpha(alpha);
-        let mut got = Mat::<f32>::zeros(m, n);
+        let mut got = Mat::<f32>::zeros(m, n).unwrap();
         linalg::opcm_project(&cpu, merged(&s), tau.as_ref(), params, got.as_mut()).unwrap();
         let expect = opcm_project_ref(merged(&s), tau.as_ref(), params).unwrap();
         assert_within(
             &format!("OPCM alpha {alpha}"),
-            widen(&got).distance(&expect),
+            widen(&got).distance(&expect).unwrap(),
             factorisation_tolerance(m, n) * widen(&tau).frobenius_norm(),
         );
     }
-    let mut out = Mat::<f32>::zeros(m, n);
+    let mut out = Mat::<f32>::zeros(m, n).unwrap();
     let params = OpcmParams::default();
     assert!(matches!(
         linalg::opcm_project(&cpu, merged(&s[1..]), tau.as_ref(), params, out.as_mut()),
@@ -901,7 +912,10 @@ fn opcm_matches_the_reference() {
 
 /// Subspace distance `||V1^T V1 - V2^T V2||_F` of two row bases.
 fn subspace_distance(a: &Mat<f64>, b: &Mat<f64>) -> f64 {
-    a.t_matmul(a).distance(&b.t_matmul(b))
+    a.t_matmul(a)
+        .unwrap()
+        .distance(&b.t_matmul(b).unwrap())
+        .unwrap()
 }
 
 #[test]
@@ -945,6 +959,7 @@ fn streaming_pca_centres_and_approximates_the_leading_subspace() {
     let data = Mat::from_fn(rows, dim, |i, j| {
         3.0 + signal.at(i, j) + 0.01 * noise.at(i, j)
     })
+    .unwrap()
     .to_f32();
     let mut stream = StreamingSvd::new(dim, rank, Centering::Mean).unwrap();
     for chunk in 0..(rows / 50) {
@@ -962,7 +977,7 @@ fn streaming_pca_centres_and_approximates_the_leading_subspace() {
     for (g, e) in stream.mean().iter().zip(&mean) {
         assert!((g - e).abs() <= 1e-9 * 3.0, "mean {g} vs {e}");
     }
-    let centred = Mat::from_fn(rows, dim, |i, j| d64.at(i, j) - mean[j]);
+    let centred = Mat::from_fn(rows, dim, |i, j| d64.at(i, j) - mean[j]).unwrap();
     let reference = thin_svd_ref(centred.as_ref()).unwrap();
     let expect = reference.v.leading_cols(rank).transpose();
     // Noise of 1e-2 against a signal gap of 10: the subspace is off by about 1e-3.
@@ -1013,8 +1028,8 @@ proptest! {
         check_svd("SVD", &a, &linalg::thin_svd(&cpu, a.as_ref()).unwrap());
         let f = linalg::lu(&cpu, a.as_ref()).unwrap();
         let a64 = widen(&a);
-        let pa = Mat::from_fn(m, n, |r, c| a64.at(f.perm[r], c));
+        let pa = Mat::from_fn(m, n, |r, c| a64.at(f.perm[r], c)).unwrap();
         let bound = factorisation_tolerance(m, n) * (m.min(n).max(1) as f64).sqrt() * a64.frobenius_norm();
-        prop_assert!(widen(&f.l).matmul(&widen(&f.u)).distance(&pa) <= bound);
+        prop_assert!(widen(&f.l).matmul(&widen(&f.u)).unwrap().distance(&pa).unwrap() <= bound);
     }
 }

@@ -121,7 +121,7 @@ async fn decide<T: GpuElement>(
     let (cut, equal_total) = find_cut(ctx, taus, params.keep).await?;
     let moments = moments(ctx, taus).await?;
     let decided = CompeftCut {
-        scale: params.scale(&moments),
+        scale: params.scale(&moments)?,
         cut: cut.public(equal_total),
         total: moments.count(),
     };

@@ -711,6 +711,7 @@ impl Context {
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None }),
             scratch: Vec::new(),
+            refused: None,
         })
     }
 }
@@ -728,6 +729,10 @@ pub(crate) struct Batch<'a> {
     ctx: &'a Context,
     encoder: wgpu::CommandEncoder,
     scratch: Vec<wgpu::Buffer>,
+    /// The first dispatch refused for exceeding the device's grid: [`Batch::submit`] returns
+    /// it and submits nothing, so the device never sees a dispatch it would reject (which
+    /// wgpu reports as a lost context).
+    refused: Option<Error>,
 }
 
 /// Workgroups along x and y for `count` workgroups in a 1-D range (a dimension holds at most
@@ -773,7 +778,16 @@ impl Batch<'_> {
         binds: &[Bind<'_>],
         workgroups: (u32, u32),
     ) {
-        if workgroups.0 == 0 || workgroups.1 == 0 {
+        if workgroups.0 == 0 || workgroups.1 == 0 || self.refused.is_some() {
+            return;
+        }
+        let limit = self.ctx.limits.max_compute_workgroups_per_dimension;
+        if workgroups.0 > limit || workgroups.1 > limit {
+            self.refused = Some(Error::TooLarge {
+                what: "a dispatch of this op (the operands are too long for one grid)",
+                limit: u64::from(limit),
+                unit: "workgroups per grid dimension (the device's limit)",
+            });
             return;
         }
         let layout = &pipeline.layout;
@@ -821,6 +835,10 @@ impl Batch<'_> {
     /// Submits the batch and returns its scratch buffers to the pool (the queue orders any later
     /// use after this submission).
     pub(crate) fn submit(self) -> Result<()> {
+        if let Some(refused) = self.refused {
+            self.ctx.give_back(self.scratch);
+            return Err(refused);
+        }
         self.ctx.queue.submit([self.encoder.finish()]);
         self.ctx.give_back(self.scratch);
         self.ctx.check()

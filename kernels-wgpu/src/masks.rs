@@ -89,7 +89,7 @@ pub async fn dare<T: GpuElement>(
     out: &mut GpuTensor<f32>,
 ) -> Result<()> {
     out.expect_len("out", tau.len())?;
-    params.validate()?;
+    kernels_core::backend::validate_dare(params, first_index, tau.len())?;
     tau.expect_shape("tau", out.shape())?;
     let uniform = |page: usize, first: u64, scale: f64, tile_base: usize| DareUniform {
         len: tau.page(page).1 as u32,

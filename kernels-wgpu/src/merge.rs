@@ -422,8 +422,10 @@ pub fn fisher_merge<T: GpuElement>(
     let weight_sum =
         validate_fisher_merge(lens(thetas), lens(fishers), weights, params, out.len())?;
     let floor = params.floor;
+    // Divided by their sum in f64 and rounded once: the plain mean needs no `1 / sum`, which
+    // overflows f32 for weights summing below 3e-39 (the Fisher quotient does not change).
     let weights: Vec<f32> = (0..thetas.len())
-        .map(|i| fisher_weight(weights, params, i))
+        .map(|i| (f64::from(fisher_weight(weights, params, i)) / weight_sum) as f32)
         .collect();
     same_shape("thetas[i]", thetas, out)?;
     same_shape("fishers[i]", fishers, out)?;
@@ -458,7 +460,7 @@ pub fn fisher_merge<T: GpuElement>(
             PassInputs {
                 inputs: [Bind::Unused, Bind::Unused, Bind::Unused, Bind::Unused],
                 sums: [Bind::Buffer(num), Bind::Buffer(&den), Bind::Buffer(&plain)],
-                params: pass_params(len, 0, false, &[], (1.0 / weight_sum) as f32),
+                params: pass_params(len, 0, false, &[], 1.0),
             },
         )?;
     }

@@ -86,12 +86,19 @@ fn copy_rows<T: bytemuck::Pod>(
 
 impl<T: bytemuck::Pod> GpuTensor<T> {
     fn page_rows_for(ctx: &Context, rows: usize, cols: usize) -> Result<usize> {
-        if rows.checked_mul(cols).is_none_or(|n| n > u32::MAX as usize) {
-            return Err(Error::InvalidParam {
-                name: "rows * cols",
-                value: rows as f64 * cols as f64,
-                expected: "at most 2^32 - 1 elements (shaders index with u32)",
+        // Shaders index rows, columns and elements with u32, also of an empty tensor's other
+        // dimension.
+        let fits_u32 = |n: Option<usize>| n.is_some_and(|n| u32::try_from(n).is_ok());
+        if !(fits_u32(Some(rows)) && fits_u32(Some(cols)) && fits_u32(rows.checked_mul(cols))) {
+            return Err(Error::TooLarge {
+                what: "tensor (rows, columns or rows * cols)",
+                limit: u64::from(u32::MAX),
+                unit: "elements (shaders index with u32)",
             });
+        }
+        if cols == 0 {
+            // No bytes at all: every row on one (empty) page.
+            return Ok(rows.max(1));
         }
         let row_bytes = cols as u64 * 4;
         // Vectors are bound whole by the ops that take them (GEMV's x and y), so they page at

@@ -94,10 +94,7 @@ fn too_large_for_the_device(ctx: &Context) {
     // More elements than a shader can index.
     assert!(matches!(
         GpuTensor::<f32>::zeros(ctx, 1 << 20, 1 << 12),
-        Err(Error::InvalidParam {
-            name: "rows * cols",
-            ..
-        })
+        Err(Error::TooLarge { .. })
     ));
     let long = (ctx.binding_bytes() / 4) as usize + 1;
     if long <= 64 << 20 {

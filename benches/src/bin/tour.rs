@@ -399,21 +399,22 @@ fn linear_algebra(checks: &mut Checks, hidden: usize) -> Result<()> {
         cols,
     )?;
     let noise = normal::<f32>(hidden * cols, 0.01, 62);
-    let signal = signal_u.matmul(&signal_v);
+    let signal = signal_u.matmul(&signal_v).unwrap();
     let delta = Mat::from_fn(hidden, cols, |i, j| {
         signal.at(i, j) * 0.1 + f64::from(noise[i * cols + j])
-    });
+    })
+    .unwrap();
 
     let qr = project::householder_qr_ref(delta.as_ref())?;
     let eps_bound = 16.0 * f64::EPSILON * hidden as f64;
     println!(
         "  Householder QR of {hidden}x{cols}: ||Q^T Q - I|| = {:.2e}",
-        qr.q.orthogonality_error()
+        qr.q.orthogonality_error().unwrap()
     );
     checks.check(
         "QR reconstructs and Q is orthonormal",
-        qr.q.matmul(&qr.r).distance(&delta) <= eps_bound * delta.frobenius_norm()
-            && qr.q.orthogonality_error() <= eps_bound,
+        qr.q.matmul(&qr.r).unwrap().distance(&delta).unwrap() <= eps_bound * delta.frobenius_norm()
+            && qr.q.orthogonality_error().unwrap() <= eps_bound,
     );
     let q16 = qr.q.leading_cols(16);
     let mut out = vec![0.0f32; hidden * cols];
@@ -425,7 +426,7 @@ fn linear_algebra(checks: &mut Checks, hidden: usize) -> Result<()> {
     let residual = Mat::from_vec(out.iter().map(|&v| f64::from(v)).collect(), hidden, cols)?;
     checks.check(
         "X - Q(Q^T X) is orthogonal to Q",
-        q16.t_matmul(&residual).frobenius_norm() < 1e-4 * delta.frobenius_norm(),
+        q16.t_matmul(&residual).unwrap().frobenius_norm() < 1e-4 * delta.frobenius_norm(),
     );
 
     let svd = lowrank::thin_svd_ref(delta.as_ref())?;
@@ -435,11 +436,11 @@ fn linear_algebra(checks: &mut Checks, hidden: usize) -> Result<()> {
     );
     checks.check(
         "U S V^T reconstructs the matrix",
-        svd.reconstruct().distance(&delta) <= eps_bound * delta.frobenius_norm(),
+        svd.reconstruct().unwrap().distance(&delta).unwrap() <= eps_bound * delta.frobenius_norm(),
     );
     let rsvd = lowrank::randomized_svd_ref(delta.as_ref(), lowrank::RsvdParams::new(16))?;
     let optimal = svd.s[16..].iter().map(|s| s * s).sum::<f64>().sqrt();
-    let achieved = rsvd.reconstruct().distance(&delta);
+    let achieved = rsvd.reconstruct().unwrap().distance(&delta).unwrap();
     println!(
         "  randomized rank-16 SVD (q = 32, 2 power iterations): error {achieved:.4} vs optimal {optimal:.4}"
     );
@@ -460,12 +461,13 @@ fn linear_algebra(checks: &mut Checks, hidden: usize) -> Result<()> {
 
     let square = delta.leading_rows(cols);
     let ldu = lowrank::ldu_ref(square.as_ref(), lowrank::LuParams::default())?;
-    let d = Mat::from_fn(cols, cols, |i, j| if i == j { ldu.d[i] } else { 0.0 });
+    let d = Mat::from_fn(cols, cols, |i, j| if i == j { ldu.d[i] } else { 0.0 }).unwrap();
     let lu = lowrank::lu_ref(square.as_ref())?;
-    let back = ldu.l.matmul(&d).matmul(&ldu.u);
+    let back = ldu.l.matmul(&d).unwrap().matmul(&ldu.u).unwrap();
     checks.check(
         "L D U reconstructs P A",
-        back.distance(&lu.permute(&square)) <= eps_bound * square.frobenius_norm(),
+        back.distance(&lu.permute(&square).unwrap()).unwrap()
+            <= eps_bound * square.frobenius_norm(),
     );
 
     let s32: Vec<f32> = svd.s.iter().map(|&v| v as f32).collect();
@@ -678,8 +680,12 @@ fn linear_algebra_kernels(checks: &mut Checks, cpu: &Cpu) -> Result<()> {
     let a64 = Mat::widen(a.as_ref());
     checks.check(
         "blocked Householder QR reconstructs A, Q orthonormal",
-        q64.matmul(&Mat::widen(qr.r.as_ref())).distance(&a64) <= tolerance * a64.frobenius_norm()
-            && q64.orthogonality_error() <= tolerance * (n as f64).sqrt(),
+        q64.matmul(&Mat::widen(qr.r.as_ref()))
+            .unwrap()
+            .distance(&a64)
+            .unwrap()
+            <= tolerance * a64.frobenius_norm()
+            && q64.orthogonality_error().unwrap() <= tolerance * (n as f64).sqrt(),
     );
     let time = median_time(5, || {
         std::hint::black_box(linalg::householder_qr(cpu, a.as_ref()).ok());
@@ -692,8 +698,8 @@ fn linear_algebra_kernels(checks: &mut Checks, cpu: &Cpu) -> Result<()> {
 
     let x = random(m, 4096, 81)?;
     let q = qr.q.leading_cols(32);
-    let mut got = Mat::<f32>::zeros(m, 4096);
-    let mut expect = Mat::<f32>::zeros(m, 4096);
+    let mut got = Mat::<f32>::zeros(m, 4096).unwrap();
+    let mut expect = Mat::<f32>::zeros(m, 4096).unwrap();
     linalg::project_out(cpu, q.as_ref(), x.as_ref(), got.as_mut())?;
     project::project_out_ref(q.as_ref(), x.as_ref(), expect.as_mut())?;
     checks.check(
@@ -734,10 +740,12 @@ fn linear_algebra_kernels(checks: &mut Checks, cpu: &Cpu) -> Result<()> {
     let rank = 32;
     let exact = lowrank::thin_svd_ref(a.as_ref())?;
     let rsvd = linalg::randomized_svd(cpu, a.as_ref(), lowrank::RsvdParams::new(rank))?;
-    let us = Mat::from_fn(m, rank, |i, j| f64::from(rsvd.u.at(i, j) * rsvd.s[j]));
+    let us = Mat::from_fn(m, rank, |i, j| f64::from(rsvd.u.at(i, j) * rsvd.s[j])).unwrap();
     let error = us
         .matmul(&Mat::widen(rsvd.v.as_ref()).transpose())
-        .distance(&a64);
+        .unwrap()
+        .distance(&a64)
+        .unwrap();
     let optimal = exact.s[rank..].iter().map(|s| s * s).sum::<f64>().sqrt();
     println!(
         "  randomized rank-32 SVD of 2048x256: error / optimal = {:.4}",
@@ -750,12 +758,14 @@ fn linear_algebra_kernels(checks: &mut Checks, cpu: &Cpu) -> Result<()> {
 
     let square = random(1024, 1024, 83)?;
     let lu = linalg::lu(cpu, square.as_ref())?;
-    let permuted = Mat::from_fn(1024, 1024, |i, j| f64::from(square.at(lu.perm[i], j)));
+    let permuted = Mat::from_fn(1024, 1024, |i, j| f64::from(square.at(lu.perm[i], j))).unwrap();
     checks.check(
         "blocked LU: P A = L U",
         Mat::widen(lu.l.as_ref())
             .matmul(&Mat::widen(lu.u.as_ref()))
+            .unwrap()
             .distance(&permuted)
+            .unwrap()
             <= 32.0 * linalg::factorisation_tolerance(1024, 1024) * permuted.frobenius_norm(),
     );
     let time = median_time(5, || {

@@ -348,7 +348,8 @@ pub fn decode(bytes: &[u8], max_elements: usize) -> Result<(TernaryHeader, alloc
             offset: FIXED_HEADER,
             reason: "element count exceeds the caller's limit",
         })?;
-    let mut codes = alloc::vec![0i8; n];
+    let mut codes = crate::backend::try_vec("decoded codes", n)?;
+    codes.resize(n, 0);
     let header = decode_into(bytes, &mut codes)?;
     Ok((header, codes))
 }
@@ -426,7 +427,7 @@ pub fn encode(
         TernaryLayout::SparseRice => encode_sparse(codes),
     };
     let mut out = alloc::vec::Vec::with_capacity(header_len(shape.len()) + payload.len());
-    write_header(&mut out, layout, rice_k, scale, nnz, shape, payload.len());
+    write_header(&mut out, layout, rice_k, scale, nnz, shape, payload.len())?;
     out.extend_from_slice(&payload);
     Ok(out)
 }

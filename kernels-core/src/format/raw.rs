@@ -4,32 +4,48 @@
 use super::MAX_DIMS;
 #[cfg(feature = "alloc")]
 use super::{MAGIC, TernaryLayout, VERSION};
-use crate::Result;
-use crate::error::check_len;
+use crate::error::{check_len, check_param};
+use crate::{Error, Result};
 
 /// Bytes of the header before the dims.
 pub(crate) const FIXED_HEADER: usize = 20;
 /// Where the header keeps the non-zero count.
 pub const NNZ_OFFSET: usize = 12;
 
-/// Checks a shape for [`super::encode`] and returns its element count.
-pub fn check_shape(shape: &[u64], codes_len: usize) -> Result<()> {
-    crate::error::check_param(
+/// The element count of an encodable shape: at most [`MAX_DIMS`] dimensions whose product fits
+/// `u64` ([`Error::TooLarge`] otherwise).
+fn element_count(shape: &[u64]) -> Result<u64> {
+    check_param(
         "shape.len()",
         shape.len() as f64,
         "at most 8",
         shape.len() <= MAX_DIMS,
     )?;
-    let numel = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
-    check_len(
-        "codes",
-        usize::try_from(numel.unwrap_or(u64::MAX)).unwrap_or(usize::MAX),
-        codes_len,
-    )
+    shape
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        .ok_or(Error::TooLarge {
+            what: "shape (its element count)",
+            limit: u64::MAX,
+            unit: "elements",
+        })
 }
 
-/// Writes the header of an encoding (every field but the payload) to `out`: what [`super::encode`] and
-/// fast encoders share. `shape` must have passed [`check_shape`].
+/// Checks a shape for [`super::encode`]: encodable, and `codes_len` elements.
+pub fn check_shape(shape: &[u64], codes_len: usize) -> Result<()> {
+    let numel = usize::try_from(element_count(shape)?).map_err(|_| Error::TooLarge {
+        what: "shape (its element count)",
+        limit: usize::MAX as u64,
+        unit: "elements",
+    })?;
+    check_len("codes", numel, codes_len)
+}
+
+/// Writes the header of an encoding (every field but the payload) to `out`: what
+/// [`super::encode`] and fast encoders share. Every field is checked as
+/// [`super::TernaryHeader::parse`] checks it (the shape, a finite scale, no more non-zeros than
+/// elements, a Rice parameter below 32 and 0 for the dense layout), so no bytes it writes are
+/// rejected for their header; on error `out` is unchanged.
 #[cfg(feature = "alloc")]
 pub fn write_header(
     out: &mut alloc::vec::Vec<u8>,
@@ -39,7 +55,16 @@ pub fn write_header(
     nnz: u64,
     shape: &[u64],
     payload_len: usize,
-) {
+) -> Result<()> {
+    let numel = element_count(shape)?;
+    check_param("scale", f64::from(scale), "finite", scale.is_finite())?;
+    check_param("nnz", nnz as f64, "at most the element count", nnz <= numel)?;
+    check_param(
+        "rice_k",
+        f64::from(rice_k),
+        "below 32, and 0 for the dense layout",
+        rice_k < 32 && (layout == TernaryLayout::SparseRice || rice_k == 0),
+    )?;
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&[
         VERSION,
@@ -53,6 +78,7 @@ pub fn write_header(
         out.extend_from_slice(&d.to_le_bytes());
     }
     out.extend_from_slice(&(payload_len as u64).to_le_bytes());
+    Ok(())
 }
 
 /// Bytes of the header for a shape of `ndim` dimensions.

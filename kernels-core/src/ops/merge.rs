@@ -307,13 +307,13 @@ pub fn fisher_merge_ref<T: Element>(
         let (mut num, mut den, mut plain) = (0.0f64, 0.0f64, 0.0f64);
         for (i, (theta, fisher)) in thetas.iter().zip(fishers).enumerate() {
             let w = f64::from(fisher_weight(weights, params, i));
-            let f = f64::from(fisher[j].max(params.floor));
+            let f = f64::from(crate::backend::floored_fisher(fisher[j], params.floor));
             let v = theta[j].to_f64();
             num += w * f * v;
             den += w * f;
             plain += w * v;
         }
-        *o = if den > 0.0 {
+        *o = if den > 0.0 || den.is_nan() {
             num / den
         } else {
             plain / weight_sum
@@ -481,7 +481,7 @@ pub fn dare_ref<T: Element>(
     out: &mut [f32],
 ) -> Result<()> {
     crate::error::check_len("out", tau.len(), out.len())?;
-    params.validate()?;
+    crate::backend::validate_dare(params, first_index, tau.len())?;
     let rng = CounterRng::new(params.seed);
     let (mut l1_all, mut l1_kept) = (0.0f64, 0.0f64);
     for (i, (o, t)) in out.iter_mut().zip(tau).enumerate() {

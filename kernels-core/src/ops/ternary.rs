@@ -34,7 +34,7 @@ use crate::{MultiPass, format, ops::select::TopKApplier};
 /// assert!(CompeftParams::default().with_alpha(f32::NAN).validate().is_err());
 /// let mut moments = Moments::default();
 /// moments.observe(&[1.0f32, -1.0, 1.0, -1.0]); // std = sqrt(4 / 3)
-/// assert!((f64::from(params.scale(&moments)) - 2.0 * (4.0f64 / 3.0).sqrt()).abs() < 1e-6);
+/// assert!((f64::from(params.scale(&moments)?) - 2.0 * (4.0f64 / 3.0).sqrt()).abs() < 1e-6);
 /// # Ok::<(), kernels_core::Error>(())
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -81,10 +81,18 @@ impl CompeftParams {
         )
     }
 
-    /// The scale of the codes, `alpha * sigma`, for the model's [`Moments`].
-    #[must_use]
-    pub fn scale(&self, moments: &Moments) -> f32 {
-        (f64::from(self.alpha) * moments.std()) as f32
+    /// The scale of the codes, `alpha * sigma`, for the model's [`Moments`]; an
+    /// [`crate::Error::InvalidParam`] naming `alpha` where that overflows `f32` (no encoding could hold
+    /// it).
+    pub fn scale(&self, moments: &Moments) -> Result<f32> {
+        let scale = (f64::from(self.alpha) * moments.std()) as f32;
+        check_param(
+            "alpha",
+            f64::from(self.alpha),
+            "small enough that alpha * std(tau) is a finite f32",
+            scale.is_finite(),
+        )?;
+        Ok(scale)
     }
 }
 
@@ -242,7 +250,7 @@ impl MultiPass for Compeft {
 
     fn finish(&self) -> Result<CompeftCut> {
         Ok(CompeftCut {
-            scale: self.params.scale(&self.moments),
+            scale: self.params.scale(&self.moments)?,
             cut: self.topk.finish()?,
             total: self.topk.total(),
         })
@@ -346,7 +354,7 @@ pub fn compeft_ref<T: Element>(
         start += t.len();
     }
     let decided = CompeftCut {
-        scale: params.scale(&moments),
+        scale: params.scale(&moments)?,
         cut,
         total: n as u64,
     };

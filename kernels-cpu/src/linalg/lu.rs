@@ -33,7 +33,7 @@ pub fn lu<T: Element>(cpu: &Cpu, a: MatRef<'_, T>) -> Result<Lu<f32>> {
     let mut perm: Vec<usize> = (0..m).collect();
     for start in (0..k).step_by(PANEL) {
         let nb = PANEL.min(k - start);
-        factor_panel(&mut w, &mut perm, start, nb);
+        factor_panel(&mut w, &mut perm, start, nb)?;
         let (end, trailing) = (start + nb, n - start - nb);
         if trailing == 0 {
             continue;
@@ -55,7 +55,7 @@ pub fn lu<T: Element>(cpu: &Cpu, a: MatRef<'_, T>) -> Result<Lu<f32>> {
         if below == 0 {
             continue;
         }
-        let l21 = Mat::from_fn(below, nb, |i, j| w.at(end + i, start + j));
+        let l21 = Mat::from_fn(below, nb, |i, j| w.at(end + i, start + j))?;
         let (top, bottom) = w.as_mut().split_rows_at(end)?;
         let u12 = top.as_ref().submatrix(start, end, nb, trailing)?;
         let a22 = bottom.submatrix_mut(0, end, below, trailing)?;
@@ -71,8 +71,8 @@ pub fn lu<T: Element>(cpu: &Cpu, a: MatRef<'_, T>) -> Result<Lu<f32>> {
         )?;
     }
     // Row slices rather than element by element: these copies touch all of `w`.
-    let mut l = Mat::zeros(m, k);
-    let mut u = Mat::zeros(k, n);
+    let mut l = Mat::zeros(m, k)?;
+    let mut u = Mat::zeros(k, n)?;
     for i in 0..m {
         let row = w.row(i);
         let below = i.min(k);
@@ -91,10 +91,10 @@ pub fn lu<T: Element>(cpu: &Cpu, a: MatRef<'_, T>) -> Result<Lu<f32>> {
 /// search and every column update run over contiguous memory; the copy goes back at the end.
 // PERF: on the row-major matrix each pivot search strode down a column, one cache line per
 // row: 2048 x 2048 took 118 ms against faer's 101.
-fn factor_panel(w: &mut Mat<f32>, perm: &mut [usize], start: usize, nb: usize) {
+fn factor_panel(w: &mut Mat<f32>, perm: &mut [usize], start: usize, nb: usize) -> Result<()> {
     let (m, n) = (w.rows(), w.cols());
     let rows = m - start;
-    let mut panel = Mat::zeros(nb, rows);
+    let mut panel = Mat::zeros(nb, rows)?;
     for i in 0..rows {
         for (jj, &v) in w.row(start + i)[start..start + nb].iter().enumerate() {
             *panel.at_mut(jj, i) = v;
@@ -136,6 +136,7 @@ fn factor_panel(w: &mut Mat<f32>, perm: &mut [usize], start: usize, nb: usize) {
             *v = panel.at(jj, i);
         }
     }
+    Ok(())
 }
 
 /// LDU with partial pivoting: [`lu`], then `U = D U1`. A pivot with

@@ -70,11 +70,11 @@ pub const F32_FACTORISATION_TOLERANCE: f64 = 16.0;
 /// ```
 /// use kernels_cpu::linalg::factorisation_tolerance;
 /// use kernels_cpu::prelude::*;
-/// let a = Mat::from_fn(64, 8, |i, j| ((i * 7 + j * 3) % 11) as f32 - 5.0);
+/// let a = Mat::from_fn(64, 8, |i, j| ((i * 7 + j * 3) % 11) as f32 - 5.0)?;
 /// let qr = householder_qr(&Cpu::detect(), a.as_ref())?;
 /// // Reconstruction error relative to ||A||_F.
 /// let (q, r, a) = (Mat::widen(qr.q.as_ref()), Mat::widen(qr.r.as_ref()), Mat::widen(a.as_ref()));
-/// let error = q.matmul(&r).distance(&a) / a.frobenius_norm();
+/// let error = q.matmul(&r)?.distance(&a)? / a.frobenius_norm();
 /// assert!(error <= factorisation_tolerance(64, 8));
 /// # Ok::<(), Error>(())
 /// ```
@@ -84,8 +84,18 @@ pub fn factorisation_tolerance(m: usize, n: usize) -> f64 {
 }
 
 /// `a` widened to an owned `f32` matrix; NaN or infinity is [`Error::NonFinite`] (flat index).
+/// `m` itself if every element is finite, else [`Error::Overflow`] naming it: a factor of finite
+/// input that is not finite overflowed `f32` (its columns' norms exceed `f32::MAX`).
+pub(crate) fn finite_factor(what: &'static str, m: Mat<f32>) -> Result<Mat<f32>> {
+    if qr::all_finite(m.as_slice()) {
+        Ok(m)
+    } else {
+        Err(Error::Overflow { what })
+    }
+}
+
 pub(crate) fn widen_checked<T: Element>(what: &'static str, a: MatRef<'_, T>) -> Result<Mat<f32>> {
-    let mut out = Mat::zeros(a.rows(), a.cols());
+    let mut out = Mat::zeros(a.rows(), a.cols())?;
     for (i, row) in a.row_iter().enumerate() {
         for (j, (o, &v)) in out.row_mut(i).iter_mut().zip(row).enumerate() {
             *o = v.to_f32();
@@ -113,6 +123,40 @@ impl F32Operand<'_> {
             Self::Owned(mat) => mat.as_ref(),
         }
     }
+}
+
+/// The factorisations work on matrices whose largest magnitude lies in `[2^-40, 2^40]`: below,
+/// rounding noise reaches the subnormals and loses its precision (Jacobi would not converge);
+/// above, the products of the range finder overflow. A matrix outside is scaled by a power of
+/// two (exact) to a largest magnitude in `[0.5, 1)`, and its singular values scaled back.
+const SAFE_EXPONENT: i32 = 40;
+
+/// The exponent `e` to scale `a` by `2^-e` (see [`SAFE_EXPONENT`]), where it needs scaling.
+pub(crate) fn rescaling(a: MatRef<'_, f32>) -> Option<i32> {
+    let largest = a
+        .row_iter()
+        .fold(0.0f32, |m, row| row.iter().fold(m, |m, v| m.max(v.abs())));
+    let (_, e) = libm::frexpf(largest);
+    (largest > 0.0 && !(-SAFE_EXPONENT..=SAFE_EXPONENT).contains(&e)).then_some(e)
+}
+
+/// `a * 2^-e`, a new matrix.
+pub(crate) fn scaled(a: MatRef<'_, f32>, e: i32) -> Result<Mat<f32>> {
+    Mat::from_fn(a.rows(), a.cols(), |i, j| libm::scalbnf(a.at(i, j), -e))
+}
+
+/// Singular values `s * 2^e` of a matrix scaled by `2^-e`; [`Error::Overflow`] where they
+/// exceed `f32` (their matrix's norm does).
+pub(crate) fn unscale_singular_values(s: &mut [f32], e: i32) -> Result<()> {
+    for v in s.iter_mut() {
+        *v = libm::scalbnf(*v, e);
+        if !v.is_finite() {
+            return Err(Error::Overflow {
+                what: "singular values",
+            });
+        }
+    }
+    Ok(())
 }
 
 /// `a` as `f32` without a copy where it already is `f32`, checked as [`widen_checked`].
@@ -149,7 +193,7 @@ pub(crate) fn transposed_checked<T: Element>(
     a: MatRef<'_, T>,
 ) -> Result<Mat<f32>> {
     let a = as_f32_checked(what, a)?;
-    Ok(qr::transpose(a.view()))
+    qr::transpose(a.view())
 }
 
 /// `op(a) op(b)` as a new matrix.
@@ -170,7 +214,7 @@ pub(crate) fn product(
     } else {
         b.rows()
     };
-    let mut c = Mat::zeros(rows, cols);
+    let mut c = Mat::zeros(rows, cols)?;
     gemm(cpu, 1.0, a, a_op, b, b_op, 0.0, c.as_mut())?;
     Ok(c)
 }

@@ -13,8 +13,8 @@ use kernels_core::ops::project::Qr;
 use kernels_core::{DType, Element, Error, Mat, MatMut, MatRef, Result};
 
 use super::{
-    Transpose, View, ViewMut, block_mut, gemm, gemm_views, product, transposed_checked,
-    widen_checked,
+    Transpose, View, ViewMut, block_mut, finite_factor, gemm, gemm_views, product,
+    transposed_checked, widen_checked,
 };
 use crate::{Cpu, parallel};
 
@@ -136,14 +136,14 @@ fn factor(cpu: &Cpu, w: &mut Mat<f32>) -> Result<Vec<BlockReflector>> {
             }
         }
         let width = m - start;
-        let mut vt = Mat::zeros(nb, width);
+        let mut vt = Mat::zeros(nb, width)?;
         for jj in 0..nb {
             let row = vt.row_mut(jj);
             row[jj] = 1.0;
             row[jj + 1..].copy_from_slice(&w.row(start + jj)[start + jj + 1..]);
         }
         // LAPACK's larft (forward, columnwise): T[..i, i] = -tau_i T[..i, ..i] (V[:, ..i]^T v_i).
-        let mut t = Mat::zeros(nb, nb);
+        let mut t = Mat::zeros(nb, nb)?;
         for i in 0..nb {
             *t.at_mut(i, i) = taus[i];
             let z: Vec<f32> = (0..i)
@@ -196,7 +196,7 @@ fn apply_from_right(
 
 /// `Q^T` (`k x m`) from the block reflectors, accumulated backwards.
 fn form_qt(cpu: &Cpu, blocks: &[BlockReflector], m: usize, k: usize) -> Result<Mat<f32>> {
-    let mut qt = Mat::zeros(k, m);
+    let mut qt = Mat::zeros(k, m)?;
     for i in 0..k {
         *qt.at_mut(i, i) = 1.0;
     }
@@ -210,10 +210,10 @@ fn form_qt(cpu: &Cpu, blocks: &[BlockReflector], m: usize, k: usize) -> Result<M
 }
 
 /// `a^T` as a new matrix.
-pub(crate) fn transpose(a: MatRef<'_, f32>) -> Mat<f32> {
+pub(crate) fn transpose(a: MatRef<'_, f32>) -> Result<Mat<f32>> {
     // PERF: 32 x 32 tiles keep both the rows read and the rows written in L1.
     const TILE: usize = 32;
-    let mut out = Mat::zeros(a.cols(), a.rows());
+    let mut out = Mat::zeros(a.cols(), a.rows())?;
     for i0 in (0..a.rows()).step_by(TILE) {
         for j0 in (0..a.cols()).step_by(TILE) {
             for i in i0..(i0 + TILE).min(a.rows()) {
@@ -224,7 +224,7 @@ pub(crate) fn transpose(a: MatRef<'_, f32>) -> Mat<f32> {
             }
         }
     }
-    out
+    Ok(out)
 }
 
 /// Householder QR of `w = A^T` (consumed) as `(Q^T, R)` with `diag(R) >= 0`.
@@ -233,7 +233,7 @@ pub(crate) fn qr_of_transposed(cpu: &Cpu, mut w: Mat<f32>) -> Result<(Mat<f32>, 
     let k = m.min(n);
     let blocks = factor(cpu, &mut w)?;
     let mut qt = form_qt(cpu, &blocks, m, k)?;
-    let mut r = Mat::from_fn(k, n, |i, j| if i <= j { w.at(j, i) } else { 0.0 });
+    let mut r = Mat::from_fn(k, n, |i, j| if i <= j { w.at(j, i) } else { 0.0 })?;
     for i in 0..k {
         if r.at(i, i) < 0.0 {
             r.row_mut(i).iter_mut().for_each(|v| *v = -*v);
@@ -257,8 +257,8 @@ pub(crate) fn qr_of_transposed(cpu: &Cpu, mut w: Mat<f32>) -> Result<(Mat<f32>, 
 pub fn householder_qr<T: Element>(cpu: &Cpu, a: MatRef<'_, T>) -> Result<Qr<f32>> {
     let (qt, r) = qr_of_transposed(cpu, transposed_checked("a", a)?)?;
     Ok(Qr {
-        q: transpose(qt.as_ref()),
-        r,
+        q: transpose(finite_factor("q", qt)?.as_ref())?,
+        r: finite_factor("r", r)?,
     })
 }
 
@@ -272,7 +272,7 @@ pub fn householder_qr<T: Element>(cpu: &Cpu, a: MatRef<'_, T>) -> Result<Qr<f32>
 /// let a = [3.0f32, 1.0, 4.0, 2.0, 0.0, 2.0]; // 3 x 2
 /// let qr = cgs2(&Cpu::detect(), MatRef::from_slice(&a, 3, 2)?)?;
 /// assert!((qr.r.at(0, 0) - 5.0).abs() < 1e-6); // the norm of the first column
-/// assert!(Mat::widen(qr.q.as_ref()).orthogonality_error() < 1e-6);
+/// assert!(Mat::widen(qr.q.as_ref()).orthogonality_error()? < 1e-6);
 /// # Ok::<(), Error>(())
 /// ```
 pub fn cgs2<T: Element>(cpu: &Cpu, a: MatRef<'_, T>) -> Result<Qr<f32>> {
@@ -282,7 +282,7 @@ pub fn cgs2<T: Element>(cpu: &Cpu, a: MatRef<'_, T>) -> Result<Qr<f32>> {
     let original: Vec<f64> = (0..n)
         .map(|j| libm::sqrt(sum_squares_f64(w.row(j))))
         .collect();
-    let mut r = Mat::zeros(n, n);
+    let mut r = Mat::zeros(n, n)?;
     for start in (0..n).step_by(PANEL) {
         let nb = PANEL.min(n - start);
         let (done, rest) = w.as_mut_slice().split_at_mut(start * m);
@@ -335,8 +335,8 @@ pub fn cgs2<T: Element>(cpu: &Cpu, a: MatRef<'_, T>) -> Result<Qr<f32>> {
         }
     }
     Ok(Qr {
-        q: transpose(w.as_ref()),
-        r,
+        q: transpose(finite_factor("q", w)?.as_ref())?,
+        r: finite_factor("r", r)?,
     })
 }
 
@@ -414,7 +414,7 @@ fn project<Q: Element, X: Element>(
         ..*cpu
     };
     let ranges: Vec<Range<usize>> = parallel::ranges(n, parts, panel).collect();
-    let mut first_bad = vec![None; ranges.len()];
+    let mut first_bad = vec![Ok(None); ranges.len()];
     let items: Vec<_> = ranges.into_iter().zip(first_bad.iter_mut()).collect();
     parallel::for_each(items, |(columns, bad)| {
         *bad = project_columns(
@@ -427,7 +427,13 @@ fn project<Q: Element, X: Element>(
             complement,
         );
     });
-    match first_bad.into_iter().flatten().min() {
+    let mut first: Option<usize> = None;
+    for bad in first_bad {
+        if let Some(index) = bad? {
+            first = Some(first.map_or(index, |f| f.min(index)));
+        }
+    }
+    match first {
         Some(index) => Err(Error::NonFinite { what: "x", index }),
         None => Ok(()),
     }
@@ -443,14 +449,14 @@ fn project_columns<X: Element>(
     columns: Range<usize>,
     panel: usize,
     complement: bool,
-) -> Option<usize> {
+) -> Result<Option<usize>> {
     let (m, r) = (x.rows(), q.cols());
     let mut widened = if X::DTYPE == DType::F32 {
         Vec::new()
     } else {
         vec![0.0f32; m * panel]
     };
-    let mut coefficients = Mat::zeros(r, panel);
+    let mut coefficients = Mat::zeros(r, panel)?;
     for p0 in (columns.start..columns.end).step_by(panel) {
         let width = panel.min(columns.end - p0);
         let x_panel = x.submatrix(0, p0, m, width).expect("panel inside x");
@@ -491,12 +497,16 @@ fn project_columns<X: Element>(
         }
         // A NaN or infinity in the panel makes its coefficients non-finite (`Q` is finite), so
         // only then is `X` searched; a finite panel whose product overflows propagates IEEE
-        // infinities instead. PERF: scanning every panel up front cost a pass over `X`.
+        // infinities instead. PERF: scanning every panel up front cost a pass over `X`. With
+        // no columns in `Q` there are no coefficients, and the panel itself is checked.
         let c = c.as_ref();
-        if !c.row_iter().all(all_finite)
-            && let Some(index) = first_non_finite(x, columns.clone())
-        {
-            return Some(index);
+        let finite = if r == 0 {
+            x_panel.row_iter().all(all_finite)
+        } else {
+            c.row_iter().all(all_finite)
+        };
+        if !finite && let Some(index) = first_non_finite(x, columns.clone()) {
+            return Ok(Some(index));
         }
         // SAFETY: as above.
         unsafe {
@@ -509,7 +519,7 @@ fn project_columns<X: Element>(
             }
         }
     }
-    None
+    Ok(None)
 }
 
 /// Whether every element is finite.

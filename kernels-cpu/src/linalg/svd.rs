@@ -12,7 +12,10 @@ use kernels_core::ops::lowrank::{
 use kernels_core::{CounterRng, Element, Error, Mat, MatMut, MatRef, MultiPass, Result};
 
 use super::qr::{dot, qr_of_transposed, transpose};
-use super::{Transpose, as_f32_checked, gemm, product, transposed_checked, widen_checked};
+use super::{
+    Transpose, as_f32_checked, gemm, product, rescaling, scaled, transposed_checked,
+    unscale_singular_values, widen_checked,
+};
 use crate::Cpu;
 
 /// `f64` dot product of `f32` vectors with eight partial sums.
@@ -106,6 +109,11 @@ fn rotate(x: &mut [f32], y: &mut [f32], c: f32, s: f32) {
 // A looser `eps sqrt(k)` let 1024 x 1024 factors lose orthogonality to 4e-4 (Frobenius).
 const JACOBI_ORTHOGONALITY: f64 = 2.0;
 
+/// Jacobi's deflation threshold, relative to the norm of the longest row: `f32::EPSILON`.
+/// Zeroing such rows moves the matrix by at most `eps sqrt(k)` of its norm, within the
+/// contract's reconstruction bound; a singular value that small is not resolved by `f32` input.
+const NEGLIGIBLE_ROW: f64 = f32::EPSILON as f64;
+
 /// Rows below which one thread runs the whole sweep.
 const PARALLEL_JACOBI_MIN_ROWS: usize = 128;
 
@@ -140,6 +148,18 @@ fn jacobi_sweeps(cpu: &Cpu, x: &mut Mat<f32>, rotations: &mut Mat<f32>) -> Resul
             // SAFETY: no pair is in flight between sweeps; row j is in bounds.
             let row = unsafe { core::slice::from_raw_parts(rows.x.add(j * len), len) };
             *n = dot_f64(row, row);
+        }
+        // Deflation: a row below `NEGLIGIBLE_ROW` of the largest is rounding noise (of the QR
+        // of rank-deficient input, or left by rotations), and is set to zero. Rotating it
+        // against a row eps^-1 times longer leaves an inner product above the relative
+        // stopping test every time, so the sweeps would not end.
+        let largest = norms.iter().fold(0.0f64, |m, &n| m.max(n));
+        for (j, n) in norms.iter_mut().enumerate() {
+            if *n > 0.0 && *n <= NEGLIGIBLE_ROW * NEGLIGIBLE_ROW * largest {
+                *n = 0.0;
+                // SAFETY: as above.
+                unsafe { core::slice::from_raw_parts_mut(rows.x.add(j * len), len) }.fill(0.0);
+            }
         }
         order.sort_by(|&a, &b| norms[b].total_cmp(&norms[a]).then(a.cmp(&b)));
         let bounds: Vec<core::ops::Range<usize>> = crate::parallel::ranges(k, blocks, 1).collect();
@@ -273,7 +293,7 @@ fn svd_of_transposed_tall(cpu: &Cpu, w: Mat<f32>) -> Result<(Mat<f32>, Vec<f32>,
     // so R = V_x S U_x^T and A = (Q V_x) S U_x^T with U_x = W / S.
     let (qt, mut r) = qr_of_transposed(cpu, w)?;
     let k = r.rows();
-    let mut rotations = Mat::from_fn(k, k, |i, j| if i == j { 1.0 } else { 0.0 });
+    let mut rotations = Mat::from_fn(k, k, |i, j| if i == j { 1.0 } else { 0.0 })?;
     jacobi_sweeps(cpu, &mut r, &mut rotations)?;
     let mut order: Vec<(f32, usize)> = (0..k)
         .map(|j| (libm::sqrt(dot_f64(r.row(j), r.row(j))) as f32, j))
@@ -289,8 +309,8 @@ fn svd_of_transposed_tall(cpu: &Cpu, w: Mat<f32>) -> Result<(Mat<f32>, Vec<f32>,
             }
         })
         .collect();
-    let mut vt = Mat::zeros(k, r.cols());
-    let mut v_x_t = Mat::zeros(k, k);
+    let mut vt = Mat::zeros(k, r.cols())?;
+    let mut v_x_t = Mat::zeros(k, k)?;
     for (row, (&(sigma, j), &kept)) in order.iter().zip(&s).enumerate() {
         if kept > 0.0 {
             let inverse = 1.0 / f64::from(sigma);
@@ -312,26 +332,36 @@ fn svd_of_transposed_tall(cpu: &Cpu, w: Mat<f32>) -> Result<(Mat<f32>, Vec<f32>,
     Ok((u, s, vt))
 }
 
-/// Thin SVD of `A` given as `w = A^T`, any shape.
+/// Thin SVD of `A` given as `w = A^T`, any shape, scaled first where its magnitude needs it.
 fn svd_of_transposed(cpu: &Cpu, w: Mat<f32>) -> Result<Svd<f32>> {
+    if let Some(e) = rescaling(w.as_ref()) {
+        let mut svd = svd_of_transposed_in_range(cpu, scaled(w.as_ref(), e)?)?;
+        unscale_singular_values(&mut svd.s, e)?;
+        return Ok(svd);
+    }
+    svd_of_transposed_in_range(cpu, w)
+}
+
+/// [`svd_of_transposed`] of a matrix within the safe magnitudes.
+fn svd_of_transposed_in_range(cpu: &Cpu, w: Mat<f32>) -> Result<Svd<f32>> {
     let (n, m) = (w.rows(), w.cols());
     if m >= n {
         let (u, s, vt) = svd_of_transposed_tall(cpu, w)?;
         Ok(Svd {
             u,
             s,
-            v: transpose(vt.as_ref()),
+            v: transpose(vt.as_ref())?,
         })
     } else {
         // A^T is tall, and given transposed it is A itself: A^T = U' S V'^T, so A = V' S U'^T.
-        let (u_of_t, s, vt_of_t) = svd_of_transposed_tall(cpu, transpose(w.as_ref()))?;
-        let mut u = transpose(vt_of_t.as_ref());
-        let mut vt = transpose(u_of_t.as_ref());
+        let (u_of_t, s, vt_of_t) = svd_of_transposed_tall(cpu, transpose(w.as_ref())?)?;
+        let mut u = transpose(vt_of_t.as_ref())?;
+        let mut vt = transpose(u_of_t.as_ref())?;
         normalise_signs(&mut u, &mut vt);
         Ok(Svd {
             u,
             s,
-            v: transpose(vt.as_ref()),
+            v: transpose(vt.as_ref())?,
         })
     }
 }
@@ -361,7 +391,7 @@ pub fn thin_svd<T: Element>(cpu: &Cpu, a: MatRef<'_, T>) -> Result<Svd<f32>> {
 /// // A rank-2 matrix: its two singular values are found exactly (to f32 rounding).
 /// let a = Mat::from_fn(40, 30, |i, j| {
 ///     3.0 * ((i % 5) as f32 - 2.0) * ((j % 3) as f32 - 1.0) + 0.5 * ((i % 2) as f32) * ((j % 7) as f32)
-/// });
+/// })?;
 /// let cpu = Cpu::detect();
 /// let exact = thin_svd(&cpu, a.as_ref())?;
 /// let params = RsvdParams::new(2).with_oversample(4).with_power_iterations(1).with_seed(7);
@@ -379,12 +409,17 @@ pub fn randomized_svd<T: Element>(
 ) -> Result<Svd<f32>> {
     let probes = validate_randomized_svd(a.shape(), params)?;
     let a = as_f32_checked("a", a)?;
+    if let Some(e) = rescaling(a.view()) {
+        let mut svd = randomized_svd(cpu, scaled(a.view(), e)?.as_ref(), params)?;
+        unscale_singular_values(&mut svd.s, e)?;
+        return Ok(svd);
+    }
     let a = a.view();
     let n = a.cols();
     let rng = CounterRng::new(params.seed);
     // Omega^T (probes x n), drawn at the reference's indices. PERF: threaded, because the
     // Box-Muller draws of a 11008 x 128 sketch cost 35 ms on one core (5 % of the whole SVD).
-    let mut omega_t = Mat::zeros(probes, n);
+    let mut omega_t = Mat::zeros(probes, n)?;
     crate::parallel::split_outputs(cpu, omega_t.as_mut_slice(), 64, n.max(1), |range, part| {
         for (flat, o) in range.zip(part) {
             let (j, i) = (flat / n, flat % n);
@@ -406,7 +441,7 @@ pub fn randomized_svd<T: Element>(
     }
     // B = Q^T A (probes x n); its thin SVD from B^T given transposed, i.e. B.
     let b = product(cpu, qt.as_ref(), Transpose::No, a, Transpose::No)?;
-    let small = svd_of_transposed(cpu, transpose(b.as_ref()))?;
+    let small = svd_of_transposed(cpu, transpose(b.as_ref())?)?;
     let mut u = product(
         cpu,
         qt.as_ref(),
@@ -414,13 +449,13 @@ pub fn randomized_svd<T: Element>(
         small.u.as_ref(),
         Transpose::No,
     )?;
-    let mut vt = transpose(small.v.as_ref());
+    let mut vt = transpose(small.v.as_ref())?;
     normalise_signs(&mut u, &mut vt);
     let r = params.rank.min(small.s.len());
     Ok(Svd {
         u: u.leading_cols(r),
         s: small.s[..r].to_vec(),
-        v: transpose(vt.leading_rows(r).as_ref()),
+        v: transpose(vt.leading_rows(r).as_ref())?,
     })
 }
 
@@ -503,7 +538,7 @@ pub fn symmetric_eigen<T: Element>(s: MatRef<'_, T>) -> Result<SymmetricEigen<f3
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by(|&x, &y| a[y * n + y].total_cmp(&a[x * n + x]).then(x.cmp(&y)));
     let values = order.iter().map(|&j| a[j * n + j] as f32).collect();
-    let mut vectors = Mat::from_fn(n, n, |i, j| vt[order[j] * n + i] as f32);
+    let mut vectors = Mat::from_fn(n, n, |i, j| vt[order[j] * n + i] as f32)?;
     vectors.normalise_column_signs();
     Ok(SymmetricEigen { values, vectors })
 }
@@ -519,13 +554,13 @@ fn rotate_pair(m: &mut [f64], n: usize, p: usize, q: usize, c: f64, s: f64) {
     }
 }
 
-fn lora_from_svd(svd: &Svd<f32>, r: usize) -> Lora<f32> {
+fn lora_from_svd(svd: &Svd<f32>, r: usize) -> Result<Lora<f32>> {
     let root: Vec<f32> = svd.s[..r].iter().map(|&v| libm::sqrtf(v)).collect();
-    Lora {
-        b: Mat::from_fn(svd.u.rows(), r, |i, j| svd.u.at(i, j) * root[j]),
-        a: Mat::from_fn(r, svd.v.rows(), |i, j| root[i] * svd.v.at(j, i)),
+    Ok(Lora {
+        b: Mat::from_fn(svd.u.rows(), r, |i, j| svd.u.at(i, j) * root[j])?,
+        a: Mat::from_fn(r, svd.v.rows(), |i, j| root[i] * svd.v.at(j, i))?,
         singular_values: svd.s.clone(),
-    }
+    })
 }
 
 /// LoRA extraction from the exact thin SVD: `B = U_r sqrt(S_r)`, `A = sqrt(S_r) V_r^T`, with `r`
@@ -534,11 +569,11 @@ fn lora_from_svd(svd: &Svd<f32>, r: usize) -> Lora<f32> {
 /// ```
 /// use kernels_cpu::prelude::*;
 /// // delta = b a^T with b = (1, 2, 3), a = (1, -1): rank one.
-/// let delta = Mat::from_fn(3, 2, |i, j| (i + 1) as f32 * if j == 0 { 1.0 } else { -1.0 });
+/// let delta = Mat::from_fn(3, 2, |i, j| (i + 1) as f32 * if j == 0 { 1.0 } else { -1.0 })?;
 /// let lora = lora_extract(&Cpu::detect(), delta.as_ref(), LoraRank::Energy(0.99))?;
 /// assert_eq!((lora.b.shape(), lora.a.shape()), ([3, 1], [1, 2]));
-/// let product = Mat::widen(lora.b.as_ref()).matmul(&Mat::widen(lora.a.as_ref()));
-/// assert!(product.distance(&Mat::widen(delta.as_ref())) < 1e-5);
+/// let product = Mat::widen(lora.b.as_ref()).matmul(&Mat::widen(lora.a.as_ref()))?;
+/// assert!(product.distance(&Mat::widen(delta.as_ref()))? < 1e-5);
 /// # Ok::<(), Error>(())
 /// ```
 pub fn lora_extract<T: Element>(
@@ -549,7 +584,7 @@ pub fn lora_extract<T: Element>(
     let svd = thin_svd(cpu, delta)?;
     let s: Vec<f64> = svd.s.iter().map(|&v| f64::from(v)).collect();
     let r = lora_rank(rank, &s)?;
-    Ok(lora_from_svd(&svd, r))
+    lora_from_svd(&svd, r)
 }
 
 /// LoRA extraction of rank `params.rank` from the randomized SVD: what large `delta`s
@@ -557,11 +592,11 @@ pub fn lora_extract<T: Element>(
 ///
 /// ```
 /// use kernels_cpu::prelude::*;
-/// let delta = Mat::from_fn(30, 20, |i, j| ((i % 3) as f32 - 1.0) * ((j % 4) as f32 - 1.5));
+/// let delta = Mat::from_fn(30, 20, |i, j| ((i % 3) as f32 - 1.0) * ((j % 4) as f32 - 1.5))?;
 /// let lora = lora_extract_randomized(&Cpu::detect(), delta.as_ref(), RsvdParams::new(1))?;
 /// assert_eq!((lora.b.shape(), lora.a.shape()), ([30, 1], [1, 20]));
 /// let (b, a, delta) = (Mat::widen(lora.b.as_ref()), Mat::widen(lora.a.as_ref()), Mat::widen(delta.as_ref()));
-/// assert!(b.matmul(&a).distance(&delta) <= 1e-5 * delta.frobenius_norm());
+/// assert!(b.matmul(&a)?.distance(&delta)? <= 1e-5 * delta.frobenius_norm());
 /// # Ok::<(), Error>(())
 /// ```
 pub fn lora_extract_randomized<T: Element>(
@@ -570,7 +605,7 @@ pub fn lora_extract_randomized<T: Element>(
     params: RsvdParams,
 ) -> Result<Lora<f32>> {
     let svd = randomized_svd(cpu, delta, params)?;
-    Ok(lora_from_svd(&svd, svd.s.len()))
+    lora_from_svd(&svd, svd.s.len())
 }
 
 /// The OPCM projection of a new task vector `tau` (`m x n`) against the merged task vector's SVD
@@ -708,7 +743,7 @@ impl StreamingSvd {
             rows_seen: 0,
             mean: vec![0.0; dim],
             s: Vec::new(),
-            vt: Mat::zeros(0, dim),
+            vt: Mat::zeros(0, dim)?,
         })
     }
 
@@ -732,7 +767,7 @@ impl StreamingSvd {
         let kept = self.s.len();
         let correction = self.center && self.rows_seen > 0;
         let stacked_rows = kept + b + usize::from(correction);
-        let mut stacked = Mat::zeros(stacked_rows, self.dim);
+        let mut stacked = Mat::zeros(stacked_rows, self.dim)?;
         for i in 0..kept {
             for (o, &v) in stacked.row_mut(i).iter_mut().zip(self.vt.row(i)) {
                 *o = self.s[i] * v;
@@ -762,9 +797,9 @@ impl StreamingSvd {
         for i in 0..b {
             stacked.row_mut(kept + i).copy_from_slice(x.row(i));
         }
-        let svd = svd_of_transposed(cpu, transpose(stacked.as_ref()))?;
+        let svd = svd_of_transposed(cpu, transpose(stacked.as_ref())?)?;
         let r = self.rank.min(svd.s.len());
-        let vt_new = transpose(svd.v.as_ref().submatrix(0, 0, self.dim, r)?);
+        let vt_new = transpose(svd.v.as_ref().submatrix(0, 0, self.dim, r)?)?;
         let change = if kept == 0 {
             r as f64
         } else {

@@ -49,3 +49,9 @@ fn f16_bits_to_f32(h: u32) -> f32 {
 fn linear_index(wg: vec3<u32>, groups: vec3<u32>, lid: u32, workgroup: u32) -> u32 {
     return (wg.x + wg.y * groups.x) * workgroup + lid;
 }
+
+// Whether `x` is NaN, from its bits: WGSL lets a compiler assume a float comparison never sees
+// NaN, so `x != x` may fold to false.
+fn is_nan(x: f32) -> bool {
+    return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u;
+}

@@ -68,7 +68,8 @@ fn linear_pass(
 }
 
 // Fisher merging, two models per pass (theta in in0/in1, Fisher in in2/in3): with
-// F' = max(F, floor) (NaN gives the floor), sum0 += w F' theta, sum1 += w F', sum2 += w theta.
+// F' = max(F, floor) (NaN stays NaN), sum0 += w F' theta, sum1 += w F', sum2 += w theta.
+// NaN is tested on the bits: WGSL lets a compiler assume floats are never NaN.
 @compute @workgroup_size(WORKGROUP)
 fn fisher_pass(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -89,7 +90,7 @@ fn fisher_pass(
     }
     for (var m = 0u; m < p.models; m++) {
         let f = load_fisher(m, i);
-        let floored = select(p.scalar, f, f > p.scalar);
+        let floored = select(max(f, p.scalar), f, is_nan(f));
         let theta = load_model(m, i);
         let wf = p.coef[m] * floored;
         num += wf * theta;
@@ -101,7 +102,8 @@ fn fisher_pass(
     sum2[i] = plain;
 }
 
-// sum0 = sum1 > 0 ? sum0 / sum1 : sum2 * (1 / sum w) (the plain mean where every Fisher is 0).
+// sum0 = sum1 > 0 (or NaN) ? sum0 / sum1 : sum2 * scalar (the plain mean where every Fisher is
+// 0; the weights arrive divided by their sum, so scalar is 1).
 @compute @workgroup_size(WORKGROUP)
 fn fisher_finish(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -113,7 +115,7 @@ fn fisher_finish(
         return;
     }
     let den = sum1[i];
-    sum0[i] = select(sum2[i] * p.scalar, sum0[i] / den, den > 0.0);
+    sum0[i] = select(sum2[i] * p.scalar, sum0[i] / den, den > 0.0 || is_nan(den));
 }
 
 // TIES disjoint sums against the elected sign s = sign(sum2): for each model that agrees,

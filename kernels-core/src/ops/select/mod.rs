@@ -226,9 +226,11 @@ pub fn topk_indices_ref<T: Element>(
     slices: &[&[T]],
     keep: KeepRule,
 ) -> Result<alloc::vec::Vec<u64>> {
-    let n = check_all_finite(slices)?;
+    // Parameters (and the count against the length) before data, as every backend checks them.
+    let selection = keep.selection(slices.iter().map(|s| s.len() as u64).sum())?;
+    check_all_finite(slices)?;
     let entries = slices.iter().flat_map(|s| s.iter()).enumerate();
-    let k = match keep.selection(n)? {
+    let k = match selection {
         Selection::Cut(cut) => {
             let mut applier = TopKApplier::new(&cut);
             return Ok(entries

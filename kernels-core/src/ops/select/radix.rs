@@ -77,17 +77,18 @@ impl MagnitudeHistogram {
     }
 
     /// Adds counts per bin ([`high_bin`]) that a fast backend gathered. Counts in the non-finite
-    /// bins are an error: validate the data first, as [`Self::observe`] does.
+    /// bins are an error (and change nothing): validate the data first, as [`Self::observe`]
+    /// does.
     pub fn add_counts(&mut self, counts: &[u32]) -> Result<()> {
         check_len("counts", HIGH_BINS, counts.len())?;
-        add_counts(&mut self.counts, counts, &mut self.total);
-        if self.counts[FIRST_NON_FINITE_BIN..].iter().any(|&c| c > 0) {
+        if counts[FIRST_NON_FINITE_BIN..].iter().any(|&c| c > 0) {
             return Err(Error::InvalidParam {
                 name: "counts",
                 value: FIRST_NON_FINITE_BIN as f64,
                 expected: "no counts of non-finite magnitudes",
             });
         }
+        add_counts(&mut self.counts, counts, &mut self.total);
         Ok(())
     }
 
@@ -144,6 +145,7 @@ impl MagnitudeHistogram {
     }
 }
 
+// The u64 counters cannot overflow: that would take 2^32 calls, each adding at most 2^32 per bin.
 fn add_counts(into: &mut [u64], counts: &[u32], total: &mut u64) {
     for (t, &c) in into.iter_mut().zip(counts) {
         *t += u64::from(c);

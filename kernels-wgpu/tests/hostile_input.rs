@@ -1,0 +1,128 @@
+//! Regression tests for hostile GPU arguments (issue 13): sizes that overflow or would hang,
+//! dispatches beyond the device's grid, empty strided views, and a NaN or a vanishing weight in
+//! Fisher merging. Each must be a clear error or the reference's answer, and leave the context
+//! usable.
+
+use kernels_core::ops::merge::fisher_merge_ref;
+use kernels_testkit::gpu::{Variant, run_on};
+use kernels_testkit::gpu_tests;
+use kernels_wgpu::prelude::*;
+
+/// Still answers after whatever was refused.
+fn still_usable(ctx: &Context) {
+    let x = GpuTensor::from_slice(ctx, &[1.0f32, 2.0]).unwrap();
+    assert_eq!(x.to_vec_blocking(ctx).unwrap(), [1.0, 2.0]);
+}
+
+fn sizes_that_overflow_or_would_hang(ctx: &Context) {
+    for (rows, cols) in [
+        (0, usize::MAX),
+        (usize::MAX, 0),
+        (usize::MAX, 2),
+        (1 << 33, 0),
+    ] {
+        let got = GpuTensor::<f32>::zeros(ctx, rows, cols);
+        assert!(
+            matches!(got, Err(Error::TooLarge { .. })),
+            "{rows} x {cols}: {:?}",
+            got.map(|t| t.shape())
+        );
+    }
+    let empty = GpuTensor::<f32>::zeros(ctx, 5, 0).unwrap();
+    assert_eq!((empty.shape(), empty.len()), ([5, 0], 0));
+    still_usable(ctx);
+}
+
+fn empty_strided_views_upload(ctx: &Context) {
+    let buffer = [1.0f32; 8];
+    for view in [
+        MatRef::new(&buffer, 3, 0, 5).unwrap(),
+        MatRef::new(&[], 0, 3, 1000).unwrap(),
+        MatRef::from_slice(&buffer, 2, 4)
+            .unwrap()
+            .submatrix(2, 1, 0, 3)
+            .unwrap(),
+    ] {
+        let t = GpuTensor::from_matrix(ctx, view).unwrap();
+        assert_eq!(t.shape(), view.shape());
+        assert!(t.to_vec_blocking(ctx).unwrap().is_empty());
+    }
+    // A GEMV over an empty intermediate dimension writes zeros.
+    let w = GpuTensor::<f32>::zeros(ctx, 3, 0).unwrap();
+    let x = GpuTensor::<f32>::zeros(ctx, 0, 1).unwrap();
+    let mut y = GpuTensor::from_slice(ctx, &[7.0f32; 3]).unwrap();
+    gemv(ctx, &w, &x, &mut y).unwrap();
+    assert_eq!(y.to_vec_blocking(ctx).unwrap(), [0.0; 3]);
+}
+
+/// 65,537 workgroups along one grid dimension: more than the 65,535 every device allows.
+const TOO_LONG: usize = 65_537 * 256;
+
+#[test]
+fn dispatches_beyond_the_grid_are_refused_up_front() {
+    run_on(Variant::Portable, |ctx| {
+        let max = ctx.limits().max_compute_workgroups_per_dimension;
+        assert!(
+            TOO_LONG / 256 > max as usize,
+            "this device's grid is larger"
+        );
+        let tall = GpuTensor::<f32>::zeros(ctx, TOO_LONG, 1).unwrap();
+        let x = GpuTensor::<f32>::zeros(ctx, TOO_LONG, 1).unwrap();
+        let mut y = GpuTensor::<f32>::zeros(ctx, 1, 1).unwrap();
+        let got = gemv_t(ctx, &tall, &x, &mut y);
+        assert!(matches!(got, Err(Error::TooLarge { .. })), "{got:?}");
+        still_usable(ctx);
+        let wide = GpuTensor::<f32>::zeros(ctx, 1, TOO_LONG).unwrap();
+        let x = GpuTensor::from_slice(ctx, &[1.0f32]).unwrap();
+        let mut y = GpuTensor::<f32>::zeros(ctx, TOO_LONG, 1).unwrap();
+        let got = sparse_input_gemv(ctx, &wide, &x, 0.0, &mut y);
+        assert!(matches!(got, Err(Error::TooLarge { .. })), "{got:?}");
+        still_usable(ctx);
+    });
+}
+
+fn fisher_nan_and_vanishing_weights(ctx: &Context) {
+    let (a, b) = ([1.0f32, 2.0, 5.0], [3.0f32, 4.0, 7.0]);
+    let cases: [([f32; 3], [f32; 3], [f32; 2]); 2] = [
+        // A NaN Fisher entry propagates; it does not become the floor.
+        ([f32::NAN, 1.0, 0.0], [1.0, 1.0, 0.0], [1.0, 1.0]),
+        // Weights whose sum is below 1 / f32::MAX: the plain mean must not divide by zero.
+        ([0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1e-45, 1e-45]),
+    ];
+    for (fa, fb, weights) in cases {
+        let mut expect = [0.0f32; 3];
+        fisher_merge_ref(
+            &[&a, &b],
+            &[&fa, &fb],
+            &weights,
+            FisherParams::default(),
+            &mut expect,
+        )
+        .unwrap();
+        let up = |v: &[f32]| GpuTensor::from_slice(ctx, v).unwrap();
+        let (ga, gb, gfa, gfb) = (up(&a), up(&b), up(&fa), up(&fb));
+        let mut out = GpuTensor::<f32>::zeros(ctx, 3, 1).unwrap();
+        fisher_merge(
+            ctx,
+            &[&ga, &gb],
+            &[&gfa, &gfb],
+            &weights,
+            FisherParams::default(),
+            &mut out,
+        )
+        .unwrap();
+        let got = out.to_vec_blocking(ctx).unwrap();
+        for (g, e) in got.iter().zip(&expect) {
+            assert!(
+                (g.is_nan() && e.is_nan()) || (g - e).abs() <= 1e-6 * e.abs(),
+                "{weights:?}: {got:?} vs {expect:?}"
+            );
+        }
+    }
+}
+
+gpu_tests!(
+    sizes_that_overflow_or_would_hang,
+    empty_strided_views_upload,
+    fisher_nan_and_vanishing_weights,
+);

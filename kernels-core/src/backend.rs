@@ -65,6 +65,11 @@ pub fn validate_dare(
     )
 }
 
+/// Where a sum of squares stops trusting an `f32` partial sum (a block of at most 2^16 squares):
+/// `2^-100`, far above the `2^16 * 2^-149` that squares lost to underflow can add up to. Below it
+/// (or where the sum overflowed) the block is summed again in `f64`.
+pub const SQUARES_IN_F64_BELOW: f32 = f32::from_bits(27 << 23);
+
 /// Validates a threshold: any number, including infinities, but not NaN.
 pub fn check_threshold(name: &'static str, t: f32) -> Result<()> {
     check_param(name, f64::from(t), "a number (not NaN)", !t.is_nan())

@@ -147,10 +147,12 @@ impl<'a, T> MatRef<'a, T> {
         self.data
     }
 
-    /// Row `i`. Panics if `i >= rows` (an internal invariant: callers index validated shapes).
+    /// Row `i`. Panics if `i >= rows`, as indexing a slice out of range does: a caller's
+    /// index, not data (the ops index only rows their validated shapes hold).
     #[inline]
     #[must_use]
     pub fn row(&self, i: usize) -> &'a [T] {
+        // The indexing contract of the docs above; never reached from an op's arguments.
         assert!(i < self.rows, "row {i} out of {} rows", self.rows);
         &self.data[i * self.row_stride..][..self.cols]
     }
@@ -312,6 +314,7 @@ impl<'a, T> MatMut<'a, T> {
     /// Row `i`, mutably. Panics if `i >= rows`.
     #[inline]
     pub fn row_mut(&mut self, i: usize) -> &mut [T] {
+        // As `MatRef::row`: the indexing contract, never reached from an op's arguments.
         assert!(i < self.rows, "row {i} out of {} rows", self.rows);
         &mut self.data[i * self.row_stride..][..self.cols]
     }

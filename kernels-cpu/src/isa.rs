@@ -104,9 +104,10 @@ fn available_mask() -> u8 {
 }
 
 fn detect() -> u8 {
-    #[cfg(target_arch = "x86_64")]
+    // Miri cannot run CPUID (inline assembly) nor the SIMD intrinsics: it sees the scalar path.
+    #[cfg(all(target_arch = "x86_64", not(miri)))]
     let x86 = x86::detect();
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(any(not(target_arch = "x86_64"), miri))]
     let x86 = x86_absent();
     let bit = |isa: Isa, present: bool| u8::from(present) << isa as u8;
     bit(Isa::Scalar, true)
@@ -122,13 +123,13 @@ fn detect() -> u8 {
         )
 }
 
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(any(not(target_arch = "x86_64"), miri))]
 struct X86Absent {
     avx2: bool,
     avx512: bool,
 }
 
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(any(not(target_arch = "x86_64"), miri))]
 const fn x86_absent() -> X86Absent {
     X86Absent {
         avx2: false,

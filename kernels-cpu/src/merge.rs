@@ -20,8 +20,8 @@
 use core::ops::Range;
 
 use kernels_core::backend::{
-    fisher_weight, floored_fisher, ties_sign, validate_fisher_accumulate, validate_fisher_merge,
-    validate_task_arithmetic, validate_ties_elect, validate_weighted_mean,
+    SQUARES_IN_F64_BELOW, fisher_weight, floored_fisher, ties_sign, validate_fisher_accumulate,
+    validate_fisher_merge, validate_task_arithmetic, validate_ties_elect, validate_weighted_mean,
 };
 pub use kernels_core::ops::merge::{FisherParams, TiesParams};
 use kernels_core::{DType, Element, Result};
@@ -33,8 +33,9 @@ use crate::{Cpu, Simd, WithSimd};
 /// Bound on `|out_j - out_ref_j|` for an output that sums `terms` products whose absolute values
 /// add up to `abs_sum` (for a mean, divided by `sum w`): `(terms + 3) u abs_sum`, `u = 2^-24`.
 ///
-/// A chain of `terms` fused multiply-adds rounds `terms` times, the scale and the base add two
-/// more, and the `f32` weight `1 / sum w` one more; each rounding is relative to at most `abs_sum`.
+/// A chain of `terms` fused multiply-adds rounds `terms` times and the base adds one more, each
+/// relative to at most `abs_sum`; rounding the coefficients (`w_i / sum w`, `lambda w_i`) to
+/// `f32` errs by `u` of each term, at most `u abs_sum` in all.
 ///
 /// ```
 /// use kernels_cpu::merge::reduction_tolerance;
@@ -58,15 +59,13 @@ pub fn reduction_tolerance(terms: usize, abs_sum: f64) -> f64 {
 /// computed by the same vector or tail code whatever the split.
 pub(crate) const ELEMENT_ALIGN: usize = 64;
 
-/// `out = base + scale * sum_i c_i models_i` over `range` (no base for a mean), with the
-/// coefficients `c_i = w_i * weight_factor` formed in `f64` and rounded to `f32` once: a mean's
-/// `w_i / sum w` stays in range for weights of any magnitude (`1e-45` or `3e38` each).
+/// `out = base + sum_i c_i models_i` over `range` (no base for a mean), with the coefficients
+/// `c_i = w_i * weight_factor` formed in `f64` and rounded to `f32` once (see [`weighted_sum`]).
 struct WeightedSum<'a, T> {
     models: &'a [&'a [T]],
     weights: &'a [f32],
     weight_factor: f64,
     base: Option<&'a [T]>,
-    scale: f32,
     range: Range<usize>,
     out: &'a mut [f32],
 }
@@ -81,17 +80,16 @@ impl<T: Element> WithSimd for WeightedSum<'_, T> {
             weights,
             weight_factor,
             base,
-            scale,
             range,
             out,
         } = self;
         let lanes = S::LANES;
         let n = out.len();
         let main = n - n % lanes;
-        let (start, scale_v) = (range.start, s.splat(scale));
+        let start = range.start;
         // PERF: recomputed per vector (a multiply and two conversions per model) rather than
         // kept in a buffer, which a `no_std` build without an allocator could not size.
-        let coefficient = |w: f32| (f64::from(w) * weight_factor) as f32;
+        let coefficient = |w: f32| coefficient(w, weight_factor);
         let mut c = 0;
         while c < main {
             let mut acc = s.zero();
@@ -100,7 +98,7 @@ impl<T: Element> WithSimd for WeightedSum<'_, T> {
                 acc = s.mul_add(w, s.load(&m[start + c..start + c + lanes]), acc);
             }
             let b = base.map_or(s.zero(), |b| s.load(&b[start + c..start + c + lanes]));
-            s.store(s.mul_add(acc, scale_v, b), &mut out[c..c + lanes]);
+            s.store(s.add(acc, b), &mut out[c..c + lanes]);
             c += lanes;
         }
         for j in main..n {
@@ -108,7 +106,7 @@ impl<T: Element> WithSimd for WeightedSum<'_, T> {
             for (m, &w) in models.iter().zip(weights) {
                 acc = s.mul_add_lane(coefficient(w), m[start + j].to_f32(), acc);
             }
-            out[j] = s.mul_add_lane(acc, scale, base.map_or(0.0, |b| b[start + j].to_f32()));
+            out[j] = acc + base.map_or(0.0, |b| b[start + j].to_f32());
         }
     }
 }
@@ -186,22 +184,7 @@ pub fn weighted_mean<T: Element, O: Element>(
     out: &mut [O],
 ) -> Result<()> {
     let sum = validate_weighted_mean(models.iter().map(|m| m.len()), weights, out.len())?;
-    split_elements(
-        cpu,
-        out,
-        models.len() * core::mem::size_of::<T>(),
-        |range, out| {
-            cpu.dispatch(WeightedSum {
-                models,
-                weights,
-                weight_factor: 1.0 / sum,
-                base: None,
-                scale: 1.0,
-                range,
-                out,
-            });
-        },
-    );
+    weighted_sum(cpu, None, models, weights, 1.0 / sum, out);
     Ok(())
 }
 
@@ -232,34 +215,61 @@ pub fn task_arithmetic<T: Element, O: Element>(
         lambda,
         out.len(),
     )?;
-    // The coefficients `lambda w_i`, formed in f64 and rounded once (as the GPU's): a product
-    // `w_i tau_i` that underflows would otherwise lose what a large `lambda` scales back up.
-    // Where a coefficient overflows f32, lambda multiplies the sum instead.
-    let fold_lambda = weights
+    weighted_sum(cpu, Some(base), taus, weights, f64::from(lambda), out);
+    Ok(())
+}
+
+/// `c = w * factor`, formed in `f64` and rounded to `f32` once: a mean's `w_i / sum w` stays in
+/// range for weights of any magnitude (`1e-45` or `3e38` each), and task arithmetic's
+/// `lambda w_i` keeps a product `w_i tau_i` that would underflow `f32` (the GPU's coefficients).
+// PERF: inlined into the kernel, which forms each coefficient per vector.
+#[inline(always)]
+fn coefficient(w: f32, factor: f64) -> f32 {
+    (f64::from(w) * factor) as f32
+}
+
+/// `out = base + sum_i (w_i factor) models_i`, threaded, written as `f32` or rounded once more.
+///
+/// The vector kernel multiplies by `f32` coefficients. Where one is not a normal `f32` (an exact
+/// zero aside) it would carry too few bits (a subnormal `lambda w_i`) or none (one that overflows
+/// or underflows to zero), so
+/// the call sums in `f64` instead and rounds once, as the reference does: a slow path only such
+/// weights and `lambda` reach (found by the `merge` fuzz target).
+fn weighted_sum<T: Element, O: Element>(
+    cpu: &Cpu,
+    base: Option<&[T]>,
+    models: &[&[T]],
+    weights: &[f32],
+    factor: f64,
+    out: &mut [O],
+) {
+    let representable = weights
         .iter()
-        .all(|&w| (f64::from(lambda) * f64::from(w)).abs() <= f64::from(f32::MAX));
-    let (weight_factor, scale) = if fold_lambda {
-        (f64::from(lambda), 1.0)
-    } else {
-        (1.0, lambda)
-    };
-    split_elements(
-        cpu,
-        out,
-        (taus.len() + 1) * core::mem::size_of::<T>(),
-        |range, out| {
+        .all(|&w| f64::from(w) * factor == 0.0 || coefficient(w, factor).is_normal());
+    let bytes_per_element =
+        (models.len() + usize::from(base.is_some())) * core::mem::size_of::<T>();
+    split_elements(cpu, out, bytes_per_element, |range, out| {
+        if representable {
             cpu.dispatch(WeightedSum {
-                models: taus,
+                models,
                 weights,
-                weight_factor,
-                base: Some(base),
-                scale,
+                weight_factor: factor,
+                base,
                 range,
                 out,
             });
-        },
-    );
-    Ok(())
+        } else {
+            for (j, o) in range.zip(out.iter_mut()) {
+                let sum: f64 = models
+                    .iter()
+                    .zip(weights)
+                    .map(|(m, &w)| f64::from(w) * f64::from(m[j].to_f32()))
+                    .sum();
+                let b = base.map_or(0.0, |b| f64::from(b[j].to_f32()));
+                *o = (b + factor * sum) as f32;
+            }
+        }
+    });
 }
 
 /// `fisher += scale * grad^2` over `range` of `grad`.
@@ -660,10 +670,6 @@ pub const SUM_SQUARES_RELATIVE_TOLERANCE: f64 =
 
 struct SumSquares<'a, T>(&'a [T]);
 
-/// Where [`SumSquares`] stops trusting a block's `f32` sum: `2^-100`, far above the
-/// `SUM_SQUARES_BLOCK * 2^-149` that underflowed squares can lose.
-const SQUARES_IN_F64_BELOW: f32 = f32::from_bits(27 << 23); // 2^-100
-
 impl<T: Element> WithSimd for SumSquares<'_, T> {
     type Output = f64;
 
@@ -688,9 +694,14 @@ impl<T: Element> WithSimd for SumSquares<'_, T> {
             let sum = s.reduce_sum(lanes) + tail;
             // An `f32` square overflows above |x| ~ 1.8e19 and is lost below ~ 1e-22; a block
             // whose sum is infinite or below `SQUARES_IN_F64_BELOW` is summed again in `f64`
-            // (NaN too, which stays NaN). Above that bound, the squares lost to underflow
-            // (each below 2^-149, at most a block of them) are far inside the tolerance.
-            total += if sum.is_finite() && sum >= SQUARES_IN_F64_BELOW {
+            // (NaN too, which stays NaN), unless it is all zeros (sparse Fisher diagonals have
+            // many such blocks; the check is a vectorised fold over a block still in L1).
+            let in_range = sum.is_finite()
+                && (sum >= SQUARES_IN_F64_BELOW
+                    || block
+                        .iter()
+                        .fold(true, |zero, v| zero & (v.to_f32() == 0.0)));
+            total += if in_range {
                 f64::from(sum)
             } else {
                 block

@@ -300,6 +300,7 @@ pub fn ternary_codes(cpu: &Cpu, packed: &PackedTernary<'_>, codes: &mut [i8]) ->
                 let whole = out.len() / 4;
                 let mut chunks = out.chunks_exact_mut(4);
                 for (chunk, &b) in (&mut chunks).zip(payload) {
+                    // Unreachable: `chunks_exact_mut(4)`.
                     let four: &mut [i8; 4] = chunk.try_into().expect("4 codes");
                     *four = bytemuck::cast(DECODE[usize::from(b)]);
                 }

@@ -280,6 +280,39 @@ fn weighted_mean_with_extreme_weights_is_the_reference() {
     }
 }
 
+/// Coefficients `lambda w_i` that f32 cannot hold as normal numbers (found by the `merge` fuzz
+/// target): the sum must still be the reference's.
+#[test]
+fn task_arithmetic_with_coefficients_outside_f32() {
+    let cases: [(f32, f32, [f32; 2]); 4] = [
+        (1.04e34, 4.17e-8, [1e-40, 1.0]), // w tau underflows; lambda w is a normal f32
+        (1.07e-41, -0.0625, [3e38, 1.0]), // lambda w is subnormal
+        (2.68e-32, 2.68e-32, [-1.0, 3e38]), // lambda w underflows to zero
+        (1e38, 10.0, [1e-44, 0.0]),       // lambda w overflows
+    ];
+    for (lambda, w, tau) in cases {
+        // A base small enough that the lost term shows.
+        let base = [1e-30f32, -2.0];
+        let mut expect = [0.0f32; 2];
+        kernels_core::ops::merge::task_arithmetic_ref(&base, &[&tau], &[w], lambda, &mut expect)
+            .unwrap();
+        for cpu in Cpu::all_available() {
+            let mut out = [0.0f32; 2];
+            task_arithmetic(&cpu, &base, &[&tau], &[w], lambda, &mut out).unwrap();
+            for j in 0..2 {
+                let term = f64::from(lambda) * f64::from(w) * f64::from(tau[j]);
+                let abs = f64::from(base[j]).abs() + term.abs();
+                assert!(
+                    (f64::from(out[j]) - f64::from(expect[j])).abs()
+                        <= kernels_cpu::merge::reduction_tolerance(1, abs),
+                    "{} lambda {lambda:e} w {w:e}: {out:?} vs {expect:?}",
+                    cpu.isa()
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn sum_squares_keeps_the_range_of_f64() {
     for value in [1e20f32, 3e38, 1e-23, 1e-40, f32::from_bits(1)] {

@@ -33,20 +33,45 @@ pub const SCALE_RELATIVE_TOLERANCE: f64 =
 
 /// `(sum d, sum d^2)` with `d = v - shift` over every entry of `tensors`, from per-tile `f32`
 /// sums combined in `f64`.
-pub(crate) async fn tile_sums<T: GpuElement>(
+async fn tile_sums<T: GpuElement>(
     ctx: &Context,
     tensors: &[&GpuTensor<T>],
     shift: f32,
 ) -> Result<(f64, f64)> {
+    Ok(tile_moments(ctx, tensors, shift)
+        .await?
+        .iter()
+        .fold((0.0, 0.0), |(s, q), tile| {
+            (s + f64::from(tile.sum), q + f64::from(tile.squares))
+        }))
+}
+
+/// What the device sums over one tile of `TILE` entries: `d = v - shift`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TileMoments {
+    /// `sum d`, in `f32`.
+    pub sum: f32,
+    /// `sum d^2`, in `f32`.
+    pub squares: f32,
+    /// `max |d|`.
+    pub largest: f32,
+}
+
+/// Every tile's [`TileMoments`], tensor by tensor, page by page, in order.
+pub(crate) async fn tile_moments<T: GpuElement>(
+    ctx: &Context,
+    tensors: &[&GpuTensor<T>],
+    shift: f32,
+) -> Result<Vec<TileMoments>> {
     let pipeline = tiled_pipeline(ctx, &MOMENTS, T::ENCODING)?;
     let tiles: usize = tensors
         .iter()
         .flat_map(|t| (0..t.page_count()).map(|p| t.page(p).1.div_ceil(TILE)))
         .sum();
     if tiles == 0 {
-        return Ok((0.0, 0.0));
+        return Ok(Vec::new());
     }
-    let sums = ctx.take_storage((tiles * 2 * 4) as u64)?;
+    let sums = ctx.take_storage((tiles * 3 * 4) as u64)?;
     let read = async {
         let mut batch = ctx.batch()?;
         let mut tile_base = 0;
@@ -76,13 +101,18 @@ pub(crate) async fn tile_sums<T: GpuElement>(
             }
         }
         batch.submit()?;
-        ctx.read_buffer::<f32>(&sums, tiles * 2).await
+        ctx.read_buffer::<f32>(&sums, tiles * 3).await
     }
     .await;
     ctx.give_back([sums]);
-    Ok(read?.chunks_exact(2).fold((0.0, 0.0), |(s, q), pair| {
-        (s + f64::from(pair[0]), q + f64::from(pair[1]))
-    }))
+    Ok(read?
+        .chunks_exact(3)
+        .map(|t| TileMoments {
+            sum: t[0],
+            squares: t[1],
+            largest: t[2],
+        })
+        .collect())
 }
 
 /// The moments (count, mean, and std with Bessel's correction) of every entry of `tensors`

@@ -626,7 +626,19 @@ impl Context {
         buffer: &wgpu::Buffer,
         count: usize,
     ) -> Result<Vec<T>> {
+        self.read_buffer_at(buffer, 0, count).await
+    }
+
+    /// `count` values of `buffer` from value `first` on (`first * size_of::<T>()` a multiple of
+    /// 4; the buffer padded to whole words past the last value).
+    pub(crate) async fn read_buffer_at<T: bytemuck::Pod>(
+        &self,
+        buffer: &wgpu::Buffer,
+        first: usize,
+        count: usize,
+    ) -> Result<Vec<T>> {
         self.check()?;
+        let offset = (first * size_of::<T>()) as u64;
         let bytes = (count * size_of::<T>()) as u64;
         if bytes == 0 {
             // wgpu refuses empty buffer slices.
@@ -641,7 +653,7 @@ impl Context {
         let mut encoder = self
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
-        encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, copied);
+        encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, copied);
         self.queue.submit([encoder.finish()]);
         let (sender, receiver) = futures_channel::oneshot::channel();
         staging

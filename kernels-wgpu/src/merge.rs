@@ -16,8 +16,8 @@
 
 use kernels_core::Result;
 use kernels_core::backend::{
-    fisher_weight, validate_fisher_accumulate, validate_fisher_merge, validate_task_arithmetic,
-    validate_ties_elect, validate_weighted_mean,
+    SQUARES_IN_F64_BELOW, fisher_weight, validate_fisher_accumulate, validate_fisher_merge,
+    validate_task_arithmetic, validate_ties_elect, validate_weighted_mean,
 };
 pub use kernels_core::ops::merge::{FisherParams, TiesParams};
 use kernels_wgsl::Family;
@@ -523,6 +523,31 @@ pub const SUM_SQUARES_RELATIVE_TOLERANCE: f64 =
 /// assert_eq!(block_on(sum_squares(&ctx, &x))?, 25.0);
 /// # Ok::<(), Error>(())
 /// ```
+///
+/// The sum keeps the range of `f64`, as the CPU's: a tile whose `f32` sum of squares is not finite,
+/// or below [`SQUARES_IN_F64_BELOW`] while some entry is not zero (squares lost to underflow), is
+/// read back and summed in `f64` on the host. Only such tiles are read, 16 KiB of `f32` each.
 pub async fn sum_squares<T: GpuElement>(ctx: &Context, x: &GpuTensor<T>) -> Result<f64> {
-    Ok(crate::compress::tile_sums(ctx, &[x], 0.0).await?.1)
+    let tiles = crate::compress::tile_moments(ctx, &[x], 0.0).await?;
+    let tile_len = crate::select::TILE;
+    let mut tiles = tiles.iter();
+    let mut total = 0.0f64;
+    for page in 0..x.page_count() {
+        let (buffer, len) = x.page(page);
+        for (first, tile) in (0..len).step_by(tile_len).zip(&mut tiles) {
+            let in_range = tile.squares.is_finite()
+                && (tile.squares >= SQUARES_IN_F64_BELOW || tile.largest == 0.0);
+            total += if in_range {
+                f64::from(tile.squares)
+            } else {
+                let count = tile_len.min(len - first);
+                let values: Vec<T> = ctx.read_buffer_at(buffer, first, count).await?;
+                values
+                    .iter()
+                    .map(|v| f64::from(v.to_f32()) * f64::from(v.to_f32()))
+                    .sum()
+            };
+        }
+    }
+    Ok(total)
 }

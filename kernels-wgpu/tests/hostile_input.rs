@@ -3,9 +3,10 @@
 //! Fisher merging. Each must be a clear error or the reference's answer, and leave the context
 //! usable.
 
-use kernels_core::ops::merge::fisher_merge_ref;
+use kernels_core::ops::merge::{fisher_merge_ref, sum_squares_ref};
 use kernels_testkit::gpu::{Variant, run_on};
 use kernels_testkit::gpu_tests;
+use kernels_wgpu::merge::SUM_SQUARES_RELATIVE_TOLERANCE;
 use kernels_wgpu::prelude::*;
 
 /// Still answers after whatever was refused.
@@ -121,7 +122,38 @@ fn fisher_nan_and_vanishing_weights(ctx: &Context) {
     }
 }
 
+fn sum_squares_keeps_the_range_of_f64(ctx: &Context) {
+    for value in [1e20f32, 3e38, 1e-23, 1e-40, f32::from_bits(1), 0.0] {
+        for n in [1, 4097, 9000] {
+            let mut x = vec![value; n];
+            x[n / 2] = 0.0;
+            let expect = sum_squares_ref(&x);
+            let tensor = GpuTensor::from_slice(ctx, &x).unwrap();
+            let got = block_on(sum_squares(ctx, &tensor)).unwrap();
+            assert!(
+                (got - expect).abs() <= SUM_SQUARES_RELATIVE_TOLERANCE * expect,
+                "{value} x {n}: {got:e} vs {expect:e}"
+            );
+            let bf = GpuTensor::from_slice(
+                ctx,
+                &x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>(),
+            )
+            .unwrap();
+            let bf_expect =
+                sum_squares_ref(&x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>());
+            let got = block_on(sum_squares(ctx, &bf)).unwrap();
+            assert!(
+                (got - bf_expect).abs() <= SUM_SQUARES_RELATIVE_TOLERANCE * bf_expect,
+                "bf16 {value} x {n}: {got:e} vs {bf_expect:e}"
+            );
+        }
+    }
+    let nan = GpuTensor::from_slice(ctx, &[1.0f32, f32::NAN]).unwrap();
+    assert!(block_on(sum_squares(ctx, &nan)).unwrap().is_nan());
+}
+
 gpu_tests!(
+    sum_squares_keeps_the_range_of_f64,
     sizes_that_overflow_or_would_hang,
     empty_strided_views_upload,
     fisher_nan_and_vanishing_weights,

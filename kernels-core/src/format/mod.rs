@@ -383,6 +383,7 @@ impl BitWriter {
             self.bytes.push(0);
         }
         if b {
+            // Unreachable: a byte is pushed whenever `pos` starts one, so one exists.
             *self.bytes.last_mut().expect("pushed above") |= 1 << (self.pos % 8);
         }
         self.pos += 1;

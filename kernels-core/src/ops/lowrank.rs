@@ -106,6 +106,7 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
         .map(|(x, y)| x * y)
         .sum();
     for (x, y) in a8.zip(b8) {
+        // Unreachable from input: `chunks_exact(8)` yields chunks of exactly 8.
         let (x, y): (&[f64; 8], &[f64; 8]) = (
             x.try_into().expect("chunk of 8"),
             y.try_into().expect("chunk of 8"),

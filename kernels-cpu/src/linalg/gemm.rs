@@ -146,9 +146,17 @@ impl ViewMut {
     /// Columns `cols` of the view (within its column count).
     pub(crate) fn columns(&self, cols: core::ops::Range<usize>) -> Self {
         debug_assert!(cols.end <= self.cols);
+        // A view without rows has no buffer to offset into (an empty view's is empty, found by
+        // Miri on a 0 x 5000 projection); its columns are as empty.
+        let start = if self.rows == 0 {
+            0
+        } else {
+            cols.start.min(self.cols)
+        };
         Self {
-            // SAFETY: `cols.start <= self.cols`, so the pointer stays in (or one past) the view.
-            ptr: unsafe { self.ptr.add(cols.start.min(self.cols)) },
+            // SAFETY: the view has rows and `start <= self.cols`, so the pointer stays in (or one
+            // past) row 0; or the offset is 0.
+            ptr: unsafe { self.ptr.add(start) },
             rows: self.rows,
             cols: cols.len(),
             rs: self.rs,

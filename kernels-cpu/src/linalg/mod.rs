@@ -227,6 +227,7 @@ pub(crate) fn block_mut(
     rows: usize,
     cols: usize,
 ) -> MatMut<'_, f32> {
+    // Unreachable from input: callers pass blocks of the factorisation's own working matrix.
     a.as_mut()
         .submatrix_mut(row, col, rows, cols)
         .expect("block inside the matrix")

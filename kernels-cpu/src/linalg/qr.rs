@@ -99,6 +99,7 @@ fn make_reflector(x: &mut [f32]) -> f32 {
 /// `y = (I - tau v v^T) y` with `v = [1, v_tail]`.
 #[inline(always)]
 fn apply_reflector(tau: f32, v_tail: &[f32], y: &mut [f32]) {
+    // Unreachable: reflectors are built for columns with at least one row below the diagonal.
     let (y0, y_tail) = y.split_first_mut().expect("reflector of length >= 1");
     let w = tau * (*y0 + dot(v_tail, y_tail));
     *y0 -= w;
@@ -459,6 +460,8 @@ fn project_columns<X: Element>(
     let mut coefficients = Mat::zeros(r, panel)?;
     for p0 in (columns.start..columns.end).step_by(panel) {
         let width = panel.min(columns.end - p0);
+        // The `expect`s below are unreachable from input: each panel is a block of the
+        // validated `x`, its `f32` image, or of the scratch sized for it.
         let x_panel = x.submatrix(0, p0, m, width).expect("panel inside x");
         let x_panel: MatRef<'_, f32> = if X::DTYPE == DType::F32 {
             MatRef::new(

@@ -276,6 +276,7 @@ impl<T: Element> WithSimd for CountHigh<'_, T> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, s: S) {
+        // Unreachable: `tables` holds exactly `TABLES` (4) whole tables.
         let mut split = self
             .tables
             .chunks_exact_mut(HIGH_BINS)

@@ -56,7 +56,9 @@ pub trait Simd: SimdKernels + Copy + Send + Sync + 'static {
     fn zero(self) -> Self::F32;
     /// All lanes `value`.
     fn splat(self, value: f32) -> Self::F32;
-    /// Loads `LANES` elements, widened to `f32`. Panics unless `chunk.len() == LANES`.
+    /// Loads `LANES` elements, widened to `f32`. Panics unless `chunk.len() == LANES`: like a
+    /// slice index, a kernel author's contract (every kernel here passes exact chunks), which the
+    /// implementations assert so a wrong length never reads out of bounds.
     fn load<T: Element>(self, chunk: &[T]) -> Self::F32;
     /// Stores the lanes. Panics unless `out.len() == LANES`.
     fn store(self, v: Self::F32, out: &mut [f32]);

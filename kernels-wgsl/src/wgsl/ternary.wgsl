@@ -30,6 +30,7 @@ override ITEMS: u32 = 16u;
 
 var<workgroup> lane_sums: array<f32, WORKGROUP>;
 var<workgroup> lane_squares: array<f32, WORKGROUP>;
+var<workgroup> lane_max: array<f32, WORKGROUP>;
 
 // The 2-bit code of entry i (0b11 never reaches the device: uploads are validated).
 fn code_bits(i: u32) -> u32 {
@@ -121,8 +122,9 @@ fn ternary_add(
     }
 }
 
-// Per tile of WORKGROUP * ITEMS entries of x: the sum of (v - shift) and of (v - shift)^2, at
-// out[2 (tile_base + tile)] and the next word.
+// Per tile of WORKGROUP * ITEMS entries of x: the sum of (v - shift), of (v - shift)^2 and the
+// largest |v - shift|, at out[3 (tile_base + tile)] and the next two words. The largest tells
+// the host whether a tile's f32 sum of squares lost entries to underflow.
 @compute @workgroup_size(WORKGROUP)
 fn tile_moments(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -133,20 +135,31 @@ fn tile_moments(
     let base = tile * WORKGROUP * ITEMS;
     var sum = 0.0;
     var squares = 0.0;
+    var largest = 0.0;
     for (var item = 0u; item < ITEMS; item++) {
         let i = base + item * WORKGROUP + lid;
         if i < p.len {
             let d = widen(x[word_of(i, ELEMENT)], i, ELEMENT) - p.scale;
             sum += d;
             squares += d * d;
+            largest = max(largest, abs(d));
         }
     }
     lane_sums[lid] = sum;
     lane_squares[lid] = squares;
+    lane_max[lid] = largest;
     tree_sum(lid);
+    for (var half = WORKGROUP / 2u; half > 0u; half >>= 1u) {
+        if lid < half {
+            lane_max[lid] = max(lane_max[lid], lane_max[lid + half]);
+        }
+        workgroupBarrier();
+    }
     if lid == 0u {
-        out[2u * (p.tile_base + tile)] = lane_sums[0];
-        out[2u * (p.tile_base + tile) + 1u] = lane_squares[0];
+        let at = 3u * (p.tile_base + tile);
+        out[at] = lane_sums[0];
+        out[at + 1u] = lane_squares[0];
+        out[at + 2u] = lane_max[0];
     }
 }
 

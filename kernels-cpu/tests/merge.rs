@@ -206,7 +206,47 @@ fn bad_inputs(cpu: &Cpu) {
     assert!(ties(cpu, &a, &[&a[..]], &[1.0], trim_none, &mut out).is_err());
 }
 
+/// More models than one kernel dispatch sums (32): the later groups continue from the output.
+fn many_models(cpu: &Cpu) {
+    use kernels_core::ops::merge::{task_arithmetic_ref, weighted_mean_ref};
+    let n = 131;
+    for count in [31, 32, 33, 70] {
+        let models: Vec<Vec<f32>> = (0..count).map(|i| normal(n, 900 + i as u64)).collect();
+        let views: Vec<&[f32]> = models.iter().map(Vec::as_slice).collect();
+        let weights: Vec<f32> = (0..count).map(|i| 0.5 + (i % 5) as f32).collect();
+        let sum: f64 = weights.iter().map(|&w| f64::from(w)).sum();
+        let abs = |j: usize| -> f64 {
+            views
+                .iter()
+                .zip(&weights)
+                .map(|(m, &w)| (f64::from(w) * f64::from(m[j])).abs())
+                .sum()
+        };
+        let (mut got, mut expect) = (vec![f32::NAN; n], vec![0.0; n]);
+        weighted_mean(cpu, &views, &weights, &mut got).unwrap();
+        weighted_mean_ref(&views, &weights, &mut expect).unwrap();
+        for j in 0..n {
+            let tolerance = reduction_tolerance(count, abs(j) / sum);
+            assert!(
+                (f64::from(got[j]) - f64::from(expect[j])).abs() <= tolerance,
+                "mean N={count} {j}"
+            );
+        }
+        let base = normal::<f32>(n, 7);
+        task_arithmetic(cpu, &base, &views, &weights, 0.3, &mut got).unwrap();
+        task_arithmetic_ref(&base, &views, &weights, 0.3, &mut expect).unwrap();
+        for j in 0..n {
+            let tolerance = reduction_tolerance(count, f64::from(base[j]).abs() + 0.3 * abs(j));
+            assert!(
+                (f64::from(got[j]) - f64::from(expect[j])).abs() <= tolerance,
+                "TA N={count} {j}"
+            );
+        }
+    }
+}
+
 isa_tests!(
+    many_models,
     shared_reductions,
     ties_fisher_f32,
     typed_bf16_and_f16,

@@ -131,11 +131,15 @@ impl F32Operand<'_> {
 /// two (exact) to a largest magnitude in `[0.5, 1)`, and its singular values scaled back.
 const SAFE_EXPONENT: i32 = 40;
 
-/// The exponent `e` to scale `a` by `2^-e` (see [`SAFE_EXPONENT`]), where it needs scaling.
-pub(crate) fn rescaling(a: MatRef<'_, f32>) -> Option<i32> {
-    let largest = a
-        .row_iter()
-        .fold(0.0f32, |m, row| row.iter().fold(m, |m, v| m.max(v.abs())));
+/// The largest magnitude of finite values (a fold without NaN handling, which vectorises).
+pub(crate) fn largest_magnitude(row: &[f32], so_far: f32) -> f32 {
+    row.iter()
+        .fold(so_far, |m, v| if v.abs() > m { v.abs() } else { m })
+}
+
+/// The exponent `e` to scale a matrix whose largest magnitude is `largest` by `2^-e` (see
+/// [`SAFE_EXPONENT`]), where it needs scaling.
+pub(crate) fn rescaling(largest: f32) -> Option<i32> {
     let (_, e) = libm::frexpf(largest);
     (largest > 0.0 && !(-SAFE_EXPONENT..=SAFE_EXPONENT).contains(&e)).then_some(e)
 }
@@ -159,15 +163,18 @@ pub(crate) fn unscale_singular_values(s: &mut [f32], e: i32) -> Result<()> {
     Ok(())
 }
 
-/// `a` as `f32` without a copy where it already is `f32`, checked as [`widen_checked`].
+/// `a` as `f32` without a copy where it already is `f32`, checked as [`widen_checked`], and its
+/// largest magnitude (found in the same pass).
 // PERF: a randomized SVD of a 4096 x 4096 f32 matrix spent a tenth of its time copying it (and
 // faulting in the copy's pages).
 pub(crate) fn as_f32_checked<'a, T: Element>(
     what: &'static str,
     a: MatRef<'a, T>,
-) -> Result<F32Operand<'a>> {
+) -> Result<(F32Operand<'a>, f32)> {
     if T::DTYPE != DType::F32 {
-        return widen_checked(what, a).map(F32Operand::Owned);
+        let owned = widen_checked(what, a)?;
+        let largest = largest_magnitude(owned.as_slice(), 0.0);
+        return Ok((F32Operand::Owned(owned), largest));
     }
     let view = MatRef::new(
         bytemuck::cast_slice(a.as_slice()),
@@ -175,6 +182,7 @@ pub(crate) fn as_f32_checked<'a, T: Element>(
         a.cols(),
         a.row_stride(),
     )?;
+    let mut largest = 0.0f32;
     for (i, row) in view.row_iter().enumerate() {
         if !qr::all_finite(row) {
             let j = row.iter().position(|v| !v.is_finite()).unwrap_or(0);
@@ -183,8 +191,10 @@ pub(crate) fn as_f32_checked<'a, T: Element>(
                 index: i * a.cols() + j,
             });
         }
+        // The row is still in L1 from the check above.
+        largest = largest_magnitude(row, largest);
     }
-    Ok(F32Operand::Borrowed(view))
+    Ok((F32Operand::Borrowed(view), largest))
 }
 
 /// `a^T` widened to `f32`, checked as [`widen_checked`].
@@ -192,7 +202,7 @@ pub(crate) fn transposed_checked<T: Element>(
     what: &'static str,
     a: MatRef<'_, T>,
 ) -> Result<Mat<f32>> {
-    let a = as_f32_checked(what, a)?;
+    let (a, _) = as_f32_checked(what, a)?;
     qr::transpose(a.view())
 }
 

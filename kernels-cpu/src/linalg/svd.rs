@@ -13,8 +13,8 @@ use kernels_core::{CounterRng, Element, Error, Mat, MatMut, MatRef, MultiPass, R
 
 use super::qr::{dot, qr_of_transposed, transpose};
 use super::{
-    Transpose, as_f32_checked, gemm, product, rescaling, scaled, transposed_checked,
-    unscale_singular_values, widen_checked,
+    Transpose, as_f32_checked, gemm, largest_magnitude, product, rescaling, scaled,
+    transposed_checked, unscale_singular_values, widen_checked,
 };
 use crate::Cpu;
 
@@ -334,7 +334,7 @@ fn svd_of_transposed_tall(cpu: &Cpu, w: Mat<f32>) -> Result<(Mat<f32>, Vec<f32>,
 
 /// Thin SVD of `A` given as `w = A^T`, any shape, scaled first where its magnitude needs it.
 fn svd_of_transposed(cpu: &Cpu, w: Mat<f32>) -> Result<Svd<f32>> {
-    if let Some(e) = rescaling(w.as_ref()) {
+    if let Some(e) = rescaling(largest_magnitude(w.as_slice(), 0.0)) {
         let mut svd = svd_of_transposed_in_range(cpu, scaled(w.as_ref(), e)?)?;
         unscale_singular_values(&mut svd.s, e)?;
         return Ok(svd);
@@ -408,8 +408,8 @@ pub fn randomized_svd<T: Element>(
     params: RsvdParams,
 ) -> Result<Svd<f32>> {
     let probes = validate_randomized_svd(a.shape(), params)?;
-    let a = as_f32_checked("a", a)?;
-    if let Some(e) = rescaling(a.view()) {
+    let (a, largest) = as_f32_checked("a", a)?;
+    if let Some(e) = rescaling(largest) {
         let mut svd = randomized_svd(cpu, scaled(a.view(), e)?.as_ref(), params)?;
         unscale_singular_values(&mut svd.s, e)?;
         return Ok(svd);
@@ -648,9 +648,9 @@ pub fn opcm_project<T: Element>(
     out.expect_shape("out", [m, n])?;
     let r = opcm_rank(s, params.alpha)?;
     let (u, v, tau) = (
-        as_f32_checked("u", u)?,
-        as_f32_checked("v", v)?,
-        as_f32_checked("tau", tau)?,
+        as_f32_checked("u", u)?.0,
+        as_f32_checked("v", v)?.0,
+        as_f32_checked("tau", tau)?.0,
     );
     let ut_tau = product(cpu, u.view(), Transpose::Yes, tau.view(), Transpose::No)?;
     let mut p = product(cpu, ut_tau.as_ref(), Transpose::No, v.view(), Transpose::No)?;

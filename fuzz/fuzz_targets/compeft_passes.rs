@@ -6,7 +6,9 @@ use arbitrary::Unstructured;
 use kernels_core::format::{self, TernaryLayout};
 use kernels_core::ops::ternary::compeft_ref;
 use kernels_cpu::prelude::*;
-use kernels_fuzz::{PassCall, assert_same_outcome, backends, chunks, keep_rule, value};
+use kernels_fuzz::{
+    PassCall, assert_same_outcome, backends, chunks, keep_rule, streaming_outcome, value,
+};
 use libfuzzer_sys::fuzz_target;
 
 fn run(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
@@ -25,7 +27,7 @@ fn run(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
     let calls: Vec<PassCall> = u.arbitrary()?;
     let cpu = *u.choose(&backends())?;
     let slices: Vec<&[f32]> = data.iter().map(Vec::as_slice).collect();
-    let expect = compeft_ref(&slices, params);
+    let expect = streaming_outcome(params.validate(), &slices, compeft_ref(&slices, params));
     let Ok(mut plan) = Compeft::new(params) else {
         assert!(expect.is_err());
         return Ok(());

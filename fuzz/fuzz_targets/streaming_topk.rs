@@ -5,7 +5,7 @@
 use arbitrary::Unstructured;
 use kernels_core::ops::select::{topk_cut_ref, topk_mask_ref};
 use kernels_cpu::prelude::*;
-use kernels_fuzz::{PassCall, assert_same_outcome, backends, chunks, keep_rule};
+use kernels_fuzz::{PassCall, assert_same_outcome, backends, chunks, keep_rule, streaming_outcome};
 use libfuzzer_sys::fuzz_target;
 
 fn run(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
@@ -16,7 +16,7 @@ fn run(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
     let calls: Vec<PassCall> = u.arbitrary()?;
     let cpu = *u.choose(&backends())?;
     let slices: Vec<&[f32]> = data.iter().map(Vec::as_slice).collect();
-    let expect = topk_cut_ref(&slices, keep);
+    let expect = streaming_outcome(keep.validate(), &slices, topk_cut_ref(&slices, keep));
     let Ok(mut topk) = StreamingTopK::new(keep) else {
         assert!(expect.is_err() || keep.validate().is_err());
         return Ok(());

@@ -199,6 +199,22 @@ pub fn chunks(u: &mut Unstructured<'_>, specials: bool) -> Result<Vec<Vec<f32>>>
         .collect()
 }
 
+/// What a streaming type driven by the protocol must return, from what the in-memory reference
+/// returns: a streaming type checks its parameters when made, each chunk's values as it is fed,
+/// and a count against the length only once every chunk is seen, so a non-finite value is
+/// reported before a count past the end (the in-memory references check the count first).
+pub fn streaming_outcome<T>(
+    params: kernels_core::Result<()>,
+    chunks: &[&[f32]],
+    in_memory: kernels_core::Result<T>,
+) -> kernels_core::Result<T> {
+    params?;
+    if let Some(index) = chunks.concat().iter().position(|v| !v.is_finite()) {
+        return Err(Error::NonFinite { what: "x", index });
+    }
+    in_memory
+}
+
 /// A protocol call of a [`MultiPass`] streaming type, in whatever order the fuzzer picks.
 #[derive(arbitrary::Arbitrary, Debug, Clone, Copy)]
 pub enum PassCall {

@@ -64,7 +64,7 @@ fn run(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
     assert_eq!((got.cut, got.total), (decided.cut, decided.total));
     assert!(
         (f64::from(got.scale) - f64::from(decided.scale)).abs()
-            <= 1e-6 * f64::from(decided.scale.abs())
+            <= kernels_cpu::compress::SCALE_RELATIVE_TOLERANCE * f64::from(decided.scale.abs())
     );
     let mut encoder = CompeftEncoder::new(&decided);
     let mut reference = kernels_core::ops::ternary::CompeftEncoder::new(&decided);

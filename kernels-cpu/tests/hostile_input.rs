@@ -487,3 +487,27 @@ fn svd_of_rank_deficient_and_extreme_scale_input() {
         }
     }
 }
+
+/// Deviations whose `f32` squares underflow (found by the `compeft_passes` fuzz target): the
+/// standard deviation is the reference's, not 0.
+#[test]
+fn moments_of_subnormal_data() {
+    for x in [
+        vec![0.0f32, 1e-45, 0.0, 1e-40],
+        vec![1e-38f32; 3000],
+        vec![3e-39f32, -3e-39],
+    ] {
+        let mut expect = kernels_core::ops::ternary::Moments::default();
+        expect.observe(&x);
+        for cpu in Cpu::all_available() {
+            let got = moments(&cpu, &x).unwrap();
+            assert!(
+                (got.std() - expect.std()).abs() <= 1e-6 * expect.std(),
+                "{}: {:e} vs {:e}",
+                cpu.isa(),
+                got.std(),
+                expect.std()
+            );
+        }
+    }
+}

@@ -169,7 +169,11 @@ impl ViewMut {
 ///
 /// Runs on [`Cpu::gemm_backend`]: faer's GEMM by default where this build has it (`std`, not
 /// wasm32), else this crate's portable SIMD kernel (one thread, `alloc` only). Each element is
-/// within `k eps sum_p |a_ip b_pj|` (times a small constant) of the exact product.
+/// within `k eps sum_p |a_ip b_pj|` (times a small constant) of the exact product while the
+/// intermediate products stay in `f32`'s normal range: as in BLAS, `A B` (or `alpha A`, faer's
+/// order) is formed in `f32`, so with operands near `f32`'s limits and an `alpha` far from 1 an
+/// intermediate can overflow or underflow that the scaled result would not (an open `linalg`
+/// fuzz finding, kept in `fuzz/regressions/linalg/`).
 ///
 /// ```
 /// use kernels_core::{MatMut, MatRef};

@@ -12,6 +12,8 @@ use kernels_fuzz::{Matrix, assert_close, assert_same_outcome, backends, size, va
 use libfuzzer_sys::fuzz_target;
 
 const U: f64 = f32::EPSILON as f64 / 2.0;
+/// `f32`'s smallest subnormal: twice the most a product loses to gradual underflow.
+const TINY: f64 = 1.401_298_464_324_817e-45;
 
 /// A matrix of rank at most `rank`, scaled by `scale` (exact low rank when the factors are
 /// small integers), or of free values.
@@ -92,8 +94,8 @@ fn run(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
                     f64::from(beta) * f64::from(before[i * n + j])
                 };
                 expect[i * n + j] = (f64::from(alpha) * s + old) as f32;
-                // The contract (as BLAS's): `A B` is formed in f32 before `alpha` scales it, so
-                // an unscaled product past f32's range is outside it, whatever `alpha` is.
+                // gemm's contract: `A B` is formed in f32 before `alpha` scales it, so an
+                // unscaled product past f32's range is outside it, whatever `alpha` is.
                 bound[i * n + j] = if abs < f64::from(f32::MAX) / 4.0 {
                     f64::from(alpha).abs() * abs + old.abs()
                 } else {
@@ -103,8 +105,9 @@ fn run(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
         }
         let got: Vec<f32> = (0..m * n).map(|i| cv.at(i / n, i % n)).collect();
         assert_close("gemm", &got, &expect, |i| {
+            let underflow = (f64::from(alpha).abs() * k as f64 + 2.0) * TINY;
             (bound[i] < f64::from(f32::MAX) / 4.0)
-                .then_some(4.0 * (k as f64 + 3.0) * U * bound[i] + 1e-44)
+                .then_some(4.0 * (k as f64 + 3.0) * U * bound[i] + underflow)
         });
     } else {
         assert!(got.is_err());

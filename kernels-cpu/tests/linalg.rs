@@ -144,26 +144,43 @@ fn check_gemm(cpu: &Cpu, m: usize, k: usize, n: usize, seed: u64) {
                 c.as_mut(),
             )
             .unwrap();
-            let (a64, b64) = (widen(&a), widen(&b));
-            for i in 0..m {
-                for j in 0..n {
-                    let exact: f64 = (0..k).map(|p| a64.at(i, p) * b64.at(p, j)).sum::<f64>()
-                        * f64::from(alpha)
-                        + f64::from(beta) * f64::from(c0.at(i, j));
-                    let scale: f64 = (0..k)
-                        .map(|p| (a64.at(i, p) * b64.at(p, j)).abs())
-                        .sum::<f64>()
-                        * f64::from(alpha.abs())
-                        + f64::from((beta * c0.at(i, j)).abs());
-                    let bound =
-                        GEMM_TOLERANCE_FACTOR * f64::from(f32::EPSILON) * (k + 2) as f64 * scale;
-                    let got = f64::from(c.at(i, j));
-                    assert!(
-                        (got - exact).abs() <= bound,
-                        "gemm {m}x{k}x{n} {a_op:?} {b_op:?} alpha {alpha} beta {beta} at ({i}, {j}): {got} vs {exact}"
-                    );
-                }
-            }
+            assert_gemm_close(&a, &b, &c0, alpha, beta, &c, &format!("{a_op:?} {b_op:?}"));
+        }
+    }
+}
+
+/// `c` against `alpha a b + beta c0` in f64, within gemm's contract: the classical bound plus
+/// gradual underflow's `(|alpha| k + 2) 2^-149`.
+fn assert_gemm_close(
+    a: &Mat<f32>,
+    b: &Mat<f32>,
+    c0: &Mat<f32>,
+    alpha: f32,
+    beta: f32,
+    c: &Mat<f32>,
+    what: &str,
+) {
+    let [m, k] = a.shape();
+    let n = b.cols();
+    let (a64, b64) = (widen(a), widen(b));
+    let underflow = (f64::from(alpha.abs()) * k as f64 + 2.0) * f64::from(f32::from_bits(1));
+    for i in 0..m {
+        for j in 0..n {
+            let exact: f64 = (0..k).map(|p| a64.at(i, p) * b64.at(p, j)).sum::<f64>()
+                * f64::from(alpha)
+                + f64::from(beta) * f64::from(c0.at(i, j));
+            let scale: f64 = (0..k)
+                .map(|p| (a64.at(i, p) * b64.at(p, j)).abs())
+                .sum::<f64>()
+                * f64::from(alpha.abs())
+                + f64::from(beta).abs() * f64::from(c0.at(i, j)).abs();
+            let bound = GEMM_TOLERANCE_FACTOR * f64::from(f32::EPSILON) * (k + 2) as f64 * scale
+                + underflow;
+            let got = f64::from(c.at(i, j));
+            assert!(
+                (got - exact).abs() <= bound,
+                "gemm {m}x{k}x{n} {what} alpha {alpha} beta {beta} at ({i}, {j}): {got} vs {exact}"
+            );
         }
     }
 }
@@ -256,6 +273,78 @@ fn gemm_rejects_bad_input() {
         matches!(err, Err(Error::InvalidParam { name: "alpha", .. })),
         "{err:?}"
     );
+}
+
+/// An `alpha` far from 1 scales the product, never an operand: with one operand near `f32`'s
+/// largest (or smallest) magnitudes, `alpha` times it would overflow (or underflow) although the
+/// result is in range (a `linalg` fuzz finding on faer's backend, which folded `alpha` in).
+#[test]
+fn gemm_alpha_scales_the_product_not_an_operand() {
+    let at = |scale: f32, rows, cols, seed| {
+        let mut x = random(rows, cols, seed).to_f32();
+        x.as_mut_slice().iter_mut().for_each(|v| *v *= scale);
+        x
+    };
+    // faer's GEMV, rank-one and general paths, which fold `alpha` differently.
+    for (cpu, (m, k, n)) in backends()
+        .into_iter()
+        .flat_map(|cpu| [(37, 45, 29), (37, 45, 1), (1, 45, 29), (37, 1, 29)].map(|s| (cpu, s)))
+    {
+        for (alpha, a_scale, b_scale) in [
+            (1e10f32, 1e30f32, 1e-30f32),
+            (1e10, 1e-30, 1e30),
+            (1e-30, 1e-20, 1e20),
+            (1e-30, 1e20, 1e-20),
+            (-3e-12, 1e37, 1e-36),
+        ] {
+            let (a, b) = (at(a_scale, m, k, 1), at(b_scale, k, n, 2));
+            let c0 = at(alpha, m, n, 3);
+            for beta in [0.0f32, 0.5] {
+                let mut c = c0.clone();
+                let got = gemm(
+                    &cpu,
+                    alpha,
+                    a.as_ref(),
+                    Transpose::No,
+                    b.as_ref(),
+                    Transpose::No,
+                    beta,
+                    c.as_mut(),
+                );
+                got.unwrap();
+                assert_gemm_close(
+                    &a,
+                    &b,
+                    &c0,
+                    alpha,
+                    beta,
+                    &c,
+                    &format!("{a_scale:e} x {b_scale:e}"),
+                );
+            }
+        }
+        // `alpha == 0` still multiplies: an infinite product becomes NaN, as IEEE has it.
+        let (mut a, b) = (at(1.0, 2, 3, 4), at(1.0, 3, 2, 5));
+        *a.at_mut(0, 0) = f32::INFINITY;
+        let mut c = Mat::zeros(2, 2).unwrap();
+        gemm(
+            &cpu,
+            0.0,
+            a.as_ref(),
+            Transpose::No,
+            b.as_ref(),
+            Transpose::No,
+            0.0,
+            c.as_mut(),
+        )
+        .unwrap();
+        assert!(
+            c.at(0, 0).is_nan() && c.at(0, 1).is_nan(),
+            "{:?}",
+            c.as_slice()
+        );
+        assert_eq!(&c.as_slice()[2..], &[0.0, 0.0]);
+    }
 }
 
 // ---------------------------------------------------------------- QR, CGS2, projections

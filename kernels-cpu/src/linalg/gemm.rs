@@ -15,7 +15,7 @@
 
 use alloc::vec;
 
-use kernels_core::{Error, MatMut, MatRef, Result};
+use kernels_core::{Error, MatMut, MatRef, Result, backend::try_vec};
 
 use crate::{Cpu, Simd, WithSimd};
 
@@ -110,22 +110,35 @@ impl ViewMut {
         }
     }
 
+    /// Runs `f` on each row of the view.
+    ///
+    /// # Safety
+    /// The view is in bounds of a live borrow.
+    unsafe fn for_each_row(&self, mut f: impl FnMut(usize, &mut [f32])) {
+        for i in 0..self.rows {
+            // SAFETY: row `i` of the view holds `cols` elements, per the caller.
+            f(i, unsafe {
+                core::slice::from_raw_parts_mut(self.ptr.add(i * self.rs), self.cols)
+            });
+        }
+    }
+
     /// `c = beta c`, with `beta == 0` writing zeros without reading (BLAS's convention).
     ///
     /// # Safety
     /// The view is in bounds of a live borrow.
     pub(crate) unsafe fn scale(&self, beta: f32) {
-        for i in 0..self.rows {
-            // SAFETY: row `i` of the view holds `cols` elements, per the caller.
-            let row =
-                unsafe { core::slice::from_raw_parts_mut(self.ptr.add(i * self.rs), self.cols) };
-            if beta == 0.0 {
-                row.fill(0.0);
-            } else {
-                for v in row.iter_mut() {
-                    *v *= beta;
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            self.for_each_row(|_, row| {
+                if beta == 0.0 {
+                    row.fill(0.0);
+                } else {
+                    for v in row.iter_mut() {
+                        *v *= beta;
+                    }
                 }
-            }
+            });
         }
     }
 
@@ -168,12 +181,13 @@ impl ViewMut {
 /// not propagate), as in BLAS. NaN and infinity in `a` or `b` propagate as IEEE arithmetic does.
 ///
 /// Runs on [`Cpu::gemm_backend`]: faer's GEMM by default where this build has it (`std`, not
-/// wasm32), else this crate's portable SIMD kernel (one thread, `alloc` only). Each element is
-/// within `k eps sum_p |a_ip b_pj|` (times a small constant) of the exact product while the
-/// intermediate products stay in `f32`'s normal range: as in BLAS, `A B` (or `alpha A`, faer's
-/// order) is formed in `f32`, so with operands near `f32`'s limits and an `alpha` far from 1 an
-/// intermediate can overflow or underflow that the scaled result would not (an open `linalg`
-/// fuzz finding, kept in `fuzz/regressions/linalg/`).
+/// wasm32), else this crate's portable SIMD kernel (one thread, `alloc` only). On both, the
+/// unscaled `op(a) op(b)` is formed in `f32` and `alpha` scales it: each element is within
+/// `4 (k + 3) u (|alpha| sum_p |a_ip b_pj| + |beta c_ij|) + (|alpha| k + 2) 2^-149` of the exact
+/// result (`u = 2^-24`; the last term is gradual underflow's) while `sum_p |a_ip b_pj|` stays
+/// within `f32`'s range. An `alpha` other than `±1` with a nonzero `beta` on faer's backend costs
+/// a scratch copy of `c` (faer would fold `alpha` into an operand, which can overflow or underflow
+/// where the scaled product does not), so it can fail with [`Error::OutOfMemory`].
 ///
 /// ```
 /// use kernels_core::{MatMut, MatRef};
@@ -214,20 +228,49 @@ pub fn gemm(
         });
     }
     c.expect_shape("c", [a.rows, b.cols])?;
-    // SAFETY: the views come from live borrows with validated shapes; `c` is a unique borrow, so
-    // it cannot overlap `a` or `b`.
-    unsafe { gemm_views(cpu, alpha, a, b, beta, &ViewMut::of(&mut c)) };
+    let c = ViewMut::of(&mut c);
+    if runs_faer(cpu) && alpha.abs() != 1.0 && beta != 0.0 {
+        let len = c.rows * c.cols;
+        let mut scaled_product = try_vec("gemm's scaled product", len)?;
+        scaled_product.resize(len, 0.0f32);
+        let scratch = ViewMut {
+            ptr: scaled_product.as_mut_ptr(),
+            rows: c.rows,
+            cols: c.cols,
+            rs: c.cols,
+        };
+        // SAFETY: the views come from live borrows with validated shapes; `c` is a unique
+        // borrow and `scratch` a fresh buffer of its shape, so neither overlaps `a` or `b`.
+        unsafe {
+            gemm_views(cpu, alpha, a, b, 0.0, &scratch);
+            c.for_each_row(|i, row| {
+                for (v, p) in row.iter_mut().zip(&scaled_product[i * c.cols..]) {
+                    *v = beta * *v + p;
+                }
+            });
+        }
+    } else {
+        // SAFETY: as above.
+        unsafe { gemm_views(cpu, alpha, a, b, beta, &c) };
+    }
     Ok(())
 }
 
-/// [`gemm`] on validated views.
+/// Whether [`gemm_views`] runs faer's GEMM on `cpu`.
+fn runs_faer(cpu: &Cpu) -> bool {
+    cfg!(all(feature = "std", not(target_arch = "wasm32")))
+        && cpu.gemm_backend() == GemmBackend::Auto
+}
+
+/// [`gemm`] on validated views. On faer's backend, an `alpha` other than `±1` needs `beta == 0`
+/// (see [`gemm`] for why and how the public entry point meets it).
 ///
 /// # Safety
 /// Every view is in bounds of a live borrow, shapes agree (`c` is `a.rows x b.cols`,
 /// `a.cols == b.rows`) and `c` overlaps neither `a` nor `b`.
 pub(crate) unsafe fn gemm_views(cpu: &Cpu, alpha: f32, a: View, b: View, beta: f32, c: &ViewMut) {
     #[cfg(all(feature = "std", not(target_arch = "wasm32")))]
-    if cpu.gemm_backend() == GemmBackend::Auto {
+    if runs_faer(cpu) {
         // SAFETY: forwarded from the caller.
         unsafe { faer_gemm(cpu.threads(), alpha, a, b, beta, c) };
         return;
@@ -250,6 +293,9 @@ unsafe fn faer_gemm(threads: usize, alpha: f32, a: View, b: View, beta: f32, c: 
     } else {
         Par::Seq
     };
+    // faer folds `alpha` into an operand, exact only for ±1; any other scales the product after.
+    let folded = if alpha.abs() == 1.0 { alpha } else { 1.0 };
+    debug_assert!(folded == alpha || beta == 0.0, "see gemm_views");
     // SAFETY: faer reads and writes exactly the elements the validated views describe.
     unsafe {
         let lhs = faer::MatRef::from_raw_parts(a.ptr, a.rows, a.cols, a.rs as isize, a.cs as isize);
@@ -263,7 +309,11 @@ unsafe fn faer_gemm(threads: usize, alpha: f32, a: View, b: View, beta: f32, c: 
             Accum::Add
         };
         let dst = faer::MatMut::from_raw_parts_mut(c.ptr, c.rows, c.cols, c.rs as isize, 1);
-        faer::linalg::matmul::matmul(dst, accum, lhs, rhs, alpha, par);
+        faer::linalg::matmul::matmul(dst, accum, lhs, rhs, folded, par);
+        if folded != alpha {
+            // Not `scale`: `alpha == 0` must still turn an infinite product into NaN.
+            c.for_each_row(|_, row| row.iter_mut().for_each(|v| *v *= alpha));
+        }
     }
 }
 

@@ -408,6 +408,60 @@ fn qr_whose_factor_overflows_f32_says_so() {
     }
 }
 
+/// `x = (3e38, 3e38)` against `q = (1, 1) / sqrt(2)`: the residual is finite, but the coefficient
+/// `q^T x = 4.2e38` is not an `f32`. It was an infinity in `out` (a `linalg` fuzz finding); now
+/// it is an error, and a NaN elsewhere in `x` (in another thread's columns) still comes first.
+#[test]
+fn projection_whose_coefficients_overflow_f32_says_so() {
+    let half = core::f32::consts::FRAC_1_SQRT_2;
+    let q = [half, half];
+    let q = MatRef::from_slice(&q, 2, 1).unwrap();
+    let n = 8193;
+    let mut x = vec![1.0f32; 2 * n];
+    (x[0], x[n]) = (3e38, 3e38);
+    let mut out = vec![0.0f32; 2 * n];
+    let mut expect = out.clone();
+    project_out_ref(
+        q,
+        MatRef::from_slice(&x, 2, n).unwrap(),
+        MatMut::from_slice(&mut expect, 2, n).unwrap(),
+    )
+    .unwrap();
+    // 0 up to `q`'s rounding to f32.
+    assert!(
+        expect[0].abs() < 1e32 && expect[n].abs() < 1e32,
+        "{expect:?}"
+    );
+    for cpu in Cpu::all_available()
+        .flat_map(|cpu| [1, 2].map(|threads| cpu.with_threads(threads).unwrap()))
+    {
+        let xv = MatRef::from_slice(&x, 2, n).unwrap();
+        for project in [project_out::<f32, f32>, project_onto::<f32, f32>] {
+            let got = project(&cpu, q, xv, MatMut::from_slice(&mut out, 2, n).unwrap());
+            assert_eq!(
+                got,
+                Err(Error::Overflow {
+                    what: "the projection's coefficients Q^T X"
+                }),
+                "{} on {} threads",
+                cpu.isa(),
+                cpu.threads()
+            );
+        }
+        let mut with_nan = x.clone();
+        with_nan[n - 1] = f32::NAN;
+        let xv = MatRef::from_slice(&with_nan, 2, n).unwrap();
+        let got = project_out(&cpu, q, xv, MatMut::from_slice(&mut out, 2, n).unwrap());
+        assert_eq!(
+            got,
+            Err(Error::NonFinite {
+                what: "x",
+                index: n - 1
+            })
+        );
+    }
+}
+
 #[test]
 fn randomized_svd_bounds_its_power_iterations() {
     let a = [1.0f32; 6];

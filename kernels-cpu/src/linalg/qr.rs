@@ -354,7 +354,10 @@ fn panel_columns(m: usize) -> usize {
 /// orthonormal columns, not checked: that costs as much as the projection).
 ///
 /// Fused: `X` is processed in column panels that stay in cache, so it is read from memory once
-/// and `out` written once; `Q^T X` never exists beyond one panel. On error `out` is unspecified.
+/// and `out` written once; `Q^T X` never exists beyond one panel. On error `out` is unspecified:
+/// a NaN or infinity in `Q` or `X` is [`Error::NonFinite`], and a finite `X` whose coefficients
+/// `Q^T X` overflow `f32` (columns near `f32::MAX` in norm) is [`Error::Overflow`], never an
+/// infinity in `out`.
 ///
 /// ```
 /// use kernels_cpu::prelude::*;
@@ -428,20 +431,28 @@ fn project<Q: Element, X: Element>(
             complement,
         );
     });
-    let mut first: Option<usize> = None;
+    // A non-finite `x` anywhere is the error (as in the reference, which checks data first),
+    // else the first part's failure.
+    let (mut first, mut failure) = (None::<usize>, None);
     for bad in first_bad {
-        if let Some(index) = bad? {
-            first = Some(first.map_or(index, |f| f.min(index)));
+        match bad {
+            Ok(Some(index)) => first = Some(first.map_or(index, |f| f.min(index))),
+            Ok(None) => {}
+            Err(e) => {
+                failure.get_or_insert(e);
+            }
         }
     }
-    match first {
-        Some(index) => Err(Error::NonFinite { what: "x", index }),
-        None => Ok(()),
+    match (first, failure) {
+        (Some(index), _) => Err(Error::NonFinite { what: "x", index }),
+        (None, Some(e)) => Err(e),
+        (None, None) => Ok(()),
     }
 }
 
 /// The projection of columns `columns` of `x` into `out` (those columns of the output), panel
-/// by panel; returns the first flat index of a non-finite `x` in them, if any.
+/// by panel; returns the first flat index of a non-finite `x` in them, if any, having searched
+/// all of them before it reports a finite panel's coefficients overflowing.
 fn project_columns<X: Element>(
     cpu: &Cpu,
     q: &Mat<f32>,
@@ -499,17 +510,22 @@ fn project_columns<X: Element>(
             );
         }
         // A NaN or infinity in the panel makes its coefficients non-finite (`Q` is finite), so
-        // only then is `X` searched; a finite panel whose product overflows propagates IEEE
-        // infinities instead. PERF: scanning every panel up front cost a pass over `X`. With
-        // no columns in `Q` there are no coefficients, and the panel itself is checked.
+        // only then is `X` searched; a finite panel's coefficients that are not have overflowed.
+        // PERF: scanning every panel up front cost a pass over `X`. With no columns in `Q` there
+        // are no coefficients, and the panel itself is checked.
         let c = c.as_ref();
         let finite = if r == 0 {
             x_panel.row_iter().all(all_finite)
         } else {
             c.row_iter().all(all_finite)
         };
-        if !finite && let Some(index) = first_non_finite(x, columns.clone()) {
-            return Ok(Some(index));
+        if !finite {
+            return match first_non_finite(x, columns.clone()) {
+                Some(index) => Ok(Some(index)),
+                None => Err(Error::Overflow {
+                    what: "the projection's coefficients Q^T X",
+                }),
+            };
         }
         // SAFETY: as above.
         unsafe {

@@ -173,7 +173,10 @@ fn run(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
     // Coefficients past f32's range are an overflow error, where the f64 reference succeeds.
     let largest = coefficients.iter().fold(0.0f64, |a, &b| a.max(b));
     if matches!(got, Err(Error::Overflow { .. })) && expect_r.is_ok() {
-        assert!(largest >= f64::from(f32::MAX) / 2.0, "project_out: overflow of {largest:e}");
+        assert!(
+            largest >= f64::from(f32::MAX) / 2.0,
+            "project_out: overflow of {largest:e}"
+        );
     } else {
         assert_same_outcome("project_out", &got, &expect_r);
     }
@@ -184,8 +187,12 @@ fn run(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
                 .map(|kk| f64::from(qv.at(i, kk)).abs() * coefficients[kk * n + j])
                 .sum();
             let scale = f64::from(xv.at(i, j)).abs() + through;
+            // Gradual underflow: each coefficient's `m` products, weighted by `|q_ik|`, then
+            // the `r` products and the subtraction.
+            let q_row: f64 = (0..r).map(|kk| f64::from(qv.at(i, kk)).abs()).sum();
+            let underflow = (m as f64 * q_row + r as f64 + 2.0) * TINY;
             (scale < f64::from(f32::MAX) / 4.0)
-                .then_some(4.0 * (m + r + 2) as f64 * U * scale + 1e-44)
+                .then_some(4.0 * (m + r + 2) as f64 * U * scale + underflow)
         });
     }
     Ok(())

@@ -10,7 +10,7 @@ use kernels_core::ops::merge::{
 };
 use kernels_cpu::merge::{SUM_SQUARES_RELATIVE_TOLERANCE, reduction_tolerance};
 use kernels_cpu::prelude::*;
-use kernels_fuzz::{assert_close, assert_same_outcome, backends, size, value, values, within_f32};
+use kernels_fuzz::{MergeCase, assert_close, assert_same_outcome, backends, within_f32};
 use libfuzzer_sys::fuzz_target;
 
 fn bits(v: &[f32]) -> Vec<u32> {
@@ -20,37 +20,18 @@ fn bits(v: &[f32]) -> Vec<u32> {
 }
 
 fn run(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
-    let specials = u.ratio(1, 4)?;
-    let n = size(u, 200)?;
-    let count = u.int_in_range(0..=6)?;
-    let models: Vec<Vec<f32>> = (0..count)
-        .map(|_| values(u, n, specials))
-        .collect::<arbitrary::Result<_>>()?;
-    let fishers: Vec<Vec<f32>> = (0..count)
-        .map(|_| values(u, n, specials))
-        .collect::<arbitrary::Result<_>>()?;
-    let weights: Vec<f32> = (0..count + usize::from(u.ratio(1, 16)?))
-        .map(|_| {
-            if u.ratio(3, 4)? {
-                Ok(f32::from(u.int_in_range(0u8..=8)?) / 4.0)
-            } else {
-                value(u, true)
-            }
-        })
-        .collect::<arbitrary::Result<_>>()?;
-    let base = values(u, n, specials)?;
-    let lambda = if u.ratio(3, 4)? { 0.5 } else { value(u, true)? };
-    let floor = if u.ratio(3, 4)? {
-        1e-3
-    } else {
-        value(u, true)?
-    };
-    let drop = *u.choose(&[0.0, 0.1, 0.5, 0.9, 1.0, -0.1, f64::NAN])?;
-    let first_index: u64 = if u.ratio(3, 4)? {
-        u.int_in_range(0..=1000)?
-    } else {
-        u.arbitrary()?
-    };
+    let MergeCase {
+        n,
+        models,
+        fishers,
+        weights,
+        base,
+        lambda,
+        floor,
+        drop,
+        first_index,
+    } = MergeCase::new(u)?;
+    let count = models.len();
     let views: Vec<&[f32]> = models.iter().map(Vec::as_slice).collect();
     let fisher_views: Vec<&[f32]> = fishers.iter().map(Vec::as_slice).collect();
     let abs = |j: usize, w: &[f32]| -> f64 {

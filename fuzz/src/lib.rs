@@ -225,3 +225,76 @@ pub enum PassCall {
     /// Ask for the result.
     Finish,
 }
+
+/// A merge problem built as a hostile caller would: up to 6 models and Fisher diagonals of `n`
+/// values (with specials a quarter of the time), weights of every kind (sometimes one too many),
+/// a base, `lambda`, a Fisher floor, a DARE drop rate and first index, each valid or not.
+#[derive(Debug)]
+pub struct MergeCase {
+    /// Elements per tensor.
+    pub n: usize,
+    /// The models (task vectors).
+    pub models: Vec<Vec<f32>>,
+    /// A Fisher diagonal per model.
+    pub fishers: Vec<Vec<f32>>,
+    /// One weight per model, or one too many.
+    pub weights: Vec<f32>,
+    /// The base model.
+    pub base: Vec<f32>,
+    /// Task arithmetic's and TIES's scale.
+    pub lambda: f32,
+    /// The Fisher floor.
+    pub floor: f32,
+    /// DARE's drop rate.
+    pub drop: f64,
+    /// DARE's first flat index.
+    pub first_index: u64,
+}
+
+impl MergeCase {
+    /// Builds a case from the fuzzer's bytes.
+    pub fn new(u: &mut Unstructured<'_>) -> Result<Self> {
+        let specials = u.ratio(1, 4)?;
+        let n = size(u, 200)?;
+        let count = u.int_in_range(0..=6)?;
+        let models: Vec<Vec<f32>> = (0..count)
+            .map(|_| values(u, n, specials))
+            .collect::<arbitrary::Result<_>>()?;
+        let fishers: Vec<Vec<f32>> = (0..count)
+            .map(|_| values(u, n, specials))
+            .collect::<arbitrary::Result<_>>()?;
+        let weights: Vec<f32> = (0..count + usize::from(u.ratio(1, 16)?))
+            .map(|_| {
+                if u.ratio(3, 4)? {
+                    Ok(f32::from(u.int_in_range(0u8..=8)?) / 4.0)
+                } else {
+                    value(u, true)
+                }
+            })
+            .collect::<arbitrary::Result<_>>()?;
+        let base = values(u, n, specials)?;
+        let lambda = if u.ratio(3, 4)? { 0.5 } else { value(u, true)? };
+        let floor = if u.ratio(3, 4)? {
+            1e-3
+        } else {
+            value(u, true)?
+        };
+        let drop = *u.choose(&[0.0, 0.1, 0.5, 0.9, 1.0, -0.1, f64::NAN])?;
+        let first_index: u64 = if u.ratio(3, 4)? {
+            u.int_in_range(0..=1000)?
+        } else {
+            u.arbitrary()?
+        };
+        Ok(Self {
+            n,
+            models,
+            fishers,
+            weights,
+            base,
+            lambda,
+            floor,
+            drop,
+            first_index,
+        })
+    }
+}

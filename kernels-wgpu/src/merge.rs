@@ -13,13 +13,19 @@
 //! * TIES elects `sign(sum w_i tau_i)` from an `f32` sum: where the reference's `f64` sum is
 //!   within rounding of zero, the GPU may elect another sign (or none). Exact cancellation (all
 //!   equal and opposite) elects none on both.
+//! * Each model's coefficient (`w_i / sum w` for the means, `lambda w_i` for task arithmetic, the
+//!   weights scaled by a power of two for TIES) is formed in `f64` and rounded once to `f32`. One
+//!   that is not zero but outside `f32`'s normal range (weights whose ratio passes about `2^126`,
+//!   a `lambda w_i` past `f32::MAX`) would lose its term to a GPU's flushed subnormals or
+//!   overflow, so the call is refused with [`Error::Unsupported`] before anything runs; the CPU
+//!   takes such coefficients in `f64`.
 
-use kernels_core::Result;
 use kernels_core::backend::{
     SQUARES_IN_F64_BELOW, fisher_weight, validate_fisher_accumulate, validate_fisher_merge,
     validate_task_arithmetic, validate_ties_elect, validate_weighted_mean,
 };
 pub use kernels_core::ops::merge::{FisherParams, TiesParams};
+use kernels_core::{Error, Result};
 use kernels_wgsl::Family;
 
 use crate::context::{Batch, Bind, Context, Kernel, Pipeline, Slot};
@@ -100,6 +106,25 @@ const FISHER_FINISH: Kernel = kernel("fisher_finish");
 const TIES_PASS: Kernel = kernel("ties_pass");
 const TIES_FINISH: Kernel = kernel("ties_finish");
 const FISHER_ACCUMULATE: Kernel = kernel("fisher_accumulate");
+
+/// The `f32` coefficients of `exact`, each zero or a normal `f32` (see the module docs).
+fn f32_coefficients(exact: impl IntoIterator<Item = f64>) -> Result<Vec<f32>> {
+    exact
+        .into_iter()
+        .map(|c| {
+            let rounded = c as f32;
+            if c == 0.0 || rounded.is_normal() {
+                Ok(rounded)
+            } else {
+                Err(Error::Unsupported {
+                    feature: "a merge coefficient outside f32's normal range on the GPU",
+                    hint: "keep the weights (and lambda times them) within 2^126 of each other \
+                           and of 1, or merge on the CPU, which keeps them in f64",
+                })
+            }
+        })
+        .collect()
+}
 
 fn pipeline(ctx: &Context, kernel: &Kernel, encoding: u32) -> Result<std::sync::Arc<Pipeline>> {
     ctx.pipeline(
@@ -225,10 +250,7 @@ pub fn weighted_mean<T: GpuElement>(
 ) -> Result<()> {
     let sum = validate_weighted_mean(lens(models), weights, out.len())?;
     same_shape("models[i]", models, out)?;
-    let coefs: Vec<f32> = weights
-        .iter()
-        .map(|&w| (f64::from(w) / sum) as f32)
-        .collect();
+    let coefs = f32_coefficients(weights.iter().map(|&w| f64::from(w) / sum))?;
     linear_combination(ctx, models, &coefs, out)
 }
 
@@ -256,13 +278,9 @@ pub fn task_arithmetic<T: GpuElement>(
     same_shape("base", &[base], out)?;
     same_shape("taus[i]", taus, out)?;
     let tensors: Vec<&GpuTensor<T>> = core::iter::once(base).chain(taus.iter().copied()).collect();
-    let coefs: Vec<f32> = core::iter::once(1.0)
-        .chain(
-            weights
-                .iter()
-                .map(|&w| (f64::from(lambda) * f64::from(w)) as f32),
-        )
-        .collect();
+    let coefs = f32_coefficients(
+        core::iter::once(1.0).chain(weights.iter().map(|&w| f64::from(lambda) * f64::from(w))),
+    )?;
     linear_combination(ctx, &tensors, &coefs, out)
 }
 
@@ -341,6 +359,11 @@ fn elect<T: GpuElement, U: GpuElement>(
     validate_ties_elect(base.len(), lens(trimmed), weights, lambda, out.len())?;
     same_shape("base", &[base], out)?;
     same_shape("trimmed[i]", trimmed, out)?;
+    // The election's sign and the mean are the same for any common scale of the weights: a power
+    // of two brings the largest to [1, 2), exactly.
+    let largest = weights.iter().fold(0.0f64, |a, &w| a.max(f64::from(w)));
+    let scale = 2f64.powi(-(largest.log2().floor() as i32));
+    let weights = &f32_coefficients(weights.iter().map(|&w| f64::from(w) * scale))?;
     let linear = pipeline(ctx, &LINEAR_PASS, U::ENCODING)?;
     let agree = pipeline(ctx, &TIES_PASS, U::ENCODING)?;
     let finish = pipeline(ctx, &TIES_FINISH, T::ENCODING)?;
@@ -424,9 +447,9 @@ pub fn fisher_merge<T: GpuElement>(
     let floor = params.floor;
     // Divided by their sum in f64 and rounded once: the plain mean needs no `1 / sum`, which
     // overflows f32 for weights summing below 3e-39 (the Fisher quotient does not change).
-    let weights: Vec<f32> = (0..thetas.len())
-        .map(|i| (f64::from(fisher_weight(weights, params, i)) / weight_sum) as f32)
-        .collect();
+    let weights = f32_coefficients(
+        (0..thetas.len()).map(|i| f64::from(fisher_weight(weights, params, i)) / weight_sum),
+    )?;
     same_shape("thetas[i]", thetas, out)?;
     same_shape("fishers[i]", fishers, out)?;
     let pass = pipeline(ctx, &FISHER_PASS, T::ENCODING)?;

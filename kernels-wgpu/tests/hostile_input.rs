@@ -3,10 +3,10 @@
 //! Fisher merging. Each must be a clear error or the reference's answer, and leave the context
 //! usable.
 
-use kernels_core::ops::merge::{fisher_merge_ref, sum_squares_ref};
+use kernels_core::ops::merge::{fisher_merge_ref, sum_squares_ref, ties_elect_ref};
 use kernels_testkit::gpu::{Variant, run_on};
 use kernels_testkit::gpu_tests;
-use kernels_wgpu::merge::SUM_SQUARES_RELATIVE_TOLERANCE;
+use kernels_wgpu::merge::{SUM_SQUARES_RELATIVE_TOLERANCE, reduction_tolerance};
 use kernels_wgpu::prelude::*;
 
 /// Still answers after whatever was refused.
@@ -152,7 +152,60 @@ fn sum_squares_keeps_the_range_of_f64(ctx: &Context) {
     assert!(block_on(sum_squares(ctx, &nan)).unwrap().is_nan());
 }
 
+/// Coefficients outside `f32`'s normal range (a `gpu_merge` fuzz finding: a TIES weight of 1e-40
+/// lost precision in the GPU's subnormal arithmetic): TIES scales its weights, which changes
+/// neither the election nor the mean; the rest refuse what `f32` cannot carry.
+fn merge_coefficients_outside_f32(ctx: &Context) {
+    let up = |v: &[f32]| GpuTensor::from_slice(ctx, v).unwrap();
+    let (base, tau, other) = ([6e-6f32, 1.0], [4.6875f32, -2.0], [1.0f32, 3.0]);
+    let (g_base, g_tau, g_other) = (up(&base), up(&tau), up(&other));
+    let mut out = GpuTensor::<f32>::zeros(ctx, 2, 1).unwrap();
+    for weights in [[1e-40f32, 0.0], [3e38, 1e30], [1e-45, 1e-45]] {
+        let mut expect = [0.0f32; 2];
+        ties_elect_ref(&base, &[&tau, &other], &weights, 0.5, &mut expect).unwrap();
+        ties_elect(ctx, &g_base, &[&g_tau, &g_other], &weights, 0.5, &mut out).unwrap();
+        let got = out.to_vec_blocking(ctx).unwrap();
+        for (g, e) in got.iter().zip(&expect) {
+            assert!(
+                f64::from((g - e).abs()) <= reduction_tolerance(2, 2.0 * f64::from(e.abs())),
+                "TIES {weights:?}: {got:?} vs {expect:?}"
+            );
+        }
+    }
+    let refused = |got: Result<()>| {
+        assert!(matches!(got, Err(Error::Unsupported { .. })), "{got:?}");
+    };
+    // w / sum w = 1e-39 is subnormal; lambda w = 1e40 overflows.
+    refused(weighted_mean(
+        ctx,
+        &[&g_tau, &g_other],
+        &[1.0, 1e-39],
+        &mut out,
+    ));
+    refused(task_arithmetic(
+        ctx,
+        &g_base,
+        &[&g_tau],
+        &[1e10],
+        1e30,
+        &mut out,
+    ));
+    refused(fisher_merge(
+        ctx,
+        &[&g_tau, &g_other],
+        &[&g_other, &g_other],
+        &[1.0, 1e-39],
+        FisherParams::default(),
+        &mut out,
+    ));
+    // Zero weights are exact, whatever the others are.
+    weighted_mean(ctx, &[&g_tau, &g_other], &[1e-30, 0.0], &mut out).unwrap();
+    assert_eq!(out.to_vec_blocking(ctx).unwrap(), tau);
+    still_usable(ctx);
+}
+
 gpu_tests!(
+    merge_coefficients_outside_f32,
     sum_squares_keeps_the_range_of_f64,
     sizes_that_overflow_or_would_hang,
     empty_strided_views_upload,

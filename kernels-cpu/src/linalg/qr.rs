@@ -354,7 +354,9 @@ fn panel_columns(m: usize) -> usize {
 /// orthonormal columns, not checked: that costs as much as the projection).
 ///
 /// Fused: `X` is processed in column panels that stay in cache, so it is read from memory once
-/// and `out` written once; `Q^T X` never exists beyond one panel. On error `out` is unspecified:
+/// and `out` written once; `Q^T X` never exists beyond one panel. Each element is within the
+/// bounds of [`gemm`](crate::linalg::gemm) composed: the coefficients' and then the update's
+/// (rounding and gradual underflow). On error `out` is unspecified:
 /// a NaN or infinity in `Q` or `X` is [`Error::NonFinite`], and a finite `X` whose coefficients
 /// `Q^T X` overflow `f32` (columns near `f32::MAX` in norm) is [`Error::Overflow`], never an
 /// infinity in `out`.

@@ -6,7 +6,11 @@
 //!
 //! * Element-wise over tensors of one shape (they page alike); inputs `f32`, `f16` or `bf16`,
 //!   Fisher diagonals and outputs `f32`, arithmetic `f32` (WGSL has no `f64`). Each output is
-//!   within [`reduction_tolerance`] of the reference. Validation is the reference's own.
+//!   within [`reduction_tolerance`] of the reference while the sums it keeps stay within `f32`
+//!   (for Fisher merging `sum w'_i F'_i |theta_i|` with the weights over their sum, so a Fisher
+//!   entry near `f32::MAX` may overflow where the reference's `f64` does not). Terms below
+//!   `f32`'s normal range may flush to zero; in Fisher merging's quotient that adds up to
+//!   `(N + 1) 2^-126 (1 + |out|) / sum w'_i F'_i`. Validation is the reference's own.
 //! * Four models per pass (two for Fisher merging: each brings two tensors): WebGPU guarantees
 //!   only 8 storage bindings per stage. Any number of models works; each further pass re-reads
 //!   the `f32` running sums.

@@ -67,6 +67,13 @@ fuzz_target!(|data: &[u8]| {
         }
         if let &[rows, cols] = header.shape() {
             let (rows, cols) = (rows as usize, cols as usize);
+            if cols > MAX_ELEMENTS {
+                // No rows, so few codes, but more columns than a caller's `x` could hold: the
+                // `x` it can pass is refused.
+                let got = ternary_gemv(&cpu, &packed, &[1.0], &mut []);
+                assert!(matches!(got, Err(Error::LengthMismatch { .. })), "{got:?}");
+                continue;
+            }
             let x: Vec<f32> = (0..cols).map(|j| (j % 7) as f32 - 3.0).collect();
             let mut expect = vec![0.0f32; rows];
             ternary_gemv_ref(

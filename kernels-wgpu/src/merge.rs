@@ -10,15 +10,17 @@
 //!   (for Fisher merging `sum w'_i F'_i |theta_i|` with the weights over their sum, so a Fisher
 //!   entry near `f32::MAX` may overflow where the reference's `f64` does not). Terms below
 //!   `f32`'s normal range may flush to zero; in Fisher merging's quotient that adds up to
-//!   `(N + 1) 2^-126 (1 + |out|) / sum w'_i F'_i`. Validation is the reference's own.
+//!   `(N + 1) 2^-126 (1 + |out|) / sum w'_i F'_i`, and a `sum w'_i F'_i` below `(N + 1) 2^-126`
+//!   may count as zero (the plain-mean fallback). Validation is the reference's own.
 //! * Four models per pass (two for Fisher merging: each brings two tensors): WebGPU guarantees
 //!   only 8 storage bindings per stage. Any number of models works; each further pass re-reads
 //!   the `f32` running sums.
 //! * TIES elects `sign(sum w_i tau_i)` from an `f32` sum: where the reference's `f64` sum is
 //!   within rounding of zero, the GPU may elect another sign (or none). Exact cancellation (all
 //!   equal and opposite) elects none on both.
-//! * Each model's coefficient (`w_i / sum w` for the means, `lambda w_i` for task arithmetic, the
-//!   weights scaled by a power of two for TIES) is formed in `f64` and rounded once to `f32`. One
+//! * Each model's coefficient (`w_i / sum w` for the means, `lambda w_i` for task arithmetic, for
+//!   TIES the weights scaled by a power of two so the largest is in `[1/2, 1)`) is formed in
+//!   `f64` and rounded once to `f32`. One
 //!   that is not zero but outside `f32`'s normal range (weights whose ratio passes about `2^126`,
 //!   a `lambda w_i` past `f32::MAX`) would lose its term to a GPU's flushed subnormals or
 //!   overflow, so the call is refused with [`Error::Unsupported`] before anything runs; the CPU
@@ -364,9 +366,9 @@ fn elect<T: GpuElement, U: GpuElement>(
     same_shape("base", &[base], out)?;
     same_shape("trimmed[i]", trimmed, out)?;
     // The election's sign and the mean are the same for any common scale of the weights: a power
-    // of two brings the largest to [1, 2), exactly.
+    // of two brings the largest into [1/2, 1), exactly, so no weighted term outgrows its value.
     let largest = weights.iter().fold(0.0f64, |a, &w| a.max(f64::from(w)));
-    let scale = 2f64.powi(-(largest.log2().floor() as i32));
+    let scale = 2f64.powi(-(largest.log2().floor() as i32 + 1));
     let weights = &f32_coefficients(weights.iter().map(|&w| f64::from(w) * scale))?;
     let linear = pipeline(ctx, &LINEAR_PASS, U::ENCODING)?;
     let agree = pipeline(ctx, &TIES_PASS, U::ENCODING)?;

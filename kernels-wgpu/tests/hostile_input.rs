@@ -152,7 +152,7 @@ fn sum_squares_keeps_the_range_of_f64(ctx: &Context) {
     assert!(block_on(sum_squares(ctx, &nan)).unwrap().is_nan());
 }
 
-/// Coefficients outside `f32`'s normal range (a `gpu_merge` fuzz finding: a TIES weight of 1e-40
+/// Coefficients outside `f32`'s normal range (`gpu_merge` fuzz findings: a TIES weight of 1e-40
 /// lost precision in the GPU's subnormal arithmetic): TIES scales its weights, which changes
 /// neither the election nor the mean; the rest refuse what `f32` cannot carry.
 fn merge_coefficients_outside_f32(ctx: &Context) {
@@ -172,6 +172,17 @@ fn merge_coefficients_outside_f32(ctx: &Context) {
             );
         }
     }
+    // A value near f32::MAX with a tiny weight: the scaled weight stays below 1, so its term
+    // stays finite (scaling the largest weight to [1, 2) overflowed it, another finding).
+    let big = [3e38f32, 1.0];
+    let mut expect = [0.0f32; 2];
+    ties_elect_ref(&base, &[&big], &[6e-13], 0.5, &mut expect).unwrap();
+    ties_elect(ctx, &g_base, &[&up(&big)], &[6e-13], 0.5, &mut out).unwrap();
+    let got = out.to_vec_blocking(ctx).unwrap();
+    assert!(
+        f64::from((got[0] - expect[0]).abs()) <= reduction_tolerance(1, 1.5e38),
+        "{got:?} vs {expect:?}"
+    );
     let refused = |got: Result<()>| {
         assert!(matches!(got, Err(Error::Unsupported { .. })), "{got:?}");
     };

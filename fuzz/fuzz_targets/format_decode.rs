@@ -67,10 +67,11 @@ fuzz_target!(|data: &[u8]| {
         }
         if let &[rows, cols] = header.shape() {
             let (rows, cols) = (rows as usize, cols as usize);
-            if cols > MAX_ELEMENTS {
-                // No rows, so few codes, but more columns than a caller's `x` could hold: the
-                // `x` it can pass is refused.
-                let got = ternary_gemv(&cpu, &packed, &[1.0], &mut []);
+            if rows.max(cols) > MAX_ELEMENTS {
+                // No codes, but more rows or columns than a caller's `y` or `x` could hold:
+                // what it can pass is refused.
+                let x = vec![1.0f32; if cols > MAX_ELEMENTS { 1 } else { cols }];
+                let got = ternary_gemv(&cpu, &packed, &x, &mut []);
                 assert!(matches!(got, Err(Error::LengthMismatch { .. })), "{got:?}");
                 continue;
             }

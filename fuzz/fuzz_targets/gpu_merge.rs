@@ -170,12 +170,16 @@ fn run<T: GpuElement>(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
     if compare_outcome("fisher_merge", &got, &expect_r, means) {
         assert_close("fisher_merge", &download(&out), &expect, |j| {
             // The sums the GPU keeps in f32, with the weights it uses (over their sum).
-            let (mut num, mut den, mut plain) = (0.0f64, 0.0f64, 0.0f64);
+            let (mut num, mut den, mut plain, mut lost) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
             for ((m, f), &w) in views.iter().zip(&fisher_views).zip(&weights) {
                 let (w, f) = (f64::from(w) / weight_sum, f64::from(f[j].max(floor)));
                 num += (w * f * at(m, j)).abs();
                 den += w * f;
                 plain += (w * at(m, j)).abs();
+                // A weight-Fisher product below f32's normal range may flush, term and all.
+                if w * f < f64::from(f32::MIN_POSITIVE) {
+                    lost += (w * f * at(m, j)).abs() + w * f;
+                }
             }
             // A denominator below f32's normal range may be zero on the GPU: either mean.
             if den > 0.0 && den < (count + 1) as f64 * f64::from(f32::MIN_POSITIVE) {
@@ -184,7 +188,8 @@ fn run<T: GpuElement>(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
             let a = if den > 0.0 { num / den } else { plain };
             // Terms below f32's normal range may flush, and the quotient scales what they lose.
             let flushed = if den > 0.0 {
-                (count + 1) as f64 * f64::from(f32::MIN_POSITIVE) * (1.0 + a) / den
+                ((count + 1) as f64 * f64::from(f32::MIN_POSITIVE) * (1.0 + a) + lost * (1.0 + a))
+                    / den
             } else {
                 0.0
             };

@@ -10,8 +10,10 @@
 //!   (for Fisher merging `sum w'_i F'_i |theta_i|` with the weights over their sum, so a Fisher
 //!   entry near `f32::MAX` may overflow where the reference's `f64` does not). Terms below
 //!   `f32`'s normal range may flush to zero; in Fisher merging's quotient that adds up to
-//!   `(N + 1) 2^-126 (1 + |out|) / sum w'_i F'_i`, and a `sum w'_i F'_i` below `(N + 1) 2^-126`
-//!   may count as zero (the plain-mean fallback). Validation is the reference's own.
+//!   `(N + 1) 2^-126 (1 + |out|) / sum w'_i F'_i`, a model whose `w'_i F'_i` is below that range
+//!   may be lost altogether (with `|w'_i F'_i theta_i| (1 + |out|) / sum w'_i F'_i`), and a
+//!   `sum w'_i F'_i` below `(N + 1) 2^-126` may count as zero (the plain-mean fallback).
+//!   Validation is the reference's own.
 //! * Four models per pass (two for Fisher merging: each brings two tensors): WebGPU guarantees
 //!   only 8 storage bindings per stage. Any number of models works; each further pass re-reads
 //!   the `f32` running sums.

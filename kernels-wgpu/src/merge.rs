@@ -22,11 +22,10 @@
 //!   equal and opposite) elects none on both.
 //! * Each model's coefficient (`w_i / sum w` for the means, `lambda w_i` for task arithmetic, for
 //!   TIES the weights scaled by a power of two so the largest is in `[1/2, 1)`) is formed in
-//!   `f64` and rounded once to `f32`. One
-//!   that is not zero but outside `f32`'s normal range (weights whose ratio passes about `2^126`,
-//!   a `lambda w_i` past `f32::MAX`) would lose its term to a GPU's flushed subnormals or
-//!   overflow, so the call is refused with [`Error::Unsupported`] before anything runs; the CPU
-//!   takes such coefficients in `f64`.
+//!   `f64` and rounded once to `f32`. One that is not zero but outside `f32`'s normal range
+//!   (weights whose ratio passes about `2^126`, a `lambda w_i` past `f32::MAX`) would lose its
+//!   term to a GPU's flushed subnormals or overflow, so the call is refused with
+//!   [`Error::Unsupported`] before anything runs; the CPU takes such coefficients in `f64`.
 
 use kernels_core::backend::{
     SQUARES_IN_F64_BELOW, fisher_weight, validate_fisher_accumulate, validate_fisher_merge,

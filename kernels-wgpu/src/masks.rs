@@ -11,8 +11,8 @@
 //!   integers on the GPU. Any chunking or paging of a tensor draws the same mask.
 //! * A survivor is `tau_i * scale` rounded once in `f32` with `scale` rounded to `f32` (WGSL has
 //!   no `f64`); the reference rounds the `f64` product once. They differ by at most
-//!   [`DARE_RELATIVE_TOLERANCE`] relative (plus `2^-149` where the survivor is subnormal, which a
-//!   GPU that flushes subnormals returns as `0.0`); dropped entries are exactly `+0.0`.
+//!   [`DARE_RELATIVE_TOLERANCE`] relative (plus `2^-149` where the survivor is subnormal, rounded
+//!   in absolute terms); dropped entries are exactly `+0.0`.
 //! * [`DareRescale::PreserveL1`] first sums `|tau|` and the survivors' `|tau|` in `f32` per tile
 //!   of 4096 entries, combined in `f64` on the host (hence `async`); its survivors are within
 //!   [`DARE_L1_RELATIVE_TOLERANCE`].

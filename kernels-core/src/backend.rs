@@ -243,6 +243,78 @@ pub fn validate_task_arithmetic(
     check_param("lambda", f64::from(lambda), "finite", lambda.is_finite())
 }
 
+/// Validates a linear combination of models of lengths `lens` (weights finite, any sign).
+pub fn validate_linear_combination(
+    lens: impl IntoIterator<Item = usize>,
+    weights: &[f32],
+    out_len: usize,
+) -> Result<()> {
+    check_models("models[i]", lens, weights, out_len).map(drop)
+}
+
+/// Validates a Gram matrix of `N >= 1` vectors of lengths `lens` (and a centre as long as they
+/// are) into an `N x N` output; returns `N`.
+pub fn validate_gram(
+    lens: impl IntoIterator<Item = usize>,
+    center_len: Option<usize>,
+    out_len: usize,
+) -> Result<usize> {
+    let mut lens = lens.into_iter();
+    let first = lens.next();
+    let len = first.unwrap_or(0);
+    let mut n = usize::from(first.is_some());
+    for found in lens {
+        check_len("models[i]", len, found)?;
+        n += 1;
+    }
+    check_param("models", n as f64, "at least one model", n > 0)?;
+    if let Some(found) = center_len {
+        check_len("center", len, found)?;
+    }
+    check_len("out (N x N)", n * n, out_len)?;
+    Ok(n)
+}
+
+/// Validates SLERP's interpolation factor (finite; not clamped).
+pub fn validate_slerp(t: f32) -> Result<()> {
+    check_param("t", f64::from(t), "finite", t.is_finite())
+}
+
+/// Validates Model Stock's count of fine-tuned models (at least two).
+pub fn validate_model_stock(models: usize) -> Result<()> {
+    check_param(
+        "models",
+        models as f64,
+        "at least two fine-tuned models",
+        models >= 2,
+    )
+}
+
+/// Validates DELLA over `len` elements in rows of `cols`, its first element at flat index
+/// `first_index`, into `out_len` outputs.
+pub fn validate_della(
+    params: crate::ops::merge::DellaParams,
+    cols: usize,
+    first_index: u64,
+    len: usize,
+    out_len: usize,
+) -> Result<()> {
+    check_len("out", len, out_len)?;
+    params.validate()?;
+    check_param(
+        "cols",
+        cols as f64,
+        "> 0 and dividing the tensor's length",
+        (cols > 0 && len.is_multiple_of(cols)) || len == 0,
+    )?;
+    check_param(
+        "first_index",
+        first_index as f64,
+        "such that first_index + len - 1 <= u64::MAX",
+        (len as u64).saturating_sub(1) <= u64::MAX - first_index,
+    )
+}
+
 /// Validates a diagonal Fisher accumulation.
 pub fn validate_fisher_accumulate(fisher_len: usize, grad_len: usize, scale: f32) -> Result<()> {
     check_len("grad", fisher_len, grad_len)?;

@@ -63,6 +63,8 @@ pub mod calibrate;
 #[cfg(feature = "alloc")]
 pub mod compress;
 pub mod gemv;
+#[cfg(feature = "alloc")]
+pub mod interpolate;
 mod isa;
 #[cfg(feature = "alloc")]
 pub mod linalg;
@@ -104,6 +106,8 @@ pub mod prelude {
     };
     pub use crate::gemv::{gathered_gemv, gemv, gemv_t, sparse_input_gemv};
     #[cfg(feature = "alloc")]
+    pub use crate::interpolate::{gram, linear_combination, model_stock, slerp};
+    #[cfg(feature = "alloc")]
     pub use crate::linalg::{
         Centering, GemmBackend, Lora, LoraRank, LuParams, OpcmParams, Qr, RsvdParams, StreamingSvd,
         Svd, SvdRef, Transpose, cgs2, gemm, householder_qr, ldu, lora_extract,
@@ -112,13 +116,14 @@ pub mod prelude {
     };
     #[cfg(feature = "alloc")]
     pub use crate::masks::{
-        BreadcrumbsParams, DareParams, DareRescale, breadcrumbs, dare, ties_trim,
+        BreadcrumbsParams, DareParams, DareRescale, DellaParams, breadcrumbs, dare, della,
+        ties_trim,
     };
     #[cfg(feature = "alloc")]
     pub use crate::merge::ties;
     pub use crate::merge::{
-        FisherParams, TiesParams, fisher_accumulate, fisher_merge, sum_squares, task_arithmetic,
-        ties_elect, weighted_mean,
+        FisherParams, TiesElection, TiesParams, fisher_accumulate, fisher_merge, sum_squares,
+        task_arithmetic, ties_elect, ties_elect_with, weighted_mean,
     };
     #[cfg(feature = "alloc")]
     pub use crate::mlp::{

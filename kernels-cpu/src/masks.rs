@@ -13,7 +13,7 @@
 //!   two `f64` L1 sums are added in another order, so survivors are within
 //!   [`DARE_L1_RELATIVE_TOLERANCE`] of the reference.
 
-pub use kernels_core::ops::merge::{BreadcrumbsParams, DareParams, DareRescale};
+pub use kernels_core::ops::merge::{BreadcrumbsParams, DareParams, DareRescale, DellaParams};
 use kernels_core::ops::select::KeepRule;
 use kernels_core::{CounterRng, Element, Error, Result};
 
@@ -236,6 +236,101 @@ pub fn dare<T: Element>(
             });
         },
     );
+    Ok(())
+}
+
+/// DELLA's `MagPrune` (the twin of [`kernels_core::ops::merge::della_ref`]): in rows of `cols`,
+/// each entry survives with a probability that rises with its magnitude rank in the row
+/// ([`DellaParams`]); rows are ranked and drawn in parallel. The mask is bit-identical to the
+/// reference's; survivors are too for [`DareRescale::InverseKeep`] and [`DareRescale::None`], and
+/// within [`DARE_L1_RELATIVE_TOLERANCE`] for [`DareRescale::PreserveL1`] (its sums are added row
+/// by row).
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// let tau: Vec<f32> = (0..4000).map(|i| ((i * 7919) % 1000) as f32 - 500.0).collect();
+/// let mut out = vec![0.0f32; 4000];
+/// della(&Cpu::detect(), &tau, 1000, DellaParams::new(0.3, 0.2, 5), 0, &mut out)?;
+/// let kept = out.iter().filter(|&&v| v != 0.0).count();
+/// assert!((1000..1400).contains(&kept)); // density 0.3 on average
+/// # Ok::<(), Error>(())
+/// ```
+pub fn della<T: Element>(
+    cpu: &Cpu,
+    tau: &[T],
+    cols: usize,
+    params: DellaParams,
+    first_index: u64,
+    out: &mut [f32],
+) -> Result<()> {
+    kernels_core::backend::validate_della(params, cols, first_index, tau.len(), out.len())?;
+    if !matches!(
+        params.rescale,
+        DareRescale::PreserveL1 | DareRescale::InverseKeep | DareRescale::None
+    ) {
+        return Err(Error::Unsupported {
+            feature: "this DELLA rescale rule",
+            hint: "update kernels-cpu",
+        });
+    }
+    if params.density >= 1.0 {
+        for (o, t) in out.iter_mut().zip(tau) {
+            *o = t.to_f32();
+        }
+        return Ok(());
+    }
+    let rows = tau.len() / cols.max(1);
+    let mut sums = alloc::vec![(0.0f64, 0.0f64); rows];
+    let rng = CounterRng::new(params.seed);
+    // PERF: a row is the unit of work (its ranking needs all of it); a part gets whole rows.
+    let row_bytes = cols * (core::mem::size_of::<T>() + 4);
+    let parts =
+        crate::parallel::parts_for(cpu.threads(), rows * row_bytes, cpu.min_bytes_per_thread());
+    let step = rows.div_ceil(parts.max(1)).max(1);
+    let jobs: alloc::vec::Vec<_> = out
+        .chunks_mut(step * cols.max(1))
+        .zip(sums.chunks_mut(step))
+        .enumerate()
+        .collect();
+    crate::parallel::for_each(jobs, |(part, (out, sums))| {
+        let (mut order, mut ranks) = (alloc::vec![0u32; cols], alloc::vec![0u32; cols]);
+        let first_row = part * step;
+        for (r, (out_row, sum)) in out.chunks_mut(cols).zip(sums.iter_mut()).enumerate() {
+            let start = (first_row + r) * cols;
+            let row = &tau[start..start + cols];
+            kernels_core::ops::merge::della_ranks(row, &mut order, &mut ranks);
+            let (mut all, mut kept) = (0.0f64, 0.0f64);
+            for (j, (o, t)) in out_row.iter_mut().zip(row).enumerate() {
+                let rank = ranks[j] as usize;
+                let v = f64::from(t.to_f32());
+                all += v.abs();
+                *o = if rng.u24_at(first_index + (start + j) as u64)
+                    >= params.drop_threshold(rank, cols)
+                {
+                    kept += v.abs();
+                    if params.rescale == DareRescale::InverseKeep {
+                        (v * (1.0 / params.keep_probability(rank, cols))) as f32
+                    } else {
+                        v as f32
+                    }
+                } else {
+                    0.0
+                };
+            }
+            *sum = (all, kept);
+        }
+    });
+    if params.rescale == DareRescale::PreserveL1 {
+        let (all, kept) = sums
+            .iter()
+            .fold((0.0, 0.0), |(a, k), &(ra, rk)| (a + ra, k + rk));
+        let scale = if kept > 0.0 { all / kept } else { 0.0 };
+        split_outputs(cpu, out, 8, GROUP, |_, out| {
+            for o in out {
+                *o = (f64::from(*o) * scale) as f32;
+            }
+        });
+    }
     Ok(())
 }
 

@@ -23,7 +23,7 @@ use kernels_core::backend::{
     SQUARES_IN_F64_BELOW, fisher_weight, floored_fisher, ties_sign, validate_fisher_accumulate,
     validate_fisher_merge, validate_task_arithmetic, validate_ties_elect, validate_weighted_mean,
 };
-pub use kernels_core::ops::merge::{FisherParams, TiesParams};
+pub use kernels_core::ops::merge::{FisherParams, TiesElection, TiesParams};
 use kernels_core::{DType, Element, Result};
 
 use crate::parallel::split_outputs;
@@ -252,7 +252,7 @@ fn coefficient(w: f32, factor: f64) -> f32 {
 /// or underflows to zero), so
 /// the call sums in `f64` instead and rounds once, as the reference does: a slow path only such
 /// weights and `lambda` reach (found by the `merge` fuzz target).
-fn weighted_sum<T: Element, O: Element>(
+pub(crate) fn weighted_sum<T: Element, O: Element>(
     cpu: &Cpu,
     base: Option<&[T]>,
     models: &[&[T]],
@@ -380,6 +380,7 @@ struct TiesElect<'a, T> {
     trimmed: &'a [&'a [T]],
     weights: &'a [f32],
     lambda: f32,
+    rule: TiesElection,
     range: Range<usize>,
     out: &'a mut [f32],
 }
@@ -394,6 +395,7 @@ impl<T: Element> WithSimd for TiesElect<'_, T> {
             trimmed,
             weights,
             lambda,
+            rule,
             range,
             out,
         } = self;
@@ -414,7 +416,7 @@ impl<T: Element> WithSimd for TiesElect<'_, T> {
                         *acc += f64::from(w) * f64::from(v);
                     }
                 }
-                let elected = sum.map(ties_sign);
+                let elected = sum.map(|v| rule.elect(v));
                 let (mut num, mut den) = ([0.0f64; WIDE], [0.0f64; WIDE]);
                 // PERF: the second read of each model's block comes from L1.
                 for (t, &w) in trimmed.iter().zip(weights) {
@@ -429,7 +431,7 @@ impl<T: Element> WithSimd for TiesElect<'_, T> {
                     }
                 }
                 core::array::from_fn(|j| {
-                    let mean = if den[j] > 0.0 { num[j] / den[j] } else { 0.0 };
+                    let mean = rule.combine(num[j], den[j]);
                     (f64::from(base_block[j]) + f64::from(lambda) * mean) as f32
                 })
             },
@@ -498,6 +500,38 @@ pub fn ties_elect<T: Element, O: Element>(
     lambda: f32,
     out: &mut [O],
 ) -> Result<()> {
+    ties_elect_with(
+        cpu,
+        base,
+        trimmed,
+        weights,
+        lambda,
+        TiesElection::default(),
+        out,
+    )
+}
+
+/// [`ties_elect`] under another [`TiesElection`] rule (mergekit's, say): the twin of
+/// [`kernels_core::ops::merge::ties_elect_with_ref`], bit-identical to it.
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// let (a, b) = ([1.0f32, 2.0], [-1.0f32, 2.0]);
+/// let mergekit = TiesElection::default().with_zero_sum_elects_positive(true).with_normalize(false);
+/// let mut out = [0.0f32; 2];
+/// ties_elect_with(&Cpu::detect(), &[0.0f32; 2], &[&a, &b], &[1.0, 1.0], 1.0, mergekit, &mut out)?;
+/// assert_eq!(out, [1.0, 4.0]);
+/// # Ok::<(), Error>(())
+/// ```
+pub fn ties_elect_with<T: Element, O: Element>(
+    cpu: &Cpu,
+    base: &[T],
+    trimmed: &[&[T]],
+    weights: &[f32],
+    lambda: f32,
+    rule: TiesElection,
+    out: &mut [O],
+) -> Result<()> {
     validate_ties_elect(
         base.len(),
         trimmed.iter().map(|t| t.len()),
@@ -515,6 +549,7 @@ pub fn ties_elect<T: Element, O: Element>(
                 trimmed,
                 weights,
                 lambda,
+                rule,
                 range,
                 out,
             });

@@ -128,9 +128,82 @@ impl TiesParams {
     }
 }
 
+/// How TIES elects a sign and combines the entries that agree with it.
+///
+/// The default is the paper's rule, which [`ties_elect_ref`] uses: a weighted sum of exactly zero
+/// elects no sign (nothing agrees), and the agreeing entries are averaged (divided by their
+/// weights' sum). mergekit's `ties`, `dare_ties`, `breadcrumbs_ties` and `della` elect `+` for a
+/// sum of zero (`sum >= 0`) and divide only when their `normalize` option is on.
+///
+/// ```
+/// use kernels_core::ops::merge::TiesElection;
+/// let mergekit = TiesElection::default().with_zero_sum_elects_positive(true).with_normalize(false);
+/// assert!(mergekit.zero_sum_elects_positive && !mergekit.normalize);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TiesElection {
+    /// A weighted sum of exactly zero elects `+` (mergekit) rather than no sign. Default false.
+    pub zero_sum_elects_positive: bool,
+    /// Divide the agreeing weighted sum by the agreeing weights' sum (the disjoint mean), or
+    /// add it undivided. Default true.
+    pub normalize: bool,
+}
+
+impl Default for TiesElection {
+    fn default() -> Self {
+        Self {
+            zero_sum_elects_positive: false,
+            normalize: true,
+        }
+    }
+}
+
+impl TiesElection {
+    /// The same rule, electing `+` for a zero sum or not.
+    #[must_use]
+    pub const fn with_zero_sum_elects_positive(mut self, yes: bool) -> Self {
+        self.zero_sum_elects_positive = yes;
+        self
+    }
+
+    /// The same rule, dividing by the agreeing weights or not.
+    #[must_use]
+    pub const fn with_normalize(mut self, yes: bool) -> Self {
+        self.normalize = yes;
+        self
+    }
+
+    /// The sign elected for a weighted sum: `1`, `-1` or `0` (none; NaN elects none).
+    #[inline(always)]
+    #[must_use]
+    pub fn elect(self, sum: f64) -> f64 {
+        if self.zero_sum_elects_positive && sum == 0.0 {
+            1.0
+        } else {
+            crate::backend::ties_sign(sum)
+        }
+    }
+
+    /// What the agreeing entries add to the base (before `lambda`): their weighted sum `num`,
+    /// divided by their weights' sum `den` when normalising (0 where none agrees).
+    #[inline(always)]
+    #[must_use]
+    pub fn combine(self, num: f64, den: f64) -> f64 {
+        if !self.normalize {
+            num
+        } else if den > 0.0 {
+            num / den
+        } else {
+            0.0
+        }
+    }
+}
+
 /// TIES elect and disjoint mean over already-trimmed task vectors (streamable):
 /// `s = sign(sum w_i tau_i)`; `mean = sum_{i: sign(tau_i) = s} w_i tau_i / sum_{same i} w_i`
-/// (0 where no model agrees); `out = base + lambda * mean`.
+/// (0 where no model agrees); `out = base + lambda * mean`. The paper's rule
+/// ([`TiesElection::default`]); [`ties_elect_with_ref`] takes another.
 ///
 /// ```
 /// use kernels_core::ops::merge::ties_elect_ref;
@@ -147,6 +220,31 @@ pub fn ties_elect_ref<T: Element>(
     lambda: f32,
     out: &mut [f32],
 ) -> Result<()> {
+    ties_elect_with_ref(base, trimmed, weights, lambda, TiesElection::default(), out)
+}
+
+/// TIES elect and combine under an [`TiesElection`] rule: entries whose sign equals
+/// `rule.elect(sum w_i tau_i)` agree (a zero entry never does);
+/// `out = base + lambda * rule.combine(sum of agreeing w_i tau_i, sum of their w_i)`.
+///
+/// ```
+/// use kernels_core::ops::merge::{TiesElection, ties_elect_with_ref};
+/// let (a, b) = ([1.0f32, 2.0], [-1.0f32, 2.0]);
+/// let mergekit = TiesElection::default().with_zero_sum_elects_positive(true).with_normalize(false);
+/// let mut out = [0.0f32; 2];
+/// ties_elect_with_ref(&[0.0f32; 2], &[&a, &b], &[1.0, 1.0], 1.0, mergekit, &mut out)?;
+/// // Element 0: 1 - 1 = 0 elects +, so a's 1 counts; element 1: both, summed, not averaged.
+/// assert_eq!(out, [1.0, 4.0]);
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
+pub fn ties_elect_with_ref<T: Element>(
+    base: &[T],
+    trimmed: &[&[T]],
+    weights: &[f32],
+    lambda: f32,
+    rule: TiesElection,
+    out: &mut [f32],
+) -> Result<()> {
     validate_ties_elect(
         base.len(),
         trimmed.iter().map(|t| t.len()),
@@ -156,7 +254,7 @@ pub fn ties_elect_ref<T: Element>(
     )?;
     let sign = crate::backend::ties_sign;
     for (j, o) in out.iter_mut().enumerate() {
-        let elected = sign(
+        let elected = rule.elect(
             trimmed
                 .iter()
                 .zip(weights)
@@ -171,8 +269,7 @@ pub fn ties_elect_ref<T: Element>(
                 den += f64::from(w);
             }
         }
-        let mean = if den > 0.0 { num / den } else { 0.0 };
-        *o = (base[j].to_f64() + f64::from(lambda) * mean) as f32;
+        *o = (base[j].to_f64() + f64::from(lambda) * rule.combine(num, den)) as f32;
     }
     Ok(())
 }
@@ -610,6 +707,183 @@ pub fn breadcrumbs_ref<T: Element>(
         } else {
             0.0
         };
+    }
+    Ok(())
+}
+
+/// Parameters of DELLA's `MagPrune` (mergekit's `della_magprune`): a random drop whose keep
+/// probability rises with the entry's magnitude rank within its row.
+///
+/// In a row of `cols` entries ranked `r = 0 .. cols` by ascending magnitude (ties: the lower
+/// index ranks lower; NaN ranks highest), entry `r` is kept with probability
+/// `p_r = density - epsilon + 2 epsilon r / (cols - 1)` (`density` for a one-column row), drawn
+/// from the counter-based generator as DARE draws: kept iff its 24-bit draw is at least
+/// `ceil((1 - p_r) 2^24)`. A 1-D tensor is one row.
+///
+/// ```
+/// use kernels_core::ops::merge::{DareRescale, DellaParams};
+/// let params = DellaParams::new(0.5, 0.1, 7);
+/// assert_eq!(params.rescale, DareRescale::PreserveL1); // mergekit's `rescale: true`
+/// assert_eq!(params.keep_probability(0, 3), 0.4);
+/// assert!((params.keep_probability(2, 3) - 0.6).abs() < 1e-15);
+/// assert!(DellaParams::new(0.5, 0.5, 0).validate().is_err()); // density - epsilon must be > 0
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct DellaParams {
+    /// Mean keep probability, in `(0, 1]`; 1 keeps the tensor as it is (no rescale).
+    pub density: f64,
+    /// Half-width of the keep probabilities around `density`, `>= 0`, with
+    /// `0 < density - epsilon` and `density + epsilon < 1` unless `density` is 1.
+    pub epsilon: f64,
+    /// Seed of the counter-based generator.
+    pub seed: u64,
+    /// Rescaling of the survivors: [`DareRescale::PreserveL1`] (mergekit's default),
+    /// [`DareRescale::InverseKeep`] (each survivor divided by its own `p_r`, the paper's rule) or
+    /// [`DareRescale::None`].
+    pub rescale: DareRescale,
+}
+
+impl DellaParams {
+    /// Parameters with the given density, epsilon and seed, preserving the L1 norm.
+    #[must_use]
+    pub const fn new(density: f64, epsilon: f64, seed: u64) -> Self {
+        Self {
+            density,
+            epsilon,
+            seed,
+            rescale: DareRescale::PreserveL1,
+        }
+    }
+
+    /// The same parameters with another rescale rule.
+    #[must_use]
+    pub const fn with_rescale(mut self, rescale: DareRescale) -> Self {
+        self.rescale = rescale;
+        self
+    }
+
+    /// Validates the parameters.
+    pub fn validate(&self) -> Result<()> {
+        check_param(
+            "density",
+            self.density,
+            "in (0, 1]",
+            self.density > 0.0 && self.density <= 1.0,
+        )?;
+        check_param(
+            "epsilon",
+            self.epsilon,
+            "finite and >= 0",
+            self.epsilon.is_finite() && self.epsilon >= 0.0,
+        )?;
+        if self.density < 1.0 {
+            check_param(
+                "density - epsilon",
+                self.density - self.epsilon,
+                "> 0",
+                self.density - self.epsilon > 0.0,
+            )?;
+            check_param(
+                "density + epsilon",
+                self.density + self.epsilon,
+                "< 1",
+                self.density + self.epsilon < 1.0,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Keep probability of the entry of ascending magnitude rank `rank` in a row of `cols`.
+    #[must_use]
+    pub fn keep_probability(&self, rank: usize, cols: usize) -> f64 {
+        if cols <= 1 {
+            return self.density;
+        }
+        let position = rank as f64 / (cols - 1) as f64;
+        self.density - self.epsilon + 2.0 * self.epsilon * position
+    }
+
+    /// The integer drop threshold of rank `rank`: dropped iff `rng.u24_at(i) < threshold`.
+    #[must_use]
+    pub fn drop_threshold(&self, rank: usize, cols: usize) -> u32 {
+        libm::ceil((1.0 - self.keep_probability(rank, cols)) * 16_777_216.0) as u32
+    }
+}
+
+/// The ascending magnitude ranks of a row, DELLA's order: `ranks[j]` is entry `j`'s rank, by
+/// `|x|` with ties to the lower index (NaN highest). `order` is scratch of the row's length.
+#[cfg(feature = "alloc")]
+pub fn della_ranks<T: Element>(row: &[T], order: &mut [u32], ranks: &mut [u32]) {
+    for (j, o) in order.iter_mut().enumerate() {
+        *o = j as u32;
+    }
+    // The key is unique (it holds the index), so the unstable sort is deterministic.
+    order.sort_unstable_by_key(|&j| ((row[j as usize].to_f32().abs().to_bits()), j));
+    for (rank, &j) in order.iter().enumerate() {
+        ranks[j as usize] = rank as u32;
+    }
+}
+
+/// DELLA's `MagPrune` over a tensor of rows of `cols` entries ([`DellaParams`]): `out_i = tau_i`
+/// times the rescale where element `first_index + i` survives, else 0. With
+/// [`DareRescale::PreserveL1`] the scale is `||tau||_1 / ||kept||_1` over the slice given (give it
+/// a whole tensor), 0 when nothing survives.
+///
+/// ```
+/// use kernels_core::ops::merge::{DellaParams, della_ref};
+/// let tau: Vec<f32> = (1..=8).map(|i| i as f32).collect(); // two rows of four
+/// let mut out = [0.0f32; 8];
+/// della_ref(&tau, 4, DellaParams::new(0.5, 0.2, 1), 0, &mut out)?;
+/// let l1 = |v: &[f32]| v.iter().map(|x| x.abs()).sum::<f32>();
+/// assert!((l1(&out) - l1(&tau)).abs() < 1e-4); // the L1 norm is kept
+/// assert!(della_ref(&tau, 3, DellaParams::new(0.5, 0.2, 1), 0, &mut out).is_err()); // 8 % 3 != 0
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
+#[cfg(feature = "alloc")]
+pub fn della_ref<T: Element>(
+    tau: &[T],
+    cols: usize,
+    params: DellaParams,
+    first_index: u64,
+    out: &mut [f32],
+) -> Result<()> {
+    crate::backend::validate_della(params, cols, first_index, tau.len(), out.len())?;
+    if params.density >= 1.0 {
+        for (o, t) in out.iter_mut().zip(tau) {
+            *o = t.to_f32();
+        }
+        return Ok(());
+    }
+    let rng = CounterRng::new(params.seed);
+    let (mut order, mut ranks) = (alloc::vec![0u32; cols], alloc::vec![0u32; cols]);
+    let (mut l1_all, mut l1_kept) = (0.0f64, 0.0f64);
+    for (r, (row, out_row)) in tau.chunks(cols).zip(out.chunks_mut(cols)).enumerate() {
+        della_ranks(row, &mut order, &mut ranks);
+        for (j, (o, t)) in out_row.iter_mut().zip(row).enumerate() {
+            let rank = ranks[j] as usize;
+            let index = first_index + (r * cols + j) as u64;
+            let v = t.to_f64();
+            l1_all += v.abs();
+            *o = if rng.u24_at(index) >= params.drop_threshold(rank, cols) {
+                l1_kept += v.abs();
+                match params.rescale {
+                    DareRescale::InverseKeep => {
+                        (v * (1.0 / params.keep_probability(rank, cols))) as f32
+                    }
+                    _ => v as f32,
+                }
+            } else {
+                0.0
+            };
+        }
+    }
+    if params.rescale == DareRescale::PreserveL1 {
+        let scale = if l1_kept > 0.0 { l1_all / l1_kept } else { 0.0 };
+        for o in out.iter_mut() {
+            *o = (f64::from(*o) * scale) as f32;
+        }
     }
     Ok(())
 }

@@ -1,0 +1,327 @@
+//! A model directory on disk: `config.json` and `model.safetensors`, or shards listed by
+//! `model.safetensors.index.json`. Every shard is memory-mapped and its header checked by the
+//! `safetensors` crate (offsets inside the file, contiguous, matching each shape); a tensor's bytes
+//! are read only when a merge asks for them, so memory holds what the merge is working on, not
+//! the model.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+/// The index file of a sharded checkpoint.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// The single-file checkpoint.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// Bound on an index file's size (a 405B model's index is a few hundred KB).
+pub const MAX_INDEX_BYTES: u64 = 64 << 20;
+
+/// The element types a merge reads and writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ElementType {
+    /// `F32`.
+    F32,
+    /// `F16`.
+    F16,
+    /// `BF16`.
+    BF16,
+}
+
+impl ElementType {
+    /// Bytes per element.
+    #[must_use]
+    pub fn size(self) -> usize {
+        match self {
+            ElementType::F32 => 4,
+            ElementType::F16 | ElementType::BF16 => 2,
+        }
+    }
+
+    /// The safetensors header's name.
+    #[must_use]
+    pub fn safetensors_name(self) -> &'static str {
+        match self {
+            ElementType::F32 => "F32",
+            ElementType::F16 => "F16",
+            ElementType::BF16 => "BF16",
+        }
+    }
+
+    /// The name a Hugging Face `config.json` uses (`torch_dtype`).
+    #[must_use]
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            ElementType::F32 => "float32",
+            ElementType::F16 => "float16",
+            ElementType::BF16 => "bfloat16",
+        }
+    }
+
+    /// From a config's `dtype` (mergekit accepts the torch names and their short forms).
+    #[must_use]
+    pub fn from_config_name(name: &str) -> Option<Self> {
+        match name {
+            "float32" | "fp32" | "f32" => Some(ElementType::F32),
+            "float16" | "fp16" | "f16" | "half" => Some(ElementType::F16),
+            "bfloat16" | "bf16" => Some(ElementType::BF16),
+            _ => None,
+        }
+    }
+
+    fn from_safetensors(dtype: Dtype) -> Option<Self> {
+        match dtype {
+            Dtype::F32 => Some(ElementType::F32),
+            Dtype::F16 => Some(ElementType::F16),
+            Dtype::BF16 => Some(ElementType::BF16),
+            _ => None,
+        }
+    }
+}
+
+/// Where a tensor lives.
+#[derive(Debug, Clone)]
+pub struct TensorEntry {
+    /// Which shard.
+    pub shard: usize,
+    /// Its element type.
+    pub dtype: ElementType,
+    /// Its shape.
+    pub shape: Vec<usize>,
+    /// Byte range in the shard's file.
+    pub bytes: std::ops::Range<usize>,
+}
+
+impl TensorEntry {
+    /// Number of elements.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Whether it has no elements.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A tensor's elements, widened or borrowed.
+pub enum TensorData<'a> {
+    /// `f32` elements.
+    F32(std::borrow::Cow<'a, [f32]>),
+    /// `f16` elements.
+    F16(std::borrow::Cow<'a, [f16]>),
+    /// `bf16` elements.
+    BF16(std::borrow::Cow<'a, [bf16]>),
+}
+
+/// An opened model directory.
+pub struct Checkpoint {
+    /// The directory.
+    pub dir: PathBuf,
+    shards: Vec<(PathBuf, Mmap)>,
+    tensors: BTreeMap<String, TensorEntry>,
+}
+
+impl Checkpoint {
+    /// Opens a local model directory.
+    ///
+    /// # Errors
+    ///
+    /// A path that is a URL or does not exist ("local paths only"), a directory without
+    /// safetensors, an index naming files outside the directory or tensors its shards lack, a
+    /// shard whose header is malformed or whose offsets lie, a tensor in two shards, an element
+    /// type other than F32/F16/BF16.
+    pub fn open(path: &Path) -> Result<Self> {
+        let shown = path.display();
+        if path.to_string_lossy().contains("://") {
+            bail!("'{shown}': local paths only (this tool does not download models)");
+        }
+        if !path.is_dir() {
+            bail!(
+                "'{shown}' is not a local directory (local paths only: download a hub model first, \
+                 e.g. with `huggingface-cli download`)"
+            );
+        }
+        let index = path.join(INDEX_FILE);
+        let files: Vec<String> = if index.is_file() {
+            shard_files(&index)?
+        } else if path.join(SINGLE_FILE).is_file() {
+            vec![SINGLE_FILE.to_string()]
+        } else {
+            bail!("'{shown}' has neither {SINGLE_FILE} nor {INDEX_FILE}");
+        };
+        let mut shards = Vec::with_capacity(files.len());
+        let mut tensors = BTreeMap::new();
+        for (shard, file) in files.iter().enumerate() {
+            let file_path = path.join(file);
+            let handle = File::open(&file_path)
+                .with_context(|| format!("cannot open '{}'", file_path.display()))?;
+            // SAFETY: the map is read-only; a file truncated underneath us by another process
+            // would fault, the same contract every mmap-based loader (safetensors, torch) has.
+            let map = unsafe { Mmap::map(&handle) }
+                .with_context(|| format!("cannot map '{}'", file_path.display()))?;
+            let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| {
+                anyhow!(
+                    "'{}' is not a valid safetensors file: {e}",
+                    file_path.display()
+                )
+            })?;
+            let data_start = 8 + header_len;
+            for (name, info) in metadata.tensors() {
+                let dtype = ElementType::from_safetensors(info.dtype).ok_or_else(|| {
+                    anyhow!(
+                        "tensor '{name}' in '{}' is {:?}; merges read F32, F16 and BF16",
+                        file_path.display(),
+                        info.dtype
+                    )
+                })?;
+                let (start, end) = info.data_offsets;
+                let entry = TensorEntry {
+                    shard,
+                    dtype,
+                    shape: info.shape.clone(),
+                    bytes: data_start + start..data_start + end,
+                };
+                if tensors.insert(name.clone(), entry).is_some() {
+                    bail!("tensor '{name}' is in more than one shard of '{shown}'");
+                }
+            }
+            shards.push((file_path, map));
+        }
+        if index.is_file() {
+            check_index_names(&index, &tensors)?;
+        }
+        Ok(Self {
+            dir: path.to_path_buf(),
+            shards,
+            tensors,
+        })
+    }
+
+    /// The tensors by name.
+    #[must_use]
+    pub fn tensors(&self) -> &BTreeMap<String, TensorEntry> {
+        &self.tensors
+    }
+
+    /// The file holding a tensor.
+    #[must_use]
+    pub fn file_of(&self, entry: &TensorEntry) -> &Path {
+        &self.shards[entry.shard].0
+    }
+
+    /// A tensor's elements: borrowed from the map where aligned, else copied.
+    ///
+    /// # Errors
+    ///
+    /// A name the checkpoint lacks.
+    pub fn read(&self, name: &str) -> Result<(TensorEntry, TensorData<'_>)> {
+        let entry = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| anyhow!("tensor '{name}' is missing from '{}'", self.dir.display()))?
+            .clone();
+        let bytes = &self.shards[entry.shard].1[entry.bytes.clone()];
+        let data = match entry.dtype {
+            ElementType::F32 => TensorData::F32(cast(bytes)),
+            ElementType::F16 => TensorData::F16(cast(bytes)),
+            ElementType::BF16 => TensorData::BF16(cast(bytes)),
+        };
+        Ok((entry, data))
+    }
+
+    /// The directory's `config.json`, if it has one.
+    ///
+    /// # Errors
+    ///
+    /// A `config.json` that is not JSON.
+    pub fn config(&self) -> Result<Option<serde_json::Value>> {
+        let path = self.dir.join("config.json");
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read '{}'", path.display()))?;
+        let value = serde_json::from_str(&text)
+            .with_context(|| format!("'{}' is not valid JSON", path.display()))?;
+        Ok(Some(value))
+    }
+}
+
+/// Elements of `bytes` (whose length the header check made a multiple of the size), borrowed
+/// when aligned.
+fn cast<T: bytemuck::Pod>(bytes: &[u8]) -> std::borrow::Cow<'_, [T]> {
+    match bytemuck::try_cast_slice(bytes) {
+        Ok(slice) => std::borrow::Cow::Borrowed(slice),
+        Err(_) => std::borrow::Cow::Owned(bytemuck::pod_collect_to_vec(bytes)),
+    }
+}
+
+/// The shard files an index names, in first-mention order; each must be a plain file name.
+fn shard_files(index: &Path) -> Result<Vec<String>> {
+    let map = index_map(index)?;
+    let mut files: Vec<String> = Vec::new();
+    for file in map.values() {
+        if !files.contains(file) {
+            files.push(file.clone());
+        }
+    }
+    Ok(files)
+}
+
+fn index_map(index: &Path) -> Result<BTreeMap<String, String>> {
+    let shown = index.display();
+    let size = std::fs::metadata(index)?.len();
+    if size > MAX_INDEX_BYTES {
+        bail!("'{shown}' is {size} bytes, over the {MAX_INDEX_BYTES} an index can need");
+    }
+    let text = std::fs::read_to_string(index).with_context(|| format!("cannot read '{shown}'"))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("'{shown}' is not valid JSON"))?;
+    parse_index(&value).with_context(|| format!("'{shown}' is not a safetensors index"))
+}
+
+/// The `weight_map` of an index: tensor name to a plain shard file name.
+///
+/// # Errors
+///
+/// No `weight_map` object, a value that is not a string, or a file name that is not a plain
+/// `*.safetensors` name in the same directory.
+pub fn parse_index(value: &serde_json::Value) -> Result<BTreeMap<String, String>> {
+    let map = value
+        .get("weight_map")
+        .and_then(serde_json::Value::as_object)
+        .ok_or_else(|| anyhow!("no 'weight_map' object"))?;
+    let mut out = BTreeMap::new();
+    for (name, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| anyhow!("the shard of '{name}' is not a string"))?;
+        let plain = !file.is_empty()
+            && !file.contains(['/', '\\'])
+            && file != ".."
+            && file.ends_with(".safetensors");
+        if !plain {
+            bail!("the shard '{file}' of '{name}' is not a plain .safetensors file name");
+        }
+        out.insert(name.clone(), file.to_string());
+    }
+    Ok(out)
+}
+
+fn check_index_names(index: &Path, tensors: &BTreeMap<String, TensorEntry>) -> Result<()> {
+    for (name, file) in index_map(index)? {
+        if !tensors.contains_key(&name) {
+            bail!(
+                "'{}' lists tensor '{name}' in '{file}', which does not hold it",
+                index.display()
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,214 @@
+//! Argument parsing and the subcommands' entry points. Exit codes: 0 done, 1 failed, 2 usage.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use kernels_cpu::Cpu;
+
+use crate::config::MergeConfig;
+use crate::merge::{self, MergeOptions};
+
+/// Merge models on the kernels of this crate family: mergekit's YAML, at memory speed.
+#[derive(Parser, Debug)]
+#[command(name = "kernels", version, about, long_about = None)]
+pub struct Args {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Merge models as a mergekit YAML config says.
+    #[command(after_help = MERGE_HELP)]
+    Merge(MergeArgs),
+}
+
+const MERGE_HELP: &str = "\
+Methods (mergekit 0.1.5's semantics): linear, task_arithmetic, ties, dare_linear, dare_ties,
+breadcrumbs, breadcrumbs_ties, della, della_linear, model_stock, slerp, passthrough.
+
+Where mergekit's semantics differ from the kernel crates' defaults, this command follows
+mergekit: TIES-family votes elect + for a weighted sum of exactly zero and divide by the
+agreeing weights only with `normalize` (on by default for ties, della and linear); trimming keeps
+max(1, floor(density n)) per tensor; DARE and DELLA rescale each tensor to keep its L1 norm
+(`rescale`, on by default for them), not by 1/density; `lambda` scales the merged task vector
+after normalising; a base listed under `models:` is the base; slerp interpolates the whole
+flattened tensor (linearly where the normalised dot exceeds 0.9995); Model Stock's ratio is not
+clamped. Random masks come from Philox keyed by --random-seed, the model's index and the
+tensor's name: reproducible bit for bit, not torch's draws. Computation is in f32 with f64
+accumulation whatever `dtype` says; `out_dtype` (else `dtype`, else each tensor's own type) is
+what is written.
+
+Examples:
+  kernels merge ties.yml ./merged
+  kernels merge --random-seed 7 --out-shard-size 2GB dare.yml ./merged --force";
+
+/// `kernels merge` arguments.
+#[derive(clap::Args, Debug)]
+pub struct MergeArgs {
+    /// The mergekit YAML config.
+    pub config: PathBuf,
+    /// The output directory (written atomically; see --force).
+    pub out_dir: PathBuf,
+    /// Replace an existing output directory.
+    #[arg(long)]
+    pub force: bool,
+    /// Largest output shard: bytes, or with a suffix (KB, MB, GB; K, M, G; KiB, MiB, GiB).
+    #[arg(long, default_value = "5GB", value_parser = parse_size)]
+    pub out_shard_size: u64,
+    /// Seed of the random methods' masks (DARE, DELLA).
+    #[arg(long, default_value_t = 0)]
+    pub random_seed: u64,
+    /// Threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Where the kernels run. The merge ops run on the CPU; `gpu` is refused until the GPU
+    /// backend covers every op a merge needs.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    pub device: Device,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// Where kernels run.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    /// The CPU.
+    Cpu,
+    /// The GPU (through wgpu).
+    Gpu,
+    /// The GPU where it has every op the command needs, else the CPU.
+    Auto,
+}
+
+/// Parses a size such as `5GB`, `500MiB` or `1000000`.
+///
+/// # Errors
+///
+/// Anything else.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size"))?;
+    let scale: f64 = match unit.trim() {
+        "" | "B" => 1.0,
+        "K" | "KB" => 1e3,
+        "M" | "MB" => 1e6,
+        "G" | "GB" => 1e9,
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        _ => {
+            return Err(format!(
+                "'{text}': unknown unit (B, KB, MB, GB, KiB, MiB, GiB)"
+            ));
+        }
+    };
+    let bytes = value * scale;
+    if !(1.0..1e18).contains(&bytes) {
+        return Err(format!("'{text}' is out of range"));
+    }
+    Ok(bytes as u64)
+}
+
+/// The CPU backend on `threads` threads (the global rayon pool sized to match), or all cores.
+fn cpu(threads: Option<usize>) -> Result<Cpu> {
+    let cpu = Cpu::detect();
+    let Some(n) = threads else {
+        return Ok(cpu);
+    };
+    if n == 0 {
+        bail!("--threads must be at least 1");
+    }
+    // The pool can be sized once per process; a second call (tests) keeps the first size.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
+    Ok(cpu.with_threads(n)?)
+}
+
+fn merge_command(args: &MergeArgs) -> Result<()> {
+    if args.device == Device::Gpu {
+        bail!(
+            "--device gpu: the merge methods need ops (slerp, Model Stock, DELLA, the mergekit \
+             TIES vote) that run on the CPU only so far; use --device cpu or auto"
+        );
+    }
+    let text = std::fs::read_to_string(&args.config)
+        .with_context(|| format!("cannot read '{}'", args.config.display()))?;
+    let config =
+        MergeConfig::parse(&text).with_context(|| format!("in '{}'", args.config.display()))?;
+    let options = MergeOptions {
+        out: args.out_dir.clone(),
+        force: args.force,
+        shard_bytes: args.out_shard_size,
+        seed: args.random_seed,
+        cpu: cpu(args.threads)?,
+        progress: !args.quiet && std::io::stderr().is_terminal(),
+    };
+    let summary = merge::run(&config, &text, &options)?;
+    let gb = |b: u64| b as f64 / 1e9;
+    println!(
+        "merged {} tensors with {}: read {:.3} GB, wrote {:.3} GB to '{}' in {:.2} s ({:.2} GB/s)",
+        summary.tensors,
+        config.method.name(),
+        gb(summary.read_bytes),
+        gb(summary.written_bytes),
+        summary.out.display(),
+        summary.seconds,
+        gb(summary.read_bytes + summary.written_bytes) / summary.seconds.max(1e-9)
+    );
+    Ok(())
+}
+
+/// Runs the command line; the exit code says how it went.
+#[must_use]
+pub fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let result = match &args.command {
+        Command::Merge(m) => merge_command(m),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("5GB"), Ok(5_000_000_000));
+        assert_eq!(parse_size("2MiB"), Ok(2 << 20));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert!(parse_size("5XB").is_err());
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("").is_err());
+    }
+}

@@ -1,0 +1,750 @@
+//! mergekit's YAML merge configuration, read as mergekit 0.1.5 reads it: every key checked, every
+//! error naming its line.
+//!
+//! A parameter value is a scalar, a list of numbers interpolated over the layers (a gradient), or
+//! a list of `{filter, value}` conditions matched by substring of the tensor name (the first
+//! match wins; no `filter` or `filter: "*"` matches everything). [`ParamValue::resolve`] turns
+//! one into a number for a tensor at a position `t` in `[0, 1]` through the layers.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use marked_yaml::types::{MarkedMappingNode, MarkedScalarNode};
+use marked_yaml::{LoaderOptions, Node};
+
+/// Bound on a configuration file's size: far above any real merge config, and what the parser
+/// may allocate stays proportional to it.
+pub const MAX_CONFIG_BYTES: usize = 1 << 20;
+
+/// A configuration error, with the line (1-based) it points at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Line of the offending key or value, when known.
+    pub line: Option<usize>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "line {line}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+type Result<T> = std::result::Result<T, ConfigError>;
+
+fn line_of(node: &Node) -> Option<usize> {
+    node.span().start().map(marked_yaml::Marker::line)
+}
+
+fn scalar_line(node: &MarkedScalarNode) -> Option<usize> {
+    node.span().start().map(marked_yaml::Marker::line)
+}
+
+fn error<T>(line: Option<usize>, message: impl Into<String>) -> Result<T> {
+    Err(ConfigError {
+        line,
+        message: message.into(),
+    })
+}
+
+/// The merge methods: mergekit's, then ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// `linear`: weighted sum of the models, divided by the weights' sum (`normalize`, default on).
+    Linear,
+    /// `task_arithmetic`: base plus the weighted task vectors.
+    TaskArithmetic,
+    /// `ties`: magnitude trim, sign election, disjoint mean.
+    Ties,
+    /// `dare_linear`: random drop (L1-rescaled), weighted sum.
+    DareLinear,
+    /// `dare_ties`: random drop, sign election.
+    DareTies,
+    /// `breadcrumbs`: drop outliers and the smallest, weighted sum.
+    Breadcrumbs,
+    /// `breadcrumbs_ties`: the same, with sign election.
+    BreadcrumbsTies,
+    /// `della`: rank-weighted random drop, sign election.
+    Della,
+    /// `della_linear`: rank-weighted random drop, weighted sum.
+    DellaLinear,
+    /// `model_stock`: interpolation towards the fine-tunes' average by their mean cosine.
+    ModelStock,
+    /// `slerp`: spherical interpolation between the base and one other model.
+    Slerp,
+    /// `passthrough`: one model's tensors as they are (optionally scaled).
+    Passthrough,
+}
+
+/// How a method of the generalised task-arithmetic family sparsifies each task vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sparsify {
+    /// Keep the `max(1, floor(density n))` largest magnitudes.
+    Magnitude,
+    /// DARE: keep each entry with probability `density`.
+    Random,
+    /// Breadcrumbs: drop the `floor(gamma n)` largest, then the smallest, keeping `density`.
+    MagnitudeOutliers,
+    /// DELLA: keep with a probability that rises with the magnitude rank in the row.
+    RankedRandom,
+}
+
+impl Method {
+    /// Every method, with its YAML name.
+    pub const ALL: [(&'static str, Method); 12] = [
+        ("linear", Method::Linear),
+        ("task_arithmetic", Method::TaskArithmetic),
+        ("ties", Method::Ties),
+        ("dare_linear", Method::DareLinear),
+        ("dare_ties", Method::DareTies),
+        ("breadcrumbs", Method::Breadcrumbs),
+        ("breadcrumbs_ties", Method::BreadcrumbsTies),
+        ("della", Method::Della),
+        ("della_linear", Method::DellaLinear),
+        ("model_stock", Method::ModelStock),
+        ("slerp", Method::Slerp),
+        ("passthrough", Method::Passthrough),
+    ];
+
+    /// The method's YAML name.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, m)| *m == self)
+            .map_or("?", |(n, _)| n)
+    }
+
+    /// For the generalised task-arithmetic family: (sparsification, sign consensus,
+    /// `normalize` default, `rescale` default), as mergekit's registry defines them.
+    #[must_use]
+    pub fn task_arithmetic_family(self) -> Option<(Option<Sparsify>, bool, bool, bool)> {
+        use Sparsify::{Magnitude, MagnitudeOutliers, Random, RankedRandom};
+        Some(match self {
+            Method::TaskArithmetic => (None, false, false, false),
+            Method::Ties => (Some(Magnitude), true, true, false),
+            Method::DareTies => (Some(Random), true, false, true),
+            Method::DareLinear => (Some(Random), false, false, true),
+            Method::Breadcrumbs => (Some(MagnitudeOutliers), false, false, false),
+            Method::BreadcrumbsTies => (Some(MagnitudeOutliers), true, false, false),
+            Method::Della => (Some(RankedRandom), true, true, true),
+            Method::DellaLinear => (Some(RankedRandom), false, false, true),
+            _ => return None,
+        })
+    }
+
+    /// Whether the method needs a `base_model`.
+    #[must_use]
+    pub fn needs_base(self) -> bool {
+        !matches!(self, Method::Linear | Method::Passthrough)
+    }
+
+    /// Parameters each model may set (`models[i].parameters`), and whether each is required.
+    fn model_parameters(self) -> &'static [(&'static str, bool)] {
+        match self {
+            Method::Linear => &[("weight", true)],
+            Method::TaskArithmetic => &[("weight", true), ("density", false)],
+            Method::Ties | Method::DareLinear | Method::DareTies => {
+                &[("weight", true), ("density", false)]
+            }
+            Method::Breadcrumbs | Method::BreadcrumbsTies => {
+                &[("weight", true), ("density", false), ("gamma", false)]
+            }
+            Method::Della | Method::DellaLinear => &[
+                ("weight", true),
+                ("density", false),
+                ("epsilon", false),
+                ("lambda", false),
+            ],
+            Method::ModelStock | Method::Slerp => &[],
+            Method::Passthrough => &[("scale", false)],
+        }
+    }
+
+    /// Parameters the merge as a whole may set (top-level `parameters:`).
+    fn global_parameters(self) -> &'static [&'static str] {
+        match self {
+            Method::Linear => &["normalize", "weight"],
+            Method::ModelStock => &["filter_wise"],
+            Method::Slerp => &["t"],
+            Method::Passthrough => &["scale"],
+            _ => &[
+                "normalize",
+                "rescale",
+                "lambda",
+                "int8_mask",
+                "density",
+                "weight",
+            ],
+        }
+    }
+}
+
+/// Options mergekit has that change nothing here; each prints a warning when set.
+const IGNORED_OPTIONS: [(&str, &str); 1] = [(
+    "int8_mask",
+    "masks are bit sets here; int8_mask changes nothing",
+)];
+
+/// A parameter's value before it is resolved for a tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ParamValue {
+    /// A number (booleans are 0 and 1).
+    Number(f64),
+    /// Numbers interpolated linearly over the layers: the first at `t = 0`, the last at `t = 1`.
+    Gradient(Vec<f64>),
+    /// `{filter, value}` conditions, the first whose filter is a substring of the tensor name
+    /// wins; `None` (or `*`) matches any tensor.
+    Filtered(Vec<(Option<String>, ParamValue)>),
+}
+
+impl ParamValue {
+    /// The value for tensor `name` at position `t` in `[0, 1]` through the layers; `None` where
+    /// no condition matches.
+    #[must_use]
+    pub fn resolve(&self, name: &str, t: f64) -> Option<f64> {
+        match self {
+            ParamValue::Number(v) => Some(*v),
+            ParamValue::Gradient(values) => {
+                let scaled = t.clamp(0.0, 1.0) * (values.len() - 1) as f64;
+                let i0 = scaled.floor() as usize;
+                let i1 = (i0 + 1).min(values.len() - 1);
+                let frac = scaled - i0 as f64;
+                Some((1.0 - frac) * values[i0] + frac * values[i1])
+            }
+            ParamValue::Filtered(conditions) => conditions
+                .iter()
+                .find(|(filter, _)| {
+                    filter
+                        .as_deref()
+                        .is_none_or(|f| f == "*" || name.contains(f))
+                })
+                .and_then(|(_, value)| value.resolve(name, t)),
+        }
+    }
+}
+
+/// One `models:` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelEntry {
+    /// The model's directory, as written.
+    pub path: String,
+    /// Its parameters by name.
+    pub parameters: BTreeMap<String, ParamValue>,
+    /// Line of the entry.
+    pub line: Option<usize>,
+}
+
+/// A parsed merge configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergeConfig {
+    /// The method.
+    pub method: Method,
+    /// The models, in order, the base excluded.
+    pub models: Vec<ModelEntry>,
+    /// The base model's directory.
+    pub base_model: Option<String>,
+    /// Top-level parameters.
+    pub parameters: BTreeMap<String, ParamValue>,
+    /// `dtype`, as written.
+    pub dtype: Option<String>,
+    /// `out_dtype`, as written.
+    pub out_dtype: Option<String>,
+    /// Warnings to print (ignored options).
+    pub warnings: Vec<String>,
+}
+
+impl MergeConfig {
+    /// Parses a configuration.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the line of the first problem: YAML syntax, an unknown key,
+    /// method or parameter, a missing required one, a value of the wrong type.
+    pub fn parse(text: &str) -> Result<Self> {
+        if text.len() > MAX_CONFIG_BYTES {
+            return error(None, format!("the config is over {MAX_CONFIG_BYTES} bytes"));
+        }
+        let options = LoaderOptions::default().error_on_duplicate_keys(true);
+        let root =
+            marked_yaml::parse_yaml_with_options(0, text, options).map_err(|e| ConfigError {
+                line: None,
+                message: format!("not valid YAML for a merge config: {e}"),
+            })?;
+        let Some(root) = root.as_mapping() else {
+            return error(line_of(&root), "the config must be a mapping");
+        };
+        let mut warnings = Vec::new();
+        let mut method = None;
+        let mut models_node = None;
+        let mut base_model = None;
+        let mut parameters_node = None;
+        let (mut dtype, mut out_dtype) = (None, None);
+        for (key, value) in root.iter() {
+            match key.as_str() {
+                "merge_method" => {
+                    let name = scalar(value, "merge_method")?;
+                    let found = Method::ALL.iter().find(|(n, _)| *n == name.as_str());
+                    let Some((_, found)) = found else {
+                        let known: Vec<&str> = Method::ALL.iter().map(|(n, _)| *n).collect();
+                        return error(
+                            line_of(value),
+                            format!(
+                                "unknown merge_method '{}' (this tool has: {})",
+                                name.as_str(),
+                                known.join(", ")
+                            ),
+                        );
+                    };
+                    method = Some(*found);
+                }
+                "models" => models_node = Some(value),
+                "base_model" => base_model = Some(model_reference(value, "base_model")?),
+                "parameters" => parameters_node = Some(value),
+                "dtype" => dtype = Some(scalar(value, "dtype")?.as_str().to_string()),
+                "out_dtype" => out_dtype = Some(scalar(value, "out_dtype")?.as_str().to_string()),
+                "name" | "chat_template" => {
+                    warnings.push(format!(
+                        "line {}: '{}' is ignored by this tool",
+                        scalar_line(key).unwrap_or(0),
+                        key.as_str()
+                    ));
+                }
+                "tokenizer_source" => {
+                    let v = scalar(value, "tokenizer_source")?;
+                    if v.as_str() != "base" {
+                        return error(
+                            line_of(value),
+                            "tokenizer_source other than 'base' is not supported: the base \
+                             model's tokenizer files are copied",
+                        );
+                    }
+                }
+                "slices" => {
+                    return error(
+                        scalar_line(key),
+                        "'slices' (layer ranges) are not supported yet; list whole models \
+                         under 'models'",
+                    );
+                }
+                other => {
+                    return error(
+                        scalar_line(key),
+                        format!(
+                            "unknown key '{other}' (a merge config has merge_method, models, \
+                             base_model, parameters, dtype, out_dtype)"
+                        ),
+                    );
+                }
+            }
+        }
+        let Some(method) = method else {
+            return error(None, "the config has no merge_method");
+        };
+        let parameters = match parameters_node {
+            Some(node) => parameter_map(
+                node,
+                method.global_parameters(),
+                "parameters",
+                &mut warnings,
+            )?,
+            None => BTreeMap::new(),
+        };
+        let mut models = Vec::new();
+        if let Some(node) = models_node {
+            let Some(list) = node.as_sequence() else {
+                return error(line_of(node), "'models' must be a list");
+            };
+            let allowed: Vec<&str> = method.model_parameters().iter().map(|(n, _)| *n).collect();
+            for entry in list.iter() {
+                let Some(map) = entry.as_mapping() else {
+                    return error(line_of(entry), "each entry of 'models' must be a mapping");
+                };
+                let mut path = None;
+                let mut params = BTreeMap::new();
+                for (key, value) in map.iter() {
+                    match key.as_str() {
+                        "model" => path = Some(model_reference(value, "model")?),
+                        "parameters" => {
+                            params = parameter_map(value, &allowed, "parameters", &mut warnings)?;
+                        }
+                        other => {
+                            return error(
+                                scalar_line(key),
+                                format!(
+                                    "unknown key '{other}' in a models entry (model, parameters)"
+                                ),
+                            );
+                        }
+                    }
+                }
+                let Some(path) = path else {
+                    return error(line_of(entry), "a models entry has no 'model'");
+                };
+                models.push(ModelEntry {
+                    path,
+                    parameters: params,
+                    line: line_of(entry),
+                });
+            }
+        }
+        // A base listed under models is the base, not a task vector.
+        if let Some(base) = &base_model {
+            models.retain(|m| &m.path != base || !method.needs_base());
+        }
+        let config = Self {
+            method,
+            models,
+            base_model,
+            parameters,
+            dtype,
+            out_dtype,
+            warnings,
+        };
+        config.check_required()?;
+        Ok(config)
+    }
+
+    fn check_required(&self) -> Result<()> {
+        let method = self.method;
+        if method.needs_base() && self.base_model.is_none() {
+            return error(None, format!("{} needs a base_model", method.name()));
+        }
+        let count = self.models.len();
+        let (needed, what) = match method {
+            Method::Slerp => (1, "exactly one model besides the base"),
+            Method::Passthrough => (1, "exactly one model"),
+            Method::ModelStock => (2, "at least two models besides the base"),
+            Method::Linear => (1, "at least one model"),
+            _ => (1, "at least one model besides the base"),
+        };
+        let exact = matches!(method, Method::Slerp | Method::Passthrough);
+        if count < needed || (exact && count != needed) {
+            return error(
+                None,
+                format!("{} needs {what}; the config lists {count}", method.name()),
+            );
+        }
+        if method == Method::Slerp && !self.parameters.contains_key("t") {
+            return error(None, "slerp needs the parameter 't'");
+        }
+        for model in &self.models {
+            for (name, required) in method.model_parameters() {
+                let global = self.parameters.contains_key(*name);
+                if *required && !global && !model.parameters.contains_key(*name) {
+                    return error(
+                        model.line,
+                        format!(
+                            "model '{}' has no '{name}' (required by {})",
+                            model.path,
+                            method.name()
+                        ),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A model's parameter for tensor `name` at layer position `t`: its own value, else the
+    /// top-level one, else `default`.
+    ///
+    /// # Errors
+    ///
+    /// Where neither is set and there is no default, or no filter matches the tensor.
+    pub fn model_parameter(
+        &self,
+        model: usize,
+        parameter: &str,
+        tensor: &str,
+        t: f64,
+        default: Option<f64>,
+    ) -> std::result::Result<f64, String> {
+        let entry = &self.models[model];
+        let value = entry
+            .parameters
+            .get(parameter)
+            .or_else(|| self.parameters.get(parameter));
+        match value.and_then(|v| v.resolve(tensor, t)).or(default) {
+            Some(v) => Ok(v),
+            None => Err(format!(
+                "no value of '{parameter}' for tensor '{tensor}' of model '{}'",
+                entry.path
+            )),
+        }
+    }
+
+    /// A top-level parameter for tensor `name` at layer position `t`, else `default`.
+    ///
+    /// # Errors
+    ///
+    /// Where it is not set and there is no default, or no filter matches the tensor.
+    pub fn global_parameter(
+        &self,
+        parameter: &str,
+        tensor: &str,
+        t: f64,
+        default: Option<f64>,
+    ) -> std::result::Result<f64, String> {
+        match self
+            .parameters
+            .get(parameter)
+            .and_then(|v| v.resolve(tensor, t))
+            .or(default)
+        {
+            Some(v) => Ok(v),
+            None => Err(format!("no value of '{parameter}' for tensor '{tensor}'")),
+        }
+    }
+}
+
+fn scalar<'a>(node: &'a Node, what: &str) -> Result<&'a MarkedScalarNode> {
+    node.as_scalar().map_or_else(
+        || error(line_of(node), format!("'{what}' must be a single value")),
+        Ok,
+    )
+}
+
+/// A model reference: a local directory. mergekit also takes hub ids and `model+lora` paths;
+/// this tool reads local directories only.
+fn model_reference(node: &Node, what: &str) -> Result<String> {
+    let value = if let Some(map) = node.as_mapping() {
+        // mergekit's long form: {model: {path: ...}} or {path: ...}.
+        let inner = map.get_node("path").or_else(|| map.get_node("model"));
+        match inner {
+            Some(inner) => return model_reference(inner, what),
+            None => return error(line_of(node), format!("'{what}' has no path")),
+        }
+    } else {
+        scalar(node, what)?.as_str().to_string()
+    };
+    if value.contains("://") || value.contains('+') {
+        return error(
+            line_of(node),
+            format!("'{value}': local paths only (no URLs, hub downloads or model+lora paths)"),
+        );
+    }
+    if value.is_empty() {
+        return error(line_of(node), format!("'{what}' is empty"));
+    }
+    Ok(value)
+}
+
+fn parameter_map(
+    node: &Node,
+    allowed: &[&str],
+    what: &str,
+    warnings: &mut Vec<String>,
+) -> Result<BTreeMap<String, ParamValue>> {
+    let Some(map) = node.as_mapping() else {
+        return error(line_of(node), format!("'{what}' must be a mapping"));
+    };
+    let mut out = BTreeMap::new();
+    for (key, value) in map.iter() {
+        let name = key.as_str();
+        if let Some((_, why)) = IGNORED_OPTIONS.iter().find(|(n, _)| *n == name) {
+            warnings.push(format!(
+                "line {}: '{name}' is accepted and ignored: {why}",
+                scalar_line(key).unwrap_or(0)
+            ));
+            continue;
+        }
+        if !allowed.contains(&name) {
+            return error(
+                scalar_line(key),
+                format!(
+                    "unknown parameter '{name}' here (allowed: {})",
+                    allowed.join(", ")
+                ),
+            );
+        }
+        out.insert(name.to_string(), param_value(value)?);
+    }
+    Ok(out)
+}
+
+fn param_value(node: &Node) -> Result<ParamValue> {
+    if let Some(s) = node.as_scalar() {
+        return number(s).map(ParamValue::Number);
+    }
+    if let Some(seq) = node.as_sequence() {
+        if seq.is_empty() {
+            return error(line_of(node), "an empty list is not a parameter value");
+        }
+        if seq.iter().all(|e| e.as_scalar().is_some()) {
+            let values = seq
+                .iter()
+                .map(|e| number(e.as_scalar().expect("checked")))
+                .collect::<Result<Vec<f64>>>()?;
+            return Ok(ParamValue::Gradient(values));
+        }
+        let mut conditions = Vec::new();
+        for entry in seq.iter() {
+            let Some(map) = entry.as_mapping() else {
+                return error(
+                    line_of(entry),
+                    "a parameter list is either all numbers or all {filter, value} mappings",
+                );
+            };
+            conditions.push(condition(map)?);
+        }
+        return Ok(ParamValue::Filtered(conditions));
+    }
+    error(
+        line_of(node),
+        "a parameter value is a number, a list of numbers or a list of {filter, value}",
+    )
+}
+
+fn condition(map: &MarkedMappingNode) -> Result<(Option<String>, ParamValue)> {
+    let (mut filter, mut value) = (None, None);
+    for (key, v) in map.iter() {
+        match key.as_str() {
+            "filter" => filter = Some(scalar(v, "filter")?.as_str().to_string()),
+            "value" => value = Some(param_value(v)?),
+            other => {
+                return error(
+                    scalar_line(key),
+                    format!("unknown key '{other}' in a condition (filter, value)"),
+                );
+            }
+        }
+    }
+    match value {
+        Some(value) => Ok((filter, value)),
+        None => error(
+            map.span().start().map(marked_yaml::Marker::line),
+            "a condition has no 'value'",
+        ),
+    }
+}
+
+fn number(s: &MarkedScalarNode) -> Result<f64> {
+    if let Some(b) = s.as_bool() {
+        return Ok(if b { 1.0 } else { 0.0 });
+    }
+    match s.as_str().trim().parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        _ => error(
+            scalar_line(s),
+            format!("'{}' is not a finite number", s.as_str()),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIES: &str = "\
+models:
+  - model: ./base
+  - model: ./math
+    parameters:
+      density: [1, 0.7, 0.1]
+      weight: 1.0
+  - model: ./code
+    parameters:
+      density: 0.5
+      weight:
+        - filter: mlp
+          value: 0.5
+        - value: 0.25
+merge_method: ties
+base_model: ./base
+parameters:
+  normalize: true
+  int8_mask: true
+dtype: bfloat16
+";
+
+    #[test]
+    fn reads_a_ties_config_as_mergekit_writes_it() {
+        let c = MergeConfig::parse(TIES).unwrap();
+        assert_eq!(c.method, Method::Ties);
+        assert_eq!(c.base_model.as_deref(), Some("./base"));
+        // The base listed under models is not a task vector.
+        assert_eq!(c.models.len(), 2);
+        assert_eq!(c.models[0].path, "./math");
+        assert_eq!(c.dtype.as_deref(), Some("bfloat16"));
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings); // int8_mask
+        // A gradient at the middle layer and between points.
+        assert_eq!(c.model_parameter(0, "density", "x", 0.5, None), Ok(0.7));
+        assert!((c.model_parameter(0, "density", "x", 0.25, None).unwrap() - 0.85).abs() < 1e-12);
+        // Filters by substring; the first match wins.
+        assert_eq!(
+            c.model_parameter(1, "weight", "layers.0.mlp.up_proj", 0.0, None),
+            Ok(0.5)
+        );
+        assert_eq!(
+            c.model_parameter(1, "weight", "layers.0.self_attn.q", 0.0, None),
+            Ok(0.25)
+        );
+        assert_eq!(c.global_parameter("normalize", "x", 0.0, None), Ok(1.0));
+        assert_eq!(c.global_parameter("lambda", "x", 0.0, Some(1.0)), Ok(1.0));
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        let cases = [
+            (
+                "merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters:\n      weight: 1\n      densty: 0.5\n",
+                7,
+                "densty",
+            ),
+            ("merge_method: frankenmerge\n", 1, "frankenmerge"),
+            ("merge_method: linear\nmodel: x\n", 2, "unknown key 'model'"),
+            (
+                "merge_method: linear\nmodels:\n  - model: a\n    parameters:\n      weight: abc\n",
+                5,
+                "not a finite number",
+            ),
+            (
+                "merge_method: linear\nmodels:\n  - model: hf://org/model\n    parameters: {weight: 1}\n",
+                3,
+                "local paths only",
+            ),
+            (
+                "merge_method: slerp\nslices:\n  - sources: []\n",
+                2,
+                "slices",
+            ),
+        ];
+        for (text, line, needle) in cases {
+            let e = MergeConfig::parse(text).unwrap_err();
+            assert_eq!(e.line, Some(line), "{text}: {e}");
+            assert!(e.to_string().contains(needle), "{e}");
+        }
+    }
+
+    #[test]
+    fn missing_requirements_are_errors() {
+        for (text, needle) in [
+            (
+                "merge_method: ties\nmodels:\n  - model: a\n    parameters: {weight: 1}\n",
+                "base_model",
+            ),
+            ("merge_method: linear\nmodels:\n  - model: a\n", "'weight'"),
+            (
+                "merge_method: slerp\nbase_model: a\nmodels:\n  - model: b\n",
+                "'t'",
+            ),
+            (
+                "merge_method: model_stock\nbase_model: a\nmodels:\n  - model: b\n",
+                "at least two",
+            ),
+            ("models: []\n", "no merge_method"),
+            ("[1, 2]\n", "YAML"),
+            ("merge_method: linear\nmerge_method: ties\n", "Duplicate"),
+        ] {
+            let e = MergeConfig::parse(text).unwrap_err();
+            assert!(e.to_string().contains(needle), "{text}: {e}");
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! The `kernels` command-line tool, as a library: mergekit's YAML configs run over safetensors
+//! checkpoints on the public ops of `kernels-cpu` (the binary is a thin `main` over [`cli`]).
+//!
+//! Modules: [`config`] reads mergekit's YAML, [`checkpoint`] opens model directories
+//! (memory-mapped, header-checked), [`output`] writes sharded safetensors atomically, [`merge`]
+//! runs a merge tensor by tensor.
+
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
+pub mod merge;
+pub mod output;

@@ -1,0 +1,563 @@
+//! `kernels merge`: a mergekit config run tensor by tensor over memory-mapped checkpoints, every
+//! number computed by the public ops of `kernels-cpu`.
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use kernels_cpu::prelude::*;
+
+use crate::checkpoint::{Checkpoint, ElementType, TensorData, TensorEntry};
+use crate::config::{MergeConfig, Method, Sparsify};
+use crate::output::{OutputDir, PlannedTensor};
+
+/// How a merge runs.
+#[derive(Clone, Debug)]
+pub struct MergeOptions {
+    /// The output directory.
+    pub out: PathBuf,
+    /// Replace an existing output directory.
+    pub force: bool,
+    /// Largest shard, in bytes.
+    pub shard_bytes: u64,
+    /// Seed of the random methods' Philox masks.
+    pub seed: u64,
+    /// The CPU backend (ISA, threads).
+    pub cpu: Cpu,
+    /// Draw a progress bar on stderr (when it is a terminal).
+    pub progress: bool,
+}
+
+/// What a merge did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Summary {
+    /// Tensors written.
+    pub tensors: usize,
+    /// Bytes of tensor data read from the inputs.
+    pub read_bytes: u64,
+    /// Bytes of tensor data written.
+    pub written_bytes: u64,
+    /// Wall time, seconds.
+    pub seconds: f64,
+    /// Where the output is.
+    pub out: PathBuf,
+}
+
+/// Files copied from the base (or first) model beside the weights, where it has them.
+const TOKENIZER_FILES: [&str; 8] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "generation_config.json",
+];
+
+/// The Philox seed of model `model`'s mask of tensor `name`: distinct per model and tensor,
+/// fixed by `--random-seed` (FNV-1a of the name, mixed with the seed and model index by
+/// `SplitMix64`).
+#[must_use]
+pub fn mask_seed(seed: u64, model: usize, name: &str) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for b in name.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let mut z = h ^ seed.wrapping_add((model as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A tensor's position through the layers, for gradient parameters: layer `i` of `n` is at
+/// `i / (n - 1)`; embeddings before the layers at 0, everything else after them at 1.
+#[must_use]
+pub fn layer_position(name: &str, layers: usize) -> f64 {
+    if let Some(i) = layer_index(name) {
+        return if layers > 1 {
+            (i as f64 / (layers - 1) as f64).min(1.0)
+        } else {
+            0.0
+        };
+    }
+    if name.contains("embed") { 0.0 } else { 1.0 }
+}
+
+fn layer_index(name: &str) -> Option<usize> {
+    let at = name.find("layers.")?;
+    let rest = &name[at + "layers.".len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// Runs a merge.
+///
+/// # Errors
+///
+/// Any model that cannot be opened, tensors missing from a model or shaped differently, a
+/// parameter outside its op's domain (named with the tensor), an output that cannot be written.
+/// On error nothing is left under the output's name.
+pub fn run(config: &MergeConfig, config_text: &str, options: &MergeOptions) -> Result<Summary> {
+    let started = Instant::now();
+    for w in &config.warnings {
+        eprintln!("warning: {w}");
+    }
+    let base = match &config.base_model {
+        Some(path) if config.method.needs_base() => Some(
+            Checkpoint::open(Path::new(path)).with_context(|| format!("base model '{path}'"))?,
+        ),
+        _ => None,
+    };
+    let models = config
+        .models
+        .iter()
+        .map(|m| {
+            Checkpoint::open(Path::new(&m.path)).with_context(|| format!("model '{}'", m.path))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let reference = base.as_ref().unwrap_or(&models[0]);
+    check_same_tensors(reference, base.iter().chain(&models))?;
+    let out_type =
+        match config.out_dtype.as_ref().or(config.dtype.as_ref()) {
+            Some(name) => Some(ElementType::from_config_name(name).ok_or_else(|| {
+                anyhow!("dtype '{name}' is not one of float32, float16, bfloat16")
+            })?),
+            None => None,
+        };
+    let model_config = reference.config()?;
+    let layers = model_config
+        .as_ref()
+        .and_then(|c| c.get("num_hidden_layers"))
+        .and_then(serde_json::Value::as_u64)
+        .map_or_else(
+            || {
+                reference
+                    .tensors()
+                    .keys()
+                    .filter_map(|n| layer_index(n))
+                    .max()
+                    .map_or(0, |m| m + 1)
+            },
+            |n| n as usize,
+        );
+    let plan: Vec<PlannedTensor> = reference
+        .tensors()
+        .iter()
+        .map(|(name, entry)| PlannedTensor {
+            name: name.clone(),
+            shape: entry.shape.clone(),
+            dtype: out_type.unwrap_or(entry.dtype),
+        })
+        .collect();
+    if plan.is_empty() {
+        bail!("'{}' holds no tensors", reference.dir.display());
+    }
+    let total_bytes: u64 = plan
+        .iter()
+        .map(|t| (t.shape.iter().product::<usize>() * t.dtype.size()) as u64)
+        .sum();
+    let mut output = OutputDir::create(&options.out, options.force, options.shard_bytes, plan)?;
+    let bar = progress_bar(options.progress, total_bytes);
+    let inputs: Vec<&Checkpoint> = base.iter().chain(&models).collect();
+    let mut read_bytes = 0u64;
+    let mut tensors = 0usize;
+    while let Some(planned) = output.next_tensor().cloned() {
+        let name = &planned.name;
+        let t = layer_position(name, layers);
+        let data = inputs
+            .iter()
+            .map(|c| c.read(name))
+            .collect::<Result<Vec<(TensorEntry, TensorData<'_>)>>>()?;
+        read_bytes += data
+            .iter()
+            .map(|(e, _)| (e.len() * e.dtype.size()) as u64)
+            .sum::<u64>();
+        let merged = merge_tensor(
+            config,
+            options,
+            name,
+            &planned.shape,
+            t,
+            base.is_some(),
+            &data,
+        )
+        .with_context(|| format!("merging tensor '{name}'"))?;
+        drop(data);
+        let bytes = encode(&merged, planned.dtype);
+        output.write_next(&bytes)?;
+        tensors += 1;
+        bar.inc(bytes.len() as u64);
+    }
+    bar.finish_and_clear();
+    write_side_files(&output, reference, model_config, out_type, config_text)?;
+    let written_bytes = output.written_bytes();
+    let out = output.commit()?;
+    Ok(Summary {
+        tensors,
+        read_bytes,
+        written_bytes,
+        seconds: started.elapsed().as_secs_f64(),
+        out,
+    })
+}
+
+/// Every checkpoint has exactly the reference's tensors, with the same shapes.
+fn check_same_tensors<'a>(
+    reference: &Checkpoint,
+    all: impl Iterator<Item = &'a Checkpoint>,
+) -> Result<()> {
+    for c in all {
+        for (name, entry) in reference.tensors() {
+            match c.tensors().get(name) {
+                None => bail!(
+                    "tensor '{name}' is missing from model '{}' (it is in '{}')",
+                    c.dir.display(),
+                    reference.dir.display()
+                ),
+                Some(other) if other.shape != entry.shape => bail!(
+                    "tensor '{name}' has shape {:?} in model '{}' but {:?} in '{}'",
+                    other.shape,
+                    c.dir.display(),
+                    entry.shape,
+                    reference.dir.display()
+                ),
+                Some(_) => {}
+            }
+        }
+        if let Some(extra) = c
+            .tensors()
+            .keys()
+            .find(|n| !reference.tensors().contains_key(*n))
+        {
+            bail!(
+                "tensor '{extra}' of model '{}' is not in '{}'",
+                c.dir.display(),
+                reference.dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar {
+    if !enabled {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(total),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+    ) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// Little-endian bytes of `values` rounded (to nearest even) to `dtype`.
+#[must_use]
+pub fn encode(values: &[f32], dtype: ElementType) -> Vec<u8> {
+    match dtype {
+        ElementType::F32 => bytemuck::cast_slice(values).to_vec(),
+        ElementType::F16 => {
+            let v: Vec<f16> = values.iter().map(|&x| f16::from_f32(x)).collect();
+            bytemuck::cast_slice(&v).to_vec()
+        }
+        ElementType::BF16 => {
+            let v: Vec<bf16> = values.iter().map(|&x| bf16::from_f32(x)).collect();
+            bytemuck::cast_slice(&v).to_vec()
+        }
+    }
+}
+
+/// The inputs of one tensor as slices of one element type (widened to `f32` where they differ).
+enum Inputs<'a> {
+    F32(Vec<Cow<'a, [f32]>>),
+    F16(Vec<&'a [f16]>),
+    BF16(Vec<&'a [bf16]>),
+}
+
+fn same_type<'a>(data: &'a [(TensorEntry, TensorData<'a>)]) -> Inputs<'a> {
+    let f16s: Option<Vec<&[f16]>> = data
+        .iter()
+        .map(|(_, d)| match d {
+            TensorData::F16(v) => Some(&v[..]),
+            _ => None,
+        })
+        .collect();
+    if let Some(v) = f16s {
+        return Inputs::F16(v);
+    }
+    let bf16s: Option<Vec<&[bf16]>> = data
+        .iter()
+        .map(|(_, d)| match d {
+            TensorData::BF16(v) => Some(&v[..]),
+            _ => None,
+        })
+        .collect();
+    if let Some(v) = bf16s {
+        return Inputs::BF16(v);
+    }
+    Inputs::F32(
+        data.iter()
+            .map(|(_, d)| match d {
+                TensorData::F32(v) => Cow::Borrowed(&v[..]),
+                TensorData::F16(v) => Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
+                TensorData::BF16(v) => Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
+            })
+            .collect(),
+    )
+}
+
+fn merge_tensor(
+    config: &MergeConfig,
+    options: &MergeOptions,
+    name: &str,
+    shape: &[usize],
+    t: f64,
+    has_base: bool,
+    data: &[(TensorEntry, TensorData<'_>)],
+) -> Result<Vec<f32>> {
+    let job = Job {
+        config,
+        options,
+        name,
+        shape,
+        t,
+    };
+    match same_type(data) {
+        Inputs::F32(v) => {
+            let views: Vec<&[f32]> = v.iter().map(|c| &c[..]).collect();
+            job.run(has_base, &views)
+        }
+        Inputs::F16(v) => job.run(has_base, &v),
+        Inputs::BF16(v) => job.run(has_base, &v),
+    }
+}
+
+struct Job<'a> {
+    config: &'a MergeConfig,
+    options: &'a MergeOptions,
+    name: &'a str,
+    shape: &'a [usize],
+    t: f64,
+}
+
+impl Job<'_> {
+    fn model_param(&self, model: usize, param: &str, default: Option<f64>) -> Result<f64> {
+        self.config
+            .model_parameter(model, param, self.name, self.t, default)
+            .map_err(|e| anyhow!(e))
+    }
+
+    fn global_param(&self, param: &str, default: Option<f64>) -> Result<f64> {
+        self.config
+            .global_parameter(param, self.name, self.t, default)
+            .map_err(|e| anyhow!(e))
+    }
+
+    fn weights(&self, count: usize) -> Result<Vec<f32>> {
+        (0..count)
+            .map(|i| self.model_param(i, "weight", None).map(|w| w as f32))
+            .collect()
+    }
+
+    fn run<T: Element>(&self, has_base: bool, inputs: &[&[T]]) -> Result<Vec<f32>> {
+        let cpu = &self.options.cpu;
+        let n = inputs[0].len();
+        let mut out = vec![0.0f32; n];
+        let (base, models) = if has_base {
+            (Some(inputs[0]), &inputs[1..])
+        } else {
+            (None, inputs)
+        };
+        match self.config.method {
+            Method::Linear => {
+                let mut weights = self.weights(models.len())?;
+                if self.global_param("normalize", Some(1.0))? != 0.0 {
+                    let sum: f64 = weights.iter().map(|&w| f64::from(w)).sum();
+                    if sum == 0.0 {
+                        bail!("the weights sum to zero; set normalize: false or change them");
+                    }
+                    for w in &mut weights {
+                        *w = (f64::from(*w) / sum) as f32;
+                    }
+                }
+                linear_combination(cpu, models, &weights, &mut out)?;
+            }
+            Method::Passthrough => {
+                let scale = self.model_param(0, "scale", Some(1.0))? as f32;
+                linear_combination(cpu, models, &[scale], &mut out)?;
+            }
+            Method::Slerp => {
+                let t = self.global_param("t", None)? as f32;
+                slerp(cpu, base.expect("slerp has a base"), models[0], t, &mut out)?;
+            }
+            Method::ModelStock => {
+                let base = base.expect("model_stock has a base");
+                let filter_wise = self.global_param("filter_wise", Some(0.0))? != 0.0;
+                let cols = if filter_wise && self.shape.len() >= 2 {
+                    *self.shape.last().expect("2-D")
+                } else {
+                    n
+                };
+                for (row, o) in out.chunks_mut(cols.max(1)).enumerate() {
+                    let range = row * cols..(row + 1) * cols;
+                    let rows: Vec<&[T]> = models.iter().map(|m| &m[range.clone()]).collect();
+                    model_stock(cpu, &base[range], &rows, o)?;
+                }
+            }
+            method => {
+                let family = method
+                    .task_arithmetic_family()
+                    .expect("the rest are the family");
+                self.task_arithmetic_family(family, base.expect("has a base"), models, &mut out)?;
+            }
+        }
+        Ok(out)
+    }
+
+    fn task_arithmetic_family<T: Element>(
+        &self,
+        (sparsify, consensus, normalize_default, rescale_default): (
+            Option<Sparsify>,
+            bool,
+            bool,
+            bool,
+        ),
+        base: &[T],
+        models: &[&[T]],
+        out: &mut [f32],
+    ) -> Result<()> {
+        let cpu = &self.options.cpu;
+        let n = base.len();
+        let normalize =
+            self.global_param("normalize", Some(f64::from(u8::from(normalize_default))))? != 0.0;
+        let rescale =
+            self.global_param("rescale", Some(f64::from(u8::from(rescale_default))))? != 0.0;
+        let mut lambda = self.global_param("lambda", Some(1.0))?;
+        if sparsify == Some(Sparsify::RankedRandom) {
+            // mergekit's DELLA reads lambda from the first model's parameters.
+            lambda = self.model_param(0, "lambda", Some(lambda))?;
+        }
+        let weights = self.weights(models.len())?;
+        let mut taus = Vec::with_capacity(models.len());
+        for (i, m) in models.iter().enumerate() {
+            let mut tau = vec![0.0f32; n];
+            linear_combination(cpu, &[*m, base], &[1.0, -1.0], &mut tau)?;
+            let density = self.model_param(i, "density", Some(1.0))?;
+            if let Some(how) = sparsify
+                && density < 1.0
+            {
+                tau = self.sparsify(how, i, density, rescale, &tau)?;
+            }
+            taus.push(tau);
+        }
+        let views: Vec<&[f32]> = taus.iter().map(|t| &t[..]).collect();
+        let base_f32: Vec<f32> = base.iter().map(|b| b.to_f32()).collect();
+        let lambda = lambda as f32;
+        if consensus {
+            let rule = TiesElection::default()
+                .with_zero_sum_elects_positive(true)
+                .with_normalize(normalize);
+            ties_elect_with(cpu, &base_f32, &views, &weights, lambda, rule, out)?;
+        } else {
+            let mut coefficients = weights;
+            if normalize {
+                let sum: f64 = coefficients.iter().map(|&w| f64::from(w)).sum();
+                let divisor = if sum.abs() < 1e-8 { 1.0 } else { sum };
+                for w in &mut coefficients {
+                    *w = (f64::from(*w) / divisor) as f32;
+                }
+            }
+            task_arithmetic(cpu, &base_f32, &views, &coefficients, lambda, out)?;
+        }
+        Ok(())
+    }
+
+    fn sparsify(
+        &self,
+        how: Sparsify,
+        model: usize,
+        density: f64,
+        rescale: bool,
+        tau: &[f32],
+    ) -> Result<Vec<f32>> {
+        let cpu = &self.options.cpu;
+        let n = tau.len();
+        let mut out = vec![0.0f32; n];
+        let seed = mask_seed(self.options.seed, model, self.name);
+        let l1 = if rescale {
+            DareRescale::PreserveL1
+        } else {
+            DareRescale::None
+        };
+        match how {
+            Sparsify::Magnitude | Sparsify::MagnitudeOutliers if rescale => {
+                bail!("rescale: true is implemented for the random methods (dare, della) only")
+            }
+            Sparsify::Magnitude => {
+                let keep = ((density * n as f64).floor() as u64).max(1);
+                ties_trim(cpu, tau, KeepRule::Count(keep), &mut out)?;
+            }
+            Sparsify::MagnitudeOutliers => {
+                let mut gamma = self.model_param(model, "gamma", Some(0.01))?;
+                // mergekit drops fewer outliers where density + gamma exceeds 1.
+                if density + gamma > 1.0 {
+                    gamma = 1.0 - density;
+                }
+                breadcrumbs(cpu, tau, BreadcrumbsParams::new(density, gamma), &mut out)?;
+            }
+            Sparsify::Random => {
+                let params = DareParams::new(1.0 - density, seed).with_rescale(l1);
+                dare(cpu, tau, params, 0, &mut out)?;
+            }
+            Sparsify::RankedRandom => {
+                let epsilon = self.model_param(model, "epsilon", Some(0.15))?;
+                let cols = if self.shape.len() >= 2 {
+                    *self.shape.last().expect("2-D")
+                } else {
+                    n
+                };
+                let params = DellaParams::new(density, epsilon, seed).with_rescale(l1);
+                della(cpu, tau, cols, params, 0, &mut out)?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn write_side_files(
+    output: &OutputDir,
+    reference: &Checkpoint,
+    model_config: Option<serde_json::Value>,
+    out_type: Option<ElementType>,
+    config_text: &str,
+) -> Result<()> {
+    if let Some(mut c) = model_config {
+        if let (Some(t), Some(map)) = (out_type, c.as_object_mut()) {
+            map.insert("torch_dtype".into(), t.torch_name().into());
+            if map.contains_key("dtype") {
+                map.insert("dtype".into(), t.torch_name().into());
+            }
+        }
+        output.write_file("config.json", serde_json::to_string_pretty(&c)?.as_bytes())?;
+    }
+    for file in TOKENIZER_FILES {
+        let from = reference.dir.join(file);
+        if from.is_file() {
+            std::fs::copy(&from, output.temp_dir().join(file))
+                .with_context(|| format!("cannot copy '{}'", from.display()))?;
+        }
+    }
+    let readme = format!(
+        "---\ntags:\n- merge\n- kernels-cli\n---\n# Merged model\n\nMade by `kernels merge` \
+         (kernels-cli {}) from this configuration:\n\n```yaml\n{}\n```\n",
+        env!("CARGO_PKG_VERSION"),
+        config_text.trim_end()
+    );
+    output.write_file("README.md", readme.as_bytes())
+}

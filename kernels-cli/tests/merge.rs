@@ -1,0 +1,587 @@
+//! `kernels merge` end to end on small models the tests write (single-file and sharded, f32 and
+//! bf16, a tied embedding): every method's output against the reference ops, a few configs
+//! against values worked out by hand, and bad inputs (missing tensors, mismatched shapes,
+//! truncated files, lying headers) failing with a named error and nothing left behind.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use kernels_cli::checkpoint::{Checkpoint, TensorData};
+use kernels_cli::config::MergeConfig;
+use kernels_cli::merge::{self, MergeOptions, mask_seed};
+use kernels_core::CounterRng;
+use kernels_core::ops::interpolate::{model_stock_ref, slerp_ref};
+use kernels_core::ops::merge::{
+    BreadcrumbsParams, DareParams, DareRescale, DellaParams, TiesElection, breadcrumbs_ref,
+    dare_ref, della_ref, ties_elect_with_ref, ties_trim_ref,
+};
+use kernels_core::ops::select::KeepRule;
+use kernels_cpu::Cpu;
+use safetensors::{Dtype, tensor::TensorView};
+
+/// The shapes of a tiny two-layer Llama with a tied embedding (no `lm_head`).
+const SHAPES: [(&str, [usize; 2]); 7] = [
+    ("model.embed_tokens.weight", [16, 8]),
+    ("model.layers.0.mlp.up_proj.weight", [12, 8]),
+    ("model.layers.0.self_attn.q_proj.weight", [8, 8]),
+    ("model.layers.0.input_layernorm.weight", [1, 8]),
+    ("model.layers.1.mlp.up_proj.weight", [12, 8]),
+    ("model.layers.1.self_attn.q_proj.weight", [8, 8]),
+    ("model.norm.weight", [1, 8]),
+];
+
+type Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
+fn model_values(seed: u64, offset_of: Option<&Tensors>, scale: f64) -> Tensors {
+    let rng = CounterRng::new(seed);
+    SHAPES
+        .iter()
+        .enumerate()
+        .map(|(k, (name, shape))| {
+            let n = shape[0] * shape[1];
+            let values = (0..n)
+                .map(|i| {
+                    let base = offset_of.map_or(0.0, |b| f64::from(b[*name].1[i]));
+                    (base + scale * rng.normal_at((k * 1000 + i) as u64)) as f32
+                })
+                .collect();
+            // Norm weights are 1-D, as in real checkpoints.
+            let shape = if shape[0] == 1 {
+                vec![shape[1]]
+            } else {
+                shape.to_vec()
+            };
+            ((*name).to_string(), (shape, values))
+        })
+        .collect()
+}
+
+/// Writes a model directory: `shards` safetensors files (an index when more than one) holding
+/// `tensors` as `dtype` (values rounded as the file type requires), and a `config.json`.
+fn write_model(dir: &Path, tensors: &Tensors, dtype: Dtype, shards: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(name, (shape, values))| {
+            let bytes = match dtype {
+                Dtype::F32 => bytemuck::cast_slice(values).to_vec(),
+                Dtype::BF16 => {
+                    let v: Vec<half::bf16> =
+                        values.iter().map(|&x| half::bf16::from_f32(x)).collect();
+                    bytemuck::cast_slice(&v).to_vec()
+                }
+                _ => unreachable!(),
+            };
+            (name.clone(), shape.clone(), bytes)
+        })
+        .collect();
+    let per_shard = encoded.len().div_ceil(shards);
+    let mut weight_map = serde_json::Map::new();
+    for (s, chunk) in encoded.chunks(per_shard).enumerate() {
+        let file = if shards == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{shards:05}.safetensors", s + 1)
+        };
+        let views: Vec<(String, TensorView<'_>)> = chunk
+            .iter()
+            .map(|(name, shape, bytes)| {
+                weight_map.insert(name.clone(), file.clone().into());
+                (
+                    name.clone(),
+                    TensorView::new(dtype, shape.clone(), bytes).unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.join(&file)).unwrap();
+    }
+    if shards > 1 {
+        let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+        std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    }
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "num_hidden_layers": 2,
+        "tie_word_embeddings": true,
+        "torch_dtype": if dtype == Dtype::F32 { "float32" } else { "bfloat16" },
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), "{\"model\": {}}").unwrap();
+}
+
+/// A base and three fine-tunes, written under `root`.
+struct Zoo {
+    root: tempfile::TempDir,
+    base: Tensors,
+    tuned: Vec<Tensors>,
+}
+
+impl Zoo {
+    fn new(dtype: Dtype, shards: usize) -> Self {
+        let root = tempfile::tempdir().unwrap();
+        let base = model_values(1, None, 1.0);
+        let tuned: Vec<Tensors> = (0..3)
+            .map(|i| model_values(10 + i, Some(&base), 0.05))
+            .collect();
+        write_model(&root.path().join("base"), &base, dtype, shards);
+        for (i, t) in tuned.iter().enumerate() {
+            write_model(&root.path().join(format!("ft{i}")), t, dtype, shards);
+        }
+        // What the files hold, after rounding to their type.
+        let read = |name: &str| read_all(&root.path().join(name));
+        let base = read("base");
+        let tuned = (0..3).map(|i| read(&format!("ft{i}"))).collect();
+        Self { root, base, tuned }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.root.path().join(name).display().to_string()
+    }
+
+    fn merge(&self, yaml: &str, out: &str) -> anyhow::Result<Tensors> {
+        let yaml = yaml
+            .replace("BASE", &self.path("base"))
+            .replace("FT0", &self.path("ft0"))
+            .replace("FT1", &self.path("ft1"))
+            .replace("FT2", &self.path("ft2"));
+        let config = MergeConfig::parse(&yaml)?;
+        let options = MergeOptions {
+            out: self.root.path().join(out),
+            force: false,
+            shard_bytes: 5_000_000_000,
+            seed: 7,
+            cpu: Cpu::detect(),
+            progress: false,
+        };
+        merge::run(&config, &yaml, &options)?;
+        Ok(read_all(&options.out))
+    }
+}
+
+fn read_all(dir: &Path) -> Tensors {
+    let c = Checkpoint::open(dir).unwrap();
+    c.tensors()
+        .keys()
+        .map(|name| {
+            let (entry, data) = c.read(name).unwrap();
+            let values = match data {
+                TensorData::F32(v) => v.to_vec(),
+                TensorData::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+                TensorData::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            };
+            (name.clone(), (entry.shape, values))
+        })
+        .collect()
+}
+
+fn tau(model: &Tensors, base: &Tensors, name: &str) -> Vec<f32> {
+    model[name]
+        .1
+        .iter()
+        .zip(&base[name].1)
+        .map(|(m, b)| m - b)
+        .collect()
+}
+
+/// The output, rounded as written (bf16 inputs give bf16 outputs).
+fn round_as(values: &[f32], like: Dtype) -> Vec<f32> {
+    match like {
+        Dtype::BF16 => values
+            .iter()
+            .map(|&x| half::bf16::from_f32(x).to_f32())
+            .collect(),
+        _ => values.to_vec(),
+    }
+}
+
+#[test]
+fn ties_on_bf16_matches_the_reference_bit_for_bit() {
+    let zoo = Zoo::new(Dtype::BF16, 1);
+    let yaml = "\
+models:
+  - model: BASE
+  - model: FT0
+    parameters: {weight: 1.0, density: 0.5}
+  - model: FT1
+    parameters: {weight: 0.5, density: [0.9, 0.3]}
+  - model: FT2
+    parameters: {weight: 0.25, density: 0.2}
+merge_method: ties
+base_model: BASE
+parameters:
+  lambda: 0.8
+";
+    let out = zoo.merge(yaml, "out").unwrap();
+    for (name, (shape, got)) in &out {
+        assert_eq!(shape, &zoo.base[name].0);
+        let n = got.len();
+        let layer_t =
+            if name.contains("layers.1") || !name.contains("layers.") && !name.contains("embed") {
+                1.0
+            } else {
+                0.0
+            };
+        let densities = [0.5, 0.9 + (0.3 - 0.9) * layer_t, 0.2];
+        let trimmed: Vec<Vec<f32>> = (0..3)
+            .map(|i| {
+                let keep = ((densities[i] * n as f64).floor() as u64).max(1);
+                let mut t = vec![0.0; n];
+                ties_trim_ref(
+                    &tau(&zoo.tuned[i], &zoo.base, name),
+                    KeepRule::Count(keep),
+                    &mut t,
+                )
+                .unwrap();
+                t
+            })
+            .collect();
+        let views: Vec<&[f32]> = trimmed.iter().map(|t| &t[..]).collect();
+        let rule = TiesElection::default()
+            .with_zero_sum_elects_positive(true)
+            .with_normalize(true);
+        let mut expect = vec![0.0; n];
+        ties_elect_with_ref(
+            &zoo.base[name].1,
+            &views,
+            &[1.0, 0.5, 0.25],
+            0.8,
+            rule,
+            &mut expect,
+        )
+        .unwrap();
+        assert_eq!(got, &round_as(&expect, Dtype::BF16), "{name}");
+    }
+}
+
+#[test]
+fn hand_worked_ties_and_linear() {
+    // One tensor of four: base 0, two fine-tunes, density 1 (no trim).
+    let root = tempfile::tempdir().unwrap();
+    let one = |values: [f32; 4]| -> Tensors {
+        [("w".to_string(), (vec![4], values.to_vec()))]
+            .into_iter()
+            .collect()
+    };
+    write_model(&root.path().join("b"), &one([0.0; 4]), Dtype::F32, 1);
+    write_model(
+        &root.path().join("x"),
+        &one([1.0, -2.0, 0.5, 1.0]),
+        Dtype::F32,
+        1,
+    );
+    write_model(
+        &root.path().join("y"),
+        &one([-3.0, 1.0, 0.5, -1.0]),
+        Dtype::F32,
+        1,
+    );
+    let run = |yaml: &str, out: &str| {
+        let yaml = yaml.replace("DIR", &root.path().display().to_string());
+        let config = MergeConfig::parse(&yaml).unwrap();
+        let options = MergeOptions {
+            out: root.path().join(out),
+            force: false,
+            shard_bytes: 1 << 30,
+            seed: 0,
+            cpu: Cpu::detect(),
+            progress: false,
+        };
+        merge::run(&config, &yaml, &options).unwrap();
+        read_all(&options.out)["w"].1.clone()
+    };
+    let ties = "merge_method: ties\nbase_model: DIR/b\nmodels:\n  - model: DIR/x\n    parameters: {weight: 1}\n  - model: DIR/y\n    parameters: {weight: 1}\n";
+    // Sums -2, -1, 1, 0: signs -, -, +, and + for the zero sum (mergekit's >= 0). Agreeing
+    // entries averaged: -3; -2; (0.5 + 0.5) / 2; x's 1 alone.
+    assert_eq!(run(ties, "ties"), [-3.0, -2.0, 0.5, 1.0]);
+    // Without normalising, the agreeing entries add up.
+    let summed = format!("{ties}parameters: {{normalize: false}}\n");
+    assert_eq!(run(&summed, "ties_sum"), [-3.0, -2.0, 1.0, 1.0]);
+    // linear: (3 x + y) / 4.
+    let linear = "merge_method: linear\nmodels:\n  - model: DIR/x\n    parameters: {weight: 3}\n  - model: DIR/y\n    parameters: {weight: 1}\n";
+    assert_eq!(run(linear, "linear"), [0.0, -1.25, 0.5, 0.5]);
+    // task_arithmetic: base + 0.5 (x + y) (no normalising by default).
+    let ta = "merge_method: task_arithmetic\nbase_model: DIR/b\nparameters: {lambda: 0.5}\nmodels:\n  - model: DIR/x\n    parameters: {weight: 1}\n  - model: DIR/y\n    parameters: {weight: 1}\n";
+    assert_eq!(run(ta, "ta"), [-1.0, -0.5, 0.5, 0.0]);
+    // slerp at t = 0 and 1 gives the endpoints; x and y are at an obtuse angle, not parallel.
+    let slerp = |t: f32| {
+        format!(
+            "merge_method: slerp\nbase_model: DIR/x\nmodels:\n  - model: DIR/y\nparameters: {{t: {t}}}\n"
+        )
+    };
+    let at0 = run(&slerp(0.0), "s0");
+    let at1 = run(&slerp(1.0), "s1");
+    for (got, want) in at0.iter().zip([1.0, -2.0, 0.5, 1.0]) {
+        assert!((got - want).abs() < 1e-6);
+    }
+    for (got, want) in at1.iter().zip([-3.0, 1.0, 0.5, -1.0]) {
+        assert!((got - want).abs() < 1e-6);
+    }
+}
+
+#[test]
+fn every_method_matches_its_reference_on_sharded_f32() {
+    let zoo = Zoo::new(Dtype::F32, 3);
+    for method in [
+        "dare_linear",
+        "dare_ties",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "della",
+        "della_linear",
+    ] {
+        let extra = if method.starts_with("della") {
+            ", epsilon: 0.1"
+        } else if method.starts_with("breadcrumbs") {
+            ", gamma: 0.05"
+        } else {
+            ""
+        };
+        let yaml = format!(
+            "merge_method: {method}\nbase_model: BASE\nmodels:\n  - model: FT0\n    parameters: {{weight: 1.0, density: 0.6{extra}}}\n  - model: FT1\n    parameters: {{weight: 0.5, density: 0.6{extra}}}\n"
+        );
+        let out = zoo.merge(&yaml, method).unwrap();
+        for (name, (shape, got)) in &out {
+            let n = got.len();
+            let cols = *shape.last().unwrap();
+            let sparse: Vec<Vec<f32>> = (0..2)
+                .map(|i| {
+                    let t = tau(&zoo.tuned[i], &zoo.base, name);
+                    let seed = mask_seed(7, i, name);
+                    let mut o = vec![0.0; n];
+                    match method {
+                        "dare_linear" | "dare_ties" => {
+                            let p =
+                                DareParams::new(0.4, seed).with_rescale(DareRescale::PreserveL1);
+                            dare_ref(&t, p, 0, &mut o).unwrap();
+                        }
+                        "breadcrumbs" | "breadcrumbs_ties" => {
+                            breadcrumbs_ref(&t, BreadcrumbsParams::new(0.6, 0.05), &mut o).unwrap();
+                        }
+                        _ => {
+                            let p = DellaParams::new(0.6, 0.1, seed);
+                            della_ref(&t, cols, p, 0, &mut o).unwrap();
+                        }
+                    }
+                    o
+                })
+                .collect();
+            let views: Vec<&[f32]> = sparse.iter().map(|t| &t[..]).collect();
+            let mut expect = vec![0.0; n];
+            let base = &zoo.base[name].1;
+            if method.ends_with("ties") || method == "della" {
+                let rule = TiesElection::default()
+                    .with_zero_sum_elects_positive(true)
+                    .with_normalize(method == "della");
+                ties_elect_with_ref(base, &views, &[1.0, 0.5], 1.0, rule, &mut expect).unwrap();
+            } else {
+                kernels_core::ops::merge::task_arithmetic_ref(
+                    base,
+                    &views,
+                    &[1.0, 0.5],
+                    1.0,
+                    &mut expect,
+                )
+                .unwrap();
+            }
+            for (j, (g, e)) in got.iter().zip(&expect).enumerate() {
+                // L1 rescales and the f32 weighted sums round differently from the references.
+                let tol = 4.0 * f32::EPSILON * (e.abs() + 1.0);
+                assert!((g - e).abs() <= tol, "{method} {name}[{j}]: {g} vs {e}");
+            }
+        }
+    }
+    // Model Stock and slerp.
+    let stock = "merge_method: model_stock\nbase_model: BASE\nmodels:\n  - model: FT0\n  - model: FT1\n  - model: FT2\n";
+    let out = zoo.merge(stock, "stock").unwrap();
+    for (name, (_, got)) in &out {
+        let views: Vec<&[f32]> = zoo.tuned.iter().map(|t| &t[name].1[..]).collect();
+        let mut expect = vec![0.0; got.len()];
+        model_stock_ref(&zoo.base[name].1, &views, &mut expect).unwrap();
+        for (g, e) in got.iter().zip(&expect) {
+            assert!(
+                (g - e).abs() <= 8.0 * f32::EPSILON * (e.abs() + 1.0),
+                "stock {name}: {g} vs {e}"
+            );
+        }
+    }
+    let slerp = "merge_method: slerp\nbase_model: BASE\nmodels:\n  - model: FT0\nparameters:\n  t:\n    - filter: mlp\n      value: 0.7\n    - value: 0.3\n";
+    let out = zoo.merge(slerp, "slerp").unwrap();
+    for (name, (_, got)) in &out {
+        let t = if name.contains("mlp") { 0.7 } else { 0.3 };
+        let mut expect = vec![0.0; got.len()];
+        slerp_ref(&zoo.base[name].1, &zoo.tuned[0][name].1, t, &mut expect).unwrap();
+        for (g, e) in got.iter().zip(&expect) {
+            assert!(
+                (g - e).abs() <= 4.0 * f32::EPSILON * (e.abs() + 1.0),
+                "slerp {name}"
+            );
+        }
+    }
+}
+
+#[test]
+fn random_methods_reproduce_bit_for_bit_and_change_with_the_seed() {
+    let zoo = Zoo::new(Dtype::BF16, 1);
+    let yaml = "merge_method: dare_ties\nbase_model: BASE\nmodels:\n  - model: FT0\n    parameters: {weight: 1, density: 0.3}\n  - model: FT1\n    parameters: {weight: 1, density: 0.3}\n";
+    let a = zoo.merge(yaml, "a").unwrap();
+    let b = zoo.merge(yaml, "b").unwrap();
+    assert_eq!(a, b);
+    let args = |seed: &str, out: &str| {
+        let config = zoo.root.path().join("dare.yml");
+        let text = yaml
+            .replace("BASE", &zoo.path("base"))
+            .replace("FT0", &zoo.path("ft0"))
+            .replace("FT1", &zoo.path("ft1"));
+        std::fs::write(&config, text).unwrap();
+        let status = Command::new(env!("CARGO_BIN_EXE_kernels"))
+            .args(["merge", "--random-seed", seed, "-q"])
+            .arg(&config)
+            .arg(zoo.root.path().join(out))
+            .status()
+            .unwrap();
+        assert!(status.success());
+        read_all(&zoo.root.path().join(out))
+    };
+    assert_eq!(args("7", "c"), a, "the library and the binary agree");
+    assert_ne!(args("8", "d"), a, "another seed draws other masks");
+}
+
+#[test]
+fn output_is_a_loadable_sharded_directory() {
+    let zoo = Zoo::new(Dtype::BF16, 2);
+    let yaml = format!(
+        "merge_method: linear\nbase_model: {}\nmodels:\n  - model: {}\n    parameters: {{weight: 1}}\n  - model: {}\n    parameters: {{weight: 1}}\nout_dtype: float32\n",
+        zoo.path("base"),
+        zoo.path("ft0"),
+        zoo.path("ft1")
+    );
+    let config = zoo.root.path().join("linear.yml");
+    std::fs::write(&config, &yaml).unwrap();
+    let out = zoo.root.path().join("sharded");
+    let run = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_kernels"))
+            .args(["merge", "--out-shard-size", "600"])
+            .args(extra)
+            .arg(&config)
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let first = run(&[]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let summary = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        summary.contains("merged 7 tensors with linear"),
+        "{summary}"
+    );
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
+    let shards: std::collections::BTreeSet<&str> = index["weight_map"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(shards.len() > 2, "{shards:?}");
+    let config_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config_json["torch_dtype"], "float32");
+    assert_eq!(config_json["tie_word_embeddings"], true);
+    assert!(out.join("tokenizer.json").is_file() && out.join("README.md").is_file());
+    let merged = read_all(&out);
+    for (name, (_, got)) in &merged {
+        for (j, g) in got.iter().enumerate() {
+            let e = f32::midpoint(zoo.tuned[0][name].1[j], zoo.tuned[1][name].1[j]);
+            assert!((g - e).abs() <= f32::EPSILON * e.abs(), "{name}");
+        }
+    }
+    // An existing target is kept without --force (exit code 1), replaced with it.
+    let again = run(&[]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    assert!(run(&["--force"]).status.success());
+    // Usage errors exit with 2.
+    let usage = Command::new(env!("CARGO_BIN_EXE_kernels"))
+        .args(["merge", "--out-shard-size", "lots"])
+        .output()
+        .unwrap();
+    assert_eq!(usage.status.code(), Some(2));
+}
+
+fn merge_fails(zoo: &Zoo, out: &str) -> String {
+    let yaml = "merge_method: ties\nbase_model: BASE\nmodels:\n  - model: FT0\n    parameters: {weight: 1, density: 0.5}\n  - model: FT1\n    parameters: {weight: 1, density: 0.5}\n";
+    let err = zoo.merge(yaml, out).unwrap_err();
+    let target = zoo.root.path().join(out);
+    assert!(
+        !target.exists(),
+        "a failed merge left '{}'",
+        target.display()
+    );
+    let leftovers: Vec<PathBuf> = std::fs::read_dir(zoo.root.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().contains("partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    format!("{err:#}")
+}
+
+#[test]
+fn bad_models_fail_with_a_named_error_and_leave_nothing() {
+    let zoo = Zoo::new(Dtype::BF16, 1);
+    let ft1 = zoo.root.path().join("ft1");
+    let file = ft1.join("model.safetensors");
+    let mut good = zoo.tuned[1].clone();
+
+    // A missing tensor.
+    good.remove("model.norm.weight");
+    write_model(&ft1, &good, Dtype::BF16, 1);
+    let e = merge_fails(&zoo, "missing");
+    assert!(e.contains("model.norm.weight") && e.contains("ft1"), "{e}");
+
+    // A mismatched shape.
+    let mut wrong = zoo.tuned[1].clone();
+    wrong.get_mut("model.norm.weight").unwrap().0 = vec![2, 4];
+    write_model(&ft1, &wrong, Dtype::BF16, 1);
+    let e = merge_fails(&zoo, "shape");
+    assert!(
+        e.contains("model.norm.weight") && e.contains("shape"),
+        "{e}"
+    );
+
+    // A truncated file.
+    write_model(&ft1, &zoo.tuned[1], Dtype::BF16, 1);
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() - 10]).unwrap();
+    let e = merge_fails(&zoo, "truncated");
+    assert!(e.contains("model.safetensors") && e.contains("ft1"), "{e}");
+
+    // A header whose offsets lie (point past the data).
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8(bytes[8..8 + header_len].to_vec()).unwrap();
+    let lying = header.replacen("\"data_offsets\":[0,", "\"data_offsets\":[2,", 1);
+    assert_ne!(lying, header);
+    let mut forged = bytes[..8].to_vec();
+    forged.extend_from_slice(lying.as_bytes());
+    forged.extend_from_slice(&bytes[8 + header_len..]);
+    std::fs::write(&file, forged).unwrap();
+    let e = merge_fails(&zoo, "lying");
+    assert!(e.contains("not a valid safetensors file"), "{e}");
+
+    // A hub id: local paths only.
+    let e = MergeConfig::parse("merge_method: linear\nmodels:\n  - model: https://huggingface.co/x\n    parameters: {weight: 1}\n")
+        .unwrap_err();
+    assert!(e.to_string().contains("local paths only"));
+    let missing = zoo.merge(
+        "merge_method: linear\nmodels:\n  - model: org/some-model\n    parameters: {weight: 1}\n",
+        "hub",
+    );
+    assert!(format!("{:#}", missing.unwrap_err()).contains("local paths only"));
+}

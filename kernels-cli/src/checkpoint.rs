@@ -165,28 +165,10 @@ impl Checkpoint {
             // would fault, the same contract every mmap-based loader (safetensors, torch) has.
             let map = unsafe { Mmap::map(&handle) }
                 .with_context(|| format!("cannot map '{}'", file_path.display()))?;
-            let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| {
-                anyhow!(
-                    "'{}' is not a valid safetensors file: {e}",
-                    file_path.display()
-                )
+            let entries = shard_tensors(&map, shard).with_context(|| {
+                format!("'{}' is not a valid safetensors file", file_path.display())
             })?;
-            let data_start = 8 + header_len;
-            for (name, info) in metadata.tensors() {
-                let dtype = ElementType::from_safetensors(info.dtype).ok_or_else(|| {
-                    anyhow!(
-                        "tensor '{name}' in '{}' is {:?}; merges read F32, F16 and BF16",
-                        file_path.display(),
-                        info.dtype
-                    )
-                })?;
-                let (start, end) = info.data_offsets;
-                let entry = TensorEntry {
-                    shard,
-                    dtype,
-                    shape: info.shape.clone(),
-                    bytes: data_start + start..data_start + end,
-                };
+            for (name, entry) in entries {
                 if tensors.insert(name.clone(), entry).is_some() {
                     bail!("tensor '{name}' is in more than one shard of '{shown}'");
                 }
@@ -251,6 +233,36 @@ impl Checkpoint {
             .with_context(|| format!("'{}' is not valid JSON", path.display()))?;
         Ok(Some(value))
     }
+}
+
+/// The tensors a safetensors file's bytes hold, checked by the `safetensors` crate (a header
+/// of valid JSON within the file, offsets contiguous, inside the data and matching each shape),
+/// as entries of shard `shard`: byte ranges into `bytes`, element types F32, F16 or BF16.
+///
+/// # Errors
+///
+/// A malformed header, lying offsets, another element type.
+pub fn shard_tensors(bytes: &[u8], shard: usize) -> Result<Vec<(String, TensorEntry)>> {
+    let (header_len, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| anyhow!("{e}"))?;
+    let data_start = 8 + header_len;
+    let mut out = Vec::new();
+    for (name, info) in metadata.tensors() {
+        let dtype = ElementType::from_safetensors(info.dtype).ok_or_else(|| {
+            anyhow!(
+                "tensor '{name}' is {:?}; merges read F32, F16 and BF16",
+                info.dtype
+            )
+        })?;
+        let (start, end) = info.data_offsets;
+        let entry = TensorEntry {
+            shard,
+            dtype,
+            shape: info.shape.clone(),
+            bytes: data_start + start..data_start + end,
+        };
+        out.push((name, entry));
+    }
+    Ok(out)
 }
 
 /// Elements of `bytes` (whose length the header check made a multiple of the size), borrowed

@@ -281,24 +281,23 @@ enum Inputs<'a> {
 }
 
 fn same_type<'a>(data: &'a [(TensorEntry, TensorData<'a>)]) -> Inputs<'a> {
-    let f16s: Option<Vec<&[f16]>> = data
-        .iter()
-        .map(|(_, d)| match d {
-            TensorData::F16(v) => Some(&v[..]),
-            _ => None,
-        })
-        .collect();
-    if let Some(v) = f16s {
+    /// Every input as `T`, if all are stored as `T`.
+    fn all_as<'a, T>(
+        data: &'a [(TensorEntry, TensorData<'a>)],
+        pick: impl Fn(&'a TensorData<'a>) -> Option<&'a [T]>,
+    ) -> Option<Vec<&'a [T]>> {
+        data.iter().map(|(_, d)| pick(d)).collect()
+    }
+    if let Some(v) = all_as(data, |d| match d {
+        TensorData::F16(v) => Some(&v[..]),
+        _ => None,
+    }) {
         return Inputs::F16(v);
     }
-    let bf16s: Option<Vec<&[bf16]>> = data
-        .iter()
-        .map(|(_, d)| match d {
-            TensorData::BF16(v) => Some(&v[..]),
-            _ => None,
-        })
-        .collect();
-    if let Some(v) = bf16s {
+    if let Some(v) = all_as(data, |d| match d {
+        TensorData::BF16(v) => Some(&v[..]),
+        _ => None,
+    }) {
         return Inputs::BF16(v);
     }
     Inputs::F32(

@@ -13,6 +13,7 @@
 //!   two `f64` L1 sums are added in another order, so survivors are within
 //!   [`DARE_L1_RELATIVE_TOLERANCE`] of the reference.
 
+use kernels_core::ops::merge::della_row;
 pub use kernels_core::ops::merge::{BreadcrumbsParams, DareParams, DareRescale, DellaParams};
 use kernels_core::ops::select::KeepRule;
 use kernels_core::{CounterRng, Element, Error, Result};
@@ -241,7 +242,8 @@ pub fn dare<T: Element>(
 
 /// DELLA's `MagPrune` (the twin of [`kernels_core::ops::merge::della_ref`]): in rows of `cols`,
 /// each entry survives with a probability that rises with its magnitude rank in the row
-/// ([`DellaParams`]); rows are ranked and drawn in parallel. The mask is bit-identical to the
+/// ([`DellaParams`]); rows run in parallel through the reference's own row kernel
+/// ([`kernels_core::ops::merge::della_row`]: ranking is a sort, not a vector loop). The mask is bit-identical to the
 /// reference's; survivors are too for [`DareRescale::InverseKeep`] and [`DareRescale::None`], and
 /// within [`DARE_L1_RELATIVE_TOLERANCE`] for [`DareRescale::PreserveL1`] (its sums are added row
 /// by row).
@@ -297,27 +299,15 @@ pub fn della<T: Element>(
         let first_row = part * step;
         for (r, (out_row, sum)) in out.chunks_mut(cols).zip(sums.iter_mut()).enumerate() {
             let start = (first_row + r) * cols;
-            let row = &tau[start..start + cols];
-            kernels_core::ops::merge::della_ranks(row, &mut order, &mut ranks);
-            let (mut all, mut kept) = (0.0f64, 0.0f64);
-            for (j, (o, t)) in out_row.iter_mut().zip(row).enumerate() {
-                let rank = ranks[j] as usize;
-                let v = f64::from(t.to_f32());
-                all += v.abs();
-                *o = if rng.u24_at(first_index + (start + j) as u64)
-                    >= params.drop_threshold(rank, cols)
-                {
-                    kept += v.abs();
-                    if params.rescale == DareRescale::InverseKeep {
-                        (v * (1.0 / params.keep_probability(rank, cols))) as f32
-                    } else {
-                        v as f32
-                    }
-                } else {
-                    0.0
-                };
-            }
-            *sum = (all, kept);
+            *sum = della_row(
+                &tau[start..start + cols],
+                first_index + start as u64,
+                params,
+                &rng,
+                &mut order,
+                &mut ranks,
+                out_row,
+            );
         }
     });
     if params.rescale == DareRescale::PreserveL1 {

@@ -34,12 +34,7 @@ pub fn linear_combination_ref<T: Element>(
 ) -> Result<()> {
     validate_linear_combination(models.iter().map(|m| m.len()), weights, out.len())?;
     for (j, o) in out.iter_mut().enumerate() {
-        let acc: f64 = models
-            .iter()
-            .zip(weights)
-            .map(|(m, &w)| f64::from(w) * m[j].to_f64())
-            .sum();
-        *o = acc as f32;
+        *o = crate::ops::merge::weighted_sum_at(models, weights, j) as f32;
     }
     Ok(())
 }

@@ -24,6 +24,15 @@ use crate::error::check_param;
 use crate::ops::select::KeepRule;
 use crate::{CounterRng, Element, Real, Result};
 
+/// `sum w_i models_i[j]` in `f64`, in model order: the sum every reference reduction starts from.
+pub(crate) fn weighted_sum_at<T: Element>(models: &[&[T]], weights: &[f32], j: usize) -> f64 {
+    models
+        .iter()
+        .zip(weights)
+        .map(|(m, &w)| f64::from(w) * m[j].to_f64())
+        .sum()
+}
+
 /// Weighted mean (model soups, linear merge): `out = sum w_i theta_i / sum w_i`.
 ///
 /// ```
@@ -42,11 +51,7 @@ pub fn weighted_mean_ref<T: Element>(
 ) -> Result<()> {
     let sum = validate_weighted_mean(models.iter().map(|m| m.len()), weights, out.len())?;
     for (j, o) in out.iter_mut().enumerate() {
-        let acc: f64 = models
-            .iter()
-            .zip(weights)
-            .map(|(m, &w)| f64::from(w) * m[j].to_f64())
-            .sum();
+        let acc = weighted_sum_at(models, weights, j);
         *o = (acc / sum) as f32;
     }
     Ok(())
@@ -77,11 +82,7 @@ pub fn task_arithmetic_ref<T: Element>(
         out.len(),
     )?;
     for (j, o) in out.iter_mut().enumerate() {
-        let acc: f64 = taus
-            .iter()
-            .zip(weights)
-            .map(|(t, &w)| f64::from(w) * t[j].to_f64())
-            .sum();
+        let acc = weighted_sum_at(taus, weights, j);
         *o = (base[j].to_f64() + f64::from(lambda) * acc) as f32;
     }
     Ok(())
@@ -254,13 +255,7 @@ pub fn ties_elect_with_ref<T: Element>(
     )?;
     let sign = crate::backend::ties_sign;
     for (j, o) in out.iter_mut().enumerate() {
-        let elected = rule.elect(
-            trimmed
-                .iter()
-                .zip(weights)
-                .map(|(t, &w)| f64::from(w) * t[j].to_f64())
-                .sum(),
-        );
+        let elected = rule.elect(weighted_sum_at(trimmed, weights, j));
         let (mut num, mut den) = (0.0f64, 0.0f64);
         for (t, &w) in trimmed.iter().zip(weights) {
             let v = t[j].to_f64();
@@ -815,7 +810,7 @@ impl DellaParams {
 /// The ascending magnitude ranks of a row, DELLA's order: `ranks[j]` is entry `j`'s rank, by
 /// `|x|` with ties to the lower index (NaN highest). `order` is scratch of the row's length.
 #[cfg(feature = "alloc")]
-pub fn della_ranks<T: Element>(row: &[T], order: &mut [u32], ranks: &mut [u32]) {
+fn della_ranks<T: Element>(row: &[T], order: &mut [u32], ranks: &mut [u32]) {
     for (j, o) in order.iter_mut().enumerate() {
         *o = j as u32;
     }
@@ -824,6 +819,53 @@ pub fn della_ranks<T: Element>(row: &[T], order: &mut [u32], ranks: &mut [u32]) 
     for (rank, &j) in order.iter().enumerate() {
         ranks[j as usize] = rank as u32;
     }
+}
+
+/// DELLA over one row, the unit every backend runs (a row's ranking needs all of it): writes
+/// the survivors of `row` into `out` (divided by their keep probability under
+/// [`DareRescale::InverseKeep`], else as they are) and returns the row's L1 norms
+/// `(||row||_1, ||kept||_1)` in `f64`. `first` is the flat index of `row[0]`, `rng` is
+/// `CounterRng::new(params.seed)` (made once per tensor); `order` and `ranks` are scratch of the
+/// row's length.
+///
+/// ```
+/// use kernels_core::{CounterRng, ops::merge::{DareRescale, DellaParams, della_row}};
+/// let row = [4.0f32, -1.0, 0.5, 2.0];
+/// let params = DellaParams::new(0.5, 0.25, 9).with_rescale(DareRescale::None);
+/// let (mut order, mut ranks, mut out) = ([0u32; 4], [0u32; 4], [0.0f32; 4]);
+/// let (all, kept) = della_row(&row, 0, params, &CounterRng::new(9), &mut order, &mut ranks, &mut out);
+/// assert_eq!(all, 7.5);
+/// assert_eq!(kept, out.iter().map(|v| f64::from(v.abs())).sum::<f64>());
+/// ```
+#[cfg(feature = "alloc")]
+pub fn della_row<T: Element>(
+    row: &[T],
+    first: u64,
+    params: DellaParams,
+    rng: &CounterRng,
+    order: &mut [u32],
+    ranks: &mut [u32],
+    out: &mut [f32],
+) -> (f64, f64) {
+    let cols = row.len();
+    della_ranks(row, order, ranks);
+    let (mut all, mut kept) = (0.0f64, 0.0f64);
+    for (j, (o, t)) in out.iter_mut().zip(row).enumerate() {
+        let rank = ranks[j] as usize;
+        let v = t.to_f64();
+        all += v.abs();
+        *o = if rng.u24_at(first + j as u64) >= params.drop_threshold(rank, cols) {
+            kept += v.abs();
+            if params.rescale == DareRescale::InverseKeep {
+                (v * (1.0 / params.keep_probability(rank, cols))) as f32
+            } else {
+                v as f32
+            }
+        } else {
+            0.0
+        };
+    }
+    (all, kept)
 }
 
 /// DELLA's `MagPrune` over a tensor of rows of `cols` entries ([`DellaParams`]): `out_i = tau_i`
@@ -860,24 +902,10 @@ pub fn della_ref<T: Element>(
     let (mut order, mut ranks) = (alloc::vec![0u32; cols], alloc::vec![0u32; cols]);
     let (mut l1_all, mut l1_kept) = (0.0f64, 0.0f64);
     for (r, (row, out_row)) in tau.chunks(cols).zip(out.chunks_mut(cols)).enumerate() {
-        della_ranks(row, &mut order, &mut ranks);
-        for (j, (o, t)) in out_row.iter_mut().zip(row).enumerate() {
-            let rank = ranks[j] as usize;
-            let index = first_index + (r * cols + j) as u64;
-            let v = t.to_f64();
-            l1_all += v.abs();
-            *o = if rng.u24_at(index) >= params.drop_threshold(rank, cols) {
-                l1_kept += v.abs();
-                match params.rescale {
-                    DareRescale::InverseKeep => {
-                        (v * (1.0 / params.keep_probability(rank, cols))) as f32
-                    }
-                    _ => v as f32,
-                }
-            } else {
-                0.0
-            };
-        }
+        let first = first_index + (r * cols) as u64;
+        let (all, kept) = della_row(row, first, params, &rng, &mut order, &mut ranks, out_row);
+        l1_all += all;
+        l1_kept += kept;
     }
     if params.rescale == DareRescale::PreserveL1 {
         let scale = if l1_kept > 0.0 { l1_all / l1_kept } else { 0.0 };

@@ -165,6 +165,9 @@ impl Checkpoint {
             // would fault, the same contract every mmap-based loader (safetensors, torch) has.
             let map = unsafe { Mmap::map(&handle) }
                 .with_context(|| format!("cannot map '{}'", file_path.display()))?;
+            // Merges read each tensor once, front to back: read ahead generously. Only a hint.
+            #[cfg(unix)]
+            let _ = map.advise(memmap2::Advice::Sequential);
             let entries = shard_tensors(&map, shard).with_context(|| {
                 format!("'{}' is not a valid safetensors file", file_path.display())
             })?;
@@ -215,6 +218,40 @@ impl Checkpoint {
             ElementType::BF16 => TensorData::BF16(cast(bytes)),
         };
         Ok((entry, data))
+    }
+
+    /// Drops a tensor's pages from this process's mapping once a merge is done with them: they
+    /// stay in the page cache, but no longer count towards this process's resident memory, so
+    /// a merge's peak RSS is a few tensors, not the models it has read. A no-op off Unix.
+    ///
+    /// # Safety
+    ///
+    /// No slice returned by [`Checkpoint::read`] for this tensor may be alive (the pages of a
+    /// read-only shared file mapping fault back in with the same bytes, but a borrow across the
+    /// call is not allowed by `madvise`'s contract).
+    pub unsafe fn release(&self, name: &str) {
+        #[cfg(unix)]
+        if let Some(entry) = self.tensors.get(name) {
+            const PAGE: usize = 4096;
+            let map = &self.shards[entry.shard].1;
+            // Whole pages inside the tensor only: a neighbour's first or last page may still be
+            // in use.
+            let start = entry.bytes.start.div_ceil(PAGE) * PAGE;
+            let end = (entry.bytes.end / PAGE) * PAGE;
+            if end > start {
+                // SAFETY: no borrow of these pages is alive (the caller's contract); the map is a
+                // read-only shared file mapping, whose pages fault back in from the file.
+                let _ = unsafe {
+                    map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start,
+                        end - start,
+                    )
+                };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = name;
     }
 
     /// The directory's `config.json`, if it has one.

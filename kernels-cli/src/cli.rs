@@ -8,8 +8,10 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use kernels_cpu::Cpu;
 
+use crate::checkpoint::ElementType;
 use crate::config::MergeConfig;
 use crate::merge::{self, MergeOptions};
+use crate::synthetic::{self, LlamaShape};
 
 /// Merge models on the kernels of this crate family: mergekit's YAML, at memory speed.
 #[derive(Parser, Debug)]
@@ -26,6 +28,46 @@ pub enum Command {
     /// Merge models as a mergekit YAML config says.
     #[command(after_help = MERGE_HELP)]
     Merge(MergeArgs),
+    /// Write a synthetic Llama-shaped base model and fine-tunes of it, to try merges on.
+    #[command(after_help = SYNTHETIC_HELP)]
+    Synthetic(SyntheticArgs),
+}
+
+const SYNTHETIC_HELP: &str = "\
+Writes OUT_DIR/base and OUT_DIR/ft1 .. OUT_DIR/ftN: real model directories (config.json,
+safetensors) whose weights are N(0, 0.02^2) (norms 1), the fine-tunes the base plus
+N(0, delta^2) each.
+
+Examples:
+  kernels synthetic ./zoo
+  kernels synthetic --layers 10 --hidden 2048 --intermediate 5632 --vocab 32000 ./zoo";
+
+/// `kernels synthetic` arguments.
+#[derive(clap::Args, Debug)]
+pub struct SyntheticArgs {
+    /// Where to write the models (created; must not exist).
+    pub out_dir: PathBuf,
+    /// Fine-tunes to write beside the base.
+    #[arg(long, default_value_t = 3)]
+    pub finetunes: usize,
+    /// Decoder layers.
+    #[arg(long, default_value_t = 2)]
+    pub layers: usize,
+    /// Hidden size.
+    #[arg(long, default_value_t = 256)]
+    pub hidden: usize,
+    /// MLP size.
+    #[arg(long, default_value_t = 688)]
+    pub intermediate: usize,
+    /// Vocabulary size.
+    #[arg(long, default_value_t = 1024)]
+    pub vocab: usize,
+    /// Element type: float32, float16 or bfloat16.
+    #[arg(long, default_value = "bfloat16")]
+    pub dtype: String,
+    /// Standard deviation of the fine-tunes' deltas.
+    #[arg(long, default_value_t = 0.002)]
+    pub delta: f32,
 }
 
 const MERGE_HELP: &str = "\
@@ -172,6 +214,37 @@ fn merge_command(args: &MergeArgs) -> Result<()> {
     Ok(())
 }
 
+fn synthetic_command(args: &SyntheticArgs) -> Result<()> {
+    let dtype = ElementType::from_config_name(&args.dtype)
+        .ok_or_else(|| anyhow::anyhow!("--dtype '{}': float32, float16 or bfloat16", args.dtype))?;
+    if args.out_dir.exists() {
+        bail!("'{}' already exists", args.out_dir.display());
+    }
+    let shape = LlamaShape {
+        layers: args.layers,
+        hidden: args.hidden,
+        intermediate: args.intermediate,
+        vocab: args.vocab,
+    };
+    std::fs::create_dir_all(&args.out_dir)?;
+    let started = std::time::Instant::now();
+    synthetic::write_model(&args.out_dir.join("base"), shape, dtype, 1, None)?;
+    for i in 1..=args.finetunes {
+        let dir = args.out_dir.join(format!("ft{i}"));
+        synthetic::write_model(&dir, shape, dtype, 1, Some((100 + i as u64, args.delta)))?;
+    }
+    let bytes = shape.parameters() * dtype.size() * (args.finetunes + 1);
+    println!(
+        "wrote a base and {} fine-tunes of {} parameters each ({:.3} GB in all) under '{}' in {:.1} s",
+        args.finetunes,
+        shape.parameters(),
+        bytes as f64 / 1e9,
+        args.out_dir.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 /// Runs the command line; the exit code says how it went.
 #[must_use]
 pub fn main() -> ExitCode {
@@ -188,6 +261,7 @@ pub fn main() -> ExitCode {
     };
     let result = match &args.command {
         Command::Merge(m) => merge_command(m),
+        Command::Synthetic(s) => synthetic_command(s),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,10 +3,11 @@
 //!
 //! Modules: [`config`] reads mergekit's YAML, [`checkpoint`] opens model directories
 //! (memory-mapped, header-checked), [`output`] writes sharded safetensors atomically, [`merge`]
-//! runs a merge tensor by tensor.
+//! runs a merge tensor by tensor, [`synthetic`] writes Llama-shaped test models.
 
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod merge;
 pub mod output;
+pub mod synthetic;

@@ -185,6 +185,10 @@ pub fn run(config: &MergeConfig, config_text: &str, options: &MergeOptions) -> R
         )
         .with_context(|| format!("merging tensor '{name}'"))?;
         drop(data);
+        for c in &inputs {
+            // SAFETY: `data`, the only borrow of this tensor's bytes, is dropped.
+            unsafe { c.release(name) };
+        }
         let bytes = encode(&merged, planned.dtype);
         output.write_next(&bytes)?;
         tensors += 1;

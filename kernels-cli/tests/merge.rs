@@ -585,3 +585,73 @@ fn bad_models_fail_with_a_named_error_and_leave_nothing() {
     );
     assert!(format!("{:#}", missing.unwrap_err()).contains("local paths only"));
 }
+
+#[test]
+fn synthetic_models_merge_through_the_binary() {
+    let root = tempfile::tempdir().unwrap();
+    let zoo = root.path().join("zoo");
+    let kernels = env!("CARGO_BIN_EXE_kernels");
+    let made = Command::new(kernels)
+        .args([
+            "synthetic",
+            "--finetunes",
+            "2",
+            "--hidden",
+            "64",
+            "--intermediate",
+            "96",
+        ])
+        .args(["--vocab", "128", "--dtype", "float16"])
+        .arg(&zoo)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let base = Checkpoint::open(&zoo.join("base")).unwrap();
+    assert_eq!(base.tensors().len(), 2 + 2 * 9 + 1);
+    // The fine-tunes differ from the base by small deltas.
+    let (b, f) = (read_all(&zoo.join("base")), read_all(&zoo.join("ft1")));
+    let name = "model.layers.1.mlp.up_proj.weight";
+    let diff: f32 = b[name]
+        .1
+        .iter()
+        .zip(&f[name].1)
+        .map(|(x, y)| (x - y).abs())
+        .sum::<f32>()
+        / b[name].1.len() as f32;
+    assert!((0.0005..0.005).contains(&diff), "{diff}");
+    let config = root.path().join("ties.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "merge_method: ties\nbase_model: {0}/base\nmodels:\n  - model: {0}/ft1\n    parameters: {{weight: 1, density: 0.3}}\n  - model: {0}/ft2\n    parameters: {{weight: 1, density: 0.3}}\n",
+            zoo.display()
+        ),
+    )
+    .unwrap();
+    let merged = Command::new(kernels)
+        .args(["merge", "-q"])
+        .arg(&config)
+        .arg(root.path().join("merged"))
+        .output()
+        .unwrap();
+    assert!(
+        merged.status.success(),
+        "{}",
+        String::from_utf8_lossy(&merged.stderr)
+    );
+    assert_eq!(
+        read_all(&root.path().join("merged")).len(),
+        base.tensors().len()
+    );
+    // Writing over an existing directory is refused.
+    let again = Command::new(kernels)
+        .arg("synthetic")
+        .arg(&zoo)
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(1));
+}

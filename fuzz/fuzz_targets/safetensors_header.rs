@@ -1,10 +1,12 @@
-//! The safetensors shard and index readers on arbitrary bytes: a shard they accept has every
+//! The safetensors shard and index readers, and the compressed task vector's reader, on
+//! arbitrary bytes: a shard they accept has every
 //! tensor's bytes inside the file, as many as its shape and type need, no two overlapping; an
 //! index they accept names only plain shard files. Neither panics, and neither allocates more
 //! than the input justifies.
 #![no_main]
 
 use kernels_cli::checkpoint::{parse_index, shard_tensors};
+use kernels_cli::compeft::packed_tensors;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -23,6 +25,11 @@ fuzz_target!(|data: &[u8]| {
         ranges.sort_by_key(|r| r.start);
         for pair in ranges.windows(2) {
             assert!(pair[0].end <= pair[1].start || pair[0].is_empty() || pair[1].is_empty());
+        }
+    }
+    if let Ok(tensors) = packed_tensors(data) {
+        for range in tensors.values() {
+            assert!(range.end <= data.len() && range.start <= range.end);
         }
     }
     if let Ok(value) = serde_json::from_slice::<serde_json::Value>(data)

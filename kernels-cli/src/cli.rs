@@ -7,8 +7,10 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use kernels_cpu::Cpu;
+use kernels_cpu::prelude::{CompeftParams, KeepRule};
 
 use crate::checkpoint::ElementType;
+use crate::compeft;
 use crate::config::MergeConfig;
 use crate::merge::{self, MergeOptions};
 use crate::synthetic::{self, LlamaShape};
@@ -28,9 +30,81 @@ pub enum Command {
     /// Merge models as a mergekit YAML config says.
     #[command(after_help = MERGE_HELP)]
     Merge(MergeArgs),
+    /// ComPEFT-compress a fine-tune's task vector (global top-k, ternary codes, one scale).
+    #[command(after_help = COMPRESS_HELP)]
+    Compress(CompressArgs),
+    /// Add a compressed task vector onto a base model, writing a model directory.
+    #[command(after_help = APPLY_HELP)]
+    Apply(ApplyArgs),
     /// Write a synthetic Llama-shaped base model and fine-tunes of it, to try merges on.
     #[command(after_help = SYNTHETIC_HELP)]
     Synthetic(SyntheticArgs),
+}
+
+const COMPRESS_HELP: &str = "\
+tau = finetuned - base over the whole model; the `density` fraction of largest |tau| (one global
+top-k, ties by order) becomes +-alpha std(tau), the rest 0. Each tensor is stored in the packed
+ternary format (Golomb-Rice gaps below about density 0.4, else 2 bits per entry) inside a
+safetensors file. Prints the bits per parameter, the compression ratio against the task vector
+in the fine-tune's own types, and the relative L2 error ||tau - tau_hat|| / ||tau||.
+
+Examples:
+  kernels compress --base ./Llama-3.2-1B --finetuned ./Llama-3.2-1B-math -o math.ternary
+  kernels compress --base B --finetuned F -o x.ternary --density 0.05 --alpha 1.5";
+
+const APPLY_HELP: &str = "\
+theta = base + lambda * tau_hat, written in the base's element types with its config and
+tokenizer files (atomically; --force to replace).
+
+Examples:
+  kernels apply --base ./Llama-3.2-1B math.ternary -o ./math-compeft";
+
+/// `kernels compress` arguments.
+#[derive(clap::Args, Debug)]
+pub struct CompressArgs {
+    /// The base model's directory.
+    #[arg(long)]
+    pub base: PathBuf,
+    /// The fine-tuned model's directory.
+    #[arg(long)]
+    pub finetuned: PathBuf,
+    /// The compressed file to write.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Fraction of the task vector's entries kept.
+    #[arg(long, default_value_t = 0.1)]
+    pub density: f64,
+    /// Scale of the kept entries, in standard deviations of the task vector.
+    #[arg(long, default_value_t = 1.0)]
+    pub alpha: f32,
+    /// Replace an existing output.
+    #[arg(long)]
+    pub force: bool,
+    /// Threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// `kernels apply` arguments.
+#[derive(clap::Args, Debug)]
+pub struct ApplyArgs {
+    /// The base model's directory.
+    #[arg(long)]
+    pub base: PathBuf,
+    /// The compressed file (`kernels compress`).
+    pub compressed: PathBuf,
+    /// The model directory to write.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Scale of the task vector added.
+    #[arg(long, default_value_t = 1.0)]
+    pub lambda: f32,
+    /// Replace an existing output.
+    #[arg(long)]
+    pub force: bool,
+    /// Threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 const SYNTHETIC_HELP: &str = "\
@@ -214,6 +288,52 @@ fn merge_command(args: &MergeArgs) -> Result<()> {
     Ok(())
 }
 
+fn compress_command(args: &CompressArgs) -> Result<()> {
+    let params = CompeftParams::default()
+        .with_keep(KeepRule::Density(args.density))
+        .with_alpha(args.alpha);
+    let s = compeft::compress(
+        &cpu(args.threads)?,
+        &args.base,
+        &args.finetuned,
+        &args.output,
+        params,
+        args.force,
+    )?;
+    println!(
+        "compressed {} parameters ({} kept) to {:.3} bits per parameter, {:.1}x smaller than the \
+         task vector's {:.3} GB, relative error {:.4}, {:?} layout, in {:.2} s",
+        s.parameters,
+        s.kept,
+        s.bits_per_parameter(),
+        s.original_bytes as f64 / s.packed_bytes.max(1) as f64,
+        s.original_bytes as f64 / 1e9,
+        s.relative_error,
+        s.layout,
+        s.seconds
+    );
+    Ok(())
+}
+
+fn apply_command(args: &ApplyArgs) -> Result<()> {
+    let started = std::time::Instant::now();
+    let cpu = cpu(args.threads)?;
+    let count = compeft::apply(
+        &cpu,
+        &args.base,
+        &args.compressed,
+        &args.output,
+        args.lambda,
+        args.force,
+    )?;
+    println!(
+        "applied {count} tensors to '{}' in {:.2} s",
+        args.output.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 fn synthetic_command(args: &SyntheticArgs) -> Result<()> {
     let dtype = ElementType::from_config_name(&args.dtype)
         .ok_or_else(|| anyhow::anyhow!("--dtype '{}': float32, float16 or bfloat16", args.dtype))?;
@@ -261,6 +381,8 @@ pub fn main() -> ExitCode {
     };
     let result = match &args.command {
         Command::Merge(m) => merge_command(m),
+        Command::Compress(c) => compress_command(c),
+        Command::Apply(a) => apply_command(a),
         Command::Synthetic(s) => synthetic_command(s),
     };
     match result {

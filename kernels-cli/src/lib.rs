@@ -7,6 +7,7 @@
 
 pub mod checkpoint;
 pub mod cli;
+pub mod compeft;
 pub mod config;
 pub mod merge;
 pub mod output;

@@ -195,7 +195,13 @@ pub fn run(config: &MergeConfig, config_text: &str, options: &MergeOptions) -> R
         bar.inc(bytes.len() as u64);
     }
     bar.finish_and_clear();
-    write_side_files(&output, reference, model_config, out_type, config_text)?;
+    let readme = format!(
+        "---\ntags:\n- merge\n- kernels-cli\n---\n# Merged model\n\nMade by `kernels merge` \
+         (kernels-cli {}) from this configuration:\n\n```yaml\n{}\n```\n",
+        env!("CARGO_PKG_VERSION"),
+        config_text.trim_end()
+    );
+    write_side_files(&output, reference, model_config, out_type, &readme)?;
     let written_bytes = output.written_bytes();
     let out = output.commit()?;
     Ok(Summary {
@@ -208,7 +214,7 @@ pub fn run(config: &MergeConfig, config_text: &str, options: &MergeOptions) -> R
 }
 
 /// Every checkpoint has exactly the reference's tensors, with the same shapes.
-fn check_same_tensors<'a>(
+pub(crate) fn check_same_tensors<'a>(
     reference: &Checkpoint,
     all: impl Iterator<Item = &'a Checkpoint>,
 ) -> Result<()> {
@@ -533,12 +539,14 @@ impl Job<'_> {
     }
 }
 
-fn write_side_files(
+/// The files beside the weights: `model_config` (its dtype set to `out_type` when given), the
+/// reference model's tokenizer files, and `readme` as `README.md`.
+pub(crate) fn write_side_files(
     output: &OutputDir,
     reference: &Checkpoint,
     model_config: Option<serde_json::Value>,
     out_type: Option<ElementType>,
-    config_text: &str,
+    readme: &str,
 ) -> Result<()> {
     if let Some(mut c) = model_config {
         if let (Some(t), Some(map)) = (out_type, c.as_object_mut()) {
@@ -556,11 +564,5 @@ fn write_side_files(
                 .with_context(|| format!("cannot copy '{}'", from.display()))?;
         }
     }
-    let readme = format!(
-        "---\ntags:\n- merge\n- kernels-cli\n---\n# Merged model\n\nMade by `kernels merge` \
-         (kernels-cli {}) from this configuration:\n\n```yaml\n{}\n```\n",
-        env!("CARGO_PKG_VERSION"),
-        config_text.trim_end()
-    );
     output.write_file("README.md", readme.as_bytes())
 }

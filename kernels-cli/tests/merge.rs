@@ -655,3 +655,110 @@ fn synthetic_models_merge_through_the_binary() {
         .unwrap();
     assert_eq!(again.status.code(), Some(1));
 }
+
+#[test]
+fn compress_and_apply_match_the_compeft_reference() {
+    use kernels_cli::compeft::{Compressed, apply, compress};
+    use kernels_core::ops::ternary::{CompeftParams, compeft_ref, ternary_add_ref};
+    let zoo = Zoo::new(Dtype::BF16, 2);
+    let cpu = Cpu::detect();
+    let params = CompeftParams::default()
+        .with_keep(KeepRule::Density(0.1))
+        .with_alpha(1.5);
+    let packed = zoo.root.path().join("ft0.ternary");
+    let base = zoo.root.path().join("base");
+    let s = compress(
+        &cpu,
+        &base,
+        &zoo.root.path().join("ft0"),
+        &packed,
+        params,
+        false,
+    )
+    .unwrap();
+    let total: usize = zoo.base.values().map(|(_, v)| v.len()).sum();
+    assert_eq!(s.parameters, total as u64);
+    assert_eq!(s.kept, (total as f64 * 0.1).floor() as u64);
+    // Tiny tensors: the per-tensor headers dominate, but it is still smaller than the task vector.
+    assert!(s.packed_bytes < s.original_bytes, "{s:?}");
+    assert!(s.relative_error > 0.0 && s.relative_error < 1.0);
+    // The codes, tensor by tensor, are the reference's over the whole model.
+    let taus: Vec<Vec<f32>> = zoo
+        .base
+        .keys()
+        .map(|n| tau(&zoo.tuned[0], &zoo.base, n))
+        .collect();
+    let views: Vec<&[f32]> = taus.iter().map(|t| &t[..]).collect();
+    let (decided, codes) = compeft_ref(&views, params).unwrap();
+    let file = Compressed::open(&packed).unwrap();
+    let tensors = file.tensors();
+    assert_eq!(
+        tensors.values().map(|b| b.len() as u64).sum::<u64>(),
+        s.packed_bytes
+    );
+    for ((name, (_, base_values)), expect) in zoo.base.iter().zip(&codes) {
+        let (header, got) = kernels_core::format::decode(tensors[name.as_str()], 1 << 20).unwrap();
+        assert_eq!(&got, expect, "{name}");
+        assert!(
+            (header.scale - decided.scale).abs() <= 1e-6 * decided.scale,
+            "{name}"
+        );
+        let _ = base_values;
+    }
+    // Applied onto the base, in the base's type.
+    let out = zoo.root.path().join("applied");
+    assert_eq!(
+        apply(&cpu, &base, &packed, &out, 1.0, false).unwrap(),
+        zoo.base.len()
+    );
+    let applied = read_all(&out);
+    for ((name, (_, base_values)), expect) in zoo.base.iter().zip(&codes) {
+        let mut theta: Vec<half::bf16> = base_values
+            .iter()
+            .map(|&v| half::bf16::from_f32(v))
+            .collect();
+        ternary_add_ref(&mut theta, expect, decided.scale, 1.0).unwrap();
+        let theta: Vec<f32> = theta.iter().map(|v| v.to_f32()).collect();
+        for (g, e) in applied[name].1.iter().zip(&theta) {
+            // The scales agree to 1e-6 relative; a bf16 rounding may land on either side.
+            assert!((g - e).abs() <= e.abs() / 128.0, "{name}: {g} vs {e}");
+        }
+    }
+    assert!(out.join("config.json").is_file());
+    // Refusals: an existing output, a base that lacks a tensor, a file of another format.
+    assert!(
+        compress(
+            &cpu,
+            &base,
+            &zoo.root.path().join("ft0"),
+            &packed,
+            params,
+            false
+        )
+        .is_err()
+    );
+    let e = apply(
+        &cpu,
+        &zoo.root.path().join("ft1"),
+        &base.join("model-00001-of-00002.safetensors"),
+        &zoo.root.path().join("x"),
+        1.0,
+        false,
+    )
+    .unwrap_err();
+    assert!(format!("{e:#}").contains("kernels-compeft"), "{e:#}");
+    let mut partial = zoo.base.clone();
+    partial.remove("model.norm.weight");
+    write_model(&zoo.root.path().join("partial"), &partial, Dtype::BF16, 1);
+    let e = apply(
+        &cpu,
+        &zoo.root.path().join("partial"),
+        &packed,
+        &zoo.root.path().join("y"),
+        1.0,
+        false,
+    )
+    .unwrap_err();
+    assert!(format!("{e:#}").contains("model.norm.weight"), "{e:#}");
+    assert!(!zoo.root.path().join("y").exists());
+}

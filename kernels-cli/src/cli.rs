@@ -10,10 +10,10 @@ use kernels_cpu::Cpu;
 use kernels_cpu::prelude::{CompeftParams, KeepRule};
 
 use crate::checkpoint::ElementType;
-use crate::compeft;
 use crate::config::MergeConfig;
 use crate::merge::{self, MergeOptions};
 use crate::synthetic::{self, LlamaShape};
+use crate::{compeft, lora};
 
 /// Merge models on the kernels of this crate family: mergekit's YAML, at memory speed.
 #[derive(Parser, Debug)]
@@ -36,6 +36,9 @@ pub enum Command {
     /// Add a compressed task vector onto a base model, writing a model directory.
     #[command(after_help = APPLY_HELP)]
     Apply(ApplyArgs),
+    /// Extract a PEFT LoRA adapter approximating a fine-tune's difference from its base.
+    #[command(name = "extract-lora", after_help = EXTRACT_HELP)]
+    ExtractLora(ExtractLoraArgs),
     /// Write a synthetic Llama-shaped base model and fine-tunes of it, to try merges on.
     #[command(after_help = SYNTHETIC_HELP)]
     Synthetic(SyntheticArgs),
@@ -99,6 +102,48 @@ pub struct ApplyArgs {
     /// Scale of the task vector added.
     #[arg(long, default_value_t = 1.0)]
     pub lambda: f32,
+    /// Replace an existing output.
+    #[arg(long)]
+    pub force: bool,
+    /// Threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+const EXTRACT_HELP: &str = "\
+Every 2-D weight but the embeddings and lm_head becomes lora_A [r, in] and lora_B [out, r]
+(mergekit's conventions: sqrt(s) on both factors, lora_alpha = r so PEFT's scale is 1); the
+embeddings, lm_head and 1-D tensors that differ from the base are saved whole under
+modules_to_save. The randomized SVD (2r probes, 2 power iterations) by default; --exact for the
+thin SVD; --energy keeps, per module, the smallest rank holding that fraction of the squared
+Frobenius norm (exact SVD; per-module ranks go into rank_pattern). Prints the relative error
+||delta - B A||_F / ||delta||_F over all factored modules.
+
+Examples:
+  kernels extract-lora --base ./Llama-3.2-1B --finetuned ./Llama-3.2-1B-math --rank 16 -o ./math-lora
+  kernels extract-lora --base B --finetuned F --energy 0.99 -o ./adapter";
+
+/// `kernels extract-lora` arguments.
+#[derive(clap::Args, Debug)]
+pub struct ExtractLoraArgs {
+    /// The base model's directory.
+    #[arg(long)]
+    pub base: PathBuf,
+    /// The fine-tuned model's directory.
+    #[arg(long)]
+    pub finetuned: PathBuf,
+    /// The adapter directory to write.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// LoRA rank (capped by each matrix's smaller side).
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// Use the exact thin SVD instead of the randomized one.
+    #[arg(long)]
+    pub exact: bool,
+    /// Pick each module's rank to keep this fraction of its energy (exact SVD).
+    #[arg(long, conflicts_with = "exact")]
+    pub energy: Option<f64>,
     /// Replace an existing output.
     #[arg(long)]
     pub force: bool,
@@ -334,6 +379,38 @@ fn apply_command(args: &ApplyArgs) -> Result<()> {
     Ok(())
 }
 
+fn extract_command(args: &ExtractLoraArgs) -> Result<()> {
+    let started = std::time::Instant::now();
+    let rule = match (args.energy, args.exact) {
+        (Some(e), _) => lora::RankRule::Energy(e),
+        (None, true) => lora::RankRule::Exact(args.rank),
+        (None, false) => lora::RankRule::Randomized(args.rank),
+    };
+    let s = lora::extract(
+        &cpu(args.threads)?,
+        &args.base,
+        &args.finetuned,
+        &args.output,
+        rule,
+        args.force,
+    )?;
+    let (lo, hi) = (
+        s.ranks.values().min().copied().unwrap_or(0),
+        s.ranks.values().max().copied().unwrap_or(0),
+    );
+    println!(
+        "extracted {} LoRA modules (rank {lo} to {hi}) and {} whole tensors, {} parameters, \
+         relative error {:.4}, to '{}' in {:.2} s",
+        s.ranks.len(),
+        s.saved_whole.len(),
+        s.parameters,
+        s.relative_error,
+        args.output.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 fn synthetic_command(args: &SyntheticArgs) -> Result<()> {
     let dtype = ElementType::from_config_name(&args.dtype)
         .ok_or_else(|| anyhow::anyhow!("--dtype '{}': float32, float16 or bfloat16", args.dtype))?;
@@ -383,6 +460,7 @@ pub fn main() -> ExitCode {
         Command::Merge(m) => merge_command(m),
         Command::Compress(c) => compress_command(c),
         Command::Apply(a) => apply_command(a),
+        Command::ExtractLora(e) => extract_command(e),
         Command::Synthetic(s) => synthetic_command(s),
     };
     match result {

@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod compeft;
 pub mod config;
+pub mod lora;
 pub mod merge;
 pub mod output;
 pub mod synthetic;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use crate::checkpoint::{ElementType, INDEX_FILE, SINGLE_FILE};
+use crate::checkpoint::ElementType;
 
 /// One output tensor, planned before any is written (a shard's header comes first).
 #[derive(Debug, Clone)]
@@ -51,10 +51,12 @@ pub struct OutputDir {
     next: (usize, usize),
     writer: Option<BufWriter<File>>,
     written_bytes: u64,
+    stem: String,
 }
 
 impl OutputDir {
-    /// Prepares the output of `plan` for `target`.
+    /// Prepares the output of `plan` for `target`, as a model's weights (`model.safetensors`, or
+    /// `model-00001-of-0000N.safetensors` and `model.safetensors.index.json`).
     ///
     /// # Errors
     ///
@@ -65,6 +67,21 @@ impl OutputDir {
         force: bool,
         shard_bytes: u64,
         plan: Vec<PlannedTensor>,
+    ) -> Result<Self> {
+        Self::create_named(target, force, shard_bytes, plan, "model")
+    }
+
+    /// [`OutputDir::create`] with another file stem (`adapter_model` for a PEFT adapter).
+    ///
+    /// # Errors
+    ///
+    /// As [`OutputDir::create`].
+    pub fn create_named(
+        target: &Path,
+        force: bool,
+        shard_bytes: u64,
+        plan: Vec<PlannedTensor>,
+        stem: &str,
     ) -> Result<Self> {
         if target.exists() && !force {
             bail!(
@@ -102,9 +119,9 @@ impl OutputDir {
         let shard_names = (0..count)
             .map(|i| {
                 if count == 1 {
-                    SINGLE_FILE.to_string()
+                    format!("{stem}.safetensors")
                 } else {
-                    format!("model-{:05}-of-{count:05}.safetensors", i + 1)
+                    format!("{stem}-{:05}-of-{count:05}.safetensors", i + 1)
                 }
             })
             .collect();
@@ -117,6 +134,7 @@ impl OutputDir {
             next: (0, 0),
             writer: None,
             written_bytes: 0,
+            stem: stem.to_string(),
         })
     }
 
@@ -248,7 +266,11 @@ impl OutputDir {
                 "metadata": {"total_size": total},
                 "weight_map": weight_map,
             });
-            self.write_file(INDEX_FILE, serde_json::to_string_pretty(&index)?.as_bytes())?;
+            let index_file = format!("{}.safetensors.index.json", self.stem);
+            self.write_file(
+                &index_file,
+                serde_json::to_string_pretty(&index)?.as_bytes(),
+            )?;
         }
         if self.target.exists() {
             let old = self.temp.with_extension("replaced");

@@ -762,3 +762,98 @@ fn compress_and_apply_match_the_compeft_reference() {
     assert!(format!("{e:#}").contains("model.norm.weight"), "{e:#}");
     assert!(!zoo.root.path().join("y").exists());
 }
+
+#[test]
+fn extract_lora_writes_a_peft_adapter_matching_the_reference() {
+    use kernels_cli::lora::{RankRule, extract};
+    use kernels_core::ops::lowrank::{LoraRank, lora_extract_ref};
+    use kernels_core::{Mat, MatRef};
+    let zoo = Zoo::new(Dtype::F32, 1);
+    let cpu = Cpu::detect();
+    let (base, ft) = (zoo.root.path().join("base"), zoo.root.path().join("ft0"));
+    let out = zoo.root.path().join("adapter");
+    let s = extract(&cpu, &base, &ft, &out, RankRule::Exact(3), false).unwrap();
+    assert_eq!(s.ranks.len(), 4); // q_proj and up_proj in two layers
+    assert!(s.ranks.values().all(|&r| r == 3));
+    // The embedding and the norms differ from the base: saved whole.
+    assert_eq!(s.saved_whole.len(), 3, "{:?}", s.saved_whole);
+    let bytes = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let adapter: Tensors = file
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            assert_eq!(view.dtype(), Dtype::F32);
+            let values: Vec<f32> = bytemuck::pod_collect_to_vec(view.data());
+            (name, (view.shape().to_vec(), values))
+        })
+        .collect();
+    assert!(adapter.contains_key("base_model.model.model.embed_tokens.weight"));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (config["r"].clone(), config["lora_alpha"].clone()),
+        (3.into(), 3.into())
+    );
+    assert_eq!(
+        config["target_modules"],
+        serde_json::json!(["q_proj", "up_proj"])
+    );
+    let mut tail2 = 0.0;
+    let mut norm2 = 0.0;
+    for name in zoo.base.keys().filter(|n| n.contains("proj")) {
+        let (shape, _) = &zoo.base[name];
+        let (m, n) = (shape[0], shape[1]);
+        let module = name.strip_suffix(".weight").unwrap();
+        let (a_shape, a) = &adapter[&format!("base_model.model.{module}.lora_A.weight")];
+        let (b_shape, b) = &adapter[&format!("base_model.model.{module}.lora_B.weight")];
+        assert_eq!(
+            (a_shape.as_slice(), b_shape.as_slice()),
+            ([3, n].as_slice(), [m, 3].as_slice())
+        );
+        let delta = tau(&zoo.tuned[0], &zoo.base, name);
+        let reference = lora_extract_ref(
+            MatRef::from_slice(&delta, m, n).unwrap(),
+            LoraRank::Fixed(3),
+        )
+        .unwrap();
+        let expect = reference.b.matmul(&reference.a).unwrap();
+        let got = Mat::widen(MatRef::from_slice(b, m, 3).unwrap())
+            .matmul(&Mat::widen(MatRef::from_slice(a, 3, n).unwrap()))
+            .unwrap();
+        let scale = Mat::widen(MatRef::from_slice(&delta, m, n).unwrap()).frobenius_norm();
+        assert!(got.distance(&expect).unwrap() <= 1e-5 * scale, "{name}");
+        // The error the summary reports is the singular values' tail.
+        tail2 += reference.singular_values[3..]
+            .iter()
+            .map(|s| s * s)
+            .sum::<f64>();
+        norm2 += scale * scale;
+    }
+    assert!(
+        (s.relative_error - (tail2 / norm2).sqrt()).abs() <= 1e-4,
+        "{}",
+        s.relative_error
+    );
+    // The randomized default and the energy rule, through the binary.
+    let kernels = env!("CARGO_BIN_EXE_kernels");
+    for extra in [&["--rank", "2"][..], &["--energy", "0.9"][..]] {
+        let run = Command::new(kernels)
+            .args(["extract-lora", "--base"])
+            .arg(&base)
+            .arg("--finetuned")
+            .arg(&ft)
+            .arg("-o")
+            .arg(zoo.root.path().join(format!("adapter{}", extra[1])))
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+    }
+    assert!(extract(&cpu, &base, &ft, &out, RankRule::Exact(3), false).is_err());
+}

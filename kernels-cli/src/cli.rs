@@ -39,6 +39,10 @@ pub enum Command {
     /// Extract a PEFT LoRA adapter approximating a fine-tune's difference from its base.
     #[command(name = "extract-lora", after_help = EXTRACT_HELP)]
     ExtractLora(ExtractLoraArgs),
+    /// With no files: write a small synthetic base and three fine-tunes, then run a TIES merge, a
+    /// ComPEFT round trip and a LoRA extraction through the same code paths, and say what each
+    /// did.
+    Demo(DemoArgs),
     /// Write a synthetic Llama-shaped base model and fine-tunes of it, to try merges on.
     #[command(after_help = SYNTHETIC_HELP)]
     Synthetic(SyntheticArgs),
@@ -122,6 +126,18 @@ Frobenius norm (exact SVD; per-module ranks go into rank_pattern). Prints the re
 Examples:
   kernels extract-lora --base ./Llama-3.2-1B --finetuned ./Llama-3.2-1B-math --rank 16 -o ./math-lora
   kernels extract-lora --base B --finetuned F --energy 0.99 -o ./adapter";
+
+/// `kernels demo` arguments.
+#[derive(clap::Args, Debug)]
+pub struct DemoArgs {
+    /// Keep the models and outputs here (created; must not exist) instead of a temporary
+    /// directory removed at the end.
+    #[arg(long)]
+    pub keep: Option<PathBuf>,
+    /// Threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
 
 /// `kernels extract-lora` arguments.
 #[derive(clap::Args, Debug)]
@@ -411,6 +427,129 @@ fn extract_command(args: &ExtractLoraArgs) -> Result<()> {
     Ok(())
 }
 
+fn demo_command(args: &DemoArgs) -> Result<()> {
+    let root = if let Some(dir) = &args.keep {
+        if dir.exists() {
+            bail!("'{}' already exists", dir.display());
+        }
+        dir.clone()
+    } else {
+        std::env::temp_dir().join(format!("kernels-demo-{}", std::process::id()))
+    };
+    std::fs::create_dir_all(&root)?;
+    let result = run_demo(&root, &cpu(args.threads)?);
+    if args.keep.is_none() {
+        let _ = std::fs::remove_dir_all(&root);
+    } else if result.is_ok() {
+        println!("models and outputs kept under '{}'", root.display());
+    }
+    result
+}
+
+fn run_demo(root: &std::path::Path, cpu: &Cpu) -> Result<()> {
+    let shape = LlamaShape {
+        layers: 4,
+        hidden: 512,
+        intermediate: 1376,
+        vocab: 4096,
+    };
+    let dtype = ElementType::BF16;
+    let started = std::time::Instant::now();
+    synthetic::write_model(&root.join("base"), shape, dtype, 1, None)?;
+    for i in 1..=3u64 {
+        synthetic::write_model(
+            &root.join(format!("ft{i}")),
+            shape,
+            dtype,
+            1,
+            Some((100 + i, 0.002)),
+        )?;
+    }
+    let model_bytes = shape.parameters() * dtype.size();
+    println!(
+        "1. wrote a synthetic Llama-shaped base and three fine-tunes: {} parameters, {:.1} MB each \
+         in bf16 ({:.2} s)",
+        shape.parameters(),
+        model_bytes as f64 / 1e6,
+        started.elapsed().as_secs_f64()
+    );
+    let yaml = format!(
+        "merge_method: ties\nbase_model: {0}/base\nmodels:\n  - model: {0}/ft1\n    parameters: \
+         {{weight: 1.0, density: 0.2}}\n  - model: {0}/ft2\n    parameters: {{weight: 1.0, density: \
+         0.2}}\n  - model: {0}/ft3\n    parameters: {{weight: 1.0, density: 0.2}}\n",
+        root.display()
+    );
+    let config = MergeConfig::parse(&yaml)?;
+    let options = MergeOptions {
+        out: root.join("merged"),
+        force: false,
+        shard_bytes: 5_000_000_000,
+        seed: 0,
+        cpu: *cpu,
+        progress: false,
+    };
+    let m = merge::run(&config, &yaml, &options)?;
+    println!(
+        "2. TIES merge of the three (density 0.2): {} tensors, read {:.1} MB, wrote {:.1} MB in \
+         {:.2} s ({:.2} GB/s)",
+        m.tensors,
+        m.read_bytes as f64 / 1e6,
+        m.written_bytes as f64 / 1e6,
+        m.seconds,
+        (m.read_bytes + m.written_bytes) as f64 / m.seconds.max(1e-9) / 1e9
+    );
+    let packed = root.join("ft1.ternary");
+    let params = CompeftParams::default().with_keep(KeepRule::Density(0.1));
+    let c = compeft::compress(
+        cpu,
+        &root.join("base"),
+        &root.join("ft1"),
+        &packed,
+        params,
+        false,
+    )?;
+    let applied_at = std::time::Instant::now();
+    compeft::apply(
+        cpu,
+        &root.join("base"),
+        &packed,
+        &root.join("ft1-compeft"),
+        1.0,
+        false,
+    )?;
+    println!(
+        "3. ComPEFT of fine-tune 1 (density 0.1): {:.3} bits per parameter, {:.1}x smaller than \
+         its bf16 task vector, relative error {:.3} ({:.2} s); applied back onto the base in \
+         {:.2} s",
+        c.bits_per_parameter(),
+        c.original_bytes as f64 / c.packed_bytes.max(1) as f64,
+        c.relative_error,
+        c.seconds,
+        applied_at.elapsed().as_secs_f64()
+    );
+    let extracted_at = std::time::Instant::now();
+    let l = lora::extract(
+        cpu,
+        &root.join("base"),
+        &root.join("ft1"),
+        &root.join("ft1-lora"),
+        lora::RankRule::Randomized(16),
+        false,
+    )?;
+    println!(
+        "4. LoRA rank 16 of fine-tune 1 (randomized SVD): {} modules, {} whole tensors, {} \
+         parameters ({:.1} % of the model), relative error {:.3} ({:.2} s; random deltas are \
+         full-rank, so the error is large: a real fine-tune's is low-rank)",
+        l.ranks.len(),
+        l.saved_whole.len(),
+        l.parameters,
+        100.0 * l.parameters as f64 / shape.parameters() as f64,
+        l.relative_error,
+        extracted_at.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 fn synthetic_command(args: &SyntheticArgs) -> Result<()> {
     let dtype = ElementType::from_config_name(&args.dtype)
         .ok_or_else(|| anyhow::anyhow!("--dtype '{}': float32, float16 or bfloat16", args.dtype))?;
@@ -461,6 +600,7 @@ pub fn main() -> ExitCode {
         Command::Compress(c) => compress_command(c),
         Command::Apply(a) => apply_command(a),
         Command::ExtractLora(e) => extract_command(e),
+        Command::Demo(d) => demo_command(d),
         Command::Synthetic(s) => synthetic_command(s),
     };
     match result {

@@ -857,3 +857,33 @@ fn extract_lora_writes_a_peft_adapter_matching_the_reference() {
     }
     assert!(extract(&cpu, &base, &ft, &out, RankRule::Exact(3), false).is_err());
 }
+
+#[test]
+fn the_demo_runs_every_subcommand_and_says_what_it_did() {
+    let root = tempfile::tempdir().unwrap();
+    let kept = root.path().join("demo");
+    let run = Command::new(env!("CARGO_BIN_EXE_kernels"))
+        .args(["demo", "--keep"])
+        .arg(&kept)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    for needle in [
+        "1. wrote",
+        "2. TIES merge",
+        "3. ComPEFT",
+        "bits per parameter",
+        "4. LoRA",
+    ] {
+        assert!(stdout.contains(needle), "{needle}: {stdout}");
+    }
+    for dir in ["merged", "ft1-compeft", "ft1-lora"] {
+        assert!(kept.join(dir).is_dir(), "{dir}");
+    }
+    assert!(Checkpoint::open(&kept.join("merged")).is_ok());
+}

@@ -207,7 +207,9 @@ pub struct SyntheticArgs {
 
 const MERGE_HELP: &str = "\
 Methods (mergekit 0.1.5's semantics): linear, task_arithmetic, ties, dare_linear, dare_ties,
-breadcrumbs, breadcrumbs_ties, della, della_linear, model_stock, slerp, passthrough.
+breadcrumbs, breadcrumbs_ties, della, della_linear, model_stock, slerp, passthrough; and ours:
+compeft (each task vector ComPEFT-compressed over its whole model: `density` per model, default
+0.1, and `alpha`, default 1; then base + lambda * sum weight_i tau_hat_i).
 
 Where mergekit's semantics differ from the kernel crates' defaults, this command follows
 mergekit: TIES-family votes elect + for a weighted sum of exactly zero and divide by the

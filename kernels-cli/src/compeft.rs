@@ -66,8 +66,13 @@ pub fn layout_for_density(d: f64) -> TernaryLayout {
     }
 }
 
-/// `tau = finetuned - base` of one tensor, in `f32`.
-fn task_vector(cpu: &Cpu, base: &Checkpoint, tuned: &Checkpoint, name: &str) -> Result<Vec<f32>> {
+/// `tau = finetuned - base` of one tensor, in `f32` (the tensor's pages released after).
+pub(crate) fn task_vector(
+    cpu: &Cpu,
+    base: &Checkpoint,
+    tuned: &Checkpoint,
+    name: &str,
+) -> Result<Vec<f32>> {
     let (_, b) = base.read(name)?;
     let (entry, t) = tuned.read(name)?;
     let mut tau = vec![0.0f32; entry.len()];

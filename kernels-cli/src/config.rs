@@ -80,6 +80,9 @@ pub enum Method {
     Slerp,
     /// `passthrough`: one model's tensors as they are (optionally scaled).
     Passthrough,
+    /// `compeft` (ours): each task vector ComPEFT-compressed over its whole model (global top-k,
+    /// ternary, `alpha * std`), then summed as task arithmetic.
+    Compeft,
 }
 
 /// How a method of the generalised task-arithmetic family sparsifies each task vector.
@@ -97,7 +100,7 @@ pub enum Sparsify {
 
 impl Method {
     /// Every method, with its YAML name.
-    pub const ALL: [(&'static str, Method); 12] = [
+    pub const ALL: [(&'static str, Method); 13] = [
         ("linear", Method::Linear),
         ("task_arithmetic", Method::TaskArithmetic),
         ("ties", Method::Ties),
@@ -110,6 +113,7 @@ impl Method {
         ("model_stock", Method::ModelStock),
         ("slerp", Method::Slerp),
         ("passthrough", Method::Passthrough),
+        ("compeft", Method::Compeft),
     ];
 
     /// The method's YAML name.
@@ -149,10 +153,11 @@ impl Method {
     fn model_parameters(self) -> &'static [(&'static str, bool)] {
         match self {
             Method::Linear => &[("weight", true)],
-            Method::TaskArithmetic => &[("weight", true), ("density", false)],
-            Method::Ties | Method::DareLinear | Method::DareTies => {
-                &[("weight", true), ("density", false)]
-            }
+            Method::TaskArithmetic
+            | Method::Ties
+            | Method::DareLinear
+            | Method::DareTies
+            | Method::Compeft => &[("weight", true), ("density", false)],
             Method::Breadcrumbs | Method::BreadcrumbsTies => {
                 &[("weight", true), ("density", false), ("gamma", false)]
             }
@@ -174,6 +179,7 @@ impl Method {
             Method::ModelStock => &["filter_wise"],
             Method::Slerp => &["t"],
             Method::Passthrough => &["scale"],
+            Method::Compeft => &["alpha", "lambda", "weight", "density"],
             _ => &[
                 "normalize",
                 "rescale",

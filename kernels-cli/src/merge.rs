@@ -9,6 +9,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use kernels_cpu::prelude::*;
 
 use crate::checkpoint::{Checkpoint, ElementType, TensorData, TensorEntry};
+use crate::compeft::task_vector;
 use crate::config::{MergeConfig, Method, Sparsify};
 use crate::output::{OutputDir, PlannedTensor};
 
@@ -161,6 +162,16 @@ pub fn run(config: &MergeConfig, config_text: &str, options: &MergeOptions) -> R
     let mut output = OutputDir::create(&options.out, options.force, options.shard_bytes, plan)?;
     let bar = progress_bar(options.progress, total_bytes);
     let inputs: Vec<&Checkpoint> = base.iter().chain(&models).collect();
+    let encoders = std::cell::RefCell::new(if config.method == Method::Compeft {
+        compeft_encoders(
+            config,
+            options,
+            base.as_ref().expect("compeft has a base"),
+            &models,
+        )?
+    } else {
+        Vec::new()
+    });
     let mut read_bytes = 0u64;
     let mut tensors = 0usize;
     while let Some(planned) = output.next_tensor().cloned() {
@@ -182,6 +193,7 @@ pub fn run(config: &MergeConfig, config_text: &str, options: &MergeOptions) -> R
             t,
             base.is_some(),
             &data,
+            &encoders,
         )
         .with_context(|| format!("merging tensor '{name}'"))?;
         drop(data);
@@ -211,6 +223,44 @@ pub fn run(config: &MergeConfig, config_text: &str, options: &MergeOptions) -> R
         seconds: started.elapsed().as_secs_f64(),
         out,
     })
+}
+
+/// The `compeft` method's decisions: each model's task vector streamed over the whole model
+/// (two passes of ComPEFT's global top-k), in the merge's tensor order.
+fn compeft_encoders(
+    config: &MergeConfig,
+    options: &MergeOptions,
+    base: &Checkpoint,
+    models: &[Checkpoint],
+) -> Result<Vec<CompeftEncoder>> {
+    let cpu = &options.cpu;
+    let alpha = config
+        .global_parameter("alpha", "", 0.0, Some(1.0))
+        .map_err(|e| anyhow!(e))?;
+    let mut encoders = Vec::with_capacity(models.len());
+    for (i, model) in models.iter().enumerate() {
+        // A global top-k has one density per model: filters and gradients do not apply.
+        let density = config
+            .model_parameter(i, "density", "", 0.0, Some(0.1))
+            .map_err(|e| anyhow!(e))?;
+        let params = CompeftParams::default()
+            .with_keep(KeepRule::Density(density))
+            .with_alpha(alpha as f32);
+        let mut plan = Compeft::new(params)
+            .with_context(|| format!("ComPEFT of model '{}'", model.dir.display()))?;
+        loop {
+            for name in base.tensors().keys() {
+                let tau = task_vector(cpu, base, model, name)?;
+                plan.feed(cpu, &tau)
+                    .with_context(|| format!("tensor '{name}' of '{}'", model.dir.display()))?;
+            }
+            if !plan.next_pass()? {
+                break;
+            }
+        }
+        encoders.push(CompeftEncoder::new(&plan.finish()?));
+    }
+    Ok(encoders)
 }
 
 /// Every checkpoint has exactly the reference's tensors, with the same shapes.
@@ -329,6 +379,7 @@ fn merge_tensor(
     t: f64,
     has_base: bool,
     data: &[(TensorEntry, TensorData<'_>)],
+    encoders: &std::cell::RefCell<Vec<CompeftEncoder>>,
 ) -> Result<Vec<f32>> {
     let job = Job {
         config,
@@ -336,6 +387,7 @@ fn merge_tensor(
         name,
         shape,
         t,
+        encoders,
     };
     match same_type(data) {
         Inputs::F32(v) => {
@@ -353,6 +405,8 @@ struct Job<'a> {
     name: &'a str,
     shape: &'a [usize],
     t: f64,
+    /// The `compeft` method's encoders, one per model, fed tensors in the merge's order.
+    encoders: &'a std::cell::RefCell<Vec<CompeftEncoder>>,
 }
 
 impl Job<'_> {
@@ -417,6 +471,24 @@ impl Job<'_> {
                     let range = row * cols..(row + 1) * cols;
                     let rows: Vec<&[T]> = models.iter().map(|m| &m[range.clone()]).collect();
                     model_stock(cpu, &base[range], &rows, o)?;
+                }
+            }
+            Method::Compeft => {
+                let base = base.expect("compeft has a base");
+                let lambda = self.global_param("lambda", Some(1.0))?;
+                let weights = self.weights(models.len())?;
+                for (o, b) in out.iter_mut().zip(base) {
+                    *o = b.to_f32();
+                }
+                let shape: Vec<u64> = self.shape.iter().map(|&d| d as u64).collect();
+                let mut encoders = self.encoders.borrow_mut();
+                for ((m, encoder), w) in models.iter().zip(encoders.iter_mut()).zip(weights) {
+                    let mut tau = vec![0.0f32; n];
+                    linear_combination(cpu, &[*m, base], &[1.0, -1.0], &mut tau)?;
+                    // The codes, packed and added straight from the packed form.
+                    let packed = encoder.encode(cpu, &tau, &shape, TernaryLayout::Dense2Bit)?;
+                    let packed = PackedTernary::new(cpu, &packed)?;
+                    ternary_add(cpu, &mut out, &packed, (lambda * f64::from(w)) as f32)?;
                 }
             }
             method => {

@@ -887,3 +887,40 @@ fn the_demo_runs_every_subcommand_and_says_what_it_did() {
     }
     assert!(Checkpoint::open(&kept.join("merged")).is_ok());
 }
+
+#[test]
+fn compeft_merge_adds_each_compressed_task_vector() {
+    use kernels_core::ops::ternary::{CompeftParams, compeft_ref, ternary_add_ref};
+    let zoo = Zoo::new(Dtype::F32, 1);
+    let yaml = "merge_method: compeft\nbase_model: BASE\nparameters: {alpha: 2.0, lambda: 0.5}\nmodels:\n  - model: FT0\n    parameters: {weight: 1.0, density: 0.2}\n  - model: FT1\n    parameters: {weight: 0.5, density: 0.05}\n";
+    let out = zoo.merge(yaml, "compeft").unwrap();
+    let decisions: Vec<_> = [(0, 0.2), (1, 0.05)]
+        .iter()
+        .map(|&(i, d)| {
+            let taus: Vec<Vec<f32>> = zoo
+                .base
+                .keys()
+                .map(|n| tau(&zoo.tuned[i], &zoo.base, n))
+                .collect();
+            let views: Vec<&[f32]> = taus.iter().map(|t| &t[..]).collect();
+            let params = CompeftParams::default()
+                .with_keep(KeepRule::Density(d))
+                .with_alpha(2.0);
+            compeft_ref(&views, params).unwrap()
+        })
+        .collect();
+    for (k, (name, (_, got))) in out.iter().enumerate() {
+        let mut expect = zoo.base[name].1.clone();
+        for ((decided, codes), w) in decisions.iter().zip([1.0f32, 0.5]) {
+            ternary_add_ref(&mut expect, &codes[k], decided.scale, 0.5 * w).unwrap();
+        }
+        for (g, e) in got.iter().zip(&expect) {
+            assert!(
+                (g - e).abs() <= 1e-6 * (e.abs() + 1.0),
+                "{name}: {g} vs {e}"
+            );
+        }
+        // Something was added: the merge differs from the base.
+        assert_ne!(got, &zoo.base[name].1, "{name}");
+    }
+}

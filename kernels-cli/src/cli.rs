@@ -209,7 +209,10 @@ const MERGE_HELP: &str = "\
 Methods (mergekit 0.1.5's semantics): linear, task_arithmetic, ties, dare_linear, dare_ties,
 breadcrumbs, breadcrumbs_ties, della, della_linear, model_stock, slerp, passthrough; and ours:
 compeft (each task vector ComPEFT-compressed over its whole model: `density` per model, default
-0.1, and `alpha`, default 1; then base + lambda * sum weight_i tau_hat_i).
+0.1, and `alpha`, default 1; then base + lambda * sum weight_i tau_hat_i) and fisher
+(sum w_i F_i theta_i / sum w_i F_i, each model with `fisher: DIR`, a directory of Fisher
+diagonals under the model's tensor names; `normalize` divides each w_i by ||F_i||_2, `floor`
+raises small Fisher entries; where every F is 0, the plain weighted mean).
 
 Where mergekit's semantics differ from the kernel crates' defaults, this command follows
 mergekit: TIES-family votes elect + for a weighted sum of exactly zero and divide by the

@@ -80,6 +80,9 @@ pub enum Method {
     Slerp,
     /// `passthrough`: one model's tensors as they are (optionally scaled).
     Passthrough,
+    /// `fisher` (ours): Fisher-weighted averaging, each model with a Fisher-diagonal directory
+    /// (`parameters: {fisher: PATH}`, safetensors with the model's tensor names).
+    Fisher,
     /// `compeft` (ours): each task vector ComPEFT-compressed over its whole model (global top-k,
     /// ternary, `alpha * std`), then summed as task arithmetic.
     Compeft,
@@ -100,7 +103,7 @@ pub enum Sparsify {
 
 impl Method {
     /// Every method, with its YAML name.
-    pub const ALL: [(&'static str, Method); 13] = [
+    pub const ALL: [(&'static str, Method); 14] = [
         ("linear", Method::Linear),
         ("task_arithmetic", Method::TaskArithmetic),
         ("ties", Method::Ties),
@@ -114,6 +117,7 @@ impl Method {
         ("slerp", Method::Slerp),
         ("passthrough", Method::Passthrough),
         ("compeft", Method::Compeft),
+        ("fisher", Method::Fisher),
     ];
 
     /// The method's YAML name.
@@ -146,7 +150,7 @@ impl Method {
     /// Whether the method needs a `base_model`.
     #[must_use]
     pub fn needs_base(self) -> bool {
-        !matches!(self, Method::Linear | Method::Passthrough)
+        !matches!(self, Method::Linear | Method::Passthrough | Method::Fisher)
     }
 
     /// Parameters each model may set (`models[i].parameters`), and whether each is required.
@@ -169,6 +173,7 @@ impl Method {
             ],
             Method::ModelStock | Method::Slerp => &[],
             Method::Passthrough => &[("scale", false)],
+            Method::Fisher => &[("weight", true), ("fisher", true)],
         }
     }
 
@@ -180,6 +185,7 @@ impl Method {
             Method::Slerp => &["t"],
             Method::Passthrough => &["scale"],
             Method::Compeft => &["alpha", "lambda", "weight", "density"],
+            Method::Fisher => &["normalize", "floor", "weight"],
             _ => &[
                 "normalize",
                 "rescale",
@@ -208,7 +214,12 @@ pub enum ParamValue {
     /// `{filter, value}` conditions, the first whose filter is a substring of the tensor name
     /// wins; `None` (or `*`) matches any tensor.
     Filtered(Vec<(Option<String>, ParamValue)>),
+    /// A local path (the parameters in [`PATH_PARAMETERS`]); never a number.
+    Path(String),
 }
+
+/// Parameters whose value is a local directory, not a number.
+pub const PATH_PARAMETERS: [&str; 1] = ["fisher"];
 
 impl ParamValue {
     /// The value for tensor `name` at position `t` in `[0, 1]` through the layers; `None` where
@@ -232,6 +243,7 @@ impl ParamValue {
                         .is_none_or(|f| f == "*" || name.contains(f))
                 })
                 .and_then(|(_, value)| value.resolve(name, t)),
+            ParamValue::Path(_) => None,
         }
     }
 }
@@ -486,6 +498,22 @@ impl MergeConfig {
         }
     }
 
+    /// A model's path parameter (`fisher`).
+    ///
+    /// # Errors
+    ///
+    /// Where the model has none.
+    pub fn model_path(&self, model: usize, parameter: &str) -> std::result::Result<&str, String> {
+        let entry = &self.models[model];
+        match entry.parameters.get(parameter) {
+            Some(ParamValue::Path(p)) => Ok(p),
+            _ => Err(format!(
+                "model '{}' has no '{parameter}' directory",
+                entry.path
+            )),
+        }
+    }
+
     /// A top-level parameter for tensor `name` at layer position `t`, else `default`.
     ///
     /// # Errors
@@ -570,7 +598,12 @@ fn parameter_map(
                 ),
             );
         }
-        out.insert(name.to_string(), param_value(value)?);
+        let value = if PATH_PARAMETERS.contains(&name) {
+            ParamValue::Path(model_reference(value, name)?)
+        } else {
+            param_value(value)?
+        };
+        out.insert(name.to_string(), value);
     }
     Ok(out)
 }

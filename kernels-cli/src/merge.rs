@@ -172,6 +172,11 @@ pub fn run(config: &MergeConfig, config_text: &str, options: &MergeOptions) -> R
     } else {
         Vec::new()
     });
+    let fishers = if config.method == Method::Fisher {
+        Some(FisherInputs::open(config, options, reference)?)
+    } else {
+        None
+    };
     let mut read_bytes = 0u64;
     let mut tensors = 0usize;
     while let Some(planned) = output.next_tensor().cloned() {
@@ -194,6 +199,7 @@ pub fn run(config: &MergeConfig, config_text: &str, options: &MergeOptions) -> R
             base.is_some(),
             &data,
             &encoders,
+            fishers.as_ref(),
         )
         .with_context(|| format!("merging tensor '{name}'"))?;
         drop(data);
@@ -380,6 +386,7 @@ fn merge_tensor(
     has_base: bool,
     data: &[(TensorEntry, TensorData<'_>)],
     encoders: &std::cell::RefCell<Vec<CompeftEncoder>>,
+    fishers: Option<&FisherInputs>,
 ) -> Result<Vec<f32>> {
     let job = Job {
         config,
@@ -388,6 +395,7 @@ fn merge_tensor(
         shape,
         t,
         encoders,
+        fishers,
     };
     match same_type(data) {
         Inputs::F32(v) => {
@@ -407,6 +415,61 @@ struct Job<'a> {
     t: f64,
     /// The `compeft` method's encoders, one per model, fed tensors in the merge's order.
     encoders: &'a std::cell::RefCell<Vec<CompeftEncoder>>,
+    /// The `fisher` method's Fisher diagonals.
+    fishers: Option<&'a FisherInputs>,
+}
+
+/// The `fisher` method's Fisher-diagonal checkpoints, one per model, and their squared norms
+/// over the whole model when normalising.
+struct FisherInputs {
+    checkpoints: Vec<Checkpoint>,
+    squared_norms: Option<Vec<f64>>,
+}
+
+impl FisherInputs {
+    fn open(config: &MergeConfig, options: &MergeOptions, reference: &Checkpoint) -> Result<Self> {
+        let mut checkpoints = Vec::with_capacity(config.models.len());
+        for i in 0..config.models.len() {
+            let path = config.model_path(i, "fisher").map_err(|e| anyhow!(e))?;
+            let c = Checkpoint::open(Path::new(path))
+                .with_context(|| format!("Fisher diagonals '{path}'"))?;
+            checkpoints.push(c);
+        }
+        check_same_tensors(reference, checkpoints.iter())?;
+        let normalize = config
+            .global_parameter("normalize", "", 0.0, Some(0.0))
+            .map_err(|e| anyhow!(e))?
+            != 0.0;
+        let squared_norms = if normalize {
+            let mut norms = Vec::with_capacity(checkpoints.len());
+            for c in &checkpoints {
+                let mut sum = 0.0;
+                for name in c.tensors().keys() {
+                    sum += sum_squares(&options.cpu, &f32_tensor(c, name)?)?;
+                    // SAFETY: the copy above holds no borrow of the mapping.
+                    unsafe { c.release(name) };
+                }
+                norms.push(sum);
+            }
+            Some(norms)
+        } else {
+            None
+        };
+        Ok(Self {
+            checkpoints,
+            squared_norms,
+        })
+    }
+}
+
+/// A tensor as `f32`, borrowed where it is stored as `f32` (and aligned), else widened.
+fn f32_tensor<'a>(c: &'a Checkpoint, name: &str) -> Result<Cow<'a, [f32]>> {
+    let (_, data) = c.read(name)?;
+    Ok(match data {
+        TensorData::F32(v) => v,
+        TensorData::F16(v) => Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
+        TensorData::BF16(v) => Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
+    })
 }
 
 impl Job<'_> {
@@ -471,6 +534,27 @@ impl Job<'_> {
                     let range = row * cols..(row + 1) * cols;
                     let rows: Vec<&[T]> = models.iter().map(|m| &m[range.clone()]).collect();
                     model_stock(cpu, &base[range], &rows, o)?;
+                }
+            }
+            Method::Fisher => {
+                let inputs = self.fishers.expect("fisher has its diagonals");
+                let fishers = inputs
+                    .checkpoints
+                    .iter()
+                    .map(|c| f32_tensor(c, self.name))
+                    .collect::<Result<Vec<_>>>()?;
+                let views: Vec<&[f32]> = fishers.iter().map(|f| &f[..]).collect();
+                let floor = self.global_param("floor", Some(0.0))? as f32;
+                let mut params = FisherParams::default().with_floor(floor);
+                if let Some(norms) = &inputs.squared_norms {
+                    params = params.with_normalization(norms);
+                }
+                let weights = self.weights(models.len())?;
+                fisher_merge(cpu, models, &views, &weights, params, &mut out)?;
+                drop(fishers);
+                for c in &inputs.checkpoints {
+                    // SAFETY: the views of this tensor (`fishers`) are dropped.
+                    unsafe { c.release(self.name) };
                 }
             }
             Method::Compeft => {

@@ -924,3 +924,60 @@ fn compeft_merge_adds_each_compressed_task_vector() {
         assert_ne!(got, &zoo.base[name].1, "{name}");
     }
 }
+
+#[test]
+fn fisher_merge_weights_by_the_fisher_diagonals() {
+    use kernels_core::ops::merge::{FisherParams, fisher_merge_ref, sum_squares_ref};
+    let zoo = Zoo::new(Dtype::F32, 1);
+    // Fisher diagonals: squares of random draws, so positive with a spread.
+    let fishers: Vec<Tensors> = (0..2)
+        .map(|i| {
+            let mut f = model_values(50 + i, None, 1.0);
+            for (_, v) in f.values_mut() {
+                for x in v.iter_mut() {
+                    *x *= *x;
+                }
+            }
+            write_model(
+                &zoo.root.path().join(format!("fisher{i}")),
+                &f,
+                Dtype::F32,
+                1,
+            );
+            f
+        })
+        .collect();
+    let yaml = format!(
+        "merge_method: fisher\nparameters: {{normalize: true, floor: 1e-6}}\nmodels:\n  - model: FT0\n    parameters: {{weight: 1.0, fisher: {0}/fisher0}}\n  - model: FT1\n    parameters: {{weight: 2.0, fisher: {0}/fisher1}}\n",
+        zoo.root.path().display()
+    );
+    let out = zoo.merge(&yaml, "fisher").unwrap();
+    let norms: Vec<f64> = fishers
+        .iter()
+        .map(|f| f.values().map(|(_, v)| sum_squares_ref(v)).sum())
+        .collect();
+    for (name, (_, got)) in &out {
+        let mut expect = vec![0.0; got.len()];
+        let params = FisherParams::default()
+            .with_floor(1e-6)
+            .with_normalization(&norms);
+        fisher_merge_ref(
+            &[&zoo.tuned[0][name].1[..], &zoo.tuned[1][name].1[..]],
+            &[&fishers[0][name].1[..], &fishers[1][name].1[..]],
+            &[1.0, 2.0],
+            params,
+            &mut expect,
+        )
+        .unwrap();
+        for (g, e) in got.iter().zip(&expect) {
+            assert!(
+                (g - e).abs() <= 1e-5 * (e.abs() + 1e-3),
+                "{name}: {g} vs {e}"
+            );
+        }
+    }
+    // A model without its Fisher directory is an error naming it.
+    let missing = "merge_method: fisher\nmodels:\n  - model: FT0\n    parameters: {weight: 1.0}\n";
+    let e = zoo.merge(missing, "nofisher").unwrap_err();
+    assert!(format!("{e:#}").contains("fisher"), "{e:#}");
+}

@@ -212,7 +212,10 @@ compeft (each task vector ComPEFT-compressed over its whole model: `density` per
 0.1, and `alpha`, default 1; then base + lambda * sum weight_i tau_hat_i) and fisher
 (sum w_i F_i theta_i / sum w_i F_i, each model with `fisher: DIR`, a directory of Fisher
 diagonals under the model's tensor names; `normalize` divides each w_i by ||F_i||_2, `floor`
-raises small Fisher entries; where every F is 0, the plain weighted mean).
+raises small Fisher entries; where every F is 0, the plain weighted mean) and opcm (OPCM
+continual merging in the listed order, `alpha` default 0.5: each weight matrix's new task
+vector projected off the merged one's leading singular directions, the result rescaled to the
+task vectors' mean norm, as FusionBench runs it).
 
 Where mergekit's semantics differ from the kernel crates' defaults, this command follows
 mergekit: TIES-family votes elect + for a weighted sum of exactly zero and divide by the

@@ -83,6 +83,8 @@ pub enum Method {
     /// `fisher` (ours): Fisher-weighted averaging, each model with a Fisher-diagonal directory
     /// (`parameters: {fisher: PATH}`, safetensors with the model's tensor names).
     Fisher,
+    /// `opcm` (ours): OPCM continual merging, the models in the listed order.
+    Opcm,
     /// `compeft` (ours): each task vector ComPEFT-compressed over its whole model (global top-k,
     /// ternary, `alpha * std`), then summed as task arithmetic.
     Compeft,
@@ -103,7 +105,7 @@ pub enum Sparsify {
 
 impl Method {
     /// Every method, with its YAML name.
-    pub const ALL: [(&'static str, Method); 14] = [
+    pub const ALL: [(&'static str, Method); 15] = [
         ("linear", Method::Linear),
         ("task_arithmetic", Method::TaskArithmetic),
         ("ties", Method::Ties),
@@ -118,6 +120,7 @@ impl Method {
         ("passthrough", Method::Passthrough),
         ("compeft", Method::Compeft),
         ("fisher", Method::Fisher),
+        ("opcm", Method::Opcm),
     ];
 
     /// The method's YAML name.
@@ -171,7 +174,7 @@ impl Method {
                 ("epsilon", false),
                 ("lambda", false),
             ],
-            Method::ModelStock | Method::Slerp => &[],
+            Method::ModelStock | Method::Slerp | Method::Opcm => &[],
             Method::Passthrough => &[("scale", false)],
             Method::Fisher => &[("weight", true), ("fisher", true)],
         }
@@ -186,6 +189,7 @@ impl Method {
             Method::Passthrough => &["scale"],
             Method::Compeft => &["alpha", "lambda", "weight", "density"],
             Method::Fisher => &["normalize", "floor", "weight"],
+            Method::Opcm => &["alpha"],
             _ => &[
                 "normalize",
                 "rescale",

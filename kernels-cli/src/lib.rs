@@ -11,5 +11,6 @@ pub mod compeft;
 pub mod config;
 pub mod lora;
 pub mod merge;
+mod opcm;
 pub mod output;
 pub mod synthetic;

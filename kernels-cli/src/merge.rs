@@ -11,6 +11,7 @@ use kernels_cpu::prelude::*;
 use crate::checkpoint::{Checkpoint, ElementType, TensorData, TensorEntry};
 use crate::compeft::task_vector;
 use crate::config::{MergeConfig, Method, Sparsify};
+use crate::opcm::OpcmScratch;
 use crate::output::{OutputDir, PlannedTensor};
 
 /// How a merge runs.
@@ -162,20 +163,21 @@ pub fn run(config: &MergeConfig, config_text: &str, options: &MergeOptions) -> R
     let mut output = OutputDir::create(&options.out, options.force, options.shard_bytes, plan)?;
     let bar = progress_bar(options.progress, total_bytes);
     let inputs: Vec<&Checkpoint> = base.iter().chain(&models).collect();
-    let encoders = std::cell::RefCell::new(if config.method == Method::Compeft {
-        compeft_encoders(
+    let state = match config.method {
+        Method::Compeft => MethodState::Compeft(std::cell::RefCell::new(compeft_encoders(
             config,
             options,
             base.as_ref().expect("compeft has a base"),
             &models,
-        )?
-    } else {
-        Vec::new()
-    });
-    let fishers = if config.method == Method::Fisher {
-        Some(FisherInputs::open(config, options, reference)?)
-    } else {
-        None
+        )?)),
+        Method::Fisher => MethodState::Fisher(FisherInputs::open(config, options, reference)?),
+        Method::Opcm => MethodState::Opcm(OpcmScratch::compute(
+            config,
+            options,
+            base.as_ref().expect("opcm has a base"),
+            &models,
+        )?),
+        _ => MethodState::None,
     };
     let mut read_bytes = 0u64;
     let mut tensors = 0usize;
@@ -198,8 +200,7 @@ pub fn run(config: &MergeConfig, config_text: &str, options: &MergeOptions) -> R
             t,
             base.is_some(),
             &data,
-            &encoders,
-            fishers.as_ref(),
+            &state,
         )
         .with_context(|| format!("merging tensor '{name}'"))?;
         drop(data);
@@ -385,8 +386,7 @@ fn merge_tensor(
     t: f64,
     has_base: bool,
     data: &[(TensorEntry, TensorData<'_>)],
-    encoders: &std::cell::RefCell<Vec<CompeftEncoder>>,
-    fishers: Option<&FisherInputs>,
+    state: &MethodState,
 ) -> Result<Vec<f32>> {
     let job = Job {
         config,
@@ -394,8 +394,7 @@ fn merge_tensor(
         name,
         shape,
         t,
-        encoders,
-        fishers,
+        state,
     };
     match same_type(data) {
         Inputs::F32(v) => {
@@ -413,10 +412,19 @@ struct Job<'a> {
     name: &'a str,
     shape: &'a [usize],
     t: f64,
-    /// The `compeft` method's encoders, one per model, fed tensors in the merge's order.
-    encoders: &'a std::cell::RefCell<Vec<CompeftEncoder>>,
-    /// The `fisher` method's Fisher diagonals.
-    fishers: Option<&'a FisherInputs>,
+    state: &'a MethodState,
+}
+
+/// What a method prepares before the tensor loop.
+enum MethodState {
+    /// Nothing.
+    None,
+    /// `compeft`: one encoder per model, fed tensors in the merge's order.
+    Compeft(std::cell::RefCell<Vec<CompeftEncoder>>),
+    /// `fisher`: the Fisher diagonals.
+    Fisher(FisherInputs),
+    /// `opcm`: the merged task vectors, computed in a first pass.
+    Opcm(OpcmScratch),
 }
 
 /// The `fisher` method's Fisher-diagonal checkpoints, one per model, and their squared norms
@@ -537,7 +545,9 @@ impl Job<'_> {
                 }
             }
             Method::Fisher => {
-                let inputs = self.fishers.expect("fisher has its diagonals");
+                let MethodState::Fisher(inputs) = self.state else {
+                    unreachable!("fisher prepares its diagonals")
+                };
                 let fishers = inputs
                     .checkpoints
                     .iter()
@@ -557,6 +567,18 @@ impl Job<'_> {
                     unsafe { c.release(self.name) };
                 }
             }
+            Method::Opcm => {
+                let MethodState::Opcm(scratch) = self.state else {
+                    unreachable!("opcm prepares its merged task vectors")
+                };
+                let merged = scratch.read(self.name)?;
+                let base: Vec<f32> = base
+                    .expect("opcm has a base")
+                    .iter()
+                    .map(|b| b.to_f32())
+                    .collect();
+                task_arithmetic(cpu, &base, &[&merged[..]], &[scratch.scale], 1.0, &mut out)?;
+            }
             Method::Compeft => {
                 let base = base.expect("compeft has a base");
                 let lambda = self.global_param("lambda", Some(1.0))?;
@@ -565,7 +587,10 @@ impl Job<'_> {
                     *o = b.to_f32();
                 }
                 let shape: Vec<u64> = self.shape.iter().map(|&d| d as u64).collect();
-                let mut encoders = self.encoders.borrow_mut();
+                let MethodState::Compeft(encoders) = self.state else {
+                    unreachable!("compeft prepares its encoders")
+                };
+                let mut encoders = encoders.borrow_mut();
                 for ((m, encoder), w) in models.iter().zip(encoders.iter_mut()).zip(weights) {
                     let mut tau = vec![0.0f32; n];
                     linear_combination(cpu, &[*m, base], &[1.0, -1.0], &mut tau)?;

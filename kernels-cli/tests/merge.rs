@@ -981,3 +981,62 @@ fn fisher_merge_weights_by_the_fisher_diagonals() {
     let e = zoo.merge(missing, "nofisher").unwrap_err();
     assert!(format!("{e:#}").contains("fisher"), "{e:#}");
 }
+
+#[test]
+fn opcm_merges_in_order_as_the_reference_projections_say() {
+    use kernels_core::ops::lowrank::{OpcmParams, SvdRef, opcm_project_ref, thin_svd_ref};
+    use kernels_core::{MatRef, Real};
+    let zoo = Zoo::new(Dtype::F32, 1);
+    let yaml = "merge_method: opcm\nbase_model: BASE\nparameters: {alpha: 0.4}\nmodels:\n  - model: FT2\n  - model: FT0\n  - model: FT1\n";
+    let out = zoo.merge(yaml, "opcm").unwrap();
+    let order = [2, 0, 1];
+    let mut merged: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut task_norms = [0.0f64; 3];
+    for (name, (shape, _)) in &zoo.base {
+        let taus: Vec<Vec<f32>> = order
+            .iter()
+            .map(|&i| tau(&zoo.tuned[i], &zoo.base, name))
+            .collect();
+        for (k, t) in taus.iter().enumerate() {
+            task_norms[k] += t.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>();
+        }
+        let mut n: Vec<f64> = taus[0].iter().map(|&v| f64::from(v)).collect();
+        for t in &taus[1..] {
+            let added: Vec<f64> = if shape.len() == 2 && !name.contains("embed") {
+                let (rows, cols) = (shape[0], shape[1]);
+                let svd = thin_svd_ref(MatRef::from_slice(&n, rows, cols).unwrap()).unwrap();
+                let s: Vec<f32> = svd.s.iter().map(|&v| v as f32).collect();
+                let view = SvdRef {
+                    u: svd.u.as_ref(),
+                    s: &s,
+                    v: svd.v.as_ref(),
+                };
+                let t: Vec<f64> = t.iter().map(|v| v.to_f64()).collect();
+                let cleaned = opcm_project_ref(
+                    view,
+                    MatRef::from_slice(&t, rows, cols).unwrap(),
+                    OpcmParams::default().with_alpha(0.4),
+                )
+                .unwrap();
+                cleaned.as_slice().to_vec()
+            } else {
+                t.iter().map(|v| v.to_f64()).collect()
+            };
+            for (a, b) in n.iter_mut().zip(added) {
+                *a += b;
+            }
+        }
+        merged.insert(name.clone(), n);
+    }
+    let merged_norm = merged.values().flatten().map(|v| v * v).sum::<f64>().sqrt();
+    let scale = task_norms.iter().map(|s| s.sqrt()).sum::<f64>() / 3.0 / merged_norm;
+    for (name, (_, got)) in &out {
+        for (j, g) in got.iter().enumerate() {
+            let e = f64::from(zoo.base[name].1[j]) + scale * merged[name][j];
+            assert!(
+                (f64::from(*g) - e).abs() <= 1e-5 * (e.abs() + 1.0),
+                "{name}[{j}]: {g} vs {e}"
+            );
+        }
+    }
+}

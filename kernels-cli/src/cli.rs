@@ -224,7 +224,11 @@ max(1, floor(density n)) per tensor; DARE and DELLA rescale each tensor to keep 
 (`rescale`, on by default for them), not by 1/density; `lambda` scales the merged task vector
 after normalising; a base listed under `models:` is the base; slerp interpolates the whole
 flattened tensor (linearly where the normalised dot exceeds 0.9995); Model Stock's ratio is not
-clamped. Random masks come from Philox keyed by --random-seed, the model's index and the
+clamped. `slices:` stack and merge layer ranges as mergekit does: each slice's sources take equally many
+layers, merged layer by layer (a gradient runs from the slice's first layer to its last), the
+output's layers numbered on from slice to slice; embeddings come from the first slice's sources,
+the final norm and lm_head from the last's; config.json's num_hidden_layers becomes the total.
+Random masks come from Philox keyed by --random-seed, the model's index and the
 tensor's name: reproducible bit for bit, not torch's draws. Computation is in f32 with f64
 accumulation whatever `dtype` says; `out_dtype` (else `dtype`, else each tensor's own type) is
 what is written.

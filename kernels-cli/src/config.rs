@@ -261,6 +261,35 @@ pub struct ModelEntry {
     pub parameters: BTreeMap<String, ParamValue>,
     /// Line of the entry.
     pub line: Option<usize>,
+    /// In a slice's `sources`: the layers `[start, end)` it takes.
+    pub layer_range: Option<(usize, usize)>,
+}
+
+/// One `slices:` entry: sources whose layer ranges have the same length, merged layer by layer
+/// into that many output layers (the output's layers are the slices' in order).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Slice {
+    /// The sources, in order (the base among them for methods that need one).
+    pub sources: Vec<ModelEntry>,
+    /// Line of the slice.
+    pub line: Option<usize>,
+}
+
+impl Slice {
+    /// Layers the slice contributes.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.sources
+            .first()
+            .and_then(|s| s.layer_range)
+            .map_or(0, |(a, b)| b - a)
+    }
+
+    /// Whether it contributes no layer.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// A parsed merge configuration.
@@ -280,6 +309,8 @@ pub struct MergeConfig {
     pub out_dtype: Option<String>,
     /// Warnings to print (ignored options).
     pub warnings: Vec<String>,
+    /// `slices:` (empty when the config lists whole `models:`).
+    pub slices: Vec<Slice>,
 }
 
 impl MergeConfig {
@@ -307,6 +338,7 @@ impl MergeConfig {
         let mut models_node = None;
         let mut base_model = None;
         let mut parameters_node = None;
+        let mut slices_node = None;
         let (mut dtype, mut out_dtype) = (None, None);
         for (key, value) in root.iter() {
             match key.as_str() {
@@ -348,13 +380,7 @@ impl MergeConfig {
                         );
                     }
                 }
-                "slices" => {
-                    return error(
-                        scalar_line(key),
-                        "'slices' (layer ranges) are not supported yet; list whole models \
-                         under 'models'",
-                    );
-                }
+                "slices" => slices_node = Some(value),
                 other => {
                     return error(
                         scalar_line(key),
@@ -378,42 +404,29 @@ impl MergeConfig {
             )?,
             None => BTreeMap::new(),
         };
+        let allowed: Vec<&str> = method.model_parameters().iter().map(|(n, _)| *n).collect();
         let mut models = Vec::new();
         if let Some(node) = models_node {
             let Some(list) = node.as_sequence() else {
                 return error(line_of(node), "'models' must be a list");
             };
-            let allowed: Vec<&str> = method.model_parameters().iter().map(|(n, _)| *n).collect();
             for entry in list.iter() {
-                let Some(map) = entry.as_mapping() else {
-                    return error(line_of(entry), "each entry of 'models' must be a mapping");
-                };
-                let mut path = None;
-                let mut params = BTreeMap::new();
-                for (key, value) in map.iter() {
-                    match key.as_str() {
-                        "model" => path = Some(model_reference(value, "model")?),
-                        "parameters" => {
-                            params = parameter_map(value, &allowed, "parameters", &mut warnings)?;
-                        }
-                        other => {
-                            return error(
-                                scalar_line(key),
-                                format!(
-                                    "unknown key '{other}' in a models entry (model, parameters)"
-                                ),
-                            );
-                        }
-                    }
-                }
-                let Some(path) = path else {
-                    return error(line_of(entry), "a models entry has no 'model'");
-                };
-                models.push(ModelEntry {
-                    path,
-                    parameters: params,
-                    line: line_of(entry),
-                });
+                models.push(model_entry(entry, &allowed, false, &mut warnings)?);
+            }
+        }
+        let mut slices = Vec::new();
+        if let Some(node) = slices_node {
+            if models_node.is_some() {
+                return error(line_of(node), "a config has 'models' or 'slices', not both");
+            }
+            let Some(list) = node.as_sequence() else {
+                return error(line_of(node), "'slices' must be a list");
+            };
+            for entry in list.iter() {
+                slices.push(slice(entry, &allowed, &mut warnings)?);
+            }
+            if slices.is_empty() {
+                return error(line_of(node), "'slices' is empty");
             }
         }
         // A base listed under models is the base, not a task vector.
@@ -428,9 +441,59 @@ impl MergeConfig {
             dtype,
             out_dtype,
             warnings,
+            slices,
         };
-        config.check_required()?;
+        if config.slices.is_empty() {
+            config.check_required()?;
+        } else {
+            if matches!(method, Method::Compeft | Method::Fisher | Method::Opcm) {
+                return error(
+                    None,
+                    format!(
+                        "{} merges whole models: list them under 'models'",
+                        method.name()
+                    ),
+                );
+            }
+            for k in 0..config.slices.len() {
+                config
+                    .for_slice(k)
+                    .check_required()
+                    .map_err(|e| ConfigError {
+                        line: e.line.or(config.slices[k].line),
+                        message: format!("slice {}: {}", k + 1, e.message),
+                    })?;
+                if let Some(base) = &config.base_model
+                    && method.needs_base()
+                    && !config.slices[k].sources.iter().any(|s| &s.path == base)
+                {
+                    return error(
+                        config.slices[k].line,
+                        format!(
+                            "slice {}: the base model '{base}' is not among its sources",
+                            k + 1
+                        ),
+                    );
+                }
+            }
+        }
         Ok(config)
+    }
+
+    /// The config of slice `k` as a merge of whole models: its sources as the models (the base
+    /// excluded), the top-level parameters and base as they are.
+    #[must_use]
+    pub fn for_slice(&self, k: usize) -> MergeConfig {
+        let mut models = self.slices[k].sources.clone();
+        if let Some(base) = &self.base_model {
+            models.retain(|m| &m.path != base || !self.method.needs_base());
+        }
+        MergeConfig {
+            models,
+            slices: Vec::new(),
+            warnings: Vec::new(),
+            ..self.clone()
+        }
     }
 
     fn check_required(&self) -> Result<()> {
@@ -540,6 +603,116 @@ impl MergeConfig {
             None => Err(format!("no value of '{parameter}' for tensor '{tensor}'")),
         }
     }
+}
+
+/// A `models:` entry, or a slice's source (`with_range`: `layer_range: [start, end]` required).
+fn model_entry(
+    entry: &Node,
+    allowed: &[&str],
+    with_range: bool,
+    warnings: &mut Vec<String>,
+) -> Result<ModelEntry> {
+    let what = if with_range { "sources" } else { "models" };
+    let Some(map) = entry.as_mapping() else {
+        return error(
+            line_of(entry),
+            format!("each entry of '{what}' must be a mapping"),
+        );
+    };
+    let (mut path, mut params, mut layer_range) = (None, BTreeMap::new(), None);
+    for (key, value) in map.iter() {
+        match key.as_str() {
+            "model" => path = Some(model_reference(value, "model")?),
+            "parameters" => params = parameter_map(value, allowed, "parameters", warnings)?,
+            "layer_range" if with_range => layer_range = Some(range(value)?),
+            other => {
+                let keys = if with_range {
+                    "model, layer_range, parameters"
+                } else {
+                    "model, parameters"
+                };
+                return error(
+                    scalar_line(key),
+                    format!("unknown key '{other}' in a {what} entry ({keys})"),
+                );
+            }
+        }
+    }
+    let Some(path) = path else {
+        return error(line_of(entry), format!("a {what} entry has no 'model'"));
+    };
+    if with_range && layer_range.is_none() {
+        return error(line_of(entry), "a slice's source has no 'layer_range'");
+    }
+    Ok(ModelEntry {
+        path,
+        parameters: params,
+        line: line_of(entry),
+        layer_range,
+    })
+}
+
+/// `layer_range: [start, end]`, `start < end`.
+fn range(node: &Node) -> Result<(usize, usize)> {
+    let bounds: Option<Vec<usize>> = node.as_sequence().map(|seq| {
+        seq.iter()
+            .filter_map(|e| e.as_scalar()?.as_str().trim().parse().ok())
+            .collect()
+    });
+    match bounds.as_deref() {
+        Some(&[start, end]) if start < end && node.as_sequence().is_some_and(|s| s.len() == 2) => {
+            Ok((start, end))
+        }
+        _ => error(
+            line_of(node),
+            "'layer_range' is [start, end] with integers start < end",
+        ),
+    }
+}
+
+/// A `slices:` entry: `sources:` of equal layer counts.
+fn slice(entry: &Node, allowed: &[&str], warnings: &mut Vec<String>) -> Result<Slice> {
+    let Some(map) = entry.as_mapping() else {
+        return error(line_of(entry), "each entry of 'slices' must be a mapping");
+    };
+    let mut sources = Vec::new();
+    for (key, value) in map.iter() {
+        match key.as_str() {
+            "sources" => {
+                let Some(list) = value.as_sequence() else {
+                    return error(line_of(value), "'sources' must be a list");
+                };
+                for source in list.iter() {
+                    sources.push(model_entry(source, allowed, true, warnings)?);
+                }
+            }
+            other => {
+                return error(
+                    scalar_line(key),
+                    format!("unknown key '{other}' in a slice (sources)"),
+                );
+            }
+        }
+    }
+    let slice = Slice {
+        sources,
+        line: line_of(entry),
+    };
+    if slice.sources.is_empty() {
+        return error(slice.line, "a slice has no sources");
+    }
+    let len = slice.len();
+    if let Some(other) = slice
+        .sources
+        .iter()
+        .find(|s| s.layer_range.map(|(a, b)| b - a) != Some(len))
+    {
+        return error(
+            other.line,
+            format!("every source of a slice takes the same number of layers ({len} here)"),
+        );
+    }
+    Ok(slice)
 }
 
 fn scalar<'a>(node: &'a Node, what: &str) -> Result<&'a MarkedScalarNode> {
@@ -755,8 +928,28 @@ dtype: bfloat16
             ),
             (
                 "merge_method: slerp\nslices:\n  - sources: []\n",
-                2,
-                "slices",
+                3,
+                "no sources",
+            ),
+            (
+                "merge_method: passthrough\nslices:\n  - sources:\n      - model: a\n        layer_range: [0, 4]\n      - model: b\n        layer_range: [2, 4]\n",
+                6,
+                "same number of layers",
+            ),
+            (
+                "merge_method: passthrough\nslices:\n  - sources:\n      - model: a\n        layer_range: [4, 2]\n",
+                5,
+                "start < end",
+            ),
+            (
+                "merge_method: passthrough\nslices:\n  - sources:\n      - model: a\n        layers: [0, 2]\n",
+                5,
+                "unknown key 'layers'",
+            ),
+            (
+                "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\nslices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\n",
+                6,
+                "not both",
             ),
         ];
         for (text, line, needle) in cases {

@@ -10,7 +10,9 @@ use kernels_cpu::prelude::*;
 
 use crate::checkpoint::{Checkpoint, ElementType, TensorData, TensorEntry};
 use crate::compeft::task_vector;
-use crate::config::{MergeConfig, Method, Sparsify};
+use std::collections::BTreeMap;
+
+use crate::config::{MergeConfig, Method, ModelEntry, Slice, Sparsify};
 use crate::opcm::OpcmScratch;
 use crate::output::{OutputDir, PlannedTensor};
 
@@ -106,21 +108,21 @@ pub fn run(config: &MergeConfig, config_text: &str, options: &MergeOptions) -> R
     for w in &config.warnings {
         eprintln!("warning: {w}");
     }
+    let mut checkpoints = Checkpoints::default();
     let base = match &config.base_model {
-        Some(path) if config.method.needs_base() => Some(
-            Checkpoint::open(Path::new(path)).with_context(|| format!("base model '{path}'"))?,
-        ),
+        Some(path) if config.method.needs_base() => Some(checkpoints.open(path, "base model")?),
         _ => None,
     };
     let models = config
         .models
         .iter()
-        .map(|m| {
-            Checkpoint::open(Path::new(&m.path)).with_context(|| format!("model '{}'", m.path))
-        })
+        .map(|m| checkpoints.open(&m.path, "model"))
         .collect::<Result<Vec<_>>>()?;
-    let reference = base.as_ref().unwrap_or(&models[0]);
-    check_same_tensors(reference, base.iter().chain(&models))?;
+    for slice in &config.slices {
+        for source in &slice.sources {
+            checkpoints.open(&source.path, "model")?;
+        }
+    }
     let out_type =
         match config.out_dtype.as_ref().or(config.dtype.as_ref()) {
             Some(name) => Some(ElementType::from_config_name(name).ok_or_else(|| {
@@ -128,87 +130,104 @@ pub fn run(config: &MergeConfig, config_text: &str, options: &MergeOptions) -> R
             })?),
             None => None,
         };
-    let model_config = reference.config()?;
-    let layers = model_config
-        .as_ref()
-        .and_then(|c| c.get("num_hidden_layers"))
-        .and_then(serde_json::Value::as_u64)
-        .map_or_else(
-            || {
-                reference
-                    .tensors()
-                    .keys()
-                    .filter_map(|n| layer_index(n))
-                    .max()
-                    .map_or(0, |m| m + 1)
-            },
-            |n| n as usize,
-        );
-    let plan: Vec<PlannedTensor> = reference
-        .tensors()
-        .iter()
-        .map(|(name, entry)| PlannedTensor {
-            name: name.clone(),
-            shape: entry.shape.clone(),
-            dtype: out_type.unwrap_or(entry.dtype),
-        })
-        .collect();
-    if plan.is_empty() {
-        bail!("'{}' holds no tensors", reference.dir.display());
+    // Whole models are one slice over all their layers.
+    let mut sliced = config.clone();
+    if config.slices.is_empty() {
+        let reference = &checkpoints.all[base.unwrap_or(models[0])];
+        let all = base.iter().chain(&models).map(|&i| &checkpoints.all[i]);
+        check_same_tensors(reference, all)?;
+        let layers = layer_count(reference)?;
+        let whole = |path: &str| ModelEntry {
+            path: path.to_string(),
+            parameters: BTreeMap::new(),
+            line: None,
+            layer_range: Some((0, layers)),
+        };
+        let mut sources: Vec<ModelEntry> = config
+            .base_model
+            .iter()
+            .filter(|_| base.is_some())
+            .map(|p| whole(p))
+            .collect();
+        sources.extend(config.models.iter().map(|m| ModelEntry {
+            layer_range: Some((0, layers)),
+            ..m.clone()
+        }));
+        sliced.slices = vec![Slice {
+            sources,
+            line: None,
+        }];
+    }
+    let plan = plan_tensors(&sliced, &checkpoints, out_type)?;
+    let reference = &checkpoints.all[plan.reference];
+    let mut model_config = reference.config()?;
+    if !config.slices.is_empty()
+        && let Some(map) = model_config
+            .as_mut()
+            .and_then(serde_json::Value::as_object_mut)
+        && map.contains_key("num_hidden_layers")
+    {
+        let layers: usize = config.slices.iter().map(Slice::len).sum();
+        map.insert("num_hidden_layers".into(), layers.into());
     }
     let total_bytes: u64 = plan
+        .tensors
         .iter()
-        .map(|t| (t.shape.iter().product::<usize>() * t.dtype.size()) as u64)
+        .map(|t| (t.out.shape.iter().product::<usize>() * t.out.dtype.size()) as u64)
         .sum();
-    let mut output = OutputDir::create(&options.out, options.force, options.shard_bytes, plan)?;
+    let planned: Vec<PlannedTensor> = plan.tensors.iter().map(|t| t.out.clone()).collect();
+    let mut output = OutputDir::create(&options.out, options.force, options.shard_bytes, planned)?;
     let bar = progress_bar(options.progress, total_bytes);
-    let inputs: Vec<&Checkpoint> = base.iter().chain(&models).collect();
+    let whole_models: Vec<&Checkpoint> = models.iter().map(|&i| &checkpoints.all[i]).collect();
     let state = match config.method {
         Method::Compeft => MethodState::Compeft(std::cell::RefCell::new(compeft_encoders(
             config,
             options,
-            base.as_ref().expect("compeft has a base"),
-            &models,
+            &checkpoints.all[base.expect("compeft has a base")],
+            &whole_models,
         )?)),
         Method::Fisher => MethodState::Fisher(FisherInputs::open(config, options, reference)?),
         Method::Opcm => MethodState::Opcm(OpcmScratch::compute(
             config,
             options,
-            base.as_ref().expect("opcm has a base"),
-            &models,
+            &checkpoints.all[base.expect("opcm has a base")],
+            &whole_models,
         )?),
         _ => MethodState::None,
     };
-    let mut read_bytes = 0u64;
-    let mut tensors = 0usize;
-    while let Some(planned) = output.next_tensor().cloned() {
-        let name = &planned.name;
-        let t = layer_position(name, layers);
-        let data = inputs
+    let slice_configs: Vec<MergeConfig> = (0..sliced.slices.len())
+        .map(|k| sliced.for_slice(k))
+        .collect();
+    let has_base = base.is_some();
+    let (mut read_bytes, mut tensors) = (0u64, 0usize);
+    for job in &plan.tensors {
+        let name = &job.out.name;
+        let data = job
+            .inputs
             .iter()
-            .map(|c| c.read(name))
+            .map(|(c, input)| checkpoints.all[*c].read(input))
             .collect::<Result<Vec<(TensorEntry, TensorData<'_>)>>>()?;
         read_bytes += data
             .iter()
             .map(|(e, _)| (e.len() * e.dtype.size()) as u64)
             .sum::<u64>();
         let merged = merge_tensor(
-            config,
+            &slice_configs[job.slice],
             options,
             name,
-            &planned.shape,
-            t,
-            base.is_some(),
+            &job.out.shape,
+            job.t,
+            has_base,
             &data,
             &state,
         )
         .with_context(|| format!("merging tensor '{name}'"))?;
         drop(data);
-        for c in &inputs {
+        for (c, input) in &job.inputs {
             // SAFETY: `data`, the only borrow of this tensor's bytes, is dropped.
-            unsafe { c.release(name) };
+            unsafe { checkpoints.all[*c].release(input) };
         }
-        let bytes = encode(&merged, planned.dtype);
+        let bytes = encode(&merged, job.out.dtype);
         output.write_next(&bytes)?;
         tensors += 1;
         bar.inc(bytes.len() as u64);
@@ -232,13 +251,223 @@ pub fn run(config: &MergeConfig, config_text: &str, options: &MergeOptions) -> R
     })
 }
 
+/// The checkpoints a merge reads, each opened once.
+#[derive(Default)]
+struct Checkpoints {
+    all: Vec<Checkpoint>,
+    paths: Vec<String>,
+}
+
+impl Checkpoints {
+    /// The index of `path`, opening it the first time.
+    fn open(&mut self, path: &str, what: &str) -> Result<usize> {
+        if let Some(i) = self.paths.iter().position(|p| p == path) {
+            return Ok(i);
+        }
+        let c = Checkpoint::open(Path::new(path)).with_context(|| format!("{what} '{path}'"))?;
+        self.all.push(c);
+        self.paths.push(path.to_string());
+        Ok(self.all.len() - 1)
+    }
+
+    fn index(&self, path: &str) -> usize {
+        self.paths
+            .iter()
+            .position(|p| p == path)
+            .expect("opened before planning")
+    }
+}
+
+/// The decoder layers of a checkpoint: its config's `num_hidden_layers`, else one past the
+/// largest `layers.N.` in its tensor names.
+fn layer_count(c: &Checkpoint) -> Result<usize> {
+    let from_config = c.config()?.and_then(|c| {
+        c.get("num_hidden_layers")
+            .and_then(serde_json::Value::as_u64)
+    });
+    Ok(from_config.map_or_else(
+        || {
+            c.tensors()
+                .keys()
+                .filter_map(|n| layer_index(n))
+                .max()
+                .map_or(0, |m| m + 1)
+        },
+        |n| n as usize,
+    ))
+}
+
+/// One output tensor: what it is, which tensors of which checkpoints it merges (in the slice
+/// config's order: the base first where there is one), its layer position and slice.
+struct TensorPlan {
+    out: PlannedTensor,
+    inputs: Vec<(usize, String)>,
+    t: f64,
+    slice: usize,
+}
+
+struct MergePlan {
+    tensors: Vec<TensorPlan>,
+    /// The checkpoint whose config and tokenizer the output takes.
+    reference: usize,
+}
+
+/// The output's tensors: the embeddings from the first slice's sources (at `t = 0`), each
+/// slice's layers renumbered from where the previous slice ended (layer `i` of `n` at
+/// `t = i / (n - 1)`), the other tensors outside the layers (final norm, `lm_head`) from the
+/// last slice's sources (at `t = 1`).
+fn plan_tensors(
+    config: &MergeConfig,
+    checkpoints: &Checkpoints,
+    out_type: Option<ElementType>,
+) -> Result<MergePlan> {
+    let slices = &config.slices;
+    let order = |k: usize| -> Vec<(usize, usize)> {
+        // The slice's sources in its config's order: the base first, then the rest.
+        let c = config.for_slice(k);
+        let mut sources = Vec::new();
+        if config.method.needs_base()
+            && let Some(base) = &config.base_model
+        {
+            let s = slices[k]
+                .sources
+                .iter()
+                .find(|s| &s.path == base)
+                .expect("checked");
+            sources.push((checkpoints.index(base), s.layer_range.expect("a range").0));
+        }
+        for m in &c.models {
+            sources.push((
+                checkpoints.index(&m.path),
+                m.layer_range.expect("a range").0,
+            ));
+        }
+        sources
+    };
+    let reference = order(0)[0].0;
+    let mut tensors = Vec::new();
+    let outside = |k: usize, pre: bool, t: f64, tensors: &mut Vec<TensorPlan>| -> Result<()> {
+        let sources = order(k);
+        let first = &checkpoints.all[sources[0].0];
+        for (name, entry) in first.tensors() {
+            if layer_index(name).is_some() || name.contains("embed") != pre {
+                continue;
+            }
+            let inputs = sources.iter().map(|&(c, _)| (c, name.clone())).collect();
+            tensors.push(plan_one(
+                checkpoints,
+                name.clone(),
+                entry,
+                inputs,
+                t,
+                k,
+                out_type,
+            )?);
+        }
+        Ok(())
+    };
+    outside(0, true, 0.0, &mut tensors)?;
+    let mut next_layer = 0usize;
+    for k in 0..slices.len() {
+        let sources = order(k);
+        let n = slices[k].len();
+        let first = &checkpoints.all[sources[0].0];
+        for i in 0..n {
+            let t = if n > 1 {
+                i as f64 / (n - 1) as f64
+            } else {
+                0.0
+            };
+            let layer = sources[0].1 + i;
+            let before = tensors.len();
+            for (name, entry) in first.tensors() {
+                if layer_index(name) != Some(layer) {
+                    continue;
+                }
+                let inputs = sources
+                    .iter()
+                    .map(|&(c, start)| (c, renumber(name, start + i)))
+                    .collect();
+                let out = renumber(name, next_layer + i);
+                tensors.push(plan_one(checkpoints, out, entry, inputs, t, k, out_type)?);
+            }
+            if tensors.len() == before {
+                bail!(
+                    "model '{}' has no layer {layer} (slice {} takes layers {:?})",
+                    first.dir.display(),
+                    k + 1,
+                    slices[k]
+                        .sources
+                        .iter()
+                        .find_map(|s| s.layer_range)
+                        .unwrap_or_default()
+                );
+            }
+        }
+        next_layer += n;
+    }
+    outside(slices.len() - 1, false, 1.0, &mut tensors)?;
+    if tensors.is_empty() {
+        bail!(
+            "'{}' holds no tensors",
+            checkpoints.all[reference].dir.display()
+        );
+    }
+    Ok(MergePlan { tensors, reference })
+}
+
+/// One output tensor, its inputs checked: present in each checkpoint, with the same shape.
+fn plan_one(
+    checkpoints: &Checkpoints,
+    out: String,
+    entry: &TensorEntry,
+    inputs: Vec<(usize, String)>,
+    t: f64,
+    slice: usize,
+    out_type: Option<ElementType>,
+) -> Result<TensorPlan> {
+    for (c, input) in &inputs {
+        let c = &checkpoints.all[*c];
+        match c.tensors().get(input) {
+            None => bail!(
+                "tensor '{input}' is missing from model '{}'",
+                c.dir.display()
+            ),
+            Some(other) if other.shape != entry.shape => bail!(
+                "tensor '{input}' has shape {:?} in model '{}' but {:?} in the slice's first source",
+                other.shape,
+                c.dir.display(),
+                entry.shape
+            ),
+            Some(_) => {}
+        }
+    }
+    Ok(TensorPlan {
+        out: PlannedTensor {
+            name: out,
+            shape: entry.shape.clone(),
+            dtype: out_type.unwrap_or(entry.dtype),
+        },
+        inputs,
+        t,
+        slice,
+    })
+}
+
+/// `name` with its `layers.N.` index replaced by `layer`.
+fn renumber(name: &str, layer: usize) -> String {
+    let at = name.find("layers.").expect("a layer tensor") + "layers.".len();
+    let digits = name[at..].chars().take_while(char::is_ascii_digit).count();
+    format!("{}{layer}{}", &name[..at], &name[at + digits..])
+}
+
 /// The `compeft` method's decisions: each model's task vector streamed over the whole model
 /// (two passes of ComPEFT's global top-k), in the merge's tensor order.
 fn compeft_encoders(
     config: &MergeConfig,
     options: &MergeOptions,
     base: &Checkpoint,
-    models: &[Checkpoint],
+    models: &[&Checkpoint],
 ) -> Result<Vec<CompeftEncoder>> {
     let cpu = &options.cpu;
     let alpha = config

@@ -50,7 +50,7 @@ impl OpcmScratch {
         config: &MergeConfig,
         options: &MergeOptions,
         base: &Checkpoint,
-        models: &[Checkpoint],
+        models: &[&Checkpoint],
     ) -> Result<Self> {
         let cpu = &options.cpu;
         let alpha = config

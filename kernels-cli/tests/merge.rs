@@ -1040,3 +1040,60 @@ fn opcm_merges_in_order_as_the_reference_projections_say() {
         }
     }
 }
+
+#[test]
+fn slices_stack_and_merge_layer_ranges() {
+    let zoo = Zoo::new(Dtype::F32, 1);
+    // A frankenmerge: both layers of FT0, then layer 1 of FT1 as layer 2.
+    let stacked = "merge_method: passthrough\nslices:\n  - sources:\n      - model: FT0\n        layer_range: [0, 2]\n  - sources:\n      - model: FT1\n        layer_range: [1, 2]\n";
+    let out = zoo.merge(stacked, "stacked").unwrap();
+    let layer = |l: usize, suffix: &str| format!("model.layers.{l}.{suffix}");
+    for suffix in ["mlp.up_proj.weight", "self_attn.q_proj.weight"] {
+        assert_eq!(out[&layer(0, suffix)].1, zoo.tuned[0][&layer(0, suffix)].1);
+        assert_eq!(out[&layer(1, suffix)].1, zoo.tuned[0][&layer(1, suffix)].1);
+        assert_eq!(out[&layer(2, suffix)].1, zoo.tuned[1][&layer(1, suffix)].1);
+    }
+    // Embeddings from the first slice, the final norm from the last.
+    let embed = "model.embed_tokens.weight";
+    assert_eq!(out[embed].1, zoo.tuned[0][embed].1);
+    assert_eq!(
+        out["model.norm.weight"].1,
+        zoo.tuned[1]["model.norm.weight"].1
+    );
+    // The test model has an input norm in layer 0 only.
+    assert_eq!(out.len(), 1 + 3 + 2 + 2 + 1);
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(zoo.root.path().join("stacked/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["num_hidden_layers"], 3);
+    // A slerp over a slice with a gradient: layer 0 at t = 0 is the base, layer 1 at t = 1 FT0.
+    let slerp = "merge_method: slerp\nbase_model: BASE\nparameters:\n  t: [0.0, 1.0]\nslices:\n  - sources:\n      - model: BASE\n        layer_range: [0, 2]\n      - model: FT0\n        layer_range: [0, 2]\n";
+    let out = zoo.merge(slerp, "slerped").unwrap();
+    for suffix in ["mlp.up_proj.weight", "self_attn.q_proj.weight"] {
+        for (l, want) in [(0, &zoo.base), (1, &zoo.tuned[0])] {
+            for (g, e) in out[&layer(l, suffix)]
+                .1
+                .iter()
+                .zip(&want[&layer(l, suffix)].1)
+            {
+                assert!(
+                    (g - e).abs() <= 1e-6 * (e.abs() + 1.0),
+                    "layer {l} {suffix}"
+                );
+            }
+        }
+    }
+    // A source whose layers are missing is an error naming the tensor and model.
+    let beyond = "merge_method: passthrough\nslices:\n  - sources:\n      - model: FT0\n        layer_range: [1, 3]\n";
+    let e = zoo.merge(beyond, "beyond").unwrap_err();
+    let e = format!("{e:#}");
+    assert!(e.contains("no layer 2") && e.contains("ft0"), "{e}");
+    // A second source that lacks the layers is an error naming the tensor and that model.
+    let short = "merge_method: linear\nslices:\n  - sources:\n      - model: FT0\n        layer_range: [0, 1]\n        parameters: {weight: 1}\n      - model: FT1\n        layer_range: [1, 2]\n        parameters: {weight: 1}\n";
+    let e = format!("{:#}", zoo.merge(short, "short").unwrap_err());
+    assert!(
+        e.contains("model.layers.1.input_layernorm.weight") && e.contains("ft1"),
+        "{e}"
+    );
+}

@@ -75,20 +75,6 @@ pub fn mask_seed(seed: u64, model: usize, name: &str) -> u64 {
     z ^ (z >> 31)
 }
 
-/// A tensor's position through the layers, for gradient parameters: layer `i` of `n` is at
-/// `i / (n - 1)`; embeddings before the layers at 0, everything else after them at 1.
-#[must_use]
-pub fn layer_position(name: &str, layers: usize) -> f64 {
-    if let Some(i) = layer_index(name) {
-        return if layers > 1 {
-            (i as f64 / (layers - 1) as f64).min(1.0)
-        } else {
-            0.0
-        };
-    }
-    if name.contains("embed") { 0.0 } else { 1.0 }
-}
-
 fn layer_index(name: &str) -> Option<usize> {
     let at = name.find("layers.")?;
     let rest = &name[at + "layers.".len()..];
@@ -136,7 +122,7 @@ pub fn run(config: &MergeConfig, config_text: &str, options: &MergeOptions) -> R
         let reference = &checkpoints.all[base.unwrap_or(models[0])];
         let all = base.iter().chain(&models).map(|&i| &checkpoints.all[i]);
         check_same_tensors(reference, all)?;
-        let layers = layer_count(reference)?;
+        let layers = layer_count(reference);
         let whole = |path: &str| ModelEntry {
             path: path.to_string(),
             parameters: BTreeMap::new(),
@@ -278,23 +264,14 @@ impl Checkpoints {
     }
 }
 
-/// The decoder layers of a checkpoint: its config's `num_hidden_layers`, else one past the
-/// largest `layers.N.` in its tensor names.
-fn layer_count(c: &Checkpoint) -> Result<usize> {
-    let from_config = c.config()?.and_then(|c| {
-        c.get("num_hidden_layers")
-            .and_then(serde_json::Value::as_u64)
-    });
-    Ok(from_config.map_or_else(
-        || {
-            c.tensors()
-                .keys()
-                .filter_map(|n| layer_index(n))
-                .max()
-                .map_or(0, |m| m + 1)
-        },
-        |n| n as usize,
-    ))
+/// The decoder layers of a checkpoint: one past the largest `layers.N.` in its tensor names (what
+/// is there to merge, whatever its config says).
+fn layer_count(c: &Checkpoint) -> usize {
+    c.tensors()
+        .keys()
+        .filter_map(|n| layer_index(n))
+        .max()
+        .map_or(0, |m| m + 1)
 }
 
 /// One output tensor: what it is, which tensors of which checkpoints it merges (in the slice

@@ -119,6 +119,37 @@ pub enum TensorData<'a> {
     BF16(std::borrow::Cow<'a, [bf16]>),
 }
 
+impl<'a> TensorData<'a> {
+    /// The elements as `f32`: the same slice where they are `f32`, else widened by the CPU
+    /// backend.
+    ///
+    /// # Errors
+    ///
+    /// None in practice; the widening op's `Result` is passed on.
+    pub fn into_f32(self, cpu: &kernels_cpu::Cpu) -> Result<std::borrow::Cow<'a, [f32]>> {
+        use std::borrow::Cow;
+        Ok(match self {
+            TensorData::F32(v) => v,
+            TensorData::F16(v) => Cow::Owned(crate::merge::widen(cpu, &v)?),
+            TensorData::BF16(v) => Cow::Owned(crate::merge::widen(cpu, &v)?),
+        })
+    }
+
+    /// [`TensorData::into_f32`] of a borrowed tensor.
+    ///
+    /// # Errors
+    ///
+    /// As [`TensorData::into_f32`].
+    pub fn as_f32(&self, cpu: &kernels_cpu::Cpu) -> Result<std::borrow::Cow<'_, [f32]>> {
+        use std::borrow::Cow;
+        Ok(match self {
+            TensorData::F32(v) => Cow::Borrowed(&v[..]),
+            TensorData::F16(v) => Cow::Owned(crate::merge::widen(cpu, v)?),
+            TensorData::BF16(v) => Cow::Owned(crate::merge::widen(cpu, v)?),
+        })
+    }
+}
+
 /// An opened model directory.
 pub struct Checkpoint {
     /// The directory.

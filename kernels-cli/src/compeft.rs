@@ -84,7 +84,7 @@ pub(crate) fn task_vector(
             linear_combination(cpu, &[&t[..], &b[..]], &[1.0, -1.0], &mut tau)?;
         }
         _ => {
-            let (b, t) = (widen(&b), widen(&t));
+            let (b, t) = (b.as_f32(cpu)?, t.as_f32(cpu)?);
             linear_combination(cpu, &[&t[..], &b[..]], &[1.0, -1.0], &mut tau)?;
         }
     }
@@ -95,14 +95,6 @@ pub(crate) fn task_vector(
         tuned.release(name);
     }
     Ok(tau)
-}
-
-fn widen(data: &TensorData<'_>) -> Vec<f32> {
-    match data {
-        TensorData::F32(v) => v.to_vec(),
-        TensorData::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
-        TensorData::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
-    }
 }
 
 /// Compresses `finetuned - base` into `out` (a file, written atomically: a temporary file beside

@@ -11,8 +11,8 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use kernels_cpu::prelude::*;
 
-use crate::checkpoint::{Checkpoint, TensorData};
-use crate::merge::{check_same_tensors, encode};
+use crate::checkpoint::Checkpoint;
+use crate::merge::{check_same_tensors, encode, f32_tensor};
 use crate::output::{OutputDir, PlannedTensor};
 
 /// How the rank of each module is chosen.
@@ -49,15 +49,10 @@ fn module(name: &str) -> &str {
     name.strip_suffix(".weight").unwrap_or(name)
 }
 
-/// A tensor's elements as `f32`.
-fn widened(c: &Checkpoint, name: &str) -> Result<Vec<f32>> {
-    let (_, data) = c.read(name)?;
-    let v = match data {
-        TensorData::F32(v) => v.into_owned(),
-        TensorData::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
-        TensorData::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
-    };
-    // SAFETY: the borrow (`data`) was consumed above.
+/// A tensor's elements as `f32`, its pages released.
+fn widened(cpu: &Cpu, c: &Checkpoint, name: &str) -> Result<Vec<f32>> {
+    let v = f32_tensor(cpu, c, name)?.into_owned();
+    // SAFETY: the borrow was consumed above.
     unsafe { c.release(name) };
     Ok(v)
 }
@@ -91,7 +86,7 @@ pub fn extract(
     let mut whole: Vec<String> = Vec::new();
     let (mut error2, mut norm2) = (0.0f64, 0.0f64);
     for (name, entry) in base.tensors() {
-        let (b, t) = (widened(&base, name)?, widened(&tuned, name)?);
+        let (b, t) = (widened(cpu, &base, name)?, widened(cpu, &tuned, name)?);
         let mut delta = vec![0.0f32; b.len()];
         linear_combination(cpu, &[&t[..], &b[..]], &[1.0, -1.0], &mut delta)?;
         if saved_whole(name, &entry.shape) {
@@ -156,11 +151,11 @@ pub fn extract(
     let mut output = OutputDir::create_named(out, force, u64::MAX, plan, "adapter_model")?;
     for (name, lora) in &factors {
         let dtype = dtype_of(name);
-        output.write_next(&encode(lora.a.as_slice(), dtype))?;
-        output.write_next(&encode(lora.b.as_slice(), dtype))?;
+        output.write_next(encode(cpu, lora.a.as_slice().to_vec(), dtype)?.bytes())?;
+        output.write_next(encode(cpu, lora.b.as_slice().to_vec(), dtype)?.bytes())?;
     }
     for name in &whole {
-        output.write_next(&encode(&widened(&tuned, name)?, dtype_of(name)))?;
+        output.write_next(encode(cpu, widened(cpu, &tuned, name)?, dtype_of(name))?.bytes())?;
     }
     write_adapter_config(&output, base_path, &ranks, &whole)?;
     output.commit()?;

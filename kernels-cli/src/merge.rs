@@ -213,10 +213,10 @@ pub fn run(config: &MergeConfig, config_text: &str, options: &MergeOptions) -> R
             // SAFETY: `data`, the only borrow of this tensor's bytes, is dropped.
             unsafe { checkpoints.all[*c].release(input) };
         }
-        let bytes = encode(&merged, job.out.dtype);
-        output.write_next(&bytes)?;
+        let encoded = encode(&options.cpu, merged, job.out.dtype)?;
+        output.write_next(encoded.bytes())?;
         tensors += 1;
-        bar.inc(bytes.len() as u64);
+        bar.inc(encoded.bytes().len() as u64);
     }
     bar.finish_and_clear();
     let readme = format!(
@@ -530,20 +530,56 @@ fn progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar {
     bar
 }
 
-/// Little-endian bytes of `values` rounded (to nearest even) to `dtype`.
-#[must_use]
-pub fn encode(values: &[f32], dtype: ElementType) -> Vec<u8> {
-    match dtype {
-        ElementType::F32 => bytemuck::cast_slice(values).to_vec(),
-        ElementType::F16 => {
-            let v: Vec<f16> = values.iter().map(|&x| f16::from_f32(x)).collect();
-            bytemuck::cast_slice(&v).to_vec()
-        }
-        ElementType::BF16 => {
-            let v: Vec<bf16> = values.iter().map(|&x| bf16::from_f32(x)).collect();
-            bytemuck::cast_slice(&v).to_vec()
+/// A tensor's values in the element type it is written as.
+pub enum Encoded {
+    /// `f32`.
+    F32(Vec<f32>),
+    /// `f16`.
+    F16(Vec<f16>),
+    /// `bf16`.
+    BF16(Vec<bf16>),
+}
+
+impl Encoded {
+    /// The little-endian bytes.
+    #[must_use]
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Encoded::F32(v) => bytemuck::cast_slice(v),
+            Encoded::F16(v) => bytemuck::cast_slice(v),
+            Encoded::BF16(v) => bytemuck::cast_slice(v),
         }
     }
+}
+
+/// `values` rounded (to nearest even) to `dtype`, by the CPU backend's vectorised, threaded
+/// narrowing (a linear combination with the one weight 1, which is exact before the rounding).
+///
+/// # Errors
+///
+/// None in practice (one model, a finite weight); the op's `Result` is passed on.
+pub fn encode(cpu: &Cpu, values: Vec<f32>, dtype: ElementType) -> Result<Encoded> {
+    fn narrowed<O: Element>(cpu: &Cpu, values: &[f32]) -> Result<Vec<O>> {
+        let mut out = vec![O::from_f32(0.0); values.len()];
+        linear_combination(cpu, &[values], &[1.0], &mut out)?;
+        Ok(out)
+    }
+    Ok(match dtype {
+        ElementType::F32 => Encoded::F32(values),
+        ElementType::F16 => Encoded::F16(narrowed(cpu, &values)?),
+        ElementType::BF16 => Encoded::BF16(narrowed(cpu, &values)?),
+    })
+}
+
+/// `values` widened to `f32` by the CPU backend (vectorised, threaded).
+///
+/// # Errors
+///
+/// As [`encode`].
+pub fn widen<T: Element>(cpu: &Cpu, values: &[T]) -> Result<Vec<f32>> {
+    let mut out = vec![0.0f32; values.len()];
+    linear_combination(cpu, &[values], &[1.0], &mut out)?;
+    Ok(out)
 }
 
 /// The inputs of one tensor as slices of one element type (widened to `f32` where they differ).
@@ -553,7 +589,7 @@ enum Inputs<'a> {
     BF16(Vec<&'a [bf16]>),
 }
 
-fn same_type<'a>(data: &'a [(TensorEntry, TensorData<'a>)]) -> Inputs<'a> {
+fn same_type<'a>(cpu: &Cpu, data: &'a [(TensorEntry, TensorData<'a>)]) -> Result<Inputs<'a>> {
     /// Every input as `T`, if all are stored as `T`.
     fn all_as<'a, T>(
         data: &'a [(TensorEntry, TensorData<'a>)],
@@ -565,23 +601,19 @@ fn same_type<'a>(data: &'a [(TensorEntry, TensorData<'a>)]) -> Inputs<'a> {
         TensorData::F16(v) => Some(&v[..]),
         _ => None,
     }) {
-        return Inputs::F16(v);
+        return Ok(Inputs::F16(v));
     }
     if let Some(v) = all_as(data, |d| match d {
         TensorData::BF16(v) => Some(&v[..]),
         _ => None,
     }) {
-        return Inputs::BF16(v);
+        return Ok(Inputs::BF16(v));
     }
-    Inputs::F32(
+    Ok(Inputs::F32(
         data.iter()
-            .map(|(_, d)| match d {
-                TensorData::F32(v) => Cow::Borrowed(&v[..]),
-                TensorData::F16(v) => Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
-                TensorData::BF16(v) => Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
-            })
-            .collect(),
-    )
+            .map(|(_, d)| d.as_f32(cpu))
+            .collect::<Result<_>>()?,
+    ))
 }
 
 fn merge_tensor(
@@ -602,7 +634,7 @@ fn merge_tensor(
         t,
         state,
     };
-    match same_type(data) {
+    match same_type(&options.cpu, data)? {
         Inputs::F32(v) => {
             let views: Vec<&[f32]> = v.iter().map(|c| &c[..]).collect();
             job.run(has_base, &views)
@@ -659,7 +691,7 @@ impl FisherInputs {
             for c in &checkpoints {
                 let mut sum = 0.0;
                 for name in c.tensors().keys() {
-                    sum += sum_squares(&options.cpu, &f32_tensor(c, name)?)?;
+                    sum += sum_squares(&options.cpu, &f32_tensor(&options.cpu, c, name)?)?;
                     // SAFETY: the copy above holds no borrow of the mapping.
                     unsafe { c.release(name) };
                 }
@@ -677,13 +709,8 @@ impl FisherInputs {
 }
 
 /// A tensor as `f32`, borrowed where it is stored as `f32` (and aligned), else widened.
-fn f32_tensor<'a>(c: &'a Checkpoint, name: &str) -> Result<Cow<'a, [f32]>> {
-    let (_, data) = c.read(name)?;
-    Ok(match data {
-        TensorData::F32(v) => v,
-        TensorData::F16(v) => Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
-        TensorData::BF16(v) => Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
-    })
+pub(crate) fn f32_tensor<'a>(cpu: &Cpu, c: &'a Checkpoint, name: &str) -> Result<Cow<'a, [f32]>> {
+    c.read(name)?.1.into_f32(cpu)
 }
 
 impl Job<'_> {
@@ -757,7 +784,7 @@ impl Job<'_> {
                 let fishers = inputs
                     .checkpoints
                     .iter()
-                    .map(|c| f32_tensor(c, self.name))
+                    .map(|c| f32_tensor(cpu, c, self.name))
                     .collect::<Result<Vec<_>>>()?;
                 let views: Vec<&[f32]> = fishers.iter().map(|f| &f[..]).collect();
                 let floor = self.global_param("floor", Some(0.0))? as f32;
@@ -778,11 +805,7 @@ impl Job<'_> {
                     unreachable!("opcm prepares its merged task vectors")
                 };
                 let merged = scratch.read(self.name)?;
-                let base: Vec<f32> = base
-                    .expect("opcm has a base")
-                    .iter()
-                    .map(|b| b.to_f32())
-                    .collect();
+                let base = widen(cpu, base.expect("opcm has a base"))?;
                 task_arithmetic(cpu, &base, &[&merged[..]], &[scratch.scale], 1.0, &mut out)?;
             }
             Method::Compeft => {
@@ -853,7 +876,7 @@ impl Job<'_> {
             taus.push(tau);
         }
         let views: Vec<&[f32]> = taus.iter().map(|t| &t[..]).collect();
-        let base_f32: Vec<f32> = base.iter().map(|b| b.to_f32()).collect();
+        let base_f32 = widen(cpu, base)?;
         let lambda = lambda as f32;
         if consensus {
             let rule = TiesElection::default()

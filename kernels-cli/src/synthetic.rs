@@ -10,6 +10,8 @@ use kernels_core::CounterRng;
 use rayon::prelude::*;
 
 use crate::checkpoint::ElementType;
+use kernels_cpu::Cpu;
+
 use crate::merge::encode;
 use crate::output::{OutputDir, PlannedTensor};
 
@@ -105,7 +107,7 @@ pub fn write_model(
             })
             .collect();
         first += n as u64;
-        out.write_next(&encode(&values, dtype))?;
+        out.write_next(encode(&Cpu::detect(), values, dtype)?.bytes())?;
     }
     let config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"],

@@ -11,19 +11,12 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use half::bf16;
-use kernels_benches::{bench_stream_read, heavy_tailed};
+use kernels_benches::{bench_stream_read, cheap_data as data, heavy_tailed};
 use kernels_cpu::prelude::*;
 
 const N: usize = 100_000_000;
 const MODELS: usize = 3;
 const DELLA_COLS: usize = 4096;
-
-/// Cheap deterministic data (the values do not change the speed of the element-wise ops).
-fn data<T: Element>(n: usize, seed: usize) -> Vec<T> {
-    (0..n)
-        .map(|i| T::from_f32(((i * 7 + seed * 13) % 101) as f32 * 0.01 - 0.5))
-        .collect()
-}
 
 fn family<T: Element>(c: &mut Criterion, cpu: &Cpu) {
     let threads = cpu.threads();

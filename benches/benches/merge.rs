@@ -10,18 +10,11 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use half::bf16;
-use kernels_benches::{bench_stream_read, heavy_tailed};
+use kernels_benches::{bench_stream_read, cheap_data as data, heavy_tailed};
 use kernels_cpu::prelude::*;
 
 const SIZES: [usize; 3] = [1_000_000, 10_000_000, 100_000_000];
 const MODELS: [usize; 3] = [2, 4, 8];
-
-/// Cheap deterministic data (the values do not change the speed).
-fn data<T: Element>(n: usize, seed: usize) -> Vec<T> {
-    (0..n)
-        .map(|i| T::from_f32(((i * 7 + seed * 13) % 101) as f32 * 0.01 - 0.5))
-        .collect()
-}
 
 fn family<T: Element>(c: &mut Criterion, cpu: &Cpu) {
     let threads = cpu.threads();

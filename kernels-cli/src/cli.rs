@@ -66,15 +66,34 @@ tokenizer files (atomically; --force to replace).
 Examples:
   kernels apply --base ./Llama-3.2-1B math.ternary -o ./math-compeft";
 
-/// `kernels compress` arguments.
+/// A base model and a fine-tune of it.
 #[derive(clap::Args, Debug)]
-pub struct CompressArgs {
+pub struct ModelPair {
     /// The base model's directory.
     #[arg(long)]
     pub base: PathBuf,
     /// The fine-tuned model's directory.
     #[arg(long)]
     pub finetuned: PathBuf,
+}
+
+/// What every writing subcommand takes.
+#[derive(clap::Args, Debug)]
+pub struct RunOptions {
+    /// Replace an existing output.
+    #[arg(long)]
+    pub force: bool,
+    /// Threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// `kernels compress` arguments.
+#[derive(clap::Args, Debug)]
+pub struct CompressArgs {
+    /// The two models.
+    #[command(flatten)]
+    pub models: ModelPair,
     /// The compressed file to write.
     #[arg(short, long)]
     pub output: PathBuf,
@@ -84,12 +103,9 @@ pub struct CompressArgs {
     /// Scale of the kept entries, in standard deviations of the task vector.
     #[arg(long, default_value_t = 1.0)]
     pub alpha: f32,
-    /// Replace an existing output.
-    #[arg(long)]
-    pub force: bool,
-    /// Threads (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
+    /// Output and threads.
+    #[command(flatten)]
+    pub run: RunOptions,
 }
 
 /// `kernels apply` arguments.
@@ -106,12 +122,9 @@ pub struct ApplyArgs {
     /// Scale of the task vector added.
     #[arg(long, default_value_t = 1.0)]
     pub lambda: f32,
-    /// Replace an existing output.
-    #[arg(long)]
-    pub force: bool,
-    /// Threads (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
+    /// Output and threads.
+    #[command(flatten)]
+    pub run: RunOptions,
 }
 
 const EXTRACT_HELP: &str = "\
@@ -142,12 +155,9 @@ pub struct DemoArgs {
 /// `kernels extract-lora` arguments.
 #[derive(clap::Args, Debug)]
 pub struct ExtractLoraArgs {
-    /// The base model's directory.
-    #[arg(long)]
-    pub base: PathBuf,
-    /// The fine-tuned model's directory.
-    #[arg(long)]
-    pub finetuned: PathBuf,
+    /// The two models.
+    #[command(flatten)]
+    pub models: ModelPair,
     /// The adapter directory to write.
     #[arg(short, long)]
     pub output: PathBuf,
@@ -160,12 +170,9 @@ pub struct ExtractLoraArgs {
     /// Pick each module's rank to keep this fraction of its energy (exact SVD).
     #[arg(long, conflicts_with = "exact")]
     pub energy: Option<f64>,
-    /// Replace an existing output.
-    #[arg(long)]
-    pub force: bool,
-    /// Threads (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
+    /// Output and threads.
+    #[command(flatten)]
+    pub run: RunOptions,
 }
 
 const SYNTHETIC_HELP: &str = "\
@@ -244,18 +251,15 @@ pub struct MergeArgs {
     pub config: PathBuf,
     /// The output directory (written atomically; see --force).
     pub out_dir: PathBuf,
-    /// Replace an existing output directory.
-    #[arg(long)]
-    pub force: bool,
     /// Largest output shard: bytes, or with a suffix (KB, MB, GB; K, M, G; KiB, MiB, GiB).
     #[arg(long, default_value = "5GB", value_parser = parse_size)]
     pub out_shard_size: u64,
     /// Seed of the random methods' masks (DARE, DELLA).
     #[arg(long, default_value_t = 0)]
     pub random_seed: u64,
-    /// Threads (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
+    /// Output and threads.
+    #[command(flatten)]
+    pub run: RunOptions,
     /// Where the kernels run. The merge ops run on the CPU; `gpu` is refused until the GPU
     /// backend covers every op a merge needs.
     #[arg(long, value_enum, default_value_t = Device::Auto)]
@@ -340,10 +344,10 @@ fn merge_command(args: &MergeArgs) -> Result<()> {
         MergeConfig::parse(&text).with_context(|| format!("in '{}'", args.config.display()))?;
     let options = MergeOptions {
         out: args.out_dir.clone(),
-        force: args.force,
+        force: args.run.force,
         shard_bytes: args.out_shard_size,
         seed: args.random_seed,
-        cpu: cpu(args.threads)?,
+        cpu: cpu(args.run.threads)?,
         progress: !args.quiet && std::io::stderr().is_terminal(),
     };
     let summary = merge::run(&config, &text, &options)?;
@@ -366,12 +370,12 @@ fn compress_command(args: &CompressArgs) -> Result<()> {
         .with_keep(KeepRule::Density(args.density))
         .with_alpha(args.alpha);
     let s = compeft::compress(
-        &cpu(args.threads)?,
-        &args.base,
-        &args.finetuned,
+        &cpu(args.run.threads)?,
+        &args.models.base,
+        &args.models.finetuned,
         &args.output,
         params,
-        args.force,
+        args.run.force,
     )?;
     println!(
         "compressed {} parameters ({} kept) to {:.3} bits per parameter, {:.1}x smaller than the \
@@ -390,14 +394,14 @@ fn compress_command(args: &CompressArgs) -> Result<()> {
 
 fn apply_command(args: &ApplyArgs) -> Result<()> {
     let started = std::time::Instant::now();
-    let cpu = cpu(args.threads)?;
+    let cpu = cpu(args.run.threads)?;
     let count = compeft::apply(
         &cpu,
         &args.base,
         &args.compressed,
         &args.output,
         args.lambda,
-        args.force,
+        args.run.force,
     )?;
     println!(
         "applied {count} tensors to '{}' in {:.2} s",
@@ -415,12 +419,12 @@ fn extract_command(args: &ExtractLoraArgs) -> Result<()> {
         (None, false) => lora::RankRule::Randomized(args.rank),
     };
     let s = lora::extract(
-        &cpu(args.threads)?,
-        &args.base,
-        &args.finetuned,
+        &cpu(args.run.threads)?,
+        &args.models.base,
+        &args.models.finetuned,
         &args.output,
         rule,
-        args.force,
+        args.run.force,
     )?;
     let (lo, hi) = (
         s.ranks.values().min().copied().unwrap_or(0),

@@ -2,6 +2,7 @@
 //! number computed by the public ops of `kernels-cpu`.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -10,8 +11,6 @@ use kernels_cpu::prelude::*;
 
 use crate::checkpoint::{Checkpoint, ElementType, TensorData, TensorEntry};
 use crate::compeft::task_vector;
-use std::collections::BTreeMap;
-
 use crate::config::{MergeConfig, Method, ModelEntry, Slice, Sparsify};
 use crate::opcm::OpcmScratch;
 use crate::output::{OutputDir, PlannedTensor};

@@ -24,7 +24,8 @@ bytes=$(cat "${shards[@]}" | wc -c)
 start=$(date +%s.%N)
 cat "${shards[@]}" > /dev/null
 end=$(date +%s.%N)
-echo "inputs: $bytes bytes; page-cached read: $(echo "$bytes / ($end - $start) / 1e9" | bc -l | cut -c1-5) GB/s"
+awk -v b="$bytes" -v s="$start" -v e="$end" \
+    'BEGIN { printf "inputs: %d bytes; page-cached read (cat): %.2f GB/s\n", b, b / (e - s) / 1e9 }'
 
 cat > "$WORK/linear.yml" <<YAML
 merge_method: linear

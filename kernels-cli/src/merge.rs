@@ -643,6 +643,18 @@ fn merge_tensor(
     }
 }
 
+/// Elements of a tensor the task-arithmetic family merges at a time once the task vectors'
+/// cuts are known (16 MiB of `f32` per model).
+const FAMILY_CHUNK: usize = 1 << 22;
+
+/// A task vector, ready for the chunked merge.
+enum Prepared {
+    /// Sparsified as a whole tensor.
+    Whole(Vec<f32>),
+    /// Computed chunk by chunk from the model and the base, trimmed by a magnitude cut if any.
+    Streamed(Option<TopKApplier>),
+}
+
 struct Job<'a> {
     config: &'a MergeConfig,
     options: &'a MergeOptions,
@@ -862,36 +874,75 @@ impl Job<'_> {
             lambda = self.model_param(0, "lambda", Some(lambda))?;
         }
         let weights = self.weights(models.len())?;
-        let mut taus = Vec::with_capacity(models.len());
+        // Random drops, DELLA's rows, Breadcrumbs' two cuts and L1 rescales need a whole task
+        // vector at once; magnitude trimming needs only its cut. Those are held whole, the rest
+        // streams in chunks, so memory holds one f32 task vector at a time, not N.
+        let mut prepared = Vec::with_capacity(models.len());
         for (i, m) in models.iter().enumerate() {
-            let mut tau = vec![0.0f32; n];
-            linear_combination(cpu, &[*m, base], &[1.0, -1.0], &mut tau)?;
             let density = self.model_param(i, "density", Some(1.0))?;
-            if let Some(how) = sparsify
-                && density < 1.0
-            {
-                tau = self.sparsify(how, i, density, rescale, &tau)?;
-            }
-            taus.push(tau);
+            let sparse = sparsify.filter(|_| density < 1.0);
+            prepared.push(match sparse {
+                None => Prepared::Streamed(None),
+                Some(Sparsify::Magnitude) if !rescale => {
+                    let mut tau = vec![0.0f32; n];
+                    linear_combination(cpu, &[*m, base], &[1.0, -1.0], &mut tau)?;
+                    let keep = ((density * n as f64).floor() as u64).max(1);
+                    let cut = topk_cut(cpu, &[&tau[..]], KeepRule::Count(keep))?;
+                    Prepared::Streamed(Some(TopKApplier::new(&cut)))
+                }
+                Some(how) => {
+                    let mut tau = vec![0.0f32; n];
+                    linear_combination(cpu, &[*m, base], &[1.0, -1.0], &mut tau)?;
+                    Prepared::Whole(self.sparsify(how, i, density, rescale, &tau)?)
+                }
+            });
         }
-        let views: Vec<&[f32]> = taus.iter().map(|t| &t[..]).collect();
-        let base_f32 = widen(cpu, base)?;
         let lambda = lambda as f32;
-        if consensus {
-            let rule = TiesElection::default()
-                .with_zero_sum_elects_positive(true)
-                .with_normalize(normalize);
-            ties_elect_with(cpu, &base_f32, &views, &weights, lambda, rule, out)?;
-        } else {
-            let mut coefficients = weights;
-            if normalize {
-                let sum: f64 = coefficients.iter().map(|&w| f64::from(w)).sum();
-                let divisor = if sum.abs() < 1e-8 { 1.0 } else { sum };
-                for w in &mut coefficients {
-                    *w = (f64::from(*w) / divisor) as f32;
+        let rule = TiesElection::default()
+            .with_zero_sum_elects_positive(true)
+            .with_normalize(normalize);
+        let mut coefficients = weights.clone();
+        if normalize && !consensus {
+            let sum: f64 = coefficients.iter().map(|&w| f64::from(w)).sum();
+            let divisor = if sum.abs() < 1e-8 { 1.0 } else { sum };
+            for w in &mut coefficients {
+                *w = (f64::from(*w) / divisor) as f32;
+            }
+        }
+        let chunk = FAMILY_CHUNK.min(n).max(1);
+        let mut buffers = vec![vec![0.0f32; chunk]; models.len()];
+        let mut scratch = vec![0.0f32; chunk];
+        for start in (0..n).step_by(chunk) {
+            let range = start..(start + chunk).min(n);
+            let len = range.len();
+            for ((m, p), buffer) in models.iter().zip(&mut prepared).zip(&mut buffers) {
+                let Prepared::Streamed(applier) = p else {
+                    continue;
+                };
+                let pair = [&m[range.clone()], &base[range.clone()]];
+                match applier {
+                    None => linear_combination(cpu, &pair, &[1.0, -1.0], &mut buffer[..len])?,
+                    Some(applier) => {
+                        linear_combination(cpu, &pair, &[1.0, -1.0], &mut scratch[..len])?;
+                        applier.keep(cpu, &scratch[..len], &mut buffer[..len])?;
+                    }
                 }
             }
-            task_arithmetic(cpu, &base_f32, &views, &coefficients, lambda, out)?;
+            let views: Vec<&[f32]> = prepared
+                .iter()
+                .zip(&buffers)
+                .map(|(p, buffer)| match p {
+                    Prepared::Whole(tau) => &tau[range.clone()],
+                    Prepared::Streamed(_) => &buffer[..len],
+                })
+                .collect();
+            let base_chunk = widen(cpu, &base[range.clone()])?;
+            let out = &mut out[range];
+            if consensus {
+                ties_elect_with(cpu, &base_chunk, &views, &weights, lambda, rule, out)?;
+            } else {
+                task_arithmetic(cpu, &base_chunk, &views, &coefficients, lambda, out)?;
+            }
         }
         Ok(())
     }
@@ -917,10 +968,7 @@ impl Job<'_> {
             Sparsify::Magnitude | Sparsify::MagnitudeOutliers if rescale => {
                 bail!("rescale: true is implemented for the random methods (dare, della) only")
             }
-            Sparsify::Magnitude => {
-                let keep = ((density * n as f64).floor() as u64).max(1);
-                ties_trim(cpu, tau, KeepRule::Count(keep), &mut out)?;
-            }
+            Sparsify::Magnitude => unreachable!("magnitude trimming streams by its cut"),
             Sparsify::MagnitudeOutliers => {
                 let mut gamma = self.model_param(model, "gamma", Some(0.01))?;
                 // mergekit drops fewer outliers where density + gamma exceeds 1.

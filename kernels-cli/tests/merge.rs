@@ -1097,3 +1097,75 @@ fn slices_stack_and_merge_layer_ranges() {
         "{e}"
     );
 }
+
+#[test]
+fn ties_over_tensors_larger_than_a_chunk_matches_the_reference() {
+    // 5e6 elements: more than one 2^22-element chunk of the streamed merge, with ties at the cut.
+    let root = tempfile::tempdir().unwrap();
+    let (rows, cols) = (2500, 2000);
+    let n = rows * cols;
+    let one = |seed: u64, offset: Option<&[f32]>| -> Tensors {
+        let rng = CounterRng::new(seed);
+        let values = (0..n)
+            .map(|i| {
+                let b = offset.map_or(0.0, |o| o[i]);
+                // Coarse steps: many equal magnitudes around the cut.
+                b + ((rng.u32_at(i as u64) % 64) as f32 - 32.0) / 256.0
+            })
+            .collect();
+        [("w".to_string(), (vec![rows, cols], values))]
+            .into_iter()
+            .collect()
+    };
+    let base = one(1, None);
+    write_model(&root.path().join("b"), &base, Dtype::BF16, 1);
+    for i in 0..2 {
+        write_model(
+            &root.path().join(format!("t{i}")),
+            &one(2 + i, Some(&base["w"].1)),
+            Dtype::BF16,
+            1,
+        );
+    }
+    let dir = root.path().display();
+    let yaml = format!(
+        "merge_method: ties\nbase_model: {dir}/b\nmodels:\n  - model: {dir}/t0\n    parameters: {{weight: 1, density: 0.3}}\n  - model: {dir}/t1\n    parameters: {{weight: 0.5, density: 0.3}}\n"
+    );
+    let config = MergeConfig::parse(&yaml).unwrap();
+    let options = MergeOptions {
+        out: root.path().join("out"),
+        force: false,
+        shard_bytes: 1 << 40,
+        seed: 0,
+        cpu: Cpu::detect(),
+        progress: false,
+    };
+    merge::run(&config, &yaml, &options).unwrap();
+    let got = &read_all(&options.out)["w"].1;
+    let read = |name: &str| read_all(&root.path().join(name))["w"].1.clone();
+    let (b, t0, t1) = (read("b"), read("t0"), read("t1"));
+    let keep = (0.3 * n as f64).floor() as u64;
+    let trimmed: Vec<Vec<f32>> = [&t0, &t1]
+        .iter()
+        .map(|t| {
+            let tau: Vec<f32> = t.iter().zip(&b).map(|(x, y)| x - y).collect();
+            let mut out = vec![0.0; n];
+            ties_trim_ref(&tau, KeepRule::Count(keep), &mut out).unwrap();
+            out
+        })
+        .collect();
+    let rule = TiesElection::default()
+        .with_zero_sum_elects_positive(true)
+        .with_normalize(true);
+    let mut expect = vec![0.0; n];
+    ties_elect_with_ref(
+        &b,
+        &[&trimmed[0], &trimmed[1]],
+        &[1.0, 0.5],
+        1.0,
+        rule,
+        &mut expect,
+    )
+    .unwrap();
+    assert_eq!(got, &round_as(&expect, Dtype::BF16));
+}

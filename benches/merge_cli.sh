@@ -25,7 +25,7 @@ start=$(date +%s.%N)
 cat "${shards[@]}" > /dev/null
 end=$(date +%s.%N)
 awk -v b="$bytes" -v s="$start" -v e="$end" \
-    'BEGIN { printf "inputs: %d bytes; page-cached read (cat): %.2f GB/s\n", b, b / (e - s) / 1e9 }'
+    'BEGIN { printf "inputs: %.0f bytes; page-cached read (cat): %.2f GB/s\n", b, b / (e - s) / 1e9 }'
 
 cat > "$WORK/linear.yml" <<YAML
 merge_method: linear

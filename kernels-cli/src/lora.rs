@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use kernels_cpu::prelude::*;
 
 use crate::checkpoint::Checkpoint;
-use crate::merge::{check_same_tensors, encode, f32_tensor};
+use crate::merge::{Narrower, check_same_tensors, f32_tensor};
 use crate::output::{OutputDir, PlannedTensor};
 
 /// How the rank of each module is chosen.
@@ -149,13 +149,15 @@ pub fn extract(
         .map(|t| t.shape.iter().product::<usize>() as u64)
         .sum();
     let mut output = OutputDir::create_named(out, force, u64::MAX, plan, "adapter_model")?;
+    let mut narrower = Narrower::default();
     for (name, lora) in &factors {
         let dtype = dtype_of(name);
-        output.write_next(encode(cpu, lora.a.as_slice().to_vec(), dtype)?.bytes())?;
-        output.write_next(encode(cpu, lora.b.as_slice().to_vec(), dtype)?.bytes())?;
+        output.write_next(narrower.bytes(cpu, lora.a.as_slice(), dtype)?)?;
+        output.write_next(narrower.bytes(cpu, lora.b.as_slice(), dtype)?)?;
     }
     for name in &whole {
-        output.write_next(encode(cpu, widened(cpu, &tuned, name)?, dtype_of(name))?.bytes())?;
+        let values = widened(cpu, &tuned, name)?;
+        output.write_next(narrower.bytes(cpu, &values, dtype_of(name))?)?;
     }
     write_adapter_config(&output, base_path, &ranks, &whole)?;
     output.commit()?;

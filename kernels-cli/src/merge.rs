@@ -185,6 +185,8 @@ pub fn run(config: &MergeConfig, config_text: &str, options: &MergeOptions) -> R
         .collect();
     let has_base = base.is_some();
     let (mut read_bytes, mut tensors) = (0u64, 0usize);
+    let mut narrower = Narrower::default();
+    let buffers = std::cell::RefCell::new(Buffers::default());
     for job in &plan.tensors {
         let name = &job.out.name;
         let data = job
@@ -205,6 +207,7 @@ pub fn run(config: &MergeConfig, config_text: &str, options: &MergeOptions) -> R
             has_base,
             &data,
             &state,
+            &buffers,
         )
         .with_context(|| format!("merging tensor '{name}'"))?;
         drop(data);
@@ -212,10 +215,11 @@ pub fn run(config: &MergeConfig, config_text: &str, options: &MergeOptions) -> R
             // SAFETY: `data`, the only borrow of this tensor's bytes, is dropped.
             unsafe { checkpoints.all[*c].release(input) };
         }
-        let encoded = encode(&options.cpu, merged, job.out.dtype)?;
-        output.write_next(encoded.bytes())?;
+        let bytes = narrower.bytes(&options.cpu, &merged, job.out.dtype)?;
+        output.write_next(bytes)?;
         tensors += 1;
-        bar.inc(encoded.bytes().len() as u64);
+        bar.inc(bytes.len() as u64);
+        buffers.borrow_mut().out = merged;
     }
     bar.finish_and_clear();
     let readme = format!(
@@ -529,45 +533,44 @@ fn progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar {
     bar
 }
 
-/// A tensor's values in the element type it is written as.
-pub enum Encoded {
-    /// `f32`.
-    F32(Vec<f32>),
-    /// `f16`.
-    F16(Vec<f16>),
-    /// `bf16`.
-    BF16(Vec<bf16>),
+/// Rounds tensors to the element type they are written as, reusing its buffers from tensor to
+/// tensor (a fresh buffer per tensor would fault in a tensor's worth of new pages every time).
+#[derive(Default)]
+pub struct Narrower {
+    f16: Vec<f16>,
+    bf16: Vec<bf16>,
 }
 
-impl Encoded {
-    /// The little-endian bytes.
-    #[must_use]
-    pub fn bytes(&self) -> &[u8] {
-        match self {
-            Encoded::F32(v) => bytemuck::cast_slice(v),
-            Encoded::F16(v) => bytemuck::cast_slice(v),
-            Encoded::BF16(v) => bytemuck::cast_slice(v),
+impl Narrower {
+    /// The little-endian bytes of `values` rounded (to nearest even) to `dtype`, by the CPU
+    /// backend's vectorised, threaded narrowing (a linear combination with the one weight 1,
+    /// exact before the rounding); `f32` values are their own bytes.
+    ///
+    /// # Errors
+    ///
+    /// None in practice (one model, a finite weight); the op's `Result` is passed on.
+    pub fn bytes<'a>(
+        &'a mut self,
+        cpu: &Cpu,
+        values: &'a [f32],
+        dtype: ElementType,
+    ) -> Result<&'a [u8]> {
+        fn narrowed<'b, O: Element>(
+            cpu: &Cpu,
+            values: &[f32],
+            out: &'b mut Vec<O>,
+        ) -> Result<&'b [u8]> {
+            out.clear();
+            out.resize(values.len(), O::from_f32(0.0));
+            linear_combination(cpu, &[values], &[1.0], out)?;
+            Ok(bytemuck::cast_slice(out))
+        }
+        match dtype {
+            ElementType::F32 => Ok(bytemuck::cast_slice(values)),
+            ElementType::F16 => narrowed(cpu, values, &mut self.f16),
+            ElementType::BF16 => narrowed(cpu, values, &mut self.bf16),
         }
     }
-}
-
-/// `values` rounded (to nearest even) to `dtype`, by the CPU backend's vectorised, threaded
-/// narrowing (a linear combination with the one weight 1, which is exact before the rounding).
-///
-/// # Errors
-///
-/// None in practice (one model, a finite weight); the op's `Result` is passed on.
-pub fn encode(cpu: &Cpu, values: Vec<f32>, dtype: ElementType) -> Result<Encoded> {
-    fn narrowed<O: Element>(cpu: &Cpu, values: &[f32]) -> Result<Vec<O>> {
-        let mut out = vec![O::from_f32(0.0); values.len()];
-        linear_combination(cpu, &[values], &[1.0], &mut out)?;
-        Ok(out)
-    }
-    Ok(match dtype {
-        ElementType::F32 => Encoded::F32(values),
-        ElementType::F16 => Encoded::F16(narrowed(cpu, &values)?),
-        ElementType::BF16 => Encoded::BF16(narrowed(cpu, &values)?),
-    })
 }
 
 /// `values` widened to `f32` by the CPU backend (vectorised, threaded).
@@ -624,6 +627,7 @@ fn merge_tensor(
     has_base: bool,
     data: &[(TensorEntry, TensorData<'_>)],
     state: &MethodState,
+    buffers: &std::cell::RefCell<Buffers>,
 ) -> Result<Vec<f32>> {
     let job = Job {
         config,
@@ -632,6 +636,7 @@ fn merge_tensor(
         shape,
         t,
         state,
+        buffers,
     };
     match same_type(&options.cpu, data)? {
         Inputs::F32(v) => {
@@ -662,6 +667,26 @@ struct Job<'a> {
     shape: &'a [usize],
     t: f64,
     state: &'a MethodState,
+    buffers: &'a std::cell::RefCell<Buffers>,
+}
+
+/// Tensor-sized buffers kept from tensor to tensor (fresh ones would fault in new pages for
+/// every tensor: several seconds of a multi-GB merge).
+#[derive(Default)]
+struct Buffers {
+    /// The merged tensor.
+    out: Vec<f32>,
+    /// A whole task vector, for its magnitude cut.
+    tau: Vec<f32>,
+}
+
+impl Buffers {
+    /// A buffer of `n` elements (contents unspecified: every user overwrites them all).
+    fn take(buffer: &mut Vec<f32>, n: usize) -> Vec<f32> {
+        let mut v = std::mem::take(buffer);
+        v.resize(n, 0.0);
+        v
+    }
 }
 
 /// What a method prepares before the tensor loop.
@@ -746,7 +771,7 @@ impl Job<'_> {
     fn run<T: Element>(&self, has_base: bool, inputs: &[&[T]]) -> Result<Vec<f32>> {
         let cpu = &self.options.cpu;
         let n = inputs[0].len();
-        let mut out = vec![0.0f32; n];
+        let mut out = Buffers::take(&mut self.buffers.borrow_mut().out, n);
         let (base, models) = if has_base {
             (Some(inputs[0]), &inputs[1..])
         } else {
@@ -884,11 +909,12 @@ impl Job<'_> {
             prepared.push(match sparse {
                 None => Prepared::Streamed(None),
                 Some(Sparsify::Magnitude) if !rescale => {
-                    let mut tau = vec![0.0f32; n];
+                    let mut tau = Buffers::take(&mut self.buffers.borrow_mut().tau, n);
                     linear_combination(cpu, &[*m, base], &[1.0, -1.0], &mut tau)?;
                     let keep = ((density * n as f64).floor() as u64).max(1);
-                    let cut = topk_cut(cpu, &[&tau[..]], KeepRule::Count(keep))?;
-                    Prepared::Streamed(Some(TopKApplier::new(&cut)))
+                    let cut = topk_cut(cpu, &[&tau[..]], KeepRule::Count(keep));
+                    self.buffers.borrow_mut().tau = tau;
+                    Prepared::Streamed(Some(TopKApplier::new(&cut?)))
                 }
                 Some(how) => {
                     let mut tau = vec![0.0f32; n];

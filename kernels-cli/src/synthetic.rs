@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use crate::checkpoint::ElementType;
 use kernels_cpu::Cpu;
 
-use crate::merge::encode;
+use crate::merge::Narrower;
 use crate::output::{OutputDir, PlannedTensor};
 
 /// The shape of a synthetic Llama.
@@ -87,6 +87,7 @@ pub fn write_model(
     let mut out = OutputDir::create(dir, false, 5_000_000_000, plan)?;
     let base = CounterRng::new(base_seed);
     let delta_rng = delta.map(|(seed, scale)| (CounterRng::new(seed), scale));
+    let (cpu, mut narrower) = (Cpu::detect(), Narrower::default());
     let mut first = 0u64;
     for (name, shape) in &tensors {
         let n: usize = shape.iter().product();
@@ -107,7 +108,7 @@ pub fn write_model(
             })
             .collect();
         first += n as u64;
-        out.write_next(encode(&Cpu::detect(), values, dtype)?.bytes())?;
+        out.write_next(narrower.bytes(&cpu, &values, dtype)?)?;
     }
     let config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"],

@@ -95,11 +95,18 @@ pub fn gram<T: Element>(
     let mut partials = alloc::vec![0.0f64; ranges.len() * n * n];
     let jobs: alloc::vec::Vec<_> = ranges.into_iter().zip(partials.chunks_mut(n * n)).collect();
     for_each(jobs, |(range, partial)| {
+        // PERF: each element is widened and centred once per model, not once per pair.
+        let mut diffs = alloc::vec![0.0f64; n * GRAM_BLOCK];
         for start in range.clone().step_by(GRAM_BLOCK) {
             let block = start..(start + GRAM_BLOCK).min(range.end);
+            let len = block.len();
+            for (i, d) in diffs.chunks_exact_mut(GRAM_BLOCK).enumerate() {
+                centred(models[i], center, block.clone(), &mut d[..len]);
+            }
             for i in 0..n {
                 for j in i..n {
-                    partial[i * n + j] += block_dot(models[i], models[j], center, block.clone());
+                    let (a, b) = (&diffs[i * GRAM_BLOCK..], &diffs[j * GRAM_BLOCK..]);
+                    partial[i * n + j] += block_dot(&a[..len], &b[..len]);
                 }
             }
         }
@@ -118,36 +125,42 @@ pub fn gram<T: Element>(
     Ok(())
 }
 
-/// `sum_k (a[k] - c[k]) (b[k] - c[k])` over `range`, in `f64`.
+/// `out[k] = m[k] - c[k]` over `range` (`c = 0` without a centre), widened to `f64` (exact:
+/// the difference of two `f32` rounds once, in `f64`, as the reference's does).
+#[inline(always)]
+fn centred<T: Element>(
+    m: &[T],
+    center: Option<&[T]>,
+    range: core::ops::Range<usize>,
+    out: &mut [f64],
+) {
+    let m = &m[range.clone()];
+    match center {
+        None => {
+            for (o, &x) in out.iter_mut().zip(m) {
+                *o = f64::from(x.to_f32());
+            }
+        }
+        Some(c) => {
+            for ((o, &x), &z) in out.iter_mut().zip(m).zip(&c[range]) {
+                *o = f64::from(x.to_f32()) - f64::from(z.to_f32());
+            }
+        }
+    }
+}
+
+/// `sum_k a[k] b[k]` in `f64`, summed in eight lanes by position (the same order for any thread
+/// count, as every block starts on a multiple of [`GRAM_BLOCK`]).
 ///
 /// PERF: eight independent lanes let the compiler vectorise the `f64` sums (one chain would
 /// serialise on the add latency).
 #[inline(always)]
-fn block_dot<T: Element>(
-    a: &[T],
-    b: &[T],
-    center: Option<&[T]>,
-    range: core::ops::Range<usize>,
-) -> f64 {
+fn block_dot(a: &[f64], b: &[f64]) -> f64 {
     const LANES: usize = 8;
-    let (a, b) = (&a[range.clone()], &b[range.clone()]);
     let mut acc = [0.0f64; LANES];
-    let widen = |x: T| f64::from(x.to_f32());
-    match center {
-        None => {
-            for (ca, cb) in a.chunks(LANES).zip(b.chunks(LANES)) {
-                for (l, (&x, &y)) in ca.iter().zip(cb).enumerate() {
-                    acc[l] += widen(x) * widen(y);
-                }
-            }
-        }
-        Some(c) => {
-            let c = &c[range];
-            for ((ca, cb), cc) in a.chunks(LANES).zip(b.chunks(LANES)).zip(c.chunks(LANES)) {
-                for (l, ((&x, &y), &z)) in ca.iter().zip(cb).zip(cc).enumerate() {
-                    acc[l] += (widen(x) - widen(z)) * (widen(y) - widen(z));
-                }
-            }
+    for (ca, cb) in a.chunks(LANES).zip(b.chunks(LANES)) {
+        for (l, (&x, &y)) in ca.iter().zip(cb).enumerate() {
+            acc[l] += x * y;
         }
     }
     acc.iter().sum()

@@ -577,7 +577,7 @@ impl Narrower {
 ///
 /// # Errors
 ///
-/// As [`encode`].
+/// None in practice (one input, weight 1); the op's `Result` is passed on.
 pub fn widen<T: Element>(cpu: &Cpu, values: &[T]) -> Result<Vec<f32>> {
     let mut out = vec![0.0f32; values.len()];
     linear_combination(cpu, &[values], &[1.0], &mut out)?;

@@ -368,6 +368,15 @@ fn index_map(index: &Path) -> Result<BTreeMap<String, String>> {
 
 /// The `weight_map` of an index: tensor name to a plain shard file name.
 ///
+/// ```
+/// use kernels_cli::checkpoint::parse_index;
+/// let index = serde_json::json!({"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}});
+/// assert_eq!(parse_index(&index)?["lm_head.weight"], "model-00002-of-00002.safetensors");
+/// // A shard outside the model's directory is refused.
+/// assert!(parse_index(&serde_json::json!({"weight_map": {"w": "../x.safetensors"}})).is_err());
+/// # Ok::<(), anyhow::Error>(())
+/// ```
+///
 /// # Errors
 ///
 /// No `weight_map` object, a value that is not a string, or a file name that is not a plain

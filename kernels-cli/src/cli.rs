@@ -51,8 +51,9 @@ pub enum Command {
 const COMPRESS_HELP: &str = "\
 tau = finetuned - base over the whole model; the `density` fraction of largest |tau| (one global
 top-k, ties by order) becomes +-alpha std(tau), the rest 0. Each tensor is stored in the packed
-ternary format (Golomb-Rice gaps below about density 0.4, else 2 bits per entry) inside a
-safetensors file. Prints the bits per parameter, the compression ratio against the task vector
+ternary format inside a safetensors file, in the smaller layout by expected size: Golomb-Rice
+coded gaps, within 2 % of the entropy bound, which stays under the dense layout's 2 bits per
+entry at every density. Prints the bits per parameter, the compression ratio against the task vector
 in the fine-tune's own types, and the relative L2 error ||tau - tau_hat|| / ||tau||.
 
 Examples:

@@ -316,6 +316,19 @@ pub struct MergeConfig {
 impl MergeConfig {
     /// Parses a configuration.
     ///
+    /// ```
+    /// use kernels_cli::config::{MergeConfig, Method};
+    /// let yaml = "merge_method: ties\nbase_model: ./base\nmodels:\n  - model: ./base\n  - model: ./math\n    parameters: {weight: 1.0, density: [1.0, 0.5]}\n";
+    /// let config = MergeConfig::parse(yaml)?;
+    /// assert_eq!((config.method, config.models.len()), (Method::Ties, 1)); // the base is not a task vector
+    /// // The density is a gradient over the layers: halfway at t = 0.5.
+    /// assert_eq!(config.model_parameter(0, "density", "model.layers.3.mlp.up_proj.weight", 0.5, None), Ok(0.75));
+    /// // Unknown keys are errors naming their line.
+    /// let e = MergeConfig::parse("merge_method: ties\nmodle: x\n").unwrap_err();
+    /// assert_eq!(e.line, Some(2));
+    /// # Ok::<(), kernels_cli::config::ConfigError>(())
+    /// ```
+    ///
     /// # Errors
     ///
     /// A [`ConfigError`] naming the line of the first problem: YAML syntax, an unknown key,

@@ -62,6 +62,14 @@ const TOKENIZER_FILES: [&str; 8] = [
 /// The Philox seed of model `model`'s mask of tensor `name`: distinct per model and tensor,
 /// fixed by `--random-seed` (FNV-1a of the name, mixed with the seed and model index by
 /// `SplitMix64`).
+///
+/// ```
+/// use kernels_cli::merge::mask_seed;
+/// let name = "model.layers.0.mlp.up_proj.weight";
+/// assert_eq!(mask_seed(7, 0, name), mask_seed(7, 0, name)); // reproducible
+/// assert_ne!(mask_seed(7, 0, name), mask_seed(7, 1, name)); // each model its own mask
+/// assert_ne!(mask_seed(7, 0, name), mask_seed(8, 0, name)); // and each --random-seed
+/// ```
 #[must_use]
 pub fn mask_seed(seed: u64, model: usize, name: &str) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64;

@@ -51,7 +51,9 @@
 //! | top-k cut, k-th value, TIES trim, Breadcrumbs, calibration, DARE's mask, ComPEFT's codes and bytes | bit-identical |
 //! | ternary decode | exact (`scale * code`) |
 //! | GEMV (dense, gathered, sparse-input), ternary GEMV | [`gemv::gemv_tolerance`]: `(n + 1) u sum |w_ij x_j|` |
-//! | weighted mean, task arithmetic, TIES election, Fisher merging and accumulation | [`merge::reduction_tolerance`]: `(3 N + 4) u sum |terms|` |
+//! | weighted mean, task arithmetic, linear combination, TIES election, Fisher merging and accumulation | [`merge::reduction_tolerance`]: `(3 N + 4) u sum |terms|` |
+//! | Gram matrix | [`interpolate::gram_tolerance`]: `(ITEMS + log2 WORKGROUP + 5) u sqrt(G_ii G_jj)` |
+//! | SLERP, Model Stock | a linear combination whose coefficients come from a Gram matrix within that bound |
 //! | sum of squares | [`merge::SUM_SQUARES_RELATIVE_TOLERANCE`] |
 //! | DARE's survivors | [`masks::DARE_RELATIVE_TOLERANCE`] (`2 u` relative); with the L1-preserving rescale [`masks::DARE_L1_RELATIVE_TOLERANCE`] |
 //! | decompress-and-add | [`ternary::ternary_add_tolerance`] |
@@ -82,6 +84,7 @@ pub mod calibrate;
 pub mod compress;
 mod context;
 pub mod gemv;
+pub mod interpolate;
 pub mod masks;
 pub mod merge;
 pub mod mlp;
@@ -111,12 +114,13 @@ pub mod prelude {
     pub use crate::calibrate::calibrate_threshold;
     pub use crate::compress::{CompeftCut, CompeftParams, compeft, compeft_codes, moments};
     pub use crate::gemv::{gathered_gemv, gathered_gemv_uploaded, gemv, gemv_t, sparse_input_gemv};
+    pub use crate::interpolate::{gram, linear_combination, model_stock, slerp};
     pub use crate::masks::{
         BreadcrumbsParams, DareParams, DareRescale, breadcrumbs, dare, ties_trim,
     };
     pub use crate::merge::{
-        FisherParams, TiesParams, fisher_accumulate, fisher_merge, sum_squares, task_arithmetic,
-        ties, ties_elect, weighted_mean,
+        FisherParams, TiesElection, TiesParams, fisher_accumulate, fisher_merge, sum_squares,
+        task_arithmetic, ties, ties_elect, ties_elect_with, weighted_mean,
     };
     pub use crate::mlp::{
         CatsMlpWeights, MlpReport, MlpScratch, TealMlpWeights, TealThresholds, cats_mlp, teal_mlp,

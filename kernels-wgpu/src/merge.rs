@@ -19,7 +19,8 @@
 //!   the `f32` running sums.
 //! * TIES elects `sign(sum w_i tau_i)` from an `f32` sum: where the reference's `f64` sum is
 //!   within rounding of zero, the GPU may elect another sign (or none). Exact cancellation (all
-//!   equal and opposite) elects none on both.
+//!   equal and opposite) elects none on both (`+` on both under
+//!   [`TiesElection::zero_sum_elects_positive`]).
 //! * Each model's coefficient (`w_i / sum w` for the means, `lambda w_i` for task arithmetic, for
 //!   TIES the weights scaled by a power of two so the largest is in `[1/2, 1)`) is formed in
 //!   `f64` and rounded once to `f32`. One that is not zero but outside `f32`'s normal range
@@ -31,7 +32,7 @@ use kernels_core::backend::{
     SQUARES_IN_F64_BELOW, fisher_weight, validate_fisher_accumulate, validate_fisher_merge,
     validate_task_arithmetic, validate_ties_elect, validate_weighted_mean,
 };
-pub use kernels_core::ops::merge::{FisherParams, TiesParams};
+pub use kernels_core::ops::merge::{FisherParams, TiesElection, TiesParams};
 use kernels_core::{Error, Result};
 use kernels_wgsl::Family;
 
@@ -76,14 +77,15 @@ pub fn reduction_tolerance(terms: usize, abs_sum: f64) -> f64 {
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct MergeParams {
+pub(crate) struct MergeParams {
     len: u32,
     models: u32,
     accumulate: u32,
-    flags: u32,
+    pub(crate) flags: u32,
     coef: [f32; 4],
     scalar: f32,
-    pad: [u32; 3],
+    pub(crate) tile_base: u32,
+    pad: [u32; 2],
 }
 
 // Slots: in0..in3, sum0..sum2, params.
@@ -113,9 +115,15 @@ const FISHER_FINISH: Kernel = kernel("fisher_finish");
 const TIES_PASS: Kernel = kernel("ties_pass");
 const TIES_FINISH: Kernel = kernel("ties_finish");
 const FISHER_ACCUMULATE: Kernel = kernel("fisher_accumulate");
+pub(crate) const GRAM_TILES: Kernel = kernel("gram_tiles");
+
+// The bits of `MergeParams::flags` (merge.wgsl's FLAG_*).
+const FLAG_ZERO_SUM_ELECTS_POSITIVE: u32 = 1;
+const FLAG_NORMALIZE: u32 = 2;
+pub(crate) const FLAG_CENTER: u32 = 4;
 
 /// The `f32` coefficients of `exact`, each zero or a normal `f32` (see the module docs).
-fn f32_coefficients(exact: impl IntoIterator<Item = f64>) -> Result<Vec<f32>> {
+pub(crate) fn f32_coefficients(exact: impl IntoIterator<Item = f64>) -> Result<Vec<f32>> {
     exact
         .into_iter()
         .map(|c| {
@@ -178,7 +186,7 @@ fn dispatch(batch: &mut Batch<'_>, pipeline: &Pipeline, pass: PassInputs<'_>) ->
     Ok(())
 }
 
-fn pass_params(
+pub(crate) fn pass_params(
     len: usize,
     models: usize,
     accumulate: bool,
@@ -194,7 +202,8 @@ fn pass_params(
         flags: 0,
         coef: c,
         scalar,
-        pad: [0; 3],
+        tile_base: 0,
+        pad: [0; 2],
     }
 }
 
@@ -207,8 +216,8 @@ fn model_binds<'a, T: bytemuck::Pod>(group: &[&'a GpuTensor<T>], page: usize) ->
     })
 }
 
-/// `out = sum over k of coefs[k] * tensors[k]`, four tensors per pass.
-fn linear_combination<T: GpuElement>(
+/// `out = sum over k of coefs[k] * tensors[k]`, four tensors per pass (validated by the caller).
+pub(crate) fn combine<T: GpuElement>(
     ctx: &Context,
     tensors: &[&GpuTensor<T>],
     coefs: &[f32],
@@ -258,7 +267,7 @@ pub fn weighted_mean<T: GpuElement>(
     let sum = validate_weighted_mean(lens(models), weights, out.len())?;
     same_shape("models[i]", models, out)?;
     let coefs = f32_coefficients(weights.iter().map(|&w| f64::from(w) / sum))?;
-    linear_combination(ctx, models, &coefs, out)
+    combine(ctx, models, &coefs, out)
 }
 
 /// Task arithmetic `out = base + lambda * sum w_i tau_i` (the twin of `task_arithmetic_ref`).
@@ -288,7 +297,7 @@ pub fn task_arithmetic<T: GpuElement>(
     let coefs = f32_coefficients(
         core::iter::once(1.0).chain(weights.iter().map(|&w| f64::from(lambda) * f64::from(w))),
     )?;
-    linear_combination(ctx, &tensors, &coefs, out)
+    combine(ctx, &tensors, &coefs, out)
 }
 
 /// TIES election and disjoint mean over already-trimmed task vectors (the twin of
@@ -314,7 +323,46 @@ pub fn ties_elect<T: GpuElement>(
     lambda: f32,
     out: &mut GpuTensor<f32>,
 ) -> Result<()> {
-    elect(ctx, base, trimmed, weights, lambda, out)
+    elect(
+        ctx,
+        base,
+        trimmed,
+        weights,
+        lambda,
+        TiesElection::default(),
+        out,
+    )
+}
+
+/// TIES election under another [`TiesElection`] rule (the twin of `ties_elect_with_ref`):
+/// entries whose sign equals `rule.elect(sum w_i tau_i)` agree (a zero entry never does);
+/// `out = base + lambda * rule.combine(sum of agreeing w_i tau_i, sum of their w_i)`.
+/// mergekit's rule elects `+` for a zero sum and, without `normalize`, adds the agreeing
+/// weighted sum undivided. See the module docs for the election's precision.
+///
+/// ```
+/// # use kernels_wgpu::prelude::*;
+/// # let ctx = Context::new_blocking(ContextOptions::default())?;
+/// let base = GpuTensor::from_slice(&ctx, &[10.0f32; 3])?;
+/// let t1 = GpuTensor::from_slice(&ctx, &[1.0f32, -2.0, 0.0])?;
+/// let t2 = GpuTensor::from_slice(&ctx, &[3.0f32, 2.0, 0.0])?;
+/// let mergekit = TiesElection::default().with_zero_sum_elects_positive(true).with_normalize(false);
+/// let mut out = GpuTensor::zeros(&ctx, 3, 1)?;
+/// ties_elect_with(&ctx, &base, &[&t1, &t2], &[1.0, 1.0], 0.5, mergekit, &mut out)?;
+/// // Element 1 sums to zero: + is elected and only t2 agrees.
+/// assert_eq!(out.to_vec_blocking(&ctx)?, [12.0, 11.0, 10.0]);
+/// # Ok::<(), Error>(())
+/// ```
+pub fn ties_elect_with<T: GpuElement>(
+    ctx: &Context,
+    base: &GpuTensor<T>,
+    trimmed: &[&GpuTensor<T>],
+    weights: &[f32],
+    lambda: f32,
+    rule: TiesElection,
+    out: &mut GpuTensor<f32>,
+) -> Result<()> {
+    elect(ctx, base, trimmed, weights, lambda, rule, out)
 }
 
 /// TIES merging of whole tensors in one call: trim each task vector to what `params.keep` keeps
@@ -351,16 +399,18 @@ pub async fn ties<T: GpuElement>(
         trimmed.push(t);
     }
     let views: Vec<&GpuTensor<f32>> = trimmed.iter().collect();
-    elect(ctx, base, &views, weights, params.lambda, out)
+    let rule = TiesElection::default();
+    elect(ctx, base, &views, weights, params.lambda, rule, out)
 }
 
-/// [`ties_elect`] with trimmed task vectors of another element type than the base.
+/// [`ties_elect_with`] with trimmed task vectors of another element type than the base.
 fn elect<T: GpuElement, U: GpuElement>(
     ctx: &Context,
     base: &GpuTensor<T>,
     trimmed: &[&GpuTensor<U>],
     weights: &[f32],
     lambda: f32,
+    rule: TiesElection,
     out: &mut GpuTensor<f32>,
 ) -> Result<()> {
     validate_ties_elect(base.len(), lens(trimmed), weights, lambda, out.len())?;
@@ -371,6 +421,14 @@ fn elect<T: GpuElement, U: GpuElement>(
     let largest = weights.iter().fold(0.0f64, |a, &w| a.max(f64::from(w)));
     let scale = 2f64.powi(-(largest.log2().floor() as i32 + 1));
     let weights = &f32_coefficients(weights.iter().map(|&w| f64::from(w) * scale))?;
+    // Undivided, the agreeing sum carries the weights' scale, which lambda takes back.
+    let finish_scalar = if rule.normalize {
+        lambda
+    } else {
+        f32_coefficients([f64::from(lambda) / scale])?[0]
+    };
+    let flags = (u32::from(rule.zero_sum_elects_positive) * FLAG_ZERO_SUM_ELECTS_POSITIVE)
+        | (u32::from(rule.normalize) * FLAG_NORMALIZE);
     let linear = pipeline(ctx, &LINEAR_PASS, U::ENCODING)?;
     let agree = pipeline(ctx, &TIES_PASS, U::ENCODING)?;
     let finish = pipeline(ctx, &TIES_FINISH, T::ENCODING)?;
@@ -407,7 +465,10 @@ fn elect<T: GpuElement, U: GpuElement>(
                         Bind::Buffer(&den),
                         Bind::Buffer(&elected),
                     ],
-                    params: pass_params(len, group.len(), g > 0, w, 0.0),
+                    params: MergeParams {
+                        flags,
+                        ..pass_params(len, group.len(), g > 0, w, 0.0)
+                    },
                 },
             )?;
         }
@@ -417,7 +478,10 @@ fn elect<T: GpuElement, U: GpuElement>(
             PassInputs {
                 inputs: model_binds(&[base], page),
                 sums: [Bind::Buffer(num), Bind::Buffer(&den), Bind::Unused],
-                params: pass_params(len, 1, false, &[], lambda),
+                params: MergeParams {
+                    flags,
+                    ..pass_params(len, 1, false, &[], finish_scalar)
+                },
             },
         )?;
     }

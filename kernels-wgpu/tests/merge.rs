@@ -7,7 +7,8 @@ use kernels_core::ops::merge::{
     DareParams, DareRescale, dare_ref, fisher_merge_ref, sum_squares_ref, ties_elect_ref, ties_ref,
 };
 use kernels_core::ops::select::KeepRule;
-use kernels_core::{CounterRng, Error, MatRef, Result};
+use kernels_core::{CounterRng, Error, Result};
+use kernels_testkit::gpu::upload;
 use kernels_testkit::gpu_tests;
 use kernels_testkit::merge::{
     LENGTHS, MODEL_COUNTS, ReduceBackend, every_length_model_count_and_type,
@@ -20,21 +21,6 @@ use kernels_wgpu::merge::{
     reduction_tolerance, sum_squares, task_arithmetic, ties, ties_elect, weighted_mean,
 };
 use kernels_wgpu::{Context, GpuElement, GpuTensor, block_on};
-
-/// A matrix shape holding `n` elements, several columns wide where `n` allows, so that the
-/// paged variant splits tensors into pages of whole rows.
-fn shape(n: usize) -> (usize, usize) {
-    let cols = [17, 16, 15, 5, 3, 2]
-        .into_iter()
-        .find(|d| n.is_multiple_of(*d) && n > *d)
-        .unwrap_or(1);
-    (n / cols, cols)
-}
-
-fn upload<T: GpuElement>(ctx: &Context, data: &[T]) -> GpuTensor<T> {
-    let (rows, cols) = shape(data.len());
-    GpuTensor::from_matrix(ctx, MatRef::from_slice(data, rows, cols).unwrap()).unwrap()
-}
 
 fn fresh(ctx: &Context, n: usize) -> GpuTensor<f32> {
     upload(ctx, &vec![f32::NAN; n])

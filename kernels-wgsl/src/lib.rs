@@ -84,7 +84,7 @@ pub enum Family {
     /// `silu_product`, and with subgroups `column_sweep_ballot`.
     Gemv,
     /// [`MERGE`]: `linear_pass`, `fisher_pass`, `fisher_finish`, `ties_pass`, `ties_finish`,
-    /// `fisher_accumulate`.
+    /// `fisher_accumulate`, `gram_tiles`.
     Merge,
     /// [`DARE`]: `dare_l1_sums`, `dare`.
     Dare,
@@ -345,7 +345,8 @@ mod tests {
                 "fisher_finish",
                 "ties_pass",
                 "ties_finish",
-                "fisher_accumulate"
+                "fisher_accumulate",
+                "gram_tiles"
             ]
         );
         assert_eq!(

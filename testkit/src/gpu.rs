@@ -1,6 +1,7 @@
 //! The GPU test suites' own pieces: one context per kernel variant, and the test macro.
 
-use kernels_wgpu::{Context, ContextOptions, FeatureUse};
+use kernels_core::MatRef;
+use kernels_wgpu::{Context, ContextOptions, FeatureUse, GpuElement, GpuTensor};
 
 /// The kernel variants every body runs on.
 #[derive(Clone, Copy, Debug)]
@@ -59,6 +60,29 @@ pub fn run_on(variant: Variant, body: fn(&Context)) {
         }
         Err(e) => panic!("{variant:?}: cannot create a GPU context: {e}"),
     }
+}
+
+/// A matrix shape holding `n` elements, several columns wide where `n` allows, so that
+/// [`Variant::Paged`] splits tensors into pages of whole rows.
+#[must_use]
+pub fn shape(n: usize) -> (usize, usize) {
+    let cols = [17, 16, 15, 5, 3, 2]
+        .into_iter()
+        .find(|d| n.is_multiple_of(*d) && n > *d)
+        .unwrap_or(1);
+    (n / cols, cols)
+}
+
+/// `data` on the device, shaped as [`shape`] says.
+///
+/// # Panics
+///
+/// If the device refuses the upload (a test failure).
+#[must_use]
+pub fn upload<T: GpuElement>(ctx: &Context, data: &[T]) -> GpuTensor<T> {
+    let (rows, cols) = shape(data.len());
+    GpuTensor::from_matrix(ctx, MatRef::from_slice(data, rows, cols).expect("shape"))
+        .expect("upload")
 }
 
 /// One `#[test]` per kernel variant for each listed body, so a failure names its variant.

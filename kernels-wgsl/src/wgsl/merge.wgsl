@@ -9,16 +9,25 @@ struct MergeParams {
     models: u32,
     // 0: the pass starts the sums; 1: it adds to them.
     accumulate: u32,
-    // ties_finish, fisher_finish: see there.
+    // ties_pass, ties_finish, gram_tiles: see there.
     flags: u32,
     // Per-model coefficients of this pass.
     coef: vec4<f32>,
     // fisher_pass: floor. fisher_finish: 1 / sum w. ties_finish: lambda. fisher_accumulate: scale.
     scalar: f32,
+    // gram_tiles: index of the page's first tile among all tiles.
+    tile_base: u32,
 }
 
 override ELEMENT: u32 = ELEMENT_F32;
 override WORKGROUP: u32 = 256u;
+// gram_tiles: entries each invocation handles (a tile is WORKGROUP * ITEMS entries).
+override ITEMS: u32 = 16u;
+
+// The bits of MergeParams.flags.
+const FLAG_ZERO_SUM_ELECTS_POSITIVE: u32 = 1u;
+const FLAG_NORMALIZE: u32 = 2u;
+const FLAG_CENTER: u32 = 4u;
 
 @group(0) @binding(0) var<storage, read> in0: array<u32>;
 @group(0) @binding(1) var<storage, read> in1: array<u32>;
@@ -118,8 +127,8 @@ fn fisher_finish(
     sum0[i] = select(sum2[i] * p.scalar, sum0[i] / den, den > 0.0 || is_nan(den));
 }
 
-// TIES disjoint sums against the elected sign s = sign(sum2): for each model that agrees,
-// sum0 += w tau and sum1 += w.
+// TIES disjoint sums against the elected sign s = sign(sum2) (+ for a zero sum under
+// FLAG_ZERO_SUM_ELECTS_POSITIVE): for each model that agrees, sum0 += w tau and sum1 += w.
 @compute @workgroup_size(WORKGROUP)
 fn ties_pass(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -130,7 +139,9 @@ fn ties_pass(
     if i >= p.len {
         return;
     }
-    let elected = ties_sign(sum2[i]);
+    let sum = sum2[i];
+    let zero_elects_positive = (p.flags & FLAG_ZERO_SUM_ELECTS_POSITIVE) != 0u;
+    let elected = select(ties_sign(sum), 1.0, zero_elects_positive && sum == 0.0);
     var num = 0.0;
     var den = 0.0;
     if p.accumulate != 0u {
@@ -148,7 +159,8 @@ fn ties_pass(
     sum1[i] = den;
 }
 
-// sum0 = base + lambda * (sum1 > 0 ? sum0 / sum1 : 0), base in in0.
+// sum0 = base + lambda * (sum1 > 0 ? sum0 / sum1 : 0), base in in0; without FLAG_NORMALIZE,
+// sum0 = base + lambda * sum0 (nothing agreeing leaves sum0 at 0).
 @compute @workgroup_size(WORKGROUP)
 fn ties_finish(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -160,8 +172,11 @@ fn ties_finish(
         return;
     }
     let den = sum1[i];
-    let mean = select(0.0, sum0[i] / den, den > 0.0);
-    sum0[i] = load_model(0u, i) + p.scalar * mean;
+    var combined = sum0[i];
+    if (p.flags & FLAG_NORMALIZE) != 0u {
+        combined = select(0.0, combined / den, den > 0.0);
+    }
+    sum0[i] = load_model(0u, i) + p.scalar * combined;
 }
 
 // Diagonal Fisher accumulation: sum0 += scale * g^2, g in in0.
@@ -177,4 +192,41 @@ fn fisher_accumulate(
     }
     let g = load_model(0u, i);
     sum0[i] += p.scalar * g * g;
+}
+
+var<workgroup> lane_sums: array<f32, WORKGROUP>;
+
+// Per tile of WORKGROUP * ITEMS entries: sum0[tile_base + tile] = the f32 sum over the tile of
+// (a - c)(b - c), a in in0, b in in1, c in in2 under FLAG_CENTER (else 0).
+@compute @workgroup_size(WORKGROUP)
+fn gram_tiles(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let tile = wg.x + wg.y * groups.x;
+    let first = tile * WORKGROUP * ITEMS;
+    let centred = (p.flags & FLAG_CENTER) != 0u;
+    var acc = 0.0;
+    for (var item = 0u; item < ITEMS; item++) {
+        let i = first + item * WORKGROUP + lid;
+        if i < p.len {
+            var c = 0.0;
+            if centred {
+                c = load_model(2u, i);
+            }
+            acc += (load_model(0u, i) - c) * (load_model(1u, i) - c);
+        }
+    }
+    lane_sums[lid] = acc;
+    workgroupBarrier();
+    for (var half = WORKGROUP / 2u; half > 0u; half >>= 1u) {
+        if lid < half {
+            lane_sums[lid] += lane_sums[lid + half];
+        }
+        workgroupBarrier();
+    }
+    if lid == 0u {
+        sum0[p.tile_base + tile] = lane_sums[0];
+    }
 }

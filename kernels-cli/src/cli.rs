@@ -11,6 +11,7 @@ use kernels_cpu::prelude::{CompeftParams, KeepRule};
 
 use crate::checkpoint::ElementType;
 use crate::config::MergeConfig;
+use crate::device::{self, Device};
 use crate::merge::{self, MergeOptions};
 use crate::synthetic::{self, LlamaShape};
 use crate::{compeft, lora};
@@ -237,13 +238,16 @@ layers, merged layer by layer (a gradient runs from the slice's first layer to i
 output's layers numbered on from slice to slice; embeddings come from the first slice's sources,
 the final norm and lm_head from the last's; config.json's num_hidden_layers becomes the total.
 Random masks come from Philox keyed by --random-seed, the model's index and the
-tensor's name: reproducible bit for bit, not torch's draws. Computation is in f32 with f64
-accumulation whatever `dtype` says; `out_dtype` (else `dtype`, else each tensor's own type) is
+tensor's name: reproducible bit for bit, not torch's draws (the same bits with --device gpu).
+Computation is in f32 with f64 accumulation whatever `dtype` says (with --device gpu, the
+reductions sum in f32: within a few ulps of the CPU's result, and a TIES vote whose sum is within
+rounding of zero may go the other way); `out_dtype` (else `dtype`, else each tensor's own type) is
 what is written.
 
 Examples:
   kernels merge ties.yml ./merged
-  kernels merge --random-seed 7 --out-shard-size 2GB dare.yml ./merged --force";
+  kernels merge --random-seed 7 --out-shard-size 2GB dare.yml ./merged --force
+  kernels merge --device gpu ties.yml ./merged";
 
 /// `kernels merge` arguments.
 #[derive(clap::Args, Debug)]
@@ -261,24 +265,14 @@ pub struct MergeArgs {
     /// Output and threads.
     #[command(flatten)]
     pub run: RunOptions,
-    /// Where the kernels run. The merge ops run on the CPU; `gpu` is refused until the GPU
-    /// backend covers every op a merge needs.
+    /// Where the kernels run: the reductions (linear, task arithmetic, the TIES vote, slerp,
+    /// Model Stock, Fisher) and DARE's masks run on the GPU; trimming, Breadcrumbs, DELLA,
+    /// ComPEFT and OPCM stay on the CPU. `auto` takes a hardware GPU if there is one.
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
     /// No progress bar.
     #[arg(long, short)]
     pub quiet: bool,
-}
-
-/// Where kernels run.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Device {
-    /// The CPU.
-    Cpu,
-    /// The GPU (through wgpu).
-    Gpu,
-    /// The GPU where it has every op the command needs, else the CPU.
-    Auto,
 }
 
 /// Parses a size such as `5GB`, `500MiB` or `1000000`.
@@ -333,12 +327,6 @@ fn cpu(threads: Option<usize>) -> Result<Cpu> {
 }
 
 fn merge_command(args: &MergeArgs) -> Result<()> {
-    if args.device == Device::Gpu {
-        bail!(
-            "--device gpu: the merge methods need ops (slerp, Model Stock, DELLA, the mergekit \
-             TIES vote) that run on the CPU only so far; use --device cpu or auto"
-        );
-    }
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("cannot read '{}'", args.config.display()))?;
     let config =
@@ -349,14 +337,17 @@ fn merge_command(args: &MergeArgs) -> Result<()> {
         shard_bytes: args.out_shard_size,
         seed: args.random_seed,
         cpu: cpu(args.run.threads)?,
+        gpu: device::select(args.device)?,
         progress: !args.quiet && std::io::stderr().is_terminal(),
     };
     let summary = merge::run(&config, &text, &options)?;
     let gb = |b: u64| b as f64 / 1e9;
     println!(
-        "merged {} tensors with {}: read {:.3} GB, wrote {:.3} GB to '{}' in {:.2} s ({:.2} GB/s)",
+        "merged {} tensors with {} on {}: read {:.3} GB, wrote {:.3} GB to '{}' in {:.2} s \
+         ({:.2} GB/s)",
         summary.tensors,
         config.method.name(),
+        device::describe(options.gpu.as_deref()),
         gb(summary.read_bytes),
         gb(summary.written_bytes),
         summary.out.display(),
@@ -503,6 +494,7 @@ fn run_demo(root: &std::path::Path, cpu: &Cpu) -> Result<()> {
         shard_bytes: 5_000_000_000,
         seed: 0,
         cpu: *cpu,
+        gpu: None,
         progress: false,
     };
     let m = merge::run(&config, &yaml, &options)?;

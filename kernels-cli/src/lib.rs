@@ -1,14 +1,17 @@
 //! The `kernels` command-line tool, as a library: mergekit's YAML configs run over safetensors
-//! checkpoints on the public ops of `kernels-cpu` (the binary is a thin `main` over [`cli`]).
+//! checkpoints on the public ops of `kernels-cpu` and `kernels-wgpu` (the binary is a thin
+//! `main` over [`cli`]).
 //!
 //! Modules: [`config`] reads mergekit's YAML, [`checkpoint`] opens model directories
 //! (memory-mapped, header-checked), [`output`] writes sharded safetensors atomically, [`merge`]
-//! runs a merge tensor by tensor, [`synthetic`] writes Llama-shaped test models.
+//! runs a merge tensor by tensor, [`device`] routes its ops to the CPU or the GPU,
+//! [`synthetic`] writes Llama-shaped test models.
 
 pub mod checkpoint;
 pub mod cli;
 pub mod compeft;
 pub mod config;
+pub mod device;
 pub mod lora;
 pub mod merge;
 mod opcm;

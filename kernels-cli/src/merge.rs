@@ -8,15 +8,17 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
 use kernels_cpu::prelude::*;
+use kernels_wgpu::prelude::GpuElement;
 
 use crate::checkpoint::{Checkpoint, ElementType, TensorData, TensorEntry};
 use crate::compeft::task_vector;
 use crate::config::{MergeConfig, Method, ModelEntry, Slice, Sparsify};
+use crate::device::Ops;
 use crate::opcm::OpcmScratch;
 use crate::output::{OutputDir, PlannedTensor};
 
 /// How a merge runs.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct MergeOptions {
     /// The output directory.
     pub out: PathBuf,
@@ -28,6 +30,8 @@ pub struct MergeOptions {
     pub seed: u64,
     /// The CPU backend (ISA, threads).
     pub cpu: Cpu,
+    /// The GPU the ops it has run on ([`crate::device::select`]), or none: all on the CPU.
+    pub gpu: Option<std::sync::Arc<kernels_wgpu::prelude::Context>>,
     /// Draw a progress bar on stderr (when it is a terminal).
     pub progress: bool,
 }
@@ -758,6 +762,13 @@ pub(crate) fn f32_tensor<'a>(cpu: &Cpu, c: &'a Checkpoint, name: &str) -> Result
 }
 
 impl Job<'_> {
+    fn ops(&self) -> Ops<'_> {
+        Ops {
+            cpu: &self.options.cpu,
+            gpu: self.options.gpu.as_deref(),
+        }
+    }
+
     fn model_param(&self, model: usize, param: &str, default: Option<f64>) -> Result<f64> {
         self.config
             .model_parameter(model, param, self.name, self.t, default)
@@ -776,8 +787,9 @@ impl Job<'_> {
             .collect()
     }
 
-    fn run<T: Element>(&self, has_base: bool, inputs: &[&[T]]) -> Result<Vec<f32>> {
+    fn run<T: GpuElement>(&self, has_base: bool, inputs: &[&[T]]) -> Result<Vec<f32>> {
         let cpu = &self.options.cpu;
+        let ops = self.ops();
         let n = inputs[0].len();
         let mut out = Buffers::take(&mut self.buffers.borrow_mut().out, n);
         let (base, models) = if has_base {
@@ -797,28 +809,29 @@ impl Job<'_> {
                         *w = (f64::from(*w) / sum) as f32;
                     }
                 }
-                linear_combination(cpu, models, &weights, &mut out)?;
+                ops.linear_combination(models, &weights, &mut out)?;
             }
             Method::Passthrough => {
                 let scale = self.model_param(0, "scale", Some(1.0))? as f32;
-                linear_combination(cpu, models, &[scale], &mut out)?;
+                ops.linear_combination(models, &[scale], &mut out)?;
             }
             Method::Slerp => {
                 let t = self.global_param("t", None)? as f32;
-                slerp(cpu, base.expect("slerp has a base"), models[0], t, &mut out)?;
+                ops.slerp(base.expect("slerp has a base"), models[0], t, &mut out)?;
             }
             Method::ModelStock => {
                 let base = base.expect("model_stock has a base");
                 let filter_wise = self.global_param("filter_wise", Some(0.0))? != 0.0;
-                let cols = if filter_wise && self.shape.len() >= 2 {
-                    *self.shape.last().expect("2-D")
+                if filter_wise && self.shape.len() >= 2 {
+                    // A Gram matrix per row: too little work per row to pay a GPU round trip.
+                    let cols = *self.shape.last().expect("2-D");
+                    for (row, o) in out.chunks_mut(cols.max(1)).enumerate() {
+                        let range = row * cols..(row + 1) * cols;
+                        let rows: Vec<&[T]> = models.iter().map(|m| &m[range.clone()]).collect();
+                        model_stock(cpu, &base[range], &rows, o)?;
+                    }
                 } else {
-                    n
-                };
-                for (row, o) in out.chunks_mut(cols.max(1)).enumerate() {
-                    let range = row * cols..(row + 1) * cols;
-                    let rows: Vec<&[T]> = models.iter().map(|m| &m[range.clone()]).collect();
-                    model_stock(cpu, &base[range], &rows, o)?;
+                    ops.model_stock(base, models, &mut out)?;
                 }
             }
             Method::Fisher => {
@@ -837,7 +850,7 @@ impl Job<'_> {
                     params = params.with_normalization(norms);
                 }
                 let weights = self.weights(models.len())?;
-                fisher_merge(cpu, models, &views, &weights, params, &mut out)?;
+                ops.fisher_merge(models, &views, &weights, params, &mut out)?;
                 drop(fishers);
                 for c in &inputs.checkpoints {
                     // SAFETY: the views of this tensor (`fishers`) are dropped.
@@ -883,7 +896,7 @@ impl Job<'_> {
         Ok(out)
     }
 
-    fn task_arithmetic_family<T: Element>(
+    fn task_arithmetic_family<T: GpuElement>(
         &self,
         (sparsify, consensus, normalize_default, rescale_default): (
             Option<Sparsify>,
@@ -896,6 +909,7 @@ impl Job<'_> {
         out: &mut [f32],
     ) -> Result<()> {
         let cpu = &self.options.cpu;
+        let ops = self.ops();
         let n = base.len();
         let normalize =
             self.global_param("normalize", Some(f64::from(u8::from(normalize_default))))? != 0.0;
@@ -973,9 +987,9 @@ impl Job<'_> {
             let base_chunk = widen(cpu, &base[range.clone()])?;
             let out = &mut out[range];
             if consensus {
-                ties_elect_with(cpu, &base_chunk, &views, &weights, lambda, rule, out)?;
+                ops.ties_elect_with(&base_chunk, &views, &weights, lambda, rule, out)?;
             } else {
-                task_arithmetic(cpu, &base_chunk, &views, &coefficients, lambda, out)?;
+                ops.task_arithmetic(&base_chunk, &views, &coefficients, lambda, out)?;
             }
         }
         Ok(())
@@ -1013,7 +1027,7 @@ impl Job<'_> {
             }
             Sparsify::Random => {
                 let params = DareParams::new(1.0 - density, seed).with_rescale(l1);
-                dare(cpu, tau, params, 0, &mut out)?;
+                self.ops().dare(tau, params, &mut out)?;
             }
             Sparsify::RankedRandom => {
                 let epsilon = self.model_param(model, "epsilon", Some(0.15))?;

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 
 use kernels_cli::checkpoint::{Checkpoint, TensorData};
 use kernels_cli::config::MergeConfig;
@@ -18,6 +19,7 @@ use kernels_core::ops::merge::{
 };
 use kernels_core::ops::select::KeepRule;
 use kernels_cpu::Cpu;
+use kernels_wgpu::prelude::{Context, ContextOptions};
 use safetensors::{Dtype, tensor::TensorView};
 
 /// The shapes of a tiny two-layer Llama with a tied embedding (no `lm_head`).
@@ -140,6 +142,15 @@ impl Zoo {
     }
 
     fn merge(&self, yaml: &str, out: &str) -> anyhow::Result<Tensors> {
+        self.merge_on(yaml, out, None)
+    }
+
+    fn merge_on(
+        &self,
+        yaml: &str,
+        out: &str,
+        gpu: Option<Arc<Context>>,
+    ) -> anyhow::Result<Tensors> {
         let yaml = yaml
             .replace("BASE", &self.path("base"))
             .replace("FT0", &self.path("ft0"))
@@ -152,6 +163,7 @@ impl Zoo {
             shard_bytes: 5_000_000_000,
             seed: 7,
             cpu: Cpu::detect(),
+            gpu,
             progress: false,
         };
         merge::run(&config, &yaml, &options)?;
@@ -285,6 +297,7 @@ fn hand_worked_ties_and_linear() {
             shard_bytes: 1 << 30,
             seed: 0,
             cpu: Cpu::detect(),
+            gpu: None,
             progress: false,
         };
         merge::run(&config, &yaml, &options).unwrap();
@@ -647,6 +660,22 @@ fn synthetic_models_merge_through_the_binary() {
         read_all(&root.path().join("merged")).len(),
         base.tensors().len()
     );
+    assert!(String::from_utf8_lossy(&merged.stdout).contains("merged 21 tensors with ties on"));
+    // The same merge with its reductions on the GPU, where there is one.
+    if gpu_or_skip().is_some() {
+        let on_gpu = Command::new(kernels)
+            .args(["merge", "-q", "--device", "gpu"])
+            .arg(&config)
+            .arg(root.path().join("merged-gpu"))
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&on_gpu.stdout);
+        assert!(
+            on_gpu.status.success() && said.contains("on the GPU ("),
+            "{said}"
+        );
+        assert_eq!(read_all(&root.path().join("merged-gpu")).len(), 21);
+    }
     // Writing over an existing directory is refused.
     let again = Command::new(kernels)
         .arg("synthetic")
@@ -1138,6 +1167,7 @@ fn ties_over_tensors_larger_than_a_chunk_matches_the_reference() {
         shard_bytes: 1 << 40,
         seed: 0,
         cpu: Cpu::detect(),
+        gpu: None,
         progress: false,
     };
     merge::run(&config, &yaml, &options).unwrap();
@@ -1168,4 +1198,75 @@ fn ties_over_tensors_larger_than_a_chunk_matches_the_reference() {
     )
     .unwrap();
     assert_eq!(got, &round_as(&expect, Dtype::BF16));
+}
+
+/// A GPU context (lavapipe in CI), or `None` where the environment says to skip GPU tests.
+fn gpu_or_skip() -> Option<Arc<Context>> {
+    match Context::new_blocking(ContextOptions::default()) {
+        Ok(ctx) => Some(Arc::new(ctx)),
+        Err(e) if std::env::var_os("KERNELS_WGPU_SKIP_WITHOUT_ADAPTER").is_some() => {
+            eprintln!("skipped: no GPU adapter: {e}");
+            None
+        }
+        Err(e) => panic!("no GPU adapter (set KERNELS_WGPU_SKIP_WITHOUT_ADAPTER to skip): {e}"),
+    }
+}
+
+#[test]
+fn gpu_merges_match_the_cpu_merges() {
+    let Some(gpu) = gpu_or_skip() else {
+        return;
+    };
+    let two = |method: &str, params: &str| {
+        format!(
+            "merge_method: {method}\nbase_model: BASE\nmodels:\n  - model: FT0\n    parameters: {{weight: 1.0{params}}}\n  - model: FT1\n    parameters: {{weight: 0.5{params}}}\n"
+        )
+    };
+    let configs = [
+        ("linear", "merge_method: linear\nmodels:\n  - model: FT0\n    parameters: {weight: 1.0}\n  - model: FT1\n    parameters: {weight: 3.0}\n".to_owned()),
+        ("passthrough", "merge_method: passthrough\nmodels:\n  - model: FT2\n    parameters: {scale: 0.5}\n".to_owned()),
+        ("task_arithmetic", two("task_arithmetic", "")),
+        ("ties", two("ties", ", density: 0.5")),
+        ("dare_ties", two("dare_ties", ", density: 0.5")),
+        ("dare_linear", two("dare_linear", ", density: 0.7")),
+        ("breadcrumbs_ties", two("breadcrumbs_ties", ", density: 0.6, gamma: 0.05")),
+        ("slerp", "merge_method: slerp\nbase_model: BASE\nmodels:\n  - model: FT0\nparameters: {t: 0.3}\n".to_owned()),
+        ("model_stock", "merge_method: model_stock\nbase_model: BASE\nmodels:\n  - model: FT0\n  - model: FT1\n  - model: FT2\n".to_owned()),
+    ];
+    for dtype in [Dtype::F32, Dtype::BF16] {
+        let zoo = Zoo::new(dtype, 2);
+        for i in 0..2 {
+            let mut f = model_values(50 + i, None, 1.0);
+            f.values_mut().flat_map(|(_, v)| v).for_each(|x| *x *= *x);
+            let dir = zoo.root.path().join(format!("fisher{i}"));
+            write_model(&dir, &f, Dtype::F32, 1);
+        }
+        let fisher = format!(
+            "merge_method: fisher\nparameters: {{normalize: true}}\nmodels:\n  - model: FT0\n    parameters: {{weight: 1.0, fisher: {0}/fisher0}}\n  - model: FT1\n    parameters: {{weight: 2.0, fisher: {0}/fisher1}}\n",
+            zoo.root.path().display()
+        );
+        for (method, yaml) in configs.iter().chain([&("fisher", fisher)]) {
+            let on_cpu = zoo.merge(yaml, &format!("{method}-cpu")).unwrap();
+            let on_gpu = zoo
+                .merge_on(yaml, &format!("{method}-gpu"), Some(gpu.clone()))
+                .unwrap();
+            assert_eq!(on_cpu.len(), on_gpu.len());
+            for (name, (shape, c)) in &on_cpu {
+                let (gpu_shape, g) = &on_gpu[name];
+                assert_eq!(shape, gpu_shape);
+                for (j, (g, c)) in g.iter().zip(c).enumerate() {
+                    // f32 sums on the GPU against f64 on the CPU: a few ulps of the terms (the
+                    // values and deltas are O(1)); bf16 output: one rounding step either way.
+                    let mut tol = 64.0 * f32::EPSILON * (c.abs() + 1.0);
+                    if dtype == Dtype::BF16 {
+                        tol += c.abs() / 128.0;
+                    }
+                    assert!(
+                        (g - c).abs() <= tol,
+                        "{method} {dtype:?} {name}[{j}]: GPU {g} vs CPU {c}"
+                    );
+                }
+            }
+        }
+    }
 }

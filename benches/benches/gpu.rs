@@ -1,7 +1,7 @@
 //! Every GPU kernel family at real model sizes, with the device's copy bandwidth measured in the
 //! same run as the reference: GEMV (dense, sparse-input at s = 0.5, gathered), the CATS MLP,
-//! ternary GEMV, merge reductions (mean, Fisher, TIES), DARE, top-k selection, Breadcrumbs and
-//! ComPEFT.
+//! ternary GEMV, merge reductions (mean, Fisher, TIES under both election rules), linear
+//! combinations, Gram matrices and SLERP, DARE, top-k selection, Breadcrumbs and ComPEFT.
 //!
 //! GB/s count the bytes each kernel must touch once (weights and inputs read, outputs written);
 //! the copy reads and writes its buffer, so its figure counts both. A timed iteration submits the
@@ -245,6 +245,45 @@ fn bench_gpu(c: &mut Criterion) {
         b.iter_custom(|iters| {
             time(&ctx, iters, || {
                 ties_elect(&ctx, views[0], &views, &[1.0; 4], 1.0, &mut out).expect("ties");
+            })
+        });
+    });
+    group.bench_function(BenchmarkId::new("ties_elect_with_mergekit_f16_models4", N), |b| {
+        let mergekit = TiesElection::default()
+            .with_zero_sum_elects_positive(true)
+            .with_normalize(false);
+        b.iter_custom(|iters| {
+            time(&ctx, iters, || {
+                ties_elect_with(&ctx, views[0], &views, &[1.0; 4], 1.0, mergekit, &mut out)
+                    .expect("ties");
+            })
+        });
+    });
+    group.throughput(Throughput::Bytes((N * (3 * 2 + 4)) as u64));
+    group.bench_function(BenchmarkId::new("linear_combination_f16_models3", N), |b| {
+        b.iter_custom(|iters| {
+            time(&ctx, iters, || {
+                linear_combination(&ctx, &views[..3], &[0.5, -0.25, 0.75], &mut out)
+                    .expect("linear");
+            })
+        });
+    });
+    // The Gram matrix of 3 centred models reads 3 tensors per pair (6 pairs); GB/s count the
+    // 4 tensors once, as a one-pass kernel would.
+    group.throughput(Throughput::Bytes((N * 4 * 2) as u64));
+    group.bench_function(BenchmarkId::new("gram_f16_models3_centred", N), |b| {
+        let mut g = [0.0f64; 9];
+        b.iter_custom(|iters| {
+            time(&ctx, iters, || {
+                block_on(gram(&ctx, &views[1..], Some(views[0]), &mut g)).expect("gram");
+            })
+        });
+    });
+    group.throughput(Throughput::Bytes((N * (2 * 2 + 4)) as u64));
+    group.bench_function(BenchmarkId::new("slerp_f16", N), |b| {
+        b.iter_custom(|iters| {
+            time(&ctx, iters, || {
+                block_on(slerp(&ctx, views[0], views[1], 0.3, &mut out)).expect("slerp");
             })
         });
     });

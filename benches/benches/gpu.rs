@@ -248,17 +248,20 @@ fn bench_gpu(c: &mut Criterion) {
             })
         });
     });
-    group.bench_function(BenchmarkId::new("ties_elect_with_mergekit_f16_models4", N), |b| {
-        let mergekit = TiesElection::default()
-            .with_zero_sum_elects_positive(true)
-            .with_normalize(false);
-        b.iter_custom(|iters| {
-            time(&ctx, iters, || {
-                ties_elect_with(&ctx, views[0], &views, &[1.0; 4], 1.0, mergekit, &mut out)
-                    .expect("ties");
-            })
-        });
-    });
+    group.bench_function(
+        BenchmarkId::new("ties_elect_with_mergekit_f16_models4", N),
+        |b| {
+            let mergekit = TiesElection::default()
+                .with_zero_sum_elects_positive(true)
+                .with_normalize(false);
+            b.iter_custom(|iters| {
+                time(&ctx, iters, || {
+                    ties_elect_with(&ctx, views[0], &views, &[1.0; 4], 1.0, mergekit, &mut out)
+                        .expect("ties");
+                })
+            });
+        },
+    );
     group.throughput(Throughput::Bytes((N * (3 * 2 + 4)) as u64));
     group.bench_function(BenchmarkId::new("linear_combination_f16_models3", N), |b| {
         b.iter_custom(|iters| {

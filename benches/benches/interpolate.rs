@@ -1,7 +1,8 @@
 //! The ops mergekit's methods added (issue 14) at n = 1e8 (cold: every input far beyond the L3
 //! cache), f32 and bf16, three fine-tuned models, with STREAM read bandwidth in the same run:
 //! `linear_combination`, `gram` (centred on the base), `slerp`, `model_stock`, TIES under
-//! mergekit's election (`ties_elect_with`) and DELLA (`della`, rows of 4000). GB/s count every
+//! mergekit's election (`ties_elect_with`), DELLA (`della`, rows of 4000) and the L1-preserving
+//! rescale (`preserve_l1`, reading the task vector and the sparse one, rewriting the latter). GB/s count every
 //! byte touched once: the inputs read and the output written (`gram` writes nothing; `slerp` and
 //! `model_stock` read their inputs twice, once for the Gram matrix, counted once).
 //!
@@ -66,6 +67,11 @@ fn family<T: Element>(c: &mut Criterion, cpu: &Cpu) {
     group.bench_function(id("della_cols4000"), |b| {
         let params = DellaParams::new(0.5, 0.1, 7);
         b.iter(|| della(cpu, &tau, DELLA_COLS, params, 0, &mut out).expect("della"));
+    });
+    // DELLA's output as the sparse tensor (half its entries kept), rescaled in place.
+    group.throughput(Throughput::Bytes((N * (size + 8)) as u64));
+    group.bench_function(id("preserve_l1"), |b| {
+        b.iter(|| preserve_l1(cpu, &tau, &mut out).expect("preserve_l1"));
     });
 }
 

@@ -230,7 +230,8 @@ Where mergekit's semantics differ from the kernel crates' defaults, this command
 mergekit: TIES-family votes elect + for a weighted sum of exactly zero and divide by the
 agreeing weights only with `normalize` (on by default for ties, della and linear); trimming keeps
 max(1, floor(density n)) per tensor; DARE and DELLA rescale each tensor to keep its L1 norm
-(`rescale`, on by default for them), not by 1/density; `lambda` scales the merged task vector
+(`rescale`, on by default for them), not by 1/density, and `rescale: true` does the same for
+the magnitude methods; `lambda` scales the merged task vector
 after normalising; a base listed under `models:` is the base; slerp interpolates the whole
 flattened tensor (linearly where the normalised dot exceeds 0.9995); Model Stock's ratio is not
 clamped. `slices:` stack and merge layer ranges as mergekit does: each slice's sources take equally many

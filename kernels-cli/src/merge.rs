@@ -660,6 +660,11 @@ fn merge_tensor(
     }
 }
 
+/// What mergekit's magnitude trimming keeps of `n` entries: `max(1, floor(density n))`.
+fn trim_count(density: f64, n: usize) -> KeepRule {
+    KeepRule::Count(((density * n as f64).floor() as u64).max(1).min(n as u64))
+}
+
 /// Elements of a tensor the task-arithmetic family merges at a time once the task vectors'
 /// cuts are known (16 MiB of `f32` per model).
 const FAMILY_CHUNK: usize = 1 << 22;
@@ -933,8 +938,7 @@ impl Job<'_> {
                 Some(Sparsify::Magnitude) if !rescale => {
                     let mut tau = Buffers::take(&mut self.buffers.borrow_mut().tau, n);
                     linear_combination(cpu, &[*m, base], &[1.0, -1.0], &mut tau)?;
-                    let keep = ((density * n as f64).floor() as u64).max(1);
-                    let cut = topk_cut(cpu, &[&tau[..]], KeepRule::Count(keep));
+                    let cut = topk_cut(cpu, &[&tau[..]], trim_count(density, n));
                     self.buffers.borrow_mut().tau = tau;
                     Prepared::Streamed(Some(TopKApplier::new(&cut?)))
                 }
@@ -1013,10 +1017,11 @@ impl Job<'_> {
             DareRescale::None
         };
         match how {
-            Sparsify::Magnitude | Sparsify::MagnitudeOutliers if rescale => {
-                bail!("rescale: true is implemented for the random methods (dare, della) only")
+            // Without rescale, magnitude trimming streams by its cut instead.
+            Sparsify::Magnitude => {
+                ties_trim(cpu, tau, trim_count(density, n), &mut out)?;
+                preserve_l1(cpu, tau, &mut out)?;
             }
-            Sparsify::Magnitude => unreachable!("magnitude trimming streams by its cut"),
             Sparsify::MagnitudeOutliers => {
                 let mut gamma = self.model_param(model, "gamma", Some(0.01))?;
                 // mergekit drops fewer outliers where density + gamma exceeds 1.
@@ -1024,6 +1029,9 @@ impl Job<'_> {
                     gamma = 1.0 - density;
                 }
                 breadcrumbs(cpu, tau, BreadcrumbsParams::new(density, gamma), &mut out)?;
+                if rescale {
+                    preserve_l1(cpu, tau, &mut out)?;
+                }
             }
             Sparsify::Random => {
                 let params = DareParams::new(1.0 - density, seed).with_rescale(l1);

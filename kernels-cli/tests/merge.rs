@@ -15,7 +15,7 @@ use kernels_core::CounterRng;
 use kernels_core::ops::interpolate::{model_stock_ref, slerp_ref};
 use kernels_core::ops::merge::{
     BreadcrumbsParams, DareParams, DareRescale, DellaParams, TiesElection, breadcrumbs_ref,
-    dare_ref, della_ref, ties_elect_with_ref, ties_trim_ref,
+    dare_ref, della_ref, preserve_l1_ref, ties_elect_with_ref, ties_trim_ref,
 };
 use kernels_core::ops::select::KeepRule;
 use kernels_cpu::Cpu;
@@ -402,6 +402,43 @@ fn every_method_matches_its_reference_on_sharded_f32() {
                 let tol = 4.0 * f32::EPSILON * (e.abs() + 1.0);
                 assert!((g - e).abs() <= tol, "{method} {name}[{j}]: {g} vs {e}");
             }
+        }
+    }
+    // mergekit's `rescale: true` on a magnitude method: each trimmed task vector keeps its L1.
+    let yaml = "merge_method: ties\nbase_model: BASE\nparameters: {rescale: true}\nmodels:\n  - model: FT0\n    parameters: {weight: 1.0, density: 0.3}\n  - model: FT1\n    parameters: {weight: 0.5, density: 0.3}\n";
+    let out = zoo.merge(yaml, "ties-rescaled").unwrap();
+    for (name, (_, got)) in &out {
+        let n = got.len();
+        let trimmed: Vec<Vec<f32>> = (0..2)
+            .map(|i| {
+                let t = tau(&zoo.tuned[i], &zoo.base, name);
+                let keep = ((0.3 * n as f64).floor() as u64).max(1);
+                let mut o = vec![0.0; n];
+                ties_trim_ref(&t, KeepRule::Count(keep), &mut o).unwrap();
+                preserve_l1_ref(&t, &mut o).unwrap();
+                o
+            })
+            .collect();
+        let views: Vec<&[f32]> = trimmed.iter().map(|t| &t[..]).collect();
+        let rule = TiesElection::default()
+            .with_zero_sum_elects_positive(true)
+            .with_normalize(true);
+        let mut expect = vec![0.0; n];
+        ties_elect_with_ref(
+            &zoo.base[name].1,
+            &views,
+            &[1.0, 0.5],
+            1.0,
+            rule,
+            &mut expect,
+        )
+        .unwrap();
+        for (j, (g, e)) in got.iter().zip(&expect).enumerate() {
+            let tol = 4.0 * f32::EPSILON * (e.abs() + 1.0);
+            assert!(
+                (g - e).abs() <= tol,
+                "rescaled ties {name}[{j}]: {g} vs {e}"
+            );
         }
     }
     // Model Stock and slerp.

@@ -30,7 +30,7 @@
 //! | `select` | exact magnitude top-k (cut, mask, kept values, indices), k-th magnitude, streaming top-k |
 //! | `compress` | ComPEFT: moments, global top-k, codes or packed encoding |
 //! | `ternary` | packed ternary tensors: decode, ternary GEMV, decompress-and-add |
-//! | `masks` | DARE, TIES trim, Breadcrumbs |
+//! | `masks` | DARE, TIES trim, Breadcrumbs, DELLA, the L1-preserving rescale |
 //! | [`merge`] | weighted mean, task arithmetic, TIES (one call, or trim and elect), Fisher merging and accumulation, sum of squares |
 //! | `linalg` | GEMM, Householder and CGS2 QR, fused projections, LU/LDU, thin and randomized SVD, symmetric eigendecomposition, LoRA extraction, the OPCM step, streaming truncated SVD |
 //!
@@ -117,7 +117,7 @@ pub mod prelude {
     #[cfg(feature = "alloc")]
     pub use crate::masks::{
         BreadcrumbsParams, DareParams, DareRescale, DellaParams, breadcrumbs, dare, della,
-        ties_trim,
+        preserve_l1, ties_trim,
     };
     #[cfg(feature = "alloc")]
     pub use crate::merge::ties;

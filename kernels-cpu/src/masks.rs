@@ -13,8 +13,8 @@
 //!   two `f64` L1 sums are added in another order, so survivors are within
 //!   [`DARE_L1_RELATIVE_TOLERANCE`] of the reference.
 
-use kernels_core::ops::merge::della_row;
 pub use kernels_core::ops::merge::{BreadcrumbsParams, DareParams, DareRescale, DellaParams};
+use kernels_core::ops::merge::{della_row, l1_scale};
 use kernels_core::ops::select::KeepRule;
 use kernels_core::{CounterRng, Element, Error, Result};
 
@@ -211,7 +211,7 @@ pub fn dare<T: Element>(
             let (all, kept) = sums
                 .iter()
                 .fold((0.0, 0.0), |(a, k), &(ba, bk)| (a + ba, k + bk));
-            if kept > 0.0 { all / kept } else { 0.0 }
+            l1_scale(all, kept)
         }
         // `DareRescale` is non-exhaustive: a rule added later must be implemented here.
         _ => {
@@ -314,7 +314,7 @@ pub fn della<T: Element>(
         let (all, kept) = sums
             .iter()
             .fold((0.0, 0.0), |(a, k), &(ra, rk)| (a + ra, k + rk));
-        let scale = if kept > 0.0 { all / kept } else { 0.0 };
+        let scale = l1_scale(all, kept);
         split_outputs(cpu, out, 8, GROUP, |_, out| {
             for o in out {
                 *o = (f64::from(*o) * scale) as f32;
@@ -322,6 +322,51 @@ pub fn della<T: Element>(
         });
     }
     Ok(())
+}
+
+/// The L1-preserving rescale (the twin of [`kernels_core::ops::merge::preserve_l1_ref`]):
+/// multiplies `sparse` by `||original||_1 / ||sparse||_1` and returns the scale (`0`, leaving
+/// `sparse` as it is, where `sparse` is all zeros), for mergekit's `rescale: true` on a trimmed
+/// or Breadcrumbs-masked task vector. Survivors within [`DARE_L1_RELATIVE_TOLERANCE`] of the
+/// reference's (the sums are added block by block).
+///
+/// ```
+/// use kernels_cpu::prelude::*;
+/// let original = [4.0f32, -1.0, 0.5, -2.5];
+/// let mut trimmed = [0.0f32; 4];
+/// ties_trim(&Cpu::detect(), &original, KeepRule::Count(2), &mut trimmed)?;
+/// let scale = preserve_l1(&Cpu::detect(), &original, &mut trimmed)?;
+/// assert_eq!((scale, trimmed.iter().map(|v| v.abs()).sum::<f32>()), (8.0 / 6.5, 8.0));
+/// # Ok::<(), Error>(())
+/// ```
+pub fn preserve_l1<T: Element>(cpu: &Cpu, original: &[T], sparse: &mut [f32]) -> Result<f64> {
+    check_out(original.len(), sparse.len())?;
+    let mut sums = alloc::vec![(0.0f64, 0.0f64); original.len().div_ceil(L1_BLOCK)];
+    let bytes = L1_BLOCK * (core::mem::size_of::<T>() + 4);
+    let sparse_view: &[f32] = sparse;
+    split_outputs(cpu, &mut sums, bytes, 1, |range, sums| {
+        for (b, sum) in range.zip(sums) {
+            let block = b * L1_BLOCK..((b + 1) * L1_BLOCK).min(original.len());
+            let all = original[block.clone()]
+                .iter()
+                .map(|v| f64::from(v.to_f32()).abs())
+                .sum();
+            let kept = sparse_view[block].iter().map(|v| f64::from(v.abs())).sum();
+            *sum = (all, kept);
+        }
+    });
+    let (all, kept) = sums
+        .iter()
+        .fold((0.0, 0.0), |(a, k), &(ba, bk)| (a + ba, k + bk));
+    let scale = l1_scale(all, kept);
+    if kept > 0.0 {
+        split_outputs(cpu, sparse, 8, GROUP, |_, out| {
+            for o in out {
+                *o = (f64::from(*o) * scale) as f32;
+            }
+        });
+    }
+    Ok(scale)
 }
 
 /// TIES trim (the twin of [`kernels_core::ops::merge::ties_trim_ref`]): `out` keeps what `keep`

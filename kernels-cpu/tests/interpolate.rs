@@ -6,7 +6,7 @@ use kernels_core::Real;
 use kernels_core::ops::interpolate::{
     gram_ref, linear_combination_ref, model_stock_ref, slerp_coefficients, slerp_ref,
 };
-use kernels_core::ops::merge::{della_ref, ties_elect_with_ref};
+use kernels_core::ops::merge::{della_ref, preserve_l1_ref, ties_elect_with_ref};
 use kernels_cpu::CounterRng;
 use kernels_cpu::interpolate::gram_tolerance;
 use kernels_cpu::masks::DARE_L1_RELATIVE_TOLERANCE;
@@ -197,6 +197,39 @@ fn ties_election_rules_match<T: Element>(cpu: &Cpu) {
     }
 }
 
+/// Trimmed task vectors rescaled to their original L1 norm, across the sums' block boundaries
+/// and on all-zero input (nothing kept: left as it is, scale 0).
+fn preserve_l1_matches<T: Element>(cpu: &Cpu) {
+    for n in LENGTHS.iter().copied().chain([4095, 4096, 4097, 12_289]) {
+        let tau: Vec<T> = normal(n, 40 + n as u64);
+        for keep in [0, 1.min(n), n / 3, n] {
+            let mut trimmed = vec![0.0f32; n];
+            ties_trim(cpu, &tau, KeepRule::Count(keep as u64), &mut trimmed).unwrap();
+            let mut expect = trimmed.clone();
+            let want = preserve_l1_ref(&tau, &mut expect).unwrap();
+            let got = preserve_l1(cpu, &tau, &mut trimmed).unwrap();
+            assert!(
+                (got - want).abs() <= DARE_L1_RELATIVE_TOLERANCE * want,
+                "{:?} n={n} keep={keep}: scale {got} vs {want}",
+                T::DTYPE
+            );
+            for (j, (g, e)) in trimmed.iter().zip(&expect).enumerate() {
+                let tol = DARE_L1_RELATIVE_TOLERANCE * f64::from(e.abs());
+                assert!(
+                    (f64::from(*g) - f64::from(*e)).abs() <= tol,
+                    "{:?} n={n} keep={keep} [{j}]: {g} vs {e}",
+                    T::DTYPE
+                );
+            }
+        }
+    }
+}
+
+fn preserve_l1_all(cpu: &Cpu) {
+    preserve_l1_matches::<f32>(cpu);
+    preserve_l1_matches::<bf16>(cpu);
+}
+
 fn linear_combination_f32(cpu: &Cpu) {
     linear_combination_matches::<f32>(cpu);
     linear_combination_matches::<bf16>(cpu);
@@ -228,7 +261,8 @@ isa_tests!(
     gram_all,
     slerp_and_model_stock,
     della_all,
-    ties_election_rules
+    ties_election_rules,
+    preserve_l1_all
 );
 
 #[test]
@@ -296,4 +330,6 @@ fn bad_inputs_are_errors() {
     assert!(model_stock(&cpu, &a, &[&a], &mut out).is_err());
     assert!(gram(&cpu, &[&a], None, &mut [0.0; 2]).is_err());
     assert!(linear_combination(&cpu, &[&a], &[f32::NAN], &mut out).is_err());
+    assert!(preserve_l1(&cpu, &a, &mut out[..5]).is_err());
+    assert!(preserve_l1_ref(&a, &mut out[..5]).is_err());
 }

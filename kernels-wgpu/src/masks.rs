@@ -142,7 +142,7 @@ pub async fn dare<T: GpuElement>(
                 .fold((0.0f64, 0.0f64), |(a, k), pair| {
                     (a + f64::from(pair[0]), k + f64::from(pair[1]))
                 });
-            if kept > 0.0 { all / kept } else { 0.0 }
+            kernels_core::ops::merge::l1_scale(all, kept)
         }
         _ => {
             // `DareRescale` is non-exhaustive: a rule added later must be implemented here.

@@ -588,14 +588,48 @@ pub fn dare_ref<T: Element>(
     }
     let scale = match params.rescale {
         DareRescale::InverseKeep => 1.0 / (1.0 - params.drop),
-        DareRescale::PreserveL1 if l1_kept > 0.0 => l1_all / l1_kept,
-        DareRescale::PreserveL1 => 0.0,
+        DareRescale::PreserveL1 => l1_scale(l1_all, l1_kept),
         DareRescale::None => 1.0,
     };
     for o in out.iter_mut() {
         *o = (f64::from(*o) * scale) as f32;
     }
     Ok(())
+}
+
+/// The L1-preserving rescale on its own: multiplies `sparse` (a sparsified copy of `original`)
+/// by `||original||_1 / ||sparse||_1`, so the sparse tensor keeps the original's L1 norm, and
+/// returns that scale (`0` where `sparse` is all zeros, which it leaves as it is). mergekit's
+/// `rescale: true` for its magnitude methods (TIES trimming, Breadcrumbs); DARE and DELLA apply
+/// it themselves ([`DareRescale::PreserveL1`]). Sums in `f64`, each product rounded once.
+///
+/// ```
+/// use kernels_core::ops::merge::preserve_l1_ref;
+/// let original = [4.0f32, -1.0, 0.5, -2.5];
+/// let mut trimmed = [4.0f32, 0.0, 0.0, -2.5];
+/// assert_eq!(preserve_l1_ref(&original, &mut trimmed)?, 8.0 / 6.5);
+/// assert_eq!(trimmed.iter().map(|v| v.abs()).sum::<f32>(), 8.0);
+/// # Ok::<(), kernels_core::Error>(())
+/// ```
+pub fn preserve_l1_ref<T: Element>(original: &[T], sparse: &mut [f32]) -> Result<f64> {
+    crate::error::check_len("sparse", original.len(), sparse.len())?;
+    let all: f64 = original.iter().map(|v| v.to_f64().abs()).sum();
+    let kept: f64 = sparse.iter().map(|v| f64::from(*v).abs()).sum();
+    let scale = l1_scale(all, kept);
+    if kept > 0.0 {
+        for v in sparse.iter_mut() {
+            *v = (f64::from(*v) * scale) as f32;
+        }
+    }
+    Ok(scale)
+}
+
+/// `all / kept`, or 0 where nothing is kept: the scale of [`DareRescale::PreserveL1`] and
+/// [`preserve_l1_ref`].
+#[inline]
+#[must_use]
+pub fn l1_scale(all: f64, kept: f64) -> f64 {
+    if kept > 0.0 { all / kept } else { 0.0 }
 }
 
 /// Parameters of Model Breadcrumbs: two fractions of the tensor, as the paper and mergekit
@@ -908,7 +942,7 @@ pub fn della_ref<T: Element>(
         l1_kept += kept;
     }
     if params.rescale == DareRescale::PreserveL1 {
-        let scale = if l1_kept > 0.0 { l1_all / l1_kept } else { 0.0 };
+        let scale = l1_scale(l1_all, l1_kept);
         for o in out.iter_mut() {
             *o = (f64::from(*o) * scale) as f32;
         }

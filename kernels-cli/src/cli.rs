@@ -266,10 +266,11 @@ pub struct MergeArgs {
     /// Output and threads.
     #[command(flatten)]
     pub run: RunOptions,
-    /// Where the kernels run: the reductions (linear, task arithmetic, the TIES vote, slerp,
-    /// Model Stock, Fisher) and DARE's masks run on the GPU; trimming, Breadcrumbs, DELLA,
-    /// ComPEFT and OPCM stay on the CPU. `auto` takes a hardware GPU if there is one.
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    /// Where the kernels run: with `gpu`, the reductions (linear, task arithmetic, the TIES
+    /// vote, slerp, Model Stock, Fisher) and DARE's masks run on the GPU; trimming, Breadcrumbs,
+    /// DELLA, ComPEFT and OPCM stay on the CPU. `auto` takes a hardware GPU if there is one. The
+    /// default, `cpu`, gives the same bits on every machine.
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
     pub device: Device,
     /// No progress bar.
     #[arg(long, short)]

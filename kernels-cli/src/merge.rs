@@ -15,7 +15,7 @@ use crate::compeft::task_vector;
 use crate::config::{MergeConfig, Method, ModelEntry, Slice, Sparsify};
 use crate::device::Ops;
 use crate::opcm::OpcmScratch;
-use crate::output::{OutputDir, PlannedTensor};
+use crate::output::{OutputDir, PlannedTensor, TensorBytes, WriteBehind};
 
 /// How a merge runs.
 #[derive(Clone)]
@@ -173,7 +173,7 @@ pub fn run(config: &MergeConfig, config_text: &str, options: &MergeOptions) -> R
         .map(|t| (t.out.shape.iter().product::<usize>() * t.out.dtype.size()) as u64)
         .sum();
     let planned: Vec<PlannedTensor> = plan.tensors.iter().map(|t| t.out.clone()).collect();
-    let mut output = OutputDir::create(&options.out, options.force, options.shard_bytes, planned)?;
+    let output = OutputDir::create(&options.out, options.force, options.shard_bytes, planned)?;
     let bar = progress_bar(options.progress, total_bytes);
     let whole_models: Vec<&Checkpoint> = models.iter().map(|&i| &checkpoints.all[i]).collect();
     let state = match config.method {
@@ -197,7 +197,8 @@ pub fn run(config: &MergeConfig, config_text: &str, options: &MergeOptions) -> R
         .collect();
     let has_base = base.is_some();
     let (mut read_bytes, mut tensors) = (0u64, 0usize);
-    let mut narrower = Narrower::default();
+    let mut writer = WriteBehind::start(output)?;
+    let mut spare = SpareBuffers::default();
     let buffers = std::cell::RefCell::new(Buffers::default());
     for job in &plan.tensors {
         let name = &job.out.name;
@@ -227,12 +228,19 @@ pub fn run(config: &MergeConfig, config_text: &str, options: &MergeOptions) -> R
             // SAFETY: `data`, the only borrow of this tensor's bytes, is dropped.
             unsafe { checkpoints.all[*c].release(input) };
         }
-        let bytes = narrower.bytes(&options.cpu, &merged, job.out.dtype)?;
-        output.write_next(bytes)?;
+        while let Some(done) = writer.recycled() {
+            spare.put(done);
+        }
+        let (tensor, kept) = spare.narrow(&options.cpu, merged, job.out.dtype)?;
+        bar.inc(tensor.as_bytes().len() as u64);
+        writer.write_next(tensor)?;
         tensors += 1;
-        bar.inc(bytes.len() as u64);
-        buffers.borrow_mut().out = merged;
+        buffers.borrow_mut().out = match kept {
+            Some(merged) => merged,
+            None => spare.f32.pop().unwrap_or_default(),
+        };
     }
+    let output = writer.finish()?;
     bar.finish_and_clear();
     let readme = format!(
         "---\ntags:\n- merge\n- kernels-cli\n---\n# Merged model\n\nMade by `kernels merge` \
@@ -572,9 +580,7 @@ impl Narrower {
             values: &[f32],
             out: &'b mut Vec<O>,
         ) -> Result<&'b [u8]> {
-            out.clear();
-            out.resize(values.len(), O::from_f32(0.0));
-            linear_combination(cpu, &[values], &[1.0], out)?;
+            narrow_into(cpu, values, out)?;
             Ok(bytemuck::cast_slice(out))
         }
         match dtype {
@@ -582,6 +588,65 @@ impl Narrower {
             ElementType::F16 => narrowed(cpu, values, &mut self.f16),
             ElementType::BF16 => narrowed(cpu, values, &mut self.bf16),
         }
+    }
+}
+
+/// `out` set to `values` rounded (to nearest even) to `O` by the CPU backend's vectorised,
+/// threaded narrowing (a linear combination with the one weight 1, exact before the rounding).
+fn narrow_into<O: Element>(cpu: &Cpu, values: &[f32], out: &mut Vec<O>) -> Result<()> {
+    out.clear();
+    out.resize(values.len(), O::from_f32(0.0));
+    linear_combination(cpu, &[values], &[1.0], out)?;
+    Ok(())
+}
+
+/// Buffers the writer thread has handed back, by element type, for the next tensors (fresh
+/// ones would fault in a tensor's worth of new pages every time).
+#[derive(Default)]
+struct SpareBuffers {
+    f32: Vec<Vec<f32>>,
+    f16: Vec<Vec<f16>>,
+    bf16: Vec<Vec<bf16>>,
+}
+
+impl SpareBuffers {
+    fn put(&mut self, done: TensorBytes) {
+        match done {
+            TensorBytes::F32(v) => self.f32.push(v),
+            TensorBytes::F16(v) => self.f16.push(v),
+            TensorBytes::BF16(v) => self.bf16.push(v),
+        }
+    }
+
+    /// `values` as `dtype`'s elements for the writer, rounded by the CPU backend's narrowing into
+    /// a spare buffer (an `f32` output hands over `values` itself); and `values` back where it
+    /// was not handed over.
+    fn narrow(
+        &mut self,
+        cpu: &Cpu,
+        values: Vec<f32>,
+        dtype: ElementType,
+    ) -> Result<(TensorBytes, Option<Vec<f32>>)> {
+        fn narrowed<O: Element>(
+            cpu: &Cpu,
+            values: &[f32],
+            spare: &mut Vec<Vec<O>>,
+        ) -> Result<Vec<O>> {
+            let mut out = spare.pop().unwrap_or_default();
+            narrow_into(cpu, values, &mut out)?;
+            Ok(out)
+        }
+        Ok(match dtype {
+            ElementType::F32 => (TensorBytes::F32(values), None),
+            ElementType::F16 => (
+                TensorBytes::F16(narrowed(cpu, &values, &mut self.f16)?),
+                Some(values),
+            ),
+            ElementType::BF16 => (
+                TensorBytes::BF16(narrowed(cpu, &values, &mut self.bf16)?),
+                Some(values),
+            ),
+        })
     }
 }
 

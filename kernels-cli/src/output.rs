@@ -287,6 +287,112 @@ impl OutputDir {
     }
 }
 
+/// A tensor's elements as the type it is written as, owned so that a writer thread can take it
+/// and hand the buffer back for the next tensor.
+#[derive(Debug)]
+pub enum TensorBytes {
+    /// `f32` elements.
+    F32(Vec<f32>),
+    /// `f16` elements.
+    F16(Vec<half::f16>),
+    /// `bf16` elements.
+    BF16(Vec<half::bf16>),
+}
+
+impl TensorBytes {
+    /// The little-endian bytes.
+    #[must_use]
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Self::F32(v) => bytemuck::cast_slice(v),
+            Self::F16(v) => bytemuck::cast_slice(v),
+            Self::BF16(v) => bytemuck::cast_slice(v),
+        }
+    }
+}
+
+/// An [`OutputDir`] written by a thread of its own: computing the next tensor overlaps writing
+/// this one (a write is a copy into the page cache, or a wait on the disk, that the merge's
+/// threads need not sit through). One tensor is written while the next is computed; handing
+/// over another waits for the writer.
+pub struct WriteBehind {
+    to_writer: Option<std::sync::mpsc::SyncSender<TensorBytes>>,
+    written: std::sync::mpsc::Receiver<TensorBytes>,
+    writer: Option<std::thread::JoinHandle<Result<OutputDir>>>,
+}
+
+impl WriteBehind {
+    /// Starts the writer thread over `output`.
+    ///
+    /// # Errors
+    ///
+    /// A thread that cannot be spawned.
+    pub fn start(mut output: OutputDir) -> Result<Self> {
+        let (to_writer, from_main) = std::sync::mpsc::sync_channel::<TensorBytes>(0);
+        let (to_main, written) = std::sync::mpsc::channel();
+        let writer = std::thread::Builder::new()
+            .name("kernels-writer".into())
+            .spawn(move || {
+                for tensor in from_main {
+                    output.write_next(tensor.as_bytes())?;
+                    // The main thread may have stopped taking buffers back; that is fine.
+                    let _ = to_main.send(tensor);
+                }
+                Ok(output)
+            })
+            .context("cannot start the writer thread")?;
+        Ok(Self {
+            to_writer: Some(to_writer),
+            written,
+            writer: Some(writer),
+        })
+    }
+
+    /// Hands the next planned tensor to the writer, once it has finished the one before.
+    ///
+    /// # Errors
+    ///
+    /// The writer's error, if it has stopped on one.
+    pub fn write_next(&mut self, tensor: TensorBytes) -> Result<()> {
+        let sent = self.to_writer.as_ref().map(|s| s.send(tensor));
+        if matches!(sent, Some(Ok(()))) {
+            return Ok(());
+        }
+        // The writer has stopped: its error says why.
+        self.finish()
+            .and_then(|_| bail!("the writer thread stopped early"))
+    }
+
+    /// A buffer the writer is done with, if any, for the next tensor.
+    pub fn recycled(&self) -> Option<TensorBytes> {
+        self.written.try_recv().ok()
+    }
+
+    /// Waits for every tensor handed over to be written and returns the output.
+    ///
+    /// # Errors
+    ///
+    /// The writer's error.
+    pub fn finish(&mut self) -> Result<OutputDir> {
+        drop(self.to_writer.take());
+        match self.writer.take().map(std::thread::JoinHandle::join) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => bail!("the writer thread panicked"),
+            None => bail!("the writer thread has already finished"),
+        }
+    }
+}
+
+impl Drop for WriteBehind {
+    /// Stops and joins the writer, so that a failed run's [`OutputDir`] is dropped (its
+    /// temporary directory removed) before the process goes on.
+    fn drop(&mut self) {
+        if self.writer.is_some() {
+            let _ = self.finish();
+        }
+    }
+}
+
 /// Greedy packing in order: a shard closes before a tensor that would take it past `limit`.
 fn pack(plan: Vec<PlannedTensor>, limit: u64) -> Vec<Vec<PlannedTensor>> {
     let mut shards: Vec<Vec<PlannedTensor>> = vec![Vec::new()];

@@ -364,6 +364,7 @@ impl WriteBehind {
     }
 
     /// A buffer the writer is done with, if any, for the next tensor.
+    #[must_use]
     pub fn recycled(&self) -> Option<TensorBytes> {
         self.written.try_recv().ok()
     }

@@ -1,0 +1,31 @@
+//! A Llama-family decoder built on the kernel crates, for sparse decoding with CATS or TEAL MLPs
+//! (issue 15, in progress). This first part reads models: [`gguf`] parses llama.cpp's GGUF files
+//! from a byte slice and dequantises their tensors.
+//!
+//! The crate has no file system in its core and no threads beyond the kernels' own, so it builds
+//! for `wasm32` as for native targets; callers hand it bytes (a memory-mapped file, a download).
+//!
+//! ```
+//! use kernels_llm::gguf::{Gguf, Writer};
+//! let mut w = Writer::new();
+//! w.metadata_str("general.architecture", "llama");
+//! let bytes = w.finish();
+//! assert_eq!(Gguf::parse(&bytes)?.str("general.architecture"), Some("llama"));
+//! # Ok::<(), kernels_core::Error>(())
+//! ```
+//!
+//! # Cargo features
+//!
+//! None yet.
+
+#![no_std]
+#![warn(missing_docs)]
+
+extern crate alloc;
+
+pub mod gguf;
+
+/// The crate's README, whose examples run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

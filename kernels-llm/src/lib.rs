@@ -1,6 +1,7 @@
 //! A Llama-family decoder built on the kernel crates, for sparse decoding with CATS or TEAL MLPs
-//! (issue 15, in progress). This first part reads models: [`gguf`] parses llama.cpp's GGUF files
-//! from a byte slice and dequantises their tensors.
+//! (issue 15, in progress): [`gguf`] parses llama.cpp's GGUF files from a byte slice and
+//! dequantises their tensors; [`model`] holds the Llama architecture and decodes with dense
+//! GEMVs.
 //!
 //! The crate has no file system in its core and no threads beyond the kernels' own, so it builds
 //! for `wasm32` as for native targets; callers hand it bytes (a memory-mapped file, a download).
@@ -16,7 +17,9 @@
 //!
 //! # Cargo features
 //!
-//! None yet.
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `std` | yes | the CPU kernels' threads (without it, the crate is `no_std` + `alloc`) |
 
 #![no_std]
 #![warn(missing_docs)]
@@ -24,6 +27,7 @@
 extern crate alloc;
 
 pub mod gguf;
+pub mod model;
 
 /// The crate's README, whose examples run as doc tests.
 #[cfg(doctest)]

@@ -1,0 +1,703 @@
+//! The Llama architecture (RMSNorm, rotary embeddings, grouped-query attention with a KV cache,
+//! SwiGLU MLP, tied or untied embeddings), decoding one token at a time with dense GEMVs from
+//! `kernels-cpu`, weights `f32` or `bf16` (any [`Element`]).
+//!
+//! # Contract
+//!
+//! * [`Llama::from_gguf`] checks the architecture, the hyper-parameters against each other and
+//!   every tensor's shape against them before it allocates the weights (which the file's own
+//!   tensors bound), dequantising each tensor to `f32` and rounding it once to `W`.
+//! * [`Llama::forward`] appends one token to a [`Decoder`]'s KV cache and writes the next
+//!   token's logits; it allocates nothing (the decoder owns every buffer).
+//! * Rotary embeddings rotate the pairs llama.cpp's files expect ([`RopeStyle::Interleaved`]:
+//!   its converter permutes the query and key rows so that adjacent pairs rotate together).
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+use kernels_core::{Element, Error, MatRef, Real, Result};
+use kernels_cpu::Cpu;
+use kernels_cpu::prelude::gemv;
+
+use crate::gguf::Gguf;
+
+/// Which entries of a head rotate together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// `(x[2i], x[2i + 1])`: GGUF files (ggml's normal mode).
+    Interleaved,
+    /// `(x[i], x[i + d / 2])`: Hugging Face checkpoints (`rotate_half`).
+    Halves,
+}
+
+/// The hyper-parameters of a Llama-family model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlamaConfig {
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Model width.
+    pub hidden: usize,
+    /// MLP width.
+    pub intermediate: usize,
+    /// Decoder layers.
+    pub layers: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key and value heads (grouped-query attention: `heads` is a multiple).
+    pub kv_heads: usize,
+    /// Width of a head.
+    pub head_dim: usize,
+    /// Rotary base.
+    pub rope_theta: f32,
+    /// Rotary pairing.
+    pub rope_style: RopeStyle,
+    /// RMSNorm's epsilon.
+    pub rms_eps: f32,
+    /// Longest context the model was trained for.
+    pub context: usize,
+}
+
+/// Largest width, layer or head count a config may give: far beyond any model, and small
+/// enough that no product of two overflows.
+pub const MAX_DIMENSION: u64 = 1 << 24;
+
+fn invalid(name: &'static str, value: f64, expected: &'static str) -> Error {
+    Error::InvalidParam {
+        name,
+        value,
+        expected,
+    }
+}
+
+impl LlamaConfig {
+    /// The hyper-parameters of a GGUF file's `llama` model.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unsupported`] for another architecture; [`Error::InvalidParam`] for a missing or
+    /// inconsistent hyper-parameter (heads not dividing the width, key-value heads not dividing
+    /// the heads, an odd head width, a value past [`MAX_DIMENSION`]).
+    pub fn from_gguf(file: &Gguf<'_>) -> Result<Self> {
+        if file.str("general.architecture") != Some("llama") {
+            return Err(Error::Unsupported {
+                feature: "a model architecture other than llama",
+                hint: "general.architecture must be llama (Llama, SmolLM, Mistral-style models)",
+            });
+        }
+        let size = |key: &'static str, default: Option<u64>| -> Result<usize> {
+            let v = file
+                .u64(key)
+                .or(default)
+                .ok_or(invalid(key, f64::NAN, "present"))?;
+            if v == 0 || v > MAX_DIMENSION {
+                return Err(invalid(key, v as f64, "between 1 and 2^24"));
+            }
+            Ok(v as usize)
+        };
+        let hidden = size("llama.embedding_length", None)?;
+        let heads = size("llama.attention.head_count", None)?;
+        let kv_heads = size("llama.attention.head_count_kv", Some(heads as u64))?;
+        let embed = file.tensor("token_embd.weight").ok_or(invalid(
+            "token_embd.weight",
+            f64::NAN,
+            "present",
+        ))?;
+        let vocab = size("llama.vocab_size", embed.dims.get(1).copied())?;
+        if !hidden.is_multiple_of(heads) || !(hidden / heads).is_multiple_of(2) {
+            return Err(invalid(
+                "llama.attention.head_count",
+                heads as f64,
+                "dividing the width into heads of an even width",
+            ));
+        }
+        if !heads.is_multiple_of(kv_heads) {
+            return Err(invalid(
+                "llama.attention.head_count_kv",
+                kv_heads as f64,
+                "dividing the head count",
+            ));
+        }
+        let float = |key: &'static str, default: f64, ok: fn(f64) -> bool| -> Result<f32> {
+            let v = file.f64(key).unwrap_or(default);
+            if ok(v) {
+                Ok(v as f32)
+            } else {
+                Err(invalid(key, v, "positive and finite"))
+            }
+        };
+        let positive = |v: f64| v > 0.0 && v.is_finite();
+        Ok(Self {
+            vocab,
+            hidden,
+            intermediate: size("llama.feed_forward_length", None)?,
+            layers: size("llama.block_count", None)?,
+            heads,
+            kv_heads,
+            head_dim: hidden / heads,
+            rope_theta: float("llama.rope.freq_base", 10_000.0, positive)?,
+            rope_style: RopeStyle::Interleaved,
+            rms_eps: float("llama.attention.layer_norm_rms_epsilon", 1e-5, positive)?,
+            context: size("llama.context_length", Some(2048))?,
+        })
+    }
+
+    /// Width of the keys and values of one position (`kv_heads * head_dim`).
+    #[must_use]
+    pub fn kv_width(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+}
+
+/// A weight matrix `[rows, cols]`, row-major.
+#[derive(Clone, Debug)]
+pub struct Matrix<W> {
+    data: Vec<W>,
+    rows: usize,
+    cols: usize,
+}
+
+impl<W: Element> Matrix<W> {
+    /// The matrix as a view.
+    #[must_use]
+    pub fn view(&self) -> MatRef<'_, W> {
+        MatRef::from_slice(&self.data, self.rows, self.cols).expect("checked at load")
+    }
+
+    /// Row `r`.
+    #[must_use]
+    pub fn row(&self, r: usize) -> &[W] {
+        &self.data[r * self.cols..(r + 1) * self.cols]
+    }
+}
+
+/// One decoder layer's weights.
+#[derive(Clone, Debug)]
+pub struct Layer<W> {
+    /// RMSNorm before attention.
+    pub attn_norm: Vec<f32>,
+    /// Queries `[heads * head_dim, hidden]`.
+    pub wq: Matrix<W>,
+    /// Keys `[kv_heads * head_dim, hidden]`.
+    pub wk: Matrix<W>,
+    /// Values `[kv_heads * head_dim, hidden]`.
+    pub wv: Matrix<W>,
+    /// Attention output `[hidden, heads * head_dim]`.
+    pub wo: Matrix<W>,
+    /// RMSNorm before the MLP.
+    pub ffn_norm: Vec<f32>,
+    /// MLP gate `[intermediate, hidden]`.
+    pub gate: Matrix<W>,
+    /// MLP up `[intermediate, hidden]`.
+    pub up: Matrix<W>,
+    /// MLP down `[hidden, intermediate]`.
+    pub down: Matrix<W>,
+}
+
+/// A Llama-family model with weights of type `W`.
+#[derive(Clone, Debug)]
+pub struct Llama<W> {
+    /// Hyper-parameters.
+    pub config: LlamaConfig,
+    /// Token embeddings `[vocab, hidden]`.
+    pub embed: Matrix<W>,
+    /// Decoder layers.
+    pub layers: Vec<Layer<W>>,
+    /// Final RMSNorm.
+    pub norm: Vec<f32>,
+    /// Output projection `[vocab, hidden]`; `None` when tied to the embeddings.
+    pub output: Option<Matrix<W>>,
+}
+
+/// Tensor `name` of `file` as a `[rows, cols]` matrix of `W` (ggml dims `[cols, rows]`).
+fn matrix<W: Element>(file: &Gguf<'_>, name: &str, rows: usize, cols: usize) -> Result<Matrix<W>> {
+    let t = file
+        .tensor(name)
+        .ok_or(invalid("tensor", f64::NAN, "present in the file"))?;
+    if t.dims != [cols as u64, rows as u64] {
+        return Err(Error::ShapeMismatch {
+            what: "a weight matrix",
+            expected: [rows, cols],
+            found: [
+                t.dims.get(1).map_or(1, |&d| d as usize),
+                t.dims.first().map_or(0, |&d| d as usize),
+            ],
+        });
+    }
+    let values = file.dequantize(name)?;
+    Ok(Matrix {
+        data: values.into_iter().map(W::from_f32).collect(),
+        rows,
+        cols,
+    })
+}
+
+fn vector(file: &Gguf<'_>, name: &str, len: usize) -> Result<Vec<f32>> {
+    let t = file
+        .tensor(name)
+        .ok_or(invalid("tensor", f64::NAN, "present in the file"))?;
+    if t.dims != [len as u64] {
+        return Err(Error::LengthMismatch {
+            what: "a norm weight",
+            expected: len,
+            found: t.elements as usize,
+        });
+    }
+    file.dequantize(name)
+}
+
+impl<W: Element> Llama<W> {
+    /// The model of a GGUF file, its weights dequantised and rounded to `W`.
+    ///
+    /// # Errors
+    ///
+    /// [`LlamaConfig::from_gguf`]'s; a tensor missing or shaped unlike the config says
+    /// ([`Error::InvalidParam`], [`Error::ShapeMismatch`], [`Error::LengthMismatch`]); a tensor
+    /// type the reader cannot dequantise ([`Error::Unsupported`]).
+    pub fn from_gguf(file: &Gguf<'_>) -> Result<Self> {
+        let c = LlamaConfig::from_gguf(file)?;
+        let (h, q, kv, ff) = (c.hidden, c.heads * c.head_dim, c.kv_width(), c.intermediate);
+        let mut layers = Vec::with_capacity(c.layers.min(file.tensors.len()));
+        for l in 0..c.layers {
+            let name = |part: &str| alloc::format!("blk.{l}.{part}.weight");
+            layers.push(Layer {
+                attn_norm: vector(file, &name("attn_norm"), h)?,
+                wq: matrix(file, &name("attn_q"), q, h)?,
+                wk: matrix(file, &name("attn_k"), kv, h)?,
+                wv: matrix(file, &name("attn_v"), kv, h)?,
+                wo: matrix(file, &name("attn_output"), h, q)?,
+                ffn_norm: vector(file, &name("ffn_norm"), h)?,
+                gate: matrix(file, &name("ffn_gate"), ff, h)?,
+                up: matrix(file, &name("ffn_up"), ff, h)?,
+                down: matrix(file, &name("ffn_down"), h, ff)?,
+            });
+        }
+        let output = match file.tensor("output.weight") {
+            Some(_) => Some(matrix(file, "output.weight", c.vocab, h)?),
+            None => None,
+        };
+        Ok(Self {
+            embed: matrix(file, "token_embd.weight", c.vocab, h)?,
+            norm: vector(file, "output_norm.weight", h)?,
+            layers,
+            output,
+            config: c,
+        })
+    }
+
+    /// Runs token `token` at the decoder's next position: appends its keys and values to the
+    /// cache and writes the logits of the token after it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidParam`] for a token outside the vocabulary or a full cache;
+    /// [`Error::LengthMismatch`] for `logits` not of the vocabulary's length, or a decoder made
+    /// for another config.
+    pub fn forward(
+        &self,
+        cpu: &Cpu,
+        decoder: &mut Decoder,
+        token: u32,
+        logits: &mut [f32],
+    ) -> Result<()> {
+        let c = &self.config;
+        if token as usize >= c.vocab {
+            return Err(invalid(
+                "token",
+                f64::from(token),
+                "below the vocabulary size",
+            ));
+        }
+        if logits.len() != c.vocab {
+            return Err(Error::LengthMismatch {
+                what: "logits",
+                expected: c.vocab,
+                found: logits.len(),
+            });
+        }
+        if decoder.config != *c {
+            return Err(invalid("decoder", f64::NAN, "made for this model's config"));
+        }
+        let pos = decoder.len;
+        if pos >= decoder.capacity {
+            return Err(invalid(
+                "position",
+                pos as f64,
+                "below the decoder's capacity",
+            ));
+        }
+        let d = decoder;
+        for (x, e) in d.x.iter_mut().zip(self.embed.row(token as usize)) {
+            *x = e.to_f32();
+        }
+        let kv = c.kv_width();
+        let group = c.heads / c.kv_heads;
+        let scale = 1.0 / libm::sqrtf(c.head_dim as f32);
+        for (l, layer) in self.layers.iter().enumerate() {
+            rms_norm(&d.x, &layer.attn_norm, c.rms_eps, &mut d.xb);
+            gemv(cpu, layer.wq.view(), &d.xb, &mut d.q)?;
+            let at = (l * d.capacity + pos) * kv;
+            gemv(cpu, layer.wk.view(), &d.xb, &mut d.k_cache[at..at + kv])?;
+            gemv(cpu, layer.wv.view(), &d.xb, &mut d.v_cache[at..at + kv])?;
+            rope(&mut d.q, c, pos, &d.inv_freq);
+            rope(&mut d.k_cache[at..at + kv], c, pos, &d.inv_freq);
+            let keys = &d.k_cache[l * d.capacity * kv..][..(pos + 1) * kv];
+            let values = &d.v_cache[l * d.capacity * kv..][..(pos + 1) * kv];
+            for h in 0..c.heads {
+                let q = &d.q[h * c.head_dim..(h + 1) * c.head_dim];
+                let kv_head = (h / group) * c.head_dim;
+                let scores = &mut d.scores[..=pos];
+                for (t, s) in scores.iter_mut().enumerate() {
+                    let k = &keys[t * kv + kv_head..][..c.head_dim];
+                    *s = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+                }
+                softmax(scores);
+                let out = &mut d.attn[h * c.head_dim..(h + 1) * c.head_dim];
+                out.fill(0.0);
+                for (t, &p) in scores.iter().enumerate() {
+                    let v = &values[t * kv + kv_head..][..c.head_dim];
+                    for (o, &v) in out.iter_mut().zip(v) {
+                        *o += p * v;
+                    }
+                }
+            }
+            gemv(cpu, layer.wo.view(), &d.attn, &mut d.xb)?;
+            add(&mut d.x, &d.xb);
+            rms_norm(&d.x, &layer.ffn_norm, c.rms_eps, &mut d.xb);
+            gemv(cpu, layer.gate.view(), &d.xb, &mut d.gate)?;
+            gemv(cpu, layer.up.view(), &d.xb, &mut d.up)?;
+            for (g, u) in d.gate.iter_mut().zip(&d.up) {
+                *g = silu(*g) * u;
+            }
+            gemv(cpu, layer.down.view(), &d.gate, &mut d.xb)?;
+            add(&mut d.x, &d.xb);
+        }
+        rms_norm(&d.x, &self.norm, c.rms_eps, &mut d.xb);
+        let output = self.output.as_ref().unwrap_or(&self.embed);
+        gemv(cpu, output.view(), &d.xb, logits)?;
+        d.len += 1;
+        Ok(())
+    }
+}
+
+/// The state of one sequence: its KV cache and every buffer a token needs.
+#[derive(Clone, Debug)]
+pub struct Decoder {
+    config: LlamaConfig,
+    capacity: usize,
+    len: usize,
+    k_cache: Vec<f32>,
+    v_cache: Vec<f32>,
+    inv_freq: Vec<f32>,
+    x: Vec<f32>,
+    xb: Vec<f32>,
+    q: Vec<f32>,
+    attn: Vec<f32>,
+    scores: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+}
+
+impl Decoder {
+    /// A decoder for `config` holding up to `capacity` positions (at most the model's context).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidParam`] for a capacity of 0 or past the context length.
+    pub fn new(config: &LlamaConfig, capacity: usize) -> Result<Self> {
+        if capacity == 0 || capacity > config.context {
+            return Err(invalid(
+                "capacity",
+                capacity as f64,
+                "between 1 and the model's context length",
+            ));
+        }
+        let cache = config.layers * capacity * config.kv_width();
+        let half = config.head_dim / 2;
+        let inv_freq = (0..half)
+            .map(|i| {
+                let exponent = -2.0 * i as f64 / config.head_dim as f64;
+                libm::pow(f64::from(config.rope_theta), exponent) as f32
+            })
+            .collect();
+        Ok(Self {
+            config: config.clone(),
+            capacity,
+            len: 0,
+            k_cache: vec![0.0; cache],
+            v_cache: vec![0.0; cache],
+            inv_freq,
+            x: vec![0.0; config.hidden],
+            xb: vec![0.0; config.hidden],
+            q: vec![0.0; config.heads * config.head_dim],
+            attn: vec![0.0; config.heads * config.head_dim],
+            scores: vec![0.0; capacity],
+            gate: vec![0.0; config.intermediate],
+            up: vec![0.0; config.intermediate],
+        })
+    }
+
+    /// Positions decoded so far.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing has been decoded.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets the sequence (the buffers stay).
+    pub fn reset(&mut self) {
+        self.len = 0;
+    }
+}
+
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let mean = x.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>() / x.len() as f64;
+    let inv = (1.0 / libm::sqrt(mean + f64::from(eps))) as f32;
+    for ((o, v), w) in out.iter_mut().zip(x).zip(weight) {
+        *o = v * inv * w;
+    }
+}
+
+fn rope(x: &mut [f32], c: &LlamaConfig, pos: usize, inv_freq: &[f32]) {
+    let half = c.head_dim / 2;
+    for head in x.chunks_exact_mut(c.head_dim) {
+        for (i, &f) in inv_freq.iter().enumerate() {
+            let angle = pos as f32 * f;
+            let (sin, cos) = (libm::sinf(angle), libm::cosf(angle));
+            let (a, b) = match c.rope_style {
+                RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                RopeStyle::Halves => (i, i + half),
+            };
+            let (x0, x1) = (head[a], head[b]);
+            head[a] = x0 * cos - x1 * sin;
+            head[b] = x0 * sin + x1 * cos;
+        }
+    }
+}
+
+fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = libm::expf(*v - max);
+        sum += *v;
+    }
+    for v in x.iter_mut() {
+        *v /= sum;
+    }
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + libm::expf(-x))
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// Bound on `|logit - logit_ref|` for [`Llama::forward`] against [`reference_logits`], relative
+/// to `1 + max |logit_ref|`.
+///
+/// The fast path rounds every GEMV's dot product to `f32` (within `(n + 1) u` of its terms' sum,
+/// `u = 2^-24`) and keeps the residual stream, norms, rotations and softmax in `f32`; the
+/// reference does it all in `f64`. RMSNorm renormalises the stream before every product, so the
+/// relative error grows by about the widest dot's `(n + 1) u` per matrix and adds over layers
+/// rather than compounding: `(n + 1) u` times seven matrices per layer is under `1e-5` for
+/// `n` below 2^16 and 16 layers. The bound leaves 10x for the nonlinearities (`exp` in the
+/// softmax and SiLU: a few ulps each).
+pub const LOGIT_RELATIVE_TOLERANCE: f64 = 1e-4;
+
+/// Logits after the last of `tokens`, computed the plain way as a check on [`Llama::forward`]:
+/// in `f64` from the weights widened, the whole sequence recomputed at every position (no KV
+/// cache), attention over explicit score matrices.
+///
+/// # Errors
+///
+/// [`Error::InvalidParam`] for no tokens, a token outside the vocabulary, or more tokens than
+/// the context.
+pub fn reference_logits<W: Element>(model: &Llama<W>, tokens: &[u32]) -> Result<Vec<f64>> {
+    let c = &model.config;
+    if tokens.is_empty() || tokens.len() > c.context {
+        return Err(invalid(
+            "tokens",
+            tokens.len() as f64,
+            "1 to the context length",
+        ));
+    }
+    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
+        return Err(invalid(
+            "token",
+            f64::from(bad),
+            "below the vocabulary size",
+        ));
+    }
+    let matvec = |m: &Matrix<W>, x: &[f64]| -> Vec<f64> {
+        (0..m.rows)
+            .map(|r| m.row(r).iter().zip(x).map(|(w, v)| w.to_f64() * v).sum())
+            .collect()
+    };
+    let norm = |x: &[f64], w: &[f32]| -> Vec<f64> {
+        let mean = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+        let inv = 1.0 / libm::sqrt(mean + f64::from(c.rms_eps));
+        x.iter()
+            .zip(w)
+            .map(|(v, w)| v * inv * f64::from(*w))
+            .collect()
+    };
+    let rotate = |x: &mut [f64], pos: usize| {
+        let half = c.head_dim / 2;
+        for head in x.chunks_exact_mut(c.head_dim) {
+            for i in 0..half {
+                let freq = libm::pow(f64::from(c.rope_theta), -2.0 * i as f64 / c.head_dim as f64);
+                let (sin, cos) = (libm::sin(pos as f64 * freq), libm::cos(pos as f64 * freq));
+                let (a, b) = match c.rope_style {
+                    RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                    RopeStyle::Halves => (i, i + half),
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * cos - x1 * sin;
+                head[b] = x0 * sin + x1 * cos;
+            }
+        }
+    };
+    let n = tokens.len();
+    let mut stream: Vec<Vec<f64>> = tokens
+        .iter()
+        .map(|&t| {
+            model
+                .embed
+                .row(t as usize)
+                .iter()
+                .map(|v| v.to_f64())
+                .collect()
+        })
+        .collect();
+    let group = c.heads / c.kv_heads;
+    for layer in &model.layers {
+        let normed: Vec<Vec<f64>> = stream.iter().map(|x| norm(x, &layer.attn_norm)).collect();
+        let mut q: Vec<Vec<f64>> = normed.iter().map(|x| matvec(&layer.wq, x)).collect();
+        let mut k: Vec<Vec<f64>> = normed.iter().map(|x| matvec(&layer.wk, x)).collect();
+        let v: Vec<Vec<f64>> = normed.iter().map(|x| matvec(&layer.wv, x)).collect();
+        for (pos, (q, k)) in q.iter_mut().zip(&mut k).enumerate() {
+            rotate(q, pos);
+            rotate(k, pos);
+        }
+        for pos in 0..n {
+            let mut attended = vec![0.0f64; c.heads * c.head_dim];
+            for h in 0..c.heads {
+                let kv_head = (h / group) * c.head_dim;
+                let query = &q[pos][h * c.head_dim..][..c.head_dim];
+                let scores: Vec<f64> = (0..=pos)
+                    .map(|t| {
+                        let key = &k[t][kv_head..][..c.head_dim];
+                        query.iter().zip(key).map(|(a, b)| a * b).sum::<f64>()
+                            / libm::sqrt(c.head_dim as f64)
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = scores.iter().map(|s| libm::exp(s - max)).collect();
+                let total: f64 = weights.iter().sum();
+                for (t, w) in weights.iter().enumerate() {
+                    let value = &v[t][kv_head..][..c.head_dim];
+                    for (o, x) in attended[h * c.head_dim..][..c.head_dim]
+                        .iter_mut()
+                        .zip(value)
+                    {
+                        *o += w / total * x;
+                    }
+                }
+            }
+            for (s, o) in stream[pos].iter_mut().zip(matvec(&layer.wo, &attended)) {
+                *s += o;
+            }
+            let normed = norm(&stream[pos], &layer.ffn_norm);
+            let gate = matvec(&layer.gate, &normed);
+            let up = matvec(&layer.up, &normed);
+            let hidden: Vec<f64> = gate
+                .iter()
+                .zip(&up)
+                .map(|(g, u)| g / (1.0 + libm::exp(-g)) * u)
+                .collect();
+            for (s, d) in stream[pos].iter_mut().zip(matvec(&layer.down, &hidden)) {
+                *s += d;
+            }
+        }
+    }
+    let last = norm(&stream[n - 1], &model.norm);
+    Ok(matvec(model.output.as_ref().unwrap_or(&model.embed), &last))
+}
+
+/// A GGUF file holding a `llama` model of `config`'s shape with random `f32` weights (normal,
+/// scaled by `1 / sqrt(fan-in)`; norm weights around 1) drawn from `seed`: for tests, examples
+/// and fuzz seeds. `tied` leaves out `output.weight`.
+#[must_use]
+pub fn synthetic_gguf(config: &LlamaConfig, seed: u64, tied: bool) -> Vec<u8> {
+    /// Normal draws from one generator, each call taking the next indices.
+    struct Draws(kernels_core::CounterRng, u64);
+    impl Draws {
+        fn take(&mut self, n: usize, scale: f64, shift: f64) -> Vec<f32> {
+            let first = self.1;
+            self.1 += n as u64;
+            (first..self.1)
+                .map(|i| (shift + scale * self.0.normal_at(i)) as f32)
+                .collect()
+        }
+    }
+    let mut draws = Draws(kernels_core::CounterRng::new(seed), 0);
+    let c = config;
+    let mut w = crate::gguf::Writer::new();
+    w.metadata_str("general.architecture", "llama");
+    let sizes = [
+        ("llama.embedding_length", c.hidden),
+        ("llama.feed_forward_length", c.intermediate),
+        ("llama.block_count", c.layers),
+        ("llama.attention.head_count", c.heads),
+        ("llama.attention.head_count_kv", c.kv_heads),
+        ("llama.context_length", c.context),
+        ("llama.vocab_size", c.vocab),
+    ];
+    for (key, value) in sizes {
+        w.metadata_u32(key, value as u32);
+    }
+    w.metadata_f32("llama.rope.freq_base", c.rope_theta);
+    w.metadata_f32("llama.attention.layer_norm_rms_epsilon", c.rms_eps);
+    let mut matrix = |w: &mut crate::gguf::Writer, name: &str, rows: usize, cols: usize| {
+        let values = draws.take(rows * cols, 1.0 / libm::sqrt(cols as f64), 0.0);
+        w.tensor_f32(name, &[cols as u64, rows as u64], &values);
+    };
+    let (h, q, kv, ff) = (c.hidden, c.heads * c.head_dim, c.kv_width(), c.intermediate);
+    matrix(&mut w, "token_embd.weight", c.vocab, h);
+    for l in 0..c.layers {
+        let name = |part: &str| alloc::format!("blk.{l}.{part}.weight");
+        matrix(&mut w, &name("attn_q"), q, h);
+        matrix(&mut w, &name("attn_k"), kv, h);
+        matrix(&mut w, &name("attn_v"), kv, h);
+        matrix(&mut w, &name("attn_output"), h, q);
+        matrix(&mut w, &name("ffn_gate"), ff, h);
+        matrix(&mut w, &name("ffn_up"), ff, h);
+        matrix(&mut w, &name("ffn_down"), h, ff);
+    }
+    if !tied {
+        matrix(&mut w, "output.weight", c.vocab, h);
+    }
+    // Norm weights after every matrix (the closure above holds the generator until here).
+    for l in 0..c.layers {
+        for norm in ["attn_norm", "ffn_norm"] {
+            let values = draws.take(h, 0.1, 1.0);
+            w.tensor_f32(
+                &alloc::format!("blk.{l}.{norm}.weight"),
+                &[h as u64],
+                &values,
+            );
+        }
+    }
+    let values = draws.take(h, 0.1, 1.0);
+    w.tensor_f32("output_norm.weight", &[h as u64], &values);
+    w.finish()
+}

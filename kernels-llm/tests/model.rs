@@ -1,0 +1,165 @@
+//! The dense forward pass on tiny random models the tests write as GGUF (grouped-query and
+//! plain attention, tied and untied embeddings, f32 and bf16 weights, several ISAs): every
+//! position's logits against the `f64` reference within [`LOGIT_RELATIVE_TOLERANCE`]; bad
+//! tokens, full caches and inconsistent files are errors.
+
+use kernels_core::{Element, Error, bf16};
+use kernels_cpu::Cpu;
+use kernels_llm::gguf::{Gguf, Writer};
+use kernels_llm::model::{
+    Decoder, LOGIT_RELATIVE_TOLERANCE, Llama, LlamaConfig, RopeStyle, reference_logits,
+    synthetic_gguf,
+};
+
+fn config(heads: usize, kv_heads: usize) -> LlamaConfig {
+    LlamaConfig {
+        vocab: 37,
+        hidden: 8 * heads,
+        intermediate: 40,
+        layers: 3,
+        heads,
+        kv_heads,
+        head_dim: 8,
+        rope_theta: 10_000.0,
+        rope_style: RopeStyle::Interleaved,
+        rms_eps: 1e-5,
+        context: 32,
+    }
+}
+
+const PROMPT: [u32; 9] = [3, 17, 0, 36, 5, 5, 21, 9, 30];
+
+fn matches_reference<W: Element>(c: &LlamaConfig, tied: bool, cpu: &Cpu) {
+    let bytes = synthetic_gguf(c, 7, tied);
+    let file = Gguf::parse(&bytes).unwrap();
+    let model = Llama::<W>::from_gguf(&file).unwrap();
+    assert_eq!(model.config, *c);
+    assert_eq!(model.output.is_none(), tied);
+    let mut decoder = Decoder::new(&model.config, 16).unwrap();
+    let mut logits = vec![0.0f32; c.vocab];
+    for (pos, &t) in PROMPT.iter().enumerate() {
+        model.forward(cpu, &mut decoder, t, &mut logits).unwrap();
+        let expect = reference_logits(&model, &PROMPT[..=pos]).unwrap();
+        let scale = 1.0 + expect.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        for (j, (g, e)) in logits.iter().zip(&expect).enumerate() {
+            assert!(
+                (f64::from(*g) - e).abs() <= LOGIT_RELATIVE_TOLERANCE * scale,
+                "{:?} heads {}/{} tied {tied} pos {pos} logit {j}: {g} vs {e}",
+                W::DTYPE,
+                c.heads,
+                c.kv_heads
+            );
+        }
+    }
+    assert_eq!(decoder.len(), PROMPT.len());
+}
+
+#[test]
+fn forward_matches_the_reference_on_every_isa() {
+    for cpu in Cpu::all_available() {
+        for (heads, kv_heads) in [(4, 2), (3, 3), (4, 1)] {
+            for tied in [false, true] {
+                let c = config(heads, kv_heads);
+                matches_reference::<f32>(&c, tied, &cpu);
+                matches_reference::<bf16>(&c, tied, &cpu);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_different_prompt_changes_the_logits_and_reset_starts_over() {
+    let c = config(4, 2);
+    let bytes = synthetic_gguf(&c, 3, false);
+    let model = Llama::<f32>::from_gguf(&Gguf::parse(&bytes).unwrap()).unwrap();
+    let cpu = Cpu::detect();
+    let mut decoder = Decoder::new(&c, 4).unwrap();
+    let (mut a, mut b) = (vec![0.0; c.vocab], vec![0.0; c.vocab]);
+    model.forward(&cpu, &mut decoder, 1, &mut a).unwrap();
+    model.forward(&cpu, &mut decoder, 2, &mut b).unwrap();
+    assert_ne!(a, b);
+    decoder.reset();
+    assert!(decoder.is_empty());
+    model.forward(&cpu, &mut decoder, 1, &mut b).unwrap();
+    assert_eq!(a, b, "the same token at position 0 after a reset");
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let c = config(4, 2);
+    let bytes = synthetic_gguf(&c, 1, true);
+    let file = Gguf::parse(&bytes).unwrap();
+    let model = Llama::<f32>::from_gguf(&file).unwrap();
+    let cpu = Cpu::detect();
+    let mut decoder = Decoder::new(&c, 2).unwrap();
+    let mut logits = vec![0.0; c.vocab];
+    let e = model
+        .forward(&cpu, &mut decoder, 37, &mut logits)
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::InvalidParam { name: "token", .. }),
+        "{e}"
+    );
+    let e = model
+        .forward(&cpu, &mut decoder, 1, &mut logits[1..])
+        .unwrap_err();
+    assert!(matches!(e, Error::LengthMismatch { .. }), "{e}");
+    model.forward(&cpu, &mut decoder, 1, &mut logits).unwrap();
+    model.forward(&cpu, &mut decoder, 1, &mut logits).unwrap();
+    let e = model
+        .forward(&cpu, &mut decoder, 1, &mut logits)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidParam {
+                name: "position",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let mut other = Decoder::new(&config(3, 3), 2).unwrap();
+    assert!(model.forward(&cpu, &mut other, 1, &mut logits).is_err());
+    assert!(Decoder::new(&c, 0).is_err() && Decoder::new(&c, 33).is_err());
+    assert!(reference_logits(&model, &[]).is_err());
+    assert!(reference_logits(&model, &[99]).is_err());
+
+    // Files: another architecture, heads not dividing the width, a missing tensor, a wrong shape.
+    let mut w = Writer::new();
+    w.metadata_str("general.architecture", "gpt2");
+    let other = w.finish();
+    let e = Llama::<f32>::from_gguf(&Gguf::parse(&other).unwrap()).unwrap_err();
+    assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+    let uneven = LlamaConfig {
+        heads: 3,
+        kv_heads: 3,
+        ..c.clone()
+    };
+    let e = Llama::<f32>::from_gguf(&Gguf::parse(&synthetic_gguf(&uneven, 1, true)).unwrap())
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidParam { .. }), "{e}");
+    let grouped = LlamaConfig {
+        kv_heads: 3,
+        ..c.clone()
+    };
+    let e = Llama::<f32>::from_gguf(&Gguf::parse(&synthetic_gguf(&grouped, 1, true)).unwrap())
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidParam { .. }), "{e}");
+    let fewer_layers = LlamaConfig {
+        layers: 2,
+        ..c.clone()
+    };
+    // A file with two layers' tensors that says it has three.
+    let mut short = synthetic_gguf(&fewer_layers, 1, true);
+    let at = short
+        .windows(17)
+        .position(|w| w == b"llama.block_count")
+        .unwrap();
+    short[at + 17 + 4] = 3;
+    let e = Llama::<f32>::from_gguf(&Gguf::parse(&short).unwrap()).unwrap_err();
+    assert!(
+        matches!(e, Error::InvalidParam { name: "tensor", .. }),
+        "{e}"
+    );
+}

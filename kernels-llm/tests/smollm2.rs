@@ -1,0 +1,72 @@
+//! SmolLM2-135M-Instruct from its GGUF (`scripts/fetch-smollm2.sh`; skipped where absent): the
+//! dense forward pass, f32 and bf16 weights, predicts " Paris" after "The capital of France is".
+
+use kernels_cpu::Cpu;
+use kernels_llm::gguf::Gguf;
+use kernels_llm::model::{Decoder, Llama};
+
+fn model_bytes() -> Option<Vec<u8>> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let bytes = std::fs::read(&path).ok();
+    if bytes.is_none() {
+        eprintln!("skipped: {} not fetched", path.display());
+    }
+    bytes
+}
+
+/// The id of each token, looked up in the file's vocabulary (each word of the prompt is one
+/// token of SmolLM2's byte-level BPE; `Ġ` marks a leading space).
+fn ids(file: &Gguf<'_>, tokens: &[&str]) -> Vec<u32> {
+    let vocab = file
+        .get("tokenizer.ggml.tokens")
+        .unwrap()
+        .as_array()
+        .unwrap();
+    tokens
+        .iter()
+        .map(|t| {
+            vocab
+                .iter()
+                .position(|v| v.as_str() == Some(t))
+                .unwrap_or_else(|| panic!("{t} not in the vocabulary")) as u32
+        })
+        .collect()
+}
+
+fn next_token<W: kernels_core::Element>(file: &Gguf<'_>, prompt: &[u32]) -> (u32, f32) {
+    let model = Llama::<W>::from_gguf(file).unwrap();
+    let cpu = Cpu::detect();
+    let mut decoder = Decoder::new(&model.config, 64).unwrap();
+    let mut logits = vec![0.0; model.config.vocab];
+    for &t in prompt {
+        model.forward(&cpu, &mut decoder, t, &mut logits).unwrap();
+    }
+    let (best, &top) = logits
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .unwrap();
+    let runner_up = logits
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != best)
+        .map(|(_, &v)| v)
+        .fold(f32::NEG_INFINITY, f32::max);
+    (best as u32, top - runner_up)
+}
+
+#[test]
+fn the_capital_of_france_is_paris() {
+    let Some(bytes) = model_bytes() else {
+        return;
+    };
+    let file = Gguf::parse(&bytes).unwrap();
+    let prompt = ids(&file, &["The", "Ġcapital", "Ġof", "ĠFrance", "Ġis"]);
+    let paris = ids(&file, &["ĠParis"])[0];
+    let (f32_best, f32_margin) = next_token::<f32>(&file, &prompt);
+    assert_eq!(f32_best, paris, "f32 weights (margin {f32_margin})");
+    let (bf16_best, bf16_margin) = next_token::<half::bf16>(&file, &prompt);
+    assert_eq!(bf16_best, paris, "bf16 weights (margin {bf16_margin})");
+    eprintln!("\" Paris\" by {f32_margin} (f32) and {bf16_margin} (bf16) logits");
+}

@@ -20,14 +20,19 @@
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `std` | yes | the CPU kernels' threads (without it, the crate is `no_std` + `alloc`) |
+//! | `tokenizer` | yes | [`tokenizer`]: tokenisation (Hugging Face's `tokenizers`) and chat templates (`minijinja`); implies `std` |
 
 #![no_std]
 #![warn(missing_docs)]
 
 extern crate alloc;
+#[cfg(feature = "std")]
+extern crate std;
 
 pub mod gguf;
 pub mod model;
+#[cfg(feature = "tokenizer")]
+pub mod tokenizer;
 
 /// The crate's README, whose examples run as doc tests.
 #[cfg(doctest)]

@@ -1,9 +1,11 @@
 //! SmolLM2-135M-Instruct from its GGUF (`scripts/fetch-smollm2.sh`; skipped where absent): the
-//! dense forward pass, f32 and bf16 weights, predicts " Paris" after "The capital of France is".
+//! dense forward pass, f32 and bf16 weights, predicts " Paris" after "The capital of France is",
+//! and greedy decoding of the chat-templated question answers Paris.
 
 use kernels_cpu::Cpu;
 use kernels_llm::gguf::Gguf;
 use kernels_llm::model::{Decoder, Llama};
+use kernels_llm::tokenizer::Tokenizer;
 
 fn model_bytes() -> Option<Vec<u8>> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -69,4 +71,81 @@ fn the_capital_of_france_is_paris() {
     let (bf16_best, bf16_margin) = next_token::<half::bf16>(&file, &prompt);
     assert_eq!(bf16_best, paris, "bf16 weights (margin {bf16_margin})");
     eprintln!("\" Paris\" by {f32_margin} (f32) and {bf16_margin} (bf16) logits");
+}
+
+/// Greedy decoding of `prompt` for at most `max` tokens, stopping at `eos`.
+fn greedy<W: kernels_core::Element>(
+    file: &Gguf<'_>,
+    prompt: &[u32],
+    eos: u32,
+    max: usize,
+) -> Vec<u32> {
+    let model = Llama::<W>::from_gguf(file).unwrap();
+    let cpu = Cpu::detect();
+    let mut decoder = Decoder::new(&model.config, prompt.len() + max).unwrap();
+    let mut logits = vec![0.0; model.config.vocab];
+    for &t in prompt {
+        model.forward(&cpu, &mut decoder, t, &mut logits).unwrap();
+    }
+    let mut out = Vec::new();
+    for _ in 0..max {
+        let next = logits
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0 as u32;
+        if next == eos {
+            break;
+        }
+        out.push(next);
+        model
+            .forward(&cpu, &mut decoder, next, &mut logits)
+            .unwrap();
+    }
+    out
+}
+
+#[test]
+fn the_chat_answer_names_paris() {
+    let Some(bytes) = model_bytes() else {
+        return;
+    };
+    let file = Gguf::parse(&bytes).unwrap();
+    let tokenizer = Tokenizer::from_gguf(&file).unwrap();
+    assert_eq!(
+        tokenizer.encode("The capital of France is").unwrap(),
+        ids(&file, &["The", "Ġcapital", "Ġof", "ĠFrance", "Ġis"])
+    );
+    // Digits split one by one (SmolLM2's pre-tokeniser), the space before them a token of its
+    // own ("in", "Ġ", "2", "0", "2", "4"), and the text round-trips.
+    let digits = tokenizer.encode("in 2024").unwrap();
+    let two = tokenizer.token_id("2").unwrap();
+    assert_eq!(
+        (digits.len(), digits[2], digits[4]),
+        (6, two, two),
+        "{digits:?}"
+    );
+    assert_eq!(tokenizer.decode(&digits).unwrap(), "in 2024");
+    let prompt = tokenizer
+        .chat_prompt("What is the capital of France?")
+        .unwrap();
+    assert!(
+        prompt.starts_with("<|im_start|>system\n") && prompt.ends_with("<|im_start|>assistant\n")
+    );
+    let ids = tokenizer.encode(&prompt).unwrap();
+    assert_eq!(
+        ids[0],
+        tokenizer.token_id("<|im_start|>").unwrap(),
+        "special tokens are parsed"
+    );
+    let eos = tokenizer.eos.unwrap();
+    for answer in [
+        greedy::<f32>(&file, &ids, eos, 24),
+        greedy::<half::bf16>(&file, &ids, eos, 24),
+    ] {
+        let text = tokenizer.decode(&answer).unwrap();
+        eprintln!("{} prompt tokens; answer: {text:?}", ids.len());
+        assert!(text.contains("Paris"), "{text:?}");
+    }
 }

@@ -436,6 +436,12 @@ impl Decoder {
         })
     }
 
+    /// Positions the decoder can hold.
+    #[must_use]
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Positions decoded so far.
     #[must_use]
     pub fn len(&self) -> usize {

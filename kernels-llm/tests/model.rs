@@ -163,3 +163,126 @@ fn bad_inputs_are_errors() {
         "{e}"
     );
 }
+
+#[test]
+fn greedy_generation_follows_the_argmax_and_stops_where_told() {
+    let c = config(4, 2);
+    let bytes = synthetic_gguf(&c, 5, false);
+    let model = Llama::<f32>::from_gguf(&Gguf::parse(&bytes).unwrap()).unwrap();
+    let cpu = Cpu::detect();
+    let mut decoder = Decoder::new(&c, 16).unwrap();
+    let mut logits = vec![0.0; c.vocab];
+    let mut streamed = Vec::new();
+    let out = model
+        .generate(
+            &cpu,
+            &mut decoder,
+            &PROMPT[..3],
+            6,
+            None,
+            &mut logits,
+            |t| {
+                streamed.push(t);
+                true
+            },
+        )
+        .unwrap();
+    assert_eq!((out.len(), &streamed), (6, &out));
+    // The same tokens one forward at a time, from the reference's argmax.
+    let mut sequence = PROMPT[..3].to_vec();
+    for &t in &out {
+        let expect = reference_logits(&model, &sequence).unwrap();
+        let best = expect
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0;
+        assert_eq!(t as usize, best);
+        sequence.push(t);
+    }
+    // A stop token ends it (not included); so does the callback.
+    let stopped = model
+        .generate(
+            &cpu,
+            &mut decoder,
+            &PROMPT[..3],
+            6,
+            Some(out[0]),
+            &mut logits,
+            |_| true,
+        )
+        .unwrap();
+    assert!(stopped.is_empty());
+    if let Some(k) = out.iter().position(|&t| t != out[0]) {
+        let stopped = model
+            .generate(
+                &cpu,
+                &mut decoder,
+                &PROMPT[..3],
+                6,
+                Some(out[k]),
+                &mut logits,
+                |_| true,
+            )
+            .unwrap();
+        assert_eq!(stopped, out[..k]);
+    }
+    let one = model
+        .generate(
+            &cpu,
+            &mut decoder,
+            &PROMPT[..3],
+            6,
+            None,
+            &mut logits,
+            |_| false,
+        )
+        .unwrap();
+    assert_eq!(one, out[..1]);
+    assert!(
+        model
+            .generate(&cpu, &mut decoder, &[], 2, None, &mut logits, |_| true)
+            .is_err()
+    );
+    assert!(
+        model
+            .generate(&cpu, &mut decoder, &PROMPT, 9, None, &mut logits, |_| true)
+            .is_err()
+    );
+}
+
+#[test]
+fn perplexity_scores_every_token_but_each_windows_first() {
+    let c = config(4, 2);
+    let bytes = synthetic_gguf(&c, 9, true);
+    let model = Llama::<f32>::from_gguf(&Gguf::parse(&bytes).unwrap()).unwrap();
+    let cpu = Cpu::detect();
+    let mut logits = vec![0.0; c.vocab];
+    // One window: the negative log-likelihood the reference's logits give.
+    let mut decoder = Decoder::new(&c, 16).unwrap();
+    let p = model
+        .perplexity(&cpu, &mut decoder, &PROMPT, &mut logits)
+        .unwrap();
+    let mut nll = 0.0;
+    for pos in 1..PROMPT.len() {
+        let l = reference_logits(&model, &PROMPT[..pos]).unwrap();
+        let max = l.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let log_sum = l.iter().map(|v| (v - max).exp()).sum::<f64>().ln() + max;
+        nll += log_sum - l[PROMPT[pos] as usize];
+    }
+    assert_eq!(p.tokens_scored, PROMPT.len() - 1);
+    assert!((p.nll - nll).abs() <= 1e-4 * nll, "{} vs {nll}", p.nll);
+    assert!(p.value() > 1.0 && p.value() < c.vocab as f64 * 10.0);
+    // Windows of 4 over 9 tokens: 4 + 4 + 1, scoring 3 + 3 + 0.
+    let mut small = Decoder::new(&c, 4).unwrap();
+    let windows = model
+        .perplexity(&cpu, &mut small, &PROMPT, &mut logits)
+        .unwrap();
+    assert_eq!(windows.tokens_scored, 6);
+    assert!(
+        model
+            .perplexity(&cpu, &mut small, &PROMPT[..1], &mut logits)
+            .is_err()
+    );
+}

@@ -81,29 +81,19 @@ fn greedy<W: kernels_core::Element>(
     max: usize,
 ) -> Vec<u32> {
     let model = Llama::<W>::from_gguf(file).unwrap();
-    let cpu = Cpu::detect();
     let mut decoder = Decoder::new(&model.config, prompt.len() + max).unwrap();
     let mut logits = vec![0.0; model.config.vocab];
-    for &t in prompt {
-        model.forward(&cpu, &mut decoder, t, &mut logits).unwrap();
-    }
-    let mut out = Vec::new();
-    for _ in 0..max {
-        let next = logits
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .unwrap()
-            .0 as u32;
-        if next == eos {
-            break;
-        }
-        out.push(next);
-        model
-            .forward(&cpu, &mut decoder, next, &mut logits)
-            .unwrap();
-    }
-    out
+    model
+        .generate(
+            &Cpu::detect(),
+            &mut decoder,
+            prompt,
+            max,
+            Some(eos),
+            &mut logits,
+            |_| true,
+        )
+        .unwrap()
 }
 
 #[test]
@@ -148,4 +138,33 @@ fn the_chat_answer_names_paris() {
         eprintln!("{} prompt tokens; answer: {text:?}", ids.len());
         assert!(text.contains("Paris"), "{text:?}");
     }
+}
+
+/// English prose scores a perplexity a small model reaches (tens, not thousands), in windows.
+#[test]
+fn perplexity_of_english_prose_is_plausible() {
+    let Some(bytes) = model_bytes() else {
+        return;
+    };
+    let file = Gguf::parse(&bytes).unwrap();
+    let tokenizer = Tokenizer::from_gguf(&file).unwrap();
+    let text = "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, \
+        France. It is named after the engineer Gustave Eiffel, whose company designed and built \
+        the tower from 1887 to 1889. Locally nicknamed the Iron Lady, it was constructed as the \
+        centrepiece of the 1889 World's Fair.";
+    let tokens = tokenizer.encode(text).unwrap();
+    let model = Llama::<f32>::from_gguf(&file).unwrap();
+    let mut decoder = Decoder::new(&model.config, 32).unwrap();
+    let mut logits = vec![0.0; model.config.vocab];
+    let p = model
+        .perplexity(&Cpu::detect(), &mut decoder, &tokens, &mut logits)
+        .unwrap();
+    let windows = tokens.len().div_ceil(32);
+    assert_eq!(p.tokens_scored, tokens.len() - windows);
+    eprintln!(
+        "perplexity {:.2} over {} tokens",
+        p.value(),
+        p.tokens_scored
+    );
+    assert!((2.0..60.0).contains(&p.value()), "{}", p.value());
 }

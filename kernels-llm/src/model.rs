@@ -15,9 +15,12 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
-use kernels_core::{Element, Error, MatRef, Real, Result};
+use kernels_core::{Element, Error, MatMut, MatRef, Real, Result};
 use kernels_cpu::Cpu;
-use kernels_cpu::prelude::gemv;
+use kernels_cpu::prelude::{
+    CatsMlpWeights, MlpScratch, TealMlpWeights, TealThresholds, cats_mlp, gemv, sparse_input_gemv,
+    teal_mlp,
+};
 
 use crate::gguf::Gguf;
 
@@ -148,26 +151,91 @@ impl LlamaConfig {
     }
 }
 
-/// A weight matrix `[rows, cols]`, row-major.
+/// A weight matrix of logical shape `[rows, cols]` (`nn.Linear`'s `[out, in]`), stored row-major
+/// as it is or transposed (`[cols, rows]`: the layout a sparse-input GEMV reads by input).
 #[derive(Clone, Debug)]
 pub struct Matrix<W> {
     data: Vec<W>,
     rows: usize,
     cols: usize,
+    transposed: bool,
 }
 
 impl<W: Element> Matrix<W> {
-    /// The matrix as a view.
+    /// The matrix as stored: `[rows, cols]`, or `[cols, rows]` when transposed.
     #[must_use]
     pub fn view(&self) -> MatRef<'_, W> {
-        MatRef::from_slice(&self.data, self.rows, self.cols).expect("checked at load")
+        let (r, c) = if self.transposed {
+            (self.cols, self.rows)
+        } else {
+            (self.rows, self.cols)
+        };
+        MatRef::from_slice(&self.data, r, c).expect("checked at load")
     }
 
-    /// Row `r`.
+    /// Whether it is stored transposed.
     #[must_use]
-    pub fn row(&self, r: usize) -> &[W] {
+    pub fn is_transposed(&self) -> bool {
+        self.transposed
+    }
+
+    /// Logical row `r` of a matrix stored as it is.
+    fn row(&self, r: usize) -> &[W] {
+        debug_assert!(!self.transposed);
         &self.data[r * self.cols..(r + 1) * self.cols]
     }
+
+    /// Logical entry `(r, c)`, widened.
+    fn at(&self, r: usize, c: usize) -> f64 {
+        let i = if self.transposed {
+            c * self.rows + r
+        } else {
+            r * self.cols + c
+        };
+        self.data[i].to_f64()
+    }
+
+    /// Stored transposed from now on.
+    fn transpose(mut self) -> Self {
+        let mut t = Vec::with_capacity(self.data.len());
+        for c in 0..self.cols {
+            t.extend((0..self.rows).map(|r| self.data[r * self.cols + c]));
+        }
+        self.data = t;
+        self.transposed = true;
+        self
+    }
+}
+
+/// How the model skips work, which decides how its matrices are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Policy {
+    /// Every product dense; matrices as `nn.Linear` stores them.
+    Dense,
+    /// CATS: the MLP keeps the intermediate rows whose `|silu(W_gate x)|` passes the layer's
+    /// threshold (`kernels_cpu::mlp::cats_mlp`: gate and up as stored, down transposed);
+    /// attention dense.
+    Cats,
+    /// TEAL: the input of every projection (q, k, v, o, gate, up, down) is thresholded at its
+    /// own magnitude (sparse-input GEMVs and `kernels_cpu::mlp::teal_mlp`: every matrix stored
+    /// transposed).
+    Teal,
+}
+
+/// One layer's thresholds: an activation whose magnitude is not above its threshold is skipped
+/// (a threshold of 0 or below skips nothing). Each policy reads its own.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct LayerThresholds {
+    /// CATS: on `|silu(W_gate x)|`.
+    pub gate_activation: f32,
+    /// TEAL: on the input of q, k and v (the normalised hidden state).
+    pub attention_input: f32,
+    /// TEAL: on the input of the attention output projection.
+    pub attention_output: f32,
+    /// TEAL: on the input of gate and up (the normalised hidden state).
+    pub mlp_input: f32,
+    /// TEAL: on `h = silu(g) * u`, the input of down.
+    pub down_input: f32,
 }
 
 /// One decoder layer's weights.
@@ -175,7 +243,7 @@ impl<W: Element> Matrix<W> {
 pub struct Layer<W> {
     /// RMSNorm before attention.
     pub attn_norm: Vec<f32>,
-    /// Queries `[heads * head_dim, hidden]`.
+    /// Queries `[heads * head_dim, hidden]` (every matrix stored as [`Llama::policy`] needs).
     pub wq: Matrix<W>,
     /// Keys `[kv_heads * head_dim, hidden]`.
     pub wk: Matrix<W>,
@@ -206,6 +274,10 @@ pub struct Llama<W> {
     pub norm: Vec<f32>,
     /// Output projection `[vocab, hidden]`; `None` when tied to the embeddings.
     pub output: Option<Matrix<W>>,
+    /// How the decoder layers skip work.
+    pub policy: Policy,
+    /// Per-layer thresholds of the policy ([`Self::set_thresholds`]); all 0 (dense) at load.
+    thresholds: Vec<LayerThresholds>,
 }
 
 /// Tensor `name` of `file` as a `[rows, cols]` matrix of `W` (ggml dims `[cols, rows]`).
@@ -228,6 +300,7 @@ fn matrix<W: Element>(file: &Gguf<'_>, name: &str, rows: usize, cols: usize) -> 
         data: values.into_iter().map(W::from_f32).collect(),
         rows,
         cols,
+        transposed: false,
     })
 }
 
@@ -254,21 +327,33 @@ impl<W: Element> Llama<W> {
     /// ([`Error::InvalidParam`], [`Error::ShapeMismatch`], [`Error::LengthMismatch`]); a tensor
     /// type the reader cannot dequantise ([`Error::Unsupported`]).
     pub fn from_gguf(file: &Gguf<'_>) -> Result<Self> {
+        Self::from_gguf_with(file, Policy::Dense)
+    }
+
+    /// [`Self::from_gguf`], with the matrices stored as `policy` reads them (its thresholds all
+    /// 0 until [`Self::set_thresholds`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::from_gguf`].
+    pub fn from_gguf_with(file: &Gguf<'_>, policy: Policy) -> Result<Self> {
         let c = LlamaConfig::from_gguf(file)?;
+        let (teal, cats) = (policy == Policy::Teal, policy == Policy::Cats);
+        let stored = |m: Matrix<W>, transpose: bool| if transpose { m.transpose() } else { m };
         let (h, q, kv, ff) = (c.hidden, c.heads * c.head_dim, c.kv_width(), c.intermediate);
         let mut layers = Vec::with_capacity(c.layers.min(file.tensors.len()));
         for l in 0..c.layers {
             let name = |part: &str| alloc::format!("blk.{l}.{part}.weight");
             layers.push(Layer {
                 attn_norm: vector(file, &name("attn_norm"), h)?,
-                wq: matrix(file, &name("attn_q"), q, h)?,
-                wk: matrix(file, &name("attn_k"), kv, h)?,
-                wv: matrix(file, &name("attn_v"), kv, h)?,
-                wo: matrix(file, &name("attn_output"), h, q)?,
+                wq: stored(matrix(file, &name("attn_q"), q, h)?, teal),
+                wk: stored(matrix(file, &name("attn_k"), kv, h)?, teal),
+                wv: stored(matrix(file, &name("attn_v"), kv, h)?, teal),
+                wo: stored(matrix(file, &name("attn_output"), h, q)?, teal),
                 ffn_norm: vector(file, &name("ffn_norm"), h)?,
-                gate: matrix(file, &name("ffn_gate"), ff, h)?,
-                up: matrix(file, &name("ffn_up"), ff, h)?,
-                down: matrix(file, &name("ffn_down"), h, ff)?,
+                gate: stored(matrix(file, &name("ffn_gate"), ff, h)?, teal),
+                up: stored(matrix(file, &name("ffn_up"), ff, h)?, teal),
+                down: stored(matrix(file, &name("ffn_down"), h, ff)?, teal || cats),
             });
         }
         let output = match file.tensor("output.weight") {
@@ -280,8 +365,46 @@ impl<W: Element> Llama<W> {
             norm: vector(file, "output_norm.weight", h)?,
             layers,
             output,
+            policy,
+            thresholds: vec![LayerThresholds::default(); c.layers],
             config: c,
         })
+    }
+
+    /// Per-layer thresholds of the model's policy.
+    #[must_use]
+    pub fn thresholds(&self) -> &[LayerThresholds] {
+        &self.thresholds
+    }
+
+    /// Sets the per-layer thresholds (one per layer; any number but NaN).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::LengthMismatch`] for another count than the layers; [`Error::InvalidParam`] for a
+    /// NaN threshold.
+    pub fn set_thresholds(&mut self, thresholds: Vec<LayerThresholds>) -> Result<()> {
+        if thresholds.len() != self.config.layers {
+            return Err(Error::LengthMismatch {
+                what: "thresholds",
+                expected: self.config.layers,
+                found: thresholds.len(),
+            });
+        }
+        let all = |t: &LayerThresholds| {
+            [
+                t.gate_activation,
+                t.attention_input,
+                t.attention_output,
+                t.mlp_input,
+                t.down_input,
+            ]
+        };
+        if let Some(bad) = thresholds.iter().flat_map(all).find(|t| t.is_nan()) {
+            return Err(invalid("threshold", f64::from(bad), "a number, not NaN"));
+        }
+        self.thresholds = thresholds;
+        Ok(())
     }
 
     /// Runs token `token` at the decoder's next position: appends its keys and values to the
@@ -332,12 +455,31 @@ impl<W: Element> Llama<W> {
         let kv = c.kv_width();
         let group = c.heads / c.kv_heads;
         let scale = 1.0 / libm::sqrtf(c.head_dim as f32);
-        for (l, layer) in self.layers.iter().enumerate() {
+        let teal = self.policy == Policy::Teal;
+        // A projection as the policy computes it: dense, or over the inputs above `threshold`.
+        let project = |m: &Matrix<W>, x: &[f32], threshold: f32, y: &mut [f32]| {
+            if teal {
+                sparse_input_gemv(cpu, m.view(), x, threshold, y)
+            } else {
+                gemv(cpu, m.view(), x, y)
+            }
+        };
+        for ((l, layer), t) in self.layers.iter().enumerate().zip(&self.thresholds) {
             rms_norm(&d.x, &layer.attn_norm, c.rms_eps, &mut d.xb);
-            gemv(cpu, layer.wq.view(), &d.xb, &mut d.q)?;
+            project(&layer.wq, &d.xb, t.attention_input, &mut d.q)?;
             let at = (l * d.capacity + pos) * kv;
-            gemv(cpu, layer.wk.view(), &d.xb, &mut d.k_cache[at..at + kv])?;
-            gemv(cpu, layer.wv.view(), &d.xb, &mut d.v_cache[at..at + kv])?;
+            project(
+                &layer.wk,
+                &d.xb,
+                t.attention_input,
+                &mut d.k_cache[at..at + kv],
+            )?;
+            project(
+                &layer.wv,
+                &d.xb,
+                t.attention_input,
+                &mut d.v_cache[at..at + kv],
+            )?;
             rope(&mut d.q, c, pos, &d.inv_freq);
             rope(&mut d.k_cache[at..at + kv], c, pos, &d.inv_freq);
             let keys = &d.k_cache[l * d.capacity * kv..][..(pos + 1) * kv];
@@ -360,16 +502,39 @@ impl<W: Element> Llama<W> {
                     }
                 }
             }
-            gemv(cpu, layer.wo.view(), &d.attn, &mut d.xb)?;
+            project(&layer.wo, &d.attn, t.attention_output, &mut d.xb)?;
             add(&mut d.x, &d.xb);
             rms_norm(&d.x, &layer.ffn_norm, c.rms_eps, &mut d.xb);
-            gemv(cpu, layer.gate.view(), &d.xb, &mut d.gate)?;
-            gemv(cpu, layer.up.view(), &d.xb, &mut d.up)?;
-            for (g, u) in d.gate.iter_mut().zip(&d.up) {
-                *g = silu(*g) * u;
+            let x = MatRef::from_slice(&d.xb, 1, c.hidden)?;
+            let y = MatMut::from_slice(&mut d.mlp_out, 1, c.hidden)?;
+            match self.policy {
+                Policy::Dense => {
+                    gemv(cpu, layer.gate.view(), &d.xb, &mut d.gate)?;
+                    gemv(cpu, layer.up.view(), &d.xb, &mut d.up)?;
+                    for (g, u) in d.gate.iter_mut().zip(&d.up) {
+                        *g = silu(*g) * u;
+                    }
+                    gemv(cpu, layer.down.view(), &d.gate, &mut d.mlp_out)?;
+                }
+                Policy::Cats => {
+                    let weights = CatsMlpWeights {
+                        gate: layer.gate.view(),
+                        up: layer.up.view(),
+                        down_t: layer.down.view(),
+                    };
+                    cats_mlp(cpu, x, weights, t.gate_activation, y, &mut d.scratch)?;
+                }
+                Policy::Teal => {
+                    let weights = TealMlpWeights {
+                        gate_t: layer.gate.view(),
+                        up_t: layer.up.view(),
+                        down_t: layer.down.view(),
+                    };
+                    let thresholds = TealThresholds::new(t.mlp_input, t.down_input);
+                    teal_mlp(cpu, x, weights, thresholds, y, &mut d.scratch)?;
+                }
             }
-            gemv(cpu, layer.down.view(), &d.gate, &mut d.xb)?;
-            add(&mut d.x, &d.xb);
+            add(&mut d.x, &d.mlp_out);
         }
         rms_norm(&d.x, &self.norm, c.rms_eps, &mut d.xb);
         let output = self.output.as_ref().unwrap_or(&self.embed);
@@ -395,6 +560,8 @@ pub struct Decoder {
     scores: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
+    mlp_out: Vec<f32>,
+    scratch: MlpScratch,
 }
 
 impl Decoder {
@@ -433,6 +600,8 @@ impl Decoder {
             scores: vec![0.0; capacity],
             gate: vec![0.0; config.intermediate],
             up: vec![0.0; config.intermediate],
+            mlp_out: vec![0.0; config.hidden],
+            scratch: MlpScratch::new(),
         })
     }
 
@@ -521,7 +690,8 @@ pub const LOGIT_RELATIVE_TOLERANCE: f64 = 1e-4;
 
 /// Logits after the last of `tokens`, computed the plain way as a check on [`Llama::forward`]:
 /// in `f64` from the weights widened, the whole sequence recomputed at every position (no KV
-/// cache), attention over explicit score matrices.
+/// cache), attention over explicit score matrices, the model's policy and thresholds applied
+/// as masks on the activations they compare.
 ///
 /// # Errors
 ///
@@ -545,7 +715,21 @@ pub fn reference_logits<W: Element>(model: &Llama<W>, tokens: &[u32]) -> Result<
     }
     let matvec = |m: &Matrix<W>, x: &[f64]| -> Vec<f64> {
         (0..m.rows)
-            .map(|r| m.row(r).iter().zip(x).map(|(w, v)| w.to_f64() * v).sum())
+            .map(|r| (0..m.cols).map(|k| m.at(r, k) * x[k]).sum())
+            .collect()
+    };
+    // The policy's masks: TEAL skips each projection's inputs not above their threshold; CATS
+    // the intermediate rows whose |silu(gate)| is not above the layer's.
+    let teal = model.policy == Policy::Teal;
+    let sparse_input = |x: &[f64], t: f32| -> Vec<f64> {
+        x.iter()
+            .map(|&v| {
+                if !teal || v.abs() > f64::from(t) {
+                    v
+                } else {
+                    0.0
+                }
+            })
             .collect()
     };
     let norm = |x: &[f64], w: &[f32]| -> Vec<f64> {
@@ -585,8 +769,11 @@ pub fn reference_logits<W: Element>(model: &Llama<W>, tokens: &[u32]) -> Result<
         })
         .collect();
     let group = c.heads / c.kv_heads;
-    for layer in &model.layers {
-        let normed: Vec<Vec<f64>> = stream.iter().map(|x| norm(x, &layer.attn_norm)).collect();
+    for (layer, th) in model.layers.iter().zip(&model.thresholds) {
+        let normed: Vec<Vec<f64>> = stream
+            .iter()
+            .map(|x| sparse_input(&norm(x, &layer.attn_norm), th.attention_input))
+            .collect();
         let mut q: Vec<Vec<f64>> = normed.iter().map(|x| matvec(&layer.wq, x)).collect();
         let mut k: Vec<Vec<f64>> = normed.iter().map(|x| matvec(&layer.wk, x)).collect();
         let v: Vec<Vec<f64>> = normed.iter().map(|x| matvec(&layer.wv, x)).collect();
@@ -619,17 +806,24 @@ pub fn reference_logits<W: Element>(model: &Llama<W>, tokens: &[u32]) -> Result<
                     }
                 }
             }
+            let attended = sparse_input(&attended, th.attention_output);
             for (s, o) in stream[pos].iter_mut().zip(matvec(&layer.wo, &attended)) {
                 *s += o;
             }
-            let normed = norm(&stream[pos], &layer.ffn_norm);
+            let normed = sparse_input(&norm(&stream[pos], &layer.ffn_norm), th.mlp_input);
             let gate = matvec(&layer.gate, &normed);
             let up = matvec(&layer.up, &normed);
             let hidden: Vec<f64> = gate
                 .iter()
                 .zip(&up)
-                .map(|(g, u)| g / (1.0 + libm::exp(-g)) * u)
+                .map(|(g, u)| {
+                    let a = g / (1.0 + libm::exp(-g));
+                    let kept =
+                        model.policy != Policy::Cats || a.abs() > f64::from(th.gate_activation);
+                    if kept { a * u } else { 0.0 }
+                })
                 .collect();
+            let hidden = sparse_input(&hidden, th.down_input);
             for (s, d) in stream[pos].iter_mut().zip(matvec(&layer.down, &hidden)) {
                 *s += d;
             }

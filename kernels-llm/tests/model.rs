@@ -7,8 +7,8 @@ use kernels_core::{Element, Error, bf16};
 use kernels_cpu::Cpu;
 use kernels_llm::gguf::{Gguf, Writer};
 use kernels_llm::model::{
-    Decoder, LOGIT_RELATIVE_TOLERANCE, Llama, LlamaConfig, RopeStyle, reference_logits,
-    synthetic_gguf,
+    Decoder, LOGIT_RELATIVE_TOLERANCE, LayerThresholds, Llama, LlamaConfig, Policy, RopeStyle,
+    reference_logits, synthetic_gguf,
 };
 
 fn config(heads: usize, kv_heads: usize) -> LlamaConfig {
@@ -28,6 +28,93 @@ fn config(heads: usize, kv_heads: usize) -> LlamaConfig {
 }
 
 const PROMPT: [u32; 9] = [3, 17, 0, 36, 5, 5, 21, 9, 30];
+
+/// Every position's logits of `model` against the reference.
+fn check_against_reference<W: Element>(model: &Llama<W>, cpu: &Cpu, what: &str) -> Vec<f32> {
+    let c = &model.config;
+    let mut decoder = Decoder::new(c, 16).unwrap();
+    let mut logits = vec![0.0f32; c.vocab];
+    for (pos, &t) in PROMPT.iter().enumerate() {
+        model.forward(cpu, &mut decoder, t, &mut logits).unwrap();
+        let expect = reference_logits(model, &PROMPT[..=pos]).unwrap();
+        let scale = 1.0 + expect.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        for (j, (g, e)) in logits.iter().zip(&expect).enumerate() {
+            assert!(
+                (f64::from(*g) - e).abs() <= LOGIT_RELATIVE_TOLERANCE * scale,
+                "{what} {:?} {:?} pos {pos} logit {j}: {g} vs {e}",
+                W::DTYPE,
+                cpu.isa()
+            );
+        }
+    }
+    logits
+}
+
+/// Thresholds that skip a good share of each site's activations in the synthetic models (whose
+/// normalised states are about unit-sized).
+const SPARSE: LayerThresholds = LayerThresholds {
+    gate_activation: 0.2,
+    attention_input: 0.5,
+    attention_output: 0.2,
+    mlp_input: 0.6,
+    down_input: 0.1,
+};
+
+#[test]
+fn cats_and_teal_match_the_reference_and_change_the_logits() {
+    let c = config(4, 2);
+    let bytes = synthetic_gguf(&c, 13, false);
+    let file = Gguf::parse(&bytes).unwrap();
+    for cpu in Cpu::all_available() {
+        let dense =
+            check_against_reference(&Llama::<f32>::from_gguf(&file).unwrap(), &cpu, "dense");
+        for policy in [Policy::Cats, Policy::Teal] {
+            let mut model = Llama::<f32>::from_gguf_with(&file, policy).unwrap();
+            // Thresholds of 0 skip nothing: the dense logits, up to rounding.
+            let same = check_against_reference(&model, &cpu, "sparse layout, no threshold");
+            for (a, b) in same.iter().zip(&dense) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "{policy:?}: {a} vs {b}"
+                );
+            }
+            model.set_thresholds(vec![SPARSE; c.layers]).unwrap();
+            let sparse = check_against_reference(&model, &cpu, &format!("{policy:?}"));
+            let moved = sparse.iter().zip(&dense).any(|(a, b)| (a - b).abs() > 1e-2);
+            assert!(moved, "{policy:?}: the thresholds changed nothing");
+            let bf16_model = {
+                let mut m = Llama::<bf16>::from_gguf_with(&file, policy).unwrap();
+                m.set_thresholds(vec![SPARSE; c.layers]).unwrap();
+                m
+            };
+            check_against_reference(&bf16_model, &cpu, &format!("{policy:?}"));
+        }
+    }
+}
+
+#[test]
+fn thresholds_are_checked() {
+    let c = config(4, 2);
+    let bytes = synthetic_gguf(&c, 2, true);
+    let mut model =
+        Llama::<f32>::from_gguf_with(&Gguf::parse(&bytes).unwrap(), Policy::Teal).unwrap();
+    assert_eq!(model.thresholds(), vec![LayerThresholds::default(); 3]);
+    assert!(matches!(
+        model.set_thresholds(vec![SPARSE; 2]),
+        Err(Error::LengthMismatch { .. })
+    ));
+    let nan = LayerThresholds {
+        down_input: f32::NAN,
+        ..SPARSE
+    };
+    assert!(matches!(
+        model.set_thresholds(vec![nan; 3]),
+        Err(Error::InvalidParam { .. })
+    ));
+    assert!(model.layers[0].wq.is_transposed() && model.layers[0].down.is_transposed());
+    let cats = Llama::<f32>::from_gguf_with(&Gguf::parse(&bytes).unwrap(), Policy::Cats).unwrap();
+    assert!(!cats.layers[0].gate.is_transposed() && cats.layers[0].down.is_transposed());
+}
 
 fn matches_reference<W: Element>(c: &LlamaConfig, tied: bool, cpu: &Cpu) {
     let bytes = synthetic_gguf(c, 7, tied);

@@ -35,8 +35,9 @@ pub fn calibrate_threshold(cpu: &Cpu, samples: &[&[f32]], k: f64) -> Result<f32>
     Ok(f32::from_bits(rank_key(cpu, &parts, rank)?.key))
 }
 
-/// Where a threshold applies in an MLP layer.
+/// Where a threshold applies in a decoder layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
 pub enum Site {
     /// CATS: `a = silu(W_gate x)`, the gate's output.
     GateActivation,
@@ -44,6 +45,10 @@ pub enum Site {
     MlpInput,
     /// TEAL: `h = silu(g) * u`, the input of down.
     DownInput,
+    /// TEAL: the input of the query, key and value projections.
+    AttentionInput,
+    /// TEAL: the input of the attention output projection.
+    AttentionOutput,
 }
 
 #[derive(Clone, Debug)]

@@ -29,6 +29,7 @@ extern crate alloc;
 #[cfg(feature = "std")]
 extern crate std;
 
+pub mod calibrate;
 pub mod generate;
 pub mod gguf;
 pub mod model;

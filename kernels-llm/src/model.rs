@@ -17,6 +17,7 @@ use alloc::vec::Vec;
 
 use kernels_core::{Element, Error, MatMut, MatRef, Real, Result};
 use kernels_cpu::Cpu;
+pub use kernels_cpu::calibrate::Site;
 use kernels_cpu::prelude::{
     CatsMlpWeights, MlpScratch, TealMlpWeights, TealThresholds, cats_mlp, gemv, sparse_input_gemv,
     teal_mlp,
@@ -238,6 +239,9 @@ pub struct LayerThresholds {
     pub down_input: f32,
 }
 
+/// What [`Llama::forward_observed`] shows each layer's activations to: `(layer, site, values)`.
+pub type Observer<'a> = dyn FnMut(usize, Site, &[f32]) -> Result<()> + 'a;
+
 /// One decoder layer's weights.
 #[derive(Clone, Debug)]
 pub struct Layer<W> {
@@ -422,6 +426,25 @@ impl<W: Element> Llama<W> {
         token: u32,
         logits: &mut [f32],
     ) -> Result<()> {
+        self.forward_observed(cpu, decoder, token, logits, &mut |_, _, _| Ok(()))
+    }
+
+    /// [`Self::forward`], showing `observe` each layer's activations at the [`Site`]s the
+    /// forward computes: the attention's input and output, the MLP's input, and under
+    /// [`Policy::Dense`] also `silu(W_gate x)` and `h = silu(g) * u` (the sparse policies keep
+    /// those inside their kernels). Calibration feeds them to `kernels_cpu::calibrate`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::forward`], and the observer's own.
+    pub fn forward_observed(
+        &self,
+        cpu: &Cpu,
+        decoder: &mut Decoder,
+        token: u32,
+        logits: &mut [f32],
+        observe: &mut Observer<'_>,
+    ) -> Result<()> {
         let c = &self.config;
         if token as usize >= c.vocab {
             return Err(invalid(
@@ -466,6 +489,7 @@ impl<W: Element> Llama<W> {
         };
         for ((l, layer), t) in self.layers.iter().enumerate().zip(&self.thresholds) {
             rms_norm(&d.x, &layer.attn_norm, c.rms_eps, &mut d.xb);
+            observe(l, Site::AttentionInput, &d.xb)?;
             project(&layer.wq, &d.xb, t.attention_input, &mut d.q)?;
             let at = (l * d.capacity + pos) * kv;
             project(
@@ -502,18 +526,25 @@ impl<W: Element> Llama<W> {
                     }
                 }
             }
+            observe(l, Site::AttentionOutput, &d.attn)?;
             project(&layer.wo, &d.attn, t.attention_output, &mut d.xb)?;
             add(&mut d.x, &d.xb);
             rms_norm(&d.x, &layer.ffn_norm, c.rms_eps, &mut d.xb);
+            observe(l, Site::MlpInput, &d.xb)?;
             let x = MatRef::from_slice(&d.xb, 1, c.hidden)?;
             let y = MatMut::from_slice(&mut d.mlp_out, 1, c.hidden)?;
             match self.policy {
                 Policy::Dense => {
                     gemv(cpu, layer.gate.view(), &d.xb, &mut d.gate)?;
                     gemv(cpu, layer.up.view(), &d.xb, &mut d.up)?;
-                    for (g, u) in d.gate.iter_mut().zip(&d.up) {
-                        *g = silu(*g) * u;
+                    for g in &mut d.gate {
+                        *g = silu(*g);
                     }
+                    observe(l, Site::GateActivation, &d.gate)?;
+                    for (g, u) in d.gate.iter_mut().zip(&d.up) {
+                        *g *= u;
+                    }
+                    observe(l, Site::DownInput, &d.gate)?;
                     gemv(cpu, layer.down.view(), &d.gate, &mut d.mlp_out)?;
                 }
                 Policy::Cats => {

@@ -373,3 +373,92 @@ fn perplexity_scores_every_token_but_each_windows_first() {
             .is_err()
     );
 }
+
+/// Calibration's thresholds are the exact quantiles of the activations a dense pass shows, per
+/// layer and site: `t = sorted |a|` at rank `ceil(k n)` (`#{|a| <= t} / n >= k`).
+#[test]
+fn calibration_gives_the_exact_quantile_of_each_site() {
+    use kernels_llm::calibrate::{calibrate, sites};
+    use kernels_llm::model::Site;
+    use std::collections::BTreeMap;
+    let c = config(4, 2);
+    let bytes = synthetic_gguf(&c, 21, false);
+    let model = Llama::<f32>::from_gguf(&Gguf::parse(&bytes).unwrap()).unwrap();
+    let cpu = Cpu::detect();
+    let mut logits = vec![0.0; c.vocab];
+    // Windows of 4: the thresholds cover every window's positions.
+    let mut decoder = Decoder::new(&c, 4).unwrap();
+    let mut seen: BTreeMap<(usize, Site), Vec<f32>> = BTreeMap::new();
+    for window in PROMPT.chunks(4) {
+        decoder.reset();
+        for &t in window {
+            model
+                .forward_observed(&cpu, &mut decoder, t, &mut logits, &mut |l, site, x| {
+                    seen.entry((l, site))
+                        .or_default()
+                        .extend(x.iter().map(|v| v.abs()));
+                    Ok(())
+                })
+                .unwrap();
+        }
+    }
+    for policy in [Policy::Cats, Policy::Teal] {
+        for k in [0.3, 0.5, 0.7] {
+            let found =
+                calibrate(&model, &cpu, &mut decoder, &PROMPT, policy, k, &mut logits).unwrap();
+            for (layer, t) in found.iter().enumerate() {
+                for &site in sites(policy) {
+                    let mut values = seen[&(layer, site)].clone();
+                    values.sort_by(f32::total_cmp);
+                    let rank = (k * values.len() as f64).ceil() as usize;
+                    let expect = values[rank - 1];
+                    let got = match site {
+                        Site::GateActivation => t.gate_activation,
+                        Site::AttentionInput => t.attention_input,
+                        Site::AttentionOutput => t.attention_output,
+                        Site::MlpInput => t.mlp_input,
+                        _ => t.down_input,
+                    };
+                    assert_eq!(got, expect, "{policy:?} k={k} layer {layer} {site:?}");
+                }
+            }
+        }
+    }
+    let sparse = Llama::<f32>::from_gguf_with(&Gguf::parse(&bytes).unwrap(), Policy::Cats).unwrap();
+    assert!(
+        calibrate(
+            &sparse,
+            &cpu,
+            &mut decoder,
+            &PROMPT,
+            Policy::Cats,
+            0.5,
+            &mut logits
+        )
+        .is_err()
+    );
+    assert!(
+        calibrate(
+            &model,
+            &cpu,
+            &mut decoder,
+            &[],
+            Policy::Cats,
+            0.5,
+            &mut logits
+        )
+        .is_err()
+    );
+    assert!(
+        calibrate(
+            &model,
+            &cpu,
+            &mut decoder,
+            &PROMPT,
+            Policy::Cats,
+            1.5,
+            &mut logits
+        )
+        .is_err()
+    );
+}

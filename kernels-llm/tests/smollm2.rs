@@ -168,3 +168,85 @@ fn perplexity_of_english_prose_is_plausible() {
     );
     assert!((2.0..60.0).contains(&p.value()), "{}", p.value());
 }
+
+const CALIBRATION_TEXT: &str = "The Great Wall of China is a series of fortifications that were \
+    built across the historical northern borders of ancient Chinese states and Imperial China as \
+    protection against various nomadic groups from the Eurasian Steppe. Several walls were built \
+    from as early as the 7th century BC, with selective stretches later joined by Qin Shi Huang.";
+const EVALUATION_TEXT: &str = "The Amazon River in South America is the largest river by \
+    discharge volume of water in the world, and the disputed longest river system in the world \
+    in comparison to the Nile. The headwaters of the Apurimac River on Nevado Mismi had been \
+    considered for nearly a century as the Amazon basin's most distant source.";
+
+/// CATS and TEAL at 50 %, calibrated on one paragraph and evaluated on another: their perplexity
+/// beside the dense model's, and what each answers to the chat question (reported; the bar is
+/// only that sparsity costs some perplexity without breaking the model).
+#[test]
+fn cats_and_teal_at_half_sparsity() {
+    use kernels_llm::calibrate::calibrate;
+    use kernels_llm::model::Policy;
+    let Some(bytes) = model_bytes() else {
+        return;
+    };
+    let file = Gguf::parse(&bytes).unwrap();
+    let tokenizer = Tokenizer::from_gguf(&file).unwrap();
+    let cpu = Cpu::detect();
+    let dense = Llama::<half::bf16>::from_gguf(&file).unwrap();
+    let mut decoder = Decoder::new(&dense.config, 64).unwrap();
+    let mut logits = vec![0.0; dense.config.vocab];
+    let calibration = tokenizer.encode(CALIBRATION_TEXT).unwrap();
+    let evaluation = tokenizer.encode(EVALUATION_TEXT).unwrap();
+    let base = dense
+        .perplexity(&cpu, &mut decoder, &evaluation, &mut logits)
+        .unwrap();
+    eprintln!(
+        "dense: perplexity {:.2} over {} tokens",
+        base.value(),
+        base.tokens_scored
+    );
+    let question = tokenizer
+        .encode(
+            &tokenizer
+                .chat_prompt("What is the capital of France?")
+                .unwrap(),
+        )
+        .unwrap();
+    for policy in [Policy::Cats, Policy::Teal] {
+        let thresholds = calibrate(
+            &dense,
+            &cpu,
+            &mut decoder,
+            &calibration,
+            policy,
+            0.5,
+            &mut logits,
+        )
+        .unwrap();
+        let mut model = Llama::<half::bf16>::from_gguf_with(&file, policy).unwrap();
+        model.set_thresholds(thresholds).unwrap();
+        let p = model
+            .perplexity(&cpu, &mut decoder, &evaluation, &mut logits)
+            .unwrap();
+        let mut answer_decoder = Decoder::new(&model.config, question.len() + 24).unwrap();
+        let answer = model
+            .generate(
+                &cpu,
+                &mut answer_decoder,
+                &question,
+                24,
+                tokenizer.eos,
+                &mut logits,
+                |_| true,
+            )
+            .unwrap();
+        let text = tokenizer.decode(&answer).unwrap();
+        eprintln!(
+            "{policy:?} 50 %: perplexity {:.2}; answer {text:?}",
+            p.value()
+        );
+        assert!(
+            p.value() > base.value() * 0.9 && p.value() < base.value() * 5.0,
+            "{policy:?}"
+        );
+    }
+}

@@ -17,7 +17,13 @@ enum Call {
 }
 
 fn site(s: u8) -> Site {
-    [Site::GateActivation, Site::MlpInput, Site::DownInput][usize::from(s % 3)]
+    [
+        Site::GateActivation,
+        Site::MlpInput,
+        Site::DownInput,
+        Site::AttentionInput,
+        Site::AttentionOutput,
+    ][usize::from(s % 5)]
 }
 
 fn run(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {

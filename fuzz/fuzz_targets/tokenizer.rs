@@ -14,19 +14,7 @@ use libfuzzer_sys::fuzz_target;
 fn tokenizer() -> &'static Tokenizer {
     static TOKENIZER: OnceLock<Tokenizer> = OnceLock::new();
     TOKENIZER.get_or_init(|| {
-        // GPT-2's byte-to-character map: printable bytes map to themselves, the rest to 256 + n.
-        let mut alphabet: Vec<String> = Vec::new();
-        let mut extra = 0u32;
-        for b in 0..=255u8 {
-            let printable = (b'!'..=b'~').contains(&b) || (0xa1..=0xac).contains(&b) || b >= 0xae;
-            let c = if printable {
-                char::from(b)
-            } else {
-                extra += 1;
-                char::from_u32(255 + extra).unwrap()
-            };
-            alphabet.push(c.to_string());
-        }
+        let alphabet = kernels_llm::tokenizer::byte_level_alphabet().map(String::from);
         let mut tokens = vec!["<s>".to_string(), "</s>".to_string()];
         tokens.extend(alphabet);
         tokens.extend(["Ġt".into(), "he".into(), "Ġthe".into(), "11".into()]);

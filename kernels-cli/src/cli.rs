@@ -14,7 +14,7 @@ use crate::config::MergeConfig;
 use crate::device::{self, Device};
 use crate::merge::{self, MergeOptions};
 use crate::synthetic::{self, LlamaShape};
-use crate::{compeft, lora};
+use crate::{compeft, llm, lora};
 
 /// Merge models on the kernels of this crate family: mergekit's YAML, at memory speed.
 #[derive(Parser, Debug)]
@@ -47,7 +47,46 @@ pub enum Command {
     /// Write a synthetic Llama-shaped base model and fine-tunes of it, to try merges on.
     #[command(after_help = SYNTHETIC_HELP)]
     Synthetic(SyntheticArgs),
+    /// Calibrate CATS or TEAL thresholds of a GGUF model on a text.
+    #[command(after_help = CALIBRATE_HELP)]
+    Calibrate(llm::CalibrateArgs),
+    /// Perplexity of a GGUF model on a text, dense or with calibrated thresholds.
+    #[command(after_help = EVAL_HELP)]
+    Eval(llm::EvalArgs),
+    /// Greedy generation from a GGUF model, dense or with calibrated thresholds; tokens/s at the
+    /// end.
+    #[command(after_help = GENERATE_HELP)]
+    Generate(llm::GenerateArgs),
 }
+
+const CALIBRATE_HELP: &str = "\
+A dense pass over the text (twice: the calibration is exact) records every layer's activations at
+the policy's sites: CATS the MLP's gate activation silu(W_gate x); TEAL the input of every
+projection (q, k and v share theirs; o; gate and up; down). Each threshold is the --sparsity
+quantile of its site's magnitudes, so that share of them is skipped. The text is tokenised without
+the chat template and decoded in windows of --window tokens.
+
+Examples:
+  kernels calibrate --model SmolLM2-135M-Instruct.Q4_1.gguf --text wiki.txt --policy teal -o teal50.json
+  kernels calibrate --model M.gguf --text wiki.txt --policy cats --sparsity 0.7 -o cats70.json";
+
+const EVAL_HELP: &str = "\
+Perplexity over non-overlapping windows of --window tokens, each decoded from an empty cache;
+every token of a window but its first is scored. Prints the perplexity, the tokens scored and the
+decoding speed.
+
+Examples:
+  kernels eval --model M.gguf --text other.txt
+  kernels eval --model M.gguf --text other.txt --thresholds teal50.json --dtype f32";
+
+const GENERATE_HELP: &str = "\
+The prompt goes through the model's chat template (its default system prompt included) unless
+--raw; decoding is greedy and stops at the model's end-of-sequence token or --max-tokens. The
+answer streams to stdout; prompt size and tokens/s go to stderr at the end.
+
+Examples:
+  kernels generate --model M.gguf --prompt \"What is the capital of France?\"
+  kernels generate --model M.gguf --prompt \"Tell me a story\" --thresholds cats50.json --max-tokens 256";
 
 const COMPRESS_HELP: &str = "\
 tau = finetuned - base over the whole model; the `density` fraction of largest |tau| (one global
@@ -613,6 +652,30 @@ pub fn main() -> ExitCode {
         Command::ExtractLora(e) => extract_command(e),
         Command::Demo(d) => demo_command(d),
         Command::Synthetic(s) => synthetic_command(s),
+        Command::Calibrate(c) => llm::calibrate_command(c).map(|s| {
+            println!(
+                "calibrated {} layers on {} tokens in {:.2} s: wrote '{}'",
+                s.layers,
+                s.tokens,
+                s.seconds,
+                c.output.display()
+            );
+        }),
+        Command::Eval(e) => llm::eval_command(e).map(|s| {
+            println!(
+                "perplexity {:.3} over {} tokens scored in {:.2} s ({:.1} tok/s)",
+                s.perplexity,
+                s.tokens_scored,
+                s.seconds,
+                s.tokens_scored as f64 / s.seconds.max(1e-9)
+            );
+        }),
+        Command::Generate(g) => llm::generate_command(g, &mut std::io::stdout()).map(|s| {
+            eprintln!(
+                "{} prompt tokens; {} tokens generated at {:.1} tok/s",
+                s.prompt_tokens, s.tokens, s.tokens_per_second
+            );
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

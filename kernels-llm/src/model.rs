@@ -869,6 +869,13 @@ pub fn reference_logits<W: Element>(model: &Llama<W>, tokens: &[u32]) -> Result<
 /// and fuzz seeds. `tied` leaves out `output.weight`.
 #[must_use]
 pub fn synthetic_gguf(config: &LlamaConfig, seed: u64, tied: bool) -> Vec<u8> {
+    synthetic_writer(config, seed, tied).finish()
+}
+
+/// [`synthetic_gguf`]'s file before it is finished, for a caller to add metadata to (a
+/// tokenizer, a chat template).
+#[must_use]
+pub fn synthetic_writer(config: &LlamaConfig, seed: u64, tied: bool) -> crate::gguf::Writer {
     /// Normal draws from one generator, each call taking the next indices.
     struct Draws(kernels_core::CounterRng, u64);
     impl Draws {
@@ -930,5 +937,5 @@ pub fn synthetic_gguf(config: &LlamaConfig, seed: u64, tied: bool) -> Vec<u8> {
     }
     let values = draws.take(h, 0.1, 1.0);
     w.tensor_f32("output_norm.weight", &[h as u64], &values);
-    w.finish()
+    w
 }

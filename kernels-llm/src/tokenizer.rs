@@ -25,6 +25,29 @@ use crate::gguf::{Gguf, Value};
 /// GGUF's token types that are special tokens (`CONTROL`, `USER_DEFINED`).
 const SPECIAL_TOKEN_TYPES: [u64; 2] = [3, 4];
 
+/// GPT-2's byte-to-character map, the 256 tokens every byte-level BPE vocabulary starts from:
+/// printable bytes stand for themselves, the others (space, controls, ...) for `U+0100` on.
+///
+/// ```
+/// let alphabet = kernels_llm::tokenizer::byte_level_alphabet();
+/// assert_eq!((alphabet[b'a' as usize], alphabet[b' ' as usize]), ('a', 'Ġ'));
+/// ```
+#[must_use]
+pub fn byte_level_alphabet() -> [char; 256] {
+    let mut out = ['\0'; 256];
+    let mut extra = 0u32;
+    for (b, c) in out.iter_mut().enumerate() {
+        let printable = (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || b >= 0xae;
+        *c = if printable {
+            char::from(b as u8)
+        } else {
+            extra += 1;
+            char::from_u32(255 + extra).expect("a valid code point")
+        };
+    }
+    out
+}
+
 /// A tokenizer with the model's special tokens and chat template.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,

@@ -47,6 +47,7 @@ fn check_against_reference<W: Element>(model: &Llama<W>, cpu: &Cpu, what: &str) 
             );
         }
     }
+    assert_eq!(decoder.len(), PROMPT.len());
     logits
 }
 
@@ -122,23 +123,8 @@ fn matches_reference<W: Element>(c: &LlamaConfig, tied: bool, cpu: &Cpu) {
     let model = Llama::<W>::from_gguf(&file).unwrap();
     assert_eq!(model.config, *c);
     assert_eq!(model.output.is_none(), tied);
-    let mut decoder = Decoder::new(&model.config, 16).unwrap();
-    let mut logits = vec![0.0f32; c.vocab];
-    for (pos, &t) in PROMPT.iter().enumerate() {
-        model.forward(cpu, &mut decoder, t, &mut logits).unwrap();
-        let expect = reference_logits(&model, &PROMPT[..=pos]).unwrap();
-        let scale = 1.0 + expect.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-        for (j, (g, e)) in logits.iter().zip(&expect).enumerate() {
-            assert!(
-                (f64::from(*g) - e).abs() <= LOGIT_RELATIVE_TOLERANCE * scale,
-                "{:?} heads {}/{} tied {tied} pos {pos} logit {j}: {g} vs {e}",
-                W::DTYPE,
-                c.heads,
-                c.kv_heads
-            );
-        }
-    }
-    assert_eq!(decoder.len(), PROMPT.len());
+    let what = format!("heads {}/{} tied {tied}", c.heads, c.kv_heads);
+    check_against_reference(&model, cpu, &what);
 }
 
 #[test]

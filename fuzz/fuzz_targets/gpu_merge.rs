@@ -144,22 +144,33 @@ fn run<T: GpuElement>(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
                 .map(|(m, &w)| f64::from(w) * at(m, j))
                 .sum();
             let spread = abs(j, &weights);
+            // The GPU's terms carry the weights over a power of two in [largest, 2 largest):
+            // one under `normal` (2^-126 there) may flush or round in absolute terms.
+            let normal = 2.0 * largest * f64::from(f32::MIN_POSITIVE);
             // An election the f32 sum may decide otherwise is not asserted.
-            if !sum.is_finite() || sum.abs() <= 2.0 * (count as f64 + 2.0) * U * spread {
+            if !sum.is_finite()
+                || sum.abs() <= 2.0 * (count as f64 + 2.0) * U * spread + count as f64 * normal
+            {
                 return None;
             }
             let elected = ties_sign(sum);
-            let (mut num, mut den) = (0.0, 0.0);
+            let (mut num, mut den, mut subnormal) = (0.0, 0.0, 0.0);
             for (m, &w) in views.iter().zip(&weights) {
                 if ties_sign(at(m, j)) == elected {
-                    num += (f64::from(w) * at(m, j)).abs();
+                    let term = (f64::from(w) * at(m, j)).abs();
+                    num += term;
                     den += f64::from(w);
+                    if term < normal {
+                        subnormal += 1.0;
+                    }
                 }
             }
             let a = at(&base, j).abs() + f64::from(lambda).abs() * num / den;
+            // Each such term: |lambda| 2^-126 over the agreeing scaled weights' sum.
+            let flushed = f64::from(lambda).abs() * subnormal * normal / den;
             within_f32(
                 (spread / largest).max(a).max(den / largest),
-                reduction_tolerance(count + 1, a),
+                reduction_tolerance(count + 1, a) + flushed,
             )
         });
     }

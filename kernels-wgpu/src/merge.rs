@@ -20,7 +20,11 @@
 //! * TIES elects `sign(sum w_i tau_i)` from an `f32` sum: where the reference's `f64` sum is
 //!   within rounding of zero, the GPU may elect another sign (or none). Exact cancellation (all
 //!   equal and opposite) elects none on both (`+` on both under
-//!   [`TiesElection::zero_sum_elects_positive`]).
+//!   [`TiesElection::zero_sum_elects_positive`]). WGSL lets a GPU flush subnormals, and a
+//!   term `c_i tau_i` (with the scaled weights `c_i` below) under `f32`'s normal range keeps
+//!   only absolute precision: each agreeing one adds up to `|lambda| 2^-126 / sum c_agreeing`
+//!   to the error (`lambda` undivided without `normalize`), however large `lambda` makes the
+//!   output, and an election sum within `N 2^-126` of zero may elect otherwise.
 //! * Each model's coefficient (`w_i / sum w` for the means, `lambda w_i` for task arithmetic, for
 //!   TIES the weights scaled by a power of two so the largest is in `[1/2, 1)`) is formed in
 //!   `f64` and rounded once to `f32`. One that is not zero but outside `f32`'s normal range

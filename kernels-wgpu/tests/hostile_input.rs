@@ -215,7 +215,46 @@ fn merge_coefficients_outside_f32(ctx: &Context) {
     still_usable(ctx);
 }
 
+/// A subnormal agreeing term that a huge `lambda` makes visible (the `gpu_merge` finding
+/// `crash-a75d6fbc`: lavapipe kept the term in absolute precision, 8e-5 off relatively): the
+/// error stays within the module's `|lambda| 2^-126 / sum c_agreeing` per such term, whether
+/// the GPU flushes it or rounds it.
+fn ties_subnormal_terms_within_their_absolute_bound(ctx: &Context) {
+    let up = |v: &[f32]| GpuTensor::from_slice(ctx, v).unwrap();
+    let (base, tau, lambda, weight) = (
+        [-1.095_256_7e-18f32],
+        [3.322_899e-41f32],
+        6.947_208e22f32,
+        2.0,
+    );
+    let mut out = GpuTensor::<f32>::zeros(ctx, 1, 1).unwrap();
+    let mut expect = [0.0f32];
+    ties_elect_ref(&base, &[&tau], &[weight], lambda, &mut expect).unwrap();
+    ties_elect(ctx, &up(&base), &[&up(&tau)], &[weight], lambda, &mut out).unwrap();
+    let got = out.to_vec_blocking(ctx).unwrap()[0];
+    // The weight scales to 1/2: one term, over c = 1/2.
+    let bound = f64::from(lambda) * f64::from(f32::MIN_POSITIVE) / 0.5
+        + reduction_tolerance(2, f64::from(expect[0].abs()));
+    assert!(
+        f64::from((got - expect[0]).abs()) <= bound,
+        "{got:e} vs {:e} (bound {bound:e})",
+        expect[0]
+    );
+    // A normal term with the same lambda keeps the relative bound.
+    let tau = [3.322_899e-31f32];
+    ties_elect_ref(&base, &[&tau], &[weight], lambda, &mut expect).unwrap();
+    ties_elect(ctx, &up(&base), &[&up(&tau)], &[weight], lambda, &mut out).unwrap();
+    let got = out.to_vec_blocking(ctx).unwrap()[0];
+    let abs_sum = f64::from(base[0].abs()) + f64::from(lambda) * f64::from(tau[0]);
+    assert!(
+        f64::from((got - expect[0]).abs()) <= reduction_tolerance(2, abs_sum),
+        "{got:e} vs {:e}",
+        expect[0]
+    );
+}
+
 gpu_tests!(
+    ties_subnormal_terms_within_their_absolute_bound,
     merge_coefficients_outside_f32,
     sum_squares_keeps_the_range_of_f64,
     sizes_that_overflow_or_would_hang,

@@ -155,11 +155,12 @@ pub fn within_f32(abs_sum: f64, tolerance: f64) -> Option<f64> {
 }
 
 /// The backends a case runs on: every instruction set of this CPU, one thread, and the best
-/// with two threads splitting even tiny problems.
+/// with two threads splitting even tiny problems, on rayon and on the spinning team.
 pub fn backends() -> Vec<Cpu> {
     let mut all: Vec<Cpu> = Cpu::all_available().collect();
     if let Ok(two) = Cpu::detect().with_threads(2) {
         all.push(two.with_min_bytes_per_thread(1));
+        all.push(two.with_spinning_team().with_min_bytes_per_thread(1));
     }
     all
 }

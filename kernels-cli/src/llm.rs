@@ -121,7 +121,9 @@ fn cpu_for(args: &ModelArgs) -> Result<Cpu> {
             cpu.with_threads(n)?
         }
         None => cpu,
-    })
+    }
+    // A token is a few hundred small kernels microseconds apart.
+    .with_spinning_team())
 }
 
 /// A model of either weight type, so each command is written once.
@@ -368,6 +370,10 @@ pub struct GenerateArgs {
     /// Most tokens to generate.
     #[arg(long, default_value_t = 128)]
     pub max_tokens: usize,
+    /// Keep generating past the end-of-sequence token (for timing a fixed number of tokens,
+    /// as llama.cpp's `--ignore-eos`).
+    #[arg(long)]
+    pub ignore_eos: bool,
 }
 
 /// What `kernels generate` did.
@@ -414,7 +420,8 @@ pub fn generate_command(args: &GenerateArgs, out: &mut dyn Write) -> Result<Gene
         let mut logits = vec![0.0; m.config.vocab];
         let (mut shown, mut printed, mut first) = (Vec::new(), 0, None);
         let mut failed = None;
-        let answer = m.generate(&cpu, &mut decoder, &prompt, args.max_tokens, tokenizer.eos, &mut logits, |t| {
+        let stop = tokenizer.eos.filter(|_| !args.ignore_eos);
+        let answer = m.generate(&cpu, &mut decoder, &prompt, args.max_tokens, stop, &mut logits, |t| {
             first.get_or_insert_with(Instant::now);
             shown.push(t);
             // Print what the answer so far adds (a token may end inside a character).

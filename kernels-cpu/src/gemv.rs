@@ -36,6 +36,10 @@ pub(crate) const COLUMN_ALIGN: usize = 64;
 /// on two threads than on one, a 3.5 MB f32 one faster.
 pub(crate) const MIN_BYTES_PER_THREAD: usize = 1 << 20;
 
+/// [`MIN_BYTES_PER_THREAD`] for a [`Cpu::with_spinning_team`], whose threads start in under a
+/// microsecond.
+pub(crate) const SPINNING_MIN_BYTES_PER_THREAD: usize = 64 << 10;
+
 /// Bound on `|y_i - y_ref_i|` for a GEMV output that sums `n` products with absolute sum
 /// `abs_sum = sum |w_ij x_j|`: `(n + 1) u abs_sum + tiny`, `u = 2^-24` (the GPU's bound).
 ///

@@ -55,7 +55,7 @@
 
 #[cfg(any(feature = "alloc", test))]
 extern crate alloc;
-#[cfg(test)]
+#[cfg(any(feature = "std", test))]
 extern crate std;
 
 #[cfg(feature = "alloc")]
@@ -77,6 +77,8 @@ mod parallel;
 #[cfg(feature = "alloc")]
 pub mod select;
 mod simd;
+#[cfg(feature = "std")]
+mod team;
 #[cfg(feature = "alloc")]
 pub mod ternary;
 
@@ -159,6 +161,8 @@ pub struct Cpu {
     /// `None`: the size of the rayon pool current at each call.
     threads: Option<usize>,
     min_bytes_per_thread: usize,
+    /// Splits run on the spinning team ([`Cpu::with_spinning_team`]) instead of rayon.
+    spinning: bool,
     #[cfg(feature = "alloc")]
     gemm_backend: linalg::GemmBackend,
 }
@@ -169,6 +173,7 @@ impl Cpu {
             isa,
             threads,
             min_bytes_per_thread: gemv::MIN_BYTES_PER_THREAD,
+            spinning: false,
             #[cfg(feature = "alloc")]
             gemm_backend: linalg::GemmBackend::Auto,
         }
@@ -244,6 +249,39 @@ impl Cpu {
             min_bytes_per_thread: bytes.max(1),
             ..self
         }
+    }
+
+    /// The same backend running its splits on a process-wide team of threads that spin for a
+    /// few hundred microseconds after each job before they park, instead of on rayon's pool,
+    /// and giving each thread at least 64 KiB of weights (as [`Cpu::with_min_bytes_per_thread`];
+    /// set that after this to change it). For loops of small kernels microseconds apart, such as
+    /// decoding a small model token by token: a spinning thread starts in under a microsecond
+    /// where a parked one takes 5 to 90. The team serves one caller at a time; a call made while
+    /// it is busy (from another thread, or from inside one of its jobs) runs on rayon as before.
+    /// Results are the same bits either way. Without `std` (one thread) this changes nothing.
+    ///
+    /// ```
+    /// use kernels_cpu::prelude::*;
+    /// let cpu = Cpu::detect().with_threads(2)?.with_spinning_team();
+    /// let w = vec![0.5f32; 4 * 100_000];
+    /// let mut y = [0.0f32; 4];
+    /// gemv(&cpu, MatRef::from_slice(&w, 4, 100_000)?, &vec![1.0; 100_000], &mut y)?;
+    /// assert_eq!(y, [50_000.0; 4]);
+    /// # Ok::<(), Error>(())
+    /// ```
+    #[must_use]
+    pub fn with_spinning_team(self) -> Self {
+        Self {
+            spinning: true,
+            min_bytes_per_thread: gemv::SPINNING_MIN_BYTES_PER_THREAD,
+            ..self
+        }
+    }
+
+    /// Whether splits run on the spinning team ([`Cpu::with_spinning_team`]).
+    #[must_use]
+    pub fn is_spinning(&self) -> bool {
+        self.spinning
     }
 
     /// Weight bytes each thread reads at least.

@@ -94,7 +94,58 @@ pub(crate) fn split_columns<X: Send, const B: usize>(
     if len == 0 {
         return;
     }
-    split_at_steps(outs, 0..len, part_step(len, parts, align), &run);
+    let step = part_step(len, parts, align);
+    #[cfg(feature = "std")]
+    if cpu.is_spinning() && len > step {
+        let outs = outs.map(|out| SharedSlice(out.as_mut_ptr(), out.len()));
+        let part = |p: usize| {
+            let range = p * step..((p + 1) * step).min(len);
+            // SAFETY: parts are disjoint ranges of each output, each handed to one thread, and
+            // `run_parts` returns only once every part has finished.
+            let parts = outs.map(|out| unsafe { out.range(range.clone()) });
+            run(range, parts);
+        };
+        if crate::team::run_parts(len.div_ceil(step), &part) {
+            return;
+        }
+        let outs = outs.map(|out| unsafe { out.range(0..out.1) });
+        split_at_steps(outs, 0..len, step, &run);
+        return;
+    }
+    split_at_steps(outs, 0..len, step, &run);
+}
+
+/// An output lent to the spinning team's parts: each takes a disjoint range.
+#[cfg(feature = "std")]
+struct SharedSlice<X>(*mut X, usize);
+
+#[cfg(feature = "std")]
+impl<X> Clone for SharedSlice<X> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+#[cfg(feature = "std")]
+impl<X> Copy for SharedSlice<X> {}
+
+// SAFETY: only disjoint ranges are made from it, each used by one thread ([`split_columns`]).
+#[cfg(feature = "std")]
+unsafe impl<X: Send> Sync for SharedSlice<X> {}
+#[cfg(feature = "std")]
+unsafe impl<X: Send> Send for SharedSlice<X> {}
+
+#[cfg(feature = "std")]
+impl<X> SharedSlice<X> {
+    /// The part of `range` this output has (it may be shorter than `len`).
+    ///
+    /// # Safety
+    ///
+    /// No other live slice overlaps it.
+    unsafe fn range<'a>(self, range: Range<usize>) -> &'a mut [X] {
+        let start = range.start.min(self.1);
+        let end = range.end.min(self.1);
+        unsafe { core::slice::from_raw_parts_mut(self.0.add(start), end - start) }
+    }
 }
 
 fn split_at_steps<X: Send, const B: usize>(

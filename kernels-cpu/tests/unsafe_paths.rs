@@ -1,7 +1,8 @@
 //! The `unsafe` code of the scalar path on small, strided and zero-extent views, sized to run
 //! under Miri (`cargo +nightly miri test -p kernels-cpu --test unsafe_paths`, which CI runs when a
 //! nightly toolchain is there): the GEMM's raw views, the projection's per-thread column views,
-//! and the QR and Jacobi SVD rows shared through raw pointers. Also part of the normal suite.
+//! the QR and Jacobi SVD rows shared through raw pointers, and the spinning team's lent outputs.
+//! Also part of the normal suite.
 
 use kernels_cpu::prelude::*;
 
@@ -151,4 +152,27 @@ fn factorisations_share_rows_through_raw_pointers() {
     let a = [1.0f32, 0.0, 1.0, 2.0, 0.0, 2.0, 3.0, 0.0, 3.0];
     let svd = thin_svd(&cpu, MatRef::from_slice(&a, 3, 3).unwrap()).unwrap();
     assert!((svd.s[0] - 14.0f32.sqrt() * 2.0f32.sqrt()).abs() < 1e-5 && svd.s[1] == 0.0);
+}
+
+#[test]
+fn spinning_team_lends_disjoint_outputs() {
+    let (rows, cols) = (13, 7);
+    let w: Vec<f32> = (0..rows * cols).map(|i| (i % 5) as f32 - 2.0).collect();
+    let x: Vec<f32> = (0..cols).map(|i| i as f32 * 0.5).collect();
+    let w = MatRef::from_slice(&w, rows, cols).unwrap();
+    let mut expect = vec![0.0f32; rows];
+    gemv(&scalar(1), w, &x, &mut expect).unwrap();
+    for threads in [2, 3] {
+        let cpu = scalar(threads)
+            .with_spinning_team()
+            .with_min_bytes_per_thread(1);
+        for _ in 0..3 {
+            let mut y = vec![f32::NAN; rows];
+            gemv(&cpu, w, &x, &mut y).unwrap();
+            assert_eq!(y, expect, "{threads} threads");
+        }
+    }
+    // Let the team's idle workers end (under Miri after a millisecond): Miri wants every
+    // thread finished when the test ends.
+    std::thread::sleep(std::time::Duration::from_millis(5));
 }

@@ -23,7 +23,8 @@ pub use kernels_cpu::{Cpu, Isa};
 /// Thread counts every body runs with: results must be bit-identical across them.
 pub const THREAD_COUNTS: [usize; 3] = [1, 2, 3];
 
-/// Runs `body` on `isa` (skipping, loudly, an ISA this machine lacks) for every thread count.
+/// Runs `body` on `isa` (skipping, loudly, an ISA this machine lacks) for every thread count,
+/// and on two threads of the spinning team.
 pub fn run_on(isa: Isa, body: fn(&Cpu)) {
     match Cpu::with_isa(isa) {
         Ok(cpu) => {
@@ -35,6 +36,13 @@ pub fn run_on(isa: Isa, body: fn(&Cpu)) {
                         .with_min_bytes_per_thread(1),
                 );
             }
+            // And on the spinning team, which splits the same way on other threads.
+            body(
+                &cpu.with_threads(2)
+                    .expect("threads")
+                    .with_spinning_team()
+                    .with_min_bytes_per_thread(1),
+            );
         }
         Err(_) => eprintln!("skipped: {isa} is not available on this machine"),
     }

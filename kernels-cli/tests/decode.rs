@@ -155,6 +155,22 @@ fn calibrate_eval_and_generate_run_end_to_end() {
         "4",
     ]));
     assert!(!raw.is_empty());
+    // Past the end-of-sequence token: exactly the tokens asked for.
+    let timed = kernels(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "abc",
+        "--max-tokens",
+        "12",
+        "--ignore-eos",
+        "--threads",
+        "2",
+    ]);
+    ok(&timed);
+    let stderr = String::from_utf8_lossy(&timed.stderr);
+    assert!(stderr.contains("; 12 tokens generated"), "{stderr}");
 }
 
 #[test]

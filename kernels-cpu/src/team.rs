@@ -181,7 +181,10 @@ fn run_on_team(
     };
     let job_ptr = core::ptr::from_ref(&job).cast_mut();
     let mailboxes: Vec<Arc<Mailbox>> = {
-        let mut workers = team.workers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut workers = team
+            .workers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         while workers.len() < parts - 1 {
             workers.push(spawn_worker()?);
         }

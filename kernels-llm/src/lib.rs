@@ -1,7 +1,9 @@
-//! A Llama-family decoder built on the kernel crates, for sparse decoding with CATS or TEAL MLPs
-//! (issue 15, in progress): [`gguf`] parses llama.cpp's GGUF files from a byte slice and
-//! dequantises their tensors; [`model`] holds the Llama architecture and decodes with dense
-//! GEMVs.
+//! A Llama-family decoder built on the kernel crates, for sparse decoding with CATS or TEAL
+//! (issue 15): [`gguf`] parses llama.cpp's GGUF files from a byte slice and dequantises their
+//! tensors; [`model`] holds the Llama architecture and decodes dense, CATS or TEAL; [`generate`]
+//! does greedy generation and perplexity, [`calibrate`] the per-layer thresholds. Decoding a
+//! small model token by token is a loop of small kernels: give it a `kernels_cpu::Cpu` with
+//! `with_spinning_team()` so its threads start in under a microsecond.
 //!
 //! The crate has no file system in its core and no threads beyond the kernels' own, so it builds
 //! for `wasm32` as for native targets; callers hand it bytes (a memory-mapped file, a download).

@@ -196,6 +196,23 @@ impl<W: Element> Matrix<W> {
         self.data[i].to_f64()
     }
 
+    /// Matrices of one width (stored as they are) stacked row after row.
+    fn stacked<const N: usize>(parts: [Self; N]) -> Self {
+        let cols = parts[0].cols;
+        debug_assert!(parts.iter().all(|m| m.cols == cols && !m.transposed));
+        let rows = parts.iter().map(|m| m.rows).sum();
+        let mut data = Vec::with_capacity(rows * cols);
+        for m in parts {
+            data.extend(m.data);
+        }
+        Self {
+            data,
+            rows,
+            cols,
+            transposed: false,
+        }
+    }
+
     /// Stored transposed from now on.
     fn transpose(mut self) -> Self {
         let mut t = Vec::with_capacity(self.data.len());
@@ -247,12 +264,9 @@ pub type Observer<'a> = dyn FnMut(usize, Site, &[f32]) -> Result<()> + 'a;
 pub struct Layer<W> {
     /// RMSNorm before attention.
     pub attn_norm: Vec<f32>,
-    /// Queries `[heads * head_dim, hidden]` (every matrix stored as [`Llama::policy`] needs).
-    pub wq: Matrix<W>,
-    /// Keys `[kv_heads * head_dim, hidden]`.
-    pub wk: Matrix<W>,
-    /// Values `[kv_heads * head_dim, hidden]`.
-    pub wv: Matrix<W>,
+    /// Queries, keys and values stacked, `[(heads + 2 kv_heads) * head_dim, hidden]`, so the
+    /// three products are one (every matrix stored as [`Llama::policy`] needs).
+    pub qkv: Matrix<W>,
     /// Attention output `[hidden, heads * head_dim]`.
     pub wo: Matrix<W>,
     /// RMSNorm before the MLP.
@@ -350,9 +364,14 @@ impl<W: Element> Llama<W> {
             let name = |part: &str| alloc::format!("blk.{l}.{part}.weight");
             layers.push(Layer {
                 attn_norm: vector(file, &name("attn_norm"), h)?,
-                wq: stored(matrix(file, &name("attn_q"), q, h)?, teal),
-                wk: stored(matrix(file, &name("attn_k"), kv, h)?, teal),
-                wv: stored(matrix(file, &name("attn_v"), kv, h)?, teal),
+                qkv: stored(
+                    Matrix::stacked([
+                        matrix(file, &name("attn_q"), q, h)?,
+                        matrix(file, &name("attn_k"), kv, h)?,
+                        matrix(file, &name("attn_v"), kv, h)?,
+                    ]),
+                    teal,
+                ),
                 wo: stored(matrix(file, &name("attn_output"), h, q)?, teal),
                 ffn_norm: vector(file, &name("ffn_norm"), h)?,
                 gate: stored(matrix(file, &name("ffn_gate"), ff, h)?, teal),
@@ -490,26 +509,17 @@ impl<W: Element> Llama<W> {
         for ((l, layer), t) in self.layers.iter().enumerate().zip(&self.thresholds) {
             rms_norm(&d.x, &layer.attn_norm, c.rms_eps, &mut d.xb);
             observe(l, Site::AttentionInput, &d.xb)?;
-            project(&layer.wq, &d.xb, t.attention_input, &mut d.q)?;
+            project(&layer.qkv, &d.xb, t.attention_input, &mut d.qkv)?;
             let at = (l * d.capacity + pos) * kv;
-            project(
-                &layer.wk,
-                &d.xb,
-                t.attention_input,
-                &mut d.k_cache[at..at + kv],
-            )?;
-            project(
-                &layer.wv,
-                &d.xb,
-                t.attention_input,
-                &mut d.v_cache[at..at + kv],
-            )?;
-            rope(&mut d.q, c, pos, &d.inv_freq);
+            let (q, kv_new) = d.qkv.split_at_mut(c.heads * c.head_dim);
+            d.k_cache[at..at + kv].copy_from_slice(&kv_new[..kv]);
+            d.v_cache[at..at + kv].copy_from_slice(&kv_new[kv..]);
+            rope(q, c, pos, &d.inv_freq);
             rope(&mut d.k_cache[at..at + kv], c, pos, &d.inv_freq);
             let keys = &d.k_cache[l * d.capacity * kv..][..(pos + 1) * kv];
             let values = &d.v_cache[l * d.capacity * kv..][..(pos + 1) * kv];
             for h in 0..c.heads {
-                let q = &d.q[h * c.head_dim..(h + 1) * c.head_dim];
+                let q = &q[h * c.head_dim..(h + 1) * c.head_dim];
                 let kv_head = (h / group) * c.head_dim;
                 let scores = &mut d.scores[..=pos];
                 for (t, s) in scores.iter_mut().enumerate() {
@@ -531,40 +541,12 @@ impl<W: Element> Llama<W> {
             add(&mut d.x, &d.xb);
             rms_norm(&d.x, &layer.ffn_norm, c.rms_eps, &mut d.xb);
             observe(l, Site::MlpInput, &d.xb)?;
-            let x = MatRef::from_slice(&d.xb, 1, c.hidden)?;
-            let y = MatMut::from_slice(&mut d.mlp_out, 1, c.hidden)?;
-            match self.policy {
-                Policy::Dense => {
-                    gemv(cpu, layer.gate.view(), &d.xb, &mut d.gate)?;
-                    gemv(cpu, layer.up.view(), &d.xb, &mut d.up)?;
-                    for g in &mut d.gate {
-                        *g = silu(*g);
-                    }
-                    observe(l, Site::GateActivation, &d.gate)?;
-                    for (g, u) in d.gate.iter_mut().zip(&d.up) {
-                        *g *= u;
-                    }
-                    observe(l, Site::DownInput, &d.gate)?;
-                    gemv(cpu, layer.down.view(), &d.gate, &mut d.mlp_out)?;
-                }
-                Policy::Cats => {
-                    let weights = CatsMlpWeights {
-                        gate: layer.gate.view(),
-                        up: layer.up.view(),
-                        down_t: layer.down.view(),
-                    };
-                    cats_mlp(cpu, x, weights, t.gate_activation, y, &mut d.scratch)?;
-                }
-                Policy::Teal => {
-                    let weights = TealMlpWeights {
-                        gate_t: layer.gate.view(),
-                        up_t: layer.up.view(),
-                        down_t: layer.down.view(),
-                    };
-                    let thresholds = TealThresholds::new(t.mlp_input, t.down_input);
-                    teal_mlp(cpu, x, weights, thresholds, y, &mut d.scratch)?;
-                }
-            }
+            let buffers = MlpBuffers {
+                gate: &mut d.gate,
+                up: &mut d.up,
+                scratch: &mut d.scratch,
+            };
+            self.run_mlp(cpu, l, &d.xb, buffers, &mut d.mlp_out, observe)?;
             add(&mut d.x, &d.mlp_out);
         }
         rms_norm(&d.x, &self.norm, c.rms_eps, &mut d.xb);
@@ -573,6 +555,120 @@ impl<W: Element> Llama<W> {
         d.len += 1;
         Ok(())
     }
+
+    /// Layer `layer`'s MLP as [`Self::forward`] runs it (the policy's kernel and thresholds) on
+    /// `x`, the normalised hidden state, into `out`, with `decoder`'s buffers as scratch
+    /// (its sequence is left as it is). Public so the MLP's share of a token can be timed.
+    ///
+    /// ```
+    /// use kernels_cpu::Cpu;
+    /// use kernels_llm::gguf::Gguf;
+    /// use kernels_llm::model::{Decoder, Llama, LlamaConfig, RopeStyle, synthetic_gguf};
+    /// let config = LlamaConfig {
+    ///     vocab: 16, hidden: 8, intermediate: 24, layers: 2, heads: 2, kv_heads: 1, head_dim: 4,
+    ///     rope_theta: 10_000.0, rope_style: RopeStyle::Interleaved, rms_eps: 1e-5, context: 8,
+    /// };
+    /// let bytes = synthetic_gguf(&config, 1, true);
+    /// let model = Llama::<f32>::from_gguf(&Gguf::parse(&bytes)?)?;
+    /// let mut decoder = Decoder::new(&model.config, 4)?;
+    /// let mut out = vec![0.0; config.hidden];
+    /// model.mlp(&Cpu::detect(), &mut decoder, 0, &vec![0.5; config.hidden], &mut out)?;
+    /// assert!(out.iter().all(|v| v.is_finite()));
+    /// # Ok::<(), kernels_core::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidParam`] for a layer past the model's; [`Error::LengthMismatch`] for `x`
+    /// or `out` not of the hidden size, or a decoder made for another config.
+    pub fn mlp(
+        &self,
+        cpu: &Cpu,
+        decoder: &mut Decoder,
+        layer: usize,
+        x: &[f32],
+        out: &mut [f32],
+    ) -> Result<()> {
+        let c = &self.config;
+        if layer >= c.layers {
+            return Err(invalid("layer", layer as f64, "below the layer count"));
+        }
+        if decoder.config != *c {
+            return Err(invalid("decoder", f64::NAN, "made for this model's config"));
+        }
+        for (what, len) in [("x", x.len()), ("out", out.len())] {
+            if len != c.hidden {
+                return Err(Error::LengthMismatch {
+                    what,
+                    expected: c.hidden,
+                    found: len,
+                });
+            }
+        }
+        let buffers = MlpBuffers {
+            gate: &mut decoder.gate,
+            up: &mut decoder.up,
+            scratch: &mut decoder.scratch,
+        };
+        self.run_mlp(cpu, layer, x, buffers, out, &mut |_, _, _| Ok(()))
+    }
+
+    /// Layer `l`'s MLP on `x` into `y` (lengths checked by the callers).
+    fn run_mlp(
+        &self,
+        cpu: &Cpu,
+        l: usize,
+        x: &[f32],
+        buffers: MlpBuffers<'_>,
+        y: &mut [f32],
+        observe: &mut Observer<'_>,
+    ) -> Result<()> {
+        let (layer, t, hidden) = (&self.layers[l], &self.thresholds[l], self.config.hidden);
+        let MlpBuffers { gate, up, scratch } = buffers;
+        let xs = MatRef::from_slice(x, 1, hidden)?;
+        match self.policy {
+            Policy::Dense => {
+                gemv(cpu, layer.gate.view(), x, gate)?;
+                gemv(cpu, layer.up.view(), x, up)?;
+                for g in gate.iter_mut() {
+                    *g = silu(*g);
+                }
+                observe(l, Site::GateActivation, gate)?;
+                for (g, u) in gate.iter_mut().zip(up.iter()) {
+                    *g *= u;
+                }
+                observe(l, Site::DownInput, gate)?;
+                gemv(cpu, layer.down.view(), gate, y)?;
+            }
+            Policy::Cats => {
+                let weights = CatsMlpWeights {
+                    gate: layer.gate.view(),
+                    up: layer.up.view(),
+                    down_t: layer.down.view(),
+                };
+                let ys = MatMut::from_slice(y, 1, hidden)?;
+                cats_mlp(cpu, xs, weights, t.gate_activation, ys, scratch)?;
+            }
+            Policy::Teal => {
+                let weights = TealMlpWeights {
+                    gate_t: layer.gate.view(),
+                    up_t: layer.up.view(),
+                    down_t: layer.down.view(),
+                };
+                let thresholds = TealThresholds::new(t.mlp_input, t.down_input);
+                let ys = MatMut::from_slice(y, 1, hidden)?;
+                teal_mlp(cpu, xs, weights, thresholds, ys, scratch)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The decoder's buffers an MLP works in.
+struct MlpBuffers<'a> {
+    gate: &'a mut [f32],
+    up: &'a mut [f32],
+    scratch: &'a mut MlpScratch,
 }
 
 /// The state of one sequence: its KV cache and every buffer a token needs.
@@ -586,7 +682,7 @@ pub struct Decoder {
     inv_freq: Vec<f32>,
     x: Vec<f32>,
     xb: Vec<f32>,
-    q: Vec<f32>,
+    qkv: Vec<f32>,
     attn: Vec<f32>,
     scores: Vec<f32>,
     gate: Vec<f32>,
@@ -626,7 +722,7 @@ impl Decoder {
             inv_freq,
             x: vec![0.0; config.hidden],
             xb: vec![0.0; config.hidden],
-            q: vec![0.0; config.heads * config.head_dim],
+            qkv: vec![0.0; (config.heads + 2 * config.kv_heads) * config.head_dim],
             attn: vec![0.0; config.heads * config.head_dim],
             scores: vec![0.0; capacity],
             gate: vec![0.0; config.intermediate],
@@ -805,9 +901,11 @@ pub fn reference_logits<W: Element>(model: &Llama<W>, tokens: &[u32]) -> Result<
             .iter()
             .map(|x| sparse_input(&norm(x, &layer.attn_norm), th.attention_input))
             .collect();
-        let mut q: Vec<Vec<f64>> = normed.iter().map(|x| matvec(&layer.wq, x)).collect();
-        let mut k: Vec<Vec<f64>> = normed.iter().map(|x| matvec(&layer.wk, x)).collect();
-        let v: Vec<Vec<f64>> = normed.iter().map(|x| matvec(&layer.wv, x)).collect();
+        let (qd, kv) = (c.heads * c.head_dim, c.kv_width());
+        let qkv: Vec<Vec<f64>> = normed.iter().map(|x| matvec(&layer.qkv, x)).collect();
+        let mut q: Vec<Vec<f64>> = qkv.iter().map(|r| r[..qd].to_vec()).collect();
+        let mut k: Vec<Vec<f64>> = qkv.iter().map(|r| r[qd..qd + kv].to_vec()).collect();
+        let v: Vec<Vec<f64>> = qkv.iter().map(|r| r[qd + kv..].to_vec()).collect();
         for (pos, (q, k)) in q.iter_mut().zip(&mut k).enumerate() {
             rotate(q, pos);
             rotate(k, pos);

@@ -112,7 +112,7 @@ fn thresholds_are_checked() {
         model.set_thresholds(vec![nan; 3]),
         Err(Error::InvalidParam { .. })
     ));
-    assert!(model.layers[0].wq.is_transposed() && model.layers[0].down.is_transposed());
+    assert!(model.layers[0].qkv.is_transposed() && model.layers[0].down.is_transposed());
     let cats = Llama::<f32>::from_gguf_with(&Gguf::parse(&bytes).unwrap(), Policy::Cats).unwrap();
     assert!(!cats.layers[0].gate.is_transposed() && cats.layers[0].down.is_transposed());
 }
@@ -447,4 +447,43 @@ fn calibration_gives_the_exact_quantile_of_each_site() {
         )
         .is_err()
     );
+}
+
+#[test]
+fn the_mlp_alone_is_each_policys_and_checks_its_inputs() {
+    let c = config(4, 2);
+    let bytes = synthetic_gguf(&c, 7, true);
+    let file = Gguf::parse(&bytes).unwrap();
+    let cpu = Cpu::detect();
+    let x: Vec<f32> = (0..c.hidden).map(|i| (i as f32 * 0.37).sin()).collect();
+    let mlp = |policy: Policy| {
+        let model = Llama::<f32>::from_gguf_with(&file, policy).unwrap();
+        let mut decoder = Decoder::new(&c, 4).unwrap();
+        let mut out = vec![f32::NAN; c.hidden];
+        model.mlp(&cpu, &mut decoder, 1, &x, &mut out).unwrap();
+        out
+    };
+    let dense = mlp(Policy::Dense);
+    assert!(dense.iter().any(|&v| v != 0.0));
+    // Zero thresholds skip nothing: every policy computes the dense MLP, in its own order.
+    for policy in [Policy::Cats, Policy::Teal] {
+        for (got, want) in mlp(policy).iter().zip(&dense) {
+            assert!(
+                (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "{policy:?}: {got} vs {want}"
+            );
+        }
+    }
+    let model = Llama::<f32>::from_gguf(&file).unwrap();
+    let mut decoder = Decoder::new(&c, 4).unwrap();
+    let mut out = vec![0.0; c.hidden];
+    assert!(
+        model
+            .mlp(&cpu, &mut decoder, c.layers, &x, &mut out)
+            .is_err()
+    );
+    assert!(model.mlp(&cpu, &mut decoder, 0, &x[1..], &mut out).is_err());
+    assert!(model.mlp(&cpu, &mut decoder, 0, &x, &mut out[1..]).is_err());
+    let mut other = Decoder::new(&config(2, 2), 4).unwrap();
+    assert!(model.mlp(&cpu, &mut other, 0, &x, &mut out).is_err());
 }

@@ -1,5 +1,6 @@
 //! `kernels calibrate`, `kernels eval` and `kernels generate`: `kernels-llm`'s decoder over a GGUF
-//! model (dense, CATS or TEAL), as the library's public API offers it.
+//! model or a Hugging Face directory (dense, CATS or TEAL), as the library's public API offers
+//! it.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -11,8 +12,10 @@ use kernels_cpu::Cpu;
 use kernels_llm::calibrate::calibrate;
 use kernels_llm::gguf::Gguf;
 use kernels_llm::model::{Decoder, LayerThresholds, Llama, Policy};
+use kernels_llm::source::{Naming, TensorSource};
 use kernels_llm::tokenizer::Tokenizer;
 
+use crate::checkpoint::Checkpoint;
 use crate::device::Device;
 
 /// What names a thresholds file's format (its `format` field).
@@ -21,7 +24,8 @@ pub const THRESHOLDS_FORMAT: &str = "kernels-llm thresholds v1";
 /// The options every decoding subcommand shares.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// A GGUF model of the llama architecture (float tensors, or ggml's 8-bit and 4-bit blocks).
+    /// The model: a GGUF file of the llama architecture (float tensors, or ggml's 8-bit and
+    /// 4-bit blocks), or a Hugging Face directory (config.json, safetensors, tokenizer.json).
     #[arg(long)]
     pub model: PathBuf,
     /// Weight type the tensors are dequantised to.
@@ -69,24 +73,60 @@ impl SparsePolicy {
     }
 }
 
-/// A model file's bytes, memory-mapped.
-pub struct ModelFile {
-    map: memmap2::Mmap,
+/// A model on disk: a GGUF file (memory-mapped) or a Hugging Face directory (`config.json`,
+/// safetensors, `tokenizer.json`).
+pub enum ModelFile {
+    /// A GGUF file's bytes.
+    Gguf(memmap2::Mmap),
+    /// A Hugging Face directory.
+    HuggingFace(Checkpoint),
+}
+
+/// A checkpoint's tensors as the decoder's loader reads them: widened to `f32` by the CPU
+/// backend.
+struct CheckpointTensors<'a> {
+    checkpoint: &'a Checkpoint,
+    cpu: Cpu,
+}
+
+impl TensorSource for CheckpointTensors<'_> {
+    fn naming(&self) -> Naming {
+        Naming::HuggingFace
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.checkpoint.tensors().get(name).map(|e| e.shape.clone())
+    }
+
+    fn read_f32(&self, name: &str) -> kernels_core::Result<Vec<f32>> {
+        let unreadable = kernels_core::Error::BadFormat {
+            offset: 0,
+            reason: "a tensor the checkpoint cannot give as f32",
+        };
+        let (_, data) = self.checkpoint.read(name).map_err(|_| unreadable.clone())?;
+        Ok(data
+            .into_f32(&self.cpu)
+            .map_err(|_| unreadable)?
+            .into_owned())
+    }
 }
 
 impl ModelFile {
-    /// Maps `path`.
+    /// Maps a GGUF file, or opens a Hugging Face directory.
     ///
     /// # Errors
     ///
-    /// A path that is not a readable file.
+    /// A path that is neither a readable file nor a checkpoint directory with `config.json`.
     pub fn open(path: &Path) -> Result<Self> {
         if path.is_dir() {
-            bail!(
-                "'{}' is a directory: the decoder reads GGUF files so far (a Hugging Face \
-                 directory is not supported yet)",
-                path.display()
-            );
+            if !path.join("config.json").is_file() {
+                bail!(
+                    "'{}' is a directory without config.json: the decoder reads a GGUF file or \
+                     a Hugging Face model directory",
+                    path.display()
+                );
+            }
+            return Ok(Self::HuggingFace(Checkpoint::open(path)?));
         }
         let file = std::fs::File::open(path)
             .with_context(|| format!("cannot open the model '{}'", path.display()))?;
@@ -94,16 +134,59 @@ impl ModelFile {
         // command runs (as with any memory-mapped model).
         let map = unsafe { memmap2::Mmap::map(&file) }
             .with_context(|| format!("cannot map '{}'", path.display()))?;
-        Ok(Self { map })
+        Ok(Self::Gguf(map))
     }
 
-    /// The parsed file.
+    fn gguf(map: &memmap2::Mmap) -> Result<Gguf<'_>> {
+        Gguf::parse(map).context("not a readable GGUF file")
+    }
+
+    fn read(checkpoint: &Checkpoint, file: &str) -> Result<Vec<u8>> {
+        let path = checkpoint.dir.join(file);
+        std::fs::read(&path).with_context(|| format!("cannot read '{}'", path.display()))
+    }
+
+    /// The model's tokenizer: embedded in the GGUF file, or the directory's `tokenizer.json`
+    /// (with `tokenizer_config.json` where there is one).
     ///
     /// # Errors
     ///
-    /// A file that is not GGUF, with the offset where it stops being one.
-    pub fn gguf(&self) -> Result<Gguf<'_>> {
-        Gguf::parse(&self.map).context("not a readable GGUF file")
+    /// A file that is not GGUF, a tokenizer missing or unreadable.
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        Ok(match self {
+            Self::Gguf(map) => Tokenizer::from_gguf(&Self::gguf(map)?)?,
+            Self::HuggingFace(checkpoint) => {
+                let tokenizer = Self::read(checkpoint, "tokenizer.json")?;
+                let config = checkpoint.dir.join("tokenizer_config.json");
+                let config = if config.is_file() {
+                    Some(Self::read(checkpoint, "tokenizer_config.json")?)
+                } else {
+                    None
+                };
+                Tokenizer::from_json(&tokenizer, config.as_deref())
+                    .context("tokenizer.json or tokenizer_config.json is unreadable")?
+            }
+        })
+    }
+
+    /// The model, its weights rounded to `W` and stored as `policy` reads them.
+    ///
+    /// # Errors
+    ///
+    /// The loaders' (an unsupported architecture, a tensor missing or misshapen).
+    pub fn load<W: kernels_core::Element>(&self, policy: Policy) -> Result<Llama<W>> {
+        Ok(match self {
+            Self::Gguf(map) => Llama::from_gguf_with(&Self::gguf(map)?, policy)?,
+            Self::HuggingFace(checkpoint) => {
+                let config = Self::read(checkpoint, "config.json")?;
+                let tensors = CheckpointTensors {
+                    checkpoint,
+                    cpu: Cpu::detect(),
+                };
+                Llama::from_hf(&config, &tensors, policy)
+                    .with_context(|| format!("'{}'", checkpoint.dir.display()))?
+            }
+        })
     }
 }
 
@@ -141,10 +224,10 @@ macro_rules! with_model {
     };
 }
 
-fn load(args: &ModelArgs, file: &Gguf<'_>, policy: Policy) -> Result<Model> {
+fn load(args: &ModelArgs, file: &ModelFile, policy: Policy) -> Result<Model> {
     Ok(match args.dtype {
-        WeightType::F32 => Model::F32(Llama::from_gguf_with(file, policy)?),
-        WeightType::Bf16 => Model::Bf16(Llama::from_gguf_with(file, policy)?),
+        WeightType::F32 => Model::F32(file.load(policy)?),
+        WeightType::Bf16 => Model::Bf16(file.load(policy)?),
     })
 }
 
@@ -265,10 +348,9 @@ pub fn calibrate_command(args: &CalibrateArgs) -> Result<CalibrateSummary> {
     let started = Instant::now();
     let cpu = cpu_for(&args.model)?;
     let file = ModelFile::open(&args.model.model)?;
-    let gguf = file.gguf()?;
-    let tokenizer = Tokenizer::from_gguf(&gguf)?;
+    let tokenizer = file.tokenizer()?;
     let tokens = tokenizer.encode(&read_text(&args.text)?)?;
-    let model = load(&args.model, &gguf, Policy::Dense)?;
+    let model = load(&args.model, &file, Policy::Dense)?;
     let layers = with_model!(&model, m => {
         let window = args.window.clamp(1, m.config.context);
         let mut decoder = Decoder::new(&m.config, window)?;
@@ -313,12 +395,12 @@ pub struct EvalSummary {
     pub seconds: f64,
 }
 
-fn sparse_model(args: &ModelArgs, gguf: &Gguf<'_>, thresholds: Option<&Path>) -> Result<Model> {
+fn sparse_model(args: &ModelArgs, file: &ModelFile, thresholds: Option<&Path>) -> Result<Model> {
     Ok(match thresholds {
-        None => load(args, gguf, Policy::Dense)?,
+        None => load(args, file, Policy::Dense)?,
         Some(path) => {
             let (policy, layers) = read_thresholds(path)?;
-            let mut model = load(args, gguf, policy)?;
+            let mut model = load(args, file, policy)?;
             with_model!(&mut model, m => m.set_thresholds(layers).with_context(|| {
                 format!("'{}' does not fit this model", path.display())
             })?);
@@ -335,10 +417,9 @@ fn sparse_model(args: &ModelArgs, gguf: &Gguf<'_>, thresholds: Option<&Path>) ->
 pub fn eval_command(args: &EvalArgs) -> Result<EvalSummary> {
     let cpu = cpu_for(&args.model)?;
     let file = ModelFile::open(&args.model.model)?;
-    let gguf = file.gguf()?;
-    let tokenizer = Tokenizer::from_gguf(&gguf)?;
+    let tokenizer = file.tokenizer()?;
     let tokens = tokenizer.encode(&read_text(&args.text)?)?;
-    let model = sparse_model(&args.model, &gguf, args.thresholds.as_deref())?;
+    let model = sparse_model(&args.model, &file, args.thresholds.as_deref())?;
     let started = Instant::now();
     let p = with_model!(&model, m => {
         let mut decoder = Decoder::new(&m.config, args.window.clamp(2, m.config.context))?;
@@ -397,15 +478,14 @@ pub struct GenerateSummary {
 pub fn generate_command(args: &GenerateArgs, out: &mut dyn Write) -> Result<GenerateSummary> {
     let cpu = cpu_for(&args.model)?;
     let file = ModelFile::open(&args.model.model)?;
-    let gguf = file.gguf()?;
-    let tokenizer = Tokenizer::from_gguf(&gguf)?;
+    let tokenizer = file.tokenizer()?;
     let text = if args.raw {
         args.prompt.clone()
     } else {
         tokenizer.chat_prompt(&args.prompt)?
     };
     let prompt = tokenizer.encode(&text)?;
-    let model = sparse_model(&args.model, &gguf, args.thresholds.as_deref())?;
+    let model = sparse_model(&args.model, &file, args.thresholds.as_deref())?;
     let (answer, tokens_per_second) = with_model!(&model, m => {
         let capacity = prompt.len() + args.max_tokens;
         if capacity > m.config.context {

@@ -7,13 +7,18 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use kernels_cli::llm::read_thresholds;
+use kernels_llm::gguf::Gguf;
 use kernels_llm::model::{LlamaConfig, Policy, RopeStyle, synthetic_writer};
-use kernels_llm::tokenizer::byte_level_alphabet;
+use kernels_llm::source::synthetic_hf;
+use kernels_llm::tokenizer::{Tokenizer, byte_level_alphabet};
+use safetensors::{Dtype, tensor::TensorView};
 
 const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 
-fn write_model(path: &Path) {
-    let config = LlamaConfig {
+const CHAT_TEMPLATE: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n";
+
+fn tiny_config() -> LlamaConfig {
+    LlamaConfig {
         vocab: 256 + SPECIALS.len(),
         hidden: 32,
         intermediate: 48,
@@ -25,8 +30,11 @@ fn write_model(path: &Path) {
         rope_style: RopeStyle::Interleaved,
         rms_eps: 1e-5,
         context: 256,
-    };
-    let mut w = synthetic_writer(&config, 3, true);
+    }
+}
+
+fn write_model(path: &Path) {
+    let mut w = synthetic_writer(&tiny_config(), 3, true);
     let alphabet: Vec<String> = byte_level_alphabet().iter().map(char::to_string).collect();
     let mut tokens: Vec<&str> = alphabet.iter().map(String::as_str).collect();
     tokens.extend(SPECIALS);
@@ -38,11 +46,39 @@ fn write_model(path: &Path) {
     w.metadata_strs("tokenizer.ggml.merges", &[]);
     w.metadata_i32s("tokenizer.ggml.token_type", &types);
     w.metadata_u32("tokenizer.ggml.eos_token_id", 258);
-    w.metadata_str(
-        "tokenizer.chat_template",
-        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n",
-    );
+    w.metadata_str("tokenizer.chat_template", CHAT_TEMPLATE);
     std::fs::write(path, w.finish()).unwrap();
+}
+
+/// [`write_model`]'s model and tokenizer as a Hugging Face directory: `config.json`,
+/// `model.safetensors` (f32, transformers' names and q/k row order), `tokenizer.json` and
+/// `tokenizer_config.json`.
+fn write_hf_model(gguf: &Path, dir: &Path) {
+    let (config, tensors) = synthetic_hf(&tiny_config(), 3, true);
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, shape, values)| {
+            let view =
+                TensorView::new(Dtype::F32, shape.to_vec(), bytemuck::cast_slice(values)).unwrap();
+            (name.to_string(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    let bytes = std::fs::read(gguf).unwrap();
+    let tokenizer = Tokenizer::from_gguf(&Gguf::parse(&bytes).unwrap()).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_json().unwrap()).unwrap();
+    let tokenizer_config = serde_json::json!({
+        "eos_token": "<|endoftext|>",
+        "add_bos_token": false,
+        "chat_template": CHAT_TEMPLATE,
+    });
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        tokenizer_config.to_string(),
+    )
+    .unwrap();
 }
 
 fn kernels(args: &[&str]) -> Output {
@@ -174,6 +210,69 @@ fn calibrate_eval_and_generate_run_end_to_end() {
 }
 
 #[test]
+fn a_hugging_face_directory_decodes_as_its_gguf() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("tiny.gguf");
+    write_model(&gguf);
+    let hf = dir.path().join("tiny-hf");
+    write_hf_model(&gguf, &hf);
+    let text = dir.path().join("text.txt");
+    std::fs::write(&text, "Pack my box with five dozen liquor jugs. ".repeat(3)).unwrap();
+    let t = text.to_str().unwrap();
+    let eval = |model: &Path| {
+        let args = [
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--text",
+            t,
+            "--dtype",
+            "f32",
+        ];
+        perplexity(&ok(&kernels(&args)))
+    };
+    let (from_gguf, from_hf) = (eval(&gguf), eval(&hf));
+    assert!(
+        (from_gguf - from_hf).abs() <= 1e-4 * from_gguf,
+        "{from_gguf} vs {from_hf}"
+    );
+    let thresholds = dir.path().join("teal.json");
+    let th = thresholds.to_str().unwrap();
+    let h = hf.to_str().unwrap();
+    ok(&kernels(&[
+        "calibrate",
+        "--model",
+        h,
+        "--text",
+        t,
+        "--policy",
+        "teal",
+        "-o",
+        th,
+    ]));
+    let generated = kernels(&[
+        "generate",
+        "--model",
+        h,
+        "--prompt",
+        "hello",
+        "--thresholds",
+        th,
+        "--max-tokens",
+        "6",
+        "--ignore-eos",
+    ]);
+    ok(&generated);
+    let stderr = String::from_utf8_lossy(&generated.stderr);
+    assert!(stderr.contains("; 6 tokens generated"), "{stderr}");
+    // A directory whose tokenizer.json is missing.
+    std::fs::remove_file(hf.join("tokenizer.json")).unwrap();
+    let out = kernels(&["eval", "--model", h, "--text", t]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tokenizer.json"));
+}
+
+#[test]
 fn bad_inputs_fail_with_a_named_error() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny.gguf");
@@ -203,7 +302,7 @@ fn bad_inputs_fail_with_a_named_error() {
             "--prompt",
             "x",
         ],
-        "is a directory",
+        "without config.json",
     );
     fails(
         &["generate", "--model", m, "--prompt", "x", "--device", "gpu"],

@@ -180,27 +180,22 @@ fn run_on_team(
         panicked: AtomicBool::new(false),
     };
     let job_ptr = core::ptr::from_ref(&job).cast_mut();
-    let mailboxes: Vec<Arc<Mailbox>> = {
-        let mut workers = team
-            .workers
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        while workers.len() < parts - 1 {
-            workers.push(spawn_worker()?);
-        }
-        // Workers that have ended are replaced before anything is lent.
-        for worker in &mut workers[..parts - 1] {
-            if worker.job.load(Ordering::Acquire) == retired() {
-                *worker = spawn_worker()?;
-            }
-        }
-        workers[..parts - 1].to_vec()
-    };
-    let mut lent = Vec::with_capacity(parts - 1);
-    for (i, mailbox) in mailboxes.iter().enumerate() {
-        mailbox.part.store(i + 1, Ordering::Relaxed);
-        // A worker may end between the check above and here: its part then runs on this thread.
-        if mailbox
+    // Held for the whole job (the busy flag already keeps other callers out), so the
+    // mailboxes lent need no copy: nothing is allocated per job.
+    let mut workers = team
+        .workers
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    while workers.len() < parts - 1 {
+        workers.push(spawn_worker()?);
+    }
+    // Parts 1..=lent run on the first `lent` workers, the rest here.
+    let mut lent = 0;
+    'lend: for (i, worker) in workers[..parts - 1].iter_mut().enumerate() {
+        worker.part.store(i + 1, Ordering::Relaxed);
+        // A worker that has ended (its mailbox [`retired`]) is replaced; where no thread
+        // starts, this part and the ones after it run here.
+        while worker
             .job
             .compare_exchange(
                 core::ptr::null_mut(),
@@ -210,27 +205,31 @@ fn run_on_team(
             )
             .is_err()
         {
-            continue;
+            match spawn_worker() {
+                Some(fresh) => {
+                    fresh.part.store(i + 1, Ordering::Relaxed);
+                    *worker = fresh;
+                }
+                None => break 'lend,
+            }
         }
-        if mailbox.parked.load(Ordering::SeqCst)
-            && let Some(thread) = mailbox.thread.get()
+        if worker.parked.load(Ordering::SeqCst)
+            && let Some(thread) = worker.thread.get()
         {
             thread.unpark();
         }
-        lent.push((i + 1, mailbox));
+        lent += 1;
     }
     // Our own part(s); a panic here must still wait for the workers, who borrow `f`.
     let own = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         f(0);
-        for part in 1..parts {
-            if !lent.iter().any(|&(p, _)| p == part) {
-                f(part);
-            }
+        for part in lent + 1..parts {
+            f(part);
         }
     }));
-    for (_, mailbox) in &lent {
+    for worker in &workers[..lent] {
         let mut spins = 0u32;
-        while !mailbox.job.load(Ordering::Acquire).is_null() {
+        while !worker.job.load(Ordering::Acquire).is_null() {
             spins = spins.saturating_add(1);
             if spins < 1 << 16 {
                 core::hint::spin_loop();

@@ -46,25 +46,60 @@ fn allocations_of(f: impl FnOnce()) -> usize {
     ALLOCATIONS.load(Ordering::SeqCst) - before
 }
 
-/// One decode step: a dense GEMV (an attention projection), the CATS MLP and the TEAL MLP.
-fn decode_step(
-    cpu: &Cpu,
-    layer: &Layer<f32>,
-    teal_weights: TealMlpWeights<MatRef<'_, f32>>,
-    tokens: &[f32],
-    batch: usize,
-    scratch: &mut MlpScratch,
-    out: &mut [f32],
-) {
-    let hidden = layer.hidden;
-    let x = MatRef::from_slice(&tokens[..batch * hidden], batch, hidden).unwrap();
-    let projection = MatRef::from_slice(&layer.gate[..hidden * hidden], hidden, hidden).unwrap();
-    gemv(cpu, projection, x.row(0), &mut out[..hidden]).unwrap();
-    let y = MatMut::from_slice(&mut out[..batch * hidden], batch, hidden).unwrap();
-    cats_mlp(cpu, x, layer.cats(), 0.3, y, scratch).unwrap();
-    let y = MatMut::from_slice(&mut out[..batch * hidden], batch, hidden).unwrap();
-    let thresholds = TealThresholds::new(0.5, 0.05);
-    teal_mlp(cpu, x, teal_weights, thresholds, y, scratch).unwrap();
+/// A SmolLM2-sized layer, its TEAL layout and four tokens.
+struct Fixture {
+    layer: Layer<f32>,
+    gate_t: Vec<f32>,
+    up_t: Vec<f32>,
+    tokens: Vec<f32>,
+}
+
+const INTER: usize = 1536;
+const HIDDEN: usize = 576;
+
+impl Fixture {
+    fn new(seed: u64) -> Self {
+        let layer = Layer::<f32>::new(INTER, HIDDEN, seed);
+        Self {
+            gate_t: layer.transposed(&layer.gate),
+            up_t: layer.transposed(&layer.up),
+            tokens: normal::<f32>(4 * HIDDEN, seed + 8),
+            layer,
+        }
+    }
+
+    /// One decode step: a dense GEMV (an attention projection), the CATS MLP and the TEAL
+    /// MLP.
+    fn step(&self, cpu: &Cpu, batch: usize, scratch: &mut MlpScratch, out: &mut [f32]) {
+        let teal_weights = TealMlpWeights {
+            gate_t: MatRef::from_slice(&self.gate_t, HIDDEN, INTER).unwrap(),
+            up_t: MatRef::from_slice(&self.up_t, HIDDEN, INTER).unwrap(),
+            down_t: MatRef::from_slice(&self.layer.down_t, INTER, HIDDEN).unwrap(),
+        };
+        let x = MatRef::from_slice(&self.tokens[..batch * HIDDEN], batch, HIDDEN).unwrap();
+        let projection =
+            MatRef::from_slice(&self.layer.gate[..HIDDEN * HIDDEN], HIDDEN, HIDDEN).unwrap();
+        gemv(cpu, projection, x.row(0), &mut out[..HIDDEN]).unwrap();
+        let y = MatMut::from_slice(&mut out[..batch * HIDDEN], batch, HIDDEN).unwrap();
+        cats_mlp(cpu, x, self.layer.cats(), 0.3, y, scratch).unwrap();
+        let y = MatMut::from_slice(&mut out[..batch * HIDDEN], batch, HIDDEN).unwrap();
+        let thresholds = TealThresholds::new(0.5, 0.05);
+        teal_mlp(cpu, x, teal_weights, thresholds, y, scratch).unwrap();
+    }
+
+    /// Allocations of `steps` decode steps after `warm_up` others.
+    fn allocations(&self, cpu: &Cpu, batch: usize, warm_up: usize, steps: usize) -> usize {
+        let mut scratch = MlpScratch::new();
+        let mut out = vec![0.0f32; 4 * HIDDEN];
+        for _ in 0..warm_up {
+            self.step(cpu, batch, &mut scratch, &mut out);
+        }
+        allocations_of(|| {
+            for _ in 0..steps {
+                self.step(cpu, batch, &mut scratch, &mut out);
+            }
+        })
+    }
 }
 
 #[test]
@@ -72,36 +107,10 @@ fn a_decode_loop_allocates_nothing_after_its_first_token() {
     let _turn = ONE_AT_A_TIME
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let (inter, hidden) = (1536, 576);
-    let layer = Layer::<f32>::new(inter, hidden, 3);
-    let (gate_t, up_t) = (layer.transposed(&layer.gate), layer.transposed(&layer.up));
-    let teal_weights = TealMlpWeights {
-        gate_t: MatRef::from_slice(&gate_t, hidden, inter).unwrap(),
-        up_t: MatRef::from_slice(&up_t, hidden, inter).unwrap(),
-        down_t: MatRef::from_slice(&layer.down_t, inter, hidden).unwrap(),
-    };
-    let tokens = normal::<f32>(4 * hidden, 11);
-    let mut out = vec![0.0f32; 4 * hidden];
+    let fixture = Fixture::new(3);
     for cpu in Cpu::all_available() {
         for batch in 1..=4 {
-            let mut scratch = MlpScratch::new();
-            let mut step = |scratch: &mut MlpScratch| {
-                decode_step(
-                    &cpu,
-                    &layer,
-                    teal_weights,
-                    &tokens,
-                    batch,
-                    scratch,
-                    &mut out,
-                );
-            };
-            step(&mut scratch);
-            let later = allocations_of(|| {
-                for _ in 0..10 {
-                    step(&mut scratch);
-                }
-            });
+            let later = fixture.allocations(&cpu, batch, 1, 10);
             assert_eq!(later, 0, "{cpu:?} batch {batch}: allocations per token");
         }
     }
@@ -112,16 +121,7 @@ fn a_threaded_decode_loop_allocates_nothing_to_split_its_work() {
     let _turn = ONE_AT_A_TIME
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let (inter, hidden) = (1536, 576);
-    let layer = Layer::<f32>::new(inter, hidden, 4);
-    let (gate_t, up_t) = (layer.transposed(&layer.gate), layer.transposed(&layer.up));
-    let teal_weights = TealMlpWeights {
-        gate_t: MatRef::from_slice(&gate_t, hidden, inter).unwrap(),
-        up_t: MatRef::from_slice(&up_t, hidden, inter).unwrap(),
-        down_t: MatRef::from_slice(&layer.down_t, inter, hidden).unwrap(),
-    };
-    let tokens = normal::<f32>(4 * hidden, 12);
-    let mut out = vec![0.0f32; 4 * hidden];
+    let fixture = Fixture::new(4);
     // Split even these small matrices, on a pool this test owns (its threads start up front).
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(2)
@@ -131,19 +131,24 @@ fn a_threaded_decode_loop_allocates_nothing_to_split_its_work() {
         .with_threads(2)
         .unwrap()
         .with_min_bytes_per_thread(1);
-    pool.install(|| {
-        let mut scratch = MlpScratch::new();
-        let mut step = |scratch: &mut MlpScratch| {
-            decode_step(&cpu, &layer, teal_weights, &tokens, 3, scratch, &mut out);
-        };
-        for _ in 0..20 {
-            step(&mut scratch);
-        }
-        let later = allocations_of(|| {
-            for _ in 0..200 {
-                step(&mut scratch);
-            }
-        });
-        assert_eq!(later, 0, "allocations per token on two threads");
-    });
+    let later = pool.install(|| fixture.allocations(&cpu, 3, 20, 200));
+    assert_eq!(later, 0, "allocations per token on two threads");
+}
+
+#[test]
+fn the_spinning_team_allocates_nothing_to_split_its_work() {
+    let _turn = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let fixture = Fixture::new(5);
+    for threads in [2, 3] {
+        let cpu = Cpu::detect()
+            .with_threads(threads)
+            .unwrap()
+            .with_spinning_team()
+            .with_min_bytes_per_thread(1);
+        // The first steps start the team's threads.
+        let later = fixture.allocations(&cpu, 2, 20, 200);
+        assert_eq!(later, 0, "allocations per token on a team of {threads}");
+    }
 }

@@ -1,6 +1,6 @@
 //! A Llama-family decoder built on the kernel crates, for sparse decoding with CATS or TEAL
 //! (issue 15): [`gguf`] parses llama.cpp's GGUF files from a byte slice and dequantises their
-//! tensors; [`model`] holds the Llama architecture and decodes dense, CATS or TEAL; [`generate`]
+//! tensors; [`source`] loads from them or from a Hugging Face checkpoint's tensors; [`model`] holds the Llama architecture and decodes dense, CATS or TEAL; [`generate`]
 //! does greedy generation and perplexity, [`calibrate`] the per-layer thresholds. Decoding a
 //! small model token by token is a loop of small kernels: give it a `kernels_cpu::Cpu` with
 //! `with_spinning_team()` so its threads start in under a microsecond.
@@ -22,6 +22,7 @@
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `std` | yes | the CPU kernels' threads (without it, the crate is `no_std` + `alloc`) |
+//! | `huggingface` | yes | [`LlamaConfig::from_hf_config`](model::LlamaConfig::from_hf_config) and [`Llama::from_hf`](model::Llama::from_hf): Hugging Face `config.json` (`serde_json` without `std`) |
 //! | `tokenizer` | yes | [`tokenizer`]: tokenisation (Hugging Face's `tokenizers`) and chat templates (`minijinja`); implies `std` |
 
 #![no_std]
@@ -35,6 +36,7 @@ pub mod calibrate;
 pub mod generate;
 pub mod gguf;
 pub mod model;
+pub mod source;
 #[cfg(feature = "tokenizer")]
 pub mod tokenizer;
 

@@ -4,13 +4,15 @@
 //!
 //! # Contract
 //!
-//! * [`Llama::from_gguf`] checks the architecture, the hyper-parameters against each other and
-//!   every tensor's shape against them before it allocates the weights (which the file's own
-//!   tensors bound), dequantising each tensor to `f32` and rounding it once to `W`.
+//! * [`Llama::from_gguf`] and [`Llama::from_hf`] (through [`Llama::from_source`]) check the
+//!   architecture, the hyper-parameters against each other and each tensor's shape against
+//!   them before they allocate it (so the source's own tensors bound what loading allocates),
+//!   widening each tensor to `f32` and rounding it once to `W`.
 //! * [`Llama::forward`] appends one token to a [`Decoder`]'s KV cache and writes the next
 //!   token's logits; it allocates nothing (the decoder owns every buffer).
-//! * Rotary embeddings rotate the pairs llama.cpp's files expect ([`RopeStyle::Interleaved`]:
-//!   its converter permutes the query and key rows so that adjacent pairs rotate together).
+//! * Rotary embeddings rotate the pairs the file's row order expects: [`RopeStyle::Interleaved`]
+//!   for GGUF (llama.cpp's converter permutes the query and key rows so that adjacent pairs
+//!   rotate together), [`RopeStyle::Halves`] for Hugging Face checkpoints.
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -24,6 +26,7 @@ use kernels_cpu::prelude::{
 };
 
 use crate::gguf::Gguf;
+use crate::source::{Naming, Tensor as SourceTensor, TensorSource};
 
 /// Which entries of a head rotate together.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,7 +68,7 @@ pub struct LlamaConfig {
 /// enough that no product of two overflows.
 pub const MAX_DIMENSION: u64 = 1 << 24;
 
-fn invalid(name: &'static str, value: f64, expected: &'static str) -> Error {
+pub(crate) fn invalid(name: &'static str, value: f64, expected: &'static str) -> Error {
     Error::InvalidParam {
         name,
         value,
@@ -107,18 +110,11 @@ impl LlamaConfig {
             "present",
         ))?;
         let vocab = size("llama.vocab_size", embed.dims.get(1).copied())?;
-        if !hidden.is_multiple_of(heads) || !(hidden / heads).is_multiple_of(2) {
+        if !hidden.is_multiple_of(heads) {
             return Err(invalid(
                 "llama.attention.head_count",
                 heads as f64,
-                "dividing the width into heads of an even width",
-            ));
-        }
-        if !heads.is_multiple_of(kv_heads) {
-            return Err(invalid(
-                "llama.attention.head_count_kv",
-                kv_heads as f64,
-                "dividing the head count",
+                "dividing the width into heads",
             ));
         }
         let float = |key: &'static str, default: f64, ok: fn(f64) -> bool| -> Result<f32> {
@@ -130,7 +126,7 @@ impl LlamaConfig {
             }
         };
         let positive = |v: f64| v > 0.0 && v.is_finite();
-        Ok(Self {
+        let config = Self {
             vocab,
             hidden,
             intermediate: size("llama.feed_forward_length", None)?,
@@ -142,7 +138,50 @@ impl LlamaConfig {
             rope_style: RopeStyle::Interleaved,
             rms_eps: float("llama.attention.layer_norm_rms_epsilon", 1e-5, positive)?,
             context: size("llama.context_length", Some(2048))?,
-        })
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the hyper-parameters against each other: every size between 1 and
+    /// [`MAX_DIMENSION`], an even head width, key-value heads dividing the heads, a positive
+    /// finite rotary base and epsilon. Every loader calls it; a config built by hand can too.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidParam`] naming the first field that fails.
+    pub fn validate(&self) -> Result<()> {
+        let sizes = [
+            ("vocab", self.vocab),
+            ("hidden", self.hidden),
+            ("intermediate", self.intermediate),
+            ("layers", self.layers),
+            ("heads", self.heads),
+            ("kv_heads", self.kv_heads),
+            ("head_dim", self.head_dim),
+            ("context", self.context),
+        ];
+        for (name, v) in sizes {
+            if v == 0 || v as u64 > MAX_DIMENSION {
+                return Err(invalid(name, v as f64, "between 1 and 2^24"));
+            }
+        }
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(invalid("head_dim", self.head_dim as f64, "even"));
+        }
+        if !self.heads.is_multiple_of(self.kv_heads) {
+            return Err(invalid(
+                "kv_heads",
+                self.kv_heads as f64,
+                "dividing the head count",
+            ));
+        }
+        for (name, v) in [("rope_theta", self.rope_theta), ("rms_eps", self.rms_eps)] {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(invalid(name, f64::from(v), "positive and finite"));
+            }
+        }
+        Ok(())
     }
 
     /// Width of the keys and values of one position (`kv_heads * head_dim`).
@@ -298,42 +337,55 @@ pub struct Llama<W> {
     thresholds: Vec<LayerThresholds>,
 }
 
-/// Tensor `name` of `file` as a `[rows, cols]` matrix of `W` (ggml dims `[cols, rows]`).
-fn matrix<W: Element>(file: &Gguf<'_>, name: &str, rows: usize, cols: usize) -> Result<Matrix<W>> {
-    let t = file
-        .tensor(name)
-        .ok_or(invalid("tensor", f64::NAN, "present in the file"))?;
-    if t.dims != [cols as u64, rows as u64] {
-        return Err(Error::ShapeMismatch {
-            what: "a weight matrix",
-            expected: [rows, cols],
-            found: [
-                t.dims.get(1).map_or(1, |&d| d as usize),
-                t.dims.first().map_or(0, |&d| d as usize),
-            ],
+fn missing_tensor() -> Error {
+    invalid("tensor", f64::NAN, "present in the file")
+}
+
+/// Tensor `name` of `source`, checked to be of `shape`.
+fn read(source: &dyn TensorSource, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    let found = source.shape(name).ok_or_else(missing_tensor)?;
+    if found != shape {
+        return Err(match *shape {
+            [rows, cols] => Error::ShapeMismatch {
+                what: "a weight matrix",
+                expected: [rows, cols],
+                found: [
+                    found.first().copied().unwrap_or(0),
+                    found.get(1).copied().unwrap_or(1),
+                ],
+            },
+            _ => Error::LengthMismatch {
+                what: "a norm weight",
+                expected: shape.iter().product(),
+                found: found.iter().product(),
+            },
         });
     }
-    let values = file.dequantize(name)?;
+    let values = source.read_f32(name)?;
+    if values.len() != shape.iter().product::<usize>() {
+        return Err(Error::LengthMismatch {
+            what: "a tensor's elements",
+            expected: shape.iter().product(),
+            found: values.len(),
+        });
+    }
+    Ok(values)
+}
+
+/// Tensor `name` of `source` as a `[rows, cols]` matrix of `W`.
+fn matrix<W: Element>(
+    source: &dyn TensorSource,
+    name: &str,
+    rows: usize,
+    cols: usize,
+) -> Result<Matrix<W>> {
+    let values = read(source, name, &[rows, cols])?;
     Ok(Matrix {
         data: values.into_iter().map(W::from_f32).collect(),
         rows,
         cols,
         transposed: false,
     })
-}
-
-fn vector(file: &Gguf<'_>, name: &str, len: usize) -> Result<Vec<f32>> {
-    let t = file
-        .tensor(name)
-        .ok_or(invalid("tensor", f64::NAN, "present in the file"))?;
-    if t.dims != [len as u64] {
-        return Err(Error::LengthMismatch {
-            what: "a norm weight",
-            expected: len,
-            found: t.elements as usize,
-        });
-    }
-    file.dequantize(name)
 }
 
 impl<W: Element> Llama<W> {
@@ -355,37 +407,90 @@ impl<W: Element> Llama<W> {
     ///
     /// As [`Self::from_gguf`].
     pub fn from_gguf_with(file: &Gguf<'_>, policy: Policy) -> Result<Self> {
-        let c = LlamaConfig::from_gguf(file)?;
+        Self::from_source(LlamaConfig::from_gguf(file)?, file, policy)
+    }
+
+    /// The model of a Hugging Face checkpoint: `config` is its `config.json`'s bytes, `source`
+    /// its safetensors tensors (named as transformers names them), the matrices stored as
+    /// `policy` reads them.
+    ///
+    /// # Errors
+    ///
+    /// [`LlamaConfig::from_hf_config`]'s; [`Error::InvalidParam`] for a source not named as
+    /// transformers names tensors, or without `lm_head.weight` where the config does not tie
+    /// it to the embeddings; then as
+    /// [`Self::from_source`].
+    #[cfg(feature = "huggingface")]
+    pub fn from_hf(config: &[u8], source: &dyn TensorSource, policy: Policy) -> Result<Self> {
+        let (config, tied) = crate::source::hf_config(config)?;
+        if source.naming() != Naming::HuggingFace {
+            return Err(invalid(
+                "tensor source",
+                f64::NAN,
+                "named as transformers names tensors (its rows in its order)",
+            ));
+        }
+        let output = source.naming().name(SourceTensor::Output);
+        if !tied && source.shape(&output).is_none() {
+            return Err(invalid(
+                "lm_head.weight",
+                f64::NAN,
+                "present, or tie_word_embeddings true",
+            ));
+        }
+        Self::from_source(config, source, policy)
+    }
+
+    /// The model of `config`'s shape with the tensors of `source`, each widened to `f32` and
+    /// rounded once to `W`, the matrices stored as `policy` reads them (its thresholds all 0
+    /// until [`Self::set_thresholds`]). The output projection is tied to the embeddings where
+    /// the source has none. `config.rope_style` must match the source's query and key row
+    /// order (each config reader sets it: see [`crate::source`]).
+    ///
+    /// # Errors
+    ///
+    /// [`LlamaConfig::validate`]'s; a tensor missing or shaped unlike the config says
+    /// ([`Error::InvalidParam`], [`Error::ShapeMismatch`], [`Error::LengthMismatch`]); the
+    /// source's own errors reading a tensor.
+    pub fn from_source(
+        config: LlamaConfig,
+        source: &dyn TensorSource,
+        policy: Policy,
+    ) -> Result<Self> {
+        use SourceTensor as T;
+        config.validate()?;
+        let c = config;
+        let name = |t: SourceTensor| source.naming().name(t);
         let (teal, cats) = (policy == Policy::Teal, policy == Policy::Cats);
         let stored = |m: Matrix<W>, transpose: bool| if transpose { m.transpose() } else { m };
         let (h, q, kv, ff) = (c.hidden, c.heads * c.head_dim, c.kv_width(), c.intermediate);
-        let mut layers = Vec::with_capacity(c.layers.min(file.tensors.len()));
+        // Grown as layers load: a file claiming many layers reserves nothing it lacks.
+        let mut layers = Vec::new();
         for l in 0..c.layers {
-            let name = |part: &str| alloc::format!("blk.{l}.{part}.weight");
             layers.push(Layer {
-                attn_norm: vector(file, &name("attn_norm"), h)?,
+                attn_norm: read(source, &name(T::AttentionNorm(l)), &[h])?,
                 qkv: stored(
                     Matrix::stacked([
-                        matrix(file, &name("attn_q"), q, h)?,
-                        matrix(file, &name("attn_k"), kv, h)?,
-                        matrix(file, &name("attn_v"), kv, h)?,
+                        matrix(source, &name(T::Query(l)), q, h)?,
+                        matrix(source, &name(T::Key(l)), kv, h)?,
+                        matrix(source, &name(T::Value(l)), kv, h)?,
                     ]),
                     teal,
                 ),
-                wo: stored(matrix(file, &name("attn_output"), h, q)?, teal),
-                ffn_norm: vector(file, &name("ffn_norm"), h)?,
-                gate: stored(matrix(file, &name("ffn_gate"), ff, h)?, teal),
-                up: stored(matrix(file, &name("ffn_up"), ff, h)?, teal),
-                down: stored(matrix(file, &name("ffn_down"), h, ff)?, teal || cats),
+                wo: stored(matrix(source, &name(T::AttentionOutput(l)), h, q)?, teal),
+                ffn_norm: read(source, &name(T::MlpNorm(l)), &[h])?,
+                gate: stored(matrix(source, &name(T::Gate(l)), ff, h)?, teal),
+                up: stored(matrix(source, &name(T::Up(l)), ff, h)?, teal),
+                down: stored(matrix(source, &name(T::Down(l)), h, ff)?, teal || cats),
             });
         }
-        let output = match file.tensor("output.weight") {
-            Some(_) => Some(matrix(file, "output.weight", c.vocab, h)?),
+        let output = match source.shape(&name(T::Output)) {
+            Some(_) => Some(matrix(source, &name(T::Output), c.vocab, h)?),
             None => None,
         };
         Ok(Self {
-            embed: matrix(file, "token_embd.weight", c.vocab, h)?,
-            norm: vector(file, "output_norm.weight", h)?,
+            embed: matrix(source, &name(T::Embed), c.vocab, h)?,
+            norm: read(source, &name(T::Norm), &[h])?,
             layers,
             output,
             policy,

@@ -195,6 +195,16 @@ impl Tokenizer {
         })
     }
 
+    /// The tokenizer as `tokenizer.json` text, which [`Self::from_json`] reads back (the
+    /// special tokens and chat template live in `tokenizer_config.json`, not here).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BadFormat`] where `tokenizers` cannot serialise it.
+    pub fn to_json(&self) -> Result<String> {
+        self.inner.to_string(false).map_err(from_tokenizers)
+    }
+
     /// The token ids of `text` (special tokens written out in it are recognised), with `bos`
     /// first where the model adds it.
     ///

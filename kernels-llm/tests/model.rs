@@ -10,6 +10,7 @@ use kernels_llm::model::{
     Decoder, LOGIT_RELATIVE_TOLERANCE, LayerThresholds, Llama, LlamaConfig, Policy, RopeStyle,
     reference_logits, synthetic_gguf,
 };
+use kernels_llm::source::{NamedTensors, Naming, synthetic_hf};
 
 fn config(heads: usize, kv_heads: usize) -> LlamaConfig {
     LlamaConfig {
@@ -486,4 +487,179 @@ fn the_mlp_alone_is_each_policys_and_checks_its_inputs() {
     assert!(model.mlp(&cpu, &mut decoder, 0, &x, &mut out[1..]).is_err());
     let mut other = Decoder::new(&config(2, 2), 4).unwrap();
     assert!(model.mlp(&cpu, &mut other, 0, &x, &mut out).is_err());
+}
+
+/// A model's logits over [`PROMPT`], position by position.
+fn prompt_logits<W: Element>(model: &Llama<W>, cpu: &Cpu) -> Vec<Vec<f32>> {
+    let mut decoder = Decoder::new(&model.config, PROMPT.len()).unwrap();
+    let mut logits = vec![0.0f32; model.config.vocab];
+    PROMPT
+        .iter()
+        .map(|&t| {
+            model.forward(cpu, &mut decoder, t, &mut logits).unwrap();
+            logits.clone()
+        })
+        .collect()
+}
+
+#[test]
+fn a_hugging_face_checkpoint_gives_the_gguf_logits() {
+    // The same weights in both formats: the GGUF's q and k rows permuted as llama.cpp's
+    // converter does, rotated in adjacent pairs; the checkpoint's rotated in halves.
+    for (heads, kv_heads, tied) in [(4, 2, false), (3, 3, true), (4, 1, true)] {
+        let c = config(heads, kv_heads);
+        let gguf_bytes = synthetic_gguf(&c, 21, tied);
+        let gguf = Gguf::parse(&gguf_bytes).unwrap();
+        let (json, tensors) = synthetic_hf(&c, 21, tied);
+        assert_eq!(
+            LlamaConfig::from_hf_config(json.as_bytes())
+                .unwrap()
+                .rope_style,
+            RopeStyle::Halves
+        );
+        for cpu in Cpu::all_available() {
+            for policy in [Policy::Dense, Policy::Cats, Policy::Teal] {
+                let mut from_gguf = Llama::<f32>::from_gguf_with(&gguf, policy).unwrap();
+                let mut from_hf = Llama::<f32>::from_hf(json.as_bytes(), &tensors, policy).unwrap();
+                assert_eq!(from_hf.output.is_none(), tied);
+                assert_eq!(
+                    LlamaConfig {
+                        rope_style: RopeStyle::Interleaved,
+                        ..from_hf.config.clone()
+                    },
+                    from_gguf.config
+                );
+                if policy != Policy::Dense {
+                    from_gguf.set_thresholds(vec![SPARSE; c.layers]).unwrap();
+                    from_hf.set_thresholds(vec![SPARSE; c.layers]).unwrap();
+                }
+                check_against_reference(&from_hf, &cpu, "from a Hugging Face checkpoint");
+                let (a, b) = (
+                    prompt_logits(&from_gguf, &cpu),
+                    prompt_logits(&from_hf, &cpu),
+                );
+                for (pos, (a, b)) in a.iter().zip(&b).enumerate() {
+                    let scale = 1.0 + a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                    for (x, y) in a.iter().zip(b) {
+                        assert!(
+                            f64::from((x - y).abs()) <= LOGIT_RELATIVE_TOLERANCE * f64::from(scale),
+                            "{heads}/{kv_heads} {policy:?} {:?} pos {pos}: {x} vs {y}",
+                            cpu.isa()
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_hugging_face_checkpoints_are_errors() {
+    let c = config(4, 2);
+    let (json, tensors) = synthetic_hf(&c, 5, false);
+    let load = |json: &str, tensors: &NamedTensors| {
+        Llama::<f32>::from_hf(json.as_bytes(), tensors, Policy::Dense).map(|_| ())
+    };
+    load(&json, &tensors).unwrap();
+    let edited = |from: &str, to: &str| {
+        assert!(json.contains(from), "{from}");
+        json.replace(from, to)
+    };
+    let unsupported = [
+        edited(r#""model_type": "llama""#, r#""model_type": "mistral""#),
+        edited(r#""hidden_act": "silu""#, r#""hidden_act": "gelu""#),
+        edited(
+            r#""rope_scaling": null"#,
+            r#""rope_scaling": {"rope_type": "llama3", "factor": 8.0}"#,
+        ),
+        edited(
+            r#""rope_scaling": null"#,
+            r#""rope_scaling": null, "attention_bias": true"#,
+        ),
+    ];
+    for bad in &unsupported {
+        let e = load(bad, &tensors).unwrap_err();
+        assert!(matches!(e, Error::Unsupported { .. }), "{bad}: {e}");
+    }
+    let invalid = [
+        edited(r#""num_key_value_heads": 2"#, r#""num_key_value_heads": 3"#),
+        edited(r#""head_dim": 8"#, r#""head_dim": 7"#),
+        edited(r#""num_hidden_layers": 3"#, r#""num_hidden_layers": 0"#),
+        edited(r#""num_hidden_layers": 3"#, r#""num_hidden_layers": -3"#),
+        edited(r#""vocab_size": 37,"#, ""),
+        edited(r#""rms_norm_eps": 1e-5"#, r#""rms_norm_eps": "small""#),
+        edited(r#""rope_theta": 10000.0"#, r#""rope_theta": -1.0"#),
+        // A layer the checkpoint does not have.
+        edited(r#""num_hidden_layers": 3"#, r#""num_hidden_layers": 4"#),
+    ];
+    for bad in &invalid {
+        let e = load(bad, &tensors).unwrap_err();
+        assert!(matches!(e, Error::InvalidParam { .. }), "{bad}: {e}");
+    }
+    for bad in ["", "[1, 2]", "{\"model_type\": \"llama\""] {
+        let e = load(bad, &tensors).unwrap_err();
+        assert!(matches!(e, Error::BadFormat { .. }), "{bad}: {e}");
+    }
+    // Tensors: lm_head missing while untied, a matrix of the wrong shape, a norm of the
+    // wrong length.
+    let without = |skip: &str| {
+        let mut t = NamedTensors::new(Naming::HuggingFace);
+        for (name, shape, values) in tensors.iter().filter(|(n, _, _)| *n != skip) {
+            t.insert(name, shape.to_vec(), values.to_vec()).unwrap();
+        }
+        t
+    };
+    let e = load(&json, &without("lm_head.weight")).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidParam {
+                name: "lm_head.weight",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    load(
+        &edited(
+            r#""tie_word_embeddings": false"#,
+            r#""tie_word_embeddings": true"#,
+        ),
+        &without("lm_head.weight"),
+    )
+    .unwrap();
+    let mut reshaped = without("");
+    reshaped
+        .insert(
+            "model.layers.1.mlp.up_proj.weight",
+            vec![c.hidden, c.intermediate],
+            vec![0.0; c.hidden * c.intermediate],
+        )
+        .unwrap();
+    let e = load(&json, &reshaped).unwrap_err();
+    assert!(matches!(e, Error::ShapeMismatch { .. }), "{e}");
+    let mut short_norm = without("");
+    short_norm
+        .insert(
+            "model.norm.weight",
+            vec![c.hidden - 1],
+            vec![1.0; c.hidden - 1],
+        )
+        .unwrap();
+    let e = load(&json, &short_norm).unwrap_err();
+    assert!(matches!(e, Error::LengthMismatch { .. }), "{e}");
+    let e = load(&json, &without("model.layers.2.self_attn.k_proj.weight")).unwrap_err();
+    assert!(
+        matches!(e, Error::InvalidParam { name: "tensor", .. }),
+        "{e}"
+    );
+    // GGUF tensors (llama.cpp's names and row order) under transformers' config.
+    let gguf_bytes = synthetic_gguf(&c, 5, false);
+    let e = Llama::<f32>::from_hf(
+        json.as_bytes(),
+        &Gguf::parse(&gguf_bytes).unwrap(),
+        Policy::Dense,
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::InvalidParam { .. }), "{e}");
 }

@@ -10,13 +10,16 @@ use anyhow::{Context, Result, bail};
 use kernels_core::bf16;
 use kernels_cpu::Cpu;
 use kernels_llm::calibrate::calibrate;
+use kernels_llm::generate::{generate, perplexity};
 use kernels_llm::gguf::Gguf;
-use kernels_llm::model::{Decoder, LayerThresholds, Llama, Policy};
+use kernels_llm::gpu::GpuLlama;
+use kernels_llm::model::{Decoder, Forward, LayerThresholds, Llama, OnCpu, Policy};
 use kernels_llm::source::{Naming, TensorSource};
 use kernels_llm::tokenizer::Tokenizer;
+use kernels_wgpu::prelude::GpuElement;
 
 use crate::checkpoint::Checkpoint;
-use crate::device::Device;
+use crate::device::{self, Device};
 
 /// What names a thresholds file's format (its `format` field).
 pub const THRESHOLDS_FORMAT: &str = "kernels-llm thresholds v1";
@@ -34,7 +37,8 @@ pub struct ModelArgs {
     /// Threads (default: every core).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Where the decoder runs: only `cpu` so far (`gpu` is refused with the reason).
+    /// Where the decoder's matrix products run (`gpu`: through wgpu, with attention and norms
+    /// on the CPU; `calibrate` runs on the CPU).
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     pub device: Device,
 }
@@ -191,9 +195,6 @@ impl ModelFile {
 }
 
 fn cpu_for(args: &ModelArgs) -> Result<Cpu> {
-    if args.device == Device::Gpu {
-        bail!("--device gpu: the decoder runs on the CPU so far; use --device cpu");
-    }
     let cpu = Cpu::detect();
     Ok(match args.threads {
         Some(0) => bail!("--threads must be at least 1"),
@@ -207,6 +208,20 @@ fn cpu_for(args: &ModelArgs) -> Result<Cpu> {
     }
     // A token is a few hundred small kernels microseconds apart.
     .with_spinning_team())
+}
+
+/// Runs `f` on `model` on the CPU, or with its products on `gpu` where there is one.
+fn on_device<W: GpuElement, R>(
+    model: &Llama<W>,
+    cpu: &Cpu,
+    gpu: Option<&kernels_wgpu::Context>,
+    f: impl FnOnce(&mut dyn Forward) -> Result<R>,
+) -> Result<R> {
+    match gpu {
+        None => f(&mut OnCpu { model, cpu }),
+        Some(ctx) => f(&mut GpuLlama::new(ctx, model)
+            .context("cannot upload the model to the GPU (try --device cpu)")?),
+    }
 }
 
 /// A model of either weight type, so each command is written once.
@@ -346,6 +361,12 @@ pub struct CalibrateSummary {
 /// Unreadable model or text, a sparsity outside [0, 1], an unwritable output.
 pub fn calibrate_command(args: &CalibrateArgs) -> Result<CalibrateSummary> {
     let started = Instant::now();
+    if args.model.device != Device::Cpu {
+        bail!(
+            "calibrate runs on the CPU (it reads activations inside the MLP, which the GPU \
+             kernels keep to themselves): use --device cpu"
+        );
+    }
     let cpu = cpu_for(&args.model)?;
     let file = ModelFile::open(&args.model.model)?;
     let tokenizer = file.tokenizer()?;
@@ -416,6 +437,7 @@ fn sparse_model(args: &ModelArgs, file: &ModelFile, thresholds: Option<&Path>) -
 /// Unreadable model, text or thresholds; a text of fewer than two tokens.
 pub fn eval_command(args: &EvalArgs) -> Result<EvalSummary> {
     let cpu = cpu_for(&args.model)?;
+    let gpu = device::select(args.model.device)?;
     let file = ModelFile::open(&args.model.model)?;
     let tokenizer = file.tokenizer()?;
     let tokens = tokenizer.encode(&read_text(&args.text)?)?;
@@ -424,7 +446,9 @@ pub fn eval_command(args: &EvalArgs) -> Result<EvalSummary> {
     let p = with_model!(&model, m => {
         let mut decoder = Decoder::new(&m.config, args.window.clamp(2, m.config.context))?;
         let mut logits = vec![0.0; m.config.vocab];
-        m.perplexity(&cpu, &mut decoder, &tokens, &mut logits)?
+        on_device(m, &cpu, gpu.as_deref(), |f| {
+            Ok(perplexity(f, &mut decoder, &tokens, &mut logits)?)
+        })?
     });
     Ok(EvalSummary {
         perplexity: p.value(),
@@ -477,6 +501,7 @@ pub struct GenerateSummary {
 /// Unreadable model or thresholds; a prompt and `--max-tokens` past the model's context.
 pub fn generate_command(args: &GenerateArgs, out: &mut dyn Write) -> Result<GenerateSummary> {
     let cpu = cpu_for(&args.model)?;
+    let gpu = device::select(args.model.device)?;
     let file = ModelFile::open(&args.model.model)?;
     let tokenizer = file.tokenizer()?;
     let text = if args.raw {
@@ -501,7 +526,7 @@ pub fn generate_command(args: &GenerateArgs, out: &mut dyn Write) -> Result<Gene
         let (mut shown, mut printed, mut first) = (Vec::new(), 0, None);
         let mut failed = None;
         let stop = tokenizer.eos.filter(|_| !args.ignore_eos);
-        let answer = m.generate(&cpu, &mut decoder, &prompt, args.max_tokens, stop, &mut logits, |t| {
+        let answer = on_device(m, &cpu, gpu.as_deref(), |f| Ok(generate(f, &mut decoder, &prompt, args.max_tokens, stop, &mut logits, |t| {
             first.get_or_insert_with(Instant::now);
             shown.push(t);
             // Print what the answer so far adds (a token may end inside a character).
@@ -514,7 +539,7 @@ pub fn generate_command(args: &GenerateArgs, out: &mut dyn Write) -> Result<Gene
                 printed = text.len();
             }
             true
-        })?;
+        })?))?;
         if let Some(e) = failed {
             return Err(e.into());
         }

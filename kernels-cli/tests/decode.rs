@@ -210,6 +210,45 @@ fn calibrate_eval_and_generate_run_end_to_end() {
 }
 
 #[test]
+fn the_gpu_decodes_as_the_cpu() {
+    if kernels_wgpu::Context::new_blocking(kernels_wgpu::ContextOptions::default()).is_err()
+        && std::env::var_os("KERNELS_WGPU_SKIP_WITHOUT_ADAPTER").is_some()
+    {
+        eprintln!("skipped: no GPU adapter");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    write_model(&model);
+    let text = dir.path().join("text.txt");
+    std::fs::write(&text, "Sphinx of black quartz, judge my vow. ".repeat(3)).unwrap();
+    let (m, t) = (model.to_str().unwrap(), text.to_str().unwrap());
+    let eval = |device: &str| {
+        let args = [
+            "eval", "--model", m, "--text", t, "--dtype", "f32", "--device", device,
+        ];
+        perplexity(&ok(&kernels(&args)))
+    };
+    let (cpu, gpu) = (eval("cpu"), eval("gpu"));
+    assert!((cpu - gpu).abs() <= 1e-4 * cpu, "{cpu} vs {gpu}");
+    let generated = kernels(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "5",
+        "--ignore-eos",
+        "--device",
+        "gpu",
+    ]);
+    ok(&generated);
+    let stderr = String::from_utf8_lossy(&generated.stderr);
+    assert!(stderr.contains("; 5 tokens generated"), "{stderr}");
+}
+
+#[test]
 fn a_hugging_face_directory_decodes_as_its_gguf() {
     let dir = tempfile::tempdir().unwrap();
     let gguf = dir.path().join("tiny.gguf");
@@ -305,8 +344,20 @@ fn bad_inputs_fail_with_a_named_error() {
         "without config.json",
     );
     fails(
-        &["generate", "--model", m, "--prompt", "x", "--device", "gpu"],
-        "--device gpu",
+        &[
+            "calibrate",
+            "--model",
+            m,
+            "--text",
+            m,
+            "--policy",
+            "cats",
+            "-o",
+            "t.json",
+            "--device",
+            "gpu",
+        ],
+        "calibrate runs on the CPU",
     );
     fails(
         &[

@@ -6,7 +6,7 @@ use alloc::vec::Vec;
 use kernels_core::{Element, Error, Result};
 use kernels_cpu::Cpu;
 
-use crate::model::{Decoder, Llama};
+use crate::model::{Decoder, Forward, Llama, OnCpu};
 
 /// The most likely token of `logits` (the first of equals; NaN never wins).
 ///
@@ -50,16 +50,105 @@ impl Perplexity {
     }
 }
 
+/// Greedy decoding: runs `prompt` through `decoder` (which it resets first), then appends
+/// the most likely token until `max_tokens` are generated or `stop` comes up (not
+/// included). `on_token` sees each token as it is chosen (for streaming) and may stop the
+/// generation by returning `false`. `logits` is the caller's vocabulary-sized buffer.
+///
+/// # Errors
+///
+/// [`Error::InvalidParam`] for an empty prompt or a decoder too small for the prompt and
+/// `max_tokens`; the model's [`Forward::forward`] errors.
+pub fn generate(
+    model: &mut dyn Forward,
+    decoder: &mut Decoder,
+    prompt: &[u32],
+    max_tokens: usize,
+    stop: Option<u32>,
+    logits: &mut [f32],
+    mut on_token: impl FnMut(u32) -> bool,
+) -> Result<Vec<u32>> {
+    if prompt.is_empty() {
+        return Err(Error::InvalidParam {
+            name: "prompt",
+            value: 0.0,
+            expected: "at least one token",
+        });
+    }
+    // The last generated token is never run through the model.
+    let needed = prompt.len() + max_tokens.saturating_sub(1);
+    if needed > decoder.capacity() {
+        return Err(Error::InvalidParam {
+            name: "max_tokens",
+            value: max_tokens as f64,
+            expected: "fitting the decoder's capacity after the prompt",
+        });
+    }
+    decoder.reset();
+    for &t in prompt {
+        model.forward(decoder, t, logits)?;
+    }
+    let mut out = Vec::with_capacity(max_tokens);
+    while out.len() < max_tokens {
+        let next = argmax(logits);
+        if Some(next) == stop {
+            break;
+        }
+        out.push(next);
+        if !on_token(next) || out.len() == max_tokens {
+            break;
+        }
+        model.forward(decoder, next, logits)?;
+    }
+    Ok(out)
+}
+
+/// Perplexity of `tokens` cut into non-overlapping windows of `decoder.capacity()` tokens
+/// (the last may be shorter), each decoded from an empty cache; within a window every token
+/// but the first is scored against the logits before it.
+///
+/// # Errors
+///
+/// [`Error::InvalidParam`] for fewer than two tokens; the model's [`Forward::forward`] errors.
+pub fn perplexity(
+    model: &mut dyn Forward,
+    decoder: &mut Decoder,
+    tokens: &[u32],
+    logits: &mut [f32],
+) -> Result<Perplexity> {
+    if tokens.len() < 2 {
+        return Err(Error::InvalidParam {
+            name: "tokens",
+            value: tokens.len() as f64,
+            expected: "at least two",
+        });
+    }
+    let mut result = Perplexity {
+        tokens_scored: 0,
+        nll: 0.0,
+    };
+    for window in tokens.chunks(decoder.capacity()) {
+        decoder.reset();
+        for (pos, &t) in window.iter().enumerate() {
+            if pos > 0 {
+                result.nll -= log_probability(logits, t);
+                result.tokens_scored += 1;
+            }
+            if pos + 1 < window.len() {
+                model.forward(decoder, t, logits)?;
+            }
+        }
+    }
+    Ok(result)
+}
+
 impl<W: Element> Llama<W> {
-    /// Greedy decoding: runs `prompt` through `decoder` (which it resets first), then appends
-    /// the most likely token until `max_tokens` are generated or `stop` comes up (not
-    /// included). `on_token` sees each token as it is chosen (for streaming) and may stop the
-    /// generation by returning `false`. `logits` is the caller's vocabulary-sized buffer.
+    /// [`generate`] on the CPU kernels.
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidParam`] for an empty prompt or a decoder too small for the prompt and
-    /// `max_tokens`; [`Llama::forward`]'s errors.
+    /// As [`generate`].
+    #[allow(clippy::too_many_arguments)]
     pub fn generate(
         &self,
         cpu: &Cpu,
@@ -68,50 +157,19 @@ impl<W: Element> Llama<W> {
         max_tokens: usize,
         stop: Option<u32>,
         logits: &mut [f32],
-        mut on_token: impl FnMut(u32) -> bool,
+        on_token: impl FnMut(u32) -> bool,
     ) -> Result<Vec<u32>> {
-        if prompt.is_empty() {
-            return Err(Error::InvalidParam {
-                name: "prompt",
-                value: 0.0,
-                expected: "at least one token",
-            });
-        }
-        // The last generated token is never run through the model.
-        let needed = prompt.len() + max_tokens.saturating_sub(1);
-        if needed > decoder.capacity() {
-            return Err(Error::InvalidParam {
-                name: "max_tokens",
-                value: max_tokens as f64,
-                expected: "fitting the decoder's capacity after the prompt",
-            });
-        }
-        decoder.reset();
-        for &t in prompt {
-            self.forward(cpu, decoder, t, logits)?;
-        }
-        let mut out = Vec::with_capacity(max_tokens);
-        while out.len() < max_tokens {
-            let next = argmax(logits);
-            if Some(next) == stop {
-                break;
-            }
-            out.push(next);
-            if !on_token(next) || out.len() == max_tokens {
-                break;
-            }
-            self.forward(cpu, decoder, next, logits)?;
-        }
-        Ok(out)
+        let mut model = OnCpu { model: self, cpu };
+        generate(
+            &mut model, decoder, prompt, max_tokens, stop, logits, on_token,
+        )
     }
 
-    /// Perplexity of `tokens` cut into non-overlapping windows of `decoder.capacity()` tokens
-    /// (the last may be shorter), each decoded from an empty cache; within a window every token
-    /// but the first is scored against the logits before it.
+    /// [`perplexity`] on the CPU kernels.
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidParam`] for fewer than two tokens; [`Llama::forward`]'s errors.
+    /// As [`perplexity`].
     pub fn perplexity(
         &self,
         cpu: &Cpu,
@@ -119,29 +177,6 @@ impl<W: Element> Llama<W> {
         tokens: &[u32],
         logits: &mut [f32],
     ) -> Result<Perplexity> {
-        if tokens.len() < 2 {
-            return Err(Error::InvalidParam {
-                name: "tokens",
-                value: tokens.len() as f64,
-                expected: "at least two",
-            });
-        }
-        let mut result = Perplexity {
-            tokens_scored: 0,
-            nll: 0.0,
-        };
-        for window in tokens.chunks(decoder.capacity()) {
-            decoder.reset();
-            for (pos, &t) in window.iter().enumerate() {
-                if pos > 0 {
-                    result.nll -= log_probability(logits, t);
-                    result.tokens_scored += 1;
-                }
-                if pos + 1 < window.len() {
-                    self.forward(cpu, decoder, t, logits)?;
-                }
-            }
-        }
-        Ok(result)
+        perplexity(&mut OnCpu { model: self, cpu }, decoder, tokens, logits)
     }
 }

@@ -23,6 +23,7 @@
 //! |---|---|---|
 //! | `std` | yes | the CPU kernels' threads (without it, the crate is `no_std` + `alloc`) |
 //! | `huggingface` | yes | [`LlamaConfig::from_hf_config`](model::LlamaConfig::from_hf_config) and [`Llama::from_hf`](model::Llama::from_hf): Hugging Face `config.json` (`serde_json` without `std`) |
+//! | `gpu` | no | `gpu::GpuLlama`: the matrix products on the GPU through `kernels-wgpu`; implies `std` |
 //! | `tokenizer` | yes | [`tokenizer`]: tokenisation (Hugging Face's `tokenizers`) and chat templates (`minijinja`); implies `std` |
 
 #![no_std]
@@ -35,6 +36,8 @@ extern crate std;
 pub mod calibrate;
 pub mod generate;
 pub mod gguf;
+#[cfg(feature = "gpu")]
+pub mod gpu;
 pub mod model;
 pub mod source;
 #[cfg(feature = "tokenizer")]

@@ -569,6 +569,20 @@ impl<W: Element> Llama<W> {
         logits: &mut [f32],
         observe: &mut Observer<'_>,
     ) -> Result<()> {
+        let mut products = CpuProducts { model: self, cpu };
+        self.forward_with(&mut products, decoder, token, logits, observe)
+    }
+
+    /// One token through the layers, with the matrix products on `products`' device and the
+    /// rest (embedding, norms, rotary, attention, residuals) here.
+    pub(crate) fn forward_with(
+        &self,
+        products: &mut dyn Products,
+        decoder: &mut Decoder,
+        token: u32,
+        logits: &mut [f32],
+        observe: &mut Observer<'_>,
+    ) -> Result<()> {
         let c = &self.config;
         if token as usize >= c.vocab {
             return Err(invalid(
@@ -602,19 +616,10 @@ impl<W: Element> Llama<W> {
         let kv = c.kv_width();
         let group = c.heads / c.kv_heads;
         let scale = 1.0 / libm::sqrtf(c.head_dim as f32);
-        let teal = self.policy == Policy::Teal;
-        // A projection as the policy computes it: dense, or over the inputs above `threshold`.
-        let project = |m: &Matrix<W>, x: &[f32], threshold: f32, y: &mut [f32]| {
-            if teal {
-                sparse_input_gemv(cpu, m.view(), x, threshold, y)
-            } else {
-                gemv(cpu, m.view(), x, y)
-            }
-        };
-        for ((l, layer), t) in self.layers.iter().enumerate().zip(&self.thresholds) {
+        for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(&d.x, &layer.attn_norm, c.rms_eps, &mut d.xb);
             observe(l, Site::AttentionInput, &d.xb)?;
-            project(&layer.qkv, &d.xb, t.attention_input, &mut d.qkv)?;
+            products.qkv(l, &d.xb, &mut d.qkv)?;
             let at = (l * d.capacity + pos) * kv;
             let (q, kv_new) = d.qkv.split_at_mut(c.heads * c.head_dim);
             d.k_cache[at..at + kv].copy_from_slice(&kv_new[..kv]);
@@ -642,7 +647,7 @@ impl<W: Element> Llama<W> {
                 }
             }
             observe(l, Site::AttentionOutput, &d.attn)?;
-            project(&layer.wo, &d.attn, t.attention_output, &mut d.xb)?;
+            products.attention_output(l, &d.attn, &mut d.xb)?;
             add(&mut d.x, &d.xb);
             rms_norm(&d.x, &layer.ffn_norm, c.rms_eps, &mut d.xb);
             observe(l, Site::MlpInput, &d.xb)?;
@@ -651,12 +656,11 @@ impl<W: Element> Llama<W> {
                 up: &mut d.up,
                 scratch: &mut d.scratch,
             };
-            self.run_mlp(cpu, l, &d.xb, buffers, &mut d.mlp_out, observe)?;
+            products.mlp(l, &d.xb, buffers, &mut d.mlp_out, observe)?;
             add(&mut d.x, &d.mlp_out);
         }
         rms_norm(&d.x, &self.norm, c.rms_eps, &mut d.xb);
-        let output = self.output.as_ref().unwrap_or(&self.embed);
-        gemv(cpu, output.view(), &d.xb, logits)?;
+        products.logits(&d.xb, logits)?;
         d.len += 1;
         Ok(())
     }
@@ -769,8 +773,108 @@ impl<W: Element> Llama<W> {
     }
 }
 
+/// The matrix products of a forward pass, on one device; [`Llama::forward_with`] runs the rest.
+/// Each writes `out` (lengths checked by the caller) as the model's policy and thresholds say.
+pub(crate) trait Products {
+    /// Layer `l`'s stacked queries, keys and values of the normalised state `x`.
+    fn qkv(&mut self, l: usize, x: &[f32], out: &mut [f32]) -> Result<()>;
+    /// Layer `l`'s attention output projection of the heads' outputs `x`.
+    fn attention_output(&mut self, l: usize, x: &[f32], out: &mut [f32]) -> Result<()>;
+    /// Layer `l`'s MLP of the normalised state `x` (`buffers` are the CPU's scratch).
+    fn mlp(
+        &mut self,
+        l: usize,
+        x: &[f32],
+        buffers: MlpBuffers<'_>,
+        out: &mut [f32],
+        observe: &mut Observer<'_>,
+    ) -> Result<()>;
+    /// The logits of the final normalised state `x`.
+    fn logits(&mut self, x: &[f32], out: &mut [f32]) -> Result<()>;
+}
+
+/// The products on the CPU kernels.
+struct CpuProducts<'a, W> {
+    model: &'a Llama<W>,
+    cpu: &'a Cpu,
+}
+
+impl<W: Element> CpuProducts<'_, W> {
+    /// A projection as the policy computes it: dense, or over the inputs above `threshold`.
+    fn project(&self, m: &Matrix<W>, x: &[f32], threshold: f32, y: &mut [f32]) -> Result<()> {
+        if self.model.policy == Policy::Teal {
+            sparse_input_gemv(self.cpu, m.view(), x, threshold, y)
+        } else {
+            gemv(self.cpu, m.view(), x, y)
+        }
+    }
+}
+
+impl<W: Element> Products for CpuProducts<'_, W> {
+    fn qkv(&mut self, l: usize, x: &[f32], out: &mut [f32]) -> Result<()> {
+        let threshold = self.model.thresholds[l].attention_input;
+        self.project(&self.model.layers[l].qkv, x, threshold, out)
+    }
+
+    fn attention_output(&mut self, l: usize, x: &[f32], out: &mut [f32]) -> Result<()> {
+        let threshold = self.model.thresholds[l].attention_output;
+        self.project(&self.model.layers[l].wo, x, threshold, out)
+    }
+
+    fn mlp(
+        &mut self,
+        l: usize,
+        x: &[f32],
+        buffers: MlpBuffers<'_>,
+        out: &mut [f32],
+        observe: &mut Observer<'_>,
+    ) -> Result<()> {
+        self.model.run_mlp(self.cpu, l, x, buffers, out, observe)
+    }
+
+    fn logits(&mut self, x: &[f32], out: &mut [f32]) -> Result<()> {
+        let output = self.model.output.as_ref().unwrap_or(&self.model.embed);
+        gemv(self.cpu, output.view(), x, out)
+    }
+}
+
+/// A model that decodes one token at a time on some device: a [`Llama`] on the CPU
+/// ([`OnCpu`]), or on the GPU (`kernels_llm::gpu::GpuLlama`, feature `gpu`).
+/// [`crate::generate`]'s greedy decoding and perplexity run on either.
+pub trait Forward {
+    /// The model's hyper-parameters.
+    fn config(&self) -> &LlamaConfig;
+
+    /// Runs `token` at the decoder's next position and writes the next token's logits
+    /// ([`Llama::forward`]'s contract).
+    ///
+    /// # Errors
+    ///
+    /// As [`Llama::forward`].
+    fn forward(&mut self, decoder: &mut Decoder, token: u32, logits: &mut [f32]) -> Result<()>;
+}
+
+/// A [`Llama`] decoding on the CPU kernels.
+#[derive(Clone, Copy, Debug)]
+pub struct OnCpu<'a, W> {
+    /// The model.
+    pub model: &'a Llama<W>,
+    /// The CPU backend.
+    pub cpu: &'a Cpu,
+}
+
+impl<W: Element> Forward for OnCpu<'_, W> {
+    fn config(&self) -> &LlamaConfig {
+        &self.model.config
+    }
+
+    fn forward(&mut self, decoder: &mut Decoder, token: u32, logits: &mut [f32]) -> Result<()> {
+        self.model.forward(self.cpu, decoder, token, logits)
+    }
+}
+
 /// The decoder's buffers an MLP works in.
-struct MlpBuffers<'a> {
+pub(crate) struct MlpBuffers<'a> {
     gate: &'a mut [f32],
     up: &'a mut [f32],
     scratch: &'a mut MlpScratch,

@@ -36,7 +36,11 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-/// Tests take turns: the count is global.
+/// Tests take turns: the count is global. It counts the test harness's thread too, which
+/// allocates when it warns that a test has run for 60 s (its clock includes the wait for this
+/// lock): the whole file must stay well under that on a slow runner, such as the NEON tests
+/// under qemu-user, so each loop is as short as still shows a per-split allocation (a token
+/// splits 14 times here).
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Allocations made while `f` runs.
@@ -131,18 +135,9 @@ fn a_threaded_decode_loop_allocates_nothing_to_split_its_work() {
         .with_threads(2)
         .unwrap()
         .with_min_bytes_per_thread(1);
-    let later = pool.install(|| fixture.allocations(&cpu, 3, 20, 200));
+    let later = pool.install(|| fixture.allocations(&cpu, 3, 5, 50));
     assert_eq!(later, 0, "allocations per token on two threads");
 }
-
-/// Tokens the team test decodes.
-const TEAM_STEPS: usize = 200;
-
-/// Allocations the team test allows in [`TEAM_STEPS`] tokens: a handful, never one per split
-/// (a token splits 14 times here; copying the workers per split made 2800). Natively it counts
-/// 0; under qemu-user (the NEON run) it counted 3, from a rare event outside the split that is
-/// not pinned down yet (a retired worker's replacement allocates about that much).
-const MAX_TEAM_ALLOCATIONS: usize = 20;
 
 #[test]
 fn the_spinning_team_allocates_nothing_to_split_its_work() {
@@ -157,10 +152,7 @@ fn the_spinning_team_allocates_nothing_to_split_its_work() {
             .with_spinning_team()
             .with_min_bytes_per_thread(1);
         // The first steps start the team's threads.
-        let later = fixture.allocations(&cpu, 2, 20, TEAM_STEPS);
-        assert!(
-            later <= MAX_TEAM_ALLOCATIONS,
-            "{later} allocations in {TEAM_STEPS} tokens on a team of {threads}"
-        );
+        let later = fixture.allocations(&cpu, 2, 5, 50);
+        assert_eq!(later, 0, "allocations per token on a team of {threads}");
     }
 }

@@ -1,4 +1,5 @@
-//! Dense and sparse-input GEMV and the CATS/TEAL MLP at Llama-2-7B and SmolLM2-135M sizes,
+//! Dense and sparse-input GEMV, the CATS/TEAL MLP and decode attention (beside the plain loop the
+//! decoder used before it) at Llama-2-7B and SmolLM2-135M sizes,
 //! cold (weights rotated over >= 1.5 GiB of copies, as each layer's weights pass once per token in
 //! decoding) and hot (one matrix), with STREAM read bandwidth measured in the same run.
 //!
@@ -202,6 +203,90 @@ fn mlp_family<T: Element>(c: &mut Criterion, shape: MlpShape) {
     }
 }
 
+/// Decode attention over `positions` cached f32 keys and values (`kernels-llm`'s cache), beside
+/// the plain Rust loop the decoder ran before (scalar dot, softmax, AXPY per head); cold where
+/// the cache passes the L3 (copies rotated, as each layer's cache is read once per token).
+fn attention_family(c: &mut Criterion, name: &str, heads: AttentionHeads, positions: usize) {
+    let kv = heads.kv_width();
+    let bytes = 2 * positions * kv * 4;
+    let copies = if bytes > (64 << 20) {
+        COLD_BYTES.div_ceil(bytes)
+    } else {
+        1
+    };
+    let caches: Vec<(Vec<f32>, Vec<f32>)> = (0..copies as u64)
+        .map(|k| {
+            (
+                normal(positions * kv, 1.0, 2 * k),
+                normal(positions * kv, 1.0, 2 * k + 1),
+            )
+        })
+        .collect();
+    let q = normal::<f32>(heads.query_width(), 1.0, 99);
+    let scale = 1.0 / (heads.head_dim as f32).sqrt();
+    let mut out = vec![0.0f32; heads.query_width()];
+    let mut group = c.benchmark_group(format!("attention/{name}_p{positions}"));
+    configure(&mut group);
+    group.throughput(Throughput::Bytes(bytes as u64));
+    for t in threads() {
+        let cpu = Cpu::detect().with_threads(t).unwrap().with_spinning_team();
+        let mut k = 0;
+        group.bench_function(BenchmarkId::new("ours", format!("{t}t")), |b| {
+            b.iter(|| {
+                let (keys, values) = &caches[k % copies];
+                k += 1;
+                let keys = MatRef::from_slice(keys, positions, kv).unwrap();
+                let values = MatRef::from_slice(values, positions, kv).unwrap();
+                attention(&cpu, heads, &q, keys, values, scale, &mut out).unwrap();
+            });
+        });
+    }
+    let mut scores = vec![0.0f32; positions];
+    let mut k = 0;
+    group.bench_function(BenchmarkId::new("naive", "1t"), |b| {
+        b.iter(|| {
+            let (keys, values) = &caches[k % copies];
+            k += 1;
+            naive_attention(heads, &q, keys, values, scale, &mut scores, &mut out);
+        });
+    });
+}
+
+/// The decoder's attention before `kernels_cpu::attention`: per head, scalar dots, a two-pass
+/// softmax, then an AXPY per position.
+fn naive_attention(
+    heads: AttentionHeads,
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let (d, kv) = (heads.head_dim, heads.kv_width());
+    for h in 0..heads.heads {
+        let q = &q[h * d..(h + 1) * d];
+        let g = heads.kv_head_of(h) * d;
+        for (t, s) in scores.iter_mut().enumerate() {
+            let k = &keys[t * kv + g..][..d];
+            *s = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+        }
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let out = &mut out[h * d..(h + 1) * d];
+        out.fill(0.0);
+        for (t, &p) in scores.iter().enumerate() {
+            for (o, v) in out.iter_mut().zip(&values[t * kv + g..][..d]) {
+                *o += p / sum * v;
+            }
+        }
+    }
+}
+
 fn llama(c: &mut Criterion) {
     stream(c);
     gemv_family::<f32>(c, LLAMA2_7B, true);
@@ -210,6 +295,12 @@ fn llama(c: &mut Criterion) {
     gemv_family::<bf16>(c, LLAMA2_7B, false);
     mlp_family::<f32>(c, LLAMA2_7B);
     mlp_family::<bf16>(c, LLAMA2_7B);
+    let heads = AttentionHeads {
+        heads: 32,
+        kv_heads: 32,
+        head_dim: 128,
+    };
+    attention_family(c, "llama2_7b", heads, 2048);
 }
 
 fn smollm(c: &mut Criterion) {
@@ -217,6 +308,12 @@ fn smollm(c: &mut Criterion) {
     gemv_family::<bf16>(c, SMOLLM2_135M, true);
     mlp_family::<f32>(c, SMOLLM2_135M);
     mlp_family::<bf16>(c, SMOLLM2_135M);
+    let heads = AttentionHeads {
+        heads: 9,
+        kv_heads: 3,
+        head_dim: 64,
+    };
+    attention_family(c, "smollm2_135m", heads, 165);
 }
 
 criterion_group!(benches, llama, smollm);

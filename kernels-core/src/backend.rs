@@ -9,6 +9,7 @@
 //! a GPU) checks them as the references do.
 
 use crate::error::{check_len, check_param};
+use crate::ops::attention::AttentionHeads;
 #[cfg(feature = "alloc")]
 use crate::ops::lowrank::{MAX_POWER_ITERATIONS, RsvdParams};
 use crate::ops::merge::FisherParams;
@@ -91,6 +92,37 @@ pub fn check_row_indices(what: &'static str, rows: &[u32], bound: usize) -> Resu
 pub fn validate_gemv(w: [usize; 2], x_len: usize, y_len: usize) -> Result<()> {
     check_len("x", w[1], x_len)?;
     check_len("y", w[0], y_len)
+}
+
+/// Validates decode attention: the head counts, at least one cached position, `keys` and
+/// `values` both `[positions, kv_heads * head_dim]`, `q` and `out` `heads * head_dim` long, and
+/// `scale` finite and positive.
+pub fn validate_attention(
+    heads: AttentionHeads,
+    q_len: usize,
+    keys: [usize; 2],
+    values: [usize; 2],
+    scale: f32,
+    out_len: usize,
+) -> Result<()> {
+    heads.validate()?;
+    check_param(
+        "positions",
+        keys[0] as f64,
+        "at least 1 cached key",
+        keys[0] >= 1,
+    )?;
+    check_len("key width", heads.kv_width(), keys[1])?;
+    check_len("value positions", keys[0], values[0])?;
+    check_len("value width", heads.kv_width(), values[1])?;
+    check_len("q", heads.query_width(), q_len)?;
+    check_len("out", heads.query_width(), out_len)?;
+    check_param(
+        "scale",
+        f64::from(scale),
+        "finite and positive",
+        scale.is_finite() && scale > 0.0,
+    )
 }
 
 /// Validates `y = sum over active i of x_i w_t[i, :]` (`w_t` `[in, out]`).

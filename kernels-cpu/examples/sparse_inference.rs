@@ -6,7 +6,9 @@
 //! 2. run a decode loop with one [`MlpScratch`] reused for every token (no allocation per token)
 //!    and read which rows each token touched;
 //! 3. compare against the dense MLP, and run the TEAL policy and a sparse-input GEMV on the same
-//!    layer.
+//!    layer;
+//! 4. attend over a KV cache of SmolLM2's heads (9 query heads sharing 3 key/value heads), as a
+//!    decoder does between its projections.
 //!
 //! Run: `cargo run --release -p kernels-cpu --example sparse_inference`
 
@@ -143,6 +145,32 @@ fn main() -> Result<()> {
     println!(
         "sparse-input GEMV: {} of {inter} rows of W_down_t read",
         kernels_cpu::kernels_core::ops::sparse::count_active(&h, t_h)
+    );
+
+    // Decode attention: one query over 165 cached positions, `[positions, kv_heads * head_dim]`.
+    let heads = AttentionHeads {
+        heads: 9,
+        kv_heads: 3,
+        head_dim: 64,
+    };
+    let positions = 165;
+    let keys = normal(positions * heads.kv_width(), 1.0, 8);
+    let values = normal(positions * heads.kv_width(), 1.0, 9);
+    let q = normal(heads.query_width(), 1.0, 10);
+    let mut attended = vec![0.0f32; heads.query_width()];
+    let start = Instant::now();
+    attention(
+        &cpu,
+        heads,
+        &q,
+        MatRef::from_slice(&keys, positions, heads.kv_width())?,
+        MatRef::from_slice(&values, positions, heads.kv_width())?,
+        1.0 / (heads.head_dim as f32).sqrt(),
+        &mut attended,
+    )?;
+    println!(
+        "attention: 9 heads over {positions} positions in {:.1} us",
+        start.elapsed().as_secs_f64() * 1e6
     );
     Ok(())
 }

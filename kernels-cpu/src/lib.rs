@@ -26,6 +26,7 @@
 //! | module | kernels |
 //! |---|---|
 //! | [`gemv`] | dense, sparse-input and gathered GEMV |
+//! | [`attention`] | decode attention: one query's grouped-query heads over a KV cache |
 //! | `mlp`, `calibrate` | CATS/TEAL MLPs with caller-owned scratch, threshold calibration |
 //! | `select` | exact magnitude top-k (cut, mask, kept values, indices), k-th magnitude, streaming top-k |
 //! | `compress` | ComPEFT: moments, global top-k, codes or packed encoding |
@@ -58,6 +59,7 @@ extern crate alloc;
 #[cfg(any(feature = "std", test))]
 extern crate std;
 
+pub mod attention;
 #[cfg(feature = "alloc")]
 pub mod calibrate;
 #[cfg(feature = "alloc")]
@@ -100,6 +102,7 @@ pub use kernels_core::{
 /// Everything a user of the CPU backend needs, in one `use kernels_cpu::prelude::*;`: the
 /// backend, every op and its parameter types, and the views, element types and error.
 pub mod prelude {
+    pub use crate::attention::{AttentionHeads, attention};
     #[cfg(feature = "alloc")]
     pub use crate::calibrate::{Calibration, Site, calibrate_threshold};
     #[cfg(feature = "alloc")]

@@ -23,6 +23,7 @@
 use alloc::vec::Vec;
 
 use kernels_core::{Error, MatRef, Result};
+use kernels_cpu::Cpu;
 use kernels_wgpu::prelude::{
     CatsMlpWeights, Context, GpuElement, GpuTensor, MlpScratch, TealMlpWeights, TealThresholds,
     cats_mlp, gemv, sparse_input_gemv, teal_mlp,
@@ -77,6 +78,8 @@ pub struct GpuLlama<'a, W: GpuElement> {
     hidden_out: GpuTensor<f32>,
     logits_out: GpuTensor<f32>,
     scratch: MlpScratch,
+    /// Runs the rest of the forward (the attention over the KV cache among it).
+    cpu: Cpu,
 }
 
 /// `m` on the device as stored, or transposed first where `transpose`.
@@ -131,6 +134,7 @@ impl<'a, W: GpuElement> GpuLlama<'a, W> {
             hidden_out: GpuTensor::zeros(ctx, 1, c.hidden)?,
             logits_out: GpuTensor::zeros(ctx, 1, c.vocab)?,
             scratch: MlpScratch::new(),
+            cpu: Cpu::detect(),
         })
     }
 
@@ -173,6 +177,10 @@ fn read_back(ctx: &Context, from: &GpuTensor<f32>, out: &mut [f32]) -> Result<()
 }
 
 impl<W: GpuElement> Products for GpuLlama<'_, W> {
+    fn cpu(&self) -> &Cpu {
+        &self.cpu
+    }
+
     fn qkv(&mut self, l: usize, x: &[f32], out: &mut [f32]) -> Result<()> {
         let teal = self.model.policy == Policy::Teal;
         let threshold = self.model.thresholds()[l].attention_input;

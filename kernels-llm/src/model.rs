@@ -19,6 +19,7 @@ use alloc::vec::Vec;
 
 use kernels_core::{Element, Error, MatMut, MatRef, Real, Result};
 use kernels_cpu::Cpu;
+use kernels_cpu::attention::{AttentionHeads, attention};
 pub use kernels_cpu::calibrate::Site;
 use kernels_cpu::prelude::{
     CatsMlpWeights, MlpScratch, TealMlpWeights, TealThresholds, cats_mlp, gemv, sparse_input_gemv,
@@ -188,6 +189,16 @@ impl LlamaConfig {
     #[must_use]
     pub fn kv_width(&self) -> usize {
         self.kv_heads * self.head_dim
+    }
+
+    /// The attention's heads, as [`kernels_cpu::attention::attention`] takes them.
+    #[must_use]
+    pub fn attention_heads(&self) -> AttentionHeads {
+        AttentionHeads {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+        }
     }
 }
 
@@ -614,7 +625,7 @@ impl<W: Element> Llama<W> {
             *x = e.to_f32();
         }
         let kv = c.kv_width();
-        let group = c.heads / c.kv_heads;
+        let heads = c.attention_heads();
         let scale = 1.0 / libm::sqrtf(c.head_dim as f32);
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(&d.x, &layer.attn_norm, c.rms_eps, &mut d.xb);
@@ -626,26 +637,10 @@ impl<W: Element> Llama<W> {
             d.v_cache[at..at + kv].copy_from_slice(&kv_new[kv..]);
             rope(q, c, pos, &d.inv_freq);
             rope(&mut d.k_cache[at..at + kv], c, pos, &d.inv_freq);
-            let keys = &d.k_cache[l * d.capacity * kv..][..(pos + 1) * kv];
-            let values = &d.v_cache[l * d.capacity * kv..][..(pos + 1) * kv];
-            for h in 0..c.heads {
-                let q = &q[h * c.head_dim..(h + 1) * c.head_dim];
-                let kv_head = (h / group) * c.head_dim;
-                let scores = &mut d.scores[..=pos];
-                for (t, s) in scores.iter_mut().enumerate() {
-                    let k = &keys[t * kv + kv_head..][..c.head_dim];
-                    *s = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
-                }
-                softmax(scores);
-                let out = &mut d.attn[h * c.head_dim..(h + 1) * c.head_dim];
-                out.fill(0.0);
-                for (t, &p) in scores.iter().enumerate() {
-                    let v = &values[t * kv + kv_head..][..c.head_dim];
-                    for (o, &v) in out.iter_mut().zip(v) {
-                        *o += p * v;
-                    }
-                }
-            }
+            let cache = l * d.capacity * kv..(l * d.capacity + pos + 1) * kv;
+            let keys = MatRef::from_slice(&d.k_cache[cache.clone()], pos + 1, kv)?;
+            let values = MatRef::from_slice(&d.v_cache[cache], pos + 1, kv)?;
+            attention(products.cpu(), heads, q, keys, values, scale, &mut d.attn)?;
             observe(l, Site::AttentionOutput, &d.attn)?;
             products.attention_output(l, &d.attn, &mut d.xb)?;
             add(&mut d.x, &d.xb);
@@ -776,6 +771,8 @@ impl<W: Element> Llama<W> {
 /// The matrix products of a forward pass, on one device; [`Llama::forward_with`] runs the rest.
 /// Each writes `out` (lengths checked by the caller) as the model's policy and thresholds say.
 pub(crate) trait Products {
+    /// The CPU that runs the rest of the forward (the attention over the KV cache among it).
+    fn cpu(&self) -> &Cpu;
     /// Layer `l`'s stacked queries, keys and values of the normalised state `x`.
     fn qkv(&mut self, l: usize, x: &[f32], out: &mut [f32]) -> Result<()>;
     /// Layer `l`'s attention output projection of the heads' outputs `x`.
@@ -811,6 +808,10 @@ impl<W: Element> CpuProducts<'_, W> {
 }
 
 impl<W: Element> Products for CpuProducts<'_, W> {
+    fn cpu(&self) -> &Cpu {
+        self.cpu
+    }
+
     fn qkv(&mut self, l: usize, x: &[f32], out: &mut [f32]) -> Result<()> {
         let threshold = self.model.thresholds[l].attention_input;
         self.project(&self.model.layers[l].qkv, x, threshold, out)
@@ -893,7 +894,6 @@ pub struct Decoder {
     xb: Vec<f32>,
     qkv: Vec<f32>,
     attn: Vec<f32>,
-    scores: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
     mlp_out: Vec<f32>,
@@ -933,7 +933,6 @@ impl Decoder {
             xb: vec![0.0; config.hidden],
             qkv: vec![0.0; (config.heads + 2 * config.kv_heads) * config.head_dim],
             attn: vec![0.0; config.heads * config.head_dim],
-            scores: vec![0.0; capacity],
             gate: vec![0.0; config.intermediate],
             up: vec![0.0; config.intermediate],
             mlp_out: vec![0.0; config.hidden],
@@ -987,18 +986,6 @@ fn rope(x: &mut [f32], c: &LlamaConfig, pos: usize, inv_freq: &[f32]) {
             head[a] = x0 * cos - x1 * sin;
             head[b] = x0 * sin + x1 * cos;
         }
-    }
-}
-
-fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in x.iter_mut() {
-        *v = libm::expf(*v - max);
-        sum += *v;
-    }
-    for v in x.iter_mut() {
-        *v /= sum;
     }
 }
 

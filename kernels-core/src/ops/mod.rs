@@ -1,5 +1,6 @@
 //! One module per op family: parameters, validation and the scalar reference.
 
+pub mod attention;
 pub mod interpolate;
 #[cfg(feature = "alloc")]
 pub mod lowrank;

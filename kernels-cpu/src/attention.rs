@@ -3,7 +3,8 @@
 //! # Contract
 //!
 //! One query token's grouped-query attention over `positions` cached keys and values (the
-//! layouts of [`kernels_core::ops::attention`]), computed in `f32` with `expf`; each output within
+//! layouts of [`kernels_core::ops::attention`]), computed in `f32` (the weights with a vector `exp`
+//! within [`crate::EXP_ULPS`]); each output within
 //! [`attention_tolerance`] of the reference, and bit-identical for any thread count (a head is
 //! always computed whole by one thread).
 //!
@@ -22,6 +23,7 @@ use kernels_core::{Element, MatRef, Result};
 
 use crate::gemv::{ROW_BLOCK, axpy_block, dot_block, gemv_tolerance};
 use crate::parallel::split_outputs;
+use crate::simd::exp;
 use crate::{Cpu, Simd, WithSimd};
 
 /// Positions whose scores are held at once (on the stack) between rescales of the output.
@@ -39,7 +41,7 @@ pub const POSITION_BLOCK: usize = 64;
 ///   ([`gemv_tolerance`]) and scaling, the subtraction of the running maximum, and the subtraction
 ///   in each of the `blocks = ceil(positions / POSITION_BLOCK)` rescales; a weight
 ///   `exp(s_t - max) / sum` then errs by a factor within `exp(+-2 delta)`.
-/// * Each weight takes at most `3 blocks + 2` further roundings (`expf` within an ulp, the
+/// * Each weight takes at most `3 blocks + 3` further roundings (its `exp` within 2 ulps, the
 ///   rescale's `expf` and product per block), in the numerator and the sum alike; the sums
 ///   over positions add `positions u` each, the final division `u`.
 ///
@@ -59,7 +61,7 @@ pub fn attention_tolerance(
     let blocks = positions.div_ceil(POSITION_BLOCK) as f64;
     let delta = gemv_tolerance(head_dim + 3, score_abs_sum) + 2.0 * blocks * u * score_abs_sum;
     let scores = libm::expm1(2.0 * delta);
-    let roundings = (2.0 * positions as f64 + 2.0 * (3.0 * blocks + 2.0) + 1.0) * u;
+    let roundings = (2.0 * positions as f64 + 2.0 * (3.0 * blocks + 3.0) + 1.0) * u;
     (scores + roundings) * weighted_abs_value + 1e-30
 }
 
@@ -176,8 +178,8 @@ impl<'w, T: Element, K: Fn(usize) -> &'w [T], V: Fn(usize) -> &'w [T]> WithSimd 
                 scale_in_place(s, out, rescale);
                 max = block_max;
             }
-            for score in scores.iter_mut() {
-                *score = libm::expf(*score - max);
+            exp_shifted(s, scores, max);
+            for score in scores.iter() {
                 sum += *score;
             }
             for (b, weights) in scores.chunks(ROW_BLOCK).enumerate() {
@@ -197,6 +199,21 @@ impl<'w, T: Element, K: Fn(usize) -> &'w [T], V: Fn(usize) -> &'w [T]> WithSimd 
         for o in out.iter_mut() {
             *o /= sum;
         }
+    }
+}
+
+/// `x = e^(x - shift)` in place with the vector [`exp`], the tail padded to a whole vector (so
+/// every position is computed by the same code).
+#[inline(always)]
+fn exp_shifted<S: Simd>(s: S, x: &mut [f32], shift: f32) {
+    let lanes = S::LANES;
+    let minus = s.splat(-shift);
+    for chunk in x.chunks_mut(lanes) {
+        let mut padded = [0.0f32; 16];
+        padded[..chunk.len()].copy_from_slice(chunk);
+        let v = exp(s, s.add(s.load(&padded[..lanes]), minus));
+        s.store(v, &mut padded[..lanes]);
+        chunk.copy_from_slice(&padded[..chunk.len()]);
     }
 }
 

@@ -89,7 +89,7 @@ pub use isa::Isa;
 pub use simd::Neon;
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 pub use simd::Simd128;
-pub use simd::{Scalar, Simd, WithSimd};
+pub use simd::{EXP_ULPS, Scalar, Simd, WithSimd};
 #[cfg(target_arch = "x86_64")]
 pub use simd::{V3, V4};
 
@@ -156,8 +156,9 @@ pub mod prelude {
 ///
 /// Cheap to copy; make one with [`Cpu::detect`] and pass it to every kernel. Results do not depend
 /// on the thread count: every kernel splits its *outputs* (rows of a GEMV, column ranges of an
-/// AXPY) so each output element is computed by one thread with the same operations in the same
-/// order, whatever the split (the linear algebra promises the same bits for a given count).
+/// AXPY, or of a narrow AXPY's two fixed panels of rows, see [`gemv::PANEL_MAX_COLS`]) so each
+/// output element is computed with the same operations in the same order, whatever the split
+/// (the linear algebra promises the same bits for a given count).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cpu {
     isa: Isa,

@@ -5,9 +5,10 @@
 //!
 //! Those of [`kernels_core::ops::sparse`]: each sample's result depends only on its own input (it
 //! sums its own active rows), a weight row is read once per call if any sample keeps it, and the
-//! report lists the rows read. Computed in `f32` (`silu` with `expf`); within
-//! [`mlp_tolerance`] of the reference when both judge the same rows active. A row whose activation lies
-//! within rounding of the threshold may be judged differently than by the `f64` reference.
+//! report lists the rows read. Computed in `f32` (`silu` with a vector `exp` within
+//! [`crate::EXP_ULPS`]); within [`mlp_tolerance`] of the reference when both judge the same
+//! rows active. A row whose activation lies within rounding of the threshold may be judged
+//! differently than by the `f64` reference.
 //!
 //! # How
 //!
@@ -23,11 +24,14 @@ use core::ops::Range;
 
 use kernels_core::backend::{validate_cats_mlp, validate_teal_mlp};
 pub use kernels_core::ops::sparse::{CatsMlpWeights, MlpReport, TealMlpWeights, TealThresholds};
-use kernels_core::ops::sparse::{MAX_MLP_BATCH, is_active, silu_f32};
+use kernels_core::ops::sparse::{MAX_MLP_BATCH, is_active};
 use kernels_core::{Element, MatMut, MatRef, Result};
 
-use crate::gemv::{COLUMN_ALIGN, ROW_BLOCK, axpy_some, dot_rows, gemv_tolerance};
+use crate::gemv::{
+    COLUMN_ALIGN, ROW_BLOCK, axpy_some, dot_rows, gemv_tolerance, panel_stride, side_by_side,
+};
 use crate::parallel::split_columns;
+use crate::simd::exp;
 use crate::{Cpu, Simd, WithSimd};
 
 /// Bound on `|y_j - y_ref_j|` of an MLP output.
@@ -37,11 +41,12 @@ use crate::{Cpu, Simd, WithSimd};
 ///   `|silu'|`): how the `f32` rounding of the gate and up dots reaches `y_j`;
 /// * `direct = sum_i |h_i w_down_t[i, j]|`: the scale of the final AXPY and of the roundings in
 ///   SiLU and the product `h = a u`;
-/// * `max_gate = max |g_i|`: unused here (`expf` is accurate to an ulp whatever `g`); the GPU's
-///   bound, which has the same arguments, widens with it;
+/// * `max_gate = max |g_i|`: unused here (`exp` is within [`crate::EXP_ULPS`] whatever `g`); the
+///   GPU's bound, which has the same arguments, widens with it;
 ///
 /// over the `active` rows, with `hidden` terms per dot. Each dot contributes a
-/// [`crate::gemv::gemv_tolerance`]; SiLU (`expf`, one division) and the product add `8 u direct`.
+/// [`crate::gemv::gemv_tolerance`]; SiLU (`exp` within 2 ulps, the sum and one division: 4 ulps)
+/// and the product add `8 u direct`.
 ///
 /// ```
 /// use kernels_cpu::mlp::mlp_tolerance;
@@ -103,6 +108,9 @@ pub struct MlpScratch {
     input_masks: Vec<u8>,
     input_coeffs: Vec<f32>,
     gate_up: Vec<f32>,
+    /// The down AXPY's two panels of rows side by side, `[sample][first | second]`
+    /// ([`crate::gemv::PANEL_MAX_COLS`]).
+    panel_sums: Vec<f32>,
     /// The rows the last call read; `report.active` is the last union's rows.
     report: MlpReport,
 }
@@ -133,6 +141,13 @@ fn reuse<X: Clone>(values: &mut Vec<X>, len: usize, fill: X) {
 fn union_rows(active: &[bool], batch: usize, rows: &mut Vec<u32>, masks: &mut Vec<u8>) {
     rows.clear();
     masks.clear();
+    if batch == 1 {
+        // PERF: a decode step's common case, without a fold per row.
+        let on = active.iter().enumerate().filter(|(_, on)| **on);
+        rows.extend(on.map(|(i, _)| i as u32));
+        masks.resize(rows.len(), 1);
+        return;
+    }
     for (i, flags) in active.chunks_exact(batch).enumerate() {
         let mask = flags
             .iter()
@@ -143,6 +158,53 @@ fn union_rows(active: &[bool], batch: usize, rows: &mut Vec<u32>, masks: &mut Ve
             masks.push(mask);
         }
     }
+}
+
+/// `gate[i] = silu(gate[i])`, times `up[i]` where `up` is given, with the vector `exp` (within
+/// [`crate::EXP_ULPS`]): whole vectors, the tail padded to one, so every element is computed by
+/// the same code wherever it sits.
+struct Silu<'a> {
+    gate: &'a mut [f32],
+    up: Option<&'a [f32]>,
+}
+
+impl WithSimd for Silu<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, s: S) {
+        let lanes = S::LANES;
+        let mut padded = [0.0f32; 16];
+        let mut load = |values: &[f32]| {
+            if values.len() == lanes {
+                s.load(values)
+            } else {
+                padded[..values.len()].copy_from_slice(values);
+                padded[values.len()..lanes].fill(0.0);
+                s.load(&padded[..lanes])
+            }
+        };
+        for (k, gate) in self.gate.chunks_mut(lanes).enumerate() {
+            let mut h = silu(s, load(gate));
+            if let Some(up) = self.up {
+                h = s.mul(h, load(&up[k * lanes..][..gate.len()]));
+            }
+            if gate.len() == lanes {
+                s.store(h, gate);
+            } else {
+                let mut out = [0.0f32; 16];
+                s.store(h, &mut out[..lanes]);
+                gate.copy_from_slice(&out[..gate.len()]);
+            }
+        }
+    }
+}
+
+/// `silu(g) = g / (1 + e^-g)` per lane.
+#[inline(always)]
+fn silu<S: Simd>(s: S, g: S::F32) -> S::F32 {
+    let e = exp(s, s.mul(g, s.splat(-1.0)));
+    s.div(g, s.add(s.splat(1.0), e))
 }
 
 /// The rows of a batch, as an array (unused samples empty).
@@ -207,78 +269,64 @@ impl<T: Element> WithSimd for BatchAxpy<'_, '_, T> {
     }
 }
 
-/// Runs [`BatchAxpy`] over the columns of `w_t` into the first `batch` of `ys`, split over
-/// threads.
-fn batch_axpy<T: Element>(
-    cpu: &Cpu,
-    w_t: MatRef<'_, T>,
-    (rows, masks): (&[u32], &[u8]),
-    coeffs: &[f32],
-    batch: usize,
-    ys: BatchRows<'_>,
-) {
-    split_columns(
-        cpu,
-        ys,
-        w_t.cols(),
-        rows.len() * core::mem::size_of::<T>(),
-        COLUMN_ALIGN,
-        |cols, ys| {
-            cpu.dispatch(BatchAxpy {
-                w_t,
+/// The rows one AXPY sums through `w_t`: a union's rows ascending, their sample masks and their
+/// coefficients `[row][sample]`.
+#[derive(Clone, Copy)]
+struct AxpyRows<'a, T> {
+    w_t: MatRef<'a, T>,
+    rows: &'a [u32],
+    masks: &'a [u8],
+    coeffs: &'a [f32],
+}
+
+impl<T: Element> AxpyRows<'_, T> {
+    /// The rows before the `at`-th and from it on.
+    fn split_at(self, at: usize, batch: usize) -> [Self; 2] {
+        let (rows, masks) = (self.rows.split_at(at), self.masks.split_at(at));
+        let coeffs = self.coeffs.split_at(at * batch);
+        [(rows.0, masks.0, coeffs.0), (rows.1, masks.1, coeffs.1)].map(|(rows, masks, coeffs)| {
+            Self {
+                w_t: self.w_t,
                 rows,
                 masks,
                 coeffs,
-                batch,
-                cols,
-                ys,
-            });
-        },
-    );
+            }
+        })
+    }
 }
 
-/// The width of each of `g` and `u` in [`MlpScratch`]'s `gate_up` rows: `inter` padded to
-/// [`COLUMN_ALIGN`], so that [`batch_axpy_pair`] splits each matrix where [`batch_axpy`] would.
-fn gate_up_stride(inter: usize) -> usize {
-    inter.next_multiple_of(COLUMN_ALIGN)
-}
-
-/// [`batch_axpy`] of the same rows and coefficients through two matrices of one shape (TEAL's
-/// `W_gate_t` and `W_up_t`) in one split over their columns side by side: `ys`' rows are
-/// `[first's columns | padding | second's]`, each part `gate_up_stride` wide. With two threads
-/// each reads whole rows of one matrix, where two splits would give each half of every row
-/// (SmolLM2's 1536-wide rows: 3 KB streams instead of 1.5 KB ones), and the team is woken once.
-/// Each matrix's columns are still split on its own multiples of [`COLUMN_ALIGN`]: the results
-/// are bit for bit those of two [`batch_axpy`] calls.
-fn batch_axpy_pair<T: Element>(
+/// [`BatchAxpy`] of `N` sources of one width into outputs laid side by side in `ys`' rows
+/// (`[first's columns | padding | second's ...]`, `stride` apart), in one split over threads:
+/// with as many threads as sources each reads whole rows of one, and the team is woken once.
+/// Each source's columns are split on its own multiples of [`COLUMN_ALIGN`], so every column is
+/// summed by the same code whatever the split.
+fn batch_axpy_side_by_side<T: Element, const N: usize>(
     cpu: &Cpu,
-    matrices: [MatRef<'_, T>; 2],
-    (rows, masks): (&[u32], &[u8]),
-    coeffs: &[f32],
+    sources: [AxpyRows<'_, T>; N],
     batch: usize,
+    stride: usize,
     ys: BatchRows<'_>,
 ) {
-    let width = matrices[0].cols();
-    let stride = gate_up_stride(width);
+    let width = sources[0].w_t.cols();
+    let rows: usize = sources.iter().map(|s| s.rows.len()).sum();
     split_columns(
         cpu,
         ys,
-        2 * stride,
-        rows.len() * core::mem::size_of::<T>(),
+        N * stride,
+        rows.div_ceil(N) * core::mem::size_of::<T>(),
         COLUMN_ALIGN,
         |range, mut ys| {
-            for (m, w_t) in matrices.into_iter().enumerate() {
-                let start = m * stride;
-                let clamp = |c: usize| c.clamp(start, start + width) - start;
-                let cols = clamp(range.start)..clamp(range.end);
-                if cols.is_empty() {
-                    continue;
-                }
-                let offset = start + cols.start - range.start;
+            side_by_side(range, N, width, stride, |piece, cols, offset| {
                 let part = ys.each_mut().map(|y| {
                     let len = y.len();
                     &mut y[offset.min(len)..(offset + cols.len()).min(len)]
                 });
+                let AxpyRows {
+                    w_t,
+                    rows,
+                    masks,
+                    coeffs,
+                } = sources[piece];
                 cpu.dispatch(BatchAxpy {
                     w_t,
                     rows,
@@ -288,9 +336,44 @@ fn batch_axpy_pair<T: Element>(
                     cols,
                     ys: part,
                 });
-            }
+            });
         },
     );
+}
+
+/// [`BatchAxpy`] of `source` into the first `batch` of `ys`, split over threads; a matrix
+/// narrow enough for panels ([`crate::gemv::PANEL_MAX_COLS`]) sums each half of its rows into
+/// `sums` and adds the two.
+fn batch_axpy<T: Element>(
+    cpu: &Cpu,
+    source: AxpyRows<'_, T>,
+    batch: usize,
+    mut ys: BatchRows<'_>,
+    sums: &mut Vec<f32>,
+) {
+    let width = source.w_t.cols();
+    let Some(stride) = panel_stride(width) else {
+        batch_axpy_side_by_side(cpu, [source], batch, width, ys);
+        return;
+    };
+    reuse(sums, batch * 2 * stride, 0.0);
+    let halves = source.split_at(source.rows.len() / 2, batch);
+    batch_axpy_side_by_side(cpu, halves, batch, stride, per_sample(sums, 2 * stride));
+    for (y, sums) in ys[..batch]
+        .iter_mut()
+        .zip(sums.chunks_exact((2 * stride).max(1)))
+    {
+        let (first, second) = sums.split_at(stride);
+        for ((out, a), b) in y.iter_mut().zip(first).zip(second) {
+            *out = a + b;
+        }
+    }
+}
+
+/// The width of each of `g` and `u` in [`MlpScratch`]'s `gate_up` rows: `inter` padded to
+/// [`COLUMN_ALIGN`], so that each matrix is split on its own multiples of it.
+fn gate_up_stride(inter: usize) -> usize {
+    inter.next_multiple_of(COLUMN_ALIGN)
 }
 
 /// The first `rows` rows of `y`, as a batch.
@@ -334,9 +417,12 @@ pub fn cats_mlp<T: Element>(
     // (1) a = silu(W_gate x) for every sample, one pass over W_gate; the mask fused after it.
     reuse(&mut s.activations, inter * batch, 0.0);
     dot_rows(cpu, |i| weights.gate.row(i), xs, &mut s.activations);
+    cpu.dispatch(Silu {
+        gate: &mut s.activations,
+        up: None,
+    });
     reuse(&mut s.active, inter * batch, false);
-    for (flag, v) in s.active.iter_mut().zip(s.activations.iter_mut()) {
-        *v = silu_f32(*v);
+    for (flag, v) in s.active.iter_mut().zip(&s.activations) {
         *flag = is_active(*v, threshold);
     }
     union_rows(&s.active, batch, &mut s.report.active, &mut s.masks);
@@ -350,14 +436,13 @@ pub fn cats_mlp<T: Element>(
         }
     }
     // (3) y_b = sum of h_b,i W_down_t[i] over the rows sample b keeps.
-    batch_axpy(
-        cpu,
-        weights.down_t,
-        (rows, &s.masks),
-        &s.coeffs,
-        batch,
-        batch_rows(&mut y),
-    );
+    let down = AxpyRows {
+        w_t: weights.down_t,
+        rows,
+        masks: &s.masks,
+        coeffs: &s.coeffs,
+    };
+    batch_axpy(cpu, down, batch, batch_rows(&mut y), &mut s.panel_sums);
     Ok(())
 }
 
@@ -420,17 +505,23 @@ pub fn teal_mlp<T: Element>(
     );
     let stride = gate_up_stride(inter);
     reuse(&mut s.gate_up, batch * 2 * stride, 0.0);
-    let input_union = (&s.input_rows[..], &s.input_masks[..]);
+    let inputs = |w_t| AxpyRows {
+        w_t,
+        rows: &s.input_rows,
+        masks: &s.input_masks,
+        coeffs: &s.input_coeffs,
+    };
+    let sources = [inputs(weights.gate_t), inputs(weights.up_t)];
     let gate_up = per_sample(&mut s.gate_up, 2 * stride);
-    let matrices = [weights.gate_t, weights.up_t];
-    batch_axpy_pair(cpu, matrices, input_union, &s.input_coeffs, batch, gate_up);
+    batch_axpy_side_by_side(cpu, sources, batch, stride, gate_up);
     // Input of down: h = silu(g) * u, thresholded per sample; laid out [row][sample].
     reuse(&mut s.activations, inter * batch, 0.0);
     reuse(&mut s.active, inter * batch, false);
-    for b in 0..batch {
-        for i in 0..inter {
-            let g = s.gate_up[b * 2 * stride + i];
-            let v = silu_f32(g) * s.gate_up[b * 2 * stride + stride + i];
+    for (b, sample) in s.gate_up.chunks_exact_mut((2 * stride).max(1)).enumerate() {
+        let (gate, up) = sample.split_at_mut(stride);
+        let (gate, up) = (&mut gate[..inter], &up[..inter]);
+        cpu.dispatch(Silu { gate, up: Some(up) });
+        for (i, &v) in gate.iter().enumerate() {
             s.activations[i * batch + b] = v;
             s.active[i * batch + b] = is_active(v, thresholds.down);
         }
@@ -445,14 +536,13 @@ pub fn teal_mlp<T: Element>(
             .flat_map(|&i| &h[i as usize * batch..][..batch])
             .copied(),
     );
-    batch_axpy(
-        cpu,
-        weights.down_t,
-        (&s.report.active, &s.masks),
-        &s.coeffs,
-        batch,
-        batch_rows(&mut y),
-    );
+    let down = AxpyRows {
+        w_t: weights.down_t,
+        rows: &s.report.active,
+        masks: &s.masks,
+        coeffs: &s.coeffs,
+    };
+    batch_axpy(cpu, down, batch, batch_rows(&mut y), &mut s.panel_sums);
     Ok(())
 }
 

@@ -627,6 +627,10 @@ impl<W: Element> Llama<W> {
         let kv = c.kv_width();
         let heads = c.attention_heads();
         let scale = 1.0 / libm::sqrtf(c.head_dim as f32);
+        for (rotation, &f) in d.rotation.iter_mut().zip(&d.inv_freq) {
+            let angle = pos as f32 * f;
+            *rotation = (libm::cosf(angle), libm::sinf(angle));
+        }
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(&d.x, &layer.attn_norm, c.rms_eps, &mut d.xb);
             observe(l, Site::AttentionInput, &d.xb)?;
@@ -635,8 +639,8 @@ impl<W: Element> Llama<W> {
             let (q, kv_new) = d.qkv.split_at_mut(c.heads * c.head_dim);
             d.k_cache[at..at + kv].copy_from_slice(&kv_new[..kv]);
             d.v_cache[at..at + kv].copy_from_slice(&kv_new[kv..]);
-            rope(q, c, pos, &d.inv_freq);
-            rope(&mut d.k_cache[at..at + kv], c, pos, &d.inv_freq);
+            rope(q, c, &d.rotation);
+            rope(&mut d.k_cache[at..at + kv], c, &d.rotation);
             let cache = l * d.capacity * kv..(l * d.capacity + pos + 1) * kv;
             let keys = MatRef::from_slice(&d.k_cache[cache.clone()], pos + 1, kv)?;
             let values = MatRef::from_slice(&d.v_cache[cache], pos + 1, kv)?;
@@ -890,6 +894,9 @@ pub struct Decoder {
     k_cache: Vec<f32>,
     v_cache: Vec<f32>,
     inv_freq: Vec<f32>,
+    /// `(cos, sin)` of each frequency's angle at the position being decoded: computed once per
+    /// token, not per layer and head.
+    rotation: Vec<(f32, f32)>,
     x: Vec<f32>,
     xb: Vec<f32>,
     qkv: Vec<f32>,
@@ -929,6 +936,7 @@ impl Decoder {
             k_cache: vec![0.0; cache],
             v_cache: vec![0.0; cache],
             inv_freq,
+            rotation: vec![(1.0, 0.0); half],
             x: vec![0.0; config.hidden],
             xb: vec![0.0; config.hidden],
             qkv: vec![0.0; (config.heads + 2 * config.kv_heads) * config.head_dim],
@@ -972,12 +980,12 @@ fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-fn rope(x: &mut [f32], c: &LlamaConfig, pos: usize, inv_freq: &[f32]) {
+/// Rotates each head of `x` by `rotation`, the `(cos, sin)` of each frequency's angle at the
+/// position.
+fn rope(x: &mut [f32], c: &LlamaConfig, rotation: &[(f32, f32)]) {
     let half = c.head_dim / 2;
     for head in x.chunks_exact_mut(c.head_dim) {
-        for (i, &f) in inv_freq.iter().enumerate() {
-            let angle = pos as f32 * f;
-            let (sin, cos) = (libm::sinf(angle), libm::cosf(angle));
+        for (i, &(cos, sin)) in rotation.iter().enumerate() {
             let (a, b) = match c.rope_style {
                 RopeStyle::Interleaved => (2 * i, 2 * i + 1),
                 RopeStyle::Halves => (i, i + half),

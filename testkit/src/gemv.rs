@@ -135,15 +135,22 @@ where
     }
 }
 
-/// SmolLM2-135M's gate (576 -> 1536) and down (1536 -> 576), and a Llama-2-7B row block.
+/// SmolLM2-135M's gate (576 -> 1536), down (1536 -> 576) and q/k/v (576 -> 960), Llama-2-7B
+/// row blocks, and widths on both sides of 1024 (where the CPU's sparse-input GEMV turns from
+/// panels of rows to a split of columns).
 pub fn real_model_sizes<B>(backend: &B)
 where
     B: GemvBackend<f32> + GemvBackend<f16> + GemvBackend<bf16>,
 {
     check_gemv::<bf16, B>(backend, 1536, 576, 1);
     check_sparse::<bf16, B>(backend, 1536, 576, 0.67, 2);
+    check_sparse::<bf16, B>(backend, 576, 960, 0.67, 6);
     check_gemv::<f32, B>(backend, 64, 11008, 3);
     check_sparse::<f16, B>(backend, 11008, 96, 0.5, 4);
+    check_sparse::<bf16, B>(backend, 96, 4096, 0.5, 5);
+    for cols in [1024, 1025] {
+        check_sparse::<f32, B>(backend, 37, cols, 0.5, 7);
+    }
 }
 
 /// The transposed dense GEMV reads zero inputs' rows too.

@@ -128,6 +128,12 @@ mod sealed {
         fn ternary(self, codes: u32) -> Self::F32;
         /// `v` where bit `j` of `mask` is set, `+0.0` elsewhere.
         fn keep_lanes(self, mask: u32, v: Self::F32) -> Self::F32;
+        /// `v` limited to `[lo, hi]`, a NaN lane kept NaN.
+        fn clamp(self, v: Self::F32, lo: f32, hi: f32) -> Self::F32;
+        /// `2^n` for lanes holding integers in `-126..=127`.
+        fn pow2i(self, n: Self::F32) -> Self::F32;
+        /// `a / b`, correctly rounded.
+        fn div(self, a: Self::F32, b: Self::F32) -> Self::F32;
         /// The counter-based draws of 64 consecutive elements against an integer threshold: bit
         /// `4 b + w` is set iff the top 24 bits of word `w` of Philox4x32-10 block `first_block + b`
         /// (`b < 16`, see [`kernels_core::CounterRng`]) are `>= threshold`: which elements survive
@@ -232,6 +238,50 @@ pub(crate) fn widened<'a, S: Simd, T: Element, const N: usize>(
     }
     widen_into(s, src, buf);
     buf
+}
+
+/// Largest error, in units in the last place of the result, of the vector `e^x` that SiLU (in
+/// the CATS and TEAL MLPs) and the attention weights use in place of `libm::expf`, over every
+/// `f32` input whose `e^x` is a normal `f32`. A subnormal result is within that many of its
+/// absolute spacing (`2^-149`); below `-104` the result is `0`, above `89` it is `+inf`; NaN stays
+/// NaN. The tests sweep every 4099th `f32` from `-104` to `89` on every instruction set (the worst
+/// seen: 1.2 ulps).
+pub const EXP_ULPS: f64 = 2.0;
+
+/// `e^v` per lane, within [`EXP_ULPS`] (Cody-Waite reduction to `r` in `[-ln 2 / 2, ln 2 / 2]`,
+/// Cephes' degree-7 polynomial for `e^r`, then two exact scalings by powers of two so that
+/// results down to the subnormals and up to overflow come out right).
+///
+/// PERF: 16 lanes in about twenty instructions, against about twenty cycles per `libm::expf`
+/// call: SiLU over SmolLM2's 1536 gate activations took a tenth of a TEAL layer's main thread.
+#[inline(always)]
+pub(crate) fn exp<S: Simd>(s: S, v: S::F32) -> S::F32 {
+    /// Adding and subtracting `1.5 * 2^23` rounds an `f32` below `2^22` to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    /// `ln 2` split so that `n * LN2_HI` is exact for `|n| <= 2^15`.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const POLY: [f32; 6] = [
+        1.987_569_1e-4,
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ];
+    let round = |x: S::F32| s.add(s.add(x, s.splat(ROUND)), s.splat(-ROUND));
+    let x = s.clamp(v, -104.0, 89.0);
+    let n = round(s.mul(x, s.splat(core::f32::consts::LOG2_E)));
+    let r = s.mul_add(n, s.splat(-LN2_HI), x);
+    let r = s.mul_add(n, s.splat(-LN2_LO), r);
+    let p = POLY[1..]
+        .iter()
+        .fold(s.splat(POLY[0]), |p, &c| s.mul_add(p, r, s.splat(c)));
+    let y = s.mul_add(p, s.mul(r, r), s.add(r, s.splat(1.0)));
+    // n in -150..=129: 2^n as two factors in the normal range, the first product exact.
+    let first = round(s.mul(n, s.splat(0.5)));
+    let second = s.add(n, s.mul(first, s.splat(-1.0)));
+    s.mul(s.mul(y, s.pow2i(first)), s.pow2i(second))
 }
 
 /// Runs `op` on `isa`. The caller guarantees `isa.is_available()`.
@@ -385,6 +435,98 @@ mod tests {
             let mut out = alloc::vec![0.0; S::LANES];
             s.store(s.ternary(self.0), &mut out);
             out
+        }
+    }
+
+    struct Exp<'a>(&'a [f32]);
+
+    impl WithSimd for Exp<'_> {
+        type Output = Vec<f32>;
+        fn with_simd<S: Simd>(self, s: S) -> Vec<f32> {
+            let mut out = alloc::vec![0.0; self.0.len()];
+            for (c, o) in self
+                .0
+                .chunks_exact(S::LANES)
+                .zip(out.chunks_exact_mut(S::LANES))
+            {
+                s.store(exp(s, s.load(c)), o);
+            }
+            out
+        }
+    }
+
+    /// Every 4099th `f32` from `-0` to `-104` and from `0` to `89` (under Miri every 4099 * 64th),
+    /// the edges of the clamp, overflow and underflow, and the non-finite values; a multiple of
+    /// 16 long.
+    fn exp_inputs() -> Vec<f32> {
+        let step = if cfg!(miri) { 4099 * 64 } else { 4099 };
+        let mut inputs: Vec<f32> = (0..=89f32.to_bits())
+            .step_by(step)
+            .chain(((-0f32).to_bits()..=(-104f32).to_bits()).step_by(step))
+            .map(f32::from_bits)
+            .collect();
+        inputs.extend([
+            88.72283,
+            88.72284,
+            88.7229,
+            -87.33654,
+            -87.33655,
+            -103.972,
+            -103.973,
+            -104.0,
+            89.0,
+            -104.5,
+            89.5,
+            1e-10,
+            -1e-10,
+            200.0,
+            -200.0,
+            f32::MAX,
+            f32::MIN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -0.5 * core::f32::consts::LN_2,
+        ]);
+        inputs.resize(inputs.len().next_multiple_of(16), 1.0);
+        inputs
+    }
+
+    #[test]
+    fn exp_is_within_its_ulps_on_every_isa() {
+        let inputs = exp_inputs();
+        for cpu in Cpu::all_available() {
+            let got = cpu.dispatch(Exp(&inputs));
+            let mut worst = 0.0f64;
+            for (&x, &y) in inputs.iter().zip(&got) {
+                let exact = libm::exp(f64::from(x));
+                let context = alloc::format!("{}: exp({x:e}) = {y:e}, exact {exact:e}", cpu.isa());
+                if x.is_nan() {
+                    assert!(y.is_nan(), "{context}");
+                    continue;
+                }
+                // Rounding turns every value from 2^128 - 2^103 up into +inf.
+                let overflow = 2f64.powi(128);
+                if exact >= overflow {
+                    assert_eq!(y, f32::INFINITY, "{context}");
+                    continue;
+                }
+                let value = if y == f32::INFINITY {
+                    overflow
+                } else {
+                    f64::from(y)
+                };
+                let ulp = if exact >= f64::from(f32::MIN_POSITIVE) {
+                    2f64.powi(libm::floor(libm::log2(exact)) as i32 - 23)
+                } else {
+                    2f64.powi(-149)
+                };
+                let ulps = (value - exact).abs() / ulp;
+                assert!(ulps <= EXP_ULPS, "{context}: {ulps} ulps");
+                worst = worst.max(ulps);
+            }
+            // The bound is tight enough to mean something: the polynomial does err by an ulp.
+            assert!(worst > 0.5, "{}: worst {worst} ulps", cpu.isa());
         }
     }
 

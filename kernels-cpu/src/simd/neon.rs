@@ -126,4 +126,20 @@ impl SimdKernels for Neon {
             vreinterpretq_f32_u32(vandq_u32(keep, vreinterpretq_u32_f32(v)))
         }
     }
+    #[inline(always)]
+    fn clamp(self, v: float32x4_t, lo: f32, hi: f32) -> float32x4_t {
+        // NEON's min and max return NaN when either operand is.
+        unsafe { vmaxq_f32(vdupq_n_f32(lo), vminq_f32(vdupq_n_f32(hi), v)) }
+    }
+    #[inline(always)]
+    fn pow2i(self, n: float32x4_t) -> float32x4_t {
+        unsafe {
+            let biased = vaddq_s32(vcvtnq_s32_f32(n), vdupq_n_s32(127));
+            vreinterpretq_f32_s32(vshlq_n_s32::<23>(biased))
+        }
+    }
+    #[inline(always)]
+    fn div(self, a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        unsafe { vdivq_f32(a, b) }
+    }
 }

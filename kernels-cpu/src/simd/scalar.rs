@@ -69,4 +69,22 @@ impl SimdKernels for Scalar {
     fn keep_lanes(self, mask: u32, v: f32) -> f32 {
         if mask & 1 == 1 { v } else { 0.0 }
     }
+    #[inline(always)]
+    fn clamp(self, v: f32, lo: f32, hi: f32) -> f32 {
+        if v < lo {
+            lo
+        } else if v > hi {
+            hi
+        } else {
+            v
+        }
+    }
+    #[inline(always)]
+    fn pow2i(self, n: f32) -> f32 {
+        f32::from_bits(((n as i32 + 127) as u32) << 23)
+    }
+    #[inline(always)]
+    fn div(self, a: f32, b: f32) -> f32 {
+        a / b
+    }
 }

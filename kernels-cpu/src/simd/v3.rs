@@ -211,6 +211,22 @@ impl SimdKernels for V3 {
             super::interleave4(masks)
         }
     }
+    #[inline(always)]
+    fn clamp(self, v: __m256, lo: f32, hi: f32) -> __m256 {
+        // min and max return their second operand when either is NaN.
+        unsafe { _mm256_max_ps(_mm256_set1_ps(lo), _mm256_min_ps(_mm256_set1_ps(hi), v)) }
+    }
+    #[inline(always)]
+    fn pow2i(self, n: __m256) -> __m256 {
+        unsafe {
+            let biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<23>(biased))
+        }
+    }
+    #[inline(always)]
+    fn div(self, a: __m256, b: __m256) -> __m256 {
+        unsafe { _mm256_div_ps(a, b) }
+    }
 }
 
 /// The bf16 words (in the low halves of 32-bit lanes) of 8 `f32` bit patterns, rounded as

@@ -210,4 +210,20 @@ impl SimdKernels for V4 {
             super::interleave4(masks)
         }
     }
+    #[inline(always)]
+    fn clamp(self, v: __m512, lo: f32, hi: f32) -> __m512 {
+        // min and max return their second operand when either is NaN.
+        unsafe { _mm512_max_ps(_mm512_set1_ps(lo), _mm512_min_ps(_mm512_set1_ps(hi), v)) }
+    }
+    #[inline(always)]
+    fn pow2i(self, n: __m512) -> __m512 {
+        unsafe {
+            let biased = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<23>(biased))
+        }
+    }
+    #[inline(always)]
+    fn div(self, a: __m512, b: __m512) -> __m512 {
+        unsafe { _mm512_div_ps(a, b) }
+    }
 }

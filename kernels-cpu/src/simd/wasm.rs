@@ -110,4 +110,18 @@ impl SimdKernels for Simd128 {
         let lane = |j: u32| if (mask >> j) & 1 == 1 { -1i32 } else { 0 };
         v128_and(i32x4(lane(0), lane(1), lane(2), lane(3)), v)
     }
+    #[inline(always)]
+    fn clamp(self, v: v128, lo: f32, hi: f32) -> v128 {
+        // WebAssembly's min and max return NaN when either operand is.
+        f32x4_max(f32x4_splat(lo), f32x4_min(f32x4_splat(hi), v))
+    }
+    #[inline(always)]
+    fn pow2i(self, n: v128) -> v128 {
+        let biased = i32x4_add(i32x4_trunc_sat_f32x4(n), i32x4_splat(127));
+        i32x4_shl(biased, 23)
+    }
+    #[inline(always)]
+    fn div(self, a: v128, b: v128) -> v128 {
+        f32x4_div(a, b)
+    }
 }

@@ -31,17 +31,19 @@ pub(crate) const ROW_BLOCK: usize = 4;
 /// times four), so every column is computed by the same vector or tail code whatever the split.
 pub(crate) const COLUMN_ALIGN: usize = 64;
 
-/// Sparse-input GEMVs and AXPYs over matrices at most this many columns wide sum their active
-/// rows in two *panels*, the first and the second half of the active rows, each from zero, and
-/// then add the two (`y = p0 + p1`); threads split the panels' columns laid side by side, so two
-/// threads read whole rows of one panel each. Wider matrices split their columns directly. The
-/// panels depend on the input alone, never on the thread count.
+/// Sparse-input GEMVs over matrices at most this many columns wide sum their active rows in two
+/// *panels*, the first and the second half of the active rows, each from zero, and then add the
+/// two (`y = p0 + p1`); threads split the panels' columns laid side by side, so two threads read
+/// whole rows of one panel each. Wider matrices split their columns directly. The panels depend
+/// on the input alone, never on the thread count. (The MLPs' down projections, whose panel sums
+/// live in `MlpScratch`, use panels at every width.)
 ///
 /// PERF: a column split of a narrow matrix hands each thread short pieces of every active row
 /// (SmolLM2's 576-wide rows: 576-byte bf16 pieces, and 320/256 columns on `COLUMN_ALIGN`). Timed
 /// over SmolLM2's 150 TEAL matrices at 50 %, two threads: 2.7 ms by halves of the rows against
 /// 3.8 ms by halves of the columns (4.7 ms through the aligned split). At 4096 columns a
-/// thread's piece of a row is already 4 KB. 1024 also bounds the panels' stack buffer (8 KB).
+/// thread's piece of a row is 4 KB (still slower than whole rows, but the panels' sums here
+/// live in an 8 KB stack buffer, which 1024 bounds).
 pub const PANEL_MAX_COLS: usize = 1024;
 
 /// The width each panel's output takes side by side ([`PANEL_MAX_COLS`]), or `None` for a

@@ -23,7 +23,7 @@ use kernels_core::{Element, MatRef, Result};
 
 use crate::gemv::{ROW_BLOCK, axpy_block, dot_block, gemv_tolerance};
 use crate::parallel::split_outputs;
-use crate::simd::exp;
+use crate::simd::{exp, load_padded, store_padded};
 use crate::{Cpu, Simd, WithSimd};
 
 /// Positions whose scores are held at once (on the stack) between rescales of the output.
@@ -206,14 +206,10 @@ impl<'w, T: Element, K: Fn(usize) -> &'w [T], V: Fn(usize) -> &'w [T]> WithSimd 
 /// every position is computed by the same code).
 #[inline(always)]
 fn exp_shifted<S: Simd>(s: S, x: &mut [f32], shift: f32) {
-    let lanes = S::LANES;
     let minus = s.splat(-shift);
-    for chunk in x.chunks_mut(lanes) {
-        let mut padded = [0.0f32; 16];
-        padded[..chunk.len()].copy_from_slice(chunk);
-        let v = exp(s, s.add(s.load(&padded[..lanes]), minus));
-        s.store(v, &mut padded[..lanes]);
-        chunk.copy_from_slice(&padded[..chunk.len()]);
+    for chunk in x.chunks_mut(S::LANES) {
+        let v = exp(s, s.add(load_padded(s, chunk), minus));
+        store_padded(s, v, chunk);
     }
 }
 

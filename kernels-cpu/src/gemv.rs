@@ -14,7 +14,7 @@
 //!   into `y` (one load and store of `y` per four rows); threads split the *columns*, so each
 //!   thread reads a contiguous segment of every active row. Matrices at most [`PANEL_MAX_COLS`]
 //!   wide are summed in two panels of rows instead (see there): the panels are fixed by the
-//!   shape, never by the thread count.
+//!   input, never by the thread count.
 //! * `gathered_gemv`: `gemv` over the listed rows.
 
 use kernels_core::backend::{validate_gathered_gemv, validate_gemv, validate_sparse_input_gemv};

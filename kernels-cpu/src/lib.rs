@@ -156,7 +156,7 @@ pub mod prelude {
 ///
 /// Cheap to copy; make one with [`Cpu::detect`] and pass it to every kernel. Results do not depend
 /// on the thread count: every kernel splits its *outputs* (rows of a GEMV, column ranges of an
-/// AXPY, or of a narrow AXPY's two fixed panels of rows, see [`gemv::PANEL_MAX_COLS`]) so each
+/// AXPY, or of an AXPY's two panels of rows, see [`gemv::PANEL_MAX_COLS`]) so each
 /// output element is computed with the same operations in the same order, whatever the split
 /// (the linear algebra promises the same bits for a given count).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -31,7 +31,7 @@ use kernels_core::{Element, MatMut, MatRef, Result};
 
 use crate::gemv::{COLUMN_ALIGN, ROW_BLOCK, axpy_some, dot_rows, gemv_tolerance, side_by_side};
 use crate::parallel::split_columns;
-use crate::simd::exp;
+use crate::simd::{exp, load_padded, store_padded};
 use crate::{Cpu, Simd, WithSimd};
 
 /// Bound on `|y_j - y_ref_j|` of an MLP output.
@@ -174,28 +174,12 @@ impl WithSimd for Silu<'_> {
     #[inline(always)]
     fn with_simd<S: Simd>(self, s: S) {
         let lanes = S::LANES;
-        let mut padded = [0.0f32; 16];
-        let mut load = |values: &[f32]| {
-            if values.len() == lanes {
-                s.load(values)
-            } else {
-                padded[..values.len()].copy_from_slice(values);
-                padded[values.len()..lanes].fill(0.0);
-                s.load(&padded[..lanes])
-            }
-        };
         for (k, gate) in self.gate.chunks_mut(lanes).enumerate() {
-            let mut h = silu(s, load(gate));
+            let mut h = silu(s, load_padded(s, gate));
             if let Some(up) = self.up {
-                h = s.mul(h, load(&up[k * lanes..][..gate.len()]));
+                h = s.mul(h, load_padded(s, &up[k * lanes..][..gate.len()]));
             }
-            if gate.len() == lanes {
-                s.store(h, gate);
-            } else {
-                let mut out = [0.0f32; 16];
-                s.store(h, &mut out[..lanes]);
-                gate.copy_from_slice(&out[..gate.len()]);
-            }
+            store_padded(s, h, gate);
         }
     }
 }

@@ -284,6 +284,30 @@ pub(crate) fn exp<S: Simd>(s: S, v: S::F32) -> S::F32 {
     s.mul(s.mul(y, s.pow2i(first)), s.pow2i(second))
 }
 
+/// `values` (at most `S::LANES` of them) as a vector, the lanes past them zero: so a slice's tail
+/// goes through the same vector code as its whole chunks.
+#[inline(always)]
+pub(crate) fn load_padded<S: Simd>(s: S, values: &[f32]) -> S::F32 {
+    if values.len() == S::LANES {
+        return s.load(values);
+    }
+    let mut padded = [0.0f32; 16];
+    padded[..values.len()].copy_from_slice(values);
+    s.load(&padded[..S::LANES])
+}
+
+/// The first `out.len()` (at most `S::LANES`) lanes of `v` into `out`.
+#[inline(always)]
+pub(crate) fn store_padded<S: Simd>(s: S, v: S::F32, out: &mut [f32]) {
+    if out.len() == S::LANES {
+        s.store(v, out);
+        return;
+    }
+    let mut padded = [0.0f32; 16];
+    s.store(v, &mut padded[..S::LANES]);
+    out.copy_from_slice(&padded[..out.len()]);
+}
+
 /// Runs `op` on `isa`. The caller guarantees `isa.is_available()`.
 #[inline]
 pub(crate) fn run<Op: WithSimd>(isa: Isa, op: Op) -> Op::Output {

@@ -484,6 +484,43 @@ pub fn validate_randomized_svd(shape: [usize; 2], params: RsvdParams) -> Result<
     Ok(params.rank.saturating_add(params.oversample).min(k))
 }
 
+/// Validates `C = alpha op(A) op(B) + beta C` for operands of shapes `a`, `b` (as stored) and
+/// `c`; returns `[m, k, n]`. Every backend's GEMM calls it.
+pub fn validate_gemm(
+    alpha: f32,
+    a: [usize; 2],
+    a_op: crate::ops::project::Transpose,
+    b: [usize; 2],
+    b_op: crate::ops::project::Transpose,
+    beta: f32,
+    c: [usize; 2],
+) -> Result<[usize; 3]> {
+    use crate::ops::project::Transpose;
+    for (name, value) in [("alpha", alpha), ("beta", beta)] {
+        check_param(name, f64::from(value), "finite", value.is_finite())?;
+    }
+    let op = |shape: [usize; 2], op| match op {
+        Transpose::No => shape,
+        Transpose::Yes => [shape[1], shape[0]],
+    };
+    let ([m, k], b) = (op(a, a_op), op(b, b_op));
+    if b[0] != k {
+        return Err(Error::ShapeMismatch {
+            what: "op(b) (its rows must equal op(a)'s columns)",
+            expected: [k, b[1]],
+            found: b,
+        });
+    }
+    if c != [m, b[1]] {
+        return Err(Error::ShapeMismatch {
+            what: "c",
+            expected: [m, b[1]],
+            found: c,
+        });
+    }
+    Ok([m, k, b[1]])
+}
+
 /// Validates the operands of a projection: `q` is `m x r` for an `x` and an `out` of `m x n`.
 ///
 pub fn validate_projection(q: [usize; 2], x: [usize; 2], out: [usize; 2]) -> Result<()> {

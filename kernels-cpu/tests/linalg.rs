@@ -7,12 +7,16 @@ use kernels_core::ops::lowrank::{
     symmetric_eigen_ref, thin_svd_ref,
 };
 use kernels_core::ops::project::{cgs2_ref, householder_qr_ref, project_onto_ref, project_out_ref};
-use kernels_core::{CounterRng, Error, Mat, MatMut, MatRef, MultiPass};
+use kernels_core::{Error, Mat, MatMut, MatRef, MultiPass};
 use kernels_cpu::Cpu;
 use kernels_cpu::linalg::{
     self, Centering, GemmBackend, StreamingSvd, Transpose, factorisation_tolerance, gemm,
 };
 use kernels_testkit::isa_tests;
+use kernels_testkit::linalg::{
+    assert_within, check_qr, check_truncated_svd, graded, hard_matrices, orthogonality, random,
+    widen, with_spectrum,
+};
 use proptest::prelude::*;
 
 /// `k eps sum_p |a_ip| |b_pj|` per unit: the classical bound of a dot product of length `k`.
@@ -26,66 +30,6 @@ fn backends() -> Vec<Cpu> {
         cpu.with_threads(1).expect("one thread"),
         cpu.with_gemm_backend(GemmBackend::Portable),
     ]
-}
-
-fn random(m: usize, n: usize, seed: u64) -> Mat<f64> {
-    let rng = CounterRng::new(seed);
-    Mat::from_fn(m, n, |i, j| rng.normal_at((i * n + j) as u64)).unwrap()
-}
-
-/// `U diag(s) V^T` with random orthonormal `U` (`m x k`) and `V` (`n x k`).
-fn with_spectrum(m: usize, n: usize, s: &[f64], seed: u64) -> Mat<f64> {
-    let k = s.len();
-    let u = householder_qr_ref(random(m, k, seed).as_ref()).unwrap().q;
-    let v = householder_qr_ref(random(n, k, seed + 1).as_ref())
-        .unwrap()
-        .q;
-    let us = Mat::from_fn(m, k, |i, j| u.at(i, j) * s[j]).unwrap();
-    us.matmul(&v.transpose()).unwrap()
-}
-
-/// Singular values geometrically from 1 down to `1 / condition`.
-fn graded(k: usize, condition: f64) -> Vec<f64> {
-    (0..k)
-        .map(|i| condition.powf(-(i as f64) / (k.max(2) - 1) as f64))
-        .collect()
-}
-
-fn widen(m: &Mat<f32>) -> Mat<f64> {
-    Mat::widen(m.as_ref())
-}
-
-/// `||Q^T Q - I||_F`: it bounds the contract's `||Q^T Q - I||_2` from above, so holding it to the
-/// contract's bound is the stricter test.
-fn orthogonality(q: &Mat<f64>) -> f64 {
-    q.orthogonality_error().unwrap()
-}
-
-fn assert_within(what: &str, error: f64, bound: f64) {
-    assert!(error <= bound, "{what}: error {error:e} > bound {bound:e}");
-}
-
-/// The hard matrices of the acceptance list, `m x n`: random, rank-deficient, condition 1e6,
-/// zero.
-fn hard_matrices(m: usize, n: usize, seed: u64) -> Vec<(&'static str, Mat<f32>)> {
-    let k = m.min(n);
-    let mut out = vec![
-        ("random", random(m, n, seed).to_f32()),
-        ("zero", Mat::zeros(m, n).unwrap()),
-    ];
-    if k >= 2 {
-        let mut deficient = graded(k, 10.0);
-        deficient[k / 2..].fill(0.0);
-        out.push((
-            "rank-deficient",
-            with_spectrum(m, n, &deficient, seed).to_f32(),
-        ));
-        out.push((
-            "condition 1e6",
-            with_spectrum(m, n, &graded(k, 1e6), seed).to_f32(),
-        ));
-    }
-    out
 }
 
 const SHAPES: [(usize, usize); 12] = [
@@ -348,31 +292,6 @@ fn gemm_alpha_scales_the_product_not_an_operand() {
 }
 
 // ---------------------------------------------------------------- QR, CGS2, projections
-
-fn check_qr(what: &str, a: &Mat<f32>, qr: &linalg::Qr<f32>) {
-    let (m, n) = (a.rows(), a.cols());
-    let tol = factorisation_tolerance(m, n);
-    let a64 = widen(a);
-    let (q, r) = (widen(&qr.q), widen(&qr.r));
-    assert_eq!(q.shape(), [m, m.min(n)], "{what}: Q shape");
-    assert_eq!(r.shape(), [m.min(n), n], "{what}: R shape");
-    assert_within(
-        &format!("{what} {m}x{n}: ||A - QR|| / ||A||"),
-        q.matmul(&r).unwrap().distance(&a64).unwrap(),
-        tol * a64.frobenius_norm(),
-    );
-    assert_within(
-        &format!("{what} {m}x{n}: ||Q^T Q - I||"),
-        orthogonality(&q),
-        tol,
-    );
-    for i in 0..r.rows() {
-        assert!(r.at(i, i) >= 0.0, "{what}: negative diagonal");
-        for j in 0..i {
-            assert_eq!(r.at(i, j), 0.0, "{what}: R not upper triangular");
-        }
-    }
-}
 
 #[test]
 fn householder_qr_is_backward_stable_on_hard_matrices() {
@@ -813,31 +732,7 @@ fn randomized_svd_is_near_optimal() {
             let spectrum: Vec<f64> = (0..k).map(|i| 1.0 / (1.0 + i as f64).powf(1.5)).collect();
             let a = with_spectrum(m, n, &spectrum, 5).to_f32();
             let svd = linalg::randomized_svd(&cpu, a.as_ref(), RsvdParams::new(r)).unwrap();
-            let a64 = widen(&a);
-            let us =
-                Mat::from_fn(m, r, |i, j| f64::from(svd.u.at(i, j)) * f64::from(svd.s[j])).unwrap();
-            let error = us
-                .matmul(&widen(&svd.v).transpose())
-                .unwrap()
-                .distance(&a64)
-                .unwrap();
-            let reference = thin_svd_ref(a.as_ref()).unwrap();
-            let optimal = reference.s[r..].iter().map(|v| v * v).sum::<f64>().sqrt();
-            assert_within(
-                &format!("rSVD {m}x{n} rank {r}"),
-                error,
-                1.1 * optimal + factorisation_tolerance(m, n) * a64.frobenius_norm(),
-            );
-            assert_within(
-                "U orthogonality",
-                orthogonality(&widen(&svd.u)),
-                factorisation_tolerance(m, n),
-            );
-            assert_within(
-                "V orthogonality",
-                orthogonality(&widen(&svd.v)),
-                factorisation_tolerance(m, n),
-            );
+            check_truncated_svd("rSVD", &a, &svd, r);
         }
     }
 }

@@ -757,7 +757,7 @@ pub(crate) fn grid(count: u32, max_per_dimension: u32) -> (u32, u32) {
     }
 }
 
-impl Batch<'_> {
+impl<'a> Batch<'a> {
     /// A pooled storage buffer of at least `bytes`, alive until this batch is submitted.
     pub(crate) fn scratch(&mut self, bytes: u64) -> Result<wgpu::Buffer> {
         let buffer = self.ctx.take_scratch(
@@ -856,7 +856,7 @@ impl Batch<'_> {
         self.ctx.check()
     }
 
-    pub(crate) fn ctx(&self) -> &Context {
+    pub(crate) fn ctx(&self) -> &'a Context {
         self.ctx
     }
 

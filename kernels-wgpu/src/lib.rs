@@ -85,6 +85,7 @@ pub mod compress;
 mod context;
 pub mod gemv;
 pub mod interpolate;
+pub mod linalg;
 pub mod masks;
 pub mod merge;
 pub mod mlp;
@@ -115,6 +116,10 @@ pub mod prelude {
     pub use crate::compress::{CompeftCut, CompeftParams, compeft, compeft_codes, moments};
     pub use crate::gemv::{gathered_gemv, gathered_gemv_uploaded, gemv, gemv_t, sparse_input_gemv};
     pub use crate::interpolate::{gram, linear_combination, model_stock, slerp};
+    pub use crate::linalg::{
+        GpuSvdRef, Lora, OpcmParams, Qr, RsvdParams, Svd, Transpose, gemm, householder_qr,
+        lora_extract_randomized, opcm_project, project_onto, project_out, randomized_svd,
+    };
     pub use crate::masks::{
         BreadcrumbsParams, DareParams, DareRescale, breadcrumbs, dare, ties_trim,
     };
@@ -133,7 +138,7 @@ pub mod prelude {
         AdapterChoice, Context, ContextOptions, FeatureUse, GpuElement, GpuFeatures, GpuTensor,
     };
     pub use kernels_core::format::{TernaryHeader, TernaryLayout};
-    pub use kernels_core::{DType, Element, Error, MatMut, MatRef, Result, bf16, f16};
+    pub use kernels_core::{DType, Element, Error, Mat, MatMut, MatRef, Result, bf16, f16};
 }
 
 /// The crate's README, whose examples run as doc tests.

@@ -57,6 +57,9 @@ pub const SELECT: &str = include_str!("wgsl/select.wgsl");
 /// Ternary compression: ComPEFT's moments, and GEMV, decode and decompress-add straight from
 /// 2-bit codes.
 pub const TERNARY: &str = include_str!("wgsl/ternary.wgsl");
+/// Linear algebra: the tiled GEMM and its split-K reduction, OPCM's mask, and Householder QR of
+/// the rows of a matrix.
+pub const LINALG: &str = include_str!("wgsl/linalg.wgsl");
 
 /// Values of the `ELEMENT` override constant: how a packed tensor encodes its elements.
 pub mod element {
@@ -93,6 +96,9 @@ pub enum Family {
     /// [`TERNARY`]: `ternary_gemv`, `ternary_decode`, `ternary_add`, `tile_moments`,
     /// `ternary_add_packed`.
     Ternary,
+    /// [`LINALG`]: `gemm_tile`, `gemm_reduce`, `mask_block`, `identity_rows`, `transpose`,
+    /// `house_vector`, `house_apply`.
+    Linalg,
 }
 
 impl Family {
@@ -103,6 +109,7 @@ impl Family {
         Self::Dare,
         Self::Select,
         Self::Ternary,
+        Self::Linalg,
     ];
 
     /// Whether the family has an `array<f16>` weights variant.
@@ -113,7 +120,7 @@ impl Family {
     /// ```
     #[must_use]
     pub const fn has_f16_variant(self) -> bool {
-        matches!(self, Self::Gemv)
+        matches!(self, Self::Gemv | Self::Linalg)
     }
 
     /// Whether the family has subgroup kernels.
@@ -163,8 +170,9 @@ impl ModuleSpec {
     ///
     /// ```
     /// # use kernels_wgsl::{ModuleSpec, Target};
-    /// // Four variants of GEMV (f16 and subgroups, each on or off), one of each other family.
-    /// assert_eq!(ModuleSpec::all(Target::Native).count(), 8);
+    /// // Four variants of GEMV (f16 and subgroups, each on or off), two of linear algebra (f16 on
+    /// // or off), one of each other family.
+    /// assert_eq!(ModuleSpec::all(Target::Native).count(), 10);
     /// ```
     pub fn all(target: Target) -> impl Iterator<Item = Self> {
         Family::ALL.iter().flat_map(move |&family| {
@@ -198,6 +206,7 @@ impl ModuleSpec {
             Family::Dare => "dare",
             Family::Select => "select",
             Family::Ternary => "ternary",
+            Family::Linalg => "linalg",
         });
         if self.native_f16 {
             label.push_str("+f16");
@@ -245,6 +254,14 @@ impl ModuleSpec {
             Family::Dare => source.push_str(DARE),
             Family::Select => source.push_str(SELECT),
             Family::Ternary => source.push_str(TERNARY),
+            Family::Linalg => {
+                source.push_str(if native_f16 {
+                    WEIGHTS_F16
+                } else {
+                    WEIGHTS_PACKED
+                });
+                source.push_str(LINALG);
+            }
         }
         source
     }
@@ -281,8 +298,8 @@ mod tests {
             }
             checked += 1;
         }
-        // gemv: 4 variants; merge, dare, select and ternary: 1 each.
-        assert_eq!(checked, 8);
+        // gemv: 4 variants; linalg: 2; merge, dare, select and ternary: 1 each.
+        assert_eq!(checked, 10);
     }
 
     #[test]
@@ -365,6 +382,18 @@ mod tests {
                 "ternary_add",
                 "tile_moments",
                 "ternary_add_packed"
+            ]
+        );
+        assert_eq!(
+            names(ModuleSpec::portable(Family::Linalg, Target::Native)),
+            [
+                "gemm_tile",
+                "gemm_reduce",
+                "mask_block",
+                "identity_rows",
+                "transpose",
+                "house_vector",
+                "house_apply"
             ]
         );
     }

@@ -16,6 +16,7 @@ pub struct RootReadmeDoctests;
 pub mod gemv;
 #[cfg(feature = "gpu")]
 pub mod gpu;
+pub mod linalg;
 pub mod merge;
 pub mod mlp;
 pub use kernels_cpu::{Cpu, Isa};

@@ -32,6 +32,23 @@ use crate::error::check_param;
 use crate::ops::project::{Qr, check_finite_mat, householder_qr_f64, householder_qr_pivoted};
 use crate::{CounterRng, Error, Mat, MatRef, Real, Result};
 
+/// The constant `c` of the accuracy bound `c * eps * sqrt(max(m, n))` (relative to `||A||_F`,
+/// `eps = f32::EPSILON`) that every backend's `f32` factorisations meet: reconstruction,
+/// orthogonality and singular values.
+pub const F32_FACTORISATION_TOLERANCE: f64 = 16.0;
+
+/// [`F32_FACTORISATION_TOLERANCE`]` * eps * sqrt(max(m, n))`.
+///
+/// ```
+/// use kernels_core::ops::lowrank::factorisation_tolerance;
+/// // 16 eps sqrt(64): about 1.5e-5 of ||A||_F for a 64 x 8 matrix.
+/// assert_eq!(factorisation_tolerance(64, 8), 128.0 * f64::from(f32::EPSILON));
+/// ```
+#[must_use]
+pub fn factorisation_tolerance(m: usize, n: usize) -> f64 {
+    F32_FACTORISATION_TOLERANCE * f64::from(f32::EPSILON) * libm::sqrt(m.max(n).max(1) as f64)
+}
+
 /// Sweep bound of the one-sided Jacobi SVD. Random matrices converge in 6 to 12 sweeps.
 pub const MAX_JACOBI_SWEEPS: usize = 60;
 
@@ -686,6 +703,35 @@ pub struct Lora<T = f64> {
     /// The singular values the rank rule saw, descending (all of them for the exact SVD), to
     /// report the energy kept.
     pub singular_values: Vec<T>,
+}
+
+impl Svd<f32> {
+    /// The LoRA pair of the leading `r` triplets: `B = U_r sqrt(S_r)`, `A = sqrt(S_r) V_r^T`,
+    /// keeping every singular value for the report. What every backend's extraction returns.
+    ///
+    /// ```
+    /// use kernels_core::{Mat, ops::lowrank::Svd};
+    /// let svd = Svd { u: Mat::from_fn(2, 1, |i, _| i as f32)?, s: vec![4.0f32], v: Mat::from_fn(3, 1, |_, _| 1.0)? };
+    /// let lora = svd.lora(1)?;
+    /// assert_eq!(lora.b.as_slice(), [0.0, 2.0]);
+    /// assert_eq!(lora.a.as_slice(), [2.0, 2.0, 2.0]);
+    /// assert!(svd.lora(2).is_err());
+    /// # Ok::<(), kernels_core::Error>(())
+    /// ```
+    pub fn lora(&self, r: usize) -> Result<Lora<f32>> {
+        check_param(
+            "rank",
+            r as f64,
+            "at most the number of singular values",
+            r <= self.s.len(),
+        )?;
+        let root: Vec<f32> = self.s[..r].iter().map(|&v| libm::sqrtf(v)).collect();
+        Ok(Lora {
+            b: Mat::from_fn(self.u.rows(), r, |i, j| self.u.at(i, j) * root[j])?,
+            a: Mat::from_fn(r, self.v.rows(), |i, j| root[i] * self.v.at(j, i))?,
+            singular_values: self.s.clone(),
+        })
+    }
 }
 
 /// The rank a [`LoraRank`] rule picks for singular values `s` (descending).

@@ -15,18 +15,12 @@
 
 use alloc::vec;
 
-use kernels_core::{Error, MatMut, MatRef, Result, backend::try_vec};
+use kernels_core::backend::{try_vec, validate_gemm};
+use kernels_core::{MatMut, MatRef, Result};
 
 use crate::{Cpu, Simd, WithSimd};
 
-/// Whether an operand enters the product as stored or transposed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transpose {
-    /// `op(A) = A`.
-    No,
-    /// `op(A) = A^T`.
-    Yes,
-}
+pub use kernels_core::ops::project::Transpose;
 
 /// Which GEMM the linear-algebra kernels call (see [`gemm`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -187,7 +181,7 @@ impl ViewMut {
 /// result (`u = 2^-24`; the last term is gradual underflow's) while `sum_p |a_ip b_pj|` stays
 /// within `f32`'s range. An `alpha` other than `±1` with a nonzero `beta` on faer's backend costs
 /// a scratch copy of `c` (faer would fold `alpha` into an operand, which can overflow or underflow
-/// where the scaled product does not), so it can fail with [`Error::OutOfMemory`].
+/// where the scaled product does not), so it can fail with [`kernels_core::Error::OutOfMemory`].
 ///
 /// ```
 /// use kernels_core::{MatMut, MatRef};
@@ -210,24 +204,8 @@ pub fn gemm(
     beta: f32,
     mut c: MatMut<'_, f32>,
 ) -> Result<()> {
-    for (name, value) in [("alpha", alpha), ("beta", beta)] {
-        if !value.is_finite() {
-            return Err(Error::InvalidParam {
-                name,
-                value: f64::from(value),
-                expected: "finite",
-            });
-        }
-    }
+    validate_gemm(alpha, a.shape(), a_op, b.shape(), b_op, beta, c.shape())?;
     let (a, b) = (View::of(a, a_op), View::of(b, b_op));
-    if b.rows != a.cols {
-        return Err(Error::ShapeMismatch {
-            what: "op(b) (its rows must equal op(a)'s columns)",
-            expected: [a.cols, b.cols],
-            found: [b.rows, b.cols],
-        });
-    }
-    c.expect_shape("c", [a.rows, b.cols])?;
     let c = ViewMut::of(&mut c);
     if runs_faer(cpu) && alpha.abs() != 1.0 && beta != 0.0 {
         let len = c.rows * c.cols;

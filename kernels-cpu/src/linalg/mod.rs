@@ -45,8 +45,8 @@ mod svd;
 
 pub use gemm::{GemmBackend, Transpose, gemm};
 pub use kernels_core::ops::lowrank::{
-    Ldu, Lora, LoraRank, Lu, LuParams, MAX_JACOBI_SWEEPS, OpcmParams, RsvdParams, Svd, SvdRef,
-    SymmetricEigen,
+    F32_FACTORISATION_TOLERANCE, Ldu, Lora, LoraRank, Lu, LuParams, MAX_JACOBI_SWEEPS, OpcmParams,
+    RsvdParams, Svd, SvdRef, SymmetricEigen, factorisation_tolerance,
 };
 pub use kernels_core::ops::project::Qr;
 pub use lu::{ldu, lu};
@@ -60,28 +60,6 @@ use kernels_core::{DType, Element, Error, Mat, MatMut, MatRef, Result};
 
 use crate::Cpu;
 use gemm::{View, ViewMut, gemm_views};
-
-/// The constant `c` of the accuracy bound `c * eps * sqrt(max(m, n))` (relative to `||A||_F`,
-/// `eps = f32::EPSILON`) that reconstruction, orthogonality and singular values meet.
-pub const F32_FACTORISATION_TOLERANCE: f64 = 16.0;
-
-/// [`F32_FACTORISATION_TOLERANCE`]` * eps * sqrt(max(m, n))`.
-///
-/// ```
-/// use kernels_cpu::linalg::factorisation_tolerance;
-/// use kernels_cpu::prelude::*;
-/// let a = Mat::from_fn(64, 8, |i, j| ((i * 7 + j * 3) % 11) as f32 - 5.0)?;
-/// let qr = householder_qr(&Cpu::detect(), a.as_ref())?;
-/// // Reconstruction error relative to ||A||_F.
-/// let (q, r, a) = (Mat::widen(qr.q.as_ref()), Mat::widen(qr.r.as_ref()), Mat::widen(a.as_ref()));
-/// let error = q.matmul(&r)?.distance(&a)? / a.frobenius_norm();
-/// assert!(error <= factorisation_tolerance(64, 8));
-/// # Ok::<(), Error>(())
-/// ```
-#[must_use]
-pub fn factorisation_tolerance(m: usize, n: usize) -> f64 {
-    F32_FACTORISATION_TOLERANCE * f64::from(f32::EPSILON) * libm::sqrt(m.max(n).max(1) as f64)
-}
 
 /// `a` widened to an owned `f32` matrix; NaN or infinity is [`Error::NonFinite`] (flat index).
 /// `m` itself if every element is finite, else [`Error::Overflow`] naming it: a factor of finite

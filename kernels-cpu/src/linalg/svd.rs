@@ -554,15 +554,6 @@ fn rotate_pair(m: &mut [f64], n: usize, p: usize, q: usize, c: f64, s: f64) {
     }
 }
 
-fn lora_from_svd(svd: &Svd<f32>, r: usize) -> Result<Lora<f32>> {
-    let root: Vec<f32> = svd.s[..r].iter().map(|&v| libm::sqrtf(v)).collect();
-    Ok(Lora {
-        b: Mat::from_fn(svd.u.rows(), r, |i, j| svd.u.at(i, j) * root[j])?,
-        a: Mat::from_fn(r, svd.v.rows(), |i, j| root[i] * svd.v.at(j, i))?,
-        singular_values: svd.s.clone(),
-    })
-}
-
 /// LoRA extraction from the exact thin SVD: `B = U_r sqrt(S_r)`, `A = sqrt(S_r) V_r^T`, with `r`
 /// picked by `rank` (fixed, energy kept, or relative error).
 ///
@@ -584,7 +575,7 @@ pub fn lora_extract<T: Element>(
     let svd = thin_svd(cpu, delta)?;
     let s: Vec<f64> = svd.s.iter().map(|&v| f64::from(v)).collect();
     let r = lora_rank(rank, &s)?;
-    lora_from_svd(&svd, r)
+    svd.lora(r)
 }
 
 /// LoRA extraction of rank `params.rank` from the randomized SVD: what large `delta`s
@@ -605,7 +596,7 @@ pub fn lora_extract_randomized<T: Element>(
     params: RsvdParams,
 ) -> Result<Lora<f32>> {
     let svd = randomized_svd(cpu, delta, params)?;
-    lora_from_svd(&svd, svd.s.len())
+    svd.lora(svd.s.len())
 }
 
 /// The OPCM projection of a new task vector `tau` (`m x n`) against the merged task vector's SVD

@@ -1,7 +1,8 @@
 //! Every GPU kernel family at real model sizes, with the device's copy bandwidth measured in the
 //! same run as the reference: GEMV (dense, sparse-input at s = 0.5, gathered), the CATS MLP,
 //! ternary GEMV, merge reductions (mean, Fisher, TIES under both election rules), linear
-//! combinations, Gram matrices and SLERP, DARE, top-k selection, Breadcrumbs and ComPEFT.
+//! combinations, Gram matrices and SLERP, DARE, top-k selection, Breadcrumbs and ComPEFT; and the
+//! linear algebra (`gpu_linalg`: GEMM, projection, QR, randomized SVD in GFLOP/s beside the CPU's).
 //!
 //! GB/s count the bytes each kernel must touch once (weights and inputs read, outputs written);
 //! the copy reads and writes its buffer, so its figure counts both. A timed iteration submits the
@@ -339,5 +340,174 @@ fn bench_gpu(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_gpu);
+/// GFLOP/s of the GPU's linear algebra at the shapes OPCM and LoRA extraction use (Llama-2-7B's
+/// 4096 x 11008 projections, rank 64), beside the CPU's GEMM (faer, all threads) on the same
+/// products in the same run: the best GEMM this machine has without a GPU. Throughput counts
+/// floating-point operations as elements (`medians.py` prints them as G elements/s = GFLOP/s).
+fn bench_gpu_linalg(c: &mut Criterion) {
+    use kernels_cpu::Cpu;
+    use kernels_cpu::linalg as cpu_linalg;
+    let Ok(ctx) = Context::new_blocking(ContextOptions::default()) else {
+        return;
+    };
+    let cpu = Cpu::detect();
+    let mut group = c.benchmark_group("gpu_linalg");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(3));
+    let (m, n, r) = (4096, 11008, 64);
+    let square = 2048;
+
+    // Square GEMM, GPU and CPU.
+    let a_host: Vec<f32> = normal(square * square, 1.0, 11);
+    let a_view = MatRef::from_slice(&a_host, square, square).expect("a");
+    let a = GpuTensor::from_matrix(&ctx, a_view).expect("a");
+    let mut c_gpu = GpuTensor::<f32>::zeros(&ctx, square, square).expect("c");
+    let mut c_host = vec![0.0f32; square * square];
+    group.throughput(Throughput::Elements((2 * square * square * square) as u64));
+    group.bench_function(BenchmarkId::new("gemm_f32", square), |b| {
+        b.iter_custom(|iters| {
+            time(&ctx, iters, || {
+                gemm(
+                    &ctx,
+                    1.0,
+                    &a,
+                    Transpose::No,
+                    &a,
+                    Transpose::No,
+                    0.0,
+                    &mut c_gpu,
+                )
+                .expect("gemm");
+            })
+        });
+    });
+    group.bench_function(BenchmarkId::new("cpu_gemm_f32", square), |b| {
+        b.iter(|| {
+            let out = MatMut::from_slice(&mut c_host, square, square).expect("c");
+            cpu_linalg::gemm(
+                &cpu,
+                1.0,
+                a_view,
+                Transpose::No,
+                a_view,
+                Transpose::No,
+                0.0,
+                out,
+            )
+            .expect("gemm");
+        });
+    });
+    drop((a, c_gpu, c_host, a_host));
+
+    // The projections' shapes: Q (m x r, orthonormal), X (m x n).
+    let q_host = cpu_linalg::householder_qr(
+        &cpu,
+        MatRef::from_slice(&normal::<f32>(m * r, 1.0, 12), m, r).expect("q"),
+    )
+    .expect("qr")
+    .q;
+    let x_host: Vec<f32> = normal(m * n, 0.02, 13);
+    let x_view = MatRef::from_slice(&x_host, m, n).expect("x");
+    let q = GpuTensor::from_matrix(&ctx, q_host.as_ref()).expect("q");
+    let x = GpuTensor::from_matrix(&ctx, x_view).expect("x");
+    let mut coefficients = GpuTensor::<f32>::zeros(&ctx, r, n).expect("q^t x");
+    let mut coefficients_host = vec![0.0f32; r * n];
+    group.throughput(Throughput::Elements((2 * m * n * r) as u64));
+    group.bench_function(
+        BenchmarkId::new("gemm_qt_x_f32", format!("{m}x{n}_r{r}")),
+        |b| {
+            b.iter_custom(|iters| {
+                time(&ctx, iters, || {
+                    gemm(
+                        &ctx,
+                        1.0,
+                        &q,
+                        Transpose::Yes,
+                        &x,
+                        Transpose::No,
+                        0.0,
+                        &mut coefficients,
+                    )
+                    .expect("gemm");
+                })
+            });
+        },
+    );
+    group.bench_function(
+        BenchmarkId::new("cpu_gemm_qt_x_f32", format!("{m}x{n}_r{r}")),
+        |b| {
+            b.iter(|| {
+                let out = MatMut::from_slice(&mut coefficients_host, r, n).expect("c");
+                cpu_linalg::gemm(
+                    &cpu,
+                    1.0,
+                    q_host.as_ref(),
+                    Transpose::Yes,
+                    x_view,
+                    Transpose::No,
+                    0.0,
+                    out,
+                )
+                .expect("gemm");
+            });
+        },
+    );
+    let mut out = GpuTensor::<f32>::zeros(&ctx, m, n).expect("out");
+    group.throughput(Throughput::Elements((4 * m * n * r) as u64));
+    group.bench_function(
+        BenchmarkId::new("project_out_f32", format!("{m}x{n}_r{r}")),
+        |b| {
+            b.iter_custom(|iters| {
+                time(&ctx, iters, || {
+                    project_out(&ctx, &q, &x, &mut out).expect("project_out");
+                })
+            });
+        },
+    );
+    drop((coefficients, out, coefficients_host));
+
+    // Householder QR of a tall block: 4 m r^2 - 4 r^3 / 3 operations (factor and form Q).
+    group.throughput(Throughput::Elements(
+        (4 * m * r * r - 4 * r * r * r / 3) as u64,
+    ));
+    group.bench_function(
+        BenchmarkId::new("householder_qr_f32", format!("{m}x{r}")),
+        |b| {
+            b.iter_custom(|iters| {
+                time(&ctx, iters, || {
+                    block_on(householder_qr(&ctx, &q)).expect("qr");
+                })
+            });
+        },
+    );
+
+    // The randomized SVD at rank 64 with the default oversampling and power iterations: its GEMMs
+    // are 2 (q + 1) products with A of 2 m n p operations each, plus U = Q U_B.
+    let params = RsvdParams::new(r);
+    let probes = r + params.oversample;
+    group.throughput(Throughput::Elements(
+        (2 * (params.power_iterations + 1) * 2 * m * n * probes + 2 * m * probes * r) as u64,
+    ));
+    group.bench_function(
+        BenchmarkId::new("randomized_svd_f32", format!("{m}x{n}_r{r}")),
+        |b| {
+            b.iter_custom(|iters| {
+                time(&ctx, iters, || {
+                    block_on(randomized_svd(&ctx, &x, params)).expect("rsvd");
+                })
+            });
+        },
+    );
+    group.bench_function(
+        BenchmarkId::new("cpu_randomized_svd_f32", format!("{m}x{n}_r{r}")),
+        |b| {
+            b.iter(|| cpu_linalg::randomized_svd(&cpu, x_view, params).expect("rsvd"));
+        },
+    );
+    group.finish();
+}
+
+criterion_group!(benches, bench_gpu, bench_gpu_linalg);
 criterion_main!(benches);

@@ -4,8 +4,9 @@
 //! On the GPU: linear combinations (linear, passthrough), task arithmetic and the TIES vote of
 //! the task-arithmetic family, SLERP, whole-tensor Model Stock, Fisher merging and DARE's masks.
 //! On the CPU whatever the device: magnitude trimming, Breadcrumbs, DELLA's ranks, ComPEFT, OPCM
-//! and LoRA's factorisations, filter-wise Model Stock (a Gram matrix per row), and reading and
-//! writing. Each GPU op is within its documented tolerance of the CPU's (`f32` sums where the
+//! and LoRA's factorisations (both take the exact thin SVD, which has no GPU form: its Jacobi
+//! sweeps are sequential; the GPU's randomized SVD is not the same answer), filter-wise Model
+//! Stock (a Gram matrix per row), and reading and writing. Each GPU op is within its documented tolerance of the CPU's (`f32` sums where the
 //! CPU keeps `f64`; DARE's masks are the same bits).
 
 use std::sync::Arc;

@@ -70,6 +70,26 @@ pub(crate) struct GemvParams {
     pub split_rows: u32,
     pub split_base: u32,
     pub threshold: f32,
+    pub x_stride: u32,
+    pub out_stride: u32,
+    pub pad: [u32; 2],
+}
+
+/// The samples one row-dot or sweep dispatch serves (a decode batch of 1 to 4): sample `b`'s
+/// input vector starts at `b * x_stride` and its outputs at `b * out_stride`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Samples {
+    pub count: usize,
+    pub x_stride: usize,
+    pub out_stride: usize,
+}
+
+impl Samples {
+    pub(crate) const ONE: Self = Self {
+        count: 1,
+        x_stride: 0,
+        out_stride: 0,
+    };
 }
 
 // Slots: w, x, partials, gather, params, y.
@@ -98,12 +118,14 @@ const COLUMN_SWEEP: Kernel = kernel("column_sweep", false);
 const COLUMN_SWEEP_BALLOT: Kernel = kernel("column_sweep_ballot", true);
 const SUM_SPLITS: Kernel = kernel("sum_splits", false);
 
-/// The pipeline of `kernel` for weights of `T`: `gathered` row dots, `gated` sweeps.
+/// The pipeline of `kernel` for weights of `T`: `gathered` row dots, `gated` sweeps, `samples`
+/// per dispatch.
 pub(crate) fn pipeline<T: GpuElement>(
     ctx: &Context,
     kernel: &Kernel,
     gathered: bool,
     gated: bool,
+    samples: usize,
 ) -> Result<std::sync::Arc<crate::context::Pipeline>> {
     let native_f16 = ctx.native_f16(T::ENCODING);
     let mut constants = vec![("WORKGROUP", WORKGROUP)];
@@ -116,6 +138,9 @@ pub(crate) fn pipeline<T: GpuElement>(
     }
     if gated {
         constants.push(("GATED", 1));
+    }
+    if samples > 1 {
+        constants.push(("BATCH", samples as u32));
     }
     ctx.pipeline(kernel, native_f16, &constants)
 }
@@ -136,14 +161,15 @@ pub(crate) enum RowDot<'a> {
     },
 }
 
-/// Records row dots of `w`'s pages against `x` into `out` (`outputs` entries; all whole
-/// buffers). An output whose row no page holds is left as it was.
+/// Records row dots of `w`'s pages against each sample's `x` into `out` (`outputs` entries per
+/// sample; all whole buffers). An output whose row no page holds is left as it was.
 pub(crate) fn record_row_dots<T: GpuElement>(
     batch: &mut Batch<'_>,
     w: &GpuTensor<T>,
     x: &wgpu::Buffer,
     how: RowDot<'_>,
     outputs: usize,
+    samples: Samples,
     out: &wgpu::Buffer,
 ) -> Result<()> {
     let (kernel, gathered) = match how {
@@ -151,7 +177,7 @@ pub(crate) fn record_row_dots<T: GpuElement>(
         RowDot::Gathered(_) => (&ROW_DOT, true),
         RowDot::CatsUp { .. } => (&CATS_UP, false),
     };
-    let pipeline = pipeline::<T>(batch.ctx(), kernel, gathered, false)?;
+    let pipeline = pipeline::<T>(batch.ctx(), kernel, gathered, false, samples.count)?;
     let (aux, threshold, gates) = match how {
         RowDot::Dense => (Bind::Unused, 0.0, Bind::Unused),
         RowDot::Gathered(rows) => (Bind::Buffer(rows), 0.0, Bind::Unused),
@@ -171,6 +197,9 @@ pub(crate) fn record_row_dots<T: GpuElement>(
             split_rows: 0,
             split_base: 0,
             threshold,
+            x_stride: samples.x_stride as u32,
+            out_stride: samples.out_stride as u32,
+            pad: [0; 2],
         })?;
         let grid = batch.grid(outputs as u32);
         batch.dispatch(
@@ -218,7 +247,15 @@ fn row_dots<T: GpuElement>(
         batch.clear(out_buffer);
     }
     let how = gather.map_or(RowDot::Dense, RowDot::Gathered);
-    record_row_dots(&mut batch, w, x_buffer, how, outputs, out_buffer)?;
+    record_row_dots(
+        &mut batch,
+        w,
+        x_buffer,
+        how,
+        outputs,
+        Samples::ONE,
+        out_buffer,
+    )?;
     batch.submit()
 }
 
@@ -359,21 +396,31 @@ fn sweep<T: GpuElement>(
     };
     let mut batch = ctx.batch()?;
     match x_buffer {
-        Some(x_buffer) => record_sweep(&mut batch, w_t, x_buffer, None, threshold, y_buffer)?,
+        Some(x_buffer) => record_sweep(
+            &mut batch,
+            w_t,
+            x_buffer,
+            None,
+            threshold,
+            Samples::ONE,
+            y_buffer,
+        )?,
         None => batch.clear(y_buffer),
     }
     batch.submit()
 }
 
-/// Records `y = sum over active i of v_i w_t[i, :]` into `batch`, where row `i` is active iff
-/// `!(|x_i| <= threshold)` and `v` is `x`, or `values` where given (CATS: the test on `a`, the
-/// product with `h`). `w_t` has at least one row; all are whole buffers.
+/// Records, per sample, `y = sum over active i of v_i w_t[i, :]` into `batch`, where row `i` is
+/// active iff `!(|x_i| <= threshold)` and `v` is `x`, or `values` where given (CATS: the test on
+/// `a`, the product with `h`); a row active in several samples is read once. `w_t` has at least
+/// one row; all are whole buffers.
 pub(crate) fn record_sweep<T: GpuElement>(
     batch: &mut Batch<'_>,
     w_t: &GpuTensor<T>,
     x: &wgpu::Buffer,
     values: Option<&wgpu::Buffer>,
     threshold: f32,
+    samples: Samples,
     y: &wgpu::Buffer,
 ) -> Result<()> {
     let ctx = batch.ctx();
@@ -381,12 +428,12 @@ pub(crate) fn record_sweep<T: GpuElement>(
     // Every page is split alike; the partial sums of all splits must fit one binding.
     let page_splits = |rows: usize| rows.div_ceil(SPLIT_ROWS as usize);
     let splits: usize = w_t.pages().map(|(_, _, rows)| page_splits(rows)).sum();
-    let partial_bytes = splits as u64 * cols as u64 * 4;
+    let partial_bytes = (splits * samples.count) as u64 * cols as u64 * 4;
     if partial_bytes > ctx.binding_bytes() {
         return Err(Error::InvalidParam {
             name: "w_t",
             value: w_t.len() as f64,
-            expected: "a matrix whose per-split partial sums (4 * out * in / 256 bytes) fit one \
+            expected: "a matrix whose per-split partial sums (4 * batch * out * in / 256 bytes) fit one \
                        storage binding",
         });
     }
@@ -396,8 +443,8 @@ pub(crate) fn record_sweep<T: GpuElement>(
         &COLUMN_SWEEP
     };
     let gated = values.is_some();
-    let sweep = pipeline::<T>(ctx, sweep_kernel, false, gated)?;
-    let sum = pipeline::<T>(ctx, &SUM_SPLITS, false, false)?;
+    let sweep = pipeline::<T>(ctx, sweep_kernel, false, gated, samples.count)?;
+    let sum = pipeline::<T>(ctx, &SUM_SPLITS, false, false, samples.count)?;
     let partials = batch.scratch(partial_bytes)?;
     let column_groups = (cols as u32).div_ceil(WORKGROUP);
     let values = values.map_or(Bind::Unused, Bind::Buffer);
@@ -412,6 +459,9 @@ pub(crate) fn record_sweep<T: GpuElement>(
             split_rows: SPLIT_ROWS,
             split_base,
             threshold,
+            x_stride: samples.x_stride as u32,
+            out_stride: samples.out_stride as u32,
+            pad: [0; 2],
         })?;
         batch.dispatch(
             &sweep,
@@ -436,6 +486,9 @@ pub(crate) fn record_sweep<T: GpuElement>(
         split_rows: SPLIT_ROWS,
         split_base: 0,
         threshold,
+        x_stride: samples.x_stride as u32,
+        out_stride: samples.out_stride as u32,
+        pad: [0; 2],
     })?;
     batch.dispatch(
         &sum,

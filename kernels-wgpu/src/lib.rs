@@ -21,8 +21,9 @@
 //! (backend first, then inputs, parameters, the output last); "how many" is a `KeepRule`; ops
 //! with more than three knobs take a params struct with `Default` and `with_*` setters. Where
 //! the GPU differs it says so: ops that must read something back (a selection's histograms, an
-//! MLP's report, ComPEFT's codes) are `async` (on native, [`block_on`] them); results are `f32`
-//! tensors; the linear algebra stays on the CPU.
+//! MLP's report, ComPEFT's codes, a factorisation's small core) are `async` (on native,
+//! [`block_on`] them); results are `f32` tensors, or the same host types as the CPU's where a
+//! factorisation downloads them ([`linalg`]).
 //!
 //! # Design
 //!
@@ -59,6 +60,8 @@
 //! | decompress-and-add | [`ternary::ternary_add_tolerance`] |
 //! | ComPEFT's scale | [`compress::SCALE_RELATIVE_TOLERANCE`] |
 //! | CATS and TEAL MLPs | [`mlp::mlp_tolerance`], the CPU's bound widened for WGSL's `exp` |
+//! | GEMM | [`linalg::gemm_tolerance`]: `(k + 3) u (|alpha| sum |a_ip b_pj| + |beta c_ij|)` |
+//! | projections, Householder QR, randomized SVD, LoRA extraction, OPCM step | the CPU's [`linalg::factorisation_tolerance`] (`16 eps sqrt(max(m, n))` of `||A||_F`) |
 //!
 //! The same inputs give the same bits on a given device and page size (the sweep's partial sums
 //! follow the pages); the `shader-f16` and subgroup variants give the portable kernels' bits.

@@ -24,6 +24,14 @@
 //! so it is meant for the tall-skinny bases these algorithms make (`k` up to a few hundred), not
 //! for square matrices of thousands of columns (use the CPU's blocked QR there).
 //!
+//! # Variants
+//!
+//! The GEMM's `A` is bound as `array<f16>` where the device has `shader-f16` (the same bits as the
+//! packed words). There is no subgroup variant: the tile's reuse goes through workgroup memory, and
+//! what would beat it (subgroup matrix operations) is not part of the `subgroups` feature; the
+//! Householder reductions could use `subgroupAdd`, but its order is the driver's, which would break
+//! the promise that every variant gives the portable kernels' bits.
+//!
 //! # Precision
 //!
 //! Arithmetic is `f32` (f16 and bf16 inputs are widened exactly). [`gemm`] is within

@@ -11,8 +11,10 @@
 //! * Each output is within [`mlp_tolerance`] of the reference, given an activity pattern that
 //!   agrees with it: a row whose `|a|` (or `|h|`) lies within rounding of the threshold may be
 //!   decided either way, as on the CPU.
-//! * The samples of a batch run one after another in one submission, so a row active in several
-//!   samples is read once per sample (a fused batch sweep is left for later).
+//! * The samples of a batch run together: each kernel pass serves all of them, so a row active in
+//!   several samples is read once per matrix (as the CPU's batch AXPY does), and each sample's
+//!   products are added in the order a batch of one adds them (same bits as running the samples
+//!   one by one).
 //! * A call records its dispatches and submits them; it reads nothing back. The rows it read are
 //!   left on the device in the caller's [`MlpScratch`], which reads them back only when asked
 //!   ([`MlpScratch::report`]): a decode loop pays no host round trip per token.
@@ -24,8 +26,8 @@ use kernels_core::ops::sparse::{MAX_MLP_BATCH, is_active};
 
 use crate::context::{Batch, Bind};
 use crate::gemv::{
-    GemvParams, RowDot, SILU_PRODUCT, WORKGROUP, gemv_tolerance, pipeline, record_row_dots,
-    record_sweep,
+    GemvParams, RowDot, SILU_PRODUCT, Samples, WORKGROUP, gemv_tolerance, pipeline,
+    record_row_dots, record_sweep,
 };
 use crate::{Context, GpuElement, GpuTensor};
 
@@ -86,8 +88,8 @@ pub fn mlp_tolerance(
 /// ```
 #[derive(Debug, Default)]
 pub struct MlpScratch {
-    /// Per sample, `intermediate` activations of the last call (at least that many bytes).
-    reports: Vec<wgpu::Buffer>,
+    /// The last call's activations, `intermediate` per sample side by side.
+    activations: Option<wgpu::Buffer>,
     /// The last call's batch, intermediate size, and the threshold its activity test used.
     last: Option<(usize, usize, f32)>,
 }
@@ -99,14 +101,17 @@ impl MlpScratch {
         Self::default()
     }
 
-    /// The buffers for a call of `batch` samples and `inter` rows, grown where too small.
-    fn reports(&mut self, ctx: &Context, batch: usize, inter: usize) -> Result<&[wgpu::Buffer]> {
-        let bytes = (inter.max(1) * 4) as u64;
-        self.reports.retain(|b| b.size() >= bytes);
-        while self.reports.len() < batch {
-            self.reports.push(ctx.take_storage(bytes)?);
+    /// The activations' buffer for `len` values, grown if too small.
+    fn activations(&mut self, ctx: &Context, len: usize) -> Result<wgpu::Buffer> {
+        let bytes = (len.max(1) * 4) as u64;
+        match &self.activations {
+            Some(buffer) if buffer.size() >= bytes => Ok(buffer.clone()),
+            _ => {
+                let buffer = ctx.take_storage(bytes)?;
+                self.activations = Some(buffer.clone());
+                Ok(buffer)
+            }
         }
-        Ok(&self.reports[..batch])
     }
 
     /// What the last call read: the union over its batch of the intermediate rows each sample
@@ -117,10 +122,12 @@ impl MlpScratch {
             return Ok(MlpReport::default());
         };
         let mut read = vec![false; inter];
-        for buffer in &self.reports[..batch] {
-            let values = ctx.read_buffer::<f32>(buffer, inter).await?;
-            for (r, v) in read.iter_mut().zip(values) {
-                *r |= is_active(v, threshold);
+        if let Some(buffer) = &self.activations {
+            let values = ctx.read_buffer::<f32>(buffer, batch * inter).await?;
+            for sample in values.chunks(inter.max(1)) {
+                for (r, &v) in read.iter_mut().zip(sample) {
+                    *r |= is_active(v, threshold);
+                }
             }
         }
         Ok(MlpReport {
@@ -137,41 +144,43 @@ fn row_at(t: &GpuTensor<f32>, r: usize) -> (&wgpu::Buffer, u64) {
     (buffer, ((r % t.rows_per_page()) * t.cols() * 4) as u64)
 }
 
-/// Per sample `b`: copies row `b` of `x` into a vector, runs `sample` (which fills the output
-/// vector and the sample's report vector in `scratch`; it runs only where there is an
-/// intermediate row), copies the output into row `b` of `y`; submits, and notes in `scratch`
-/// how to read the reports.
-fn per_sample(
+/// Copies the batch's rows of `x` side by side into one buffer, runs `body` (which fills the
+/// outputs side by side and the activations, `intermediate` per sample; it runs only where there
+/// is an intermediate row), copies the outputs into `y`'s rows; submits, and notes in `scratch`
+/// how to read the activations.
+fn batched(
     ctx: &Context,
     x: &GpuTensor<f32>,
     y: &mut GpuTensor<f32>,
     inter: usize,
     threshold: f32,
     scratch: &mut MlpScratch,
-    mut sample: impl FnMut(&mut Batch<'_>, &wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer) -> Result<()>,
+    body: impl FnOnce(&mut Batch<'_>, &wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer) -> Result<()>,
 ) -> Result<()> {
-    let [batch_size, hidden] = x.shape();
-    debug_assert!(batch_size <= MAX_MLP_BATCH);
+    let [samples, hidden] = x.shape();
+    debug_assert!(samples <= MAX_MLP_BATCH);
     scratch.last = None;
-    let reports = scratch.reports(ctx, batch_size, inter)?;
+    let activations = scratch.activations(ctx, samples * inter)?;
     let mut batch = ctx.batch()?;
-    for (b, report) in reports.iter().enumerate() {
-        batch.clear(report);
-        if hidden == 0 {
-            continue;
+    batch.clear(&activations);
+    let row_bytes = (hidden * 4) as u64;
+    if hidden > 0 {
+        let xs = batch.scratch(samples as u64 * row_bytes)?;
+        let ys = batch.scratch(samples as u64 * row_bytes)?;
+        for b in 0..samples {
+            let (x_page, x_offset) = row_at(x, b);
+            batch.copy_range(x_page, x_offset, &xs, b as u64 * row_bytes, row_bytes);
         }
-        let xb = batch.scratch((hidden * 4) as u64)?;
-        let yb = batch.scratch((hidden * 4) as u64)?;
-        let (x_page, x_offset) = row_at(x, b);
-        batch.copy_range(x_page, x_offset, &xb, 0, (hidden * 4) as u64);
         if inter == 0 {
             // No intermediate row: every output is an empty sum.
-            batch.clear(&yb);
+            batch.clear(&ys);
         } else {
-            sample(&mut batch, &xb, &yb, report)?;
+            body(&mut batch, &xs, &ys, &activations)?;
         }
-        let (y_page, y_offset) = row_at(y, b);
-        batch.copy_range(&yb, 0, y_page, y_offset, (hidden * 4) as u64);
+        for b in 0..samples {
+            let (y_page, y_offset) = row_at(y, b);
+            batch.copy_range(&ys, b as u64 * row_bytes, y_page, y_offset, row_bytes);
+        }
     }
     batch.submit()?;
     // Without a hidden column no sample ran: no row was read, whatever the threshold.
@@ -180,8 +189,19 @@ fn per_sample(
     } else {
         threshold
     };
-    scratch.last = Some((batch_size, inter, threshold));
+    scratch.last = Some((samples, inter, threshold));
     Ok(())
+}
+
+/// The batch's layouts: vectors of `hidden` values in, `inter` out (the gate and up steps), and
+/// `inter` in, `hidden` out (the down projection).
+fn strides(samples: usize, hidden: usize, inter: usize) -> (Samples, Samples) {
+    let layout = |x_stride, out_stride| Samples {
+        count: samples,
+        x_stride,
+        out_stride,
+    };
+    (layout(hidden, inter), layout(inter, hidden))
 }
 
 /// The CATS MLP for a decode batch: `x` and `y` `[batch, hidden]`, batch 1 to 4 (the twin of
@@ -196,26 +216,35 @@ pub fn cats_mlp<T: GpuElement>(
     y: &mut GpuTensor<f32>,
     scratch: &mut MlpScratch,
 ) -> Result<()> {
-    let [inter, _] =
+    let [inter, hidden] =
         validate_cats_mlp(x.shape(), weights.map(|w| w.shape()), threshold, y.shape())?;
-    per_sample(
+    let (hidden_in, inter_in) = strides(x.rows(), hidden, inter);
+    batched(
         ctx,
         x,
         y,
         inter,
         threshold,
         scratch,
-        |batch, xb, yb, gates| {
-            let g = batch.scratch((inter * 4) as u64)?;
-            let h = batch.scratch((inter * 4) as u64)?;
-            record_row_dots(batch, weights.gate, xb, RowDot::Dense, inter, &g)?;
+        |batch, xs, ys, gates| {
+            let g = batch.scratch((x.rows() * inter * 4) as u64)?;
+            let h = batch.scratch((x.rows() * inter * 4) as u64)?;
+            record_row_dots(batch, weights.gate, xs, RowDot::Dense, inter, hidden_in, &g)?;
             let up = RowDot::CatsUp {
                 g: &g,
                 threshold,
                 gates,
             };
-            record_row_dots(batch, weights.up, xb, up, inter, &h)?;
-            record_sweep(batch, weights.down_t, gates, Some(&h), threshold, yb)
+            record_row_dots(batch, weights.up, xs, up, inter, hidden_in, &h)?;
+            record_sweep(
+                batch,
+                weights.down_t,
+                gates,
+                Some(&h),
+                threshold,
+                inter_in,
+                ys,
+            )
         },
     )
 }
@@ -249,24 +278,44 @@ pub fn teal_mlp<T: GpuElement>(
 ) -> Result<()> {
     let [inter, _] =
         validate_teal_mlp(x.shape(), weights.map(|w| w.shape()), thresholds, y.shape())?;
-    let product = pipeline::<T>(ctx, &SILU_PRODUCT, false, false)?;
-    per_sample(
+    let product = pipeline::<T>(ctx, &SILU_PRODUCT, false, false, 1)?;
+    let hidden = x.cols();
+    let (hidden_in, inter_in) = strides(x.rows(), hidden, inter);
+    batched(
         ctx,
         x,
         y,
         inter,
         thresholds.down,
         scratch,
-        |batch, xb, yb, h| {
-            let g = batch.scratch((inter * 4) as u64)?;
-            let u = batch.scratch((inter * 4) as u64)?;
-            record_sweep(batch, weights.gate_t, xb, None, thresholds.gate_up, &g)?;
-            record_sweep(batch, weights.up_t, xb, None, thresholds.gate_up, &u)?;
+        |batch, xs, ys, h| {
+            let values = x.rows() * inter;
+            let g = batch.scratch((values * 4) as u64)?;
+            let u = batch.scratch((values * 4) as u64)?;
+            record_sweep(
+                batch,
+                weights.gate_t,
+                xs,
+                None,
+                thresholds.gate_up,
+                hidden_in,
+                &g,
+            )?;
+            record_sweep(
+                batch,
+                weights.up_t,
+                xs,
+                None,
+                thresholds.gate_up,
+                hidden_in,
+                &u,
+            )?;
+            // h = silu(g) u over every sample's values at once.
             let params = batch.uniform(&GemvParams {
-                cols: inter as u32,
+                cols: values as u32,
                 ..GemvParams::default()
             })?;
-            let groups = (inter as u32).div_ceil(WORKGROUP);
+            let groups = (values as u32).div_ceil(WORKGROUP);
             batch.dispatch(
                 &product,
                 &[
@@ -279,7 +328,15 @@ pub fn teal_mlp<T: GpuElement>(
                 ],
                 (groups, 1),
             );
-            record_sweep(batch, weights.down_t, h, None, thresholds.down, yb)
+            record_sweep(
+                batch,
+                weights.down_t,
+                h,
+                None,
+                thresholds.down,
+                inter_in,
+                ys,
+            )
         },
     )
 }

@@ -219,7 +219,79 @@ fn decode_loop_reuses_its_tensors(ctx: &Context) {
     );
 }
 
+/// A batch runs in one pass per matrix, yet each sample's output is the bits that sample gets
+/// alone, and the report is the union of the samples' reports.
+fn batches_give_each_sample_its_own_bits(ctx: &Context) {
+    let (inter, hidden) = (300, 70);
+    let layer = Layer::<f32>::new(inter, hidden, 21);
+    let shape = |m: &[f32], rows, cols| {
+        GpuTensor::from_matrix(ctx, MatRef::from_slice(m, rows, cols).unwrap()).unwrap()
+    };
+    let (gate, up, down_t) = (
+        shape(&layer.gate, inter, hidden),
+        shape(&layer.up, inter, hidden),
+        shape(&layer.down_t, inter, hidden),
+    );
+    let (gate_t, up_t) = (
+        shape(&layer.transposed(&layer.gate), hidden, inter),
+        shape(&layer.transposed(&layer.up), hidden, inter),
+    );
+    let cats = CatsMlpWeights {
+        gate: &gate,
+        up: &up,
+        down_t: &down_t,
+    };
+    let teal = TealMlpWeights {
+        gate_t: &gate_t,
+        up_t: &up_t,
+        down_t: &down_t,
+    };
+    let thresholds = TealThresholds::new(0.6, 0.5);
+    for samples in 2..=4 {
+        let x_host = kernels_testkit::normal::<f32>(samples * hidden, 22 + samples as u64);
+        let x = shape(&x_host, samples, hidden);
+        for use_teal in [false, true] {
+            let run = |x: &GpuTensor<f32>, rows: usize| {
+                let mut y = GpuTensor::<f32>::zeros(ctx, rows, hidden).unwrap();
+                let mut scratch = MlpScratch::new();
+                if use_teal {
+                    teal_mlp(ctx, x, teal, thresholds, &mut y, &mut scratch).unwrap();
+                } else {
+                    cats_mlp(ctx, x, cats, 0.4, &mut y, &mut scratch).unwrap();
+                }
+                (
+                    y.to_vec_blocking(ctx).unwrap(),
+                    block_on(scratch.report(ctx)).unwrap(),
+                )
+            };
+            let (together, report) = run(&x, samples);
+            let mut union = vec![false; inter];
+            for (b, row) in x_host.chunks(hidden).enumerate() {
+                let (alone, alone_report) = run(&shape(row, 1, hidden), 1);
+                assert_eq!(
+                    kernels_testkit::bits(&together[b * hidden..][..hidden]),
+                    kernels_testkit::bits(&alone),
+                    "teal {use_teal} batch {samples} sample {b}"
+                );
+                for &i in &alone_report.active {
+                    union[i as usize] = true;
+                }
+            }
+            let expect: Vec<u32> = (0..inter as u32).filter(|&i| union[i as usize]).collect();
+            assert_eq!(
+                report.active, expect,
+                "teal {use_teal} batch {samples}: report"
+            );
+            assert!(
+                report.active.len() < inter,
+                "some row was skipped by every sample"
+            );
+        }
+    }
+}
+
 gpu_tests!(
+    batches_give_each_sample_its_own_bits,
     cats_everywhere,
     teal_everywhere,
     real_sizes,

@@ -5,6 +5,11 @@
 // A matrix larger than one storage binding is split into pages of whole rows, dispatched one
 // page at a time; `first_row` is the page's first row in the whole matrix. Sums run in a fixed
 // order for a given WORKGROUP and split, so results are deterministic.
+//
+// A decode batch of BATCH samples (1 to 4) runs in one pass: sample b's input vector starts at
+// b * x_stride (x, and the values in `gather`), its outputs at b * out_stride (y, and the
+// row dots' partials); a row needed by any sample is read once and used by each sample that
+// needs it, with each sample's products in the order a batch of one adds them.
 
 struct GemvParams {
     // Rows of this page.
@@ -24,6 +29,11 @@ struct GemvParams {
     // column_sweep: row i is read iff !(|x_i| <= threshold); -inf reads every row.
     // cats_up: row o is read iff !(|silu(g_o)| <= threshold).
     threshold: f32,
+    // Elements between two samples' input vectors, and between their outputs.
+    x_stride: u32,
+    out_stride: u32,
+    pad0: u32,
+    pad1: u32,
 }
 
 @group(0) @binding(1) var<storage, read> x: array<f32>;
@@ -41,12 +51,14 @@ override GATHERED: bool = false;
 // column_sweep: an active row i is scaled by gather[i] (as f32) instead of x_i (CATS tests
 // a = silu(g) and multiplies by h = a u).
 override GATED: bool = false;
+// Samples of a decode batch, 1 to 4.
+override BATCH: u32 = 1u;
 
 fn silu(g: f32) -> f32 {
     return g / (1.0 + exp(-g));
 }
 
-// The value an active row of the sweep is scaled by.
+// The value an active row of the sweep is scaled by (`i` counts from the sample's start).
 fn sweep_value(i: u32, xi: f32) -> f32 {
     if GATED {
         return bitcast<f32>(gather[i]);
@@ -54,7 +66,21 @@ fn sweep_value(i: u32, xi: f32) -> f32 {
     return xi;
 }
 
-var<workgroup> lane_sums: array<f32, WORKGROUP>;
+// One sum per sample (lanes past BATCH unused): the tree adds each sample's sums in the order a
+// batch of one does.
+var<workgroup> lane_sums: array<vec4<f32>, WORKGROUP>;
+
+fn workgroup_sums(lid: u32, acc: vec4<f32>) -> vec4<f32> {
+    lane_sums[lid] = acc;
+    workgroupBarrier();
+    for (var half = WORKGROUP / 2u; half > 0u; half >>= 1u) {
+        if lid < half {
+            lane_sums[lid] += lane_sums[lid + half];
+        }
+        workgroupBarrier();
+    }
+    return lane_sums[0];
+}
 
 // One workgroup per output: out[o] = W[row, :] . x, written by the page that holds the row.
 @compute @workgroup_size(WORKGROUP)
@@ -72,23 +98,21 @@ fn row_dot(
         row = gather[o];
     }
     let in_page = row >= p.first_row && row - p.first_row < p.rows;
-    var acc = 0.0;
+    var acc = vec4<f32>();
     if in_page {
         let base = (row - p.first_row) * p.row_stride;
         for (var j = lid; j < p.cols; j += WORKGROUP) {
-            acc += load_w(base + j) * x[j];
+            let w = load_w(base + j);
+            for (var b = 0u; b < BATCH; b++) {
+                acc[b] += w * x[b * p.x_stride + j];
+            }
         }
     }
-    lane_sums[lid] = acc;
-    workgroupBarrier();
-    for (var half = WORKGROUP / 2u; half > 0u; half >>= 1u) {
-        if lid < half {
-            lane_sums[lid] += lane_sums[lid + half];
-        }
-        workgroupBarrier();
-    }
+    let sums = workgroup_sums(lid, acc);
     if lid == 0u && in_page {
-        partials[o] = lane_sums[0];
+        for (var b = 0u; b < BATCH; b++) {
+            partials[b * p.out_stride + o] = sums[b];
+        }
     }
 }
 
@@ -107,28 +131,58 @@ fn column_sweep(
     if j >= p.cols {
         return;
     }
-    var acc = 0.0;
+    var acc = vec4<f32>();
     for (var i = start; i < end; i++) {
-        let xi = x[p.first_row + i];
-        if !(abs(xi) <= p.threshold) {
-            acc += sweep_value(p.first_row + i, xi) * load_w(i * p.row_stride + j);
-        }
+        accumulate_row(i, j, &acc);
     }
-    partials[(p.split_base + split) * p.cols + j] = acc;
+    write_partials(split, j, acc);
 }
 
-// y[j] = the sum of partials[s, j] over the `outputs` splits, in split order.
+// Whether row i (of the whole matrix) is active for sample b.
+fn is_active(b: u32, i: u32) -> bool {
+    return !(abs(x[b * p.x_stride + i]) <= p.threshold);
+}
+
+// Adds row i of the page (column j) to each sample it is active for; reads the row only when
+// some sample needs it (the test is uniform across the workgroup).
+fn accumulate_row(i: u32, j: u32, acc: ptr<function, vec4<f32>>) {
+    let row = p.first_row + i;
+    var needed = false;
+    for (var b = 0u; b < BATCH; b++) {
+        needed = needed || is_active(b, row);
+    }
+    if needed {
+        let w = load_w(i * p.row_stride + j);
+        for (var b = 0u; b < BATCH; b++) {
+            let at = b * p.x_stride + row;
+            if is_active(b, row) {
+                (*acc)[b] += sweep_value(at, x[at]) * w;
+            }
+        }
+    }
+}
+
+// Split `split`'s partial sums of column j, sample after sample.
+fn write_partials(split: u32, j: u32, acc: vec4<f32>) {
+    for (var b = 0u; b < BATCH; b++) {
+        partials[((p.split_base + split) * BATCH + b) * p.cols + j] = acc[b];
+    }
+}
+
+// y[b, j] = the sum of sample b's partials[s, b, j] over the `outputs` splits, in split order.
 @compute @workgroup_size(WORKGROUP)
 fn sum_splits(@builtin(global_invocation_id) gid: vec3<u32>) {
     let j = gid.x;
     if j >= p.cols {
         return;
     }
-    var acc = 0.0;
-    for (var s = 0u; s < p.outputs; s++) {
-        acc += partials[s * p.cols + j];
+    for (var b = 0u; b < BATCH; b++) {
+        var acc = 0.0;
+        for (var s = 0u; s < p.outputs; s++) {
+            acc += partials[(s * BATCH + b) * p.cols + j];
+        }
+        y[b * p.out_stride + j] = acc;
     }
-    y[j] = acc;
 }
 
 // CATS' up projection, one workgroup per intermediate row o: a = silu(g_o) (g in `gather`);
@@ -145,26 +199,30 @@ fn cats_up(
         return;
     }
     let in_page = o >= p.first_row && o - p.first_row < p.rows;
-    let a = silu(bitcast<f32>(gather[o]));
-    let kept = in_page && !(abs(a) <= p.threshold);
-    var acc = 0.0;
-    if kept {
+    var a = vec4<f32>();
+    var kept = vec4<bool>();
+    for (var b = 0u; b < BATCH; b++) {
+        a[b] = silu(bitcast<f32>(gather[b * p.out_stride + o]));
+        kept[b] = in_page && !(abs(a[b]) <= p.threshold);
+    }
+    var acc = vec4<f32>();
+    if any(kept) {
         let base = (o - p.first_row) * p.row_stride;
         for (var j = lid; j < p.cols; j += WORKGROUP) {
-            acc += load_w(base + j) * x[j];
+            let w = load_w(base + j);
+            for (var b = 0u; b < BATCH; b++) {
+                if kept[b] {
+                    acc[b] += w * x[b * p.x_stride + j];
+                }
+            }
         }
     }
-    lane_sums[lid] = acc;
-    workgroupBarrier();
-    for (var half = WORKGROUP / 2u; half > 0u; half >>= 1u) {
-        if lid < half {
-            lane_sums[lid] += lane_sums[lid + half];
-        }
-        workgroupBarrier();
-    }
+    let sums = workgroup_sums(lid, acc);
     if lid == 0u && in_page {
-        partials[o] = select(0.0, a * lane_sums[0], kept);
-        y[o] = a;
+        for (var b = 0u; b < BATCH; b++) {
+            partials[b * p.out_stride + o] = select(0.0, a[b] * sums[b], kept[b]);
+            y[b * p.out_stride + o] = a[b];
+        }
     }
 }
 

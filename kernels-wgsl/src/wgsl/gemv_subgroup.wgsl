@@ -1,5 +1,6 @@
 // The subgroup variant of `column_sweep`: each subgroup tests `subgroup_size` inputs at once and
-// walks only the active ones found by a ballot, instead of every invocation testing every input.
+// walks only the ones active in some sample, found by a ballot, instead of every invocation
+// testing every input.
 // It adds the same products in the same order as `column_sweep`, so the results are the same bits.
 @compute @workgroup_size(WORKGROUP)
 fn column_sweep_ballot(
@@ -13,11 +14,13 @@ fn column_sweep_ballot(
     let start = split * p.split_rows;
     let end = min(start + p.split_rows, p.rows);
     let column = min(j, p.cols - 1u);
-    var acc = 0.0;
+    var acc = vec4<f32>();
     for (var base = start; base < end; base += lanes) {
         var live = false;
         if base + lane < end {
-            live = !(abs(x[p.first_row + base + lane]) <= p.threshold);
+            for (var b = 0u; b < BATCH; b++) {
+                live = live || is_active(b, p.first_row + base + lane);
+            }
         }
         let ballot = subgroupBallot(live);
         for (var word = 0u; word < 4u; word++) {
@@ -25,14 +28,13 @@ fn column_sweep_ballot(
             while bits != 0u {
                 let i = base + word * 32u + firstTrailingBit(bits);
                 bits &= bits - 1u;
-                let xi = x[p.first_row + i];
-                acc += sweep_value(p.first_row + i, xi) * load_w(i * p.row_stride + column);
+                accumulate_row(i, column, &acc);
             }
         }
     }
     // Invocations past the last column computed a copy of the last one (they took part in the
     // ballots) and write nothing.
     if j < p.cols {
-        partials[(p.split_base + split) * p.cols + j] = acc;
+        write_partials(split, j, acc);
     }
 }

@@ -489,13 +489,13 @@ pub fn validate_randomized_svd(shape: [usize; 2], params: RsvdParams) -> Result<
 pub fn validate_gemm(
     alpha: f32,
     a: [usize; 2],
-    a_op: crate::ops::project::Transpose,
+    a_op: crate::view::Transpose,
     b: [usize; 2],
-    b_op: crate::ops::project::Transpose,
+    b_op: crate::view::Transpose,
     beta: f32,
     c: [usize; 2],
 ) -> Result<[usize; 3]> {
-    use crate::ops::project::Transpose;
+    use crate::view::Transpose;
     for (name, value) in [("alpha", alpha), ("beta", beta)] {
         check_param(name, f64::from(value), "finite", value.is_finite())?;
     }

@@ -63,7 +63,7 @@ pub use rng::{CounterRng, philox4x32_10};
 pub use stream::MultiPass;
 #[cfg(feature = "alloc")]
 pub use view::Mat;
-pub use view::{MatMut, MatRef};
+pub use view::{MatMut, MatRef, Transpose};
 
 pub use half::{bf16, f16};
 

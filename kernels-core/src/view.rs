@@ -753,3 +753,12 @@ mod tests {
         assert_eq!(m.at(2, 1), 6);
     }
 }
+
+/// Whether an operand of a GEMM enters the product as stored or transposed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transpose {
+    /// `op(A) = A`.
+    No,
+    /// `op(A) = A^T`.
+    Yes,
+}

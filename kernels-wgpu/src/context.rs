@@ -153,11 +153,16 @@ pub struct Context {
     modules: Mutex<HashMap<ModuleSpec, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<PipelineKey, Arc<Pipeline>>>,
     pool: Mutex<HashMap<PoolKey, Vec<wgpu::Buffer>>>,
-    /// Bound to slots a kernel does not touch for the given parameters: one read-only and one
-    /// writable, so that a placeholder never makes a read-only binding alias a writable one.
+    /// Bound to slots a kernel does not touch for the given parameters: one read-only buffer,
+    /// and a writable one per binding index, so that a placeholder never makes a binding alias a
+    /// writable one (WebGPU rejects writable aliasing within a bind group; wgpu on native does not
+    /// check it, the browser test caught it).
     dummy_read: wgpu::Buffer,
-    dummy_write: wgpu::Buffer,
+    dummy_writes: Vec<wgpu::Buffer>,
 }
+
+/// The most bindings any kernel's layout has.
+const MAX_SLOTS: usize = 8;
 
 impl core::fmt::Debug for Context {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
@@ -346,7 +351,9 @@ impl Context {
         };
         Ok(Self {
             dummy_read: dummy(wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::UNIFORM),
-            dummy_write: dummy(wgpu::BufferUsages::STORAGE),
+            dummy_writes: (0..MAX_SLOTS)
+                .map(|_| dummy(wgpu::BufferUsages::STORAGE))
+                .collect(),
             device,
             queue,
             info,
@@ -480,6 +487,11 @@ impl Context {
         native_f16: bool,
         constants: &[(&'static str, u32)],
     ) -> Result<Arc<Pipeline>> {
+        debug_assert!(
+            kernel.slots.len() <= MAX_SLOTS,
+            "{}: more slots than placeholders",
+            kernel.entry
+        );
         if kernel.needs_subgroups && !self.features.subgroups {
             return Err(Error::Unsupported {
                 feature: "subgroup operations",
@@ -811,7 +823,7 @@ impl<'a> Batch<'a> {
                 resource: match bind {
                     Bind::Buffer(buffer) => buffer.as_entire_binding(),
                     Bind::Unused => match pipeline.slots[binding] {
-                        Slot::ReadWrite => self.ctx.dummy_write.as_entire_binding(),
+                        Slot::ReadWrite => self.ctx.dummy_writes[binding].as_entire_binding(),
                         Slot::Read | Slot::Uniform => self.ctx.dummy_read.as_entire_binding(),
                     },
                 },

@@ -29,14 +29,7 @@ pub(crate) fn check_finite_mat<T: Real>(what: &'static str, a: MatRef<'_, T>) ->
     Ok(())
 }
 
-/// Whether an operand of a GEMM enters the product as stored or transposed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transpose {
-    /// `op(A) = A`.
-    No,
-    /// `op(A) = A^T`.
-    Yes,
-}
+pub use crate::view::Transpose;
 
 /// A thin QR factorisation, in `f64` from the references and in `f32` from the fast kernels.
 #[derive(Clone, Debug, PartialEq)]

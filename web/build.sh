@@ -19,7 +19,8 @@ if [ "$(wasm-bindgen --version 2>/dev/null | awk '{ print $2 }')" != "$version" 
     cargo install wasm-bindgen-cli --version "$version"
 fi
 
-CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUSTFLAGS="-C target-feature=+simd128" \
+# simd128 for the CPU kernels; getrandom's browser backend for the tokenizer's `rand`.
+CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUSTFLAGS='-C target-feature=+simd128 --cfg getrandom_backend="wasm_js"' \
     cargo build -p kernels-web --target wasm32-unknown-unknown --release
 out=target/web
 rm -rf "$out"

@@ -75,7 +75,7 @@ pub struct Check {
 }
 
 impl Check {
-    fn add(&mut self, got: f32, reference: f64, bound: f64) {
+    pub(crate) fn add(&mut self, got: f32, reference: f64, bound: f64) {
         let difference = (f64::from(got) - reference).abs();
         self.max_difference = self.max_difference.max(difference);
         let ratio = if difference == 0.0 {
@@ -107,6 +107,9 @@ pub enum Method {
     Ties,
     /// DARE: drop each entry with probability `drop`, rescale the survivors, then add.
     Dare,
+    /// Fisher merging: the fine-tunes averaged weighted by their diagonal Fisher information
+    /// (the base is not used).
+    Fisher,
 }
 
 impl Method {
@@ -120,8 +123,10 @@ impl Method {
             "task_arithmetic" => Ok(Self::TaskArithmetic),
             "ties" => Ok(Self::Ties),
             "dare" => Ok(Self::Dare),
+            "fisher" => Ok(Self::Fisher),
             other => Err(format!(
-                "unknown merge method '{other}': the page offers task_arithmetic, ties and dare"
+                "unknown merge method '{other}': the page offers task_arithmetic, ties, dare and \
+                 fisher"
             )),
         }
     }
@@ -153,6 +158,84 @@ fn task_vectors(base: &Tensor, tuned: &[&Tensor]) -> Result<Vec<Vec<f32>>> {
             Ok(tau)
         })
         .collect()
+}
+
+/// One tensor of the fine-tunes merged by Fisher merging on `backend` (`fishers[i]` the diagonal
+/// Fisher information of `tuned[i]`), and how it compares with the reference.
+///
+/// # Errors
+///
+/// The backend's error (a negative or non-finite Fisher entry, a tensor the device cannot hold).
+pub async fn fisher_tensor(
+    backend: &Backend,
+    tuned: &[&Tensor],
+    fishers: &[&Tensor],
+) -> Result<(Vec<f32>, Check)> {
+    let n = tuned[0].values.len();
+    let weights = vec![1.0f32; tuned.len()];
+    let params = kernels_core::ops::merge::FisherParams::default();
+    let thetas: Vec<&[f32]> = tuned.iter().map(|t| &t.values[..]).collect();
+    let fisher_values: Vec<&[f32]> = fishers.iter().map(|f| &f.values[..]).collect();
+    let mut reference = vec![0.0f32; n];
+    kernels_core::ops::merge::fisher_merge_ref(
+        &thetas,
+        &fisher_values,
+        &weights,
+        params,
+        &mut reference,
+    )?;
+    let merged = match backend {
+        Backend::Gpu(ctx) => {
+            let [rows, cols] = tuned[0].matrix_shape();
+            let upload =
+                |v: &[f32]| GpuTensor::from_matrix(ctx, MatRef::from_slice(v, rows, cols)?);
+            let thetas_gpu = thetas
+                .iter()
+                .map(|t| upload(t))
+                .collect::<Result<Vec<_>>>()?;
+            let fishers_gpu = fisher_values
+                .iter()
+                .map(|f| upload(f))
+                .collect::<Result<Vec<_>>>()?;
+            let mut out = GpuTensor::zeros(ctx, rows, cols)?;
+            kernels_wgpu::merge::fisher_merge(
+                ctx,
+                &thetas_gpu.iter().collect::<Vec<_>>(),
+                &fishers_gpu.iter().collect::<Vec<_>>(),
+                &weights,
+                params,
+                &mut out,
+            )?;
+            out.to_vec(ctx).await?
+        }
+        Backend::Cpu(cpu) => {
+            let mut out = vec![0.0f32; n];
+            kernels_cpu::merge::fisher_merge(
+                cpu,
+                &thetas,
+                &fisher_values,
+                &weights,
+                params,
+                &mut out,
+            )?;
+            out
+        }
+    };
+    let mut check = Check::default();
+    for (j, (&got, &expect)) in merged.iter().zip(&reference).enumerate() {
+        // The merged value is a convex combination: no term exceeds the largest |theta|.
+        let largest = thetas
+            .iter()
+            .map(|t| f64::from(t[j].abs()))
+            .fold(0.0, f64::max);
+        let bound = backend.reduction_tolerance(2 * thetas.len(), thetas.len() as f64 * largest);
+        check.add(
+            got,
+            f64::from(expect),
+            bound.max(f64::from(f32::MIN_POSITIVE)),
+        );
+    }
+    Ok((merged, check))
 }
 
 /// One tensor merged on `backend` (`first_index`: the tensor's offset in the model, DARE's
@@ -604,6 +687,19 @@ mod tests {
                     assert!(check.passed(), "{name} {method:?} {}: {check:?}", base.name);
                     first += base.values.len() as u64;
                 }
+            }
+            let fishers: Vec<Model> = crate::models::synthetic_fishers(2, 7)
+                .unwrap()
+                .iter()
+                .map(|f| Model::parse(f, "fisher").unwrap())
+                .collect();
+            for i in 0..models[0].tensors.len() {
+                let tuned = [&models[1].tensors[i], &models[2].tensors[i]];
+                let f = [&fishers[0].tensors[i], &fishers[1].tensors[i]];
+                let (merged, check) =
+                    kernels_wgpu::block_on(fisher_tensor(&backend, &tuned, &f)).unwrap();
+                assert_eq!(merged.len(), tuned[0].values.len());
+                assert!(check.passed(), "{name} Fisher: {check:?}");
             }
             let c =
                 kernels_wgpu::block_on(compress(&backend, &models[0], &models[1], 0.1)).unwrap();

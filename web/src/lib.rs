@@ -7,6 +7,7 @@
 //! layer the page's JavaScript calls: an [`Engine`] per backend, progress callbacks,
 //! cancellation, and every error as a sentence for the page.
 
+pub mod decode;
 pub mod demos;
 pub mod models;
 
@@ -96,6 +97,21 @@ pub struct GemvOutcome {
     pub worst_ratio: f64,
 }
 
+/// A decode run.
+#[wasm_bindgen(getter_with_clone)]
+pub struct DecodeOutcome {
+    /// The generated text.
+    pub text: String,
+    /// Tokens in the prompt.
+    pub prompt_tokens: usize,
+    /// Tokens generated.
+    pub generated: usize,
+    /// Generated tokens per second (after the prompt; the page's yields between tokens counted).
+    pub tokens_per_s: f64,
+    /// The dense model's first logits against the reference: the worst `|error| / bound`.
+    pub worst_ratio: f64,
+}
+
 /// A low-rank approximation.
 #[wasm_bindgen(getter_with_clone)]
 pub struct LowRankOutcome {
@@ -182,13 +198,25 @@ impl Engine {
             .collect())
     }
 
+    /// Diagonal Fisher information for the synthetic set's `count` fine-tunes, as safetensors.
+    pub fn synthetic_fishers(count: usize, seed: u32) -> Result<js_sys::Array, JsError> {
+        let files =
+            models::synthetic_fishers(count, u64::from(seed)).map_err(|e| JsError::new(&e))?;
+        Ok(files
+            .iter()
+            .map(|f| js_sys::Uint8Array::from(&f[..]))
+            .collect())
+    }
+
     /// Merges `files` (safetensors bytes; the first is the base) with `method`
-    /// (`task_arithmetic`, `ties`, `dare`) and its knobs; `progress(done, total)` is called per
-    /// tensor. The merged model keeps the base's tensor types.
+    /// (`task_arithmetic`, `ties`, `dare`, or `fisher` with `fishers`: one file of diagonal Fisher
+    /// information per fine-tune, same tensors) and its knobs; `progress(done, total)` is called
+    /// per tensor. The merged model keeps the base's tensor types.
     #[allow(clippy::too_many_arguments)]
     pub async fn merge(
         &self,
         files: Vec<js_sys::Uint8Array>,
+        fishers: Vec<js_sys::Uint8Array>,
         method: &str,
         lambda: f32,
         density: f64,
@@ -231,6 +259,28 @@ impl Engine {
             drop,
             seed: u64::from(seed),
         };
+        let fisher_models: Vec<Model> = if method == Method::Fisher {
+            if fishers.len() != models.len() - 1 {
+                return Err(JsError::new(&format!(
+                    "Fisher merging needs one Fisher file per fine-tuned model: {} fine-tune(s), {} Fisher file(s)",
+                    models.len() - 1,
+                    fishers.len()
+                )));
+            }
+            fishers
+                .iter()
+                .enumerate()
+                .map(|(i, f)| {
+                    let which = format!("Fisher file {}", i + 1);
+                    let fisher = Model::parse(&f.to_vec(), &which)?;
+                    models[0].check_same_layout(&fisher, &which)?;
+                    Ok(fisher)
+                })
+                .collect::<Result<_, String>>()
+                .map_err(|e| JsError::new(&e))?
+        } else {
+            Vec::new()
+        };
         let (base, tuned) = (&models[0], &models[1..]);
         let total = base.tensors.len();
         let mut merged = Vec::with_capacity(total);
@@ -238,10 +288,14 @@ impl Engine {
         for (i, t) in base.tensors.iter().enumerate() {
             self.step(progress, i, total).await?;
             let others: Vec<&models::Tensor> = tuned.iter().map(|m| &m.tensors[i]).collect();
-            let (values, check) =
-                demos::merge_tensor(&self.backend, t, &others, knobs, first_index)
-                    .await
-                    .map_err(|e| sentence(&e))?;
+            let merged_tensor = if method == Method::Fisher {
+                let fishers: Vec<&models::Tensor> =
+                    fisher_models.iter().map(|m| &m.tensors[i]).collect();
+                demos::fisher_tensor(&self.backend, &others, &fishers).await
+            } else {
+                demos::merge_tensor(&self.backend, t, &others, knobs, first_index).await
+            };
+            let (values, check) = merged_tensor.map_err(|e| sentence(&e))?;
             worst = worst.max(check.worst_ratio);
             first_index += t.values.len() as u64;
             merged.push(values);
@@ -255,7 +309,12 @@ impl Engine {
             .collect();
         let bytes = models::write(&entries).map_err(|e| JsError::new(&e))?;
         let millis = now() - start;
-        let moved: usize = models.iter().map(Model::stored_bytes).sum::<usize>() + bytes.len();
+        let moved: usize = models
+            .iter()
+            .chain(&fisher_models)
+            .map(Model::stored_bytes)
+            .sum::<usize>()
+            + bytes.len();
         Ok(MergeOutcome {
             bytes,
             millis,
@@ -309,6 +368,54 @@ impl Engine {
             dense_ms: t.dense_ms,
             sparse_ms: t.sparse_ms,
             worst_ratio: t.check.worst_ratio,
+        })
+    }
+
+    /// A tiny synthetic `llama` GGUF with a byte-level tokenizer, for the decode demo.
+    #[must_use]
+    pub fn synthetic_llm(seed: u32) -> Vec<u8> {
+        decode::synthetic_model(u64::from(seed))
+    }
+
+    /// Greedy generation of up to `max_tokens` after `prompt` from a GGUF model with CATS at
+    /// `sparsity`, on the CPU kernels (the decoder's GPU path reads back synchronously, which a
+    /// page cannot); `on_token(text)` sees each token as it comes, and Cancel stops between two.
+    pub async fn decode(
+        &self,
+        gguf: Vec<u8>,
+        prompt: &str,
+        max_tokens: usize,
+        sparsity: f64,
+        on_token: &js_sys::Function,
+    ) -> Result<DecodeOutcome, JsError> {
+        self.start();
+        yield_to_page().await;
+        let cpu = match &self.backend {
+            Backend::Cpu(cpu) => *cpu,
+            Backend::Gpu(_) => Cpu::detect(),
+        };
+        let mut session = decode::Session::start(&cpu, &gguf, prompt, max_tokens, sparsity)
+            .map_err(|e| sentence(&e))?;
+        let start = now();
+        while let Some(piece) = session.step(&cpu).map_err(|e| sentence(&e))? {
+            let _ = on_token.call1(&JsValue::NULL, &JsValue::from_str(&piece));
+            yield_to_page().await;
+            if self.cancelled.get() {
+                break;
+            }
+        }
+        let seconds = (now() - start) / 1e3;
+        let generated = session.generated.len();
+        Ok(DecodeOutcome {
+            text: session.text().map_err(|e| sentence(&e))?,
+            prompt_tokens: session.prompt_tokens,
+            generated,
+            tokens_per_s: if seconds > 0.0 {
+                generated as f64 / seconds
+            } else {
+                0.0
+            },
+            worst_ratio: session.check.worst_ratio,
         })
     }
 

@@ -247,6 +247,37 @@ pub fn synthetic(count: usize, seed: u64) -> Result<Vec<Vec<u8>>, String> {
     Ok(files)
 }
 
+/// Diagonal Fisher information for the synthetic set's fine-tunes: one file per fine-tune, the
+/// same tensors, positive values (squared normal draws, as squared gradients are), stored as f32.
+///
+/// # Errors
+///
+/// As [`write()`].
+pub fn synthetic_fishers(count: usize, seed: u64) -> Result<Vec<Vec<u8>>, String> {
+    let rng = CounterRng::new(seed ^ 0xf15e);
+    (0..count as u64)
+        .map(|model| {
+            let tensors: Vec<Vec<f32>> = SYNTHETIC
+                .iter()
+                .enumerate()
+                .map(|(t, (_, [rows, cols]))| {
+                    (0..(rows * cols) as u64)
+                        .map(|i| {
+                            (rng.normal_at((model << 40) | ((t as u64) << 32) | i) as f32).powi(2)
+                        })
+                        .collect()
+                })
+                .collect();
+            let entries: Vec<(&str, &[usize], Stored, &[f32])> = SYNTHETIC
+                .iter()
+                .zip(&tensors)
+                .map(|((name, shape), v)| (*name, &shape[..], Stored::F32, &v[..]))
+                .collect();
+            write(&entries)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

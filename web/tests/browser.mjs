@@ -1,7 +1,8 @@
 // The demo page end to end in a real headless Chromium: it loads, finds the WebGPU adapter
 // (SwiftShader), runs every demo on small inputs through the page's own buttons, and each result
 // matches the reference within its bound (the page computes the check; this reads it); bad input
-// is a sentence on the page; without WebGPU the CPU fallback runs the same demos. Screenshots go to
+// is a sentence on the page (a file that is not a model, too few files, a knob out of range, a
+// broken GGUF); without WebGPU the CPU fallback runs the same demos. Screenshots go to
 // target/web-screenshots/.
 //
 // Run: bash web/build.sh && (cd web && npm ci && node tests/browser.mjs)
@@ -49,7 +50,7 @@ async function press(page, button, output, timeout = 180_000) {
 }
 
 async function demos(page, label) {
-  for (const method of ['task_arithmetic', 'ties', 'dare']) {
+  for (const method of ['task_arithmetic', 'ties', 'dare', 'fisher']) {
     await page.click('#synthetic');
     await page.selectOption('#method', method);
     const r = await press(page, 'merge-run', 'merge-status');
@@ -62,6 +63,10 @@ async function demos(page, label) {
   expect(g.state === 'done' && g.check === 'pass', `${label}: sparse GEMV sweep: ${g.text}`);
   const l = await press(page, 'lowrank-run', 'lowrank-status');
   expect(l.state === 'done' && l.check === 'pass', `${label}: low rank: ${l.text}`);
+  await page.click('#tiny-llm');
+  const d = await press(page, 'decode-run', 'decode-status');
+  const streamed = await page.textContent('#decode-text');
+  expect(d.state === 'done' && d.check === 'pass' && streamed.length > 0, `${label}: decode: ${d.text}`);
 }
 
 async function open(browser, label, { hideWebGpu = false } = {}) {
@@ -104,12 +109,40 @@ try {
   ]);
   const few = await gpu.$eval('#merge-status', (o) => ({ state: o.dataset.state, text: o.textContent }));
   expect(few.state === 'error' && few.text.includes('two or three'), `WebGPU: one file is not enough: ${few.text}`);
+  // Fisher merging with the wrong Fisher files: too few, then not models.
+  const garbage = (name) => ({ name, mimeType: 'application/octet-stream', buffer: Buffer.from('no Fisher here') });
+  await gpu.click('#synthetic');
+  await gpu.selectOption('#method', 'fisher');
+  await gpu.setInputFiles('#fisher-files', [garbage('f1.safetensors')]);
+  await gpu.waitForFunction(() => document.getElementById('fishers-picked').textContent.includes('f1'));
+  const fewFishers = await press(gpu, 'merge-run', 'merge-status');
+  expect(fewFishers.state === 'error' && fewFishers.text.includes('one Fisher file per fine-tuned model'), `WebGPU: too few Fisher files are named: ${fewFishers.text}`);
+  await gpu.setInputFiles('#fisher-files', [garbage('f1.safetensors'), garbage('f2.safetensors')]);
+  await gpu.waitForFunction(() => document.getElementById('fishers-picked').textContent.includes('f2'));
+  const badFisher = await press(gpu, 'merge-run', 'merge-status');
+  expect(badFisher.state === 'error' && badFisher.text.includes('Fisher file 1 is not a safetensors file'), `WebGPU: a Fisher file that is not one is named: ${badFisher.text}`);
   await gpu.fill('#seed', '-1');
   await gpu.click('#synthetic');
   await gpu.selectOption('#method', 'dare');
   await gpu.fill('#drop-p', '1.5');
   const knob = await press(gpu, 'merge-run', 'merge-status');
   expect(knob.state === 'error' && knob.text.length > 0, `WebGPU: a drop probability of 1.5 is refused: ${knob.text}`);
+  await gpu.setInputFiles('#gguf-file', [
+    { name: 'model.gguf', mimeType: 'application/octet-stream', buffer: Buffer.from('GGUF, but no more') },
+  ]);
+  await gpu.waitForFunction(() => document.getElementById('gguf-picked').textContent.includes('model.gguf'));
+  const badModel = await press(gpu, 'decode-run', 'decode-status');
+  expect(badModel.state === 'error' && badModel.text.length > 0, `WebGPU: a file that is not a GGUF model is named: ${badModel.text}`);
+  // Cancel stops a long decode between two tokens.
+  await gpu.click('#tiny-llm');
+  await gpu.fill('#max-tokens', '200');
+  await gpu.click('#decode-run');
+  await gpu.waitForFunction(() => document.getElementById('decode-text').textContent.length >= 3);
+  await gpu.click('#decode-cancel');
+  await gpu.waitForFunction(() => ['done', 'error'].includes(document.getElementById('decode-status').dataset.state));
+  const stopped = await gpu.textContent('#decode-status');
+  const count = Number(stopped.split(' ')[0]);
+  expect(count >= 3 && count < 200, `WebGPU: Cancel stops the decode: ${stopped}`);
   await gpu.screenshot({ path: join(shots, 'webgpu-error.png'), fullPage: true });
 
   const cpu = await open(browser, 'no WebGPU', { hideWebGpu: true });

@@ -6,6 +6,7 @@ import init, { Engine } from './pkg/kernels_web.js';
 const $ = (id) => document.getElementById(id);
 let engine;
 let models = [];
+let fishers = [];
 
 function show(id, state, text, check) {
   const out = $(id);
@@ -17,8 +18,8 @@ function show(id, state, text, check) {
 
 function verdict(worst) {
   return worst <= 1
-    ? `matches the reference (worst error ${worst.toFixed(3)} of its bound)`
-    : `DOES NOT match the reference (worst error ${worst.toFixed(3)} of its bound)`;
+    ? `reference check passed (worst error ${worst.toFixed(3)} of its bound)`
+    : `reference check FAILED (worst error ${worst.toFixed(3)} of its bound)`;
 }
 
 // Runs `work`, showing it in `id`; buttons in `buttons` are disabled meanwhile.
@@ -43,6 +44,8 @@ async function readFiles(list) {
     return;
   }
   models = await Promise.all(picked.map(async (f) => new Uint8Array(await f.arrayBuffer())));
+  fishers = [];
+  $('fishers-picked').textContent = '';
   $('files-picked').textContent = picked.map((f, i) => (i === 0 ? 'base: ' : '') + f.name).join(', ');
   show('merge-status', 'idle', '');
 }
@@ -57,9 +60,15 @@ function setupMerge() {
     drop.classList.remove('over');
     readFiles(e.dataTransfer.files);
   });
+  $('fisher-files').addEventListener('change', async (e) => {
+    fishers = await Promise.all([...e.target.files].map(async (f) => new Uint8Array(await f.arrayBuffer())));
+    $('fishers-picked').textContent = [...e.target.files].map((f) => f.name).join(', ');
+  });
   $('synthetic').addEventListener('click', () => {
     models = [...Engine.synthetic_models(3, 1)];
+    fishers = [...Engine.synthetic_fishers(2, 1)];
     $('files-picked').textContent = 'synthetic: a base and two fine-tunes (bf16, 4 tensors)';
+    $('fishers-picked').textContent = 'synthetic Fisher information for both fine-tunes';
     show('merge-status', 'idle', '');
   });
   $('merge-cancel').addEventListener('click', () => engine.cancel());
@@ -68,7 +77,7 @@ function setupMerge() {
     $('merge-download').hidden = true;
     $('merge-cancel').disabled = false;
     try {
-      const r = await engine.merge(models, $('method').value, Number($('lambda').value),
+      const r = await engine.merge(models, fishers, $('method').value, Number($('lambda').value),
         Number($('density').value), Number($('drop-p').value), Number($('seed').value),
         (done, total) => { $('merge-progress').value = total ? done / total : 1; });
       const link = $('merge-download');
@@ -218,7 +227,41 @@ function setupLowRank() {
     drawGrey($('approximation'), r.image);
     drawErrors($('rank-chart'), r.errors, Number(rank.value));
     show('lowrank-status', 'done', `rank ${rank.value}: relative error ${r.errors[r.errors.length - 1].toFixed(4)} ` +
-      `in ${r.millis.toFixed(1)} ms; singular values ${verdict(r.worst_ratio)}.`, r.worst_ratio <= 1);
+      `in ${r.millis.toFixed(1)} ms; singular values: ${verdict(r.worst_ratio)}.`, r.worst_ratio <= 1);
+  }));
+}
+
+function setupDecode() {
+  let gguf = null;
+  const slider = $('decode-sparsity');
+  slider.addEventListener('input', () => { $('decode-sparsity-value').textContent = Number(slider.value).toFixed(2); });
+  $('gguf-file').addEventListener('change', async (e) => {
+    const file = e.target.files[0];
+    if (!file) return;
+    gguf = new Uint8Array(await file.arrayBuffer());
+    $('gguf-picked').textContent = `${file.name} (${(file.size / 2 ** 20).toFixed(1)} MiB)`;
+    show('decode-status', 'idle', '');
+  });
+  $('tiny-llm').addEventListener('click', () => {
+    gguf = Engine.synthetic_llm(1);
+    $('gguf-picked').textContent = 'tiny synthetic model (2 layers, width 64, byte tokens)';
+    show('decode-status', 'idle', '');
+  });
+  $('decode-cancel').addEventListener('click', () => engine.cancel());
+  $('decode-run').addEventListener('click', () => run('decode-status', ['decode-run', 'tiny-llm'], async () => {
+    if (!gguf) throw new Error('Pick a GGUF model first, or use the tiny synthetic one.');
+    const text = $('decode-text');
+    text.textContent = '';
+    $('decode-cancel').disabled = false;
+    try {
+      const r = await engine.decode(gguf, $('prompt').value, Number($('max-tokens').value),
+        Number(slider.value), (piece) => { text.textContent += piece; });
+      show('decode-status', 'done', `${r.generated} tokens after a ${r.prompt_tokens}-token prompt, ` +
+        `${r.tokens_per_s.toFixed(1)} tokens/s with CATS at ${Number(slider.value).toFixed(2)}; ` +
+        `dense logits: ${verdict(r.worst_ratio)}.`, r.worst_ratio <= 1);
+    } finally {
+      $('decode-cancel').disabled = true;
+    }
   }));
 }
 
@@ -243,6 +286,7 @@ async function main() {
   setupCompress();
   setupGemv();
   setupLowRank();
+  setupDecode();
   document.body.dataset.ready = 'yes';
 }
 

@@ -366,6 +366,7 @@ pub async fn merge_tensor(
 }
 
 /// ComPEFT of a fine-tune's task vector, as the page reports it.
+#[wasm_bindgen::prelude::wasm_bindgen(getter_with_clone)]
 #[derive(Clone, Debug)]
 pub struct Compressed {
     /// Bits per parameter of the packed tensors (sparse Rice layout).
@@ -381,6 +382,9 @@ pub struct Compressed {
     /// Whether every code equals the reference's (ComPEFT's codes are bit-identical on every
     /// backend).
     pub codes_match: bool,
+    /// Milliseconds the page's call took, reading the files included (the page's layer sets it;
+    /// 0 here).
+    pub millis: f64,
 }
 
 /// ComPEFT of `tuned - base` at `density` on `backend`, checked against the reference's codes.
@@ -455,6 +459,7 @@ pub async fn compress(
         compressed_bytes,
         kept,
         codes_match,
+        millis: 0.0,
     })
 }
 

@@ -330,25 +330,18 @@ impl Engine {
         base: Vec<u8>,
         tuned: Vec<u8>,
         density: f64,
-    ) -> Result<CompressOutcome, JsError> {
+    ) -> Result<demos::Compressed, JsError> {
         self.start();
         let start = now();
         let base = Model::parse(&base, "the base model").map_err(|e| JsError::new(&e))?;
         let tuned = Model::parse(&tuned, "the fine-tuned model").map_err(|e| JsError::new(&e))?;
         base.check_same_layout(&tuned, "the fine-tuned model")
             .map_err(|e| JsError::new(&e))?;
-        let c = demos::compress(&self.backend, &base, &tuned, density)
+        let mut c = demos::compress(&self.backend, &base, &tuned, density)
             .await
             .map_err(|e| sentence(&e))?;
-        Ok(CompressOutcome {
-            bits_per_parameter: c.bits_per_parameter,
-            relative_error: c.relative_error,
-            original_bytes: c.original_bytes,
-            compressed_bytes: c.compressed_bytes,
-            kept: c.kept,
-            codes_match: c.codes_match,
-            millis: now() - start,
-        })
+        c.millis = now() - start;
+        Ok(c)
     }
 
     /// Dense and sparse-input GEMV of an f16 `[inputs, outputs]` matrix at `sparsity`, `repeats`

@@ -144,19 +144,21 @@ fn is_active(b: u32, i: u32) -> bool {
 }
 
 // Adds row i of the page (column j) to each sample it is active for; reads the row only when
-// some sample needs it (the test is uniform across the workgroup).
+// some sample needs it (the test is uniform across the workgroup). Each sample's input is read
+// once, for the test and the product.
 fn accumulate_row(i: u32, j: u32, acc: ptr<function, vec4<f32>>) {
     let row = p.first_row + i;
-    var needed = false;
+    var xs = vec4<f32>();
+    var live = vec4<bool>();
     for (var b = 0u; b < BATCH; b++) {
-        needed = needed || is_active(b, row);
+        xs[b] = x[b * p.x_stride + row];
+        live[b] = !(abs(xs[b]) <= p.threshold);
     }
-    if needed {
+    if any(live) {
         let w = load_w(i * p.row_stride + j);
         for (var b = 0u; b < BATCH; b++) {
-            let at = b * p.x_stride + row;
-            if is_active(b, row) {
-                (*acc)[b] += sweep_value(at, x[at]) * w;
+            if live[b] {
+                (*acc)[b] += sweep_value(b * p.x_stride + row, xs[b]) * w;
             }
         }
     }

@@ -213,33 +213,22 @@ fn transpose(
     }
 }
 
-// The workgroup's sum of `value` (every invocation gets it); a tree in a fixed order.
-fn workgroup_sum(lid: u32, value: f32) -> f32 {
+// The workgroup's sum of `value`, or its largest with `take_max` (every invocation gets it); a
+// tree in a fixed order.
+fn workgroup_reduce(lid: u32, value: f32, take_max: bool) -> f32 {
     lane_sums[lid] = value;
     workgroupBarrier();
     for (var half = WORKGROUP / 2u; half > 0u; half >>= 1u) {
         if lid < half {
-            lane_sums[lid] += lane_sums[lid + half];
+            let mine = lane_sums[lid];
+            let other = lane_sums[lid + half];
+            lane_sums[lid] = select(mine + other, max(mine, other), take_max);
         }
         workgroupBarrier();
     }
-    let sum = lane_sums[0];
+    let result = lane_sums[0];
     workgroupBarrier();
-    return sum;
-}
-
-fn workgroup_max(lid: u32, value: f32) -> f32 {
-    lane_sums[lid] = value;
-    workgroupBarrier();
-    for (var half = WORKGROUP / 2u; half > 0u; half >>= 1u) {
-        if lid < half {
-            lane_sums[lid] = max(lane_sums[lid], lane_sums[lid + half]);
-        }
-        workgroupBarrier();
-    }
-    let largest = lane_sums[0];
-    workgroupBarrier();
-    return largest;
+    return result;
 }
 
 // Step j of Householder QR on the rows of C (`n` rows of length `m`; row j is column j of the
@@ -257,14 +246,14 @@ fn house_vector(@builtin(local_invocation_index) lid: u32) {
     for (var i = j + lid; i < p.m; i += WORKGROUP) {
         largest = max(largest, abs(c[row + i]));
     }
-    largest = workgroup_max(lid, largest);
+    largest = workgroup_reduce(lid, largest, true);
     let scale = select(1.0 / largest, 1.0, largest == 0.0);
     var squares = 0.0;
     for (var i = j + 1u + lid; i < p.m; i += WORKGROUP) {
         let x = c[row + i] * scale;
         squares = fma(x, x, squares);
     }
-    let sigma = workgroup_sum(lid, squares);
+    let sigma = workgroup_reduce(lid, squares, false);
     let x0 = x0_unscaled * scale;
     let norm = sqrt(fma(x0, x0, sigma));
     var v0 = 1.0;
@@ -312,7 +301,7 @@ fn house_apply(
     for (var i = j + lid; i < p.m; i += WORKGROUP) {
         dot = fma(reflectors[v + i], c[row + i], dot);
     }
-    let s = reflectors[p.b_offset + j] * workgroup_sum(lid, dot);
+    let s = reflectors[p.b_offset + j] * workgroup_reduce(lid, dot, false);
     for (var i = j + lid; i < p.m; i += WORKGROUP) {
         c[row + i] = fma(-s, reflectors[v + i], c[row + i]);
     }

@@ -1,4 +1,5 @@
-//! Memory-bound reference points: STREAM-style read bandwidth (all cores) and `sum_squares`.
+//! Memory-bound reference points: STREAM-style read bandwidth (all cores) and `sum_squares` (one
+//! thread and all).
 //!
 //! Working sets are 1 GiB, far beyond this machine's ~300 MiB L3, so every pass streams from DRAM.
 //! Run: `cargo bench -p kernels-benches --bench bandwidth`
@@ -24,20 +25,31 @@ fn bandwidth(c: &mut Criterion) {
             b.iter(|| stream_read(&cpu, &f32_data, threads));
         },
     );
-    group.bench_function(
-        BenchmarkId::new("sum_squares_f32", format!("1t/{}", cpu.isa())),
-        |b| {
-            b.iter(|| sum_squares(&cpu, &f32_data).unwrap());
-        },
-    );
+    let single = cpu.with_threads(1).expect("one thread");
+    for cpu in [single, cpu] {
+        group.bench_function(
+            BenchmarkId::new(
+                "sum_squares_f32",
+                format!("{}t/{}", cpu.threads(), cpu.isa()),
+            ),
+            |b| {
+                b.iter(|| sum_squares(&cpu, &f32_data).unwrap());
+            },
+        );
+    }
     drop(f32_data);
     let bf16_data = vec![bf16::from_f32(0.5); WORKING_SET_BYTES / 2];
-    group.bench_function(
-        BenchmarkId::new("sum_squares_bf16", format!("1t/{}", cpu.isa())),
-        |b| {
-            b.iter(|| sum_squares(&cpu, &bf16_data).unwrap());
-        },
-    );
+    for cpu in [single, cpu] {
+        group.bench_function(
+            BenchmarkId::new(
+                "sum_squares_bf16",
+                format!("{}t/{}", cpu.threads(), cpu.isa()),
+            ),
+            |b| {
+                b.iter(|| sum_squares(&cpu, &bf16_data).unwrap());
+            },
+        );
+    }
     group.finish();
 }
 

@@ -5,7 +5,7 @@
 //! | bench | ours | faer |
 //! |---|---|---|
 //! | `qr/4096x256` | `householder_qr`, `cgs2` | `qr()` + `compute_thin_Q()` |
-//! | `project_out`, `project_onto` `/4096x11008/r{16,64,256}` | fused panels | two `matmul`s and a copy |
+//! | `project_out`, `project_onto` `/4096x11008/r{16,64,256}/{1,2}t` | streaming (r <= 64) or GEMM panels, out of place and in place | two `matmul`s in place (`Accum::Add`), and out of place with a copy |
 //! | `thin_svd/{1024x1024,4096x512}` | `thin_svd` | `thin_svd()` |
 //! | `rsvd/{4096x4096,4096x11008}/r64` | `randomized_svd` (q = 2r, 2 power iterations) | the same algorithm (probes drawn inside the timing too) from `matmul`, `qr()` and `thin_svd()` |
 //! | `exact_svd/{4096x4096,4096x11008}` | - | `thin_svd()` of the same matrices |
@@ -239,37 +239,40 @@ fn qr(c: &mut Criterion, cpu: &Cpu, notes: &mut Notes) {
     g.finish();
 }
 
+/// The projections of a 4096 x 11008 `X` (the shape of a 7B model's MLP matrix), cold: each
+/// call takes the next of three copies (540 MB, beyond any L3 here). Ours out of place and in
+/// place; faer composed in its strongest form: `C = Q^T X` then `X -= Q C` in place
+/// (`Accum::Add`, BLAS's `beta = 1`), and out of place with the copy that needs. At r = 16 also
+/// on one thread.
 fn projections(c: &mut Criterion, cpu: &Cpu, notes: &mut Notes) {
     let (m, n) = (4096, 11008);
-    let copies: Vec<Mat<f32>> = (0..3).map(|i| random(m, n, 10 + i)).collect();
+    let mut copies: Vec<Mat<f32>> = (0..3).map(|i| random(m, n, 10 + i)).collect();
     let mut out = Mat::<f32>::zeros(m, n).unwrap();
-    for r in [16usize, 64, 256] {
-        let q = linalg::householder_qr(cpu, random(m, r, 20).as_ref())
+    let one = cpu.with_threads(1).expect("one thread");
+    for (r, cpu) in [(16usize, *cpu), (16, one), (64, *cpu), (256, *cpu)] {
+        let q = linalg::householder_qr(&cpu, random(m, r, 20).as_ref())
             .expect("basis")
             .q;
+        let threads = cpu.threads();
+        let id = format!("{m}x{n}/r{r}/{threads}t");
         for complement in [true, false] {
             let op = if complement {
                 "project_out"
             } else {
                 "project_onto"
             };
-            let id = format!("{m}x{n}/r{r}");
-            for label in ["kernels", "faer"] {
+            for label in ["kernels", "kernels_in_place", "faer", "faer_in_place"] {
                 let bench = format!("linalg/{op}/{label}/{id}");
                 notes.add(&bench, "flops", 4.0 * (m * n * r) as f64);
                 notes.add(&bench, "bytes", 2.0 * (m * n * 4) as f64);
             }
             // Accuracy against the f64 product, on the first copy.
-            let project = |out: &mut Mat<f32>| {
-                if complement {
-                    linalg::project_out(cpu, q.as_ref(), copies[0].as_ref(), out.as_mut())
-                        .expect("projection");
-                } else {
-                    linalg::project_onto(cpu, q.as_ref(), copies[0].as_ref(), out.as_mut())
-                        .expect("projection");
-                }
-            };
-            project(&mut out);
+            if complement {
+                linalg::project_out(&cpu, q.as_ref(), copies[0].as_ref(), out.as_mut())
+            } else {
+                linalg::project_onto(&cpu, q.as_ref(), copies[0].as_ref(), out.as_mut())
+            }
+            .expect("projection");
             let (q64, x64) = (to_f64(view(&q)), to_f64(view(&copies[0])));
             let onto = mul(q64.as_ref(), mul(q64.transpose(), x64.as_ref()).as_ref());
             let exact = if complement { &x64 - &onto } else { onto };
@@ -285,48 +288,68 @@ fn projections(c: &mut Criterion, cpu: &Cpu, notes: &mut Notes) {
                     turn = (turn + 1) % copies.len();
                     let x = copies[turn].as_ref();
                     if complement {
-                        linalg::project_out(cpu, q.as_ref(), x, out.as_mut()).expect("projection");
+                        linalg::project_out(&cpu, q.as_ref(), x, out.as_mut())
                     } else {
-                        linalg::project_onto(cpu, q.as_ref(), x, out.as_mut()).expect("projection");
+                        linalg::project_onto(&cpu, q.as_ref(), x, out.as_mut())
                     }
+                    .expect("projection");
+                });
+            });
+            // In place on the copies: a projection's image projects to itself, so every call
+            // does the same work on the same kind of data.
+            g.bench_function(BenchmarkId::new("kernels_in_place", &id), |b| {
+                b.iter(|| {
+                    turn = (turn + 1) % copies.len();
+                    let x = copies[turn].as_mut();
+                    if complement {
+                        linalg::project_out_in_place(&cpu, q.as_ref(), x)
+                    } else {
+                        linalg::project_onto_in_place(&cpu, q.as_ref(), x)
+                    }
+                    .expect("projection");
                 });
             });
             let mut coefficients = faer::Mat::<f32>::zeros(r, n);
-            g.bench_function(BenchmarkId::new("faer", &id), |b| {
-                b.iter(|| {
-                    turn = (turn + 1) % copies.len();
-                    let x = view(&copies[turn]);
-                    faer::linalg::matmul::matmul(
-                        coefficients.as_mut(),
-                        Accum::Replace,
-                        view(&q).transpose(),
-                        x,
-                        1.0,
-                        par(cpu),
-                    );
-                    let mut dst = faer::MatMut::from_row_major_slice_mut(out.as_mut_slice(), m, n);
-                    if complement {
-                        dst.copy_from(x);
+            for in_place in [false, true] {
+                let label = if in_place { "faer_in_place" } else { "faer" };
+                g.bench_function(BenchmarkId::new(label, &id), |b| {
+                    b.iter(|| {
+                        turn = (turn + 1) % copies.len();
+                        let x = &mut copies[turn];
                         faer::linalg::matmul::matmul(
-                            dst,
-                            Accum::Add,
-                            view(&q),
-                            coefficients.as_ref(),
-                            -1.0,
-                            par(cpu),
-                        );
-                    } else {
-                        faer::linalg::matmul::matmul(
-                            dst,
+                            coefficients.as_mut(),
                             Accum::Replace,
+                            view(&q).transpose(),
+                            view(x),
+                            1.0,
+                            par(&cpu),
+                        );
+                        let dst = if in_place {
+                            faer::MatMut::from_row_major_slice_mut(x.as_mut_slice(), m, n)
+                        } else {
+                            let mut dst =
+                                faer::MatMut::from_row_major_slice_mut(out.as_mut_slice(), m, n);
+                            if complement {
+                                dst.copy_from(view(x));
+                            }
+                            dst
+                        };
+                        let (accum, alpha) = if complement {
+                            (Accum::Add, -1.0)
+                        } else {
+                            (Accum::Replace, 1.0)
+                        };
+                        faer::linalg::matmul::matmul(
+                            dst,
+                            accum,
                             view(&q),
                             coefficients.as_ref(),
-                            1.0,
-                            par(cpu),
+                            alpha,
+                            par(&cpu),
                         );
-                    }
+                    });
                 });
-            });
+            }
             g.finish();
         }
     }

@@ -116,8 +116,8 @@ pub mod prelude {
     pub use crate::linalg::{
         Centering, GemmBackend, Lora, LoraRank, LuParams, OpcmParams, Qr, RsvdParams, StreamingSvd,
         Svd, SvdRef, Transpose, cgs2, gemm, householder_qr, ldu, lora_extract,
-        lora_extract_randomized, lu, opcm_project, project_onto, project_out, randomized_svd,
-        symmetric_eigen, thin_svd,
+        lora_extract_randomized, lu, opcm_project, project_onto, project_onto_in_place,
+        project_out, project_out_in_place, randomized_svd, symmetric_eigen, thin_svd,
     };
     #[cfg(feature = "alloc")]
     pub use crate::masks::{

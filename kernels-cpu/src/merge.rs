@@ -795,8 +795,33 @@ impl<T: Element> WithSimd for SumSquares<'_, T> {
 /// None on the CPU (any slice has a sum of squares); the `Result` is the GPU op's, which reads
 /// the device back.
 pub fn sum_squares<T: Element>(cpu: &Cpu, x: &[T]) -> Result<f64> {
-    Ok(cpu.dispatch(SumSquares(x)))
+    // Chunks' totals are added in chunk order, so the result is the same bits for any thread
+    // count; a round of chunks at a time keeps the totals on the stack (no `alloc` needed).
+    let mut total = 0.0f64;
+    for round in x.chunks(SUM_SQUARES_CHUNK * SUM_SQUARES_ROUND) {
+        let mut totals = [0.0f64; SUM_SQUARES_ROUND];
+        let chunks = round.len().div_ceil(SUM_SQUARES_CHUNK);
+        split_outputs(
+            cpu,
+            &mut totals[..chunks],
+            SUM_SQUARES_CHUNK * size_of::<T>(),
+            1,
+            |range, totals| {
+                for (c, total) in range.zip(totals) {
+                    let chunk = &round[c * SUM_SQUARES_CHUNK..];
+                    *total = cpu.dispatch(SumSquares(&chunk[..SUM_SQUARES_CHUNK.min(chunk.len())]));
+                }
+            },
+        );
+        total += totals[..chunks].iter().sum::<f64>();
+    }
+    Ok(total)
 }
+
+/// Elements per chunk of [`sum_squares`]: a unit of work handed to a thread.
+const SUM_SQUARES_CHUNK: usize = 1 << 18;
+/// Chunks of [`sum_squares`] split over threads at once.
+const SUM_SQUARES_ROUND: usize = 64;
 
 #[cfg(test)]
 mod sum_squares_tests {
@@ -852,6 +877,30 @@ mod sum_squares_tests {
             check(&data::<f32>(n, n as u64));
             check(&data::<f16>(n, n as u64));
             check(&data::<bf16>(n, n as u64));
+        }
+    }
+
+    #[test]
+    fn threads_split_chunks_and_rounds_without_changing_a_bit() {
+        // Two rounds and a partial chunk: every part boundary the split can make.
+        let n = SUM_SQUARES_CHUNK * (SUM_SQUARES_ROUND + 3) + 17;
+        let x = data::<bf16>(n, 5);
+        let expect = sum_squares_ref(&x);
+        for cpu in Cpu::all_available() {
+            let alone = sum_squares(&cpu.with_threads(1).unwrap(), &x).unwrap();
+            assert!((alone - expect).abs() <= SUM_SQUARES_RELATIVE_TOLERANCE * expect);
+            for threads in [2, 3] {
+                let cpu = cpu
+                    .with_threads(threads)
+                    .unwrap()
+                    .with_min_bytes_per_thread(1);
+                assert_eq!(sum_squares(&cpu, &x).unwrap().to_bits(), alone.to_bits());
+                let spinning = cpu.with_spinning_team();
+                assert_eq!(
+                    sum_squares(&spinning, &x).unwrap().to_bits(),
+                    alone.to_bits()
+                );
+            }
         }
     }
 

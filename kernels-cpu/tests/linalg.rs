@@ -147,7 +147,7 @@ fn gemm_matches_f64_products(cpu: &Cpu) {
         check_gemm(&cpu, m, k, n, i as u64);
     }
 }
-isa_tests!(gemm_matches_f64_products);
+isa_tests!(gemm_matches_f64_products, projection_forms);
 
 #[test]
 fn faer_gemm_matches_f64_products() {
@@ -428,6 +428,168 @@ fn projections_match_the_reference() {
             check_projection::<f16>(&cpu, m, n, r, 70 + i as u64);
         }
     }
+}
+
+/// Shapes for the streaming projection kernel `(m, n, r)`: ranks around its tiles of 4 and 8
+/// columns of `Q` and its limit of 64 (65 takes the GEMM path), rows around its row tiles and
+/// row blocks of 64, columns around the vector widths (8, 16) and tiles (24, 48).
+const PROJECTION_SHAPES: [(usize, usize, usize); 16] = [
+    (1, 1, 1),
+    (3, 7, 2),
+    (9, 9, 3),
+    (5, 23, 5),
+    (8, 24, 8),
+    (7, 25, 9),
+    (17, 47, 4),
+    (31, 48, 16),
+    (33, 49, 17),
+    (65, 97, 7),
+    (64, 130, 64),
+    (129, 95, 63),
+    (130, 201, 12),
+    (70, 40, 65),
+    (200, 33, 0),
+    (0, 12, 3),
+];
+
+/// Every projection form on one shape: out of place against the reference, in place (on a
+/// strided `X`, whose padding must survive) bit-identical to out of place, and one thread
+/// bit-identical to `cpu`'s threads.
+fn check_projection_forms(cpu: &Cpu, m: usize, n: usize, r: usize, seed: u64) {
+    let single = cpu.with_threads(1).expect("one thread");
+    let q = householder_qr_ref(random(m, r, seed).as_ref())
+        .unwrap()
+        .q
+        .to_f32();
+    let stride = n + 5;
+    let mut padded = random(m, stride, seed + 1).to_f32().as_slice().to_vec();
+    for row in padded.chunks_exact_mut(stride) {
+        row[n..].fill(-7.0);
+    }
+    let x = MatRef::new(&padded, m, n, stride).unwrap();
+    for complement in [true, false] {
+        let run = |cpu: &Cpu, out: &mut Vec<f32>| {
+            let out = MatMut::from_slice(out, m, n).unwrap();
+            if complement {
+                linalg::project_out(cpu, q.as_ref(), x, out)
+            } else {
+                linalg::project_onto(cpu, q.as_ref(), x, out)
+            }
+            .unwrap();
+        };
+        let (mut got, mut alone, mut expect) = (
+            vec![0.0f32; m * n],
+            vec![0.0f32; m * n],
+            vec![0.0f32; m * n],
+        );
+        run(cpu, &mut got);
+        run(&single, &mut alone);
+        let e = MatMut::from_slice(&mut expect, m, n).unwrap();
+        if complement {
+            project_out_ref(q.as_ref(), x, e).unwrap();
+        } else {
+            project_onto_ref(q.as_ref(), x, e).unwrap();
+        }
+        let what = format!("projection (complement: {complement}) {m}x{n} r {r} on {cpu:?}");
+        let error = got
+            .iter()
+            .zip(&expect)
+            .map(|(a, b)| f64::from(a - b).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let x_norm = x
+            .row_iter()
+            .flatten()
+            .map(|&v| f64::from(v).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        assert_within(
+            &what,
+            error,
+            factorisation_tolerance(m, n) * x_norm.max(f64::MIN_POSITIVE),
+        );
+        if r <= 64 {
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                alone.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{what}: threads change the bits"
+            );
+        }
+        let mut in_place = padded.clone();
+        let target = MatMut::new(&mut in_place, m, n, stride).unwrap();
+        if complement {
+            linalg::project_out_in_place(cpu, q.as_ref(), target)
+        } else {
+            linalg::project_onto_in_place(cpu, q.as_ref(), target)
+        }
+        .unwrap();
+        for i in 0..m {
+            let row = &in_place[i * stride..][..stride];
+            assert_eq!(
+                row[..n].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                got[i * n..][..n]
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>(),
+                "{what}: in place, row {i}"
+            );
+            assert!(row[n..].iter().all(|&v| v == -7.0), "{what}: padding");
+        }
+    }
+}
+
+fn projection_forms(cpu: &Cpu) {
+    for (i, &(m, n, r)) in PROJECTION_SHAPES.iter().enumerate() {
+        check_projection_forms(cpu, m, n, r, 80 + i as u64);
+    }
+}
+
+#[test]
+fn in_place_projections_reject_bad_input() {
+    let cpu = Cpu::detect();
+    let q = householder_qr_ref(random(5, 2, 3).as_ref())
+        .unwrap()
+        .q
+        .to_f32();
+    let mut x = random(5, 40, 1).to_f32();
+    let wrong_q = Mat::<f32>::zeros(4, 2).unwrap();
+    assert!(matches!(
+        linalg::project_out_in_place(&cpu, wrong_q.as_ref(), x.as_mut()),
+        Err(Error::ShapeMismatch { what: "q", .. })
+    ));
+    let mut bad_q = q.clone();
+    *bad_q.at_mut(1, 1) = f32::NAN;
+    assert!(matches!(
+        linalg::project_onto_in_place(&cpu, bad_q.as_ref(), x.as_mut()),
+        Err(Error::NonFinite { what: "q", .. })
+    ));
+    *x.at_mut(3, 37) = f32::INFINITY;
+    *x.at_mut(4, 2) = f32::NAN;
+    for cpu in [
+        cpu,
+        cpu.with_threads(3).unwrap().with_min_bytes_per_thread(1),
+    ] {
+        for r in [2, 0] {
+            let q = q.as_ref().submatrix(0, 0, 5, r).unwrap();
+            assert_eq!(
+                linalg::project_out_in_place(&cpu, q, x.as_mut()),
+                Err(Error::NonFinite {
+                    what: "x",
+                    index: 3 * 40 + 37
+                }),
+                "rank {r}"
+            );
+        }
+    }
+    // Finite columns whose coefficients overflow: an error, never an infinity in `X`.
+    let mut huge = Mat::<f32>::from_fn(4, 3, |_, _| 3e38).unwrap();
+    let ones = Mat::<f32>::from_fn(4, 1, |_, _| 0.5).unwrap();
+    assert_eq!(
+        linalg::project_out_in_place(&cpu, ones.as_ref(), huge.as_mut()),
+        Err(Error::Overflow {
+            what: "the projection's coefficients Q^T X"
+        })
+    );
 }
 
 #[test]

@@ -72,6 +72,22 @@ impl View {
         }
     }
 
+    /// Row-major elements at `ptr + i * rs + j`.
+    pub(crate) fn strided(ptr: *const f32, rows: usize, cols: usize, rs: usize) -> Self {
+        Self {
+            ptr,
+            rows,
+            cols,
+            rs,
+            cs: 1,
+        }
+    }
+
+    /// Where element `(0, 0)` is.
+    pub(crate) fn as_ptr(&self) -> *const f32 {
+        self.ptr
+    }
+
     /// The transposed operand.
     pub(crate) fn transposed(self) -> Self {
         Self {
@@ -102,6 +118,39 @@ impl ViewMut {
             cols: m.cols(),
             rs: m.row_stride(),
         }
+    }
+
+    /// A contiguous `rows x cols` buffer as a view.
+    pub(crate) fn of_slice(buffer: &mut [f32], rows: usize, cols: usize) -> Self {
+        debug_assert!(buffer.len() >= rows * cols);
+        Self {
+            ptr: buffer.as_mut_ptr(),
+            rows,
+            cols,
+            rs: cols,
+        }
+    }
+
+    /// Where element `(0, 0)` is.
+    pub(crate) fn as_ptr(&self) -> *const f32 {
+        self.ptr
+    }
+
+    /// `[rows, cols, row stride]`.
+    pub(crate) fn layout(&self) -> [usize; 3] {
+        [self.rows, self.cols, self.rs]
+    }
+
+    /// `len` elements of row `i` from column `j`.
+    ///
+    /// # Safety
+    /// `i < rows`, `j + len <= cols`, the borrow the view came from is alive, and nothing else
+    /// reads or writes these elements while the slice lives.
+    #[inline(always)]
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn row_mut(&self, i: usize, j: usize, len: usize) -> &mut [f32] {
+        // SAFETY: in bounds and unshared, per the caller.
+        unsafe { core::slice::from_raw_parts_mut(self.ptr.add(i * self.rs + j), len) }
     }
 
     /// Runs `f` on each row of the view.
@@ -139,13 +188,17 @@ impl ViewMut {
     /// Copies `src` (of the view's shape) into the view.
     ///
     /// # Safety
-    /// The view is in bounds of a live borrow that `src` does not overlap.
-    pub(crate) unsafe fn copy_from(&self, src: MatRef<'_, f32>) {
-        debug_assert_eq!(src.shape(), [self.rows, self.cols]);
-        for (i, row) in src.row_iter().enumerate() {
-            // SAFETY: row `i` of the view holds `cols` elements, per the caller.
+    /// Both views are in bounds of live borrows that do not overlap.
+    pub(crate) unsafe fn copy_from_view(&self, src: View) {
+        debug_assert_eq!([src.rows, src.cols, src.cs], [self.rows, self.cols, 1]);
+        for i in 0..self.rows {
+            // SAFETY: row `i` of both views holds `cols` elements, per the caller.
             unsafe {
-                core::ptr::copy_nonoverlapping(row.as_ptr(), self.ptr.add(i * self.rs), self.cols);
+                core::ptr::copy_nonoverlapping(
+                    src.ptr.add(i * src.rs),
+                    self.ptr.add(i * self.rs),
+                    self.cols,
+                );
             };
         }
     }

@@ -7,7 +7,7 @@
 //! | [`gemm`] | `C = alpha op(A) op(B) + beta C` | faer's GEMM under `std`, a portable SIMD kernel otherwise |
 //! | [`householder_qr`] | thin `A = Q R`, `diag(R) >= 0` | blocked Householder (compact WY), trailing updates by GEMM |
 //! | [`cgs2`] | the same for tall-skinny full-rank `A` | block classical Gram-Schmidt, twice |
-//! | [`project_out`], [`project_onto`] | `X - Q (Q^T X)`, `Q (Q^T X)` | column panels of `X`: each read from memory once |
+//! | [`project_out`], [`project_onto`] (and `_in_place`) | `X - Q (Q^T X)`, `Q (Q^T X)` | column panels of `X`, each read from memory once: a register-tiled streaming kernel up to rank 64, two GEMMs above |
 //! | [`lu`], [`ldu`] | `P A = L U`, `P A = L D U1` | blocked right-looking LU with partial pivoting |
 //! | [`thin_svd`] | `A = U diag(s) V^T` | Householder QR, then one-sided Jacobi on `R^T` |
 //! | [`randomized_svd`] | rank-`r` truncated SVD | range finder, power iterations re-orthonormalised by QR |
@@ -40,6 +40,7 @@
 
 mod gemm;
 mod lu;
+mod project;
 mod qr;
 mod svd;
 
@@ -50,7 +51,8 @@ pub use kernels_core::ops::lowrank::{
 };
 pub use kernels_core::ops::project::Qr;
 pub use lu::{ldu, lu};
-pub use qr::{CGS2_DEPENDENCE_TOLERANCE, cgs2, householder_qr, project_onto, project_out};
+pub use project::{project_onto, project_onto_in_place, project_out, project_out_in_place};
+pub use qr::{CGS2_DEPENDENCE_TOLERANCE, cgs2, householder_qr};
 pub use svd::{
     Centering, StreamingSvd, lora_extract, lora_extract_randomized, opcm_project, randomized_svd,
     symmetric_eigen, thin_svd,

@@ -1,22 +1,17 @@
-//! Householder thin QR (blocked, compact WY), CGS2, and the fused projections.
+//! Householder thin QR (blocked, compact WY) and CGS2.
 //!
 //! The factorisations work on `A^T` (row `j` is column `j` of `A`), so every reflector, dot
 //! product and update inside a panel runs over contiguous memory, and the trailing updates are
 //! three GEMMs per panel of [`PANEL`] columns.
 
-use alloc::vec;
 use alloc::vec::Vec;
-use core::ops::Range;
 
-use kernels_core::backend::{validate_cgs2, validate_projection};
+use kernels_core::backend::validate_cgs2;
 use kernels_core::ops::project::Qr;
-use kernels_core::{DType, Element, Error, Mat, MatMut, MatRef, Result};
+use kernels_core::{Element, Error, Mat, MatMut, MatRef, Result};
 
-use super::{
-    Transpose, View, ViewMut, block_mut, finite_factor, gemm, gemm_views, product,
-    transposed_checked, widen_checked,
-};
-use crate::{Cpu, parallel};
+use super::{Transpose, block_mut, finite_factor, gemm, product, transposed_checked};
+use crate::Cpu;
 
 /// Columns per Householder panel and per CGS2 block.
 // PERF: 32 columns keep a panel of a 4096-row matrix (512 KiB) in L2 while it is factored, and
@@ -341,222 +336,10 @@ pub fn cgs2<T: Element>(cpu: &Cpu, a: MatRef<'_, T>) -> Result<Qr<f32>> {
     })
 }
 
-/// Columns of `X` per panel of the projections: about 32 MiB of `f32`, so a panel's second read
-/// (by the second GEMM) comes from the last-level cache instead of memory.
-// PERF: measured on 4096 x 11008 at r = 16 (2 threads): 64-column panels that fit L2 took 165 ms,
-// 2048-column panels 87 ms. A narrow panel of a row-major matrix touches one page per row (TLB
-// misses, short prefetch streams), and each panel pays a GEMM call's packing overhead.
-fn panel_columns(m: usize) -> usize {
-    ((8 << 20) / m.max(1)).clamp(64, 4096) / 64 * 64
-}
-
-/// `out = X - Q (Q^T X)`: the part of `X` orthogonal to the columns of `Q` (`m x r`,
-/// orthonormal columns, not checked: that costs as much as the projection).
-///
-/// Fused: `X` is processed in column panels that stay in cache, so it is read from memory once
-/// and `out` written once; `Q^T X` never exists beyond one panel. Each element is within the
-/// bounds of [`gemm`](crate::linalg::gemm) composed: the coefficients' and then the update's
-/// (rounding and gradual underflow). On error `out` is unspecified:
-/// a NaN or infinity in `Q` or `X` is [`Error::NonFinite`], and a finite `X` whose coefficients
-/// `Q^T X` overflow `f32` (columns near `f32::MAX` in norm) is [`Error::Overflow`], never an
-/// infinity in `out`.
-///
-/// ```
-/// use kernels_cpu::prelude::*;
-/// let q = [1.0f32, 0.0, 0.0]; // the x axis, 3 x 1
-/// let x = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]; // 3 x 2
-/// let mut out = [0.0f32; 6];
-/// let (q, x) = (MatRef::from_slice(&q, 3, 1)?, MatRef::from_slice(&x, 3, 2)?);
-/// project_out(&Cpu::detect(), q, x, MatMut::from_slice(&mut out, 3, 2)?)?;
-/// assert_eq!(out, [0.0, 0.0, 3.0, 4.0, 5.0, 6.0]);
-/// # Ok::<(), Error>(())
-/// ```
-pub fn project_out<Q: Element, X: Element>(
-    cpu: &Cpu,
-    q: MatRef<'_, Q>,
-    x: MatRef<'_, X>,
-    out: MatMut<'_, f32>,
-) -> Result<()> {
-    project(cpu, q, x, out, true)
-}
-
-/// `out = Q (Q^T X)`: the part of `X` in the span of the columns of `Q`; fused as
-/// [`project_out`].
-///
-/// ```
-/// use kernels_cpu::prelude::*;
-/// let q = [1.0f32, 0.0, 0.0]; // the x axis, 3 x 1
-/// let x = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]; // 3 x 2
-/// let mut out = [0.0f32; 6];
-/// let (q, x) = (MatRef::from_slice(&q, 3, 1)?, MatRef::from_slice(&x, 3, 2)?);
-/// project_onto(&Cpu::detect(), q, x, MatMut::from_slice(&mut out, 3, 2)?)?;
-/// assert_eq!(out, [1.0, 2.0, 0.0, 0.0, 0.0, 0.0]);
-/// # Ok::<(), Error>(())
-/// ```
-pub fn project_onto<Q: Element, X: Element>(
-    cpu: &Cpu,
-    q: MatRef<'_, Q>,
-    x: MatRef<'_, X>,
-    out: MatMut<'_, f32>,
-) -> Result<()> {
-    project(cpu, q, x, out, false)
-}
-
-fn project<Q: Element, X: Element>(
-    cpu: &Cpu,
-    q: MatRef<'_, Q>,
-    x: MatRef<'_, X>,
-    mut out: MatMut<'_, f32>,
-    complement: bool,
-) -> Result<()> {
-    validate_projection(q.shape(), x.shape(), out.shape())?;
-    let (m, n) = (x.rows(), x.cols());
-    let q = widen_checked("q", q)?;
-    let panel = panel_columns(m);
-    let parts = parallel::parts_for(cpu.threads(), n, panel);
-    let out = ViewMut::of(&mut out);
-    let single = Cpu {
-        threads: Some(1),
-        ..*cpu
-    };
-    let ranges: Vec<Range<usize>> = parallel::ranges(n, parts, panel).collect();
-    let mut first_bad = vec![Ok(None); ranges.len()];
-    let items: Vec<_> = ranges.into_iter().zip(first_bad.iter_mut()).collect();
-    parallel::for_each(items, |(columns, bad)| {
-        *bad = project_columns(
-            &single,
-            &q,
-            x,
-            &out.columns(columns.clone()),
-            columns,
-            panel,
-            complement,
-        );
-    });
-    // A non-finite `x` anywhere is the error (as in the reference, which checks data first),
-    // else the first part's failure.
-    let (mut first, mut failure) = (None::<usize>, None);
-    for bad in first_bad {
-        match bad {
-            Ok(Some(index)) => first = Some(first.map_or(index, |f| f.min(index))),
-            Ok(None) => {}
-            Err(e) => {
-                failure.get_or_insert(e);
-            }
-        }
-    }
-    match (first, failure) {
-        (Some(index), _) => Err(Error::NonFinite { what: "x", index }),
-        (None, Some(e)) => Err(e),
-        (None, None) => Ok(()),
-    }
-}
-
-/// The projection of columns `columns` of `x` into `out` (those columns of the output), panel
-/// by panel; returns the first flat index of a non-finite `x` in them, if any, having searched
-/// all of them before it reports a finite panel's coefficients overflowing.
-fn project_columns<X: Element>(
-    cpu: &Cpu,
-    q: &Mat<f32>,
-    x: MatRef<'_, X>,
-    out: &ViewMut,
-    columns: Range<usize>,
-    panel: usize,
-    complement: bool,
-) -> Result<Option<usize>> {
-    let (m, r) = (x.rows(), q.cols());
-    let mut widened = if X::DTYPE == DType::F32 {
-        Vec::new()
-    } else {
-        vec![0.0f32; m * panel]
-    };
-    let mut coefficients = Mat::zeros(r, panel)?;
-    for p0 in (columns.start..columns.end).step_by(panel) {
-        let width = panel.min(columns.end - p0);
-        // The `expect`s below are unreachable from input: each panel is a block of the
-        // validated `x`, its `f32` image, or of the scratch sized for it.
-        let x_panel = x.submatrix(0, p0, m, width).expect("panel inside x");
-        let x_panel: MatRef<'_, f32> = if X::DTYPE == DType::F32 {
-            MatRef::new(
-                bytemuck::cast_slice(x_panel.as_slice()),
-                m,
-                width,
-                x.row_stride(),
-            )
-            .expect("same view, as f32")
-        } else {
-            for (i, row) in x_panel.row_iter().enumerate() {
-                for (o, v) in widened[i * width..][..width].iter_mut().zip(row) {
-                    *o = v.to_f32();
-                }
-            }
-            MatRef::from_slice(&widened[..m * width], m, width).expect("contiguous panel")
-        };
-        let out_panel = out.columns(p0 - columns.start..p0 - columns.start + width);
-        let q_view = View::of(q.as_ref(), Transpose::No);
-        let mut c = coefficients
-            .as_mut()
-            .submatrix_mut(0, 0, r, width)
-            .expect("fits");
-        // SAFETY: every view is in bounds of a live borrow; `out_panel` covers columns no other
-        // thread writes, and overlaps neither `q`, `x` nor the coefficients.
-        unsafe {
-            let c = ViewMut::of(&mut c);
-            gemm_views(
-                cpu,
-                1.0,
-                q_view.transposed(),
-                View::of(x_panel, Transpose::No),
-                0.0,
-                &c,
-            );
-        }
-        // A NaN or infinity in the panel makes its coefficients non-finite (`Q` is finite), so
-        // only then is `X` searched; a finite panel's coefficients that are not have overflowed.
-        // PERF: scanning every panel up front cost a pass over `X`. With no columns in `Q` there
-        // are no coefficients, and the panel itself is checked.
-        let c = c.as_ref();
-        let finite = if r == 0 {
-            x_panel.row_iter().all(all_finite)
-        } else {
-            c.row_iter().all(all_finite)
-        };
-        if !finite {
-            return match first_non_finite(x, columns.clone()) {
-                Some(index) => Ok(Some(index)),
-                None => Err(Error::Overflow {
-                    what: "the projection's coefficients Q^T X",
-                }),
-            };
-        }
-        // SAFETY: as above.
-        unsafe {
-            let c = View::of(c, Transpose::No);
-            if complement {
-                out_panel.copy_from(x_panel);
-                gemm_views(cpu, -1.0, q_view, c, 1.0, &out_panel);
-            } else {
-                gemm_views(cpu, 1.0, q_view, c, 0.0, &out_panel);
-            }
-        }
-    }
-    Ok(None)
-}
-
 /// Whether every element is finite.
 // PERF: a fold without an early exit vectorises (16 lanes per AVX-512 compare); `any` with its
 // per-element branch took a fifth of the projection's time.
 #[inline(always)]
 pub(crate) fn all_finite(x: &[f32]) -> bool {
     x.iter().fold(true, |ok, v| ok & v.is_finite())
-}
-
-/// The smallest flat index of a non-finite element of `x` within `columns`.
-fn first_non_finite<X: Element>(x: MatRef<'_, X>, columns: Range<usize>) -> Option<usize> {
-    x.row_iter().enumerate().find_map(|(i, row)| {
-        row[columns.clone()]
-            .iter()
-            .position(|v| !v.to_f32().is_finite())
-            .map(|j| i * x.cols() + columns.start + j)
-    })
 }

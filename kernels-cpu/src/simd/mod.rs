@@ -119,6 +119,9 @@ mod sealed {
     pub trait SimdKernels: Copy {
         /// A vector of `LANES` `f32`: what every vector operation of [`super::Simd`] takes.
         type F32: Copy;
+        /// Vector registers the instruction set has: register-tiled kernels size their tiles so
+        /// the accumulators, the loaded operands and a broadcast fit without spilling.
+        const REGISTERS: usize;
 
         /// Classifies the magnitude keys (`|v|` as bits, see `kernels_core::ops::select::magnitude_key`)
         /// of the lanes against `lo <= hi <= 0x7F80_0000`: bit `j` of each mask is lane `j`'s.

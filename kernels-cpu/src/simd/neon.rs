@@ -86,6 +86,7 @@ impl Simd for Neon {
 
 impl SimdKernels for Neon {
     type F32 = float32x4_t;
+    const REGISTERS: usize = 32;
 
     #[inline(always)]
     fn classify_keys(self, v: float32x4_t, lo: u32, hi: u32) -> KeyMasks {

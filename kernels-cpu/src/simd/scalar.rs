@@ -49,6 +49,7 @@ impl Simd for Scalar {
 
 impl SimdKernels for Scalar {
     type F32 = f32;
+    const REGISTERS: usize = 16;
 
     #[inline(always)]
     fn classify_keys(self, v: f32, lo: u32, hi: u32) -> KeyMasks {

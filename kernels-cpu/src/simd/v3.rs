@@ -115,6 +115,7 @@ impl Simd for V3 {
 
 impl SimdKernels for V3 {
     type F32 = __m256;
+    const REGISTERS: usize = 16;
 
     #[inline(always)]
     fn classify_keys(self, v: __m256, lo: u32, hi: u32) -> KeyMasks {

@@ -120,6 +120,7 @@ impl Simd for V4 {
 
 impl SimdKernels for V4 {
     type F32 = __m512;
+    const REGISTERS: usize = 32;
 
     #[inline(always)]
     fn classify_keys(self, v: __m512, lo: u32, hi: u32) -> KeyMasks {

@@ -83,6 +83,7 @@ impl Simd for Simd128 {
 
 impl SimdKernels for Simd128 {
     type F32 = v128;
+    const REGISTERS: usize = 16;
 
     #[inline(always)]
     fn classify_keys(self, v: v128, lo: u32, hi: u32) -> KeyMasks {

@@ -19,6 +19,7 @@ use kernels_core::ops::merge::{
 };
 use kernels_core::ops::select::KeepRule;
 use kernels_cpu::Cpu;
+use kernels_cpu::merge::ties_tolerance;
 use kernels_wgpu::prelude::{Context, ContextOptions};
 use safetensors::{Dtype, tensor::TensorView};
 
@@ -208,7 +209,7 @@ fn round_as(values: &[f32], like: Dtype) -> Vec<f32> {
 }
 
 #[test]
-fn ties_on_bf16_matches_the_reference_bit_for_bit() {
+fn ties_on_bf16_matches_the_reference() {
     let zoo = Zoo::new(Dtype::BF16, 1);
     let yaml = "\
 models:
@@ -262,7 +263,21 @@ parameters:
             &mut expect,
         )
         .unwrap();
-        assert_eq!(got, &round_as(&expect, Dtype::BF16), "{name}");
+        // The CPU's TIES is within `ties_tolerance` of the reference in f32 (the same elected
+        // sign), and rounding to bf16 is monotonic: each value lies between the bf16 roundings
+        // of the reference's value minus and plus that bound.
+        let base = &zoo.base[name].1;
+        for (j, (&g, &e)) in got.iter().zip(&expect).enumerate() {
+            let largest = views.iter().map(|t| t[j].abs()).fold(0.0, f32::max);
+            let scale = f64::from(base[j].abs()) + 0.8 * f64::from(largest);
+            let bound = ties_tolerance(3, scale);
+            let (lo, hi) = (f64::from(e) - bound, f64::from(e) + bound);
+            let (lo, hi) = (
+                round_as(&[lo as f32], Dtype::BF16)[0],
+                round_as(&[hi as f32], Dtype::BF16)[0],
+            );
+            assert!(lo <= g && g <= hi, "{name}[{j}]: {g} outside [{lo}, {hi}]");
+        }
     }
 }
 

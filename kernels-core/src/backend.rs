@@ -12,9 +12,9 @@ use crate::error::{check_len, check_param};
 use crate::ops::attention::AttentionHeads;
 #[cfg(feature = "alloc")]
 use crate::ops::lowrank::{MAX_POWER_ITERATIONS, RsvdParams};
-use crate::ops::merge::FisherParams;
+use crate::ops::merge::{FisherParams, TiesElection, weighted_sum_at};
 use crate::ops::sparse::{CatsMlpWeights, MAX_MLP_BATCH, TealMlpWeights, TealThresholds};
-use crate::{Error, Result};
+use crate::{Element, Error, Real, Result};
 
 #[cfg(feature = "alloc")]
 pub use crate::format::raw::write_header;
@@ -384,6 +384,32 @@ pub fn ties_sign(v: f64) -> f64 {
     } else {
         0.0
     }
+}
+
+/// Element `j` of TIES election under `rule`, in the reference's `f64` arithmetic: the sign of
+/// `sum w_i tau_i` elected, the entries of that sign combined, `base + lambda * combined` rounded
+/// to `f32` once. [`crate::ops::merge::ties_elect_with_ref`] is this at every `j`; a fast kernel
+/// that cannot prove its own result takes this one (the CPU's `f32` lanes do).
+#[inline]
+#[must_use]
+pub fn ties_elect_at<T: Element>(
+    base: T,
+    trimmed: &[&[T]],
+    weights: &[f32],
+    lambda: f32,
+    rule: TiesElection,
+    j: usize,
+) -> f32 {
+    let elected = rule.elect(weighted_sum_at(trimmed, weights, j));
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (t, &w) in trimmed.iter().zip(weights) {
+        let v = t[j].to_f64();
+        if elected != 0.0 && ties_sign(v) == elected {
+            num += f64::from(w) * v;
+            den += f64::from(w);
+        }
+    }
+    (base.to_f64() + f64::from(lambda) * rule.combine(num, den)) as f32
 }
 
 /// Model `i`'s effective Fisher-merge weight: `w_i`, or `w_i / ||F_i||_2` when normalising (the

@@ -38,6 +38,7 @@
 //! |---|---|
 //! | selection, top-k, masks (DARE, Breadcrumbs, TIES trim), packed format | exact, bit for bit |
 //! | GEMV, reductions | `f64` accumulation, one final rounding to `f32`: within 1 ulp of `f32` for sums without cancellation |
+//! | TIES election | the reference: `f64` vote and combination, one final rounding; fast kernels elect exactly its sign (the CPU) or within rounding of a zero vote (the GPU), values within their bound |
 //! | decode attention | scores, softmax and weighted sum in `f64`, one final rounding to `f32` |
 //! | QR, SVD, LU, symmetric eigendecomposition | backward stable in `f64`; factors rounded to `f64` (tests hold them to `c * eps_f64 * max(m, n)`) |
 //! | randomized SVD | within 1.1x of the optimal rank-r error at oversampling >= r and 2 power iterations (probabilistic, tested) |

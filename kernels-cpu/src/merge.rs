@@ -13,14 +13,16 @@
 //! Slice tails round exactly as vector lanes ([`crate::Simd::mul_add_lane`]), so results are
 //! bit-identical for every chunking of the data and every thread count.
 //!
-//! TIES election and Fisher merging decide something discrete per element (the elected sign,
-//! the fallback to the plain mean), so they compute the reference's own `f64` arithmetic, lane
-//! by lane, and are bit-identical to it.
+//! TIES election elects exactly the reference's sign for every element (so the same entries
+//! agree), and its values are within [`ties_tolerance`]: `f32` lanes wherever their error bound
+//! proves the sign of the vote, the reference's own `f64` arithmetic for the rest. Fisher merging
+//! decides its fallback to the plain mean per element, so it computes the reference's `f64`
+//! arithmetic lane by lane and is bit-identical to it.
 
 use core::ops::Range;
 
 use kernels_core::backend::{
-    SQUARES_IN_F64_BELOW, fisher_weight, floored_fisher, ties_sign, validate_fisher_accumulate,
+    SQUARES_IN_F64_BELOW, fisher_weight, floored_fisher, ties_elect_at, validate_fisher_accumulate,
     validate_fisher_merge, validate_task_arithmetic, validate_ties_elect, validate_weighted_mean,
 };
 pub use kernels_core::ops::merge::{FisherParams, TiesElection, TiesParams};
@@ -369,12 +371,61 @@ pub fn fisher_accumulate<T: Element>(
     Ok(())
 }
 
-/// Elements per block of the `f64` lane kernels (TIES, Fisher merging): wide enough that a
-/// compiler vectorises each statement over the block.
+/// Elements per block of the lane kernels (TIES, Fisher merging): wide enough that a compiler
+/// vectorises each statement over the block.
 const WIDE: usize = 16;
 
-/// TIES election and disjoint mean over one range: the reference's `f64` arithmetic, lane by
-/// lane.
+/// Bound on `|out_j - out_ref_j|` for TIES election over `models` task vectors, where `scale` is
+/// `|base_j| + |lambda| |mean_j|` and `mean_j` is the reference's combined value (the agreeing
+/// weighted sum, divided by the agreeing weights when normalising): `(3 models + 4) u scale +
+/// 2^-149`, `u = 2^-24`.
+///
+/// The elected sign, and so the set of agreeing entries, is exactly the reference's. The
+/// agreeing sum rounds `2 models - 1` times (products, then sums), their weights `models - 1`
+/// times, and the division, the scaling by `lambda`, the base's addition and the reference's own
+/// rounding once each; `2^-149` is the spacing of subnormal results.
+///
+/// ```
+/// use kernels_cpu::merge::ties_tolerance;
+/// use kernels_cpu::prelude::*;
+/// let (a, b) = ([0.1f32, -0.7], [0.3f32, -0.2]);
+/// let mut out = [0.0f32; 2];
+/// ties_elect(&Cpu::detect(), &[1.0f32, 1.0], &[&a, &b], &[1.0, 2.0], 0.5, &mut out)?;
+/// for j in 0..2 {
+///     let mean = (f64::from(a[j]) + 2.0 * f64::from(b[j])) / 3.0; // both agree
+///     let exact = 1.0 + 0.5 * mean;
+///     assert!((f64::from(out[j]) - exact).abs() <= ties_tolerance(2, 1.0 + 0.5 * mean.abs()));
+/// }
+/// # Ok::<(), Error>(())
+/// ```
+#[must_use]
+pub fn ties_tolerance(models: usize, scale: f64) -> f64 {
+    (3 * models + 4) as f64 * f64::from(f32::EPSILON / 2.0) * scale + f64::from(f32::from_bits(1))
+}
+
+/// Most models the `f32` vote takes: its error bound grows with the count, and past this many
+/// every element takes the `f64` lanes.
+const TIES_F32_MAX_MODELS: usize = 1 << 16;
+
+/// Smallest `|vote|` the `f32` lanes decide: the elected side's sum is at least the vote, and
+/// above this a product that underflowed lost less than the tolerance counts; smaller votes go to
+/// the `f64` lanes.
+const TIES_F32_SMALLEST_VOTE: f32 = 1.0 / (1u128 << 100) as f32;
+
+/// TIES election and combination over one range: `f32` lanes where they provably elect the
+/// reference's sign, the reference's `f64` arithmetic for the other elements.
+///
+/// The first pass over a block sums each sign's weighted entries apart, `pos = sum max(w_i
+/// tau_i, 0)` and `neg = sum min(w_i tau_i, 0)` (a NaN product reaches both), and notes whether
+/// any entry is non-zero. The vote `pos + neg` is within `vote_slack (pos - neg)` of the exact
+/// sum (the products' and sums' rounding and the reference's own, with a factor of two to spare),
+/// so a vote beyond that bound and beyond [`TIES_F32_SMALLEST_VOTE`] has the reference's sign and
+/// the elected side's sum is the agreeing sum. An element whose entries are all zero votes exactly
+/// zero and nothing agrees, whatever sign the rule elects. When normalising, a second pass over
+/// the block (from L1) adds the agreeing weights. Every other element (a vote within the bound, a
+/// NaN, an infinity, an overflow) is recomputed in the reference's `f64` arithmetic, so each
+/// element's result depends on its own entries only: the same bits for any chunking and thread
+/// count.
 struct TiesElect<'a, T> {
     base: &'a [T],
     trimmed: &'a [&'a [T]],
@@ -399,6 +450,16 @@ impl<T: Element> WithSimd for TiesElect<'_, T> {
             range,
             out,
         } = self;
+        let models = trimmed.len();
+        let vote_slack = if models <= TIES_F32_MAX_MODELS {
+            (4 * (models + 2)) as f32 * (f32::EPSILON / 2.0)
+        } else {
+            f32::INFINITY
+        };
+        // PERF: lane masks as `u32` words, not `bool`s: the compiler keeps them in vector
+        // registers instead of packing them into bytes and back.
+        let mask = |yes: bool| 0u32.wrapping_sub(u32::from(yes));
+        let pick = |m: u32, v: f32| f32::from_bits(v.to_bits() & m);
         let mut buffer = [0.0f32; WIDE];
         let mut base_buffer = [0.0f32; WIDE];
         for_each_block(
@@ -407,42 +468,94 @@ impl<T: Element> WithSimd for TiesElect<'_, T> {
             #[inline(always)]
             |c, len| {
                 let base_block = *widened(s, &base[c..c + len], &mut base_buffer);
-                let mut sum = [-0.0f64; WIDE];
+                let (mut pos, mut neg) = ([0.0f32; WIDE], [0.0f32; WIDE]);
+                let mut nonzero = [0u32; WIDE];
                 prefetch_ahead(s, base, c);
                 for (t, &w) in trimmed.iter().zip(weights) {
                     prefetch_ahead(s, t, c);
                     let block = widened(s, &t[c..c + len], &mut buffer);
-                    for (acc, &v) in sum.iter_mut().zip(block) {
-                        *acc += f64::from(w) * f64::from(v);
-                    }
-                }
-                let elected = sum.map(|v| rule.elect(v));
-                let (mut num, mut den) = ([0.0f64; WIDE], [0.0f64; WIDE]);
-                // PERF: the second read of each model's block comes from L1.
-                for (t, &w) in trimmed.iter().zip(weights) {
-                    let block = widened(s, &t[c..c + len], &mut buffer);
                     for j in 0..WIDE {
-                        let v = f64::from(block[j]);
-                        // PERF: adding +0 where the model disagrees keeps the sums in registers; it
-                        // changes no bit (a sum of agreeing terms, from +0, is never -0).
-                        let agrees = elected[j] != 0.0 && ties_sign(v) == elected[j];
-                        num[j] += if agrees { f64::from(w) * v } else { 0.0 };
-                        den[j] += if agrees { f64::from(w) } else { 0.0 };
+                        let product = w * block[j];
+                        pos[j] += if product < 0.0 { 0.0 } else { product };
+                        neg[j] += if product > 0.0 { 0.0 } else { product };
+                        nonzero[j] |= block[j].to_bits() << 1;
                     }
                 }
-                core::array::from_fn(|j| {
-                    let mean = rule.combine(num[j], den[j]);
-                    (f64::from(base_block[j]) + f64::from(lambda) * mean) as f32
-                })
+                let mut elected = [0.0f32; WIDE];
+                let mut decided = [0u32; WIDE];
+                for j in 0..WIDE {
+                    let vote = pos[j] + neg[j];
+                    let bound = vote_slack * (pos[j] - neg[j]) + TIES_F32_SMALLEST_VOTE;
+                    let (up, down) = (mask(vote > bound), mask(vote < -bound));
+                    elected[j] =
+                        f32::from_bits(pick(up, 1.0).to_bits() | pick(down, -1.0).to_bits());
+                    decided[j] = up | down | mask(nonzero[j] == 0);
+                }
+                let mut weight = [0.0f32; WIDE];
+                if rule.normalize {
+                    for (t, &w) in trimmed.iter().zip(weights) {
+                        let block = widened(s, &t[c..c + len], &mut buffer);
+                        for j in 0..WIDE {
+                            weight[j] += pick(mask(elected[j] * block[j] > 0.0), w);
+                        }
+                    }
+                }
+                let mut fast = [0.0f32; WIDE];
+                let mut unproven = [0u32; WIDE];
+                for j in 0..WIDE {
+                    let sum = if elected[j] > 0.0 {
+                        pos[j]
+                    } else {
+                        pick(mask(elected[j] < 0.0), neg[j])
+                    };
+                    let combined = if rule.normalize {
+                        pick(mask(weight[j] > 0.0), sum / weight[j])
+                    } else {
+                        sum
+                    };
+                    fast[j] = base_block[j] + lambda * combined;
+                    unproven[j] = !(decided[j] & mask(fast[j].abs() <= f32::MAX));
+                }
+                if unproven.iter().fold(0, |any, &u| any | u) != 0 {
+                    settle_in_f64(
+                        base, trimmed, weights, lambda, rule, c, &unproven, &mut fast,
+                    );
+                }
+                fast
             },
         );
     }
 }
 
+/// Recomputes the elements of a block the `f32` lanes could not prove, one by one in the
+/// reference's `f64` arithmetic ([`ties_elect_at`]).
+///
+/// PERF: out of line and cold: real task vectors send few elements here (votes that cancel to
+/// within rounding), and the hot loop keeps its registers.
+#[cold]
+#[inline(never)]
+fn settle_in_f64<T: Element>(
+    base: &[T],
+    trimmed: &[&[T]],
+    weights: &[f32],
+    lambda: f32,
+    rule: TiesElection,
+    first: usize,
+    unproven: &[u32; WIDE],
+    out: &mut [f32; WIDE],
+) {
+    let len = WIDE.min(base.len() - first);
+    for (j, o) in out[..len].iter_mut().enumerate() {
+        if unproven[j] != 0 {
+            *o = ties_elect_at(base[first + j], trimmed, weights, lambda, rule, first + j);
+        }
+    }
+}
+
 /// Prefetches `data` [`PREFETCH_BYTES`] ahead of element `at`, once per cache line.
 ///
-/// PERF: these kernels read one stream per model and spend long on each block (`f64` lanes, a
-/// division), so the hardware prefetcher alone leaves the loads waiting on DRAM.
+/// PERF: these kernels read one stream per model and spend long on each block (a division), so
+/// the hardware prefetcher alone leaves the loads waiting on DRAM.
 #[inline(always)]
 fn prefetch_ahead<S: Simd, T: Element>(s: S, data: &[T], at: usize) {
     let ahead = at + PREFETCH_BYTES / core::mem::size_of::<T>();
@@ -461,26 +574,31 @@ const PREFETCH_BYTES: usize = 1024;
 ///
 /// PERF: every block computes a whole fixed-width array, so each statement vectorises; the tail
 /// block's extra lanes are computed and dropped. A whole block is one fixed-size store, not a
-/// call to `memcpy`.
+/// call to `memcpy` (the tail is a separate call of `block`, so the compiler cannot merge the two
+/// stores into one of variable length).
 #[inline(always)]
 fn for_each_block(
     out: &mut [f32],
     start: usize,
     mut block: impl FnMut(usize, usize) -> [f32; WIDE],
 ) {
-    for (b, out) in out.chunks_mut(WIDE).enumerate() {
-        let result = block(start + b * WIDE, out.len());
-        match <&mut [f32; WIDE]>::try_from(&mut *out) {
-            Ok(whole) => *whole = result,
-            Err(_) => out.copy_from_slice(&result[..out.len()]),
-        }
+    let mut wholes = out.chunks_exact_mut(WIDE);
+    let mut first = start;
+    for whole in &mut wholes {
+        let whole: &mut [f32; WIDE] = whole.try_into().expect("chunks_exact");
+        *whole = block(first, WIDE);
+        first += WIDE;
+    }
+    let tail = wholes.into_remainder();
+    if !tail.is_empty() {
+        let result = block(first, tail.len());
+        tail.copy_from_slice(&result[..tail.len()]);
     }
 }
 
 /// TIES election and disjoint weighted mean over trimmed task vectors (the twin of
-/// [`kernels_core::ops::merge::ties_elect_ref`], bit-identical: the same `f64` operations in the
-/// same order, vectorised across elements), written as `f32` or rounded once more to another
-/// element type. Trim with [`crate::masks::ties_trim`], or call [`ties`] for both steps.
+/// [`kernels_core::ops::merge::ties_elect_ref`]: the reference's elected sign exactly, the values
+/// within [`ties_tolerance`]), written as `f32` or rounded once more to another element type. Trim with [`crate::masks::ties_trim`], or call [`ties`] for both steps.
 ///
 /// ```
 /// use kernels_cpu::prelude::*;
@@ -512,7 +630,8 @@ pub fn ties_elect<T: Element, O: Element>(
 }
 
 /// [`ties_elect`] under another [`TiesElection`] rule (mergekit's, say): the twin of
-/// [`kernels_core::ops::merge::ties_elect_with_ref`], bit-identical to it.
+/// [`kernels_core::ops::merge::ties_elect_with_ref`], with its elected sign, within
+/// [`ties_tolerance`].
 ///
 /// ```
 /// use kernels_cpu::prelude::*;

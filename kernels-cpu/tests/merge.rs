@@ -2,14 +2,16 @@
 //! and threading never change a bit.
 
 use half::{bf16, f16};
-use kernels_core::ops::merge::{fisher_merge_ref, ties_elect_ref, ties_ref};
-use kernels_cpu::merge::reduction_tolerance;
+use kernels_core::ops::merge::{
+    TiesElection, fisher_merge_ref, ties_elect_ref, ties_elect_with_ref, ties_ref,
+};
+use kernels_cpu::merge::{reduction_tolerance, ties_tolerance};
 use kernels_cpu::prelude::*;
 use kernels_testkit::merge::{
     LENGTHS, MODEL_COUNTS, ReduceBackend, every_length_model_count_and_type,
-    non_finite_data_propagates,
+    non_finite_data_propagates, ties_scale,
 };
-use kernels_testkit::{bits, isa_tests, normal, sparse_taus};
+use kernels_testkit::{assert_close, bits, isa_tests, normal, sparse_taus};
 
 /// The CPU backend, for the shared bodies.
 struct OnCpu(Cpu);
@@ -69,7 +71,20 @@ fn ties_and_fisher<T: Element>(cpu: &Cpu) {
             let (mut got, mut expect) = (vec![f32::NAN; n], vec![0.0; n]);
             ties_elect(cpu, &base, &views, &weights, 0.7, &mut got).unwrap();
             ties_elect_ref(&base, &views, &weights, 0.7, &mut expect).unwrap();
-            assert_eq!(bits(&got), bits(&expect), "TIES {what}");
+            assert_close(&format!("TIES {what}"), &got, &expect, |j| {
+                let rule = TiesElection::default();
+                ties_tolerance(models, ties_scale(&base, &views, &weights, 0.7, rule, j))
+            });
+            // Each element's result is its own: chunks and threads change no bit.
+            let mut chunked = vec![f32::NAN; n];
+            let split = n / 3;
+            let (head, tail) = chunked.split_at_mut(split);
+            let heads: Vec<&[T]> = views.iter().map(|t| &t[..split]).collect();
+            let tails: Vec<&[T]> = views.iter().map(|t| &t[split..]).collect();
+            let one = cpu.with_threads(1).unwrap();
+            ties_elect(&one, &base[..split], &heads, &weights, 0.7, head).unwrap();
+            ties_elect(cpu, &base[split..], &tails, &weights, 0.7, tail).unwrap();
+            assert_eq!(bits(&chunked), bits(&got), "TIES chunked {what}");
 
             // Fisher diagonals with zeros (the plain-mean fallback), negatives and a NaN.
             let fishers: Vec<Vec<f32>> = (0..models)
@@ -105,8 +120,77 @@ fn ties_and_fisher<T: Element>(cpu: &Cpu) {
             let finite: Vec<&[T]> = finite.iter().map(Vec::as_slice).collect();
             ties(cpu, &base, &finite, &weights, params, &mut got).unwrap();
             ties_ref(&base, &finite, &weights, params, &mut expect).unwrap();
-            assert_eq!(bits(&got), bits(&expect), "TIES in one call {what}");
+            // The trim is exact; the scale bounds the agreeing mean by the largest entry.
+            assert_close(&format!("TIES in one call {what}"), &got, &expect, |j| {
+                let largest = finite
+                    .iter()
+                    .map(|t| f64::from(t[j].to_f32()).abs())
+                    .fold(0.0, f64::max);
+                ties_tolerance(models, f64::from(base[j].to_f32()).abs() + 0.7 * largest)
+            });
         }
+    }
+}
+
+/// Votes that `f32` rounds to the wrong sign or to nothing, products that underflow or overflow
+/// `f32`: the elected sign stays the reference's, and those elements are the reference's bits
+/// (its `f64` arithmetic); the others stay within [`ties_tolerance`].
+fn ties_votes_near_rounding(cpu: &Cpu) {
+    // Exact vote +1, elected +, mean of (1e8 + 8, 3, 3); an `f32` vote in model order is -8.
+    let wrong_sign = [1e8 + 8.0, -13.0, -1e8, 3.0, 3.0];
+    // Exact vote -1; in `f32` the positive side swallows the 1.
+    let swallowed = [1e8, -1e8, 1.0, -2.0, 0.0];
+    let n = 41;
+    let mut taus: Vec<Vec<f32>> = (0..5).map(|i| normal(n, 300 + i)).collect();
+    let hard = [0, 15, 16, 31, 40];
+    for (k, &j) in hard.iter().enumerate() {
+        let lane = if k % 2 == 0 { wrong_sign } else { swallowed };
+        for (t, v) in taus.iter_mut().zip(lane) {
+            t[j] = v;
+        }
+    }
+    let views: Vec<&[f32]> = taus.iter().map(Vec::as_slice).collect();
+    let base = normal::<f32>(n, 9);
+    let ones = [1.0f32; 5];
+    for rule in [
+        TiesElection::default(),
+        TiesElection::default()
+            .with_zero_sum_elects_positive(true)
+            .with_normalize(false),
+    ] {
+        let (mut got, mut expect) = (vec![f32::NAN; n], vec![0.0; n]);
+        ties_elect_with(cpu, &base, &views, &ones, 0.5, rule, &mut got).unwrap();
+        ties_elect_with_ref(&base, &views, &ones, 0.5, rule, &mut expect).unwrap();
+        assert_close(
+            &format!("TIES near rounding {rule:?}"),
+            &got,
+            &expect,
+            |j| ties_tolerance(5, ties_scale(&base, &views, &ones, 0.5, rule, j)),
+        );
+        for j in hard {
+            assert_eq!(got[j].to_bits(), expect[j].to_bits(), "{rule:?} [{j}]");
+        }
+    }
+    // Products below f32's range (weights 1e-30, entries 1e-20) and above it (weights 4).
+    for (weight, scale) in [(1e-30f32, 1e-20f32), (4.0, 1e38)] {
+        let taus: Vec<Vec<f32>> = (0..3)
+            .map(|i| {
+                normal::<f32>(n, 400 + i)
+                    .iter()
+                    .map(|v| v * scale)
+                    .collect()
+            })
+            .collect();
+        let views: Vec<&[f32]> = taus.iter().map(Vec::as_slice).collect();
+        let weights = [weight; 3];
+        let (mut got, mut expect) = (vec![f32::NAN; n], vec![0.0; n]);
+        ties_elect(cpu, &base, &views, &weights, 0.5, &mut got).unwrap();
+        ties_elect_ref(&base, &views, &weights, 0.5, &mut expect).unwrap();
+        assert_eq!(
+            bits(&got),
+            bits(&expect),
+            "TIES weights {weight}, entries {scale}"
+        );
     }
 }
 
@@ -247,6 +331,7 @@ fn many_models(cpu: &Cpu) {
 
 isa_tests!(
     many_models,
+    ties_votes_near_rounding,
     shared_reductions,
     ties_fisher_f32,
     typed_bf16_and_f16,

@@ -2,9 +2,9 @@
 //! with the CPU suite's data; paging and chunking never change a bit.
 
 use half::{bf16, f16};
-use kernels_core::backend::ties_sign;
 use kernels_core::ops::merge::{
-    DareParams, DareRescale, dare_ref, fisher_merge_ref, sum_squares_ref, ties_elect_ref, ties_ref,
+    DareParams, DareRescale, TiesElection, dare_ref, fisher_merge_ref, sum_squares_ref,
+    ties_elect_ref, ties_ref,
 };
 use kernels_core::ops::select::KeepRule;
 use kernels_core::{CounterRng, Error, Result};
@@ -12,7 +12,7 @@ use kernels_testkit::gpu::upload;
 use kernels_testkit::gpu_tests;
 use kernels_testkit::merge::{
     LENGTHS, MODEL_COUNTS, ReduceBackend, every_length_model_count_and_type,
-    non_finite_data_propagates,
+    non_finite_data_propagates, ties_scale,
 };
 use kernels_testkit::{assert_close, bits, normal, sparse_taus};
 use kernels_wgpu::masks::{DARE_L1_RELATIVE_TOLERANCE, DARE_RELATIVE_TOLERANCE, dare};
@@ -123,31 +123,21 @@ fn ties_and_fisher<T: GpuElement>(ctx: &Context) {
             let mut expect = vec![0.0; n];
             ties_elect(ctx, &base, &gpu, &weights, 0.7, &mut out).unwrap();
             ties_elect_ref(&base_host, &views, &weights, 0.7, &mut expect).unwrap();
-            // The scale of the rounding: |base| + lambda * (the agreeing |w tau|) / (their w).
-            let ties_scale = |j: usize| {
-                let value = |m: &&[T]| f64::from(m[j].to_f32());
-                let elected = ties_sign(
-                    views
-                        .iter()
-                        .zip(&weights)
-                        .map(|(m, &w)| f64::from(w) * value(m))
-                        .sum(),
-                );
-                let (mut num, mut den) = (0.0, 0.0);
-                for (m, &w) in views.iter().zip(&weights) {
-                    if elected != 0.0 && ties_sign(value(m)) == elected {
-                        num += (f64::from(w) * value(m)).abs();
-                        den += f64::from(w);
-                    }
-                }
-                let mean = if den > 0.0 { num / den } else { 0.0 };
-                f64::from(base_host[j].to_f32()).abs() + 0.7 * mean
-            };
             assert_near(
                 &format!("TIES {what}"),
                 &out.to_vec_blocking(ctx).unwrap(),
                 &expect,
-                |j| reduction_tolerance(models, ties_scale(j)),
+                |j| {
+                    let scale = ties_scale(
+                        &base_host,
+                        &views,
+                        &weights,
+                        0.7,
+                        TiesElection::default(),
+                        j,
+                    );
+                    reduction_tolerance(models, scale)
+                },
             );
             // TIES in one call: the trim is exact, the election within the same bound.
             let params = TiesParams::default()

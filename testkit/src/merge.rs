@@ -4,7 +4,10 @@
 //! configuration.
 
 use half::{bf16, f16};
-use kernels_core::ops::merge::{fisher_accumulate_ref, task_arithmetic_ref, weighted_mean_ref};
+use kernels_core::backend::ties_sign;
+use kernels_core::ops::merge::{
+    TiesElection, fisher_accumulate_ref, task_arithmetic_ref, weighted_mean_ref,
+};
 use kernels_core::{Element, Result};
 
 use crate::{assert_close, bits, normal};
@@ -30,6 +33,34 @@ pub trait ReduceBackend<T>: Sized {
     fn tolerance(&self, terms: usize, abs_sum: f64) -> f64;
     /// Another configuration that must give the same bits (the CPU on one thread), if any.
     fn alternate(&self) -> Option<Self>;
+}
+
+/// The scale of TIES election's rounding at element `j`: `|base_j| + |lambda| |combined_j|`, where
+/// `combined_j` combines (under `rule`) the magnitudes of the entries that agree with the
+/// reference's elected sign. Every backend's TIES bound is a multiple of it.
+pub fn ties_scale<T: Element>(
+    base: &[T],
+    taus: &[&[T]],
+    weights: &[f32],
+    lambda: f32,
+    rule: TiesElection,
+    j: usize,
+) -> f64 {
+    let value = |t: &&[T]| f64::from(t[j].to_f32());
+    let elected = rule.elect(
+        taus.iter()
+            .zip(weights)
+            .map(|(t, &w)| f64::from(w) * value(t))
+            .sum(),
+    );
+    let (mut num, mut den) = (0.0, 0.0);
+    for (t, &w) in taus.iter().zip(weights) {
+        if elected != 0.0 && ties_sign(value(t)) == elected {
+            num += f64::from(w) * value(t).abs();
+            den += f64::from(w);
+        }
+    }
+    f64::from(base[j].to_f32()).abs() + f64::from(lambda).abs() * rule.combine(num, den).abs()
 }
 
 /// Lengths every reduction is tried on: empty, one, around every vector width, past a GPU

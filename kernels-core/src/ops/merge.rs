@@ -253,18 +253,8 @@ pub fn ties_elect_with_ref<T: Element>(
         lambda,
         out.len(),
     )?;
-    let sign = crate::backend::ties_sign;
     for (j, o) in out.iter_mut().enumerate() {
-        let elected = rule.elect(weighted_sum_at(trimmed, weights, j));
-        let (mut num, mut den) = (0.0f64, 0.0f64);
-        for (t, &w) in trimmed.iter().zip(weights) {
-            let v = t[j].to_f64();
-            if elected != 0.0 && sign(v) == elected {
-                num += f64::from(w) * v;
-                den += f64::from(w);
-            }
-        }
-        *o = (base[j].to_f64() + f64::from(lambda) * rule.combine(num, den)) as f32;
+        *o = crate::backend::ties_elect_at(base[j], trimmed, weights, lambda, rule, j);
     }
     Ok(())
 }

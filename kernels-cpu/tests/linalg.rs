@@ -364,6 +364,28 @@ fn cgs2_matches_householder_and_rejects_dependence() {
     }
 }
 
+/// `||got - expect||_F` within the factorisation tolerance of an `m x n` `X` of norm `x_norm`.
+fn assert_projection_close(
+    what: &str,
+    got: &[f32],
+    expect: &[f32],
+    m: usize,
+    n: usize,
+    x_norm: f64,
+) {
+    let error = got
+        .iter()
+        .zip(expect)
+        .map(|(a, b)| f64::from(a - b).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    assert_within(
+        what,
+        error,
+        factorisation_tolerance(m, n) * x_norm.max(f64::MIN_POSITIVE),
+    );
+}
+
 fn check_projection<X: kernels_core::Element>(cpu: &Cpu, m: usize, n: usize, r: usize, seed: u64) {
     let q = householder_qr_ref(random(m, r, seed).as_ref())
         .unwrap()
@@ -394,17 +416,8 @@ fn check_projection<X: kernels_core::Element>(cpu: &Cpu, m: usize, n: usize, r: 
             linalg::project_onto(cpu, q.as_ref(), x, g).unwrap();
             project_onto_ref(q.as_ref(), x, e).unwrap();
         }
-        let error = got
-            .iter()
-            .zip(&expect)
-            .map(|(a, b)| f64::from(a - b).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        assert_within(
-            &format!("projection (out: {out_of}) {m}x{n} r {r}"),
-            error,
-            factorisation_tolerance(m, n) * x_norm.max(f64::MIN_POSITIVE),
-        );
+        let what = format!("projection (out: {out_of}) {m}x{n} r {r}");
+        assert_projection_close(&what, &got, &expect, m, n, x_norm);
     }
 }
 
@@ -491,23 +504,13 @@ fn check_projection_forms(cpu: &Cpu, m: usize, n: usize, r: usize, seed: u64) {
             project_onto_ref(q.as_ref(), x, e).unwrap();
         }
         let what = format!("projection (complement: {complement}) {m}x{n} r {r} on {cpu:?}");
-        let error = got
-            .iter()
-            .zip(&expect)
-            .map(|(a, b)| f64::from(a - b).powi(2))
-            .sum::<f64>()
-            .sqrt();
         let x_norm = x
             .row_iter()
             .flatten()
             .map(|&v| f64::from(v).powi(2))
             .sum::<f64>()
             .sqrt();
-        assert_within(
-            &what,
-            error,
-            factorisation_tolerance(m, n) * x_norm.max(f64::MIN_POSITIVE),
-        );
+        assert_projection_close(&what, &got, &expect, m, n, x_norm);
         if r <= 64 {
             assert_eq!(
                 got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),

@@ -29,6 +29,8 @@ fuzz_target!(|data: &[u8]| {
     let model = Llama::<f32>::from_hf(data, &tensors, Policy::Dense).unwrap();
     let mut decoder = Decoder::new(c, 1).unwrap();
     let mut logits = vec![0.0; c.vocab];
-    model.forward(&Cpu::detect(), &mut decoder, 0, &mut logits).unwrap();
+    model
+        .forward(&Cpu::detect(), &mut decoder, 0, &mut logits)
+        .unwrap();
     assert!(logits.iter().all(|v| v.is_finite()));
 });

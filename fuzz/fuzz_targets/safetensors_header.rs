@@ -13,7 +13,12 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(entries) = shard_tensors(data, 0) {
         let mut ranges: Vec<std::ops::Range<usize>> = Vec::new();
         for (name, entry) in &entries {
-            assert!(entry.bytes.end <= data.len(), "{name}: {:?} past {}", entry.bytes, data.len());
+            assert!(
+                entry.bytes.end <= data.len(),
+                "{name}: {:?} past {}",
+                entry.bytes,
+                data.len()
+            );
             let elements = entry
                 .shape
                 .iter()

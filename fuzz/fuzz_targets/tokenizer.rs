@@ -46,6 +46,8 @@ fuzz_target!(|data: &[u8]| {
     if !text.contains("<s>") && !text.contains("</s>") {
         assert_eq!(t.decode(&ids).expect("decodes"), text);
     }
-    let prompt = t.chat_prompt(&text).expect("the template renders any message");
+    let prompt = t
+        .chat_prompt(&text)
+        .expect("the template renders any message");
     assert!(prompt.contains(&*text));
 });

@@ -10,12 +10,17 @@ fuzz_target!(|data: &[u8]| {
     let Ok(model) = Model::parse(data, "the fuzzed file") else {
         return;
     };
-    assert!(model.parameters() * 2 <= data.len(), "more values than bytes");
+    assert!(
+        model.parameters() * 2 <= data.len(),
+        "more values than bytes"
+    );
     for t in &model.tensors {
         let elements: usize = t.shape.iter().product();
         assert_eq!(elements, t.values.len(), "{}", t.name);
     }
-    model.check_same_layout(&model, "itself").expect("a model matches itself");
+    model
+        .check_same_layout(&model, "itself")
+        .expect("a model matches itself");
     let entries: Vec<(&str, &[usize], _, &[f32])> = model
         .tensors
         .iter()
@@ -25,7 +30,11 @@ fuzz_target!(|data: &[u8]| {
     let again = Model::parse(&written, "the written file").expect("what we write reads back");
     for (a, b) in model.tensors.iter().zip(&again.tensors) {
         assert_eq!(a.name, b.name);
-        let same = a.values.iter().zip(&b.values).all(|(x, y)| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()));
+        let same = a
+            .values
+            .iter()
+            .zip(&b.values)
+            .all(|(x, y)| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()));
         assert!(same, "{}: values changed on the round trip", a.name);
     }
 });

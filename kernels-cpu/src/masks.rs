@@ -4,7 +4,7 @@
 //! # Contracts
 //!
 //! * **Masks are bit-identical** to the reference: DARE draws the same Philox words (the
-//!   generator runs vectorised, eight or sixteen counters per instruction) against the same integer
+//!   generator runs vectorised, four to sixteen counters per instruction) against the same integer
 //!   threshold, for any chunking (`first_index`) and thread count; TIES trim and Breadcrumbs
 //!   select exactly ([`crate::select`]).
 //! * **Values**: TIES trim and Breadcrumbs copy the kept entries; DARE computes each survivor as
@@ -77,7 +77,6 @@ impl<T: Element> WithSimd for Dare<'_, T> {
             let keep = rng.u24_at(first + i as u64) >= threshold;
             out[i] = survivor(tau[i].to_f32(), keep);
         }
-        let mut buffer = [0.0f32; GROUP];
         for (g, (t, o)) in tau[head..]
             .chunks(GROUP)
             .zip(out[head..].chunks_mut(GROUP))
@@ -91,25 +90,19 @@ impl<T: Element> WithSimd for Dare<'_, T> {
                 }
             }
             let bits = dare_bits(s, rng.key(), first + (head + g * GROUP) as u64, threshold);
-            let values = widened(s, t, &mut buffer);
-            // PERF: every product in f64 lanes at once (the reference's rounding), then the
-            // survivors kept with one masked move per vector.
-            let products: [f32; GROUP] =
-                core::array::from_fn(|j| (f64::from(values[j]) * scale) as f32);
+            // PERF: every product in f64 lanes (the reference's rounding), then the survivors
+            // kept with one masked move per vector.
             let main = o.len() - o.len() % S::LANES;
-            for (v, (o, p)) in o[..main]
+            for (v, (o, t)) in o[..main]
                 .chunks_exact_mut(S::LANES)
-                .zip(products.chunks_exact(S::LANES))
+                .zip(t.chunks_exact(S::LANES))
                 .enumerate()
             {
-                s.store(s.keep_lanes((bits >> (v * S::LANES)) as u32, s.load(p)), o);
+                let products = s.mul_f64_rounded(s.load(t), scale);
+                s.store(s.keep_lanes((bits >> (v * S::LANES)) as u32, products), o);
             }
             for j in main..o.len() {
-                o[j] = if (bits >> j) & 1 == 1 {
-                    products[j]
-                } else {
-                    0.0
-                };
+                o[j] = survivor(t[j].to_f32(), (bits >> j) & 1 == 1);
             }
         }
     }

@@ -137,6 +137,8 @@ mod sealed {
         fn pow2i(self, n: Self::F32) -> Self::F32;
         /// `a / b`, correctly rounded.
         fn div(self, a: Self::F32, b: Self::F32) -> Self::F32;
+        /// `(v as f64 * scale) as f32` per lane: the product in `f64`, rounded once.
+        fn mul_f64_rounded(self, v: Self::F32, scale: f64) -> Self::F32;
         /// The counter-based draws of 64 consecutive elements against an integer threshold: bit
         /// `4 b + w` is set iff the top 24 bits of word `w` of Philox4x32-10 block `first_block + b`
         /// (`b < 16`, see [`kernels_core::CounterRng`]) are `>= threshold`: which elements survive
@@ -574,6 +576,57 @@ mod tests {
         }
     }
 
+    struct MulF64Rounded<'a>(&'a [f32], f64);
+
+    impl WithSimd for MulF64Rounded<'_> {
+        type Output = Vec<f32>;
+        fn with_simd<S: Simd>(self, s: S) -> Vec<f32> {
+            let mut out = alloc::vec![0.0; self.0.len()];
+            for (o, v) in out
+                .chunks_exact_mut(S::LANES)
+                .zip(self.0.chunks_exact(S::LANES))
+            {
+                s.store(s.mul_f64_rounded(s.load(v), self.1), o);
+            }
+            out
+        }
+    }
+
+    #[test]
+    fn f64_products_round_once_on_every_isa() {
+        // Products that f32 arithmetic would round twice, subnormals, overflow, signed zeros.
+        let mut values = alloc::vec![
+            1.0f32,
+            -3.0,
+            0.1,
+            f32::MAX,
+            -f32::MAX,
+            f32::MIN_POSITIVE,
+            1e-45,
+            -0.0,
+            0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            16_777_215.0,
+            -1.000_000_1,
+            3.402_823e30,
+            7.0e-39,
+            0.333_333_34,
+        ];
+        values.extend((0..48).map(|i| (i as f32 * 0.618_034).sin() * 10f32.powi(i % 9 - 4)));
+        for scale in [1.0 / (1.0 - 0.9), 1.0 / 3.0, 1e-300, 1e300, -2.5, 0.0] {
+            for cpu in Cpu::all_available() {
+                for (v, g) in values
+                    .iter()
+                    .zip(cpu.dispatch(MulF64Rounded(&values, scale)))
+                {
+                    let expect = (f64::from(*v) * scale) as f32;
+                    assert_eq!(g.to_bits(), expect.to_bits(), "{} {v} * {scale}", cpu.isa());
+                }
+            }
+        }
+    }
+
     struct KeepLanes<'a>(&'a [f32], u32);
 
     impl WithSimd for KeepLanes<'_> {
@@ -588,7 +641,11 @@ mod tests {
     #[test]
     fn keep_lanes_zero_the_rest_on_every_isa() {
         let values: Vec<f32> = (0..16).map(|i| -1.5 - i as f32).collect();
-        for mask in [0u32, 0xFFFF, 0b1010_0110_0101_1001] {
+        // Every byte in every position (AVX2 looks its lanes up in a table of 256).
+        let masks = (0..=0xFFFFu32)
+            .step_by(257)
+            .chain([0b1010_0110_0101_1001, 0x8001]);
+        for mask in masks {
             for cpu in Cpu::all_available() {
                 for (j, g) in cpu.dispatch(KeepLanes(&values, mask)).iter().enumerate() {
                     let expect = if (mask >> j) & 1 == 1 { values[j] } else { 0.0 };

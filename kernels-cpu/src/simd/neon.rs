@@ -143,4 +143,13 @@ impl SimdKernels for Neon {
     fn div(self, a: float32x4_t, b: float32x4_t) -> float32x4_t {
         unsafe { vdivq_f32(a, b) }
     }
+    #[inline(always)]
+    fn mul_f64_rounded(self, v: float32x4_t, scale: f64) -> float32x4_t {
+        unsafe {
+            let scale = vdupq_n_f64(scale);
+            let low = vmulq_f64(vcvt_f64_f32(vget_low_f32(v)), scale);
+            let high = vmulq_f64(vcvt_high_f64_f32(v), scale);
+            vcvt_high_f32_f64(vcvt_f32_f64(low), high)
+        }
+    }
 }

@@ -88,4 +88,8 @@ impl SimdKernels for Scalar {
     fn div(self, a: f32, b: f32) -> f32 {
         a / b
     }
+    #[inline(always)]
+    fn mul_f64_rounded(self, v: f32, scale: f64) -> f32 {
+        (f64::from(v) * scale) as f32
+    }
 }

@@ -151,65 +151,76 @@ impl SimdKernels for V3 {
     }
     #[inline(always)]
     fn keep_lanes(self, mask: u32, v: __m256) -> __m256 {
+        // PERF: one load from an 8 KiB table instead of a broadcast, an and and a compare.
         unsafe {
-            let lane_bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-            let bits = _mm256_and_si256(_mm256_set1_epi32(mask as i32), lane_bits);
-            _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(bits, lane_bits)), v)
+            let keep = LANE_MASKS[(mask & 0xFF) as usize];
+            _mm256_and_ps(_mm256_loadu_ps(keep.as_ptr().cast()), v)
         }
     }
     #[inline(always)]
     fn philox_u24_at_least(self, first_block: u64, key: [u32; 2], threshold: u32) -> u64 {
         use kernels_core::backend::{PHILOX_MUL, PHILOX_ROUNDS, PHILOX_WEYL};
-        // PERF: as the AVX-512 version, on two halves of 8 blocks.
-        #[inline(always)]
-        unsafe fn mul_hi_lo(a: __m256i, m: __m256i) -> (__m256i, __m256i) {
-            unsafe {
-                let even = _mm256_mul_epu32(a, m);
-                let odd = _mm256_mul_epu32(_mm256_srli_epi64::<32>(a), m);
-                let hi = _mm256_blend_epi32::<0b1010_1010>(_mm256_srli_epi64::<32>(even), odd);
-                let lo = _mm256_blend_epi32::<0b1010_1010>(even, _mm256_slli_epi64::<32>(odd));
-                (hi, lo)
-            }
-        }
+        // PERF: a block's four words live in two 64-bit lanes, `(c0, c1)` in `a` and `(c2, c3)`
+        // in `b`, so `vpmuludq` multiplies each lane's low word and leaves the product's low word
+        // where the next round wants it in the high half; one in-lane swap then puts the high word
+        // low. Two registers per 4 blocks let all 16 blocks run interleaved without spills (the
+        // multiplies' latency is the bound otherwise), and the words come out in element order.
+        const SETS: usize = 4;
         unsafe {
-            let m0 = _mm256_set1_epi32(PHILOX_MUL[0] as i32);
-            let m1 = _mm256_set1_epi32(PHILOX_MUL[1] as i32);
-            let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-            let mut masks = [0u32; 4];
-            for half in 0..2u64 {
-                let start = first_block.wrapping_add(8 * half);
-                let base = _mm256_set1_epi32(start as u32 as i32);
-                let mut c0 = _mm256_add_epi32(base, lanes);
-                // Unsigned `c0 < base`: the low word wrapped and carries into the high word.
-                let flip = _mm256_set1_epi32(i32::MIN);
-                let carry =
-                    _mm256_cmpgt_epi32(_mm256_xor_si256(base, flip), _mm256_xor_si256(c0, flip));
-                let high = _mm256_set1_epi32((start >> 32) as u32 as i32);
-                let mut c1 = _mm256_sub_epi32(high, carry);
-                let (mut c2, mut c3) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-                let mut k = key;
-                for round in 0..PHILOX_ROUNDS {
-                    if round > 0 {
-                        k[0] = k[0].wrapping_add(PHILOX_WEYL[0]);
-                        k[1] = k[1].wrapping_add(PHILOX_WEYL[1]);
-                    }
-                    let (hi0, lo0) = mul_hi_lo(c0, m0);
-                    let (hi1, lo1) = mul_hi_lo(c2, m1);
-                    c0 =
-                        _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(k[0] as i32));
-                    c1 = lo1;
-                    c2 =
-                        _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(k[1] as i32));
-                    c3 = lo0;
-                }
-                // Draws and threshold are below 2^24 + 1: a signed compare is exact.
-                let below = _mm256_set1_epi32(threshold as i32 - 1);
-                for (mask, c) in masks.iter_mut().zip([c0, c1, c2, c3]) {
-                    let keep = _mm256_cmpgt_epi32(_mm256_srli_epi32::<8>(c), below);
-                    *mask |= (_mm256_movemask_ps(_mm256_castsi256_ps(keep)) as u32) << (8 * half);
+            // Lanes hold blocks 0, 2, 1, 3 of each set: unpacking then gives element order.
+            let first = _mm256_add_epi64(
+                _mm256_set1_epi64x(first_block as i64),
+                _mm256_setr_epi64x(0, 2, 1, 3),
+            );
+            let mut a = [first; SETS];
+            for (set, a) in a.iter_mut().enumerate() {
+                *a = _mm256_add_epi64(first, _mm256_set1_epi64x(4 * set as i64));
+            }
+            let m0 = _mm256_set1_epi64x(i64::from(PHILOX_MUL[0]));
+            let m1 = _mm256_set1_epi64x(i64::from(PHILOX_MUL[1]));
+            let mut k0 = _mm256_set1_epi64x(i64::from(key[0]));
+            let mut k1 = _mm256_set1_epi64x(i64::from(key[1]));
+            // Round 0 multiplies `c2 = 0`: (c1 ^ k0, 0) and (hi0 ^ k1, lo0).
+            let mut b = [first; SETS];
+            for set in 0..SETS {
+                let product0 = _mm256_mul_epu32(a[set], m0);
+                a[set] = _mm256_xor_si256(_mm256_srli_epi64::<32>(a[set]), k0);
+                b[set] = _mm256_xor_si256(_mm256_shuffle_epi32::<0b1011_0001>(product0), k1);
+            }
+            for _ in 1..PHILOX_ROUNDS {
+                // The key's high halves stay zero: the Weyl increments wrap in the low words.
+                k0 = _mm256_add_epi32(k0, _mm256_set1_epi64x(i64::from(PHILOX_WEYL[0])));
+                k1 = _mm256_add_epi32(k1, _mm256_set1_epi64x(i64::from(PHILOX_WEYL[1])));
+                for set in 0..SETS {
+                    let product0 = _mm256_mul_epu32(a[set], m0);
+                    let product1 = _mm256_mul_epu32(b[set], m1);
+                    // (hi1 ^ c1 ^ k0, lo1) and (hi0 ^ c3 ^ k1, lo0).
+                    a[set] = _mm256_xor_si256(
+                        _mm256_shuffle_epi32::<0b1011_0001>(product1),
+                        _mm256_xor_si256(_mm256_srli_epi64::<32>(a[set]), k0),
+                    );
+                    b[set] = _mm256_xor_si256(
+                        _mm256_shuffle_epi32::<0b1011_0001>(product0),
+                        _mm256_xor_si256(_mm256_srli_epi64::<32>(b[set]), k1),
+                    );
                 }
             }
-            super::interleave4(masks)
+            // Draws and threshold are below 2^24 + 1: a signed compare is exact.
+            let below = _mm256_set1_epi32(threshold as i32 - 1);
+            let mut bits = 0;
+            for set in 0..SETS {
+                // Elements 16 set .. 16 set + 8, then the next 8.
+                let words = [
+                    _mm256_unpacklo_epi64(a[set], b[set]),
+                    _mm256_unpackhi_epi64(a[set], b[set]),
+                ];
+                for (half, words) in words.into_iter().enumerate() {
+                    let keep = _mm256_cmpgt_epi32(_mm256_srli_epi32::<8>(words), below);
+                    let keep = _mm256_movemask_ps(_mm256_castsi256_ps(keep)) as u8;
+                    bits |= u64::from(keep) << (16 * set + 8 * half);
+                }
+            }
+            bits
         }
     }
     #[inline(always)]
@@ -228,7 +239,35 @@ impl SimdKernels for V3 {
     fn div(self, a: __m256, b: __m256) -> __m256 {
         unsafe { _mm256_div_ps(a, b) }
     }
+    #[inline(always)]
+    fn mul_f64_rounded(self, v: __m256, scale: f64) -> __m256 {
+        // PERF: in registers; through an array, the halves' 16-byte stores could not be
+        // forwarded to the 32-byte load that follows.
+        unsafe {
+            let scale = _mm256_set1_pd(scale);
+            let low = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), scale);
+            let high = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)), scale);
+            _mm256_set_m128(_mm256_cvtpd_ps(high), _mm256_cvtpd_ps(low))
+        }
+    }
 }
+
+/// `LANE_MASKS[m]` has all bits set in lane `j` iff bit `j` of `m` is set.
+static LANE_MASKS: [[u32; 8]; 256] = {
+    let mut table = [[0; 8]; 256];
+    let mut m = 0;
+    while m < 256 {
+        let mut j = 0;
+        while j < 8 {
+            if m >> j & 1 == 1 {
+                table[m][j] = u32::MAX;
+            }
+            j += 1;
+        }
+        m += 1;
+    }
+    table
+};
 
 /// The bf16 words (in the low halves of 32-bit lanes) of 8 `f32` bit patterns, rounded as
 /// `half::bf16::from_f32` rounds.

@@ -227,4 +227,20 @@ impl SimdKernels for V4 {
     fn div(self, a: __m512, b: __m512) -> __m512 {
         unsafe { _mm512_div_ps(a, b) }
     }
+    #[inline(always)]
+    fn mul_f64_rounded(self, v: __m512, scale: f64) -> __m512 {
+        unsafe {
+            let low = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+            let high = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                _mm512_castps_pd(v),
+            )));
+            let scale = _mm512_set1_pd(scale);
+            let low = _mm512_cvtpd_ps(_mm512_mul_pd(low, scale));
+            let high = _mm512_cvtpd_ps(_mm512_mul_pd(high, scale));
+            _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+                _mm512_castpd256_pd512(_mm256_castps_pd(low)),
+                _mm256_castps_pd(high),
+            ))
+        }
+    }
 }

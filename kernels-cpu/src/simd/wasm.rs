@@ -125,4 +125,11 @@ impl SimdKernels for Simd128 {
     fn div(self, a: v128, b: v128) -> v128 {
         f32x4_div(a, b)
     }
+    #[inline(always)]
+    fn mul_f64_rounded(self, v: v128, scale: f64) -> v128 {
+        let scale = f64x2_splat(scale);
+        let low = f64x2_mul(f64x2_promote_low_f32x4(v), scale);
+        let high = f64x2_mul(f64x2_promote_low_f32x4(i64x2_shuffle::<1, 1>(v, v)), scale);
+        i64x2_shuffle::<0, 2>(f32x4_demote_f64x2_zero(low), f32x4_demote_f64x2_zero(high))
+    }
 }

@@ -12,7 +12,7 @@ use kernels_core::backend::{MagnitudeBracket, MagnitudeHistogram, quantile_rank}
 use kernels_core::{Error, MultiPass, Result};
 
 use crate::Cpu;
-use crate::select::{Parts, observe_chunk, rank_key, refine_chunk, validate};
+use crate::select::{Parts, observe_chunk, rank_keys, refine_chunk, validate};
 
 /// The exact `k`-quantile threshold of `samples` taken as one vector (`k` in `[0, 1]`; finite
 /// samples, not all empty): the radix select of [`crate::select`], threaded.
@@ -32,7 +32,8 @@ pub fn calibrate_threshold(cpu: &Cpu, samples: &[&[f32]], k: f64) -> Result<f32>
         validate(cpu, &parts)?;
         return Ok(0.0);
     }
-    Ok(f32::from_bits(rank_key(cpu, &parts, rank)?.key))
+    let [found] = rank_keys(cpu, &parts, [rank])?;
+    Ok(f32::from_bits(found.key))
 }
 
 /// Where a threshold applies in a decoder layer.

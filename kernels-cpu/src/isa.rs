@@ -17,9 +17,9 @@ use core::sync::atomic::{AtomicU8, Ordering};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Isa {
-    /// x86-64 AVX-512F, with AVX2, FMA and F16C (512-bit vectors).
+    /// x86-64 AVX-512F, with the x86-64-v3 features below (512-bit vectors).
     Avx512,
-    /// x86-64 AVX2 with FMA and F16C (256-bit vectors; "x86-64-v3").
+    /// x86-64 AVX2 with FMA, F16C, POPCNT, BMI1/2 and LZCNT (256-bit vectors; "x86-64-v3").
     Avx2,
     /// AArch64 Advanced SIMD (128-bit vectors).
     Neon,
@@ -154,7 +154,8 @@ pub(crate) mod x86 {
     /// What the kernels need, as detected.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub(crate) struct Features {
-        /// AVX, AVX2, FMA and F16C, with the OS saving YMM state.
+        /// AVX, AVX2, FMA, F16C, POPCNT, BMI1, BMI2 and LZCNT (x86-64-v3), with the OS saving
+        /// YMM state.
         pub(crate) avx2: bool,
         /// All of the above plus AVX-512F, with the OS saving ZMM and opmask state.
         pub(crate) avx512: bool,
@@ -190,7 +191,10 @@ pub(crate) mod x86 {
         let zmm_state = xcr0 & 0b1110_0110 == 0b1110_0110;
         let leaf7 = cpuid(7, 0);
         let (avx2, avx512f) = (bit(leaf7.ebx, 5), bit(leaf7.ebx, 16));
-        let v3 = ymm_state && avx && avx2 && fma && f16c;
+        // The scalar side of x86-64-v3: bit counts and scans in one instruction each.
+        let (popcnt, bmi1, bmi2) = (bit(leaf1.ecx, 23), bit(leaf7.ebx, 3), bit(leaf7.ebx, 8));
+        let lzcnt = cpuid(0x8000_0000, 0).eax >= 0x8000_0001 && bit(cpuid(0x8000_0001, 0).ecx, 5);
+        let v3 = ymm_state && avx && avx2 && fma && f16c && popcnt && bmi1 && bmi2 && lzcnt;
         Features {
             avx2: v3,
             avx512: v3 && zmm_state && avx512f,
@@ -216,7 +220,11 @@ mod tests {
         let f = x86::detect();
         let std_v3 = std::is_x86_feature_detected!("avx2")
             && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c");
+            && std::is_x86_feature_detected!("f16c")
+            && std::is_x86_feature_detected!("popcnt")
+            && std::is_x86_feature_detected!("bmi1")
+            && std::is_x86_feature_detected!("bmi2")
+            && std::is_x86_feature_detected!("lzcnt");
         assert_eq!(f.avx2, std_v3);
         assert_eq!(f.avx512, std_v3 && std::is_x86_feature_detected!("avx512f"));
     }

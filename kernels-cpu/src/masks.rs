@@ -19,7 +19,7 @@ use kernels_core::ops::select::KeepRule;
 use kernels_core::{CounterRng, Element, Error, Result};
 
 use crate::parallel::split_outputs;
-use crate::select::{GROUP, Parts, apply_cuts, check_out, top_k, topk_keep};
+use crate::select::{GROUP, KeepValues, Parts, apply_cuts_to, check_out, top_ks, topk_keep};
 use crate::simd::widened;
 use crate::{Cpu, Simd, WithSimd};
 
@@ -408,23 +408,16 @@ pub fn breadcrumbs<T: Element>(
     let (top, keep) = params.counts(tau.len() as u64)?;
     let slices = [tau];
     let parts = Parts::new(cpu, &slices, GROUP);
-    let outer = top_k(cpu, &parts, top + keep)?;
-    let outliers = top_k(cpu, &parts, top)?;
-    apply_cuts(
-        cpu,
-        &parts,
-        [&outer, &outliers],
-        parts.split(out, 1),
-        #[inline(always)]
-        |out, at, run, keep| {
-            let kept = keep.bits[0] & !keep.bits[1];
-            for (j, (o, t)) in out[at..at + run.len()].iter_mut().zip(run).enumerate() {
-                *o = if (kept >> j) & 1 == 1 {
-                    t.to_f32()
-                } else {
-                    0.0
-                };
-            }
-        },
-    )
+    // One selection pass finds both cuts.
+    let [outer, outliers] = top_ks(cpu, &parts, [top + keep, top])?;
+    let sinks = parts
+        .split(out, 1)
+        .into_iter()
+        .map(|out| KeepValues {
+            out,
+            select: |kept: [u32; 2]| kept[0] & !kept[1],
+            equal: None,
+        })
+        .collect();
+    apply_cuts_to(cpu, &parts, [&outer, &outliers], sinks)
 }

@@ -127,11 +127,49 @@ fn magnitude_masks<T: Element>(cpu: &Cpu) {
     }
 }
 
+/// Vectors past the sampled select's threshold (65 536 entries): Breadcrumbs selects both cuts
+/// in one sampled pass, then writes vector by vector; split over threads.
+fn sampled_magnitude_masks<T: Element>(cpu: &Cpu) {
+    let n = 100_003;
+    for threads in [1, 3] {
+        let cpu = (*cpu).with_threads(threads).unwrap();
+        for tau in [tied::<T>(n, 5), normal::<T>(n, 6)] {
+            let keep = KeepRule::Density(0.2);
+            let (mut got, mut expect) = (vec![T::from_f32(7.0); n], vec![0.0f32; n]);
+            ties_trim(&cpu, &tau, keep, &mut got).unwrap();
+            ties_trim_ref(&tau, keep, &mut expect).unwrap();
+            let narrow: Vec<f32> = got.iter().map(|x| x.to_f32()).collect();
+            assert_eq!(
+                bits(&narrow),
+                bits(&expect),
+                "trim {threads} threads {cpu:?}"
+            );
+            // Far-apart cuts, overlapping brackets, and one cut of none.
+            for (density, gamma) in [(0.9, 0.01), (0.001, 0.0005), (0.5, 0.0), (0.3, 0.3)] {
+                let params = BreadcrumbsParams::default()
+                    .with_density(density)
+                    .with_gamma(gamma);
+                let (mut got, mut expect) = (vec![f32::NAN; n], vec![0.0; n]);
+                breadcrumbs(&cpu, &tau, params, &mut got).unwrap();
+                breadcrumbs_ref(&tau, params, &mut expect).unwrap();
+                assert_eq!(
+                    bits(&got),
+                    bits(&expect),
+                    "breadcrumbs {:?} {params:?} {threads} threads {cpu:?}",
+                    T::DTYPE
+                );
+            }
+        }
+    }
+}
+
 fn magnitude_f32(cpu: &Cpu) {
     magnitude_masks::<f32>(cpu);
+    sampled_magnitude_masks::<f32>(cpu);
 }
 fn magnitude_bf16(cpu: &Cpu) {
     magnitude_masks::<bf16>(cpu);
+    sampled_magnitude_masks::<bf16>(cpu);
 }
 
 fn bad_inputs(cpu: &Cpu) {

@@ -6,18 +6,21 @@ use kernels_core::{Element, Result};
 
 use super::parts::{Parts, Piece, STREAMS};
 use super::rank::{Cut, PartCut};
-use super::{GROUP, PREFETCH_BYTES, identity};
+use super::{GROUP, PREFETCH_BYTES};
 use crate::parallel::for_each;
 use crate::simd::CACHE_LINE;
 use crate::{Cpu, Scalar, Simd, WithSimd};
 
 /// The keep-bits of a run of up to 64 elements under each cut (consuming ties in order), and
-/// what else the pass learns of it.
+/// what else the pass learns of it; `sink` sees each vector as it is classified (`at` is the
+/// run's start in the part).
 #[inline(always)]
-fn keep_group<S: Simd, T: Element, const C: usize>(
+fn keep_group<S: Simd, T: Element, K: PartSink<T, C>, const C: usize>(
     s: S,
     group: &[T],
     cuts: &mut [PartCut; C],
+    sink: &mut K,
+    at: usize,
 ) -> Keep<C> {
     let mut keep = Keep {
         bits: [0; C],
@@ -25,17 +28,88 @@ fn keep_group<S: Simd, T: Element, const C: usize>(
     };
     let main = group.len() - group.len() % S::LANES;
     for (v, lanes) in group[..main].chunks_exact(S::LANES).enumerate() {
-        let v_bits = s.load(lanes);
-        for (k, cut) in keep.bits.iter_mut().zip(cuts.iter_mut()) {
-            cut.keep(s, v_bits, k, &mut keep.run, v * S::LANES);
+        let values = s.load(lanes);
+        let mut kept = [0u32; C];
+        // PERF: plain loops, not `array::from_fn`: a closure that is not inlined would run the
+        // vector operations without the dispatched target features.
+        for ((lane_bits, bits), cut) in kept.iter_mut().zip(&mut keep.bits).zip(cuts.iter_mut()) {
+            *lane_bits = cut.keep(s, values, &mut keep.run, v * S::LANES);
+            *bits |= u64::from(*lane_bits) << (v * S::LANES);
         }
+        sink.lanes(s, at + v * S::LANES, values, kept);
     }
     for (j, x) in group.iter().enumerate().skip(main) {
-        for (k, cut) in keep.bits.iter_mut().zip(cuts.iter_mut()) {
-            cut.keep(Scalar, x.to_f32(), k, &mut keep.run, j);
+        let value = x.to_f32();
+        let mut kept = [0u32; C];
+        for ((lane_bits, bits), cut) in kept.iter_mut().zip(&mut keep.bits).zip(cuts.iter_mut()) {
+            *lane_bits = cut.keep(Scalar, value, &mut keep.run, j);
+            *bits |= u64::from(*lane_bits) << j;
         }
+        sink.lanes(Scalar, at + j, value, kept);
     }
     keep
+}
+
+/// What the final pass does with one part's entries, run by run in flat order.
+pub(crate) trait PartSink<T: Element, const C: usize>: Send {
+    /// Each vector (or tail element) as it is classified: `at` its first lane's index in the
+    /// part, `values` its lanes widened, bit `j` of `kept[c]` set iff lane `j` is kept under cut
+    /// `c`.
+    #[inline(always)]
+    fn lanes<S: Simd>(&mut self, s: S, at: usize, values: S::F32, kept: [u32; C]) {
+        let _ = (s, at, values, kept);
+    }
+    /// Each run of up to [`GROUP`] entries once its vectors are done: `at` its start in the part.
+    #[inline(always)]
+    fn run(&mut self, at: usize, run: &[T], keep: Keep<C>) {
+        let _ = (at, run, keep);
+    }
+}
+
+/// A part's state and the closure [`apply_cuts`] calls on each of its runs.
+struct RunFn<'f, W, F> {
+    state: W,
+    f: &'f F,
+}
+
+impl<T: Element, W: Send, F: Fn(&mut W, usize, &[T], Keep<C>) + Sync, const C: usize> PartSink<T, C>
+    for RunFn<'_, W, F>
+{
+    #[inline(always)]
+    fn run(&mut self, at: usize, run: &[T], keep: Keep<C>) {
+        (self.f)(&mut self.state, at, run, keep);
+    }
+}
+
+/// The masked copy of one part, vector by vector: `out = kept ? x : +0.0` as `O`, where
+/// `select` picks the kept lanes from each cut's. Records the runs holding entries equal to the
+/// (last) cut where asked, as `(word, bits)` with word `w` covering part entries `w * GROUP..`.
+pub(crate) struct KeepValues<'a, O, M> {
+    pub(crate) out: &'a mut [O],
+    pub(crate) select: M,
+    pub(crate) equal: Option<&'a mut Vec<(usize, u64)>>,
+}
+
+impl<T: Element, O: Element, M: Fn([u32; C]) -> u32 + Send, const C: usize> PartSink<T, C>
+    for KeepValues<'_, O, M>
+{
+    #[inline(always)]
+    fn lanes<S: Simd>(&mut self, s: S, at: usize, values: S::F32, kept: [u32; C]) {
+        // PERF: a lane mask and one vector store; the element-by-element select it replaces
+        // branched on every bit (2x slower than the rest of the pass on random masks).
+        s.store_as(
+            s.keep_lanes((self.select)(kept), values),
+            &mut self.out[at..at + S::LANES],
+        );
+    }
+    #[inline(always)]
+    fn run(&mut self, at: usize, _: &[T], keep: Keep<C>) {
+        if let Some(equal) = &mut self.equal
+            && keep.run.equal != 0
+        {
+            equal.push((at / GROUP, keep.run.equal));
+        }
+    }
 }
 
 /// What the final pass learns of a run of up to 64 elements besides the cut: bit `j` is element
@@ -58,18 +132,17 @@ pub(crate) struct Keep<const C: usize> {
     pub(crate) run: RunBits,
 }
 
-/// The final pass over one group: calls `f(part, offset, piece, keep)` for each run of up to 64
-/// elements (`offset` its start in the piece), in flat order within each part, the group's parts
-/// interleaved.
-struct ApplyCuts<'a, T, F, const C: usize> {
+/// The final pass over one group: each part's runs of up to 64 elements in flat order, the
+/// group's parts interleaved, fed to the part's sink.
+struct ApplyCuts<'a, 's, T, K, const C: usize> {
     group: &'a [Vec<Piece<'a, T>>],
+    /// Where each part starts in the flat vector.
+    starts: [usize; STREAMS],
     cuts: [[PartCut; C]; STREAMS],
-    f: F,
+    sinks: &'s mut [K],
 }
 
-impl<T: Element, F: FnMut(usize, usize, &Piece<'_, T>, Keep<C>), const C: usize> WithSimd
-    for ApplyCuts<'_, T, F, C>
-{
+impl<T: Element, K: PartSink<T, C>, const C: usize> WithSimd for ApplyCuts<'_, '_, T, K, C> {
     /// Whether any entry was non-finite.
     type Output = bool;
 
@@ -77,8 +150,9 @@ impl<T: Element, F: FnMut(usize, usize, &Piece<'_, T>, Keep<C>), const C: usize>
     fn with_simd<S: Simd>(self, s: S) -> bool {
         let Self {
             group,
+            starts,
             mut cuts,
-            mut f,
+            sinks,
         } = self;
         let ahead = PREFETCH_BYTES / core::mem::size_of::<T>();
         // Per part: the piece being read and the offset in it.
@@ -86,7 +160,7 @@ impl<T: Element, F: FnMut(usize, usize, &Piece<'_, T>, Keep<C>), const C: usize>
         let mut non_finite = 0;
         loop {
             let mut busy = false;
-            for (p, pieces) in group.iter().enumerate() {
+            for (p, (pieces, sink)) in group.iter().zip(sinks.iter_mut()).enumerate() {
                 let (piece_at, offset) = &mut cursors[p];
                 let Some(piece) = pieces.get(*piece_at) else {
                     continue;
@@ -98,9 +172,11 @@ impl<T: Element, F: FnMut(usize, usize, &Piece<'_, T>, Keep<C>), const C: usize>
                         s.prefetch(v);
                     }
                 }
-                let keep = keep_group(s, &piece.data[*offset..end], &mut cuts[p]);
+                let at = piece.first as usize + *offset - starts[p];
+                let run = &piece.data[*offset..end];
+                let keep = keep_group(s, run, &mut cuts[p], sink, at);
                 non_finite |= keep.run.non_finite;
-                f(p, *offset, piece, keep);
+                sink.run(at, run, keep);
                 *offset = end;
                 if end == piece.data.len() {
                     (*piece_at, *offset) = (*piece_at + 1, 0);
@@ -121,20 +197,36 @@ pub(crate) fn apply_cuts<T: Element, W: Send, const C: usize>(
     cpu: &Cpu,
     parts: &Parts<'_, T>,
     cuts: [&Cut; C],
-    mut states: Vec<W>,
+    states: Vec<W>,
     f: impl Fn(&mut W, usize, &[T], Keep<C>) + Sync,
 ) -> Result<()> {
-    let work: Vec<(usize, &mut [W])> = states
+    let sinks = states
+        .into_iter()
+        .map(|state| RunFn { state, f: &f })
+        .collect();
+    apply_cuts_to(cpu, parts, cuts, sinks)
+}
+
+/// [`apply_cuts`] into one [`PartSink`] per part.
+pub(crate) fn apply_cuts_to<T: Element, K: PartSink<T, C>, const C: usize>(
+    cpu: &Cpu,
+    parts: &Parts<'_, T>,
+    cuts: [&Cut; C],
+    mut sinks: Vec<K>,
+) -> Result<()> {
+    let mut non_finite: Vec<bool> = alloc::vec![false; sinks.len().div_ceil(STREAMS)];
+    let work: Vec<_> = sinks
         .chunks_mut(STREAMS)
         .enumerate()
-        .map(|(g, w)| (g * STREAMS, w))
+        .map(|(g, sinks)| (g * STREAMS, sinks))
+        .zip(non_finite.iter_mut())
         .collect();
-    let mut non_finite: Vec<bool> = alloc::vec![false; work.len()];
-    let work: Vec<_> = work.into_iter().zip(non_finite.iter_mut()).collect();
-    for_each(work, |((first, states), non_finite)| {
-        let group = &parts.pieces[first..first + states.len()];
+    for_each(work, |((first, sinks), non_finite)| {
         *non_finite = cpu.dispatch(ApplyCuts {
-            group,
+            group: &parts.pieces[first..first + sinks.len()],
+            starts: core::array::from_fn(|p| {
+                parts.bounds.get(first + p).map_or(0, |range| range.start)
+            }),
             cuts: core::array::from_fn(|p| {
                 core::array::from_fn(|c| {
                     cuts[c]
@@ -144,14 +236,7 @@ pub(crate) fn apply_cuts<T: Element, W: Send, const C: usize>(
                         .unwrap_or(PartCut::NONE)
                 })
             }),
-            f: identity(
-                #[inline(always)]
-                |p: usize, offset: usize, piece: &Piece<'_, T>, keep| {
-                    let at = piece.first as usize + offset - parts.bounds[first + p].start;
-                    let run = &piece.data[offset..(offset + GROUP).min(piece.data.len())];
-                    f(&mut states[p], at, run, keep);
-                },
-            ),
+            sinks,
         });
     });
     if non_finite.contains(&true) {

@@ -39,9 +39,9 @@ mod parts;
 mod rank;
 mod streaming;
 
-pub(crate) use apply::{Keep, apply_cuts};
+pub(crate) use apply::{Keep, KeepValues, apply_cuts, apply_cuts_to};
 pub(crate) use parts::{Parts, STREAMS, map_parts};
-pub(crate) use rank::{Cut, observe_chunk, rank_key, refine_chunk, top_k, validate};
+pub(crate) use rank::{Cut, observe_chunk, rank_keys, refine_chunk, top_k, top_ks, validate};
 pub use streaming::{StreamingTopK, TopKApplier};
 
 use crate::Cpu;
@@ -49,12 +49,6 @@ use crate::Cpu;
 /// How far ahead the passes prefetch. PERF: one sequential stream per thread leaves the
 /// hardware prefetcher short of DRAM bandwidth.
 pub(crate) const PREFETCH_BYTES: usize = 2048;
-
-/// Returns its argument: lets a closure in a struct field carry `#[inline(always)]` (attributes
-/// are only accepted on closures in argument position).
-pub(crate) fn identity<F>(f: F) -> F {
-    f
-}
 
 /// The key of infinity: the largest a cut may take (`key > it` never holds for finite data).
 pub(crate) const INFINITY_KEY: u32 = 0x7F80_0000;
@@ -153,23 +147,16 @@ pub fn topk_keep<T: Element, O: Element>(
     let slices = [x];
     let parts = Parts::new(cpu, &slices, GROUP);
     let cut = cut_for(cpu, &parts, keep)?;
-    let zero = O::from_f32(0.0);
-    apply_cuts(
-        cpu,
-        &parts,
-        [&cut],
-        parts.split(out, 1),
-        #[inline(always)]
-        |out, at, run, keep| {
-            for (j, (o, t)) in out[at..at + run.len()].iter_mut().zip(run).enumerate() {
-                *o = if (keep.bits[0] >> j) & 1 == 1 {
-                    O::from_f32(t.to_f32())
-                } else {
-                    zero
-                };
-            }
-        },
-    )
+    let sinks = parts
+        .split(out, 1)
+        .into_iter()
+        .map(|out| KeepValues {
+            out,
+            select: |kept: [u32; 1]| kept[0],
+            equal: None,
+        })
+        .collect();
+    apply_cuts_to(cpu, &parts, [&cut], sinks)
 }
 
 /// Flat indices of what `keep` keeps of `slices` taken as one vector, ascending, into `out`

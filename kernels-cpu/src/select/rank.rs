@@ -14,7 +14,7 @@ use super::apply::RunBits;
 use super::parts::{Parts, Piece, STREAMS, map_parts};
 use super::{GROUP, INFINITY_KEY, PREFETCH_BYTES};
 use crate::parallel::for_each;
-use crate::simd::{KeyMasks, SimdKernels, widened};
+use crate::simd::{KeyMasks, widened};
 use crate::{Cpu, Scalar, Simd, WithSimd};
 
 /// Vectors shorter than this skip the sampled bracket (the exact radix select is as fast there).
@@ -40,15 +40,30 @@ const BRACKET_SIGMAS: f64 = 3.5;
 /// store-to-load forward; four tables of 128 KiB stay in L2.
 const TABLES: usize = 4;
 
-/// Calls `f(offset, masks)` for each vector of `data` (then each tail element) with its keys
-/// classified against `[lo, hi]`; `offset` is the first lane's index in `data`.
+/// The keys of `v`'s lanes classified against each of `brackets` (`lo <= hi`).
 #[inline(always)]
-fn classify_each<S: Simd, T: Element>(
+fn classify_all<S: Simd, const C: usize>(
+    s: S,
+    v: S::F32,
+    brackets: &[(u32, u32); C],
+) -> [KeyMasks; C] {
+    let mut masks = [KeyMasks::default(); C];
+    // PERF: a plain loop, not `array::from_fn`: a closure that is not inlined would run the
+    // vector operations without the dispatched target features.
+    for (m, &(lo, hi)) in masks.iter_mut().zip(brackets) {
+        *m = s.classify_keys(v, lo, hi);
+    }
+    masks
+}
+
+/// Calls `f(offset, masks)` for each vector of `data` (then each tail element) with its keys
+/// classified against each of `brackets`; `offset` is the first lane's index in `data`.
+#[inline(always)]
+fn classify_each<S: Simd, T: Element, const C: usize>(
     s: S,
     data: &[T],
-    lo: u32,
-    hi: u32,
-    mut f: impl FnMut(usize, KeyMasks),
+    brackets: &[(u32, u32); C],
+    mut f: impl FnMut(usize, &[KeyMasks; C]),
 ) {
     let main = data.len() - data.len() % S::LANES;
     let ahead = PREFETCH_BYTES / core::mem::size_of::<T>();
@@ -59,23 +74,22 @@ fn classify_each<S: Simd, T: Element>(
         }
         f(
             at,
-            s.classify_keys(s.load(&data[at..at + S::LANES]), lo, hi),
+            &classify_all(s, s.load(&data[at..at + S::LANES]), brackets),
         );
         at += S::LANES;
     }
     for (j, x) in data[main..].iter().enumerate() {
-        f(main + j, Scalar.classify_keys(x.to_f32(), lo, hi));
+        f(main + j, &classify_all(Scalar, x.to_f32(), brackets));
     }
 }
 
 /// [`classify_each`] in any order: `STREAMS` interleaved sub-ranges of `data` at once.
 #[inline(always)]
-fn classify_unordered<S: Simd, T: Element>(
+fn classify_unordered<S: Simd, T: Element, const C: usize>(
     s: S,
     data: &[T],
-    lo: u32,
-    hi: u32,
-    mut f: impl FnMut(usize, KeyMasks),
+    brackets: &[(u32, u32); C],
+    mut f: impl FnMut(usize, &[KeyMasks; C]),
 ) {
     let len = data.len() / STREAMS / S::LANES * S::LANES;
     let ahead = PREFETCH_BYTES / core::mem::size_of::<T>();
@@ -88,7 +102,7 @@ fn classify_unordered<S: Simd, T: Element>(
             }
             f(
                 start,
-                s.classify_keys(s.load(&data[start..start + S::LANES]), lo, hi),
+                &classify_all(s, s.load(&data[start..start + S::LANES]), brackets),
             );
         }
         at += S::LANES;
@@ -97,8 +111,7 @@ fn classify_unordered<S: Simd, T: Element>(
     classify_each(
         s,
         &data[rest..],
-        lo,
-        hi,
+        brackets,
         #[inline(always)]
         |at, m| f(rest + at, m),
     );
@@ -113,15 +126,14 @@ pub(crate) struct RankKey {
     equal: Vec<u64>,
 }
 
-/// Pass 2 of the sampled select over one part: counts below `lo`, copies keys in `[lo, hi]`.
-pub(super) struct Collect<'a, T> {
+/// Pass 2 of the sampled select over one part, for one rank or several at once: counts below
+/// each bracket's `lo`, copies the keys inside it (up to its `cap`).
+pub(super) struct Collect<'a, T, const C: usize> {
     pub(super) pieces: &'a [Piece<'a, T>],
-    pub(super) lo: u32,
-    pub(super) hi: u32,
-    pub(super) cap: usize,
+    pub(super) brackets: [Bracket; C],
 }
 
-/// What [`Collect`] found in one part.
+/// What [`Collect`] found in one part for one bracket.
 #[derive(Default)]
 pub(super) struct Collected {
     pub(super) below: u64,
@@ -132,39 +144,49 @@ pub(super) struct Collected {
     pub(super) overflow: bool,
 }
 
-impl<T: Element> WithSimd for Collect<'_, T> {
-    type Output = Collected;
+impl<T: Element, const C: usize> WithSimd for Collect<'_, T, C> {
+    type Output = [Collected; C];
 
     #[inline(always)]
-    fn with_simd<S: Simd>(self, s: S) -> Collected {
-        let mut out = Collected::default();
+    fn with_simd<S: Simd>(self, s: S) -> [Collected; C] {
+        let mut found: [Collected; C] = core::array::from_fn(|_| Collected::default());
+        let bounds = self.brackets.map(|b| (b.lo, b.hi));
+        // PERF: the counts apart from `found`, whose key vectors the pushes reach through a
+        // pointer: counters kept there went through memory on every vector.
+        let (mut below, mut within_total) = ([0u64; C], [0u64; C]);
         let mut non_finite = 0u32;
         for piece in self.pieces {
             classify_unordered(
                 s,
                 piece.data,
-                self.lo,
-                self.hi,
+                &bounds,
                 #[inline(always)]
-                |at, m| {
-                    out.below += u64::from(m.below.count_ones());
-                    out.within += u64::from(m.within.count_ones());
-                    non_finite |= m.non_finite;
-                    let mut within = m.within;
-                    // PERF: the bracket holds about 1 % of the entries; most vectors skip this.
-                    if within != 0 && !out.overflow {
-                        while within != 0 {
-                            let lane = within.trailing_zeros() as usize;
-                            out.keys.push(magnitude_key(piece.data[at + lane].to_f32()));
-                            within &= within - 1;
+                |at, masks| {
+                    non_finite |= masks[0].non_finite;
+                    for (c, m) in masks.iter().enumerate() {
+                        below[c] += u64::from(m.below.count_ones());
+                        within_total[c] += u64::from(m.within.count_ones());
+                    }
+                    for ((out, m), bracket) in found.iter_mut().zip(masks).zip(&self.brackets) {
+                        let mut within = m.within;
+                        // PERF: the bracket holds about 1 % of the entries; most vectors skip
+                        // this.
+                        if within != 0 && !out.overflow {
+                            while within != 0 {
+                                let lane = within.trailing_zeros() as usize;
+                                out.keys.push(magnitude_key(piece.data[at + lane].to_f32()));
+                                within &= within - 1;
+                            }
+                            out.overflow = out.keys.len() > bracket.cap;
                         }
-                        out.overflow = out.keys.len() > self.cap;
                     }
                 },
             );
         }
-        out.non_finite = non_finite != 0;
-        out
+        for ((out, below), within) in found.iter_mut().zip(below).zip(within_total) {
+            (out.below, out.within, out.non_finite) = (below, within, non_finite != 0);
+        }
+        found
     }
 }
 
@@ -201,8 +223,13 @@ impl Bracket {
     }
 }
 
-/// Steps 1 and 2: `None` if the bracket missed (or held too much); the exact fallback follows.
-fn sampled_rank<T: Element>(cpu: &Cpu, parts: &Parts<'_, T>, rank: u64) -> Result<Option<RankKey>> {
+/// Steps 1 and 2 for several ranks at once (one pass over the data): for each, `None` if its
+/// bracket missed (or held too much); the exact fallback follows.
+fn sampled_ranks<T: Element, const C: usize>(
+    cpu: &Cpu,
+    parts: &Parts<'_, T>,
+    ranks: [u64; C],
+) -> Result<[Option<RankKey>; C]> {
     let n = parts.total;
     let runs = sample_runs(n) as u64;
     let mut sample: Vec<u32> = Vec::with_capacity(runs as usize * SAMPLE_RUN);
@@ -215,50 +242,58 @@ fn sampled_rank<T: Element>(cpu: &Cpu, parts: &Parts<'_, T>, rank: u64) -> Resul
                 .map(|v| magnitude_key(v.to_f32()).min(INFINITY_KEY)),
         );
     }
-    let bracket = Bracket::from_sample(&mut sample, rank, n);
-    let found: Vec<Collected> = map_parts(parts, |pieces| {
-        cpu.dispatch(Collect {
-            pieces,
-            lo: bracket.lo,
-            hi: bracket.hi,
+    let brackets = ranks.map(|rank| {
+        let bracket = Bracket::from_sample(&mut sample, rank, n);
+        Bracket {
             cap: bracket.cap / parts.pieces.len().max(1) + 4096,
-        })
+            ..bracket
+        }
     });
-    if found.iter().any(|c| c.non_finite) {
+    let found: Vec<[Collected; C]> =
+        map_parts(parts, |pieces| cpu.dispatch(Collect { pieces, brackets }));
+    if found.iter().any(|c| c[0].non_finite) {
         return Err(parts.non_finite_error());
     }
-    let below: u64 = found.iter().map(|c| c.below).sum();
-    let within: u64 = found.iter().map(|c| c.within).sum();
-    if found.iter().any(|c| c.overflow) || rank <= below || rank > below + within {
-        return Ok(None);
+    let mut keys: Vec<u32> = Vec::new();
+    let mut out: [Option<RankKey>; C] = core::array::from_fn(|_| None);
+    for (c, (rank, slot)) in ranks.into_iter().zip(&mut out).enumerate() {
+        let below: u64 = found.iter().map(|f| f[c].below).sum();
+        let within: u64 = found.iter().map(|f| f[c].within).sum();
+        if found.iter().any(|f| f[c].overflow) || rank <= below || rank > below + within {
+            continue;
+        }
+        keys.clear();
+        for f in &found {
+            keys.extend_from_slice(&f[c].keys);
+        }
+        let key = *keys.select_nth_unstable((rank - below - 1) as usize).1;
+        let smaller = keys.iter().filter(|&&k| k < key).count() as u64;
+        *slot = Some(RankKey {
+            key,
+            below: below + smaller,
+            equal: found
+                .iter()
+                .map(|f| f[c].keys.iter().filter(|&&k| k == key).count() as u64)
+                .collect(),
+        });
     }
-    let mut keys: Vec<u32> = Vec::with_capacity(within as usize);
-    for c in &found {
-        keys.extend_from_slice(&c.keys);
-    }
-    let key = *keys.select_nth_unstable((rank - below - 1) as usize).1;
-    let smaller = keys.iter().filter(|&&k| k < key).count() as u64;
-    Ok(Some(RankKey {
-        key,
-        below: below + smaller,
-        equal: found
-            .iter()
-            .map(|c| c.keys.iter().filter(|&&k| k == key).count() as u64)
-            .collect(),
-    }))
+    Ok(out)
 }
 
 /// Checks every entry is finite, at memory speed.
 pub(crate) fn validate<T: Element>(cpu: &Cpu, parts: &Parts<'_, T>) -> Result<()> {
+    let nothing = Bracket {
+        lo: INFINITY_KEY,
+        hi: INFINITY_KEY,
+        cap: 0,
+    };
     let found = map_parts(parts, |pieces| {
         cpu.dispatch(Collect {
             pieces,
-            lo: INFINITY_KEY,
-            hi: INFINITY_KEY,
-            cap: 0,
+            brackets: [nothing],
         })
     });
-    if found.iter().any(|c| c.non_finite) {
+    if found.iter().any(|[c]| c.non_finite) {
         return Err(parts.non_finite_error());
     }
     Ok(())
@@ -323,10 +358,9 @@ impl<T: Element> WithSimd for CountLow<'_, T> {
             classify_each(
                 s,
                 piece.data,
-                lo,
-                lo | 0xFFFF,
+                &[(lo, lo | 0xFFFF)],
                 #[inline(always)]
-                |at, m| {
+                |at, [m]| {
                     let mut within = m.within;
                     while within != 0 {
                         let lane = within.trailing_zeros() as usize;
@@ -436,14 +470,27 @@ fn radix_rank<T: Element>(cpu: &Cpu, parts: &Parts<'_, T>, rank: u64) -> Result<
     Ok(RankKey { key, below, equal })
 }
 
-/// The key of rank `rank` (1-based, ascending; `1 <= rank <= n`), validating every entry.
-pub(crate) fn rank_key<T: Element>(cpu: &Cpu, parts: &Parts<'_, T>, rank: u64) -> Result<RankKey> {
-    if parts.total >= SAMPLED_MIN
-        && let Some(found) = sampled_rank(cpu, parts, rank)?
-    {
-        return Ok(found);
+/// The keys of `ranks` (1-based, ascending; `1 <= rank <= n`), validating every entry: one
+/// sampled pass for all of them, the exact fallback for each that it misses.
+pub(crate) fn rank_keys<T: Element, const C: usize>(
+    cpu: &Cpu,
+    parts: &Parts<'_, T>,
+    ranks: [u64; C],
+) -> Result<[RankKey; C]> {
+    let mut sampled: [Option<RankKey>; C] = core::array::from_fn(|_| None);
+    if parts.total >= SAMPLED_MIN {
+        sampled = sampled_ranks(cpu, parts, ranks)?;
     }
-    radix_rank(cpu, parts, rank)
+    let mut keys = Vec::with_capacity(C);
+    for (rank, found) in ranks.into_iter().zip(sampled) {
+        keys.push(match found {
+            Some(found) => found,
+            None => radix_rank(cpu, parts, rank)?,
+        });
+    }
+    Ok(keys
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("one key per rank")))
 }
 
 /// A cut as one part applies it: keep `key > key`, and entries equal to it while `ties` last.
@@ -459,17 +506,10 @@ impl PartCut {
         ties: 0,
     };
 
-    /// Adds one vector's lanes, shifted to `at`, to `keep` (consuming ties in order) and its
-    /// sign, equality and finiteness bits to `run`.
+    /// The lanes of one vector it keeps (bit `j` for lane `j`, consuming ties in order), with
+    /// their sign, equality and finiteness bits added to `run` shifted to `at`.
     #[inline(always)]
-    pub(super) fn keep<S: Simd>(
-        &mut self,
-        s: S,
-        v: S::F32,
-        keep: &mut u64,
-        run: &mut RunBits,
-        at: usize,
-    ) {
+    pub(super) fn keep<S: Simd>(&mut self, s: S, v: S::F32, run: &mut RunBits, at: usize) -> u32 {
         let m = s.classify_keys(v, self.key, self.key);
         run.negative |= u64::from(m.negative) << at;
         run.equal |= u64::from(m.within) << at;
@@ -480,7 +520,7 @@ impl PartCut {
             equal &= equal - 1;
             self.ties -= 1;
         }
-        *keep |= u64::from(kept) << at;
+        kept
     }
 }
 
@@ -508,27 +548,58 @@ impl Cut {
 
 /// The top-k cut of `parts` (`0 <= k <= n`), validating every entry.
 pub(crate) fn top_k<T: Element>(cpu: &Cpu, parts: &Parts<'_, T>, k: u64) -> Result<Cut> {
+    let [cut] = top_ks(cpu, parts, [k])?;
+    Ok(cut)
+}
+
+/// The top-k cuts of `parts` for each of `ks` (`0 <= k <= n`), validating every entry: the
+/// selections share their passes over the data.
+pub(crate) fn top_ks<T: Element, const C: usize>(
+    cpu: &Cpu,
+    parts: &Parts<'_, T>,
+    ks: [u64; C],
+) -> Result<[Cut; C]> {
     let n = parts.total;
-    if k > n {
+    if let Some(&k) = ks.iter().find(|&&k| k > n) {
         return Err(Error::InvalidParam {
             name: "k",
             value: k as f64,
             expected: "at most the number of entries",
         });
     }
-    if k == 0 {
-        validate(cpu, parts)?;
-        return Ok(Cut {
-            cut: TopKCut::NONE,
-            parts: alloc::vec![PartCut::NONE; parts.pieces.len()],
-        });
+    let none = || Cut {
+        cut: TopKCut::NONE,
+        parts: alloc::vec![PartCut::NONE; parts.pieces.len()],
+    };
+    let mut cuts: [Cut; C] = core::array::from_fn(|_| none());
+    // The ranks of the non-zero counts, selected together; a zero count keeps nothing.
+    let selected: Vec<usize> = (0..C).filter(|&c| ks[c] > 0).collect();
+    match selected.len() {
+        0 => validate(cpu, parts)?,
+        1 => {
+            let c = selected[0];
+            let [found] = rank_keys(cpu, parts, [n - ks[c] + 1])?;
+            cuts[c] = cut_of(&found, ks[c], n);
+        }
+        _ => {
+            let found = rank_keys(cpu, parts, ks.map(|k| n - k.max(1) + 1))?;
+            for (c, found) in found.into_iter().enumerate() {
+                if ks[c] > 0 {
+                    cuts[c] = cut_of(&found, ks[c], n);
+                }
+            }
+        }
     }
-    let found = rank_key(cpu, parts, n - k + 1)?;
-    // Entries above the key are all kept; the rest of k comes from the equal ones, first first.
+    Ok(cuts)
+}
+
+/// The top-`k` cut from the key of rank `n - k + 1`: entries above the key are all kept, the
+/// rest of `k` comes from the equal ones, first first.
+fn cut_of(found: &RankKey, k: u64, n: u64) -> Cut {
     let equal_total: u64 = found.equal.iter().sum();
     let ties = k - (n - found.below - equal_total);
     let mut ties_left = ties;
-    let per_part = found
+    let parts = found
         .equal
         .iter()
         .map(|&equal| {
@@ -540,13 +611,13 @@ pub(crate) fn top_k<T: Element>(cpu: &Cpu, parts: &Parts<'_, T>, k: u64) -> Resu
             }
         })
         .collect();
-    Ok(Cut {
+    Cut {
         cut: TopKCut {
             magnitude: f32::from_bits(found.key),
             ties,
         },
-        parts: per_part,
-    })
+        parts,
+    }
 }
 
 #[cfg(test)]
@@ -560,15 +631,19 @@ mod tests {
         let n = SAMPLED_MIN as usize + 5;
         let rng = CounterRng::new(1);
         let mut x: Vec<f32> = (0..n as u64).map(|i| rng.normal_at(i) as f32).collect();
-        for rank in [1, n as u64 / 100, n as u64 / 2, n as u64] {
-            let slices = [&x[..]];
-            let parts = Parts::new(&cpu, &slices, 1);
-            let sampled = sampled_rank(&cpu, &parts, rank)
-                .unwrap()
-                .expect("bracket holds");
+        let ranks = [1, n as u64 / 100, n as u64 / 2, n as u64];
+        let slices = [&x[..]];
+        let parts = Parts::new(&cpu, &slices, 1);
+        // One rank at a time, and all of them in one pass.
+        let together = sampled_ranks(&cpu, &parts, ranks).unwrap();
+        for (rank, together) in ranks.into_iter().zip(together) {
+            let [alone] = sampled_ranks(&cpu, &parts, [rank]).unwrap();
             let exact = radix_rank(&cpu, &parts, rank).unwrap();
-            assert_eq!((sampled.key, sampled.below), (exact.key, exact.below));
-            assert_eq!(sampled.equal, exact.equal);
+            for sampled in [alone, together] {
+                let sampled = sampled.expect("bracket holds");
+                assert_eq!((sampled.key, sampled.below), (exact.key, exact.below));
+                assert_eq!(sampled.equal, exact.equal);
+            }
         }
         // Zeros exactly where the sample looks: it sees nothing of the rest.
         let runs = sample_runs(n as u64);
@@ -578,10 +653,6 @@ mod tests {
         }
         let slices = [&x[..]];
         let parts = Parts::new(&cpu, &slices, 1);
-        assert!(
-            sampled_rank(&cpu, &parts, n as u64 * 3 / 4)
-                .unwrap()
-                .is_none()
-        );
+        assert!(sampled_ranks(&cpu, &parts, [n as u64 * 3 / 4]).unwrap()[0].is_none());
     }
 }

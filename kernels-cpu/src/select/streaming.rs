@@ -11,7 +11,10 @@ use super::parts::Parts;
 use super::rank::{
     Bracket, Collect, Cut, PartCut, SAMPLE_RUN, SAMPLED_MIN, count_into, refine_into,
 };
-use super::{GROUP, INFINITY_KEY, Keep, apply_cuts, check_mask_len, map_parts, validate};
+use super::{
+    GROUP, INFINITY_KEY, Keep, KeepValues, apply_cuts, apply_cuts_to, check_mask_len, map_parts,
+    validate,
+};
 use crate::Cpu;
 
 /// Entries between the starts of two sample runs of a streamed vector.
@@ -112,15 +115,17 @@ impl StreamingTopK {
                 ..
             } => {
                 let bracket = *bracket;
+                let capped = Bracket {
+                    cap: if *overflow { 0 } else { bracket.cap },
+                    ..bracket
+                };
                 let found = map_parts(&parts, |pieces| {
                     cpu.dispatch(Collect {
                         pieces,
-                        lo: bracket.lo,
-                        hi: bracket.hi,
-                        cap: if *overflow { 0 } else { bracket.cap },
+                        brackets: [capped],
                     })
                 });
-                for c in found {
+                for [c] in found {
                     *below += c.below;
                     *within += c.within;
                     *overflow |= c.overflow;
@@ -375,29 +380,29 @@ impl TopKApplier {
         out: &mut [O],
     ) -> Result<()> {
         super::check_out(chunk.len(), out.len())?;
+        let slices = [chunk];
+        let parts = Parts::new(cpu, &slices, GROUP);
+        let cut = self.chunk_cut(&parts);
+        let mut equal: Vec<Vec<(usize, u64)>> = parts.pieces.iter().map(|_| Vec::new()).collect();
+        let sinks = parts
+            .split(out, 1)
+            .into_iter()
+            .zip(equal.iter_mut())
+            .map(|(out, equal)| KeepValues {
+                out,
+                select: |kept: [u32; 1]| kept[0],
+                equal: Some(equal),
+            })
+            .collect();
+        apply_cuts_to(cpu, &parts, [&cut], sinks)?;
         let zero = O::from_f32(0.0);
-        self.apply_chunk(
-            cpu,
-            chunk,
-            out,
-            1,
-            #[inline(always)]
-            |out, at, run, keep| {
-                for (j, (o, t)) in out[at..at + run.len()].iter_mut().zip(run).enumerate() {
-                    *o = if (keep.bits[0] >> j) & 1 == 1 {
-                        O::from_f32(t.to_f32())
-                    } else {
-                        zero
-                    };
-                }
-            },
-            |out, w, mut bits| {
-                while bits != 0 {
-                    out[w * GROUP + bits.trailing_zeros() as usize] = zero;
-                    bits &= bits - 1;
-                }
-            },
-        )
+        self.settle_parts(&parts, &equal, |w, mut bits| {
+            while bits != 0 {
+                out[w * GROUP + bits.trailing_zeros() as usize] = zero;
+                bits &= bits - 1;
+            }
+        });
+        Ok(())
     }
 
     /// Applies the cut to the next chunk: `write(part_out, at, run, keep)` for every run of up to
@@ -435,14 +440,25 @@ impl TopKApplier {
                 }
             },
         )?;
+        self.settle_parts(&parts, &equal, |w, bits| drop(out, w, bits));
+        Ok(())
+    }
+
+    /// [`Self::settle`] of a chunk's parts, each with its own list of `(word, bits)` (words
+    /// counted from the part's start).
+    fn settle_parts<T>(
+        &mut self,
+        parts: &Parts<'_, T>,
+        equal: &[Vec<(usize, u64)>],
+        drop: impl FnMut(usize, u64),
+    ) {
         let offsets = parts.bounds.iter().map(|r| r.start / GROUP);
         self.settle(
             equal
                 .iter()
                 .zip(offsets)
                 .flat_map(|(list, offset)| list.iter().map(move |&(w, bits)| (w + offset, bits))),
-            |w, bits| drop(out, w, bits),
+            drop,
         );
-        Ok(())
     }
 }

@@ -101,7 +101,7 @@ mod sealed {
     use super::interleave4;
 
     /// Lane masks of [`SimdKernels::classify_keys`].
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
     pub struct KeyMasks {
         /// `key < lo`.
         pub below: u32,
@@ -333,14 +333,14 @@ pub(crate) fn run<Op: WithSimd>(isa: Isa, op: Op) -> Op::Output {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
+#[target_feature(enable = "avx2,fma,f16c,popcnt,bmi1,bmi2,lzcnt")]
 unsafe fn run_v3<Op: WithSimd>(op: Op) -> Op::Output {
     // SAFETY: this function only runs where its target features exist.
     op.with_simd(unsafe { V3::new_unchecked() })
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c,popcnt,bmi1,bmi2,lzcnt")]
 unsafe fn run_v4<Op: WithSimd>(op: Op) -> Op::Output {
     // SAFETY: this function only runs where its target features exist.
     op.with_simd(unsafe { V4::new_unchecked() })

@@ -1,4 +1,4 @@
-//! AVX2 + FMA + F16C ("x86-64-v3"), 256-bit vectors.
+//! AVX2 + FMA + F16C with POPCNT, BMI1/2 and LZCNT ("x86-64-v3"), 256-bit vectors.
 
 #[allow(clippy::wildcard_imports)]
 use core::arch::x86_64::*;
@@ -9,13 +9,13 @@ use super::{
 };
 use kernels_core::DType;
 
-/// AVX2 + FMA + F16C ("x86-64-v3"), 8 lanes.
+/// AVX2 + FMA + F16C with POPCNT, BMI1/2 and LZCNT ("x86-64-v3"), 8 lanes.
 #[derive(Clone, Copy, Debug)]
 pub struct V3(());
 
 impl V3 {
     /// # Safety
-    /// The CPU must support AVX2, FMA and F16C.
+    /// The CPU must support AVX2, FMA, F16C, POPCNT, BMI1, BMI2 and LZCNT (x86-64-v3).
     #[inline(always)]
     pub(crate) unsafe fn new_unchecked() -> Self {
         Self(())
@@ -28,7 +28,7 @@ impl Simd for V3 {
 
     #[inline(always)]
     fn zero(self) -> __m256 {
-        // SAFETY (all methods): a V3 token exists only where AVX2, FMA and F16C do.
+        // SAFETY (all methods): a V3 token exists only where those features do.
         unsafe { _mm256_setzero_ps() }
     }
     #[inline(always)]

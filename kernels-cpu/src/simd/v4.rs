@@ -15,7 +15,7 @@ pub struct V4(());
 
 impl V4 {
     /// # Safety
-    /// The CPU must support AVX-512F, AVX2, FMA and F16C.
+    /// The CPU must support AVX-512F and the x86-64-v3 features ([`super::V3`]).
     #[inline(always)]
     pub(crate) unsafe fn new_unchecked() -> Self {
         Self(())

@@ -1,6 +1,6 @@
 //! The packed ternary decoder on arbitrary bytes: the header parser, `decode`, `decode_into` and
 //! the CPU's `PackedTernary` must agree on what is valid, and where it is, on every code, on the
-//! decoded values and on the GEMV straight from the bytes. Allocation is bounded by the caller's
+//! decoded values and on the GEMV straight from the bytes, in both format versions. Allocation is bounded by the caller's
 //! element limit.
 #![no_main]
 
@@ -31,7 +31,9 @@ fuzz_target!(|data: &[u8]| {
             } else {
                 &[n]
             };
-            format::encode(&codes, shape, 0.5, layout).expect("valid codes")
+            // Both versions: version 1's sparse payload is one stream, version 2's has blocks.
+            let version = 1 + (rest[0] / 2) % 2;
+            format::encode_version(&codes, shape, 0.5, layout, version).expect("valid codes")
         }
         Some((_, rest)) => rest.to_vec(),
         None => return,

@@ -32,7 +32,7 @@ use alloc::vec::Vec;
 use kernels_core::backend::{
     GapStats, NNZ_OFFSET, SQUARES_IN_F64_BELOW, check_shape, header_len, write_header,
 };
-use kernels_core::format::TernaryLayout;
+use kernels_core::format::{RICE_BLOCK, TernaryLayout, VERSION};
 use kernels_core::ops::select::TopKCut;
 pub use kernels_core::ops::ternary::{CompeftCut, CompeftParams, Moments};
 use kernels_core::{Element, Error, MultiPass, Real, Result};
@@ -426,7 +426,16 @@ impl CompeftEncoder {
                 let payload_len = tau.len().div_ceil(4);
                 let mut out = Vec::with_capacity(header + payload_len);
                 // The header's non-zero count is written once known.
-                write_header(&mut out, layout, 0, self.scale, 0, shape, payload_len)?;
+                write_header(
+                    &mut out,
+                    VERSION,
+                    layout,
+                    0,
+                    self.scale,
+                    0,
+                    shape,
+                    payload_len,
+                )?;
                 out.resize(header + payload_len, 0);
                 let nnz = self.code_into::<_, _, 4>(
                     cpu,
@@ -471,6 +480,7 @@ impl CompeftEncoder {
                 let mut out = Vec::with_capacity(header + payload.len());
                 write_header(
                     &mut out,
+                    VERSION,
                     layout,
                     rice_k,
                     self.scale,
@@ -532,83 +542,51 @@ impl BitSink {
         }
     }
 
-    fn finish(mut self) -> Vec<u8> {
+    /// Pads the bits written with zeros to a whole byte and stores them.
+    fn align(&mut self) {
         while self.used > 0 {
             self.bytes.push(self.acc as u8);
             self.acc >>= 8;
             self.used = self.used.saturating_sub(8);
         }
-        self.bytes
     }
-}
-
-/// Calls `f(gap, negative)` for each non-zero code of `words` in flat order, the first gap
-/// counted from `next` (the flat index after the previous non-zero); `first_word` is the flat
-/// word index of `words[0]`. Returns the index after the last non-zero.
-#[inline(always)]
-fn for_each_gap(
-    words: &[CodeBits],
-    first_word: usize,
-    mut next: u64,
-    mut f: impl FnMut(u64, bool),
-) -> u64 {
-    for (w, bits) in words.iter().enumerate() {
-        let mut nonzero = bits.plus | bits.minus;
-        while nonzero != 0 {
-            let j = nonzero.trailing_zeros();
-            let index = ((first_word + w) * GROUP) as u64 + u64::from(j);
-            f(index - next, bits.minus >> j & 1 == 1);
-            next = index + 1;
-            nonzero &= nonzero - 1;
-        }
-    }
-    next
 }
 
 /// Gaps shorter than this are counted per length.
 const SHORT_GAPS: usize = 1024;
 
-/// Words per piece of the threaded sparse encoder (and at least this many per piece).
-const SPARSE_PIECE_WORDS: usize = 1 << 10;
+/// Code words per block of the sparse layout.
+const BLOCK_WORDS: usize = RICE_BLOCK as usize / GROUP;
 
 /// The sparse Rice payload and its parameter (the reference's choice, see [`GapStats`]).
 ///
-/// Threaded: the words are cut into pieces; each piece knows where the previous non-zero is
-/// (a scan of word boundaries), gathers its gap statistics and then writes its own bit stream;
-/// the streams are joined at their bit offsets.
+/// Threaded: pieces of whole blocks gather their gap statistics, then write their blocks'
+/// index entries and streams; the index and the streams are joined in order.
 fn sparse_payload(cpu: &Cpu, words: &[CodeBits]) -> (u8, Vec<u8>) {
-    let pieces = (cpu.threads() * 4)
-        .min(words.len().div_ceil(SPARSE_PIECE_WORDS))
-        .max(1);
-    let per_piece = words.len().div_ceil(pieces).max(1);
-    // Each piece's first gap counts from after the last non-zero before it.
-    let mut starts = Vec::with_capacity(pieces);
-    let mut next = 0u64;
-    for (p, chunk) in words.chunks(per_piece).enumerate() {
-        starts.push((p * per_piece, chunk, next));
-        if let Some((w, bits)) = chunk
-            .iter()
-            .enumerate()
-            .rev()
-            .find(|(_, b)| (b.plus | b.minus) != 0)
-        {
-            let last = (bits.plus | bits.minus).ilog2();
-            next = ((p * per_piece + w) * GROUP) as u64 + u64::from(last) + 1;
-        }
-    }
-    let mut stats: Vec<GapStats> = starts.iter().map(|_| GapStats::default()).collect();
+    let blocks = words.len().div_ceil(BLOCK_WORDS);
+    let pieces = (cpu.threads() * 4).min(blocks).max(1);
+    let per_piece = blocks.div_ceil(pieces).max(1) * BLOCK_WORDS;
+    let pieces: Vec<(usize, &[CodeBits])> = words
+        .chunks(per_piece)
+        .enumerate()
+        .map(|(p, chunk)| (p * per_piece, chunk))
+        .collect();
+    let mut stats: Vec<GapStats> = pieces.iter().map(|_| GapStats::default()).collect();
     for_each(
-        starts.iter().zip(stats.iter_mut()).collect(),
-        |(&(first, chunk, next), stats)| {
+        pieces.iter().zip(stats.iter_mut()).collect(),
+        |(&(first, chunk), stats)| {
             // PERF: most gaps are short; counting them per length and adding each length's
             // bits once is cheaper than adding every gap's bits.
             let mut short = [0u64; SHORT_GAPS];
-            for_each_gap(chunk, first, next, |gap, _| {
-                match short.get_mut(gap as usize) {
+            for_each_block_gap(
+                chunk,
+                first,
+                #[inline(always)]
+                |_, gap, _| match short.get_mut(gap as usize) {
                     Some(count) => *count += 1,
                     None => stats.add(gap),
-                }
-            });
+                },
+            );
             for (gap, &count) in short.iter().enumerate() {
                 stats.add_many(gap as u64, count);
             }
@@ -619,68 +597,95 @@ fn sparse_payload(cpu: &Cpu, words: &[CodeBits]) -> (u8, Vec<u8>) {
         total.merge(st);
     }
     let k = total.best_rice_k();
-    let mut streams: Vec<(Vec<u8>, u128)> = stats
-        .iter()
-        .map(|st| (Vec::new(), st.payload_bits(k)))
-        .collect();
+    let mut streams: Vec<(Vec<u8>, Vec<u8>)> = stats.iter().map(|_| Default::default()).collect();
     for_each(
-        starts.iter().zip(streams.iter_mut()).collect(),
-        |(&(first, chunk, next), (bytes, bits))| {
-            *bytes = rice_stream(chunk, first, next, k, *bits);
+        pieces.iter().zip(&stats).zip(streams.iter_mut()).collect(),
+        |((&(first, chunk), stats), (index, bytes))| {
+            // Each block pads to a whole byte.
+            let capacity = stream_bytes(stats, k) + chunk.len().div_ceil(BLOCK_WORDS) + 8;
+            *bytes = rice_streams(chunk, first, k, capacity, index);
         },
     );
-    let mut out =
-        Vec::with_capacity(usize::try_from(total.payload_bits(k).div_ceil(8)).unwrap_or(0));
-    let mut used_bits = 0u64;
-    for (bytes, bits) in &streams {
-        append_bits(&mut out, used_bits, bytes);
-        used_bits += *bits as u64;
-        out.truncate(used_bits.div_ceil(8) as usize);
+    let index_len: usize = streams.iter().map(|(index, _)| index.len()).sum();
+    let mut out = Vec::with_capacity(index_len + stream_bytes(&total, k));
+    for (index, _) in &streams {
+        out.extend_from_slice(index);
+    }
+    for (_, bytes) in &streams {
+        out.extend_from_slice(bytes);
     }
     (k, out)
 }
 
-/// One piece's bit stream (`bits` long, padded with zeros to whole bytes).
-fn rice_stream(chunk: &[CodeBits], first: usize, next: u64, k: u8, bits: u128) -> Vec<u8> {
+/// About the bytes of the streams whose gap statistics are `stats` (each block adds its padding).
+fn stream_bytes(stats: &GapStats, k: u8) -> usize {
+    usize::try_from(stats.payload_bits(k).div_ceil(8)).unwrap_or(0)
+}
+
+/// Calls `f(block, gap, negative)` for each non-zero code of `words` in flat order, each
+/// block's first gap counting from the block's start; `first_word` (a block's first) is the flat
+/// word index of `words[0]`, `block` counts from it.
+#[inline(always)]
+fn for_each_block_gap(words: &[CodeBits], first_word: usize, mut f: impl FnMut(usize, u64, bool)) {
+    for (b, block) in words.chunks(BLOCK_WORDS).enumerate() {
+        let first = first_word + b * BLOCK_WORDS;
+        let mut next = (first * GROUP) as u64;
+        for (w, bits) in block.iter().enumerate() {
+            let mut nonzero = bits.plus | bits.minus;
+            while nonzero != 0 {
+                let j = nonzero.trailing_zeros();
+                let index = ((first + w) * GROUP) as u64 + u64::from(j);
+                f(b, index - next, bits.minus >> j & 1 == 1);
+                next = index + 1;
+                nonzero &= nonzero - 1;
+            }
+        }
+    }
+}
+
+/// The index entries and streams of a piece's blocks (each stream padded to a whole byte).
+fn rice_streams(
+    chunk: &[CodeBits],
+    first: usize,
+    k: u8,
+    capacity: usize,
+    index: &mut Vec<u8>,
+) -> Vec<u8> {
     let mut sink = BitSink {
-        bytes: Vec::with_capacity(usize::try_from(bits.div_ceil(8)).unwrap_or(0) + 8),
+        bytes: Vec::with_capacity(capacity),
         acc: 0,
         used: 0,
     };
     let low_mask = (1u64 << k) - 1;
     let k = u32::from(k);
-    for_each_gap(chunk, first, next, |gap, negative| {
-        let mut ones = gap >> k;
-        while ones >= 32 {
-            sink.put(u64::from(u32::MAX), 32);
-            ones -= 32;
-        }
-        // `ones` one-bits, a zero-bit, the k low bits, the sign: at most 31 + 1 + 31 + 1 bits.
-        let tail = (gap & low_mask) | (u64::from(negative) << k);
-        let ones = ones as u32;
-        sink.put(((1u64 << ones) - 1) | (tail << (ones + 1)), ones + k + 2);
-    });
-    sink.finish()
-}
-
-/// Appends the bit stream `bytes` to `out`, which holds `used_bits` bits (its padding zero).
-fn append_bits(out: &mut Vec<u8>, used_bits: u64, bytes: &[u8]) {
-    let shift = (used_bits % 8) as u32;
-    if shift == 0 {
-        out.extend_from_slice(bytes);
-        return;
+    let mut start = 0;
+    for (b, block) in chunk.chunks(BLOCK_WORDS).enumerate() {
+        let mut nnz = 0u32;
+        // PERF: inlined by hand; left to the compiler, the loop ran at two thirds of the speed.
+        for_each_block_gap(
+            block,
+            first + b * BLOCK_WORDS,
+            #[inline(always)]
+            |_, gap, negative| {
+                nnz += 1;
+                let mut ones = gap >> k;
+                while ones >= 32 {
+                    sink.put(u64::from(u32::MAX), 32);
+                    ones -= 32;
+                }
+                // `ones` one-bits, a zero-bit, the k low bits, the sign: at most 31 + 1 + 31 + 1 bits.
+                let tail = (gap & low_mask) | (u64::from(negative) << k);
+                let ones = ones as u32;
+                sink.put(((1u64 << ones) - 1) | (tail << (ones + 1)), ones + k + 2);
+            },
+        );
+        sink.align();
+        // A block's stream is at most 65 536 codes of 33 bits and its gaps' unary parts.
+        index.extend_from_slice(&((sink.bytes.len() - start) as u32).to_le_bytes());
+        index.extend_from_slice(&nnz.to_le_bytes());
+        start = sink.bytes.len();
     }
-    let Some(last) = out.last_mut() else {
-        out.extend_from_slice(bytes);
-        return;
-    };
-    let mut carry = *last;
-    out.pop();
-    for &b in bytes {
-        out.push(carry | (b << shift));
-        carry = b >> (8 - shift);
-    }
-    out.push(carry);
+    sink.bytes
 }
 
 /// ComPEFT of a whole model held in memory: the decision and each tensor packed with its shape

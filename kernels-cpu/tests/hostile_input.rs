@@ -178,11 +178,12 @@ fn sizes_that_overflow_are_errors() {
 
 #[test]
 fn decode_of_a_huge_sparse_shape_is_out_of_memory_not_an_abort() {
-    // An all-zero sparse tensor of 2^60 elements is a few bytes.
+    // An all-zero sparse tensor of 2^60 elements is a few bytes in version 1.
     let header = {
         let mut out = Vec::new();
         kernels_core::backend::write_header(
             &mut out,
+            1,
             TernaryLayout::SparseRice,
             0,
             1.0,
@@ -202,10 +203,11 @@ fn decode_of_a_huge_sparse_shape_is_out_of_memory_not_an_abort() {
 
 #[test]
 fn headers_that_decode_rejects_are_never_written() {
-    let write = |scale: f32, nnz: u64, shape: &[u64]| {
+    let write_version = |version: u8, scale: f32, nnz: u64, shape: &[u64]| {
         let mut out = Vec::new();
         kernels_core::backend::write_header(
             &mut out,
+            version,
             TernaryLayout::Dense2Bit,
             0,
             scale,
@@ -214,7 +216,13 @@ fn headers_that_decode_rejects_are_never_written() {
             0,
         )
     };
+    let write = |scale, nnz, shape: &[u64]| write_version(format::VERSION, scale, nnz, shape);
     assert!(write(1.0, 0, &[0]).is_ok());
+    assert!(write_version(0, 1.0, 0, &[0]).is_err(), "version 0");
+    assert!(
+        write_version(format::VERSION + 1, 1.0, 0, &[0]).is_err(),
+        "a future version"
+    );
     assert!(write(1.0, 0, &[1; 300]).is_err(), "300 dimensions");
     assert!(write(f32::NAN, 0, &[0]).is_err());
     assert!(write(f32::INFINITY, 0, &[0]).is_err());

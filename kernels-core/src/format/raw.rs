@@ -44,11 +44,13 @@ pub fn check_shape(shape: &[u64], codes_len: usize) -> Result<()> {
 /// Writes the header of an encoding (every field but the payload) to `out`: what
 /// [`super::encode`] and fast encoders share. Every field is checked as
 /// [`super::TernaryHeader::parse`] checks it (the shape, a finite scale, no more non-zeros than
-/// elements, a Rice parameter below 32 and 0 for the dense layout), so no bytes it writes are
-/// rejected for their header; on error `out` is unchanged.
+/// elements, a Rice parameter below 32 and 0 for the dense layout, a version from 1 to
+/// [`VERSION`]), so no bytes it writes are rejected for their header; on error `out` is unchanged.
+#[allow(clippy::too_many_arguments)] // one per header field
 #[cfg(feature = "alloc")]
 pub fn write_header(
     out: &mut alloc::vec::Vec<u8>,
+    version: u8,
     layout: TernaryLayout,
     rice_k: u8,
     scale: f32,
@@ -65,9 +67,15 @@ pub fn write_header(
         "below 32, and 0 for the dense layout",
         rice_k < 32 && (layout == TernaryLayout::SparseRice || rice_k == 0),
     )?;
+    check_param(
+        "version",
+        f64::from(version),
+        "1 or 2",
+        (1..=VERSION).contains(&version),
+    )?;
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&[
-        VERSION,
+        version,
         u8::from(layout == TernaryLayout::SparseRice),
         rice_k,
         shape.len() as u8,

@@ -22,6 +22,10 @@ use kernels_core::{Element, Error, Real, Result};
 use crate::parallel::split_outputs;
 use crate::{Cpu, Simd, WithSimd};
 
+mod rice;
+use kernels_core::format::RICE_BLOCK;
+use rice::{Blocks, LANES, NonZeros, lane_ranges};
+
 /// Parts of a split start on multiples of this many codes (whole payload words).
 const CODE_ALIGN: usize = 64;
 
@@ -86,84 +90,95 @@ fn check_dense(cpu: &Cpu, header: &TernaryHeader, payload: &[u8]) -> Result<u64>
 /// Payload words checked per unit of [`check_dense`]'s split.
 const CHECK_WORDS: usize = 1024;
 
-/// Calls `f(index, negative)` for every non-zero of a sparse payload in ascending order, after
-/// or while checking it as the reference decoder does. Nothing is reported past the first error,
-/// but entries before it are: callers that write must run it twice (check, then write).
-fn for_each_sparse(
-    header: &TernaryHeader,
-    payload: &[u8],
-    mut f: impl FnMut(u64, bool),
-) -> Result<()> {
-    let base = header.payload_offset;
-    let total_bits = payload.len() as u64 * 8;
-    let k = u32::from(header.rice_k);
-    let limit = header.numel;
-    // The largest quotient whose gap can still land inside the tensor.
-    let max_quotient = limit.saturating_sub(1) >> k;
-    let mut pos = 0u64;
-    let mut next = 0u64;
-    let ends_early = |pos: u64| bad(base + (pos / 8) as usize, "sparse payload ends early");
-    let past_end = |pos: u64| bad(base + (pos / 8) as usize, "gap runs past the end");
-    for _ in 0..header.nnz {
-        // PERF: one window usually holds the whole code (unary part, k bits and the sign).
-        if pos + 64 <= total_bits {
-            let window = word_at(payload, (pos / 8) as usize) >> (pos % 8);
-            let ones = window.trailing_ones();
-            let len = u64::from(ones) + u64::from(k) + 2;
-            if len <= 56 && u64::from(ones) <= max_quotient {
-                let rest = window >> (ones + 1);
-                let gap = (u64::from(ones) << k) | (rest & ((1u64 << k) - 1));
-                let index = next + gap;
-                if index >= limit {
-                    return Err(past_end(pos + len));
-                }
-                f(index, (rest >> k) & 1 == 1);
-                next = index + 1;
-                pos += len;
-                continue;
-            }
+/// Checks a sparse payload: its index, then every block's stream (threads take disjoint blocks,
+/// each walks several at once). Where a block is inconsistent, the blocks are walked again in
+/// order by the checked walk, which reports the first error as the reference decoder does.
+fn check_sparse(cpu: &Cpu, header: &TernaryHeader, payload: &[u8]) -> Result<()> {
+    let blocks = Blocks::new(header, payload)?;
+    let mut bad = alloc::vec![false; blocks.list.len()];
+    let per_block = payload.len() / blocks.list.len().max(1) + 1;
+    split_outputs(cpu, &mut bad, per_block, 1, |range, bad| {
+        let elements = blocks.elements(range.clone());
+        let lanes = lane_ranges(elements, blocks.unit);
+        if let ((), Some(block)) = rice::walk::<_, true, false>(cpu, &blocks, lanes, ()) {
+            bad[block - range.start] = true;
         }
-        let mut quotient = 0u64;
-        loop {
-            if pos >= total_bits {
-                return Err(ends_early(pos));
-            }
-            let window = word_at(payload, (pos / 8) as usize) >> (pos % 8);
-            let valid = (64 - pos % 8).min(total_bits - pos);
-            let ones = u64::from(window.trailing_ones()).min(valid);
-            quotient += ones;
-            pos += ones;
-            if quotient > max_quotient {
-                return Err(past_end(pos));
-            }
-            if ones < valid {
-                pos += 1; // the terminating zero
-                break;
-            }
+    });
+    if bad.contains(&true) {
+        for block in &blocks.list {
+            rice::check_block(&blocks, block, header.payload_offset)?;
         }
-        if pos + u64::from(k) + 1 > total_bits {
-            return Err(ends_early(total_bits));
-        }
-        let window = word_at(payload, (pos / 8) as usize) >> (pos % 8);
-        // k <= 31 and pos % 8 <= 7: the remainder and sign fit in the window.
-        let remainder = window & ((1u64 << k) - 1);
-        let negative = (window >> k) & 1 == 1;
-        pos += u64::from(k) + 1;
-        let index = next + ((quotient << k) | remainder);
-        if index >= limit {
-            return Err(past_end(pos));
-        }
-        f(index, negative);
-        next = index + 1;
-    }
-    let used = pos.div_ceil(8) as usize;
-    if used != payload.len() {
-        return Err(bad(base + used, "bytes after the last code"));
-    }
-    if !pos.is_multiple_of(8) && payload[used - 1] >> (pos % 8) != 0 {
-        return Err(bad(base + used - 1, "padding bits are not zero"));
     }
     Ok(())
+}
+
+/// Reports nothing: the walk that only checks.
+impl NonZeros for () {
+    #[inline(always)]
+    fn code<S: Simd>(&mut self, _: S, _: usize, _: u64, _: bool) {}
+}
+
+/// Element `index - start` of `part` (a thread's part of a tensor-long output) for each non-zero:
+/// `write(entry, negative)`; with `ZERO`, the elements entered are set to zero first.
+struct PartWriter<'a, X, W, const ZERO: bool> {
+    part: &'a mut [X],
+    start: u64,
+    write: W,
+}
+
+impl<X: Default + Copy, W: FnMut(&mut X, bool), const ZERO: bool> NonZeros
+    for PartWriter<'_, X, W, ZERO>
+{
+    #[inline(always)]
+    fn enter(&mut self, _: usize, elements: Range<u64>) {
+        if ZERO {
+            let at = (elements.start - self.start) as usize..(elements.end - self.start) as usize;
+            self.part[at].fill(X::default());
+        }
+    }
+
+    #[inline(always)]
+    fn code<S: Simd>(&mut self, s: S, _: usize, index: u64, negative: bool) {
+        let at = (index - self.start) as usize;
+        if !ZERO && let Some(ahead) = self.part.get(at + PREFETCH_ELEMENTS) {
+            // PERF: entries are read where the codes are, far apart: the hardware prefetcher
+            // alone left every cache line waiting on DRAM.
+            s.prefetch(ahead);
+        }
+        // Validated: every index is inside the part.
+        if let Some(entry) = self.part.get_mut(at) {
+            (self.write)(entry, negative);
+        }
+    }
+}
+
+/// How far ahead of a code [`PartWriter`] prefetches the entries it updates.
+const PREFETCH_ELEMENTS: usize = 512;
+
+/// Runs `write(entry, negative)` on the entry of `out` (tensor-long) of each non-zero of a
+/// validated sparse payload, threaded over blocks; with `ZERO`, `out` is zeroed block by block
+/// first (while the block is in cache).
+fn write_sparse<X: Default + Copy + Send, const ZERO: bool>(
+    cpu: &Cpu,
+    packed: &PackedTernary<'_>,
+    out: &mut [X],
+    write: impl Fn(&mut X, bool) + Sync,
+) {
+    // Validated when made: the index is consistent.
+    let Ok(blocks) = Blocks::new(&packed.header, packed.payload) else {
+        return;
+    };
+    let unit = blocks.unit as usize;
+    let per_element = core::mem::size_of::<X>() + 1;
+    split_outputs(cpu, out, per_element, unit, |range, part| {
+        let elements = range.start as u64..range.end as u64;
+        let sink = PartWriter::<_, _, ZERO> {
+            part,
+            start: elements.start,
+            write: &write,
+        };
+        rice::walk::<_, false, false>(cpu, &blocks, lane_ranges(elements, blocks.unit), sink);
+    });
 }
 
 /// A packed ternary tensor ([`kernels_core::format`]), parsed and validated once: what the ops of
@@ -202,7 +217,7 @@ impl<'a> PackedTernary<'a> {
             TernaryLayout::Dense2Bit => {
                 check_dense(cpu, &header, payload)?;
             }
-            TernaryLayout::SparseRice => for_each_sparse(&header, payload, |_, _| {})?,
+            TernaryLayout::SparseRice => check_sparse(cpu, &header, payload)?,
         }
         Ok(Self {
             header,
@@ -246,12 +261,6 @@ impl<'a> PackedTernary<'a> {
                 found,
             })
         }
-    }
-
-    /// Calls `f(index, negative)` for every non-zero of a sparse payload (already validated).
-    fn for_each_nonzero(&self, f: impl FnMut(u64, bool)) {
-        // Validated when made: the walk cannot fail.
-        let _ = for_each_sparse(&self.header, self.payload, f);
     }
 }
 
@@ -312,9 +321,8 @@ pub fn ternary_codes(cpu: &Cpu, packed: &PackedTernary<'_>, codes: &mut [i8]) ->
             });
         }
         TernaryLayout::SparseRice => {
-            codes.fill(0);
-            packed.for_each_nonzero(|i, negative| {
-                codes[i as usize] = if negative { -1 } else { 1 };
+            write_sparse::<_, true>(cpu, packed, codes, |c, negative| {
+                *c = if negative { -1 } else { 1 };
             });
         }
     }
@@ -354,9 +362,8 @@ pub fn ternary_decode(cpu: &Cpu, packed: &PackedTernary<'_>, out: &mut [f32]) ->
             });
         }
         TernaryLayout::SparseRice => {
-            out.fill(0.0);
-            packed.for_each_nonzero(|i, negative| {
-                out[i as usize] = value(if negative { -1 } else { 1 });
+            write_sparse::<_, true>(cpu, packed, out, |v, negative| {
+                *v = if negative { -scale } else { scale };
             });
         }
     }
@@ -418,9 +425,7 @@ pub fn ternary_add<T: Element>(
                 },
             );
         }
-        TernaryLayout::SparseRice => {
-            packed.for_each_nonzero(|i, negative| add(&mut theta[i as usize], negative));
-        }
+        TernaryLayout::SparseRice => write_sparse::<_, false>(cpu, packed, theta, add),
     }
     Ok(())
 }
@@ -475,6 +480,86 @@ impl WithSimd for DenseRows<'_> {
     }
 }
 
+/// Row sums of a part of a sparse GEMV: each cursor owns whole rows and adds its row's entries in
+/// index order (the order of one sequential walk, so the sums do not depend on the split).
+struct RowSums<'a> {
+    x: &'a [f32],
+    y: &'a mut [f32],
+    cols: u64,
+    first_row: u64,
+    /// Per cursor: its current row, where the row ends (flat index), and its sum so far.
+    rows: [(u64, u64, f32); LANES],
+}
+
+impl RowSums<'_> {
+    /// Stores cursor `lane`'s finished row.
+    #[inline(always)]
+    fn flush(&mut self, lane: usize) {
+        let (row, end, sum) = self.rows[lane];
+        if end > 0
+            && let Some(out) = self.y.get_mut((row - self.first_row) as usize)
+        {
+            *out = sum;
+        }
+    }
+}
+
+impl NonZeros for RowSums<'_> {
+    #[inline(always)]
+    fn code<S: Simd>(&mut self, _: S, lane: usize, index: u64, negative: bool) {
+        if index >= self.rows[lane].1 {
+            self.flush(lane);
+            let row = index / self.cols;
+            self.rows[lane] = (row, (row + 1) * self.cols, 0.0);
+        }
+        let (row, _, sum) = &mut self.rows[lane];
+        // Validated: the column is inside `x`.
+        let xc = self
+            .x
+            .get((index - *row * self.cols) as usize)
+            .copied()
+            .unwrap_or(0.0);
+        *sum += if negative { -xc } else { xc };
+    }
+}
+
+/// `y = codes x` (unscaled) from a validated sparse payload: threads take rows, and each thread
+/// splits its rows over the cursors; a cursor starting inside a block walks that block from its
+/// start. A version-1 payload (one block) is walked by one cursor.
+fn sparse_gemv(cpu: &Cpu, packed: &PackedTernary<'_>, cols: usize, x: &[f32], y: &mut [f32]) {
+    y.fill(0.0);
+    let Ok(blocks) = Blocks::new(&packed.header, packed.payload) else {
+        return;
+    };
+    let cols = cols as u64;
+    let walk_rows = |rows: Range<usize>, y: &mut [f32], lanes: [Range<u64>; LANES]| {
+        let sums = RowSums {
+            x,
+            y,
+            cols,
+            first_row: rows.start as u64,
+            rows: [(0, 0, 0.0); LANES],
+        };
+        let (mut sums, _) = rice::walk::<_, false, true>(cpu, &blocks, lanes, sums);
+        (0..LANES).for_each(|lane| sums.flush(lane));
+    };
+    if blocks.list.len() <= 1 || cols == 0 {
+        let all = 0..packed.header.numel;
+        walk_rows(
+            0..y.len(),
+            y,
+            core::array::from_fn(|l| if l == 0 { all.clone() } else { 0..0 }),
+        );
+        return;
+    }
+    // Rows per part: enough blocks' worth that a part's partial blocks are a small share.
+    let rows_per_block = (RICE_BLOCK / cols).max(1) as usize;
+    split_outputs(cpu, y, cols as usize / 4 + 1, rows_per_block, |rows, y| {
+        let elements = rows.start as u64 * cols..rows.end as u64 * cols;
+        walk_rows(rows, y, lane_ranges(elements, cols));
+    });
+}
+
 /// Ternary GEMV straight from a packed `[out, in]` tensor: `y = scale * codes x` (the twin of
 /// [`kernels_core::ops::ternary::ternary_gemv_ref`]). Dense payloads are read in place (rows
 /// threaded); sparse ones are walked once. See [`PackedTernary`] for an example.
@@ -511,13 +596,7 @@ pub fn ternary_gemv(cpu: &Cpu, packed: &PackedTernary<'_>, x: &[f32], y: &mut [f
                 });
             });
         }
-        TernaryLayout::SparseRice => {
-            y.fill(0.0);
-            packed.for_each_nonzero(|i, negative| {
-                let (r, c) = ((i / cols as u64) as usize, (i % cols as u64) as usize);
-                y[r] += if negative { -x[c] } else { x[c] };
-            });
-        }
+        TernaryLayout::SparseRice => sparse_gemv(cpu, packed, cols, x, y),
     }
     for v in y.iter_mut() {
         *v *= header.scale;

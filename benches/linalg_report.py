@@ -49,10 +49,13 @@ print("|---|---|---|---|---|---|---|---|")
 rows = [
     ("qr", "householder", "4096x256"),
     ("qr", "cgs2", "4096x256"),
+    *[("qr", label, f"{m}x16/{t}t") for t in (2, 1) for m in (4096, 11008) for label in ("householder", "cgs2")],
     ("thin_svd", "kernels", "1024x1024"),
     ("thin_svd", "kernels", "4096x512"),
     ("rsvd", "kernels", "4096x4096/r64"),
     ("rsvd", "kernels", "4096x11008/r64"),
+    ("rsvd", "kernels", "4096x11008/r64/q64"),
+    ("rsvd", "kernels", "4096x11008/r16/1t"),
     ("lu", "kernels", "2048x2048"),
 ]
 for op, label, shape in rows:

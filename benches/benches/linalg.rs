@@ -4,10 +4,10 @@
 //!
 //! | bench | ours | faer |
 //! |---|---|---|
-//! | `qr/4096x256` | `householder_qr`, `cgs2` | `qr()` + `compute_thin_Q()` |
+//! | `qr/4096x256`, `qr/{4096,11008}x16/{1,2}t` | `householder_qr`, `cgs2` | `qr()` + `compute_thin_Q()` (same thread count) |
 //! | `project_out`, `project_onto` `/4096x11008/r{16,64,256}/{1,2}t` | streaming (r <= 64) or GEMM panels, out of place and in place | two `matmul`s in place (`Accum::Add`), and out of place with a copy |
 //! | `thin_svd/{1024x1024,4096x512}` | `thin_svd` | `thin_svd()` |
-//! | `rsvd/{4096x4096,4096x11008}/r64` | `randomized_svd` (q = 2r, 2 power iterations) | the same algorithm (probes drawn inside the timing too) from `matmul`, `qr()` and `thin_svd()` |
+//! | `rsvd/{4096x4096,4096x11008}/r64`, `rsvd/4096x11008/r64/q64`, `rsvd/4096x11008/r16/1t` | `randomized_svd` (q = 2r but where the id says q, 2 power iterations) | the same algorithm (probes drawn inside the timing too) from `matmul`, `qr()` and `thin_svd()` |
 //! | `exact_svd/{4096x4096,4096x11008}` | - | `thin_svd()` of the same matrices |
 //! | `lu/2048x2048` | `lu` | `partial_piv_lu()` |
 //! | `gemm/2048` | `gemm` (faer, portable) | - |
@@ -200,43 +200,62 @@ fn gemm_reference(c: &mut Criterion, cpu: &Cpu, notes: &mut Notes) {
 }
 
 fn qr(c: &mut Criterion, cpu: &Cpu, notes: &mut Notes) {
-    let (m, n) = (4096, 256);
-    let a = random(m, n, 3);
-    let flops = 4.0 * m as f64 * (n as f64).powi(2) - 4.0 / 3.0 * (n as f64).powi(3);
-    let shape = format!("{m}x{n}");
-    let householder = linalg::householder_qr(cpu, a.as_ref()).expect("qr");
-    let cgs2 = linalg::cgs2(cpu, a.as_ref()).expect("cgs2");
-    let theirs = view(&a).qr();
-    for (label, q, r) in [
-        ("householder", view(&householder.q), view(&householder.r)),
-        ("cgs2", view(&cgs2.q), view(&cgs2.r)),
+    let one = cpu.with_threads(1).expect("one thread");
+    // The first is the blocked factorisation's shape; the narrow ones are the randomized SVD's
+    // and OPCM's bases, where fixed costs count.
+    for (m, n, cpu) in [
+        (4096, 256, *cpu),
+        (4096, 16, *cpu),
+        (11008, 16, *cpu),
+        (4096, 16, one),
+        (11008, 16, one),
     ] {
-        let bench = format!("linalg/qr/{label}/{shape}");
+        let a = random(m, n, 3);
+        let flops = 4.0 * m as f64 * (n as f64).powi(2) - 4.0 / 3.0 * (n as f64).powi(3);
+        let threads = cpu.threads();
+        let shape = if n == 256 {
+            format!("{m}x{n}")
+        } else {
+            format!("{m}x{n}/{threads}t")
+        };
+        let householder = linalg::householder_qr(&cpu, a.as_ref()).expect("qr");
+        let cgs2 = linalg::cgs2(&cpu, a.as_ref()).expect("cgs2");
+        let theirs = view(&a).qr();
+        for (label, q, r) in [
+            ("householder", view(&householder.q), view(&householder.r)),
+            ("cgs2", view(&cgs2.q), view(&cgs2.r)),
+        ] {
+            let bench = format!("linalg/qr/{label}/{shape}");
+            notes.add(&bench, "flops", flops);
+            notes.add(&bench, "residual", {
+                let qr = mul(to_f64(q).as_ref(), to_f64(r).as_ref());
+                (&to_f64(view(&a)) - &qr).norm_l2() / to_f64(view(&a)).norm_l2()
+            });
+            notes.add(&bench, "orthogonality", orthogonality(q));
+        }
+        let bench = format!("linalg/qr/faer/{shape}");
         notes.add(&bench, "flops", flops);
-        notes.add(&bench, "residual", {
-            let qr = mul(to_f64(q).as_ref(), to_f64(r).as_ref());
-            (&to_f64(view(&a)) - &qr).norm_l2() / to_f64(view(&a)).norm_l2()
+        notes.add(
+            &bench,
+            "orthogonality",
+            orthogonality(theirs.compute_thin_Q().as_ref()),
+        );
+        let mut g = group(c, "linalg/qr", 3);
+        g.bench_function(BenchmarkId::new("householder", &shape), |b| {
+            b.iter(|| linalg::householder_qr(&cpu, a.as_ref()).expect("qr"));
         });
-        notes.add(&bench, "orthogonality", orthogonality(q));
+        g.bench_function(BenchmarkId::new("cgs2", &shape), |b| {
+            b.iter(|| linalg::cgs2(&cpu, a.as_ref()).expect("cgs2"));
+        });
+        // `qr()` runs on faer's global parallelism: the same thread count as ours.
+        let global = faer::get_global_parallelism();
+        faer::set_global_parallelism(par(&cpu));
+        g.bench_function(BenchmarkId::new("faer", &shape), |b| {
+            b.iter(|| view(&a).qr().compute_thin_Q());
+        });
+        faer::set_global_parallelism(global);
+        g.finish();
     }
-    let bench = format!("linalg/qr/faer/{shape}");
-    notes.add(&bench, "flops", flops);
-    notes.add(
-        &bench,
-        "orthogonality",
-        orthogonality(theirs.compute_thin_Q().as_ref()),
-    );
-    let mut g = group(c, "linalg/qr", 3);
-    g.bench_function(BenchmarkId::new("householder", &shape), |b| {
-        b.iter(|| linalg::householder_qr(cpu, a.as_ref()).expect("qr"));
-    });
-    g.bench_function(BenchmarkId::new("cgs2", &shape), |b| {
-        b.iter(|| linalg::cgs2(cpu, a.as_ref()).expect("cgs2"));
-    });
-    g.bench_function(BenchmarkId::new("faer", &shape), |b| {
-        b.iter(|| view(&a).qr().compute_thin_Q());
-    });
-    g.finish();
 }
 
 /// The projections of a 4096 x 11008 `X` (the shape of a 7B model's MLP matrix), cold: each
@@ -437,54 +456,74 @@ fn faer_rsvd(
     (u, s, small.V().to_owned())
 }
 
+/// The randomized SVDs: rank 64 with the default oversampling (q = 2r) on both shapes; on
+/// 4096 x 11008 also q = r, and rank 16 (q = 2r) on one thread. faer runs the same parameters,
+/// on the same thread count.
 fn rsvd(c: &mut Criterion, cpu: &Cpu, notes: &mut Notes) {
+    let one = cpu.with_threads(1).expect("one thread");
     for (m, n) in [(4096, 4096), (4096, 11008)] {
         let a = decaying(m, n, 40);
-        let id = format!("{m}x{n}/r{RSVD_RANK}");
-        let params = RsvdParams::new(RSVD_RANK);
-        let probes = 2 * RSVD_RANK;
-        let flops = 2.0 * (m * n * probes) as f64 * (2.0 * params.power_iterations as f64 + 2.0);
         let exact = view(&a).thin_svd().expect("exact svd");
-        let tail: f64 = (RSVD_RANK..m.min(n))
-            .map(|i| f64::from(exact.S().column_vector()[i]).powi(2))
-            .sum::<f64>()
-            .sqrt();
         let norm = to_f64(view(&a)).norm_l2();
-        let ours = linalg::randomized_svd(cpu, a.as_ref(), params).expect("rsvd");
-        let (u, s, v) = faer_rsvd(view(&a), params, par(cpu));
-        let truncate = |x: faer::MatRef<'_, f32>| x.subcols(0, RSVD_RANK).to_owned();
-        for (label, error) in [
-            (
-                "kernels",
-                svd_residual(&a, view(&ours.u), &ours.s, view(&ours.v)),
-            ),
-            (
-                "faer",
-                svd_residual(
-                    &a,
-                    truncate(u.as_ref()).as_ref(),
-                    &s[..RSVD_RANK],
-                    truncate(v.as_ref()).as_ref(),
-                ),
-            ),
-        ] {
-            let bench = format!("linalg/rsvd/{label}/{id}");
-            notes.add(&bench, "flops", flops);
-            notes.add(&bench, "error_over_optimal", error * norm / tail);
+        let mut cases = vec![(RSVD_RANK, RsvdParams::new(RSVD_RANK), *cpu, String::new())];
+        if n == 11008 {
+            cases.push((
+                RSVD_RANK,
+                RsvdParams::new(RSVD_RANK).with_oversample(0),
+                *cpu,
+                "/q64".into(),
+            ));
+            cases.push((16, RsvdParams::new(16), one, "/1t".into()));
         }
-        notes.add(
-            &format!("linalg/rsvd/kernels/{id}"),
-            "orthogonality_u",
-            orthogonality(view(&ours.u)),
-        );
-        let mut g = group(c, "linalg/rsvd", 10);
-        g.bench_function(BenchmarkId::new("kernels", &id), |b| {
-            b.iter(|| linalg::randomized_svd(cpu, a.as_ref(), params).expect("rsvd"));
-        });
-        g.bench_function(BenchmarkId::new("faer", &id), |b| {
-            b.iter(|| faer_rsvd(view(&a), params, par(cpu)));
-        });
-        g.finish();
+        for (rank, params, cpu, suffix) in cases {
+            let id = format!("{m}x{n}/r{rank}{suffix}");
+            let probes = params.rank + params.oversample;
+            let flops =
+                2.0 * (m * n * probes) as f64 * (2.0 * params.power_iterations as f64 + 2.0);
+            let tail: f64 = (rank..m.min(n))
+                .map(|i| f64::from(exact.S().column_vector()[i]).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            let par = par(&cpu);
+            let global = faer::get_global_parallelism();
+            faer::set_global_parallelism(par);
+            let ours = linalg::randomized_svd(&cpu, a.as_ref(), params).expect("rsvd");
+            let (u, s, v) = faer_rsvd(view(&a), params, par);
+            let truncate = |x: faer::MatRef<'_, f32>| x.subcols(0, rank).to_owned();
+            for (label, error) in [
+                (
+                    "kernels",
+                    svd_residual(&a, view(&ours.u), &ours.s, view(&ours.v)),
+                ),
+                (
+                    "faer",
+                    svd_residual(
+                        &a,
+                        truncate(u.as_ref()).as_ref(),
+                        &s[..rank],
+                        truncate(v.as_ref()).as_ref(),
+                    ),
+                ),
+            ] {
+                let bench = format!("linalg/rsvd/{label}/{id}");
+                notes.add(&bench, "flops", flops);
+                notes.add(&bench, "error_over_optimal", error * norm / tail);
+            }
+            notes.add(
+                &format!("linalg/rsvd/kernels/{id}"),
+                "orthogonality_u",
+                orthogonality(view(&ours.u)),
+            );
+            let mut g = group(c, "linalg/rsvd", 10);
+            g.bench_function(BenchmarkId::new("kernels", &id), |b| {
+                b.iter(|| linalg::randomized_svd(&cpu, a.as_ref(), params).expect("rsvd"));
+            });
+            g.bench_function(BenchmarkId::new("faer", &id), |b| {
+                b.iter(|| faer_rsvd(view(&a), params, par));
+            });
+            g.finish();
+            faer::set_global_parallelism(global);
+        }
     }
 }
 

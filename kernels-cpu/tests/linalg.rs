@@ -693,6 +693,67 @@ fn ldu_reconstructs_and_guards_small_pivots() {
     );
 }
 
+/// The `f32` input check runs over row ranges on several threads: the first non-finite entry
+/// in row-major order is the one reported, wherever the ranges split, and the largest magnitude
+/// (which decides rescaling) is found in whichever range holds it.
+#[test]
+fn input_checks_split_over_threads_report_the_first_bad_entry() {
+    let split = Cpu::detect()
+        .with_threads(3)
+        .unwrap()
+        .with_min_bytes_per_thread(1);
+    let (m, n) = (97, 40);
+    for cpu in [split, Cpu::detect().with_threads(1).unwrap()] {
+        for (first, later) in [((5, 7), (90, 1)), ((60, 0), (96, 39)), ((96, 39), (96, 39))] {
+            for (bad, other) in [(f32::NAN, f32::INFINITY), (f32::NEG_INFINITY, f32::NAN)] {
+                let mut a = random(m, n, 11).to_f32();
+                *a.at_mut(later.0, later.1) = other;
+                *a.at_mut(first.0, first.1) = bad;
+                let expected = Error::NonFinite {
+                    what: "a",
+                    index: first.0 * n + first.1,
+                };
+                let params = RsvdParams::new(4);
+                assert_eq!(
+                    linalg::thin_svd(&cpu, a.as_ref()).err(),
+                    Some(expected.clone())
+                );
+                assert_eq!(
+                    linalg::randomized_svd(&cpu, a.as_ref(), params).err(),
+                    Some(expected.clone())
+                );
+                assert_eq!(
+                    linalg::householder_qr(&cpu, a.as_ref()).err(),
+                    Some(expected.clone())
+                );
+                assert_eq!(linalg::cgs2(&cpu, a.as_ref()).err(), Some(expected));
+            }
+        }
+        // The largest magnitudes (beyond the safe range) in the last rows only, so in the last
+        // thread's range: the rescaled factorisation finds 1e30 times the singular values of
+        // the matrix in range.
+        let base = random(m, n, 12).to_f32();
+        let (mut a, mut reference) = (base.clone(), base);
+        for i in 0..m {
+            let (scale, reference_scale) = if i < 80 { (1e30, 1.0) } else { (1e36, 1e6) };
+            a.row_mut(i).iter_mut().for_each(|v| *v *= scale);
+            reference
+                .row_mut(i)
+                .iter_mut()
+                .for_each(|v| *v *= reference_scale);
+        }
+        let got = linalg::thin_svd(&cpu, a.as_ref()).unwrap();
+        let want = linalg::thin_svd(&cpu, reference.as_ref()).unwrap();
+        for (g, w) in got.s.iter().zip(&want.s) {
+            let scaled = f64::from(*w) * 1e30;
+            assert!(
+                (f64::from(*g) - scaled).abs() <= 1e-4 * f64::from(want.s[0]) * 1e30,
+                "{g} against {scaled}"
+            );
+        }
+    }
+}
+
 // ---------------------------------------------------------------- SVD
 
 fn check_svd(what: &str, a: &Mat<f32>, svd: &linalg::Svd<f32>) {

@@ -318,8 +318,10 @@ pub(crate) unsafe fn gemm_views(cpu: &Cpu, alpha: f32, a: View, b: View, beta: f
 #[cfg(all(feature = "std", not(target_arch = "wasm32")))]
 unsafe fn faer_gemm(threads: usize, alpha: f32, a: View, b: View, beta: f32, c: &ViewMut) {
     use faer::{Accum, Par};
-    // PERF: below about 2^18 multiply-adds, waking a second thread costs more than it saves.
-    let par = if threads > 1 && a.rows * a.cols * b.cols >= 1 << 18 {
+    // PERF: below about 2^21 multiply-adds, waking a second thread costs more than it saves
+    // (a parked rayon worker takes 75 to 90 us to wake; 2^18 made a 4096 x 16 QR 1.4x slower
+    // on 2 threads than on one).
+    let par = if threads > 1 && a.rows * a.cols * b.cols >= 1 << 21 {
         Par::rayon(threads)
     } else {
         Par::Seq

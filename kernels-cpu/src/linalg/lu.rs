@@ -8,6 +8,7 @@ use kernels_core::{Element, Error, Mat, MatRef, Result};
 
 use super::{Transpose, gemm, widen_checked};
 use crate::Cpu;
+use crate::simd::{Simd, WithSimd};
 
 /// Columns per panel.
 // PERF: 48-column panels make the trailing update a GEMM of depth 48, deep enough to run near
@@ -33,26 +34,16 @@ pub fn lu<T: Element>(cpu: &Cpu, a: MatRef<'_, T>) -> Result<Lu<f32>> {
     let mut perm: Vec<usize> = (0..m).collect();
     for start in (0..k).step_by(PANEL) {
         let nb = PANEL.min(k - start);
-        factor_panel(&mut w, &mut perm, start, nb)?;
+        cpu.dispatch(Panel {
+            w: &mut w,
+            perm: &mut perm,
+            start,
+            nb,
+        })?;
         let (end, trailing) = (start + nb, n - start - nb);
-        if trailing == 0 {
-            continue;
-        }
-        // U12 = L11^{-1} A12, by row operations on contiguous rows.
-        for i in start + 1..end {
-            let (above, row) = w.as_mut_slice().split_at_mut(i * n);
-            let row = &mut row[..n];
-            for p in start..i {
-                let factor = row[p];
-                let pivot_row = &above[p * n..][end..n];
-                for (x, u) in row[end..].iter_mut().zip(pivot_row) {
-                    *x -= factor * u;
-                }
-            }
-        }
         // A22 -= L21 U12. L21 shares rows with A22: copy it out (m x nb, small next to A22).
         let below = m - end;
-        if below == 0 {
+        if below == 0 || trailing == 0 {
             continue;
         }
         let l21 = Mat::from_fn(below, nb, |i, j| w.at(end + i, start + j))?;
@@ -85,12 +76,48 @@ pub fn lu<T: Element>(cpu: &Cpu, a: MatRef<'_, T>) -> Result<Lu<f32>> {
     Ok(Lu { perm, l, u })
 }
 
+/// One panel's unblocked work: its LU ([`factor_panel`]), then `U12 = L11^{-1} A12` by row
+/// operations on contiguous rows.
+///
+/// PERF: dispatched, so these plain loops (no fused multiply-adds: the same bits on every ISA)
+/// are compiled for the CPU's ISA rather than the baseline's SSE2.
+struct Panel<'a> {
+    w: &'a mut Mat<f32>,
+    perm: &'a mut [usize],
+    start: usize,
+    nb: usize,
+}
+
+impl WithSimd for Panel<'_> {
+    type Output = Result<()>;
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _: S) -> Result<()> {
+        let Self { w, perm, start, nb } = self;
+        factor_panel(w, perm, start, nb)?;
+        let (end, n) = (start + nb, w.cols());
+        for i in start + 1..end {
+            let (above, row) = w.as_mut_slice().split_at_mut(i * n);
+            let row = &mut row[..n];
+            for p in start..i {
+                let factor = row[p];
+                let pivot_row = &above[p * n..][end..n];
+                for (x, u) in row[end..].iter_mut().zip(pivot_row) {
+                    *x -= factor * u;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Unblocked LU of columns `start..start + nb` (all rows from `start`), swapping whole rows.
 ///
 /// The panel is factored in a transposed copy (row `jj` holds panel column `jj`), so the pivot
 /// search and every column update run over contiguous memory; the copy goes back at the end.
 // PERF: on the row-major matrix each pivot search strode down a column, one cache line per
 // row: 2048 x 2048 took 118 ms against faer's 101.
+#[inline(always)]
 fn factor_panel(w: &mut Mat<f32>, perm: &mut [usize], start: usize, nb: usize) -> Result<()> {
     let (m, n) = (w.rows(), w.cols());
     let rows = m - start;

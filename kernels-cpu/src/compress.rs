@@ -38,10 +38,7 @@ pub use kernels_core::ops::ternary::{CompeftCut, CompeftParams, Moments};
 use kernels_core::{Element, Error, MultiPass, Real, Result};
 
 use crate::parallel::for_each;
-use crate::select::{
-    GROUP, Keep, Parts, STREAMS, StreamingTopK, TopKApplier, apply_cuts, map_parts,
-};
-use crate::simd::CACHE_LINE;
+use crate::select::{GROUP, Keep, Parts, StreamingTopK, TopKApplier, apply_cuts, map_parts};
 use crate::{Cpu, Simd, WithSimd};
 
 /// Entries per block of the moment sums: `f32` lanes within a block, `f64` across blocks.
@@ -70,47 +67,27 @@ impl<T: Element> WithSimd for BlockMoments<'_, T> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, s: S) -> Vec<Moments> {
-        let blocks: Vec<&[T]> = self.data.chunks(MOMENT_BLOCK).collect();
-        let mut out = alloc::vec![Moments::default(); blocks.len()];
-        // PERF: STREAMS interleaved runs of blocks keep more memory streams in flight than one.
-        let per_stream = blocks.len().div_ceil(STREAMS);
-        for i in 0..per_stream {
-            for stream in 0..STREAMS {
-                let b = stream * per_stream + i;
-                if let Some(block) = blocks.get(b) {
-                    let next = if i + 1 < per_stream {
-                        blocks.get(b + 1).copied().unwrap_or(&[])
-                    } else {
-                        &[]
-                    };
-                    out[b] = block_moments(s, block, next);
-                }
-            }
-        }
-        out
+        // PERF: blocks in order, no software prefetch: on the Zen 4 VM, four interleaved runs
+        // with the next block prefetched line by line read at 7.7 GB/s on one thread, the plain
+        // sequential walk at the hardware prefetcher's 15-20 GB/s.
+        self.data
+            .chunks(MOMENT_BLOCK)
+            .map(|block| block_moments(s, block))
+            .collect()
     }
 }
 
 /// One block's moments: sums in `f32` lanes around the block's own mean; `f64` where `f32`
 /// overflows. Non-finite data gives non-finite moments.
-///
-/// PERF: `next` (this stream's next block, read after the other streams' blocks) is prefetched
-/// line by line while this one is summed, so every stream keeps data in flight.
 #[inline(always)]
-fn block_moments<S: Simd, T: Element>(s: S, block: &[T], next: &[T]) -> Moments {
+fn block_moments<S: Simd, T: Element>(s: S, block: &[T]) -> Moments {
     let one = s.splat(1.0);
     let step = ACCUMULATORS * S::LANES;
     let main = block.len() - block.len() % step;
     let groups = block[..main].chunks_exact(step);
     // PERF: independent accumulators hide the add latency (one chain would bound the loop).
     let mut sums = [s.zero(); ACCUMULATORS];
-    let line = CACHE_LINE / core::mem::size_of::<T>();
-    for (at, g) in groups.clone().enumerate() {
-        for l in (0..step).step_by(line) {
-            if let Some(v) = next.get(at * step + l) {
-                s.prefetch(v);
-            }
-        }
+    for g in groups.clone() {
         for (acc, c) in sums.iter_mut().zip(g.chunks_exact(S::LANES)) {
             *acc = s.add(*acc, s.load(c));
         }

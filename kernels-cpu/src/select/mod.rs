@@ -40,7 +40,7 @@ mod rank;
 mod streaming;
 
 pub(crate) use apply::{Keep, KeepValues, apply_cuts, apply_cuts_to};
-pub(crate) use parts::{Parts, STREAMS, map_parts};
+pub(crate) use parts::{Parts, map_parts};
 pub(crate) use rank::{Cut, observe_chunk, rank_keys, refine_chunk, top_k, top_ks, validate};
 pub use streaming::{StreamingTopK, TopKApplier};
 

@@ -390,6 +390,19 @@ pub fn ties_sign(v: f64) -> f64 {
 /// `sum w_i tau_i` elected, the entries of that sign combined, `base + lambda * combined` rounded
 /// to `f32` once. [`crate::ops::merge::ties_elect_with_ref`] is this at every `j`; a fast kernel
 /// that cannot prove its own result takes this one (the CPU's `f32` lanes do).
+///
+/// ```
+/// use kernels_core::backend::ties_elect_at;
+/// use kernels_core::ops::merge::TiesElection;
+/// let trimmed: [&[f32]; 3] = [&[0.5, -1.0], &[1.5, 2.0], &[-4.0, 0.0]];
+/// let weights = [1.0, 1.0, 1.0];
+/// // Element 0: the weighted sum -2.0 elects `-`; only -4.0 agrees; 10 + 0.5 * -4.0.
+/// let first = ties_elect_at(10.0f32, &trimmed, &weights, 0.5, TiesElection::default(), 0);
+/// assert_eq!(first, 8.0);
+/// // Element 1: the sum 1.0 elects `+`; only 2.0 agrees (zeros have no sign).
+/// let second = ties_elect_at(10.0f32, &trimmed, &weights, 0.5, TiesElection::default(), 1);
+/// assert_eq!(second, 11.0);
+/// ```
 #[inline]
 #[must_use]
 pub fn ties_elect_at<T: Element>(

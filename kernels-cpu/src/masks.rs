@@ -20,7 +20,7 @@ use kernels_core::{CounterRng, Element, Error, Result};
 
 use crate::parallel::split_outputs;
 use crate::select::{GROUP, KeepValues, Parts, apply_cuts_to, check_out, top_ks, topk_keep};
-use crate::simd::widened;
+use crate::simd::{stream_head, widened};
 use crate::{Cpu, Simd, WithSimd};
 
 /// Relative bound on a [`DareRescale::PreserveL1`] survivor against the reference: the scale
@@ -48,6 +48,8 @@ struct Dare<'a, T> {
     rng: CounterRng,
     threshold: u32,
     scale: f64,
+    /// Write past the caches, from the output's first 64-byte boundary.
+    streaming: bool,
     out: &'a mut [f32],
 }
 
@@ -62,6 +64,7 @@ impl<T: Element> WithSimd for Dare<'_, T> {
             rng,
             threshold,
             scale,
+            streaming,
             out,
         } = self;
         let survivor = |v: f32, keep: bool| {
@@ -71,12 +74,20 @@ impl<T: Element> WithSimd for Dare<'_, T> {
                 0.0
             }
         };
-        // Up to three elements before a block boundary, one by one.
-        let head = (((4 - first % 4) % 4) as usize).min(tau.len());
+        let head = stream_head(out, streaming);
         for i in 0..head {
             let keep = rng.u24_at(first + i as u64) >= threshold;
             out[i] = survivor(tau[i].to_f32(), keep);
         }
+        if head == tau.len() {
+            return;
+        }
+        // Groups start `shift` elements into a Philox block: each group's keep-bits are the top
+        // of one 64-element window of draws and the bottom of the next, one window per group.
+        let at = first + head as u64;
+        let (block, shift) = (at / 4, at % 4);
+        let window = |g: usize| s.philox_u24_at_least(block + 16 * g as u64, rng.key(), threshold);
+        let mut low = window(0);
         for (g, (t, o)) in tau[head..]
             .chunks(GROUP)
             .zip(out[head..].chunks_mut(GROUP))
@@ -89,7 +100,13 @@ impl<T: Element> WithSimd for Dare<'_, T> {
                     s.prefetch(v);
                 }
             }
-            let bits = dare_bits(s, rng.key(), first + (head + g * GROUP) as u64, threshold);
+            let high = window(g + 1);
+            let bits = if shift == 0 {
+                low
+            } else {
+                (low >> shift) | (high << (64 - shift))
+            };
+            low = high;
             // PERF: every product in f64 lanes (the reference's rounding), then the survivors
             // kept with one masked move per vector.
             let main = o.len() - o.len() % S::LANES;
@@ -98,12 +115,22 @@ impl<T: Element> WithSimd for Dare<'_, T> {
                 .zip(t.chunks_exact(S::LANES))
                 .enumerate()
             {
-                let products = s.mul_f64_rounded(s.load(t), scale);
-                s.store(s.keep_lanes((bits >> (v * S::LANES)) as u32, products), o);
+                let kept = s.keep_lanes(
+                    (bits >> (v * S::LANES)) as u32,
+                    s.mul_f64_rounded(s.load(t), scale),
+                );
+                if streaming {
+                    s.store_streaming(kept, o);
+                } else {
+                    s.store(kept, o);
+                }
             }
             for j in main..o.len() {
                 o[j] = survivor(t[j].to_f32(), (bits >> j) & 1 == 1);
             }
+        }
+        if streaming {
+            s.stream_fence();
         }
     }
 }
@@ -214,6 +241,7 @@ pub fn dare<T: Element>(
             });
         }
     };
+    let streaming = cpu.streams(out);
     split_outputs(
         cpu,
         out,
@@ -226,6 +254,7 @@ pub fn dare<T: Element>(
                 rng,
                 threshold,
                 scale,
+                streaming,
                 out,
             });
         },

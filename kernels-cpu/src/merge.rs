@@ -29,7 +29,7 @@ pub use kernels_core::ops::merge::{FisherParams, TiesElection, TiesParams};
 use kernels_core::{DType, Element, Result};
 
 use crate::parallel::split_outputs;
-use crate::simd::widened;
+use crate::simd::{stream_head, widened};
 use crate::{Cpu, Simd, WithSimd};
 
 /// Bound on `|out_j - out_ref_j|` for an output that sums `terms` products whose absolute values
@@ -81,6 +81,8 @@ struct WeightedSum<'a, T> {
     coefficients: &'a [f32],
     group: Group<'a, T>,
     range: Range<usize>,
+    /// Write past the caches: only where nothing reads the output back (one group).
+    streaming: bool,
     out: &'a mut [f32],
 }
 
@@ -94,13 +96,31 @@ impl<T: Element> WithSimd for WeightedSum<'_, T> {
             coefficients,
             group,
             range,
+            streaming,
             out,
         } = self;
         let lanes = S::LANES;
         let n = out.len();
-        let main = n - n % lanes;
         let start = range.start;
-        let mut c = 0;
+        let lane = |j: usize, o: &mut f32| {
+            let mut acc = match group {
+                Group::First(_) => 0.0,
+                Group::Later => *o,
+            };
+            for (m, &w) in models.iter().zip(coefficients) {
+                acc = s.mul_add_lane(w, m[start + j].to_f32(), acc);
+            }
+            if let Group::First(Some(b)) = group {
+                acc += b[start + j].to_f32();
+            }
+            *o = acc;
+        };
+        let head = stream_head(out, streaming);
+        let main = head + (n - head) / lanes * lanes;
+        for j in 0..head {
+            lane(j, &mut out[j]);
+        }
+        let mut c = head;
         while c < main {
             let mut acc = match group {
                 Group::First(_) => s.zero(),
@@ -112,37 +132,39 @@ impl<T: Element> WithSimd for WeightedSum<'_, T> {
             if let Group::First(Some(b)) = group {
                 acc = s.add(acc, s.load(&b[start + c..start + c + lanes]));
             }
-            s.store(acc, &mut out[c..c + lanes]);
+            if streaming {
+                s.store_streaming(acc, &mut out[c..c + lanes]);
+            } else {
+                s.store(acc, &mut out[c..c + lanes]);
+            }
             c += lanes;
         }
         for j in main..n {
-            let mut acc = match group {
-                Group::First(_) => 0.0,
-                Group::Later => out[j],
-            };
-            for (m, &w) in models.iter().zip(coefficients) {
-                acc = s.mul_add_lane(w, m[start + j].to_f32(), acc);
-            }
-            if let Group::First(Some(b)) = group {
-                acc += b[start + j].to_f32();
-            }
-            out[j] = acc;
+            lane(j, &mut out[j]);
+        }
+        if streaming {
+            s.stream_fence();
         }
     }
 }
 
-/// Runs `run(range, out_part)` over `out` split across threads on multiples of 64 elements;
-/// for an output type other than `f32`, `run` fills `f32` scratch that is then rounded to `O`
-/// ([`Element::from_f32`], to nearest even), so every output type gets the same `f32` results.
+/// Runs `run(range, out_part, streaming)` over `out` split across threads on multiples of 64
+/// elements; for an output type other than `f32`, `run` fills `f32` scratch that is then rounded
+/// to `O` ([`Element::from_f32`], to nearest even), so every output type gets the same `f32`
+/// results. `streaming` says whether `run` should write past the caches: an `f32` output of at
+/// least [`Cpu::streaming_stores_from`] (never the scratch, which is read back at once).
 fn split_elements<O: Element>(
     cpu: &Cpu,
     out: &mut [O],
     bytes_per_element: usize,
-    run: impl Fn(Range<usize>, &mut [f32]) + Sync,
+    run: impl Fn(Range<usize>, &mut [f32], bool) + Sync,
 ) {
     if O::DTYPE == DType::F32 {
+        let streaming = cpu.streams(out);
         let out: &mut [f32] = bytemuck::cast_slice_mut(out);
-        split_outputs(cpu, out, bytes_per_element, ELEMENT_ALIGN, run);
+        split_outputs(cpu, out, bytes_per_element, ELEMENT_ALIGN, |range, out| {
+            run(range, out, streaming);
+        });
         return;
     }
     split_outputs(cpu, out, bytes_per_element, ELEMENT_ALIGN, |range, out| {
@@ -152,7 +174,7 @@ fn split_elements<O: Element>(
         for (b, chunk) in out.chunks_mut(SCRATCH).enumerate() {
             let start = range.start + b * SCRATCH;
             let scratch = &mut scratch[..chunk.len()];
-            run(start..start + chunk.len(), scratch);
+            run(start..start + chunk.len(), scratch, false);
             cpu.dispatch(Narrow {
                 src: scratch,
                 dst: chunk,
@@ -267,7 +289,7 @@ pub(crate) fn weighted_sum<T: Element, O: Element>(
         .all(|&w| f64::from(w) * factor == 0.0 || coefficient(w, factor).is_normal());
     let bytes_per_element =
         (models.len() + usize::from(base.is_some())) * core::mem::size_of::<T>();
-    split_elements(cpu, out, bytes_per_element, |range, out| {
+    split_elements(cpu, out, bytes_per_element, |range, out, streaming| {
         if !representable {
             for (j, o) in range.zip(out.iter_mut()) {
                 let sum: f64 = models
@@ -299,6 +321,7 @@ pub(crate) fn weighted_sum<T: Element, O: Element>(
                     Group::Later
                 },
                 range: range.clone(),
+                streaming: streaming && models.len() <= MODELS_PER_SUM,
                 out: &mut *out,
             });
         }
@@ -361,13 +384,19 @@ pub fn fisher_accumulate<T: Element>(
     scale: f32,
 ) -> Result<()> {
     validate_fisher_accumulate(fisher.len(), grad.len(), scale)?;
-    split_elements(cpu, fisher, 4 + core::mem::size_of::<T>(), |range, part| {
-        cpu.dispatch(FisherAccumulate {
-            fisher: part,
-            grad: &grad[range],
-            scale,
-        });
-    });
+    // Read and written in place: the lines are in the cache when written, nothing to stream.
+    split_elements(
+        cpu,
+        fisher,
+        4 + core::mem::size_of::<T>(),
+        |range, part, _| {
+            cpu.dispatch(FisherAccumulate {
+                fisher: part,
+                grad: &grad[range],
+                scale,
+            });
+        },
+    );
     Ok(())
 }
 
@@ -433,6 +462,8 @@ struct TiesElect<'a, T> {
     lambda: f32,
     rule: TiesElection,
     range: Range<usize>,
+    /// Write past the caches ([`for_each_block`]).
+    streaming: bool,
     out: &'a mut [f32],
 }
 
@@ -448,6 +479,7 @@ impl<T: Element> WithSimd for TiesElect<'_, T> {
             lambda,
             rule,
             range,
+            streaming,
             out,
         } = self;
         let models = trimmed.len();
@@ -463,8 +495,10 @@ impl<T: Element> WithSimd for TiesElect<'_, T> {
         let mut buffer = [0.0f32; WIDE];
         let mut base_buffer = [0.0f32; WIDE];
         for_each_block(
+            s,
             out,
             range.start,
+            streaming,
             #[inline(always)]
             |c, len| {
                 let base_block = *widened(s, &base[c..c + len], &mut base_buffer);
@@ -570,29 +604,50 @@ fn prefetch_ahead<S: Simd, T: Element>(s: S, data: &[T], at: usize) {
 const PREFETCH_BYTES: usize = 1024;
 
 /// Runs `block(first_element, len)` for each block of [`WIDE`] outputs of `out` (whose first
-/// element is `start`) and writes the first `len` of the results it returns.
+/// element is `start`) and writes the first `len` of the results it returns; with `streaming`,
+/// past the caches ([`stream_head`] elements first, so whole blocks start on a boundary).
 ///
-/// PERF: every block computes a whole fixed-width array, so each statement vectorises; the tail
-/// block's extra lanes are computed and dropped. A whole block is one fixed-size store, not a
-/// call to `memcpy` (the tail is a separate call of `block`, so the compiler cannot merge the two
+/// PERF: every block computes a whole fixed-width array, so each statement vectorises; a short
+/// block's extra lanes are computed and dropped. A whole block is fixed-size stores, not a call
+/// to `memcpy` (the short blocks are separate calls of `block`, so the compiler cannot merge the
 /// stores into one of variable length).
 #[inline(always)]
-fn for_each_block(
+fn for_each_block<S: Simd>(
+    s: S,
     out: &mut [f32],
     start: usize,
+    streaming: bool,
     mut block: impl FnMut(usize, usize) -> [f32; WIDE],
 ) {
-    let mut wholes = out.chunks_exact_mut(WIDE);
-    let mut first = start;
+    let (head, rest) = out.split_at_mut(stream_head(out, streaming));
+    if !head.is_empty() {
+        let result = block(start, head.len());
+        head.copy_from_slice(&result[..head.len()]);
+    }
+    let mut wholes = rest.chunks_exact_mut(WIDE);
+    let mut first = start + head.len();
     for whole in &mut wholes {
-        let whole: &mut [f32; WIDE] = whole.try_into().expect("chunks_exact");
-        *whole = block(first, WIDE);
+        let result = block(first, WIDE);
+        if streaming {
+            for (o, v) in whole
+                .chunks_exact_mut(S::LANES)
+                .zip(result.chunks_exact(S::LANES))
+            {
+                s.store_streaming(s.load(v), o);
+            }
+        } else {
+            let whole: &mut [f32; WIDE] = whole.try_into().expect("chunks_exact");
+            *whole = result;
+        }
         first += WIDE;
     }
     let tail = wholes.into_remainder();
     if !tail.is_empty() {
         let result = block(first, tail.len());
         tail.copy_from_slice(&result[..tail.len()]);
+    }
+    if streaming {
+        s.stream_fence();
     }
 }
 
@@ -662,7 +717,7 @@ pub fn ties_elect_with<T: Element, O: Element>(
         cpu,
         out,
         (trimmed.len() + 1) * core::mem::size_of::<T>(),
-        |range, out| {
+        |range, out, streaming| {
             cpu.dispatch(TiesElect {
                 base,
                 trimmed,
@@ -670,6 +725,7 @@ pub fn ties_elect_with<T: Element, O: Element>(
                 lambda,
                 rule,
                 range,
+                streaming,
                 out,
             });
         },
@@ -685,6 +741,8 @@ struct FisherMerge<'a, T> {
     params: FisherParams<'a>,
     weight_sum: f64,
     range: Range<usize>,
+    /// Write past the caches ([`for_each_block`]).
+    streaming: bool,
     out: &'a mut [f32],
 }
 
@@ -700,14 +758,17 @@ impl<T: Element> WithSimd for FisherMerge<'_, T> {
             params,
             weight_sum,
             range,
+            streaming,
             out,
         } = self;
         let floor = params.floor;
         let mut buffer = [0.0f32; WIDE];
         let mut fisher_buffer = [0.0f32; WIDE];
         for_each_block(
+            s,
             out,
             range.start,
+            streaming,
             #[inline(always)]
             |c, len| {
                 let (mut num, mut den, mut plain) =
@@ -780,7 +841,7 @@ pub fn fisher_merge<T: Element, O: Element>(
         cpu,
         out,
         thetas.len() * (4 + core::mem::size_of::<T>()) + 4,
-        |range, out| {
+        |range, out, streaming| {
             cpu.dispatch(FisherMerge {
                 thetas,
                 fishers,
@@ -788,6 +849,7 @@ pub fn fisher_merge<T: Element, O: Element>(
                 params,
                 weight_sum,
                 range,
+                streaming,
                 out,
             });
         },

@@ -25,7 +25,7 @@ pub use kernels_cpu::{Cpu, Isa};
 pub const THREAD_COUNTS: [usize; 3] = [1, 2, 3];
 
 /// Runs `body` on `isa` (skipping, loudly, an ISA this machine lacks) for every thread count,
-/// and on two threads of the spinning team.
+/// on two threads of the spinning team, and on three that stream every output past the caches.
 pub fn run_on(isa: Isa, body: fn(&Cpu)) {
     match Cpu::with_isa(isa) {
         Ok(cpu) => {
@@ -43,6 +43,13 @@ pub fn run_on(isa: Isa, body: fn(&Cpu)) {
                     .expect("threads")
                     .with_spinning_team()
                     .with_min_bytes_per_thread(1),
+            );
+            // And writing every output past the caches, on parts that start anywhere.
+            body(
+                &cpu.with_threads(3)
+                    .expect("threads")
+                    .with_min_bytes_per_thread(1)
+                    .with_streaming_stores_from(0),
             );
         }
         Err(_) => eprintln!("skipped: {isa} is not available on this machine"),

@@ -33,6 +33,25 @@ pub use wasm::Simd128;
 #[cfg(feature = "alloc")]
 pub(crate) const CACHE_LINE: usize = 64;
 
+/// The alignment, in bytes, from which [`SimdKernels::store_streaming`] bypasses the caches (a
+/// cache line, the widest vector).
+pub(crate) const STREAM_ALIGN: usize = 64;
+
+/// The default of [`crate::Cpu::with_streaming_stores_from`]: about the last-level cache of a
+/// desktop CPU, where a smaller output would still be in the cache for whatever reads it next.
+pub(crate) const STREAMING_MIN_BYTES: usize = 32 << 20;
+
+/// Elements of `out` before its first [`STREAM_ALIGN`] boundary when `streaming` (none
+/// otherwise): a streaming kernel writes these one by one, then whole vectors from the boundary.
+#[inline(always)]
+pub(crate) fn stream_head(out: &[f32], streaming: bool) -> usize {
+    if streaming {
+        out.as_ptr().align_offset(STREAM_ALIGN).min(out.len())
+    } else {
+        0
+    }
+}
+
 /// A kernel body, compiled once per instruction set.
 pub trait WithSimd {
     /// What the kernel returns.
@@ -139,6 +158,15 @@ mod sealed {
         fn div(self, a: Self::F32, b: Self::F32) -> Self::F32;
         /// `(v as f64 * scale) as f32` per lane: the product in `f64`, rounded once.
         fn mul_f64_rounded(self, v: Self::F32, scale: f64) -> Self::F32;
+        /// Stores the lanes into `out` (`LANES` long) past the caches (a non-temporal store)
+        /// where the instruction set has one and `out` starts on a [`super::STREAM_ALIGN`]
+        /// boundary; a plain store otherwise. Other threads see these stores in order only after
+        /// [`SimdKernels::stream_fence`].
+        fn store_streaming(self, v: Self::F32, out: &mut [f32]);
+        /// Orders every earlier [`SimdKernels::store_streaming`] before every later store (x86's
+        /// `sfence`); nothing where those are plain stores.
+        #[inline(always)]
+        fn stream_fence(self) {}
         /// The counter-based draws of 64 consecutive elements against an integer threshold: bit
         /// `4 b + w` is set iff the top 24 bits of word `w` of Philox4x32-10 block `first_block + b`
         /// (`b < 16`, see [`kernels_core::CounterRng`]) are `>= threshold`: which elements survive
@@ -624,6 +652,49 @@ mod tests {
                     assert_eq!(g.to_bits(), expect.to_bits(), "{} {v} * {scale}", cpu.isa());
                 }
             }
+        }
+    }
+
+    /// Writes `values` with streaming stores, one vector at each offset of a buffer, and fences.
+    struct StreamAt<'a>(&'a [f32], usize);
+
+    impl WithSimd for StreamAt<'_> {
+        type Output = Vec<f32>;
+        fn with_simd<S: Simd>(self, s: S) -> Vec<f32> {
+            let mut out = alloc::vec![0.0; 64];
+            let at = self.1;
+            s.store_streaming(s.load(&self.0[..S::LANES]), &mut out[at..at + S::LANES]);
+            s.stream_fence();
+            out
+        }
+    }
+
+    #[test]
+    fn streaming_stores_write_the_lanes_at_every_offset_on_every_isa() {
+        let values: Vec<f32> = (0..16).map(|i| 0.25 + i as f32).collect();
+        for cpu in Cpu::all_available() {
+            // Offsets on and off the 64-byte boundary (where the plain store takes over).
+            for at in 0..=32 {
+                let got = cpu.dispatch(StreamAt(&values, at));
+                let lanes = cpu.dispatch(Lanes);
+                for (j, g) in got.iter().enumerate() {
+                    let expect = if (at..at + lanes).contains(&j) {
+                        values[j - at]
+                    } else {
+                        0.0
+                    };
+                    assert_eq!(g.to_bits(), expect.to_bits(), "{} at {at} [{j}]", cpu.isa());
+                }
+            }
+        }
+    }
+
+    struct Lanes;
+
+    impl WithSimd for Lanes {
+        type Output = usize;
+        fn with_simd<S: Simd>(self, _: S) -> usize {
+            S::LANES
         }
     }
 

@@ -152,4 +152,8 @@ impl SimdKernels for Neon {
             vcvt_high_f32_f64(vcvt_f32_f64(low), high)
         }
     }
+    #[inline(always)]
+    fn store_streaming(self, v: float32x4_t, out: &mut [f32]) {
+        self.store(v, out);
+    }
 }

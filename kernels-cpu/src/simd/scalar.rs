@@ -92,4 +92,8 @@ impl SimdKernels for Scalar {
     fn mul_f64_rounded(self, v: f32, scale: f64) -> f32 {
         (f64::from(v) * scale) as f32
     }
+    #[inline(always)]
+    fn store_streaming(self, v: f32, out: &mut [f32]) {
+        self.store(v, out);
+    }
 }

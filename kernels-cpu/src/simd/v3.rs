@@ -250,6 +250,21 @@ impl SimdKernels for V3 {
             _mm256_set_m128(_mm256_cvtpd_ps(high), _mm256_cvtpd_ps(low))
         }
     }
+    #[inline(always)]
+    fn store_streaming(self, v: __m256, out: &mut [f32]) {
+        assert_eq!(out.len(), 8);
+        if out.as_ptr().addr().is_multiple_of(super::STREAM_ALIGN) {
+            // SAFETY: 8 writable f32 on a 64-byte boundary (`vmovntps` faults off a 32-byte one).
+            unsafe { _mm256_stream_ps(out.as_mut_ptr(), v) }
+        } else {
+            self.store(v, out);
+        }
+    }
+    #[inline(always)]
+    fn stream_fence(self) {
+        // SAFETY: a fence has no operands.
+        unsafe { _mm_sfence() }
+    }
 }
 
 /// `LANE_MASKS[m]` has all bits set in lane `j` iff bit `j` of `m` is set.

@@ -243,4 +243,19 @@ impl SimdKernels for V4 {
             ))
         }
     }
+    #[inline(always)]
+    fn store_streaming(self, v: __m512, out: &mut [f32]) {
+        assert_eq!(out.len(), 16);
+        if out.as_ptr().addr().is_multiple_of(super::STREAM_ALIGN) {
+            // SAFETY: 16 writable f32 on a 64-byte boundary (`vmovntps` faults off one).
+            unsafe { _mm512_stream_ps(out.as_mut_ptr(), v) }
+        } else {
+            self.store(v, out);
+        }
+    }
+    #[inline(always)]
+    fn stream_fence(self) {
+        // SAFETY: a fence has no operands.
+        unsafe { _mm_sfence() }
+    }
 }

@@ -132,4 +132,8 @@ impl SimdKernels for Simd128 {
         let high = f64x2_mul(f64x2_promote_low_f32x4(i64x2_shuffle::<1, 1>(v, v)), scale);
         i64x2_shuffle::<0, 2>(f32x4_demote_f64x2_zero(low), f32x4_demote_f64x2_zero(high))
     }
+    #[inline(always)]
+    fn store_streaming(self, v: v128, out: &mut [f32]) {
+        self.store(v, out);
+    }
 }

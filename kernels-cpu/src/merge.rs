@@ -58,7 +58,8 @@ pub fn reduction_tolerance(terms: usize, abs_sum: f64) -> f64 {
 }
 
 /// Split element ranges on multiples of this (four of the widest vectors), so every element is
-/// computed by the same vector or tail code whatever the split.
+/// computed by the same vector or tail code whatever the split (a streaming part's elements before
+/// its first 64-byte boundary take the tail code, whose lanes round as the vectors do).
 pub(crate) const ELEMENT_ALIGN: usize = 64;
 
 /// Models one [`WeightedSum`] dispatch reads: their coefficients live in a stack buffer (no

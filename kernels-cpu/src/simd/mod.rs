@@ -159,8 +159,9 @@ mod sealed {
         /// `(v as f64 * scale) as f32` per lane: the product in `f64`, rounded once.
         fn mul_f64_rounded(self, v: Self::F32, scale: f64) -> Self::F32;
         /// Stores the lanes into `out` (`LANES` long) past the caches (a non-temporal store)
-        /// where the instruction set has one and `out` starts on a [`super::STREAM_ALIGN`]
-        /// boundary; a plain store otherwise. Other threads see these stores in order only after
+        /// where the instruction set has one and `out` is aligned to the vector's width; a plain
+        /// store otherwise. A kernel streams from a [`super::STREAM_ALIGN`] boundary, so every
+        /// vector of a line takes the same kind of store. Other threads see these stores in order only after
         /// [`SimdKernels::stream_fence`].
         fn store_streaming(self, v: Self::F32, out: &mut [f32]);
         /// Orders every earlier [`SimdKernels::store_streaming`] before every later store (x86's

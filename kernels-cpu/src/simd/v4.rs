@@ -164,51 +164,74 @@ impl SimdKernels for V4 {
     #[inline(always)]
     fn philox_u24_at_least(self, first_block: u64, key: [u32; 2], threshold: u32) -> u64 {
         use kernels_core::backend::{PHILOX_MUL, PHILOX_ROUNDS, PHILOX_WEYL};
-        // PERF: 32x32 -> 64-bit products of the even lanes and of the odd lanes (shifted
-        // down), their halves blended back: no widening or narrowing of whole vectors.
-        #[inline(always)]
-        unsafe fn mul_hi_lo(a: __m512i, m: __m512i) -> (__m512i, __m512i) {
-            unsafe {
-                let even = _mm512_mul_epu32(a, m);
-                let odd = _mm512_mul_epu32(_mm512_srli_epi64::<32>(a), m);
-                let hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64::<32>(even), odd);
-                let lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64::<32>(odd));
-                (hi, lo)
-            }
-        }
+        // PERF: V3's layout (a block's words `(c0, c1)` in one 64-bit lane of `a`, `(c2, c3)` in
+        // `b`; `vpmuludq` multiplies the low words), with one masked `vpternlogd` per register
+        // and round: it xors the old high word and the key into the product's high word only,
+        // so one in-lane swap finishes the round (V3 needs a shift, a swap and two xors).
+        // Eight registers for the 16 blocks, all in flight to hide the multiplies' latency.
+        const SETS: usize = 2;
+        const HIGH_WORDS: __mmask16 = 0xAAAA;
+        const SWAP: _MM_PERM_ENUM = 0b1011_0001;
         unsafe {
-            let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-            let base = _mm512_set1_epi32(first_block as u32 as i32);
-            let mut c0 = _mm512_add_epi32(base, lanes);
-            // A block index whose low word wrapped carries into the high word.
-            let carry = _mm512_cmplt_epu32_mask(c0, base);
-            let high = _mm512_set1_epi32((first_block >> 32) as u32 as i32);
-            let mut c1 = _mm512_mask_add_epi32(high, carry, high, _mm512_set1_epi32(1));
-            let (mut c2, mut c3) = (_mm512_setzero_si512(), _mm512_setzero_si512());
-            let m0 = _mm512_set1_epi32(PHILOX_MUL[0] as i32);
-            let m1 = _mm512_set1_epi32(PHILOX_MUL[1] as i32);
-            let mut k = key;
-            for round in 0..PHILOX_ROUNDS {
-                if round > 0 {
-                    k[0] = k[0].wrapping_add(PHILOX_WEYL[0]);
-                    k[1] = k[1].wrapping_add(PHILOX_WEYL[1]);
+            // Lanes hold blocks 0, 4, 1, 5, 2, 6, 3, 7 of each set: each 128-bit lane of the
+            // unpacks then holds one block, in element order.
+            let first = _mm512_add_epi64(
+                _mm512_set1_epi64(first_block as i64),
+                _mm512_setr_epi64(0, 4, 1, 5, 2, 6, 3, 7),
+            );
+            let mut a = [first; SETS];
+            for (set, a) in a.iter_mut().enumerate() {
+                *a = _mm512_add_epi64(first, _mm512_set1_epi64(8 * set as i64));
+            }
+            let m0 = _mm512_set1_epi64(i64::from(PHILOX_MUL[0]));
+            let m1 = _mm512_set1_epi64(i64::from(PHILOX_MUL[1]));
+            // PERF: each round's key broadcast from a table (a load), no vector adds in the rounds.
+            let keys: [[u32; 2]; PHILOX_ROUNDS] = core::array::from_fn(|round| {
+                core::array::from_fn(|word| {
+                    key[word].wrapping_add(round as u32 * PHILOX_WEYL[word])
+                })
+            });
+            let round_key =
+                |round: u32, word: usize| _mm512_set1_epi32(keys[round as usize][word] as i32);
+            let (k0, k1) = (round_key(0, 0), round_key(0, 1));
+            // Round 0 multiplies `c2 = 0`: (c1 ^ k0, 0) and (hi0 ^ k1, lo0).
+            let mut b = [first; SETS];
+            for set in 0..SETS {
+                let product0 = _mm512_mul_epu32(a[set], m0);
+                a[set] = _mm512_maskz_xor_epi32(!HIGH_WORDS, _mm512_srli_epi64::<32>(a[set]), k0);
+                b[set] = _mm512_shuffle_epi32::<SWAP>(_mm512_mask_xor_epi32(
+                    product0, HIGH_WORDS, product0, k1,
+                ));
+            }
+            for round in 1..PHILOX_ROUNDS as u32 {
+                let (k0, k1) = (round_key(round, 0), round_key(round, 1));
+                for set in 0..SETS {
+                    let product0 = _mm512_mul_epu32(a[set], m0);
+                    let product1 = _mm512_mul_epu32(b[set], m1);
+                    // 0x96: a ^ b ^ c. High words (hi1 ^ c1 ^ k0, hi0 ^ c3 ^ k1), low words the
+                    // products' (lo1, lo0); swapped, the new (c0, c1) and (c2, c3).
+                    a[set] = _mm512_ror_epi64::<32>(_mm512_mask_ternarylogic_epi32::<0x96>(
+                        product1, HIGH_WORDS, a[set], k0,
+                    ));
+                    b[set] = _mm512_ror_epi64::<32>(_mm512_mask_ternarylogic_epi32::<0x96>(
+                        product0, HIGH_WORDS, b[set], k1,
+                    ));
                 }
-                let (hi0, lo0) = mul_hi_lo(c0, m0);
-                let (hi1, lo1) = mul_hi_lo(c2, m1);
-                // 0x96: a ^ b ^ c.
-                c0 = _mm512_ternarylogic_epi32::<0x96>(hi1, c1, _mm512_set1_epi32(k[0] as i32));
-                c1 = lo1;
-                c2 = _mm512_ternarylogic_epi32::<0x96>(hi0, c3, _mm512_set1_epi32(k[1] as i32));
-                c3 = lo0;
             }
             let threshold = _mm512_set1_epi32(threshold as i32);
-            let masks = [c0, c1, c2, c3].map(|c| {
-                u32::from(_mm512_cmpge_epu32_mask(
-                    _mm512_srli_epi32::<8>(c),
-                    threshold,
-                ))
-            });
-            super::interleave4(masks)
+            let mut bits = 0;
+            for set in 0..SETS {
+                // Elements 32 set .. 32 set + 16, then the next 16.
+                let words = [
+                    _mm512_unpacklo_epi64(a[set], b[set]),
+                    _mm512_unpackhi_epi64(a[set], b[set]),
+                ];
+                for (half, words) in words.into_iter().enumerate() {
+                    let keep = _mm512_cmpge_epu32_mask(_mm512_srli_epi32::<8>(words), threshold);
+                    bits |= u64::from(keep) << (32 * set + 16 * half);
+                }
+            }
+            bits
         }
     }
     #[inline(always)]

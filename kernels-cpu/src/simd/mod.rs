@@ -164,6 +164,13 @@ mod sealed {
         /// vector of a line takes the same kind of store. Other threads see these stores in order only after
         /// [`SimdKernels::stream_fence`].
         fn store_streaming(self, v: Self::F32, out: &mut [f32]);
+        /// [`super::Simd::prefetch`] into the second-level cache only: many streams prefetched
+        /// into L1 evict each other there (their lines share a set when the streams share an
+        /// offset within a page).
+        #[inline(always)]
+        fn prefetch_l2<T>(self, at: &T) {
+            let _ = at;
+        }
         /// Orders every earlier [`SimdKernels::store_streaming`] before every later store (x86's
         /// `sfence`); nothing where those are plain stores.
         #[inline(always)]

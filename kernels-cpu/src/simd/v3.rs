@@ -251,6 +251,11 @@ impl SimdKernels for V3 {
         }
     }
     #[inline(always)]
+    fn prefetch_l2<T>(self, at: &T) {
+        // SAFETY: prefetch is a hint; it never faults.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(core::ptr::from_ref(at).cast()) }
+    }
+    #[inline(always)]
     fn store_streaming(self, v: __m256, out: &mut [f32]) {
         assert_eq!(out.len(), 8);
         // PERF: both halves of a line stream (a line written half non-temporally and half through

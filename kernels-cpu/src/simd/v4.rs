@@ -267,6 +267,11 @@ impl SimdKernels for V4 {
         }
     }
     #[inline(always)]
+    fn prefetch_l2<T>(self, at: &T) {
+        // SAFETY: prefetch is a hint; it never faults.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(core::ptr::from_ref(at).cast()) }
+    }
+    #[inline(always)]
     fn store_streaming(self, v: __m512, out: &mut [f32]) {
         assert_eq!(out.len(), 16);
         if out.as_ptr().addr().is_multiple_of(super::STREAM_ALIGN) {

@@ -161,8 +161,8 @@ mod sealed {
         /// Stores the lanes into `out` (`LANES` long) past the caches (a non-temporal store)
         /// where the instruction set has one and `out` is aligned to the vector's width; a plain
         /// store otherwise. A kernel streams from a [`super::STREAM_ALIGN`] boundary, so every
-        /// vector of a line takes the same kind of store. Other threads see these stores in order only after
-        /// [`SimdKernels::stream_fence`].
+        /// vector of a line takes the same kind of store. Other threads see these stores in
+        /// order only after [`SimdKernels::stream_fence`].
         fn store_streaming(self, v: Self::F32, out: &mut [f32]);
         /// [`super::Simd::prefetch`] into the second-level cache only: many streams prefetched
         /// into L1 evict each other there (their lines share a set when the streams share an

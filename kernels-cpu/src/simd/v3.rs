@@ -259,7 +259,7 @@ impl SimdKernels for V3 {
     fn store_streaming(self, v: __m256, out: &mut [f32]) {
         assert_eq!(out.len(), 8);
         // PERF: both halves of a line stream (a line written half non-temporally and half through
-        // the cache ran 30x slower than either on Zen 4): every 32-byte boundary, not only 64.
+        // the cache ran 28x slower than plain stores on Zen 4): every 32-byte boundary, not 64.
         if out.as_ptr().addr().is_multiple_of(32) {
             // SAFETY: 8 writable f32 on a 32-byte boundary (`vmovntps` faults off one).
             unsafe { _mm256_stream_ps(out.as_mut_ptr(), v) }

@@ -190,7 +190,7 @@ impl SimdKernels for V4 {
             // PERF: each round's key broadcast from a table (a load), no vector adds in the rounds.
             let keys: [[u32; 2]; PHILOX_ROUNDS] = core::array::from_fn(|round| {
                 core::array::from_fn(|word| {
-                    key[word].wrapping_add(round as u32 * PHILOX_WEYL[word])
+                    key[word].wrapping_add((round as u32).wrapping_mul(PHILOX_WEYL[word]))
                 })
             });
             let (k0, k1) = (

@@ -17,7 +17,7 @@ use core::sync::atomic::{AtomicU8, Ordering};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Isa {
-    /// x86-64 AVX-512F, with the x86-64-v3 features below (512-bit vectors).
+    /// x86-64 AVX-512F and AVX-512BW, with the x86-64-v3 features below (512-bit vectors).
     Avx512,
     /// x86-64 AVX2 with FMA, F16C, POPCNT, BMI1/2 and LZCNT (256-bit vectors; "x86-64-v3").
     Avx2,
@@ -157,7 +157,7 @@ pub(crate) mod x86 {
         /// AVX, AVX2, FMA, F16C, POPCNT, BMI1, BMI2 and LZCNT (x86-64-v3), with the OS saving
         /// YMM state.
         pub(crate) avx2: bool,
-        /// All of the above plus AVX-512F, with the OS saving ZMM and opmask state.
+        /// All of the above plus AVX-512F and AVX-512BW, with the OS saving ZMM and opmask state.
         pub(crate) avx512: bool,
     }
 
@@ -190,14 +190,14 @@ pub(crate) mod x86 {
         let ymm_state = xcr0 & 0b110 == 0b110;
         let zmm_state = xcr0 & 0b1110_0110 == 0b1110_0110;
         let leaf7 = cpuid(7, 0);
-        let (avx2, avx512f) = (bit(leaf7.ebx, 5), bit(leaf7.ebx, 16));
+        let (avx2, avx512f, avx512bw) = (bit(leaf7.ebx, 5), bit(leaf7.ebx, 16), bit(leaf7.ebx, 30));
         // The scalar side of x86-64-v3: bit counts and scans in one instruction each.
         let (popcnt, bmi1, bmi2) = (bit(leaf1.ecx, 23), bit(leaf7.ebx, 3), bit(leaf7.ebx, 8));
         let lzcnt = cpuid(0x8000_0000, 0).eax >= 0x8000_0001 && bit(cpuid(0x8000_0001, 0).ecx, 5);
         let v3 = ymm_state && avx && avx2 && fma && f16c && popcnt && bmi1 && bmi2 && lzcnt;
         Features {
             avx2: v3,
-            avx512: v3 && zmm_state && avx512f,
+            avx512: v3 && zmm_state && avx512f && avx512bw,
         }
     }
 }
@@ -226,6 +226,11 @@ mod tests {
             && std::is_x86_feature_detected!("bmi2")
             && std::is_x86_feature_detected!("lzcnt");
         assert_eq!(f.avx2, std_v3);
-        assert_eq!(f.avx512, std_v3 && std::is_x86_feature_detected!("avx512f"));
+        assert_eq!(
+            f.avx512,
+            std_v3
+                && std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+        );
     }
 }

@@ -17,9 +17,10 @@
 //! ```
 //!
 //! Every kernel enters through one dispatch point, [`Cpu::dispatch`]: the instruction set is
-//! detected once ([`Isa::best`]) and each kernel is compiled for AVX-512, AVX2+FMA, NEON, wasm
-//! simd128 and scalar code from one generic body ([`WithSimd`]). A [`Cpu`] can also be pinned to
-//! any available instruction set, which is how the tests cover every path this machine has.
+//! detected once ([`Isa::best`]) and each kernel is compiled for AVX-512 (F and BW), AVX2+FMA,
+//! NEON, wasm simd128 and scalar code from one generic body ([`WithSimd`]). A [`Cpu`] can also be
+//! pinned to any available instruction set, which is how the tests cover every path this machine
+//! has.
 //!
 //! # Modules
 //!

@@ -171,6 +171,40 @@ fn magnitude_bf16(cpu: &Cpu) {
     magnitude_masks::<bf16>(cpu);
     sampled_magnitude_masks::<bf16>(cpu);
 }
+fn magnitude_f16(cpu: &Cpu) {
+    magnitude_masks::<f16>(cpu);
+    sampled_magnitude_masks::<f16>(cpu);
+}
+
+/// A non-finite 16-bit entry, found by the selection pass (sampled or not) and by the writing
+/// pass alone (a threshold rule), wherever it lies.
+fn non_finite_16_bit<T: Element>(cpu: &Cpu) {
+    for (n, at, bad) in [
+        (100, 77, f32::NAN),
+        (100, 99, f32::NEG_INFINITY),
+        (70_001, 3, f32::INFINITY),
+        (70_001, 70_000, -f32::NAN),
+    ] {
+        let mut tau: Vec<T> = normal(n, 3);
+        tau[at] = T::from_f32(bad);
+        let mut out = vec![T::from_f32(0.0); n];
+        for keep in [KeepRule::Density(0.5), KeepRule::Threshold(0.1)] {
+            let what = format!("{:?} n={n} at {at} {bad} {keep:?} {cpu:?}", T::DTYPE);
+            let found = ties_trim(cpu, &tau, keep, &mut out);
+            assert!(
+                matches!(found, Err(Error::NonFinite { index, .. }) if index == at),
+                "{what}: {found:?}"
+            );
+        }
+        let mut wide = vec![0.0f32; n];
+        let found = breadcrumbs(cpu, &tau, BreadcrumbsParams::default(), &mut wide);
+        assert!(
+            matches!(found, Err(Error::NonFinite { index, .. }) if index == at),
+            "breadcrumbs {:?} n={n}: {found:?}",
+            T::DTYPE
+        );
+    }
+}
 
 fn bad_inputs(cpu: &Cpu) {
     let tau: Vec<f32> = normal(100, 1);
@@ -202,6 +236,8 @@ fn bad_inputs(cpu: &Cpu) {
         ties_trim(cpu, &bad, KeepRule::Threshold(0.1), &mut out.clone()),
         Err(Error::NonFinite { index: 77, .. })
     ));
+    non_finite_16_bit::<bf16>(cpu);
+    non_finite_16_bit::<f16>(cpu);
 }
 
 isa_tests!(
@@ -210,5 +246,6 @@ isa_tests!(
     dare_bf16,
     magnitude_f32,
     magnitude_bf16,
+    magnitude_f16,
     bad_inputs
 );

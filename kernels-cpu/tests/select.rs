@@ -94,10 +94,17 @@ fn selection_bf16(cpu: &Cpu) {
     single_slices::<bf16>(cpu);
 }
 
-/// Above `SAMPLED_MIN`: the sampled bracket, and the radix fallback where it misses.
+/// Above `SAMPLED_MIN`: the sampled bracket, and the radix fallback where it misses (16-bit
+/// types: classified by their words where the ISA can, widened elsewhere).
 fn large_vectors(cpu: &Cpu) {
+    large_vectors_of::<f32>(cpu);
+    large_vectors_of::<f16>(cpu);
+    large_vectors_of::<bf16>(cpu);
+}
+
+fn large_vectors_of<T: Element>(cpu: &Cpu) {
     let n = SAMPLED_MIN + 4099;
-    let smooth: Vec<f32> = normal(n, 5);
+    let smooth: Vec<T> = normal(n, 5);
     // The sample sees zeros where the rest holds larger values: every bracket misses.
     let mut adversarial = smooth.clone();
     for (i, v) in adversarial.iter_mut().enumerate() {
@@ -105,7 +112,7 @@ fn large_vectors(cpu: &Cpu) {
         let run = (i as u128 * runs / n as u128) as usize;
         let run_start = (run as u128 * n as u128 / runs) as usize;
         if i < run_start + SAMPLE_RUN {
-            *v = 0.0;
+            *v = T::from_f32(0.0);
         }
     }
     for (x, what) in [(&smooth, "normal"), (&adversarial, "adversarial")] {
@@ -115,13 +122,20 @@ fn large_vectors(cpu: &Cpu) {
             assert_eq!(
                 topk_cut(cpu, &slices, keep).unwrap(),
                 topk_cut_ref(&slices, keep).unwrap(),
-                "{what} k={k} {cpu:?}"
+                "{what} {:?} k={k} {cpu:?}",
+                T::DTYPE
             );
         }
         let keep = KeepRule::Density(0.1);
         let mut mask = vec![0u64; n.div_ceil(64)];
         topk_mask(cpu, x, keep, &mut mask).unwrap();
         assert_eq!(mask, bits_of(&topk_mask_ref(x, keep).unwrap()), "{what}");
+        let mut kept = vec![T::from_f32(9.0); n];
+        topk_keep(cpu, x, keep, &mut kept).unwrap();
+        for ((k, v), m) in kept.iter().zip(x).zip(topk_mask_ref(x, keep).unwrap()) {
+            let expect = if m { v.to_f32() } else { 0.0 };
+            assert_eq!(k.to_f32().to_bits(), expect.to_bits(), "{what} kept values");
+        }
     }
 }
 

@@ -8,17 +8,20 @@ use super::parts::{Parts, Piece, STREAMS};
 use super::rank::{Cut, PartCut};
 use super::{GROUP, PREFETCH_BYTES};
 use crate::parallel::for_each;
-use crate::simd::CACHE_LINE;
+use crate::simd::{CACHE_LINE, WordBounds, bits16, bits16_mut, word_keys};
 use crate::{Cpu, Scalar, Simd, WithSimd};
 
 /// The keep-bits of a run of up to 64 elements under each cut (consuming ties in order), and
 /// what else the pass learns of it; `sink` sees each vector as it is classified (`at` is the
-/// run's start in the part).
+/// run's start in the part). With `words` (the cuts' keys as [`WordBounds`], where the
+/// instruction set classifies `T`'s words) whole `2 * LANES` runs of 16-bit entries are
+/// classified without widening.
 #[inline(always)]
 fn keep_group<S: Simd, T: Element, K: PartSink<T, C>, const C: usize>(
     s: S,
     group: &[T],
     cuts: &mut [PartCut; C],
+    words: Option<&[WordBounds; C]>,
     sink: &mut K,
     at: usize,
 ) -> Keep<C> {
@@ -26,17 +29,38 @@ fn keep_group<S: Simd, T: Element, K: PartSink<T, C>, const C: usize>(
         bits: [0; C],
         run: RunBits::default(),
     };
-    let main = group.len() - group.len() % S::LANES;
-    for (v, lanes) in group[..main].chunks_exact(S::LANES).enumerate() {
+    let mut done = 0;
+    if let Some(bounds) = words {
+        let width = 2 * S::LANES;
+        done = group.len() - group.len() % width;
+        for (v, chunk) in group[..done].chunks_exact(width).enumerate() {
+            let lanes = bits16(chunk);
+            let mut kept = [0u32; C];
+            // PERF: plain loops, not `array::from_fn` (see `classify_all`).
+            for (((lane_bits, bits), cut), &b) in kept
+                .iter_mut()
+                .zip(&mut keep.bits)
+                .zip(cuts.iter_mut())
+                .zip(bounds)
+            {
+                *lane_bits = cut.keep_words(s, lanes, b, &mut keep.run, v * width);
+                *bits |= u64::from(*lane_bits) << (v * width);
+            }
+            sink.words(s, at + v * width, chunk, kept);
+        }
+    }
+    let main = done + (group.len() - done) / S::LANES * S::LANES;
+    for (v, lanes) in group[done..main].chunks_exact(S::LANES).enumerate() {
+        let first = done + v * S::LANES;
         let values = s.load(lanes);
         let mut kept = [0u32; C];
         // PERF: plain loops, not `array::from_fn`: a closure that is not inlined would run the
         // vector operations without the dispatched target features.
         for ((lane_bits, bits), cut) in kept.iter_mut().zip(&mut keep.bits).zip(cuts.iter_mut()) {
-            *lane_bits = cut.keep(s, values, &mut keep.run, v * S::LANES);
-            *bits |= u64::from(*lane_bits) << (v * S::LANES);
+            *lane_bits = cut.keep(s, values, &mut keep.run, first);
+            *bits |= u64::from(*lane_bits) << first;
         }
-        sink.lanes(s, at + v * S::LANES, values, kept);
+        sink.lanes(s, at + first, values, kept);
     }
     for (j, x) in group.iter().enumerate().skip(main) {
         let value = x.to_f32();
@@ -50,6 +74,25 @@ fn keep_group<S: Simd, T: Element, K: PartSink<T, C>, const C: usize>(
     keep
 }
 
+/// [`PartSink::words`] through [`PartSink::lanes`]: the entries widened, one vector at a time.
+#[inline(always)]
+fn words_as_lanes<S: Simd, T: Element, K: PartSink<T, C> + ?Sized, const C: usize>(
+    sink: &mut K,
+    s: S,
+    at: usize,
+    chunk: &[T],
+    kept: [u32; C],
+) {
+    let lane_mask = u32::MAX >> (32 - S::LANES);
+    for (h, half) in chunk.chunks_exact(S::LANES).enumerate() {
+        let mut lanes = [0u32; C];
+        for (l, &k) in lanes.iter_mut().zip(&kept) {
+            *l = (k >> (h * S::LANES)) & lane_mask;
+        }
+        sink.lanes(s, at + h * S::LANES, s.load(half), lanes);
+    }
+}
+
 /// What the final pass does with one part's entries, run by run in flat order.
 pub(crate) trait PartSink<T: Element, const C: usize>: Send {
     /// Each vector (or tail element) as it is classified: `at` its first lane's index in the
@@ -58,6 +101,13 @@ pub(crate) trait PartSink<T: Element, const C: usize>: Send {
     #[inline(always)]
     fn lanes<S: Simd>(&mut self, s: S, at: usize, values: S::F32, kept: [u32; C]) {
         let _ = (s, at, values, kept);
+    }
+    /// [`PartSink::lanes`] for `2 * LANES` 16-bit entries classified from their words: `chunk`
+    /// the entries, bit `j` of `kept[c]` set iff `chunk[j]` is kept under cut `c`. By default,
+    /// widened and passed to [`PartSink::lanes`].
+    #[inline(always)]
+    fn words<S: Simd>(&mut self, s: S, at: usize, chunk: &[T], kept: [u32; C]) {
+        words_as_lanes(self, s, at, chunk, kept);
     }
     /// Each run of up to [`GROUP`] entries once its vectors are done: `at` its start in the part.
     #[inline(always)]
@@ -101,6 +151,19 @@ impl<T: Element, O: Element, M: Fn([u32; C]) -> u32 + Send, const C: usize> Part
             s.keep_lanes((self.select)(kept), values),
             &mut self.out[at..at + S::LANES],
         );
+    }
+    #[inline(always)]
+    fn words<S: Simd>(&mut self, s: S, at: usize, chunk: &[T], kept: [u32; C]) {
+        if O::DTYPE == T::DTYPE {
+            // PERF: the kept entries' own words, masked: no widening and no rounding back.
+            s.keep_words(
+                (self.select)(kept),
+                bits16(chunk),
+                bits16_mut(&mut self.out[at..at + chunk.len()]),
+            );
+        } else {
+            words_as_lanes(self, s, at, chunk, kept);
+        }
     }
     #[inline(always)]
     fn run(&mut self, at: usize, _: &[T], keep: Keep<C>) {
@@ -155,6 +218,8 @@ impl<T: Element, K: PartSink<T, C>, const C: usize> WithSimd for ApplyCuts<'_, '
             sinks,
         } = self;
         let ahead = PREFETCH_BYTES / core::mem::size_of::<T>();
+        let words = word_keys::<S, T>()
+            .then(|| cuts.map(|cuts| cuts.map(|cut| WordBounds::of::<T>(cut.key, cut.key))));
         // Per part: the piece being read and the offset in it.
         let mut cursors = [(0usize, 0usize); STREAMS];
         let mut non_finite = 0;
@@ -174,7 +239,8 @@ impl<T: Element, K: PartSink<T, C>, const C: usize> WithSimd for ApplyCuts<'_, '
                 }
                 let at = piece.first as usize + *offset - starts[p];
                 let run = &piece.data[*offset..end];
-                let keep = keep_group(s, run, &mut cuts[p], sink, at);
+                let words = words.as_ref().map(|w| &w[p]);
+                let keep = keep_group(s, run, &mut cuts[p], words, sink, at);
                 non_finite |= keep.run.non_finite;
                 sink.run(at, run, keep);
                 *offset = end;

@@ -134,6 +134,19 @@ mod sealed {
         pub negative: u32,
     }
 
+    /// Key bounds of [`SimdKernels::classify_words`], in the key space of one 16-bit element
+    /// type: a word's key is `word & 0x7FFF` (bf16 and f16 alike order their magnitudes as
+    /// their bits), so 16-bit lanes compare keys without widening.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct WordBounds {
+        /// Keys below this one are `below`.
+        pub lo: u16,
+        /// Keys above this one are `above` (`hi + 1 == lo` where no key lies within).
+        pub hi: u16,
+        /// Keys from this one up are infinite or NaN.
+        pub non_finite: u16,
+    }
+
     /// The operations only this crate's kernels use, on every [`super::Simd`] type.
     pub trait SimdKernels: Copy {
         /// A vector of `LANES` `f32`: what every vector operation of [`super::Simd`] takes.
@@ -145,6 +158,36 @@ mod sealed {
         /// Classifies the magnitude keys (`|v|` as bits, see `kernels_core::ops::select::magnitude_key`)
         /// of the lanes against `lo <= hi <= 0x7F80_0000`: bit `j` of each mask is lane `j`'s.
         fn classify_keys(self, v: Self::F32, lo: u32, hi: u32) -> KeyMasks;
+        /// Whether [`SimdKernels::classify_words`] and [`SimdKernels::keep_words`] are vector
+        /// operations here: kernels on 16-bit elements take them only then, and widen to `f32`
+        /// lanes elsewhere.
+        const WORD_KEYS: bool = false;
+        /// [`SimdKernels::classify_keys`] on the `2 * LANES` 16-bit elements stored as `words`
+        /// (at most 32), against bounds in their own key space ([`WordBounds`]); bit `j` of each
+        /// mask is word `j`'s. The default is the scalar twin of the vector forms.
+        #[inline(always)]
+        fn classify_words(self, words: &[u16], bounds: WordBounds) -> KeyMasks {
+            assert!(words.len() <= 32);
+            let mut m = KeyMasks::default();
+            for (j, &w) in words.iter().enumerate() {
+                let key = w & 0x7FFF;
+                m.below |= u32::from(key < bounds.lo) << j;
+                m.above |= u32::from(key > bounds.hi) << j;
+                m.within |= u32::from((bounds.lo..=bounds.hi).contains(&key)) << j;
+                m.non_finite |= u32::from(key >= bounds.non_finite) << j;
+                m.negative |= u32::from(w >> 15) << j;
+            }
+            m
+        }
+        /// `out_j = words_j` where bit `j` of `mask` is set, `0` (`+0.0`) elsewhere; `words` and
+        /// `out` are `2 * LANES` long. The default is the scalar twin of the vector forms.
+        #[inline(always)]
+        fn keep_words(self, mask: u32, words: &[u16], out: &mut [u16]) {
+            assert!(words.len() <= 32 && out.len() == words.len());
+            for (j, (o, &w)) in out.iter_mut().zip(words).enumerate() {
+                *o = if (mask >> j) & 1 == 1 { w } else { 0 };
+            }
+        }
         /// Ternary lanes from 2-bit codes: lane `j` reads bits `2j, 2j + 1` of `codes` (the packed
         /// dense layout): `01` is `+1.0`, `10` is `-1.0`, `00` is `0.0` (`11` is never passed).
         fn ternary(self, codes: u32) -> Self::F32;
@@ -198,6 +241,8 @@ mod sealed {
     }
 }
 
+#[cfg_attr(not(feature = "alloc"), allow(unused_imports))]
+pub(crate) use sealed::WordBounds;
 pub(crate) use sealed::{KeyMasks, SimdKernels};
 
 /// Lanes' keys are compared as `i32`: a key has its sign bit clear, so signed order is key order.
@@ -225,24 +270,56 @@ fn widen<T: Element>(x: T) -> f32 {
 }
 
 /// Reinterprets a chunk of 16-bit elements as their storage words.
-#[cfg_attr(
-    not(any(
-        target_arch = "x86_64",
-        target_arch = "aarch64",
-        target_arch = "wasm32"
-    )),
-    allow(dead_code)
-)]
+#[cfg_attr(not(feature = "alloc"), allow(dead_code))]
 #[inline(always)]
-fn bits16<T: Element>(chunk: &[T]) -> &[u16] {
+pub(crate) fn bits16<T: Element>(chunk: &[T]) -> &[u16] {
     bytemuck::cast_slice(chunk)
 }
 
 /// Reinterprets a chunk of 16-bit elements as their storage words, to write.
-#[cfg(target_arch = "x86_64")]
+#[cfg_attr(not(feature = "alloc"), allow(dead_code))]
 #[inline(always)]
-fn bits16_mut<T: Element>(chunk: &mut [T]) -> &mut [u16] {
+pub(crate) fn bits16_mut<T: Element>(chunk: &mut [T]) -> &mut [u16] {
     bytemuck::cast_slice_mut(chunk)
+}
+
+/// Whether kernels on `T` classify its storage words on `S` ([`SimdKernels::WORD_KEYS`]).
+#[cfg(feature = "alloc")]
+#[inline(always)]
+pub(crate) fn word_keys<S: Simd, T: Element>() -> bool {
+    S::WORD_KEYS && core::mem::size_of::<T>() == 2
+}
+
+#[cfg(feature = "alloc")]
+impl WordBounds {
+    /// The bounds of `T`'s words (a 16-bit type) that classify as the `f32` keys `lo <= hi <=
+    /// 0x7F80_0000` of their widened values do: widening is exact and keeps the magnitude order,
+    /// so each bound is a count of the words whose widened key lies below it.
+    pub(crate) fn of<T: Element>(lo: u32, hi: u32) -> Self {
+        // The number of words (keys 0..=0x7FFF) whose widened key is below `bound` (inclusive:
+        // at most `bound`), by bisection: the widened key grows with the word up to infinity,
+        // past which (NaN) no bound of finite data reaches.
+        let count_below = |bound: u32, inclusive: bool| {
+            let (mut lo, mut hi) = (0u32, 0x8000u32);
+            while lo < hi {
+                let mid = u32::midpoint(lo, hi);
+                let word = bytemuck::pod_read_unaligned::<T>(&(mid as u16).to_ne_bytes());
+                let key = word.to_f32().to_bits() & 0x7FFF_FFFF;
+                if key < bound || (inclusive && key == bound) {
+                    lo = mid + 1;
+                } else {
+                    hi = mid;
+                }
+            }
+            lo as u16
+        };
+        Self {
+            lo: count_below(lo, false),
+            // At least one: the key of +0.0 (0) is at most any bound.
+            hi: count_below(hi, true) - 1,
+            non_finite: count_below(LARGEST_FINITE_KEY as u32, true),
+        }
+    }
 }
 
 /// Widens `src` into `dst[..src.len()]`, with vector loads where whole vectors fit.
@@ -376,7 +453,7 @@ unsafe fn run_v3<Op: WithSimd>(op: Op) -> Op::Output {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma,f16c,popcnt,bmi1,bmi2,lzcnt")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c,popcnt,bmi1,bmi2,lzcnt")]
 unsafe fn run_v4<Op: WithSimd>(op: Op) -> Op::Output {
     // SAFETY: this function only runs where its target features exist.
     op.with_simd(unsafe { V4::new_unchecked() })
@@ -434,6 +511,86 @@ mod tests {
                 .chunks_exact(S::LANES)
                 .map(|c| s.classify_keys(s.load(c), self.1, self.2))
                 .collect()
+        }
+    }
+
+    /// Every 16-bit word of `T` classifies by its word bounds as its widened value does by the
+    /// `f32` bounds, for bounds on, between and beyond `T`'s keys.
+    fn word_bounds_classify_as_the_widened_keys<T: Element>() {
+        let word = |w: u16| bytemuck::pod_read_unaligned::<T>(&w.to_ne_bytes()).to_f32();
+        let key = |w: u16| word(w).to_bits() & 0x7FFF_FFFF;
+        let (one, big) = (key(T::from_f32(1.0).to_f32().to_bits() as u16), 0x7F7F_FFFF);
+        let mut bounds = alloc::vec![(0, 0), (0, 0x7F80_0000), (1, 1), (one, one), (big, big)];
+        for w in [1u16, 0x0400, 0x3C00, 0x3F80, 0x7BFF, 0x7C00, 0x7F7F, 0x7F80] {
+            let k = key(w);
+            bounds.extend([(k, k), (k - 1, k + 1), (k + 1, k + 1), (k - 1, key(w + 7))]);
+        }
+        for (lo, hi) in bounds {
+            let lo = lo.min(INFINITY_KEY);
+            let hi = hi.clamp(lo, INFINITY_KEY);
+            let b = WordBounds::of::<T>(lo, hi);
+            for w in 0..=u16::MAX {
+                let want = Scalar.classify_keys(word(w), lo, hi);
+                let got = Scalar.classify_words(&[w], b);
+                assert_eq!(got, want, "{:?} word {w:#06x} [{lo:#x}, {hi:#x}]", T::DTYPE);
+            }
+        }
+    }
+
+    /// `INFINITY_KEY` of the select, the largest bound a cut takes.
+    const INFINITY_KEY: u32 = 0x7F80_0000;
+
+    #[test]
+    fn word_bounds_classify_bf16_and_f16_as_their_widened_keys() {
+        word_bounds_classify_as_the_widened_keys::<bf16>();
+        word_bounds_classify_as_the_widened_keys::<f16>();
+    }
+
+    struct ClassifyWords<'a>(&'a [u16], WordBounds, u32);
+
+    impl WithSimd for ClassifyWords<'_> {
+        type Output = Vec<(KeyMasks, Vec<u16>)>;
+        fn with_simd<S: Simd>(self, s: S) -> Self::Output {
+            let width = if S::WORD_KEYS { 2 * S::LANES } else { 1 };
+            self.0
+                .chunks_exact(width)
+                .map(|c| {
+                    let mut kept = alloc::vec![0xABCD; width];
+                    s.keep_words(self.2, c, &mut kept);
+                    (s.classify_words(c, self.1), kept)
+                })
+                .collect()
+        }
+    }
+
+    #[test]
+    fn word_classes_and_kept_words_match_scalar_on_every_isa() {
+        let specials = [
+            0u16, 0x8000, 1, 0x8001, 0x3F80, 0xBF80, 0x3C00, 0x7BFF, 0x7C00, 0xFC00, 0x7F7F,
+            0x7F80, 0xFF80, 0x7FC0, 0xFFFF, 0x4000, 0x3FFF,
+        ];
+        let words: Vec<u16> = (0..192)
+            .map(|i| specials[(i * 7) % specials.len()])
+            .collect();
+        for (lo, hi, non_finite) in [
+            (0, 0, 0x7F80),
+            (0x3C00, 0x3F80, 0x7C00),
+            (0x4000, 0x3FFF, 1),
+        ] {
+            let bounds = WordBounds { lo, hi, non_finite };
+            for mask in [0, u32::MAX, 0x5A5A_C3C3] {
+                for cpu in Cpu::all_available() {
+                    let got = cpu.dispatch(ClassifyWords(&words, bounds, mask));
+                    let width = words.len() / got.len();
+                    for (chunk, (masks, kept)) in words.chunks(width).zip(got) {
+                        let what = alloc::format!("{} {bounds:?} {mask:#x}", cpu.isa());
+                        assert_eq!(masks, Scalar.classify_words(chunk, bounds), "{what}");
+                        let mut want = alloc::vec![0; width];
+                        Scalar.keep_words(mask, chunk, &mut want);
+                        assert_eq!(kept, want, "{what}");
+                    }
+                }
+            }
         }
     }
 

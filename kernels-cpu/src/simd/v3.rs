@@ -4,8 +4,8 @@
 use core::arch::x86_64::*;
 
 use super::{
-    Element, Isa, KEY_MAGNITUDE, KeyMasks, LARGEST_FINITE_KEY, Simd, SimdKernels, bits16,
-    bits16_mut,
+    Element, Isa, KEY_MAGNITUDE, KeyMasks, LARGEST_FINITE_KEY, Simd, SimdKernels, WordBounds,
+    bits16, bits16_mut,
 };
 use kernels_core::DType;
 
@@ -134,6 +134,66 @@ impl SimdKernels for V3 {
                 )),
                 negative: _mm256_movemask_ps(v) as u32,
             }
+        }
+    }
+    const WORD_KEYS: bool = true;
+    #[inline(always)]
+    fn classify_words(self, words: &[u16], bounds: WordBounds) -> KeyMasks {
+        assert_eq!(words.len(), 16);
+        // SAFETY: 16 readable words.
+        unsafe {
+            let w = _mm256_loadu_si256(words.as_ptr().cast());
+            // Keys fit 15 bits, so signed 16-bit order is key order.
+            let key = _mm256_and_si256(w, _mm256_set1_epi16(0x7FFF));
+            let bound = |b: u16| _mm256_set1_epi16(b as i16);
+            let below = _mm256_cmpgt_epi16(bound(bounds.lo), key);
+            let above = _mm256_cmpgt_epi16(key, bound(bounds.hi));
+            let finite = _mm256_cmpgt_epi16(bound(bounds.non_finite), key);
+            // Two lane masks from one pack of their compares to bytes (in lane order once the
+            // pack's 64-bit quarters are put back in order) and one byte movemask.
+            let pair = |a: __m256i, b: __m256i| {
+                let packed = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi16(a, b));
+                let m = _mm256_movemask_epi8(packed) as u32;
+                (m & 0xFFFF, m >> 16)
+            };
+            let (below, above) = pair(below, above);
+            let (finite, negative) = pair(finite, w);
+            KeyMasks {
+                below,
+                within: !(below | above) & 0xFFFF,
+                above,
+                non_finite: !finite & 0xFFFF,
+                negative,
+            }
+        }
+    }
+    #[inline(always)]
+    fn keep_words(self, mask: u32, words: &[u16], out: &mut [u16]) {
+        assert!(words.len() == 16 && out.len() == 16);
+        // SAFETY: 16 readable and 16 writable words.
+        unsafe {
+            let lane_bits = _mm256_setr_epi16(
+                1,
+                2,
+                4,
+                8,
+                16,
+                32,
+                64,
+                128,
+                256,
+                512,
+                1024,
+                2048,
+                4096,
+                8192,
+                16384,
+                i16::MIN,
+            );
+            let bits = _mm256_and_si256(_mm256_set1_epi16(mask as u16 as i16), lane_bits);
+            let keep = _mm256_cmpeq_epi16(bits, lane_bits);
+            let w = _mm256_loadu_si256(words.as_ptr().cast());
+            _mm256_storeu_si256(out.as_mut_ptr().cast(), _mm256_and_si256(keep, w));
         }
     }
     #[inline(always)]

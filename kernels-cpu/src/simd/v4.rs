@@ -1,21 +1,21 @@
-//! AVX-512F ("x86-64-v4" without the extensions we do not need), 512-bit vectors.
+//! AVX-512F and BW ("x86-64-v4" without the extensions we do not need), 512-bit vectors.
 
 #[allow(clippy::wildcard_imports)]
 use core::arch::x86_64::*;
 
 use super::{
-    Element, Isa, KEY_MAGNITUDE, KeyMasks, LARGEST_FINITE_KEY, Simd, SimdKernels, bits16,
-    bits16_mut,
+    Element, Isa, KEY_MAGNITUDE, KeyMasks, LARGEST_FINITE_KEY, Simd, SimdKernels, WordBounds,
+    bits16, bits16_mut,
 };
 use kernels_core::DType;
 
-/// AVX-512F (with V3), 16 lanes.
+/// AVX-512F and BW (with V3), 16 lanes.
 #[derive(Clone, Copy, Debug)]
 pub struct V4(());
 
 impl V4 {
     /// # Safety
-    /// The CPU must support AVX-512F and the x86-64-v3 features ([`super::V3`]).
+    /// The CPU must support AVX-512F, AVX-512BW and the x86-64-v3 features ([`super::V3`]).
     #[inline(always)]
     pub(crate) unsafe fn new_unchecked() -> Self {
         Self(())
@@ -28,7 +28,7 @@ impl Simd for V4 {
 
     #[inline(always)]
     fn zero(self) -> __m512 {
-        // SAFETY (all methods): a V4 token exists only where AVX-512F does.
+        // SAFETY (all methods): a V4 token exists only where AVX-512F and BW do.
         unsafe { _mm512_setzero_ps() }
     }
     #[inline(always)]
@@ -141,6 +141,36 @@ impl SimdKernels for V4 {
                     _mm512_setzero_si512(),
                 )),
             }
+        }
+    }
+    const WORD_KEYS: bool = true;
+    #[inline(always)]
+    fn classify_words(self, words: &[u16], bounds: WordBounds) -> KeyMasks {
+        assert_eq!(words.len(), 32);
+        // SAFETY: 32 readable words.
+        unsafe {
+            let w = _mm512_loadu_si512(words.as_ptr().cast());
+            // Keys fit 15 bits, so signed 16-bit order is key order.
+            let key = _mm512_and_si512(w, _mm512_set1_epi16(0x7FFF));
+            let bound = |b: u16| _mm512_set1_epi16(b as i16);
+            let below = _mm512_cmplt_epi16_mask(key, bound(bounds.lo));
+            let above = _mm512_cmpgt_epi16_mask(key, bound(bounds.hi));
+            KeyMasks {
+                below,
+                within: !(below | above),
+                above,
+                non_finite: _mm512_cmpge_epi16_mask(key, bound(bounds.non_finite)),
+                negative: _mm512_movepi16_mask(w),
+            }
+        }
+    }
+    #[inline(always)]
+    fn keep_words(self, mask: u32, words: &[u16], out: &mut [u16]) {
+        assert!(words.len() == 32 && out.len() == 32);
+        // SAFETY: 32 readable and 32 writable words.
+        unsafe {
+            let w = _mm512_loadu_si512(words.as_ptr().cast());
+            _mm512_storeu_si512(out.as_mut_ptr().cast(), _mm512_maskz_mov_epi16(mask, w));
         }
     }
     #[inline(always)]

@@ -94,8 +94,8 @@ fn selection_bf16(cpu: &Cpu) {
     single_slices::<bf16>(cpu);
 }
 
-/// Above `SAMPLED_MIN`: the sampled bracket, and the radix fallback where it misses (16-bit
-/// types: classified by their words where the ISA can, widened elsewhere).
+/// Above `SAMPLED_MIN`: the sampled bracket, and the radix fallback where it misses or holds too
+/// many keys (16-bit types: classified by their words where the ISA can, widened elsewhere).
 fn large_vectors(cpu: &Cpu) {
     large_vectors_of::<f32>(cpu);
     large_vectors_of::<f16>(cpu);
@@ -115,7 +115,13 @@ fn large_vectors_of<T: Element>(cpu: &Cpu) {
             *v = T::from_f32(0.0);
         }
     }
-    for (x, what) in [(&smooth, "normal"), (&adversarial, "adversarial")] {
+    // Nine magnitudes: the bracket's keys outgrow their first buffer, then its cap.
+    let few: Vec<T> = tied(n, 9);
+    for (x, what) in [
+        (&smooth, "normal"),
+        (&adversarial, "adversarial"),
+        (&few, "tied"),
+    ] {
         for k in [1, n as u64 / 100, n as u64 / 2, n as u64] {
             let slices = [&x[..1000], &x[1000..]];
             let keep = KeepRule::Count(k);

@@ -58,8 +58,11 @@ fn shared_non_finite(cpu: &Cpu) {
     non_finite_data_propagates(&OnCpu(*cpu));
 }
 
+/// Lengths around TIES election's blocks (16 and 32 elements) besides the shared [`LENGTHS`].
+const BLOCK_EDGES: [usize; 4] = [31, 32, 33, 95];
+
 fn ties_and_fisher<T: Element>(cpu: &Cpu) {
-    for &n in &LENGTHS {
+    for &n in LENGTHS.iter().chain(&BLOCK_EDGES) {
         for models in MODEL_COUNTS {
             let taus: Vec<Vec<T>> = (0..models)
                 .map(|i| sparse_taus(n, (n * 10 + i) as u64, i == 1))
@@ -85,6 +88,14 @@ fn ties_and_fisher<T: Element>(cpu: &Cpu) {
             ties_elect(&one, &base[..split], &heads, &weights, 0.7, head).unwrap();
             ties_elect(cpu, &base[split..], &tails, &weights, 0.7, tail).unwrap();
             assert_eq!(bits(&chunked), bits(&got), "TIES chunked {what}");
+            // Written past the caches from any alignment of the output: the same bits.
+            let streaming = cpu.with_streaming_stores_from(0);
+            for offset in [0, 1, 5] {
+                let mut streamed = vec![f32::NAN; n + offset];
+                let out = &mut streamed[offset..];
+                ties_elect(&streaming, &base, &views, &weights, 0.7, out).unwrap();
+                assert_eq!(bits(out), bits(&got), "TIES streamed at {offset} {what}");
+            }
 
             // Fisher diagonals with zeros (the plain-mean fallback), negatives and a NaN.
             let fishers: Vec<Vec<f32>> = (0..models)
@@ -109,6 +120,15 @@ fn ties_and_fisher<T: Element>(cpu: &Cpu) {
                 fisher_merge(cpu, &views, &fisher_views, &weights, params, &mut got).unwrap();
                 fisher_merge_ref(&views, &fisher_views, &weights, params, &mut expect).unwrap();
                 assert_eq!(bits(&got), bits(&expect), "Fisher {params:?} {what}");
+                let mut streamed = vec![f32::NAN; n + 3];
+                let out = &mut streamed[3..];
+                let streaming = cpu.with_streaming_stores_from(0);
+                fisher_merge(&streaming, &views, &fisher_views, &weights, params, out).unwrap();
+                assert_eq!(
+                    bits(out),
+                    bits(&expect),
+                    "Fisher streamed {params:?} {what}"
+                );
             }
             // TIES in one call: the trimmed copies stay in `T`, which is exact.
             let params = TiesParams::default()

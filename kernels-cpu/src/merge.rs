@@ -644,9 +644,10 @@ const PREFETCH_BYTES: usize = 1024;
 /// A block's results, on cache lines of their own where they are kept on the stack.
 ///
 /// PERF: the streaming stores read the block back from the stack (TIES election keeps it there
-/// for the cold `f64` path). Where the compiler had placed it across lines, the reads could not take the split stores' values and waited for them to
-/// reach the cache, behind the older streaming stores on their way to DRAM: TIES election on
-/// `bf16` ran 4.5x slower (2 ns per element whatever the model count, Zen 4).
+/// for the cold `f64` path). Placed across two lines by the compiler, TIES election on `bf16`
+/// ran 4.5x slower (2 ns per element whatever the model count, Zen 4; the same code on one line
+/// did not): most likely, the reads could not take the split stores' values and waited for them
+/// to reach the cache, behind the older streaming stores on their way to DRAM.
 #[repr(C, align(64))]
 struct LineAligned<const N: usize>([f32; N]);
 

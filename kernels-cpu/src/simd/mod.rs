@@ -363,7 +363,9 @@ pub(crate) fn widened<'a, S: Simd, T: Element, const N: usize>(
 /// go through `buf` ([`widened`]).
 ///
 /// PERF: the lane kernels keep the block in registers. Widened into a buffer and read back, a
-/// `bf16` block of 32 lanes stalled on store forwarding (3.3x slower than 16 lanes, Zen 4).
+/// `bf16` block of 32 lanes in TIES election ran 2.7x slower than 16 lanes in one run of a build
+/// and as fast in the next (where the buffer fell on the stack, Zen 4); in registers, 1.07x to
+/// 1.1x faster than the fast run (one thread, in L1).
 #[inline(always)]
 pub(crate) fn widened_lanes<S: Simd, T: Element, const N: usize>(
     s: S,

@@ -522,9 +522,9 @@ impl<T: Element> TiesElect<'_, T> {
                 let (mut pos, mut neg) = ([0.0f32; N], [0.0f32; N]);
                 let (mut pos_weight, mut neg_weight) = ([0.0f32; N], [0.0f32; N]);
                 let mut entries = [0u32; N];
-                prefetch_ahead::<S, T, N>(s, base, c);
+                prefetch_ahead::<S, T, N>(s, base, c, TIES_PREFETCH_BYTES);
                 for (t, &w) in trimmed.iter().zip(weights) {
-                    prefetch_ahead::<S, T, N>(s, t, c);
+                    prefetch_ahead::<S, T, N>(s, t, c, TIES_PREFETCH_BYTES);
                     let block = widened_lanes(s, &t[c..c + len], &mut buffer);
                     for j in 0..N {
                         // The weights are non-negative, so a product has its entry's sign (or
@@ -612,16 +612,16 @@ fn settle_in_f64<T: Element, const N: usize>(
     }
 }
 
-/// Prefetches `data` [`PREFETCH_BYTES`] ahead of element `at`, once per cache line.
+/// Prefetches `data` `bytes` ahead of element `at`, once per cache line.
 ///
 /// PERF: these kernels read one stream per model and spend long on each block (a division), so
 /// the hardware prefetcher alone leaves the loads waiting on DRAM. Into L2, not L1: with 8 models
 /// TIES election and Fisher merging ran 1.3x to 1.7x faster so (Zen 4; equal within noise at 2
 /// models), their 10 and 16 streams' lines no longer evicting each other from L1's sets.
 #[inline(always)]
-fn prefetch_ahead<S: Simd, T: Element, const N: usize>(s: S, data: &[T], at: usize) {
+fn prefetch_ahead<S: Simd, T: Element, const N: usize>(s: S, data: &[T], at: usize, bytes: usize) {
     let size = core::mem::size_of::<T>();
-    let ahead = at + PREFETCH_BYTES / size;
+    let ahead = at + bytes / size;
     if N * size >= 64 {
         // Consecutive blocks of at least a line: one prefetch per line's worth reaches every line.
         for offset in (0..N * size).step_by(64) {
@@ -636,8 +636,17 @@ fn prefetch_ahead<S: Simd, T: Element, const N: usize>(s: S, data: &[T], at: usi
     }
 }
 
-/// How far ahead [`prefetch_ahead`] reaches.
-const PREFETCH_BYTES: usize = 1024;
+/// How far ahead TIES election prefetches.
+const TIES_PREFETCH_BYTES: usize = 1024;
+
+/// How far ahead Fisher merging prefetches: a page, not TIES election's 1 KiB.
+///
+/// PERF: with 8 `f32` models a thread reads 16 streams that cross a page every 1024 elements, and
+/// the hardware prefetchers stop at pages. 1e8 elements, 2 threads, Zen 4, builds run
+/// alternately: 8 `f32` models 254-310 ms against 443-457 ms at 1 KiB; `bf16` and 2 or 4 models
+/// equal within noise; 8 KiB made 2 `bf16` models 1.4x slower. TIES election (at most 9 streams)
+/// measured no faster at a page, so it stays at 1 KiB.
+const FISHER_PREFETCH_BYTES: usize = 4096;
 
 /// A block's results, on cache lines of their own where they are kept on the stack.
 ///
@@ -820,8 +829,8 @@ impl<T: Element> WithSimd for FisherMerge<'_, T> {
                 let (mut num, mut den, mut plain) =
                     ([0.0f64; WIDE], [0.0f64; WIDE], [0.0f64; WIDE]);
                 for (i, (t, f)) in thetas.iter().zip(fishers).enumerate() {
-                    prefetch_ahead::<S, T, WIDE>(s, t, c);
-                    prefetch_ahead::<S, f32, WIDE>(s, f, c);
+                    prefetch_ahead::<S, T, WIDE>(s, t, c, FISHER_PREFETCH_BYTES);
+                    prefetch_ahead::<S, f32, WIDE>(s, f, c, FISHER_PREFETCH_BYTES);
                     let theta = widened(s, &t[c..c + len], &mut buffer);
                     let fisher = widened(s, &f[c..c + len], &mut fisher_buffer);
                     let w = f64::from(fisher_weight(weights, params, i));

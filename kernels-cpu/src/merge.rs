@@ -842,18 +842,7 @@ impl<T: Element> WithSimd for FisherMerge<'_, T> {
                         plain[j] += w * v;
                     }
                 }
-                // PERF: a plain loop, not `array::from_fn`: its closure was not inlined, so the
-                // divisions ran one by one in SSE2 (3.7 ns per element on one thread, Zen 4).
-                let mut merged = [0.0f32; WIDE];
-                for (j, merged) in merged.iter_mut().enumerate() {
-                    // A NaN Fisher entry makes `den` NaN, and the output NaN.
-                    *merged = if den[j] > 0.0 || den[j].is_nan() {
-                        num[j] / den[j]
-                    } else {
-                        plain[j] / weight_sum
-                    } as f32;
-                }
-                LineAligned(merged)
+                LineAligned(s.fisher_quotients(&num, &den, &plain, weight_sum))
             },
         );
     }

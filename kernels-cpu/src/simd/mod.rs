@@ -201,6 +201,27 @@ mod sealed {
         fn div(self, a: Self::F32, b: Self::F32) -> Self::F32;
         /// `(v as f64 * scale) as f32` per lane: the product in `f64`, rounded once.
         fn mul_f64_rounded(self, v: Self::F32, scale: f64) -> Self::F32;
+        /// Fisher merging's 16 results: `(num_j / den_j) as f32` where `den_j` is positive or
+        /// NaN, `(plain_j / weight_sum) as f32` where it is not (each one correctly rounded `f64`
+        /// division, rounded once to `f32`). The default is the scalar twin of the vector forms.
+        #[inline(always)]
+        fn fisher_quotients(
+            self,
+            num: &[f64; 16],
+            den: &[f64; 16],
+            plain: &[f64; 16],
+            weight_sum: f64,
+        ) -> [f32; 16] {
+            let mut out = [0.0f32; 16];
+            for (j, out) in out.iter_mut().enumerate() {
+                *out = if den[j] > 0.0 || den[j].is_nan() {
+                    num[j] / den[j]
+                } else {
+                    plain[j] / weight_sum
+                } as f32;
+            }
+            out
+        }
         /// Stores the lanes into `out` (`LANES` long) past the caches (a non-temporal store)
         /// where the instruction set has one and `out` is aligned to the vector's width; a plain
         /// store otherwise. A kernel streams from a [`super::STREAM_ALIGN`] boundary, so every
